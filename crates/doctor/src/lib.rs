@@ -1,0 +1,1 @@
+//! Diagnosis of a Kubernetes deployment and of the local machine.

@@ -1,0 +1,1 @@
+//! Stable Diffusion networks on candle: CLIP text encoders, UNet, VAE.

@@ -1,0 +1,1 @@
+//! Prompts, samplers and the txt2img/img2img/inpainting pipeline.

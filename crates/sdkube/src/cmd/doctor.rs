@@ -1,0 +1,10 @@
+//! `sdkube doctor` (work in progress).
+
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`sdkube doctor` is not implemented yet")
+}

@@ -1,0 +1,10 @@
+//! `sdkube fetch` (work in progress).
+
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`sdkube fetch` is not implemented yet")
+}

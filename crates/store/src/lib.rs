@@ -1,0 +1,1 @@
+//! Model catalog, model store and the fetcher.

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs every test of sdkube on a fresh Debian machine: installs what the tests need, then
+# runs the Rust workspace tests and the Python-side tests (Helm chart rendering).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-test-deps.sh
+cargo test --workspace --release
+if [ -d tests/python ] && ls tests/python/test_*.py >/dev/null 2>&1; then
+  python3 -m pytest -q tests/python
+fi
