@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
-cargo test --workspace --release
+cargo test --workspace
 if [ -d tests/python ] && ls tests/python/test_*.py >/dev/null 2>&1; then
   python3 -m pytest -q tests/python
 fi
