@@ -22,8 +22,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the web UI and the APIs.
+    Serve(cmd::serve::Args),
     /// txt2img / img2img / inpainting from the command line.
     Generate(cmd::generate::Args),
+    /// Upscale images with RealESRGAN.
+    Upscale(cmd::upscale::Args),
+    /// Restore faces in images with GFPGAN.
+    RestoreFaces(cmd::restore_faces::Args),
     /// Download models into the model store.
     Fetch(cmd::fetch::Args),
     /// List, verify or remove models in the store.
@@ -37,6 +43,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     let result = match cli.command {
+        Command::Serve(args) => cmd::serve::run(args),
+        Command::Upscale(args) => cmd::upscale::run(args),
+        Command::RestoreFaces(args) => cmd::restore_faces::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Fetch(args) => cmd::fetch::run(args),
         Command::Models(command) => cmd::models::run(command),

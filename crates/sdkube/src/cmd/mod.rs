@@ -3,4 +3,8 @@
 pub mod doctor;
 pub mod fetch;
 pub mod generate;
+pub mod import_ncnn;
 pub mod models;
+pub mod restore_faces;
+pub mod serve;
+pub mod upscale;

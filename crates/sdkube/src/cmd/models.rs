@@ -6,8 +6,13 @@ use std::process::ExitCode;
 pub enum Command {
     /// List the catalog and what is present in the store.
     List,
+    /// Convert ncnn RealESRGAN param/bin files into safetensors for our networks.
+    ImportNcnn(super::import_ncnn::Args),
 }
 
-pub fn run(_command: Command) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`sdkube models` is not implemented yet")
+pub fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::ImportNcnn(args) => super::import_ncnn::run(args),
+        Command::List => anyhow::bail!("`sdkube models list` is not implemented yet"),
+    }
 }

@@ -1,0 +1,10 @@
+//! `sdkube import-ncnn` (work in progress).
+
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`sdkube import-ncnn` is not implemented yet")
+}

@@ -1,0 +1,10 @@
+//! `sdkube restore-faces` (work in progress).
+
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`sdkube restore-faces` is not implemented yet")
+}
