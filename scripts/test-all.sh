@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
 cargo test --workspace
+cargo build -p sdkube  # the Python-side tests run the real binary
 if [ -d tests/python ] && ls tests/python/test_*.py >/dev/null 2>&1; then
   python3 -m pytest -q tests/python
 fi

@@ -1,0 +1,1 @@
+//! Samplers with AUTOMATIC1111 names, in the k-diffusion (sigma) formulation.

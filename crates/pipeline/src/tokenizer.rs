@@ -1,0 +1,1 @@
+//! CLIP BPE tokenizer (vocabulary shipped by a registry package, no hub download).
