@@ -1,0 +1,205 @@
+{{/*
+Names. The full name is cut to 63 characters (the DNS label limit of Kubernetes names).
+*/}}
+{{- define "sdkube.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "sdkube.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "sdkube.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "sdkube.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "sdkube.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "sdkube.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "sdkube.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+{{- end }}
+
+{{- define "sdkube.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "sdkube.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret holding hf-token, api-key and basic-auth: the user's or the chart's. */}}
+{{- define "sdkube.secretName" -}}
+{{- default (include "sdkube.fullname" .) .Values.existingSecret }}
+{{- end }}
+
+{{/* Whether the chart creates its own Secret (only when there is something to keep in it). */}}
+{{- define "sdkube.createSecret" -}}
+{{- if and (not .Values.existingSecret) (or .Values.hfToken .Values.server.apiKey .Values.server.basicAuth) }}true{{ end }}
+{{- end }}
+
+{{/* Whether any Secret is referenced by the pods. */}}
+{{- define "sdkube.useSecret" -}}
+{{- if or .Values.existingSecret (include "sdkube.createSecret" .) }}true{{ end }}
+{{- end }}
+
+{{/* The volume name the pods mount at /data, also the StatefulSet's claim template name. */}}
+{{- define "sdkube.dataVolume" -}}data{{- end }}
+
+{{/* Name of the claim the chart creates (Deployment) or of the first StatefulSet replica's claim. */}}
+{{- define "sdkube.claimName" -}}
+{{- if .Values.persistence.existingClaim }}
+{{- .Values.persistence.existingClaim }}
+{{- else if eq .Values.workload.kind "StatefulSet" }}
+{{- printf "%s-%s-0" (include "sdkube.dataVolume" .) (include "sdkube.fullname" .) }}
+{{- else }}
+{{- printf "%s-data" (include "sdkube.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* Cluster-scoped, so the namespace is part of the PersistentVolume's name. */}}
+{{- define "sdkube.localVolumeName" -}}
+{{- printf "%s-%s-data" .Release.Namespace (include "sdkube.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+storageClassName of the claim, following the Helm convention (bitnami common.storage.class):
+the local volume's class when the chart creates the PV; unset -> field omitted (the default
+class); "-" -> "" (no class, static binding only); otherwise the name.
+*/}}
+{{- define "sdkube.storageClassField" -}}
+{{- $p := .Values.persistence }}
+{{- if $p.localVolume.enabled }}
+storageClassName: {{ $p.localVolume.storageClass | quote }}
+{{- else if eq (toString $p.storageClass) "-" }}
+storageClassName: ""
+{{- else if $p.storageClass }}
+storageClassName: {{ $p.storageClass | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The claim spec shared by the PVC and the StatefulSet's volumeClaimTemplate. */}}
+{{- define "sdkube.claimSpec" -}}
+accessModes:
+  {{- toYaml .Values.persistence.accessModes | nindent 2 }}
+{{- include "sdkube.storageClassField" . }}
+{{- if .Values.persistence.localVolume.enabled }}
+volumeName: {{ include "sdkube.localVolumeName" . }}
+{{- end }}
+resources:
+  requests:
+    storage: {{ .Values.persistence.size | quote }}
+{{- end }}
+
+{{- define "sdkube.storePath" -}}/data/{{ .Values.persistence.subPaths.models }}{{- end }}
+
+{{/* Proxy, mirror and token variables shared by the init and the main container. */}}
+{{- define "sdkube.networkEnv" -}}
+{{- $p := .Values.proxy }}
+{{- if $p.http }}
+- name: HTTP_PROXY
+  value: {{ $p.http | quote }}
+- name: http_proxy
+  value: {{ $p.http | quote }}
+{{- end }}
+{{- if $p.https }}
+- name: HTTPS_PROXY
+  value: {{ $p.https | quote }}
+- name: https_proxy
+  value: {{ $p.https | quote }}
+{{- end }}
+{{- if and (or $p.http $p.https) $p.noProxy }}
+- name: NO_PROXY
+  value: {{ $p.noProxy | quote }}
+- name: no_proxy
+  value: {{ $p.noProxy | quote }}
+{{- end }}
+{{- if .Values.hfEndpoint }}
+- name: HF_ENDPOINT
+  value: {{ .Values.hfEndpoint | quote }}
+{{- end }}
+{{- if include "sdkube.useSecret" . }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "sdkube.secretName" . }}
+      key: hf-token
+      optional: true
+{{- end }}
+{{- end }}
+
+{{- define "sdkube.device" -}}
+{{- if .Values.server.device }}{{ .Values.server.device }}{{ else if gt (int .Values.gpu.count) 0 }}cuda{{ else }}cpu{{ end }}
+{{- end }}
+
+{{/*
+Every problem with the values, collected and reported at once (bitnami validateValues).
+The schema checks types and names; this checks combinations.
+*/}}
+{{- define "sdkube.validateValues" -}}
+{{- $errors := list }}
+{{- $p := .Values.persistence }}
+{{- $lv := $p.localVolume }}
+{{- $replicas := int .Values.workload.replicas }}
+{{- if .Values.autoscaling.enabled }}{{ $replicas = int .Values.autoscaling.maxReplicas }}{{ end }}
+{{- if and $lv.enabled (not $p.enabled) }}
+{{- $errors = append $errors "persistence.localVolume.enabled needs persistence.enabled=true" }}
+{{- end }}
+{{- if and $lv.enabled $p.existingClaim }}
+{{- $errors = append $errors "persistence.localVolume.enabled creates its own claim: unset persistence.existingClaim or disable localVolume" }}
+{{- end }}
+{{- if and $lv.enabled (not $lv.path) }}
+{{- $errors = append $errors "persistence.localVolume.path is required: the directory on the node, e.g. /var/lib/sdkube" }}
+{{- end }}
+{{- if and $lv.enabled (eq $lv.type "local") (not $lv.nodeName) }}
+{{- $errors = append $errors "persistence.localVolume.nodeName is required for type local: the node's kubernetes.io/hostname label (kubectl get nodes -L kubernetes.io/hostname)" }}
+{{- end }}
+{{- if and $lv.enabled $p.storageClass (ne (toString $p.storageClass) (toString $lv.storageClass)) }}
+{{- $errors = append $errors (printf "persistence.storageClass (%v) differs from persistence.localVolume.storageClass (%v): the claim would never bind to the chart's volume; set only localVolume.storageClass" $p.storageClass $lv.storageClass) }}
+{{- end }}
+{{- if and $lv.enabled (gt $replicas 1) }}
+{{- $errors = append $errors "persistence.localVolume is one volume on one node: use one replica (workload.replicas=1, no autoscaling)" }}
+{{- end }}
+{{- if and $p.enabled (not $p.existingClaim) (eq .Values.workload.kind "Deployment") (gt $replicas 1) (not (has "ReadWriteMany" $p.accessModes)) }}
+{{- $errors = append $errors "several Deployment replicas cannot share a ReadWriteOnce claim across nodes: set workload.kind=StatefulSet (one volume per replica) or persistence.accessModes=[ReadWriteMany]" }}
+{{- end }}
+{{- if and (eq (int .Values.gpu.count) 0) (hasPrefix "cuda" .Values.server.device) }}
+{{- $errors = append $errors (printf "server.device=%s needs a GPU but gpu.count is 0" .Values.server.device) }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (not .Values.autoscaling.targetCPUUtilizationPercentage) (not .Values.autoscaling.queueDepth.enabled) }}
+{{- $errors = append $errors "autoscaling.enabled needs a metric: autoscaling.targetCPUUtilizationPercentage or autoscaling.queueDepth.enabled" }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- $errors = append $errors "autoscaling.minReplicas is larger than autoscaling.maxReplicas" }}
+{{- end }}
+{{- if and .Values.ingress.enabled (not .Values.ingress.hosts) }}
+{{- $errors = append $errors "ingress.enabled needs at least one entry in ingress.hosts" }}
+{{- end }}
+{{- if and .Values.server.model (not (has .Values.server.model .Values.models)) (not (hasPrefix "/" .Values.server.model)) .Values.models }}
+{{- $errors = append $errors (printf "server.model %q is not in models %v, so nothing fetches it before the server starts: add it to models" .Values.server.model .Values.models) }}
+{{- end }}
+{{- if $errors }}
+{{- fail (printf "\n\nsdkube: invalid values:\n  - %s\n" (join "\n  - " $errors)) }}
+{{- end }}
+{{- end }}
