@@ -144,7 +144,19 @@ def test_invariants(case):
 
     svc = r.one("Service", FULLNAME)
     assert svc["spec"]["ports"][0]["name"] == "http" and svc["spec"]["ports"][0]["targetPort"] == "http"
-    assert svc["spec"]["selector"] == {"app.kubernetes.io/name": "sdkube", "app.kubernetes.io/instance": RELEASE}
+    selector = r.workload["spec"]["selector"]["matchLabels"]
+    assert selector == {
+        "app.kubernetes.io/name": "sdkube",
+        "app.kubernetes.io/instance": RELEASE,
+        "app.kubernetes.io/component": "server",
+    }
+    assert svc["spec"]["selector"] == selector
+    assert _matches(selector, r.workload["spec"]["template"]["metadata"]["labels"])
+    for bare in r.all("Pod"):  # a matching bare pod would be adopted by the ReplicaSet
+        assert not _matches(selector, bare["metadata"]["labels"]), bare["metadata"]["name"]
+    for monitor in r.all("ServiceMonitor"):
+        selected = [s for s in r.all("Service") if _matches(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
+        assert [s["metadata"]["name"] for s in selected] == [FULLNAME], "scrape each pod once"
 
     values = CASES[name]
     models = values.get("models", ["sd-1.5"])
@@ -167,6 +179,10 @@ def test_invariants(case):
     assert len(help_pods) == 1
     assert help_pods[0]["spec"]["containers"][0]["command"][-1] == f"http://{FULLNAME}:7860/healthz"
     assert "sdkube doctor" in r.notes
+
+
+def _matches(selector, labels):
+    return all(labels.get(k) == v for k, v in selector.items())
 
 
 def _limits(r):
@@ -326,6 +342,12 @@ def test_extras():
     assert "checksum/secret" in r.workload["spec"]["template"]["metadata"]["annotations"], "secret changes roll pods"
     netpol = r.one("NetworkPolicy")
     assert netpol["spec"]["ingress"][0]["ports"] == [{"port": "http", "protocol": "TCP"}]
+    peers = netpol["spec"]["ingress"][0]["from"]
+    assert peers[0] == {"namespaceSelector": {"matchLabels": {"team": "ml"}}}
+    (test_pod,) = r.all("Pod")
+    assert any(_matches(p.get("podSelector", {}).get("matchLabels", {"-": "-"}), test_pod["metadata"]["labels"]) for p in peers), (
+        "the helm test pod must get through the policy"
+    )
     assert netpol["spec"]["policyTypes"] == ["Ingress"], "egress stays open for downloads"
     assert r.one("PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
     sm = r.one("ServiceMonitor")

@@ -192,3 +192,13 @@ def test_doctor_contract_keys_exist():
         for part in path.split("."):
             assert isinstance(node, dict) and part in node, f"values.yaml lost {path}"
             node = node[part]
+
+
+def test_readme_parameter_tables_are_fresh():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, str(CHART_DIR.parent / "params_table.py"), "--check"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr

@@ -23,6 +23,15 @@ app.kubernetes.io/name: {{ include "sdkube.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/*
+Selector of the server pods. The component label keeps other pods of the release (the
+`helm test` pod) out of the workload's selector, which would otherwise adopt them.
+*/}}
+{{- define "sdkube.serverSelectorLabels" -}}
+{{ include "sdkube.selectorLabels" . }}
+app.kubernetes.io/component: server
+{{- end }}
+
 {{- define "sdkube.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{ include "sdkube.selectorLabels" . }}

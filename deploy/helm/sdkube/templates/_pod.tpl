@@ -7,7 +7,7 @@ subPath directories would belong to root.
 {{- define "sdkube.podTemplate" -}}
 metadata:
   labels:
-    {{- include "sdkube.selectorLabels" . | nindent 4 }}
+    {{- include "sdkube.serverSelectorLabels" . | nindent 4 }}
     {{- with .Values.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
