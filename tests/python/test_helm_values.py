@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import helm_python as helm
 import pytest
@@ -195,9 +197,6 @@ def test_doctor_contract_keys_exist():
 
 
 def test_readme_parameter_tables_are_fresh():
-    import subprocess
-    import sys
-
     done = subprocess.run(
         [sys.executable, str(CHART_DIR.parent / "params_table.py"), "--check"], capture_output=True, text=True
     )
