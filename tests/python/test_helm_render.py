@@ -391,3 +391,10 @@ def test_fullname_is_a_dns_label():
     for obj in r.objects:
         assert len(obj["metadata"]["name"]) <= 63 + len("-test-healthz"), obj["metadata"]["name"]
     assert len(r.workload["metadata"]["name"]) <= 63
+
+
+def test_node_port_service():
+    r = render({"service": {"type": "NodePort", "port": 80, "nodePort": 30786}})
+    (port,) = r.one("Service", FULLNAME)["spec"]["ports"]
+    assert port == {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP", "nodePort": 30786}
+    assert "http://<node address>:30786/" in r.notes

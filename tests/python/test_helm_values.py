@@ -85,6 +85,8 @@ BAD_COMBINATIONS = {
     "autoscaled Deployment on a RWO claim": ({"autoscaling": {"enabled": True}}, "ReadWriteMany"),
     "cuda without GPU": ({"gpu": {"count": 0}, "server": {"device": "cuda"}}, "gpu.count is 0"),
     "served model not fetched": ({"models": ["sdxl-base"]}, "add it to models"),
+    "token beside an existing Secret": ({"existingSecret": "creds", "hfToken": "hf_x"}, "hfToken is ignored"),
+    "API key beside an existing Secret": ({"existingSecret": "creds", "server": {"apiKey": "k"}}, "server.apiKey is ignored"),
     "HPA without metric": (
         {"workload": {"kind": "StatefulSet"}, "autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": None}},
         "needs a metric",

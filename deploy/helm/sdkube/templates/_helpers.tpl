@@ -208,6 +208,13 @@ The schema checks types and names; this checks combinations.
 {{- if and .Values.server.model (not (has .Values.server.model .Values.models)) (not (hasPrefix "/" .Values.server.model)) .Values.models }}
 {{- $errors = append $errors (printf "server.model %q is not in models %v, so nothing fetches it before the server starts: add it to models" .Values.server.model .Values.models) }}
 {{- end }}
+{{- if .Values.existingSecret }}
+{{- range $key, $value := dict "hfToken" .Values.hfToken "server.apiKey" .Values.server.apiKey "server.basicAuth" .Values.server.basicAuth }}
+{{- if $value }}
+{{- $errors = append $errors (printf "%s is ignored when existingSecret is set: put it in Secret %s (keys hf-token, api-key, basic-auth) and unset %s" $key $.Values.existingSecret $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if $errors }}
 {{- fail (printf "\n\nsdkube: invalid values:\n  - %s\n" (join "\n  - " $errors)) }}
 {{- end }}
