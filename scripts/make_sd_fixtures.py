@@ -245,16 +245,16 @@ SDXL_UNET = dict(
     out_channels=4,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(32, 32, 64),
+    block_out_channels=(16, 32, 32),
     layers_per_block=2,
     transformer_layers_per_block=(1, 1, 2),
     cross_attention_dim=16,
-    attention_head_dim=[2, 2, 4],
+    attention_head_dim=[1, 2, 2],
     use_linear_projection=True,
     addition_embed_type="text_time",
     addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=8 + 6 * 8,
-    norm_num_groups=32,
+    norm_num_groups=16,
 )
 
 
@@ -631,7 +631,10 @@ def write_refs(out: Path, family: str, refs: dict, meta: dict) -> None:
 
 
 def jsonable(cfg) -> dict:
-    return json.loads(json.dumps(dict(cfg), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+    out = json.loads(json.dumps(dict(cfg), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+    if "_use_default_values" in out:  # a set in diffusers: sort it so reruns write the same file
+        out["_use_default_values"] = sorted(out["_use_default_values"])
+    return out
 
 
 def common_meta(family: str) -> dict:
@@ -722,8 +725,9 @@ def family_sd(ctx: Ctx, family: str) -> None:
     base_seed = {"sd1": 1000, "sd1-inpaint": 1000, "sd2v": 2000}[family]
     act = "gelu" if sd2 else "quick_gelu"
     text_encoder = make_clip(base_seed + 10, act)
-    # sd1-inpaint shares sd1's text encoder and VAE (as the real SD1.5 inpainting model does).
-    vae = make_vae((1000 if inpaint else base_seed) + 20, 0.18215)
+    # sd1-inpaint and sd2v share sd1's VAE (as the real models do), sd1-inpaint also its text
+    # encoder: identical files, stored once by git.
+    vae = make_vae(1000 + 20, 0.18215)
     unet_cfg = dict(SD2V_UNET if sd2 else SD1_UNET)
     if inpaint:
         unet_cfg["in_channels"] = 9
@@ -828,7 +832,8 @@ def family_sdxl(ctx: Ctx) -> None:
     from diffusers import StableDiffusionXLPipeline
 
     base = 3000
-    te1 = make_clip(base + 10, "quick_gelu")
+    # clip_l is sd1's text encoder (as in the real models); identical files, stored once by git.
+    te1 = make_clip(1000 + 10, "quick_gelu")
     te2 = make_clip(base + 12, "gelu", with_projection=True)
     vae = make_vae(base + 20, 0.13025)
     unet = make_unet(base + 30, **SDXL_UNET)
@@ -995,10 +1000,27 @@ def verify_sd_single_file(path: Path, folder: Path, tok, refs: dict, sd2: bool) 
 def verify_sdxl_single_file(path: Path, folder: Path, toks: dict, refs: dict) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    # diffusers tells clip_l from clip_g by hidden size (768 vs 1280); here both are 8, so
+    # its from_single_file would load clip_l into text_encoder_2. Convert clip_g with
+    # diffusers' own OpenCLIP converter and hand that encoder in instead.
+    checkpoint = load_file(str(path))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(str(folder / "text_encoder_2")))
+    converted = convert_open_clip_checkpoint(te2, checkpoint, prefix="conditioner.embedders.1.model.")
+    missing, unexpected = te2.load_state_dict({k: v.float() for k, v in converted.items()}, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"clip_g conversion: missing {missing}, unexpected {unexpected}")
     pipe = StableDiffusionXLPipeline.from_single_file(
-        str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32, **toks
+        str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32, text_encoder_2=te2.eval(), **toks
     )
-    return {"from_single_file_vs_refs_max_abs": _check_pipe(pipe, refs, sdxl=True)}
+    return {
+        "from_single_file_vs_refs_max_abs": _check_pipe(pipe, refs, sdxl=True),
+        "note": "text_encoder_2 converted with diffusers' convert_open_clip_checkpoint and passed in "
+        "(from_single_file picks clip_l by hidden size, equal to clip_g's here)",
+    }
 
 
 # --------------------------------------------------------------------------- main
