@@ -137,3 +137,13 @@ def test_fetch_init_container_matches_the_fetch_cli():
     # --help after the real arguments: clap parses (and rejects) every argument before it
     done = _run(init, r.resolved_env(init), "--help")
     assert done.returncode == 0, done.stderr
+
+
+def test_notes_doctor_command_matches_the_doctor_cli():
+    help_text = subprocess.run([str(_binary()), "doctor", "--help"], capture_output=True, text=True).stdout
+    if "--release" not in help_text:
+        pytest.skip("this build of `sdkube doctor` has no --release yet (crates/sdkube/src/cmd/doctor.rs)")
+    notes = render().notes
+    (line,) = [line.strip() for line in notes.splitlines() if line.strip().startswith("sdkube doctor")]
+    done = subprocess.run([str(_binary()), *line.split()[1:], "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

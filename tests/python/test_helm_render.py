@@ -289,6 +289,8 @@ def test_gpu_count_and_custom_selector():
 def test_node_selector_removable():
     assert "nodeSelector" not in render({"nodeSelector": None}).pod_spec
     assert "nodeSelector" not in render({"nodeSelector": {"nvidia.com/gpu.present": None}}).pod_spec
+    # Helm merges maps: `nodeSelector: {}` keeps the default key, so fixes must say null.
+    assert render({"nodeSelector": {}}).pod_spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
 
 
 def test_statefulset_has_one_claim_per_replica():
