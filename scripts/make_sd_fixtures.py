@@ -821,6 +821,8 @@ def family_sd(ctx: Ctx, family: str) -> None:
         ldm_path = ctx.out / f"{family}.safetensors"
         save_file(fp16_state(ldm), str(ldm_path), metadata={"format": "pt"})
         ctx.report[family] = verify_sd_single_file(ldm_path, folder, tok, refs, sd2)
+        if sd2:
+            ctx.report[family]["open_clip_forward_from_ldm_vs_refs_max_abs"] = check_open_clip_semantics(ldm_path, refs, False)
     ctx.report.setdefault(family, {}).update(verify_folder(folder, cls, {"tokenizer": tok}, refs, sdxl=False))
     if not inpaint:
         ctx.report[family]["run_cross_check"] = cross_check_with_diffusers_euler(pipe, refs, sd2, sdxl=False)
@@ -902,6 +904,7 @@ def family_sdxl(ctx: Ctx) -> None:
     save_file(fp16_state(ldm), str(ldm_path), metadata={"format": "pt"})
     toks = {"tokenizer": ctx.tok_eos, "tokenizer_2": ctx.tok_zero}
     ctx.report["sdxl"] = verify_sdxl_single_file(ldm_path, folder, toks, refs)
+    ctx.report["sdxl"]["open_clip_forward_from_ldm_vs_refs_max_abs"] = check_open_clip_semantics(ldm_path, refs, True)
     ctx.report["sdxl"].update(verify_folder(folder, StableDiffusionXLPipeline, toks, refs, sdxl=True))
     ctx.report["sdxl"]["run_cross_check"] = cross_check_with_diffusers_euler(pipe, refs, False, sdxl=True)
     meta["checks"] = ctx.report["sdxl"]
@@ -935,6 +938,59 @@ def family_alt_vae(ctx: Ctx) -> None:
 
 
 # --------------------------------------------------------------------------- verification
+
+
+def open_clip_forward(ldm: dict, prefix: str, ids: torch.Tensor, heads: int) -> list[torch.Tensor]:
+    """OpenCLIP's text transformer run straight from LDM keys (as LDM/sgm do), independent
+    of transformers and of diffusers' converter. Returns the input and each resblock output."""
+    w = {k[len(prefix) :]: v.float() for k, v in ldm.items() if k.startswith(prefix)}
+    x = w["token_embedding.weight"][ids] + w["positional_embedding"]
+    n, d = x.shape[1], x.shape[2]
+    mask = torch.full((n, n), float("-inf")).triu(1)
+    outs = [x]
+    i = 0
+    while f"transformer.resblocks.{i}.ln_1.weight" in w:
+        p = f"transformer.resblocks.{i}."
+        h = torch.nn.functional.layer_norm(x, (d,), w[p + "ln_1.weight"], w[p + "ln_1.bias"])
+        q, k, v = (h @ w[p + "attn.in_proj_weight"].T + w[p + "attn.in_proj_bias"]).chunk(3, dim=-1)
+        q, k, v = (t.reshape(1, n, heads, d // heads).transpose(1, 2) for t in (q, k, v))
+        att = ((q @ k.transpose(-1, -2)) / math.sqrt(d // heads) + mask).softmax(-1)
+        a = (att @ v).transpose(1, 2).reshape(1, n, d)
+        x = x + a @ w[p + "attn.out_proj.weight"].T + w[p + "attn.out_proj.bias"]
+        h = torch.nn.functional.layer_norm(x, (d,), w[p + "ln_2.weight"], w[p + "ln_2.bias"])
+        h = torch.nn.functional.gelu(h @ w[p + "mlp.c_fc.weight"].T + w[p + "mlp.c_fc.bias"])
+        x = x + h @ w[p + "mlp.c_proj.weight"].T + w[p + "mlp.c_proj.bias"]
+        outs.append(x)
+        i += 1
+    return outs
+
+
+def ln_final(ldm: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(
+        x, (x.shape[-1],), ldm[prefix + "ln_final.weight"].float(), ldm[prefix + "ln_final.bias"].float()
+    )
+
+
+@torch.no_grad()
+def check_open_clip_semantics(ldm_path: Path, refs: dict, sdxl: bool) -> dict:
+    """SD2: ln_final(penultimate resblock output) must equal text.hidden.
+    SDXL: clip_g's half of text.hidden = penultimate output (no ln_final); text.pooled =
+    ln_final(last output) at argmax(ids) @ text_projection."""
+    ldm = load_file(str(ldm_path))
+    if not sdxl:
+        prefix = "cond_stage_model.model."
+        outs = open_clip_forward(ldm, prefix, refs["text.ids"], heads=2)
+        return {"text.hidden": max_abs(ln_final(ldm, prefix, outs[-2]), refs["text.hidden"]), "resblocks": len(outs) - 1}
+    prefix = "conditioner.embedders.1.model."
+    ids = refs["text.ids_2"]
+    outs = open_clip_forward(ldm, prefix, ids, heads=2)
+    last = ln_final(ldm, prefix, outs[-1])
+    pooled = last[torch.arange(1), ids.argmax(dim=-1)] @ ldm[prefix + "text_projection"].float()
+    return {
+        "text.hidden[..., 8:]": max_abs(outs[-2], refs["text.hidden"][..., 8:]),
+        "text.pooled": max_abs(pooled, refs["text.pooled"]),
+        "resblocks": len(outs) - 1,
+    }
 
 
 @torch.no_grad()
@@ -1113,7 +1169,7 @@ def main() -> int:
     for rep in ctx.report.values():
         for key, val in rep.items():
             if key.endswith("_vs_refs_max_abs"):
-                worst = max([worst] + list(val.values()))
+                worst = max([worst] + [v for v in val.values() if isinstance(v, float)])
             elif key == "run_cross_check":
                 rel = val["diffusers_euler_vs_run.latent_max_abs"] / max(val["run.latent_max_abs_value"], 1.0)
                 worst_cross = max(worst_cross, rel)
