@@ -25,6 +25,7 @@ Sampling follows A1111's "Euler": k-diffusion's `get_sigmas`, `CompVisDenoiser` 
 `k-diffusion` package is not used).
 
 Usage: python3 scripts/make_sd_fixtures.py [--out fixtures/sd] [--only sd1,sd2v,...]
+       python3 scripts/make_sd_fixtures.py --fp64-report   (float64 vs stored refs; writes nothing)
 Deterministic: fixed seeds, CPU, float32.
 """
 
@@ -1124,6 +1125,67 @@ def verify_sdxl_single_file(path: Path, folder: Path, toks: dict, refs: dict) ->
     }
 
 
+# --------------------------------------------------------------------------- float64 report
+
+
+@torch.no_grad()
+def fp64_report(out: Path, tok_eos, tok_zero) -> dict:
+    """Recompute the references in float64 from the stored weights and inputs: the gap to
+    the float32 references is the rounding noise a correct float32 port should expect."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    f64 = torch.float64
+    report = {}
+    for family in ("sd1", "sd1-inpaint", "sd2v", "sdxl"):
+        if not (out / "refs" / f"{family}.safetensors").exists():
+            continue
+        refs = load_file(str(out / "refs" / f"{family}.safetensors"))
+        d = {k: v.to(f64) if v.is_floating_point() else v for k, v in refs.items()}
+        sdxl = family == "sdxl"
+        if sdxl:
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                str(out / family), torch_dtype=f64, local_files_only=True, tokenizer=tok_eos, tokenizer_2=tok_zero
+            )
+            cond, _, pooled, _ = pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=NEGATIVE_PROMPT)
+            added = {"text_embeds": d["unet.text_embeds"], "time_ids": d["unet.time_ids"]}
+        else:
+            cls = StableDiffusionInpaintPipeline if family == "sd1-inpaint" else StableDiffusionPipeline
+            tok = tok_zero if family == "sd2v" else tok_eos
+            pipe = cls.from_pretrained(
+                str(out / family), torch_dtype=f64, local_files_only=True, tokenizer=tok,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+            cond, _ = pipe.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE_PROMPT)
+            added = None
+        got = {"text.hidden": cond}
+        if sdxl:
+            got["text.pooled"] = pooled
+        got["unet.out"] = pipe.unet(d["unet.x"], d["unet.t"], encoder_hidden_states=d["unet.ctx"], added_cond_kwargs=added).sample
+        if "vae.latent" in d:
+            got["vae.decoded"] = pipe.vae.decode(d["vae.latent"]).sample
+            got["vae.encoded_mean"] = pipe.vae.encode(d["vae.image"]).latent_dist.mean
+        if "run.latent" in d:
+            den = Denoiser(pipe.unet, family == "sd2v")
+            den.sigmas, den.log_sigmas = den.sigmas.to(f64), den.log_sigmas.to(f64)
+            run_added = None
+            if sdxl:
+                run_added = {
+                    "text_embeds": torch.cat([d["run.pooled_uncond"], d["run.pooled_cond"]]),
+                    "time_ids": torch.cat([d["run.time_ids"], d["run.time_ids"]]),
+                }
+            model = cfg_model(den, d["run.uncond"], d["run.cond"], CFG_SCALE, run_added)
+            sigmas = d["run.sigmas"]
+            got["run.latent"] = sample_euler(model, d["run.init_noise"] * sigmas[0], sigmas)
+            got["run.image"] = pipe.vae.decode(got["run.latent"] / pipe.vae.config.scaling_factor).sample
+            if "img2img.latent" in d:
+                sig = d["img2img.sigmas"]
+                got["img2img.latent"] = sample_euler(model, d["img2img.init_latent"] + d["img2img.noise"] * sig[0], sig)
+        report[family] = {
+            k: {"max_abs": max_abs(v, refs[k]), "max_abs_ref": float(refs[k].abs().max())} for k, v in got.items()
+        }
+    return report
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1131,6 +1193,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "fixtures" / "sd"))
     ap.add_argument("--only", default=",".join(FAMILIES), help=f"comma list of {FAMILIES}")
+    ap.add_argument(
+        "--fp64-report",
+        action="store_true",
+        help="write nothing; recompute the stored references in float64 and print the differences",
+    )
     args = ap.parse_args()
     only = [f for f in args.only.split(",") if f]
     unknown = [f for f in only if f not in FAMILIES]
@@ -1152,6 +1219,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tok_eos, tok_zero = build_tokenizers(Path(tmp))
+        if args.fp64_report:
+            print(json.dumps(fp64_report(out, tok_eos, tok_zero), indent=1))
+            return 0
         ctx = Ctx(out, tok_eos, tok_zero)
         for family in FAMILIES:
             if family not in only:
