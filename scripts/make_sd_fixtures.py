@@ -774,7 +774,9 @@ def family_sd(ctx: Ctx, family: str) -> None:
             sf = vae.config.scaling_factor
             init_latent = vae.encode(refs["vae.image"]).latent_dist.mean * sf
             t_enc = int(IMG2IMG_STRENGTH * STEPS)
-            sigmas = den.get_sigmas(STEPS)[-(t_enc + 1) :]
+            # A1111 sd_samplers_kdiffusion.sample_img2img: sigma_sched = sigmas[steps - t_enc - 1:],
+            # i.e. t_enc + 2 sigmas, t_enc + 1 Euler steps.
+            sigmas = den.get_sigmas(STEPS)[STEPS - t_enc - 1 :]
             noise = randn(gen, 1, 4, 8, 8)
             latent = sample_euler(model, init_latent + noise * sigmas[0], sigmas)
             refs["img2img.init_latent"] = init_latent
@@ -788,7 +790,7 @@ def family_sd(ctx: Ctx, family: str) -> None:
                 "strength": IMG2IMG_STRENGTH,
                 "steps": STEPS,
                 "t_enc": t_enc,
-                "sigmas": f"last t_enc+1 = {t_enc + 1} of get_sigmas({STEPS})",
+                "sigmas": f"A1111 sigma_sched = get_sigmas({STEPS})[steps - t_enc - 1:] (the last t_enc+2 = {t_enc + 2} sigmas, {t_enc + 1} Euler steps)",
                 "start": "x = init_latent + img2img.noise * img2img.sigmas[0]",
                 "conditioning": "run.cond / run.uncond, cfg as in run",
             }
