@@ -1,0 +1,364 @@
+//! Reading the cluster with kube-rs: read-only list/get calls that fill a [`Snapshot`].
+//!
+//! The release's pods must be readable, or there is nothing to diagnose
+//! ([`ClusterError`]). Everything else is best effort: a 403 on nodes or volumes is recorded
+//! in [`Snapshot::not_read`] with the RBAC rule to ask for, and the diagnosis goes on.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{
+    ContainerStatus, Event, Node, PersistentVolume, PersistentVolumeClaim, Pod,
+};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{ListParams, LogParams};
+use kube::{Api, Client, Config};
+use serde::de::DeserializeOwned;
+
+use crate::snapshot::{ContainerLog, NodeFsStats, NotRead, Snapshot};
+
+/// How many log lines are read per container.
+pub const LOG_TAIL_LINES: i64 = 30;
+
+/// Why the cluster could not be read at all (`doctor` exits with 2).
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("no Kubernetes configuration: {0}. Set KUBECONFIG or create ~/.kube/config (e.g. copy /etc/kubernetes/admin.conf), or run inside the cluster")]
+    Config(#[source] kube::config::InferConfigError),
+    #[error("invalid Kubernetes client configuration: {0}")]
+    Client(#[source] kube::Error),
+    #[error("cannot reach the Kubernetes API server: {0}. Is the cluster up, and does the kubeconfig point at it? Try `kubectl cluster-info`")]
+    Unreachable(#[source] kube::Error),
+    #[error("the API server refused the credentials (401): {0}. Refresh the kubeconfig's token or certificate")]
+    Unauthorized(String),
+    #[error("not allowed to {what} (403): {message}. Ask for a Role granting get/list on pods, pods/log, events and persistentvolumeclaims in the namespace")]
+    Forbidden { what: String, message: String },
+    #[error("reading {what}: {source}")]
+    Api {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// A client from the kubeconfig (or the in-cluster service account), with short timeouts so
+/// that an unreachable cluster is reported in seconds.
+pub async fn connect() -> Result<Client, ClusterError> {
+    let mut config = Config::infer().await.map_err(ClusterError::Config)?;
+    config.connect_timeout = Some(Duration::from_secs(5));
+    config.read_timeout = Some(Duration::from_secs(20));
+    Client::try_from(config).map_err(ClusterError::Client)
+}
+
+/// The namespace the kubeconfig's context names (`default` otherwise).
+pub async fn default_namespace() -> Result<String, ClusterError> {
+    Config::infer()
+        .await
+        .map(|c| c.default_namespace)
+        .map_err(ClusterError::Config)
+}
+
+/// Connects with the kubeconfig and gathers a snapshot, on a private runtime: the blocking
+/// entry point for the CLI.
+pub fn gather_blocking(
+    namespace: Option<&str>,
+    release: Option<&str>,
+) -> Result<Snapshot, ClusterError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ClusterError::Runtime)?;
+    runtime.block_on(async {
+        let namespace = match namespace {
+            Some(ns) => ns.to_owned(),
+            None => default_namespace().await?,
+        };
+        let client = connect().await?;
+        gather(&client, &namespace, release).await
+    })
+}
+
+enum Outcome<T> {
+    Read(T),
+    Forbidden(String),
+}
+
+/// Sorts a failed call: 403 is an answer (returned as its message), the rest are errors.
+fn forbidden_or_error(what: &str, err: kube::Error) -> Result<String, ClusterError> {
+    match err {
+        kube::Error::Api(status) if status.code == 403 => Ok(status.message),
+        kube::Error::Api(status) if status.code == 401 => {
+            Err(ClusterError::Unauthorized(status.message))
+        }
+        err @ (kube::Error::HyperError(_) | kube::Error::Service(_)) => {
+            Err(ClusterError::Unreachable(err))
+        }
+        err => Err(ClusterError::Api {
+            what: what.to_owned(),
+            source: err,
+        }),
+    }
+}
+
+async fn list<T>(
+    api: Api<T>,
+    params: &ListParams,
+    what: &str,
+) -> Result<Outcome<Vec<T>>, ClusterError>
+where
+    T: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    match api.list(params).await {
+        Ok(list) => Ok(Outcome::Read(list.items)),
+        Err(err) => forbidden_or_error(what, err).map(Outcome::Forbidden),
+    }
+}
+
+/// Reads, for `namespace` and `release`, the pods (the release's and every scheduled pod,
+/// to see who holds the GPUs), PVCs, PVs, StorageClasses, nodes, events, the log tails of
+/// failing containers, and the image filesystem of nodes where a pod waits for its image.
+pub async fn gather(
+    client: &Client,
+    namespace: &str,
+    release: Option<&str>,
+) -> Result<Snapshot, ClusterError> {
+    let mut snapshot = Snapshot::new(namespace, release.map(str::to_owned));
+    let selector = snapshot.label_selector();
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+
+    match list(
+        pods_api.clone(),
+        &ListParams::default().labels(&selector),
+        "pods",
+    )
+    .await?
+    {
+        Outcome::Read(pods) => snapshot.pods = pods,
+        Outcome::Forbidden(message) => {
+            return Err(ClusterError::Forbidden {
+                what: format!("list pods in namespace {namespace}"),
+                message,
+            })
+        }
+    }
+    let scheduled = ListParams::default().fields("status.phase!=Succeeded,status.phase!=Failed");
+    match list(
+        Api::<Pod>::all(client.clone()),
+        &scheduled,
+        "pods in all namespaces",
+    )
+    .await?
+    {
+        Outcome::Read(pods) => merge_pods(&mut snapshot.pods, pods),
+        Outcome::Forbidden(message) => {
+            snapshot.not_read.push(not_read(
+                "pods in all namespaces (to find who holds the GPUs)",
+                "pods",
+                &message,
+            ));
+            if let Outcome::Read(pods) = list(pods_api.clone(), &scheduled, "pods").await? {
+                merge_pods(&mut snapshot.pods, pods);
+            }
+        }
+    }
+    if let Some(pvcs) = optional::<PersistentVolumeClaim>(
+        Api::namespaced(client.clone(), namespace),
+        "persistentvolumeclaims",
+        &mut snapshot,
+    )
+    .await?
+    {
+        snapshot.pvcs = pvcs;
+    }
+    if let Some(pvs) =
+        optional::<PersistentVolume>(Api::all(client.clone()), "persistentvolumes", &mut snapshot)
+            .await?
+    {
+        snapshot.pvs = pvs;
+    }
+    if let Some(classes) =
+        optional::<StorageClass>(Api::all(client.clone()), "storageclasses", &mut snapshot).await?
+    {
+        snapshot.storage_classes = classes;
+    }
+    if let Some(nodes) = optional::<Node>(Api::all(client.clone()), "nodes", &mut snapshot).await? {
+        snapshot.nodes = nodes;
+    }
+    if let Some(events) = optional::<Event>(
+        Api::namespaced(client.clone(), namespace),
+        "events",
+        &mut snapshot,
+    )
+    .await?
+    {
+        snapshot.events = events;
+    }
+    read_logs(&pods_api, &mut snapshot).await?;
+    read_node_stats(client, &mut snapshot).await?;
+    Ok(snapshot)
+}
+
+fn not_read(what: &str, resource: &str, message: &str) -> NotRead {
+    NotRead {
+        what: what.to_owned(),
+        reason: format!("{message} — grant get/list on {resource} (a ClusterRole for cluster-scoped objects) for a complete diagnosis"),
+    }
+}
+
+async fn optional<T>(
+    api: Api<T>,
+    resource: &str,
+    snapshot: &mut Snapshot,
+) -> Result<Option<Vec<T>>, ClusterError>
+where
+    T: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    match list(api, &ListParams::default(), resource).await? {
+        Outcome::Read(items) => Ok(Some(items)),
+        Outcome::Forbidden(message) => {
+            snapshot
+                .not_read
+                .push(not_read(resource, resource, &message));
+            Ok(None)
+        }
+    }
+}
+
+fn merge_pods(pods: &mut Vec<Pod>, more: Vec<Pod>) {
+    for pod in more {
+        let same = |p: &Pod| {
+            p.metadata.namespace == pod.metadata.namespace && p.metadata.name == pod.metadata.name
+        };
+        if !pods.iter().any(same) {
+            pods.push(pod);
+        }
+    }
+}
+
+/// Whether a container's log is worth reading: it restarted, ended, or runs unready.
+fn worth_reading(status: &ContainerStatus) -> bool {
+    let state = status.state.as_ref();
+    status.restart_count > 0
+        || state
+            .and_then(|s| s.terminated.as_ref())
+            .is_some_and(|t| t.exit_code != 0)
+        || (state.and_then(|s| s.running.as_ref()).is_some()
+            && !status.ready
+            && status.started == Some(true))
+}
+
+async fn read_logs(pods_api: &Api<Pod>, snapshot: &mut Snapshot) -> Result<(), ClusterError> {
+    let mut wanted = Vec::new();
+    for pod in snapshot.app_pods() {
+        let Some(status) = pod.status.as_ref() else {
+            continue;
+        };
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        for container in status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten())
+        {
+            if worth_reading(container) {
+                wanted.push((name.clone(), container.name.clone()));
+            }
+        }
+    }
+    for (pod, container) in wanted {
+        let params = LogParams {
+            container: Some(container.clone()),
+            tail_lines: Some(LOG_TAIL_LINES),
+            ..LogParams::default()
+        };
+        match pods_api.logs(&pod, &params).await {
+            Ok(text) => snapshot.logs.push(ContainerLog {
+                pod,
+                container,
+                lines: text.lines().map(str::to_owned).collect(),
+            }),
+            // 400: the container has not started (`waiting to start: PodInitializing`).
+            Err(kube::Error::Api(status)) if status.code == 400 || status.code == 404 => {}
+            Err(kube::Error::Api(status)) if status.code == 403 => {
+                snapshot
+                    .not_read
+                    .push(not_read("container logs", "pods/log", &status.message));
+                return Ok(());
+            }
+            Err(err) => {
+                forbidden_or_error("container logs", err)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Kubelet summary API, only the part we read.
+#[derive(serde::Deserialize)]
+struct Summary {
+    node: SummaryNode,
+}
+#[derive(serde::Deserialize)]
+struct SummaryNode {
+    runtime: Option<SummaryRuntime>,
+}
+#[derive(serde::Deserialize)]
+struct SummaryRuntime {
+    #[serde(rename = "imageFs")]
+    image_fs: Option<SummaryFs>,
+}
+#[derive(serde::Deserialize)]
+struct SummaryFs {
+    #[serde(rename = "availableBytes")]
+    available_bytes: Option<u64>,
+    #[serde(rename = "capacityBytes")]
+    capacity_bytes: Option<u64>,
+}
+
+/// Free image filesystem of the nodes where a release pod is scheduled but not yet running
+/// (so an image too large for the node can be told).
+async fn read_node_stats(client: &Client, snapshot: &mut Snapshot) -> Result<(), ClusterError> {
+    let mut nodes: Vec<String> = snapshot
+        .app_pods()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending"))
+        .filter_map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
+        .collect();
+    nodes.sort();
+    nodes.dedup();
+    for node in nodes {
+        let request = match http::Request::get(format!("/api/v1/nodes/{node}/proxy/stats/summary"))
+            .body(Vec::new())
+        {
+            Ok(r) => r,
+            Err(_) => continue, // a node name that is not a valid path cannot be asked about
+        };
+        match client.request::<Summary>(request).await {
+            Ok(summary) => {
+                if let Some(fs) = summary.node.runtime.and_then(|r| r.image_fs) {
+                    if let (Some(available), Some(capacity)) =
+                        (fs.available_bytes, fs.capacity_bytes)
+                    {
+                        snapshot.node_stats.push(NodeFsStats {
+                            node,
+                            image_fs_available_bytes: available,
+                            image_fs_capacity_bytes: capacity,
+                        });
+                    }
+                }
+            }
+            Err(kube::Error::Api(status)) if status.code == 403 => {
+                snapshot.not_read.push(not_read(
+                    &format!("node {node}'s disk usage"),
+                    "nodes/proxy",
+                    &status.message,
+                ));
+            }
+            Err(kube::Error::Api(_)) | Err(kube::Error::SerdeError(_)) => {}
+            Err(err) => {
+                forbidden_or_error("node stats", err)?;
+            }
+        }
+    }
+    Ok(())
+}
