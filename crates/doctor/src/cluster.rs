@@ -214,9 +214,21 @@ async fn optional<T>(
 where
     T: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug,
 {
-    match list(api, &ListParams::default(), resource).await? {
-        Outcome::Read(items) => Ok(Some(items)),
-        Outcome::Forbidden(message) => {
+    match api.list(&ListParams::default()).await {
+        Ok(list) => Ok(Some(list.items)),
+        // An API the server does not serve (old cluster, trimmed API groups): say so, go on.
+        Err(kube::Error::Api(status)) if status.code == 404 => {
+            snapshot.not_read.push(NotRead {
+                what: resource.to_owned(),
+                reason: format!(
+                    "the API server does not serve {resource} ({}); the checks that need them were skipped — check `kubectl api-resources`",
+                    status.message
+                ),
+            });
+            Ok(None)
+        }
+        Err(err) => {
+            let message = forbidden_or_error(resource, err)?;
             snapshot
                 .not_read
                 .push(not_read(resource, resource, &message));

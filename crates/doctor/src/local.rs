@@ -31,6 +31,7 @@ pub struct LocalOptions {
     pub min_free_bytes: u64,
     /// Proxy-related environment variables and their values.
     pub proxy_env: Vec<(String, String)>,
+    pub route: Route,
 }
 
 const PROXY_VARIABLES: [&str; 10] = [
@@ -70,6 +71,7 @@ impl LocalOptions {
             cuda_libraries: CUDA_LIBRARIES.iter().map(|s| s.to_string()).collect(),
             min_free_bytes: MIN_FREE_BYTES,
             proxy_env,
+            route: Route::Environment,
         }
     }
 }
@@ -83,7 +85,11 @@ pub fn check_local(options: &LocalOptions) -> Vec<Finding> {
     findings.push(check_store(&options.store));
     findings.push(check_free_disk(&options.store, options.min_free_bytes));
     findings.push(summarise_proxy(&options.proxy_env));
-    findings.push(check_endpoint(&options.endpoint, options.timeout));
+    findings.push(check_endpoint(
+        &options.endpoint,
+        options.timeout,
+        options.route,
+    ));
     findings
 }
 
@@ -324,12 +330,27 @@ pub fn summarise_proxy(env: &[(String, String)]) -> Finding {
     finding
 }
 
-/// HEAD request to the hub or mirror (through the environment's proxy), with `timeout`.
-/// Any HTTP answer counts as reachable; only a failure to get one is a problem.
-pub fn check_endpoint(endpoint: &str, timeout: Duration) -> Finding {
+/// How the hub check connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Through the proxy the environment names (`HTTPS_PROXY`, `ALL_PROXY`…, minus `NO_PROXY`),
+    /// as the fetcher does.
+    Environment,
+    /// Straight to the host.
+    Direct,
+}
+
+/// HEAD request to the hub or mirror, with `timeout`. Any HTTP answer counts as reachable;
+/// only a failure to get one is a problem.
+pub fn check_endpoint(endpoint: &str, timeout: Duration, route: Route) -> Finding {
+    let proxy = match route {
+        Route::Environment => ureq::Proxy::try_from_env(),
+        Route::Direct => None,
+    };
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
         .http_status_as_error(false)
+        .proxy(proxy)
         .build()
         .into();
     match agent.head(endpoint).call() {

@@ -24,6 +24,8 @@ struct Cluster {
     logs: Vec<sdkube_doctor::ContainerLog>,
     stats: Vec<(String, Value)>,
     forbidden: BTreeSet<&'static str>,
+    /// Resources answered with 404, as by a server that does not serve their API group.
+    unserved: BTreeSet<&'static str>,
 }
 
 type Shared = Arc<Cluster>;
@@ -144,6 +146,13 @@ async fn cluster_scoped(
 }
 
 async fn storage_classes(State(c): State<Shared>, Query(q): Q) -> Response {
+    if c.unserved.contains("storageclasses") {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource".into(),
+        );
+    }
     if c.forbidden.contains("storageclasses") {
         return forbidden("storageclasses", "at the cluster scope");
     }
@@ -214,6 +223,7 @@ fn cluster_for(scenario: &str, forbidden: &[&'static str]) -> Cluster {
         logs: common::fixture_logs(scenario),
         stats: common::fixture_stats(scenario),
         forbidden: forbidden.iter().copied().collect(),
+        unserved: BTreeSet::new(),
     }
 }
 
@@ -316,4 +326,23 @@ fn exit_codes_follow_the_findings() {
     assert_eq!(sdkube_doctor::exit_code(&Ok(healthy)), 0);
     let broken = analyze(&common::load("pvc-no-storage-class"));
     assert_eq!(sdkube_doctor::exit_code(&Ok(broken)), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unserved_api_is_skipped_with_a_sentence() {
+    let mut cluster = cluster_for("pvc-class-missing", &[]);
+    cluster.unserved.insert("storageclasses");
+    let client = serve(cluster).await;
+    let snapshot = gather(&client, common::NAMESPACE, Some(common::RELEASE))
+        .await
+        .unwrap();
+    assert!(snapshot.storage_classes.is_empty());
+    assert_eq!(snapshot.not_read.len(), 1);
+    assert!(
+        snapshot.not_read[0]
+            .reason
+            .contains("does not serve storageclasses"),
+        "{:?}",
+        snapshot.not_read
+    );
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sdkube_doctor::local::{
     check_cuda, check_endpoint, check_free_disk, check_gpu, check_local, check_store,
-    summarise_proxy, LocalOptions, DEFAULT_HUB,
+    summarise_proxy, LocalOptions, Route, DEFAULT_HUB,
 };
 use sdkube_doctor::{FindingCode, Severity};
 
@@ -149,7 +149,7 @@ fn one_shot_server(status_line: &'static str) -> (String, std::thread::JoinHandl
 #[test]
 fn hub_reachable_means_any_http_answer_to_a_head_request() {
     let (url, server) = one_shot_server("HTTP/1.1 401 Unauthorized");
-    let finding = check_endpoint(&url, Duration::from_secs(5));
+    let finding = check_endpoint(&url, Duration::from_secs(5), Route::Direct);
     assert_eq!(finding.severity, Severity::Info, "{}", finding.title);
     assert!(finding.title.contains("HTTP 401"), "{}", finding.title);
     assert_eq!(server.join().unwrap(), "HEAD / HTTP/1.1");
@@ -162,7 +162,11 @@ fn hub_unreachable_is_an_error_with_proxy_and_mirror_fixes() {
         .local_addr()
         .unwrap()
         .port();
-    let finding = check_endpoint(&format!("http://127.0.0.1:{port}"), Duration::from_secs(2));
+    let finding = check_endpoint(
+        &format!("http://127.0.0.1:{port}"),
+        Duration::from_secs(2),
+        Route::Direct,
+    );
     assert_eq!(finding.severity, Severity::Error);
     assert_eq!(finding.code, FindingCode::LocalHub);
     assert!(finding
@@ -180,6 +184,7 @@ fn all_local_checks_run() {
     let mut options = LocalOptions::from_lookup(store.path().to_path_buf(), |_| None);
     options.endpoint = url;
     options.dev_dir = store.path().to_path_buf();
+    options.route = Route::Direct; // independent of the test machine's proxy
     let findings = check_local(&options);
     server.join().unwrap();
     let codes: Vec<FindingCode> = findings.iter().map(|f| f.code).collect();
