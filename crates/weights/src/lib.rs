@@ -1,1 +1,131 @@
 //! Reading weight files: safetensors and tensor-only pickle checkpoints.
+//!
+//! [`load`] picks the format by content, not by extension: safetensors, torch zip
+//! checkpoints (`.ckpt`, `.pth`, `.pt`, `.bin`) and legacy pre-1.6 torch files. Pickled
+//! checkpoints go through [`pickle`], which never executes anything and refuses every global
+//! that is not tensor plumbing. [`load_tree`] keeps the whole object tree (A1111 embeddings,
+//! `params_ema` wrappers); [`save_torch_zip`] writes what `torch.load(weights_only=True)` reads.
+
+pub mod pickle;
+mod torch;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+pub use pickle::Value;
+pub use torch::save_torch_zip;
+
+/// What can go wrong reading or writing weights.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {error}", path.display())]
+    File { path: PathBuf, error: Box<Error> },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(
+        "refusing to load: the pickle names `{module}.{name}`, which is not tensor data \
+         (a checkpoint may only contain tensors, numbers, strings and containers; nothing was executed)"
+    )]
+    ForbiddenGlobal { module: String, name: String },
+    #[error("malformed pickle at byte {offset}: {msg}")]
+    Pickle { offset: usize, msg: String },
+    #[error(
+        "not a weight file: expected safetensors, a torch zip checkpoint or a legacy torch file"
+    )]
+    UnknownFormat,
+    #[error("{0}")]
+    Format(String),
+    #[error("zip: {0}")]
+    Zip(#[from] zip::result::ZipError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Container formats [`load`] recognises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Safetensors,
+    TorchZip,
+    TorchLegacy,
+}
+
+/// Identifies the container by its first bytes.
+pub fn detect(path: &Path) -> Result<Format, Error> {
+    let in_file = |error: Error| Error::File {
+        path: path.to_path_buf(),
+        error: Box::new(error),
+    };
+    let mut head = [0u8; 16];
+    let mut f = std::fs::File::open(path).map_err(|e| in_file(e.into()))?;
+    let len = f.metadata().map_err(|e| in_file(e.into()))?.len();
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..]).map_err(|e| in_file(e.into()))? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    let head = &head[..n];
+    if head.starts_with(b"PK\x03\x04") {
+        return Ok(Format::TorchZip);
+    }
+    if head.starts_with(torch::LEGACY_MAGIC) {
+        return Ok(Format::TorchLegacy);
+    }
+    if n >= 9 {
+        let header_len = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+        if head[8] == b'{' && header_len.saturating_add(8) <= len {
+            return Ok(Format::Safetensors);
+        }
+    }
+    Err(in_file(Error::UnknownFormat))
+}
+
+/// Reads any supported weight file as an object tree, tensors on the CPU in their stored
+/// dtype. Safetensors files become a flat dict of their tensors.
+pub fn load_tree(path: &Path) -> Result<Value, Error> {
+    let in_file = |error: Error| Error::File {
+        path: path.to_path_buf(),
+        error: Box::new(error),
+    };
+    match detect(path)? {
+        Format::Safetensors => {
+            let map = candle_core::safetensors::load(path, &Device::Cpu)
+                .map_err(|e| in_file(e.into()))?;
+            let mut items: Vec<(String, Tensor)> = map.into_iter().collect();
+            items.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok(Value::Dict(
+                items
+                    .into_iter()
+                    .map(|(k, t)| (Value::Str(k), Value::Tensor(t)))
+                    .collect(),
+            ))
+        }
+        Format::TorchZip => torch::read_zip(path).map_err(in_file),
+        Format::TorchLegacy => torch::read_legacy(path).map_err(in_file),
+    }
+}
+
+/// Reads every tensor of a weight file under its dotted key ([`Value::flatten`]), moved to
+/// `device`; floating-point tensors are converted to `dtype`, integer ones keep theirs.
+pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<HashMap<String, Tensor>, Error> {
+    let tensors = load_tree(path)?.flatten();
+    tensors
+        .into_iter()
+        .map(|(k, t)| {
+            let t = if t.dtype().is_float() && t.dtype() != dtype && dtype.is_float() {
+                t.to_dtype(dtype)?
+            } else {
+                t
+            };
+            Ok((k, t.to_device(device)?))
+        })
+        .collect::<Result<_, candle_core::Error>>()
+        .map_err(|e| Error::File {
+            path: path.to_path_buf(),
+            error: Box::new(e.into()),
+        })
+}
