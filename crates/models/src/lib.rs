@@ -1,1 +1,15 @@
-//! Stable Diffusion networks on candle: CLIP text encoders, UNet, VAE.
+//! Stable Diffusion networks on candle: the CLIP text encoders, the UNet (SD 1.x, 2.x, SDXL
+//! with its added conditioning) and the VAE, plus loading from diffusers folders and
+//! single-file A1111/LDM checkpoints.
+//!
+//! Each network file reads beside its Python reference: same names, same key tree.
+
+pub mod blocks;
+pub mod checkpoint;
+pub mod clip;
+pub mod config;
+pub mod ldm;
+pub mod unet;
+pub mod vae;
+
+pub use checkpoint::{load, Family, LoadOptions, Prediction, SdWeights};

@@ -1,0 +1,204 @@
+//! Building blocks shared by the UNet and the VAE, named as in `diffusers.models`:
+//! `ResnetBlock2D`, `Downsample2D`, `Upsample2D` and the multi-head `Attention`.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{
+    conv2d, group_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder,
+};
+
+pub(crate) fn conv3x3(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: 1,
+        stride,
+        ..Default::default()
+    };
+    conv2d(cin, cout, 3, cfg, vb)
+}
+
+pub(crate) fn conv1x1(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
+    conv2d(cin, cout, 1, Conv2dConfig::default(), vb)
+}
+
+/// `diffusers.models.resnet.ResnetBlock2D` (time embedding optional: the VAE has none).
+#[derive(Debug)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock2D {
+    pub fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        temb_channels: Option<usize>,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        let conv_shortcut = if cin != cout {
+            Some(conv1x1(cin, cout, vb.pp("conv_shortcut"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: group_norm(groups, cin, eps, vb.pp("norm1"))?,
+            conv1: conv3x3(cin, cout, 1, vb.pp("conv1"))?,
+            time_emb_proj: temb_channels
+                .map(|t| linear(t, cout, vb.pp("time_emb_proj")))
+                .transpose()?,
+            norm2: group_norm(groups, cout, eps, vb.pp("norm2"))?,
+            conv2: conv3x3(cout, cout, 1, vb.pp("conv2"))?,
+            conv_shortcut,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(t)) => {
+                let t = proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+                h.broadcast_add(&t)?
+            }
+            _ => h,
+        };
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        match &self.conv_shortcut {
+            Some(c) => c.forward(xs)? + h,
+            None => xs + h,
+        }
+    }
+}
+
+/// `Downsample2D`: a stride-2 3×3 convolution. The VAE pads asymmetrically (right/bottom)
+/// with no conv padding; the UNet uses padding 1.
+#[derive(Debug)]
+pub struct Downsample2D {
+    conv: Conv2d,
+    asymmetric_pad: bool,
+}
+
+impl Downsample2D {
+    pub fn new(vb: VarBuilder, channels: usize, asymmetric_pad: bool) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding: if asymmetric_pad { 0 } else { 1 },
+            stride: 2,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
+            asymmetric_pad,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.asymmetric_pad {
+            let xs = xs.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
+            self.conv.forward(&xs)
+        } else {
+            self.conv.forward(xs)
+        }
+    }
+}
+
+/// `Upsample2D`: nearest-neighbour ×2 (or to the size of the matching skip connection, for
+/// latents whose sides are not a multiple of the total downsampling), then a 3×3 convolution.
+#[derive(Debug)]
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        Ok(Self {
+            conv: conv3x3(channels, channels, 1, vb.pp("conv"))?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        self.conv.forward(&xs.upsample_nearest2d(th, tw)?)
+    }
+}
+
+/// `diffusers.models.attention_processor.Attention` without a group norm: multi-head scaled
+/// dot-product attention with `to_q/to_k/to_v/to_out.0`.
+#[derive(Debug)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    /// SD 2.x computes the scores in fp32 (`upcast_attention`).
+    upcast: bool,
+}
+
+impl Attention {
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        qkv_bias: bool,
+        upcast: bool,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        let proj = |i: usize, name: &str| {
+            if qkv_bias {
+                linear(i, inner, vb.pp(name))
+            } else {
+                linear_no_bias(i, inner, vb.pp(name))
+            }
+        };
+        Ok(Self {
+            to_q: proj(query_dim, "to_q")?,
+            to_k: proj(context_dim, "to_k")?,
+            to_v: proj(context_dim, "to_v")?,
+            to_out: linear(inner, query_dim, vb.pp("to_out.0"))?,
+            heads,
+            upcast,
+        })
+    }
+
+    /// `xs` `[B, N, C]`; `context` `[B, M, Cc]` for cross-attention, `None` for self-attention.
+    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(xs);
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        let out = scaled_dot_product_attention(&q, &k, &v, self.heads, self.upcast)?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// Attention over `[B, N, H·D]` inputs, split into `heads`; returns `[B, N, H·D]`.
+pub(crate) fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    upcast: bool,
+) -> Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let m = k.dim(1)?;
+    let d = inner / heads;
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+        t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()
+    };
+    let dtype = q.dtype();
+    let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
+    let (q, k) = if upcast && dtype != DType::F32 {
+        (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+    } else {
+        (q, k)
+    };
+    let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))
+}

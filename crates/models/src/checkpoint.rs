@@ -1,0 +1,479 @@
+//! Loading a Stable Diffusion model: a diffusers folder (`model_index.json`, `unet/`, `vae/`,
+//! `text_encoder/`, `text_encoder_2/`) or a single-file A1111/LDM checkpoint (`.safetensors`,
+//! or `.ckpt` read as tensors only), plus separate VAE files as A1111's `--vae`.
+//!
+//! The family (SD 1.x, SD 2.x, SDXL) is told from the weights' key tree, never the file name.
+//! Weights stay on the CPU in their stored dtype; networks are built on a device on demand,
+//! which is what lets `--vram low` keep only the network in use on the GPU.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
+
+use crate::clip::ClipTextModel;
+use crate::config::{ClipTextConfig, UNetConfig, VaeConfig};
+use crate::ldm::{self, TensorMap};
+use crate::unet::UNet2DConditionModel;
+use crate::vae::AutoencoderKL;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Weights(#[from] sdkube_weights::Error),
+    #[error("building the network: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+fn invalid(path: &Path, message: impl Into<String>) -> LoadError {
+    LoadError::Invalid {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// Model family, as detected from the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Family {
+    Sd1,
+    Sd2,
+    Sdxl,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Sd1 => "SD 1.x",
+            Family::Sd2 => "SD 2.x",
+            Family::Sdxl => "SDXL",
+        }
+    }
+
+    /// Default VAE latent scaling factor.
+    pub fn vae_scaling(self) -> f64 {
+        match self {
+            Family::Sdxl => 0.13025,
+            _ => 0.18215,
+        }
+    }
+}
+
+/// What the UNet predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Prediction {
+    Epsilon,
+    V,
+}
+
+/// A network's configuration and its weights (CPU, stored dtype).
+#[derive(Debug, Clone)]
+pub struct Component<C> {
+    pub config: C,
+    pub tensors: TensorMap,
+}
+
+impl<C> Component<C> {
+    fn var_builder(&self, device: &Device, dtype: DType) -> VarBuilder<'static> {
+        VarBuilder::from_tensors(self.tensors.clone(), dtype, device)
+    }
+
+    /// Bytes the weights take in `dtype`.
+    pub fn size_in(&self, dtype: DType) -> usize {
+        self.tensors
+            .values()
+            .map(|t| t.elem_count() * dtype.size_in_bytes())
+            .sum()
+    }
+}
+
+impl Component<ClipTextConfig> {
+    pub fn build(&self, device: &Device, dtype: DType) -> candle_core::Result<ClipTextModel> {
+        ClipTextModel::new(self.var_builder(device, dtype), &self.config)
+    }
+}
+
+impl Component<UNetConfig> {
+    pub fn build(
+        &self,
+        device: &Device,
+        dtype: DType,
+    ) -> candle_core::Result<UNet2DConditionModel> {
+        UNet2DConditionModel::new(self.var_builder(device, dtype), &self.config)
+    }
+}
+
+impl Component<VaeConfig> {
+    pub fn build(&self, device: &Device, dtype: DType) -> candle_core::Result<AutoencoderKL> {
+        AutoencoderKL::new(self.var_builder(device, dtype), &self.config)
+    }
+}
+
+/// Everything needed to build a Stable Diffusion model.
+#[derive(Debug, Clone)]
+pub struct SdWeights {
+    pub family: Family,
+    pub prediction: Prediction,
+    /// CLIP ViT-L (SD 1.x, SDXL's first encoder) or OpenCLIP ViT-H (SD 2.x).
+    pub text_encoder: Component<ClipTextConfig>,
+    /// SDXL's OpenCLIP ViT-bigG, with its projection.
+    pub text_encoder_2: Option<Component<ClipTextConfig>>,
+    pub unet: Component<UNetConfig>,
+    pub vae: Component<VaeConfig>,
+    pub source: PathBuf,
+}
+
+/// Choices a caller can make when loading.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Force the prediction type (single files cannot always tell: A1111 uses a `.yaml`).
+    pub prediction: Option<Prediction>,
+    /// A diffusers folder whose `*/config.json` replace the configs inferred from a single
+    /// file (as diffusers' `from_single_file(config=…)`).
+    pub config_dir: Option<PathBuf>,
+    /// A separate VAE file that replaces the model's VAE (A1111 `--vae`).
+    pub vae: Option<PathBuf>,
+}
+
+/// Reads every tensor of a weight file, CPU, stored dtype.
+pub fn read_tensors(path: &Path) -> Result<TensorMap, LoadError> {
+    if !path.is_file() {
+        return Err(invalid(path, "no such file"));
+    }
+    let mut map = sdkube_weights::load_tree(path)?.flatten();
+    // `.ckpt` files wrap the weights in {"state_dict": …}.
+    if map.keys().any(|k| k.starts_with("state_dict.")) {
+        map = ldm::strip_prefix(&map, "state_dict.");
+    }
+    Ok(map)
+}
+
+/// Loads a model from a diffusers folder or a single checkpoint file.
+pub fn load(path: &Path, opts: &LoadOptions) -> Result<SdWeights, LoadError> {
+    let mut weights = if path.is_dir() {
+        load_diffusers(path, opts)?
+    } else {
+        load_single_file(path, opts)?
+    };
+    if let Some(vae) = &opts.vae {
+        let scaling = weights.vae.config.scaling_factor;
+        weights.vae = load_vae_file(vae, scaling, opts.config_dir.as_deref())?;
+    }
+    Ok(weights)
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| invalid(path, format!("invalid config: {e}")))
+}
+
+/// The weight file of a diffusers component folder.
+fn component_file(dir: &Path) -> Result<PathBuf, LoadError> {
+    let names = [
+        "diffusion_pytorch_model.safetensors",
+        "model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "model.fp16.safetensors",
+        "diffusion_pytorch_model.bin",
+        "pytorch_model.bin",
+    ];
+    names
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            invalid(
+                dir,
+                "no weight file (diffusion_pytorch_model.safetensors / model.safetensors)",
+            )
+        })
+}
+
+fn load_component<C: DeserializeOwned>(dir: &Path) -> Result<Component<C>, LoadError> {
+    if !dir.is_dir() {
+        return Err(invalid(dir, "missing component folder"));
+    }
+    let config = read_json(&dir.join("config.json"))?;
+    let mut tensors = read_tensors(&component_file(dir)?)?;
+    // transformers ≥ 5.6 writes text encoders without the `text_model.` prefix.
+    if tensors.contains_key("embeddings.token_embedding.weight") {
+        tensors = tensors
+            .into_iter()
+            .map(|(k, t)| {
+                let k = if k.starts_with("text_projection") {
+                    k
+                } else {
+                    format!("text_model.{k}")
+                };
+                (k, t)
+            })
+            .collect();
+    }
+    Ok(Component { config, tensors })
+}
+
+fn load_diffusers(dir: &Path, opts: &LoadOptions) -> Result<SdWeights, LoadError> {
+    if !dir.join("model_index.json").is_file() && !dir.join("unet").is_dir() {
+        return Err(invalid(
+            dir,
+            "not a diffusers model folder (no model_index.json)",
+        ));
+    }
+    let text_encoder: Component<ClipTextConfig> = load_component(&dir.join("text_encoder"))?;
+    let text_encoder_2 = if dir.join("text_encoder_2").is_dir() {
+        Some(load_component(&dir.join("text_encoder_2"))?)
+    } else {
+        None
+    };
+    let unet: Component<UNetConfig> = load_component(&dir.join("unet"))?;
+    let vae = load_component(&dir.join("vae"))?;
+    let family = if unet.config.has_text_time() {
+        Family::Sdxl
+    } else if text_encoder.config.hidden_act == "gelu" {
+        Family::Sd2
+    } else {
+        Family::Sd1
+    };
+    if family == Family::Sdxl && text_encoder_2.is_none() {
+        return Err(invalid(dir, "SDXL UNet but no text_encoder_2 folder"));
+    }
+    let scheduler: serde_json::Value = match dir.join("scheduler/scheduler_config.json") {
+        p if p.is_file() => read_json(&p)?,
+        _ => serde_json::Value::Null,
+    };
+    let prediction = opts.prediction.unwrap_or(
+        match scheduler.get("prediction_type").and_then(|v| v.as_str()) {
+            Some("v_prediction") => Prediction::V,
+            _ => Prediction::Epsilon,
+        },
+    );
+    Ok(SdWeights {
+        family,
+        prediction,
+        text_encoder,
+        text_encoder_2,
+        unet,
+        vae,
+        source: dir.to_path_buf(),
+    })
+}
+
+/// A1111 marks v-prediction single files with a sidecar `<name>.yaml` (the LDM config).
+fn sidecar_says_v(path: &Path) -> bool {
+    let yaml = path.with_extension("yaml");
+    std::fs::read_to_string(yaml)
+        .map(|t| {
+            t.lines().any(|l| {
+                let l = l.trim().replace(['"', '\''], "");
+                l == "parameterization: v"
+            })
+        })
+        .unwrap_or(false)
+}
+
+fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<SdWeights, LoadError> {
+    let all = read_tensors(path)?;
+    let unet_ldm = ldm::strip_prefix(&all, "model.diffusion_model.");
+    if unet_ldm.is_empty() {
+        return Err(invalid(
+            path,
+            "not a Stable Diffusion checkpoint (no model.diffusion_model.* tensors)",
+        ));
+    }
+    let family = if all
+        .keys()
+        .any(|k| k.starts_with("conditioner.embedders.1."))
+    {
+        Family::Sdxl
+    } else if all.keys().any(|k| k.starts_with("cond_stage_model.model.")) {
+        Family::Sd2
+    } else if all
+        .keys()
+        .any(|k| k.starts_with("cond_stage_model.transformer."))
+    {
+        Family::Sd1
+    } else {
+        return Err(invalid(
+            path,
+            "checkpoint has no text encoder weights this loader knows",
+        ));
+    };
+    let override_config = |component: &str| -> Result<Option<serde_json::Value>, LoadError> {
+        match &opts.config_dir {
+            Some(dir) => Ok(Some(read_json(&dir.join(component).join("config.json"))?)),
+            None => Ok(None),
+        }
+    };
+    let wrap = |e: candle_core::Error| invalid(path, e.to_string());
+
+    let (text_encoder, text_encoder_2) = match family {
+        Family::Sd1 => {
+            let t = ldm::strip_prefix(&all, "cond_stage_model.transformer.");
+            (
+                clip_component(t, false, override_config("text_encoder")?, path)?,
+                None,
+            )
+        }
+        Family::Sd2 => {
+            let oc = ldm::strip_prefix(&all, "cond_stage_model.model.");
+            // SD 2.x conditions on the penultimate layer: drop the last resblock.
+            let layers = count_resblocks(&oc);
+            let t = ldm::convert_open_clip(&oc, layers.saturating_sub(1)).map_err(wrap)?;
+            (
+                clip_component(t, true, override_config("text_encoder")?, path)?,
+                None,
+            )
+        }
+        Family::Sdxl => {
+            let l = ldm::strip_prefix(&all, "conditioner.embedders.0.transformer.");
+            let oc = ldm::strip_prefix(&all, "conditioner.embedders.1.model.");
+            let layers = count_resblocks(&oc);
+            let g = ldm::convert_open_clip(&oc, layers).map_err(wrap)?;
+            (
+                clip_component(l, false, override_config("text_encoder")?, path)?,
+                Some(clip_component(
+                    g,
+                    true,
+                    override_config("text_encoder_2")?,
+                    path,
+                )?),
+            )
+        }
+    };
+    let unet_config = match override_config("unet")? {
+        Some(v) => {
+            serde_json::from_value(v).map_err(|e| invalid(path, format!("unet config: {e}")))?
+        }
+        None => ldm::infer_unet_config(&unet_ldm, family == Family::Sd1).map_err(wrap)?,
+    };
+    let unet = Component {
+        tensors: ldm::convert_unet(&unet_ldm, unet_config.layers_per_block),
+        config: unet_config,
+    };
+    let vae_ldm = ldm::strip_prefix(&all, "first_stage_model.");
+    let vae_config = match override_config("vae")? {
+        Some(v) => {
+            serde_json::from_value(v).map_err(|e| invalid(path, format!("vae config: {e}")))?
+        }
+        None => ldm::infer_vae_config(&vae_ldm, family.vae_scaling()).map_err(wrap)?,
+    };
+    let vae = Component {
+        tensors: ldm::convert_vae(&vae_ldm).map_err(wrap)?,
+        config: vae_config,
+    };
+    let prediction = opts.prediction.unwrap_or(if sidecar_says_v(path) {
+        Prediction::V
+    } else {
+        Prediction::Epsilon
+    });
+    Ok(SdWeights {
+        family,
+        prediction,
+        text_encoder,
+        text_encoder_2,
+        unet,
+        vae,
+        source: path.to_path_buf(),
+    })
+}
+
+fn count_resblocks(oc: &TensorMap) -> usize {
+    oc.keys()
+        .filter_map(|k| k.strip_prefix("transformer.resblocks."))
+        .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
+        .map(|i| i + 1)
+        .max()
+        .unwrap_or(0)
+}
+
+fn clip_component(
+    tensors: TensorMap,
+    open_clip: bool,
+    config: Option<serde_json::Value>,
+    path: &Path,
+) -> Result<Component<ClipTextConfig>, LoadError> {
+    let mut config: ClipTextConfig = match config {
+        Some(v) => serde_json::from_value(v)
+            .map_err(|e| invalid(path, format!("text encoder config: {e}")))?,
+        None => {
+            ldm::infer_clip_config(&tensors, open_clip).map_err(|e| invalid(path, e.to_string()))?
+        }
+    };
+    // The layer count always comes from the weights (SD 2.x files carry one layer more).
+    config.num_hidden_layers = tensors
+        .keys()
+        .filter_map(|k| k.strip_prefix("text_model.encoder.layers."))
+        .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
+        .map(|i| i + 1)
+        .max()
+        .unwrap_or(0);
+    Ok(Component { config, tensors })
+}
+
+/// A separate VAE file: LDM keys (with or without `first_stage_model.`) or diffusers keys.
+pub fn load_vae_file(
+    path: &Path,
+    scaling_factor: f64,
+    config_dir: Option<&Path>,
+) -> Result<Component<VaeConfig>, LoadError> {
+    let all = read_tensors(path)?;
+    let all = if all.keys().any(|k| k.starts_with("first_stage_model.")) {
+        ldm::strip_prefix(&all, "first_stage_model.")
+    } else {
+        all
+    };
+    let wrap = |e: candle_core::Error| invalid(path, e.to_string());
+    let is_ldm = all.contains_key("encoder.conv_in.weight")
+        && all.keys().any(|k| k.starts_with("encoder.down."));
+    let is_diffusers = all.keys().any(|k| k.starts_with("encoder.down_blocks."));
+    if !is_ldm && !is_diffusers {
+        return Err(invalid(path, "not a VAE file (no encoder/decoder tensors)"));
+    }
+    let mut config: VaeConfig = match config_dir {
+        Some(dir) => read_json(&dir.join("vae/config.json"))?,
+        None if is_ldm => ldm::infer_vae_config(&all, scaling_factor).map_err(wrap)?,
+        None => {
+            return Err(invalid(
+                path,
+                "diffusers-layout VAE file needs its config.json (use a folder)",
+            ))
+        }
+    };
+    config.scaling_factor = scaling_factor;
+    let tensors = if is_ldm {
+        ldm::convert_vae(&all).map_err(wrap)?
+    } else {
+        all
+    };
+    Ok(Component { config, tensors })
+}
+
+/// Checks every tensor the network needs is present with the right shape, by building it on
+/// the CPU in the stored dtype (cheap: weights are shared, not copied).
+pub fn validate(weights: &SdWeights) -> Result<(), LoadError> {
+    let check = |what: &str, r: candle_core::Result<()>| {
+        r.map_err(|e| invalid(&weights.source, format!("{what}: {e}")))
+    };
+    let dev = Device::Cpu;
+    let dt = DType::F32;
+    check(
+        "text encoder",
+        weights.text_encoder.build(&dev, dt).map(|_| ()),
+    )?;
+    if let Some(t2) = &weights.text_encoder_2 {
+        check("text encoder 2", t2.build(&dev, dt).map(|_| ()))?;
+    }
+    check("unet", weights.unet.build(&dev, dt).map(|_| ()))?;
+    check("vae", weights.vae.build(&dev, dt).map(|_| ()))?;
+    Ok(())
+}

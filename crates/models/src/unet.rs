@@ -1,0 +1,511 @@
+//! `diffusers.UNet2DConditionModel` for SD 1.x, SD 2.x and SDXL (Rombach et al. 2022,
+//! <https://arxiv.org/abs/2112.10752>; Podell et al. 2023, <https://arxiv.org/abs/2307.01952>).
+//!
+//! Unlike candle-transformers' UNet, this one implements SDXL's added conditioning
+//! (`addition_embed_type = "text_time"`): the pooled text embedding and the size/crop time ids
+//! are embedded and added to the timestep embedding, as the reference does.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{
+    conv2d, group_norm, layer_norm, linear, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear,
+    VarBuilder,
+};
+
+use crate::blocks::{conv1x1, conv3x3, Attention, Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::config::UNetConfig;
+
+/// Sinusoidal embedding of `t` `[B]` into `[B, dim]` (`diffusers.models.embeddings.Timesteps`).
+pub fn timestep_embedding(
+    t: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    shift: f64,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let exponent: Vec<f32> = (0..half)
+        .map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - shift)).exp() as f32)
+        .collect();
+    let freqs = Tensor::from_vec(exponent, (1, half), t.device())?;
+    let args = t
+        .to_dtype(candle_core::DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], D::Minus1)
+    } else {
+        Tensor::cat(&[sin, cos], D::Minus1)
+    }
+}
+
+/// `TimestepEmbedding`: linear, SiLU, linear.
+#[derive(Debug)]
+struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    fn new(vb: VarBuilder, cin: usize, cout: usize) -> Result<Self> {
+        Ok(Self {
+            linear_1: linear(cin, cout, vb.pp("linear_1"))?,
+            linear_2: linear(cout, cout, vb.pp("linear_2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(xs)?.silu()?)
+    }
+}
+
+/// `FeedForward` with GEGLU activation.
+#[derive(Debug)]
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj_in: linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            proj_out: linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.proj_in.forward(xs)?;
+        let half = h.dim(D::Minus1)? / 2;
+        let (value, gate) = (
+            h.narrow(D::Minus1, 0, half)?,
+            h.narrow(D::Minus1, half, half)?,
+        );
+        self.proj_out.forward(&(value * gate.gelu_erf()?)?)
+    }
+}
+
+/// `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward, pre-norm.
+#[derive(Debug)]
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn new(vb: VarBuilder, dim: usize, ctx_dim: usize, heads: usize, upcast: bool) -> Result<Self> {
+        let head_dim = dim / heads;
+        Ok(Self {
+            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, false, upcast)?,
+            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(vb.pp("attn2"), dim, ctx_dim, heads, head_dim, false, upcast)?,
+            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(ctx))? + xs)?;
+        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    }
+}
+
+/// Input/output projection of `Transformer2DModel`: a 1×1 conv (SD 1.x) or a linear layer over
+/// the flattened tokens (`use_linear_projection`: SD 2.x, SDXL).
+#[derive(Debug)]
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// `Transformer2DModel`: group norm, projection in, transformer blocks, projection out, residual.
+#[derive(Debug)]
+struct Transformer2DModel {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+impl Transformer2DModel {
+    fn new(
+        vb: VarBuilder,
+        channels: usize,
+        layers: usize,
+        heads: usize,
+        cfg: &UNetConfig,
+    ) -> Result<Self> {
+        let proj = |name: &str| -> Result<Projection> {
+            Ok(if cfg.use_linear_projection {
+                Projection::Linear(linear(channels, channels, vb.pp(name))?)
+            } else {
+                Projection::Conv(conv1x1(channels, channels, vb.pp(name))?)
+            })
+        };
+        Ok(Self {
+            norm: group_norm(cfg.norm_num_groups, channels, 1e-6, vb.pp("norm"))?,
+            proj_in: proj("proj_in")?,
+            blocks: (0..layers)
+                .map(|i| {
+                    BasicTransformerBlock::new(
+                        vb.pp(format!("transformer_blocks.{i}")),
+                        channels,
+                        cfg.cross_attention_dim,
+                        heads,
+                        cfg.upcast_attention,
+                    )
+                })
+                .collect::<Result<_>>()?,
+            proj_out: proj("proj_out")?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let normed = self.norm.forward(xs)?;
+        let to_tokens =
+            |t: Tensor| -> Result<Tensor> { t.permute((0, 2, 3, 1))?.reshape((b, h * w, c)) };
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(conv.forward(&normed)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(normed)?)?,
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, ctx)?;
+        }
+        let to_image = |t: Tensor| -> Result<Tensor> {
+            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+        };
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_image(tokens)?)?,
+            Projection::Linear(lin) => to_image(lin.forward(&tokens)?)?,
+        };
+        out + xs
+    }
+}
+
+/// One resolution level: resnets, optional cross-attention transformers, optional resampler.
+#[derive(Debug)]
+struct Level {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+}
+
+impl Level {
+    fn run_layer(&self, j: usize, xs: &Tensor, temb: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let xs = self.resnets[j].forward(xs, Some(temb))?;
+        match self.attentions.get(j) {
+            Some(attn) => attn.forward(&xs, ctx),
+            None => Ok(xs),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct DownBlock {
+    level: Level,
+    downsampler: Option<Downsample2D>,
+}
+
+#[derive(Debug)]
+struct UpBlock {
+    level: Level,
+    upsampler: Option<Upsample2D>,
+}
+
+/// Conditioning beyond the text hidden states, for SDXL.
+#[derive(Debug, Clone)]
+pub struct AddedConditioning {
+    /// Pooled, projected text embedding of the second text encoder `[B, P]`.
+    pub text_embeds: Tensor,
+    /// `[B, 6]`: original height/width, crop top/left, target height/width.
+    pub time_ids: Tensor,
+}
+
+/// The denoising UNet.
+#[derive(Debug)]
+pub struct UNet2DConditionModel {
+    conv_in: Conv2d,
+    time_embedding: TimestepEmbedding,
+    add_embedding: Option<TimestepEmbedding>,
+    down_blocks: Vec<DownBlock>,
+    mid_resnets: [ResnetBlock2D; 2],
+    mid_attention: Transformer2DModel,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    cfg: UNetConfig,
+}
+
+fn has_cross_attention(block_type: &str) -> bool {
+    block_type.starts_with("CrossAttn")
+}
+
+impl UNet2DConditionModel {
+    pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
+        let boc = &cfg.block_out_channels;
+        let n = boc.len();
+        if cfg.down_block_types.len() != n || cfg.up_block_types.len() != n {
+            candle_core::bail!("unet config: block type lists do not match block_out_channels");
+        }
+        let temb_dim = boc[0] * 4;
+        let groups = cfg.norm_num_groups;
+        let eps = cfg.norm_eps;
+        let conv_in = conv2d(
+            cfg.in_channels,
+            boc[0],
+            3,
+            Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            },
+            vb.pp("conv_in"),
+        )?;
+        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), boc[0], temb_dim)?;
+        let add_embedding = if cfg.has_text_time() {
+            let input = cfg.projection_class_embeddings_input_dim.ok_or_else(|| {
+                candle_core::Error::Msg(
+                    "text_time unet without projection_class_embeddings_input_dim".into(),
+                )
+            })?;
+            Some(TimestepEmbedding::new(
+                vb.pp("add_embedding"),
+                input,
+                temb_dim,
+            )?)
+        } else {
+            None
+        };
+
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut out_ch = boc[0];
+        for (i, kind) in cfg.down_block_types.iter().enumerate() {
+            let in_ch = out_ch;
+            out_ch = boc[i];
+            let vb = vb.pp(format!("down_blocks.{i}"));
+            let resnets = (0..cfg.layers_per_block)
+                .map(|j| {
+                    let cin = if j == 0 { in_ch } else { out_ch };
+                    ResnetBlock2D::new(
+                        vb.pp(format!("resnets.{j}")),
+                        cin,
+                        out_ch,
+                        Some(temb_dim),
+                        groups,
+                        eps,
+                    )
+                })
+                .collect::<Result<_>>()?;
+            let attentions = if has_cross_attention(kind) {
+                (0..cfg.layers_per_block)
+                    .map(|j| {
+                        Transformer2DModel::new(
+                            vb.pp(format!("attentions.{j}")),
+                            out_ch,
+                            cfg.transformer_layers_per_block.get(i),
+                            cfg.heads(i),
+                            cfg,
+                        )
+                    })
+                    .collect::<Result<_>>()?
+            } else {
+                vec![]
+            };
+            let downsampler = if i + 1 < n {
+                Some(Downsample2D::new(vb.pp("downsamplers.0"), out_ch, false)?)
+            } else {
+                None
+            };
+            down_blocks.push(DownBlock {
+                level: Level {
+                    resnets,
+                    attentions,
+                },
+                downsampler,
+            });
+        }
+
+        let mid_ch = boc[n - 1];
+        let mvb = vb.pp("mid_block");
+        let mid_resnets = [
+            ResnetBlock2D::new(
+                mvb.pp("resnets.0"),
+                mid_ch,
+                mid_ch,
+                Some(temb_dim),
+                groups,
+                eps,
+            )?,
+            ResnetBlock2D::new(
+                mvb.pp("resnets.1"),
+                mid_ch,
+                mid_ch,
+                Some(temb_dim),
+                groups,
+                eps,
+            )?,
+        ];
+        let mid_attention = Transformer2DModel::new(
+            mvb.pp("attentions.0"),
+            mid_ch,
+            cfg.transformer_layers_per_block.get(n - 1),
+            cfg.heads(n - 1),
+            cfg,
+        )?;
+
+        let mut up_blocks = Vec::with_capacity(n);
+        let rev: Vec<usize> = boc.iter().rev().copied().collect();
+        let mut out_ch = rev[0];
+        for (i, kind) in cfg.up_block_types.iter().enumerate() {
+            let prev_out = out_ch;
+            out_ch = rev[i];
+            let in_ch = rev[(i + 1).min(n - 1)];
+            let level_index = n - 1 - i; // the down level this up block mirrors
+            let layers = cfg.layers_per_block + 1;
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            let resnets = (0..layers)
+                .map(|j| {
+                    let skip = if j == layers - 1 { in_ch } else { out_ch };
+                    let cin = if j == 0 { prev_out } else { out_ch };
+                    ResnetBlock2D::new(
+                        vb.pp(format!("resnets.{j}")),
+                        cin + skip,
+                        out_ch,
+                        Some(temb_dim),
+                        groups,
+                        eps,
+                    )
+                })
+                .collect::<Result<_>>()?;
+            let attentions = if has_cross_attention(kind) {
+                (0..layers)
+                    .map(|j| {
+                        Transformer2DModel::new(
+                            vb.pp(format!("attentions.{j}")),
+                            out_ch,
+                            cfg.transformer_layers_per_block.get(level_index),
+                            cfg.heads(level_index),
+                            cfg,
+                        )
+                    })
+                    .collect::<Result<_>>()?
+            } else {
+                vec![]
+            };
+            let upsampler = if i + 1 < n {
+                Some(Upsample2D::new(vb.pp("upsamplers.0"), out_ch)?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock {
+                level: Level {
+                    resnets,
+                    attentions,
+                },
+                upsampler,
+            });
+        }
+
+        Ok(Self {
+            conv_in,
+            time_embedding,
+            add_embedding,
+            down_blocks,
+            mid_resnets,
+            mid_attention,
+            up_blocks,
+            conv_norm_out: group_norm(groups, boc[0], eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv3x3(boc[0], cfg.out_channels, 1, vb.pp("conv_out"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.cfg
+    }
+
+    /// Predicts the noise (or v) for latents `xs` `[B, C, H, W]` at timestep `t` (a scalar or
+    /// `[B]`), conditioned on `ctx` `[B, N, cross_attention_dim]`; SDXL also needs `added`.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        t: &Tensor,
+        ctx: &Tensor,
+        added: Option<&AddedConditioning>,
+    ) -> Result<Tensor> {
+        let b = xs.dim(0)?;
+        let dtype = xs.dtype();
+        let t = t.flatten_all()?.to_dtype(candle_core::DType::F32)?;
+        let t = if t.dim(0)? == b {
+            t
+        } else {
+            t.broadcast_as(b)?.contiguous()?
+        };
+        let t_emb = timestep_embedding(
+            &t,
+            self.cfg.block_out_channels[0],
+            self.cfg.flip_sin_to_cos,
+            self.cfg.freq_shift as f64,
+        )?
+        .to_dtype(dtype)?;
+        let mut emb = self.time_embedding.forward(&t_emb)?;
+        if let Some(add_embedding) = &self.add_embedding {
+            let added = added.ok_or_else(|| {
+                candle_core::Error::Msg(
+                    "this UNet (SDXL) needs the pooled text embedding and time ids".into(),
+                )
+            })?;
+            let dim = self.cfg.addition_time_embed_dim.unwrap_or(256);
+            let ids = added.time_ids.flatten_all()?;
+            let time_embeds = timestep_embedding(&ids, dim, true, 0.0)?
+                .reshape((b, ()))?
+                .to_dtype(dtype)?;
+            let add = Tensor::cat(
+                &[added.text_embeds.to_dtype(dtype)?, time_embeds],
+                D::Minus1,
+            )?;
+            emb = (emb + add_embedding.forward(&add)?)?;
+        }
+
+        let mut h = self.conv_in.forward(xs)?;
+        let mut skips = vec![h.clone()];
+        for block in &self.down_blocks {
+            for j in 0..block.level.resnets.len() {
+                h = block.level.run_layer(j, &h, &emb, ctx)?;
+                skips.push(h.clone());
+            }
+            if let Some(down) = &block.downsampler {
+                h = down.forward(&h)?;
+                skips.push(h.clone());
+            }
+        }
+
+        h = self.mid_resnets[0].forward(&h, Some(&emb))?;
+        h = self.mid_attention.forward(&h, ctx)?;
+        h = self.mid_resnets[1].forward(&h, Some(&emb))?;
+
+        for block in &self.up_blocks {
+            for j in 0..block.level.resnets.len() {
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| candle_core::Error::Msg("unet skip underflow".into()))?;
+                h = Tensor::cat(&[&h, &skip], 1)?;
+                h = block.level.run_layer(j, &h, &emb, ctx)?;
+            }
+            if let Some(up) = &block.upsampler {
+                // Upsample to the size of the next skip connection (odd latent sizes).
+                let size = skips
+                    .last()
+                    .map(|s| (s.dim(2).unwrap_or(0), s.dim(3).unwrap_or(0)));
+                h = up.forward(&h, size)?;
+            }
+        }
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&h)?.silu()?)
+    }
+}
