@@ -114,14 +114,14 @@ fn break_is_a_marker_only_as_a_whole_word() {
 }
 
 struct Words {
-    tok: ClipTokenizer,
+    tok: &'static ClipTokenizer,
     cat: u32,
     dog: u32,
     comma: u32,
 }
 
 fn words() -> Result<Words> {
-    let tok = ClipTokenizer::new()?;
+    let tok = ClipTokenizer::shared()?;
     let single = |w: &str| -> Result<u32> {
         let ids = tok.encode(w);
         anyhow::ensure!(ids.len() == 1, "{w:?} is {} tokens", ids.len());
@@ -164,12 +164,7 @@ fn check_frame(prompt: &TokenizedPrompt, pad: u32) {
 }
 
 fn plain(w: &Words, text: &str) -> TokenizedPrompt {
-    tokenize_prompt(
-        &w.tok,
-        text,
-        &EmbeddingIndex::new(),
-        &ChunkOptions::clip_l(),
-    )
+    tokenize_prompt(w.tok, text, &EmbeddingIndex::new(), &ChunkOptions::clip_l())
 }
 
 #[test]
@@ -184,7 +179,7 @@ fn an_empty_prompt_is_one_padded_chunk() -> Result<()> {
     assert_eq!(p.chunks[0], PromptChunk::empty());
     // OpenCLIP pads with 0 but still ends with EOS.
     let p = tokenize_prompt(
-        &w.tok,
+        w.tok,
         "",
         &EmbeddingIndex::new(),
         &ChunkOptions::open_clip(),
@@ -298,7 +293,7 @@ fn comma_backtrack_moves_the_words_after_the_last_comma() -> Result<()> {
         ..ChunkOptions::clip_l()
     };
     let p = tokenize_prompt(
-        &w.tok,
+        w.tok,
         &cats_comma_dogs(70, 10),
         &EmbeddingIndex::new(),
         &options,
@@ -320,7 +315,7 @@ fn comma_backtrack_moves_the_words_after_the_last_comma() -> Result<()> {
 fn open_clip_chunks_pad_with_zero() -> Result<()> {
     let w = words()?;
     let p = tokenize_prompt(
-        &w.tok,
+        w.tok,
         &"cat ".repeat(80),
         &EmbeddingIndex::new(),
         &ChunkOptions::open_clip(),
@@ -335,10 +330,10 @@ fn open_clip_chunks_pad_with_zero() -> Result<()> {
 fn embeddings_take_one_slot_per_vector() -> Result<()> {
     let w = words()?;
     let mut index = EmbeddingIndex::new();
-    index.insert(&w.tok, "myemb", 3)?;
-    index.insert(&w.tok, "myemb2", 2)?;
+    index.insert(w.tok, "myemb", 3)?;
+    index.insert(w.tok, "myemb2", 2)?;
     let p = tokenize_prompt(
-        &w.tok,
+        w.tok,
         "cat (myemb:1.2), myemb2 dog",
         &index,
         &ChunkOptions::clip_l(),
@@ -373,10 +368,10 @@ fn embeddings_take_one_slot_per_vector() -> Result<()> {
 fn an_embedding_never_straddles_two_chunks() -> Result<()> {
     let w = words()?;
     let mut index = EmbeddingIndex::new();
-    index.insert(&w.tok, "myemb", 3)?;
+    index.insert(w.tok, "myemb", 3)?;
     // 73 cats leave room for 2 slots; the 3-vector embedding goes to the next chunk.
     let p = tokenize_prompt(
-        &w.tok,
+        w.tok,
         &format!("{}myemb", "cat ".repeat(73)),
         &index,
         &ChunkOptions::clip_l(),
@@ -400,11 +395,11 @@ fn an_embedding_never_straddles_two_chunks() -> Result<()> {
 fn comma_backtrack_carries_embeddings_along() -> Result<()> {
     let w = words()?;
     let mut index = EmbeddingIndex::new();
-    index.insert(&w.tok, "myemb", 2)?;
+    index.insert(w.tok, "myemb", 2)?;
     // 60 cats, comma (offset 60), 12 cats, 2 slots = 75; "dog" triggers the backtrack
     // (75 - 60 = 15 <= 20): 12 cats and the embedding move to chunk 2, slots at 13..15.
     let text = format!("{}, {}myemb dog", "cat ".repeat(60), "cat ".repeat(12));
-    let p = tokenize_prompt(&w.tok, &text, &index, &ChunkOptions::clip_l());
+    let p = tokenize_prompt(w.tok, &text, &index, &ChunkOptions::clip_l());
     assert_eq!(p.chunks.len(), 2);
     assert_eq!(content(&p.chunks[0], EOS_ID).len(), 61);
     assert!(p.chunks[0].embeddings.is_empty());
@@ -425,7 +420,7 @@ fn bad_embeddings_are_refused_with_a_reason() -> Result<()> {
     let w = words()?;
     let mut index = EmbeddingIndex::new();
     for vectors in [0, 76] {
-        let err = index.insert(&w.tok, "big", vectors).unwrap_err();
+        let err = index.insert(w.tok, "big", vectors).unwrap_err();
         assert_eq!(
             err,
             PromptError::EmbeddingSize {
@@ -434,12 +429,12 @@ fn bad_embeddings_are_refused_with_a_reason() -> Result<()> {
             }
         );
     }
-    let err = index.insert(&w.tok, "  ", 1).unwrap_err();
+    let err = index.insert(w.tok, "  ", 1).unwrap_err();
     assert_eq!(err, PromptError::EmptyEmbeddingName("  ".into()));
     assert!(index.is_empty());
     // A 75-vector embedding fills a chunk on its own.
-    index.insert(&w.tok, "huge", 75)?;
-    let p = tokenize_prompt(&w.tok, "cat huge cat", &index, &ChunkOptions::clip_l());
+    index.insert(w.tok, "huge", 75)?;
+    let p = tokenize_prompt(w.tok, "cat huge cat", &index, &ChunkOptions::clip_l());
     assert_eq!(p.chunks.len(), 3);
     assert_eq!(p.chunks[1].embeddings[0].position, 1);
     Ok(())
@@ -453,7 +448,7 @@ fn literal_mode_ignores_the_syntax() -> Result<()> {
         ..ChunkOptions::clip_l()
     };
     let p = tokenize_prompt(
-        &w.tok,
+        w.tok,
         "(cat:1.5) BREAK dog",
         &EmbeddingIndex::new(),
         &options,
@@ -471,7 +466,7 @@ fn literal_mode_ignores_the_syntax() -> Result<()> {
 fn random_prompts_never_panic_and_stay_well_formed() -> Result<()> {
     let w = words()?;
     let mut index = EmbeddingIndex::new();
-    index.insert(&w.tok, "cat", 4)?;
+    index.insert(w.tok, "cat", 4)?;
     let alphabet: Vec<char> = "()[]\\:.,-+0123456789 BREAKcatdog éß東😀\t\n"
         .chars()
         .collect();
@@ -489,7 +484,7 @@ fn random_prompts_never_panic_and_stay_well_formed() -> Result<()> {
             .collect();
         let _ = parse_prompt_attention(&text);
         for options in [ChunkOptions::clip_l(), ChunkOptions::open_clip()] {
-            let p = tokenize_prompt(&w.tok, &text, &index, &options);
+            let p = tokenize_prompt(w.tok, &text, &index, &options);
             assert!(!p.chunks.is_empty());
             for chunk in &p.chunks {
                 assert_eq!(

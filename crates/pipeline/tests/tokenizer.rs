@@ -28,7 +28,7 @@ fn ids(value: &Value) -> Vec<u32> {
 
 #[test]
 fn every_corpus_prompt_matches_transformers() -> Result<()> {
-    let tok = ClipTokenizer::new()?;
+    let tok = ClipTokenizer::shared()?;
     let doc = fixtures()?;
     let cases = doc["cases"].as_array().context("cases")?;
     assert!(cases.len() > 100, "corpus too small: {}", cases.len());
@@ -91,6 +91,18 @@ fn decode_inverts_encode_up_to_case_and_spacing() -> Result<()> {
         tok.decode(&[320, 49_408]),
         Err(TokenizerError::UnknownId(49_408))
     ));
+    Ok(())
+}
+
+#[test]
+fn the_shared_tokenizer_is_built_once() -> Result<()> {
+    let a = ClipTokenizer::shared()?;
+    let b = ClipTokenizer::shared()?;
+    assert!(std::ptr::eq(a, b));
+    assert_eq!(
+        a.encode("a photo of a cat"),
+        ClipTokenizer::new()?.encode("a photo of a cat")
+    );
     Ok(())
 }
 
