@@ -197,6 +197,20 @@ pub struct ChunkOptions {
     /// Parse `(x:1.3)`, `[x]`, `BREAK` (A1111's emphasis "Original"); `false` takes the
     /// prompt literally with weight 1 (emphasis "None").
     pub parse_attention: bool,
+    /// Where the EOS goes in a chunk that is not full.
+    pub eos: EosPlacement,
+}
+
+/// Where a chunk's EOS sits when the prompt leaves room. With a causal text encoder the
+/// prompt's hidden states are the same either way, the padding positions (which the UNet
+/// also attends to) are not. Both are the same for SD1, which pads with EOS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EosPlacement {
+    /// BOS, prompt, padding, EOS in the last slot: A1111.
+    #[default]
+    LastSlot,
+    /// BOS, prompt, EOS, padding: transformers / diffusers `padding="max_length"`.
+    AfterText,
 }
 
 impl ChunkOptions {
@@ -206,6 +220,7 @@ impl ChunkOptions {
             pad_token: EOS_ID,
             comma_padding_backtrack: 20,
             parse_attention: true,
+            eos: EosPlacement::LastSlot,
         }
     }
 
@@ -258,6 +273,17 @@ impl PromptChunk {
             embeddings: Vec::new(),
         }
     }
+
+    /// Index of the first EOS: where CLIP reads its pooled output (transformers and
+    /// OpenCLIP take the first maximal id; EOS is the largest id). With
+    /// [`EosPlacement::LastSlot`] and pad 0 that is the last slot, as in A1111.
+    pub fn eos_position(&self) -> usize {
+        self.tokens
+            .iter()
+            .skip(1)
+            .position(|&t| t == EOS_ID)
+            .map_or(CHUNK_TOKENS - 1, |i| i + 1)
+    }
 }
 
 /// A prompt ready for the text encoder.
@@ -286,7 +312,7 @@ pub fn tokenize_prompt(
         vec![(text.to_string(), 1.0)]
     };
     let comma = tokenizer.token_id(",</w>");
-    let mut packer = ChunkPacker::new(options.pad_token);
+    let mut packer = ChunkPacker::new(options.pad_token, options.eos);
     for (run, weight) in &runs {
         if run == "BREAK" && *weight == BREAK_WEIGHT && options.parse_attention {
             packer.finish_chunk(false);
@@ -344,6 +370,7 @@ pub fn tokenize_prompt(
 /// The chunk being filled, and those already done.
 struct ChunkPacker {
     pad_token: u32,
+    eos: EosPlacement,
     chunks: Vec<PromptChunk>,
     token_count: usize,
     /// Prompt tokens of the current chunk (at most 75).
@@ -356,9 +383,10 @@ struct ChunkPacker {
 }
 
 impl ChunkPacker {
-    fn new(pad_token: u32) -> Self {
+    fn new(pad_token: u32, eos: EosPlacement) -> Self {
         Self {
             pad_token,
+            eos,
             chunks: Vec::new(),
             token_count: 0,
             tokens: Vec::with_capacity(CHUNK_TEXT_TOKENS),
@@ -397,11 +425,15 @@ impl ChunkPacker {
             multipliers: [1.0; CHUNK_TOKENS],
             embeddings: Vec::new(),
         };
-        chunk.tokens[0] = BOS_ID;
-        chunk.tokens[CHUNK_TOKENS - 1] = EOS_ID;
         // Never more than 75: embeddings are at most 75 vectors and start a fresh chunk
         // when they do not fit.
         let n = self.tokens.len().min(CHUNK_TEXT_TOKENS);
+        chunk.tokens[0] = BOS_ID;
+        let eos_at = match self.eos {
+            EosPlacement::LastSlot => CHUNK_TOKENS - 1,
+            EosPlacement::AfterText => n + 1,
+        };
+        chunk.tokens[eos_at] = EOS_ID;
         chunk.tokens[1..=n].copy_from_slice(&self.tokens[..n]);
         chunk.multipliers[1..=n].copy_from_slice(&self.multipliers[..n]);
         chunk.embeddings = self

@@ -7,7 +7,7 @@ use anyhow::Result;
 use rand::{Rng, SeedableRng};
 use sdkube_pipeline::prompt::{
     parse_prompt_attention, tokenize_prompt, ChunkOptions, EmbeddingIndex, EmbeddingPlacement,
-    PromptChunk, PromptError, TokenizedPrompt, CHUNK_TOKENS,
+    EosPlacement, PromptChunk, PromptError, TokenizedPrompt, CHUNK_TOKENS,
 };
 use sdkube_pipeline::tokenizer::{ClipTokenizer, BOS_ID, EOS_ID, VOCAB_SIZE};
 
@@ -323,6 +323,45 @@ fn open_clip_chunks_pad_with_zero() -> Result<()> {
     check_frame(&p, 0);
     assert_eq!(content(&p.chunks[1], 0), vec![w.cat; 5]);
     assert_eq!(p.chunks[1].tokens[6..CHUNK_TOKENS - 1], [0; 70]);
+    Ok(())
+}
+
+#[test]
+fn eos_placement_and_pooled_position() -> Result<()> {
+    let w = words()?;
+    let none = EmbeddingIndex::new();
+    // A1111 + OpenCLIP: BOS cat dog 0... EOS; the pooled output is read at the last slot.
+    let a1111 = tokenize_prompt(w.tok, "cat dog", &none, &ChunkOptions::open_clip());
+    let c = &a1111.chunks[0];
+    assert_eq!(c.tokens[..4], [BOS_ID, w.cat, w.dog, 0]);
+    assert_eq!(
+        (c.tokens[CHUNK_TOKENS - 1], c.eos_position()),
+        (EOS_ID, CHUNK_TOKENS - 1)
+    );
+    // transformers layout: BOS cat dog EOS 0...
+    let options = ChunkOptions {
+        eos: EosPlacement::AfterText,
+        ..ChunkOptions::open_clip()
+    };
+    let hf = tokenize_prompt(w.tok, "cat dog", &none, &options);
+    let c = &hf.chunks[0];
+    assert_eq!(c.tokens[..5], [BOS_ID, w.cat, w.dog, EOS_ID, 0]);
+    assert_eq!(c.tokens[CHUNK_TOKENS - 1], 0);
+    assert_eq!(c.eos_position(), 3);
+    // SD1 pads with EOS: both layouts agree, pooled at the first EOS after the text.
+    let sd1 = ChunkOptions {
+        eos: EosPlacement::AfterText,
+        ..ChunkOptions::clip_l()
+    };
+    let p = tokenize_prompt(w.tok, "cat dog", &none, &sd1);
+    assert_eq!(
+        p,
+        tokenize_prompt(w.tok, "cat dog", &none, &ChunkOptions::clip_l())
+    );
+    assert_eq!(p.chunks[0].eos_position(), 3);
+    // A full chunk has its EOS in the last slot in both layouts.
+    let full = tokenize_prompt(w.tok, &"cat ".repeat(75), &none, &options);
+    assert_eq!(full.chunks[0].eos_position(), CHUNK_TOKENS - 1);
     Ok(())
 }
 
