@@ -246,6 +246,19 @@ fn check_claim(
             }
         }
     };
+    let classes_read = !snapshot.not_read.iter().any(|g| g.what == "storageclasses");
+    if !classes_read
+        && matches!(
+            finding.code,
+            FindingCode::PvcNoStorageClass | FindingCode::PvcStorageClassMissing
+        )
+    {
+        // Without the StorageClass list the diagnosis is a guess: say so.
+        finding
+            .title
+            .push_str(" (unverified: StorageClasses could not be read)");
+        finding.severity = Severity::Warning;
+    }
     let mut all = evidence;
     all.append(&mut finding.evidence);
     finding.evidence = all;
