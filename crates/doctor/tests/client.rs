@@ -345,4 +345,17 @@ async fn unserved_api_is_skipped_with_a_sentence() {
         "{:?}",
         snapshot.not_read
     );
+    let findings = analyze(&snapshot);
+    let missing = findings
+        .iter()
+        .find(|f| f.code == FindingCode::PvcStorageClassMissing)
+        .unwrap();
+    assert_eq!(missing.severity, sdkube_doctor::Severity::Warning);
+    assert!(
+        missing
+            .title
+            .ends_with("(unverified: StorageClasses could not be read)"),
+        "{}",
+        missing.title
+    );
 }
