@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use sdkube_pipeline::sampler::{
     Flow, ModelScalings, NoiseSchedule, Plan, Prediction, RecordedNoise, Sampler, SamplerError,
     SamplerSpec, UniPcOptions, UniPcVariant,
@@ -30,7 +30,7 @@ fn get<'a>(f: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
 }
 
 fn vec64(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(candle_core::DType::F64)
+    t.to_dtype(DType::F64)
         .and_then(|t| t.to_vec1::<f64>())
         .expect("a 1-D tensor")
 }
@@ -275,6 +275,36 @@ fn sigma_schedules_match_a1111() -> TestResult {
     let got: Vec<f64> = probe.iter().map(|s| schedule.sigma_to_t(*s)).collect();
     for (g, w) in got.iter().zip(&want) {
         assert!((g - w).abs() < 2e-3, "sigma_to_t: {g} vs {w}");
+    }
+    Ok(())
+}
+
+#[test]
+fn samplers_run_in_the_latent_dtype() -> TestResult {
+    // The per-step scalars are f64 whatever the tensors are; f64 latents must reach the
+    // float32 reference to its precision, f16/bf16 latents to theirs.
+    let f = load("runs.safetensors");
+    for (case, sampler) in [
+        ("dpmpp_2m.karras.eps", Sampler::DpmPp2M),
+        ("euler_a.normal.v", Sampler::EulerA),
+        ("lms.normal.eps", Sampler::Lms),
+    ] {
+        let plan = Plan::from_sigmas(sampler, vec64(get(&f, &format!("{case}.sigmas"))))?;
+        let want = get(&f, &format!("{case}.out"));
+        for (dtype, tolerance) in [(DType::F64, 1e-5), (DType::F16, 2e-2), (DType::BF16, 5e-2)] {
+            let x = get(&f, &format!("{case}.x")).to_dtype(dtype)?;
+            let noise = noises(&f, case)
+                .into_iter()
+                .map(|n| n.to_dtype(dtype))
+                .collect::<Result<Vec<_>, _>>()?;
+            let (out, _, _) = run_stand_in(&plan, prediction(case), &x, noise)?;
+            assert_eq!(out.dtype(), dtype);
+            let err = relative_error(&out.to_dtype(DType::F32)?, want);
+            assert!(
+                err < tolerance,
+                "{case} in {dtype:?}: relative error {err:e}"
+            );
+        }
     }
     Ok(())
 }
