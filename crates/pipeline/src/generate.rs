@@ -1,0 +1,659 @@
+//! The txt2img / img2img / inpainting pipeline: text → conditioning, sampling with CFG,
+//! VAE decode with the fp32 fallback, images with their infotext.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use image::{imageops, DynamicImage, GrayImage, RgbImage};
+use sdkube_models::clip::ClipTextModel;
+use sdkube_models::unet::{AddedConditioning, UNet2DConditionModel};
+use sdkube_models::vae::AutoencoderKL;
+use sdkube_models::{Family, SdWeights};
+
+use crate::image_io::{
+    crop_resize, image_to_tensor, latent_preview, mask_to_tensor, tensor_to_images,
+};
+use crate::prompt::{parse_prompt_attention, EmbeddingIndex, BREAK_WEIGHT};
+use crate::sampler::{
+    self, Flow, ModelScalings, NoiseSchedule, NoiseSource, Plan, SamplerError, SamplerSpec,
+    SeededNoise, StepInfo,
+};
+use crate::text::{self, Conditioning, PromptTokens, TextEncoders};
+use crate::tokenizer::ClipTokenizer;
+use crate::vae_decode::{decode_checked, encode_tiled};
+use crate::Error;
+
+/// Which networks stay on the device between uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VramMode {
+    /// All networks resident (fastest).
+    High,
+    /// Only the network in use is on the device (text encoders → UNet → VAE), as the
+    /// seed's `--optimized` did: the peak is the largest network, not the sum.
+    Low,
+}
+
+/// Bounds a request must respect (the server makes them configurable).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_size: usize,
+    pub max_steps: usize,
+    pub max_batch: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_size: 2048,
+            max_steps: 150,
+            max_batch: 8,
+        }
+    }
+}
+
+/// One generation request, with A1111's meaning for every field.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub sampler: String,
+    pub scheduler: Option<String>,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub batch_size: usize,
+    /// 1 = last layer (A1111's "Clip skip").
+    pub clip_skip: usize,
+    /// img2img / inpainting source.
+    pub init_image: Option<DynamicImage>,
+    /// Denoising strength for img2img (0..1).
+    pub strength: f64,
+    /// Inpainting mask: white = repaint.
+    pub mask: Option<GrayImage>,
+    /// Gaussian blur radius (pixels) applied to the mask.
+    pub mask_blur: u32,
+}
+
+impl Default for Request {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            sampler: "Euler a".into(),
+            scheduler: None,
+            steps: 20,
+            cfg_scale: 7.0,
+            seed: 0,
+            width: 512,
+            height: 512,
+            batch_size: 1,
+            clip_skip: 1,
+            init_image: None,
+            strength: 0.75,
+            mask: None,
+            mask_blur: 4,
+        }
+    }
+}
+
+/// Inputs given instead of derived from the request.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// Unit-variance starting noise `[B, C, h, w]` instead of the seeded draw.
+    pub initial_noise: Option<Tensor>,
+    /// Scaled init latent for img2img instead of encoding `init_image`.
+    pub init_latent: Option<Tensor>,
+}
+
+/// A finished image with its seed and A1111 infotext.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub image: RgbImage,
+    pub seed: u64,
+    pub infotext: String,
+}
+
+/// What the progress callback sees each step.
+pub struct Progress<'a> {
+    pub step: usize,
+    pub total: usize,
+    /// Cheap preview of the current estimate, built only when asked for via `preview()`.
+    denoised: &'a Tensor,
+    sdxl: bool,
+}
+
+impl Progress<'_> {
+    pub fn preview(&self) -> Result<RgbImage, Error> {
+        latent_preview(self.denoised, self.sdxl)
+    }
+}
+
+struct Networks {
+    clip: ClipTextModel,
+    clip_g: Option<ClipTextModel>,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+}
+
+/// A loaded model ready to generate on one device.
+pub struct Engine {
+    weights: SdWeights,
+    device: Device,
+    dtype: DType,
+    vram: VramMode,
+    resident: Option<Networks>,
+    tokenizer: ClipTokenizer,
+    schedule: NoiseSchedule,
+    model_name: String,
+    pub limits: Limits,
+}
+
+impl Engine {
+    pub fn new(
+        weights: SdWeights,
+        model_name: &str,
+        device: Device,
+        dtype: DType,
+        vram: VramMode,
+    ) -> Result<Self, Error> {
+        let tokenizer = ClipTokenizer::new().map_err(|e| Error::Invalid(e.to_string()))?;
+        let resident = match vram {
+            VramMode::High => Some(Networks {
+                clip: weights.text_encoder.build(&device, dtype)?,
+                clip_g: weights
+                    .text_encoder_2
+                    .as_ref()
+                    .map(|c| c.build(&device, dtype))
+                    .transpose()?,
+                unet: weights.unet.build(&device, dtype)?,
+                vae: weights.vae.build(&device, dtype)?,
+            }),
+            VramMode::Low => None,
+        };
+        Ok(Self {
+            weights,
+            device,
+            dtype,
+            vram,
+            resident,
+            tokenizer,
+            schedule: NoiseSchedule::stable_diffusion(),
+            model_name: model_name.to_string(),
+            limits: Limits::default(),
+        })
+    }
+
+    pub fn family(&self) -> Family {
+        self.weights.family
+    }
+
+    pub fn model_name(&self) -> &str {
+        &self.model_name
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn vram(&self) -> VramMode {
+        self.vram
+    }
+
+    /// Checks a request before any work: sizes, steps, batch, sampler, prompt.
+    pub fn validate(&self, req: &Request) -> Result<SamplerSpec, Error> {
+        let l = self.limits;
+        for (what, v) in [("width", req.width), ("height", req.height)] {
+            if v == 0 || v % 8 != 0 {
+                return Err(Error::Invalid(format!(
+                    "{what} must be a positive multiple of 8, got {v}"
+                )));
+            }
+            if v > l.max_size {
+                return Err(Error::Invalid(format!(
+                    "{what} {v} is above the limit of {}",
+                    l.max_size
+                )));
+            }
+        }
+        if req.batch_size == 0 || req.batch_size > l.max_batch {
+            return Err(Error::Invalid(format!(
+                "batch size must be between 1 and {}, got {}",
+                l.max_batch, req.batch_size
+            )));
+        }
+        if req.steps == 0 {
+            return Err(SamplerError::ZeroSteps.into());
+        }
+        if req.steps > l.max_steps {
+            return Err(SamplerError::TooManySteps {
+                steps: req.steps,
+                max: l.max_steps,
+            }
+            .into());
+        }
+        if !req.cfg_scale.is_finite() || req.cfg_scale < 0.0 || req.cfg_scale > 100.0 {
+            return Err(Error::Invalid(format!(
+                "cfg scale must be between 0 and 100, got {}",
+                req.cfg_scale
+            )));
+        }
+        if req.init_image.is_some() && !(0.0..=1.0).contains(&req.strength) {
+            return Err(SamplerError::BadStrength(req.strength).into());
+        }
+        if req.mask.is_some() && req.init_image.is_none() {
+            return Err(Error::Invalid(
+                "a mask needs an init image (inpainting)".into(),
+            ));
+        }
+        let text_tokens: usize = parse_prompt_attention(&req.prompt)
+            .iter()
+            .filter(|(text, weight)| !(text == "BREAK" && *weight == BREAK_WEIGHT))
+            .map(|(text, _)| self.tokenizer.encode(text).len())
+            .sum();
+        if !req.prompt.trim().is_empty() && text_tokens == 0 {
+            return Err(Error::Invalid(format!(
+                "the prompt {:?} tokenizes to nothing",
+                req.prompt
+            )));
+        }
+        Ok(SamplerSpec::parse(&req.sampler, req.scheduler.as_deref())?)
+    }
+
+    fn with_networks<T>(
+        &mut self,
+        f: impl FnOnce(&Networks) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        match &self.resident {
+            Some(n) => f(n),
+            None => unreachable!("with_networks is only used in VramMode::High"),
+        }
+    }
+
+    fn conditioning(&mut self, req: &Request) -> Result<(Conditioning, Conditioning), Error> {
+        let family = self.weights.family;
+        let none = EmbeddingIndex::new();
+        let mut pos = PromptTokens::new(&self.tokenizer, &req.prompt, &none);
+        let mut neg = PromptTokens::new(&self.tokenizer, &req.negative_prompt, &none);
+        let n = pos.chunk_count().max(neg.chunk_count());
+        pos.pad_to(n);
+        neg.pad_to(n);
+        let encode = |clip: &ClipTextModel,
+                      clip_g: Option<&ClipTextModel>|
+         -> Result<(Conditioning, Conditioning), Error> {
+            let enc = TextEncoders {
+                family,
+                clip,
+                clip_g,
+            };
+            Ok((
+                text::encode(&enc, &pos, req.clip_skip)?,
+                text::encode(&enc, &neg, req.clip_skip)?,
+            ))
+        };
+        match self.vram {
+            VramMode::High => self.with_networks(|n| encode(&n.clip, n.clip_g.as_ref())),
+            VramMode::Low => {
+                let clip = self.weights.text_encoder.build(&self.device, self.dtype)?;
+                let clip_g = self
+                    .weights
+                    .text_encoder_2
+                    .as_ref()
+                    .map(|c| c.build(&self.device, self.dtype))
+                    .transpose()?;
+                encode(&clip, clip_g.as_ref())
+            }
+        }
+    }
+
+    fn vae(&self) -> Result<VaeRef<'_>, Error> {
+        Ok(match &self.resident {
+            Some(n) => VaeRef::Borrowed(&n.vae),
+            None => VaeRef::Owned(Box::new(self.weights.vae.build(&self.device, self.dtype)?)),
+        })
+    }
+
+    /// Generates `req.batch_size` images. `on_step` sees every step and may stop the run.
+    pub fn generate(
+        &mut self,
+        req: &Request,
+        on_step: &mut dyn FnMut(&Progress) -> Flow,
+    ) -> Result<Vec<Generated>, Error> {
+        self.generate_with(req, Overrides::default(), on_step)
+    }
+
+    /// [`Engine::generate`] with some inputs given instead of derived (parity tests, and
+    /// callers that already hold latents).
+    pub fn generate_with(
+        &mut self,
+        req: &Request,
+        overrides: Overrides,
+        on_step: &mut dyn FnMut(&Progress) -> Flow,
+    ) -> Result<Vec<Generated>, Error> {
+        let spec = self.validate(req)?;
+        let started = Instant::now();
+        let (cond, uncond) = self.conditioning(req)?;
+        let b = req.batch_size;
+        let dev = self.device.clone();
+        let dt = self.dtype;
+        let scaling = self.weights.vae.config.scaling_factor;
+        let (lh, lw) = (req.height / 8, req.width / 8);
+        let latent_channels = self.weights.vae.config.latent_channels;
+
+        // Image i of a batch uses seed + i, with its own noise stream, as A1111 does: it
+        // comes out the same as when generated alone.
+        let seeds: Vec<u64> = (0..b as u64).map(|i| req.seed.wrapping_add(i)).collect();
+        let mut noise = BatchNoise::new(&seeds);
+        let initial = match overrides.initial_noise {
+            Some(n) => n.to_dtype(dt)?.to_device(&dev)?,
+            None => noise.draw(&[b, latent_channels, lh, lw], dt, &dev)?,
+        };
+
+        // img2img / inpainting inputs in latent space.
+        let (init_latent, latent_mask, image_cond) = self.prepare_init(req, b, scaling)?;
+        let init_latent = match overrides.init_latent {
+            Some(l) => Some(l.to_dtype(dt)?.to_device(&dev)?),
+            None => init_latent,
+        };
+        let plan = match &init_latent {
+            None => Plan::txt2img(&self.schedule, spec, req.steps, self.limits.max_steps)?,
+            Some(_) => {
+                if !(0.0..=1.0).contains(&req.strength) {
+                    return Err(SamplerError::BadStrength(req.strength).into());
+                }
+                Plan::img2img(
+                    &self.schedule,
+                    spec,
+                    req.steps,
+                    self.limits.max_steps,
+                    req.strength,
+                )?
+            }
+        };
+        let x = plan.initial_latent(&initial, init_latent.as_ref())?;
+
+        let prediction = match self.weights.prediction {
+            sdkube_models::Prediction::Epsilon => sampler::Prediction::Epsilon,
+            sdkube_models::Prediction::V => sampler::Prediction::V,
+        };
+        let scalings = ModelScalings::new(self.schedule.clone(), prediction, plan.sampler());
+        let context = Tensor::cat(&[repeat(&uncond.context, b)?, repeat(&cond.context, b)?], 0)?
+            .to_dtype(dt)?;
+        let added = match (&cond.pooled, &uncond.pooled) {
+            (Some(pc), Some(pu)) => {
+                let ids = [
+                    req.height as f32,
+                    req.width as f32,
+                    0.0,
+                    0.0,
+                    req.height as f32,
+                    req.width as f32,
+                ];
+                let time_ids = Tensor::from_slice(&ids, (1, 6), &dev)?
+                    .repeat((2 * b, 1))?
+                    .to_dtype(dt)?;
+                Some(AddedConditioning {
+                    text_embeds: Tensor::cat(&[repeat(pu, b)?, repeat(pc, b)?], 0)?.to_dtype(dt)?,
+                    time_ids,
+                })
+            }
+            _ => None,
+        };
+        let cfg = req.cfg_scale;
+        let sdxl = self.weights.family == Family::Sdxl;
+
+        let owned_unet;
+        let unet: &UNet2DConditionModel = match &self.resident {
+            Some(n) => &n.unet,
+            None => {
+                owned_unet = self.weights.unet.build(&dev, dt)?;
+                &owned_unet
+            }
+        };
+        let mut denoiser = |x: &Tensor, sigma: f64| -> Result<Tensor, SamplerError> {
+            let (x_in, t) = scalings.model_input(x, sigma)?;
+            let x_in = Tensor::cat(&[&x_in, &x_in], 0)?;
+            let x_in = match &image_cond {
+                Some(c) => Tensor::cat(&[&x_in, &Tensor::cat(&[c, c], 0)?], 1)?,
+                None => x_in,
+            };
+            let t = Tensor::new(&[t as f32], &dev)?;
+            let out = unet.forward(&x_in, &t, &context, added.as_ref())?;
+            let (u, c) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
+            let guided = (&u + ((c - &u)? * cfg)?)?;
+            let d = scalings.denoised(x, sigma, &guided)?;
+            // Plain models inpaint by keeping the unmasked latent (A1111's latent masking).
+            match (&latent_mask, &init_latent, &image_cond) {
+                (Some(m), Some(init), None) => Ok(blend(&d, init, m)?),
+                _ => Ok(d),
+            }
+        };
+        let mut on_sampler_step = |s: &StepInfo| {
+            on_step(&Progress {
+                step: s.step,
+                total: s.total,
+                denoised: s.denoised,
+                sdxl,
+            })
+        };
+        let latent = plan.run(x, &mut denoiser, &mut noise, &mut on_sampler_step)?;
+        let latent = match (&latent_mask, &init_latent) {
+            (Some(m), Some(init)) => blend(&latent, init, m)?,
+            _ => latent,
+        };
+
+        let vae = self.vae()?;
+        let decoded = decode_checked(vae.get(), &self.weights.vae, &(latent / scaling)?, &dev)?;
+        let mut images = tensor_to_images(&decoded)?;
+        if let (Some(mask), Some(init)) = (&req.mask, &req.init_image) {
+            // Outside the (blurred) mask the result is the original image, as A1111 overlays it.
+            let init = crop_resize(init, req.width as u32, req.height as u32).to_rgb8();
+            let mask = blurred_mask(mask, req.width as u32, req.height as u32, req.mask_blur);
+            for img in &mut images {
+                overlay(img, &init, &mask);
+            }
+        }
+        tracing::info!(
+            steps = plan.steps(),
+            batch = b,
+            seconds = started.elapsed().as_secs_f64(),
+            "generated"
+        );
+        Ok(images
+            .into_iter()
+            .zip(seeds)
+            .map(|(image, seed)| Generated {
+                infotext: infotext(req, &spec, seed, &self.model_name, self.weights.family),
+                image,
+                seed,
+            })
+            .collect())
+    }
+
+    /// Encodes the init image (and mask) for img2img/inpainting: the scaled init latent, the
+    /// latent-space mask, and for 9-channel inpainting UNets the extra input channels.
+    #[allow(clippy::type_complexity)]
+    fn prepare_init(
+        &self,
+        req: &Request,
+        b: usize,
+        scaling: f64,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>), Error> {
+        let dev = &self.device;
+        let dt = self.dtype;
+        let inpaint_unet = self.weights.unet.config.in_channels == 9;
+        let (w, h) = (req.width as u32, req.height as u32);
+        let vae = self.vae()?;
+        let encode = |img: &RgbImage| -> Result<Tensor, Error> {
+            let t = image_to_tensor(img, dev, dt)?;
+            Ok((encode_tiled(vae.get(), &t)? * scaling)?)
+        };
+        let Some(init) = &req.init_image else {
+            if inpaint_unet {
+                // txt2img on an inpainting model: everything is "to be painted".
+                let gray = RgbImage::from_pixel(w, h, image::Rgb([127, 127, 127]));
+                let lat = encode(&gray)?;
+                let ones = Tensor::ones((1, 1, h as usize / 8, w as usize / 8), dt, dev)?;
+                return Ok((None, None, Some(repeat(&Tensor::cat(&[ones, lat], 1)?, b)?)));
+            }
+            return Ok((None, None, None));
+        };
+        let init = crop_resize(init, w, h).to_rgb8();
+        let init_latent = repeat(&encode(&init)?, b)?;
+        let Some(mask) = &req.mask else {
+            return Ok((Some(init_latent), None, None));
+        };
+        let mask = blurred_mask(mask, w, h, req.mask_blur);
+        let small = imageops::resize(&mask, w / 8, h / 8, imageops::FilterType::Triangle);
+        let latent_mask = mask_to_tensor(&small, dev, dt)?;
+        let image_cond = if inpaint_unet {
+            // The masked image: pixels to repaint set to 0 (grey in [-1, 1] terms → 0).
+            let mut masked = init.clone();
+            for (p, m) in masked.pixels_mut().zip(mask.pixels()) {
+                if m.0[0] >= 128 {
+                    *p = image::Rgb([128, 128, 128]);
+                }
+            }
+            let hard = GrayImage::from_fn(w / 8, h / 8, |x, y| {
+                if small.get_pixel(x, y).0[0] >= 128 {
+                    image::Luma([255])
+                } else {
+                    image::Luma([0])
+                }
+            });
+            let m = mask_to_tensor(&hard, dev, dt)?;
+            Some(repeat(&Tensor::cat(&[m, encode(&masked)?], 1)?, b)?)
+        } else {
+            None
+        };
+        Ok((Some(init_latent), Some(latent_mask), image_cond))
+    }
+}
+
+enum VaeRef<'a> {
+    Borrowed(&'a AutoencoderKL),
+    Owned(Box<AutoencoderKL>),
+}
+
+impl VaeRef<'_> {
+    fn get(&self) -> &AutoencoderKL {
+        match self {
+            VaeRef::Borrowed(v) => v,
+            VaeRef::Owned(v) => v,
+        }
+    }
+}
+
+fn repeat(t: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    if n == 1 {
+        return Ok(t.clone());
+    }
+    let mut dims = vec![n];
+    dims.extend(std::iter::repeat_n(1, t.rank() - 1));
+    t.repeat(dims.as_slice())
+}
+
+/// `x·m + keep·(1 − m)` with `m` `[1,1,h,w]` broadcast over batch and channels.
+fn blend(x: &Tensor, keep: &Tensor, m: &Tensor) -> candle_core::Result<Tensor> {
+    let m = m.to_dtype(x.dtype())?;
+    let inv = (1.0 - &m)?;
+    x.broadcast_mul(&m)? + keep.to_dtype(x.dtype())?.broadcast_mul(&inv)?
+}
+
+fn blurred_mask(mask: &GrayImage, w: u32, h: u32, blur: u32) -> GrayImage {
+    let resized = DynamicImage::ImageLuma8(mask.clone())
+        .resize_exact(w, h, imageops::FilterType::Triangle)
+        .to_luma8();
+    if blur == 0 {
+        resized
+    } else {
+        imageops::blur(&resized, blur as f32)
+    }
+}
+
+fn overlay(img: &mut RgbImage, original: &RgbImage, mask: &GrayImage) {
+    for ((p, o), m) in img.pixels_mut().zip(original.pixels()).zip(mask.pixels()) {
+        let a = m.0[0] as f32 / 255.0;
+        for c in 0..3 {
+            p.0[c] = (p.0[c] as f32 * a + o.0[c] as f32 * (1.0 - a)).round() as u8;
+        }
+    }
+}
+
+/// One standard-normal stream per image of the batch (seed + i), concatenated.
+struct BatchNoise {
+    streams: Vec<SeededNoise>,
+}
+
+impl BatchNoise {
+    fn new(seeds: &[u64]) -> Self {
+        Self {
+            streams: seeds.iter().map(|&s| SeededNoise::new(s)).collect(),
+        }
+    }
+
+    fn draw(
+        &mut self,
+        dims: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, SamplerError> {
+        let mut one = dims.to_vec();
+        one[0] = 1;
+        let like = Tensor::zeros(one.as_slice(), dtype, device)?;
+        let parts = self
+            .streams
+            .iter_mut()
+            .map(|s| s.noise(&like, 0.0, 0.0))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+impl NoiseSource for BatchNoise {
+    fn noise(
+        &mut self,
+        like: &Tensor,
+        _sigma: f64,
+        _sigma_next: f64,
+    ) -> Result<Tensor, SamplerError> {
+        self.draw(like.dims(), like.dtype(), like.device())
+    }
+}
+
+/// A1111's infotext: prompt, "Negative prompt: …", then `Key: value` pairs on one line.
+pub fn infotext(
+    req: &Request,
+    spec: &SamplerSpec,
+    seed: u64,
+    model: &str,
+    family: Family,
+) -> String {
+    let mut s = req.prompt.clone();
+    if !req.negative_prompt.is_empty() {
+        s.push_str(&format!("\nNegative prompt: {}", req.negative_prompt));
+    }
+    let mut fields = vec![
+        format!("Steps: {}", req.steps),
+        format!("Sampler: {}", spec.sampler.name()),
+        format!("Schedule type: {}", spec.scheduler.label()),
+        format!("CFG scale: {}", req.cfg_scale),
+        format!("Seed: {seed}"),
+        format!("Size: {}x{}", req.width, req.height),
+        format!("Model: {model}"),
+    ];
+    if req.init_image.is_some() {
+        fields.push(format!("Denoising strength: {}", req.strength));
+    }
+    if req.mask.is_some() {
+        fields.push(format!("Mask blur: {}", req.mask_blur));
+    }
+    if req.clip_skip > 1 && family != Family::Sdxl {
+        fields.push(format!("Clip skip: {}", req.clip_skip));
+    }
+    fields.push(format!("Version: sdkube {}", env!("CARGO_PKG_VERSION")));
+    s.push('\n');
+    s.push_str(&fields.join(", "));
+    s
+}

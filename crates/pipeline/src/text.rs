@@ -1,0 +1,168 @@
+//! Prompt → UNet conditioning, as AUTOMATIC1111 builds it: 77-token chunks encoded one by
+//! one, emphasis applied to the hidden states (A1111's "Original" mode: scale by the
+//! multipliers, then restore the chunk's mean), chunks concatenated; SDXL concatenates the
+//! penultimate layers of both encoders and takes the pooled embedding of the first chunk.
+
+use candle_core::{DType, Device, Tensor, D};
+use sdkube_models::clip::ClipTextModel;
+use sdkube_models::Family;
+
+use crate::prompt::{tokenize_prompt, ChunkOptions, EmbeddingIndex, PromptChunk, CHUNK_TOKENS};
+use crate::tokenizer::ClipTokenizer;
+use crate::tokenizer::EOS_ID;
+use crate::Error;
+
+/// The text encoders of a loaded model.
+pub struct TextEncoders<'a> {
+    pub family: Family,
+    pub clip: &'a ClipTextModel,
+    /// SDXL's second encoder.
+    pub clip_g: Option<&'a ClipTextModel>,
+}
+
+/// What the UNet is conditioned on for one prompt.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// `[1, 77·chunks, D]`.
+    pub context: Tensor,
+    /// SDXL: pooled, projected embedding `[1, P]`.
+    pub pooled: Option<Tensor>,
+}
+
+/// A prompt split into 77-token chunks (EOS-padded; OpenCLIP encoders get their padding
+/// rewritten when encoded, see [`chunk_ids`]).
+pub struct PromptTokens {
+    chunks: Vec<PromptChunk>,
+}
+
+impl PromptTokens {
+    pub fn new(tokenizer: &ClipTokenizer, prompt: &str, embeddings: &EmbeddingIndex) -> Self {
+        let chunks = tokenize_prompt(tokenizer, prompt, embeddings, &ChunkOptions::clip_l()).chunks;
+        Self { chunks }
+    }
+
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Pads with A1111's empty chunk so that prompt and negative prompt line up.
+    pub fn pad_to(&mut self, n: usize) {
+        while self.chunks.len() < n {
+            self.chunks.push(PromptChunk::empty());
+        }
+    }
+}
+
+/// Token ids of a chunk for one encoder. OpenCLIP encoders (SD 2.x, SDXL's second) see
+/// padding 0 after the first EOS, as A1111's `process_tokens` rewrites it (and as the
+/// diffusers tokenizers pad).
+fn chunk_ids(chunk: &PromptChunk, open_clip: bool, device: &Device) -> candle_core::Result<Tensor> {
+    let mut ids = chunk.tokens;
+    if open_clip {
+        if let Some(first_eos) = ids.iter().position(|&t| t == EOS_ID) {
+            for t in &mut ids[first_eos + 1..] {
+                *t = 0;
+            }
+        }
+    }
+    Tensor::from_slice(&ids, (1, CHUNK_TOKENS), device)
+}
+
+/// A1111's "Original" emphasis: multiply by the per-token weights, then rescale so the mean
+/// of the chunk's hidden states is what it was.
+fn apply_emphasis(z: &Tensor, multipliers: &[f32]) -> candle_core::Result<Tensor> {
+    if multipliers.iter().all(|&m| m == 1.0) {
+        return Ok(z.clone());
+    }
+    let dtype = z.dtype();
+    let z32 = z.to_dtype(DType::F32)?;
+    let original_mean = z32.mean_all()?.to_scalar::<f32>()?;
+    let m = Tensor::from_slice(multipliers, (1, multipliers.len(), 1), z.device())?;
+    let weighted = z32.broadcast_mul(&m)?;
+    let new_mean = weighted.mean_all()?.to_scalar::<f32>()?;
+    (weighted * (original_mean / new_mean) as f64)?.to_dtype(dtype)
+}
+
+/// Hidden states of one chunk from one encoder. `skip` = A1111's clip skip − 1 (layers not
+/// run from the end); `penultimate_raw` takes the penultimate layer without the final norm
+/// (SDXL).
+fn encode_chunk(
+    clip: &ClipTextModel,
+    chunk: &PromptChunk,
+    open_clip: bool,
+    skip: usize,
+    penultimate_raw: bool,
+    want_pooled: bool,
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    let device = clip.token_embeddings().device().clone();
+    let ids = chunk_ids(chunk, open_clip, &device)?;
+    if penultimate_raw {
+        let out = clip.forward(
+            &ids,
+            if want_pooled {
+                None
+            } else {
+                Some(clip.num_layers() - 1)
+            },
+        )?;
+        let n = out.hidden_states.len();
+        let h = if want_pooled {
+            out.hidden_states[n - 2].clone()
+        } else {
+            out.hidden_states[n - 1].clone()
+        };
+        Ok((h, out.text_embeds))
+    } else {
+        let layers = clip.num_layers().saturating_sub(skip).max(1);
+        let out = clip.forward(&ids, Some(layers))?;
+        let last = out.hidden_states.last().expect("embeddings at least");
+        Ok((clip.final_norm(last)?, None))
+    }
+}
+
+/// Encodes a tokenized prompt into the UNet's conditioning. `clip_skip` is A1111's setting
+/// (1 = last layer); SDXL always uses the penultimate layers, as A1111 does.
+pub fn encode(
+    encoders: &TextEncoders,
+    tokens: &PromptTokens,
+    clip_skip: usize,
+) -> Result<Conditioning, Error> {
+    let skip = clip_skip.max(1) - 1;
+    let mut parts = Vec::with_capacity(tokens.chunks.len());
+    let mut pooled = None;
+    for (i, chunk) in tokens.chunks.iter().enumerate() {
+        let z = match (encoders.family, encoders.clip_g) {
+            (Family::Sdxl, Some(clip_g)) => {
+                let (l, _) = encode_chunk(encoders.clip, chunk, false, 0, true, false)?;
+                let (g, p) = encode_chunk(clip_g, chunk, true, 0, true, i == 0)?;
+                if i == 0 {
+                    pooled = p;
+                }
+                let l = apply_emphasis(&l, &chunk.multipliers)?;
+                let g = apply_emphasis(&g, &chunk.multipliers)?;
+                Tensor::cat(&[l, g], D::Minus1)?
+            }
+            (Family::Sdxl, None) => {
+                return Err(Error::Invalid(
+                    "SDXL model without its second text encoder".into(),
+                ))
+            }
+            (family, _) => {
+                let (z, _) = encode_chunk(
+                    encoders.clip,
+                    chunk,
+                    family == Family::Sd2,
+                    skip,
+                    false,
+                    false,
+                )?;
+                apply_emphasis(&z, &chunk.multipliers)?
+            }
+        };
+        parts.push(z);
+    }
+    Ok(Conditioning {
+        context: Tensor::cat(&parts, 1)?,
+        pooled,
+    })
+}

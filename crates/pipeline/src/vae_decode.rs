@@ -1,0 +1,137 @@
+//! VAE decode/encode around the network: tiling for large images and the automatic fp32
+//! re-run when half precision overflows (the seed's "always a green image", which its users
+//! cured by hand with `--no-half --precision full`).
+
+use candle_core::{DType, Device, Tensor};
+use sdkube_models::checkpoint::Component;
+use sdkube_models::config::VaeConfig;
+use sdkube_models::vae::AutoencoderKL;
+
+use crate::Error;
+
+/// Latents larger than this (per side) are decoded in overlapping tiles.
+pub const TILE_LATENT: usize = 96;
+const TILE_OVERLAP: usize = 16;
+
+fn non_finite(t: &Tensor) -> Result<bool, Error> {
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(v.iter().any(|x| !x.is_finite()))
+}
+
+/// Decodes `latent` (already divided by the scaling factor); if the result holds NaN or inf
+/// and the VAE runs below fp32, that stage is run again in fp32 and the fallback is logged.
+pub fn decode_checked(
+    vae: &AutoencoderKL,
+    weights: &Component<VaeConfig>,
+    latent: &Tensor,
+    device: &Device,
+) -> Result<Tensor, Error> {
+    let out = decode_tiled(vae, latent)?;
+    if latent.dtype() == DType::F32 || !non_finite(&out)? {
+        return Ok(out);
+    }
+    tracing::warn!(dtype = ?latent.dtype(), "VAE output has NaN/inf; decoding again in fp32");
+    let vae32 = weights.build(device, DType::F32)?;
+    decode_tiled(&vae32, &latent.to_dtype(DType::F32)?)
+}
+
+/// Tile start offsets covering `len` with tiles of `tile` overlapping by `overlap`.
+fn tile_starts(len: usize, tile: usize, overlap: usize) -> Vec<usize> {
+    if len <= tile {
+        return vec![0];
+    }
+    let stride = tile - overlap;
+    let mut starts: Vec<usize> = (0..)
+        .map(|i| i * stride)
+        .take_while(|&s| s + tile < len)
+        .collect();
+    starts.push(len - tile);
+    starts
+}
+
+/// Weight of a pixel at `i` in a tile of `n` whose edges fade over `ramp` pixels (edges at
+/// the border of the whole image do not fade).
+fn ramp(i: usize, n: usize, ramp: usize, fade_start: bool, fade_end: bool) -> f32 {
+    let mut w = 1.0f32;
+    if fade_start && i < ramp {
+        w = w.min((i as f32 + 0.5) / ramp as f32);
+    }
+    if fade_end && n - i <= ramp {
+        w = w.min(((n - i) as f32 - 0.5) / ramp as f32);
+    }
+    w
+}
+
+/// Runs `f` (latent tile → image tile, `factor`× larger) over overlapping tiles of a
+/// `[B, C, h, w]` tensor and blends the results linearly in the overlaps.
+fn tiled(
+    input: &Tensor,
+    tile: usize,
+    overlap: usize,
+    factor_num: usize,
+    factor_den: usize,
+    f: &dyn Fn(&Tensor) -> Result<Tensor, Error>,
+) -> Result<Tensor, Error> {
+    let (_, _, h, w) = input.dims4()?;
+    if h <= tile && w <= tile {
+        return f(input);
+    }
+    let scale = |v: usize| v * factor_num / factor_den;
+    let (ys, xs) = (tile_starts(h, tile, overlap), tile_starts(w, tile, overlap));
+    // (weighted sum [B, C, H, W], weight [H, W], B, C)
+    type Accumulator = (Vec<f32>, Vec<f32>, usize, usize);
+    let mut acc: Option<Accumulator> = None;
+    for &y0 in &ys {
+        for &x0 in &xs {
+            let th = tile.min(h);
+            let tw = tile.min(w);
+            let out = f(&input.narrow(2, y0, th)?.narrow(3, x0, tw)?)?;
+            let (ob, oc, oh, ow) = out.dims4()?;
+            let (hh, ww) = (scale(h), scale(w));
+            let (sum, weight, _, _) = acc
+                .get_or_insert_with(|| (vec![0.0; ob * oc * hh * ww], vec![0.0; hh * ww], ob, oc));
+            let data = out
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let r = scale(overlap);
+            let (py, px) = (scale(y0), scale(x0));
+            for yy in 0..oh {
+                let wy = ramp(yy, oh, r, y0 > 0, y0 + th < h);
+                for xx in 0..ow {
+                    let wgt = wy * ramp(xx, ow, r, x0 > 0, x0 + tw < w);
+                    let (gy, gx) = (py + yy, px + xx);
+                    weight[gy * ww + gx] += wgt;
+                    for bc in 0..ob * oc {
+                        sum[(bc * hh + gy) * ww + gx] += wgt * data[(bc * oh + yy) * ow + xx];
+                    }
+                }
+            }
+        }
+    }
+    let (mut sum, weight, b, c) = acc.expect("at least one tile");
+    let (hh, ww) = (scale(h), scale(w));
+    for bc in 0..b * c {
+        for i in 0..hh * ww {
+            sum[bc * hh * ww + i] /= weight[i].max(1e-6);
+        }
+    }
+    Ok(Tensor::from_vec(sum, (b, c, hh, ww), input.device())?.to_dtype(input.dtype())?)
+}
+
+/// Decodes in tiles when the latent is larger than [`TILE_LATENT`].
+pub fn decode_tiled(vae: &AutoencoderKL, latent: &Tensor) -> Result<Tensor, Error> {
+    let f = vae.downscale_factor();
+    tiled(latent, TILE_LATENT, TILE_OVERLAP, f, 1, &|t| {
+        Ok(vae.decode(t)?)
+    })
+}
+
+/// Encodes (distribution mean) in tiles when the image is larger than 8·[`TILE_LATENT`].
+pub fn encode_tiled(vae: &AutoencoderKL, image: &Tensor) -> Result<Tensor, Error> {
+    let f = vae.downscale_factor();
+    tiled(image, TILE_LATENT * f, TILE_OVERLAP * f, 1, f, &|t| {
+        Ok(vae.encode(t)?.mean)
+    })
+}
