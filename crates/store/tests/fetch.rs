@@ -641,3 +641,15 @@ async fn plain_url_sources_with_and_without_sha() {
     );
     assert_eq!(store.model_path("u"), Some(store.file_path("u", "up.pth")));
 }
+
+/// The server (issue 4) runs fetches with `tokio::spawn`, which needs a `Send` future; this
+/// fails to compile otherwise.
+#[test]
+fn the_fetch_future_can_be_spawned() {
+    fn assert_send<T: Send>(_: &T) {}
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let options = FetchOptions::default();
+    let future = fetch(&store, &[], &options, |_| {});
+    assert_send(&future);
+}
