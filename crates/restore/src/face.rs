@@ -504,3 +504,50 @@ fn round_u8(mut p: Planar) -> Planar {
     }
     p
 }
+
+/// RealESRGAN as the background upscaler of the face pipeline.
+pub struct EsrganBackground<'a> {
+    pub net: &'a crate::Esrgan,
+    pub tiles: crate::TileOptions,
+}
+
+impl BackgroundUpscaler for EsrganBackground<'_> {
+    fn upscale(&self, image: &RgbImage, scale: f64) -> Result<RgbImage, FaceError> {
+        self.net
+            .upscale_image(
+                &image::DynamicImage::ImageRgb8(image.clone()),
+                &self.tiles,
+                Some(scale as f32),
+            )
+            .map(|d| d.to_rgb8())
+            .map_err(|e| FaceError::Upscaler(e.to_string()))
+    }
+}
+
+impl FaceRestorer {
+    /// [`FaceRestorer::restore`] for any decoded image: faces are restored on its RGB, and an
+    /// alpha channel, if any, is resized to the output and kept.
+    pub fn restore_image(
+        &self,
+        image: &image::DynamicImage,
+        opts: &RestoreOptions,
+        background: Option<&dyn BackgroundUpscaler>,
+    ) -> Result<(image::DynamicImage, Vec<RestoredFace>), FaceError> {
+        let (rgb, faces) = self.restore(&image.to_rgb8(), opts, background)?;
+        if !image.color().has_alpha() {
+            return Ok((image::DynamicImage::ImageRgb8(rgb), faces));
+        }
+        let (w, h) = rgb.dimensions();
+        let alpha = image::imageops::resize(
+            &image.to_luma_alpha8(),
+            w,
+            h,
+            image::imageops::FilterType::Lanczos3,
+        );
+        let rgba = image::RgbaImage::from_fn(w, h, |x, y| {
+            let [r, g, b] = rgb.get_pixel(x, y).0;
+            image::Rgba([r, g, b, alpha.get_pixel(x, y).0[1]])
+        });
+        Ok((image::DynamicImage::ImageRgba8(rgba), faces))
+    }
+}

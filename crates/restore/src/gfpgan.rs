@@ -46,6 +46,43 @@ impl GfpganConfig {
         narrow: 1.0,
     };
 
+    /// Reads the configuration off a checkpoint's shapes (keys without `params_ema.`).
+    pub fn infer(tensors: &HashMap<String, Tensor>) -> Result<Self, FaceError> {
+        let dim = |key: &str, i: usize| -> Result<usize, FaceError> {
+            let t = tensors.get(key).ok_or_else(|| {
+                FaceError::Weights(format!(
+                    "not a GFPGANv1Clean checkpoint: `{key}` is missing"
+                ))
+            })?;
+            Ok(t.dims().get(i).copied().unwrap_or(0))
+        };
+        let downs = tensors
+            .keys()
+            .filter(|k| k.starts_with("conv_body_down.") && k.ends_with(".conv1.weight"))
+            .count();
+        let log_size = downs + 2;
+        let narrow = dim("final_conv.weight", 0)? as f64 * 2.0 / 512.0;
+        let num_style_feat = dim(
+            "stylegan_decoder.style_conv1.modulated_conv.modulation.weight",
+            1,
+        )?;
+        // The 64-px level (to_rgbs index 3) is the first whose width depends on the multiplier.
+        let channel_multiplier = if log_size >= 6 {
+            let c64 = dim("stylegan_decoder.to_rgbs.3.modulated_conv.weight", 2)? as f64;
+            (c64 / (256.0 * narrow)).round().max(1.0) as usize
+        } else {
+            2
+        };
+        let cfg = Self {
+            out_size: 1 << log_size,
+            num_style_feat,
+            channel_multiplier,
+            narrow,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     fn log_size(&self) -> usize {
         self.out_size.trailing_zeros() as usize
     }
@@ -463,18 +500,17 @@ impl Gfpgan {
     }
 
     /// Loads an official `GFPGANv1.3.pth` / `GFPGANv1.4.pth` (tensor-only unpickling) or a
-    /// safetensors export of it.
-    pub fn load(
-        path: &std::path::Path,
-        cfg: GfpganConfig,
-        device: &Device,
-    ) -> Result<Self, FaceError> {
-        let tensors = sdkube_weights::load(path, device, DType::F32)
-            .map_err(|e| FaceError::Weights(format!("{}: {e}", path.display())))?;
-        Self::from_tensors(tensors, cfg, device).map_err(|e| match e {
+    /// safetensors export of it; the configuration is read off the tensor shapes.
+    pub fn load(path: &std::path::Path, device: &Device) -> Result<Self, FaceError> {
+        let in_file = |e: FaceError| match e {
             FaceError::Weights(m) => FaceError::Weights(format!("{}: {m}", path.display())),
             e => e,
-        })
+        };
+        let tensors = sdkube_weights::load(path, device, DType::F32)
+            .map_err(|e| FaceError::Weights(format!("{}: {e}", path.display())))?;
+        let tensors = strip_prefix(tensors, &["params_ema.", "params."]);
+        let cfg = GfpganConfig::infer(&tensors).map_err(in_file)?;
+        Self::from_tensors(tensors, cfg, device).map_err(in_file)
     }
 
     fn build(vb: VarBuilder, cfg: GfpganConfig) -> candle_core::Result<Self> {

@@ -190,3 +190,35 @@ fn full_size_key_tree_is_the_official_one() -> anyhow::Result<()> {
     assert!(unused.is_empty(), "official keys not loaded: {unused:?}");
     Ok(())
 }
+
+#[test]
+fn configuration_is_read_off_the_shapes() -> anyhow::Result<()> {
+    let (weights, _, _) = tiny_fixture();
+    assert_eq!(GfpganConfig::infer(&weights)?, TINY);
+    // And the full-size tree gives the v1.4 preset.
+    let official: BTreeMap<String, Vec<usize>> = serde_json::from_str(&std::fs::read_to_string(
+        fixtures().join("gfpgan_keys.json"),
+    )?)?;
+    let shapes: HashMap<String, Tensor> = official
+        .into_iter()
+        .map(|(k, s)| {
+            let t = Tensor::zeros((), DType::F32, &Device::Cpu)
+                .unwrap()
+                .broadcast_as(s)
+                .unwrap();
+            (k, t)
+        })
+        .collect();
+    assert_eq!(GfpganConfig::infer(&shapes)?, GfpganConfig::V1_4);
+    assert!(GfpganConfig::infer(&HashMap::new()).is_err());
+    Ok(())
+}
+
+#[test]
+fn loads_from_a_file() -> anyhow::Result<()> {
+    let net = Gfpgan::load(&fixtures().join("gfpgan_tiny.safetensors"), &Device::Cpu)?;
+    assert_eq!(net.config(), &TINY);
+    let (_, input, expected) = tiny_fixture();
+    assert!(max_abs_diff(&net.forward(&input, Noise::Stored)?, &expected) < 1e-4);
+    Ok(())
+}
