@@ -11,7 +11,12 @@ use clap::{Parser, Subcommand};
 mod cmd;
 
 #[derive(Parser)]
-#[command(name = "sdkube", version, about = "Stable Diffusion as a Kubernetes service")]
+#[command(
+    name = "sdkube",
+    version,
+    about = "Stable Diffusion as a Kubernetes service",
+    args_override_self = true
+)]
 struct Cli {
     /// Log as JSON lines (for cluster log collectors).
     #[arg(long, global = true, env = "SDKUBE_LOG_JSON")]

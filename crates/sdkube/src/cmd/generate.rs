@@ -1,10 +1,179 @@
-//! `sdkube generate` (work in progress).
+//! `sdkube generate`: txt2img / img2img / inpainting from the command line, through the same
+//! pipeline as the server. Writes PNGs carrying A1111's "parameters" infotext. Nothing is
+//! written unless every image of the run succeeded.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-#[derive(clap::Args)]
-pub struct Args {}
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use sdkube_models::{LoadOptions, Prediction};
+use sdkube_pipeline::image_io::{encode_png, read_image};
+use sdkube_pipeline::sampler::Flow;
+use sdkube_pipeline::{Engine, Request};
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`sdkube generate` is not implemented yet")
+use super::device::{DeviceArgs, Precision};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model: a diffusers folder or a single-file checkpoint (.safetensors, .ckpt).
+    #[arg(long, env = "SDKUBE_MODEL")]
+    pub model: PathBuf,
+    /// Separate VAE file replacing the model's (A1111 `--vae`).
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// Diffusers folder whose configs replace those inferred from a single file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Force v-prediction (SD 2.x 768-v single files without a .yaml beside them).
+    #[arg(long)]
+    pub v_prediction: bool,
+    #[arg(long, short = 'p', default_value = "")]
+    pub prompt: String,
+    #[arg(long, short = 'n', default_value = "")]
+    pub negative_prompt: String,
+    /// A1111 sampler name (Euler a, DPM++ 2M Karras, …).
+    #[arg(long, default_value = "Euler a")]
+    pub sampler: String,
+    /// Schedule type (Automatic, Karras, Exponential, SGM Uniform).
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 7.0)]
+    pub cfg_scale: f64,
+    /// Seed; -1 (default) picks a random one, printed and stored in the infotext.
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub seed: i64,
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
+    #[arg(long, default_value_t = 512)]
+    pub height: usize,
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// A1111's clip skip (1 = last layer).
+    #[arg(long, default_value_t = 1)]
+    pub clip_skip: usize,
+    /// Init image for img2img / inpainting.
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// Denoising strength for img2img.
+    #[arg(long, default_value_t = 0.75)]
+    pub strength: f64,
+    /// Inpainting mask (white = repaint); needs --init-image.
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    #[arg(long, default_value_t = 4)]
+    pub mask_blur: u32,
+    #[arg(long, default_value_t = 150)]
+    pub max_steps: usize,
+    /// Output folder.
+    #[arg(long, default_value = "outputs")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let init_image = args.init_image.as_deref().map(read_image).transpose()?;
+    let mask = args
+        .mask
+        .as_deref()
+        .map(|p| read_image(p).map(|m| m.to_luma8()))
+        .transpose()?;
+    let seed = if args.seed < 0 {
+        rand_seed()
+    } else {
+        args.seed as u64
+    };
+    let req = Request {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        sampler: args.sampler.clone(),
+        scheduler: args.scheduler.clone(),
+        steps: args.steps,
+        cfg_scale: args.cfg_scale,
+        seed,
+        width: args.width,
+        height: args.height,
+        batch_size: args.batch_size,
+        clip_skip: args.clip_skip,
+        init_image,
+        strength: args.strength,
+        mask,
+        mask_blur: args.mask_blur,
+    };
+    let opts = LoadOptions {
+        prediction: args.v_prediction.then_some(Prediction::V),
+        config_dir: args.config.clone(),
+        vae: args.vae.clone(),
+    };
+    let (device, dtype) = args.device.resolve()?;
+    let weights = sdkube_models::load(&args.model, &opts)?;
+    let name = model_name(&args.model);
+    let mut engine = Engine::new(weights, &name, device, dtype, args.device.vram.into())?;
+    engine.limits.max_steps = args.max_steps;
+    engine.validate(&req)?;
+    eprintln!(
+        "{} model {name} on {:?} ({}), seed {seed}",
+        engine.family().name(),
+        engine.device(),
+        Precision::label(dtype)
+    );
+    let bar = ProgressBar::new(args.steps as u64);
+    bar.set_style(ProgressStyle::with_template(
+        "{bar:40} {pos}/{len} steps  {elapsed} (eta {eta})",
+    )?);
+    let images = engine.generate(&req, &mut |p| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.step as u64 + 1);
+        Flow::Continue
+    })?;
+    bar.finish_and_clear();
+
+    // Encode everything first so that a failure leaves nothing behind.
+    let pngs = images
+        .iter()
+        .map(|g| Ok((g.seed, encode_png(&g.image, Some(&g.infotext))?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    for (index, (seed, png)) in (next_index(&args.out)?..).zip(pngs) {
+        let path = args.out.join(format!("{index:05}-{seed}.png"));
+        std::fs::write(&path, png).with_context(|| format!("writing {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn model_name(path: &Path) -> String {
+    let base = if path.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
+    };
+    base.map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+fn rand_seed() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    (nanos as u64 ^ (std::process::id() as u64).rotate_left(32)) % 4_294_967_296
+}
+
+/// A1111 numbers outputs `00000-<seed>.png` upwards; continue after the highest present.
+fn next_index(dir: &Path) -> anyhow::Result<u32> {
+    let mut next = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(n) = name.split('-').next().and_then(|n| n.parse::<u32>().ok()) {
+            next = next.max(n + 1);
+        }
+    }
+    Ok(next)
 }

@@ -1,0 +1,173 @@
+//! `sdkube generate` run as a process on the tiny fixture model (issue 2, points 7 and
+//! "Bad input").
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/sd")
+        .join(name)
+}
+
+fn sdkube() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sdkube"))
+}
+
+fn base_args(out: &Path) -> Vec<String> {
+    [
+        "generate",
+        "--device",
+        "cpu",
+        "--steps",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "5",
+        "--prompt",
+        "a lighthouse at dusk",
+        "--negative-prompt",
+        "blurry",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "--model".into(),
+        fixture("sd1").display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ])
+    .collect()
+}
+
+fn png_parameters(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    sdkube_pipeline::image_io::read_png_parameters(&bytes)
+        .unwrap()
+        .expect("parameters chunk")
+}
+
+#[test]
+fn writes_pngs_with_a1111_infotext_and_numbers_them_upwards() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let run = sdkube()
+        .args(base_args(&out))
+        .args(["--batch-size", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let mut files: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(files, vec!["00000-5.png", "00001-6.png"]);
+    let text = png_parameters(&out.join("00001-6.png"));
+    assert!(
+        text.starts_with(
+            "a lighthouse at dusk\nNegative prompt: blurry\nSteps: 3, Sampler: Euler a,"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("Seed: 6, Size: 64x64, Model: sd1"), "{text}");
+
+    // img2img from the first output, written after the existing files.
+    let run = sdkube()
+        .args(base_args(&out))
+        .args([
+            "--init-image",
+            &out.join("00000-5.png").display().to_string(),
+            "--strength",
+            "0.5",
+            "--sampler",
+            "DPM++ 2M Karras",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let text = png_parameters(&out.join("00002-5.png"));
+    assert!(
+        text.contains("Sampler: DPM++ 2M, Schedule type: Karras")
+            && text.contains("Denoising strength: 0.5"),
+        "{text}"
+    );
+}
+
+#[test]
+fn single_file_checkpoint_and_separate_vae_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut args = base_args(&out);
+    let model = args.iter().position(|a| a == "--model").unwrap() + 1;
+    args[model] = fixture("sd1.safetensors").display().to_string();
+    let run = sdkube()
+        .args(args)
+        .args(["--config", &fixture("sd1").display().to_string()])
+        .args([
+            "--vae",
+            &fixture("vae-sd1-alt.safetensors").display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+}
+
+#[test]
+fn bad_input_fails_clearly_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let garbage = dir.path().join("broken.ckpt");
+    std::fs::write(&garbage, b"PK\x03\x04 definitely not a zip").unwrap();
+    let not_image = dir.path().join("init.png");
+    std::fs::write(&not_image, b"not a png").unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--sampler", "Eulr"], "unknown sampler"),
+        (vec!["--width", "65"], "multiple of 8"),
+        (vec!["--steps", "0"], "steps must be at least 1"),
+        (vec!["--steps", "500"], "limit"),
+        (vec!["--prompt", "()[]"], "tokenizes to nothing"),
+        (
+            vec!["--init-image", not_image.to_str().unwrap()],
+            "not a readable image",
+        ),
+        (vec!["--model", garbage.to_str().unwrap()], "broken.ckpt"),
+        (
+            vec!["--model", "/nonexistent/model.safetensors"],
+            "no such file",
+        ),
+    ];
+    for (extra, want) in cases {
+        let run = sdkube()
+            .args(base_args(&out))
+            .args(&extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{extra:?} should fail");
+        assert!(
+            stderr.contains(want),
+            "{extra:?}: expected {want:?} in {stderr}"
+        );
+        assert!(
+            !out.exists() || std::fs::read_dir(&out).unwrap().count() == 0,
+            "{extra:?} wrote files"
+        );
+    }
+}
