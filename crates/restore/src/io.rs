@@ -2,6 +2,7 @@
 //! from content, dimensions are checked against a pixel limit before any pixel is decoded,
 //! and outputs appear only once completely written.
 
+use std::io::Read;
 use std::path::Path;
 
 use image::{DynamicImage, ImageFormat, ImageReader};
@@ -15,16 +16,22 @@ pub const DEFAULT_MAX_PIXELS: u64 = 4096 * 4096;
 /// more than `max_pixels` pixels (checked from the header, before decoding).
 pub fn read_image(path: &Path, max_pixels: u64) -> Result<DynamicImage, Error> {
     let shown = path.display();
-    let open = || -> Result<ImageReader<_>, Error> {
-        let reader = ImageReader::open(path)
-            .map_err(|e| Error::BadImage(format!("{shown}: cannot open: {e}")))?
-            .with_guessed_format()
-            .map_err(|e| Error::BadImage(format!("{shown}: cannot read: {e}")))?;
-        if reader.format().is_none() {
-            return Err(Error::BadImage(format!(
+    // The content decides the format, never the file name.
+    let format = {
+        let mut head = Vec::with_capacity(64);
+        std::fs::File::open(path)
+            .and_then(|f| f.take(64).read_to_end(&mut head))
+            .map_err(|e| Error::BadImage(format!("{shown}: cannot open: {e}")))?;
+        image::guess_format(&head).map_err(|_| {
+            Error::BadImage(format!(
                 "{shown}: not an image (no PNG/JPEG/WebP signature)"
-            )));
-        }
+            ))
+        })?
+    };
+    let open = || -> Result<ImageReader<std::io::BufReader<std::fs::File>>, Error> {
+        let mut reader = ImageReader::open(path)
+            .map_err(|e| Error::BadImage(format!("{shown}: cannot open: {e}")))?;
+        reader.set_format(format);
         Ok(reader)
     };
     let (w, h) = open()?

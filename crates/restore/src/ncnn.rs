@@ -190,7 +190,7 @@ impl Bin<'_> {
             }
             0 => self.raw_f32(n, what),
             other => Err(bad(format!(
-                "{what}: weight tag 0x{other:08x} (int8/quantised) is not supported"
+                "{what}: weight tag 0x{other:08x} is neither fp16 nor fp32 (an int8/quantised model, or a .bin that does not belong to this .param)"
             ))),
         }
     }

@@ -1,10 +1,163 @@
-//! `sdkube upscale` (work in progress).
+//! `sdkube upscale`: RealESRGAN super-resolution of image files.
+//!
+//! Every input is read and checked (format, size limit) and the model is loaded before
+//! anything is written; each output appears atomically, and existing files are not replaced
+//! unless `--overwrite` is given. Exit codes: 0 done, 1 an input or the weights were
+//! unusable, 2 usage (bad flags, model not found).
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-#[derive(clap::Args)]
-pub struct Args {}
+use anyhow::Context;
+use sdkube_restore::io::{read_image, write_image, DEFAULT_MAX_PIXELS};
+use sdkube_restore::{Esrgan, EsrganArch, TileOptions};
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`sdkube upscale` is not implemented yet")
+use super::fetch::{StoreArgs, Usage};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Images to upscale (PNG, JPEG or WebP).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// A weight file (`.pth` release or `.safetensors`), or a model name in the store
+    /// (e.g. `realesrgan-x4plus`).
+    #[arg(long, short)]
+    model: String,
+    /// Force the architecture instead of reading it off the weights (e.g. RealESRGAN_x4plus,
+    /// realesr-general-x4v3).
+    #[arg(long)]
+    arch: Option<String>,
+    /// Output size as a multiple of the input (default: the network's own scale).
+    #[arg(long)]
+    scale: Option<f32>,
+    /// Tile size in input pixels; 0 processes each image in one piece.
+    #[arg(long, default_value_t = 256)]
+    tile: usize,
+    /// Context pixels read around each tile.
+    #[arg(long, default_value_t = 10)]
+    tile_pad: usize,
+    /// Reflection padding added to the bottom/right before inference.
+    #[arg(long, default_value_t = 10)]
+    pre_pad: usize,
+    /// Refuse inputs with more pixels than this.
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
+    max_pixels: u64,
+    /// Output directory (created if missing); outputs are `<name>.png`.
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Replace existing output files.
+    #[arg(long)]
+    overwrite: bool,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    match plan(&args) {
+        Ok((model, arch, outputs)) => execute(&args, &model, arch, &outputs),
+        Err(usage) => Ok(usage.report()),
+    }
+}
+
+/// Resolves everything that is the operator's to fix (exit 2) before any work.
+fn plan(args: &Args) -> Result<(PathBuf, Option<EsrganArch>, Vec<PathBuf>), Usage> {
+    if let Some(s) = args.scale {
+        if !(s > 0.0 && s <= 16.0) {
+            return Err(Usage(format!("--scale {s} must be in (0, 16]")));
+        }
+    }
+    let arch = match &args.arch {
+        None => None,
+        Some(name) => Some(EsrganArch::preset(name).ok_or_else(|| {
+            Usage(format!(
+                "unknown --arch {name}; known: {}",
+                EsrganArch::PRESETS.join(", ")
+            ))
+        })?),
+    };
+    let model = resolve_model(&args.model, &args.store.store)?;
+    let mut outputs: Vec<PathBuf> = Vec::new();
+    for input in &args.images {
+        let stem = input
+            .file_stem()
+            .ok_or_else(|| Usage(format!("{}: not a file name", input.display())))?;
+        let out = args.out.join(Path::new(stem).with_extension("png"));
+        if outputs.contains(&out) {
+            return Err(Usage(format!(
+                "two inputs would both be written to {}",
+                out.display()
+            )));
+        }
+        if out.exists() && !args.overwrite {
+            return Err(Usage(format!(
+                "{} exists; pass --overwrite to replace it",
+                out.display()
+            )));
+        }
+        outputs.push(out);
+    }
+    Ok((model, arch, outputs))
+}
+
+fn resolve_model(model: &str, store_root: &Path) -> Result<PathBuf, Usage> {
+    let as_path = PathBuf::from(model);
+    if as_path.is_file() {
+        return Ok(as_path);
+    }
+    // Only look into a store that exists: a lookup must not create directories.
+    if store_root.is_dir() {
+        if let Ok(store) = sdkube_store::Store::open(store_root) {
+            if let Some(p) = store.model_path(model).filter(|p| p.is_file()) {
+                return Ok(p);
+            }
+        }
+    }
+    Err(Usage(format!(
+        "model `{model}` is neither a file nor a model present in the store {} \
+         (fetch it with `sdkube fetch {model}`, or pass a .pth/.safetensors path)",
+        store_root.display()
+    )))
+}
+
+fn execute(
+    args: &Args,
+    model: &Path,
+    arch: Option<EsrganArch>,
+    outputs: &[PathBuf],
+) -> anyhow::Result<ExitCode> {
+    let images = args
+        .images
+        .iter()
+        .map(|p| read_image(p, args.max_pixels))
+        .collect::<Result<Vec<_>, _>>()?;
+    let device = candle_core::Device::Cpu;
+    let net = Esrgan::load(model, arch, &device)?;
+    tracing::info!(model = %model.display(), arch = ?net.arch(), "loaded");
+    let opts = TileOptions {
+        tile: args.tile,
+        tile_pad: args.tile_pad,
+        pre_pad: args.pre_pad,
+    };
+    let mut upscaled = Vec::with_capacity(images.len());
+    for (img, input) in images.iter().zip(&args.images) {
+        let started = std::time::Instant::now();
+        let out = net
+            .upscale_image(img, &opts, args.scale)
+            .with_context(|| format!("upscaling {}", input.display()))?;
+        tracing::info!(
+            input = %input.display(),
+            from = %format!("{}x{}", img.width(), img.height()),
+            to = %format!("{}x{}", out.width(), out.height()),
+            seconds = started.elapsed().as_secs_f32(),
+            "upscaled"
+        );
+        upscaled.push(out);
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    for (img, path) in upscaled.iter().zip(outputs) {
+        write_image(img, path)?;
+        println!("{}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
