@@ -214,3 +214,28 @@ fn not_a_model_is_a_clear_error() {
         "{empty_dir}"
     );
 }
+
+#[test]
+fn ckpt_checkpoint_reads_as_tensors_only() {
+    // A `.ckpt` (torch zip pickle) of the same weights loads like the safetensors file.
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("sd1.ckpt");
+    let tensors =
+        candle_core::safetensors::load(fixtures().join("sd1.safetensors"), &Device::Cpu).unwrap();
+    sdkube_weights::save_torch_zip(&ckpt, &tensors).unwrap();
+    let opts = LoadOptions {
+        config_dir: Some(fixtures().join("sd1")),
+        ..Default::default()
+    };
+    let w = load(&ckpt, &opts).unwrap();
+    assert_eq!(w.family, Family::Sd1);
+    check_unet("sd1.ckpt", &w, &refs("sd1"));
+
+    // A pickle that calls anything but tensor rebuilding is refused, naming the call.
+    let evil =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../weights/tests/fixtures/malicious_system.pt");
+    let err = load(&evil, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("system"), "{err}");
+}

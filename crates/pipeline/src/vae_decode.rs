@@ -135,3 +135,53 @@ pub fn encode_tiled(vae: &AutoencoderKL, image: &Tensor) -> Result<Tensor, Error
         Ok(vae.encode(t)?.mean)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With a per-tile function that is exact (nearest ×4 upsampling), the blended tiled
+    /// result equals the untiled one: overlaps and edges are weighted correctly.
+    #[test]
+    fn tiles_blend_back_to_the_whole() {
+        let x = Tensor::rand(0f32, 1f32, (1, 2, 37, 50), &Device::Cpu).unwrap();
+        let up = |t: &Tensor| -> Result<Tensor, Error> {
+            let (_, _, h, w) = t.dims4()?;
+            Ok(t.upsample_nearest2d(4 * h, 4 * w)?)
+        };
+        let whole = up(&x).unwrap();
+        let tiled = tiled(&x, 16, 6, 4, 1, &up).unwrap();
+        let diff = (whole - tiled)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "tiled differs by {diff}");
+        assert_eq!(tile_starts(37, 16, 6), vec![0, 10, 20, 21]);
+    }
+
+    /// A VAE that overflows in fp16 is decoded again in fp32 instead of returning NaN/inf
+    /// (the seed's green images).
+    #[test]
+    fn fp16_overflow_falls_back_to_fp32() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sd/sd1");
+        let mut weights = sdkube_models::load(&dir, &Default::default()).unwrap().vae;
+        // Scale one decoder convolution so that its fp16 activations exceed 65504.
+        let key = "decoder.conv_in.weight";
+        let scaled = (weights.tensors[key].to_dtype(DType::F32).unwrap() * 3.0e5).unwrap();
+        weights.tensors.insert(key.into(), scaled);
+        let latent = Tensor::ones((1, 4, 8, 8), DType::F16, &Device::Cpu).unwrap();
+        let vae16 = weights.build(&Device::Cpu, DType::F16).unwrap();
+        let raw = decode_tiled(&vae16, &latent).unwrap();
+        assert!(
+            non_finite(&raw).unwrap(),
+            "the fixture must overflow in fp16"
+        );
+        let out = decode_checked(&vae16, &weights, &latent, &Device::Cpu).unwrap();
+        assert!(!non_finite(&out).unwrap());
+        assert_eq!(out.dtype(), DType::F32);
+    }
+}
