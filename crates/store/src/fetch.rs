@@ -198,6 +198,12 @@ pub enum FetchError {
         hub: String,
         catalog: String,
     },
+    #[error("{file}: the hub reports {hub} bytes but the catalog expects {catalog}; the upstream file changed, update the catalog")]
+    HubSizeMismatch {
+        file: String,
+        hub: u64,
+        catalog: u64,
+    },
     #[error("{url}: {message}")]
     Protocol { url: String, message: String },
     #[error("no file of {repo} matches {pattern:?}")]
@@ -215,6 +221,7 @@ impl FetchError {
                 | FetchError::InsufficientSpace { .. }
                 | FetchError::Denied { .. }
                 | FetchError::HubHashMismatch { .. }
+                | FetchError::HubSizeMismatch { .. }
                 | FetchError::NoMatch { .. }
         )
     }
@@ -482,6 +489,15 @@ async fn resolve(
                 (Some(expected), _) => Some(expected.clone()),
                 (None, hub) => hub,
             };
+            if let (Some(expected), Some(hub)) = (spec.size, size) {
+                if expected != hub {
+                    return Err(FetchError::HubSizeMismatch {
+                        file: format!("{model}/{path}"),
+                        hub,
+                        catalog: expected,
+                    });
+                }
+            }
             let size = spec.size.or(size);
             Ok(vec![FileJob {
                 model: model.to_owned(),

@@ -366,7 +366,25 @@ async fn hub_hash_that_contradicts_the_catalog_is_refused_before_downloading() {
     )
     .await;
     assert!(matches!(result, Err(FetchError::HubHashMismatch { .. })));
+    // Likewise a size that differs from the hub's X-Linked-Size.
+    let sized = catalog(&format!(
+        "[[model]]\nname = \"m\"\n[[model.file]]\nhub = \"{REPO}\"\npath = \"w.bin\"\nsize = 999\n"
+    ));
+    let (result, _) = run(&store, &[entry(&sized, "m")], &options(&hub)).await;
+    let err = result.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FetchError::HubSizeMismatch {
+                hub: 1000,
+                catalog: 999,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(hub.cdn_gets().is_empty());
+    assert!(visible_files(store.root()).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
