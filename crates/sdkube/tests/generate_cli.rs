@@ -171,3 +171,85 @@ fn bad_input_fails_clearly_and_writes_nothing() {
         );
     }
 }
+
+/// Serves one file over plain HTTP/1.1 on loopback (HEAD and GET), `count` requests.
+fn serve_file(bytes: Vec<u8>, count: usize) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(count) {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            reader.read_line(&mut request_line).unwrap();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                bytes.len()
+            );
+            stream.write_all(head.as_bytes()).unwrap();
+            if request_line.starts_with("GET") {
+                let _ = stream.write_all(&bytes);
+            }
+        }
+    });
+    format!("http://{addr}/tiny-sd1.safetensors")
+}
+
+#[test]
+fn a_catalog_name_is_fetched_into_the_store_on_first_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let store = dir.path().join("store");
+    let url = serve_file(std::fs::read(fixture("sd1.safetensors")).unwrap(), 8);
+    let catalog = dir.path().join("catalog.toml");
+    std::fs::write(
+        &catalog,
+        format!("[[model]]\nname = \"tiny-sd1\"\nkind = \"checkpoint\"\ndescription = \"test\"\n[[model.file]]\nurl = \"{url}\"\n"),
+    )
+    .unwrap();
+    let mut args = base_args(&out);
+    let model = args.iter().position(|a| a == "--model").unwrap() + 1;
+    args[model] = "tiny-sd1".into();
+    let run = |extra: &[&str]| {
+        sdkube()
+            .args(&args)
+            .args([
+                "--store",
+                store.to_str().unwrap(),
+                "--catalog",
+                catalog.to_str().unwrap(),
+            ])
+            .args(["--config", fixture("sd1").to_str().unwrap()])
+            .args(extra)
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .output()
+            .unwrap()
+    };
+    let first = run(&[]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(String::from_utf8_lossy(&first.stderr).contains("fetching it"));
+    assert!(store.join("tiny-sd1/tiny-sd1.safetensors").is_file());
+    let second = run(&["--seed", "6"]);
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(
+        !String::from_utf8_lossy(&second.stderr).contains("fetching it"),
+        "second run uses the store"
+    );
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 2);
+}

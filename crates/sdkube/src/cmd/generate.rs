@@ -13,12 +13,48 @@ use sdkube_pipeline::sampler::Flow;
 use sdkube_pipeline::{Engine, Request};
 
 use super::device::{DeviceArgs, Precision};
+use super::fetch::StoreArgs;
+
+/// A path is used as it is; otherwise a catalog name is looked up in the store and fetched
+/// when missing.
+fn resolve_model(model: &Path, store_args: &StoreArgs) -> anyhow::Result<PathBuf> {
+    if model.exists() {
+        return Ok(model.to_path_buf());
+    }
+    let name = model.to_string_lossy();
+    let catalog = store_args.catalog().map_err(|u| anyhow::anyhow!(u.0))?;
+    let Some(entry) = catalog.get(&name) else {
+        anyhow::bail!(
+            "{name}: no such file, and not a model of the catalog (see `sdkube models list`)"
+        );
+    };
+    let store = store_args.open_store().map_err(|u| anyhow::anyhow!(u.0))?;
+    if let Some(path) = store.model_path(&name) {
+        return Ok(path);
+    }
+    eprintln!(
+        "{name} is not in the store {}: fetching it",
+        store_args.store.display()
+    );
+    let options = sdkube_store::FetchOptions::from_env();
+    sdkube_store::fetch_blocking(&store, std::slice::from_ref(entry), &options, |event| {
+        if let Ok(line) = serde_json::to_string(&event) {
+            eprintln!("{line}");
+        }
+    })?;
+    store
+        .model_path(&name)
+        .ok_or_else(|| anyhow::anyhow!("{name} was fetched but is not in the store"))
+}
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model: a diffusers folder or a single-file checkpoint (.safetensors, .ckpt).
+    /// Model: a diffusers folder, a single-file checkpoint (.safetensors, .ckpt), or a
+    /// catalog name (`sdkube models list`), fetched into the store on first use.
     #[arg(long, env = "SDKUBE_MODEL")]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Separate VAE file replacing the model's (A1111 `--vae`).
     #[arg(long)]
     pub vae: Option<PathBuf>,
@@ -109,7 +145,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         vae: args.vae.clone(),
     };
     let (device, dtype) = args.device.resolve()?;
-    let weights = sdkube_models::load(&args.model, &opts)?;
+    let model = resolve_model(&args.model, &args.store)?;
+    let weights = sdkube_models::load(&model, &opts)?;
     let name = model_name(&args.model);
     let mut engine = Engine::new(weights, &name, device, dtype, args.device.vram.into())?;
     engine.limits.max_steps = args.max_steps;
