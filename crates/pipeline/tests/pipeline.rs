@@ -376,3 +376,45 @@ fn inpainting_keeps_unmasked_pixels_on_plain_and_9_channel_models() {
         );
     }
 }
+
+#[test]
+fn half_precision_runs_stay_close_to_fp32() {
+    let req = Request {
+        prompt: "a photo of an astronaut riding a horse".into(),
+        sampler: "Euler".into(),
+        steps: 4,
+        width: 64,
+        height: 64,
+        seed: 9,
+        ..Default::default()
+    };
+    let run = |dtype: DType| {
+        let w = load(&fixtures().join("sd1"), &LoadOptions::default()).unwrap();
+        let mut e = Engine::new(w, "sd1", Device::Cpu, dtype, VramMode::High).unwrap();
+        e.generate(&req, &mut |_| Flow::Continue)
+            .unwrap()
+            .remove(0)
+            .image
+    };
+    let full = run(DType::F32);
+    // bf16 has no CPU matmul in candle: it is a GPU-only precision (the CLI says so).
+    let dtype = DType::F16;
+    {
+        let half = run(dtype);
+        let diffs: Vec<u8> = full
+            .as_raw()
+            .iter()
+            .zip(half.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .collect();
+        let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
+        eprintln!(
+            "{dtype:?}: mean abs diff {mean:.2} levels, max {}",
+            diffs.iter().max().unwrap()
+        );
+        assert!(
+            mean < 6.0,
+            "{dtype:?} drifts from fp32 by {mean} levels on average"
+        );
+    }
+}

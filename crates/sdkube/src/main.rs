@@ -42,6 +42,8 @@ enum Command {
     Models(cmd::models::Command),
     /// Diagnose a cluster deployment or the local machine.
     Doctor(cmd::doctor::Args),
+    /// Time the full-size networks with random weights.
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
         Command::Fetch(args) => cmd::fetch::run(args),
         Command::Models(command) => cmd::models::run(command),
         Command::Doctor(args) => cmd::doctor::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     match result {
         Ok(code) => code,

@@ -65,6 +65,11 @@ impl DeviceArgs {
                 anyhow::bail!("unknown precision {other:?}: use fp16, bf16, fp32 or auto")
             }
         };
+        if device.is_cpu() && dtype == DType::BF16 {
+            anyhow::bail!(
+                "bf16 is not available on the CPU (no CPU bf16 matrix multiply); use fp32 or fp16"
+            );
+        }
         if device.is_cpu() && dtype == DType::F16 {
             tracing::warn!("fp16 on the CPU is slow and not what the reference does; fp32 is the default there");
         }

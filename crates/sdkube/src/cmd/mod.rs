@@ -1,5 +1,6 @@
 //! One module per subcommand: its clap arguments and a `run` that calls the owning library.
 
+pub mod bench;
 pub mod device;
 pub mod doctor;
 pub mod fetch;

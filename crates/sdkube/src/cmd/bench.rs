@@ -1,0 +1,166 @@
+//! `sdkube bench`: timings of the full-size architectures with random weights (speed does
+//! not depend on weight values), one JSON object per line. `benches/gpu_reference.py` times
+//! diffusers on the same shapes; run both in one session and compare ratios.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use sdkube_models::unet::AddedConditioning;
+use sdkube_models::{presets, Family};
+use sdkube_pipeline::sampler::Flow;
+use sdkube_pipeline::{Engine, Request};
+
+use super::device::{DeviceArgs, Precision};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// What to time: unet-sd15, unet-sdxl, vae, txt2img-sd15, txt2img-sdxl (comma separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "unet-sd15,unet-sdxl,vae,txt2img-sd15,txt2img-sdxl"
+    )]
+    pub what: Vec<String>,
+    /// Timed repetitions after one warm-up.
+    #[arg(long, default_value_t = 10)]
+    pub repeat: usize,
+    /// Steps of the whole txt2img runs.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+fn time(
+    device: &Device,
+    repeat: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    f()?;
+    device.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..repeat {
+        f()?;
+    }
+    device.synchronize()?;
+    Ok(start.elapsed().as_secs_f64() / repeat as f64)
+}
+
+fn report(what: &str, shape: &str, seconds: f64, dtype: DType, device: &Device) {
+    println!(
+        "{}",
+        serde_json::json!({"bench": what, "shape": shape, "ms": seconds * 1e3, "per_s": 1.0 / seconds,
+            "dtype": Precision::label(dtype), "device": format!("{device:?}")})
+    );
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let (dev, dt) = args.device.resolve()?;
+    for what in &args.what {
+        match what.as_str() {
+            "unet-sd15" | "unet-sdxl" => {
+                let sdxl = what == "unet-sdxl";
+                let family = if sdxl { Family::Sdxl } else { Family::Sd1 };
+                let weights = presets::random_model(family, dt, &dev)?;
+                let unet = weights.unet.build(&dev, dt)?;
+                drop(weights);
+                let (side, ctx_dim) = if sdxl { (128, 2048) } else { (64, 768) };
+                for batch in [1usize, 2] {
+                    let x = Tensor::randn(0f32, 1., (batch, 4, side, side), &dev)?.to_dtype(dt)?;
+                    let ctx = Tensor::randn(0f32, 1., (batch, 77, ctx_dim), &dev)?.to_dtype(dt)?;
+                    let t = Tensor::new(&[500f32], &dev)?;
+                    let added = sdxl
+                        .then(|| -> anyhow::Result<_> {
+                            Ok(AddedConditioning {
+                                text_embeds: Tensor::randn(0f32, 1., (batch, 1280), &dev)?
+                                    .to_dtype(dt)?,
+                                time_ids: Tensor::new(
+                                    &[1024f32, 1024., 0., 0., 1024., 1024.],
+                                    &dev,
+                                )?
+                                .reshape((1, 6))?
+                                .repeat((batch, 1))?
+                                .to_dtype(dt)?,
+                            })
+                        })
+                        .transpose()?;
+                    let s = time(&dev, args.repeat, || {
+                        unet.forward(&x, &t, &ctx, added.as_ref())?;
+                        Ok(())
+                    })?;
+                    report(
+                        what,
+                        &format!("{}x{} batch {batch}", side * 8, side * 8),
+                        s,
+                        dt,
+                        &dev,
+                    );
+                }
+            }
+            "vae" => {
+                let weights = presets::random_model(Family::Sd1, dt, &dev)?;
+                let vae = weights.vae.build(&dev, dt)?;
+                for side in [64usize, 128] {
+                    let latent = Tensor::randn(0f32, 1., (1, 4, side, side), &dev)?.to_dtype(dt)?;
+                    let s = time(&dev, args.repeat.min(5), || {
+                        vae.decode(&latent)?;
+                        Ok(())
+                    })?;
+                    report(
+                        "vae-decode",
+                        &format!("{}x{}", side * 8, side * 8),
+                        s,
+                        dt,
+                        &dev,
+                    );
+                    let image =
+                        Tensor::randn(0f32, 1., (1, 3, side * 8, side * 8), &dev)?.to_dtype(dt)?;
+                    let s = time(&dev, args.repeat.min(5), || {
+                        vae.encode(&image)?;
+                        Ok(())
+                    })?;
+                    report(
+                        "vae-encode",
+                        &format!("{}x{}", side * 8, side * 8),
+                        s,
+                        dt,
+                        &dev,
+                    );
+                }
+            }
+            "txt2img-sd15" | "txt2img-sdxl" => {
+                let sdxl = what == "txt2img-sdxl";
+                let family = if sdxl { Family::Sdxl } else { Family::Sd1 };
+                // With --vram low the weights wait on the CPU, as loaded checkpoints do.
+                let low = matches!(args.device.vram, super::device::Vram::Low);
+                let weights_device = if low { Device::Cpu } else { dev.clone() };
+                let weights = presets::random_model(family, dt, &weights_device)?;
+                let mut engine =
+                    Engine::new(weights, what, dev.clone(), dt, args.device.vram.into())?;
+                let side = if sdxl { 1024 } else { 512 };
+                let req = Request {
+                    prompt: "a photo of an astronaut riding a horse".into(),
+                    sampler: "Euler".into(),
+                    steps: args.steps,
+                    width: side,
+                    height: side,
+                    ..Default::default()
+                };
+                let s = time(&dev, 2, || {
+                    engine.generate(&req, &mut |_| Flow::Continue)?;
+                    Ok(())
+                })?;
+                report(
+                    what,
+                    &format!("{side}x{side} {} steps", args.steps),
+                    s,
+                    dt,
+                    &dev,
+                );
+            }
+            other => anyhow::bail!("unknown benchmark {other:?}"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
