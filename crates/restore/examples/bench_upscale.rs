@@ -1,44 +1,49 @@
-//! CPU timing of RealESRGAN inference with full-size random weights:
-//! RealESRGAN_x4plus on 256² and realesr-general-x4v3 on 512² (one tile each, no padding).
+//! CPU timing of RealESRGAN upscaling with full-size random weights, through the same tiled
+//! path as `sdkube upscale` (default tiles of 128, tile_pad 10, pre_pad 10):
+//! RealESRGAN_x4plus on 256² and realesr-general-x4v3 on 512².
 //!
-//! `cargo run --release -p sdkube-restore --example bench_upscale [-- REPEATS]`
+//! `cargo run --release -p sdkube-restore --example bench_upscale`
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use sdkube_restore::rrdbnet::{RrdbConfig, RrdbNet};
 use sdkube_restore::srvgg::{SrvggConfig, SrvggNet};
+use sdkube_restore::{Esrgan, EsrganArch, TileOptions};
+
+/// Random weights under the architecture's own keys.
+fn random_weights(arch: EsrganArch, dev: &Device) -> anyhow::Result<HashMap<String, Tensor>> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    match arch {
+        EsrganArch::Rrdb(c) => drop(RrdbNet::new(c, vb)?),
+        EsrganArch::Srvgg(c) => drop(SrvggNet::new(c, vb)?),
+    }
+    let data = varmap.data().lock().expect("not poisoned");
+    Ok(data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect())
+}
 
 fn main() -> anyhow::Result<()> {
-    let repeats: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(1);
     let dev = Device::Cpu;
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-    let x4plus = RrdbNet::new(RrdbConfig::X4PLUS, vb.pp("x4plus"))?;
-    let general = SrvggNet::new(SrvggConfig::GENERAL_X4V3, vb.pp("general"))?;
-    let threads = candle_core::utils::get_num_threads();
-    println!("threads: {threads}");
-    let time = |name: &str, side: usize, f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| {
-        let x = Tensor::rand(0f32, 1f32, (1, 3, side, side), &dev)?;
-        f(&x)?; // warm-up
+    println!("threads: {}", candle_core::utils::get_num_threads());
+    for (arch, side) in [
+        (EsrganArch::Rrdb(RrdbConfig::X4PLUS), 256),
+        (EsrganArch::Srvgg(SrvggConfig::GENERAL_X4V3), 512),
+    ] {
+        let net = Esrgan::from_tensors(random_weights(arch, &dev)?, Some(arch), &dev)?;
+        let img = Tensor::rand(0f32, 1f32, (3, side, side), &dev)?;
         let started = Instant::now();
-        for _ in 0..repeats {
-            f(&x)?;
-        }
-        let s = started.elapsed().as_secs_f64() / repeats as f64;
+        let out = net.upscale_tensor(&img, &TileOptions::default())?;
+        let (_, oh, ow) = out.dims3()?;
         println!(
-            "{name} {side}x{side} -> {}x{}: {s:.2} s",
-            side * 4,
-            side * 4
+            "{arch:?} {side}x{side} -> {ow}x{oh}: {:.1} s",
+            started.elapsed().as_secs_f64()
         );
-        anyhow::Ok(())
-    };
-    time("RealESRGAN_x4plus", 256, &|x| x4plus.forward(x))?;
-    time("realesr-general-x4v3", 512, &|x| general.forward(x))?;
+    }
     Ok(())
 }

@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(long)]
     scale: Option<f32>,
     /// Tile size in input pixels; 0 processes each image in one piece.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 128)]
     tile: usize,
     /// Context pixels read around each tile.
     #[arg(long, default_value_t = 10)]
