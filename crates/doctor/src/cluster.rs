@@ -22,23 +22,23 @@ pub const LOG_TAIL_LINES: i64 = 30;
 /// Why the cluster could not be read at all (`doctor` exits with 2).
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("no Kubernetes configuration: {0}. Set KUBECONFIG or create ~/.kube/config (e.g. copy /etc/kubernetes/admin.conf), or run inside the cluster")]
+    #[error("no Kubernetes configuration (set KUBECONFIG or create ~/.kube/config, e.g. from /etc/kubernetes/admin.conf, or run inside the cluster)")]
     Config(#[source] kube::config::InferConfigError),
-    #[error("invalid Kubernetes client configuration: {0}")]
+    #[error("invalid Kubernetes client configuration")]
     Client(#[source] kube::Error),
-    #[error("cannot reach the Kubernetes API server: {0}. Is the cluster up, and does the kubeconfig point at it? Try `kubectl cluster-info`")]
+    #[error("cannot reach the Kubernetes API server (is the cluster up, and does the kubeconfig point at it? Try `kubectl cluster-info`)")]
     Unreachable(#[source] kube::Error),
     #[error("the API server refused the credentials (401): {0}. Refresh the kubeconfig's token or certificate")]
     Unauthorized(String),
     #[error("not allowed to {what} (403): {message}. Ask for a Role granting get/list on pods, pods/log, events and persistentvolumeclaims in the namespace")]
     Forbidden { what: String, message: String },
-    #[error("reading {what}: {source}")]
+    #[error("reading {what}")]
     Api {
         what: String,
         #[source]
         source: kube::Error,
     },
-    #[error("cannot start the async runtime: {0}")]
+    #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
 }
 

@@ -158,7 +158,11 @@ pub fn check_cuda(libraries: &[String], has_gpu: bool) -> Vec<Finding> {
             Err(err) => Finding::new(
                 FindingCode::LocalCuda,
                 if has_gpu { Severity::Error } else { Severity::Info },
-                format!("{library} cannot be loaded"),
+                if has_gpu {
+                    format!("{library} cannot be loaded")
+                } else {
+                    format!("{library} cannot be loaded (needed only with a GPU)")
+                },
                 Fix::advice(if library.starts_with("libcuda.") {
                     "libcuda comes with the NVIDIA driver: install the driver, or in a container mount it with the NVIDIA container toolkit."
                 } else {

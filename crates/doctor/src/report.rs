@@ -60,7 +60,7 @@ pub fn render_text(heading: &str, findings: &[Finding], colour: bool) -> String 
         let (label, code) = match finding.severity {
             Severity::Error => ("ERROR", "1;31"),
             Severity::Warning => ("WARN ", "1;33"),
-            Severity::Info => ("ok   ", "32"),
+            Severity::Info => ("info ", "32"),
         };
         out.push_str(&format!(
             "{} {}\n",
