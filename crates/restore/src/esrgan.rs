@@ -403,8 +403,9 @@ pub struct TileOptions {
 }
 
 impl Default for TileOptions {
-    /// The reference's pads; tiles of 128 input pixels (the reference defaults to none) bound
-    /// CPU memory: x4plus on a whole 256² input peaks near 16 GB (candle's im2col at 1024²).
+    /// The reference's pads; tiles of 128 input pixels (the reference defaults to none).
+    /// Measured on CPU (2026-11-29): x4plus on a whole 256² input went past 16 GB RSS; the
+    /// tiled bench (`examples/bench_upscale.rs`) peaked at 12 GB, still to be understood.
     fn default() -> Self {
         Self {
             tile: 128,
