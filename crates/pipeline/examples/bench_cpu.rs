@@ -1,6 +1,6 @@
 //! CPU benchmark: the tiny fixture pipeline end to end, and one full-size SD 1.5 UNet step
 //! (512², batch 2 = one CFG step) with random weights (timings do not depend on weight
-//! values). Run with `cargo run --release -p sdkube-pipeline --example bench_cpu`; the
+//! values). Run with `cargo run -p sdkube-pipeline --example bench_cpu`; the
 //! diffusers figure for the same shapes comes from `benches/cpu_reference.py` (see
 //! `benches/cpu.sh`, which runs both in one go).
 
