@@ -191,11 +191,11 @@ def make_vae(seed: int, scaling_factor: float):
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
+        block_out_channels=(8, 8, 16, 16),
         layers_per_block=1,
         act_fn="silu",
         latent_channels=4,
-        norm_num_groups=8,
+        norm_num_groups=4,
         sample_size=64,
         scaling_factor=scaling_factor,
     )
@@ -218,11 +218,11 @@ SD1_UNET = dict(
     out_channels=4,
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(32, 64),
+    block_out_channels=(8, 16),
     layers_per_block=1,
     cross_attention_dim=8,
     attention_head_dim=2,
-    norm_num_groups=32,
+    norm_num_groups=4,
 )
 
 SD2V_UNET = dict(
@@ -231,13 +231,13 @@ SD2V_UNET = dict(
     out_channels=4,
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(32, 64),
+    block_out_channels=(8, 16),
     layers_per_block=1,
     cross_attention_dim=8,
     attention_head_dim=[2, 4],
     use_linear_projection=True,
     upcast_attention=True,
-    norm_num_groups=32,
+    norm_num_groups=4,
 )
 
 SDXL_UNET = dict(
@@ -246,16 +246,16 @@ SDXL_UNET = dict(
     out_channels=4,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(16, 32, 32),
+    block_out_channels=(8, 16, 16),
     layers_per_block=2,
     transformer_layers_per_block=(1, 1, 2),
     cross_attention_dim=16,
     attention_head_dim=[1, 2, 2],
     use_linear_projection=True,
     addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=8 + 6 * 8,
-    norm_num_groups=16,
+    addition_time_embed_dim=4,
+    projection_class_embeddings_input_dim=8 + 6 * 4,
+    norm_num_groups=4,
 )
 
 
