@@ -17,41 +17,55 @@ fn parse<T: serde::de::DeserializeOwned>(json: &str) -> T {
 
 /// `text_encoder/config.json` of SD 1.5 (OpenAI CLIP ViT-L/14).
 pub fn sd15_text_encoder() -> ClipTextConfig {
-    parse(r#"{"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}"#)
+    parse(
+        r#"{"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}"#,
+    )
 }
 
 /// `text_encoder_2/config.json` of SDXL base (OpenCLIP ViT-bigG/14 with projection).
 pub fn sdxl_text_encoder_2() -> ClipTextConfig {
-    parse(r#"{"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280}"#)
+    parse(
+        r#"{"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280}"#,
+    )
 }
 
 /// `unet/config.json` of SD 1.5.
 pub fn sd15_unet() -> UNetConfig {
-    parse(r#"{"layers_per_block": 2, "cross_attention_dim": 768, "attention_head_dim": 8,
+    parse(
+        r#"{"layers_per_block": 2, "cross_attention_dim": 768, "attention_head_dim": 8,
       "block_out_channels": [320, 640, 1280, 1280],
       "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-      "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}"#)
+      "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}"#,
+    )
 }
 
 /// `unet/config.json` of SDXL base 1.0.
 pub fn sdxl_unet() -> UNetConfig {
-    parse(r#"{"layers_per_block": 2, "cross_attention_dim": 2048, "attention_head_dim": [5, 10, 20],
+    parse(
+        r#"{"layers_per_block": 2, "cross_attention_dim": 2048, "attention_head_dim": [5, 10, 20],
       "block_out_channels": [320, 640, 1280], "transformer_layers_per_block": [1, 2, 10],
       "use_linear_projection": true, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
       "projection_class_embeddings_input_dim": 2816,
       "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-      "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}"#)
+      "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}"#,
+    )
 }
 
 /// `vae/config.json` of SD 1.5 / SDXL (same architecture, different scaling).
 pub fn sd_vae(scaling_factor: f64) -> VaeConfig {
-    let mut cfg: VaeConfig = parse(r#"{"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2}"#);
+    let mut cfg: VaeConfig =
+        parse(r#"{"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2}"#);
     cfg.scaling_factor = scaling_factor;
     cfg
 }
 
 /// Weights of one network, created by building it over a `VarMap` (random init).
-fn random<C>(config: C, dtype: DType, device: &Device, build: impl Fn(VarBuilder, &C) -> Result<()>) -> Result<Component<C>> {
+fn random<C>(
+    config: C,
+    dtype: DType,
+    device: &Device,
+    build: impl Fn(VarBuilder, &C) -> Result<()>,
+) -> Result<Component<C>> {
     let varmap = VarMap::new();
     build(VarBuilder::from_varmap(&varmap, dtype, device), &config)?;
     let tensors: HashMap<_, _> = varmap
@@ -67,10 +81,20 @@ fn random<C>(config: C, dtype: DType, device: &Device, build: impl Fn(VarBuilder
 /// A full-size SD 1.5 or SDXL model with random weights (on `device`, in `dtype`).
 pub fn random_model(family: Family, dtype: DType, device: &Device) -> Result<SdWeights> {
     let clip = |cfg: ClipTextConfig| {
-        random(cfg, dtype, device, |vb, c| crate::clip::ClipTextModel::new(vb, c).map(|_| ()))
+        random(cfg, dtype, device, |vb, c| {
+            crate::clip::ClipTextModel::new(vb, c).map(|_| ())
+        })
     };
-    let unet = |cfg: UNetConfig| random(cfg, dtype, device, |vb, c| crate::unet::UNet2DConditionModel::new(vb, c).map(|_| ()));
-    let vae = |cfg: VaeConfig| random(cfg, dtype, device, |vb, c| crate::vae::AutoencoderKL::new(vb, c).map(|_| ()));
+    let unet = |cfg: UNetConfig| {
+        random(cfg, dtype, device, |vb, c| {
+            crate::unet::UNet2DConditionModel::new(vb, c).map(|_| ())
+        })
+    };
+    let vae = |cfg: VaeConfig| {
+        random(cfg, dtype, device, |vb, c| {
+            crate::vae::AutoencoderKL::new(vb, c).map(|_| ())
+        })
+    };
     let (text_encoder_2, unet_cfg, scaling) = match family {
         Family::Sdxl => (Some(clip(sdxl_text_encoder_2())?), sdxl_unet(), 0.13025),
         _ => (None, sd15_unet(), 0.18215),
