@@ -73,7 +73,9 @@ fn random<C>(
         .lock()
         .expect("varmap lock")
         .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        // Detached: a `Var` tensor would make every op record its inputs for backprop and keep
+        // all activations of a whole sampling run alive.
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
         .collect();
     Ok(Component { config, tensors })
 }
@@ -96,7 +98,17 @@ pub fn random_model(family: Family, dtype: DType, device: &Device) -> Result<SdW
         })
     };
     let (text_encoder_2, unet_cfg, scaling) = match family {
-        Family::Sdxl => (Some(clip(sdxl_text_encoder_2())?), sdxl_unet(), 0.13025),
+        Family::Sdxl => {
+            // The network only creates its projection when the weights have one (plain
+            // CLIPTextModel configs carry a projection_dim too), so add it here.
+            let mut clip_g = clip(sdxl_text_encoder_2())?;
+            let projection =
+                candle_core::Tensor::randn(0f32, 0.02, (1280, 1280), device)?.to_dtype(dtype)?;
+            clip_g
+                .tensors
+                .insert("text_projection.weight".into(), projection);
+            (Some(clip_g), sdxl_unet(), 0.13025)
+        }
         _ => (None, sd15_unet(), 0.18215),
     };
     Ok(SdWeights {
