@@ -24,7 +24,7 @@ use sdkube_store::{
 #[derive(clap::Args, Debug, Clone)]
 pub struct StoreArgs {
     /// The model store directory (the chart's volume).
-    #[arg(long, env = "SDKUBE_STORE", default_value = "models")]
+    #[arg(long, env = "SDKUBE_STORE", default_value = "./data/models")]
     pub store: PathBuf,
     /// A user catalog (TOML, same format as the built-in one) adding or replacing models.
     #[arg(long, env = "SDKUBE_CATALOG")]
