@@ -261,16 +261,6 @@ impl Engine {
         Ok(SamplerSpec::parse(&req.sampler, req.scheduler.as_deref())?)
     }
 
-    fn with_networks<T>(
-        &mut self,
-        f: impl FnOnce(&Networks) -> Result<T, Error>,
-    ) -> Result<T, Error> {
-        match &self.resident {
-            Some(n) => f(n),
-            None => unreachable!("with_networks is only used in VramMode::High"),
-        }
-    }
-
     fn conditioning(&mut self, req: &Request) -> Result<(Conditioning, Conditioning), Error> {
         let family = self.weights.family;
         let none = EmbeddingIndex::new();
@@ -292,9 +282,9 @@ impl Engine {
                 text::encode(&enc, &neg, req.clip_skip)?,
             ))
         };
-        match self.vram {
-            VramMode::High => self.with_networks(|n| encode(&n.clip, n.clip_g.as_ref())),
-            VramMode::Low => {
+        match &self.resident {
+            Some(n) => encode(&n.clip, n.clip_g.as_ref()),
+            None => {
                 let clip = self.weights.text_encoder.build(&self.device, self.dtype)?;
                 let clip_g = self
                     .weights
