@@ -4,6 +4,7 @@ pub mod bench;
 pub mod device;
 pub mod doctor;
 pub mod fetch;
+pub mod files;
 pub mod generate;
 pub mod import_ncnn;
 pub mod models;

