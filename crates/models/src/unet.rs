@@ -246,6 +246,32 @@ fn has_cross_attention(block_type: &str) -> bool {
     block_type.starts_with("CrossAttn")
 }
 
+/// The `attentions.{j}` of a block of type `kind` at resolution `level` (none for plain
+/// `DownBlock2D`/`UpBlock2D`); depth and heads are the level's, as diffusers reads them.
+fn cross_attentions(
+    vb: &VarBuilder,
+    kind: &str,
+    count: usize,
+    channels: usize,
+    level: usize,
+    cfg: &UNetConfig,
+) -> Result<Vec<Transformer2DModel>> {
+    if !has_cross_attention(kind) {
+        return Ok(vec![]);
+    }
+    (0..count)
+        .map(|j| {
+            Transformer2DModel::new(
+                vb.pp(format!("attentions.{j}")),
+                channels,
+                cfg.transformer_layers_per_block.get(level),
+                cfg.heads(level),
+                cfg,
+            )
+        })
+        .collect()
+}
+
 impl UNet2DConditionModel {
     pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
         let boc = &cfg.block_out_channels;
@@ -301,21 +327,7 @@ impl UNet2DConditionModel {
                     )
                 })
                 .collect::<Result<_>>()?;
-            let attentions = if has_cross_attention(kind) {
-                (0..cfg.layers_per_block)
-                    .map(|j| {
-                        Transformer2DModel::new(
-                            vb.pp(format!("attentions.{j}")),
-                            out_ch,
-                            cfg.transformer_layers_per_block.get(i),
-                            cfg.heads(i),
-                            cfg,
-                        )
-                    })
-                    .collect::<Result<_>>()?
-            } else {
-                vec![]
-            };
+            let attentions = cross_attentions(&vb, kind, cfg.layers_per_block, out_ch, i, cfg)?;
             let downsampler = if i + 1 < n {
                 Some(Downsample2D::new(vb.pp("downsamplers.0"), out_ch, false)?)
             } else {
@@ -382,21 +394,7 @@ impl UNet2DConditionModel {
                     )
                 })
                 .collect::<Result<_>>()?;
-            let attentions = if has_cross_attention(kind) {
-                (0..layers)
-                    .map(|j| {
-                        Transformer2DModel::new(
-                            vb.pp(format!("attentions.{j}")),
-                            out_ch,
-                            cfg.transformer_layers_per_block.get(level_index),
-                            cfg.heads(level_index),
-                            cfg,
-                        )
-                    })
-                    .collect::<Result<_>>()?
-            } else {
-                vec![]
-            };
+            let attentions = cross_attentions(&vb, kind, layers, out_ch, level_index, cfg)?;
             let upsampler = if i + 1 < n {
                 Some(Upsample2D::new(vb.pp("upsamplers.0"), out_ch)?)
             } else {
