@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::catalog::{check_relative_path, glob_matches, FileSource, ModelEntry};
-use crate::net::{build_clients, ProxyConfig};
+use crate::net::{build_clients, load_ca_bundle, ProxyConfig};
 use crate::store::{hex, io_err, sha256_file, sync_dir, Store, StoreError, StoreLock, StoredFile};
 
 /// Returns the free bytes on the filesystem holding a path.
@@ -36,6 +36,9 @@ pub struct FetchOptions {
     /// on redirects to other hosts such as the CDN).
     pub hf_token: Option<String>,
     pub proxy: ProxyConfig,
+    /// A PEM file of root certificates trusted besides the system's (`SDKUBE_CA_BUNDLE`): the CA
+    /// of a TLS-inspecting corporate proxy, or of a mirror with a private certificate.
+    pub ca_bundle: Option<PathBuf>,
     /// Parallel ranged connections for files of at least `ranged_min_size` bytes.
     pub connections: usize,
     pub ranged_min_size: u64,
@@ -60,6 +63,7 @@ impl Default for FetchOptions {
             hf_endpoint: "https://huggingface.co".into(),
             hf_token: None,
             proxy: ProxyConfig::default(),
+            ca_bundle: None,
             connections: 4,
             ranged_min_size: 64 << 20,
             connect_timeout: Duration::from_secs(10),
@@ -75,13 +79,14 @@ impl Default for FetchOptions {
 }
 
 impl FetchOptions {
-    /// Defaults, with `HF_ENDPOINT`, `HF_TOKEN` (or `HUGGING_FACE_HUB_TOKEN`) and the proxy
-    /// variables taken from the environment.
+    /// Defaults, with `HF_ENDPOINT`, `HF_TOKEN` (or `HUGGING_FACE_HUB_TOKEN`),
+    /// `SDKUBE_CA_BUNDLE` and the proxy variables taken from the environment.
     pub fn from_env() -> FetchOptions {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         let mut options = FetchOptions {
             proxy: ProxyConfig::from_env(),
             hf_token: var("HF_TOKEN").or_else(|| var("HUGGING_FACE_HUB_TOKEN")),
+            ca_bundle: var("SDKUBE_CA_BUNDLE").map(PathBuf::from),
             ..FetchOptions::default()
         };
         if let Some(endpoint) = var("HF_ENDPOINT") {
@@ -206,6 +211,8 @@ pub enum FetchError {
     },
     #[error("{url}: {message}")]
     Protocol { url: String, message: String },
+    #[error("{url}: the server's TLS certificate is not trusted ({detail}); behind a TLS-inspecting proxy or for a private mirror, set SDKUBE_CA_BUNDLE to a PEM file with its CA certificate")]
+    UntrustedCertificate { url: String, detail: String },
     #[error("no file of {repo} matches {pattern:?}")]
     NoMatch { repo: String, pattern: String },
 }
@@ -223,6 +230,7 @@ impl FetchError {
                 | FetchError::HubHashMismatch { .. }
                 | FetchError::HubSizeMismatch { .. }
                 | FetchError::NoMatch { .. }
+                | FetchError::UntrustedCertificate { .. }
         )
     }
 }
@@ -280,8 +288,13 @@ pub async fn fetch(
     progress: impl Fn(ProgressEvent) + Send + Sync,
 ) -> Result<FetchReport, FetchError> {
     let started = Instant::now();
+    let extra_roots = match &options.ca_bundle {
+        Some(path) => load_ca_bundle(path).map_err(FetchError::Config)?,
+        None => Vec::new(),
+    };
     let (client, client_no_redirect) = build_clients(
         &options.proxy,
+        &extra_roots,
         options.connect_timeout,
         options.read_timeout,
     )
@@ -756,6 +769,12 @@ async fn send_with_retry(
             }
             Ok(response) => return check_status(ctx, url, response),
             Err(e) => {
+                if let Some(detail) = untrusted_certificate(&e) {
+                    return Err(FetchError::UntrustedCertificate {
+                        url: url.to_owned(),
+                        detail,
+                    });
+                }
                 let reason = error_chain(&e);
                 retrier.wait(ctx, file, url, reason, None).await?;
             }
@@ -795,6 +814,28 @@ fn check_status(
         status: code,
         hint,
     })
+}
+
+/// The rustls certificate error somewhere in an error's chain, as text: retrying cannot help,
+/// only trusting the right CA can. (`io::Error` hides a wrapped error from `source()`, hence
+/// `get_ref`.)
+fn untrusted_certificate(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        let inner = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|i| i as &(dyn std::error::Error + 'static));
+        for candidate in [Some(e), inner].into_iter().flatten() {
+            if let Some(err @ rustls::Error::InvalidCertificate(_)) =
+                candidate.downcast_ref::<rustls::Error>()
+            {
+                return Some(err.to_string());
+            }
+        }
+        next = e.source();
+    }
+    None
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
