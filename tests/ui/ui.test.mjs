@@ -59,6 +59,8 @@ async function startServer(extraArgs = []) {
   child.stderr.on('data', (d) => (log += d));
   let exited = null;
   child.on('exit', (code, signal) => (exited = { code, signal }));
+  // Never leave a server behind, even when the test process is interrupted.
+  process.once('exit', () => exited || child.kill('SIGKILL'));
   const deadline = Date.now() + 60_000;
   for (;;) {
     if (exited) throw new Error(`sdkube serve exited (${JSON.stringify(exited)}) before it was ready:\n${log}`);
@@ -83,6 +85,15 @@ async function startServer(extraArgs = []) {
     fs.rmSync(dir, { recursive: true, force: true });
   };
   return { base, stop, log: () => log };
+}
+
+/** Starts the server and the browser side by side; whichever started is stopped if the other failed. */
+async function startBoth(extraArgs = []) {
+  const [server, browser] = await Promise.allSettled([startServer(extraArgs), launchBrowser()]);
+  if (server.status === 'fulfilled' && browser.status === 'fulfilled') return [server.value, browser.value];
+  if (server.status === 'fulfilled') await server.value.stop();
+  if (browser.status === 'fulfilled') await browser.value.close();
+  throw server.status === 'rejected' ? server.reason : browser.reason;
 }
 
 function launchBrowser() {
@@ -133,7 +144,7 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
 
   before(async () => {
     fs.mkdirSync(shots, { recursive: true });
-    [server, browser] = await Promise.all([startServer(), launchBrowser()]);
+    [server, browser] = await startBoth();
     const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
     page = await context.newPage();
     page.setDefaultTimeout(STEP_TIMEOUT);
@@ -345,5 +356,52 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     // The bad-parameter request logs its 400 in the console: that one is expected.
     const unexpected = problems.filter((p) => !/status of 400/.test(p));
     assert.deepEqual(unexpected, []);
+  });
+});
+
+describe('sdkube web UI behind --api-key', { timeout: 60_000 }, () => {
+  const key = 'ui-test-key-4711';
+  let server;
+  let browser;
+
+  before(async () => {
+    [server, browser] = await startBoth(['--api-key', key]);
+  });
+
+  after(async () => {
+    await browser?.close();
+    await server?.stop();
+  });
+
+  it('asks for the key once, keeps it, and generates with it (header and SSE cookie)', async () => {
+    const refused = await fetch(`${server.base}/api/v1/status`);
+    assert.equal(refused.status, 401);
+    assert.equal((await refused.json()).auth, 'api_key');
+
+    const page = await browser.newPage();
+    page.setDefaultTimeout(STEP_TIMEOUT);
+    const problems = [];
+    watchPage(page, problems);
+    await page.goto(server.base);
+    await page.locator('#auth-dialog').waitFor({ state: 'visible' });
+    await page.fill('#auth-key', key);
+    await page.click('#auth-form button[type="submit"]');
+    await page.waitForFunction(() => document.querySelector('#model').options.length > 0 && document.querySelector('#sampler').options.length > 0);
+    assert.equal(await page.evaluate(() => localStorage.getItem('sdkube_api_key')), key);
+    assert.match(await page.evaluate(() => document.cookie), new RegExp(`sdkube_api_key=${key}`));
+
+    // After a reload the stored key is used without asking again.
+    await page.reload();
+    await page.waitForFunction(() => document.querySelector('#sampler').options.length > 0);
+    assert.equal(await page.locator('#auth-dialog').isVisible(), false);
+    await page.fill('#width', '64');
+    await page.fill('#height', '64');
+    await page.fill('#steps', '2');
+    await page.click('#generate');
+    await page.locator('#results img').waitFor();
+    await page.waitForFunction(() => document.querySelector('#results img').naturalWidth === 64);
+    assert.equal((await page.textContent('#errors')).trim(), '');
+    // Only the refusals before the key was given reached the console.
+    assert.deepEqual(problems.filter((p) => !/status of 401/.test(p)), []);
   });
 });
