@@ -922,8 +922,10 @@ fn plan_chunks(size: Option<u64>, connections: usize, ranged_min_size: u64) -> V
     }
 }
 
-/// How often (in bytes written) the writer flushes the partial file and saves resume state.
-const SAVE_EVERY: u64 = 256 << 20;
+/// How often (in bytes written) the partial file is flushed and resume state saved. The flush
+/// runs beside the download ([`Checkpointer`]); flushing often keeps the final fsync, which
+/// the download does wait for, short.
+const SAVE_EVERY: u64 = 64 << 20;
 
 enum WriteOp {
     Data {
@@ -948,14 +950,137 @@ fn save_state(path: &Path, state: &ResumeState) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// The blocking half of a download: positional writes, in-order hashing of a single stream,
-/// and resume state that only ever claims bytes already flushed to the partial file.
+fn thread_panicked(what: &str) -> std::io::Error {
+    std::io::Error::other(format!("the {what} thread panicked"))
+}
+
+/// Flushes the partial file and then saves resume state, on its own thread so that a slow
+/// disk never holds up the download. A state is queued only after the bytes it claims were
+/// written, and the flush starts after it is queued, so a saved state never claims bytes that
+/// are not on disk.
+struct Checkpointer {
+    queue: Option<std::sync::mpsc::SyncSender<ResumeState>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Checkpointer {
+    fn spawn(file: &std::fs::File, state_file: &Path) -> std::io::Result<Checkpointer> {
+        let file = file.try_clone()?;
+        let state_file = state_file.to_owned();
+        // One state waiting at most: a disk slower than the network slows the download down
+        // instead of queueing memory.
+        let (queue, states) = std::sync::mpsc::sync_channel::<ResumeState>(1);
+        let thread = std::thread::Builder::new()
+            .name("sdkube-fetch-fsync".into())
+            .spawn(move || {
+                for state in states {
+                    file.sync_data()?;
+                    save_state(&state_file, &state)?;
+                }
+                Ok(())
+            })?;
+        Ok(Checkpointer {
+            queue: Some(queue),
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a checkpoint. A failed flush stops the thread; [`Checkpointer::finish`] says why.
+    fn save(&self, state: ResumeState) {
+        if let Some(queue) = &self.queue {
+            let _ = queue.send(state);
+        }
+    }
+
+    /// Waits for every queued checkpoint; the first error, if any.
+    fn finish(mut self) -> std::io::Result<()> {
+        drop(self.queue.take());
+        match self.thread.take() {
+            Some(thread) => thread.join().map_err(|_| thread_panicked("fsync"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+enum HashOp {
+    Data(bytes::Bytes),
+    Restart,
+}
+
+/// SHA-256 of a single stream, computed in order on its own thread: hashing costs about as
+/// much CPU as receiving and writing together, so doing it beside the writes (instead of
+/// between them) is what lets one stream keep up with curl.
+struct StreamHasher {
+    queue: Option<std::sync::mpsc::SyncSender<HashOp>>,
+    thread: Option<std::thread::JoinHandle<Sha256>>,
+}
+
+impl StreamHasher {
+    fn spawn(mut hasher: Sha256) -> std::io::Result<StreamHasher> {
+        // Chunks are a few hundred kB: a short queue is enough to keep both threads busy.
+        let (queue, ops) = std::sync::mpsc::sync_channel::<HashOp>(16);
+        let thread = std::thread::Builder::new()
+            .name("sdkube-fetch-sha256".into())
+            .spawn(move || {
+                for op in ops {
+                    match op {
+                        HashOp::Data(bytes) => hasher.update(&bytes),
+                        HashOp::Restart => hasher = Sha256::new(),
+                    }
+                }
+                hasher
+            })?;
+        Ok(StreamHasher {
+            queue: Some(queue),
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, op: HashOp) -> std::io::Result<()> {
+        self.queue
+            .as_ref()
+            .and_then(|q| q.send(op).ok())
+            .ok_or_else(|| thread_panicked("sha256"))
+    }
+
+    fn finish(mut self) -> std::io::Result<Sha256> {
+        drop(self.queue.take());
+        self.thread
+            .take()
+            .ok_or_else(|| thread_panicked("sha256"))?
+            .join()
+            .map_err(|_| thread_panicked("sha256"))
+    }
+}
+
+impl Drop for StreamHasher {
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The blocking half of a download: positional writes, in-order hashing of a single stream
+/// ([`StreamHasher`]), and resume state that only ever claims bytes already flushed to the
+/// partial file ([`Checkpointer`], every `checkpoint_every` bytes).
 fn run_writer(
     file: std::fs::File,
     hash_in_order: bool,
     mut state: ResumeState,
     state_file: PathBuf,
     mut rx: mpsc::Receiver<WriteOp>,
+    checkpoint_every: u64,
 ) -> std::io::Result<(Option<Sha256>, ResumeState)> {
     use std::io::Read;
     use std::os::unix::fs::FileExt;
@@ -973,8 +1098,9 @@ fn run_writer(
             ));
         }
         next = kept;
-        hasher = Some(h);
+        hasher = Some(StreamHasher::spawn(h)?);
     }
+    let mut checkpoints = Checkpointer::spawn(&file, &state_file)?;
     let mut unsaved = 0u64;
     while let Some(op) = rx.blocking_recv() {
         match op {
@@ -983,25 +1109,27 @@ fn run_writer(
                 offset,
                 bytes,
             } => {
+                let n = bytes.len() as u64;
                 file.write_all_at(&bytes, offset)?;
-                if let Some(h) = &mut hasher {
+                if let Some(h) = &hasher {
                     if offset != next {
                         return Err(std::io::Error::other("single-stream write out of order"));
                     }
-                    h.update(&bytes);
-                    next += bytes.len() as u64;
+                    next += n;
+                    h.send(HashOp::Data(bytes))?;
                 }
-                state.chunks[chunk].done += bytes.len() as u64;
-                unsaved += bytes.len() as u64;
-                if unsaved >= SAVE_EVERY {
-                    file.sync_data()?;
-                    save_state(&state_file, &state)?;
+                state.chunks[chunk].done += n;
+                unsaved += n;
+                if unsaved >= checkpoint_every {
+                    checkpoints.save(state.clone());
                     unsaved = 0;
                 }
             }
             WriteOp::Restart => {
-                if hasher.is_some() {
-                    hasher = Some(Sha256::new());
+                // Let queued checkpoints land before the file shrinks under them.
+                checkpoints.finish()?;
+                if let Some(h) = &hasher {
+                    h.send(HashOp::Restart)?;
                 }
                 next = 0;
                 state.chunks[0].done = 0;
@@ -1009,14 +1137,17 @@ fn run_writer(
                     file.set_len(0)?;
                 }
                 save_state(&state_file, &state)?;
+                checkpoints = Checkpointer::spawn(&file, &state_file)?;
             }
         }
     }
+    checkpoints.finish()?;
     if state.size.is_none() {
         file.set_len(state.chunks[0].done)?;
     }
     file.sync_data()?;
     save_state(&state_file, &state)?;
+    let hasher = hasher.map(StreamHasher::finish).transpose()?;
     Ok((hasher, state))
 }
 
@@ -1219,8 +1350,9 @@ async fn attempt(
     });
     let (tx, rx) = mpsc::channel(64);
     let state_file = state_path(partial);
-    let writer =
-        tokio::task::spawn_blocking(move || run_writer(file, single, state, state_file, rx));
+    let writer = tokio::task::spawn_blocking(move || {
+        run_writer(file, single, state, state_file, rx, SAVE_EVERY)
+    });
     let throttle = ProgressThrottle {
         ctx,
         job,
@@ -1376,6 +1508,78 @@ mod tests {
         }
         assert_eq!(plan_chunks(Some(1000), 4, 64 << 20).len(), 1);
         assert_eq!(plan_chunks(None, 4, 0).len(), 1);
+    }
+
+    /// The writer's own threads: in-order hashing across a restart, a checkpoint saved while
+    /// the download still runs (claiming only bytes already in the file), the final state.
+    #[test]
+    fn writer_hashes_in_order_checkpoints_on_the_way_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let partial = dir.path().join("f.partial");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&partial)
+            .unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let state = ResumeState {
+            url: "http://x/f".into(),
+            size: None,
+            sha256: None,
+            chunks: plan_chunks(None, 1, 0),
+        };
+        let state_file = state_path(&partial);
+        let (tx, rx) = mpsc::channel(4);
+        let writer = std::thread::spawn({
+            let state_file = state_file.clone();
+            move || run_writer(file, true, state, state_file, rx, 10_000)
+        });
+        let send = |offset: usize, bytes: &[u8]| {
+            tx.blocking_send(WriteOp::Data {
+                chunk: 0,
+                offset: offset as u64,
+                bytes: bytes::Bytes::copy_from_slice(bytes),
+            })
+            .unwrap()
+        };
+        // A server that ignored our Range: what came first is thrown away, hash included.
+        send(0, &[0xAA; 30_000]);
+        tx.blocking_send(WriteOp::Restart).unwrap();
+        let pieces: Vec<&[u8]> = data.chunks(7_000).collect();
+        for (i, piece) in pieces[..3].iter().enumerate() {
+            send(i * 7_000, piece);
+        }
+        // 21 000 bytes written, checkpoint every 10 000: one lands while the writer waits.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let saved = loop {
+            let saved = std::fs::read(&state_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<ResumeState>(&b).ok());
+            match saved {
+                Some(s) if s.done() > 0 => break s,
+                _ if Instant::now() > deadline => panic!("no checkpoint was saved"),
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        let claimed = saved.done() as usize;
+        assert!((10_000..=21_000).contains(&claimed), "{claimed}");
+        assert_eq!(std::fs::read(&partial).unwrap()[..claimed], data[..claimed]);
+        for (i, piece) in pieces.iter().enumerate().skip(3) {
+            send(i * 7_000, piece);
+        }
+        drop(tx);
+        let (hasher, state) = writer.join().unwrap().unwrap();
+        assert_eq!(
+            hex(&hasher.unwrap().finalize()),
+            hex(&Sha256::digest(&data))
+        );
+        assert_eq!(state.done(), data.len() as u64);
+        assert_eq!(std::fs::read(&partial).unwrap(), data);
+        let saved: ResumeState =
+            serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+        assert_eq!(saved, state);
     }
 
     #[test]
