@@ -9,7 +9,8 @@
 //! two cases (uncapped, and capped at CAP MB/s per connection), runs `--rounds` rounds of:
 //! `curl -o`, our single stream, our 4 ranged connections. The order rotates from round to
 //! round so that no tool always runs first (or after the same neighbour): a shared machine is
-//! noisy and page-cache writeback of one run leaks into the next. Prints each run on stderr
+//! noisy. Between runs, untimed, `sync` waits for the writeback a run left behind, which would
+//! otherwise slow the next one down. Prints each run on stderr
 //! and a markdown table of medians (with the range and the ratio to curl's median) on stdout.
 //!
 //! Our times include the sha256 verification, the fsync before the atomic rename and the
@@ -130,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
                     mb_per_s(size, elapsed)
                 );
                 times[i].push(elapsed);
+                settle();
             }
         }
         let curl_median = args
@@ -206,6 +208,12 @@ async fn run_sdkube(
     let elapsed = started.elapsed();
     ensure!(report.files_downloaded == 1, "nothing was downloaded");
     Ok(elapsed)
+}
+
+/// Waits, untimed, for the disk writes a run left behind (curl's file is deleted with its
+/// pages dirty, but writeback may have started), so that no run pays for the one before.
+fn settle() {
+    let _ = Command::new("sync").status();
 }
 
 fn median(runs: &[Duration]) -> Duration {

@@ -902,10 +902,19 @@ fn load_state(partial: &Path, job: &FileJob) -> Option<ResumeState> {
     valid.then_some(state)
 }
 
+/// A ranged download is cut into up to this many pieces per connection, of at least
+/// [`MIN_PIECE`] bytes. The connections take the pieces in file order, so the complete prefix
+/// of the file, which is all that can be hashed yet, grows at the speed of all connections
+/// together and the hash ends a piece or so after the last byte arrives.
+const PIECES_PER_CONNECTION: u64 = 8;
+const MIN_PIECE: u64 = 8 << 20;
+
 fn plan_chunks(size: Option<u64>, connections: usize, ranged_min_size: u64) -> Vec<ChunkState> {
     match size {
         Some(size) if connections > 1 && size >= ranged_min_size.max(connections as u64) => {
-            let n = connections as u64;
+            let per_connection =
+                (size / (connections as u64 * MIN_PIECE)).clamp(1, PIECES_PER_CONNECTION);
+            let n = connections as u64 * per_connection;
             (0..n)
                 .map(|i| ChunkState {
                     start: size * i / n,
@@ -1012,57 +1021,87 @@ impl Drop for Checkpointer {
 }
 
 enum HashOp {
+    /// The next bytes of the file, in order (a single stream hands its chunks over).
     Data(bytes::Bytes),
+    /// The file is complete up to this offset: hash what is not hashed yet, read back from the
+    /// file (ranged downloads, whose pieces arrive out of order; the pages are still cached).
+    UpTo(u64),
+    /// Start over from byte 0.
     Restart,
 }
 
-/// SHA-256 of a single stream, computed in order on its own thread: hashing costs about as
-/// much CPU as receiving and writing together, so doing it beside the writes (instead of
-/// between them) is what lets one stream keep up with curl.
-struct StreamHasher {
+/// SHA-256 of the file computed in file order on its own thread, while the download runs:
+/// hashing costs about as much CPU as receiving and writing together, so doing it beside the
+/// writes (instead of between them, or after the download) is what lets one stream keep up
+/// with curl and spares ranged downloads a second pass over the file.
+struct OrderedHasher {
     queue: Option<std::sync::mpsc::SyncSender<HashOp>>,
-    thread: Option<std::thread::JoinHandle<Sha256>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<(Sha256, u64)>>>,
 }
 
-impl StreamHasher {
-    fn spawn(mut hasher: Sha256) -> std::io::Result<StreamHasher> {
+impl OrderedHasher {
+    /// Continues `hasher`, which has hashed the first `hashed` bytes of `file`.
+    fn spawn(
+        file: &std::fs::File,
+        mut hasher: Sha256,
+        mut hashed: u64,
+    ) -> std::io::Result<OrderedHasher> {
+        use std::os::unix::fs::FileExt;
+        let file = file.try_clone()?;
         // Chunks are a few hundred kB: a short queue is enough to keep both threads busy.
         let (queue, ops) = std::sync::mpsc::sync_channel::<HashOp>(16);
         let thread = std::thread::Builder::new()
             .name("sdkube-fetch-sha256".into())
             .spawn(move || {
+                let mut buf = Vec::new();
                 for op in ops {
                     match op {
-                        HashOp::Data(bytes) => hasher.update(&bytes),
-                        HashOp::Restart => hasher = Sha256::new(),
+                        HashOp::Data(bytes) => {
+                            hasher.update(&bytes);
+                            hashed += bytes.len() as u64;
+                        }
+                        HashOp::UpTo(end) => {
+                            buf.resize(1 << 20, 0);
+                            while hashed < end {
+                                let n = (end - hashed).min(buf.len() as u64) as usize;
+                                file.read_exact_at(&mut buf[..n], hashed)?;
+                                hasher.update(&buf[..n]);
+                                hashed += n as u64;
+                            }
+                        }
+                        HashOp::Restart => {
+                            hasher = Sha256::new();
+                            hashed = 0;
+                        }
                     }
                 }
-                hasher
+                Ok((hasher, hashed))
             })?;
-        Ok(StreamHasher {
+        Ok(OrderedHasher {
             queue: Some(queue),
             thread: Some(thread),
         })
     }
 
-    fn send(&self, op: HashOp) -> std::io::Result<()> {
-        self.queue
-            .as_ref()
-            .and_then(|q| q.send(op).ok())
-            .ok_or_else(|| thread_panicked("sha256"))
+    /// Queues work. A failed read stops the thread; [`OrderedHasher::finish`] says why.
+    fn send(&self, op: HashOp) {
+        if let Some(queue) = &self.queue {
+            let _ = queue.send(op);
+        }
     }
 
-    fn finish(mut self) -> std::io::Result<Sha256> {
+    /// The hash and how many bytes from the start of the file it covers.
+    fn finish(mut self) -> std::io::Result<(Sha256, u64)> {
         drop(self.queue.take());
         self.thread
             .take()
             .ok_or_else(|| thread_panicked("sha256"))?
             .join()
-            .map_err(|_| thread_panicked("sha256"))
+            .map_err(|_| thread_panicked("sha256"))?
     }
 }
 
-impl Drop for StreamHasher {
+impl Drop for OrderedHasher {
     fn drop(&mut self) {
         drop(self.queue.take());
         if let Some(thread) = self.thread.take() {
@@ -1071,12 +1110,31 @@ impl Drop for StreamHasher {
     }
 }
 
-/// The blocking half of a download: positional writes, in-order hashing of a single stream
-/// ([`StreamHasher`]), and resume state that only ever claims bytes already flushed to the
-/// partial file ([`Checkpointer`], every `checkpoint_every` bytes).
+/// Where the complete prefix of the file ends: chunks are contiguous and in file order.
+fn complete_prefix(state: &ResumeState) -> u64 {
+    let mut end = 0;
+    for chunk in &state.chunks {
+        if chunk.start != end {
+            break;
+        }
+        end = chunk.start + chunk.done;
+        if chunk.end != Some(end) {
+            break;
+        }
+    }
+    end
+}
+
+/// A ranged download tells the hasher about its complete prefix in steps of at least this.
+const HASH_STEP: u64 = 8 << 20;
+
+/// The blocking half of a download: positional writes, the hash in file order
+/// ([`OrderedHasher`]), and resume state that only ever claims bytes already flushed to the
+/// partial file ([`Checkpointer`], every `checkpoint_every` bytes). The hash comes back when
+/// it covers the whole file.
 fn run_writer(
     file: std::fs::File,
-    hash_in_order: bool,
+    single: bool,
     mut state: ResumeState,
     state_file: PathBuf,
     mut rx: mpsc::Receiver<WriteOp>,
@@ -1084,9 +1142,8 @@ fn run_writer(
 ) -> std::io::Result<(Option<Sha256>, ResumeState)> {
     use std::io::Read;
     use std::os::unix::fs::FileExt;
-    let mut hasher = None;
     let mut next = 0u64;
-    if hash_in_order {
+    let hasher = if single {
         // Hash what an earlier run already wrote, so the stream's hash covers the whole file.
         let mut h = Sha256::new();
         let kept = state.chunks[0].done;
@@ -1098,7 +1155,20 @@ fn run_writer(
             ));
         }
         next = kept;
-        hasher = Some(StreamHasher::spawn(h)?);
+        OrderedHasher::spawn(&file, h, kept)?
+    } else {
+        OrderedHasher::spawn(&file, Sha256::new(), 0)?
+    };
+    let mut told_prefix = 0u64;
+    let mut tell_prefix = |state: &ResumeState, force: bool| {
+        let prefix = complete_prefix(state);
+        if prefix > told_prefix && (force || prefix >= told_prefix + HASH_STEP) {
+            hasher.send(HashOp::UpTo(prefix));
+            told_prefix = prefix;
+        }
+    };
+    if !single {
+        tell_prefix(&state, true);
     }
     let mut checkpoints = Checkpointer::spawn(&file, &state_file)?;
     let mut unsaved = 0u64;
@@ -1111,14 +1181,17 @@ fn run_writer(
             } => {
                 let n = bytes.len() as u64;
                 file.write_all_at(&bytes, offset)?;
-                if let Some(h) = &hasher {
+                if single {
                     if offset != next {
                         return Err(std::io::Error::other("single-stream write out of order"));
                     }
                     next += n;
-                    h.send(HashOp::Data(bytes))?;
+                    hasher.send(HashOp::Data(bytes));
                 }
                 state.chunks[chunk].done += n;
+                if !single {
+                    tell_prefix(&state, false);
+                }
                 unsaved += n;
                 if unsaved >= checkpoint_every {
                     checkpoints.save(state.clone());
@@ -1128,9 +1201,7 @@ fn run_writer(
             WriteOp::Restart => {
                 // Let queued checkpoints land before the file shrinks under them.
                 checkpoints.finish()?;
-                if let Some(h) = &hasher {
-                    h.send(HashOp::Restart)?;
-                }
+                hasher.send(HashOp::Restart);
                 next = 0;
                 state.chunks[0].done = 0;
                 if state.size.is_none() {
@@ -1141,14 +1212,18 @@ fn run_writer(
             }
         }
     }
+    if !single {
+        tell_prefix(&state, true);
+    }
     checkpoints.finish()?;
     if state.size.is_none() {
         file.set_len(state.chunks[0].done)?;
     }
     file.sync_data()?;
     save_state(&state_file, &state)?;
-    let hasher = hasher.map(StreamHasher::finish).transpose()?;
-    Ok((hasher, state))
+    let (hash, hashed) = hasher.finish()?;
+    let whole = hashed == state.done() && state.size.is_none_or(|size| size == hashed);
+    Ok((whole.then_some(hash), state))
 }
 
 struct HashWriter<'a>(&'a mut Sha256);
@@ -1241,7 +1316,7 @@ async fn download_file(
                 }
             }
         };
-        match attempt(ctx, job, &partial, state).await {
+        match attempt(ctx, job, &partial, state, connections).await {
             Ok(done) => break done,
             Err(AttemptError::RangesUnsupported) if connections > 1 => {
                 discard(&partial);
@@ -1314,12 +1389,14 @@ async fn download_file(
     Ok(stored)
 }
 
-/// One pass over all chunks of a file; on error the writer has saved what was written.
+/// One pass over all chunks of a file, taken in file order by up to `connections` parallel
+/// requests; on error the writer has saved what was written.
 async fn attempt(
     ctx: &Ctx<'_>,
     job: &FileJob,
     partial: &Path,
     state: ResumeState,
+    connections: usize,
 ) -> Result<(Option<Sha256>, ResumeState), AttemptError> {
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -1340,13 +1417,14 @@ async fn attempt(
     }
     let single = state.chunks.len() == 1;
     let chunks = state.chunks.clone();
+    let workers = connections.clamp(1, chunks.len());
     let resumed_from = state.done();
     (ctx.progress)(ProgressEvent::FileStart {
         model: job.model.clone(),
         file: job.rel_path.clone(),
         size: job.size,
         resumed_from,
-        connections: chunks.len(),
+        connections: workers,
     });
     let (tx, rx) = mpsc::channel(64);
     let state_file = state_path(partial);
@@ -1361,12 +1439,16 @@ async fn attempt(
         start_bytes: resumed_from,
         last: Mutex::new(Instant::now()),
     };
-    let downloads = futures_util::future::try_join_all(
-        chunks
-            .iter()
-            .enumerate()
-            .map(|(i, c)| download_chunk(ctx, job, i, *c, single, &tx, &throttle)),
-    )
+    let next_chunk = std::sync::atomic::AtomicUsize::new(0);
+    let downloads = futures_util::future::try_join_all((0..workers).map(|_| async {
+        loop {
+            let i = next_chunk.fetch_add(1, Ordering::Relaxed);
+            let Some(chunk) = chunks.get(i) else {
+                return Ok::<(), AttemptError>(());
+            };
+            download_chunk(ctx, job, i, *chunk, single, &tx, &throttle).await?;
+        }
+    }))
     .await;
     drop(tx);
     let written = writer
@@ -1497,11 +1579,16 @@ mod tests {
 
     #[test]
     fn chunks_cover_the_file_exactly() {
-        for size in [64u64 << 20, (64 << 20) + 7, 1 << 31] {
+        for (size, pieces) in [
+            (64u64 << 20, 8),
+            ((64 << 20) + 7, 8),
+            (100 << 20, 12),
+            (1 << 31, 32),
+        ] {
             let chunks = plan_chunks(Some(size), 4, 64 << 20);
-            assert_eq!(chunks.len(), 4);
+            assert_eq!(chunks.len(), pieces, "{size}");
             assert_eq!(chunks[0].start, 0);
-            assert_eq!(chunks[3].end, Some(size));
+            assert_eq!(chunks[pieces - 1].end, Some(size));
             for pair in chunks.windows(2) {
                 assert_eq!(pair[0].end, Some(pair[1].start));
             }
@@ -1580,6 +1667,55 @@ mod tests {
         let saved: ResumeState =
             serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
         assert_eq!(saved, state);
+    }
+
+    /// Ranged pieces arrive out of order; the hash still comes out of the writer, read back in
+    /// file order, including a piece an earlier run had already finished.
+    #[test]
+    fn writer_hashes_ranged_pieces_in_file_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let partial = dir.path().join("f.partial");
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 13 % 253) as u8).collect();
+        let mut kept = data[..25_000].to_vec();
+        kept.resize(data.len(), 0); // preallocated file: only the first piece is real
+        std::fs::write(&partial, &kept).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&partial)
+            .unwrap();
+        let mut chunks = plan_chunks(Some(100_000), 4, 0);
+        assert_eq!(chunks.len(), 4);
+        chunks[0].done = 25_000;
+        let state = ResumeState {
+            url: "http://x/f".into(),
+            size: Some(100_000),
+            sha256: None,
+            chunks,
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let writer = std::thread::spawn({
+            let state_file = state_path(&partial);
+            move || run_writer(file, false, state, state_file, rx, 10_000)
+        });
+        for chunk in [3usize, 1, 2] {
+            for offset in (chunk * 25_000..(chunk + 1) * 25_000).step_by(5_000) {
+                tx.blocking_send(WriteOp::Data {
+                    chunk,
+                    offset: offset as u64,
+                    bytes: bytes::Bytes::copy_from_slice(&data[offset..offset + 5_000]),
+                })
+                .unwrap();
+            }
+        }
+        drop(tx);
+        let (hasher, state) = writer.join().unwrap().unwrap();
+        assert_eq!(state.done(), 100_000);
+        assert_eq!(std::fs::read(&partial).unwrap(), data);
+        assert_eq!(
+            hex(&hasher.expect("the hash covers the file").finalize()),
+            hex(&Sha256::digest(&data))
+        );
     }
 
     #[test]
