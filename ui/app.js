@@ -466,7 +466,7 @@ async function loadSamplers() {
   }
   try {
     const schedulers = await api('/sdapi/v1/schedulers');
-    fillSelect($('scheduler'), schedulers, (s) => s.name, (s) => s.label || s.name, 'automatic');
+    fillSelect($('scheduler'), schedulers, (s) => s.name, (s) => s.label || s.name, 'Automatic');
   } catch (err) {
     showError('Loading schedulers', err);
   }
@@ -475,7 +475,7 @@ async function loadSamplers() {
 async function loadExtrasChoices() {
   try {
     const upscalers = await api('/sdapi/v1/upscalers');
-    fillSelect($('upscaler'), upscalers, (u) => u.name, (u) => (u.scale ? `${u.name} (x${u.scale})` : u.name));
+    fillSelect($('upscaler'), upscalers, (u) => u.name, (u) => (u.model_name && u.scale ? `${u.name} (x${u.scale})` : u.name), 'Lanczos');
   } catch (err) {
     showError('Loading upscalers', err);
   }
@@ -913,9 +913,9 @@ async function runExtras() {
     const out = $('extras-output');
     out.src = result.image.startsWith('data:') ? result.image : `data:image/png;base64,${result.image}`;
     out.hidden = false;
-    const info = document.createElement('div');
-    info.innerHTML = result.html_info || '';
-    $('extras-info').textContent = info.textContent || 'Done';
+    // html_info is A1111's HTML; read its text in an inert document (no scripts, no loads).
+    const info = new DOMParser().parseFromString(result.html_info || '', 'text/html').body.textContent.trim();
+    $('extras-info').textContent = info || 'Done';
   } catch (err) {
     $('extras-info').textContent = '';
     showError('Extras', err);
