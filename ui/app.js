@@ -442,10 +442,11 @@ async function switchModel() {
     select.dataset.current = wanted;
   } catch (err) {
     showError(`Switching the model to ${wanted}`, err);
-    select.value = select.dataset.current || '';
   } finally {
     select.disabled = false;
+    // The server decides what is loaded now (a failed switch may still have changed it).
     refreshStatus();
+    loadModels();
   }
 }
 
