@@ -1094,7 +1094,10 @@ pub async fn set_options(
         let current = state.model.status();
         let wanted = name.split(" [").next().unwrap_or(name);
         if current.name != wanted || current.state == crate::model::ModelState::Failed {
-            state.model.select(name).map_err(ApiError::bad_request)?;
+            state
+                .model
+                .select(name, false)
+                .map_err(ApiError::bad_request)?;
             state.jobs.notify();
             // A1111 answers once the new model is loaded.
             loop {
