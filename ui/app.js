@@ -355,7 +355,7 @@ async function refreshStatus() {
   } catch (err) {
     renderBanner('failed', `Server unreachable or refusing: ${err.message}`);
   }
-  ui.statusTimer = setTimeout(refreshStatus, ready ? 5000 : 1000);
+  ui.statusTimer = setTimeout(refreshStatus, ready ? 2000 : 1000);
 }
 
 function renderBanner(state, text, progress) {

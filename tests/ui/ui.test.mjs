@@ -328,6 +328,34 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     await page.fill('#steps', '2');
   });
 
+  it('the queue view lists jobs, and Cancel stops a running job mid-sampling', async () => {
+    await page.click('.tabs [data-tab="txt2img"]');
+    await page.fill('#width', '64');
+    await page.fill('#height', '64');
+    // Long enough to be caught running: 8 x 150 steps of the fixture model.
+    await page.fill('#steps', String((await (await fetch(`${server.base}/api/v1/status`)).json()).limits.max_steps));
+    await page.fill('#batch-count', '8');
+    const created = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
+    await page.click('#generate');
+    const job = await (await created).json();
+    await page.waitForFunction(() => /^Step [1-9]/.test(document.querySelector('#progress-text').textContent));
+    assert.equal(await page.isEnabled('#cancel'), true);
+
+    await page.click('.tabs [data-tab="queue"]');
+    const row = page.locator('#queue-table tbody tr', { hasText: job.id.slice(0, 8) });
+    await row.waitFor();
+    assert.match(await row.textContent(), /running/);
+    await row.locator('button', { hasText: 'Cancel' }).click();
+    await page.locator('#queue-table tbody tr[data-state="cancelled"]', { hasText: job.id.slice(0, 8) }).waitFor();
+    const final = await (await fetch(`${server.base}/api/v1/jobs/${job.id}`)).json();
+    assert.equal(final.state, 'cancelled');
+    assert.ok(final.step < final.total_steps, `stopped at step ${final.step} of ${final.total_steps}`);
+    assert.equal(await page.textContent('#progress-text'), 'Cancelled');
+    await page.click('.tabs [data-tab="txt2img"]');
+    await page.fill('#batch-count', '1');
+    await page.fill('#steps', '2');
+  });
+
   it('fits a 375 px phone screen: no horizontal scrolling, controls stacked', async () => {
     const phone = await browser.newContext({ viewport: { width: 375, height: 740 }, isMobile: true, hasTouch: true });
     const mobile = await phone.newPage();
