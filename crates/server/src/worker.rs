@@ -168,7 +168,10 @@ impl Worker {
                 s.state = JobState::Cancelled;
                 s.interrupted = true;
             }
-            Ok(()) => s.state = JobState::Succeeded,
+            Ok(()) => {
+                s.state = JobState::Succeeded;
+                s.step = s.total_steps.max(s.step);
+            }
             Err(_) if cancelled => {
                 s.state = JobState::Cancelled;
                 s.interrupted = true;
