@@ -350,10 +350,42 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     const final = await (await fetch(`${server.base}/api/v1/jobs/${job.id}`)).json();
     assert.equal(final.state, 'cancelled');
     assert.ok(final.step < final.total_steps, `stopped at step ${final.step} of ${final.total_steps}`);
-    assert.equal(await page.textContent('#progress-text'), 'Cancelled');
+    await page.locator('#progress-text', { hasText: /^Cancelled$/ }).waitFor({ state: 'attached' });
     await page.click('.tabs [data-tab="txt2img"]');
     await page.fill('#batch-count', '1');
     await page.fill('#steps', '2');
+  });
+
+  it('the gallery pages through more images than fit on one page', async () => {
+    // 24 more images straight through the API (the UI shows 24 per page).
+    const res = await fetch(`${server.base}/api/v1/jobs`, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ kind: 'txt2img', params: { prompt: 'many', width: 64, height: 64, steps: 1, batch_size: 8, n_iter: 3 } }),
+    });
+    assert.equal(res.status, 202);
+    const { id } = await res.json();
+    let job;
+    for (let i = 0; i < 200; i += 1) {
+      job = await (await fetch(`${server.base}/api/v1/jobs/${id}`)).json();
+      if (['succeeded', 'failed', 'cancelled'].includes(job.state)) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.equal(job.state, 'succeeded', job.error || '');
+    const { total } = await (await fetch(`${server.base}/api/v1/gallery?page=1&per_page=1`)).json();
+    assert.ok(total > 24, `${total} images`);
+
+    await page.click('.tabs [data-tab="gallery"]');
+    await page.locator('#gallery-page', { hasText: `Page 1 of ${Math.ceil(total / 24)} · ${total} images` }).waitFor();
+    assert.equal(await page.locator('#gallery .gallery-item').count(), 24);
+    assert.equal(await page.isDisabled('#gallery-prev'), true);
+    await page.click('#gallery-next');
+    await page.locator('#gallery-page', { hasText: 'Page 2 of' }).waitFor();
+    assert.equal(await page.locator('#gallery .gallery-item').count(), Math.min(24, total - 24));
+    // The first image generated is the oldest, so it is on the last page.
+    if (total <= 48) assert.equal(await page.locator(`#gallery .gallery-item[data-name="${firstImage.name}"]`).count(), 1);
+    await page.click('#gallery-prev');
+    await page.locator('#gallery-page', { hasText: 'Page 1 of' }).waitFor();
   });
 
   it('fits a 375 px phone screen: no horizontal scrolling, controls stacked', async () => {
