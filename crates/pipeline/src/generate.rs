@@ -10,10 +10,11 @@ use sdkube_models::unet::{AddedConditioning, UNet2DConditionModel};
 use sdkube_models::vae::AutoencoderKL;
 use sdkube_models::{Family, SdWeights};
 
+use crate::embeddings::{EmbeddingSet, TextWidths};
 use crate::image_io::{
     crop_resize, image_to_tensor, latent_preview, mask_to_tensor, tensor_to_images,
 };
-use crate::prompt::{parse_prompt_attention, EmbeddingIndex, BREAK_WEIGHT};
+use crate::prompt::{parse_prompt_attention, BREAK_WEIGHT};
 use crate::sampler::{
     self, Flow, ModelScalings, NoiseSchedule, NoiseSource, Plan, SamplerError, SamplerSpec,
     SeededNoise, StepInfo,
@@ -147,6 +148,8 @@ pub struct Engine {
     tokenizer: ClipTokenizer,
     schedule: NoiseSchedule,
     model_name: String,
+    /// Textual-inversion embeddings prompts may name.
+    embeddings: EmbeddingSet,
     pub limits: Limits,
 }
 
@@ -172,7 +175,9 @@ impl Engine {
             }),
             VramMode::Low => None,
         };
+        let embeddings = EmbeddingSet::empty(TextWidths::of(&weights));
         Ok(Self {
+            embeddings,
             weights,
             device,
             dtype,
@@ -183,6 +188,42 @@ impl Engine {
             model_name: model_name.to_string(),
             limits: Limits::default(),
         })
+    }
+
+    /// Uses `set` from now on, re-sorted into loaded/skipped for this model's encoders.
+    pub fn set_embeddings(&mut self, mut set: EmbeddingSet) {
+        let widths = TextWidths::of(&self.weights);
+        if set.widths() != widths {
+            set.set_widths(widths);
+        }
+        self.embeddings = set;
+    }
+
+    pub fn embeddings(&self) -> &EmbeddingSet {
+        &self.embeddings
+    }
+
+    /// Re-scans the embeddings directory (only changed files are read again).
+    pub fn reload_embeddings(&mut self) -> Result<bool, crate::embeddings::EmbeddingError> {
+        self.embeddings.reload()
+    }
+
+    /// A1111's "TI hashes": `name: shorthash` of every embedding the prompt or negative
+    /// prompt uses.
+    fn ti_hashes(&self, req: &Request) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for prompt in [&req.prompt, &req.negative_prompt] {
+            let tokens = PromptTokens::new(&self.tokenizer, prompt, self.embeddings.index());
+            for name in tokens.embeddings_used() {
+                if !names.iter().any(|n| n == name) {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        names
+            .into_iter()
+            .filter_map(|n| Some(format!("{n}: {}", self.embeddings.get(&n)?.hash)))
+            .collect()
     }
 
     pub fn family(&self) -> Family {
@@ -263,9 +304,9 @@ impl Engine {
 
     fn conditioning(&mut self, req: &Request) -> Result<(Conditioning, Conditioning), Error> {
         let family = self.weights.family;
-        let none = EmbeddingIndex::new();
-        let mut pos = PromptTokens::new(&self.tokenizer, &req.prompt, &none);
-        let mut neg = PromptTokens::new(&self.tokenizer, &req.negative_prompt, &none);
+        let index = self.embeddings.index();
+        let mut pos = PromptTokens::new(&self.tokenizer, &req.prompt, index);
+        let mut neg = PromptTokens::new(&self.tokenizer, &req.negative_prompt, index);
         let n = pos.chunk_count().max(neg.chunk_count());
         pos.pad_to(n);
         neg.pad_to(n);
@@ -276,6 +317,7 @@ impl Engine {
                 family,
                 clip,
                 clip_g,
+                embeddings: Some(&self.embeddings),
             };
             Ok((
                 text::encode(&enc, &pos, req.clip_skip)?,
@@ -436,6 +478,7 @@ impl Engine {
         let vae = self.vae()?;
         let decoded = decode_checked(vae.get(), &self.weights.vae, &(latent / scaling)?, &dev)?;
         let mut images = tensor_to_images(&decoded)?;
+        let ti = self.ti_hashes(req);
         if let (Some(mask), Some(init)) = (&req.mask, &req.init_image) {
             // Outside the (blurred) mask the result is the original image, as A1111 overlays it.
             let init = crop_resize(init, req.width as u32, req.height as u32).to_rgb8();
@@ -454,7 +497,7 @@ impl Engine {
             .into_iter()
             .zip(seeds)
             .map(|(image, seed)| Generated {
-                infotext: infotext(req, &spec, seed, &self.model_name, self.weights.family),
+                infotext: infotext(req, &spec, seed, &self.model_name, self.weights.family, &ti),
                 image,
                 seed,
             })
@@ -619,6 +662,7 @@ pub fn infotext(
     seed: u64,
     model: &str,
     family: Family,
+    ti_hashes: &[String],
 ) -> String {
     let mut s = req.prompt.clone();
     if !req.negative_prompt.is_empty() {
@@ -641,6 +685,14 @@ pub fn infotext(
     }
     if req.clip_skip > 1 && family != Family::Sdxl {
         fields.push(format!("Clip skip: {}", req.clip_skip));
+    }
+    if !ti_hashes.is_empty() {
+        // Quoted as A1111's `quote()` does for values holding `,` or `:`.
+        let joined = ti_hashes.join(", ");
+        fields.push(format!(
+            "TI hashes: {}",
+            serde_json::to_string(&joined).unwrap_or(joined)
+        ));
     }
     fields.push(format!("Version: sdkube {}", env!("CARGO_PKG_VERSION")));
     s.push('\n');
