@@ -17,7 +17,7 @@ use crate::config::ClipTextConfig;
 
 /// Softmax over the last axis: the fused kernel, or the differentiable composition when
 /// gradients are being tracked.
-fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+pub(crate) fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     if xs.track_op() {
         candle_nn::ops::softmax(xs, D::Minus1)
     } else {
@@ -27,22 +27,23 @@ fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
 
 /// `transformers`' `nn.LayerNorm`, differentiable when gradients are tracked.
 #[derive(Debug)]
-struct Norm {
+pub(crate) struct Norm {
     inner: LayerNorm,
     eps: f64,
 }
 
 impl Norm {
-    fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             inner: layer_norm(size, eps, vb)?,
             eps,
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self.inner.bias() {
-            Some(bias) if xs.track_op() => {
+            // The fused kernel has no backward pass and no f64 version.
+            Some(bias) if xs.track_op() || xs.dtype() == DType::F64 => {
                 candle_nn::ops::layer_norm_slow(xs, self.inner.weight(), bias, self.eps as f32)
             }
             _ => self.inner.forward(xs),

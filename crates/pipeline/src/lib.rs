@@ -7,6 +7,7 @@ pub mod prompt;
 pub mod sampler;
 pub mod text;
 pub mod tokenizer;
+pub mod train;
 pub mod vae_decode;
 
 pub use generate::{Engine, Generated, Limits, Overrides, Progress, Request, VramMode};
