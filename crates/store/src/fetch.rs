@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::catalog::{check_relative_path, glob_matches, FileSource, ModelEntry};
-use crate::net::{build_clients, ProxyConfig};
+use crate::net::{build_clients, load_ca_bundle, ProxyConfig};
 use crate::store::{hex, io_err, sha256_file, sync_dir, Store, StoreError, StoreLock, StoredFile};
 
 /// Returns the free bytes on the filesystem holding a path.
@@ -36,6 +36,9 @@ pub struct FetchOptions {
     /// on redirects to other hosts such as the CDN).
     pub hf_token: Option<String>,
     pub proxy: ProxyConfig,
+    /// A PEM file of root certificates trusted besides the system's (`SDKUBE_CA_BUNDLE`): the CA
+    /// of a TLS-inspecting corporate proxy, or of a mirror with a private certificate.
+    pub ca_bundle: Option<PathBuf>,
     /// Parallel ranged connections for files of at least `ranged_min_size` bytes.
     pub connections: usize,
     pub ranged_min_size: u64,
@@ -60,6 +63,7 @@ impl Default for FetchOptions {
             hf_endpoint: "https://huggingface.co".into(),
             hf_token: None,
             proxy: ProxyConfig::default(),
+            ca_bundle: None,
             connections: 4,
             ranged_min_size: 64 << 20,
             connect_timeout: Duration::from_secs(10),
@@ -75,13 +79,14 @@ impl Default for FetchOptions {
 }
 
 impl FetchOptions {
-    /// Defaults, with `HF_ENDPOINT`, `HF_TOKEN` (or `HUGGING_FACE_HUB_TOKEN`) and the proxy
-    /// variables taken from the environment.
+    /// Defaults, with `HF_ENDPOINT`, `HF_TOKEN` (or `HUGGING_FACE_HUB_TOKEN`),
+    /// `SDKUBE_CA_BUNDLE` and the proxy variables taken from the environment.
     pub fn from_env() -> FetchOptions {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         let mut options = FetchOptions {
             proxy: ProxyConfig::from_env(),
             hf_token: var("HF_TOKEN").or_else(|| var("HUGGING_FACE_HUB_TOKEN")),
+            ca_bundle: var("SDKUBE_CA_BUNDLE").map(PathBuf::from),
             ..FetchOptions::default()
         };
         if let Some(endpoint) = var("HF_ENDPOINT") {
@@ -206,6 +211,8 @@ pub enum FetchError {
     },
     #[error("{url}: {message}")]
     Protocol { url: String, message: String },
+    #[error("{url}: the server's TLS certificate is not trusted ({detail}); behind a TLS-inspecting proxy or for a private mirror, set SDKUBE_CA_BUNDLE to a PEM file with its CA certificate")]
+    UntrustedCertificate { url: String, detail: String },
     #[error("no file of {repo} matches {pattern:?}")]
     NoMatch { repo: String, pattern: String },
 }
@@ -223,6 +230,7 @@ impl FetchError {
                 | FetchError::HubHashMismatch { .. }
                 | FetchError::HubSizeMismatch { .. }
                 | FetchError::NoMatch { .. }
+                | FetchError::UntrustedCertificate { .. }
         )
     }
 }
@@ -280,8 +288,13 @@ pub async fn fetch(
     progress: impl Fn(ProgressEvent) + Send + Sync,
 ) -> Result<FetchReport, FetchError> {
     let started = Instant::now();
+    let extra_roots = match &options.ca_bundle {
+        Some(path) => load_ca_bundle(path).map_err(FetchError::Config)?,
+        None => Vec::new(),
+    };
     let (client, client_no_redirect) = build_clients(
         &options.proxy,
+        &extra_roots,
         options.connect_timeout,
         options.read_timeout,
     )
@@ -756,6 +769,12 @@ async fn send_with_retry(
             }
             Ok(response) => return check_status(ctx, url, response),
             Err(e) => {
+                if let Some(detail) = untrusted_certificate(&e) {
+                    return Err(FetchError::UntrustedCertificate {
+                        url: url.to_owned(),
+                        detail,
+                    });
+                }
                 let reason = error_chain(&e);
                 retrier.wait(ctx, file, url, reason, None).await?;
             }
@@ -795,6 +814,28 @@ fn check_status(
         status: code,
         hint,
     })
+}
+
+/// The rustls certificate error somewhere in an error's chain, as text: retrying cannot help,
+/// only trusting the right CA can. (`io::Error` hides a wrapped error from `source()`, hence
+/// `get_ref`.)
+fn untrusted_certificate(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        let inner = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|i| i as &(dyn std::error::Error + 'static));
+        for candidate in [Some(e), inner].into_iter().flatten() {
+            if let Some(err @ rustls::Error::InvalidCertificate(_)) =
+                candidate.downcast_ref::<rustls::Error>()
+            {
+                return Some(err.to_string());
+            }
+        }
+        next = e.source();
+    }
+    None
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -861,10 +902,19 @@ fn load_state(partial: &Path, job: &FileJob) -> Option<ResumeState> {
     valid.then_some(state)
 }
 
+/// A ranged download is cut into up to this many pieces per connection, of at least
+/// [`MIN_PIECE`] bytes. The connections take the pieces in file order, so the complete prefix
+/// of the file, which is all that can be hashed yet, grows at the speed of all connections
+/// together and the hash ends a piece or so after the last byte arrives.
+const PIECES_PER_CONNECTION: u64 = 8;
+const MIN_PIECE: u64 = 8 << 20;
+
 fn plan_chunks(size: Option<u64>, connections: usize, ranged_min_size: u64) -> Vec<ChunkState> {
     match size {
         Some(size) if connections > 1 && size >= ranged_min_size.max(connections as u64) => {
-            let n = connections as u64;
+            let per_connection =
+                (size / (connections as u64 * MIN_PIECE)).clamp(1, PIECES_PER_CONNECTION);
+            let n = connections as u64 * per_connection;
             (0..n)
                 .map(|i| ChunkState {
                     start: size * i / n,
@@ -881,8 +931,10 @@ fn plan_chunks(size: Option<u64>, connections: usize, ranged_min_size: u64) -> V
     }
 }
 
-/// How often (in bytes written) the writer flushes the partial file and saves resume state.
-const SAVE_EVERY: u64 = 256 << 20;
+/// How often (in bytes written) the partial file is flushed and resume state saved. The flush
+/// runs beside the download ([`Checkpointer`]); flushing often keeps the final fsync, which
+/// the download does wait for, short.
+const SAVE_EVERY: u64 = 64 << 20;
 
 enum WriteOp {
     Data {
@@ -907,20 +959,191 @@ fn save_state(path: &Path, state: &ResumeState) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// The blocking half of a download: positional writes, in-order hashing of a single stream,
-/// and resume state that only ever claims bytes already flushed to the partial file.
+fn thread_panicked(what: &str) -> std::io::Error {
+    std::io::Error::other(format!("the {what} thread panicked"))
+}
+
+/// Flushes the partial file and then saves resume state, on its own thread so that a slow
+/// disk never holds up the download. A state is queued only after the bytes it claims were
+/// written, and the flush starts after it is queued, so a saved state never claims bytes that
+/// are not on disk.
+struct Checkpointer {
+    queue: Option<std::sync::mpsc::SyncSender<ResumeState>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Checkpointer {
+    fn spawn(file: &std::fs::File, state_file: &Path) -> std::io::Result<Checkpointer> {
+        let file = file.try_clone()?;
+        let state_file = state_file.to_owned();
+        // One state waiting at most: a disk slower than the network slows the download down
+        // instead of queueing memory.
+        let (queue, states) = std::sync::mpsc::sync_channel::<ResumeState>(1);
+        let thread = std::thread::Builder::new()
+            .name("sdkube-fetch-fsync".into())
+            .spawn(move || {
+                for state in states {
+                    file.sync_data()?;
+                    save_state(&state_file, &state)?;
+                }
+                Ok(())
+            })?;
+        Ok(Checkpointer {
+            queue: Some(queue),
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a checkpoint. A failed flush stops the thread; [`Checkpointer::finish`] says why.
+    fn save(&self, state: ResumeState) {
+        if let Some(queue) = &self.queue {
+            let _ = queue.send(state);
+        }
+    }
+
+    /// Waits for every queued checkpoint; the first error, if any.
+    fn finish(mut self) -> std::io::Result<()> {
+        drop(self.queue.take());
+        match self.thread.take() {
+            Some(thread) => thread.join().map_err(|_| thread_panicked("fsync"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+enum HashOp {
+    /// The next bytes of the file, in order (a single stream hands its chunks over).
+    Data(bytes::Bytes),
+    /// The file is complete up to this offset: hash what is not hashed yet, read back from the
+    /// file (ranged downloads, whose pieces arrive out of order; the pages are still cached).
+    UpTo(u64),
+    /// Start over from byte 0.
+    Restart,
+}
+
+/// SHA-256 of the file computed in file order on its own thread, while the download runs:
+/// hashing costs about as much CPU as receiving and writing together, so doing it beside the
+/// writes (instead of between them, or after the download) is what lets one stream keep up
+/// with curl and spares ranged downloads a second pass over the file.
+struct OrderedHasher {
+    queue: Option<std::sync::mpsc::SyncSender<HashOp>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<(Sha256, u64)>>>,
+}
+
+impl OrderedHasher {
+    /// Continues `hasher`, which has hashed the first `hashed` bytes of `file`.
+    fn spawn(
+        file: &std::fs::File,
+        mut hasher: Sha256,
+        mut hashed: u64,
+    ) -> std::io::Result<OrderedHasher> {
+        use std::os::unix::fs::FileExt;
+        let file = file.try_clone()?;
+        // Chunks are a few hundred kB: a short queue is enough to keep both threads busy.
+        let (queue, ops) = std::sync::mpsc::sync_channel::<HashOp>(16);
+        let thread = std::thread::Builder::new()
+            .name("sdkube-fetch-sha256".into())
+            .spawn(move || {
+                let mut buf = Vec::new();
+                for op in ops {
+                    match op {
+                        HashOp::Data(bytes) => {
+                            hasher.update(&bytes);
+                            hashed += bytes.len() as u64;
+                        }
+                        HashOp::UpTo(end) => {
+                            buf.resize(1 << 20, 0);
+                            while hashed < end {
+                                let n = (end - hashed).min(buf.len() as u64) as usize;
+                                file.read_exact_at(&mut buf[..n], hashed)?;
+                                hasher.update(&buf[..n]);
+                                hashed += n as u64;
+                            }
+                        }
+                        HashOp::Restart => {
+                            hasher = Sha256::new();
+                            hashed = 0;
+                        }
+                    }
+                }
+                Ok((hasher, hashed))
+            })?;
+        Ok(OrderedHasher {
+            queue: Some(queue),
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues work. A failed read stops the thread; [`OrderedHasher::finish`] says why.
+    fn send(&self, op: HashOp) {
+        if let Some(queue) = &self.queue {
+            let _ = queue.send(op);
+        }
+    }
+
+    /// The hash and how many bytes from the start of the file it covers.
+    fn finish(mut self) -> std::io::Result<(Sha256, u64)> {
+        drop(self.queue.take());
+        self.thread
+            .take()
+            .ok_or_else(|| thread_panicked("sha256"))?
+            .join()
+            .map_err(|_| thread_panicked("sha256"))?
+    }
+}
+
+impl Drop for OrderedHasher {
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Where the complete prefix of the file ends: chunks are contiguous and in file order.
+fn complete_prefix(state: &ResumeState) -> u64 {
+    let mut end = 0;
+    for chunk in &state.chunks {
+        if chunk.start != end {
+            break;
+        }
+        end = chunk.start + chunk.done;
+        if chunk.end != Some(end) {
+            break;
+        }
+    }
+    end
+}
+
+/// A ranged download tells the hasher about its complete prefix in steps of at least this.
+const HASH_STEP: u64 = 8 << 20;
+
+/// The blocking half of a download: positional writes, the hash in file order
+/// ([`OrderedHasher`]), and resume state that only ever claims bytes already flushed to the
+/// partial file ([`Checkpointer`], every `checkpoint_every` bytes). The hash comes back when
+/// it covers the whole file.
 fn run_writer(
     file: std::fs::File,
-    hash_in_order: bool,
+    single: bool,
     mut state: ResumeState,
     state_file: PathBuf,
     mut rx: mpsc::Receiver<WriteOp>,
+    checkpoint_every: u64,
 ) -> std::io::Result<(Option<Sha256>, ResumeState)> {
     use std::io::Read;
     use std::os::unix::fs::FileExt;
-    let mut hasher = None;
     let mut next = 0u64;
-    if hash_in_order {
+    let hasher = if single {
         // Hash what an earlier run already wrote, so the stream's hash covers the whole file.
         let mut h = Sha256::new();
         let kept = state.chunks[0].done;
@@ -932,8 +1155,22 @@ fn run_writer(
             ));
         }
         next = kept;
-        hasher = Some(h);
+        OrderedHasher::spawn(&file, h, kept)?
+    } else {
+        OrderedHasher::spawn(&file, Sha256::new(), 0)?
+    };
+    let mut told_prefix = 0u64;
+    let mut tell_prefix = |state: &ResumeState, force: bool| {
+        let prefix = complete_prefix(state);
+        if prefix > told_prefix && (force || prefix >= told_prefix + HASH_STEP) {
+            hasher.send(HashOp::UpTo(prefix));
+            told_prefix = prefix;
+        }
+    };
+    if !single {
+        tell_prefix(&state, true);
     }
+    let mut checkpoints = Checkpointer::spawn(&file, &state_file)?;
     let mut unsaved = 0u64;
     while let Some(op) = rx.blocking_recv() {
         match op {
@@ -942,41 +1179,51 @@ fn run_writer(
                 offset,
                 bytes,
             } => {
+                let n = bytes.len() as u64;
                 file.write_all_at(&bytes, offset)?;
-                if let Some(h) = &mut hasher {
+                if single {
                     if offset != next {
                         return Err(std::io::Error::other("single-stream write out of order"));
                     }
-                    h.update(&bytes);
-                    next += bytes.len() as u64;
+                    next += n;
+                    hasher.send(HashOp::Data(bytes));
                 }
-                state.chunks[chunk].done += bytes.len() as u64;
-                unsaved += bytes.len() as u64;
-                if unsaved >= SAVE_EVERY {
-                    file.sync_data()?;
-                    save_state(&state_file, &state)?;
+                state.chunks[chunk].done += n;
+                if !single {
+                    tell_prefix(&state, false);
+                }
+                unsaved += n;
+                if unsaved >= checkpoint_every {
+                    checkpoints.save(state.clone());
                     unsaved = 0;
                 }
             }
             WriteOp::Restart => {
-                if hasher.is_some() {
-                    hasher = Some(Sha256::new());
-                }
+                // Let queued checkpoints land before the file shrinks under them.
+                checkpoints.finish()?;
+                hasher.send(HashOp::Restart);
                 next = 0;
                 state.chunks[0].done = 0;
                 if state.size.is_none() {
                     file.set_len(0)?;
                 }
                 save_state(&state_file, &state)?;
+                checkpoints = Checkpointer::spawn(&file, &state_file)?;
             }
         }
     }
+    if !single {
+        tell_prefix(&state, true);
+    }
+    checkpoints.finish()?;
     if state.size.is_none() {
         file.set_len(state.chunks[0].done)?;
     }
     file.sync_data()?;
     save_state(&state_file, &state)?;
-    Ok((hasher, state))
+    let (hash, hashed) = hasher.finish()?;
+    let whole = hashed == state.done() && state.size.is_none_or(|size| size == hashed);
+    Ok((whole.then_some(hash), state))
 }
 
 struct HashWriter<'a>(&'a mut Sha256);
@@ -1069,7 +1316,7 @@ async fn download_file(
                 }
             }
         };
-        match attempt(ctx, job, &partial, state).await {
+        match attempt(ctx, job, &partial, state, connections).await {
             Ok(done) => break done,
             Err(AttemptError::RangesUnsupported) if connections > 1 => {
                 discard(&partial);
@@ -1142,12 +1389,14 @@ async fn download_file(
     Ok(stored)
 }
 
-/// One pass over all chunks of a file; on error the writer has saved what was written.
+/// One pass over all chunks of a file, taken in file order by up to `connections` parallel
+/// requests; on error the writer has saved what was written.
 async fn attempt(
     ctx: &Ctx<'_>,
     job: &FileJob,
     partial: &Path,
     state: ResumeState,
+    connections: usize,
 ) -> Result<(Option<Sha256>, ResumeState), AttemptError> {
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -1168,18 +1417,20 @@ async fn attempt(
     }
     let single = state.chunks.len() == 1;
     let chunks = state.chunks.clone();
+    let workers = connections.clamp(1, chunks.len());
     let resumed_from = state.done();
     (ctx.progress)(ProgressEvent::FileStart {
         model: job.model.clone(),
         file: job.rel_path.clone(),
         size: job.size,
         resumed_from,
-        connections: chunks.len(),
+        connections: workers,
     });
     let (tx, rx) = mpsc::channel(64);
     let state_file = state_path(partial);
-    let writer =
-        tokio::task::spawn_blocking(move || run_writer(file, single, state, state_file, rx));
+    let writer = tokio::task::spawn_blocking(move || {
+        run_writer(file, single, state, state_file, rx, SAVE_EVERY)
+    });
     let throttle = ProgressThrottle {
         ctx,
         job,
@@ -1188,12 +1439,16 @@ async fn attempt(
         start_bytes: resumed_from,
         last: Mutex::new(Instant::now()),
     };
-    let downloads = futures_util::future::try_join_all(
-        chunks
-            .iter()
-            .enumerate()
-            .map(|(i, c)| download_chunk(ctx, job, i, *c, single, &tx, &throttle)),
-    )
+    let next_chunk = std::sync::atomic::AtomicUsize::new(0);
+    let downloads = futures_util::future::try_join_all((0..workers).map(|_| async {
+        loop {
+            let i = next_chunk.fetch_add(1, Ordering::Relaxed);
+            let Some(chunk) = chunks.get(i) else {
+                return Ok::<(), AttemptError>(());
+            };
+            download_chunk(ctx, job, i, *chunk, single, &tx, &throttle).await?;
+        }
+    }))
     .await;
     drop(tx);
     let written = writer
@@ -1324,17 +1579,143 @@ mod tests {
 
     #[test]
     fn chunks_cover_the_file_exactly() {
-        for size in [64u64 << 20, (64 << 20) + 7, 1 << 31] {
+        for (size, pieces) in [
+            (64u64 << 20, 8),
+            ((64 << 20) + 7, 8),
+            (100 << 20, 12),
+            (1 << 31, 32),
+        ] {
             let chunks = plan_chunks(Some(size), 4, 64 << 20);
-            assert_eq!(chunks.len(), 4);
+            assert_eq!(chunks.len(), pieces, "{size}");
             assert_eq!(chunks[0].start, 0);
-            assert_eq!(chunks[3].end, Some(size));
+            assert_eq!(chunks[pieces - 1].end, Some(size));
             for pair in chunks.windows(2) {
                 assert_eq!(pair[0].end, Some(pair[1].start));
             }
         }
         assert_eq!(plan_chunks(Some(1000), 4, 64 << 20).len(), 1);
         assert_eq!(plan_chunks(None, 4, 0).len(), 1);
+    }
+
+    /// The writer's own threads: in-order hashing across a restart, a checkpoint saved while
+    /// the download still runs (claiming only bytes already in the file), the final state.
+    #[test]
+    fn writer_hashes_in_order_checkpoints_on_the_way_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let partial = dir.path().join("f.partial");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&partial)
+            .unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let state = ResumeState {
+            url: "http://x/f".into(),
+            size: None,
+            sha256: None,
+            chunks: plan_chunks(None, 1, 0),
+        };
+        let state_file = state_path(&partial);
+        let (tx, rx) = mpsc::channel(4);
+        let writer = std::thread::spawn({
+            let state_file = state_file.clone();
+            move || run_writer(file, true, state, state_file, rx, 10_000)
+        });
+        let send = |offset: usize, bytes: &[u8]| {
+            tx.blocking_send(WriteOp::Data {
+                chunk: 0,
+                offset: offset as u64,
+                bytes: bytes::Bytes::copy_from_slice(bytes),
+            })
+            .unwrap()
+        };
+        // A server that ignored our Range: what came first is thrown away, hash included.
+        send(0, &[0xAA; 30_000]);
+        tx.blocking_send(WriteOp::Restart).unwrap();
+        let pieces: Vec<&[u8]> = data.chunks(7_000).collect();
+        for (i, piece) in pieces[..3].iter().enumerate() {
+            send(i * 7_000, piece);
+        }
+        // 21 000 bytes written, checkpoint every 10 000: one lands while the writer waits.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let saved = loop {
+            let saved = std::fs::read(&state_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<ResumeState>(&b).ok());
+            match saved {
+                Some(s) if s.done() > 0 => break s,
+                _ if Instant::now() > deadline => panic!("no checkpoint was saved"),
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        let claimed = saved.done() as usize;
+        assert!((10_000..=21_000).contains(&claimed), "{claimed}");
+        assert_eq!(std::fs::read(&partial).unwrap()[..claimed], data[..claimed]);
+        for (i, piece) in pieces.iter().enumerate().skip(3) {
+            send(i * 7_000, piece);
+        }
+        drop(tx);
+        let (hasher, state) = writer.join().unwrap().unwrap();
+        assert_eq!(
+            hex(&hasher.unwrap().finalize()),
+            hex(&Sha256::digest(&data))
+        );
+        assert_eq!(state.done(), data.len() as u64);
+        assert_eq!(std::fs::read(&partial).unwrap(), data);
+        let saved: ResumeState =
+            serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+        assert_eq!(saved, state);
+    }
+
+    /// Ranged pieces arrive out of order; the hash still comes out of the writer, read back in
+    /// file order, including a piece an earlier run had already finished.
+    #[test]
+    fn writer_hashes_ranged_pieces_in_file_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let partial = dir.path().join("f.partial");
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 13 % 253) as u8).collect();
+        let mut kept = data[..25_000].to_vec();
+        kept.resize(data.len(), 0); // preallocated file: only the first piece is real
+        std::fs::write(&partial, &kept).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&partial)
+            .unwrap();
+        let mut chunks = plan_chunks(Some(100_000), 4, 0);
+        assert_eq!(chunks.len(), 4);
+        chunks[0].done = 25_000;
+        let state = ResumeState {
+            url: "http://x/f".into(),
+            size: Some(100_000),
+            sha256: None,
+            chunks,
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let writer = std::thread::spawn({
+            let state_file = state_path(&partial);
+            move || run_writer(file, false, state, state_file, rx, 10_000)
+        });
+        for chunk in [3usize, 1, 2] {
+            for offset in (chunk * 25_000..(chunk + 1) * 25_000).step_by(5_000) {
+                tx.blocking_send(WriteOp::Data {
+                    chunk,
+                    offset: offset as u64,
+                    bytes: bytes::Bytes::copy_from_slice(&data[offset..offset + 5_000]),
+                })
+                .unwrap();
+            }
+        }
+        drop(tx);
+        let (hasher, state) = writer.join().unwrap().unwrap();
+        assert_eq!(state.done(), 100_000);
+        assert_eq!(std::fs::read(&partial).unwrap(), data);
+        assert_eq!(
+            hex(&hasher.expect("the hash covers the file").finalize()),
+            hex(&Sha256::digest(&data))
+        );
     }
 
     #[test]

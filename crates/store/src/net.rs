@@ -7,7 +7,12 @@
 //! `ALL_PROXY`/`all_proxy` for both when the specific one is unset, and `NO_PROXY`/`no_proxy`
 //! (comma-separated hosts, `.domain` suffixes, IPs, CIDR blocks, `*`) to bypass them. The
 //! upper-case spelling wins when both are set. Empty values count as unset.
+//!
+//! TLS trusts the system's roots (which `SSL_CERT_FILE`/`SSL_CERT_DIR` replace, as for
+//! OpenSSL) plus the certificates of an optional PEM bundle ([`load_ca_bundle`]): the CA of a
+//! TLS-inspecting corporate proxy or of a private mirror, without giving up the public roots.
 
+use std::path::Path;
 use std::time::Duration;
 
 /// Proxy settings, usually [`ProxyConfig::from_env`].
@@ -63,10 +68,23 @@ impl ProxyConfig {
     }
 }
 
+/// Reads every certificate of a PEM file, to be trusted besides the system's roots.
+pub(crate) fn load_ca_bundle(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let what = |e: &dyn std::fmt::Display| format!("CA bundle {}: {e}", path.display());
+    let pem = std::fs::read(path).map_err(|e| what(&e))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| what(&e))?;
+    if certs.is_empty() {
+        return Err(what(&"no PEM certificate in it"));
+    }
+    Ok(certs)
+}
+
 /// Builds the two clients the fetcher uses: one following redirects (downloads) and one not
-/// (hub metadata, whose interesting headers sit on the redirect response itself).
+/// (hub metadata, whose interesting headers sit on the redirect response itself). `extra_roots`
+/// are trusted in addition to the system's roots.
 pub(crate) fn build_clients(
     proxy: &ProxyConfig,
+    extra_roots: &[reqwest::Certificate],
     connect_timeout: Duration,
     read_timeout: Duration,
 ) -> Result<(reqwest::Client, reqwest::Client), String> {
@@ -77,7 +95,8 @@ pub(crate) fn build_clients(
             .user_agent(concat!("sdkube/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(connect_timeout)
             .read_timeout(read_timeout)
-            .redirect(redirects);
+            .redirect(redirects)
+            .tls_certs_merge(extra_roots.iter().cloned());
         proxy
             .apply(builder)?
             .build()
@@ -122,7 +141,23 @@ mod tests {
             https: Some("http://[::1".into()),
             ..Default::default()
         };
-        let err = build_clients(&cfg, Duration::from_secs(1), Duration::from_secs(1)).unwrap_err();
+        let err =
+            build_clients(&cfg, &[], Duration::from_secs(1), Duration::from_secs(1)).unwrap_err();
         assert!(err.contains("HTTPS_PROXY"), "{err}");
+    }
+
+    #[test]
+    fn a_ca_bundle_that_is_missing_or_holds_no_certificate_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = load_ca_bundle(&missing).unwrap_err();
+        assert!(err.contains("missing.pem"), "{err}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let err = load_ca_bundle(&empty).unwrap_err();
+        assert!(
+            err.contains("empty.pem") && err.contains("no PEM certificate"),
+            "{err}"
+        );
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{content, sha256_hex, Fault, ForwardProxy, Hub};
+use common::{content, sha256_hex, Fault, ForwardProxy, Hub, TestTls};
 use sdkube_store::{
     fetch, Catalog, FetchError, FetchOptions, ModelEntry, ProgressEvent, ProxyConfig, Store,
 };
@@ -629,6 +629,112 @@ async fn requests_go_through_the_proxy_unless_no_proxy_matches() {
     };
     let (result, _) = run(&store, &one_file("w.bin", Some(&sha)), &dead).await;
     assert!(matches!(result, Err(FetchError::GaveUp { .. })));
+}
+
+/// The seed's situation: HTTPS only through a CONNECT proxy, and a CA of our own (a private
+/// mirror, or a TLS-inspecting proxy) trusted through `ca_bundle` (`SDKUBE_CA_BUNDLE`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_is_tunnelled_through_the_proxy_unless_no_proxy_matches_and_trusts_the_ca_bundle() {
+    let tls = TestTls::generate();
+    let hub = Hub::start_tls(None, &tls).await;
+    let data = content(200_000, 13);
+    let sha = hub.add(REPO, "w.bin", data.clone(), true);
+    let proxy = ForwardProxy::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_bundle = tls.write_ca_bundle(dir.path());
+    let https_options = |no_proxy: Option<&str>, ca_bundle: Option<PathBuf>| FetchOptions {
+        proxy: ProxyConfig {
+            https: Some(proxy.url()),
+            no_proxy: no_proxy.map(str::to_owned),
+            ..Default::default()
+        },
+        ca_bundle,
+        ..options(&hub)
+    };
+    assert!(hub.endpoint().starts_with("https://"));
+
+    // Through the proxy: one tunnel per host (hub, then the CDN it redirects to), nothing
+    // forwarded in clear text, and the file verified.
+    let store = Store::open(dir.path().join("a")).unwrap();
+    let (result, _) = run(
+        &store,
+        &one_file("w.bin", Some(&sha)),
+        &https_options(None, Some(ca_bundle.clone())),
+    )
+    .await;
+    assert_eq!(result.unwrap().files_downloaded, 1);
+    assert_nothing_corrupt_visible(&store, &[("m/w.bin", &data)]);
+    assert_eq!(visible_files(store.root()).len(), 1);
+    assert_eq!(store.manifest().unwrap().models["m"].files[0].sha256, sha);
+    let tunnels = proxy.tunnels();
+    assert!(tunnels.contains(&hub.hub_addr.to_string()), "{tunnels:?}");
+    assert!(
+        tunnels.contains(&hub.cdn_addr.to_string()),
+        "the CDN redirect is tunnelled too: {tunnels:?}"
+    );
+    assert_eq!(
+        proxy.targets(),
+        tunnels,
+        "nothing went through in clear text"
+    );
+    assert_eq!(hub.cdn_gets().len(), 1);
+
+    // NO_PROXY naming the host: straight to the servers, the proxy sees nothing.
+    let tunnels_before = proxy.tunnels().len();
+    let requests_before = hub.requests();
+    let store = Store::open(dir.path().join("b")).unwrap();
+    let (result, _) = run(
+        &store,
+        &one_file("w.bin", Some(&sha)),
+        &https_options(Some("example.com,127.0.0.1"), Some(ca_bundle.clone())),
+    )
+    .await;
+    assert_eq!(result.unwrap().files_downloaded, 1);
+    assert_nothing_corrupt_visible(&store, &[("m/w.bin", &data)]);
+    assert_eq!(visible_files(store.root()).len(), 1);
+    assert!(hub.requests() > requests_before, "the servers were asked");
+    assert_eq!(
+        proxy.tunnels().len(),
+        tunnels_before,
+        "the proxy was bypassed"
+    );
+
+    // Without the CA: refused at once with what to do (no retries: waiting cannot fix trust).
+    let store = Store::open(dir.path().join("c")).unwrap();
+    let (result, events) = run(
+        &store,
+        &one_file("w.bin", Some(&sha)),
+        &https_options(None, None),
+    )
+    .await;
+    let err = result.unwrap_err();
+    assert!(
+        matches!(err, FetchError::UntrustedCertificate { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("SDKUBE_CA_BUNDLE"), "{err}");
+    assert!(err.is_environment());
+    assert!(!events
+        .iter()
+        .any(|e| matches!(e, ProgressEvent::Retry { .. })));
+    assert!(visible_files(store.root()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_bundle_that_cannot_be_read_is_a_configuration_error_before_any_request() {
+    let hub = Hub::start(None).await;
+    let sha = hub.add(REPO, "w.bin", content(1000, 14), true);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("s")).unwrap();
+    let opts = FetchOptions {
+        ca_bundle: Some(dir.path().join("no-such-ca.pem")),
+        ..options(&hub)
+    };
+    let (result, _) = run(&store, &one_file("w.bin", Some(&sha)), &opts).await;
+    let err = result.unwrap_err();
+    assert!(matches!(err, FetchError::Config(_)), "{err:?}");
+    assert!(err.to_string().contains("no-such-ca.pem"), "{err}");
+    assert_eq!(hub.requests(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

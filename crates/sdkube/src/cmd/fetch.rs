@@ -3,13 +3,15 @@
 //! The Helm chart's init container runs `sdkube fetch <names> --store /data/models
 //! --progress json`; it may run any number of times and downloads each file once (files
 //! already verified in the store cost no request). `HF_ENDPOINT` (a hub mirror), `HF_TOKEN`
-//! (gated repos), `HTTP_PROXY`/`HTTPS_PROXY`/`ALL_PROXY`/`NO_PROXY` (either case) are read
-//! from the environment.
+//! (gated repos), `HTTP_PROXY`/`HTTPS_PROXY`/`ALL_PROXY`/`NO_PROXY` (either case) and
+//! `SDKUBE_CA_BUNDLE` (a PEM file of extra trusted CAs: a TLS-inspecting proxy's, a private
+//! mirror's) are read from the environment.
 //!
 //! Exit codes: 0 every named model is present and verified; 1 the download failed (network or
 //! server still failing after retries, checksum or size mismatch, a disk write error);
-//! 2 usage or environment: unknown model name, bad catalog file, bad proxy URL, store not
-//! usable, not enough free space, access denied (HTTP 401/403/404: token, repo or path).
+//! 2 usage or environment: unknown model name, bad catalog file, bad proxy URL or CA bundle,
+//! untrusted TLS certificate, store not usable, not enough free space, access denied
+//! (HTTP 401/403/404: token, repo or path).
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;

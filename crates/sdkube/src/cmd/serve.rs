@@ -7,6 +7,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use candle_core::{DType, Device};
+use sdkube_pipeline::{Limits, VramMode};
+
 #[derive(clap::Args, Debug, serde::Serialize)]
 pub struct Args {
     /// Model to serve: a catalog name (fetched into the store when missing) or a path.
@@ -24,7 +27,8 @@ pub struct Args {
     /// Address to listen on (A1111's port by default).
     #[arg(long, env = "SDKUBE_LISTEN", default_value = "0.0.0.0:7860")]
     pub listen: String,
-    /// Device: `cpu`, `cuda` or `cuda:N`; `auto` takes the first GPU if there is one.
+    /// Devices, one worker each: `cpu`; `cuda` or `auto` = every visible GPU (`auto` falls
+    /// back to the CPU when there is none); `cuda:N`; or a list `cuda:0,cuda:1`.
     #[arg(long, env = "SDKUBE_DEVICE", default_value = "auto")]
     pub device: String,
     /// Numeric precision: fp16, bf16 or fp32 (auto: fp16 on GPU, fp32 on CPU).
@@ -54,6 +58,33 @@ pub struct Args {
     /// Largest batch accepted.
     #[arg(long, env = "SDKUBE_MAX_BATCH", default_value_t = 8)]
     pub max_batch: u32,
+    /// User catalog file extending the built-in one.
+    #[arg(long, env = "SDKUBE_CATALOG")]
+    pub catalog: Option<PathBuf>,
+    /// Extra folders of checkpoints (`.safetensors`, `.ckpt`, diffusers folders) listed by
+    /// `/sdapi/v1/sd-models` (comma separated).
+    #[arg(long, env = "SDKUBE_CHECKPOINT_DIRS", value_delimiter = ',')]
+    pub checkpoint_dirs: Vec<PathBuf>,
+    /// Folders of RealESRGAN weights (`.pth`, `.safetensors`) offered as upscalers, besides
+    /// the ones in the store (comma separated).
+    #[arg(long, env = "SDKUBE_UPSCALER_DIRS", value_delimiter = ',')]
+    pub upscaler_dirs: Vec<PathBuf>,
+    /// GFPGAN weights for face restoration: a store name or a path.
+    #[arg(long, env = "SDKUBE_FACE_RESTORER", default_value = "gfpgan-1.4")]
+    pub face_restorer: String,
+    /// Face detector for face restoration: a store name or a path.
+    #[arg(
+        long,
+        env = "SDKUBE_FACE_DETECTOR",
+        default_value = "retinaface-resnet50"
+    )]
+    pub face_detector: String,
+    /// Largest request body, in MiB (images travel base64-encoded in JSON).
+    #[arg(long, env = "SDKUBE_MAX_BODY_MB", default_value_t = 64)]
+    pub max_body_mb: usize,
+    /// Seconds running jobs get to finish at shutdown before they are cancelled.
+    #[arg(long, env = "SDKUBE_SHUTDOWN_GRACE", default_value_t = 25)]
+    pub shutdown_grace: u64,
     /// Print the parsed settings as JSON and exit.
     #[arg(long)]
     #[serde(skip)]
@@ -74,5 +105,138 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
     }
-    anyhow::bail!("`sdkube serve` is not implemented yet (issue 4)")
+    let config = config(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(sdkube_server::serve(config))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The devices named by `--device`, one worker each.
+fn devices(spec: &str) -> anyhow::Result<Vec<Device>> {
+    let all_gpus = || -> Vec<Device> { (0..16).map_while(|i| Device::new_cuda(i).ok()).collect() };
+    Ok(match spec {
+        "cpu" => vec![Device::Cpu],
+        "auto" => {
+            let gpus = all_gpus();
+            if gpus.is_empty() {
+                vec![Device::Cpu]
+            } else {
+                gpus
+            }
+        }
+        "cuda" => {
+            let gpus = all_gpus();
+            if gpus.is_empty() {
+                anyhow::bail!(
+                    "--device cuda: no CUDA device is usable (is this build made with --features cuda, \
+                     and does the pod have a GPU? `sdkube doctor` tells)"
+                );
+            }
+            gpus
+        }
+        list => list
+            .split(',')
+            .map(|d| {
+                let d = d.trim();
+                match d
+                    .strip_prefix("cuda:")
+                    .and_then(|n| n.parse::<usize>().ok())
+                {
+                    Some(n) => {
+                        Device::new_cuda(n).map_err(|e| anyhow::anyhow!("--device {d}: {e}"))
+                    }
+                    None if d == "cpu" => Ok(Device::Cpu),
+                    None => Err(anyhow::anyhow!(
+                        "unknown device {d:?}: use cpu, cuda, cuda:N, a comma list, or auto"
+                    )),
+                }
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?,
+    })
+}
+
+fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
+    let devices = devices(&args.device)?;
+    let on_cpu = devices.iter().all(|d| d.is_cpu());
+    let dtype = match (args.precision.as_str(), on_cpu) {
+        ("auto", true) | ("fp32", _) | ("full", _) => DType::F32,
+        ("auto", false) | ("fp16", _) | ("half", _) => DType::F16,
+        ("bf16", false) => DType::BF16,
+        ("bf16", true) => anyhow::bail!(
+            "bf16 is not available on the CPU (no CPU bf16 matrix multiply); use fp32 or fp16"
+        ),
+        (other, _) => anyhow::bail!("unknown precision {other:?}: use fp16, bf16, fp32 or auto"),
+    };
+    let vram = match args.vram.as_str() {
+        "high" => VramMode::High,
+        "low" => VramMode::Low,
+        other => anyhow::bail!("unknown --vram {other:?}: use high or low"),
+    };
+    let listen = args
+        .listen
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--listen {:?}: {e} (expected ADDRESS:PORT)", args.listen))?;
+    let basic = args
+        .basic_auth
+        .as_deref()
+        .map(sdkube_server::auth::AuthConfig::parse_basic)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    if args.api_key.as_deref() == Some("") {
+        anyhow::bail!("--api-key must not be empty");
+    }
+    for (what, v) in [
+        ("--max-size", args.max_size as usize),
+        ("--max-steps", args.max_steps as usize),
+        ("--max-batch", args.max_batch as usize),
+        ("--queue-size", args.queue_size),
+    ] {
+        if v == 0 {
+            anyhow::bail!("{what} must be at least 1");
+        }
+    }
+    let mut flags = serde_json::to_value(args)?;
+    for key in ["api_key", "basic_auth"] {
+        if let Some(v) = flags.get_mut(key) {
+            if !v.is_null() {
+                *v = serde_json::Value::String("<set>".into());
+            }
+        }
+    }
+    Ok(sdkube_server::Config {
+        model: args.model.clone(),
+        sources: sdkube_server::model::ModelSources {
+            store: args.store.clone(),
+            catalog: args.catalog.clone(),
+            checkpoint_dirs: args.checkpoint_dirs.clone(),
+        },
+        post: sdkube_server::post::PostModels {
+            store: args.store.clone(),
+            upscaler_dirs: args.upscaler_dirs.clone(),
+            face_restorer: args.face_restorer.clone(),
+            face_detector: args.face_detector.clone(),
+        },
+        outputs: args.outputs.clone(),
+        embeddings: args.embeddings.clone(),
+        listen,
+        devices,
+        dtype,
+        vram,
+        auth: sdkube_server::auth::AuthConfig {
+            api_key: args.api_key.clone(),
+            basic,
+        },
+        queue_size: args.queue_size,
+        cors_origins: args.cors_origins.clone(),
+        limits: Limits {
+            max_size: args.max_size as usize,
+            max_steps: args.max_steps as usize,
+            max_batch: args.max_batch as usize,
+        },
+        max_body_bytes: args.max_body_mb * 1024 * 1024,
+        shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace),
+        flags,
+    })
 }

@@ -1,5 +1,6 @@
 //! Test servers on loopback: a Hugging Face-like hub, its "CDN" on a second port, fault
-//! injection on the CDN, and a real forward HTTP proxy.
+//! injection on the CDN, both over plain HTTP or HTTPS (a CA generated per run), and a real
+//! forward HTTP proxy with CONNECT tunnels.
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::collections::{HashMap, VecDeque};
@@ -80,6 +81,8 @@ pub struct HubState {
     pub throttle: Mutex<Option<u64>>,
     pub log: Mutex<Vec<Logged>>,
     pub requests: AtomicUsize,
+    /// "http" or "https", for the URLs the hub writes (listing pages).
+    pub scheme: &'static str,
 }
 
 pub struct Hub {
@@ -90,6 +93,16 @@ pub struct Hub {
 
 impl Hub {
     pub async fn start(token: Option<&str>) -> Hub {
+        Hub::start_with(token, None).await
+    }
+
+    /// The hub and its CDN over HTTPS, with certificates of `tls`'s CA.
+    pub async fn start_tls(token: Option<&str>, tls: &TestTls) -> Hub {
+        Hub::start_with(token, Some(tls)).await
+    }
+
+    async fn start_with(token: Option<&str>, tls: Option<&TestTls>) -> Hub {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let state = Arc::new(HubState {
             files: Mutex::default(),
             gated: Mutex::default(),
@@ -99,10 +112,15 @@ impl Hub {
             throttle: Mutex::default(),
             log: Mutex::default(),
             requests: AtomicUsize::new(0),
+            scheme,
         });
-        let cdn_addr = serve(Router::new().fallback(cdn).with_state(state.clone())).await;
-        *state.cdn_base.lock().unwrap() = format!("http://{cdn_addr}");
-        let hub_addr = serve(Router::new().fallback(hub).with_state(state.clone())).await;
+        let cdn_app = Router::new().fallback(cdn).with_state(state.clone());
+        let hub_app = Router::new().fallback(hub).with_state(state.clone());
+        let (cdn_addr, hub_addr) = match tls {
+            None => (serve(cdn_app).await, serve(hub_app).await),
+            Some(tls) => (serve_tls(cdn_app, tls).await, serve_tls(hub_app, tls).await),
+        };
+        *state.cdn_base.lock().unwrap() = format!("{scheme}://{cdn_addr}");
         Hub {
             state,
             hub_addr,
@@ -111,7 +129,7 @@ impl Hub {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.hub_addr)
+        format!("{}://{}", self.state.scheme, self.hub_addr)
     }
 
     pub fn add(&self, repo: &str, path: &str, data: Vec<u8>, lfs: bool) -> String {
@@ -159,6 +177,92 @@ pub async fn serve(app: Router) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// A certificate authority made for one test run, and a server certificate it signed for
+/// `127.0.0.1` and `localhost`: what a private mirror's or a TLS-inspecting proxy's CA looks
+/// like to the fetcher.
+pub struct TestTls {
+    pub ca_pem: String,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl TestTls {
+    pub fn generate() -> TestTls {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "sdkube test CA");
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+            .unwrap()
+            .signed_by(&key, &*ca)
+            .unwrap();
+        let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone(), ca.der().clone()], key_der)
+            .unwrap();
+        TestTls {
+            ca_pem: ca.pem(),
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        }
+    }
+
+    /// Writes the CA certificate as a PEM bundle, as a user would hand it to the fetcher.
+    pub fn write_ca_bundle(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("test-ca.pem");
+        std::fs::write(&path, &self.ca_pem).unwrap();
+        path
+    }
+}
+
+/// TLS connections for `axum::serve`: handshakes run on their own tasks (a slow or failed
+/// one holds up nobody) and finished ones are handed over in order of completion.
+struct TlsListener {
+    addr: SocketAddr,
+    ready: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(connection) => connection,
+            // The accepting task ended (runtime shutting down): never yield again.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+}
+
+pub async fn serve_tls(app: Router, tls: &TestTls) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, ready) = tokio::sync::mpsc::channel(64);
+    let acceptor = tls.acceptor.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, peer)) = listener.accept().await {
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                // A client refusing our certificate ends its handshake here: nothing to serve.
+                if let Ok(stream) = acceptor.accept(tcp).await {
+                    let _ = tx.send((stream, peer)).await;
+                }
+            });
+        }
+    });
+    tokio::spawn(async move { axum::serve(TlsListener { addr, ready }, app).await.unwrap() });
     addr
 }
 
@@ -239,7 +343,8 @@ async fn hub(
         let mut response = axum::Json(page).into_response();
         if cursor + PAGE < entries.len() {
             let next = format!(
-                "<http://{}/api/models/{repo}/tree/{}?recursive=true&cursor={}>; rel=\"next\"",
+                "<{}://{}/api/models/{repo}/tree/{}?recursive=true&cursor={}>; rel=\"next\"",
+                state.scheme,
                 headers.get("host").unwrap().to_str().unwrap(),
                 rest[5],
                 cursor + PAGE
@@ -455,10 +560,12 @@ fn serve_faulty(headers: &HeaderMap, data: Bytes, n: usize, stall: bool) -> Resp
 }
 
 /// A forward HTTP proxy: plain requests with absolute URIs are forwarded (one per
-/// connection), CONNECT is tunnelled. Records the `host:port` of every request.
+/// connection), CONNECT is tunnelled. Records the `host:port` of every request, and of every
+/// tunnel separately.
 pub struct ForwardProxy {
     pub addr: SocketAddr,
     pub targets: Arc<Mutex<Vec<String>>>,
+    pub tunnels: Arc<Mutex<Vec<String>>>,
 }
 
 impl ForwardProxy {
@@ -466,19 +573,24 @@ impl ForwardProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let targets: Arc<Mutex<Vec<String>>> = Arc::default();
-        let seen = targets.clone();
+        let tunnels: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (seen, tunnelled) = (targets.clone(), tunnels.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
-                let seen = seen.clone();
+                let (seen, tunnelled) = (seen.clone(), tunnelled.clone());
                 tokio::spawn(async move {
-                    let _ = proxy_connection(client, seen).await;
+                    let _ = proxy_connection(client, seen, tunnelled).await;
                 });
             }
         });
-        ForwardProxy { addr, targets }
+        ForwardProxy {
+            addr,
+            targets,
+            tunnels,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -488,11 +600,17 @@ impl ForwardProxy {
     pub fn targets(&self) -> Vec<String> {
         self.targets.lock().unwrap().clone()
     }
+
+    /// The `host:port` of every CONNECT tunnel opened so far.
+    pub fn tunnels(&self) -> Vec<String> {
+        self.tunnels.lock().unwrap().clone()
+    }
 }
 
 async fn proxy_connection(
     mut client: TcpStream,
     seen: Arc<Mutex<Vec<String>>>,
+    tunnels: Arc<Mutex<Vec<String>>>,
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let head_end = loop {
@@ -514,6 +632,7 @@ async fn proxy_connection(
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     if method == "CONNECT" {
         seen.lock().unwrap().push(target.to_owned());
+        tunnels.lock().unwrap().push(target.to_owned());
         let mut upstream = TcpStream::connect(target).await?;
         client
             .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")

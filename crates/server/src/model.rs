@@ -1,0 +1,291 @@
+//! Which checkpoint the server serves, and where it is in getting ready: fetching into the
+//! store (with progress), loading onto the devices, ready, or failed with a message.
+//!
+//! The HTTP side asks for a model by catalog name or path ([`ModelSlot::select`]); the
+//! workers load whatever generation of the selection is current.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelState {
+    Fetching,
+    Loading,
+    Ready,
+    Failed,
+}
+
+/// Bytes fetched so far while the model downloads.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+pub struct FetchProgress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelStatus {
+    /// Catalog name, or the file/folder name of a path.
+    pub name: String,
+    pub state: ModelState,
+    /// Why it failed, or what it is doing.
+    pub message: Option<String>,
+    pub progress: Option<FetchProgress>,
+    /// "sd1", "sd2" or "sdxl" once loaded.
+    pub family: Option<String>,
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
+    /// Bumped on every selection; workers reload when theirs is older.
+    #[serde(skip)]
+    pub generation: u64,
+    /// Workers that have loaded this generation.
+    #[serde(skip)]
+    pub loaded_by: usize,
+}
+
+/// Where models come from: the store (catalog names) and plain paths.
+#[derive(Debug, Clone)]
+pub struct ModelSources {
+    pub store: PathBuf,
+    /// A user catalog extending the built-in one.
+    pub catalog: Option<PathBuf>,
+    /// Extra folders scanned for checkpoint files (`.safetensors`, `.ckpt`) and diffusers
+    /// folders, listed by `/sdapi/v1/sd-models`.
+    pub checkpoint_dirs: Vec<PathBuf>,
+}
+
+/// A checkpoint that can be selected.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CheckpointInfo {
+    pub name: String,
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
+    /// Present on disk (a catalog entry not fetched yet is not).
+    pub present: bool,
+}
+
+pub struct ModelSlot {
+    status: Mutex<ModelStatus>,
+    workers: usize,
+    pub sources: ModelSources,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The display name of a model given as a path.
+pub fn name_of_path(path: &Path) -> String {
+    let base = if path.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
+    };
+    base.map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+impl ModelSlot {
+    pub fn new(sources: ModelSources, workers: usize) -> Arc<Self> {
+        Arc::new(Self {
+            status: Mutex::new(ModelStatus {
+                name: String::new(),
+                state: ModelState::Loading,
+                message: Some("starting".into()),
+                progress: None,
+                family: None,
+                path: None,
+                generation: 0,
+                loaded_by: 0,
+            }),
+            workers,
+            sources,
+        })
+    }
+
+    pub fn status(&self) -> ModelStatus {
+        lock(&self.status).clone()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        lock(&self.status).state == ModelState::Ready
+    }
+
+    /// Checkpoints that can be selected: files and folders in the checkpoint directories,
+    /// then the catalog's checkpoints (present in the store or not).
+    pub fn checkpoints(&self) -> Vec<CheckpointInfo> {
+        let mut out = Vec::new();
+        for dir in &self.sources.checkpoint_dirs {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+                    (p.is_file() && matches!(ext, "safetensors" | "ckpt"))
+                        || p.join("model_index.json").is_file()
+                })
+                .collect();
+            found.sort();
+            for p in found {
+                out.push(CheckpointInfo {
+                    name: name_of_path(&p),
+                    path: Some(p),
+                    present: true,
+                });
+            }
+        }
+        if let Ok(catalog) = sdkube_store::Catalog::load(self.sources.catalog.as_deref()) {
+            let store = sdkube_store::Store::open(&self.sources.store).ok();
+            for entry in catalog.models().iter().filter(|m| m.kind == "checkpoint") {
+                if out.iter().any(|c| c.name == entry.name) {
+                    continue;
+                }
+                let path = store.as_ref().and_then(|s| s.model_path(&entry.name));
+                out.push(CheckpointInfo {
+                    name: entry.name.clone(),
+                    present: path.is_some(),
+                    path,
+                });
+            }
+        }
+        out
+    }
+
+    /// Selects the model to serve: an existing path, a checkpoint found in the checkpoint
+    /// folders, or a catalog name (fetched in the background when missing from the store).
+    /// Returns at once; [`ModelSlot::status`] tells the progress.
+    pub fn select(self: &Arc<Self>, model: &str) -> Result<(), String> {
+        let as_path = PathBuf::from(model);
+        let (name, path) = if as_path.exists() {
+            (name_of_path(&as_path), Some(as_path))
+        } else if let Some(c) = self
+            .checkpoints()
+            .into_iter()
+            .find(|c| c.name == model || c.name == model.split(" [").next().unwrap_or(model))
+        {
+            (c.name, c.path)
+        } else {
+            return Err(format!(
+                "model {model:?} is neither a path nor a checkpoint this server knows \
+                 (see /sdapi/v1/sd-models)"
+            ));
+        };
+        let generation = {
+            let mut s = lock(&self.status);
+            s.generation += 1;
+            s.name = name.clone();
+            s.family = None;
+            s.loaded_by = 0;
+            s.progress = None;
+            s.path = path.clone();
+            match &path {
+                Some(_) => {
+                    s.state = ModelState::Loading;
+                    s.message = Some(format!("loading {name}"));
+                }
+                None => {
+                    s.state = ModelState::Fetching;
+                    s.message = Some(format!("fetching {name} into the model store"));
+                }
+            }
+            s.generation
+        };
+        if path.is_none() {
+            let slot = self.clone();
+            std::thread::spawn(move || slot.fetch(&name, generation));
+        }
+        Ok(())
+    }
+
+    fn fetch(&self, name: &str, generation: u64) {
+        let result = (|| -> Result<PathBuf, String> {
+            let catalog = sdkube_store::Catalog::load(self.sources.catalog.as_deref())
+                .map_err(|e| e.to_string())?;
+            let entry = catalog
+                .get(name)
+                .ok_or_else(|| format!("{name} is not in the catalog"))?
+                .clone();
+            let store =
+                sdkube_store::Store::open(&self.sources.store).map_err(|e| e.to_string())?;
+            let options = sdkube_store::FetchOptions::from_env();
+            // Bytes per file, summed into the model's progress.
+            let per_file = Mutex::new(std::collections::HashMap::<String, u64>::new());
+            sdkube_store::fetch_blocking(&store, &[entry], &options, |event| {
+                tracing::info!(target: "sdkube::fetch", event = ?event, "fetch");
+                if let sdkube_store::ProgressEvent::Plan {
+                    bytes_to_download, ..
+                } = &event
+                {
+                    self.update_if(generation, |s| {
+                        s.progress = Some(FetchProgress {
+                            done_bytes: 0,
+                            total_bytes: *bytes_to_download,
+                        })
+                    });
+                }
+                if let sdkube_store::ProgressEvent::FileProgress { file, bytes, .. } = &event {
+                    let done: u64 = {
+                        let mut m = lock(&per_file);
+                        m.insert(file.clone(), *bytes);
+                        m.values().sum()
+                    };
+                    self.update_if(generation, |s| {
+                        if let Some(p) = &mut s.progress {
+                            p.done_bytes = done;
+                            p.total_bytes = p.total_bytes.max(done);
+                        }
+                    });
+                }
+            })
+            .map_err(|e| e.to_string())?;
+            store
+                .model_path(name)
+                .ok_or_else(|| format!("{name} was fetched but is not in the store"))
+        })();
+        self.update_if(generation, |s| match result {
+            Ok(path) => {
+                s.path = Some(path);
+                s.state = ModelState::Loading;
+                s.message = Some(format!("loading {}", s.name));
+            }
+            Err(e) => {
+                s.state = ModelState::Failed;
+                s.message = Some(format!("fetching {} failed: {e}", s.name));
+            }
+        });
+    }
+
+    /// Applies `f` unless a newer selection has replaced `generation`.
+    fn update_if(&self, generation: u64, f: impl FnOnce(&mut ModelStatus)) {
+        let mut s = lock(&self.status);
+        if s.generation == generation {
+            f(&mut s);
+        }
+    }
+
+    /// A worker finished loading `generation`.
+    pub fn loaded(&self, generation: u64, family: &str) {
+        let workers = self.workers;
+        self.update_if(generation, |s| {
+            s.loaded_by += 1;
+            s.family = Some(family.to_string());
+            if s.loaded_by >= workers {
+                s.state = ModelState::Ready;
+                s.message = None;
+            }
+        });
+    }
+
+    /// A worker could not load `generation`.
+    pub fn failed(&self, generation: u64, message: String) {
+        self.update_if(generation, |s| {
+            s.state = ModelState::Failed;
+            s.message = Some(message);
+        });
+    }
+}

@@ -1,0 +1,120 @@
+//! OpenAI-style `POST /v1/images/generations`, for clients that speak that API (Open WebUI
+//! can use either this or A1111's).
+
+use axum::extract::State;
+use axum::Json;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::a1111::{CommonParams, Txt2ImgRequest};
+use crate::api::{ApiError, ApiJson};
+use crate::jobs::JobState;
+use crate::AppState;
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ImagesRequest {
+    pub prompt: String,
+    /// Ignored: the served model answers.
+    pub model: Option<String>,
+    /// Number of images (1–max batch).
+    #[serde(default = "one")]
+    pub n: usize,
+    /// `WIDTHxHEIGHT`, e.g. `512x512`.
+    pub size: Option<String>,
+    /// `b64_json` (default) or `url` (the image is saved and served from `/outputs/`).
+    pub response_format: Option<String>,
+    pub quality: Option<String>,
+    pub style: Option<String>,
+    pub user: Option<String>,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImageData {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub b64_json: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    pub revised_prompt: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImagesResponse {
+    /// Unix seconds.
+    pub created: u64,
+    pub data: Vec<ImageData>,
+}
+
+/// Generates images from a prompt (OpenAI images API shape).
+#[utoipa::path(post, path = "/v1/images/generations", tag = "openai", request_body = ImagesRequest,
+    responses((status = 200, body = ImagesResponse), (status = 400, body = crate::api::ErrorBody)))]
+pub async fn images_generations(
+    State(state): State<AppState>,
+    ApiJson(r): ApiJson<ImagesRequest>,
+) -> Result<Json<ImagesResponse>, ApiError> {
+    let (width, height) = match r.size.as_deref() {
+        None | Some("auto") => (512, 512),
+        Some(s) => {
+            let (w, h) = s.split_once('x').ok_or_else(|| {
+                ApiError::bad_request(format!("size {s:?} must be WIDTHxHEIGHT, e.g. 512x512"))
+            })?;
+            let parse = |v: &str| {
+                v.trim()
+                    .parse::<usize>()
+                    .map_err(|_| ApiError::bad_request(format!("size {s:?} must be WIDTHxHEIGHT")))
+            };
+            (parse(w)?, parse(h)?)
+        }
+    };
+    let as_url = match r.response_format.as_deref() {
+        None | Some("b64_json") => false,
+        Some("url") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "response_format {other:?}: expected b64_json or url"
+            )))
+        }
+    };
+    let req = Txt2ImgRequest {
+        common: CommonParams {
+            prompt: r.prompt.clone(),
+            batch_size: r.n,
+            width,
+            height,
+            steps: 20,
+            sampler_name: Some("Euler a".into()),
+            ..CommonParams::default()
+        },
+        ..Txt2ImgRequest::default()
+    };
+    let job = crate::a1111::txt2img_job(&state, req, as_url)?;
+    let job = state.jobs.submit(job)?;
+    let status = job.finished().await;
+    if status.state != JobState::Succeeded {
+        return Err(ApiError::internal(
+            status
+                .error
+                .unwrap_or_else(|| "generation did not finish".into()),
+        ));
+    }
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok(Json(ImagesResponse {
+        created,
+        data: status
+            .images
+            .iter()
+            .map(|i| ImageData {
+                b64_json: (!as_url)
+                    .then(|| base64::engine::general_purpose::STANDARD.encode(&i.png)),
+                url: if as_url { i.url.clone() } else { None },
+                revised_prompt: Some(r.prompt.clone()),
+            })
+            .collect(),
+    }))
+}

@@ -1,0 +1,164 @@
+//! The outputs folder: images saved as A1111 names them (`00012-<seed>.png`, numbered on),
+//! and the gallery listing read back from it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+pub struct Outputs {
+    dir: PathBuf,
+    /// Serialises numbering between workers.
+    next: Mutex<Option<u32>>,
+}
+
+/// One saved image, for the gallery.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct GalleryItem {
+    pub name: String,
+    pub url: String,
+    /// A1111 "parameters" text stored in the PNG.
+    pub infotext: Option<String>,
+    pub width: u32,
+    pub height: u32,
+    /// RFC 3339 time the file was written.
+    pub created: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct GalleryPage {
+    pub items: Vec<GalleryItem>,
+    pub page: usize,
+    pub per_page: usize,
+    pub total: usize,
+}
+
+/// A name the outputs folder may serve: `[A-Za-z0-9._-]+.png`, no leading dot. Anything
+/// else (slashes, `..`, encoded separators) can never reach the filesystem.
+pub fn is_safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name.ends_with(".png")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+impl Outputs {
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            next: Mutex::new(None),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes a PNG under the next free number; the file appears complete (temp + rename).
+    pub fn save(&self, png: &[u8], seed: Option<u64>) -> std::io::Result<String> {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        std::fs::create_dir_all(&self.dir)?;
+        let mut n = match *next {
+            Some(n) => n,
+            None => self.highest_index()?.map_or(0, |n| n + 1),
+        };
+        loop {
+            let name = match seed {
+                Some(s) => format!("{n:05}-{s}.png"),
+                None => format!("{n:05}.png"),
+            };
+            let path = self.dir.join(&name);
+            if path.exists() {
+                n += 1;
+                continue;
+            }
+            let tmp = self.dir.join(format!(".{name}.partial"));
+            std::fs::write(&tmp, png)?;
+            std::fs::rename(&tmp, &path)?;
+            *next = Some(n + 1);
+            return Ok(name);
+        }
+    }
+
+    fn highest_index(&self) -> std::io::Result<Option<u32>> {
+        let mut best = None;
+        for entry in std::fs::read_dir(&self.dir)? {
+            let name = entry?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(n) = name
+                .split(['-', '.'])
+                .next()
+                .and_then(|n| n.parse::<u32>().ok())
+            {
+                best = best.max(Some(n));
+            }
+        }
+        Ok(best)
+    }
+
+    /// The path of a saved image, if `name` is safe and exists.
+    pub fn path_of(&self, name: &str) -> Option<PathBuf> {
+        if !is_safe_name(name) {
+            return None;
+        }
+        let p = self.dir.join(name);
+        p.is_file().then_some(p)
+    }
+
+    /// Newest first, `per_page` items of page `page` (1-based).
+    pub fn gallery(&self, page: usize, per_page: usize) -> std::io::Result<GalleryPage> {
+        let mut files: Vec<(SystemTime, String)> = Vec::new();
+        if self.dir.is_dir() {
+            for entry in std::fs::read_dir(&self.dir)? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !is_safe_name(&name) {
+                    continue;
+                }
+                let modified = entry
+                    .metadata()?
+                    .modified()
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                files.push((modified, name));
+            }
+        }
+        files.sort_by(|a, b| b.cmp(a));
+        let total = files.len();
+        let items = files
+            .into_iter()
+            .skip((page.max(1) - 1) * per_page)
+            .take(per_page)
+            .map(|(modified, name)| {
+                let path = self.dir.join(&name);
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                let infotext = sdkube_pipeline::image_io::read_png_parameters(&bytes)
+                    .ok()
+                    .flatten();
+                let (width, height) = image::ImageReader::new(std::io::Cursor::new(&bytes))
+                    .with_guessed_format()
+                    .ok()
+                    .and_then(|r| r.into_dimensions().ok())
+                    .unwrap_or((0, 0));
+                GalleryItem {
+                    url: format!("/outputs/{name}"),
+                    name,
+                    infotext,
+                    width,
+                    height,
+                    created: crate::time::rfc3339(modified),
+                }
+            })
+            .collect();
+        Ok(GalleryPage {
+            items,
+            page: page.max(1),
+            per_page,
+            total,
+        })
+    }
+}

@@ -1,0 +1,103 @@
+//! What a job asks the device to do, already parsed and checked by the API layer.
+
+use image::DynamicImage;
+use sdkube_pipeline::Request;
+
+/// The work of one job.
+#[allow(clippy::large_enum_variant)] // one per job, never in bulk
+pub enum Work {
+    Generate(GenerateWork),
+    Extras(ExtrasWork),
+}
+
+/// txt2img / img2img / inpainting, with A1111's batch count and post-processing.
+#[derive(Clone)]
+pub struct GenerateWork {
+    pub request: Request,
+    /// A1111's `n_iter`: batches run one after the other; iteration i uses seed + i·batch.
+    pub n_iter: usize,
+    pub restore_faces: bool,
+    pub hires: Option<HiresFix>,
+    /// Write the images into the outputs folder (the UI's jobs do; A1111's API only with
+    /// `save_images`).
+    pub save: bool,
+    /// Request fields accepted but not acted on, reported in the response's info.
+    pub ignored: Vec<String>,
+}
+
+/// A1111's "Hires. fix": generate, upscale, then img2img at the larger size.
+#[derive(Clone, Debug)]
+pub struct HiresFix {
+    pub width: usize,
+    pub height: usize,
+    /// "Latent" (latent-space interpolation then img2img) or an image upscaler name.
+    pub upscaler: String,
+    pub steps: usize,
+    pub denoising_strength: f64,
+}
+
+/// A1111's "Extras": upscale and/or restore faces on given images.
+pub struct ExtrasWork {
+    pub images: Vec<(String, DynamicImage)>,
+    pub upscale: UpscaleSpec,
+    /// GFPGAN visibility 0..1 (0 = off).
+    pub gfpgan_visibility: f32,
+    pub upscale_first: bool,
+    pub save: bool,
+}
+
+/// How extras resize: by a factor or to a size, with one or two upscalers blended.
+#[derive(Clone, Debug)]
+pub struct UpscaleSpec {
+    pub upscaler_1: String,
+    pub upscaler_2: String,
+    pub upscaler_2_visibility: f32,
+    pub target: UpscaleTarget,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum UpscaleTarget {
+    Factor(f32),
+    Size { width: u32, height: u32, crop: bool },
+}
+
+impl Work {
+    /// Images this job puts into one device batch (for batching compatible jobs).
+    pub fn batch_images(&self) -> usize {
+        match self {
+            Work::Generate(g) => g.request.batch_size,
+            Work::Extras(_) => 1,
+        }
+    }
+
+    /// Device steps in all, for progress: sampling steps over every iteration.
+    pub fn total_steps(&self) -> usize {
+        match self {
+            Work::Generate(g) => {
+                let first = match g.request.init_image {
+                    Some(_) => (g.request.steps as f64 * g.request.strength.clamp(0.0, 1.0)).ceil()
+                        as usize,
+                    None => g.request.steps,
+                };
+                let hires = g.hires.as_ref().map_or(0, |h| h.steps);
+                (first.max(1) + hires) * g.n_iter
+            }
+            Work::Extras(e) => e.images.len(),
+        }
+    }
+
+    /// Whether two jobs can share one device batch: single-iteration txt2img with nothing
+    /// run per job afterwards on the device other than what each job does alone.
+    pub fn batchable(&self, other: &Work) -> bool {
+        match (self, other) {
+            (Work::Generate(a), Work::Generate(b)) => {
+                a.n_iter == 1
+                    && b.n_iter == 1
+                    && a.hires.is_none()
+                    && b.hires.is_none()
+                    && a.request.batchable_with(&b.request)
+            }
+            _ => false,
+        }
+    }
+}

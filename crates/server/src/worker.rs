@@ -1,0 +1,472 @@
+//! One worker thread per device: loads the selected model, takes jobs from the board
+//! (batching compatible txt2img jobs into one device batch), runs them off the async
+//! runtime, and reports progress, previews and results through each job.
+
+use std::io::Cursor;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use candle_core::{DType, Device};
+use image::DynamicImage;
+use sdkube_pipeline::image_io::encode_png;
+use sdkube_pipeline::sampler::{Flow, SamplerError};
+use sdkube_pipeline::{Engine, Generated, Request, VramMode};
+
+use crate::jobs::{Job, JobImage, JobState};
+use crate::post::PostCache;
+use crate::work::{ExtrasWork, GenerateWork, UpscaleTarget, Work};
+use crate::AppState;
+
+/// How often a running job's preview is refreshed at most.
+const PREVIEW_INTERVAL: Duration = Duration::from_millis(300);
+
+pub struct Worker {
+    pub device: Device,
+    pub dtype: DType,
+    pub vram: VramMode,
+    state: AppState,
+    engine: Option<Engine>,
+    generation: u64,
+    post: PostCache,
+}
+
+impl Worker {
+    pub fn new(state: AppState, device: Device, dtype: DType, vram: VramMode) -> Self {
+        Self {
+            post: PostCache::new(device.clone()),
+            device,
+            dtype,
+            vram,
+            state,
+            engine: None,
+            generation: 0,
+        }
+    }
+
+    /// Runs until the board shuts down and the queue is empty.
+    pub fn run(mut self) {
+        loop {
+            self.follow_model();
+            let engine = self.engine.as_ref();
+            let batchable = |a: &Job, b: &Job| {
+                a.work.batchable(&b.work)
+                    && match (&a.work, &b.work, engine) {
+                        (Work::Generate(x), Work::Generate(y), Some(e)) => {
+                            e.can_batch(&x.request, &y.request)
+                        }
+                        _ => false,
+                    }
+            };
+            let max_batch = self.state.config.limits.max_batch;
+            let taken = self.state.jobs.take(
+                &batchable,
+                &|j| j.work.batch_images(),
+                max_batch,
+                Duration::from_millis(500),
+            );
+            match taken {
+                Some(jobs) => {
+                    self.follow_model();
+                    self.run_jobs(&jobs);
+                }
+                None if self.state.jobs.is_shutting_down() => return,
+                None => {}
+            }
+        }
+    }
+
+    /// Loads the selected model when the selection changed since the last load.
+    fn follow_model(&mut self) {
+        let status = self.state.model.status();
+        let Some(path) = status.path.clone() else {
+            return;
+        };
+        if status.generation == self.generation {
+            return;
+        }
+        self.generation = status.generation;
+        self.engine = None; // free the old model's memory before loading the new one
+        let started = Instant::now();
+        let loaded = sdkube_models::load(&path, &sdkube_models::LoadOptions::default())
+            .map_err(|e| e.to_string())
+            .and_then(|w| {
+                Engine::new(w, &status.name, self.device.clone(), self.dtype, self.vram)
+                    .map_err(|e| e.to_string())
+            });
+        match loaded {
+            Ok(mut engine) => {
+                let l = self.state.config.limits;
+                engine.limits = l;
+                tracing::info!(
+                    model = %status.name,
+                    family = engine.family().name(),
+                    device = ?self.device,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "model loaded"
+                );
+                self.state
+                    .model
+                    .loaded(status.generation, engine.family().name());
+                self.engine = Some(engine);
+            }
+            Err(e) => {
+                tracing::error!(model = %status.name, error = %e, "model failed to load");
+                self.state.metrics.error("model_load");
+                self.state.model.failed(
+                    status.generation,
+                    format!("loading {} failed: {e}", status.name),
+                );
+            }
+        }
+    }
+
+    fn run_jobs(&mut self, jobs: &[Arc<Job>]) {
+        let started = Instant::now();
+        for j in jobs {
+            j.update(|s| s.total_steps = j.work.total_steps());
+        }
+        let generate: Vec<(Arc<Job>, GenerateWork)> = jobs
+            .iter()
+            .filter_map(|j| match &j.work {
+                Work::Generate(g) => Some((j.clone(), g.clone())),
+                Work::Extras(_) => None,
+            })
+            .collect();
+        if !generate.is_empty() {
+            self.run_generate(&generate);
+        }
+        for j in jobs {
+            if let Work::Extras(e) = &j.work {
+                let result = self.run_extras(j, e);
+                self.finish(j, result);
+            }
+        }
+        for j in jobs {
+            let status = j.status();
+            self.state
+                .metrics
+                .job_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.state
+                .metrics
+                .job_finished(j.kind, status.state.label());
+        }
+    }
+
+    fn finish(&self, job: &Arc<Job>, result: Result<(), String>) {
+        let cancelled = job.cancel.load(Ordering::SeqCst);
+        if let Err(e) = &result {
+            if !cancelled {
+                self.state.metrics.error("job");
+                tracing::warn!(job = %job.id, error = %e, "job failed");
+            }
+        }
+        self.state.jobs.finish(job, |s| match result {
+            Ok(()) if cancelled => {
+                s.state = JobState::Cancelled;
+                s.interrupted = true;
+            }
+            Ok(()) => s.state = JobState::Succeeded,
+            Err(_) if cancelled => {
+                s.state = JobState::Cancelled;
+                s.interrupted = true;
+                s.error = Some("cancelled".into());
+            }
+            Err(e) => {
+                s.state = JobState::Failed;
+                s.error = Some(e);
+            }
+        });
+    }
+
+    /// Generation jobs taken together: one device batch per iteration.
+    fn run_generate(&mut self, jobs: &[(Arc<Job>, GenerateWork)]) {
+        let Some(mut engine) = self.engine.take() else {
+            let why = self
+                .state
+                .model
+                .status()
+                .message
+                .unwrap_or_else(|| "no model is loaded".into());
+            for (j, _) in jobs {
+                self.finish(j, Err(format!("the model is not ready: {why}")));
+            }
+            return;
+        };
+        let n_iter = jobs.iter().map(|(_, g)| g.n_iter).max().unwrap_or(1);
+        let mut failed: Option<String> = None;
+        for iter in 0..n_iter {
+            if jobs.iter().all(|(j, _)| j.cancel.load(Ordering::SeqCst)) {
+                break;
+            }
+            let reqs: Vec<Request> = jobs
+                .iter()
+                .map(|(_, g)| Request {
+                    seed: g
+                        .request
+                        .seed
+                        .wrapping_add((iter * g.request.batch_size) as u64),
+                    ..g.request.clone()
+                })
+                .collect();
+            let mut last_step = Instant::now();
+            let mut last_preview: Option<Instant> = None;
+            let metrics = &self.state.metrics;
+            let mut on_step = |p: &sdkube_pipeline::Progress| {
+                let now = Instant::now();
+                if p.step > 0 {
+                    metrics
+                        .step_seconds
+                        .observe(now.duration_since(last_step).as_secs_f64());
+                }
+                last_step = now;
+                let preview = match last_preview {
+                    Some(t) if now.duration_since(t) < PREVIEW_INTERVAL => None,
+                    _ => {
+                        last_preview = Some(now);
+                        p.preview().ok().and_then(|img| png_data_url(&img))
+                    }
+                };
+                let mut all_stopped = true;
+                for (j, g) in jobs {
+                    let per_iter = j.work.total_steps() / g.n_iter.max(1);
+                    j.update(|s| {
+                        s.step = iter * per_iter + p.step + 1;
+                        s.total_steps = s.total_steps.max(s.step);
+                        if preview.is_some() {
+                            s.preview = preview.clone();
+                        }
+                    });
+                    let stop = j.cancel.load(Ordering::SeqCst) || j.skip.load(Ordering::SeqCst);
+                    all_stopped &= stop;
+                }
+                if all_stopped {
+                    Flow::Stop
+                } else {
+                    Flow::Continue
+                }
+            };
+            let result = engine.generate_batch(&reqs, &mut on_step);
+            match result {
+                Ok(per_job) => {
+                    for ((j, g), images) in jobs.iter().zip(per_job) {
+                        if j.cancel.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        if let Err(e) = self.keep_images(&mut engine, j, g, images) {
+                            failed = Some(e);
+                        }
+                    }
+                }
+                Err(sdkube_pipeline::Error::Sampler(SamplerError::Interrupted { .. })) => {
+                    // A1111's skip ends this iteration only.
+                    for (j, _) in jobs {
+                        j.skip.store(false, Ordering::SeqCst);
+                    }
+                }
+                Err(e) => {
+                    failed = Some(e.to_string());
+                    break;
+                }
+            }
+            if failed.is_some() {
+                break;
+            }
+        }
+        self.engine = Some(engine);
+        for (j, _) in jobs {
+            self.finish(j, failed.clone().map_or(Ok(()), Err));
+        }
+    }
+
+    /// Hires fix and face restoration on a job's new images, then PNG (and the outputs
+    /// folder when asked).
+    fn keep_images(
+        &mut self,
+        engine: &mut Engine,
+        job: &Arc<Job>,
+        work: &GenerateWork,
+        images: Vec<Generated>,
+    ) -> Result<(), String> {
+        for g in images {
+            let mut image = DynamicImage::ImageRgb8(g.image);
+            let mut infotext = g.infotext;
+            if let Some(h) = &work.hires {
+                let factor = h.width as f32 / image.width() as f32;
+                let upscaled = self
+                    .post
+                    .upscale(&self.state.config.post, &h.upscaler, &image, factor)?
+                    .resize_exact(
+                        h.width as u32,
+                        h.height as u32,
+                        image::imageops::FilterType::Lanczos3,
+                    );
+                let req = Request {
+                    init_image: Some(upscaled),
+                    strength: h.denoising_strength,
+                    steps: h.steps,
+                    width: h.width,
+                    height: h.height,
+                    seed: g.seed,
+                    batch_size: 1,
+                    mask: None,
+                    ..work.request.clone()
+                };
+                let mut second = engine
+                    .generate(&req, &mut |_| {
+                        if job.cancel.load(Ordering::SeqCst) {
+                            Flow::Stop
+                        } else {
+                            Flow::Continue
+                        }
+                    })
+                    .map_err(|e| format!("hires fix: {e}"))?;
+                let out = second.pop().ok_or("hires fix produced no image")?;
+                image = DynamicImage::ImageRgb8(out.image);
+                infotext = format!(
+                    "{infotext}, Hires upscale: {:.3}, Hires steps: {}, Hires upscaler: {}, Denoising strength: {}",
+                    factor, h.steps, h.upscaler, h.denoising_strength
+                )
+                .replace(
+                    &format!("Size: {}x{}", h.width, h.height),
+                    &format!("Size: {}x{}", work.request.width, work.request.height),
+                );
+            }
+            if work.restore_faces {
+                image = self
+                    .post
+                    .restore_faces(&self.state.config.post, &image, 1.0)?;
+                infotext.push_str(", Face restoration: GFPGAN");
+            }
+            let png = encode_png(&image.to_rgb8(), Some(&infotext)).map_err(|e| e.to_string())?;
+            self.keep(job, png, Some(g.seed), infotext, work.save)?;
+        }
+        Ok(())
+    }
+
+    fn keep(
+        &self,
+        job: &Arc<Job>,
+        png: Vec<u8>,
+        seed: Option<u64>,
+        infotext: String,
+        save: bool,
+    ) -> Result<(), String> {
+        let name =
+            if save {
+                Some(self.state.outputs.save(&png, seed).map_err(|e| {
+                    format!("saving into {}: {e}", self.state.outputs.dir().display())
+                })?)
+            } else {
+                None
+            };
+        self.state
+            .metrics
+            .images_generated
+            .fetch_add(1, Ordering::Relaxed);
+        job.update(|s| {
+            s.images.push(JobImage {
+                url: name.as_ref().map(|n| format!("/outputs/{n}")),
+                name,
+                seed,
+                infotext,
+                png,
+            })
+        });
+        Ok(())
+    }
+
+    fn run_extras(&mut self, job: &Arc<Job>, work: &ExtrasWork) -> Result<(), String> {
+        let post = self.state.config.post.clone();
+        for (i, (name, image)) in work.images.iter().enumerate() {
+            if job.cancel.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let mut img = image.clone();
+            let mut info = Vec::new();
+            let restore = |cache: &mut PostCache, img: &DynamicImage| {
+                cache.restore_faces(&post, img, work.gfpgan_visibility)
+            };
+            if work.gfpgan_visibility > 0.0 && !work.upscale_first {
+                img = restore(&mut self.post, &img)?;
+            }
+            let spec = &work.upscale;
+            let (factor, exact) = match spec.target {
+                UpscaleTarget::Factor(f) => (f, None),
+                UpscaleTarget::Size {
+                    width,
+                    height,
+                    crop,
+                } => {
+                    let fw = width as f32 / img.width() as f32;
+                    let fh = height as f32 / img.height() as f32;
+                    (
+                        if crop { fw.max(fh) } else { fw.min(fh) },
+                        Some((width, height, crop)),
+                    )
+                }
+            };
+            if !spec.upscaler_1.eq_ignore_ascii_case("None") && factor != 1.0 {
+                let mut up = self.post.upscale(&post, &spec.upscaler_1, &img, factor)?;
+                if !spec.upscaler_2.eq_ignore_ascii_case("None") && spec.upscaler_2_visibility > 0.0
+                {
+                    let up2 = self.post.upscale(&post, &spec.upscaler_2, &img, factor)?;
+                    up = blend(&up, &up2, spec.upscaler_2_visibility);
+                }
+                img = up;
+                info.push(format!("Postprocess upscale by: {factor}"));
+                info.push(format!("Postprocess upscaler: {}", spec.upscaler_1));
+                if let Some((w, h, crop)) = exact {
+                    img = if crop {
+                        img.resize_to_fill(w, h, image::imageops::FilterType::Lanczos3)
+                    } else {
+                        img
+                    };
+                }
+            }
+            if work.gfpgan_visibility > 0.0 && work.upscale_first {
+                img = restore(&mut self.post, &img)?;
+            }
+            if work.gfpgan_visibility > 0.0 {
+                info.push(format!("GFPGAN visibility: {}", work.gfpgan_visibility));
+            }
+            let infotext = info.join(", ");
+            let png = encode_png(&img.to_rgb8(), (!infotext.is_empty()).then_some(&infotext))
+                .map_err(|e| format!("{name}: {e}"))?;
+            self.keep(job, png, None, infotext, work.save)?;
+            job.update(|s| s.step = i + 1);
+        }
+        Ok(())
+    }
+}
+
+/// `a·(1−t) + b·t`, per pixel (A1111's "Upscaler 2 visibility").
+fn blend(a: &DynamicImage, b: &DynamicImage, t: f32) -> DynamicImage {
+    let a = a.to_rgb8();
+    let b = image::imageops::resize(
+        &b.to_rgb8(),
+        a.width(),
+        a.height(),
+        image::imageops::FilterType::Lanczos3,
+    );
+    let mut out = a.clone();
+    for (o, q) in out.pixels_mut().zip(b.pixels()) {
+        for c in 0..3 {
+            o.0[c] = (o.0[c] as f32 * (1.0 - t) + q.0[c] as f32 * t).round() as u8;
+        }
+    }
+    DynamicImage::ImageRgb8(out)
+}
+
+/// A PNG data URL for previews.
+pub fn png_data_url(img: &image::RgbImage) -> Option<String> {
+    let mut bytes = Vec::new();
+    img.write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .ok()?;
+    Some(format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    ))
+}
