@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use sdkube_models::{load, Family, LoadOptions, SdWeights};
 use sdkube_pipeline::embeddings::{read_embedding, EmbeddingSet, EncoderSlot, TextWidths};
+use sdkube_pipeline::prompt::{tokenize_prompt, ChunkOptions};
 use sdkube_pipeline::sampler::Flow;
 use sdkube_pipeline::text::{self, PromptTokens, TextEncoders};
 use sdkube_pipeline::tokenizer::ClipTokenizer;
@@ -288,4 +289,45 @@ fn engine_uses_embeddings_and_records_ti_hashes() {
         with[0].image, without[0].image,
         "the embedding changed the image"
     );
+}
+
+#[test]
+fn a_name_that_is_a_word_replaces_that_word_as_in_a1111() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        ti("sd1/tiembed.safetensors"),
+        dir.path().join("horse.safetensors"),
+    )
+    .unwrap();
+    let set = EmbeddingSet::load_dir(dir.path(), TINY).unwrap();
+    let tokenizer = ClipTokenizer::shared().unwrap();
+    let tokens = PromptTokens::new(tokenizer, "a (horse:1.2), a horses", set.index());
+    assert_eq!(tokens.embeddings_used(), ["horse"]);
+    // "horse" is replaced (also inside emphasis, weighted); "horses" is another token.
+    let chunk = &tokenize_prompt(
+        tokenizer,
+        "a (horse:1.2), a horses",
+        set.index(),
+        &ChunkOptions::clip_l(),
+    )
+    .chunks[0];
+    assert_eq!(chunk.embeddings.len(), 1);
+    let at = chunk.embeddings[0].position;
+    assert_eq!(chunk.multipliers[at..at + 2], [1.2, 1.2]);
+    let w = model("sd1");
+    let clip = w.text_encoder.build(&Device::Cpu, DType::F32).unwrap();
+    let enc = TextEncoders {
+        family: w.family,
+        clip: &clip,
+        clip_g: None,
+        embeddings: Some(&set),
+    };
+    let with = text::encode(&enc, &tokens, 1).unwrap().context;
+    let plain = PromptTokens::new(
+        tokenizer,
+        "a (horse:1.2), a horses",
+        EmbeddingSet::empty(TINY).index(),
+    );
+    let without = text::encode(&enc, &plain, 1).unwrap().context;
+    assert!(max_abs(&with, &without) > 1e-3);
 }
