@@ -269,7 +269,29 @@ impl TokenVectors for LearnedVectors {
 }
 
 impl LearnedVectors {
+    /// The vectors on the CPU, refused when they are no longer finite (a diverged run
+    /// must not replace the last good checkpoint).
     fn snapshot(&self) -> Result<EmbeddingVectors, TrainError> {
+        let finite = |t: &Tensor| -> Result<bool, TrainError> {
+            let sum = t
+                .abs()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            Ok(sum.is_finite())
+        };
+        let all_finite = finite(self.first.as_tensor())?
+            && match &self.second {
+                Some(v) => finite(v.as_tensor())?,
+                None => true,
+            };
+        if !all_finite {
+            return Err(TrainError::Invalid(
+                "the vectors diverged (not finite); lower the learning rate (the last \
+                 checkpoint is kept)"
+                    .into(),
+            ));
+        }
         Ok(EmbeddingVectors {
             first: self.first.as_tensor().to_device(&Device::Cpu)?,
             second: self

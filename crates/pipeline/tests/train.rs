@@ -136,7 +136,17 @@ fn resume_stop_and_failures_keep_the_last_checkpoint() {
     assert_eq!(resumed.losses.len(), 3);
     let v = read_embedding(&out).unwrap();
     assert_eq!(v.first.dims(), [2, 8]);
-    assert_ne!(std::fs::read(&out).unwrap(), at_3);
+    let at_6 = std::fs::read(&out).unwrap();
+    assert_ne!(at_6, at_3);
+
+    // A diverging run fails with a clear error and leaves the step-6 checkpoint.
+    opts.steps = 12;
+    opts.checkpoint_every = 1;
+    opts.learning_rate = 1e38;
+    let err =
+        train_embedding(&w, &Device::Cpu, DType::F32, &opts, &mut |_| Flow::Continue).unwrap_err();
+    assert!(err.to_string().contains("lower the learning rate"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), at_6);
 }
 
 #[test]
