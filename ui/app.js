@@ -355,7 +355,7 @@ async function refreshStatus() {
   } catch (err) {
     renderBanner('failed', `Server unreachable or refusing: ${err.message}`);
   }
-  ui.statusTimer = setTimeout(refreshStatus, ready ? 5000 : 1000);
+  ui.statusTimer = setTimeout(refreshStatus, ready ? 2000 : 1000);
 }
 
 function renderBanner(state, text, progress) {
@@ -442,10 +442,11 @@ async function switchModel() {
     select.dataset.current = wanted;
   } catch (err) {
     showError(`Switching the model to ${wanted}`, err);
-    select.value = select.dataset.current || '';
   } finally {
     select.disabled = false;
+    // The server decides what is loaded now (a failed switch may still have changed it).
     refreshStatus();
+    loadModels();
   }
 }
 

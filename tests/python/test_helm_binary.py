@@ -66,6 +66,13 @@ def test_defaults_reach_the_binary():
         "max_batch": 8,
         "api_key": None,
         "basic_auth": None,
+        "catalog": None,
+        "checkpoint_dirs": [],
+        "upscaler_dirs": [],
+        "face_restorer": "gfpgan-1.4",
+        "face_detector": "retinaface-resnet50",
+        "max_body_mb": 64,
+        "shutdown_grace": 50,  # terminationGracePeriodSeconds 60 minus 10
     }
 
 
@@ -88,8 +95,10 @@ def test_every_server_value_reaches_the_binary():
         },
         "gpu": {"count": 2},
         "persistence": {"subPaths": {"models": "store/m", "outputs": "out", "embeddings": "ti"}},
+        "workload": {"terminationGracePeriodSeconds": 300},
     }
     config = _served_config(values)
+    assert config["shutdown_grace"] == 290
     assert config["model"] == "sdxl-base"
     assert config["device"] == "cuda:1"
     assert (config["precision"], config["vram"]) == ("bf16", "low")

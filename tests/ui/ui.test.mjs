@@ -37,15 +37,18 @@ function freePort() {
   });
 }
 
-/** Starts `sdkube serve` on a free loopback port; resolves once /readyz answers 200. */
-async function startServer(extraArgs = []) {
+/**
+ * Starts `sdkube serve` on a free loopback port with the fixture model (or `model`); resolves
+ * once `probe` (/readyz: model loaded, /healthz: listening) answers 200.
+ */
+async function startServer(extraArgs = [], { model = path.join(repo, 'fixtures/sd/sd1'), probe = '/readyz' } = {}) {
   assert.ok(fs.existsSync(bin), `${bin} is missing: run \`cargo build -p sdkube\` first (or set SDKUBE_BIN)`);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sdkube-ui-'));
   const port = await freePort();
   const base = `http://127.0.0.1:${port}`;
   const args = [
     'serve',
-    '--model', path.join(repo, 'fixtures/sd/sd1'),
+    '--model', model,
     '--listen', `127.0.0.1:${port}`,
     '--outputs', path.join(dir, 'outputs'),
     '--store', path.join(dir, 'store'),
@@ -65,7 +68,7 @@ async function startServer(extraArgs = []) {
   for (;;) {
     if (exited) throw new Error(`sdkube serve exited (${JSON.stringify(exited)}) before it was ready:\n${log}`);
     try {
-      const res = await fetch(`${base}/readyz`);
+      const res = await fetch(`${base}${probe}`);
       if (res.status === 200) break;
     } catch {
       // not listening yet
@@ -88,8 +91,8 @@ async function startServer(extraArgs = []) {
 }
 
 /** Starts the server and the browser side by side; whichever started is stopped if the other failed. */
-async function startBoth(extraArgs = []) {
-  const [server, browser] = await Promise.allSettled([startServer(extraArgs), launchBrowser()]);
+async function startBoth(extraArgs = [], options = {}) {
+  const [server, browser] = await Promise.allSettled([startServer(extraArgs, options), launchBrowser()]);
   if (server.status === 'fulfilled' && browser.status === 'fulfilled') return [server.value, browser.value];
   if (server.status === 'fulfilled') await server.value.stop();
   if (browser.status === 'fulfilled') await browser.value.close();
@@ -325,6 +328,34 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     await page.fill('#steps', '2');
   });
 
+  it('the queue view lists jobs, and Cancel stops a running job mid-sampling', async () => {
+    await page.click('.tabs [data-tab="txt2img"]');
+    await page.fill('#width', '64');
+    await page.fill('#height', '64');
+    // Long enough to be caught running: 8 x 150 steps of the fixture model.
+    await page.fill('#steps', String((await (await fetch(`${server.base}/api/v1/status`)).json()).limits.max_steps));
+    await page.fill('#batch-count', '8');
+    const created = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
+    await page.click('#generate');
+    const job = await (await created).json();
+    await page.waitForFunction(() => /^Step [1-9]/.test(document.querySelector('#progress-text').textContent));
+    assert.equal(await page.isEnabled('#cancel'), true);
+
+    await page.click('.tabs [data-tab="queue"]');
+    const row = page.locator('#queue-table tbody tr', { hasText: job.id.slice(0, 8) });
+    await row.waitFor();
+    assert.match(await row.textContent(), /running/);
+    await row.locator('button', { hasText: 'Cancel' }).click();
+    await page.locator('#queue-table tbody tr[data-state="cancelled"]', { hasText: job.id.slice(0, 8) }).waitFor();
+    const final = await (await fetch(`${server.base}/api/v1/jobs/${job.id}`)).json();
+    assert.equal(final.state, 'cancelled');
+    assert.ok(final.step < final.total_steps, `stopped at step ${final.step} of ${final.total_steps}`);
+    assert.equal(await page.textContent('#progress-text'), 'Cancelled');
+    await page.click('.tabs [data-tab="txt2img"]');
+    await page.fill('#batch-count', '1');
+    await page.fill('#steps', '2');
+  });
+
   it('fits a 375 px phone screen: no horizontal scrolling, controls stacked', async () => {
     const phone = await browser.newContext({ viewport: { width: 375, height: 740 }, isMobile: true, hasTouch: true });
     const mobile = await phone.newPage();
@@ -425,5 +456,53 @@ describe('sdkube web UI behind --api-key', { timeout: 60_000 }, () => {
     assert.equal((await page.textContent('#errors')).trim(), '');
     // Only the refusals before the key was given reached the console.
     assert.deepEqual(problems.filter((p) => !/status of 401/.test(p)), []);
+  });
+});
+
+describe('sdkube web UI with a model that failed to load', { timeout: 60_000 }, () => {
+  let server;
+  let browser;
+  let modelDir;
+
+  before(async () => {
+    // A folder that claims to be a diffusers model but has no networks.
+    modelDir = fs.mkdtempSync(path.join(os.tmpdir(), 'sdkube-ui-badmodel-'));
+    fs.writeFileSync(path.join(modelDir, 'model_index.json'), '{"_class_name": "StableDiffusionPipeline"}');
+    [server, browser] = await startBoth([], { model: modelDir, probe: '/healthz' });
+  });
+
+  after(async () => {
+    await browser?.close();
+    await server?.stop();
+    if (modelDir) fs.rmSync(modelDir, { recursive: true, force: true });
+  });
+
+  it('shows a failed banner with the reason, and the refusal when generating', async () => {
+    let status;
+    for (let i = 0; i < 100; i += 1) {
+      status = await (await fetch(`${server.base}/api/v1/status`)).json();
+      if (status.model.state === 'failed') break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.equal(status.model.state, 'failed', JSON.stringify(status));
+    assert.ok(status.model.message, 'the server says why');
+
+    const page = await browser.newPage();
+    page.setDefaultTimeout(STEP_TIMEOUT);
+    await page.goto(server.base);
+    const banner = page.locator('#model-banner[data-state="failed"]');
+    await banner.waitFor();
+    const text = await banner.textContent();
+    assert.ok(text.includes(status.model.message), `banner: ${text}`);
+
+    await page.fill('#width', '64');
+    await page.fill('#height', '64');
+    await page.fill('#steps', '2');
+    const refused = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
+    await page.click('#generate');
+    const response = await refused;
+    assert.equal(response.status(), 503);
+    const { error } = await response.json();
+    await page.locator('#errors .error-text', { hasText: error }).waitFor();
   });
 });

@@ -428,7 +428,7 @@ impl Engine {
         reqs: &[Request],
         on_step: &mut dyn FnMut(&Progress) -> Flow,
     ) -> Result<Vec<Vec<Generated>>, Error> {
-        if let Some(first) = reqs.first() {
+        if let (Some(first), true) = (reqs.first(), reqs.len() > 1) {
             if let Some(other) = reqs.iter().find(|r| !self.can_batch(first, r)) {
                 return Err(Error::Invalid(format!(
                     "requests cannot share a batch: {:?} and {:?} differ in size, steps, \

@@ -483,6 +483,19 @@ pub fn img2img_job(state: &AppState, r: Img2ImgRequest, save: bool) -> Result<Ar
     Ok(Job::new("img2img", params, work))
 }
 
+/// The HTTP error for a job that failed on the worker: requests the pipeline found invalid
+/// (e.g. a prompt that tokenizes to nothing) are the client's, a shutdown is 503, anything
+/// else is ours.
+pub fn job_error(msg: String) -> ApiError {
+    if msg.contains("must") || msg.contains("tokenizes to nothing") {
+        ApiError::bad_request(msg)
+    } else if msg.contains("shut down") {
+        ApiError::unavailable(msg)
+    } else {
+        ApiError::internal(msg)
+    }
+}
+
 /// Waits for a generation job and shapes A1111's response.
 async fn run_generation(
     state: &AppState,
@@ -494,15 +507,7 @@ async fn run_generation(
     let status = job.finished().await;
     if status.state == JobState::Failed {
         let msg = status.error.unwrap_or_else(|| "the job failed".into());
-        // Bad requests found only on the worker (e.g. a prompt that tokenizes to nothing)
-        // are the client's; anything else is ours.
-        return Err(
-            if msg.contains("must") || msg.contains("tokenizes to nothing") {
-                ApiError::bad_request(msg)
-            } else {
-                ApiError::internal(msg)
-            },
-        );
+        return Err(job_error(msg));
     }
     let Work::Generate(work) = &job.work else {
         return Err(ApiError::internal("not a generation job"));
@@ -776,7 +781,7 @@ async fn run_extras(state: &AppState, job: Arc<Job>) -> Result<(String, Vec<Stri
     let job = state.jobs.submit(job)?;
     let status = job.finished().await;
     if status.state != JobState::Succeeded {
-        return Err(ApiError::internal(
+        return Err(job_error(
             status
                 .error
                 .unwrap_or_else(|| "the job did not finish".into()),
@@ -1094,7 +1099,10 @@ pub async fn set_options(
         let current = state.model.status();
         let wanted = name.split(" [").next().unwrap_or(name);
         if current.name != wanted || current.state == crate::model::ModelState::Failed {
-            state.model.select(name).map_err(ApiError::bad_request)?;
+            state
+                .model
+                .select(name, false)
+                .map_err(ApiError::bad_request)?;
             state.jobs.notify();
             // A1111 answers once the new model is loaded.
             loop {

@@ -80,10 +80,41 @@ impl From<crate::jobs::SubmitError> for ApiError {
     }
 }
 
-/// `Json` whose rejections are [`ApiError`]s (a JSON body naming the bad field).
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// A JSON body whose errors are [`ApiError`]s naming the bad field.
 pub struct ApiJson<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let Json(value) = Json::<serde_json::Value>::from_request(req, state).await?;
+        from_json(value).map(ApiJson)
+    }
+}
+
+/// Deserializes a request body; on a type error, names the field at fault (serde_json's
+/// own message has only a line and column, and none at all through flattened structs).
+pub fn from_json<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    match serde_json::from_value::<T>(value.clone()) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let field = value.as_object().and_then(|fields| {
+                fields.iter().find_map(|(k, v)| {
+                    let alone = serde_json::json!({ k.as_str(): v });
+                    let bad = matches!(serde_json::from_value::<T>(alone), Err(ref e2) if e2.to_string() == e.to_string());
+                    bad.then(|| k.clone())
+                })
+            });
+            Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                match field {
+                    Some(f) => format!("field `{f}`: {e}"),
+                    None => format!("invalid request body: {e}"),
+                },
+            ))
+        }
+    }
+}
 
 #[derive(OpenApi)]
 #[openapi(

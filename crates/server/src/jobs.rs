@@ -82,6 +82,8 @@ pub struct JobStatus {
     pub info: serde_json::Value,
     /// Set once the job was interrupted or skipped by A1111's endpoints (reported in info).
     pub interrupted: bool,
+    /// How many jobs shared its device batch (1 = ran alone).
+    pub batch_jobs: usize,
 }
 
 /// One unit of work submitted through any API.
@@ -123,6 +125,7 @@ impl Job {
                 preview: None,
                 info: serde_json::Value::Null,
                 interrupted: false,
+                batch_jobs: 0,
             }),
             changed,
             version: AtomicU64::new(0),
@@ -327,10 +330,12 @@ impl JobBoard {
         }
         b.running.extend(taken.iter().cloned());
         drop(b);
+        let n = taken.len();
         for j in &taken {
             j.update(|s| {
                 s.state = JobState::Running;
                 s.started = Some(Instant::now());
+                s.batch_jobs = n;
             });
         }
         Some(taken)

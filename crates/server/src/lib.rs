@@ -102,7 +102,7 @@ impl Shared {
 pub fn start(state: &AppState) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
     state
         .model
-        .select(&state.config.model)
+        .select(&state.config.model, true)
         .map_err(anyhow::Error::msg)?;
     let mut handles = Vec::new();
     for (i, device) in state.config.devices.iter().enumerate() {

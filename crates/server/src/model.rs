@@ -159,10 +159,18 @@ impl ModelSlot {
     /// Selects the model to serve: an existing path, a checkpoint found in the checkpoint
     /// folders, or a catalog name (fetched in the background when missing from the store).
     /// Returns at once; [`ModelSlot::status`] tells the progress.
-    pub fn select(self: &Arc<Self>, model: &str) -> Result<(), String> {
+    /// `allow_path`: the operator's `--model` may be any path; API clients only choose among
+    /// the listed checkpoints, so that no request can make the server read an arbitrary file.
+    pub fn select(self: &Arc<Self>, model: &str, allow_path: bool) -> Result<(), String> {
         let as_path = PathBuf::from(model);
-        let (name, path) = if as_path.exists() {
+        let current = self.status();
+        let (name, path) = if allow_path && as_path.exists() {
             (name_of_path(&as_path), Some(as_path))
+        } else if !current.name.is_empty()
+            && current.name == model.split(" [").next().unwrap_or(model)
+            && current.path.is_some()
+        {
+            (current.name.clone(), current.path.clone())
         } else if let Some(c) = self
             .checkpoints()
             .into_iter()

@@ -35,6 +35,8 @@ pub struct JobView {
     /// RFC 3339.
     pub created: String,
     pub images: Vec<JobImage>,
+    /// How many jobs shared its device batch (compatible jobs are batched); 0 before it ran.
+    pub batch_jobs: usize,
     /// The parameters as submitted.
     pub params: serde_json::Value,
 }
@@ -65,6 +67,7 @@ impl JobView {
             error: s.error.clone(),
             created: crate::time::rfc3339(job.created),
             images: s.images.clone(),
+            batch_jobs: s.batch_jobs,
             params: job.params.clone(),
         }
     }
@@ -167,8 +170,8 @@ pub async fn create_job(
 }
 
 fn parse_params<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<T, ApiError> {
-    serde_json::from_value(v.clone())
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("params: {e}")))
+    crate::api::from_json(v.clone())
+        .map_err(|e| ApiError::new(e.status, format!("params: {}", e.message)))
 }
 
 #[derive(Serialize, ToSchema)]

