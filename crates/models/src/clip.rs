@@ -2,13 +2,54 @@
 //! (Radford et al. 2021, <https://arxiv.org/abs/2103.00020>). The key tree is the
 //! transformers one (`text_model.encoder.layers.N.self_attn.q_proj`…); single-file checkpoints
 //! are renamed into it by [`crate::checkpoint`].
+//!
+//! Textual-inversion training back-propagates through this encoder: candle's fused
+//! layer-norm and softmax kernels have no backward pass, so when the input is part of a
+//! gradient graph ([`Tensor::track_op`]) the composed, differentiable forms run instead
+//! (same math; inference keeps the fused kernels).
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{
     embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder,
 };
 
 use crate::config::ClipTextConfig;
+
+/// Softmax over the last axis: the fused kernel, or the differentiable composition when
+/// gradients are being tracked.
+pub(crate) fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if xs.track_op() {
+        candle_nn::ops::softmax(xs, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(xs)
+    }
+}
+
+/// `transformers`' `nn.LayerNorm`, differentiable when gradients are tracked.
+#[derive(Debug)]
+pub(crate) struct Norm {
+    inner: LayerNorm,
+    eps: f64,
+}
+
+impl Norm {
+    pub(crate) fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            inner: layer_norm(size, eps, vb)?,
+            eps,
+        })
+    }
+
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self.inner.bias() {
+            // The fused kernel has no backward pass and no f64 version.
+            Some(bias) if xs.track_op() || xs.dtype() == DType::F64 => {
+                candle_nn::ops::layer_norm_slow(xs, self.inner.weight(), bias, self.eps as f32)
+            }
+            _ => self.inner.forward(xs),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 enum Activation {
@@ -59,7 +100,7 @@ impl SelfAttention {
         let k = split(self.k_proj.forward(xs)?)?;
         let v = split(self.v_proj.forward(xs)?)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(causal_mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
         self.out_proj.forward(&out)
     }
@@ -68,10 +109,10 @@ impl SelfAttention {
 #[derive(Debug)]
 struct EncoderLayer {
     self_attn: SelfAttention,
-    layer_norm1: LayerNorm,
+    layer_norm1: Norm,
     fc1: Linear,
     fc2: Linear,
-    layer_norm2: LayerNorm,
+    layer_norm2: Norm,
     act: Activation,
 }
 
@@ -80,10 +121,10 @@ impl EncoderLayer {
         let d = cfg.hidden_size;
         Ok(Self {
             self_attn: SelfAttention::new(vb.pp("self_attn"), cfg)?,
-            layer_norm1: layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            layer_norm1: Norm::new(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
             fc1: linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
             fc2: linear(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
-            layer_norm2: layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
+            layer_norm2: Norm::new(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
             act,
         })
     }
@@ -118,7 +159,7 @@ pub struct ClipTextModel {
     token_embedding: Embedding,
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
-    final_layer_norm: LayerNorm,
+    final_layer_norm: Norm,
     text_projection: Option<Linear>,
     cfg: ClipTextConfig,
 }
@@ -142,7 +183,7 @@ impl ClipTextModel {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::new(tm.pp(format!("encoder.layers.{i}")), cfg, act))
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = layer_norm(
+        let final_layer_norm = Norm::new(
             cfg.hidden_size,
             cfg.layer_norm_eps,
             tm.pp("final_layer_norm"),

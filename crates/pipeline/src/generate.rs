@@ -10,10 +10,11 @@ use sdkube_models::unet::{AddedConditioning, UNet2DConditionModel};
 use sdkube_models::vae::AutoencoderKL;
 use sdkube_models::{Family, SdWeights};
 
+use crate::embeddings::{EmbeddingSet, TextWidths};
 use crate::image_io::{
     crop_resize, image_to_tensor, latent_preview, mask_to_tensor, tensor_to_images,
 };
-use crate::prompt::{parse_prompt_attention, EmbeddingIndex, BREAK_WEIGHT};
+use crate::prompt::{parse_prompt_attention, BREAK_WEIGHT};
 use crate::sampler::{
     self, Flow, ModelScalings, NoiseSchedule, NoiseSource, Plan, SamplerError, SamplerSpec,
     SeededNoise, StepInfo,
@@ -163,6 +164,8 @@ pub struct Engine {
     tokenizer: ClipTokenizer,
     schedule: NoiseSchedule,
     model_name: String,
+    /// Textual-inversion embeddings prompts may name.
+    embeddings: EmbeddingSet,
     pub limits: Limits,
 }
 
@@ -188,7 +191,9 @@ impl Engine {
             }),
             VramMode::Low => None,
         };
+        let embeddings = EmbeddingSet::empty(TextWidths::of(&weights));
         Ok(Self {
+            embeddings,
             weights,
             device,
             dtype,
@@ -199,6 +204,42 @@ impl Engine {
             model_name: model_name.to_string(),
             limits: Limits::default(),
         })
+    }
+
+    /// Uses `set` from now on, re-sorted into loaded/skipped for this model's encoders.
+    pub fn set_embeddings(&mut self, mut set: EmbeddingSet) {
+        let widths = TextWidths::of(&self.weights);
+        if set.widths() != widths {
+            set.set_widths(widths);
+        }
+        self.embeddings = set;
+    }
+
+    pub fn embeddings(&self) -> &EmbeddingSet {
+        &self.embeddings
+    }
+
+    /// Re-scans the embeddings directory (only changed files are read again).
+    pub fn reload_embeddings(&mut self) -> Result<bool, crate::embeddings::EmbeddingError> {
+        self.embeddings.reload()
+    }
+
+    /// A1111's "TI hashes": `name: shorthash` of every embedding the prompt or negative
+    /// prompt uses.
+    fn ti_hashes(&self, req: &Request) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for prompt in [&req.prompt, &req.negative_prompt] {
+            let tokens = PromptTokens::new(&self.tokenizer, prompt, self.embeddings.index());
+            for name in tokens.embeddings_used() {
+                if !names.iter().any(|n| n == name) {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        names
+            .into_iter()
+            .filter_map(|n| Some(format!("{n}: {}", self.embeddings.get(&n)?.hash)))
+            .collect()
     }
 
     pub fn family(&self) -> Family {
@@ -284,13 +325,13 @@ impl Engine {
         reqs: &[Request],
     ) -> Result<Vec<(Conditioning, Conditioning)>, Error> {
         let family = self.weights.family;
-        let none = EmbeddingIndex::new();
+        let index = self.embeddings.index();
         let mut tokens: Vec<(PromptTokens, PromptTokens)> = reqs
             .iter()
             .map(|req| {
                 (
-                    PromptTokens::new(&self.tokenizer, &req.prompt, &none),
-                    PromptTokens::new(&self.tokenizer, &req.negative_prompt, &none),
+                    PromptTokens::new(&self.tokenizer, &req.prompt, index),
+                    PromptTokens::new(&self.tokenizer, &req.negative_prompt, index),
                 )
             })
             .collect();
@@ -311,6 +352,7 @@ impl Engine {
                 family,
                 clip,
                 clip_g,
+                embeddings: Some(&self.embeddings),
             };
             tokens
                 .iter()
@@ -369,10 +411,10 @@ impl Engine {
     /// generated alone: [`Request::batchable_with`], and prompts of the same number of
     /// 77-token chunks (padding a prompt with an empty chunk would change its image).
     pub fn can_batch(&self, a: &Request, b: &Request) -> bool {
-        let none = EmbeddingIndex::new();
+        let index = self.embeddings.index();
         let chunks = |r: &Request| {
-            let p = PromptTokens::new(&self.tokenizer, &r.prompt, &none).chunk_count();
-            let n = PromptTokens::new(&self.tokenizer, &r.negative_prompt, &none).chunk_count();
+            let p = PromptTokens::new(&self.tokenizer, &r.prompt, index).chunk_count();
+            let n = PromptTokens::new(&self.tokenizer, &r.negative_prompt, index).chunk_count();
             p.max(n)
         };
         a.batchable_with(b) && chunks(a) == chunks(b)
@@ -574,7 +616,14 @@ impl Engine {
                     .by_ref()
                     .take(r.batch_size)
                     .map(|(image, seed)| Generated {
-                        infotext: infotext(r, spec, seed, &self.model_name, self.weights.family),
+                        infotext: infotext(
+                            r,
+                            spec,
+                            seed,
+                            &self.model_name,
+                            self.weights.family,
+                            &self.ti_hashes(r),
+                        ),
                         image,
                         seed,
                     })
@@ -741,6 +790,7 @@ pub fn infotext(
     seed: u64,
     model: &str,
     family: Family,
+    ti_hashes: &[String],
 ) -> String {
     let mut s = req.prompt.clone();
     if !req.negative_prompt.is_empty() {
@@ -763,6 +813,14 @@ pub fn infotext(
     }
     if req.clip_skip > 1 && family != Family::Sdxl {
         fields.push(format!("Clip skip: {}", req.clip_skip));
+    }
+    if !ti_hashes.is_empty() {
+        // Quoted as A1111's `quote()` does for values holding `,` or `:`.
+        let joined = ti_hashes.join(", ");
+        fields.push(format!(
+            "TI hashes: {}",
+            serde_json::to_string(&joined).unwrap_or(joined)
+        ));
     }
     fields.push(format!("Version: sdkube {}", env!("CARGO_PKG_VERSION")));
     s.push('\n');

@@ -1,11 +1,13 @@
 //! Prompts, samplers and the txt2img/img2img/inpainting pipeline.
 
+pub mod embeddings;
 pub mod generate;
 pub mod image_io;
 pub mod prompt;
 pub mod sampler;
 pub mod text;
 pub mod tokenizer;
+pub mod train;
 pub mod vae_decode;
 
 pub use generate::{Engine, Generated, Limits, Overrides, Progress, Request, VramMode};

@@ -2,11 +2,14 @@
 //! one, emphasis applied to the hidden states (A1111's "Original" mode: scale by the
 //! multipliers, then restore the chunk's mean), chunks concatenated; SDXL concatenates the
 //! penultimate layers of both encoders and takes the pooled embedding of the first chunk.
+//! Textual-inversion vectors replace the token embeddings at their placements before the
+//! transformer runs (A1111's `EmbeddingsWithFixes`), for each encoder its own vectors.
 
 use candle_core::{DType, Device, Tensor, D};
 use sdkube_models::clip::ClipTextModel;
 use sdkube_models::Family;
 
+use crate::embeddings::{EmbeddingSet, EncoderSlot};
 use crate::prompt::{tokenize_prompt, ChunkOptions, EmbeddingIndex, PromptChunk, CHUNK_TOKENS};
 use crate::tokenizer::ClipTokenizer;
 use crate::tokenizer::EOS_ID;
@@ -18,6 +21,22 @@ pub struct TextEncoders<'a> {
     pub clip: &'a ClipTextModel,
     /// SDXL's second encoder.
     pub clip_g: Option<&'a ClipTextModel>,
+    /// Vectors for the prompt's embedding placements; `None` when the prompt was
+    /// tokenized without embeddings.
+    pub embeddings: Option<&'a dyn TokenVectors>,
+}
+
+/// Where the vectors of a prompt's textual-inversion placements come from: the loaded
+/// [`EmbeddingSet`], or the vectors being trained.
+pub trait TokenVectors {
+    /// `[n, width]` vectors of embedding `name` for one encoder.
+    fn vectors(&self, name: &str, slot: EncoderSlot) -> Option<Tensor>;
+}
+
+impl TokenVectors for EmbeddingSet {
+    fn vectors(&self, name: &str, slot: EncoderSlot) -> Option<Tensor> {
+        EmbeddingSet::vectors(self, name, slot).cloned()
+    }
 }
 
 /// What the UNet is conditioned on for one prompt.
@@ -43,6 +62,17 @@ impl PromptTokens {
 
     pub fn chunk_count(&self) -> usize {
         self.chunks.len()
+    }
+
+    /// Names of the embeddings the prompt uses, each once, in prompt order.
+    pub fn embeddings_used(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = Vec::new();
+        for placement in self.chunks.iter().flat_map(|c| &c.embeddings) {
+            if !names.contains(&placement.name.as_str()) {
+                names.push(&placement.name);
+            }
+        }
+        names
     }
 
     /// Pads with A1111's empty chunk so that prompt and negative prompt line up.
@@ -83,21 +113,71 @@ fn apply_emphasis(z: &Tensor, multipliers: &[f32]) -> candle_core::Result<Tensor
     (weighted * (original_mean / new_mean) as f64)?.to_dtype(dtype)
 }
 
+/// Token embeddings `[1, 77, D]` of a chunk for one encoder, with the embedding
+/// placements' vectors written over their placeholder tokens.
+fn chunk_embeds(
+    clip: &ClipTextModel,
+    ids: &Tensor,
+    chunk: &PromptChunk,
+    vectors: Option<(&dyn TokenVectors, EncoderSlot)>,
+) -> Result<Tensor, Error> {
+    let table = clip.embed_tokens(ids)?;
+    let Some((source, slot)) = vectors.filter(|_| !chunk.embeddings.is_empty()) else {
+        return Ok(table);
+    };
+    let width = clip.hidden_size();
+    let mut parts = Vec::with_capacity(2 * chunk.embeddings.len() + 1);
+    let mut at = 0;
+    for placement in &chunk.embeddings {
+        let v = source.vectors(&placement.name, slot).ok_or_else(|| {
+            Error::Invalid(format!(
+                "embedding {:?} is not loaded for this model",
+                placement.name
+            ))
+        })?;
+        if v.dims() != [placement.vectors, width] || placement.position < at {
+            return Err(Error::Invalid(format!(
+                "embedding {:?} has shape {:?}; this text encoder needs [{}, {width}]",
+                placement.name,
+                v.dims(),
+                placement.vectors
+            )));
+        }
+        if placement.position > at {
+            parts.push(table.narrow(1, at, placement.position - at)?);
+        }
+        parts.push(
+            v.to_device(table.device())?
+                .to_dtype(table.dtype())?
+                .unsqueeze(0)?,
+        );
+        at = placement.position + placement.vectors;
+    }
+    if at < CHUNK_TOKENS {
+        parts.push(table.narrow(1, at, CHUNK_TOKENS - at)?);
+    }
+    Ok(Tensor::cat(&parts, 1)?)
+}
+
 /// Hidden states of one chunk from one encoder. `skip` = A1111's clip skip − 1 (layers not
 /// run from the end); `penultimate_raw` takes the penultimate layer without the final norm
 /// (SDXL).
+#[allow(clippy::too_many_arguments)]
 fn encode_chunk(
     clip: &ClipTextModel,
     chunk: &PromptChunk,
+    vectors: Option<(&dyn TokenVectors, EncoderSlot)>,
     open_clip: bool,
     skip: usize,
     penultimate_raw: bool,
     want_pooled: bool,
-) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+) -> Result<(Tensor, Option<Tensor>), Error> {
     let device = clip.token_embeddings().device().clone();
     let ids = chunk_ids(chunk, open_clip, &device)?;
+    let embeds = chunk_embeds(clip, &ids, chunk, vectors)?;
     if penultimate_raw {
-        let out = clip.forward(
+        let out = clip.forward_embeds(
+            &embeds,
             &ids,
             if want_pooled {
                 None
@@ -114,8 +194,11 @@ fn encode_chunk(
         Ok((h, out.text_embeds))
     } else {
         let layers = clip.num_layers().saturating_sub(skip).max(1);
-        let out = clip.forward(&ids, Some(layers))?;
-        let last = out.hidden_states.last().expect("embeddings at least");
+        let out = clip.forward_embeds(&embeds, &ids, Some(layers))?;
+        let last = out
+            .hidden_states
+            .last()
+            .ok_or_else(|| Error::Invalid("the text encoder returned no hidden states".into()))?;
         Ok((clip.final_norm(last)?, None))
     }
 }
@@ -128,13 +211,15 @@ pub fn encode(
     clip_skip: usize,
 ) -> Result<Conditioning, Error> {
     let skip = clip_skip.max(1) - 1;
+    let first = encoders.embeddings.map(|v| (v, EncoderSlot::First));
+    let second = encoders.embeddings.map(|v| (v, EncoderSlot::Second));
     let mut parts = Vec::with_capacity(tokens.chunks.len());
     let mut pooled = None;
     for (i, chunk) in tokens.chunks.iter().enumerate() {
         let z = match (encoders.family, encoders.clip_g) {
             (Family::Sdxl, Some(clip_g)) => {
-                let (l, _) = encode_chunk(encoders.clip, chunk, false, 0, true, false)?;
-                let (g, p) = encode_chunk(clip_g, chunk, true, 0, true, i == 0)?;
+                let (l, _) = encode_chunk(encoders.clip, chunk, first, false, 0, true, false)?;
+                let (g, p) = encode_chunk(clip_g, chunk, second, true, 0, true, i == 0)?;
                 if i == 0 {
                     pooled = p;
                 }
@@ -151,6 +236,7 @@ pub fn encode(
                 let (z, _) = encode_chunk(
                     encoders.clip,
                     chunk,
+                    first,
                     family == Family::Sd2,
                     skip,
                     false,

@@ -44,6 +44,11 @@ enum Command {
     Doctor(cmd::doctor::Args),
     /// Time the full-size networks with random weights.
     Bench(cmd::bench::Args),
+    /// Train a textual-inversion embedding.
+    TrainEmbedding(cmd::train_embedding::Args),
+    /// Textual-inversion embeddings: list a folder.
+    #[command(subcommand)]
+    Embeddings(cmd::embeddings::Command),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +63,8 @@ fn main() -> ExitCode {
         Command::Models(command) => cmd::models::run(command),
         Command::Doctor(args) => cmd::doctor::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::TrainEmbedding(args) => cmd::train_embedding::run(args),
+        Command::Embeddings(command) => cmd::embeddings::run(command),
     };
     match result {
         Ok(code) => code,

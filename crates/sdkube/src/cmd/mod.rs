@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod device;
 pub mod doctor;
+pub mod embeddings;
 pub mod fetch;
 pub mod files;
 pub mod generate;
@@ -10,4 +11,5 @@ pub mod import_ncnn;
 pub mod models;
 pub mod restore_faces;
 pub mod serve;
+pub mod train_embedding;
 pub mod upscale;
