@@ -1,10 +1,52 @@
-//! Building blocks shared by the UNet and the VAE, named as in `diffusers.models`:
+//! Building blocks shared by the networks, named as in `diffusers.models`:
 //! `ResnetBlock2D`, `Downsample2D`, `Upsample2D` and the multi-head `Attention`.
+//!
+//! Textual-inversion training back-propagates through the text encoder and the UNet:
+//! candle's fused layer-norm and softmax kernels have no backward pass, so when the input is
+//! part of a gradient graph ([`Tensor::track_op`]) the composed, differentiable forms run
+//! instead (same math; inference keeps the fused kernels).
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{
-    conv2d, group_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder,
+    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
+    LayerNorm, Linear, VarBuilder,
 };
+
+/// Softmax over the last axis: the fused kernel, or the differentiable composition when
+/// gradients are being tracked.
+pub(crate) fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if xs.track_op() {
+        candle_nn::ops::softmax(xs, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(xs)
+    }
+}
+
+/// `transformers`' `nn.LayerNorm`, differentiable when gradients are tracked.
+#[derive(Debug)]
+pub(crate) struct Norm {
+    inner: LayerNorm,
+    eps: f64,
+}
+
+impl Norm {
+    pub(crate) fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            inner: layer_norm(size, eps, vb)?,
+            eps,
+        })
+    }
+
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self.inner.bias() {
+            // The fused kernel has no backward pass and no f64 version.
+            Some(bias) if xs.track_op() || xs.dtype() == DType::F64 => {
+                candle_nn::ops::layer_norm_slow(xs, self.inner.weight(), bias, self.eps as f32)
+            }
+            _ => self.inner.forward(xs),
+        }
+    }
+}
 
 pub(crate) fn conv3x3(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
     let cfg = Conv2dConfig {
@@ -199,6 +241,6 @@ pub(crate) fn scaled_dot_product_attention(
         (q, k)
     };
     let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
     probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))
 }

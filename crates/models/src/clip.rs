@@ -3,53 +3,14 @@
 //! transformers one (`text_model.encoder.layers.N.self_attn.q_proj`…); single-file checkpoints
 //! are renamed into it by [`crate::checkpoint`].
 //!
-//! Textual-inversion training back-propagates through this encoder: candle's fused
-//! layer-norm and softmax kernels have no backward pass, so when the input is part of a
-//! gradient graph ([`Tensor::track_op`]) the composed, differentiable forms run instead
-//! (same math; inference keeps the fused kernels).
+//! Textual-inversion training back-propagates through this encoder (see
+//! [`crate::blocks::Norm`] and [`crate::blocks::softmax_last_dim`]).
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{
-    embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder,
-};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{embedding, linear, linear_no_bias, Embedding, Linear, VarBuilder};
 
+use crate::blocks::{softmax_last_dim, Norm};
 use crate::config::ClipTextConfig;
-
-/// Softmax over the last axis: the fused kernel, or the differentiable composition when
-/// gradients are being tracked.
-pub(crate) fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    if xs.track_op() {
-        candle_nn::ops::softmax(xs, D::Minus1)
-    } else {
-        candle_nn::ops::softmax_last_dim(xs)
-    }
-}
-
-/// `transformers`' `nn.LayerNorm`, differentiable when gradients are tracked.
-#[derive(Debug)]
-pub(crate) struct Norm {
-    inner: LayerNorm,
-    eps: f64,
-}
-
-impl Norm {
-    pub(crate) fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            inner: layer_norm(size, eps, vb)?,
-            eps,
-        })
-    }
-
-    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match self.inner.bias() {
-            // The fused kernel has no backward pass and no f64 version.
-            Some(bias) if xs.track_op() || xs.dtype() == DType::F64 => {
-                candle_nn::ops::layer_norm_slow(xs, self.inner.weight(), bias, self.eps as f32)
-            }
-            _ => self.inner.forward(xs),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 enum Activation {

@@ -6,12 +6,9 @@
 //! are embedded and added to the timestep embedding, as the reference does.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{
-    conv2d, group_norm, layer_norm, linear, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear,
-    VarBuilder,
-};
+use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
-use crate::blocks::{conv1x1, conv3x3, Attention, Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::blocks::{conv1x1, conv3x3, Attention, Downsample2D, Norm, ResnetBlock2D, Upsample2D};
 use crate::config::UNetConfig;
 
 /// Sinusoidal embedding of `t` `[B]` into `[B, dim]` (`diffusers.models.embeddings.Timesteps`).
@@ -88,11 +85,11 @@ impl FeedForward {
 /// `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward, pre-norm.
 #[derive(Debug)]
 struct BasicTransformerBlock {
-    norm1: LayerNorm,
+    norm1: Norm,
     attn1: Attention,
-    norm2: LayerNorm,
+    norm2: Norm,
     attn2: Attention,
-    norm3: LayerNorm,
+    norm3: Norm,
     ff: FeedForward,
 }
 
@@ -100,11 +97,11 @@ impl BasicTransformerBlock {
     fn new(vb: VarBuilder, dim: usize, ctx_dim: usize, heads: usize, upcast: bool) -> Result<Self> {
         let head_dim = dim / heads;
         Ok(Self {
-            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            norm1: Norm::new(dim, 1e-5, vb.pp("norm1"))?,
             attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, false, upcast)?,
-            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            norm2: Norm::new(dim, 1e-5, vb.pp("norm2"))?,
             attn2: Attention::new(vb.pp("attn2"), dim, ctx_dim, heads, head_dim, false, upcast)?,
-            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            norm3: Norm::new(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
     }

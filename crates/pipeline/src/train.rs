@@ -983,13 +983,9 @@ mod tests {
         assert!(rel < 1e-5, "analytic {analytic} numeric {numeric}");
     }
 
-    /// Through the UNet too. Needs the UNet's attention softmax and transformer-block
-    /// layer norms to switch to their differentiable forms under gradient tracking, as
-    /// the CLIP encoder does (`sdkube_models::clip::{softmax_last_dim, Norm}`): a change
-    /// to `crates/models/src/{blocks,unet}.rs` proposed in issue 6's report. Until then
-    /// the gradient through the UNet misses the attention-weight and layer-norm terms.
+    /// Through the UNet too: its attention softmax and transformer-block layer norms switch
+    /// to their differentiable forms under gradient tracking (`sdkube_models::blocks`).
     #[test]
-    #[ignore = "needs the UNet gradient change to crates/models (issue 6 report)"]
     fn denoising_gradient_matches_finite_differences() {
         let w = fixture("sd1");
         let (dev, dt) = (Device::Cpu, DType::F64);
