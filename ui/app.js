@@ -608,7 +608,7 @@ function renderJobState(state, position) {
   let text;
   if (state === 'queued') text = position === 0 ? 'Queued: next' : position ? `Queued: position ${position + 1}` : 'Queued';
   else if (state === 'running') text = 'Running…';
-  else text = state;
+  else text = { succeeded: 'Done', failed: 'Failed', cancelled: 'Cancelled' }[state] || state;
   $('progress-text').textContent = text;
   $('cancel').disabled = FINISHED.has(state);
 }
@@ -680,8 +680,8 @@ function renderResults(images) {
 
 async function cancelJob(id) {
   try {
-    const job = await api(`/api/v1/jobs/${encodeURIComponent(id)}/cancel`, { method: 'POST' });
-    if (id === ui.currentJobId) renderJobState(job.state, job.position);
+    // A running job stops at its next step; its events (or the queue view) then show the end.
+    await api(`/api/v1/jobs/${encodeURIComponent(id)}/cancel`, { method: 'POST' });
     if (ui.tab === 'queue') refreshQueue();
   } catch (err) {
     showError('Cancel', err);
