@@ -557,13 +557,28 @@ async function generate() {
 }
 
 const FINISHED = new Set(['succeeded', 'failed', 'cancelled']);
+const SILENT_STREAM_MS = 3000;
 
-/** Follows a job over SSE; if the stream breaks before `done`, polls the job instead. */
+/**
+ * Follows a job over SSE; if the stream breaks before `done`, polls the job instead. A stream
+ * silent for a few seconds (a proxy buffering it, say) is checked by polling too.
+ */
 function followJob(job) {
   if (ui.followed.has(job.id)) return;
   const id = encodeURIComponent(job.id);
   let finished = false;
   let pollTimer = null;
+  let lastHeard = Date.now();
+  const watchdog = setInterval(async () => {
+    if (finished || pollTimer || Date.now() - lastHeard < SILENT_STREAM_MS) return;
+    lastHeard = Date.now();
+    try {
+      const current = await api(`/api/v1/jobs/${id}`);
+      if (FINISHED.has(current.state)) finish(current);
+    } catch {
+      // The stream or the poller reports lasting problems.
+    }
+  }, SILENT_STREAM_MS);
   const finish = (final) => {
     if (finished) return;
     finished = true;
@@ -573,6 +588,7 @@ function followJob(job) {
   const stop = () => {
     source.close();
     clearTimeout(pollTimer);
+    clearInterval(watchdog);
     ui.followed.delete(job.id);
   };
   const poll = async () => {
@@ -588,10 +604,12 @@ function followJob(job) {
   };
   const source = new EventSource(`/api/v1/jobs/${id}/events`, { withCredentials: true });
   source.addEventListener('state', (event) => {
+    lastHeard = Date.now();
     const data = JSON.parse(event.data);
     if (job.id === ui.currentJobId) renderJobState(data.state, data.position);
   });
   source.addEventListener('progress', (event) => {
+    lastHeard = Date.now();
     const data = JSON.parse(event.data);
     if (job.id === ui.currentJobId) renderProgress(data.step, data.total_steps, data.eta_seconds, data.preview);
   });
