@@ -246,9 +246,7 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     assert.ok(distinct > 10, `the init image has content (${distinct} colours)`);
   });
 
-  // todo until the server's worker stops sending a lone img2img job through Engine::generate_batch,
-  // which refuses init images ("requests cannot share a batch"): the UI part passes, the job fails.
-  it('paints a mask stroke and runs an inpainting job with a black/white mask', { todo: 'server: a lone img2img job fails in generate_batch' }, async () => {
+  it('paints a mask stroke and runs an inpainting job with a black/white mask', async () => {
     await page.fill('#brush-size', '8');
     await page.dispatchEvent('#brush-size', 'input');
     const box = await page.locator('#mask-canvas').boundingBox();
