@@ -55,6 +55,7 @@ def test_defaults_reach_the_binary():
         "store": "/data/models",
         "outputs": "/data/outputs",
         "embeddings": "/data/embeddings",
+        "training": "/data/training",
         "listen": "0.0.0.0:7860",
         "device": "cuda",
         "precision": "auto",

@@ -254,6 +254,15 @@ impl Engine {
         &self.device
     }
 
+    /// The loaded weights (kept on the CPU), e.g. for textual-inversion training.
+    pub fn weights(&self) -> &SdWeights {
+        &self.weights
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     pub fn vram(&self) -> VramMode {
         self.vram
     }

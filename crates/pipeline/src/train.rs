@@ -385,6 +385,50 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, TrainError> {
     Ok(paths)
 }
 
+/// A1111's "Create embedding": a new embedding `name` of `vectors` vectors initialised from
+/// `init_text`'s token embeddings, written to `out` (`.safetensors` or `.pt`) with a
+/// step-0 training state, ready to train with `resume`. Refuses to replace an existing
+/// file unless `overwrite`.
+pub fn create_embedding(
+    weights: &SdWeights,
+    name: &str,
+    init_text: &str,
+    vectors: usize,
+    out: &Path,
+    overwrite: bool,
+) -> Result<PathBuf, TrainError> {
+    if !(1..=75).contains(&vectors) {
+        return Err(TrainError::Invalid(format!(
+            "vectors per token must be between 1 and 75, got {vectors}"
+        )));
+    }
+    if out.exists() && !overwrite {
+        return Err(TrainError::Exists(out.to_path_buf()));
+    }
+    let tokenizer = ClipTokenizer::shared().map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let device = Device::Cpu;
+    let clip = weights.text_encoder.build(&device, DType::F32)?;
+    let clip_g = weights
+        .text_encoder_2
+        .as_ref()
+        .map(|c| c.build(&device, DType::F32))
+        .transpose()?;
+    let start = EmbeddingVectors {
+        first: initial_vectors(&clip, tokenizer, init_text, vectors)?,
+        second: clip_g
+            .as_ref()
+            .map(|g| initial_vectors(g, tokenizer, init_text, vectors))
+            .transpose()?,
+    };
+    let state = CheckpointState {
+        name: name.to_string(),
+        step: 0,
+        vectors,
+    };
+    save_checkpoint(out, &start, &state)?;
+    Ok(out.to_path_buf())
+}
+
 /// Initial vectors for one encoder: rows of the token embeddings of `init_text`, spread
 /// over `n` vectors as A1111 does (`vec[i] = embedded[i * k / n]`).
 fn initial_vectors(

@@ -1284,25 +1284,322 @@ pub async fn face_restorers(State(state): State<AppState>) -> Json<Vec<FaceResto
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EmbeddingsResponse {
+    /// name → `{step, sd_checkpoint, sd_checkpoint_name, shape, vectors}` (A1111's shape).
     #[schema(value_type = Object)]
     pub loaded: Map<String, Value>,
+    /// name → the same, plus `reason` (A1111 lists skipped ones without one).
     #[schema(value_type = Object)]
     pub skipped: Map<String, Value>,
 }
 
-/// Textual inversion embeddings, loaded and skipped (with the reason).
-#[utoipa::path(get, path = "/sdapi/v1/embeddings", tag = "a1111", responses((status = 200, body = EmbeddingsResponse)))]
-pub async fn embeddings() -> Json<EmbeddingsResponse> {
-    Json(EmbeddingsResponse {
-        loaded: Map::new(),
-        skipped: Map::new(),
+/// The embeddings folder read for the loaded model's text-encoder widths.
+async fn embedding_set(
+    state: &AppState,
+) -> Result<sdkube_pipeline::embeddings::EmbeddingSet, ApiError> {
+    let widths = *state.text_widths.lock().unwrap_or_else(|e| e.into_inner());
+    let widths = widths.ok_or_else(|| ApiError::unavailable("no model is loaded yet"))?;
+    let dir = state.config.embeddings.clone();
+    tokio::task::spawn_blocking(move || {
+        sdkube_pipeline::embeddings::EmbeddingSet::load_dir(&dir, widths)
     })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| ApiError::internal(format!("reading the embeddings folder: {e}")))
 }
 
-/// Re-reads the embeddings folder.
+/// Textual inversion embeddings in the embeddings folder: loaded, and skipped with the
+/// reason (wrong width for this model, unreadable, not tensors only, …).
+#[utoipa::path(get, path = "/sdapi/v1/embeddings", tag = "a1111", responses((status = 200, body = EmbeddingsResponse)))]
+pub async fn embeddings(
+    State(state): State<AppState>,
+) -> Result<Json<EmbeddingsResponse>, ApiError> {
+    let set = embedding_set(&state).await?;
+    let model = state.model.status().name;
+    let loaded = set
+        .loaded()
+        .iter()
+        .map(|e| {
+            (
+                e.name.clone(),
+                json!({
+                    "step": Value::Null,
+                    "sd_checkpoint": Value::Null,
+                    "sd_checkpoint_name": Value::Null,
+                    "shape": e.shape.get(1).copied().unwrap_or(0),
+                    "vectors": e.vectors,
+                    "hash": e.hash,
+                    "loaded_for": model,
+                }),
+            )
+        })
+        .collect();
+    let skipped = set
+        .skipped()
+        .iter()
+        .map(|(name, reason)| {
+            (
+                name.clone(),
+                json!({"step": Value::Null, "sd_checkpoint": Value::Null,
+                       "sd_checkpoint_name": Value::Null, "shape": Value::Null,
+                       "vectors": Value::Null, "reason": reason}),
+            )
+        })
+        .collect();
+    Ok(Json(EmbeddingsResponse { loaded, skipped }))
+}
+
+/// Re-reads the embeddings folder (generation also picks up changes before each job).
 #[utoipa::path(post, path = "/sdapi/v1/refresh-embeddings", tag = "a1111", responses((status = 200, description = "refreshed")))]
-pub async fn refresh_embeddings() -> Json<Value> {
-    Json(Value::Null)
+pub async fn refresh_embeddings(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    embedding_set(&state).await?;
+    Ok(Json(Value::Null))
+}
+
+/// An embedding name usable as a file stem: letters, digits, `_`, `-`, `.`, no leading dot,
+/// so that no name reaches outside the embeddings folder.
+pub fn check_embedding_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "embedding name {name:?}: use 1–64 letters, digits, '_', '-' or '.', not starting with '.'"
+        )))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(default)]
+pub struct CreateEmbeddingRequest {
+    pub name: String,
+    pub num_vectors_per_token: usize,
+    pub overwrite_old: bool,
+    pub init_text: String,
+}
+
+impl Default for CreateEmbeddingRequest {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            num_vectors_per_token: 1,
+            overwrite_old: false,
+            init_text: "*".into(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InfoResponse {
+    pub info: String,
+}
+
+/// A1111's "Create embedding": a new embedding initialised from `init_text`, written to
+/// `<embeddings>/<name>.safetensors`.
+#[utoipa::path(post, path = "/sdapi/v1/create/embedding", tag = "a1111", request_body = CreateEmbeddingRequest,
+    responses((status = 200, body = InfoResponse), (status = 400, body = crate::api::ErrorBody)))]
+pub async fn create_embedding(
+    State(state): State<AppState>,
+    ApiJson(r): ApiJson<CreateEmbeddingRequest>,
+) -> Result<Json<InfoResponse>, ApiError> {
+    ready(&state)?;
+    check_embedding_name(&r.name)?;
+    let out = state
+        .config
+        .embeddings
+        .join(format!("{}.safetensors", r.name));
+    let existing = ["safetensors", "pt", "bin"]
+        .iter()
+        .map(|ext| state.config.embeddings.join(format!("{}.{ext}", r.name)))
+        .find(|p| p.exists());
+    if let (Some(p), false) = (existing, r.overwrite_old) {
+        return Err(ApiError::bad_request(format!(
+            "embedding {:?} exists ({}); set overwrite_old to replace it",
+            r.name,
+            p.display()
+        )));
+    }
+    let params = serde_json::to_value(&r).unwrap_or(Value::Null);
+    let job = Job::new(
+        "create-embedding",
+        params,
+        Work::CreateEmbedding(crate::work::CreateEmbeddingWork {
+            name: r.name.clone(),
+            init_text: r.init_text.clone(),
+            vectors: r.num_vectors_per_token,
+            overwrite: r.overwrite_old,
+            out: out.clone(),
+        }),
+    );
+    let job = state.jobs.submit(job)?;
+    let status = job.finished().await;
+    if status.state != JobState::Succeeded {
+        return Err(job_error(
+            status.error.unwrap_or_else(|| "not created".into()),
+        ));
+    }
+    Ok(Json(InfoResponse {
+        info: format!("Embedding created: {}", out.display()),
+    }))
+}
+
+/// A1111's training request (fields it has that sdkube does not act on are accepted).
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(default)]
+pub struct TrainEmbeddingRequest {
+    /// An embedding of the embeddings folder (create it first).
+    pub embedding_name: String,
+    /// A number; A1111's schedules (`0.005:100, 1e-3:1000`) use their first rate.
+    #[schema(value_type = String)]
+    pub learn_rate: Value,
+    pub batch_size: usize,
+    pub gradient_step: usize,
+    /// A folder of images under the server's training folder.
+    pub data_root: String,
+    pub training_width: usize,
+    pub training_height: usize,
+    pub steps: usize,
+    /// `subject.txt`, `style.txt`, `subject_filewords.txt`, … (by A1111's file names).
+    pub template_filename: String,
+    pub create_image_every: usize,
+    pub save_embedding_every: usize,
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub other: Map<String, Value>,
+}
+
+impl Default for TrainEmbeddingRequest {
+    fn default() -> Self {
+        Self {
+            embedding_name: String::new(),
+            learn_rate: json!("0.005"),
+            batch_size: 1,
+            gradient_step: 1,
+            data_root: String::new(),
+            training_width: 512,
+            training_height: 512,
+            steps: 100_000,
+            template_filename: "subject.txt".into(),
+            create_image_every: 500,
+            save_embedding_every: 500,
+            other: Map::new(),
+        }
+    }
+}
+
+/// Builds a training job from A1111's request.
+pub fn train_job(state: &AppState, r: TrainEmbeddingRequest) -> Result<Arc<Job>, ApiError> {
+    use sdkube_pipeline::train::{Template, TrainOptions};
+    ready(state)?;
+    check_embedding_name(&r.embedding_name)?;
+    let dir = &state.config.embeddings;
+    let out = ["safetensors", "pt"]
+        .iter()
+        .map(|ext| dir.join(format!("{}.{ext}", r.embedding_name)))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "no embedding {:?} in the embeddings folder: create it first (/sdapi/v1/create/embedding)",
+                r.embedding_name
+            ))
+        })?;
+    let rate_text = match &r.learn_rate {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let first_rate = rate_text
+        .split(',')
+        .next()
+        .unwrap_or("")
+        .split(':')
+        .next()
+        .unwrap_or("");
+    let learning_rate: f64 = first_rate
+        .trim()
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("learn_rate {rate_text:?} is not a number")))?;
+    if r.training_width != r.training_height {
+        return Err(ApiError::bad_request(format!(
+            "training_width and training_height must be equal (square training), got {}x{}",
+            r.training_width, r.training_height
+        )));
+    }
+    if r.steps == 0 || r.steps > 1_000_000 {
+        return Err(ApiError::bad_request(format!(
+            "steps must be between 1 and 1000000, got {}",
+            r.steps
+        )));
+    }
+    // The images must be a folder inside the training folder: a request names a folder,
+    // it cannot make the server read anywhere else.
+    let root = state.config.training.clone();
+    let wanted = root.join(r.data_root.trim_start_matches('/'));
+    let inside = match (wanted.canonicalize(), root.canonicalize()) {
+        (Ok(w), Ok(r)) => w.starts_with(&r) && w.is_dir(),
+        _ => false,
+    };
+    if !inside || r.data_root.split(['/', '\\']).any(|seg| seg == "..") {
+        return Err(ApiError::bad_request(format!(
+            "data_root {:?} must be a folder of images inside the training folder {}",
+            r.data_root,
+            root.display()
+        )));
+    }
+    let template = if r.template_filename.contains("style") {
+        Template::Style
+    } else {
+        Template::Subject
+    };
+    // Training continues the embedding's own vectors (A1111 trains what "Create" made).
+    let vectors = sdkube_pipeline::embeddings::read_embedding(&out)
+        .map_err(|e| ApiError::bad_request(format!("{}: {e}", out.display())))?
+        .count();
+    let opts = TrainOptions {
+        name: r.embedding_name.clone(),
+        vectors,
+        steps: r.steps,
+        learning_rate,
+        batch_size: r.batch_size.max(1),
+        template,
+        images: wanted,
+        size: r.training_width,
+        out,
+        checkpoint_every: r.save_embedding_every,
+        sample_every: r.create_image_every,
+        resume: true,
+        ..TrainOptions::default()
+    };
+    let params = serde_json::to_value(&r).unwrap_or(Value::Null);
+    Ok(Job::new(
+        "train-embedding",
+        params,
+        Work::TrainEmbedding(opts),
+    ))
+}
+
+/// Trains an embedding as a job (progress through `/sdapi/v1/progress` and the job's
+/// events); answers when training ends, as A1111 does.
+#[utoipa::path(post, path = "/sdapi/v1/train/embedding", tag = "a1111", request_body = TrainEmbeddingRequest,
+    responses((status = 200, body = InfoResponse), (status = 400, body = crate::api::ErrorBody)))]
+pub async fn train_embedding(
+    State(state): State<AppState>,
+    ApiJson(r): ApiJson<TrainEmbeddingRequest>,
+) -> Result<Json<InfoResponse>, ApiError> {
+    let job = state.jobs.submit(train_job(&state, r)?)?;
+    let status = job.finished().await;
+    match status.state {
+        JobState::Succeeded | JobState::Cancelled => Ok(Json(InfoResponse {
+            info: format!("train embedding complete: {}", status.info),
+        })),
+        _ => Err(job_error(
+            status.error.unwrap_or_else(|| "training failed".into()),
+        )),
+    }
 }
 
 /// Re-reads the checkpoint folders and the store (listing is live; nothing to do).

@@ -154,6 +154,8 @@ fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(a1111::face_restorers))
         .routes(routes!(a1111::embeddings))
         .routes(routes!(a1111::refresh_embeddings))
+        .routes(routes!(a1111::create_embedding))
+        .routes(routes!(a1111::train_embedding))
         .routes(routes!(a1111::refresh_checkpoints))
         .routes(routes!(a1111::memory))
         .routes(routes!(a1111::cmd_flags))

@@ -40,6 +40,8 @@ pub struct Config {
     pub post: post::PostModels,
     pub outputs: PathBuf,
     pub embeddings: PathBuf,
+    /// Training images live in folders under here (`data_root` of a training request).
+    pub training: PathBuf,
     pub listen: SocketAddr,
     /// One worker per device.
     pub devices: Vec<Device>,
@@ -66,6 +68,8 @@ pub struct Shared {
     /// A1111 options set through `POST /sdapi/v1/options` (beyond the model).
     pub options: Mutex<serde_json::Map<String, serde_json::Value>>,
     pub started: std::time::Instant,
+    /// Text-encoder widths of the loaded model, which embeddings must match.
+    pub text_widths: Mutex<Option<sdkube_pipeline::embeddings::TextWidths>>,
 }
 
 pub type AppState = Arc<Shared>;
@@ -80,6 +84,7 @@ impl Shared {
             metrics: metrics::Metrics::default(),
             options: Mutex::new(serde_json::Map::new()),
             started: std::time::Instant::now(),
+            text_widths: Mutex::new(None),
             config,
         })
     }

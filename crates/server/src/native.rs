@@ -128,7 +128,7 @@ pub async fn status(State(state): State<AppState>) -> Json<ServerStatus> {
 /// A job to create: its kind and A1111-style parameters.
 #[derive(Deserialize, ToSchema)]
 pub struct CreateJob {
-    /// `txt2img`, `img2img` or `extras`.
+    /// `txt2img`, `img2img`, `extras` or `train-embedding`.
     pub kind: String,
     /// Same fields as `/sdapi/v1/txt2img`, `/sdapi/v1/img2img` or
     /// `/sdapi/v1/extra-single-image`.
@@ -155,13 +155,17 @@ pub async fn create_job(
             let req: crate::a1111::Img2ImgRequest = parse_params(&body.params)?;
             crate::a1111::img2img_job(&state, req, true)?
         }
+        "train-embedding" => {
+            let req: crate::a1111::TrainEmbeddingRequest = parse_params(&body.params)?;
+            crate::a1111::train_job(&state, req)?
+        }
         "extras" => {
             let req: crate::a1111::ExtrasSingleRequest = parse_params(&body.params)?;
             crate::a1111::extras_job(&state, req.into_batch(), true)?
         }
         other => {
             return Err(ApiError::bad_request(format!(
-                "unknown job kind {other:?}; expected txt2img, img2img or extras"
+                "unknown job kind {other:?}; expected txt2img, img2img, extras or train-embedding"
             )))
         }
     };

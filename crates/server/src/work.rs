@@ -8,6 +8,18 @@ use sdkube_pipeline::Request;
 pub enum Work {
     Generate(GenerateWork),
     Extras(ExtrasWork),
+    /// A1111's "Create embedding": new vectors from an init text, saved into the folder.
+    CreateEmbedding(CreateEmbeddingWork),
+    /// Textual-inversion training of an existing embedding.
+    TrainEmbedding(sdkube_pipeline::train::TrainOptions),
+}
+
+pub struct CreateEmbeddingWork {
+    pub name: String,
+    pub init_text: String,
+    pub vectors: usize,
+    pub overwrite: bool,
+    pub out: std::path::PathBuf,
 }
 
 /// txt2img / img2img / inpainting, with A1111's batch count and post-processing.
@@ -66,7 +78,7 @@ impl Work {
     pub fn batch_images(&self) -> usize {
         match self {
             Work::Generate(g) => g.request.batch_size,
-            Work::Extras(_) => 1,
+            _ => 1,
         }
     }
 
@@ -83,6 +95,8 @@ impl Work {
                 (first.max(1) + hires) * g.n_iter
             }
             Work::Extras(e) => e.images.len(),
+            Work::CreateEmbedding(_) => 1,
+            Work::TrainEmbedding(t) => t.steps,
         }
     }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use candle_core::{DType, Device};
 use image::DynamicImage;
+use sdkube_pipeline::embeddings::{EmbeddingSet, TextWidths};
 use sdkube_pipeline::image_io::encode_png;
 use sdkube_pipeline::sampler::{Flow, SamplerError};
 use sdkube_pipeline::{Engine, Generated, Request, VramMode};
@@ -99,6 +100,16 @@ impl Worker {
             Ok(mut engine) => {
                 let l = self.state.config.limits;
                 engine.limits = l;
+                let widths = TextWidths::of(engine.weights());
+                match EmbeddingSet::load_dir(&self.state.config.embeddings, widths) {
+                    Ok(set) => engine.set_embeddings(set),
+                    Err(e) => tracing::warn!(error = %e, "embeddings folder unreadable"),
+                }
+                *self
+                    .state
+                    .text_widths
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(widths);
                 tracing::info!(
                     model = %status.name,
                     family = engine.family().name(),
@@ -123,7 +134,6 @@ impl Worker {
     }
 
     fn run_jobs(&mut self, jobs: &[Arc<Job>]) {
-        let started = Instant::now();
         for j in jobs {
             j.update(|s| s.total_steps = j.work.total_steps());
         }
@@ -131,27 +141,20 @@ impl Worker {
             .iter()
             .filter_map(|j| match &j.work {
                 Work::Generate(g) => Some((j.clone(), g.clone())),
-                Work::Extras(_) => None,
+                _ => None,
             })
             .collect();
         if !generate.is_empty() {
             self.run_generate(&generate);
         }
         for j in jobs {
-            if let Work::Extras(e) = &j.work {
-                let result = self.run_extras(j, e);
-                self.finish(j, result);
-            }
-        }
-        for j in jobs {
-            let status = j.status();
-            self.state
-                .metrics
-                .job_seconds
-                .observe(started.elapsed().as_secs_f64());
-            self.state
-                .metrics
-                .job_finished(j.kind, status.state.label());
+            let result = match &j.work {
+                Work::Generate(_) => continue,
+                Work::Extras(e) => self.run_extras(j, e),
+                Work::CreateEmbedding(c) => self.create_embedding(c),
+                Work::TrainEmbedding(t) => self.train_embedding(j, t),
+            };
+            self.finish(j, result);
         }
     }
 
@@ -162,6 +165,17 @@ impl Worker {
                 self.state.metrics.error("job");
                 tracing::warn!(job = %job.id, error = %e, "job failed");
             }
+        }
+        // Metrics first: whoever sees the job finished also sees it counted.
+        let outcome = match (&result, cancelled) {
+            (_, true) => JobState::Cancelled,
+            (Ok(()), false) => JobState::Succeeded,
+            (Err(_), false) => JobState::Failed,
+        };
+        let m = &self.state.metrics;
+        m.job_finished(job.kind, outcome.label());
+        if let Some(started) = job.status().started {
+            m.job_seconds.observe(started.elapsed().as_secs_f64());
         }
         self.state.jobs.finish(job, |s| match result {
             Ok(()) if cancelled => {
@@ -198,6 +212,10 @@ impl Worker {
             }
             return;
         };
+        // Embedding files added or changed since the last job are picked up here.
+        if let Err(e) = engine.reload_embeddings() {
+            tracing::warn!(error = %e, "embeddings folder unreadable");
+        }
         let n_iter = jobs.iter().map(|(_, g)| g.n_iter).max().unwrap_or(1);
         let mut failed: Option<String> = None;
         for iter in 0..n_iter {
@@ -441,6 +459,67 @@ impl Worker {
             self.keep(job, png, None, infotext, work.save)?;
             job.update(|s| s.step = i + 1);
         }
+        Ok(())
+    }
+}
+
+impl Worker {
+    fn create_embedding(&mut self, c: &crate::work::CreateEmbeddingWork) -> Result<(), String> {
+        let engine = self.engine.as_ref().ok_or("no model is loaded")?;
+        sdkube_pipeline::train::create_embedding(
+            engine.weights(),
+            &c.name,
+            &c.init_text,
+            c.vectors,
+            &c.out,
+            c.overwrite,
+        )
+        .map_err(|e| without_backtrace(&e.to_string()))?;
+        Ok(())
+    }
+
+    fn train_embedding(
+        &mut self,
+        job: &Arc<Job>,
+        opts: &sdkube_pipeline::train::TrainOptions,
+    ) -> Result<(), String> {
+        let engine = self.engine.as_ref().ok_or("no model is loaded")?;
+        let started = Instant::now();
+        let outcome = sdkube_pipeline::train::train_embedding(
+            engine.weights(),
+            &self.device,
+            engine.dtype(),
+            opts,
+            &mut |p| {
+                job.update(|s| {
+                    s.step = p.step;
+                    s.total_steps = p.total;
+                    s.info = serde_json::json!({"loss": p.loss, "average_loss": p.average_loss});
+                });
+                if job.cancel.load(Ordering::SeqCst) {
+                    Flow::Stop
+                } else {
+                    Flow::Continue
+                }
+            },
+        )
+        .map_err(|e| without_backtrace(&e.to_string()))?;
+        tracing::info!(
+            embedding = %opts.name,
+            steps = outcome.step,
+            seconds = started.elapsed().as_secs_f64(),
+            "trained"
+        );
+        job.update(|s| {
+            s.info = serde_json::json!({
+                "path": outcome.path.display().to_string(),
+                "step": outcome.step,
+                "first_step": outcome.first_step,
+                "final_loss": outcome.losses.last(),
+                "steps_per_second": outcome.steps_per_second,
+                "cancelled": outcome.cancelled,
+            })
+        });
         Ok(())
     }
 }

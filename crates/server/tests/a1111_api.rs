@@ -451,3 +451,113 @@ async fn face_restoration_in_extras_and_txt2img() {
         .contains("Face restoration: GFPGAN"));
     assert_eq!(info["face_restoration_model"], "GFPGAN");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embeddings_are_listed_used_created_and_trained() {
+    let s = start(|c| c.limits.max_steps = 400).await;
+    let emb = s.dir.path().join("embeddings");
+    std::fs::create_dir_all(&emb).unwrap();
+    std::fs::copy(
+        repo().join("fixtures/ti/sd1/tiembed.safetensors"),
+        emb.join("tiembed.safetensors"),
+    )
+    .unwrap();
+    // An SDXL pair does not fit this SD1 model: skipped, with the reason.
+    std::fs::copy(
+        repo().join("fixtures/ti/sdxl/tixl.safetensors"),
+        emb.join("tixl.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(
+        s.post("/sdapi/v1/refresh-embeddings", json!({})).await.0,
+        200
+    );
+    let (status, list) = s.get("/sdapi/v1/embeddings").await;
+    assert_eq!(status, 200, "{list}");
+    assert!(
+        list["loaded"]["tiembed"]["vectors"].as_u64().unwrap() >= 1,
+        "{list}"
+    );
+    assert!(
+        list["skipped"]["tixl"]["reason"].as_str().unwrap().len() > 5,
+        "{list}"
+    );
+    // A prompt using it records the embedding in the infotext (added after the server started).
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            json!({"prompt": "a photo of (tiembed:1.1)", "steps": 2, "width": 64, "height": 64}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert!(
+        info["infotexts"][0]
+            .as_str()
+            .unwrap()
+            .contains("TI hashes: \"tiembed: "),
+        "{info}"
+    );
+
+    // Create, then train it on a folder inside the training folder.
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/create/embedding",
+            json!({"name": "mycat", "num_vectors_per_token": 2, "init_text": "cat"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(emb.join("mycat.safetensors").is_file());
+    let (status, body) = s
+        .post("/sdapi/v1/create/embedding", json!({"name": "mycat"}))
+        .await;
+    assert_eq!(status, 400, "exists: {body}");
+    for bad in ["../evil", "a/b", ".hidden", ""] {
+        let (status, body) = s
+            .post("/sdapi/v1/create/embedding", json!({"name": bad}))
+            .await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    let images = s.dir.path().join("training/cats");
+    std::fs::create_dir_all(&images).unwrap();
+    for i in 0..2u8 {
+        let img = image::RgbImage::from_fn(32, 32, |x, y| {
+            image::Rgb([x as u8 * 8, y as u8 * 8, i * 100])
+        });
+        img.save(images.join(format!("{i}.png"))).unwrap();
+    }
+    let (status, job) = s
+        .post(
+            "/api/v1/jobs",
+            json!({"kind": "train-embedding", "params": {"embedding_name": "mycat", "learn_rate": "0.005:100, 1e-3:1000",
+                   "data_root": "cats", "training_width": 32, "training_height": 32, "steps": 4,
+                   "save_embedding_every": 2, "create_image_every": 0}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let job = s.wait_job(job["id"].as_str().unwrap()).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["step"], 4);
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/train/embedding",
+            json!({"embedding_name": "mycat", "learn_rate": 0.001, "data_root": "../../", "training_width": 32,
+                   "training_height": 32, "steps": 2}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("inside the training folder"));
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/train/embedding",
+            json!({"embedding_name": "nope", "data_root": "cats"}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(body["detail"].as_str().unwrap().contains("create it first"));
+    let (_, list) = s.get("/sdapi/v1/embeddings").await;
+    assert_eq!(list["loaded"]["mycat"]["vectors"], 2, "{list}");
+}

@@ -24,6 +24,9 @@ pub struct Args {
     /// Textual inversion embeddings directory.
     #[arg(long, env = "SDKUBE_EMBEDDINGS", default_value = "./data/embeddings")]
     pub embeddings: PathBuf,
+    /// Folder of training image folders (`data_root` of a training request is inside it).
+    #[arg(long, env = "SDKUBE_TRAINING", default_value = "./data/training")]
+    pub training: PathBuf,
     /// Address to listen on (A1111's port by default).
     #[arg(long, env = "SDKUBE_LISTEN", default_value = "0.0.0.0:7860")]
     pub listen: String,
@@ -220,6 +223,7 @@ fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
         },
         outputs: args.outputs.clone(),
         embeddings: args.embeddings.clone(),
+        training: args.training.clone(),
         listen,
         devices,
         dtype,

@@ -47,6 +47,7 @@ pub fn config(dir: &Path) -> Config {
         },
         outputs: dir.join("outputs"),
         embeddings: dir.join("embeddings"),
+        training: dir.join("training"),
         listen: "127.0.0.1:0".parse().unwrap(),
         devices: vec![candle_core::Device::Cpu],
         dtype: candle_core::DType::F32,
