@@ -253,3 +253,27 @@ fn a_catalog_name_is_fetched_into_the_store_on_first_use() {
     );
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 2);
 }
+
+#[test]
+fn embeddings_folder_is_used_by_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut args = base_args(&out);
+    let p = args.iter().position(|a| a == "--prompt").unwrap();
+    args[p + 1] = "a photo of (tiembed:1.2)".into();
+    let status = sdkube()
+        .args(&args)
+        .arg("--embeddings")
+        .arg(fixture("../ti/sd1"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let png = std::fs::read_dir(&out)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let text = png_parameters(&png);
+    assert!(text.contains("TI hashes: \"tiembed: "), "{text}");
+}

@@ -17,7 +17,7 @@ use super::fetch::StoreArgs;
 
 /// A path is used as it is; otherwise a catalog name is looked up in the store and fetched
 /// when missing.
-fn resolve_model(model: &Path, store_args: &StoreArgs) -> anyhow::Result<PathBuf> {
+pub(crate) fn resolve_model(model: &Path, store_args: &StoreArgs) -> anyhow::Result<PathBuf> {
     if model.exists() {
         return Ok(model.to_path_buf());
     }
@@ -58,6 +58,9 @@ pub struct Args {
     /// Separate VAE file replacing the model's (A1111 `--vae`).
     #[arg(long)]
     pub vae: Option<PathBuf>,
+    /// Textual-inversion embeddings folder: a prompt word equal to a file stem uses it.
+    #[arg(long, env = "SDKUBE_EMBEDDINGS")]
+    pub embeddings: Option<PathBuf>,
     /// Diffusers folder whose configs replace those inferred from a single file.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -148,8 +151,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let model = resolve_model(&args.model, &args.store)?;
     let weights = sdkube_models::load(&model, &opts)?;
     let name = model_name(&args.model);
+    let widths = sdkube_pipeline::embeddings::TextWidths::of(&weights);
     let mut engine = Engine::new(weights, &name, device, dtype, args.device.vram.into())?;
     engine.limits.max_steps = args.max_steps;
+    if let Some(dir) = &args.embeddings {
+        let set = sdkube_pipeline::embeddings::EmbeddingSet::load_dir(dir, widths)?;
+        for (name, reason) in set.skipped() {
+            eprintln!("embedding {name} skipped: {reason}");
+        }
+        engine.set_embeddings(set);
+    }
     engine.validate(&req)?;
     eprintln!(
         "{} model {name} on {:?} ({}), seed {seed}",

@@ -14,9 +14,12 @@ use super::device::{DeviceArgs, Precision};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model: a diffusers folder or a single-file checkpoint (.safetensors, .ckpt).
+    /// Model: a diffusers folder, a single-file checkpoint (.safetensors, .ckpt), or a
+    /// catalog name, fetched into the store on first use.
     #[arg(long, env = "SDKUBE_MODEL")]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub store: super::fetch::StoreArgs,
     /// Separate VAE file replacing the model's (A1111 `--vae`).
     #[arg(long)]
     pub vae: Option<PathBuf>,
@@ -113,7 +116,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         vae: args.vae.clone(),
     };
     let (device, dtype) = args.device.resolve()?;
-    let weights = sdkube_models::load(&args.model, &load)?;
+    let model = super::generate::resolve_model(&args.model, &args.store)?;
+    let weights = sdkube_models::load(&model, &load)?;
     eprintln!(
         "training {:?} ({} vectors) on {} model {} on {:?} ({}, vectors fp32)",
         opts.name,
