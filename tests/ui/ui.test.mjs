@@ -13,7 +13,9 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
+import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -534,5 +536,114 @@ describe('sdkube web UI with a model that failed to load', { timeout: 60_000 }, 
     assert.equal(response.status(), 503);
     const { error } = await response.json();
     await page.locator('#errors .error-text', { hasText: error }).waitFor();
+  });
+});
+
+describe('sdkube web UI while the model is being fetched', { timeout: 60_000 }, () => {
+  // The fixture SD1 checkpoint, served by a loopback "hub" that trickles the first half (the
+  // fetcher reports progress about once a second while bytes arrive) and holds the rest back
+  // until the test says so: the download is caught in the middle, every time.
+  const checkpoint = path.join(repo, 'fixtures/sd/sd1.safetensors');
+  const bytes = fs.readFileSync(checkpoint);
+  const half = Math.floor(bytes.length / 2);
+  let release;
+  const released = new Promise((resolve) => (release = resolve));
+  let hub;
+  let server;
+  let browser;
+  let dir;
+
+  before(async () => {
+    hub = http.createServer(async (req, res) => {
+      if (req.url !== '/sd1.safetensors') {
+        res.writeHead(404).end();
+        return;
+      }
+      let start = 0;
+      let end = bytes.length - 1;
+      const range = /^bytes=(\d+)-(\d*)$/.exec(req.headers.range || '');
+      if (range) {
+        start = Number(range[1]);
+        if (range[2]) end = Math.min(end, Number(range[2]));
+      }
+      const headers = { 'Content-Type': 'application/octet-stream', 'Content-Length': end - start + 1, 'Accept-Ranges': 'bytes' };
+      if (range) headers['Content-Range'] = `bytes ${start}-${end}/${bytes.length}`;
+      res.writeHead(range ? 206 : 200, headers);
+      if (req.method === 'HEAD') return res.end();
+      const piece = 16 * 1024;
+      let at = start;
+      let open = true;
+      res.on('close', () => (open = false));
+      while (open && at < Math.min(end + 1, half)) {
+        const next = Math.min(at + piece, end + 1, half);
+        res.write(bytes.subarray(at, next));
+        at = next;
+        await Promise.race([released, new Promise((r) => setTimeout(r, 50))]);
+      }
+      await released;
+      if (end + 1 > half) res.write(bytes.subarray(Math.max(start, half), end + 1));
+      res.end();
+    });
+    await new Promise((resolve) => hub.listen(0, '127.0.0.1', resolve));
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sdkube-ui-catalog-'));
+    const sha256 = crypto.createHash('sha256').update(bytes).digest('hex');
+    const catalog = path.join(dir, 'catalog.toml');
+    fs.writeFileSync(
+      catalog,
+      [
+        '[[model]]',
+        'name = "ui-slow"',
+        'kind = "checkpoint"',
+        'description = "the SD1 fixture, served slowly by the UI test"',
+        '[[model.file]]',
+        `url = "http://127.0.0.1:${hub.address().port}/sd1.safetensors"`,
+        `size = ${bytes.length}`,
+        `sha256 = "${sha256}"`,
+        '',
+      ].join('\n'),
+    );
+    [server, browser] = await startBoth(['--catalog', catalog], { model: 'ui-slow', probe: '/healthz' });
+  });
+
+  after(async () => {
+    release?.();
+    await browser?.close();
+    await server?.stop();
+    hub?.closeAllConnections?.();
+    await new Promise((resolve) => (hub ? hub.close(resolve) : resolve()));
+    if (dir) fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('shows the download with its progress, then the state the model ends in', async () => {
+    const page = await browser.newPage();
+    page.setDefaultTimeout(STEP_TIMEOUT);
+    await page.goto(server.base);
+    const banner = page.locator('#model-banner[data-state="fetching"]');
+    await banner.waitFor();
+    await page.waitForFunction(() => document.querySelector('#model-banner-progress').value > 0);
+    const text = await banner.textContent();
+    assert.match(text, /Downloading model ui-slow/);
+    assert.match(text, /\d+%/);
+    const [value, max] = await page.$eval('#model-banner-progress', (p) => [p.value, p.max]);
+    assert.equal(max, bytes.length);
+    assert.ok(value > 0 && value <= half, `progress ${value} of ${max} while half is held back`);
+    await page.screenshot({ path: path.join(shots, 'fetching.png') });
+
+    // Then the banner follows the server to the end of loading, whatever that end is (the
+    // single-file fixture may not load as a full-size SD1 layout): it must say what the server says.
+    release();
+    let status;
+    for (let i = 0; i < 300; i += 1) {
+      status = await (await fetch(`${server.base}/api/v1/status`)).json();
+      if (status.model.state === 'ready' || status.model.state === 'failed') break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    if (status.model.state === 'ready') {
+      await page.locator('#model-banner').waitFor({ state: 'hidden' });
+    } else {
+      assert.equal(status.model.state, 'failed');
+      await page.locator('#model-banner[data-state="failed"]', { hasText: status.model.message }).waitFor();
+      assert.equal(await page.isHidden('#model-banner-progress'), true);
+    }
   });
 });
