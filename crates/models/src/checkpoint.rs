@@ -222,6 +222,63 @@ fn load_component<C: DeserializeOwned>(dir: &Path) -> Result<Component<C>, LoadE
     Ok(Component { config, tensors })
 }
 
+/// Writes `weights` as a diffusers folder that [`load`] reads back (used to carry full-size
+/// random-weight models to a GPU machine for end-to-end server measurements).
+pub fn save_diffusers(weights: &SdWeights, dir: &Path) -> Result<(), LoadError> {
+    fn component<C: serde::Serialize>(
+        c: &Component<C>,
+        dir: &Path,
+        file: &str,
+    ) -> Result<(), LoadError> {
+        let io = |e: std::io::Error| invalid(dir, &format!("writing: {e}"));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let config = serde_json::to_string_pretty(&c.config)
+            .map_err(|e| invalid(dir, &format!("config: {e}")))?;
+        std::fs::write(dir.join("config.json"), config).map_err(io)?;
+        candle_core::safetensors::save(&c.tensors, dir.join(file))
+            .map_err(|e| invalid(dir, &format!("writing weights: {e}")))
+    }
+    let io = |e: std::io::Error| invalid(dir, &format!("writing: {e}"));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let class = match weights.family {
+        Family::Sdxl => "StableDiffusionXLPipeline",
+        _ => "StableDiffusionPipeline",
+    };
+    std::fs::write(
+        dir.join("model_index.json"),
+        format!("{{\"_class_name\": \"{class}\"}}\n"),
+    )
+    .map_err(io)?;
+    component(
+        &weights.text_encoder,
+        &dir.join("text_encoder"),
+        "model.safetensors",
+    )?;
+    if let Some(c) = &weights.text_encoder_2 {
+        component(c, &dir.join("text_encoder_2"), "model.safetensors")?;
+    }
+    component(
+        &weights.unet,
+        &dir.join("unet"),
+        "diffusion_pytorch_model.safetensors",
+    )?;
+    component(
+        &weights.vae,
+        &dir.join("vae"),
+        "diffusion_pytorch_model.safetensors",
+    )?;
+    std::fs::create_dir_all(dir.join("scheduler")).map_err(io)?;
+    let prediction = match weights.prediction {
+        Prediction::V => "v_prediction",
+        Prediction::Epsilon => "epsilon",
+    };
+    std::fs::write(
+        dir.join("scheduler/scheduler_config.json"),
+        format!("{{\"prediction_type\": \"{prediction}\"}}\n"),
+    )
+    .map_err(io)
+}
+
 fn load_diffusers(dir: &Path, opts: &LoadOptions) -> Result<SdWeights, LoadError> {
     if !dir.join("model_index.json").is_file() && !dir.join("unet").is_dir() {
         return Err(invalid(

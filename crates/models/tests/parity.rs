@@ -239,3 +239,41 @@ fn ckpt_checkpoint_reads_as_tensors_only() {
         .to_string();
     assert!(err.contains("system"), "{err}");
 }
+
+#[test]
+fn a_model_saved_as_a_diffusers_folder_loads_back_unchanged() {
+    for name in ["sd1", "sdxl", "sd2v"] {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/sd")
+            .join(name);
+        let a = sdkube_models::load(&src, &sdkube_models::LoadOptions::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        sdkube_models::save_diffusers(&a, dir.path()).unwrap();
+        let b = sdkube_models::load(dir.path(), &sdkube_models::LoadOptions::default()).unwrap();
+        assert_eq!(a.family, b.family, "{name}");
+        assert_eq!(a.prediction, b.prediction, "{name}");
+        assert_eq!(a.unet.config, b.unet.config, "{name}");
+        assert_eq!(a.text_encoder.config, b.text_encoder.config, "{name}");
+        for (k, t) in &a.unet.tensors {
+            let u = &b.unet.tensors[k];
+            let d = (t - u)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
+            assert_eq!(
+                d.to_dtype(candle_core::DType::F32)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+                0.0,
+                "{name} {k}"
+            );
+        }
+        assert_eq!(a.text_encoder_2.is_some(), b.text_encoder_2.is_some());
+        assert_eq!(a.vae.tensors.len(), b.vae.tensors.len());
+    }
+}

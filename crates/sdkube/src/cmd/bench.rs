@@ -28,6 +28,10 @@ pub struct Args {
     /// Steps of the whole txt2img runs.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
+    /// Instead of timing: write the full-size random-weight model of the first `txt2img-*`
+    /// item as a diffusers folder here (for end-to-end server measurements), and exit.
+    #[arg(long)]
+    pub save_model: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -56,6 +60,27 @@ fn report(what: &str, shape: &str, seconds: f64, dtype: DType, device: &Device) 
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if let Some(dir) = &args.save_model {
+        let family = match args
+            .what
+            .iter()
+            .find(|w| w.starts_with("txt2img-"))
+            .map(String::as_str)
+        {
+            Some("txt2img-sdxl") => Family::Sdxl,
+            Some("txt2img-sd15") => Family::Sd1,
+            _ => anyhow::bail!("--save-model needs --what txt2img-sd15 or txt2img-sdxl"),
+        };
+        let (_, dt) = args.device.resolve()?;
+        let weights = presets::random_model(family, dt, &Device::Cpu)?;
+        sdkube_models::save_diffusers(&weights, dir)?;
+        eprintln!(
+            "wrote a random-weight {} model to {}",
+            family.name(),
+            dir.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let (dev, dt) = args.device.resolve()?;
     for what in &args.what {
         match what.as_str() {
