@@ -230,15 +230,15 @@ pub fn save_diffusers(weights: &SdWeights, dir: &Path) -> Result<(), LoadError> 
         dir: &Path,
         file: &str,
     ) -> Result<(), LoadError> {
-        let io = |e: std::io::Error| invalid(dir, &format!("writing: {e}"));
+        let io = |e: std::io::Error| invalid(dir, format!("writing: {e}"));
         std::fs::create_dir_all(dir).map_err(io)?;
         let config = serde_json::to_string_pretty(&c.config)
-            .map_err(|e| invalid(dir, &format!("config: {e}")))?;
+            .map_err(|e| invalid(dir, format!("config: {e}")))?;
         std::fs::write(dir.join("config.json"), config).map_err(io)?;
         candle_core::safetensors::save(&c.tensors, dir.join(file))
-            .map_err(|e| invalid(dir, &format!("writing weights: {e}")))
+            .map_err(|e| invalid(dir, format!("writing weights: {e}")))
     }
-    let io = |e: std::io::Error| invalid(dir, &format!("writing: {e}"));
+    let io = |e: std::io::Error| invalid(dir, format!("writing: {e}"));
     std::fs::create_dir_all(dir).map_err(io)?;
     let class = match weights.family {
         Family::Sdxl => "StableDiffusionXLPipeline",
