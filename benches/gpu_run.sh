@@ -47,6 +47,23 @@ has low && for what in txt2img-sd15 txt2img-sdxl; do
   pid=$(peak /tmp/mem-low-$what); .gpu/sdkube bench --device cuda --precision fp16 --vram low --what $what --steps 5 2>&1 | grep -v ' INFO '
   kill $pid; echo "{\"bench\": \"$what vram low\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-low-$what | tail -1)}"
 done
+# 3. the server on the GPU: a full-size random-weight model served, A1111 requests one at a
+#    time and 4 at a time (batched), in each VRAM mode, peak memory from nvidia-smi.
+has serve && for model in sd15 sdxl; do
+  [ -d /tmp/$model ] || .gpu/sdkube bench --what txt2img-$model --save-model /tmp/$model --device cpu --precision fp16 2>&1 | tail -1
+  size=512; n=8; [ $model = sdxl ] && size=1024 && n=4
+  for vram in high low; do
+    .gpu/sdkube --log-json serve --model /tmp/$model --device cuda --vram $vram --listen 127.0.0.1:7861 \
+      --outputs /tmp/serve-out --store /tmp/serve-store --max-size 1024 > /tmp/serve-$model-$vram.log 2>&1 &
+    spid=$!
+    for _ in $(seq 600); do curl -sf localhost:7861/readyz >/dev/null && break; sleep 0.5; done
+    pid=$(peak /tmp/mem-serve-$model-$vram)
+    for conc in 1 4; do python3 benches/serve_load.py http://127.0.0.1:7861 $size 20 $n $conc | sed "s/}$/, \"model\": \"$model\", \"vram\": \"$vram\"}/"; done
+    kill $pid; echo "{\"bench\": \"serve $model vram $vram\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-serve-$model-$vram | tail -1)}"
+    curl -s localhost:7861/metrics | grep -E '^sdkube_device_memory|^sdkube_jobs_finished' | head -3
+    kill -TERM $spid; wait $spid; echo "serve exit $?"
+  done
+done
 has reference || exit 0
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 python3 benches/gpu_reference.py
