@@ -187,6 +187,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Finished jobs whose images stay in memory.
+const KEEP_IMAGES_OF: usize = 16;
+
 /// Why a job was not accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -359,6 +362,15 @@ impl JobBoard {
         while b.finished.len() > self.keep_finished {
             if let Some(old) = b.finished.pop_front() {
                 b.jobs.remove(&old);
+            }
+        }
+        // Older finished jobs keep their record but not their PNG bytes (their callers have
+        // had them; the UI's images are in the outputs folder): memory stays bounded.
+        let n = b.finished.len();
+        if n > KEEP_IMAGES_OF {
+            let old = b.finished[n - KEEP_IMAGES_OF - 1].clone();
+            if let Some(j) = b.jobs.get(&old) {
+                j.update(|s| s.images.iter_mut().for_each(|i| i.png = Vec::new()));
             }
         }
     }
