@@ -130,6 +130,9 @@ pub struct Generated {
     pub image: RgbImage,
     pub seed: u64,
     pub infotext: String,
+    /// The final latent `[1, C, h, w]` (scaled, as the UNet sees it), e.g. for a hires-fix
+    /// second pass through latent upscaling.
+    pub latent: Tensor,
 }
 
 /// What the progress callback sees each step.
@@ -492,7 +495,14 @@ impl Engine {
         };
 
         // img2img / inpainting inputs in latent space.
-        let (init_latent, latent_mask, image_cond) = self.prepare_init(req, b, scaling)?;
+        let (init_latent, latent_mask, image_cond) = match &overrides.init_latent {
+            // A given latent (hires fix) needs no encoding unless a mask or an inpainting
+            // UNet wants the image too.
+            Some(_) if req.mask.is_none() && self.weights.unet.config.in_channels == 4 => {
+                (None, None, None)
+            }
+            _ => self.prepare_init(req, b, scaling)?,
+        };
         let init_latent = match overrides.init_latent {
             Some(l) => Some(l.to_dtype(dt)?.to_device(&dev)?),
             None => init_latent,
@@ -600,7 +610,7 @@ impl Engine {
         };
 
         let vae = self.vae()?;
-        let decoded = decode_checked(vae.get(), &self.weights.vae, &(latent / scaling)?, &dev)?;
+        let decoded = decode_checked(vae.get(), &self.weights.vae, &(&latent / scaling)?, &dev)?;
         let mut images = tensor_to_images(&decoded)?;
         if let (Some(mask), Some(init)) = (&req.mask, &req.init_image) {
             // Outside the (blurred) mask the result is the original image, as A1111 overlays it.
@@ -616,7 +626,10 @@ impl Engine {
             seconds = started.elapsed().as_secs_f64(),
             "generated"
         );
-        let mut images = images.into_iter().zip(seeds);
+        let latents = (0..b)
+            .map(|i| latent.narrow(0, i, 1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut images = images.into_iter().zip(seeds).zip(latents);
         Ok(reqs
             .iter()
             .zip(&specs)
@@ -624,7 +637,8 @@ impl Engine {
                 images
                     .by_ref()
                     .take(r.batch_size)
-                    .map(|(image, seed)| Generated {
+                    .map(|((image, seed), latent)| Generated {
+                        latent,
                         infotext: infotext(
                             r,
                             spec,
@@ -722,6 +736,39 @@ fn repeat(t: &Tensor, n: usize) -> candle_core::Result<Tensor> {
     let mut dims = vec![n];
     dims.extend(std::iter::repeat_n(1, t.rank() - 1));
     t.repeat(dims.as_slice())
+}
+
+/// Bilinear resize of a latent `[B, C, h, w]` to `[B, C, height, width]`, as PyTorch's
+/// `interpolate(mode="bilinear", align_corners=False)` (A1111's "Latent" hires upscaler).
+pub fn upscale_latent(latent: &Tensor, height: usize, width: usize) -> Result<Tensor, Error> {
+    let (_, _, h, w) = latent.dims4()?;
+    let dev = latent.device();
+    // Source indices and weights along one axis.
+    let axis = |n_in: usize, n_out: usize| {
+        let scale = n_in as f64 / n_out as f64;
+        let (mut i0, mut i1, mut frac) = (Vec::new(), Vec::new(), Vec::new());
+        for d in 0..n_out {
+            let src = ((d as f64 + 0.5) * scale - 0.5).max(0.0);
+            let lo = (src.floor() as usize).min(n_in - 1);
+            i0.push(lo as u32);
+            i1.push((lo + 1).min(n_in - 1) as u32);
+            frac.push((src - lo as f64) as f32);
+        }
+        (i0, i1, frac)
+    };
+    let x = latent.to_dtype(DType::F32)?;
+    let (y0, y1, fy) = axis(h, height);
+    let (x0, x1, fx) = axis(w, width);
+    let idx = |v: Vec<u32>| Tensor::from_vec(v.clone(), v.len(), dev);
+    let fy = Tensor::from_vec(fy, (1, 1, height, 1), dev)?;
+    let fx = Tensor::from_vec(fx, (1, 1, 1, width), dev)?;
+    let top = x.index_select(&idx(y0)?, 2)?;
+    let bottom = x.index_select(&idx(y1)?, 2)?;
+    let rows = (top.broadcast_mul(&(1.0 - &fy)?)? + bottom.broadcast_mul(&fy)?)?;
+    let left = rows.index_select(&idx(x0)?, 3)?;
+    let right = rows.index_select(&idx(x1)?, 3)?;
+    let out = (left.broadcast_mul(&(1.0 - &fx)?)? + right.broadcast_mul(&fx)?)?;
+    Ok(out.to_dtype(latent.dtype())?)
 }
 
 /// `x·m + keep·(1 − m)` with `m` `[1,1,h,w]` broadcast over batch and channels.

@@ -10,7 +10,9 @@ pub mod tokenizer;
 pub mod train;
 pub mod vae_decode;
 
-pub use generate::{Engine, Generated, Limits, Overrides, Progress, Request, VramMode};
+pub use generate::{
+    upscale_latent, Engine, Generated, Limits, Overrides, Progress, Request, VramMode,
+};
 
 /// Everything the pipeline can fail with; messages name the problem for the user.
 #[derive(Debug, thiserror::Error)]

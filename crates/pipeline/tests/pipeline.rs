@@ -460,3 +460,14 @@ fn half_precision_runs_stay_close_to_fp32() {
         );
     }
 }
+
+#[test]
+fn latent_upscale_matches_torch_bilinear() {
+    let r = refs("latent_upscale");
+    for (key, h, w) in [("up_12x9", 12, 9), ("up_10x14", 10, 14)] {
+        let out = sdkube_pipeline::upscale_latent(&r["input"], h, w).unwrap();
+        assert_eq!(out.dims(), r[key].dims());
+        let d = max_abs(&out, &r[key]);
+        assert!(d < 1e-5, "{key}: max diff {d}");
+    }
+}

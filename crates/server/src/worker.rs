@@ -13,7 +13,7 @@ use image::DynamicImage;
 use sdkube_pipeline::embeddings::{EmbeddingSet, TextWidths};
 use sdkube_pipeline::image_io::encode_png;
 use sdkube_pipeline::sampler::{Flow, SamplerError};
-use sdkube_pipeline::{Engine, Generated, Request, VramMode};
+use sdkube_pipeline::{upscale_latent, Engine, Generated, Overrides, Request, VramMode};
 
 use crate::jobs::{Job, JobImage, JobState};
 use crate::post::PostCache;
@@ -316,14 +316,31 @@ impl Worker {
             let mut infotext = g.infotext;
             if let Some(h) = &work.hires {
                 let factor = h.width as f32 / image.width() as f32;
-                let upscaled = self
-                    .post
-                    .upscale(&self.state.config.post, &h.upscaler, &image, factor)?
-                    .resize_exact(
+                // "Latent" upscalers resize the latent itself (A1111: bilinear); image
+                // upscalers resize the decoded image, which the second pass encodes again.
+                let latent_upscale = h.upscaler.starts_with("Latent");
+                let upscaled = if latent_upscale {
+                    image.resize_exact(
                         h.width as u32,
                         h.height as u32,
-                        image::imageops::FilterType::Lanczos3,
-                    );
+                        image::imageops::FilterType::Triangle,
+                    )
+                } else {
+                    self.post
+                        .upscale(&self.state.config.post, &h.upscaler, &image, factor)?
+                        .resize_exact(
+                            h.width as u32,
+                            h.height as u32,
+                            image::imageops::FilterType::Lanczos3,
+                        )
+                };
+                let overrides = Overrides {
+                    init_latent: latent_upscale
+                        .then(|| upscale_latent(&g.latent, h.height / 8, h.width / 8))
+                        .transpose()
+                        .map_err(|e| format!("hires fix: {e}"))?,
+                    ..Overrides::default()
+                };
                 let req = Request {
                     init_image: Some(upscaled),
                     strength: h.denoising_strength,
@@ -336,7 +353,7 @@ impl Worker {
                     ..work.request.clone()
                 };
                 let mut second = engine
-                    .generate(&req, &mut |_| {
+                    .generate_with(&req, overrides, &mut |_| {
                         if job.cancel.load(Ordering::SeqCst) {
                             Flow::Stop
                         } else {

@@ -348,6 +348,21 @@ async fn extras_upscale_with_realesrgan_and_hires_fix() {
         .unwrap();
     assert!(text.contains("Hires upscaler: srvgg_x4"), "{text}");
     assert!(text.contains("Size: 64x64"), "{text}");
+    // The default "Latent" upscaler works in latent space: 64² → 96², no image upscaler.
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            json!({"prompt": "x", "steps": 2, "width": 64, "height": 64, "enable_hr": true,
+                   "hr_scale": 1.5, "hr_second_pass_steps": 2, "seed": 4}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let png = unb64(body["images"][0].as_str().unwrap());
+    assert_eq!(decode(&png).dimensions(), (96, 96));
+    let text = sdkube_pipeline::image_io::read_png_parameters(&png)
+        .unwrap()
+        .unwrap();
+    assert!(text.contains("Hires upscaler: Latent"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
