@@ -1037,6 +1037,7 @@ async function refreshEmbeddings() {
       if (e && e.shape) detail.push(`dim ${e.shape}`);
       if (e && e.step) detail.push(`step ${e.step}`);
       if (e && e.sd_checkpoint_name) detail.push(`trained on ${e.sd_checkpoint_name}`);
+      if (e && e.reason) detail.push(e.reason);
       return el(
         'li',
         {},

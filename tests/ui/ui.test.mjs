@@ -43,9 +43,11 @@ function freePort() {
  * Starts `sdkube serve` on a free loopback port with the fixture model (or `model`); resolves
  * once `probe` (/readyz: model loaded, /healthz: listening) answers 200.
  */
-async function startServer(extraArgs = [], { model = path.join(repo, 'fixtures/sd/sd1'), probe = '/readyz' } = {}) {
+async function startServer(extraArgs = [], { model = path.join(repo, 'fixtures/sd/sd1'), probe = '/readyz', embeddings = {} } = {}) {
   assert.ok(fs.existsSync(bin), `${bin} is missing: run \`cargo build -p sdkube\` first (or set SDKUBE_BIN)`);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sdkube-ui-'));
+  fs.mkdirSync(path.join(dir, 'embeddings'));
+  for (const [name, bytes] of Object.entries(embeddings)) fs.writeFileSync(path.join(dir, 'embeddings', name), bytes);
   const port = await freePort();
   const base = `http://127.0.0.1:${port}`;
   const args = [
@@ -101,6 +103,24 @@ async function startBoth(extraArgs = [], options = {}) {
   throw server.status === 'rejected' ? server.reason : browser.reason;
 }
 
+/** A safetensors file of F32 tensors: `{name: {shape, values}}`. */
+function safetensors(tensors) {
+  const header = {};
+  const blobs = [];
+  let offset = 0;
+  for (const [name, { shape, values }] of Object.entries(tensors)) {
+    const data = Buffer.from(new Float32Array(values).buffer);
+    header[name] = { dtype: 'F32', shape, data_offsets: [offset, offset + data.length] };
+    blobs.push(data);
+    offset += data.length;
+  }
+  let json = JSON.stringify(header);
+  json += ' '.repeat((8 - (json.length % 8)) % 8);
+  const size = Buffer.alloc(8);
+  size.writeBigUInt64LE(BigInt(json.length));
+  return Buffer.concat([size, Buffer.from(json), ...blobs]);
+}
+
 function launchBrowser() {
   return chromium.launch({
     executablePath: chromiumPath,
@@ -149,7 +169,13 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
 
   before(async () => {
     fs.mkdirSync(shots, { recursive: true });
-    [server, browser] = await startBoth();
+    // Two textual-inversion embeddings: one of the fixture text encoder's width (8), one too wide.
+    const width = JSON.parse(fs.readFileSync(path.join(repo, 'fixtures/sd/sd1/text_encoder/config.json'))).hidden_size;
+    const embeddings = {
+      'ui-style.safetensors': safetensors({ emb_params: { shape: [2, width], values: Array.from({ length: 2 * width }, (_, i) => i / 10) } }),
+      'ui-too-wide.safetensors': safetensors({ emb_params: { shape: [1, width + 1], values: Array(width + 1).fill(0.5) } }),
+    };
+    [server, browser] = await startBoth([], { embeddings });
     const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
     page = await context.newPage();
     page.setDefaultTimeout(STEP_TIMEOUT);
@@ -191,7 +217,9 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     await page.waitForFunction(() => document.querySelector('#results img').complete && document.querySelector('#results img').naturalWidth > 0);
     assert.equal(await image.evaluate((img) => img.naturalWidth), 64);
     const texts = await page.evaluate(() => window.progressTexts);
-    assert.ok(texts.some((t) => /^Step \d+\/2/.test(t)), `progress steps were shown: ${JSON.stringify(texts)}`);
+    // Two fixture steps may pass between two events: the live state is shown, the steps are
+    // checked on the long job of the cancel test.
+    assert.ok(texts.some((t) => /^(Queued|Running|Step \d+\/2)/.test(t)), `the job's live state was shown: ${JSON.stringify(texts)}`);
     assert.match(texts.at(-1), /^Done: step 2\/2, 1 image/);
     assert.deepEqual(await page.$eval('#progress', (p) => [p.value, p.max]), [2, 2]);
 
@@ -328,17 +356,21 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     await page.fill('#steps', '2');
   });
 
-  it('the queue view lists jobs, and Cancel stops a running job mid-sampling', async () => {
+  it('shows step, ETA and preview of a running job; the queue view lists it and Cancel stops it mid-sampling', async () => {
     await page.click('.tabs [data-tab="txt2img"]');
     await page.fill('#width', '64');
     await page.fill('#height', '64');
     // Long enough to be caught running: 8 x 150 steps of the fixture model.
-    await page.fill('#steps', String((await (await fetch(`${server.base}/api/v1/status`)).json()).limits.max_steps));
+    const steps = (await (await fetch(`${server.base}/api/v1/status`)).json()).limits.max_steps;
+    await page.fill('#steps', String(steps));
     await page.fill('#batch-count', '8');
     const created = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
     await page.click('#generate');
     const job = await (await created).json();
-    await page.waitForFunction(() => /^Step [1-9]/.test(document.querySelector('#progress-text').textContent));
+    // Live progress: step, ETA and the preview image of the running job.
+    await page.waitForFunction((total) => new RegExp(`^Step [1-9]\\d*/${total} · ETA `).test(document.querySelector('#progress-text').textContent), steps * 8);
+    await page.waitForFunction(() => !document.querySelector('#preview').hidden && document.querySelector('#preview').naturalWidth > 0);
+    assert.ok((await page.$eval('#progress', (p) => p.value)) >= 1);
     assert.equal(await page.isEnabled('#cancel'), true);
 
     await page.click('.tabs [data-tab="queue"]');
@@ -386,6 +418,27 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     if (total <= 48) assert.equal(await page.locator(`#gallery .gallery-item[data-name="${firstImage.name}"]`).count(), 1);
     await page.click('#gallery-prev');
     await page.locator('#gallery-page', { hasText: 'Page 1 of' }).waitFor();
+  });
+
+  it('lists the loaded and the skipped embeddings, and puts one in the prompt', async () => {
+    const api = await (await fetch(`${server.base}/sdapi/v1/embeddings`)).json();
+    assert.deepEqual(Object.keys(api.loaded), ['ui-style']);
+    assert.deepEqual(Object.keys(api.skipped), ['ui-too-wide']);
+    await page.click('.tabs [data-tab="txt2img"]');
+    await page.fill('#prompt', 'a castle');
+    await page.click('.tabs [data-tab="embeddings"]');
+    const loaded = page.locator('#embeddings-loaded li', { hasText: 'ui-style' });
+    await loaded.waitFor();
+    assert.match(await loaded.textContent(), /2 vectors/);
+    const skipped = page.locator('#embeddings-skipped li', { hasText: 'ui-too-wide' });
+    await skipped.waitFor();
+    if (api.skipped['ui-too-wide'].reason) {
+      const shown = await skipped.textContent();
+      assert.ok(shown.includes(api.skipped['ui-too-wide'].reason), `${shown} / ${api.skipped['ui-too-wide'].reason}`);
+    }
+    await loaded.locator('button').click();
+    assert.equal(await page.getAttribute('.tabs [data-tab="txt2img"]', 'aria-selected'), 'true');
+    assert.equal(await page.inputValue('#prompt'), 'a castle, ui-style');
   });
 
   it('fits a 375 px phone screen: no horizontal scrolling, controls stacked', async () => {
