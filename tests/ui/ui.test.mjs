@@ -187,6 +187,22 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     await server?.stop();
   });
 
+  it('serves the four files of ui/ as they are in the repository', async () => {
+    // The binary embeds them at compile time: a stale build would test an old UI.
+    for (const [route, file, type] of [
+      ['/', 'index.html', 'text/html'],
+      ['/ui/app.js', 'app.js', 'javascript'],
+      ['/ui/style.css', 'style.css', 'text/css'],
+      ['/docs', 'docs.html', 'text/html'],
+    ]) {
+      const res = await fetch(`${server.base}${route}`);
+      assert.equal(res.status, 200, route);
+      assert.ok(res.headers.get('content-type').includes(type), `${route}: ${res.headers.get('content-type')}`);
+      const served = await res.text();
+      assert.ok(served === fs.readFileSync(path.join(repo, 'ui', file), 'utf8'), `${route} differs from ui/${file}: rebuild with \`cargo build -p sdkube\``);
+    }
+  });
+
   it('generates a txt2img image with Ctrl+Enter, showing progress and the image', async () => {
     await page.goto(server.base);
     // Controls are filled from the server's A1111 endpoints.
