@@ -503,6 +503,17 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     await body.waitFor();
     const shown = JSON.parse(await body.textContent());
     assert.equal(shown.model.state, 'ready');
+
+    // "Try it" with a bad body shows the server's 400 and its message.
+    const jobsOp = page.locator('.op[data-method="post"][data-path="/api/v1/jobs"]');
+    await jobsOp.locator(':scope > summary').click();
+    const bad = { kind: 'txt2img', params: { prompt: 'x', steps: 100000, width: 64, height: 64 } };
+    await jobsOp.locator('.try textarea').fill(JSON.stringify(bad));
+    await jobsOp.locator('.try button.primary').click();
+    await jobsOp.locator('.response-body').waitFor();
+    assert.equal(await jobsOp.locator('.response-status .status').textContent(), '400');
+    const direct = await fetch(`${server.base}/api/v1/jobs`, { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(bad) });
+    assert.equal(JSON.parse(await jobsOp.locator('.response-body').textContent()).error, (await direct.json()).error);
     await page.screenshot({ path: path.join(shots, 'docs.png') });
   });
 
