@@ -196,9 +196,22 @@ pub fn decode_image(what: &str, b64: &str) -> Result<DynamicImage, ApiError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(data.trim().as_bytes())
         .map_err(|e| ApiError::bad_request(format!("{what}: not valid base64 ({e})")))?;
-    image::ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| ApiError::bad_request(format!("{what}: {e}")))?
+    let reader = || {
+        image::ImageReader::new(Cursor::new(&bytes))
+            .with_guessed_format()
+            .map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
+    };
+    // Sizes first: a small file can claim a gigantic image.
+    let (w, h) = reader()?
+        .into_dimensions()
+        .map_err(|e| ApiError::bad_request(format!("{what}: not a readable image ({e})")))?;
+    let limit = sdkube_restore::io::DEFAULT_MAX_PIXELS;
+    if w as u64 * h as u64 > limit || w == 0 || h == 0 {
+        return Err(ApiError::bad_request(format!(
+            "{what}: {w}x{h} is empty or above the limit of {limit} pixels"
+        )));
+    }
+    reader()?
         .decode()
         .map_err(|e| ApiError::bad_request(format!("{what}: not a readable image ({e})")))
 }

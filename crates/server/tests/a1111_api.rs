@@ -330,6 +330,35 @@ async fn extras_upscale_with_realesrgan_and_hires_fix() {
         .as_str()
         .unwrap()
         .contains("unknown upscaler"));
+    // Truncated, non-image and gigantic inputs: clear 400s.
+    let png = png_of(&img);
+    let huge = {
+        // A valid PNG header (correct CRC) claiming 60000x60000 pixels, and no pixel data.
+        let mut out = Vec::new();
+        let mut enc = png::Encoder::new(&mut out, 60000, 60000);
+        enc.set_color(png::ColorType::Rgb);
+        let mut writer = enc.write_header().unwrap();
+        writer.write_chunk(png::chunk::IDAT, &[0u8; 16]).unwrap();
+        std::mem::forget(writer); // a stub of pixel data, no IEND
+        out
+    };
+    for (bytes, want) in [
+        (png[..png.len() / 2].to_vec(), "not a readable image"),
+        (b"hello, not an image".to_vec(), "image 0"),
+        (huge, "above the limit"),
+    ] {
+        let (status, body) = s
+            .post(
+                "/sdapi/v1/extra-single-image",
+                json!({"image": b64(&bytes), "upscaler_1": "Lanczos"}),
+            )
+            .await;
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains(want),
+            "{want}: {body}"
+        );
+    }
 
     // Hires fix: 64² → 128² through the RealESRGAN fixture, then a second pass.
     let (status, body) = s
