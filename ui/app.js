@@ -118,7 +118,7 @@ function promptApiKey(message) {
  * Calls the server and returns the parsed JSON body. Throws `ApiError` with the server's
  * message on any 4xx/5xx; a 401 asking for an API key prompts for it and retries.
  */
-async function api(path, { method = 'GET', body, signal } = {}) {
+async function api(path, { method = 'GET', body } = {}) {
   const headers = { Accept: 'application/json', ...authHeaders() };
   let payload;
   if (body !== undefined) {
@@ -127,9 +127,8 @@ async function api(path, { method = 'GET', body, signal } = {}) {
   }
   let response;
   try {
-    response = await fetch(path, { method, headers, body: payload, signal, credentials: 'same-origin' });
+    response = await fetch(path, { method, headers, body: payload, credentials: 'same-origin' });
   } catch (err) {
-    if (err.name === 'AbortError') throw err;
     throw new ApiError(0, `cannot reach the server (${method} ${path}): ${err.message}`);
   }
   const text = await response.text();
@@ -143,7 +142,7 @@ async function api(path, { method = 'GET', body, signal } = {}) {
   }
   if (response.status === 401 && data && data.auth === 'api_key') {
     await askForApiKey(data.error);
-    return api(path, { method, body, signal });
+    return api(path, { method, body });
   }
   if (!response.ok) throw new ApiError(response.status, errorMessage(response.status, response.statusText, data), data);
   return data;
@@ -287,7 +286,6 @@ const ui = {
   maskPainted: false,
   galleryPage: 1,
   galleryPerPage: 24,
-  galleryTotal: 0,
   gallerySelected: null,
   extrasImage: null,
   queueTimer: null,
@@ -310,10 +308,6 @@ function showError(context, err) {
   );
   box.append(item);
   while (box.children.length > 5) box.firstElementChild.remove();
-}
-
-function clearErrors() {
-  $('errors').replaceChildren();
 }
 
 // --- tabs -------------------------------------------------------------------------------------
@@ -339,7 +333,7 @@ function selectTab(tab) {
   }
   if (tab === 'gallery') refreshGallery();
   if (tab === 'embeddings') refreshEmbeddings();
-  if (tab === 'img2img') resizeMaskCursor();
+  if (tab === 'img2img') showBrushSize();
 }
 
 // --- server status and model banner ------------------------------------------------------------
@@ -786,7 +780,7 @@ function brushSize() {
   return Number($('brush-size').value) || 24;
 }
 
-function resizeMaskCursor() {
+function showBrushSize() {
   $('brush-size-value').textContent = String(brushSize());
 }
 
@@ -838,7 +832,7 @@ function setupMaskPainting() {
   mask.addEventListener('pointerup', end);
   mask.addEventListener('pointercancel', end);
   $('mask-clear').addEventListener('click', clearMask);
-  $('brush-size').addEventListener('input', resizeMaskCursor);
+  $('brush-size').addEventListener('input', showBrushSize);
 }
 
 async function takeImageFile(file, target) {
@@ -997,7 +991,6 @@ function refreshGalleryIfShown() {
 async function refreshGallery() {
   try {
     const data = await api(`/api/v1/gallery?page=${ui.galleryPage}&per_page=${ui.galleryPerPage}`);
-    ui.galleryTotal = data.total;
     const pages = Math.max(1, Math.ceil(data.total / data.per_page));
     $('gallery-page').textContent = `Page ${data.page} of ${pages} · ${data.total} image${data.total === 1 ? '' : 's'}`;
     $('gallery-prev').disabled = data.page <= 1;
