@@ -2,12 +2,13 @@
 //!
 //! ```text
 //! cargo run --release -p sdkube-store --example fetch_bench -- \
-//!     [--size-mib 2048] [--cap-mb 200] [--rounds 3] [--dir /tmp] [--only curl|1|4]
+//!     [--size-mib 2048] [--cap-mb 200] [--rounds 3] [--dir /tmp] [--only curl|curl+verify|1|4]
 //! ```
 //!
 //! Serves SIZE MiB of data from memory on 127.0.0.1 (the test hub's CDN), then, for each of
 //! two cases (uncapped, and capped at CAP MB/s per connection), runs `--rounds` rounds of:
-//! `curl -o`, our single stream, our 4 ranged connections. The order rotates from round to
+//! `curl -o`; `curl -o` followed by a sha256 of the file and an fsync (the guarantees we
+//! give); our single stream; our 4 ranged connections. The order rotates from round to
 //! round so that no tool always runs first (or after the same neighbour): a shared machine is
 //! noisy. Between runs, untimed, `sync` waits for the writeback a run left behind, which would
 //! otherwise slow the next one down. Prints each run on stderr
@@ -30,13 +31,18 @@ use sdkube_store::{fetch_blocking, Catalog, FetchOptions, ModelEntry, Store};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tool {
     Curl,
-    Sdkube { connections: usize },
+    /// curl, then what the fetcher also does: sha256 of the file and an fsync.
+    CurlVerified,
+    Sdkube {
+        connections: usize,
+    },
 }
 
 impl Tool {
     fn label(self) -> String {
         match self {
             Tool::Curl => "curl -o".into(),
+            Tool::CurlVerified => "curl -o, then sha256 + fsync".into(),
             Tool::Sdkube { connections: 1 } => "sdkube, 1 stream (+sha256, fsync)".into(),
             Tool::Sdkube { connections } => {
                 format!("sdkube, {connections} ranges (+sha256, fsync)")
@@ -61,6 +67,7 @@ fn parse_args() -> anyhow::Result<Args> {
         dir: std::env::temp_dir(),
         tools: vec![
             Tool::Curl,
+            Tool::CurlVerified,
             Tool::Sdkube { connections: 1 },
             Tool::Sdkube { connections: 4 },
         ],
@@ -76,6 +83,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--only" => {
                 args.tools = match value()?.as_str() {
                     "curl" => vec![Tool::Curl],
+                    "curl+verify" => vec![Tool::CurlVerified],
                     n => vec![Tool::Sdkube {
                         connections: n.parse().context("--only takes curl or a number")?,
                     }],
@@ -118,7 +126,8 @@ async fn main() -> anyhow::Result<()> {
                 let i = (k + round) % args.tools.len();
                 let tool = args.tools[i];
                 let elapsed = match tool {
-                    Tool::Curl => run_curl(&url, size, &args.dir)?,
+                    Tool::Curl => run_curl(&url, size, &args.dir, None)?,
+                    Tool::CurlVerified => run_curl(&url, size, &args.dir, Some(&sha))?,
                     Tool::Sdkube { connections } => {
                         run_sdkube(&entry, connections, &args.dir).await?
                     }
@@ -184,7 +193,15 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_curl(url: &str, size: usize, dir: &std::path::Path) -> anyhow::Result<Duration> {
+/// `curl -o`; with `verify`, then also the file's sha256 (the same sha2 code and 1 MiB reads
+/// as the store's verification) checked against it, and an fsync: the guarantees the fetcher
+/// gives, had they been added after curl.
+fn run_curl(
+    url: &str,
+    size: usize,
+    dir: &std::path::Path,
+    verify: Option<&str>,
+) -> anyhow::Result<Duration> {
     let out = dir.join("sdkube-bench-curl.bin");
     let started = Instant::now();
     let status = Command::new("curl")
@@ -193,8 +210,15 @@ fn run_curl(url: &str, size: usize, dir: &std::path::Path) -> anyhow::Result<Dur
         .arg(url)
         .status()
         .context("cannot run curl")?;
-    let elapsed = started.elapsed();
     ensure!(status.success(), "curl failed: {status}");
+    if let Some(expected) = verify {
+        ensure!(
+            sdkube_store::sha256_file(&out)? == expected,
+            "curl's file is corrupt"
+        );
+        std::fs::File::open(&out)?.sync_data()?;
+    }
+    let elapsed = started.elapsed();
     ensure!(
         std::fs::metadata(&out)?.len() == size as u64,
         "curl got a short file"
