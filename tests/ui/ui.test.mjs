@@ -166,6 +166,7 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
   let page;
   const problems = [];
   let firstImage; // {name, url, seed, infotext} of the txt2img result
+  let checkpoints;
 
   before(async () => {
     fs.mkdirSync(shots, { recursive: true });
@@ -175,7 +176,10 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
       'ui-style.safetensors': safetensors({ emb_params: { shape: [2, width], values: Array.from({ length: 2 * width }, (_, i) => i / 10) } }),
       'ui-too-wide.safetensors': safetensors({ emb_params: { shape: [1, width + 1], values: Array(width + 1).fill(0.5) } }),
     };
-    [server, browser] = await startBoth([], { embeddings });
+    // A second checkpoint to switch to: the fixture again, under another name.
+    checkpoints = fs.mkdtempSync(path.join(os.tmpdir(), 'sdkube-ui-ckpt-'));
+    fs.symlinkSync(path.join(repo, 'fixtures/sd/sd1'), path.join(checkpoints, 'sd1-copy'));
+    [server, browser] = await startBoth(['--checkpoint-dirs', checkpoints], { embeddings });
     const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
     page = await context.newPage();
     page.setDefaultTimeout(STEP_TIMEOUT);
@@ -185,6 +189,7 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
   after(async () => {
     await browser?.close();
     await server?.stop();
+    if (checkpoints) fs.rmSync(checkpoints, { recursive: true, force: true });
   });
 
   it('serves the four files of ui/ as they are in the repository', async () => {
@@ -515,6 +520,21 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     const direct = await fetch(`${server.base}/api/v1/jobs`, { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(bad) });
     assert.equal(JSON.parse(await jobsOp.locator('.response-body').textContent()).error, (await direct.json()).error);
     await page.screenshot({ path: path.join(shots, 'docs.png') });
+  });
+
+  it('switches the model from the header select', async () => {
+    await page.goto(server.base);
+    await page.waitForFunction(() => [...document.querySelector('#model').options].some((o) => o.value === 'sd1-copy'));
+    const switched = page.waitForResponse((r) => r.url().endsWith('/sdapi/v1/options') && r.request().method() === 'POST');
+    await page.selectOption('#model', 'sd1-copy');
+    const response = await switched;
+    assert.equal(response.status(), 200, await response.text());
+    assert.deepEqual(JSON.parse(response.request().postData()), { sd_model_checkpoint: 'sd1-copy' });
+    const status = await (await fetch(`${server.base}/api/v1/status`)).json();
+    assert.equal(status.model.name, 'sd1-copy');
+    assert.equal(status.model.state, 'ready');
+    await page.locator('#model-banner').waitFor({ state: 'hidden' });
+    assert.equal(await page.inputValue('#model'), 'sd1-copy');
   });
 
   it('raised no page or console errors', () => {
