@@ -479,6 +479,19 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
         assert.ok(wide <= 375, `gallery detail: ${wide}px wide`);
       }
     }
+    // img2img with an image and its mask canvas, then the docs page.
+    await mobile.click('.tabs [data-tab="gallery"]');
+    await mobile.locator('#gallery .gallery-item').first().click();
+    await mobile.click('#gallery-to-img2img');
+    await mobile.locator('#mask-wrap').waitFor();
+    assert.ok((await mobile.evaluate(() => document.documentElement.scrollWidth)) <= 375, 'img2img with an image fits');
+    await mobile.screenshot({ path: path.join(shots, 'phone-img2img.png'), fullPage: true });
+    await mobile.goto(`${server.base}/docs`);
+    await mobile.locator('#docs-count').waitFor();
+    await mobile.locator('.op[data-method="post"][data-path="/api/v1/jobs"] > summary').click();
+    assert.ok((await mobile.evaluate(() => document.documentElement.scrollWidth)) <= 375, 'the docs page fits');
+    await mobile.goto(server.base);
+    await mobile.waitForFunction(() => document.querySelector('#sampler').options.length > 0);
     await mobile.click('.tabs [data-tab="txt2img"]');
     const inputs = await mobile.locator('.gen-inputs').boundingBox();
     const output = await mobile.locator('.gen-output').boundingBox();
