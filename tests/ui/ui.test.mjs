@@ -595,9 +595,12 @@ describe('sdkube web UI behind --api-key', { timeout: 60_000 }, () => {
     await page.fill('#width', '64');
     await page.fill('#height', '64');
     await page.fill('#steps', '2');
+    const streams = [];
+    page.on('response', (r) => r.url().endsWith('/events') && streams.push(r.status()));
     await page.click('#generate');
     await page.locator('#results img').waitFor();
     await page.waitForFunction(() => document.querySelector('#results img').naturalWidth === 64);
+    assert.deepEqual(streams, [200], 'the event stream was let in by the cookie');
     assert.equal((await page.textContent('#errors')).trim(), '');
     // Only the refusals before the key was given reached the console.
     assert.deepEqual(problems.filter((p) => !/status of 401/.test(p)), []);
@@ -758,5 +761,42 @@ describe('sdkube web UI while the model is being fetched', { timeout: 60_000 }, 
       await page.locator('#model-banner[data-state="failed"]', { hasText: status.model.message }).waitFor();
       assert.equal(await page.isHidden('#model-banner-progress'), true);
     }
+  });
+});
+
+describe('sdkube web UI behind --basic-auth', { timeout: 60_000 }, () => {
+  let server;
+  let browser;
+
+  before(async () => {
+    [server, browser] = await startBoth(['--basic-auth', 'painter:brush-4711']);
+  });
+
+  after(async () => {
+    await browser?.close();
+    await server?.stop();
+  });
+
+  it('works with the credentials the browser sends, including the event stream', async () => {
+    const refused = await fetch(`${server.base}/`);
+    assert.equal(refused.status, 401);
+    assert.match(refused.headers.get('www-authenticate') || '', /^Basic/);
+
+    const context = await browser.newContext({ httpCredentials: { username: 'painter', password: 'brush-4711' } });
+    const page = await context.newPage();
+    page.setDefaultTimeout(STEP_TIMEOUT);
+    const streams = [];
+    page.on('response', (r) => r.url().endsWith('/events') && streams.push(r.status()));
+    await page.goto(server.base);
+    await page.waitForFunction(() => document.querySelector('#sampler').options.length > 0);
+    await page.fill('#width', '64');
+    await page.fill('#height', '64');
+    await page.fill('#steps', '2');
+    await page.click('#generate');
+    await page.waitForFunction(() => document.querySelector('#results img')?.naturalWidth === 64);
+    assert.equal((await page.textContent('#errors')).trim(), '');
+    assert.equal(await page.locator('#auth-dialog').isVisible(), false);
+    assert.deepEqual(streams, [200]);
+    await context.close();
   });
 });
