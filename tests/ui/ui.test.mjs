@@ -3,8 +3,11 @@
 // Starts the real `sdkube serve` with the tiny fixture model, then drives the system Chromium
 // (Debian `chromium`, through playwright-core; no browser download) the way a user would:
 // Ctrl+Enter generates, progress shows, the image reaches the gallery with its infotext, "send to
-// img2img" fills the img2img tab, a painted mask runs an inpainting job, a phone-width screen
-// does not scroll sideways, server errors are shown, and /docs lists the OpenAPI endpoints.
+// img2img" fills the img2img tab, a painted mask runs an inpainting job, extras and PNG info,
+// the queue view and Cancel, gallery pages, embeddings, switching the model, a phone-width
+// screen does not scroll sideways, server errors are shown, and /docs lists the OpenAPI
+// endpoints. Further servers cover an API key, basic auth, a model that fails to load and a
+// model caught mid-download (from a loopback server through a user catalog).
 //
 // Run: `cargo build -p sdkube && node --test tests/ui/ui.test.mjs` (after `npm ci --prefix tests/ui`).
 // Env: SDKUBE_BIN (default target/debug/sdkube), CHROMIUM (default /usr/bin/chromium),
