@@ -1154,40 +1154,24 @@ pub struct SdModel {
 /// Checkpoints that can be selected (present ones, and catalog entries fetched on first use).
 #[utoipa::path(get, path = "/sdapi/v1/sd-models", tag = "a1111", responses((status = 200, body = Vec<SdModel>)))]
 pub async fn sd_models(State(state): State<AppState>) -> Json<Vec<SdModel>> {
-    let current = state.model.status();
-    let mut list: Vec<SdModel> = Vec::new();
-    let mut seen = false;
-    for c in state.model.checkpoints() {
-        seen |= c.name == current.name;
-        list.push(SdModel {
-            title: c.name.clone(),
-            model_name: c.name.clone(),
-            hash: None,
-            sha256: None,
-            filename: c
-                .path
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| format!("(catalog: {}, fetched on first use)", c.name)),
-            config: None,
-        });
-    }
-    if !seen && !current.name.is_empty() {
-        list.insert(
-            0,
-            SdModel {
-                title: current.name.clone(),
-                model_name: current.name.clone(),
-                hash: None,
-                sha256: None,
-                filename: current
+    Json(
+        state
+            .model
+            .checkpoints()
+            .into_iter()
+            .map(|c| SdModel {
+                filename: c
                     .path
                     .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
+                    .unwrap_or_else(|| format!("(catalog: {}, fetched on first use)", c.title)),
+                title: c.title,
+                model_name: c.name,
+                hash: None,
+                sha256: None,
                 config: None,
-            },
-        );
-    }
-    Json(list)
+            })
+            .collect(),
+    )
 }
 
 #[derive(Debug, Serialize, ToSchema)]

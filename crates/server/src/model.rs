@@ -60,6 +60,9 @@ pub struct ModelSources {
 /// A checkpoint that can be selected.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CheckpointInfo {
+    /// Unique in the list: a file's name with its extension, a folder's or catalog name.
+    pub title: String,
+    /// The file stem (what the infotext's `Model:` says).
     pub name: String,
     #[serde(skip)]
     pub path: Option<PathBuf>,
@@ -69,6 +72,8 @@ pub struct CheckpointInfo {
 
 pub struct ModelSlot {
     status: Mutex<ModelStatus>,
+    /// The operator's choices by path (`--model`): listed and selectable by name later.
+    by_path: Mutex<Vec<CheckpointInfo>>,
     workers: usize,
     pub sources: ModelSources,
 }
@@ -88,6 +93,13 @@ pub fn name_of_path(path: &Path) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
+/// A checkpoint's title: the file name with its extension, or the folder name.
+pub fn title_of_path(path: &Path) -> String {
+    path.file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
 impl ModelSlot {
     pub fn new(sources: ModelSources, workers: usize) -> Arc<Self> {
         Arc::new(Self {
@@ -101,6 +113,7 @@ impl ModelSlot {
                 generation: 0,
                 loaded_by: 0,
             }),
+            by_path: Mutex::new(Vec::new()),
             workers,
             sources,
         })
@@ -117,7 +130,7 @@ impl ModelSlot {
     /// Checkpoints that can be selected: files and folders in the checkpoint directories,
     /// then the catalog's checkpoints (present in the store or not).
     pub fn checkpoints(&self) -> Vec<CheckpointInfo> {
-        let mut out = Vec::new();
+        let mut out = lock(&self.by_path).clone();
         for dir in &self.sources.checkpoint_dirs {
             let Ok(entries) = std::fs::read_dir(dir) else {
                 continue;
@@ -132,7 +145,11 @@ impl ModelSlot {
                 .collect();
             found.sort();
             for p in found {
+                if out.iter().any(|c| c.path.as_ref() == Some(&p)) {
+                    continue;
+                }
                 out.push(CheckpointInfo {
+                    title: title_of_path(&p),
                     name: name_of_path(&p),
                     path: Some(p),
                     present: true,
@@ -142,11 +159,12 @@ impl ModelSlot {
         if let Ok(catalog) = sdkube_store::Catalog::load(self.sources.catalog.as_deref()) {
             let store = sdkube_store::Store::open(&self.sources.store).ok();
             for entry in catalog.models().iter().filter(|m| m.kind == "checkpoint") {
-                if out.iter().any(|c| c.name == entry.name) {
+                if out.iter().any(|c| c.title == entry.name) {
                     continue;
                 }
                 let path = store.as_ref().and_then(|s| s.model_path(&entry.name));
                 out.push(CheckpointInfo {
+                    title: entry.name.clone(),
                     name: entry.name.clone(),
                     present: path.is_some(),
                     path,
@@ -165,17 +183,28 @@ impl ModelSlot {
         let as_path = PathBuf::from(model);
         let current = self.status();
         let (name, path) = if allow_path && as_path.exists() {
+            let info = CheckpointInfo {
+                title: title_of_path(&as_path),
+                name: name_of_path(&as_path),
+                path: Some(as_path.clone()),
+                present: true,
+            };
+            let mut known = lock(&self.by_path);
+            known.retain(|c| c.title != info.title);
+            known.push(info);
             (name_of_path(&as_path), Some(as_path))
         } else if !current.name.is_empty()
             && current.name == model.split(" [").next().unwrap_or(model)
             && current.path.is_some()
         {
             (current.name.clone(), current.path.clone())
-        } else if let Some(c) = self
-            .checkpoints()
-            .into_iter()
-            .find(|c| c.name == model || c.name == model.split(" [").next().unwrap_or(model))
-        {
+        } else if let Some(c) = {
+            // A1111 clients send the title, possibly with a " [hash]" suffix.
+            let wanted = model.split(" [").next().unwrap_or(model);
+            let list = self.checkpoints();
+            let by_title = list.iter().find(|c| c.title == wanted).cloned();
+            by_title.or_else(|| list.into_iter().find(|c| c.name == wanted))
+        } {
             (c.name, c.path)
         } else {
             return Err(format!(

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::Stream;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::api::{ApiError, ApiJson};
@@ -127,6 +128,7 @@ pub async fn status(State(state): State<AppState>) -> Json<ServerStatus> {
 
 /// A job to create: its kind and A1111-style parameters.
 #[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"kind": "txt2img", "params": {"prompt": "a lighthouse at dusk", "steps": 20, "width": 512, "height": 512, "sampler_name": "Euler a", "seed": -1}}))]
 pub struct CreateJob {
     /// `txt2img`, `img2img`, `extras` or `train-embedding`.
     pub kind: String,

@@ -227,7 +227,7 @@ async fn listings_options_and_model_switching() {
         .iter()
         .map(|m| m["title"].as_str().unwrap())
         .collect();
-    for t in ["sd1", "sdxl", "sd2v", "sd-1.5"] {
+    for t in ["sd1", "sdxl", "sd2v", "sd1.safetensors", "sd-1.5"] {
         assert!(titles.contains(&t), "{t} in {titles:?}");
     }
     let (_, opts) = s.get("/sdapi/v1/options").await;
@@ -263,6 +263,24 @@ async fn listings_options_and_model_switching() {
     }
     let (_, status_now) = s.get("/api/v1/status").await;
     assert_eq!(status_now["model"]["name"], "sdxl", "{status_now}");
+    // The startup model (given by path) stays listed and can be chosen again.
+    let (_, models) = s.get("/sdapi/v1/sd-models").await;
+    assert_eq!(
+        models
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["title"] == "sd1")
+            .count(),
+        1,
+        "{models}"
+    );
+    let (status, body) = s
+        .post("/sdapi/v1/options", json!({"sd_model_checkpoint": "sd1"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, opts) = s.get("/sdapi/v1/options").await;
+    assert_eq!(opts["sd_model_checkpoint"], "sd1");
 }
 
 #[tokio::test(flavor = "multi_thread")]
