@@ -699,12 +699,15 @@ async fn https_is_tunnelled_through_the_proxy_unless_no_proxy_matches_and_trusts
         "the proxy was bypassed"
     );
 
-    // Without the CA: refused at once with what to do (no retries: waiting cannot fix trust).
+    // Trusting another CA (not the system's roots: the test must not depend on the machine
+    // having any): refused at once with what to do (no retries: waiting cannot fix trust).
+    let other_ca_dir = tempfile::tempdir().unwrap();
+    let other_ca = TestTls::generate().write_ca_bundle(other_ca_dir.path());
     let store = Store::open(dir.path().join("c")).unwrap();
     let (result, events) = run(
         &store,
         &one_file("w.bin", Some(&sha)),
-        &https_options(None, None),
+        &https_options(None, Some(other_ca)),
     )
     .await;
     let err = result.unwrap_err();
