@@ -1132,6 +1132,16 @@ pub async fn set_options(
             }
         }
     }
+    if let Some(v) = body.get("sd_vae") {
+        // No separate VAE files are offered (see /sdapi/v1/sd-vae): say so rather than
+        // pretend to switch.
+        if !matches!(v.as_str(), Some("Automatic" | "None" | "")) {
+            return Err(ApiError::bad_request(format!(
+                "sd_vae {v}: sdkube serves each checkpoint with its own VAE; \
+                 only \"Automatic\" is available (see /sdapi/v1/sd-vae)"
+            )));
+        }
+    }
     let mut opts = state.options.lock().unwrap_or_else(|e| e.into_inner());
     for (k, v) in body {
         if k != "sd_model_checkpoint" {

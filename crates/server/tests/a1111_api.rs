@@ -233,6 +233,16 @@ async fn listings_options_and_model_switching() {
     let (_, opts) = s.get("/sdapi/v1/options").await;
     assert_eq!(opts["sd_model_checkpoint"], "sd1");
     let (status, body) = s
+        .post("/sdapi/v1/options", json!({"sd_vae": "../../vae.pt"}))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        s.post("/sdapi/v1/options", json!({"sd_vae": "Automatic"}))
+            .await
+            .0,
+        200
+    );
+    let (status, body) = s
         .post(
             "/sdapi/v1/options",
             json!({"sd_model_checkpoint": "sdxl", "my_option": 3}),
@@ -281,6 +291,16 @@ async fn listings_options_and_model_switching() {
     assert_eq!(status, 200, "{body}");
     let (_, opts) = s.get("/sdapi/v1/options").await;
     assert_eq!(opts["sd_model_checkpoint"], "sd1");
+    let (status, body) = s
+        .post("/sdapi/v1/options", json!({"sd_vae": "../../vae.pt"}))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        s.post("/sdapi/v1/options", json!({"sd_vae": "Automatic"}))
+            .await
+            .0,
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
