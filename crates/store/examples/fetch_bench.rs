@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p sdkube-store --example fetch_bench -- \
-//!     [--size-mib 2048] [--cap-mb 200] [--rounds 3] [--dir /tmp] [--only curl|curl+verify|1|4]
+//!     [--size-mib 2048] [--cap-mb 200] [--rounds 3] [--dir /tmp] [--only curl,curl+verify,1,4]
 //! ```
 //!
 //! Serves SIZE MiB of data from memory on 127.0.0.1 (the test hub's CDN), then, for each of
@@ -81,13 +81,18 @@ fn parse_args() -> anyhow::Result<Args> {
             "--rounds" => args.rounds = value()?.parse()?,
             "--dir" => args.dir = value()?.into(),
             "--only" => {
-                args.tools = match value()?.as_str() {
-                    "curl" => vec![Tool::Curl],
-                    "curl+verify" => vec![Tool::CurlVerified],
-                    n => vec![Tool::Sdkube {
-                        connections: n.parse().context("--only takes curl or a number")?,
-                    }],
-                }
+                args.tools = value()?
+                    .split(',')
+                    .map(|tool| match tool {
+                        "curl" => Ok(Tool::Curl),
+                        "curl+verify" => Ok(Tool::CurlVerified),
+                        n => Ok(Tool::Sdkube {
+                            connections: n
+                                .parse()
+                                .context("--only takes curl, curl+verify or connection counts")?,
+                        }),
+                    })
+                    .collect::<anyhow::Result<_>>()?
             }
             other => bail!("unknown argument {other}; see the file's docs"),
         }
