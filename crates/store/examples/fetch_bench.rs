@@ -11,12 +11,13 @@
 //! give); our single stream; our 4 ranged connections. The order rotates from round to
 //! round so that no tool always runs first (or after the same neighbour): a shared machine is
 //! noisy. Between runs, untimed, `sync` waits for the writeback a run left behind, which would
-//! otherwise slow the next one down. Prints each run on stderr
-//! and a markdown table of medians (with the range and the ratio to curl's median) on stdout.
+//! otherwise slow the next one down. Prints each run on stderr and a markdown table of medians
+//! on stdout: the range, the ratio to plain curl's median, and the median of that ratio taken
+//! within each round.
 //!
 //! Our times include the sha256 verification, the fsync before the atomic rename and the
-//! manifest update; curl's include neither hashing nor fsync. Downloads go to `--dir` (default
-//! the system temp dir) and are deleted after each run.
+//! manifest update; plain curl's include neither hashing nor fsync. Downloads go to `--dir`
+//! (default the system temp dir) and are deleted after each run.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
