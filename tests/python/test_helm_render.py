@@ -75,6 +75,7 @@ CASES = {
         "gpu": {"count": 2},
     },
     "no-persistence": {"persistence": {"enabled": False}, "models": []},
+    "ca-bundle": {"caBundle": {"secret": "corp-ca", "key": "proxy-ca.pem"}, "proxy": {"https": PROXY}},
 }
 
 
@@ -357,6 +358,28 @@ def test_extras():
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
     assert sm["spec"]["selector"]["matchLabels"] == r.one("Service", FULLNAME)["spec"]["selector"]
+
+
+def test_ca_bundle_reaches_both_containers():
+    """The seed's firewall: a TLS-inspecting proxy's CA, trusted by fetch and server alike."""
+    for source, values in [
+        ("configMap", {"caBundle": {"configMap": "corp-ca"}}),
+        ("secret", {"caBundle": {"secret": "corp-ca", "key": "proxy-ca.pem"}}),
+    ]:
+        r = render(values)
+        key = values["caBundle"].get("key", "ca.pem")
+        for name in ("fetch-models", "sdkube"):
+            c = r.container(name)
+            assert r.resolved_env(c)["SDKUBE_CA_BUNDLE"] == f"/etc/sdkube/ca/{key}", name
+            mount = next(m for m in c["volumeMounts"] if m["name"] == "ca-bundle")
+            assert mount == {"name": "ca-bundle", "mountPath": "/etc/sdkube/ca", "readOnly": True}
+        volume = next(v for v in r.pod_spec["volumes"] if v["name"] == "ca-bundle")
+        ref = volume[source]
+        assert ref.get("name", ref.get("secretName")) == "corp-ca"
+        assert ref["items"] == [{"key": key, "path": key}]
+    r = render({})
+    assert "SDKUBE_CA_BUNDLE" not in r.resolved_env(r.container("sdkube"))
+    assert all(v["name"] != "ca-bundle" for v in r.pod_spec["volumes"])
 
 
 def test_existing_secret_is_referenced_not_created():

@@ -65,6 +65,10 @@ def test_lint_reports_schema_errors():
 
 
 BAD_COMBINATIONS = {
+    "CA bundle from both a ConfigMap and a Secret": (
+        {"caBundle": {"configMap": "corp-ca", "secret": "corp-ca"}},
+        "set either configMap or secret",
+    ),
     "local volume and existing claim": (
         {"persistence": {"existingClaim": "x", "localVolume": {"enabled": True, "path": "/d", "nodeName": "n"}}},
         "unset persistence.existingClaim",

@@ -121,6 +121,15 @@ resources:
     storage: {{ .Values.persistence.size | quote }}
 {{- end }}
 
+{{/* The CA bundle's mount, shared by the init and the main container. */}}
+{{- define "sdkube.caBundleMount" -}}
+{{- if or .Values.caBundle.configMap .Values.caBundle.secret }}
+- name: ca-bundle
+  mountPath: /etc/sdkube/ca
+  readOnly: true
+{{- end }}
+{{- end }}
+
 {{- define "sdkube.storePath" -}}/data/{{ .Values.persistence.subPaths.models }}{{- end }}
 
 {{/* Proxy, mirror and token variables shared by the init and the main container. */}}
@@ -143,6 +152,10 @@ resources:
   value: {{ $p.noProxy | quote }}
 - name: no_proxy
   value: {{ $p.noProxy | quote }}
+{{- end }}
+{{- if or .Values.caBundle.configMap .Values.caBundle.secret }}
+- name: SDKUBE_CA_BUNDLE
+  value: {{ printf "/etc/sdkube/ca/%s" .Values.caBundle.key | quote }}
 {{- end }}
 {{- if .Values.hfEndpoint }}
 - name: HF_ENDPOINT
@@ -172,6 +185,9 @@ The schema checks types and names; this checks combinations.
 {{- $lv := $p.localVolume }}
 {{- $replicas := int .Values.workload.replicas }}
 {{- if .Values.autoscaling.enabled }}{{ $replicas = int .Values.autoscaling.maxReplicas }}{{ end }}
+{{- if and .Values.caBundle.configMap .Values.caBundle.secret }}
+{{- $errors = append $errors "caBundle: set either configMap or secret, not both" }}
+{{- end }}
 {{- if and $lv.enabled (not $p.enabled) }}
 {{- $errors = append $errors "persistence.localVolume.enabled needs persistence.enabled=true" }}
 {{- end }}

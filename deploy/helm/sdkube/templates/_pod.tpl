@@ -92,6 +92,9 @@ spec:
           mountPath: /data
         - name: tmp
           mountPath: /tmp
+        {{- with include "sdkube.caBundleMount" . | trim }}
+        {{- . | nindent 8 }}
+        {{- end }}
   {{- end }}
   containers:
     - name: sdkube
@@ -147,6 +150,9 @@ spec:
           mountPath: /tmp
         - name: shm
           mountPath: /dev/shm
+        {{- with include "sdkube.caBundleMount" . | trim }}
+        {{- . | nindent 8 }}
+        {{- end }}
   volumes:
     {{- if not (and .Values.persistence.enabled (eq .Values.workload.kind "StatefulSet") (not .Values.persistence.existingClaim)) }}
     - name: {{ include "sdkube.dataVolume" . }}
@@ -163,6 +169,23 @@ spec:
       emptyDir:
         medium: Memory
         sizeLimit: {{ .Values.shmSize | quote }}
+    {{- with .Values.caBundle }}
+    {{- if .configMap }}
+    - name: ca-bundle
+      configMap:
+        name: {{ .configMap | quote }}
+        items:
+          - key: {{ .key | quote }}
+            path: {{ .key | quote }}
+    {{- else if .secret }}
+    - name: ca-bundle
+      secret:
+        secretName: {{ .secret | quote }}
+        items:
+          - key: {{ .key | quote }}
+            path: {{ .key | quote }}
+    {{- end }}
+    {{- end }}
 {{- end }}
 
 {{/* Main container variables beyond the ConfigMap: secrets, network settings, the user's extras. */}}
