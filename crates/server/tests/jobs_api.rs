@@ -269,3 +269,47 @@ async fn a1111_skip_ends_the_current_batch_only() {
     );
     assert_eq!(info["all_seeds"], json!([9]), "{info}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_worker_per_device_runs_jobs_side_by_side() {
+    // Two devices (both the CPU here; GPUs in production): two workers, each with the model.
+    let s = start(|c| c.devices = vec![candle_core::Device::Cpu, candle_core::Device::Cpu]).await;
+    let (_, status) = s.get("/api/v1/status").await;
+    assert_eq!(status["devices"], json!(["cpu", "cpu"]));
+    // Different sizes, so they cannot share a batch: each worker takes one.
+    let (_, a) = s.post("/api/v1/jobs", txt2img(300, 1)).await;
+    let (_, b) = s
+        .post(
+            "/api/v1/jobs",
+            json!({"kind": "txt2img", "params": {"prompt": "x", "steps": 300, "width": 32, "height": 32}}),
+        )
+        .await;
+    let mut both_running = false;
+    for _ in 0..500 {
+        let (_, list) = s.get("/api/v1/jobs").await;
+        let running = list["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["state"] == "running" && j["step"].as_u64().unwrap_or(0) > 0)
+            .count();
+        if running == 2 {
+            both_running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(both_running, "both jobs sampled at the same time");
+    for j in [&a, &b] {
+        s.post(
+            &format!("/api/v1/jobs/{}/cancel", j["id"].as_str().unwrap()),
+            json!({}),
+        )
+        .await;
+    }
+    for j in [&a, &b] {
+        let done = s.wait_job(j["id"].as_str().unwrap()).await;
+        assert_eq!(done["state"], "cancelled");
+        assert_eq!(done["batch_jobs"], 1);
+    }
+}
