@@ -475,6 +475,10 @@ pub fn img2img_job(state: &AppState, r: Img2ImgRequest, save: bool) -> Result<Ar
             r.initial_noise_multiplier.is_some(),
             "initial_noise_multiplier",
         ),
+        // A1111 inpaints "only masked" (a crop around the mask) by default; sdkube repaints
+        // the mask on the whole image.
+        (r.mask.is_some() && r.inpaint_full_res, "inpaint_full_res"),
+        (r.include_init_images, "include_init_images"),
     ] {
         if set {
             ignored.push(name.into());

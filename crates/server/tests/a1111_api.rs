@@ -159,6 +159,11 @@ async fn img2img_and_inpainting_keep_what_the_mask_protects() {
     );
     let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
     assert_eq!(info["denoising_strength"], 0.9);
+    assert_eq!(
+        info["sdkube_ignored_fields"],
+        json!(["inpaint_full_res"]),
+        "{info}"
+    );
     assert!(info["infotexts"][0]
         .as_str()
         .unwrap()
