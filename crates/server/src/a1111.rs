@@ -1678,3 +1678,66 @@ pub async fn memory(State(state): State<AppState>) -> Json<Value> {
 pub async fn cmd_flags(State(state): State<AppState>) -> Json<Value> {
     Json(state.config.flags.clone())
 }
+
+/// Lists A1111 has for features sdkube does not have (styles, hypernetworks, LoRA, scripts,
+/// extensions): answered empty so that clients which read them at start-up work unchanged.
+#[utoipa::path(get, path = "/sdapi/v1/prompt-styles", tag = "a1111", responses((status = 200, body = Vec<Object>)))]
+pub async fn prompt_styles() -> Json<Vec<Value>> {
+    Json(Vec::new())
+}
+
+/// Hypernetworks: none (see `/sdapi/v1/prompt-styles`).
+#[utoipa::path(get, path = "/sdapi/v1/hypernetworks", tag = "a1111", responses((status = 200, body = Vec<Object>)))]
+pub async fn hypernetworks() -> Json<Vec<Value>> {
+    Json(Vec::new())
+}
+
+/// LoRA networks (A1111's built-in Lora extension): none.
+#[utoipa::path(get, path = "/sdapi/v1/loras", tag = "a1111", responses((status = 200, body = Vec<Object>)))]
+pub async fn loras() -> Json<Vec<Value>> {
+    Json(Vec::new())
+}
+
+/// Extensions: none.
+#[utoipa::path(get, path = "/sdapi/v1/extensions", tag = "a1111", responses((status = 200, body = Vec<Object>)))]
+pub async fn extensions() -> Json<Vec<Value>> {
+    Json(Vec::new())
+}
+
+/// Scripts per tab: none.
+#[utoipa::path(get, path = "/sdapi/v1/scripts", tag = "a1111", responses((status = 200, body = Object)))]
+pub async fn scripts() -> Json<Value> {
+    Json(json!({"txt2img": [], "img2img": []}))
+}
+
+/// Script details: none.
+#[utoipa::path(get, path = "/sdapi/v1/script-info", tag = "a1111", responses((status = 200, body = Vec<Object>)))]
+pub async fn script_info() -> Json<Vec<Value>> {
+    Json(Vec::new())
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RealesrganModel {
+    pub name: String,
+    pub path: Option<String>,
+    pub scale: f32,
+}
+
+/// The RealESRGAN upscalers available (A1111's list of its RealESRGAN models).
+#[utoipa::path(get, path = "/sdapi/v1/realesrgan-models", tag = "a1111", responses((status = 200, body = Vec<RealesrganModel>)))]
+pub async fn realesrgan_models(State(state): State<AppState>) -> Json<Vec<RealesrganModel>> {
+    Json(
+        state
+            .config
+            .post
+            .upscalers()
+            .into_iter()
+            .filter(|u| u.model_path.is_some())
+            .map(|u| RealesrganModel {
+                name: u.name,
+                path: u.model_path,
+                scale: u.scale,
+            })
+            .collect(),
+    )
+}

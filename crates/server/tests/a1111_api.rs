@@ -201,6 +201,16 @@ async fn listings_options_and_model_switching() {
         up.contains(&"srvgg_x4") && up.contains(&"rrdb_x4"),
         "{up:?}"
     );
+    let (_, esr) = s.get("/sdapi/v1/realesrgan-models").await;
+    assert!(
+        esr.as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "srvgg_x4"),
+        "{esr}"
+    );
+    let (_, scripts) = s.get("/sdapi/v1/scripts").await;
+    assert_eq!(scripts, json!({"txt2img": [], "img2img": []}));
     let (_, fr) = s.get("/sdapi/v1/face-restorers").await;
     assert_eq!(fr, json!([]), "no GFPGAN weights in this store");
     let (_, emb) = s.get("/sdapi/v1/embeddings").await;
@@ -209,7 +219,15 @@ async fn listings_options_and_model_switching() {
     assert!(mem["ram"]["total"].as_u64().unwrap() > 0);
     let (_, flags) = s.get("/sdapi/v1/cmd-flags").await;
     assert_eq!(flags["model"], "sd1");
-    for path in ["/sdapi/v1/sd-vae", "/sdapi/v1/latent-upscale-modes"] {
+    for path in [
+        "/sdapi/v1/sd-vae",
+        "/sdapi/v1/latent-upscale-modes",
+        "/sdapi/v1/prompt-styles",
+        "/sdapi/v1/hypernetworks",
+        "/sdapi/v1/loras",
+        "/sdapi/v1/extensions",
+        "/sdapi/v1/script-info",
+    ] {
         let (status, v) = s.get(path).await;
         assert_eq!(status, 200);
         assert!(v.is_array());
@@ -498,6 +516,16 @@ async fn face_restoration_in_extras_and_txt2img() {
         c.post.face_detector = detector.display().to_string();
     })
     .await;
+    let (_, esr) = s.get("/sdapi/v1/realesrgan-models").await;
+    assert!(
+        esr.as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "srvgg_x4"),
+        "{esr}"
+    );
+    let (_, scripts) = s.get("/sdapi/v1/scripts").await;
+    assert_eq!(scripts, json!({"txt2img": [], "img2img": []}));
     let (_, fr) = s.get("/sdapi/v1/face-restorers").await;
     assert_eq!(fr[0]["name"], "GFPGAN");
     let photo = std::fs::read(repo().join("fixtures/face/astronaut_256.png")).unwrap();
