@@ -64,6 +64,9 @@ has serve && for model in sd15 sdxl; do
     kill -TERM $spid; wait $spid; echo "serve exit $?"
   done
 done
+# 4. where the time goes: the primitives alone, ours then torch's, same shapes.
+has ops && .gpu/sdkube bench --device cuda --precision fp16 --what ops --repeat 20 2>&1 | grep -v ' INFO '
+has ops && python3 benches/gpu_ops_reference.py
 has reference || exit 0
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 python3 benches/gpu_reference.py

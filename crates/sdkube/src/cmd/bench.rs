@@ -15,7 +15,8 @@ use super::device::{DeviceArgs, Precision};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// What to time: unet-sd15, unet-sdxl, vae, txt2img-sd15, txt2img-sdxl (comma separated).
+    /// What to time: unet-sd15, unet-sdxl, vae, txt2img-sd15, txt2img-sdxl, ops (the primitives
+    /// the networks spend their time in, at their real shapes; comma separated).
     #[arg(
         long,
         value_delimiter = ',',
@@ -184,8 +185,105 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     &dev,
                 );
             }
+            "ops" => ops(&dev, dt, args.repeat)?,
             other => anyhow::bail!("unknown benchmark {other:?}"),
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The primitives of the SD networks at the shapes they run at, each timed alone (what
+/// `benches/gpu_ops_reference.py` times in torch): where the time of a whole network goes.
+fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
+    use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Module};
+    let rand = |shape: &[usize]| -> anyhow::Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1., shape, dev)?.to_dtype(dt)?)
+    };
+    let conv = |cin: usize, cout: usize| -> anyhow::Result<Conv2d> {
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        Ok(Conv2d::new(
+            (rand(&[cout, cin, 3, 3])? * 0.05)?,
+            Some(rand(&[cout])?),
+            cfg,
+        ))
+    };
+    // (label, batch, channels, side) of 3x3 convolutions: SD1.5 UNet at 512² with CFG, and
+    // the VAE decoder's stages at 512².
+    for (label, b, c, side) in [
+        ("conv3x3 unet 320", 2, 320, 64),
+        ("conv3x3 unet 640", 2, 640, 32),
+        ("conv3x3 unet 1280", 2, 1280, 16),
+        ("conv3x3 vae 512", 1, 512, 128),
+        ("conv3x3 vae 256", 1, 256, 256),
+        ("conv3x3 vae 128", 1, 128, 512),
+    ] {
+        let x = rand(&[b, c, side, side])?;
+        let m = conv(c, c)?;
+        let s = time(dev, repeat, || {
+            m.forward(&x)?;
+            Ok(())
+        })?;
+        report(label, &format!("[{b},{c},{side},{side}]"), s, dt, dev);
+    }
+    for (label, b, c, side) in [
+        ("group_norm unet 320", 2, 320, 64),
+        ("group_norm vae 128", 1, 128, 512),
+    ] {
+        let x = rand(&[b, c, side, side])?;
+        let gn = GroupNorm::new(rand(&[c])?, rand(&[c])?, c, 32, 1e-5)?;
+        let s = time(dev, repeat, || {
+            gn.forward(&x)?;
+            Ok(())
+        })?;
+        report(label, &format!("[{b},{c},{side},{side}]"), s, dt, dev);
+        let s = time(dev, repeat, || {
+            candle_nn::ops::silu(&gn.forward(&x)?)?;
+            Ok(())
+        })?;
+        report(
+            &format!("{label} + silu"),
+            &format!("[{b},{c},{side},{side}]"),
+            s,
+            dt,
+            dev,
+        );
+    }
+    // Attention as blocks.rs computes it: softmax(q kᵀ / √d) v, per head.
+    for (label, bh, n, m, d) in [
+        ("attention unet self 64²", 16, 4096, 4096, 40),
+        ("attention unet cross 64²", 16, 4096, 77, 40),
+        ("attention vae mid 64²", 1, 4096, 4096, 512),
+    ] {
+        let q = rand(&[bh, n, d])?;
+        let k = rand(&[bh, m, d])?;
+        let v = rand(&[bh, m, d])?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let s = time(dev, repeat, || {
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            {
+                probs.matmul(&v)?;
+                Ok(())
+            }
+        })?;
+        report(label, &format!("[{bh},{n},{d}] x {m}"), s, dt, dev);
+    }
+    // The transformer's GEGLU projection, as a linear layer on [B·HW, C].
+    let x = rand(&[2 * 4096, 320])?;
+    let w = rand(&[2560, 320])?;
+    let s = time(dev, repeat, || {
+        x.matmul(&w.t()?)?;
+        Ok(())
+    })?;
+    report("linear geglu 320->2560", "[8192,320]", s, dt, dev);
+    let x = rand(&[1, 256, 256, 256])?;
+    let s = time(dev, repeat, || {
+        x.upsample_nearest2d(512, 512)?;
+        Ok(())
+    })?;
+    report("upsample nearest 2x vae", "[1,256,256,256]", s, dt, dev);
+    Ok(())
 }

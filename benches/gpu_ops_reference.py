@@ -1,0 +1,43 @@
+"""torch reference for `sdkube bench --what ops`: the same primitives at the same shapes, fp16,
+one JSON line each, so that a whole network's gap to diffusers can be split per op.
+Usage: python3 benches/gpu_ops_reference.py"""
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+dev, dt, REPEAT = "cuda", torch.float16, 20
+
+
+def timed(name, shape, fn):
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(REPEAT):
+            fn()
+        torch.cuda.synchronize()
+    s = (time.perf_counter() - start) / REPEAT
+    print(json.dumps({"bench": name, "shape": shape, "ms": s * 1e3, "impl": f"torch {torch.__version__}"}), flush=True)
+
+
+rand = lambda *s: torch.randn(*s, device=dev, dtype=dt)  # noqa: E731
+for label, b, c, side in [("conv3x3 unet 320", 2, 320, 64), ("conv3x3 unet 640", 2, 640, 32),
+                          ("conv3x3 unet 1280", 2, 1280, 16), ("conv3x3 vae 512", 1, 512, 128),
+                          ("conv3x3 vae 256", 1, 256, 256), ("conv3x3 vae 128", 1, 128, 512)]:
+    x, w, bias = rand(b, c, side, side), rand(c, c, 3, 3) * 0.05, rand(c)
+    timed(label, f"[{b},{c},{side},{side}]", lambda: F.conv2d(x, w, bias, padding=1))
+for label, b, c, side in [("group_norm unet 320", 2, 320, 64), ("group_norm vae 128", 1, 128, 512)]:
+    x, g, beta = rand(b, c, side, side), rand(c), rand(c)
+    timed(label, f"[{b},{c},{side},{side}]", lambda: F.group_norm(x, 32, g, beta, 1e-5))
+    timed(label + " + silu", f"[{b},{c},{side},{side}]", lambda: F.silu(F.group_norm(x, 32, g, beta, 1e-5)))
+for label, bh, n, m, d in [("attention unet self 64²", 16, 4096, 4096, 40),
+                           ("attention unet cross 64²", 16, 4096, 77, 40), ("attention vae mid 64²", 1, 4096, 4096, 512)]:
+    q, k, v = rand(bh, n, d), rand(bh, m, d), rand(bh, m, d)
+    timed(label, f"[{bh},{n},{d}] x {m}", lambda: torch.softmax(q @ k.transpose(1, 2) / d ** 0.5, -1) @ v)
+    timed(label + " sdpa", f"[{bh},{n},{d}] x {m}", lambda: F.scaled_dot_product_attention(q[None], k[None], v[None]))
+x, w = rand(2 * 4096, 320), rand(2560, 320)
+timed("linear geglu 320->2560", "[8192,320]", lambda: x @ w.t())
+x = rand(1, 256, 256, 256)
+timed("upsample nearest 2x vae", "[1,256,256,256]", lambda: F.interpolate(x, scale_factor=2, mode="nearest"))
