@@ -228,6 +228,56 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
         })?;
         report(label, &format!("[{b},{c},{side},{side}]"), s, dt, dev);
     }
+    // The same convolutions built from candle's copy and matmul kernels, no im2col kernel:
+    // the input's nine shifted views gathered in channel-major order, one GEMM whose output
+    // is already NCHW.
+    for (label, b, c, side) in [
+        ("conv3x3 gathered unet 320", 2, 320, 64),
+        ("conv3x3 gathered vae 512", 1, 512, 128),
+        ("conv3x3 gathered vae 128", 1, 128, 512),
+    ] {
+        let x = rand(&[b, c, side, side])?;
+        let m = conv(c, c)?;
+        let want = m.forward(&x)?;
+        let w9 = m
+            .weight()
+            .permute((0, 2, 3, 1))?
+            .reshape((c, 9 * c))?
+            .contiguous()?;
+        let bias = m.bias().expect("bias").reshape((1, c, 1))?;
+        let gathered = |x: &Tensor| -> candle_core::Result<Tensor> {
+            let (bsz, ci, h, w) = x.dims4()?;
+            let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+            let mut views = Vec::with_capacity(9);
+            for dy in 0..3 {
+                for dx in 0..3 {
+                    views.push(xp.narrow(2, dy, h)?.narrow(3, dx, w)?);
+                }
+            }
+            let cols = Tensor::cat(&views, 1)?.reshape((bsz, 9 * ci, h * w))?;
+            w9.broadcast_matmul(&cols)?
+                .broadcast_add(&bias)?
+                .reshape((bsz, w9.dim(0)?, h, w))
+        };
+        let got = gathered(&x)?;
+        let err = (got - &want)?
+            .abs()?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        let s = time(dev, repeat, || {
+            gathered(&x)?;
+            Ok(())
+        })?;
+        report(
+            &format!("{label} (max diff {err:.3})"),
+            &format!("[{b},{c},{side},{side}]"),
+            s,
+            dt,
+            dev,
+        );
+    }
     for (label, b, c, side) in [
         ("group_norm unet 320", 2, 320, 64),
         ("group_norm vae 128", 1, 128, 512),
@@ -264,10 +314,8 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
         let s = time(dev, repeat, || {
             let scores = (q.matmul(&k.t()?)? * scale)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            {
-                probs.matmul(&v)?;
-                Ok(())
-            }
+            probs.matmul(&v)?;
+            Ok(())
         })?;
         report(label, &format!("[{bh},{n},{d}] x {m}"), s, dt, dev);
     }
