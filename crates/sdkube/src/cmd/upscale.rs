@@ -51,6 +51,9 @@ pub struct Args {
     overwrite: bool,
     #[command(flatten)]
     store: StoreArgs,
+    /// `cpu` (default), `cuda`, `cuda:N` or `auto`.
+    #[arg(long, env = "SDKUBE_DEVICE", default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -92,7 +95,7 @@ fn execute(
         .iter()
         .map(|p| read_image(p, args.max_pixels))
         .collect::<Result<Vec<_>, _>>()?;
-    let device = candle_core::Device::Cpu;
+    let device = super::device::device_named(&args.device)?;
     let net = Esrgan::load(model, arch, &device)?;
     tracing::info!(model = %model.display(), arch = ?net.arch(), "loaded");
     let opts = TileOptions {
