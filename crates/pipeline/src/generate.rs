@@ -145,8 +145,15 @@ pub struct Progress<'a> {
 }
 
 impl Progress<'_> {
+    /// Preview of the batch's first image.
     pub fn preview(&self) -> Result<RgbImage, Error> {
-        latent_preview(self.denoised, self.sdxl)
+        self.preview_of(0)
+    }
+
+    /// Preview of image `index` of the batch (in [`Engine::generate_batch`], request r's
+    /// first image comes after the images of the requests before it).
+    pub fn preview_of(&self, index: usize) -> Result<RgbImage, Error> {
+        latent_preview(&self.denoised.narrow(0, index, 1)?, self.sdxl)
     }
 }
 

@@ -207,8 +207,13 @@ fn requests_batched_together_equal_each_alone() {
             batch_size: 1,
             ..a.clone()
         };
+        // Previews: request b's first image is image 2 of the shared batch.
+        let mut batch_preview = None;
         let together = e
-            .generate_batch(&[a.clone(), b.clone()], &mut |_| Flow::Continue)
+            .generate_batch(&[a.clone(), b.clone()], &mut |p| {
+                batch_preview = Some(p.preview_of(2).unwrap());
+                Flow::Continue
+            })
             .unwrap();
         assert_eq!(together.len(), 2);
         assert_eq!(together[0].len(), 2);
@@ -216,7 +221,18 @@ fn requests_batched_together_equal_each_alone() {
         assert_eq!(together[1][0].seed, 1000);
         assert!(together[1][0].infotext.starts_with("green sphere"));
         let alone_a = e.generate(&a, &mut |_| Flow::Continue).unwrap();
-        let alone_b = e.generate(&b, &mut |_| Flow::Continue).unwrap();
+        let mut alone_preview = None;
+        let alone_b = e
+            .generate(&b, &mut |p| {
+                alone_preview = Some(p.preview().unwrap());
+                Flow::Continue
+            })
+            .unwrap();
+        let d = max_pixel_diff(&batch_preview.unwrap(), &alone_preview.unwrap());
+        assert!(
+            d <= 1,
+            "{family}: b's preview in the batch differs by {d} levels"
+        );
         for (t, s) in together[0].iter().zip(&alone_a) {
             let d = max_pixel_diff(&t.image, &s.image);
             assert!(d <= 1, "{family}: batched image differs by {d} levels");

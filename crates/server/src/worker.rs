@@ -243,15 +243,22 @@ impl Worker {
                         .observe(now.duration_since(last_step).as_secs_f64());
                 }
                 last_step = now;
-                let preview = match last_preview {
-                    Some(t) if now.duration_since(t) < PREVIEW_INTERVAL => None,
+                let fresh = match last_preview {
+                    Some(t) if now.duration_since(t) < PREVIEW_INTERVAL => false,
                     _ => {
                         last_preview = Some(now);
-                        p.preview().ok().and_then(|img| png_data_url(&img))
+                        true
                     }
                 };
                 let mut all_stopped = true;
+                let mut first_image = 0;
                 for (j, g) in jobs {
+                    // Each job previews its own first image of the shared batch.
+                    let preview = fresh
+                        .then(|| p.preview_of(first_image).ok())
+                        .flatten()
+                        .and_then(|img| png_data_url(&img));
+                    first_image += g.request.batch_size;
                     let per_iter = j.work.total_steps() / g.n_iter.max(1);
                     j.update(|s| {
                         s.step = iter * per_iter + p.step + 1;
