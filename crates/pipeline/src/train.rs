@@ -13,7 +13,8 @@
 //! resize"), encoded once to the VAE's distribution mean. The embedding is checkpointed
 //! to `out` atomically (temporary file + rename, then a `<out>.train.json` with the step),
 //! so a run that fails or is stopped leaves the last good checkpoint; `resume` continues
-//! from it (vectors and step; AdamW's moments start afresh, as A1111 without `.optim`).
+//! from it: vectors, step and AdamW's moments (`<out>.optim.safetensors`), so a resumed run
+//! continues exactly as an uninterrupted one.
 //! The batches of step `k` depend only on the seed and `k`, so a resumed run sees the
 //! same data an uninterrupted one would.
 
@@ -22,7 +23,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use sdkube_models::unet::{AddedConditioning, UNet2DConditionModel};
@@ -425,7 +425,7 @@ pub fn create_embedding(
         step: 0,
         vectors,
     };
-    save_checkpoint(out, &start, &state)?;
+    save_checkpoint(out, &start, &state, None)?;
     Ok(out.to_path_buf())
 }
 
@@ -453,12 +453,118 @@ fn initial_vectors(
     Ok(clip.embed_tokens(&ids)?.squeeze(0)?.to_dtype(DType::F32)?)
 }
 
+/// AdamW (weight decay 0, as A1111) whose moments can be saved with a checkpoint and
+/// restored on resume (candle's optimizer keeps its state private).
+struct Adam {
+    vars: Vec<Var>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Steps taken, counting a resumed run's earlier ones (bias correction).
+    t: usize,
+    lr: f64,
+}
+
+impl Adam {
+    const BETA1: f64 = 0.9;
+    const BETA2: f64 = 0.999;
+    const EPS: f64 = 1e-8;
+
+    fn new(
+        vars: Vec<Var>,
+        lr: f64,
+        t: usize,
+        moments: Option<Moments>,
+    ) -> Result<Self, TrainError> {
+        let fresh = || -> candle_core::Result<(Vec<Tensor>, Vec<Tensor>)> {
+            let zeros = vars
+                .iter()
+                .map(|v| v.as_tensor().zeros_like())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok((zeros.clone(), zeros))
+        };
+        let (m, v) = match moments {
+            Some(mo)
+                if mo.m.len() == vars.len()
+                    && mo
+                        .m
+                        .iter()
+                        .zip(&vars)
+                        .all(|(m, var)| m.dims() == var.dims()) =>
+            {
+                let dev = vars[0].device();
+                (
+                    mo.m.iter()
+                        .map(|t| t.to_device(dev))
+                        .collect::<candle_core::Result<_>>()?,
+                    mo.v.iter()
+                        .map(|t| t.to_device(dev))
+                        .collect::<candle_core::Result<_>>()?,
+                )
+            }
+            _ => fresh()?,
+        };
+        Ok(Self { vars, m, v, t, lr })
+    }
+
+    fn backward_step(&mut self, loss: &Tensor) -> Result<(), TrainError> {
+        let grads = loss.backward()?;
+        self.t += 1;
+        let c1 = 1.0 - Self::BETA1.powi(self.t as i32);
+        let c2 = 1.0 - Self::BETA2.powi(self.t as i32);
+        for ((var, m), v) in self.vars.iter().zip(&mut self.m).zip(&mut self.v) {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            *m = ((&*m * Self::BETA1)? + (g * (1.0 - Self::BETA1))?)?;
+            *v = ((&*v * Self::BETA2)? + (g.sqr()? * (1.0 - Self::BETA2))?)?;
+            let update = ((&*m / c1)? / ((&*v / c2)?.sqrt()? + Self::EPS)?)?;
+            var.set(&(var.as_tensor() - (update * self.lr)?)?)?;
+        }
+        Ok(())
+    }
+
+    fn moments(&self) -> Moments {
+        Moments {
+            m: self.m.clone(),
+            v: self.v.clone(),
+        }
+    }
+}
+
+/// AdamW's first and second moments, one per learned tensor.
+struct Moments {
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+fn optim_path(out: &Path) -> PathBuf {
+    let mut name = out.as_os_str().to_owned();
+    name.push(".optim.safetensors");
+    PathBuf::from(name)
+}
+
+fn read_moments(out: &Path) -> Option<Moments> {
+    let t = candle_core::safetensors::load(optim_path(out), &Device::Cpu).ok()?;
+    let (mut m, mut v) = (Vec::new(), Vec::new());
+    for i in 0.. {
+        match (t.get(&format!("m.{i}")), t.get(&format!("v.{i}"))) {
+            (Some(a), Some(b)) => {
+                m.push(a.clone());
+                v.push(b.clone());
+            }
+            _ => break,
+        }
+    }
+    (!m.is_empty()).then_some(Moments { m, v })
+}
+
 /// Writes `vectors` to `out` in the format its extension names, atomically, then the
 /// `.train.json` state.
 fn save_checkpoint(
     out: &Path,
     vectors: &EmbeddingVectors,
     state: &CheckpointState,
+    moments: Option<&Moments>,
 ) -> Result<(), TrainError> {
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     match &vectors.second {
@@ -479,6 +585,25 @@ fn save_checkpoint(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // The optimizer state first, the embedding next, the step last: the step file is what a
+    // resume trusts, so a crash in between never pairs a step with older vectors.
+    let optim = optim_path(out);
+    match moments {
+        Some(mo) => {
+            let mut t: HashMap<String, Tensor> = HashMap::new();
+            for (i, (m, v)) in mo.m.iter().zip(&mo.v).enumerate() {
+                t.insert(format!("m.{i}"), m.to_device(&Device::Cpu)?);
+                t.insert(format!("v.{i}"), v.to_device(&Device::Cpu)?);
+            }
+            let tmp = dir.join(format!(".{file_name}.optim.partial"));
+            candle_core::safetensors::save(&t, &tmp)?;
+            std::fs::rename(&tmp, &optim).map_err(io_error(&optim))?;
+        }
+        None => {
+            // A new embedding replacing an old one must not inherit its moments.
+            let _ = std::fs::remove_file(&optim);
+        }
+    }
     let tmp = dir.join(format!(".{file_name}.partial"));
     if out.extension().is_some_and(|e| e == "pt") {
         // `save_torch_zip` itself writes through a temporary file and renames.
@@ -607,14 +732,15 @@ pub fn train_embedding(
     };
     let mut vars = vec![learned.first.clone()];
     vars.extend(learned.second.clone());
-    let mut optimizer = AdamW::new(
-        vars,
-        ParamsAdamW {
-            lr: opts.learning_rate,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let moments = if first_step > 0 {
+        read_moments(&opts.out)
+    } else {
+        None
+    };
+    if first_step > 0 && moments.is_none() {
+        tracing::warn!("no optimizer state beside the checkpoint: AdamW's moments start afresh");
+    }
+    let mut optimizer = Adam::new(vars, opts.learning_rate, first_step, moments)?;
     let mut index = EmbeddingIndex::new();
     index
         .insert(tokenizer, &opts.name, opts.vectors)
@@ -698,7 +824,12 @@ pub fn train_embedding(
         let due = |every: usize| every > 0 && step.is_multiple_of(every);
         let mut checkpoint = None;
         if due(opts.checkpoint_every) || due(opts.sample_every) || step == opts.steps {
-            save_checkpoint(&opts.out, &learned.snapshot()?, &state(step))?;
+            save_checkpoint(
+                &opts.out,
+                &learned.snapshot()?,
+                &state(step),
+                Some(&optimizer.moments()),
+            )?;
             checkpoint = Some(opts.out.clone());
         }
         let sample = if due(opts.sample_every) {
@@ -725,7 +856,12 @@ pub fn train_embedding(
         };
         if on_step(&progress) == Flow::Stop {
             if checkpoint.is_none() {
-                save_checkpoint(&opts.out, &learned.snapshot()?, &state(step))?;
+                save_checkpoint(
+                    &opts.out,
+                    &learned.snapshot()?,
+                    &state(step),
+                    Some(&optimizer.moments()),
+                )?;
             }
             cancelled = step < opts.steps;
             break;

@@ -211,3 +211,56 @@ fn sdxl_trains_a_pair_and_samples() {
         .unwrap();
     assert!(text.contains("TI hashes: \"tidisc: "), "{text}");
 }
+
+#[test]
+fn a_resumed_run_continues_exactly_as_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    write_images(dir.path());
+    let w = model("sd1");
+    let mut straight = options(dir.path(), dir.path().join("straight.safetensors"));
+    straight.steps = 4;
+    straight.checkpoint_every = 0;
+    train_embedding(&w, &Device::Cpu, DType::F32, &straight, &mut |_| {
+        Flow::Continue
+    })
+    .unwrap();
+
+    let mut halves = options(dir.path(), dir.path().join("halves.safetensors"));
+    halves.steps = 4;
+    halves.checkpoint_every = 0;
+    train_embedding(&w, &Device::Cpu, DType::F32, &halves, &mut |p| {
+        if p.step == 2 {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        }
+    })
+    .unwrap();
+    assert!(dir
+        .path()
+        .join("halves.safetensors.optim.safetensors")
+        .is_file());
+    halves.resume = true;
+    let resumed = train_embedding(&w, &Device::Cpu, DType::F32, &halves, &mut |_| {
+        Flow::Continue
+    })
+    .unwrap();
+    assert_eq!((resumed.first_step, resumed.step), (2, 4));
+
+    let a = read_embedding(&straight.out).unwrap().first;
+    let b = read_embedding(&halves.out).unwrap().first;
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        d < 1e-6,
+        "resumed vectors differ by {d} (optimizer state lost?)"
+    );
+}
