@@ -155,6 +155,14 @@ fn serve_logs_json_and_shuts_down_gracefully_on_sigterm() {
         lines.push(line);
     }
     assert!(lines.iter().any(|l| l.contains("shutting down")));
+    // One access-log line per request, as JSON.
+    let access = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["path"] == "/sdapi/v1/txt2img" && v["fields"]["status"] == 200)
+        .expect("an access-log line for the finished txt2img request");
+    assert_eq!(access["fields"]["method"], "POST");
+    assert!(access["fields"]["ms"].as_f64().unwrap() > 0.0);
 }
 
 #[test]

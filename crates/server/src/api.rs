@@ -218,12 +218,33 @@ pub fn router(state: AppState) -> Router {
     app.with_state(state)
 }
 
+/// Paths polled all the time (probes, progress and status polling): logged at debug only.
+const QUIET_PATHS: [&str; 5] = [
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/sdapi/v1/progress",
+    "/api/v1/status",
+];
+
+/// Counts errors for the metrics and writes one access-log line per request (JSON with
+/// `--log-json`): method, path, status, milliseconds.
 async fn count_http_errors(
     State(state): State<AppState>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
     let res = next.run(req).await;
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    let status = res.status().as_u16();
+    if QUIET_PATHS.contains(&path.as_str()) && status < 400 {
+        tracing::debug!(target: "sdkube::http", %method, %path, status, ms, "request");
+    } else {
+        tracing::info!(target: "sdkube::http", %method, %path, status, ms, "request");
+    }
     if res.status().is_server_error() {
         state.metrics.error("http_5xx");
     } else if res.status().is_client_error() {
