@@ -16,7 +16,6 @@ pub mod native;
 pub mod openai;
 pub mod outputs;
 pub mod post;
-pub mod time;
 pub mod ui;
 pub mod work;
 pub mod worker;

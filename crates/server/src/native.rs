@@ -65,7 +65,7 @@ impl JobView {
                 None
             },
             error: s.error.clone(),
-            created: crate::time::rfc3339(job.created),
+            created: humantime::format_rfc3339_seconds(job.created).to_string(),
             images: s.images.clone(),
             batch_jobs: s.batch_jobs,
             params: job.params.clone(),

@@ -150,7 +150,7 @@ impl Outputs {
                     infotext,
                     width,
                     height,
-                    created: crate::time::rfc3339(modified),
+                    created: humantime::format_rfc3339_seconds(modified).to_string(),
                 }
             })
             .collect();
