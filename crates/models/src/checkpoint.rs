@@ -222,6 +222,17 @@ fn load_component<C: DeserializeOwned>(dir: &Path) -> Result<Component<C>, LoadE
     Ok(Component { config, tensors })
 }
 
+/// A model's display name (the infotext's `Model:`): a folder's name, a file's stem.
+pub fn model_name(path: &Path) -> String {
+    let base = if path.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
+    };
+    base.map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
 /// Writes `weights` as a diffusers folder that [`load`] reads back (used to carry full-size
 /// random-weight models to a GPU machine for end-to-end server measurements).
 pub fn save_diffusers(weights: &SdWeights, dir: &Path) -> Result<(), LoadError> {

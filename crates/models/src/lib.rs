@@ -13,4 +13,6 @@ pub mod presets;
 pub mod unet;
 pub mod vae;
 
-pub use checkpoint::{load, save_diffusers, Family, LoadOptions, Prediction, SdWeights};
+pub use checkpoint::{
+    load, model_name, save_diffusers, Family, LoadOptions, Prediction, SdWeights,
+};

@@ -77,6 +77,11 @@ pub struct Request {
     pub mask_blur: u32,
 }
 
+/// A random seed as A1111 draws one for seed -1 (32 bits, so that it fits its UI and infotext).
+pub fn random_seed() -> u64 {
+    rand::random::<u32>() as u64
+}
+
 impl Request {
     /// Whether two txt2img requests can be sampled in one device batch: same shape, steps,
     /// sampler, CFG and clip skip, and no init image.

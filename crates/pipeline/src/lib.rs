@@ -11,7 +11,7 @@ pub mod train;
 pub mod vae_decode;
 
 pub use generate::{
-    upscale_latent, Engine, Generated, Limits, Overrides, Progress, Request, VramMode,
+    random_seed, upscale_latent, Engine, Generated, Limits, Overrides, Progress, Request, VramMode,
 };
 
 /// Everything the pipeline can fail with; messages name the problem for the user.

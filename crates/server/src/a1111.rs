@@ -248,7 +248,7 @@ fn ignored_fields(c: &CommonParams, other: &Map<String, Value>) -> Vec<String> {
 
 fn seed_of(seed: i64) -> u64 {
     if seed < 0 {
-        rand::random::<u32>() as u64
+        sdkube_pipeline::random_seed()
     } else {
         seed as u64
     }

@@ -82,17 +82,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The display name of a model given as a path.
-pub fn name_of_path(path: &Path) -> String {
-    let base = if path.is_dir() {
-        path.file_name()
-    } else {
-        path.file_stem()
-    };
-    base.map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into())
-}
-
 /// A checkpoint's title: the file name with its extension, or the folder name.
 pub fn title_of_path(path: &Path) -> String {
     path.file_name()
@@ -150,7 +139,7 @@ impl ModelSlot {
                 }
                 out.push(CheckpointInfo {
                     title: title_of_path(&p),
-                    name: name_of_path(&p),
+                    name: sdkube_models::model_name(&p),
                     path: Some(p),
                     present: true,
                 });
@@ -185,14 +174,14 @@ impl ModelSlot {
         let (name, path) = if allow_path && as_path.exists() {
             let info = CheckpointInfo {
                 title: title_of_path(&as_path),
-                name: name_of_path(&as_path),
+                name: sdkube_models::model_name(&as_path),
                 path: Some(as_path.clone()),
                 present: true,
             };
             let mut known = lock(&self.by_path);
             known.retain(|c| c.title != info.title);
             known.push(info);
-            (name_of_path(&as_path), Some(as_path))
+            (sdkube_models::model_name(&as_path), Some(as_path))
         } else if !current.name.is_empty()
             && current.name == model.split(" [").next().unwrap_or(model)
             && current.path.is_some()

@@ -121,7 +121,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .map(|p| read_image(p).map(|m| m.to_luma8()))
         .transpose()?;
     let seed = if args.seed < 0 {
-        rand_seed()
+        sdkube_pipeline::random_seed()
     } else {
         args.seed as u64
     };
@@ -150,7 +150,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let (device, dtype) = args.device.resolve()?;
     let model = resolve_model(&args.model, &args.store)?;
     let weights = sdkube_models::load(&model, &opts)?;
-    let name = model_name(&args.model);
+    let name = sdkube_models::model_name(&args.model);
     let widths = sdkube_pipeline::embeddings::TextWidths::of(&weights);
     let mut engine = Engine::new(weights, &name, device, dtype, args.device.vram.into())?;
     engine.limits.max_steps = args.max_steps;
@@ -184,44 +184,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|g| Ok((g.seed, encode_png(&g.image, Some(&g.infotext))?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    for (index, (seed, png)) in (next_index(&args.out)?..).zip(pngs) {
-        let path = args.out.join(format!("{index:05}-{seed}.png"));
-        std::fs::write(&path, png).with_context(|| format!("writing {}", path.display()))?;
-        println!("{}", path.display());
+    // Numbered on after the highest present, as A1111 (and the server) name outputs.
+    let outputs = sdkube_server::outputs::Outputs::new(args.out.clone());
+    for (seed, png) in pngs {
+        let name = outputs
+            .save(&png, Some(seed))
+            .with_context(|| format!("writing into {}", args.out.display()))?;
+        println!("{}", args.out.join(name).display());
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn model_name(path: &Path) -> String {
-    let base = if path.is_dir() {
-        path.file_name()
-    } else {
-        path.file_stem()
-    };
-    base.map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into())
-}
-
-fn rand_seed() -> u64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    (nanos as u64 ^ (std::process::id() as u64).rotate_left(32)) % 4_294_967_296
-}
-
-/// A1111 numbers outputs `00000-<seed>.png` upwards; continue after the highest present.
-fn next_index(dir: &Path) -> anyhow::Result<u32> {
-    let mut next = 0;
-    for entry in std::fs::read_dir(dir)? {
-        let name = entry?.file_name();
-        let name = name.to_string_lossy();
-        if let Some(n) = name.split('-').next().and_then(|n| n.parse::<u32>().ok()) {
-            next = next.max(n + 1);
-        }
-    }
-    Ok(next)
 }
