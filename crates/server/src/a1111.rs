@@ -187,15 +187,21 @@ pub struct GenerationResponse {
     pub info: String,
 }
 
-/// Decodes a base64 image, with or without a `data:image/...;base64,` prefix.
-pub fn decode_image(what: &str, b64: &str) -> Result<DynamicImage, ApiError> {
+/// The bytes of a base64 field, with or without a `data:image/...;base64,` prefix (A1111
+/// clients send both).
+fn decode_base64(what: &str, b64: &str) -> Result<Vec<u8>, ApiError> {
     let data = match b64.find("base64,") {
         Some(i) if b64.starts_with("data:") => &b64[i + 7..],
         _ => b64,
     };
-    let bytes = base64::engine::general_purpose::STANDARD
+    base64::engine::general_purpose::STANDARD
         .decode(data.trim().as_bytes())
-        .map_err(|e| ApiError::bad_request(format!("{what}: not valid base64 ({e})")))?;
+        .map_err(|e| ApiError::bad_request(format!("{what}: not valid base64 ({e})")))
+}
+
+/// Decodes a base64 image (see [`decode_base64`]).
+pub fn decode_image(what: &str, b64: &str) -> Result<DynamicImage, ApiError> {
+    let bytes = decode_base64(what, b64)?;
     let reader = || {
         image::ImageReader::new(Cursor::new(&bytes))
             .with_guessed_format()
@@ -863,13 +869,7 @@ pub struct PngInfoResponse {
 pub async fn png_info(
     ApiJson(r): ApiJson<PngInfoRequest>,
 ) -> Result<Json<PngInfoResponse>, ApiError> {
-    let data = match r.image.find("base64,") {
-        Some(i) if r.image.starts_with("data:") => &r.image[i + 7..],
-        _ => r.image.as_str(),
-    };
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(data.trim())
-        .map_err(|e| ApiError::bad_request(format!("image: not valid base64 ({e})")))?;
+    let bytes = decode_base64("image", &r.image)?;
     let info = sdkube_pipeline::image_io::read_png_parameters(&bytes)
         .map_err(|e| ApiError::bad_request(format!("image: {e}")))?
         .unwrap_or_default();
@@ -1084,12 +1084,7 @@ fn options_value(state: &AppState) -> Map<String, Value> {
     m.insert("face_restoration_model".into(), json!("GFPGAN"));
     m.insert("show_progress_every_n_steps".into(), json!(1));
     m.insert("enable_pnginfo".into(), json!(true));
-    for (k, v) in state
-        .options
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-    {
+    for (k, v) in crate::lock(&state.options).iter() {
         m.insert(k.clone(), v.clone());
     }
     m
@@ -1146,7 +1141,7 @@ pub async fn set_options(
             )));
         }
     }
-    let mut opts = state.options.lock().unwrap_or_else(|e| e.into_inner());
+    let mut opts = crate::lock(&state.options);
     for (k, v) in body {
         if k != "sd_model_checkpoint" {
             opts.insert(k, v);
@@ -1307,7 +1302,7 @@ pub struct EmbeddingsResponse {
 async fn embedding_set(
     state: &AppState,
 ) -> Result<sdkube_pipeline::embeddings::EmbeddingSet, ApiError> {
-    let widths = *state.text_widths.lock().unwrap_or_else(|e| e.into_inner());
+    let widths = *crate::lock(&state.text_widths);
     let widths = widths.ok_or_else(|| ApiError::unavailable("no model is loaded yet"))?;
     let dir = state.config.embeddings.clone();
     tokio::task::spawn_blocking(move || {
@@ -1619,32 +1614,6 @@ pub async fn refresh_checkpoints() -> Json<Value> {
     Json(Value::Null)
 }
 
-/// CUDA memory in use per device, where `nvidia-smi` tells (none on CPU).
-pub fn cuda_memory_used(state: &AppState) -> Vec<(String, u64)> {
-    if !state.device_labels().iter().any(|d| d.starts_with("cuda")) {
-        return Vec::new();
-    }
-    let Ok(out) = std::process::Command::new("nvidia-smi")
-        .args([
-            "--query-gpu=index,memory.used",
-            "--format=csv,noheader,nounits",
-        ])
-        .output()
-    else {
-        return Vec::new();
-    };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let (i, mib) = l.split_once(',')?;
-            Some((
-                format!("cuda:{}", i.trim()),
-                mib.trim().parse::<u64>().ok()? * 1024 * 1024,
-            ))
-        })
-        .collect()
-}
-
 /// Memory of the process and the devices (A1111's shape: `ram` and `cuda`).
 #[utoipa::path(get, path = "/sdapi/v1/memory", tag = "a1111", responses((status = 200, body = Object)))]
 pub async fn memory(State(state): State<AppState>) -> Json<Value> {
@@ -1662,7 +1631,7 @@ pub async fn memory(State(state): State<AppState>) -> Json<Value> {
         })
         .unwrap_or((0, 0));
     let rss = crate::metrics::resident_memory_bytes().unwrap_or(0);
-    let cuda = cuda_memory_used(&state);
+    let cuda = crate::metrics::cuda_memory_used(&state.device_labels());
     Json(json!({
         "ram": {"free": free, "used": rss, "total": total},
         "cuda": if cuda.is_empty() {

@@ -293,7 +293,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         queue_capacity: state.jobs.capacity(),
         jobs_by_state,
         model_ready: state.model.is_ready(),
-        device_memory: crate::a1111::cuda_memory_used(&state),
+        device_memory: crate::metrics::cuda_memory_used(&state.device_labels()),
     };
     (
         [("content-type", "text/plain; version=0.0.4")],

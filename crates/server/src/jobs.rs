@@ -6,7 +6,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::lock;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
@@ -180,11 +182,6 @@ impl Job {
 /// counting.
 fn new_job_id() -> String {
     format!("{:016x}", rand::random::<u64>())
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A worker that panicked mid-update leaves plain data behind; keep serving.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Finished jobs whose images stay in memory.

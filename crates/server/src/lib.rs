@@ -57,6 +57,12 @@ pub struct Config {
     pub flags: serde_json::Value,
 }
 
+/// Locks a mutex; a worker that panicked mid-update leaves plain data behind, so poisoning
+/// is ignored and the server keeps serving.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// What every handler and worker shares.
 pub struct Shared {
     pub config: Config,

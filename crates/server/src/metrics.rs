@@ -95,19 +95,13 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn job_finished(&self, kind: &str, outcome: &str) {
-        *self
-            .jobs_finished
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        *crate::lock(&self.jobs_finished)
             .entry((kind.to_string(), outcome.to_string()))
             .or_default() += 1;
     }
 
     pub fn error(&self, what: &str) {
-        *self
-            .errors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        *crate::lock(&self.errors)
             .entry(what.to_string())
             .or_default() += 1;
     }
@@ -136,12 +130,7 @@ impl Metrics {
             w,
             "# HELP sdkube_jobs_finished_total Jobs finished, by kind and outcome.\n# TYPE sdkube_jobs_finished_total counter"
         );
-        for ((kind, outcome), n) in self
-            .jobs_finished
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
+        for ((kind, outcome), n) in crate::lock(&self.jobs_finished).iter() {
             let _ = writeln!(
                 w,
                 "sdkube_jobs_finished_total{{kind=\"{kind}\",outcome=\"{outcome}\"}} {n}"
@@ -156,7 +145,7 @@ impl Metrics {
             w,
             "# HELP sdkube_errors_total Errors, by where they happened.\n# TYPE sdkube_errors_total counter"
         );
-        for (what, n) in self.errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (what, n) in crate::lock(&self.errors).iter() {
             let _ = writeln!(w, "sdkube_errors_total{{where=\"{what}\"}} {n}");
         }
         self.step_seconds.render(
@@ -194,6 +183,32 @@ impl Metrics {
         }
         out
     }
+}
+
+/// CUDA memory in use per device, where `nvidia-smi` tells (none on CPU).
+pub fn cuda_memory_used(devices: &[String]) -> Vec<(String, u64)> {
+    if !devices.iter().any(|d| d.starts_with("cuda")) {
+        return Vec::new();
+    }
+    let Ok(out) = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=index,memory.used",
+            "--format=csv,noheader,nounits",
+        ])
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (i, mib) = l.split_once(',')?;
+            Some((
+                format!("cuda:{}", i.trim()),
+                mib.trim().parse::<u64>().ok()? * 1024 * 1024,
+            ))
+        })
+        .collect()
 }
 
 /// Resident set size from /proc (Linux); None elsewhere.

@@ -5,7 +5,9 @@
 //! workers load whatever generation of the selection is current.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use crate::lock;
 
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -76,10 +78,6 @@ pub struct ModelSlot {
     by_path: Mutex<Vec<CheckpointInfo>>,
     workers: usize,
     pub sources: ModelSources,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A checkpoint's title: the file name with its extension, or the folder name.

@@ -61,7 +61,7 @@ impl Outputs {
 
     /// Writes a PNG under the next free number; the file appears complete (temp + rename).
     pub fn save(&self, png: &[u8], seed: Option<u64>) -> std::io::Result<String> {
-        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = crate::lock(&self.next);
         std::fs::create_dir_all(&self.dir)?;
         let mut n = match *next {
             Some(n) => n,

@@ -105,11 +105,7 @@ impl Worker {
                     Ok(set) => engine.set_embeddings(set),
                     Err(e) => tracing::warn!(error = %e, "embeddings folder unreadable"),
                 }
-                *self
-                    .state
-                    .text_widths
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(widths);
+                *crate::lock(&self.state.text_widths) = Some(widths);
                 tracing::info!(
                     model = %status.name,
                     family = engine.family().name(),

@@ -46,22 +46,7 @@ impl Precision {
 impl DeviceArgs {
     pub fn resolve(&self) -> anyhow::Result<(Device, DType)> {
         let device = device_named(&self.device)?;
-        let dtype = match (self.precision.as_str(), device.is_cpu()) {
-            ("auto", true) | ("fp32", _) | ("full", _) => DType::F32,
-            ("auto", false) | ("fp16", _) | ("half", _) => DType::F16,
-            ("bf16", _) => DType::BF16,
-            (other, _) => {
-                anyhow::bail!("unknown precision {other:?}: use fp16, bf16, fp32 or auto")
-            }
-        };
-        if device.is_cpu() && dtype == DType::BF16 {
-            anyhow::bail!(
-                "bf16 is not available on the CPU (no CPU bf16 matrix multiply); use fp32 or fp16"
-            );
-        }
-        if device.is_cpu() && dtype == DType::F16 {
-            tracing::warn!("fp16 on the CPU is slow and not what the reference does; fp32 is the default there");
-        }
+        let dtype = precision_named(&self.precision, device.is_cpu())?;
         Ok((device, dtype))
     }
 }
@@ -80,4 +65,27 @@ pub fn device_named(name: &str) -> anyhow::Result<Device> {
             None => anyhow::bail!("unknown device {other:?}: use cpu, cuda, cuda:N or auto"),
         },
     })
+}
+
+/// `fp16`, `bf16`, `fp32` (or `half`, `full`), or `auto`: fp16 on GPU, fp32 on CPU.
+pub fn precision_named(name: &str, on_cpu: bool) -> anyhow::Result<DType> {
+    let dtype = match (name, on_cpu) {
+        ("auto", true) | ("fp32", _) | ("full", _) => DType::F32,
+        ("auto", false) | ("fp16", _) | ("half", _) => DType::F16,
+        ("bf16", _) => DType::BF16,
+        (other, _) => {
+            anyhow::bail!("unknown precision {other:?}: use fp16, bf16, fp32 or auto")
+        }
+    };
+    if on_cpu && dtype == DType::BF16 {
+        anyhow::bail!(
+            "bf16 is not available on the CPU (no CPU bf16 matrix multiply); use fp32 or fp16"
+        );
+    }
+    if on_cpu && dtype == DType::F16 {
+        tracing::warn!(
+            "fp16 on the CPU is slow and not what the reference does; fp32 is the default there"
+        );
+    }
+    Ok(dtype)
 }

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use sdkube_pipeline::{Limits, VramMode};
 
 #[derive(clap::Args, Debug, serde::Serialize)]
@@ -96,16 +96,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.print_config {
-        let mut value = serde_json::to_value(&args)?;
-        // Secrets are reported as present or not, never printed.
-        for key in ["api_key", "basic_auth"] {
-            if let Some(v) = value.get_mut(key) {
-                if !v.is_null() {
-                    *v = serde_json::Value::String("<set>".into());
-                }
-            }
-        }
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        println!("{}", serde_json::to_string_pretty(&settings(&args)?)?);
         return Ok(ExitCode::SUCCESS);
     }
     let config = config(&args)?;
@@ -114,6 +105,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .build()?;
     runtime.block_on(sdkube_server::serve(config))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The settings as JSON, secrets reported as present or not, never printed.
+fn settings(args: &Args) -> anyhow::Result<serde_json::Value> {
+    let mut value = serde_json::to_value(args)?;
+    for key in ["api_key", "basic_auth"] {
+        if let Some(v) = value.get_mut(key) {
+            if !v.is_null() {
+                *v = serde_json::Value::String("<set>".into());
+            }
+        }
+    }
+    Ok(value)
 }
 
 /// The devices named by `--device`, one worker each.
@@ -142,19 +146,9 @@ fn devices(spec: &str) -> anyhow::Result<Vec<Device>> {
         list => list
             .split(',')
             .map(|d| {
-                let d = d.trim();
-                match d
-                    .strip_prefix("cuda:")
-                    .and_then(|n| n.parse::<usize>().ok())
-                {
-                    Some(n) => {
-                        Device::new_cuda(n).map_err(|e| anyhow::anyhow!("--device {d}: {e}"))
-                    }
-                    None if d == "cpu" => Ok(Device::Cpu),
-                    None => Err(anyhow::anyhow!(
-                        "unknown device {d:?}: use cpu, cuda, cuda:N, a comma list, or auto"
-                    )),
-                }
+                super::device::device_named(d.trim()).map_err(|e| {
+                    anyhow::anyhow!("--device {list:?}: {e} (or a comma list of them)")
+                })
             })
             .collect::<anyhow::Result<Vec<_>>>()?,
     })
@@ -163,15 +157,7 @@ fn devices(spec: &str) -> anyhow::Result<Vec<Device>> {
 fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
     let devices = devices(&args.device)?;
     let on_cpu = devices.iter().all(|d| d.is_cpu());
-    let dtype = match (args.precision.as_str(), on_cpu) {
-        ("auto", true) | ("fp32", _) | ("full", _) => DType::F32,
-        ("auto", false) | ("fp16", _) | ("half", _) => DType::F16,
-        ("bf16", false) => DType::BF16,
-        ("bf16", true) => anyhow::bail!(
-            "bf16 is not available on the CPU (no CPU bf16 matrix multiply); use fp32 or fp16"
-        ),
-        (other, _) => anyhow::bail!("unknown precision {other:?}: use fp16, bf16, fp32 or auto"),
-    };
+    let dtype = super::device::precision_named(&args.precision, on_cpu)?;
     let vram = match args.vram.as_str() {
         "high" => VramMode::High,
         "low" => VramMode::Low,
@@ -200,14 +186,7 @@ fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
             anyhow::bail!("{what} must be at least 1");
         }
     }
-    let mut flags = serde_json::to_value(args)?;
-    for key in ["api_key", "basic_auth"] {
-        if let Some(v) = flags.get_mut(key) {
-            if !v.is_null() {
-                *v = serde_json::Value::String("<set>".into());
-            }
-        }
-    }
+    let flags = settings(args)?;
     Ok(sdkube_server::Config {
         model: args.model.clone(),
         sources: sdkube_server::model::ModelSources {
