@@ -174,41 +174,21 @@ async fn img2img_and_inpainting_keep_what_the_mask_protects() {
 async fn listings_options_and_model_switching() {
     let s = start(|_| {}).await;
     let (_, samplers) = s.get("/sdapi/v1/samplers").await;
-    let names: Vec<&str> = samplers
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> = field_of(&samplers, "name");
     for n in ["Euler a", "Euler", "DPM++ 2M", "DDIM", "UniPC", "LCM"] {
         assert!(names.contains(&n), "{n} in {names:?}");
     }
     let (_, schedulers) = s.get("/sdapi/v1/schedulers").await;
-    assert!(schedulers
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|v| v["label"] == "Karras"));
+    assert!(field_of(&schedulers, "label").contains(&"Karras"));
     let (_, upscalers) = s.get("/sdapi/v1/upscalers").await;
-    let up: Vec<&str> = upscalers
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap())
-        .collect();
+    let up: Vec<&str> = field_of(&upscalers, "name");
     assert!(up.starts_with(&["None", "Lanczos", "Nearest"]), "{up:?}");
     assert!(
         up.contains(&"srvgg_x4") && up.contains(&"rrdb_x4"),
         "{up:?}"
     );
     let (_, esr) = s.get("/sdapi/v1/realesrgan-models").await;
-    assert!(
-        esr.as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["name"] == "srvgg_x4"),
-        "{esr}"
-    );
+    assert!(field_of(&esr, "name").contains(&"srvgg_x4"), "{esr}");
     let (_, scripts) = s.get("/sdapi/v1/scripts").await;
     assert_eq!(scripts, json!({"txt2img": [], "img2img": []}));
     let (_, fr) = s.get("/sdapi/v1/face-restorers").await;
@@ -244,12 +224,7 @@ async fn listings_options_and_model_switching() {
 
     // The fixture folder's checkpoints are listed; switching loads the other model.
     let (_, models) = s.get("/sdapi/v1/sd-models").await;
-    let titles: Vec<&str> = models
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["title"].as_str().unwrap())
-        .collect();
+    let titles: Vec<&str> = field_of(&models, "title");
     for t in ["sd1", "sdxl", "sd2v", "sd1.safetensors", "sd-1.5"] {
         assert!(titles.contains(&t), "{t} in {titles:?}");
     }
@@ -314,16 +289,6 @@ async fn listings_options_and_model_switching() {
     assert_eq!(status, 200, "{body}");
     let (_, opts) = s.get("/sdapi/v1/options").await;
     assert_eq!(opts["sd_model_checkpoint"], "sd1");
-    let (status, body) = s
-        .post("/sdapi/v1/options", json!({"sd_vae": "../../vae.pt"}))
-        .await;
-    assert_eq!(status, 400, "{body}");
-    assert_eq!(
-        s.post("/sdapi/v1/options", json!({"sd_vae": "Automatic"}))
-            .await
-            .0,
-        200
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -516,16 +481,6 @@ async fn face_restoration_in_extras_and_txt2img() {
         c.post.face_detector = detector.display().to_string();
     })
     .await;
-    let (_, esr) = s.get("/sdapi/v1/realesrgan-models").await;
-    assert!(
-        esr.as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["name"] == "srvgg_x4"),
-        "{esr}"
-    );
-    let (_, scripts) = s.get("/sdapi/v1/scripts").await;
-    assert_eq!(scripts, json!({"txt2img": [], "img2img": []}));
     let (_, fr) = s.get("/sdapi/v1/face-restorers").await;
     assert_eq!(fr[0]["name"], "GFPGAN");
     let photo = std::fs::read(repo().join("fixtures/face/astronaut_256.png")).unwrap();

@@ -151,6 +151,15 @@ impl TestServer {
     }
 }
 
+/// `key` of every object of a JSON list, e.g. the names of `/sdapi/v1/samplers`.
+pub fn field_of<'a>(list: &'a Value, key: &str) -> Vec<&'a str> {
+    list.as_array()
+        .expect("a JSON list")
+        .iter()
+        .map(|v| v[key].as_str().expect("a string field"))
+        .collect()
+}
+
 pub fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
