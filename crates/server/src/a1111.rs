@@ -506,16 +506,13 @@ pub fn img2img_job(state: &AppState, r: Img2ImgRequest, save: bool) -> Result<Ar
     Ok(Job::new("img2img", params, work))
 }
 
-/// The HTTP error for a job that failed on the worker: requests the pipeline found invalid
-/// (e.g. a prompt that tokenizes to nothing) are the client's, a shutdown is 503, anything
-/// else is ours.
-pub fn job_error(msg: String) -> ApiError {
-    if msg.contains("must") || msg.contains("tokenizes to nothing") {
-        ApiError::bad_request(msg)
-    } else if msg.contains("shut down") {
-        ApiError::unavailable(msg)
-    } else {
-        ApiError::internal(msg)
+/// The HTTP error for a job that did not succeed: the worker says whose the failure is.
+pub fn job_error(status: crate::jobs::JobStatus, otherwise: &str) -> ApiError {
+    let message = status.error.unwrap_or_else(|| otherwise.to_string());
+    match status.failure {
+        crate::jobs::Failure::BadRequest => ApiError::bad_request(message),
+        crate::jobs::Failure::Unavailable => ApiError::unavailable(message),
+        crate::jobs::Failure::Internal => ApiError::internal(message),
     }
 }
 
@@ -529,8 +526,7 @@ async fn run_generation(
     let job = state.jobs.submit(job)?;
     let status = job.finished().await;
     if status.state == JobState::Failed {
-        let msg = status.error.unwrap_or_else(|| "the job failed".into());
-        return Err(job_error(msg));
+        return Err(job_error(status, "the job failed"));
     }
     let Work::Generate(work) = &job.work else {
         return Err(ApiError::internal("not a generation job"));
@@ -804,11 +800,7 @@ async fn run_extras(state: &AppState, job: Arc<Job>) -> Result<(String, Vec<Stri
     let job = state.jobs.submit(job)?;
     let status = job.finished().await;
     if status.state != JobState::Succeeded {
-        return Err(job_error(
-            status
-                .error
-                .unwrap_or_else(|| "the job did not finish".into()),
-        ));
+        return Err(job_error(status, "the job did not finish"));
     }
     let info = status
         .images
@@ -1444,9 +1436,7 @@ pub async fn create_embedding(
     let job = state.jobs.submit(job)?;
     let status = job.finished().await;
     if status.state != JobState::Succeeded {
-        return Err(job_error(
-            status.error.unwrap_or_else(|| "not created".into()),
-        ));
+        return Err(job_error(status, "not created"));
     }
     Ok(Json(InfoResponse {
         info: format!("Embedding created: {}", out.display()),
@@ -1602,9 +1592,7 @@ pub async fn train_embedding(
         JobState::Succeeded | JobState::Cancelled => Ok(Json(InfoResponse {
             info: format!("train embedding complete: {}", status.info),
         })),
-        _ => Err(job_error(
-            status.error.unwrap_or_else(|| "training failed".into()),
-        )),
+        _ => Err(job_error(status, "training failed")),
     }
 }
 

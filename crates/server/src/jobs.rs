@@ -54,6 +54,18 @@ impl JobState {
     ];
 }
 
+/// Whose a job's failure is: what synchronous callers get as HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Failure {
+    /// Ours (a model, a device, a file).
+    #[default]
+    Internal,
+    /// The request's (e.g. a prompt that tokenizes to nothing).
+    BadRequest,
+    /// The server's state (shutting down, no model).
+    Unavailable,
+}
+
 /// An image a job produced.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct JobImage {
@@ -77,6 +89,8 @@ pub struct JobStatus {
     pub started: Option<Instant>,
     pub finished: Option<Instant>,
     pub error: Option<String>,
+    /// Whose the error is, when the job failed.
+    pub failure: Failure,
     pub images: Vec<JobImage>,
     /// Latest preview as a PNG data URL.
     pub preview: Option<String>,
@@ -123,6 +137,7 @@ impl Job {
                 started: None,
                 finished: None,
                 error: None,
+                failure: Failure::Internal,
                 images: Vec::new(),
                 preview: None,
                 info: serde_json::Value::Null,
@@ -383,6 +398,7 @@ impl JobBoard {
             self.finish(&job, |s| {
                 s.state = JobState::Failed;
                 s.error = Some("the server shut down before this job started".into());
+                s.failure = Failure::Unavailable;
             });
         }
         self.wake.notify_all();

@@ -95,11 +95,7 @@ pub async fn images_generations(
     let job = state.jobs.submit(job)?;
     let status = job.finished().await;
     if status.state != JobState::Succeeded {
-        return Err(crate::a1111::job_error(
-            status
-                .error
-                .unwrap_or_else(|| "generation did not finish".into()),
-        ));
+        return Err(crate::a1111::job_error(status, "generation did not finish"));
     }
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

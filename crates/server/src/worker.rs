@@ -15,7 +15,7 @@ use sdkube_pipeline::image_io::encode_png;
 use sdkube_pipeline::sampler::{Flow, SamplerError};
 use sdkube_pipeline::{upscale_latent, Engine, Generated, Overrides, Request, VramMode};
 
-use crate::jobs::{Job, JobImage, JobState};
+use crate::jobs::{Failure, Job, JobImage, JobState};
 use crate::post::PostCache;
 use crate::work::{ExtrasWork, GenerateWork, UpscaleTarget, Work};
 use crate::AppState;
@@ -154,12 +154,12 @@ impl Worker {
         }
     }
 
-    fn finish(&self, job: &Arc<Job>, result: Result<(), String>) {
+    fn finish(&self, job: &Arc<Job>, result: Result<(), JobError>) {
         let cancelled = job.cancel.load(Ordering::SeqCst);
         if let Err(e) = &result {
             if !cancelled {
                 self.state.metrics.error("job");
-                tracing::warn!(job = %job.id, error = %e, "job failed");
+                tracing::warn!(job = %job.id, error = %e.message, "job failed");
             }
         }
         // Metrics first: whoever sees the job finished also sees it counted.
@@ -189,7 +189,8 @@ impl Worker {
             }
             Err(e) => {
                 s.state = JobState::Failed;
-                s.error = Some(e);
+                s.failure = e.kind;
+                s.error = Some(e.message);
             }
         });
     }
@@ -204,7 +205,13 @@ impl Worker {
                 .message
                 .unwrap_or_else(|| "no model is loaded".into());
             for (j, _) in jobs {
-                self.finish(j, Err(format!("the model is not ready: {why}")));
+                self.finish(
+                    j,
+                    Err(JobError {
+                        kind: Failure::Unavailable,
+                        message: format!("the model is not ready: {why}"),
+                    }),
+                );
             }
             return;
         };
@@ -213,7 +220,7 @@ impl Worker {
             tracing::warn!(error = %e, "embeddings folder unreadable");
         }
         let n_iter = jobs.iter().map(|(_, g)| g.n_iter).max().unwrap_or(1);
-        let mut failed: Option<String> = None;
+        let mut failed: Option<JobError> = None;
         for iter in 0..n_iter {
             if jobs.iter().all(|(j, _)| j.cancel.load(Ordering::SeqCst)) {
                 break;
@@ -291,7 +298,7 @@ impl Worker {
                     }
                 }
                 Err(e) => {
-                    failed = Some(without_backtrace(&e.to_string()));
+                    failed = Some(e.into());
                     break;
                 }
             }
@@ -313,7 +320,7 @@ impl Worker {
         job: &Arc<Job>,
         work: &GenerateWork,
         images: Vec<Generated>,
-    ) -> Result<(), String> {
+    ) -> Result<(), JobError> {
         for g in images {
             let mut image = DynamicImage::ImageRgb8(g.image);
             let mut infotext = g.infotext;
@@ -394,7 +401,7 @@ impl Worker {
         seed: Option<u64>,
         infotext: String,
         save: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), JobError> {
         let name =
             if save {
                 Some(self.state.outputs.save(&png, seed).map_err(|e| {
@@ -419,7 +426,7 @@ impl Worker {
         Ok(())
     }
 
-    fn run_extras(&mut self, job: &Arc<Job>, work: &ExtrasWork) -> Result<(), String> {
+    fn run_extras(&mut self, job: &Arc<Job>, work: &ExtrasWork) -> Result<(), JobError> {
         let post = self.state.config.post.clone();
         for (i, (name, image)) in work.images.iter().enumerate() {
             if job.cancel.load(Ordering::SeqCst) {
@@ -484,7 +491,7 @@ impl Worker {
 }
 
 impl Worker {
-    fn create_embedding(&mut self, c: &crate::work::CreateEmbeddingWork) -> Result<(), String> {
+    fn create_embedding(&mut self, c: &crate::work::CreateEmbeddingWork) -> Result<(), JobError> {
         let engine = self.engine.as_ref().ok_or("no model is loaded")?;
         sdkube_pipeline::train::create_embedding(
             engine.weights(),
@@ -493,8 +500,7 @@ impl Worker {
             c.vectors,
             &c.out,
             c.overwrite,
-        )
-        .map_err(|e| without_backtrace(&e.to_string()))?;
+        )?;
         Ok(())
     }
 
@@ -502,7 +508,7 @@ impl Worker {
         &mut self,
         job: &Arc<Job>,
         opts: &sdkube_pipeline::train::TrainOptions,
-    ) -> Result<(), String> {
+    ) -> Result<(), JobError> {
         let engine = self.engine.as_ref().ok_or("no model is loaded")?;
         let started = Instant::now();
         let outcome = sdkube_pipeline::train::train_embedding(
@@ -522,8 +528,7 @@ impl Worker {
                     Flow::Continue
                 }
             },
-        )
-        .map_err(|e| without_backtrace(&e.to_string()))?;
+        )?;
         tracing::info!(
             embedding = %opts.name,
             steps = outcome.step,
@@ -541,6 +546,56 @@ impl Worker {
             })
         });
         Ok(())
+    }
+}
+
+/// Why a job failed, and whose the failure is.
+#[derive(Debug, Clone)]
+pub struct JobError {
+    kind: Failure,
+    message: String,
+}
+
+impl From<String> for JobError {
+    fn from(message: String) -> Self {
+        Self {
+            kind: Failure::Internal,
+            message,
+        }
+    }
+}
+
+impl From<&str> for JobError {
+    fn from(message: &str) -> Self {
+        message.to_string().into()
+    }
+}
+
+impl From<sdkube_pipeline::Error> for JobError {
+    fn from(e: sdkube_pipeline::Error) -> Self {
+        use sdkube_pipeline::Error as E;
+        let kind = match &e {
+            E::Invalid(_) | E::Image(_) | E::Sampler(_) => Failure::BadRequest,
+            E::Load(_) | E::Tensor(_) => Failure::Internal,
+        };
+        Self {
+            kind,
+            message: without_backtrace(&e.to_string()),
+        }
+    }
+}
+
+impl From<sdkube_pipeline::train::TrainError> for JobError {
+    fn from(e: sdkube_pipeline::train::TrainError) -> Self {
+        use sdkube_pipeline::train::TrainError as T;
+        let kind = match &e {
+            T::Invalid(_) | T::Exists(_) => Failure::BadRequest,
+            _ => Failure::Internal,
+        };
+        Self {
+            kind,
+            message: without_backtrace(&e.to_string()),
+        }
     }
 }
 
