@@ -259,86 +259,95 @@ pub async fn job_events(
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let job = find(&state, &id)?;
-    let rx = job.subscribe();
-    let stream = futures_util::stream::unfold(
-        (
-            state,
-            job,
-            rx,
-            None::<(JobState, Option<usize>)>,
-            None::<String>,
-            0usize,
-            false,
-        ),
-        |(state, job, mut rx, last_state, last_preview, last_step, done)| async move {
-            if done {
-                return None;
-            }
-            loop {
-                let s = job.status();
-                let position = if s.state == JobState::Queued {
-                    state.jobs.position(&job.id)
-                } else {
-                    None
-                };
-                if s.state.is_finished() {
-                    let view = JobView::with_status(&state, &job, &s);
-                    let ev = Event::default()
+    let cursor = EventCursor {
+        rx: job.subscribe(),
+        state,
+        job,
+        sent_state: None,
+        sent_preview: None,
+        sent_step: 0,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(cursor, |mut c| async move {
+        let ev = c.next_event().await?;
+        Some((Ok(ev), c))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// What one job's event stream has sent so far.
+struct EventCursor {
+    state: AppState,
+    job: Arc<Job>,
+    rx: tokio::sync::watch::Receiver<u64>,
+    sent_state: Option<(JobState, Option<usize>)>,
+    sent_preview: Option<String>,
+    sent_step: usize,
+    done: bool,
+}
+
+impl EventCursor {
+    /// The next event to send: `state` when state or queue place changed, `progress` on a
+    /// new step or preview, `done` once; None after `done`.
+    async fn next_event(&mut self) -> Option<Event> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let s = self.job.status();
+            let position = if s.state == JobState::Queued {
+                self.state.jobs.position(&self.job.id)
+            } else {
+                None
+            };
+            if s.state.is_finished() {
+                self.done = true;
+                let view = JobView::with_status(&self.state, &self.job, &s);
+                return Some(
+                    Event::default()
                         .event("done")
                         .json_data(&view)
-                        .unwrap_or_default();
-                    return Some((
-                        Ok(ev),
-                        (state, job, rx, last_state, last_preview, last_step, true),
-                    ));
-                }
-                if last_state != Some((s.state, position)) {
-                    let ev = Event::default()
-                        .event("state")
-                        .json_data(StateEvent {
-                            state: s.state,
-                            position,
-                        })
-                        .unwrap_or_default();
-                    return Some((
-                        Ok(ev),
-                        (
-                            state,
-                            job,
-                            rx,
-                            Some((s.state, position)),
-                            last_preview,
-                            last_step,
-                            false,
-                        ),
-                    ));
-                }
-                if s.state == JobState::Running
-                    && (s.step != last_step || s.preview != last_preview)
-                {
-                    let preview = (s.preview != last_preview)
-                        .then(|| s.preview.clone())
-                        .flatten();
-                    let ev = Event::default()
-                        .event("progress")
-                        .json_data(ProgressEvent {
-                            step: s.step,
-                            total_steps: s.total_steps,
-                            eta_seconds: Job::eta_seconds(&s),
-                            preview,
-                        })
-                        .unwrap_or_default();
-                    return Some((
-                        Ok(ev),
-                        (state, job, rx, last_state, s.preview.clone(), s.step, false),
-                    ));
-                }
-                // Queue positions move without this job changing: look again now and then.
-                let _ = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+                        .unwrap_or_default(),
+                );
             }
-        },
-    );
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+            if self.sent_state != Some((s.state, position)) {
+                self.sent_state = Some((s.state, position));
+                let ev = StateEvent {
+                    state: s.state,
+                    position,
+                };
+                return Some(
+                    Event::default()
+                        .event("state")
+                        .json_data(ev)
+                        .unwrap_or_default(),
+                );
+            }
+            if s.state == JobState::Running
+                && (s.step != self.sent_step || s.preview != self.sent_preview)
+            {
+                let preview = (s.preview != self.sent_preview)
+                    .then(|| s.preview.clone())
+                    .flatten();
+                self.sent_step = s.step;
+                self.sent_preview = s.preview.clone();
+                let ev = ProgressEvent {
+                    step: s.step,
+                    total_steps: s.total_steps,
+                    eta_seconds: Job::eta_seconds(&s),
+                    preview,
+                };
+                return Some(
+                    Event::default()
+                        .event("progress")
+                        .json_data(ev)
+                        .unwrap_or_default(),
+                );
+            }
+            // Queue positions move without this job changing: look again now and then.
+            let _ = tokio::time::timeout(Duration::from_millis(500), self.rx.changed()).await;
+        }
+    }
 }
 
 #[derive(Deserialize, IntoParams)]
