@@ -133,13 +133,7 @@ async fn queue_is_fifo_bounded_cancellable_and_batches_compatible_jobs() {
     let (_, long) = s.post("/api/v1/jobs", txt2img(400, 1)).await;
     let long_id = long["id"].as_str().unwrap().to_string();
     // Wait until it is running (sampling), so that the next ones queue behind it.
-    for _ in 0..500 {
-        let (_, j) = s.get(&format!("/api/v1/jobs/{long_id}")).await;
-        if j["step"].as_u64().unwrap_or(0) > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    s.wait_sampling(&long_id).await;
     let mut queued = Vec::new();
     for seed in [100, 200, 300] {
         let (status, j) = s.post("/api/v1/jobs", txt2img(3, seed)).await;
@@ -228,6 +222,8 @@ async fn queue_is_fifo_bounded_cancellable_and_batches_compatible_jobs() {
         .post(&format!("/api/v1/jobs/{wid}/cancel"), json!({}))
         .await;
     assert_eq!(c["state"], "cancelled");
+    // Interrupt acts on what is running: wait until the busy job samples.
+    s.wait_sampling(busy["id"].as_str().unwrap()).await;
     s.post("/sdapi/v1/interrupt", json!({})).await;
     let busy = s.wait_job(busy["id"].as_str().unwrap()).await;
     assert_eq!(

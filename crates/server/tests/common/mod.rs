@@ -136,6 +136,19 @@ impl TestServer {
         )
     }
 
+    /// Polls a native job until it is sampling (step > 0).
+    pub async fn wait_sampling(&self, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, job) = self.get(&format!("/api/v1/jobs/{id}")).await;
+            if job["step"].as_u64().unwrap_or(0) > 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "job {id} did not start: {job}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Polls a native job until it has finished.
     pub async fn wait_job(&self, id: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(120);
