@@ -99,7 +99,7 @@ fn serve_logs_json_and_shuts_down_gracefully_on_sigterm() {
                 &addr,
                 "POST",
                 "/sdapi/v1/txt2img",
-                r#"{"prompt": "x", "steps": 300, "width": 64, "height": 64}"#,
+                r#"{"prompt": "x", "steps": 1000, "width": 64, "height": 64}"#,
             )
         })
     };

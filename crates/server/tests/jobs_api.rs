@@ -273,11 +273,11 @@ async fn one_worker_per_device_runs_jobs_side_by_side() {
     let (_, status) = s.get("/api/v1/status").await;
     assert_eq!(status["devices"], json!(["cpu", "cpu"]));
     // Different sizes, so they cannot share a batch: each worker takes one.
-    let (_, a) = s.post("/api/v1/jobs", txt2img(300, 1)).await;
+    let (_, a) = s.post("/api/v1/jobs", txt2img(400, 1)).await;
     let (_, b) = s
         .post(
             "/api/v1/jobs",
-            json!({"kind": "txt2img", "params": {"prompt": "x", "steps": 300, "width": 32, "height": 32}}),
+            json!({"kind": "txt2img", "params": {"prompt": "x", "steps": 400, "width": 32, "height": 32}}),
         )
         .await;
     let mut both_running = false;
