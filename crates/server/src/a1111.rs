@@ -242,12 +242,15 @@ fn ignored_fields(c: &CommonParams, other: &Map<String, Value>) -> Vec<String> {
     );
     flag(c.tiling == Some(true), "tiling");
     flag(c.eta.is_some(), "eta");
-    flag(
-        c.override_settings.as_ref().is_some_and(|m| !m.is_empty()),
-        "override_settings",
-    );
     flag(c.script_name.is_some(), "script_name");
     flag(!c.alwayson_scripts.is_empty(), "alwayson_scripts");
+    out.extend(
+        c.override_settings
+            .iter()
+            .flat_map(|m| m.keys())
+            .filter(|k| *k != CLIP_SKIP_OPTION)
+            .map(|k| format!("override_settings.{k}")),
+    );
     out.extend(other.keys().cloned());
     out
 }
@@ -320,14 +323,35 @@ fn ready(state: &AppState) -> Result<(), ApiError> {
     )))
 }
 
-fn base_request(c: &CommonParams) -> Request {
+/// A1111's clip-skip setting, in `options` or a request's `override_settings`.
+const CLIP_SKIP_OPTION: &str = "CLIP_stop_at_last_layers";
+
+/// Clip skip for a request: its `override_settings`, else the server's options, else 1.
+fn clip_skip(state: &AppState, c: &CommonParams) -> Result<usize, ApiError> {
+    let value = c
+        .override_settings
+        .as_ref()
+        .and_then(|m| m.get(CLIP_SKIP_OPTION).cloned())
+        .or_else(|| crate::lock(&state.options).get(CLIP_SKIP_OPTION).cloned());
+    match value {
+        None => Ok(1),
+        Some(v) => match v.as_u64() {
+            Some(n @ 1..=12) => Ok(n as usize),
+            _ => Err(ApiError::bad_request(format!(
+                "{CLIP_SKIP_OPTION} must be a whole number from 1 to 12, got {v}"
+            ))),
+        },
+    }
+}
+
+fn base_request(state: &AppState, c: &CommonParams) -> Result<Request, ApiError> {
     let sampler = c
         .sampler_name
         .clone()
         .or_else(|| c.sampler_index.clone())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "Euler".into());
-    Request {
+    Ok(Request {
         prompt: c.prompt.clone(),
         negative_prompt: c.negative_prompt.clone(),
         sampler,
@@ -338,12 +362,12 @@ fn base_request(c: &CommonParams) -> Request {
         width: c.width,
         height: c.height,
         batch_size: c.batch_size,
-        clip_skip: 1,
+        clip_skip: clip_skip(state, c)?,
         init_image: None,
         strength: 0.75,
         mask: None,
         mask_blur: 4,
-    }
+    })
 }
 
 fn check_faces(state: &AppState, wanted: Option<bool>) -> Result<bool, ApiError> {
@@ -361,7 +385,7 @@ fn check_faces(state: &AppState, wanted: Option<bool>) -> Result<bool, ApiError>
 /// Builds the job of a txt2img request (the native API uses it too).
 pub fn txt2img_job(state: &AppState, r: Txt2ImgRequest, save: bool) -> Result<Arc<Job>, ApiError> {
     ready(state)?;
-    let request = base_request(&r.common);
+    let request = base_request(state, &r.common)?;
     check(state, &request, r.common.n_iter)?;
     let restore_faces = check_faces(state, r.common.restore_faces)?;
     let mut ignored = ignored_fields(&r.common, &r.other);
@@ -446,7 +470,7 @@ pub fn txt2img_job(state: &AppState, r: Txt2ImgRequest, save: bool) -> Result<Ar
 /// Builds the job of an img2img / inpainting request.
 pub fn img2img_job(state: &AppState, r: Img2ImgRequest, save: bool) -> Result<Arc<Job>, ApiError> {
     ready(state)?;
-    let mut request = base_request(&r.common);
+    let mut request = base_request(state, &r.common)?;
     let first = r
         .init_images
         .first()

@@ -631,3 +631,98 @@ async fn embeddings_are_listed_used_created_and_trained() {
     let (_, list) = s.get("/sdapi/v1/embeddings").await;
     assert_eq!(list["loaded"]["mycat"]["vectors"], 2, "{list}");
 }
+
+/// The requests of A1111's API documentation (its wiki's Python example), sent as they are:
+/// txt2img with only a prompt and steps, PNG info of the result as a data URL, and an options
+/// change naming the checkpoint with A1111's " [hash]" suffix.
+#[tokio::test(flavor = "multi_thread")]
+async fn a1111_documented_requests_work_unchanged() {
+    let s = start(|c| c.limits.max_size = 512).await;
+    let (status, r) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            json!({"prompt": "maltese puppy", "steps": 5}),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    let i = r["images"][0].as_str().unwrap();
+    assert_eq!(
+        decode(&unb64(i)).dimensions(),
+        (512, 512),
+        "A1111's default size"
+    );
+    let (status, info) = s
+        .post(
+            "/sdapi/v1/png-info",
+            json!({"image": format!("data:image/png;base64,{i}")}),
+        )
+        .await;
+    assert_eq!(status, 200, "{info}");
+    assert!(info["info"]
+        .as_str()
+        .unwrap()
+        .starts_with("maltese puppy\nSteps: 5, Sampler: Euler"));
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/options",
+            json!({"sd_model_checkpoint": "sd2v [2700c435]", "CLIP_stop_at_last_layers": 2}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, opts) = s.get("/sdapi/v1/options").await;
+    assert_eq!(opts["sd_model_checkpoint"], "sd2v");
+    assert_eq!(opts["CLIP_stop_at_last_layers"], 2);
+    // Clip skip from the options, and from a request's override_settings.
+    let small = json!({"prompt": "x", "steps": 2, "width": 64, "height": 64});
+    let (_, r) = s.post("/sdapi/v1/txt2img", small.clone()).await;
+    let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();
+    assert!(
+        info["infotexts"][0]
+            .as_str()
+            .unwrap()
+            .contains("Clip skip: 2"),
+        "{info}"
+    );
+    let mut req = small.clone();
+    req["override_settings"] = json!({"CLIP_stop_at_last_layers": 3, "sd_vae": "x"});
+    let (_, r) = s.post("/sdapi/v1/txt2img", req).await;
+    let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();
+    assert!(
+        info["infotexts"][0]
+            .as_str()
+            .unwrap()
+            .contains("Clip skip: 3"),
+        "{info}"
+    );
+    assert_eq!(
+        info["sdkube_ignored_fields"],
+        json!(["override_settings.sd_vae"])
+    );
+    let mut req = small;
+    req["override_settings"] = json!({"CLIP_stop_at_last_layers": 0});
+    let (status, body) = s.post("/sdapi/v1/txt2img", req).await;
+    assert_eq!(status, 400, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_json_is_a_4xx_with_the_reason() {
+    let s = start(|_| {}).await;
+    for (body, content_type) in [
+        ("{\"prompt\": ", "application/json"),
+        ("not json at all", "application/json"),
+        ("{\"prompt\": \"x\"}", "text/plain"),
+    ] {
+        let r = s
+            .client
+            .post(s.url("/sdapi/v1/txt2img"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        assert!((400..500).contains(&status), "{body:?}: {status} {v}");
+        assert!(v["detail"].as_str().unwrap().len() > 10, "{v}");
+    }
+}
