@@ -72,7 +72,6 @@ pub struct Shared {
     pub metrics: metrics::Metrics,
     /// A1111 options set through `POST /sdapi/v1/options` (beyond the model).
     pub options: Mutex<serde_json::Map<String, serde_json::Value>>,
-    pub started: std::time::Instant,
     /// Text-encoder widths of the loaded model, which embeddings must match.
     pub text_widths: Mutex<Option<sdkube_pipeline::embeddings::TextWidths>>,
 }
@@ -88,7 +87,6 @@ impl Shared {
             outputs: outputs::Outputs::new(config.outputs.clone()),
             metrics: metrics::Metrics::default(),
             options: Mutex::new(serde_json::Map::new()),
-            started: std::time::Instant::now(),
             text_widths: Mutex::new(None),
             config,
         })
