@@ -23,7 +23,6 @@ pub struct CreateEmbeddingWork {
 }
 
 /// txt2img / img2img / inpainting, with A1111's batch count and post-processing.
-#[derive(Clone)]
 pub struct GenerateWork {
     pub request: Request,
     /// A1111's `n_iter`: batches run one after the other; iteration i uses seed + i·batch.

@@ -133,10 +133,10 @@ impl Worker {
         for j in jobs {
             j.update(|s| s.total_steps = j.work.total_steps());
         }
-        let generate: Vec<(Arc<Job>, GenerateWork)> = jobs
+        let generate: Vec<(&Arc<Job>, &GenerateWork)> = jobs
             .iter()
             .filter_map(|j| match &j.work {
-                Work::Generate(g) => Some((j.clone(), g.clone())),
+                Work::Generate(g) => Some((j, g)),
                 _ => None,
             })
             .collect();
@@ -196,7 +196,7 @@ impl Worker {
     }
 
     /// Generation jobs taken together: one device batch per iteration.
-    fn run_generate(&mut self, jobs: &[(Arc<Job>, GenerateWork)]) {
+    fn run_generate(&mut self, jobs: &[(&Arc<Job>, &GenerateWork)]) {
         let Some(mut engine) = self.engine.take() else {
             let why = self
                 .state
