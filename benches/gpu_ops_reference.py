@@ -28,15 +28,22 @@ for label, b, c, side in [("conv3x3 unet 320", 2, 320, 64), ("conv3x3 unet 640",
                           ("conv3x3 vae 256", 1, 256, 256), ("conv3x3 vae 128", 1, 128, 512)]:
     x, w, bias = rand(b, c, side, side), rand(c, c, 3, 3) * 0.05, rand(c)
     timed(label, f"[{b},{c},{side},{side}]", lambda: F.conv2d(x, w, bias, padding=1))
-for label, b, c, side in [("group_norm unet 320", 2, 320, 64), ("group_norm vae 128", 1, 128, 512)]:
+for label, b, c, side in [("group_norm + silu unet 320", 2, 320, 64), ("group_norm + silu vae 128", 1, 128, 512)]:
     x, g, beta = rand(b, c, side, side), rand(c), rand(c)
-    timed(label, f"[{b},{c},{side},{side}]", lambda: F.group_norm(x, 32, g, beta, 1e-5))
-    timed(label + " + silu", f"[{b},{c},{side},{side}]", lambda: F.silu(F.group_norm(x, 32, g, beta, 1e-5)))
-for label, bh, n, m, d in [("attention unet self 64²", 16, 4096, 4096, 40),
-                           ("attention unet cross 64²", 16, 4096, 77, 40), ("attention vae mid 64²", 1, 4096, 4096, 512)]:
-    q, k, v = rand(bh, n, d), rand(bh, m, d), rand(bh, m, d)
-    timed(label, f"[{bh},{n},{d}] x {m}", lambda: torch.softmax(q @ k.transpose(1, 2) / d ** 0.5, -1) @ v)
-    timed(label + " sdpa", f"[{bh},{n},{d}] x {m}", lambda: F.scaled_dot_product_attention(q[None], k[None], v[None]))
+    timed(label, f"[{b},{c},{side},{side}]", lambda: F.silu(F.group_norm(x, 32, g, beta, 1e-5)))
+# Attention as diffusers' AttnProcessor2_0 runs it: heads split out, SDPA, heads merged back.
+for label, b, heads, n, m, d in [("attention sd15 self 64²", 2, 8, 4096, 4096, 40),
+                                 ("attention sd15 cross 64²", 2, 8, 4096, 77, 40),
+                                 ("attention sdxl self 64²", 2, 10, 4096, 4096, 64),
+                                 ("attention sdxl self 32²", 2, 20, 1024, 1024, 64),
+                                 ("attention vae mid 64²", 1, 1, 4096, 4096, 512)]:
+    q, k, v = rand(b, n, heads * d), rand(b, m, heads * d), rand(b, m, heads * d)
+    split = lambda t: t.view(b, -1, heads, d).transpose(1, 2)  # noqa: E731
+    shape = f"[{b},{n},{heads}x{d}] x {m}"
+    timed(label + " naive", shape, lambda: (torch.softmax(split(q) @ split(k).transpose(2, 3) / d ** 0.5, -1)
+                                            @ split(v)).transpose(1, 2).reshape(b, n, heads * d))
+    timed(label + " sdpa", shape, lambda: F.scaled_dot_product_attention(split(q), split(k), split(v))
+          .transpose(1, 2).reshape(b, n, heads * d))
 x, w = rand(2 * 4096, 320), rand(2560, 320)
 timed("linear geglu 320->2560", "[8192,320]", lambda: x @ w.t())
 x = rand(1, 256, 256, 256)

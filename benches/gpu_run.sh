@@ -20,19 +20,20 @@ STAGES=${STAGES:-check bench low reference}
 WHAT=${WHAT:-unet-sd15 unet-sdxl vae txt2img-sd15 txt2img-sdxl}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
-# 1. correctness: same seed on CPU fp32, GPU fp32, GPU fp16
-has check && for run in "cpu fp32" "cuda fp32" "cuda fp16"; do
+# 1. correctness: same seed on CPU fp32, GPU fp32, GPU fp16, and GPU fp16 on candle's kernels
+#    alone (SDKUBE_GPU_KERNELS=candle: no cuDNN convolution, flash attention, fused group norm)
+has check && for run in "cpu fp32 sdkube" "cuda fp32 sdkube" "cuda fp16 sdkube" "cuda fp16 candle"; do
   set -- $run
-  .gpu/sdkube generate --model fixtures/sd/sd1 --device "$1" --precision "$2" --prompt "a lighthouse" \
+  SDKUBE_GPU_KERNELS=$3 .gpu/sdkube generate --model fixtures/sd/sd1 --device "$1" --precision "$2" --prompt "a lighthouse" \
     --negative-prompt blurry --steps 8 --width 64 --height 64 --seed 3 --sampler "DPM++ 2M Karras" \
-    --out "/tmp/check-$1-$2" 2>&1 | tail -1
+    --out "/tmp/check-$1-$2-$3" 2>&1 | tail -1
 done
 has check && python3 - <<'PY'
 import numpy as np, glob
 from PIL import Image
 load = lambda d: np.asarray(Image.open(glob.glob(d + "/*.png")[0]), dtype=np.float32)
-cpu = load("/tmp/check-cpu-fp32")
-for d in ["/tmp/check-cuda-fp32", "/tmp/check-cuda-fp16"]:
+cpu = load("/tmp/check-cpu-fp32-sdkube")
+for d in ["/tmp/check-cuda-fp32-sdkube", "/tmp/check-cuda-fp16-sdkube", "/tmp/check-cuda-fp16-candle"]:
     g = load(d)
     print(f"{d}: max abs {np.abs(g - cpu).max():.1f} / mean abs {np.abs(g - cpu).mean():.3f} (8-bit levels) vs CPU fp32")
 PY

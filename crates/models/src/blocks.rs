@@ -7,10 +7,7 @@
 //! instead (same math; inference keeps the fused kernels).
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{
-    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
-    LayerNorm, Linear, VarBuilder,
-};
+use candle_nn::{layer_norm, linear, linear_no_bias, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
 /// Softmax over the last axis: the fused kernel, or the differentiable composition when
 /// gradients are being tracked.
@@ -44,6 +41,96 @@ impl Norm {
                 candle_nn::ops::layer_norm_slow(xs, self.inner.weight(), bias, self.eps as f32)
             }
             _ => self.inner.forward(xs),
+        }
+    }
+}
+
+/// `nn.Conv2d`: candle's, except on CUDA, where cuDNN runs it ([`crate::cuda::conv2d`]).
+#[derive(Debug, Clone)]
+pub struct Conv2d(candle_nn::Conv2d);
+
+pub(crate) fn conv2d(
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    candle_nn::conv2d(cin, cout, kernel, cfg, vb).map(Conv2d)
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            let cfg = self.0.config();
+            if cfg.groups == 1 && cfg.dilation == 1 {
+                let y = crate::cuda::conv2d(xs, self.0.weight(), cfg.padding, cfg.stride)?;
+                if let Some(y) = y {
+                    return match self.0.bias() {
+                        Some(bias) => y.broadcast_add(&bias.reshape((1, (), 1, 1))?),
+                        None => Ok(y),
+                    };
+                }
+            }
+        }
+        self.0.forward(xs)
+    }
+}
+
+/// `nn.GroupNorm`, with SiLU after it on request: one fused kernel on CUDA
+/// ([`crate::cuda::group_norm`]), candle's ops elsewhere.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+pub(crate) fn group_norm(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    vb: VarBuilder,
+) -> Result<GroupNorm> {
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+    Ok(GroupNorm {
+        inner: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
+        weight,
+        bias,
+        groups,
+        eps,
+    })
+}
+
+impl GroupNorm {
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs, false)
+    }
+
+    /// `silu(group_norm(xs))`.
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs, true)
+    }
+
+    fn run(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            let fused =
+                crate::cuda::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, silu)?;
+            if let Some(y) = fused {
+                return Ok(y);
+            }
+        }
+        let _ = (&self.weight, &self.bias, self.groups, self.eps); // read only on CUDA
+        let y = self.inner.forward(xs)?;
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
         }
     }
 }
@@ -99,7 +186,7 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
                 let t = proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
@@ -107,7 +194,7 @@ impl ResnetBlock2D {
             }
             _ => h,
         };
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         match &self.conv_shortcut {
             Some(c) => c.forward(xs)? + h,
             None => xs + h,
@@ -230,6 +317,10 @@ pub(crate) fn scaled_dot_product_attention(
     let (b, n, inner) = q.dims3()?;
     let m = k.dim(1)?;
     let d = inner / heads;
+    #[cfg(feature = "cuda")]
+    if let Some(out) = crate::cuda::flash_attention(q, k, v, heads, (d as f64).powf(-0.5))? {
+        return Ok(out); // scores accumulate in fp32 there: `upcast` holds already
+    }
     let split = |t: &Tensor, len: usize| -> Result<Tensor> {
         t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()
     };

@@ -8,6 +8,8 @@ pub mod blocks;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod ldm;
 pub mod presets;
 pub mod unet;

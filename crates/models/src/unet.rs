@@ -6,9 +6,12 @@
 //! are embedded and added to the timestep embedding, as the reference does.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{linear, Conv2dConfig, Linear, VarBuilder};
 
-use crate::blocks::{conv1x1, conv3x3, Attention, Downsample2D, Norm, ResnetBlock2D, Upsample2D};
+use crate::blocks::{
+    conv1x1, conv2d, conv3x3, group_norm, Attention, Conv2d, Downsample2D, GroupNorm, Norm,
+    ResnetBlock2D, Upsample2D,
+};
 use crate::config::UNetConfig;
 
 /// Sinusoidal embedding of `t` `[B]` into `[B, dim]` (`diffusers.models.embeddings.Timesteps`).
@@ -500,7 +503,6 @@ impl UNet2DConditionModel {
                 h = up.forward(&h, size)?;
             }
         }
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }

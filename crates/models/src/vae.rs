@@ -4,10 +4,11 @@
 //! the NaN fallback live in the pipeline crate, which calls [`AutoencoderKL::decode`] per tile.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, linear, Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{linear, Linear, VarBuilder};
 
 use crate::blocks::{
-    conv1x1, conv3x3, scaled_dot_product_attention, Downsample2D, ResnetBlock2D, Upsample2D,
+    conv1x1, conv3x3, group_norm, scaled_dot_product_attention, Conv2d, Downsample2D, GroupNorm,
+    ResnetBlock2D, Upsample2D,
 };
 use crate::config::VaeConfig;
 
@@ -127,8 +128,7 @@ impl Encoder {
             }
         }
         let h = self.mid_block.forward(&h)?;
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 
@@ -185,8 +185,7 @@ impl Decoder {
                 h = u.forward(&h, None)?;
             }
         }
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 

@@ -194,21 +194,40 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 /// The primitives of the SD networks at the shapes they run at, each timed alone (what
 /// `benches/gpu_ops_reference.py` times in torch): where the time of a whole network goes.
+/// Where sdkube has its own GPU kernel (`sdkube_models::cuda`), candle's op and ours are both
+/// timed and ours is checked against candle's on the same input (`max_diff`, `ref_max`).
 fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
     use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Module};
     let rand = |shape: &[usize]| -> anyhow::Result<Tensor> {
         Ok(Tensor::randn(0f32, 1., shape, dev)?.to_dtype(dt)?)
     };
-    let conv = |cin: usize, cout: usize| -> anyhow::Result<Conv2d> {
-        let cfg = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        Ok(Conv2d::new(
-            (rand(&[cout, cin, 3, 3])? * 0.05)?,
-            Some(rand(&[cout])?),
-            cfg,
-        ))
+    let max_abs = |t: &Tensor| -> anyhow::Result<f32> {
+        Ok(t.abs()?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?)
+    };
+    // Times `ours` too when it applies, and reports its largest difference from `candle`.
+    let compare = |label: &str,
+                   shape: &str,
+                   candle: &dyn Fn() -> anyhow::Result<Tensor>,
+                   ours: &dyn Fn() -> anyhow::Result<Option<Tensor>>|
+     -> anyhow::Result<()> {
+        let s = time(dev, repeat, || candle().map(drop))?;
+        report(&format!("{label} [candle]"), shape, s, dt, dev);
+        if let Some(got) = ours()? {
+            let want = candle()?;
+            let diff = max_abs(&(got.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?)?;
+            let s = time(dev, repeat, || ours().map(drop))?;
+            println!(
+                "{}",
+                serde_json::json!({"bench": format!("{label} [sdkube]"), "shape": shape,
+                    "ms": s * 1e3, "max_diff": diff, "ref_max": max_abs(&want)?,
+                    "dtype": Precision::label(dt), "device": format!("{dev:?}")})
+            );
+        }
+        Ok(())
     };
     // (label, batch, channels, side) of 3x3 convolutions: SD1.5 UNet at 512² with CFG, and
     // the VAE decoder's stages at 512².
@@ -221,103 +240,63 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
         ("conv3x3 vae 128", 1, 128, 512),
     ] {
         let x = rand(&[b, c, side, side])?;
-        let m = conv(c, c)?;
-        let s = time(dev, repeat, || {
-            m.forward(&x)?;
-            Ok(())
-        })?;
-        report(label, &format!("[{b},{c},{side},{side}]"), s, dt, dev);
-    }
-    // The same convolutions built from candle's copy and matmul kernels, no im2col kernel:
-    // the input's nine shifted views gathered in channel-major order, one GEMM whose output
-    // is already NCHW.
-    for (label, b, c, side) in [
-        ("conv3x3 gathered unet 320", 2, 320, 64),
-        ("conv3x3 gathered vae 512", 1, 512, 128),
-        ("conv3x3 gathered vae 128", 1, 128, 512),
-    ] {
-        let x = rand(&[b, c, side, side])?;
-        let m = conv(c, c)?;
-        let want = m.forward(&x)?;
-        let w9 = m
-            .weight()
-            .permute((0, 2, 3, 1))?
-            .reshape((c, 9 * c))?
-            .contiguous()?;
-        let bias = m.bias().expect("bias").reshape((1, c, 1))?;
-        let gathered = |x: &Tensor| -> candle_core::Result<Tensor> {
-            let (bsz, ci, h, w) = x.dims4()?;
-            let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-            let mut views = Vec::with_capacity(9);
-            for dy in 0..3 {
-                for dx in 0..3 {
-                    views.push(xp.narrow(2, dy, h)?.narrow(3, dx, w)?);
-                }
-            }
-            let cols = Tensor::cat(&views, 1)?.reshape((bsz, 9 * ci, h * w))?;
-            w9.broadcast_matmul(&cols)?
-                .broadcast_add(&bias)?
-                .reshape((bsz, w9.dim(0)?, h, w))
+        let w = (rand(&[c, c, 3, 3])? * 0.05)?;
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
         };
-        let got = gathered(&x)?;
-        let err = (got - &want)?
-            .abs()?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        let s = time(dev, repeat, || {
-            gathered(&x)?;
-            Ok(())
-        })?;
-        report(
-            &format!("{label} (max diff {err:.3})"),
+        let m = Conv2d::new(w.clone(), None, cfg);
+        compare(
+            label,
             &format!("[{b},{c},{side},{side}]"),
-            s,
-            dt,
-            dev,
-        );
+            &|| Ok(m.forward(&x)?),
+            &|| Ok(own::conv2d(&x, &w, 1, 1)?),
+        )?;
     }
     for (label, b, c, side) in [
-        ("group_norm unet 320", 2, 320, 64),
-        ("group_norm vae 128", 1, 128, 512),
+        ("group_norm + silu unet 320", 2, 320, 64),
+        ("group_norm + silu vae 128", 1, 128, 512),
     ] {
         let x = rand(&[b, c, side, side])?;
-        let gn = GroupNorm::new(rand(&[c])?, rand(&[c])?, c, 32, 1e-5)?;
-        let s = time(dev, repeat, || {
-            gn.forward(&x)?;
-            Ok(())
-        })?;
-        report(label, &format!("[{b},{c},{side},{side}]"), s, dt, dev);
-        let s = time(dev, repeat, || {
-            candle_nn::ops::silu(&gn.forward(&x)?)?;
-            Ok(())
-        })?;
-        report(
-            &format!("{label} + silu"),
+        let (w, bias) = (rand(&[c])?, rand(&[c])?);
+        let gn = GroupNorm::new(w.clone(), bias.clone(), c, 32, 1e-5)?;
+        compare(
+            label,
             &format!("[{b},{c},{side},{side}]"),
-            s,
-            dt,
-            dev,
-        );
+            &|| Ok(candle_nn::ops::silu(&gn.forward(&x)?)?),
+            &|| Ok(own::group_norm(&x, &w, &bias, 32, 1e-5, true)?),
+        )?;
     }
-    // Attention as blocks.rs computes it: softmax(q kᵀ / √d) v, per head.
-    for (label, bh, n, m, d) in [
-        ("attention unet self 64²", 16, 4096, 4096, 40),
-        ("attention unet cross 64²", 16, 4096, 77, 40),
-        ("attention vae mid 64²", 1, 4096, 4096, 512),
+    // Attention as blocks.rs computes it without its own kernel: heads split out, softmax(q kᵀ
+    // / √d) v, heads merged back.
+    for (label, b, heads, n, m, d) in [
+        ("attention sd15 self 64²", 2, 8, 4096, 4096, 40),
+        ("attention sd15 cross 64²", 2, 8, 4096, 77, 40),
+        ("attention sdxl self 64²", 2, 10, 4096, 4096, 64),
+        ("attention sdxl self 32²", 2, 20, 1024, 1024, 64),
+        ("attention vae mid 64²", 1, 1, 4096, 4096, 512),
     ] {
-        let q = rand(&[bh, n, d])?;
-        let k = rand(&[bh, m, d])?;
-        let v = rand(&[bh, m, d])?;
+        let q = rand(&[b, n, heads * d])?;
+        let k = rand(&[b, m, heads * d])?;
+        let v = rand(&[b, m, heads * d])?;
         let scale = 1.0 / (d as f64).sqrt();
-        let s = time(dev, repeat, || {
-            let scores = (q.matmul(&k.t()?)? * scale)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            probs.matmul(&v)?;
-            Ok(())
-        })?;
-        report(label, &format!("[{bh},{n},{d}] x {m}"), s, dt, dev);
+        let split = |t: &Tensor, len: usize| -> candle_core::Result<Tensor> {
+            t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()
+        };
+        compare(
+            label,
+            &format!("[{b},{n},{heads}x{d}] x {m}"),
+            &|| {
+                let (q, k, v) = (split(&q, n)?, split(&k, m)?, split(&v, m)?);
+                let scores = (q.matmul(&k.t()?)? * scale)?;
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                Ok(probs
+                    .matmul(&v)?
+                    .transpose(1, 2)?
+                    .reshape((b, n, heads * d))?)
+            },
+            &|| Ok(own::flash_attention(&q, &k, &v, heads, scale)?),
+        )?;
     }
     // The transformer's GEGLU projection, as a linear layer on [B·HW, C].
     let x = rand(&[2 * 4096, 320])?;
@@ -334,4 +313,41 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
     })?;
     report("upsample nearest 2x vae", "[1,256,256,256]", s, dt, dev);
     Ok(())
+}
+
+/// sdkube's own GPU kernels, or nothing where they are not built in.
+mod own {
+    #[cfg(not(feature = "cuda"))]
+    use candle_core::Tensor;
+
+    #[cfg(feature = "cuda")]
+    pub use sdkube_models::cuda::{conv2d, flash_attention, group_norm};
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn conv2d(_: &Tensor, _: &Tensor, _: usize, _: usize) -> anyhow::Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn group_norm(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+        _: f64,
+        _: bool,
+    ) -> anyhow::Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn flash_attention(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+        _: f64,
+    ) -> anyhow::Result<Option<Tensor>> {
+        Ok(None)
+    }
 }

@@ -1,0 +1,498 @@
+//! The GPU path's own kernels, where candle 0.11's are slow (issue 9's per-op profile):
+//! convolution through cuDNN with its algorithm chosen once per shape and one reused workspace,
+//! flash attention, and group norm (+ SiLU) in two fused passes (`src/kernels.cu`).
+//!
+//! The GPU build links libcudnn (9.x), as candle's `cudnn` feature would: the CUDA cuDNN
+//! runtime image has it, and so does PyTorch's `nvidia-cudnn-cu13` wheel.
+//!
+//! Each entry point returns `None` where it does not apply (not on CUDA, a dtype or shape it
+//! does not cover, gradients being tracked: none of these has a backward pass) and the caller
+//! runs candle's op instead. `SDKUBE_GPU_KERNELS=candle` turns them all off, for A/B runs.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc;
+use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+use cudarc::cudnn::{ConvForward, Cudnn, CudnnDataType};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use half::{bf16, f16};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
+const MODULE: &str = "sdkube_kernels";
+
+fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SDKUBE_GPU_KERNELS").as_deref() != Ok("candle"))
+}
+
+fn applies(t: &Tensor) -> bool {
+    enabled() && t.device().is_cuda() && !t.track_op()
+}
+
+fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {
+    candle_core::bail!("{name} runs only on CUDA tensors")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Convolution
+
+/// 2-D convolution without bias (groups 1, dilation 1) through cuDNN.
+pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Option<Tensor>> {
+    let dtype_ok = matches!(x.dtype(), DType::F16 | DType::BF16 | DType::F32);
+    if !applies(x) || !dtype_ok || w.dtype() != x.dtype() || x.rank() != 4 {
+        return Ok(None);
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    x.apply_op2_no_bwd(&w, &CudnnConv { padding, stride })
+        .map(Some)
+}
+
+struct CudnnConv {
+    padding: usize,
+    stride: usize,
+}
+
+/// Everything that decides cuDNN's choice of algorithm.
+type ConvKey = (DeviceId, DType, [usize; 9]);
+
+thread_local! {
+    // cuDNN handles are neither Send nor Sync: one per device per thread, bound to candle's
+    // stream, so work stays ordered with candle's own kernels.
+    static CUDNN: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
+    static ALGOS: RefCell<HashMap<ConvKey, cudarc::cudnn::sys::cudnnConvolutionFwdAlgo_t>> =
+        RefCell::new(HashMap::new());
+    // One scratch buffer per device, grown to the largest need seen: every use is on the one
+    // stream, so uses never overlap.
+    static WORKSPACE: RefCell<HashMap<DeviceId, CudaSlice<u8>>> = RefCell::new(HashMap::new());
+}
+
+fn cudnn_handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
+    CUDNN.with(|map| {
+        if let Some(handle) = map.borrow().get(&dev.id()) {
+            return Ok(handle.clone());
+        }
+        let handle = Cudnn::new(dev.cuda_stream()).map_err(candle_core::Error::wrap)?;
+        map.borrow_mut().insert(dev.id(), handle.clone());
+        Ok(handle)
+    })
+}
+
+impl CudnnConv {
+    fn run<T>(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: CudnnDataType + DeviceRepr + candle_core::cuda_backend::CudaDType + num_one::One,
+    {
+        use cudarc::cudnn::sys::{
+            cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION, cudnnMathType_t,
+            cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+        };
+        let (n, c, h, wd) = xl.shape().dims4()?;
+        let (k, c2, r, s) = wl.shape().dims4()?;
+        if c != c2 || h + 2 * self.padding < r || wd + 2 * self.padding < s {
+            candle_core::bail!(
+                "conv2d: input {:?} does not fit filter {:?}",
+                xl.shape(),
+                wl.shape()
+            )
+        }
+        let ho = (h + 2 * self.padding - r) / self.stride + 1;
+        let wo = (wd + 2 * self.padding - s) / self.stride + 1;
+        let dev = x.device().clone();
+        let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+        // SAFETY: cuDNN writes every element.
+        let mut y = unsafe { dev.alloc::<T>(n * k * ho * wo)? };
+
+        let cudnn = cudnn_handle(&dev)?;
+        let e = candle_core::Error::wrap;
+        let (p, st) = (self.padding as i32, self.stride as i32);
+        // fp16/bf16 accumulate in fp32 (as PyTorch does) on tensor cores; fp32 stays exact fp32.
+        let mut conv = cudnn
+            .create_conv2d::<f32>([p, p], [st, st], [1, 1], CUDNN_CROSS_CORRELATION)
+            .map_err(e)?;
+        let math = if x.dtype() == DType::F32 {
+            cudnnMathType_t::CUDNN_FMA_MATH
+        } else {
+            cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+        };
+        conv.set_math_type(math).map_err(e)?;
+        let dims =
+            |a: usize, b: usize, c: usize, d: usize| [a as i32, b as i32, c as i32, d as i32];
+        let xd = cudnn
+            .create_4d_tensor::<T>(CUDNN_TENSOR_NCHW, dims(n, c, h, wd))
+            .map_err(e)?;
+        let wdsc = cudnn
+            .create_4d_filter::<T>(CUDNN_TENSOR_NCHW, dims(k, c, r, s))
+            .map_err(e)?;
+        let yd = cudnn
+            .create_4d_tensor::<T>(CUDNN_TENSOR_NCHW, dims(n, k, ho, wo))
+            .map_err(e)?;
+        let op = ConvForward {
+            conv: &conv,
+            x: &xd,
+            w: &wdsc,
+            y: &yd,
+        };
+        let key: ConvKey = (
+            dev.id(),
+            x.dtype(),
+            [n, c, h, wd, k, r, s, self.padding, self.stride],
+        );
+        let algo = match ALGOS.with(|m| m.borrow().get(&key).copied()) {
+            Some(algo) => algo,
+            None => {
+                let algo = op.pick_algorithm().map_err(e)?;
+                tracing::debug!(?key, ?algo, "cuDNN convolution algorithm");
+                ALGOS.with(|m| m.borrow_mut().insert(key, algo));
+                algo
+            }
+        };
+        let need = op.get_workspace_size(algo).map_err(e)?;
+        WORKSPACE.with(|map| -> Result<()> {
+            let mut map = map.borrow_mut();
+            let grow = map.get(&dev.id()).is_none_or(|ws| ws.len() < need);
+            if grow && need > 0 {
+                map.remove(&dev.id()); // free the old buffer before taking the bigger one
+                                       // SAFETY: scratch space, never read before cuDNN writes it.
+                map.insert(dev.id(), unsafe { dev.alloc::<u8>(need)? });
+            }
+            let workspace = map.get_mut(&dev.id()).filter(|_| need > 0);
+            // SAFETY: the descriptors describe exactly these buffers (contiguous NCHW).
+            unsafe { op.launch(algo, workspace, (T::one(), T::zero()), &xs, &ws, &mut y) }
+                .map_err(e)
+        })?;
+        let out = CudaStorage::wrap_cuda_slice(y, dev);
+        Ok((out, Shape::from((n, k, ho, wo))))
+    }
+}
+
+/// `1` and `0` in each element type cuDNN's scaling takes.
+mod num_one {
+    pub trait One: Sized {
+        fn one() -> Self;
+        fn zero() -> Self;
+    }
+    impl One for f32 {
+        fn one() -> Self {
+            1.0
+        }
+        fn zero() -> Self {
+            0.0
+        }
+    }
+    impl One for super::f16 {
+        fn one() -> Self {
+            Self::ONE
+        }
+        fn zero() -> Self {
+            Self::ZERO
+        }
+    }
+    impl One for super::bf16 {
+        fn one() -> Self {
+            Self::ONE
+        }
+        fn zero() -> Self {
+            Self::ZERO
+        }
+    }
+}
+
+impl CustomOp2 for CudnnConv {
+    fn name(&self) -> &'static str {
+        "cudnn-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match x.dtype() {
+            DType::F16 => self.run::<f16>(x, xl, w, wl),
+            DType::BF16 => self.run::<bf16>(x, xl, w, wl),
+            DType::F32 => self.run::<f32>(x, xl, w, wl),
+            dtype => candle_core::bail!("cudnn-conv2d: no {dtype:?} support"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flash attention
+
+/// Head dims the kernel is instantiated for (the real one is padded up to the next).
+const FLASH_HEAD_DIMS: [usize; 8] = [16, 32, 48, 64, 80, 96, 128, 160];
+
+/// Shared memory of `flash_attention<DP>` in bytes: `FlashLayout<DP>::SMEM` in kernels.cu.
+fn flash_smem(dp: usize) -> usize {
+    let ldh = dp + 8;
+    let sld = dp.max(64) + 4;
+    let pld = 64 + 8;
+    2 * 64 * ldh * 2 + 4 * 16 * sld * 4 + 4 * 16 * pld * 2
+}
+
+/// Softmax attention over `[B, N, H·D]` queries and `[B, M, H·D]` keys and values, `heads`
+/// heads, scores scaled by `scale`; returns `[B, N, H·D]`. fp16 only.
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let all_f16 = [q, k, v].iter().all(|t| t.dtype() == DType::F16);
+    if !applies(q) || k.track_op() || v.track_op() || !all_f16 || q.rank() != 3 {
+        return Ok(None);
+    }
+    let inner = q.dim(2)?;
+    let d = inner / heads;
+    let dp = d.div_ceil(16) * 16;
+    if inner % heads != 0 || d % 8 != 0 || !FLASH_HEAD_DIMS.contains(&dp) {
+        return Ok(None);
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    // 16-byte loads need every row to start 16-byte aligned.
+    if [&q, &k, &v]
+        .iter()
+        .any(|t| t.layout().start_offset() % 8 != 0)
+    {
+        return Ok(None);
+    }
+    let op = FlashAttention {
+        heads,
+        scale: scale as f32,
+    };
+    q.apply_op3_no_bwd(&k, &v, &op).map(Some)
+}
+
+struct FlashAttention {
+    heads: usize,
+    scale: f32,
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (b, n, inner) = ql.shape().dims3()?;
+        let (bk, m, inner_k) = kl.shape().dims3()?;
+        if (bk, inner_k) != (b, inner) || vl.shape() != kl.shape() || m == 0 {
+            candle_core::bail!(
+                "flash-attention: q {:?}, k {:?}, v {:?} do not fit",
+                ql.shape(),
+                kl.shape(),
+                vl.shape()
+            )
+        }
+        let d = inner / self.heads;
+        let dp = d.div_ceil(16) * 16;
+        let dev = q.device().clone();
+        let qs = q.as_cuda_slice::<f16>()?.slice(ql.start_offset()..);
+        let ks = k.as_cuda_slice::<f16>()?.slice(kl.start_offset()..);
+        let vs = v.as_cuda_slice::<f16>()?.slice(vl.start_offset()..);
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<f16>(b * n * inner)? };
+        let func =
+            dev.get_or_load_custom_func(&format!("flash_attention_f16_{dp}"), MODULE, PTX)?;
+        let smem = flash_smem(dp);
+        func.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .w()?;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(64) as u32, (b * self.heads) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let (n32, m32, h32, d32) = (n as i32, m as i32, self.heads as i32, d as i32);
+        let scale_log2 = self.scale * std::f32::consts::LOG2_E;
+        let mut launch = func.builder();
+        launch.arg(&qs).arg(&ks).arg(&vs).arg(&out);
+        launch
+            .arg(&n32)
+            .arg(&m32)
+            .arg(&h32)
+            .arg(&d32)
+            .arg(&scale_log2);
+        // SAFETY: argument list matches the kernel's signature; shapes checked above.
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), ql.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Group norm
+
+/// `torch.nn.GroupNorm` (then SiLU when `silu`) over `[B, C, …]`; fp16 or fp32.
+pub fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Option<Tensor>> {
+    let dtype_ok = matches!(x.dtype(), DType::F16 | DType::F32);
+    let same = weight.dtype() == x.dtype() && bias.dtype() == x.dtype();
+    if !applies(x) || weight.track_op() || bias.track_op() || !dtype_ok || !same || x.rank() < 3 {
+        return Ok(None);
+    }
+    let channels = x.dim(1)?;
+    if groups == 0 || channels % groups != 0 || weight.elem_count() != channels {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let op = GroupNormOp {
+        groups,
+        eps: eps as f32,
+        silu,
+    };
+    x.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
+        .map(Some)
+}
+
+struct GroupNormOp {
+    groups: usize,
+    eps: f32,
+    silu: bool,
+}
+
+impl GroupNormOp {
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        &self,
+        suffix: &str,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dims = xl.shape().dims();
+        let (batch, channels) = (dims[0], dims[1]);
+        let hw: usize = dims[2..].iter().product();
+        let cpg = channels / self.groups;
+        let len = cpg * hw;
+        // Enough blocks to fill the GPU at the VAE's 512² planes, few enough that merging a
+        // group's chunks stays trivial.
+        let splits = len.div_ceil(8192).clamp(1, 64);
+        let dev = x.device().clone();
+        let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+        let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
+        // SAFETY: pass 1 writes every partial, pass 2 every output.
+        let partial = unsafe { dev.alloc::<f32>(batch * self.groups * splits * 3)? };
+        let out = unsafe { dev.alloc::<T>(xl.shape().elem_count())? };
+        let cfg = LaunchConfig {
+            grid_dim: ((batch * self.groups) as u32, splits as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (len64, splits32) = (len as i64, splits as i32);
+        let stats =
+            dev.get_or_load_custom_func(&format!("group_norm_stats_{suffix}"), MODULE, PTX)?;
+        let mut launch = stats.builder();
+        launch.arg(&xs).arg(&partial).arg(&len64).arg(&splits32);
+        // SAFETY: argument list matches the kernel's signature.
+        unsafe { launch.launch(cfg) }.w()?;
+
+        let apply =
+            dev.get_or_load_custom_func(&format!("group_norm_apply_{suffix}"), MODULE, PTX)?;
+        let (hw64, cpg32, groups32) = (hw as i64, cpg as i32, self.groups as i32);
+        let silu = self.silu as i32;
+        let mut launch = apply.builder();
+        launch.arg(&xs).arg(&out).arg(&partial).arg(&ws).arg(&bs);
+        launch
+            .arg(&len64)
+            .arg(&splits32)
+            .arg(&hw64)
+            .arg(&cpg32)
+            .arg(&groups32);
+        launch.arg(&self.eps).arg(&silu);
+        // SAFETY: as above.
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
+    }
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match x.dtype() {
+            DType::F16 => self.run::<f16>("f16", x, xl, w, wl, b, bl),
+            DType::F32 => self.run::<f32>("f32", x, xl, w, wl, b, bl),
+            dtype => candle_core::bail!("group-norm: no {dtype:?} support"),
+        }
+    }
+}
