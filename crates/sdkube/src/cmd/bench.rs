@@ -324,7 +324,12 @@ mod own {
     pub use sdkube_models::cuda::{conv2d, flash_attention, group_norm};
 
     #[cfg(not(feature = "cuda"))]
-    pub fn conv2d(_: &Tensor, _: &Tensor, _: usize, _: usize) -> anyhow::Result<Option<Tensor>> {
+    pub fn conv2d(
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+        _: usize,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
 
@@ -336,7 +341,7 @@ mod own {
         _: usize,
         _: f64,
         _: bool,
-    ) -> anyhow::Result<Option<Tensor>> {
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
 
@@ -347,7 +352,7 @@ mod own {
         _: &Tensor,
         _: usize,
         _: f64,
-    ) -> anyhow::Result<Option<Tensor>> {
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
 }
