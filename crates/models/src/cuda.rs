@@ -9,8 +9,10 @@
 //! does not cover, gradients being tracked: none of these has a backward pass) and the caller
 //! runs candle's op instead. `SDKUBE_GPU_KERNELS=candle` turns them all off, for A/B runs.
 
+use std::any::Any;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::backend::BackendStorage;
@@ -42,15 +44,58 @@ fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {
 // ---------------------------------------------------------------------------------------------
 // Convolution
 
-/// 2-D convolution without bias (groups 1, dilation 1) through cuDNN.
+/// 2-D convolution without bias (groups 1, dilation 1) through cuDNN, where cuDNN is the faster
+/// of the two for this shape: the first convolution of each shape times cuDNN and candle's
+/// kernel (three calls each) and remembers the winner, as `torch.backends.cudnn.benchmark`
+/// does. (cuDNN won by 4–14× on the VAE's feature maps but lost to candle on the UNet's
+/// smaller ones in the first measurement: a fixed cost per call.)
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Option<Tensor>> {
     let dtype_ok = matches!(x.dtype(), DType::F16 | DType::BF16 | DType::F32);
-    if !applies(x) || !dtype_ok || w.dtype() != x.dtype() || x.rank() != 4 {
+    if !applies(x) || !dtype_ok || w.dtype() != x.dtype() || x.rank() != 4 || w.rank() != 4 {
         return Ok(None);
     }
+    let candle_core::Device::Cuda(dev) = x.device() else {
+        return Ok(None);
+    };
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let op = CudnnConv { padding, stride };
+    let key = op.key(dev, x.dtype(), x.dims(), w.dims());
+    let use_cudnn = match CHOICE.with(|c| c.borrow().get(&key).copied()) {
+        Some(choice) => choice,
+        None => {
+            let choice = cudnn_is_faster(&x, &w, &op)?;
+            CHOICE.with(|c| c.borrow_mut().insert(key, choice));
+            choice
+        }
+    };
+    if use_cudnn {
+        x.apply_op2_no_bwd(&w, &op).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// [`conv2d`] always through cuDNN (for benchmarks).
+pub fn conv2d_cudnn(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     x.apply_op2_no_bwd(&w, &CudnnConv { padding, stride })
-        .map(Some)
+}
+
+fn cudnn_is_faster(x: &Tensor, w: &Tensor, op: &CudnnConv) -> Result<bool> {
+    let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<std::time::Duration> {
+        f()?;
+        x.device().synchronize()?;
+        let start = std::time::Instant::now();
+        for _ in 0..3 {
+            f()?;
+        }
+        x.device().synchronize()?;
+        Ok(start.elapsed())
+    };
+    let cudnn = time(&|| x.apply_op2_no_bwd(w, op))?;
+    let candle = time(&|| x.conv2d(w, op.padding, op.stride, 1, 1))?;
+    tracing::debug!(x = ?x.dims(), w = ?w.dims(), ?cudnn, ?candle, "convolution: cuDNN or candle");
+    Ok(cudnn <= candle)
 }
 
 struct CudnnConv {
@@ -58,15 +103,25 @@ struct CudnnConv {
     stride: usize,
 }
 
-/// Everything that decides cuDNN's choice of algorithm.
+/// A convolution's device, dtype, input and filter shapes, padding and stride.
 type ConvKey = (DeviceId, DType, [usize; 9]);
+
+/// cuDNN's descriptors, algorithm and workspace size for one [`ConvKey`], made once.
+struct ConvPlan<T: CudnnDataType> {
+    conv: cudarc::cudnn::ConvDescriptor<f32>,
+    x: cudarc::cudnn::TensorDescriptor<T>,
+    w: cudarc::cudnn::FilterDescriptor<T>,
+    y: cudarc::cudnn::TensorDescriptor<T>,
+    algo: cudarc::cudnn::sys::cudnnConvolutionFwdAlgo_t,
+    workspace: usize,
+}
 
 thread_local! {
     // cuDNN handles are neither Send nor Sync: one per device per thread, bound to candle's
     // stream, so work stays ordered with candle's own kernels.
     static CUDNN: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
-    static ALGOS: RefCell<HashMap<ConvKey, cudarc::cudnn::sys::cudnnConvolutionFwdAlgo_t>> =
-        RefCell::new(HashMap::new());
+    static CHOICE: RefCell<HashMap<ConvKey, bool>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<ConvKey, Rc<dyn Any>>> = RefCell::new(HashMap::new());
     // One scratch buffer per device, grown to the largest need seen: every use is on the one
     // stream, so uses never overlap.
     static WORKSPACE: RefCell<HashMap<DeviceId, CudaSlice<u8>>> = RefCell::new(HashMap::new());
@@ -84,6 +139,81 @@ fn cudnn_handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
 }
 
 impl CudnnConv {
+    fn key(&self, dev: &CudaDevice, dtype: DType, x: &[usize], w: &[usize]) -> ConvKey {
+        let (p, s) = (self.padding, self.stride);
+        (
+            dev.id(),
+            dtype,
+            [x[0], x[1], x[2], x[3], w[0], w[2], w[3], p, s],
+        )
+    }
+
+    fn out_size(&self, input: usize, kernel: usize) -> usize {
+        (input + 2 * self.padding - kernel) / self.stride + 1
+    }
+
+    fn plan<T: CudnnDataType + 'static>(
+        &self,
+        dev: &CudaDevice,
+        dtype: DType,
+        x: &[usize],
+        w: &[usize],
+    ) -> Result<Rc<ConvPlan<T>>> {
+        use cudarc::cudnn::sys::{
+            cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION, cudnnMathType_t,
+            cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+        };
+        let key = self.key(dev, dtype, x, w);
+        if let Some(plan) = PLANS.with(|m| m.borrow().get(&key).cloned()) {
+            if let Ok(plan) = plan.downcast::<ConvPlan<T>>() {
+                return Ok(plan);
+            }
+        }
+        let cudnn = cudnn_handle(dev)?;
+        let e = candle_core::Error::wrap;
+        let (p, st) = (self.padding as i32, self.stride as i32);
+        // fp16/bf16 accumulate in fp32 (as PyTorch does) on tensor cores; fp32 stays exact fp32.
+        let mut conv = cudnn
+            .create_conv2d::<f32>([p, p], [st, st], [1, 1], CUDNN_CROSS_CORRELATION)
+            .map_err(e)?;
+        let math = if dtype == DType::F32 {
+            cudnnMathType_t::CUDNN_FMA_MATH
+        } else {
+            cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+        };
+        conv.set_math_type(math).map_err(e)?;
+        let dims = |d: [usize; 4]| d.map(|v| v as i32);
+        let (ho, wo) = (self.out_size(x[2], w[2]), self.out_size(x[3], w[3]));
+        let xd = cudnn
+            .create_4d_tensor::<T>(CUDNN_TENSOR_NCHW, dims([x[0], x[1], x[2], x[3]]))
+            .map_err(e)?;
+        let wd = cudnn
+            .create_4d_filter::<T>(CUDNN_TENSOR_NCHW, dims([w[0], w[1], w[2], w[3]]))
+            .map_err(e)?;
+        let yd = cudnn
+            .create_4d_tensor::<T>(CUDNN_TENSOR_NCHW, dims([x[0], w[0], ho, wo]))
+            .map_err(e)?;
+        let forward = ConvForward {
+            conv: &conv,
+            x: &xd,
+            w: &wd,
+            y: &yd,
+        };
+        let algo = forward.pick_algorithm().map_err(e)?;
+        let workspace = forward.get_workspace_size(algo).map_err(e)?;
+        tracing::debug!(?key, ?algo, workspace, "cuDNN convolution plan");
+        let plan = Rc::new(ConvPlan {
+            conv,
+            x: xd,
+            w: wd,
+            y: yd,
+            algo,
+            workspace,
+        });
+        PLANS.with(|m| m.borrow_mut().insert(key, plan.clone()));
+        Ok(plan)
+    }
+
     fn run<T>(
         &self,
         x: &CudaStorage,
@@ -92,12 +222,12 @@ impl CudnnConv {
         wl: &Layout,
     ) -> Result<(CudaStorage, Shape)>
     where
-        T: CudnnDataType + DeviceRepr + candle_core::cuda_backend::CudaDType + num_one::One,
+        T: CudnnDataType
+            + DeviceRepr
+            + candle_core::cuda_backend::CudaDType
+            + num_one::One
+            + 'static,
     {
-        use cudarc::cudnn::sys::{
-            cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION, cudnnMathType_t,
-            cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-        };
         let (n, c, h, wd) = xl.shape().dims4()?;
         let (k, c2, r, s) = wl.shape().dims4()?;
         if c != c2 || h + 2 * self.padding < r || wd + 2 * self.padding < s {
@@ -107,71 +237,32 @@ impl CudnnConv {
                 wl.shape()
             )
         }
-        let ho = (h + 2 * self.padding - r) / self.stride + 1;
-        let wo = (wd + 2 * self.padding - s) / self.stride + 1;
+        let (ho, wo) = (self.out_size(h, r), self.out_size(wd, s));
         let dev = x.device().clone();
+        let plan = self.plan::<T>(&dev, x.dtype(), xl.dims(), wl.dims())?;
         let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
         let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
         // SAFETY: cuDNN writes every element.
         let mut y = unsafe { dev.alloc::<T>(n * k * ho * wo)? };
-
-        let cudnn = cudnn_handle(&dev)?;
-        let e = candle_core::Error::wrap;
-        let (p, st) = (self.padding as i32, self.stride as i32);
-        // fp16/bf16 accumulate in fp32 (as PyTorch does) on tensor cores; fp32 stays exact fp32.
-        let mut conv = cudnn
-            .create_conv2d::<f32>([p, p], [st, st], [1, 1], CUDNN_CROSS_CORRELATION)
-            .map_err(e)?;
-        let math = if x.dtype() == DType::F32 {
-            cudnnMathType_t::CUDNN_FMA_MATH
-        } else {
-            cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+        let forward = ConvForward {
+            conv: &plan.conv,
+            x: &plan.x,
+            w: &plan.w,
+            y: &plan.y,
         };
-        conv.set_math_type(math).map_err(e)?;
-        let dims =
-            |a: usize, b: usize, c: usize, d: usize| [a as i32, b as i32, c as i32, d as i32];
-        let xd = cudnn
-            .create_4d_tensor::<T>(CUDNN_TENSOR_NCHW, dims(n, c, h, wd))
-            .map_err(e)?;
-        let wdsc = cudnn
-            .create_4d_filter::<T>(CUDNN_TENSOR_NCHW, dims(k, c, r, s))
-            .map_err(e)?;
-        let yd = cudnn
-            .create_4d_tensor::<T>(CUDNN_TENSOR_NCHW, dims(n, k, ho, wo))
-            .map_err(e)?;
-        let op = ConvForward {
-            conv: &conv,
-            x: &xd,
-            w: &wdsc,
-            y: &yd,
-        };
-        let key: ConvKey = (
-            dev.id(),
-            x.dtype(),
-            [n, c, h, wd, k, r, s, self.padding, self.stride],
-        );
-        let algo = match ALGOS.with(|m| m.borrow().get(&key).copied()) {
-            Some(algo) => algo,
-            None => {
-                let algo = op.pick_algorithm().map_err(e)?;
-                tracing::debug!(?key, ?algo, "cuDNN convolution algorithm");
-                ALGOS.with(|m| m.borrow_mut().insert(key, algo));
-                algo
-            }
-        };
-        let need = op.get_workspace_size(algo).map_err(e)?;
+        let need = plan.workspace;
         WORKSPACE.with(|map| -> Result<()> {
             let mut map = map.borrow_mut();
-            let grow = map.get(&dev.id()).is_none_or(|ws| ws.len() < need);
-            if grow && need > 0 {
+            if need > 0 && map.get(&dev.id()).is_none_or(|ws| ws.len() < need) {
                 map.remove(&dev.id()); // free the old buffer before taking the bigger one
                                        // SAFETY: scratch space, never read before cuDNN writes it.
                 map.insert(dev.id(), unsafe { dev.alloc::<u8>(need)? });
             }
             let workspace = map.get_mut(&dev.id()).filter(|_| need > 0);
-            // SAFETY: the descriptors describe exactly these buffers (contiguous NCHW).
-            unsafe { op.launch(algo, workspace, (T::one(), T::zero()), &xs, &ws, &mut y) }
-                .map_err(e)
+            // SAFETY: the plan's descriptors describe exactly these buffers (contiguous NCHW).
+            let scale = (T::one(), T::zero());
+            unsafe { forward.launch(plan.algo, workspace, scale, &xs, &ws, &mut y) }
+                .map_err(candle_core::Error::wrap)
         })?;
         let out = CudaStorage::wrap_cuda_slice(y, dev);
         Ok((out, Shape::from((n, k, ho, wo))))

@@ -250,7 +250,7 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
             label,
             &format!("[{b},{c},{side},{side}]"),
             &|| Ok(m.forward(&x)?),
-            &|| Ok(own::conv2d(&x, &w, 1, 1)?),
+            &|| Ok(own::conv2d_cudnn(&x, &w, 1, 1)?),
         )?;
     }
     for (label, b, c, side) in [
@@ -321,10 +321,20 @@ mod own {
     use candle_core::Tensor;
 
     #[cfg(feature = "cuda")]
-    pub use sdkube_models::cuda::{conv2d, flash_attention, group_norm};
+    pub use sdkube_models::cuda::{flash_attention, group_norm};
+
+    #[cfg(feature = "cuda")]
+    pub fn conv2d_cudnn(
+        x: &candle_core::Tensor,
+        w: &candle_core::Tensor,
+        padding: usize,
+        stride: usize,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        sdkube_models::cuda::conv2d_cudnn(x, w, padding, stride).map(Some)
+    }
 
     #[cfg(not(feature = "cuda"))]
-    pub fn conv2d(
+    pub fn conv2d_cudnn(
         _: &Tensor,
         _: &Tensor,
         _: usize,
