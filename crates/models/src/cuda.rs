@@ -338,12 +338,40 @@ impl CustomOp2 for CudnnConv {
 /// Head dims the kernel is instantiated for (the real one is padded up to the next).
 const FLASH_HEAD_DIMS: [usize; 8] = [16, 32, 48, 64, 80, 96, 128, 160];
 
-/// Shared memory of `flash_attention<DP>` in bytes: `FlashLayout<DP>::SMEM` in kernels.cu.
-fn flash_smem(dp: usize) -> usize {
-    let ldh = dp + 8;
-    let sld = dp.max(64) + 4;
-    let pld = 64 + 8;
-    2 * 64 * ldh * 2 + 4 * 16 * sld * 4 + 4 * 16 * pld * 2
+/// The two flash-attention kernels of `kernels.cu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashKernel {
+    /// `mma.sync` with register-resident scores (FlashAttention-2's layout): the default.
+    Mma,
+    /// The first version, on the `wmma` API with scores through shared memory
+    /// (`SDKUBE_FLASH=wmma`).
+    Wmma,
+}
+
+impl FlashKernel {
+    fn from_env() -> Self {
+        static KERNEL: OnceLock<FlashKernel> = OnceLock::new();
+        *KERNEL.get_or_init(|| match std::env::var("SDKUBE_FLASH").as_deref() {
+            Ok("wmma") => FlashKernel::Wmma,
+            _ => FlashKernel::Mma,
+        })
+    }
+
+    fn function(self, dp: usize) -> String {
+        match self {
+            FlashKernel::Mma => format!("flash_attention_mma_f16_{dp}"),
+            FlashKernel::Wmma => format!("flash_attention_f16_{dp}"),
+        }
+    }
+
+    /// Dynamic shared memory in bytes (`FlashLayout<DP>` in kernels.cu).
+    fn shared_bytes(self, dp: usize) -> usize {
+        let tiles = 2 * 64 * (dp + 8) * 2; // the K and V tiles, fp16
+        match self {
+            FlashKernel::Mma => tiles,
+            FlashKernel::Wmma => tiles + 4 * 16 * (dp.max(64) + 4) * 4 + 4 * 16 * (64 + 8) * 2,
+        }
+    }
 }
 
 /// Softmax attention over `[B, N, H·D]` queries and `[B, M, H·D]` keys and values, `heads`
@@ -354,6 +382,18 @@ pub fn flash_attention(
     v: &Tensor,
     heads: usize,
     scale: f64,
+) -> Result<Option<Tensor>> {
+    flash_attention_with(q, k, v, heads, scale, FlashKernel::from_env())
+}
+
+/// [`flash_attention`] on a chosen kernel (for benchmarks).
+pub fn flash_attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    kernel: FlashKernel,
 ) -> Result<Option<Tensor>> {
     let all_f16 = [q, k, v].iter().all(|t| t.dtype() == DType::F16);
     if !applies(q) || k.track_op() || v.track_op() || !all_f16 || q.rank() != 3 {
@@ -376,6 +416,7 @@ pub fn flash_attention(
     let op = FlashAttention {
         heads,
         scale: scale as f32,
+        kernel,
     };
     q.apply_op3_no_bwd(&k, &v, &op).map(Some)
 }
@@ -383,6 +424,7 @@ pub fn flash_attention(
 struct FlashAttention {
     heads: usize,
     scale: f32,
+    kernel: FlashKernel,
 }
 
 impl CustomOp3 for FlashAttention {
@@ -429,9 +471,8 @@ impl CustomOp3 for FlashAttention {
         let vs = v.as_cuda_slice::<f16>()?.slice(vl.start_offset()..);
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<f16>(b * n * inner)? };
-        let func =
-            dev.get_or_load_custom_func(&format!("flash_attention_f16_{dp}"), MODULE, PTX)?;
-        let smem = flash_smem(dp);
+        let func = dev.get_or_load_custom_func(&self.kernel.function(dp), MODULE, PTX)?;
+        let smem = self.kernel.shared_bytes(dp);
         func.set_attribute(
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             smem as i32,

@@ -177,6 +177,183 @@ FLASH_ATTENTION(96)
 FLASH_ATTENTION(128)
 FLASH_ATTENTION(160)
 
+// The same attention on raw `mma.sync.m16n8k16` tensor-core instructions (FlashAttention-2's
+// register layout): scores, probabilities and the output accumulator stay in registers, where
+// each thread knows which rows it holds, so the online softmax needs no shared-memory round
+// trip. Only the K and V tiles go through shared memory. Same arguments and grid as above;
+// dynamic shared memory 2 * 64 * (DP + 8) halves.
+//
+// Fragment layouts (PTX ISA, m16n8k16, g = lane / 4, t = lane % 4): A registers hold
+// (row g, cols 2t..2t+1), (row g+8, same), (row g, cols 2t+8..), (row g+8, cols 2t+8..); B
+// registers (k 2t..2t+1, col g), (k 2t+8.., col g); C holds (row g, cols 2t, 2t+1) then
+// (row g+8, same).
+
+__device__ __forceinline__ unsigned pack_half2(float a, float b) {
+  __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+
+__device__ __forceinline__ void mma_16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two 8x8 half matrices, transposed on the way: rows from lanes 0-7 and 8-15's addresses.
+__device__ __forceinline__ void ldmatrix_x2_trans(unsigned& r0, unsigned& r1, const half* p) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r0), "=r"(r1)
+               : "r"(addr));
+}
+
+template <int DP>
+__device__ void flash_attention_mma(const half* q, const half* k, const half* v, half* o, int N,
+                                    int M, int H, int D, float scale_log2) {
+  constexpr int LDH = FlashLayout<DP>::LDH;
+  constexpr int NT = BC / 8;  // score tiles of 8 keys
+  constexpr int DT = DP / 8;  // output tiles of 8 dims
+  extern __shared__ __align__(32) unsigned char smem[];
+  half* ks = (half*)smem;
+  half* vs = ks + BC * LDH;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int b = blockIdx.y / H, h = blockIdx.y % H;
+  const int row0 = blockIdx.x * BR;
+  const size_t ld = (size_t)H * D;
+  const half* qb = q + (size_t)b * N * ld + (size_t)h * D;
+  const half* kb = k + (size_t)b * M * ld + (size_t)h * D;
+  const half* vb = v + (size_t)b * M * ld + (size_t)h * D;
+  half* ob = o + (size_t)b * N * ld + (size_t)h * D;
+
+  load_tile<DP>(ks, qb, ld, row0, N, D);
+  __syncthreads();
+  unsigned qa[DP / 16][4];
+  const half* qw = ks + warp * 16 * LDH;
+#pragma unroll
+  for (int kk = 0; kk < DP / 16; kk++) {
+    qa[kk][0] = *(const unsigned*)(qw + g * LDH + kk * 16 + 2 * t);
+    qa[kk][1] = *(const unsigned*)(qw + (g + 8) * LDH + kk * 16 + 2 * t);
+    qa[kk][2] = *(const unsigned*)(qw + g * LDH + kk * 16 + 2 * t + 8);
+    qa[kk][3] = *(const unsigned*)(qw + (g + 8) * LDH + kk * 16 + 2 * t + 8);
+  }
+  __syncthreads();
+
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float acc[DT][4];
+#pragma unroll
+  for (int j = 0; j < DT; j++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) acc[j][e] = 0.f;
+
+  for (int c0 = 0; c0 < M; c0 += BC) {
+    load_tile<DP>(ks, kb, ld, c0, M, D);
+    load_tile<DP>(vs, vb, ld, c0, M, D);
+    __syncthreads();
+
+    float s[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) s[j][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < DP / 16; kk++) {
+        const half* kr = ks + (j * 8 + g) * LDH + kk * 16 + 2 * t;
+        mma_16816(s[j], qa[kk], *(const unsigned*)kr, *(const unsigned*)(kr + 8));
+      }
+    }
+
+    // Online softmax in base 2 for rows g (e = 0, 1) and g + 8 (e = 2, 3); a row's 64 scores
+    // are spread over the 4 lanes of a quad.
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int key = c0 + j * 8 + 2 * t + (e & 1);
+        const float x = key < M ? s[j][e] * scale_log2 : -INFINITY;
+        s[j][e] = x;
+        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
+      }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 2));
+      const float m_new = fmaxf(m[r], tile_max[r]);  // finite: every tile has a key below M
+      alpha[r] = exp2f(m[r] - m_new);
+      m[r] = m_new;
+    }
+    float tile_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const float p = exp2f(s[j][e] - m[e >> 1]);
+        s[j][e] = p;
+        tile_sum[e >> 1] += p;
+      }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      tile_sum[r] += __shfl_xor_sync(0xffffffff, tile_sum[r], 1);
+      tile_sum[r] += __shfl_xor_sync(0xffffffff, tile_sum[r], 2);
+      l[r] = l[r] * alpha[r] + tile_sum[r];
+    }
+#pragma unroll
+    for (int j = 0; j < DT; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[j][e] *= alpha[e >> 1];
+
+    // O += P V: the score tiles 2kk and 2kk+1 are exactly the A fragment of keys 16kk..16kk+15.
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; kk++) {
+      const unsigned pa[4] = {pack_half2(s[2 * kk][0], s[2 * kk][1]),
+                              pack_half2(s[2 * kk][2], s[2 * kk][3]),
+                              pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int j = 0; j < DT; j++) {
+        unsigned b0, b1;
+        ldmatrix_x2_trans(b0, b1, vs + (kk * 16 + lane % 16) * LDH + j * 8);
+        mma_16816(acc[j], pa, b0, b1);
+      }
+    }
+    __syncthreads();  // the next tile overwrites ks and vs
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const int n = row0 + warp * 16 + g + 8 * r;
+    if (n >= N) continue;
+    const float inv_l = 1.f / l[r];
+    half* out = ob + (size_t)n * ld;
+#pragma unroll
+    for (int j = 0; j < DT; j++) {
+      const int c = j * 8 + 2 * t;
+      if (c < D) *(__half2*)(out + c) = __floats2half2_rn(acc[j][2 * r] * inv_l, acc[j][2 * r + 1] * inv_l);
+    }
+  }
+}
+
+#define FLASH_ATTENTION_MMA(DP)                                                               \
+  extern "C" __global__ void __launch_bounds__(128)                                           \
+      flash_attention_mma_f16_##DP(const half* q, const half* k, const half* v, half* o,     \
+                                   int N, int M, int H, int D, float scale_log2) {           \
+    flash_attention_mma<DP>(q, k, v, o, N, M, H, D, scale_log2);                             \
+  }
+
+FLASH_ATTENTION_MMA(16)
+FLASH_ATTENTION_MMA(32)
+FLASH_ATTENTION_MMA(48)
+FLASH_ATTENTION_MMA(64)
+FLASH_ATTENTION_MMA(80)
+FLASH_ATTENTION_MMA(96)
+FLASH_ATTENTION_MMA(128)
+FLASH_ATTENTION_MMA(160)
+
 // ---------------------------------------------------------------------------------------------
 // Group norm over NCHW (torch.nn.GroupNorm), optionally followed by SiLU, statistics in fp32.
 // In NCHW a (batch, group) pair is one contiguous run of len = channels_per_group * HW values,

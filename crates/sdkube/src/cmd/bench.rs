@@ -208,21 +208,24 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
             .max(0)?
             .to_scalar::<f32>()?)
     };
-    // Times `ours` too when it applies, and reports its largest difference from `candle`.
+    type Ours<'a> = (&'a str, &'a dyn Fn() -> anyhow::Result<Option<Tensor>>);
+    // Times each of `ours` too where it applies, and reports its largest difference from
+    // `candle`'s result.
     let compare = |label: &str,
                    shape: &str,
                    candle: &dyn Fn() -> anyhow::Result<Tensor>,
-                   ours: &dyn Fn() -> anyhow::Result<Option<Tensor>>|
+                   ours: &[Ours]|
      -> anyhow::Result<()> {
         let s = time(dev, repeat, || candle().map(drop))?;
         report(&format!("{label} [candle]"), shape, s, dt, dev);
-        if let Some(got) = ours()? {
+        for (name, ours) in ours {
+            let Some(got) = ours()? else { continue };
             let want = candle()?;
             let diff = max_abs(&(got.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?)?;
             let s = time(dev, repeat, || ours().map(drop))?;
             println!(
                 "{}",
-                serde_json::json!({"bench": format!("{label} [sdkube]"), "shape": shape,
+                serde_json::json!({"bench": format!("{label} [{name}]"), "shape": shape,
                     "ms": s * 1e3, "max_diff": diff, "ref_max": max_abs(&want)?,
                     "dtype": Precision::label(dt), "device": format!("{dev:?}")})
             );
@@ -250,7 +253,7 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
             label,
             &format!("[{b},{c},{side},{side}]"),
             &|| Ok(m.forward(&x)?),
-            &|| Ok(own::conv2d_cudnn(&x, &w, 1, 1)?),
+            &[("sdkube", &|| Ok(own::conv2d_cudnn(&x, &w, 1, 1)?))],
         )?;
     }
     for (label, b, c, side) in [
@@ -264,7 +267,9 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
             label,
             &format!("[{b},{c},{side},{side}]"),
             &|| Ok(candle_nn::ops::silu(&gn.forward(&x)?)?),
-            &|| Ok(own::group_norm(&x, &w, &bias, 32, 1e-5, true)?),
+            &[("sdkube", &|| {
+                Ok(own::group_norm(&x, &w, &bias, 32, 1e-5, true)?)
+            })],
         )?;
     }
     // Attention as blocks.rs computes it without its own kernel: heads split out, softmax(q kᵀ
@@ -295,7 +300,14 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
                     .transpose(1, 2)?
                     .reshape((b, n, heads * d))?)
             },
-            &|| Ok(own::flash_attention(&q, &k, &v, heads, scale)?),
+            &[
+                ("sdkube", &|| {
+                    Ok(own::flash_attention(&q, &k, &v, heads, scale, false)?)
+                }),
+                ("sdkube wmma", &|| {
+                    Ok(own::flash_attention(&q, &k, &v, heads, scale, true)?)
+                }),
+            ],
         )?;
     }
     // The transformer's GEGLU projection, as a linear layer on [B·HW, C].
@@ -321,7 +333,26 @@ mod own {
     use candle_core::Tensor;
 
     #[cfg(feature = "cuda")]
-    pub use sdkube_models::cuda::{flash_attention, group_norm};
+    pub use sdkube_models::cuda::group_norm;
+
+    /// The default kernel, or the first (`wmma`) one.
+    #[cfg(feature = "cuda")]
+    pub fn flash_attention(
+        q: &candle_core::Tensor,
+        k: &candle_core::Tensor,
+        v: &candle_core::Tensor,
+        heads: usize,
+        scale: f64,
+        wmma: bool,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        use sdkube_models::cuda::{flash_attention_with, FlashKernel};
+        let kernel = if wmma {
+            FlashKernel::Wmma
+        } else {
+            FlashKernel::Mma
+        };
+        flash_attention_with(q, k, v, heads, scale, kernel)
+    }
 
     #[cfg(feature = "cuda")]
     pub fn conv2d_cudnn(
@@ -362,6 +393,7 @@ mod own {
         _: &Tensor,
         _: usize,
         _: f64,
+        _: bool,
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
