@@ -238,6 +238,9 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
         ("conv3x3 unet 320", 2, 320, 64),
         ("conv3x3 unet 640", 2, 640, 32),
         ("conv3x3 unet 1280", 2, 1280, 16),
+        ("conv3x3 sdxl 320", 2, 320, 128),
+        ("conv3x3 sdxl 640", 2, 640, 64),
+        ("conv3x3 sdxl 1280", 2, 1280, 32),
         ("conv3x3 vae 512", 1, 512, 128),
         ("conv3x3 vae 256", 1, 256, 256),
         ("conv3x3 vae 128", 1, 128, 512),
@@ -279,6 +282,7 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
         ("attention sd15 cross 64²", 2, 8, 4096, 77, 40),
         ("attention sdxl self 64²", 2, 10, 4096, 4096, 64),
         ("attention sdxl self 32²", 2, 20, 1024, 1024, 64),
+        ("attention sdxl cross 32²", 2, 20, 1024, 77, 64),
         ("attention vae mid 64²", 1, 1, 4096, 4096, 512),
     ] {
         let q = rand(&[b, n, heads * d])?;
@@ -310,14 +314,42 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
             ],
         )?;
     }
-    // The transformer's GEGLU projection, as a linear layer on [B·HW, C].
-    let x = rand(&[2 * 4096, 320])?;
-    let w = rand(&[2560, 320])?;
+    // The transformer's linear layers on [B·HW, C] (with bias, as candle_nn::Linear runs
+    // them), its GEGLU gate and layer norm, and the NCHW → tokens copy: SD1.5 and SDXL shapes.
+    for (label, rows, cin, cout) in [
+        ("linear geglu 320->2560", 2 * 4096, 320, 2560),
+        ("linear sdxl geglu 1280->10240", 2 * 1024, 1280, 10240),
+        ("linear sdxl ff out 5120->1280", 2 * 1024, 5120, 1280),
+        ("linear sdxl attn 1280->1280", 2 * 1024, 1280, 1280),
+    ] {
+        let x = rand(&[1, rows, cin])?;
+        let lin = candle_nn::Linear::new(rand(&[cout, cin])?, Some(rand(&[cout])?));
+        let s = time(dev, repeat, || {
+            lin.forward(&x)?;
+            Ok(())
+        })?;
+        report(label, &format!("[{rows},{cin}]"), s, dt, dev);
+    }
+    let h = rand(&[2, 1024, 10240])?;
     let s = time(dev, repeat, || {
-        x.matmul(&w.t()?)?;
+        let (value, gate) = (h.narrow(2, 0, 5120)?, h.narrow(2, 5120, 5120)?);
+        (value * gate.gelu_erf()?)?;
         Ok(())
     })?;
-    report("linear geglu 320->2560", "[8192,320]", s, dt, dev);
+    report("geglu gate sdxl", "[2,1024,10240]", s, dt, dev);
+    let x = rand(&[2, 1024, 1280])?;
+    let ln = candle_nn::LayerNorm::new(rand(&[1280])?, rand(&[1280])?, 1e-5);
+    let s = time(dev, repeat, || {
+        ln.forward(&x)?;
+        Ok(())
+    })?;
+    report("layer_norm sdxl", "[2,1024,1280]", s, dt, dev);
+    let x = rand(&[2, 1280, 32, 32])?;
+    let s = time(dev, repeat, || {
+        x.permute((0, 2, 3, 1))?.contiguous()?;
+        Ok(())
+    })?;
+    report("nchw to tokens sdxl", "[2,1280,32,32]", s, dt, dev);
     let x = rand(&[1, 256, 256, 256])?;
     let s = time(dev, repeat, || {
         x.upsample_nearest2d(512, 512)?;
