@@ -628,3 +628,156 @@ impl CustomOp3 for GroupNormOp {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise: bias along an axis, GEGLU gate. Measured against candle's broadcast kernels in
+// `sdkube bench --what ops`; not yet used by the networks.
+
+fn elementwise_ok(t: &Tensor) -> bool {
+    applies(t) && matches!(t.dtype(), DType::F16 | DType::F32) && t.elem_count() < (1 << 31)
+}
+
+fn launch_1d(elements: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (elements.div_ceil(256).min(65_535 * 16) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F16 => Ok("f16"),
+        DType::F32 => Ok("f32"),
+        other => candle_core::bail!("no {other:?} kernel"),
+    }
+}
+
+/// `y + bias` with `bias` running along axis `axis` of `y` (the last axis after a linear layer,
+/// axis 1 of an NCHW convolution output).
+pub fn add_bias(y: &Tensor, bias: &Tensor, axis: usize) -> Result<Option<Tensor>> {
+    if !elementwise_ok(y) || bias.dtype() != y.dtype() || bias.track_op() || axis >= y.rank() {
+        return Ok(None);
+    }
+    if bias.elem_count() != y.dim(axis)? {
+        return Ok(None);
+    }
+    let inner: usize = y.dims()[axis + 1..].iter().product();
+    let op = AddBias { inner };
+    y.contiguous()?
+        .apply_op2_no_bwd(&bias.contiguous()?, &op)
+        .map(Some)
+}
+
+struct AddBias {
+    inner: usize,
+}
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        y: &CudaStorage,
+        yl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+            op: &AddBias,
+            y: &CudaStorage,
+            yl: &Layout,
+            b: &CudaStorage,
+            bl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let n = yl.shape().elem_count();
+            let dev = y.device().clone();
+            let ys = y.as_cuda_slice::<T>()?.slice(yl.start_offset()..);
+            let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
+            // SAFETY: the kernel writes every element.
+            let out = unsafe { dev.alloc::<T>(n)? };
+            let name = format!("add_bias_{}", suffix(y.dtype())?);
+            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            let (n32, inner32) = (n as u32, op.inner as u32);
+            let channels = bl.shape().elem_count() as u32;
+            let mut launch = func.builder();
+            launch
+                .arg(&ys)
+                .arg(&bs)
+                .arg(&out)
+                .arg(&n32)
+                .arg(&inner32)
+                .arg(&channels);
+            // SAFETY: argument list matches the kernel's signature.
+            unsafe { launch.launch(launch_1d(n)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), yl.shape().clone()))
+        }
+        match y.dtype() {
+            DType::F16 => run::<f16>(self, y, yl, b, bl),
+            DType::F32 => run::<f32>(self, y, yl, b, bl),
+            dtype => candle_core::bail!("add-bias: no {dtype:?} support"),
+        }
+    }
+}
+
+/// diffusers' GEGLU gate: `h[..., :F] * gelu(h[..., F:])` for `h` `[..., 2F]`.
+pub fn geglu(h: &Tensor) -> Result<Option<Tensor>> {
+    if !elementwise_ok(h) || h.rank() == 0 || h.dims()[h.rank() - 1] % 2 != 0 {
+        return Ok(None);
+    }
+    h.contiguous()?.apply_op1_no_bwd(&Geglu).map(Some)
+}
+
+struct Geglu;
+
+impl candle_core::CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "geglu"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(&self, h: &CudaStorage, hl: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+            h: &CudaStorage,
+            hl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let mut dims = hl.dims().to_vec();
+            let last = dims.len() - 1;
+            dims[last] /= 2;
+            let f = dims[last];
+            let n: usize = dims.iter().product();
+            let dev = h.device().clone();
+            let hs = h.as_cuda_slice::<T>()?.slice(hl.start_offset()..);
+            // SAFETY: the kernel writes every element.
+            let out = unsafe { dev.alloc::<T>(n)? };
+            let name = format!("geglu_{}", suffix(h.dtype())?);
+            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            let (n32, f_u32) = (n as u32, f as u32);
+            let mut launch = func.builder();
+            launch.arg(&hs).arg(&out).arg(&n32).arg(&f_u32);
+            // SAFETY: argument list matches the kernel's signature.
+            unsafe { launch.launch(launch_1d(n)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
+        }
+        match h.dtype() {
+            DType::F16 => run::<f16>(h, hl),
+            DType::F32 => run::<f32>(h, hl),
+            dtype => candle_core::bail!("geglu: no {dtype:?} support"),
+        }
+    }
+}

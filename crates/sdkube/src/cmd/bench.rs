@@ -323,20 +323,28 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
         ("linear sdxl attn 1280->1280", 2 * 1024, 1280, 1280),
     ] {
         let x = rand(&[1, rows, cin])?;
-        let lin = candle_nn::Linear::new(rand(&[cout, cin])?, Some(rand(&[cout])?));
-        let s = time(dev, repeat, || {
-            lin.forward(&x)?;
-            Ok(())
-        })?;
-        report(label, &format!("[{rows},{cin}]"), s, dt, dev);
+        let (w, bias) = (rand(&[cout, cin])?, rand(&[cout])?);
+        let lin = candle_nn::Linear::new(w.clone(), Some(bias.clone()));
+        compare(
+            label,
+            &format!("[{rows},{cin}]"),
+            &|| Ok(lin.forward(&x)?),
+            &[("sdkube bias kernel", &|| {
+                let y = x.broadcast_matmul(&w.t()?)?;
+                Ok(own::add_bias(&y, &bias, 2)?)
+            })],
+        )?;
     }
     let h = rand(&[2, 1024, 10240])?;
-    let s = time(dev, repeat, || {
-        let (value, gate) = (h.narrow(2, 0, 5120)?, h.narrow(2, 5120, 5120)?);
-        (value * gate.gelu_erf()?)?;
-        Ok(())
-    })?;
-    report("geglu gate sdxl", "[2,1024,10240]", s, dt, dev);
+    compare(
+        "geglu gate sdxl",
+        "[2,1024,10240]",
+        &|| {
+            let (value, gate) = (h.narrow(2, 0, 5120)?, h.narrow(2, 5120, 5120)?);
+            Ok((value * gate.gelu_erf()?)?)
+        },
+        &[("sdkube", &|| Ok(own::geglu(&h)?))],
+    )?;
     let x = rand(&[2, 1024, 1280])?;
     let ln = candle_nn::LayerNorm::new(rand(&[1280])?, rand(&[1280])?, 1e-5);
     let s = time(dev, repeat, || {
@@ -365,7 +373,7 @@ mod own {
     use candle_core::Tensor;
 
     #[cfg(feature = "cuda")]
-    pub use sdkube_models::cuda::group_norm;
+    pub use sdkube_models::cuda::{add_bias, geglu, group_norm};
 
     /// The default kernel, or the first (`wmma`) one.
     #[cfg(feature = "cuda")]
@@ -403,6 +411,16 @@ mod own {
         _: usize,
         _: usize,
     ) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn add_bias(_: &Tensor, _: &Tensor, _: usize) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn geglu(_: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
 
