@@ -7,7 +7,7 @@
 //! instead (same math; inference keeps the fused kernels).
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{layer_norm, linear, linear_no_bias, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, Conv2dConfig, LayerNorm, VarBuilder};
 
 /// Softmax over the last axis: the fused kernel, or the differentiable composition when
 /// gradients are being tracked.
@@ -68,13 +68,67 @@ impl Module for Conv2d {
                 let y = crate::cuda::conv2d(xs, self.0.weight(), cfg.padding, cfg.stride)?;
                 if let Some(y) = y {
                     return match self.0.bias() {
-                        Some(bias) => y.broadcast_add(&bias.reshape((1, (), 1, 1))?),
+                        Some(bias) => add_bias(y, bias, 1),
                         None => Ok(y),
                     };
                 }
             }
         }
         self.0.forward(xs)
+    }
+}
+
+/// `y + bias` along `axis` of `y`: our kernel where enabled ([`crate::cuda::add_bias`]),
+/// candle's broadcast add elsewhere.
+#[cfg(feature = "cuda")]
+fn add_bias(y: Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
+    if crate::cuda::next_kernels(&y) {
+        if let Some(sum) = crate::cuda::add_bias(&y, bias, axis)? {
+            return Ok(sum);
+        }
+    }
+    let mut shape = vec![1; y.rank()];
+    shape[axis] = bias.elem_count();
+    y.broadcast_add(&bias.reshape(shape)?)
+}
+
+/// `nn.Linear`: candle's, with the bias added by our kernel on CUDA where enabled.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+    #[cfg(feature = "cuda")]
+    without_bias: candle_nn::Linear,
+}
+
+impl Linear {
+    fn new(inner: candle_nn::Linear) -> Self {
+        Self {
+            #[cfg(feature = "cuda")]
+            without_bias: candle_nn::Linear::new(inner.weight().clone(), None),
+            inner,
+        }
+    }
+}
+
+pub(crate) fn linear(cin: usize, cout: usize, vb: VarBuilder) -> Result<Linear> {
+    candle_nn::linear(cin, cout, vb).map(Linear::new)
+}
+
+pub(crate) fn linear_no_bias(cin: usize, cout: usize, vb: VarBuilder) -> Result<Linear> {
+    candle_nn::linear_no_bias(cin, cout, vb).map(Linear::new)
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(bias) = self.inner.bias() {
+            if crate::cuda::next_kernels(xs) {
+                let y = self.without_bias.forward(xs)?;
+                let axis = y.rank() - 1;
+                return add_bias(y, bias, axis);
+            }
+        }
+        self.inner.forward(xs)
     }
 }
 

@@ -28,13 +28,31 @@ use half::{bf16, f16};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "sdkube_kernels";
 
-fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SDKUBE_GPU_KERNELS").as_deref() != Ok("candle"))
+/// Which of our kernels run: none (`SDKUBE_GPU_KERNELS=candle`), the measured ones (default),
+/// or those plus the ones not yet measured on a GPU (`SDKUBE_GPU_KERNELS=next`: bias and GEGLU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kernels {
+    Candle,
+    Measured,
+    Next,
+}
+
+fn kernels() -> Kernels {
+    static LEVEL: OnceLock<Kernels> = OnceLock::new();
+    *LEVEL.get_or_init(|| match std::env::var("SDKUBE_GPU_KERNELS").as_deref() {
+        Ok("candle") => Kernels::Candle,
+        Ok("next") => Kernels::Next,
+        _ => Kernels::Measured,
+    })
 }
 
 fn applies(t: &Tensor) -> bool {
-    enabled() && t.device().is_cuda() && !t.track_op()
+    kernels() >= Kernels::Measured && t.device().is_cuda() && !t.track_op()
+}
+
+/// Whether the networks use [`add_bias`] and [`geglu`] (`SDKUBE_GPU_KERNELS=next`).
+pub fn next_kernels(t: &Tensor) -> bool {
+    kernels() >= Kernels::Next && applies(t)
 }
 
 fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {
@@ -630,8 +648,9 @@ impl CustomOp3 for GroupNormOp {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Elementwise: bias along an axis, GEGLU gate. Measured against candle's broadcast kernels in
-// `sdkube bench --what ops`; not yet used by the networks.
+// Elementwise: bias along an axis, GEGLU gate. Compared with candle's broadcast kernels by
+// `sdkube bench --what ops`; the networks use them only with `SDKUBE_GPU_KERNELS=next` until
+// they have been measured on a GPU.
 
 fn elementwise_ok(t: &Tensor) -> bool {
     applies(t) && matches!(t.dtype(), DType::F16 | DType::F32) && t.elem_count() < (1 << 31)

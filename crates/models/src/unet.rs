@@ -6,11 +6,11 @@
 //! are embedded and added to the timestep embedding, as the reference does.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{linear, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::blocks::{
-    conv1x1, conv2d, conv3x3, group_norm, Attention, Conv2d, Downsample2D, GroupNorm, Norm,
-    ResnetBlock2D, Upsample2D,
+    conv1x1, conv2d, conv3x3, group_norm, linear, Attention, Conv2d, Downsample2D, GroupNorm,
+    Linear, Norm, ResnetBlock2D, Upsample2D,
 };
 use crate::config::UNetConfig;
 
@@ -76,6 +76,12 @@ impl FeedForward {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(xs)?;
+        #[cfg(feature = "cuda")]
+        if crate::cuda::next_kernels(&h) {
+            if let Some(gated) = crate::cuda::geglu(&h)? {
+                return self.proj_out.forward(&gated);
+            }
+        }
         let half = h.dim(D::Minus1)? / 2;
         let (value, gate) = (
             h.narrow(D::Minus1, 0, half)?,
