@@ -52,6 +52,42 @@ impl Default for Limits {
     }
 }
 
+impl Request {
+    /// The bounds every front end checks before a request reaches a device: size, batch,
+    /// steps and CFG scale (named as the request's fields). [`Engine::validate`] checks them
+    /// too, with the prompt and images.
+    pub fn check_limits(&self, l: &Limits) -> Result<(), Error> {
+        let bad = |msg: String| Err(Error::Invalid(msg));
+        for (what, v) in [("width", self.width), ("height", self.height)] {
+            if v == 0 || v % 8 != 0 {
+                return bad(format!("{what} must be a positive multiple of 8, got {v}"));
+            }
+            if v > l.max_size {
+                return bad(format!("{what} {v} is above the limit of {}", l.max_size));
+            }
+        }
+        if self.batch_size == 0 || self.batch_size > l.max_batch {
+            return bad(format!(
+                "batch_size must be between 1 and {}, got {}",
+                l.max_batch, self.batch_size
+            ));
+        }
+        if self.steps == 0 || self.steps > l.max_steps {
+            return bad(format!(
+                "steps must be between 1 and {}, got {}",
+                l.max_steps, self.steps
+            ));
+        }
+        if !self.cfg_scale.is_finite() || !(0.0..=100.0).contains(&self.cfg_scale) {
+            return bad(format!(
+                "cfg_scale must be between 0 and 100, got {}",
+                self.cfg_scale
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One generation request, with A1111's meaning for every field.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -284,42 +320,7 @@ impl Engine {
 
     /// Checks a request before any work: sizes, steps, batch, sampler, prompt.
     pub fn validate(&self, req: &Request) -> Result<SamplerSpec, Error> {
-        let l = self.limits;
-        for (what, v) in [("width", req.width), ("height", req.height)] {
-            if v == 0 || v % 8 != 0 {
-                return Err(Error::Invalid(format!(
-                    "{what} must be a positive multiple of 8, got {v}"
-                )));
-            }
-            if v > l.max_size {
-                return Err(Error::Invalid(format!(
-                    "{what} {v} is above the limit of {}",
-                    l.max_size
-                )));
-            }
-        }
-        if req.batch_size == 0 || req.batch_size > l.max_batch {
-            return Err(Error::Invalid(format!(
-                "batch size must be between 1 and {}, got {}",
-                l.max_batch, req.batch_size
-            )));
-        }
-        if req.steps == 0 {
-            return Err(SamplerError::ZeroSteps.into());
-        }
-        if req.steps > l.max_steps {
-            return Err(SamplerError::TooManySteps {
-                steps: req.steps,
-                max: l.max_steps,
-            }
-            .into());
-        }
-        if !req.cfg_scale.is_finite() || req.cfg_scale < 0.0 || req.cfg_scale > 100.0 {
-            return Err(Error::Invalid(format!(
-                "cfg scale must be between 0 and 100, got {}",
-                req.cfg_scale
-            )));
-        }
+        req.check_limits(&self.limits)?;
         if req.init_image.is_some() && !(0.0..=1.0).contains(&req.strength) {
             return Err(SamplerError::BadStrength(req.strength).into());
         }

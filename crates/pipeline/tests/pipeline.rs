@@ -292,14 +292,14 @@ fn bad_requests_are_refused_with_a_clear_error() {
                 steps: 0,
                 ..ok.clone()
             },
-            "at least 1",
+            "steps must be between 1 and 150, got 0",
         ),
         (
             Request {
                 steps: 1000,
                 ..ok.clone()
             },
-            "limit",
+            "steps must be between 1 and 150, got 1000",
         ),
         (
             Request {
@@ -313,7 +313,7 @@ fn bad_requests_are_refused_with_a_clear_error() {
                 batch_size: 0,
                 ..ok.clone()
             },
-            "batch size",
+            "batch_size must be between 1 and 8, got 0",
         ),
         (
             Request {
@@ -327,7 +327,7 @@ fn bad_requests_are_refused_with_a_clear_error() {
                 cfg_scale: f64::NAN,
                 ..ok.clone()
             },
-            "cfg scale",
+            "cfg_scale",
         ),
     ];
     for (req, want) in cases {

@@ -140,8 +140,14 @@ fn bad_input_fails_clearly_and_writes_nothing() {
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--sampler", "Eulr"], "unknown sampler"),
         (vec!["--width", "65"], "multiple of 8"),
-        (vec!["--steps", "0"], "steps must be at least 1"),
-        (vec!["--steps", "500"], "limit"),
+        (
+            vec!["--steps", "0"],
+            "steps must be between 1 and 150, got 0",
+        ),
+        (
+            vec!["--steps", "500"],
+            "steps must be between 1 and 150, got 500",
+        ),
         (vec!["--prompt", "()[]"], "tokenizes to nothing"),
         (
             vec!["--init-image", not_image.to_str().unwrap()],

@@ -265,41 +265,11 @@ fn seed_of(seed: i64) -> u64 {
 
 /// Checks what can be checked before queueing: sizes, steps, batch, sampler names.
 fn check(state: &AppState, req: &Request, n_iter: usize) -> Result<(), ApiError> {
-    let l = state.config.limits;
-    for (what, v) in [("width", req.width), ("height", req.height)] {
-        if v == 0 || v % 8 != 0 {
-            return Err(ApiError::bad_request(format!(
-                "{what} must be a positive multiple of 8, got {v}"
-            )));
-        }
-        if v > l.max_size {
-            return Err(ApiError::bad_request(format!(
-                "{what} {v} is above the limit of {}",
-                l.max_size
-            )));
-        }
-    }
-    if req.steps == 0 || req.steps > l.max_steps {
-        return Err(ApiError::bad_request(format!(
-            "steps must be between 1 and {}, got {}",
-            l.max_steps, req.steps
-        )));
-    }
-    if req.batch_size == 0 || req.batch_size > l.max_batch {
-        return Err(ApiError::bad_request(format!(
-            "batch_size must be between 1 and {}, got {}",
-            l.max_batch, req.batch_size
-        )));
-    }
+    req.check_limits(&state.config.limits)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     if n_iter == 0 || n_iter > 100 {
         return Err(ApiError::bad_request(format!(
             "n_iter must be between 1 and 100, got {n_iter}"
-        )));
-    }
-    if !req.cfg_scale.is_finite() || !(0.0..=100.0).contains(&req.cfg_scale) {
-        return Err(ApiError::bad_request(format!(
-            "cfg_scale must be between 0 and 100, got {}",
-            req.cfg_scale
         )));
     }
     SamplerSpec::parse(&req.sampler, req.scheduler.as_deref())
