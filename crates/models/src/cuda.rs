@@ -1,6 +1,7 @@
 //! The GPU path's own kernels, where candle 0.11's are slow (issue 9's per-op profile):
-//! convolution through cuDNN with its algorithm chosen once per shape and one reused workspace,
-//! flash attention, and group norm (+ SiLU) in two fused passes (`src/kernels.cu`).
+//! convolution through cuDNN with its plan made once per shape and one reused workspace, flash
+//! attention, group norm (+ SiLU) in two fused passes, and (under `SDKUBE_GPU_KERNELS=next`) a
+//! bias add and the GEGLU gate (`src/kernels.cu`).
 //!
 //! The GPU build links libcudnn (9.x), as candle's `cudnn` feature would: the CUDA cuDNN
 //! runtime image has it, and so does PyTorch's `nvidia-cudnn-cu13` wheel.
@@ -8,6 +9,8 @@
 //! Each entry point returns `None` where it does not apply (not on CUDA, a dtype or shape it
 //! does not cover, gradients being tracked: none of these has a backward pass) and the caller
 //! runs candle's op instead. `SDKUBE_GPU_KERNELS=candle` turns them all off, for A/B runs.
+//! None of this is compiled without feature `cuda`; its checks run on the device
+//! (`benches/gpu_run.sh`: stages `check` and `ops`), as CI has no GPU.
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -356,42 +359,6 @@ impl CustomOp2 for CudnnConv {
 /// Head dims the kernel is instantiated for (the real one is padded up to the next).
 const FLASH_HEAD_DIMS: [usize; 8] = [16, 32, 48, 64, 80, 96, 128, 160];
 
-/// The two flash-attention kernels of `kernels.cu`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FlashKernel {
-    /// `mma.sync` with register-resident scores (FlashAttention-2's layout): the default.
-    Mma,
-    /// The first version, on the `wmma` API with scores through shared memory
-    /// (`SDKUBE_FLASH=wmma`).
-    Wmma,
-}
-
-impl FlashKernel {
-    fn from_env() -> Self {
-        static KERNEL: OnceLock<FlashKernel> = OnceLock::new();
-        *KERNEL.get_or_init(|| match std::env::var("SDKUBE_FLASH").as_deref() {
-            Ok("wmma") => FlashKernel::Wmma,
-            _ => FlashKernel::Mma,
-        })
-    }
-
-    fn function(self, dp: usize) -> String {
-        match self {
-            FlashKernel::Mma => format!("flash_attention_mma_f16_{dp}"),
-            FlashKernel::Wmma => format!("flash_attention_f16_{dp}"),
-        }
-    }
-
-    /// Dynamic shared memory in bytes (`FlashLayout<DP>` in kernels.cu).
-    fn shared_bytes(self, dp: usize) -> usize {
-        let tiles = 2 * 64 * (dp + 8) * 2; // the K and V tiles, fp16
-        match self {
-            FlashKernel::Mma => tiles,
-            FlashKernel::Wmma => tiles + 4 * 16 * (dp.max(64) + 4) * 4 + 4 * 16 * (64 + 8) * 2,
-        }
-    }
-}
-
 /// Softmax attention over `[B, N, H·D]` queries and `[B, M, H·D]` keys and values, `heads`
 /// heads, scores scaled by `scale`; returns `[B, N, H·D]`. fp16 only.
 pub fn flash_attention(
@@ -400,18 +367,6 @@ pub fn flash_attention(
     v: &Tensor,
     heads: usize,
     scale: f64,
-) -> Result<Option<Tensor>> {
-    flash_attention_with(q, k, v, heads, scale, FlashKernel::from_env())
-}
-
-/// [`flash_attention`] on a chosen kernel (for benchmarks).
-pub fn flash_attention_with(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    scale: f64,
-    kernel: FlashKernel,
 ) -> Result<Option<Tensor>> {
     let all_f16 = [q, k, v].iter().all(|t| t.dtype() == DType::F16);
     if !applies(q) || k.track_op() || v.track_op() || !all_f16 || q.rank() != 3 {
@@ -434,7 +389,6 @@ pub fn flash_attention_with(
     let op = FlashAttention {
         heads,
         scale: scale as f32,
-        kernel,
     };
     q.apply_op3_no_bwd(&k, &v, &op).map(Some)
 }
@@ -442,7 +396,6 @@ pub fn flash_attention_with(
 struct FlashAttention {
     heads: usize,
     scale: f32,
-    kernel: FlashKernel,
 }
 
 impl CustomOp3 for FlashAttention {
@@ -489,8 +442,9 @@ impl CustomOp3 for FlashAttention {
         let vs = v.as_cuda_slice::<f16>()?.slice(vl.start_offset()..);
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<f16>(b * n * inner)? };
-        let func = dev.get_or_load_custom_func(&self.kernel.function(dp), MODULE, PTX)?;
-        let smem = self.kernel.shared_bytes(dp);
+        let func =
+            dev.get_or_load_custom_func(&format!("flash_attention_f16_{dp}"), MODULE, PTX)?;
+        let smem = 2 * 64 * (dp + 8) * 2; // the K and V tiles, fp16 (kernels.cu)
         func.set_attribute(
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             smem as i32,

@@ -1,33 +1,35 @@
-// GPU kernels that candle 0.11 lacks: flash attention and a fused group norm (+ SiLU).
-// Compiled to PTX by build.rs (feature `cuda`) and loaded through candle's custom-kernel API;
-// the Rust side is `src/cuda.rs`.
+// GPU kernels that candle 0.11 lacks or runs slowly: flash attention, a fused group norm
+// (+ SiLU), a bias add and the GEGLU gate. Compiled to PTX by build.rs (feature `cuda`) and
+// loaded through candle's custom-kernel API; the Rust side is `src/cuda.rs`.
 #include <cuda_fp16.h>
-#include <mma.h>
-
-using namespace nvcuda;
 
 // ---------------------------------------------------------------------------------------------
-// Flash attention, forward only (the online softmax of Dao et al.): the [N, M] score matrix
-// never reaches global memory. fp16 in and out, fp32 accumulation (so SD 2.x's "upcast
-// attention" holds too).
+// Flash attention, forward only (the online softmax of Dao et al.) on raw
+// `mma.sync.m16n8k16` tensor-core instructions in FlashAttention-2's register layout: scores,
+// probabilities and the output accumulator stay in registers, where each thread knows which
+// rows it holds, so the [N, M] score matrix never leaves the SM and the softmax needs no
+// shared-memory round trip. Only the K and V tiles go through shared memory. fp16 in and out,
+// fp32 accumulation (so SD 2.x's "upcast attention" holds too).
 //
 // q: [B, N, H*D], k and v: [B, M, H*D], o: [B, N, H*D], rows contiguous: the layout of the
 // projections' outputs, so no head split or merge copies are needed.
-// Grid (ceil(N / 64), B * H); block 128 threads = 4 warps, each owning 16 query rows.
+// Grid (ceil(N / 64), B * H); block 128 threads = 4 warps, each owning 16 query rows; dynamic
+// shared memory 2 * 64 * (DP + 8) halves (src/cuda.rs computes the same figure).
 // DP is the head dim padded to a multiple of 16 (D % 8 == 0 is required for 16-byte loads).
+//
+// Fragment layouts (PTX ISA, m16n8k16, g = lane / 4, t = lane % 4): A registers hold
+// (row g, cols 2t..2t+1), (row g+8, same), (row g, cols 2t+8..), (row g+8, cols 2t+8..); B
+// registers (k 2t..2t+1, col g), (k 2t+8.., col g); C holds (row g, cols 2t, 2t+1) then
+// (row g+8, same).
 
 constexpr int BR = 64;  // query rows per block
 constexpr int BC = 64;  // keys per tile
-constexpr int WARPS = 4;
 
+// Row stride of a shared tile in halves: padded against bank conflicts.
 template <int DP>
-struct FlashLayout {
-  static constexpr int LDH = DP + 8;                     // half row stride (bank-conflict skew)
-  static constexpr int SLD = (DP > BC ? DP : BC) + 4;    // float row stride of a warp's scratch
-  static constexpr int PLD = BC + 8;                     // half row stride of a warp's P
-  // Dynamic shared memory in bytes; src/cuda.rs computes the same figure.
-  static constexpr int SMEM = 2 * BC * LDH * 2 + WARPS * 16 * SLD * 4 + WARPS * 16 * PLD * 2;
-};
+__host__ __device__ constexpr int tile_ld() {
+  return DP + 8;
+}
 
 // Rows [first, first + 64) of a [rows, ld] matrix (columns [0, D)) into shared [64][LDH], zero
 // padded past `rows` and past D.
@@ -39,154 +41,10 @@ __device__ __forceinline__ void load_tile(half* dst, const half* src, size_t ld,
     const int r = i / UNITS, c = (i % UNITS) * 8;
     uint4 val = make_uint4(0, 0, 0, 0);
     if (first + r < rows && c < D) val = *(const uint4*)(src + (size_t)(first + r) * ld + c);
-    *(uint4*)(dst + r * FlashLayout<DP>::LDH + c) = val;
+    *(uint4*)(dst + r * tile_ld<DP>() + c) = val;
   }
 }
 
-template <int DP>
-__device__ void flash_attention(const half* q, const half* k, const half* v, half* o, int N,
-                                int M, int H, int D, float scale_log2) {
-  using L = FlashLayout<DP>;
-  extern __shared__ __align__(32) unsigned char smem[];
-  half* ks = (half*)smem;
-  half* vs = ks + BC * L::LDH;
-  float* ss = (float*)(vs + BC * L::LDH);
-  half* ps = (half*)(ss + WARPS * 16 * L::SLD);
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int b = blockIdx.y / H, h = blockIdx.y % H;
-  const int row0 = blockIdx.x * BR;
-  const size_t ld = (size_t)H * D;
-  const half* qb = q + (size_t)b * N * ld + (size_t)h * D;
-  const half* kb = k + (size_t)b * M * ld + (size_t)h * D;
-  const half* vb = v + (size_t)b * M * ld + (size_t)h * D;
-  half* ob = o + (size_t)b * N * ld + (size_t)h * D;
-
-  // The warp's 16 query rows stay in registers as wmma fragments for the whole loop.
-  load_tile<DP>(ks, qb, ld, row0, N, D);
-  __syncthreads();
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> qf[DP / 16];
-#pragma unroll
-  for (int kk = 0; kk < DP / 16; kk++)
-    wmma::load_matrix_sync(qf[kk], ks + warp * 16 * L::LDH + kk * 16, L::LDH);
-  __syncthreads();
-
-  // Each lane owns half of one query row: row r, columns [half * X/2, (half + 1) * X/2).
-  const int r = lane / 2, half_ = lane % 2;
-  float* sw = ss + warp * 16 * L::SLD;
-  half* pw = ps + warp * 16 * L::PLD;
-  float m = -INFINITY, l = 0.f;
-  float acc[DP / 2];
-#pragma unroll
-  for (int i = 0; i < DP / 2; i++) acc[i] = 0.f;
-
-  for (int c0 = 0; c0 < M; c0 += BC) {
-    load_tile<DP>(ks, kb, ld, c0, M, D);
-    load_tile<DP>(vs, vb, ld, c0, M, D);
-    __syncthreads();
-
-    // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
-#pragma unroll
-    for (int j = 0; j < BC / 16; j++) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf;
-      wmma::fill_fragment(sf, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < DP / 16; kk++) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> kf;
-        wmma::load_matrix_sync(kf, ks + j * 16 * L::LDH + kk * 16, L::LDH);
-        wmma::mma_sync(sf, qf[kk], kf, sf);
-      }
-      wmma::store_matrix_sync(sw + j * 16, sf, L::SLD, wmma::mem_row_major);
-    }
-    __syncwarp();
-
-    // Online softmax in base 2; keys past M are masked out.
-    float* srow = sw + r * L::SLD + half_ * (BC / 2);
-    half* prow = pw + r * L::PLD + half_ * (BC / 2);
-    float tile_max = -INFINITY;
-#pragma unroll
-    for (int c = 0; c < BC / 2; c++) {
-      const float s = (c0 + half_ * (BC / 2) + c < M) ? srow[c] * scale_log2 : -INFINITY;
-      srow[c] = s;
-      tile_max = fmaxf(tile_max, s);
-    }
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
-    const float m_new = fmaxf(m, tile_max);  // finite: every tile has a key below M
-    const float alpha = exp2f(m - m_new);
-    float tile_sum = 0.f;
-#pragma unroll
-    for (int c = 0; c < BC / 2; c++) {
-      const float p = exp2f(srow[c] - m_new);
-      tile_sum += p;
-      prow[c] = __float2half(p);
-    }
-    tile_sum += __shfl_xor_sync(0xffffffff, tile_sum, 1);
-    l = l * alpha + tile_sum;
-    m = m_new;
-#pragma unroll
-    for (int i = 0; i < DP / 2; i++) acc[i] *= alpha;
-    __syncwarp();
-
-    // P V into the warp's float scratch, then into the lane's accumulators.
-#pragma unroll
-    for (int j = 0; j < DP / 16; j++) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> of;
-      wmma::fill_fragment(of, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < BC / 16; kk++) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> pf;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::row_major> vf;
-        wmma::load_matrix_sync(pf, pw + kk * 16, L::PLD);
-        wmma::load_matrix_sync(vf, vs + kk * 16 * L::LDH + j * 16, L::LDH);
-        wmma::mma_sync(of, pf, vf, of);
-      }
-      wmma::store_matrix_sync(sw + j * 16, of, L::SLD, wmma::mem_row_major);
-    }
-    __syncwarp();
-    const float* orow = sw + r * L::SLD + half_ * (DP / 2);
-#pragma unroll
-    for (int i = 0; i < DP / 2; i++) acc[i] += orow[i];
-    __syncthreads();  // the next tile overwrites ks and vs
-  }
-
-  const int n = row0 + warp * 16 + r;
-  if (n < N) {
-    half* out = ob + (size_t)n * ld;
-    const float inv_l = 1.f / l;
-#pragma unroll
-    for (int i = 0; i < DP / 2; i++) {
-      const int c = half_ * (DP / 2) + i;
-      if (c < D) out[c] = __float2half(acc[i] * inv_l);
-    }
-  }
-}
-
-#define FLASH_ATTENTION(DP)                                                                   \
-  extern "C" __global__ void __launch_bounds__(128)                                           \
-      flash_attention_f16_##DP(const half* q, const half* k, const half* v, half* o, int N,  \
-                               int M, int H, int D, float scale_log2) {                      \
-    flash_attention<DP>(q, k, v, o, N, M, H, D, scale_log2);                                 \
-  }
-
-FLASH_ATTENTION(16)
-FLASH_ATTENTION(32)
-FLASH_ATTENTION(48)
-FLASH_ATTENTION(64)
-FLASH_ATTENTION(80)
-FLASH_ATTENTION(96)
-FLASH_ATTENTION(128)
-FLASH_ATTENTION(160)
-
-// The same attention on raw `mma.sync.m16n8k16` tensor-core instructions (FlashAttention-2's
-// register layout): scores, probabilities and the output accumulator stay in registers, where
-// each thread knows which rows it holds, so the online softmax needs no shared-memory round
-// trip. Only the K and V tiles go through shared memory. Same arguments and grid as above;
-// dynamic shared memory 2 * 64 * (DP + 8) halves.
-//
-// Fragment layouts (PTX ISA, m16n8k16, g = lane / 4, t = lane % 4): A registers hold
-// (row g, cols 2t..2t+1), (row g+8, same), (row g, cols 2t+8..), (row g+8, cols 2t+8..); B
-// registers (k 2t..2t+1, col g), (k 2t+8.., col g); C holds (row g, cols 2t, 2t+1) then
-// (row g+8, same).
 
 __device__ __forceinline__ unsigned pack_half2(float a, float b) {
   __half2 h = __floats2half2_rn(a, b);
@@ -210,12 +68,12 @@ __device__ __forceinline__ void ldmatrix_x2_trans(unsigned& r0, unsigned& r1, co
 }
 
 template <int DP>
-__device__ void flash_attention_mma(const half* q, const half* k, const half* v, half* o, int N,
-                                    int M, int H, int D, float scale_log2) {
-  constexpr int LDH = FlashLayout<DP>::LDH;
+__device__ void flash_attention(const half* q, const half* k, const half* v, half* o, int N,
+                                int M, int H, int D, float scale_log2) {
+  constexpr int LDH = tile_ld<DP>();
   constexpr int NT = BC / 8;  // score tiles of 8 keys
   constexpr int DT = DP / 8;  // output tiles of 8 dims
-  extern __shared__ __align__(32) unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem[];
   half* ks = (half*)smem;
   half* vs = ks + BC * LDH;
 
@@ -338,21 +196,21 @@ __device__ void flash_attention_mma(const half* q, const half* k, const half* v,
   }
 }
 
-#define FLASH_ATTENTION_MMA(DP)                                                               \
+#define FLASH_ATTENTION(DP)                                                               \
   extern "C" __global__ void __launch_bounds__(128)                                           \
-      flash_attention_mma_f16_##DP(const half* q, const half* k, const half* v, half* o,     \
+      flash_attention_f16_##DP(const half* q, const half* k, const half* v, half* o,     \
                                    int N, int M, int H, int D, float scale_log2) {           \
-    flash_attention_mma<DP>(q, k, v, o, N, M, H, D, scale_log2);                             \
+    flash_attention<DP>(q, k, v, o, N, M, H, D, scale_log2);                             \
   }
 
-FLASH_ATTENTION_MMA(16)
-FLASH_ATTENTION_MMA(32)
-FLASH_ATTENTION_MMA(48)
-FLASH_ATTENTION_MMA(64)
-FLASH_ATTENTION_MMA(80)
-FLASH_ATTENTION_MMA(96)
-FLASH_ATTENTION_MMA(128)
-FLASH_ATTENTION_MMA(160)
+FLASH_ATTENTION(16)
+FLASH_ATTENTION(32)
+FLASH_ATTENTION(48)
+FLASH_ATTENTION(64)
+FLASH_ATTENTION(80)
+FLASH_ATTENTION(96)
+FLASH_ATTENTION(128)
+FLASH_ATTENTION(160)
 
 // ---------------------------------------------------------------------------------------------
 // Group norm over NCHW (torch.nn.GroupNorm), optionally followed by SiLU, statistics in fp32.

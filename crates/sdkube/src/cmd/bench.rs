@@ -304,14 +304,9 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
                     .transpose(1, 2)?
                     .reshape((b, n, heads * d))?)
             },
-            &[
-                ("sdkube", &|| {
-                    Ok(own::flash_attention(&q, &k, &v, heads, scale, false)?)
-                }),
-                ("sdkube wmma", &|| {
-                    Ok(own::flash_attention(&q, &k, &v, heads, scale, true)?)
-                }),
-            ],
+            &[("sdkube", &|| {
+                Ok(own::flash_attention(&q, &k, &v, heads, scale)?)
+            })],
         )?;
     }
     // The transformer's linear layers on [B·HW, C] (with bias, as candle_nn::Linear runs
@@ -373,26 +368,7 @@ mod own {
     use candle_core::Tensor;
 
     #[cfg(feature = "cuda")]
-    pub use sdkube_models::cuda::{add_bias, geglu, group_norm};
-
-    /// The default kernel, or the first (`wmma`) one.
-    #[cfg(feature = "cuda")]
-    pub fn flash_attention(
-        q: &candle_core::Tensor,
-        k: &candle_core::Tensor,
-        v: &candle_core::Tensor,
-        heads: usize,
-        scale: f64,
-        wmma: bool,
-    ) -> candle_core::Result<Option<candle_core::Tensor>> {
-        use sdkube_models::cuda::{flash_attention_with, FlashKernel};
-        let kernel = if wmma {
-            FlashKernel::Wmma
-        } else {
-            FlashKernel::Mma
-        };
-        flash_attention_with(q, k, v, heads, scale, kernel)
-    }
+    pub use sdkube_models::cuda::{add_bias, flash_attention, geglu, group_norm};
 
     #[cfg(feature = "cuda")]
     pub fn conv2d_cudnn(
@@ -443,7 +419,6 @@ mod own {
         _: &Tensor,
         _: usize,
         _: f64,
-        _: bool,
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
