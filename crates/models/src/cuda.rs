@@ -66,10 +66,11 @@ fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {
 // Convolution
 
 /// 2-D convolution without bias (groups 1, dilation 1) through cuDNN, where cuDNN is the faster
-/// of the two for this shape: the first convolution of each shape times cuDNN and candle's
-/// kernel (three calls each) and remembers the winner, as `torch.backends.cudnn.benchmark`
-/// does. (cuDNN won by 4–14× on the VAE's feature maps but lost to candle on the UNet's
-/// smaller ones in the first measurement: a fixed cost per call.)
+/// of the two for this shape: the first convolution of each small shape times cuDNN and
+/// candle's kernel (three calls each) and remembers the winner, as
+/// `torch.backends.cudnn.benchmark` does. Feature maps above [`TIMED_UP_TO`] pixels always go
+/// to cuDNN: it won there by 3–18× at every shape measured, and timing candle's im2col there
+/// would allocate gigabytes (2.4 GB for the VAE's 1024² stage) just to lose.
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Option<Tensor>> {
     let dtype_ok = matches!(x.dtype(), DType::F16 | DType::BF16 | DType::F32);
     if !applies(x) || !dtype_ok || w.dtype() != x.dtype() || x.rank() != 4 || w.rank() != 4 {
@@ -81,8 +82,10 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<O
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let op = CudnnConv { padding, stride };
     let key = op.key(dev, x.dtype(), x.dims(), w.dims());
+    let small = x.dim(2)? * x.dim(3)? <= TIMED_UP_TO;
     let use_cudnn = match CHOICE.with(|c| c.borrow().get(&key).copied()) {
         Some(choice) => choice,
+        None if !small => true,
         None => {
             let choice = cudnn_is_faster(&x, &w, &op)?;
             CHOICE.with(|c| c.borrow_mut().insert(key, choice));
@@ -101,6 +104,10 @@ pub fn conv2d_cudnn(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Re
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     x.apply_op2_no_bwd(&w, &CudnnConv { padding, stride })
 }
+
+/// Input pixels (H·W) up to which [`conv2d`] times cuDNN against candle (32²: the largest UNet
+/// feature map where candle came within 2× of cuDNN).
+const TIMED_UP_TO: usize = 32 * 32;
 
 fn cudnn_is_faster(x: &Tensor, w: &Tensor, op: &CudnnConv) -> Result<bool> {
     let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<std::time::Duration> {
