@@ -822,14 +822,17 @@ pub fn train_embedding(
         step += 1;
 
         let due = |every: usize| every > 0 && step.is_multiple_of(every);
-        let mut checkpoint = None;
-        if due(opts.checkpoint_every) || due(opts.sample_every) || step == opts.steps {
+        let save = || {
             save_checkpoint(
                 &opts.out,
                 &learned.snapshot()?,
                 &state(step),
                 Some(&optimizer.moments()),
-            )?;
+            )
+        };
+        let mut checkpoint = None;
+        if due(opts.checkpoint_every) || due(opts.sample_every) || step == opts.steps {
+            save()?;
             checkpoint = Some(opts.out.clone());
         }
         let sample = if due(opts.sample_every) {
@@ -856,12 +859,7 @@ pub fn train_embedding(
         };
         if on_step(&progress) == Flow::Stop {
             if checkpoint.is_none() {
-                save_checkpoint(
-                    &opts.out,
-                    &learned.snapshot()?,
-                    &state(step),
-                    Some(&optimizer.moments()),
-                )?;
+                save()?;
             }
             cancelled = step < opts.steps;
             break;
