@@ -1,6 +1,7 @@
 //! Parity with diffusers/transformers on the tiny random-weight fixtures made by
 //! `scripts/make_sd_fixtures.py` (references computed in fp32 from the same fp16 weights).
 
+use sdkube_testkit::max_abs_diff;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
@@ -17,20 +18,6 @@ fn refs(name: &str) -> std::collections::HashMap<String, Tensor> {
         &Device::Cpu,
     )
     .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
@@ -256,22 +243,7 @@ fn a_model_saved_as_a_diffusers_folder_loads_back_unchanged() {
         assert_eq!(a.text_encoder.config, b.text_encoder.config, "{name}");
         for (k, t) in &a.unet.tensors {
             let u = &b.unet.tensors[k];
-            let d = (t - u)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            assert_eq!(
-                d.to_dtype(candle_core::DType::F32)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap(),
-                0.0,
-                "{name} {k}"
-            );
+            assert_eq!(max_abs_diff(t, u), 0.0, "{name} {k}");
         }
         assert_eq!(a.text_encoder_2.is_some(), b.text_encoder_2.is_some());
         assert_eq!(a.vae.tensors.len(), b.vae.tensors.len());

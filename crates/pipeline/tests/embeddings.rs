@@ -2,6 +2,7 @@
 //! split, re-scanning, and parity of the conditioning with diffusers'
 //! `load_textual_inversion` (references from `scripts/make_ti_fixtures.py`).
 
+use sdkube_testkit::max_abs_diff;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -30,20 +31,6 @@ fn model(name: &str) -> SdWeights {
     load(&root().join("sd").join(name), &LoadOptions::default()).unwrap()
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 const TINY: TextWidths = TextWidths {
     first: 8,
     second: None,
@@ -69,17 +56,20 @@ fn every_layout_reads_the_same_vectors() {
         let info = set.get(name).unwrap();
         assert_eq!((info.vectors, info.shape.clone()), (2, vec![2, 8]));
         let v = set.vectors(name, EncoderSlot::First).unwrap();
-        assert_eq!(max_abs(v, &expected), 0.0, "{name}");
+        assert_eq!(max_abs_diff(v, &expected), 0.0, "{name}");
         assert!(set.vectors(name, EncoderSlot::Second).is_none());
     }
     // A diffusers single vector `[8]` is one token.
     let single = set.vectors("ti-single", EncoderSlot::First).unwrap();
     assert_eq!(single.dims(), [1, 8]);
-    assert_eq!(max_abs(single, &expected.narrow(0, 0, 1).unwrap()), 0.0);
+    assert_eq!(
+        max_abs_diff(single, &expected.narrow(0, 0, 1).unwrap()),
+        0.0
+    );
     // Each layout also reads through the plain file reader.
     for file in ["ti-diffusers.bin", "ti-diffusers.safetensors", "ti-pt.pt"] {
         let v = read_embedding(&ti(&format!("formats/{file}"))).unwrap();
-        assert_eq!(max_abs(&v.first, &expected), 0.0, "{file}");
+        assert_eq!(max_abs_diff(&v.first, &expected), 0.0, "{file}");
     }
 }
 
@@ -130,7 +120,7 @@ fn family_pairs_only_load_on_their_family() {
     assert_eq!(info.shape, vec![2, 16]);
     let r = refs();
     assert_eq!(
-        max_abs(
+        max_abs_diff(
             xl.vectors("tixl", EncoderSlot::Second).unwrap(),
             &r["sdxl.clip_g"]
         ),
@@ -157,11 +147,11 @@ fn sd1_conditioning_matches_diffusers_load_textual_inversion() {
     let set = EmbeddingSet::load_dir(&ti("sd1"), TextWidths::of(&model("sd1"))).unwrap();
     let r = refs();
     let got = encode_sd1(&set, "a photo of tiembed riding a horse");
-    let err = max_abs(&got, &r["sd1.hidden"]);
+    let err = max_abs_diff(&got, &r["sd1.hidden"]);
     assert!(err < 1e-5, "max abs {err}");
     // Emphasis applies to the vectors as in A1111.
     let got = encode_sd1(&set, "a photo of (tiembed:1.3) riding a horse");
-    let err = max_abs(&got, &r["sd1.hidden_weighted"]);
+    let err = max_abs_diff(&got, &r["sd1.hidden_weighted"]);
     assert!(err < 1e-5, "weighted: max abs {err}");
     // And without the embedding the output differs: the vectors really were used.
     let plain = EmbeddingSet::empty(TINY);
@@ -179,7 +169,7 @@ fn sd1_conditioning_matches_diffusers_load_textual_inversion() {
         embeddings: Some(&plain),
     };
     let without = text::encode(&enc, &tokens, 1).unwrap().context;
-    assert!(max_abs(&without, &r["sd1.hidden"]) > 1e-3);
+    assert!(max_abs_diff(&without, &r["sd1.hidden"]) > 1e-3);
 }
 
 #[test]
@@ -206,9 +196,9 @@ fn sdxl_conditioning_matches_diffusers_on_both_encoders() {
     };
     let cond = text::encode(&enc, &tokens, 1).unwrap();
     let r = refs();
-    let err = max_abs(&cond.context, &r["sdxl.hidden"]);
+    let err = max_abs_diff(&cond.context, &r["sdxl.hidden"]);
     assert!(err < 1e-5, "hidden max abs {err}");
-    let err = max_abs(cond.pooled.as_ref().unwrap(), &r["sdxl.pooled"]);
+    let err = max_abs_diff(cond.pooled.as_ref().unwrap(), &r["sdxl.pooled"]);
     assert!(err < 1e-5, "pooled max abs {err}");
 }
 
@@ -329,5 +319,5 @@ fn a_name_that_is_a_word_replaces_that_word_as_in_a1111() {
         EmbeddingSet::empty(TINY).index(),
     );
     let without = text::encode(&enc, &plain, 1).unwrap().context;
-    assert!(max_abs(&with, &without) > 1e-3);
+    assert!(max_abs_diff(&with, &without) > 1e-3);
 }

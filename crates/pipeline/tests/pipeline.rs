@@ -2,6 +2,7 @@
 //! `fixtures/sd/refs` (A1111 "Euler": k-diffusion's sampler over diffusers' networks), and
 //! behaviour of the engine: validation, seeds, batches, the infotext.
 
+use sdkube_testkit::max_abs_diff;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -29,19 +30,6 @@ fn engine(name: &str, vram: VramMode) -> Engine {
     let mut e = Engine::new(w, name, Device::Cpu, DType::F32, vram).unwrap();
     e.limits.max_size = 256;
     e
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// The reference image quantised to 8 bits as the engine's output is, back as a tensor.
@@ -93,7 +81,7 @@ fn txt2img_matches_reference_run_for_every_family() {
             },
         );
         // 8-bit output: compare against the reference image quantised the same way.
-        let diff = max_abs(&got, &quantised(&r["run.image"]));
+        let diff = max_abs_diff(&got, &quantised(&r["run.image"]));
         eprintln!(
             "{name}: txt2img image max abs diff {diff} (one 8-bit level = {})",
             2.0 / 255.0
@@ -121,7 +109,7 @@ fn img2img_matches_reference_run() {
             init_latent: Some(r["img2img.init_latent"].clone()),
         },
     );
-    let diff = max_abs(&got, &quantised(&r["img2img.image"]));
+    let diff = max_abs_diff(&got, &quantised(&r["img2img.image"]));
     eprintln!("img2img image max abs diff {diff}");
     assert!(
         diff <= 2.0 / 255.0 + 1e-6,
@@ -483,7 +471,7 @@ fn latent_upscale_matches_torch_bilinear() {
     for (key, h, w) in [("up_12x9", 12, 9), ("up_10x14", 10, 14)] {
         let out = sdkube_pipeline::upscale_latent(&r["input"], h, w).unwrap();
         assert_eq!(out.dims(), r[key].dims());
-        let d = max_abs(&out, &r[key]);
+        let d = max_abs_diff(&out, &r[key]);
         assert!(d < 1e-5, "{key}: max diff {d}");
     }
 }

@@ -2,6 +2,7 @@
 //! checkpoint loads back as an embedding, runs resume, stop, and fail without losing the
 //! last good checkpoint.
 
+use sdkube_testkit::max_abs_diff;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
@@ -249,16 +250,7 @@ fn a_resumed_run_continues_exactly_as_an_uninterrupted_one() {
 
     let a = read_embedding(&straight.out).unwrap().first;
     let b = read_embedding(&halves.out).unwrap().first;
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&a, &b);
     assert!(
         d < 1e-6,
         "resumed vectors differ by {d} (optimizer state lost?)"

@@ -2,6 +2,7 @@
 //! inputs and outputs written by `scripts/make_esrgan_fixtures.py` (basicsr 1.4.2,
 //! realesrgan 0.3.0) into `fixtures/esrgan`.
 
+use sdkube_testkit::max_abs_diff;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -24,20 +25,6 @@ fn io() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture("io.safetensors"), &Device::Cpu).unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn check(name: &str, file: &str, arch: EsrganArch, tile: usize) {
     let io = io();
     let net = Esrgan::load(&fixture(file), None, &Device::Cpu).unwrap();
@@ -49,7 +36,7 @@ fn check(name: &str, file: &str, arch: EsrganArch, tile: usize) {
             .unwrap()
             .squeeze(0)
             .unwrap();
-        let d = max_diff(&got, want);
+        let d = max_abs_diff(&got, want);
         eprintln!("{name} forward: max |diff| = {d:e}");
         assert!(d < TOLERANCE, "{name} forward differs by {d}");
     }
@@ -60,7 +47,7 @@ fn check(name: &str, file: &str, arch: EsrganArch, tile: usize) {
             pre_pad: 3,
         };
         let got = net.upscale_tensor(input, &opts).unwrap();
-        let d = max_diff(&got, &io[&format!("{name}.{label}")]);
+        let d = max_abs_diff(&got, &io[&format!("{name}.{label}")]);
         eprintln!("{name} {label}: max |diff| = {d:e}");
         assert!(d < TOLERANCE, "{name} {label} differs by {d}");
     }
@@ -92,7 +79,7 @@ fn check(name: &str, file: &str, arch: EsrganArch, tile: usize) {
         &Device::Cpu,
     )
     .unwrap();
-    let d = max_diff(&got, &io[&format!("{name}.enhance_rgba_u8")]);
+    let d = max_abs_diff(&got, &io[&format!("{name}.enhance_rgba_u8")]);
     eprintln!("{name} enhance RGBA u8: max |diff| = {d} levels");
     assert!(d <= 1.0, "{name} RGBA enhance differs by {d} levels");
 }

@@ -2,6 +2,7 @@
 //! `scripts/make_face_fixtures.py`: a tiny random-weight instance (out 64, narrow 1/32, 16-dim
 //! styles) run with the stored noise maps, and the full v1.4 key tree.
 
+use sdkube_testkit::max_abs_diff;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -34,19 +35,6 @@ fn tiny_fixture() -> (HashMap<String, Tensor>, Tensor, Tensor) {
     let input = t.remove("input").unwrap();
     let output = t.remove("output").unwrap();
     (t, input, output)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]
