@@ -137,6 +137,14 @@ impl Module for Linear {
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
+    /// What the fused kernel takes (candle's `GroupNorm` does not expose it).
+    #[cfg(feature = "cuda")]
+    params: GroupNormParams,
+}
+
+#[cfg(feature = "cuda")]
+#[derive(Debug, Clone)]
+struct GroupNormParams {
     weight: Tensor,
     bias: Tensor,
     groups: usize,
@@ -152,11 +160,14 @@ pub(crate) fn group_norm(
     let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
     let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
     Ok(GroupNorm {
-        inner: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
-        weight,
-        bias,
-        groups,
-        eps,
+        #[cfg(feature = "cuda")]
+        params: GroupNormParams {
+            weight: weight.clone(),
+            bias: bias.clone(),
+            groups,
+            eps,
+        },
+        inner: candle_nn::GroupNorm::new(weight, bias, channels, groups, eps)?,
     })
 }
 
@@ -173,13 +184,12 @@ impl GroupNorm {
     fn run(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         {
-            let fused =
-                crate::cuda::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, silu)?;
+            let p = &self.params;
+            let fused = crate::cuda::group_norm(xs, &p.weight, &p.bias, p.groups, p.eps, silu)?;
             if let Some(y) = fused {
                 return Ok(y);
             }
         }
-        let _ = (&self.weight, &self.bias, self.groups, self.eps); // read only on CUDA
         let y = self.inner.forward(xs)?;
         if silu {
             y.silu()
