@@ -81,15 +81,15 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<O
     };
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let op = CudnnConv { padding, stride };
-    let key = op.key(dev, x.dtype(), x.dims(), w.dims());
-    let small = x.dim(2)? * x.dim(3)? <= TIMED_UP_TO;
-    let use_cudnn = match CHOICE.with(|c| c.borrow().get(&key).copied()) {
-        Some(choice) => choice,
-        None if !small => true,
-        None => {
-            let choice = cudnn_is_faster(&x, &w, &op)?;
-            CHOICE.with(|c| c.borrow_mut().insert(key, choice));
-            choice
+    let use_cudnn = x.dim(2)? * x.dim(3)? > TIMED_UP_TO || {
+        let key = op.key(dev, x.dtype(), x.dims(), w.dims());
+        match CHOICE.with(|c| c.borrow().get(&key).copied()) {
+            Some(choice) => choice,
+            None => {
+                let choice = cudnn_is_faster(&x, &w, &op)?;
+                CHOICE.with(|c| c.borrow_mut().insert(key, choice));
+                choice
+            }
         }
     };
     if use_cudnn {
