@@ -2,7 +2,9 @@
 does not depend on weight values), eager and (optionally) torch.compile. One JSON line per
 measurement, with torch's peak allocated and reserved memory. Usage: python3 benches/gpu_reference.py [--compile]"""
 import json
+import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -13,10 +15,32 @@ REPEAT = 10
 torch.backends.cuda.matmul.allow_tf32 = True
 
 
+class SmiPeak:
+    """The GPU's memory.used as nvidia-smi reports it (what `gpu_run.sh` samples for sdkube),
+    highest value while the `with` block runs, sampled every 50 ms."""
+
+    def __enter__(self):
+        self.peak, self.done = 0, threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while not self.done.is_set():
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True).stdout
+            self.peak = max([self.peak] + [int(v) for v in out.split()[:1] if v.isdigit()])
+            time.sleep(0.05)
+
+    def __exit__(self, *_):
+        self.done.set()
+        self.thread.join()
+
+
 def timed(name, shape, fn, repeat=REPEAT):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad():
+    with torch.no_grad(), SmiPeak() as smi:
         fn()
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -27,7 +51,9 @@ def timed(name, shape, fn, repeat=REPEAT):
     print(json.dumps({"bench": name, "shape": shape, "ms": s * 1e3, "per_s": 1 / s,
                       "peak_mib": torch.cuda.max_memory_allocated() / 2**20,
                       # what the caching allocator held: the figure nvidia-smi sees, less the context
-                      "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20, "impl": IMPL}), flush=True)
+                      "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20,
+                      # the whole process as nvidia-smi sees it (context, kernels, cuBLAS/cuDNN)
+                      "smi_peak_mib": smi.peak, "impl": IMPL}), flush=True)
 
 
 SD15 = dict(layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
@@ -68,12 +94,36 @@ for side in (64, 128):
     img = torch.randn(1, 3, side * 8, side * 8, device=dev, dtype=dt)
     timed("vae-encode", f"{side * 8}x{side * 8}", lambda: vae.encode(img), repeat=5)
 
-# Whole txt2img, 20 Euler steps with CFG (batch 2 per step) + VAE decode; text encoding is left
-# out (a few ms), so this slightly favours diffusers.
+# The text encoders, as the pipelines hold them on the GPU (random weights), where transformers
+# is installed; without it text encoding is left out (a few ms, and their memory), which favours
+# diffusers.
+try:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+except ImportError:
+    CLIPTextModel = None
+    print("transformers not installed: txt2img without text encoders", file=sys.stderr)
+
+
+def text_encoders(sdxl):
+    if CLIPTextModel is None:
+        return []
+    clip_l = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+    if not sdxl:
+        return [CLIPTextModel(CLIPTextConfig(**clip_l)).to(dev, dt).eval()]
+    clip_g = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                  num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+    return [CLIPTextModel(CLIPTextConfig(**clip_l)).to(dev, dt).eval(),
+            CLIPTextModelWithProjection(CLIPTextConfig(**clip_g)).to(dev, dt).eval()]
+
+
+# Whole txt2img, 20 Euler steps with CFG (batch 2 per step) + VAE decode, after encoding the
+# prompt and the negative prompt.
 for name, cfg, side, ctx_dim in [("txt2img-sd15", SD15, 64, 768), ("txt2img-sdxl", SDXL, 128, 2048)]:
     unet = UNet2DConditionModel(**cfg).to(dev, dt).eval()
     if compile_:
         unet = torch.compile(unet)
+    encoders = text_encoders(name == "txt2img-sdxl")
     ctx = torch.randn(2, 77, ctx_dim, device=dev, dtype=dt)
     kw = {}
     if "addition_embed_type" in cfg:
@@ -81,6 +131,9 @@ for name, cfg, side, ctx_dim in [("txt2img-sd15", SD15, 64, 768), ("txt2img-sdxl
                                    "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2, device=dev, dtype=dt)}
 
     def run():
+        ids = torch.randint(0, 49408, (2, 77), device=dev)
+        for encoder in encoders:  # their outputs would make ctx; the shapes are what count
+            encoder(ids, output_hidden_states=True)
         x = torch.randn(1, 4, side, side, device=dev, dtype=dt)
         for i in range(20):
             out = unet(torch.cat([x, x]), torch.tensor([999.0 - 50 * i], device=dev), ctx, **kw).sample
@@ -88,5 +141,5 @@ for name, cfg, side, ctx_dim in [("txt2img-sd15", SD15, 64, 768), ("txt2img-sdxl
             x = x - 0.05 * (u + 7 * (c - u))
         vae.decode(x)
     timed(name, f"{side * 8}x{side * 8} 20 steps", run, repeat=2)
-    del unet
+    del unet, encoders
     torch.cuda.empty_cache()

@@ -9,6 +9,8 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{layer_norm, Conv2dConfig, LayerNorm, VarBuilder};
 
+use crate::profile;
+
 /// Softmax over the last axis: the fused kernel, or the differentiable composition when
 /// gradients are being tracked.
 pub(crate) fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
@@ -35,13 +37,13 @@ impl Norm {
     }
 
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match self.inner.bias() {
+        profile::timed("layer norm", xs.device(), || match self.inner.bias() {
             // The fused kernel has no backward pass and no f64 version.
             Some(bias) if xs.track_op() || xs.dtype() == DType::F64 => {
                 candle_nn::ops::layer_norm_slow(xs, self.inner.weight(), bias, self.eps as f32)
             }
             _ => self.inner.forward(xs),
-        }
+        })
     }
 }
 
@@ -61,38 +63,54 @@ pub(crate) fn conv2d(
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        profile::timed("convolution", xs.device(), || self.run(xs))
+    }
+}
+
+impl Conv2d {
+    fn run(&self, xs: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         {
             let cfg = self.0.config();
-            if cfg.groups == 1 && cfg.dilation == 1 {
-                let y = crate::cuda::conv2d(xs, self.0.weight(), cfg.padding, cfg.stride)?;
-                if let Some(y) = y {
-                    return match self.0.bias() {
-                        Some(bias) => add_bias(y, bias, 1),
-                        None => Ok(y),
-                    };
-                }
+            if xs.device().is_cuda() && cfg.groups == 1 && cfg.dilation == 1 {
+                // cuDNN where it is the faster, candle's kernel elsewhere; the bias by our kernel.
+                let w = self.0.weight();
+                let y = match crate::cuda::conv2d(xs, w, cfg.padding, cfg.stride)? {
+                    Some(y) => y,
+                    None => xs.conv2d(w, cfg.padding, cfg.stride, 1, 1)?,
+                };
+                return match self.0.bias() {
+                    Some(bias) => add_bias(y, bias, 1),
+                    None => Ok(y),
+                };
             }
         }
         self.0.forward(xs)
     }
 }
 
-/// `y + bias` along `axis` of `y`: our kernel where enabled ([`crate::cuda::add_bias`]),
-/// candle's broadcast add elsewhere.
-#[cfg(feature = "cuda")]
-fn add_bias(y: Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
-    if crate::cuda::next_kernels(&y) {
-        if let Some(sum) = crate::cuda::add_bias(&y, bias, axis)? {
-            return Ok(sum);
-        }
+/// `y + bias`, `bias` broadcast over the axes after `axis` (its shape: the axes of `y` that
+/// end at `axis`, e.g. `[C]` or `[B, C]` for NCHW and axis 1). Our kernel on CUDA
+/// ([`crate::cuda::add_bias`]); candle's broadcast add elsewhere.
+pub(crate) fn add_bias(y: Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(sum) = crate::cuda::add_bias(&y, bias, axis)? {
+        return Ok(sum);
+    }
+    if bias.rank() == 0 || bias.rank() > axis + 1 {
+        candle_core::bail!(
+            "bias {:?} does not run along axis {axis} of {:?}",
+            bias.dims(),
+            y.dims()
+        )
     }
     let mut shape = vec![1; y.rank()];
-    shape[axis] = bias.elem_count();
+    shape[axis + 1 - bias.rank()..=axis].copy_from_slice(bias.dims());
     y.broadcast_add(&bias.reshape(shape)?)
 }
 
-/// `nn.Linear`: candle's, with the bias added by our kernel on CUDA where enabled.
+/// `nn.Linear`: on CUDA through cuBLASLt with the bias fused ([`crate::cuda::linear`], fp16 and
+/// bf16) or with the bias added by our kernel; candle's elsewhere.
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
@@ -120,9 +138,19 @@ pub(crate) fn linear_no_bias(cin: usize, cout: usize, vb: VarBuilder) -> Result<
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        profile::timed("linear", xs.device(), || self.run(xs))
+    }
+}
+
+impl Linear {
+    fn run(&self, xs: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = crate::cuda::linear(xs, self.inner.weight(), self.inner.bias())? {
+            return Ok(y);
+        }
         #[cfg(feature = "cuda")]
         if let Some(bias) = self.inner.bias() {
-            if crate::cuda::next_kernels(xs) {
+            if xs.device().is_cuda() {
                 let y = self.without_bias.forward(xs)?;
                 let axis = y.rank() - 1;
                 return add_bias(y, bias, axis);
@@ -182,6 +210,10 @@ impl GroupNorm {
     }
 
     fn run(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        profile::timed("group norm", xs.device(), || self.norm(xs, silu))
+    }
+
+    fn norm(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         {
             let p = &self.params;
@@ -253,8 +285,8 @@ impl ResnetBlock2D {
         let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
-                let t = proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-                h.broadcast_add(&t)?
+                // [B, C] per sample and channel
+                add_bias(h, &proj.forward(&t.silu()?)?, 1)?
             }
             _ => h,
         };
@@ -378,6 +410,12 @@ pub(crate) fn scaled_dot_product_attention(
     heads: usize,
     upcast: bool,
 ) -> Result<Tensor> {
+    profile::timed("attention", q.device(), || {
+        attention(q, k, v, heads, upcast)
+    })
+}
+
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) -> Result<Tensor> {
     let (b, n, inner) = q.dims3()?;
     let m = k.dim(1)?;
     let d = inner / heads;

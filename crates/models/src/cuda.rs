@@ -1,7 +1,7 @@
 //! The GPU path's own kernels, where candle 0.11's are slow (issue 9's per-op profile):
 //! convolution through cuDNN with its plan made once per shape and one reused workspace, flash
-//! attention, group norm (+ SiLU) in two fused passes, and (under `SDKUBE_GPU_KERNELS=next`) a
-//! bias add and the GEGLU gate (`src/kernels.cu`).
+//! attention, group norm (+ SiLU) in two fused passes, a bias add and the GEGLU gate
+//! (`src/kernels.cu`).
 //!
 //! The GPU build links libcudnn (9.x), as candle's `cudnn` feature would: the CUDA cuDNN
 //! runtime image has it, and so does PyTorch's `nvidia-cudnn-cu13` wheel.
@@ -31,31 +31,14 @@ use half::{bf16, f16};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "sdkube_kernels";
 
-/// Which of our kernels run: none (`SDKUBE_GPU_KERNELS=candle`), the measured ones (default),
-/// or those plus the ones not yet measured on a GPU (`SDKUBE_GPU_KERNELS=next`: bias and GEGLU).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Kernels {
-    Candle,
-    Measured,
-    Next,
-}
-
-fn kernels() -> Kernels {
-    static LEVEL: OnceLock<Kernels> = OnceLock::new();
-    *LEVEL.get_or_init(|| match std::env::var("SDKUBE_GPU_KERNELS").as_deref() {
-        Ok("candle") => Kernels::Candle,
-        Ok("next") => Kernels::Next,
-        _ => Kernels::Measured,
-    })
+/// Whether our kernels run at all: `SDKUBE_GPU_KERNELS=candle` turns them off (A/B runs).
+fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SDKUBE_GPU_KERNELS").as_deref() != Ok("candle"))
 }
 
 fn applies(t: &Tensor) -> bool {
-    kernels() >= Kernels::Measured && t.device().is_cuda() && !t.track_op()
-}
-
-/// Whether the networks use [`add_bias`] and [`geglu`] (`SDKUBE_GPU_KERNELS=next`).
-pub fn next_kernels(t: &Tensor) -> bool {
-    kernels() >= Kernels::Next && applies(t)
+    enabled() && t.device().is_cuda() && !t.track_op()
 }
 
 fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {
@@ -150,9 +133,27 @@ thread_local! {
     static CUDNN: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
     static CHOICE: RefCell<HashMap<ConvKey, bool>> = RefCell::new(HashMap::new());
     static PLANS: RefCell<HashMap<ConvKey, Rc<dyn Any>>> = RefCell::new(HashMap::new());
-    // One scratch buffer per device, grown to the largest need seen: every use is on the one
-    // stream, so uses never overlap.
+    // One scratch buffer per device for cuDNN and cuBLASLt, grown to the largest need seen:
+    // every use is on the one stream, so uses never overlap.
     static WORKSPACE: RefCell<HashMap<DeviceId, CudaSlice<u8>>> = RefCell::new(HashMap::new());
+}
+
+/// Runs `f` with this device's scratch buffer, grown to at least `need` bytes (`None` when no
+/// scratch is needed).
+fn with_workspace<R>(
+    dev: &CudaDevice,
+    need: usize,
+    f: impl FnOnce(Option<&mut CudaSlice<u8>>) -> Result<R>,
+) -> Result<R> {
+    WORKSPACE.with(|map| {
+        let mut map = map.borrow_mut();
+        if need > 0 && map.get(&dev.id()).is_none_or(|ws| ws.len() < need) {
+            map.remove(&dev.id()); // free the old buffer before taking the bigger one
+                                   // SAFETY: scratch space, never read before it is written.
+            map.insert(dev.id(), unsafe { dev.alloc::<u8>(need)? });
+        }
+        f(map.get_mut(&dev.id()).filter(|_| need > 0))
+    })
 }
 
 fn cudnn_handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
@@ -278,15 +279,7 @@ impl CudnnConv {
             w: &plan.w,
             y: &plan.y,
         };
-        let need = plan.workspace;
-        WORKSPACE.with(|map| -> Result<()> {
-            let mut map = map.borrow_mut();
-            if need > 0 && map.get(&dev.id()).is_none_or(|ws| ws.len() < need) {
-                map.remove(&dev.id()); // free the old buffer before taking the bigger one
-                                       // SAFETY: scratch space, never read before cuDNN writes it.
-                map.insert(dev.id(), unsafe { dev.alloc::<u8>(need)? });
-            }
-            let workspace = map.get_mut(&dev.id()).filter(|_| need > 0);
+        with_workspace(&dev, plan.workspace, |workspace| {
             // SAFETY: the plan's descriptors describe exactly these buffers (contiguous NCHW).
             let scale = (T::one(), T::zero());
             unsafe { forward.launch(plan.algo, workspace, scale, &xs, &ws, &mut y) }
@@ -357,6 +350,330 @@ impl CustomOp2 for CudnnConv {
             DType::F32 => self.run::<f32>(x, xl, w, wl),
             dtype => candle_core::bail!("cudnn-conv2d: no {dtype:?} support"),
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear layers
+
+/// `x · wᵀ + bias` (torch's `F.linear`) through cuBLASLt with the bias added in the matrix
+/// product's epilogue, as PyTorch does: candle multiplies through the older cuBLAS API and adds
+/// a bias with a separate broadcast kernel. `x` is `[.., K]`, `w` `[N, K]`, `bias` `[N]`; fp16
+/// and bf16 (fp32 stays on candle's exact path). The descriptors and the algorithm are made
+/// once per shape.
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let dtype = x.dtype();
+    let fits = matches!(dtype, DType::F16 | DType::BF16)
+        && w.dtype() == dtype
+        && w.rank() == 2
+        && x.rank() >= 2
+        && x.dim(candle_core::D::Minus1)? == w.dim(1)?
+        && bias.is_none_or(|b| b.dtype() == dtype && b.dims() == [w.dim(0).unwrap_or(0)]);
+    if !applies(x) || w.track_op() || bias.is_some_and(|b| b.track_op()) || !fits {
+        return Ok(None);
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let bias = bias.map(|b| b.contiguous()).transpose()?;
+    // cuBLASLt's algorithms may assume 256-byte aligned operands.
+    let aligned = |t: &Tensor| t.layout().start_offset() % 128 == 0;
+    if !aligned(&x) || !aligned(&w) || bias.as_ref().is_some_and(|b| !aligned(b)) {
+        return Ok(None);
+    }
+    match &bias {
+        Some(b) => x.apply_op3_no_bwd(&w, b, &LtLinear).map(Some),
+        None => x.apply_op2_no_bwd(&w, &LtLinear).map(Some),
+    }
+}
+
+struct LtLinear;
+
+/// A matrix product's dtype, rows, output and input features, and whether it adds a bias.
+type LinearKey = (DeviceId, DType, usize, usize, usize, bool);
+
+/// cuBLASLt's descriptors and chosen algorithm for one [`LinearKey`], made once.
+struct LinearPlan {
+    desc: cudarc::cublaslt::sys::cublasLtMatmulDesc_t,
+    layouts: [cudarc::cublaslt::sys::cublasLtMatrixLayout_t; 3],
+    algo: cudarc::cublaslt::sys::cublasLtMatmulAlgo_t,
+    workspace: usize,
+}
+
+impl Drop for LinearPlan {
+    fn drop(&mut self) {
+        use cudarc::cublaslt::result;
+        // SAFETY: made by `LinearPlan::new`, destroyed once here.
+        unsafe {
+            let _ = result::destroy_matmul_desc(self.desc);
+            for layout in self.layouts {
+                let _ = result::destroy_matrix_layout(layout);
+            }
+        }
+    }
+}
+
+/// cuBLASLt's scratch limit (NVIDIA's recommendation for Hopper).
+const LT_WORKSPACE: usize = 32 << 20;
+
+thread_local! {
+    static LT_HANDLES: RefCell<HashMap<DeviceId, cudarc::cublaslt::sys::cublasLtHandle_t>> =
+        RefCell::new(HashMap::new());
+    static LINEAR_PLANS: RefCell<HashMap<LinearKey, Rc<LinearPlan>>> =
+        RefCell::new(HashMap::new());
+}
+
+impl LinearPlan {
+    /// Row-major `y[m, n] = x[m, k] · w[n, k]ᵀ` is column-major `yᵀ = w · xᵀ`: A = w read
+    /// transposed (ld k), B = xᵀ (ld k), D = yᵀ (ld n); the bias runs along D's rows.
+    fn new(
+        lt: cudarc::cublaslt::sys::cublasLtHandle_t,
+        dtype: DType,
+        (m, n, k): (usize, usize, usize),
+        with_bias: bool,
+    ) -> std::result::Result<Self, cudarc::cublaslt::result::CublasError> {
+        use cudarc::cublaslt::{result, sys};
+        let ty = match dtype {
+            DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
+            _ => sys::cudaDataType_t::CUDA_R_16F,
+        };
+        let desc = result::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType_t::CUDA_R_32F,
+        )?;
+        let layouts = [
+            result::create_matrix_layout(ty, k as u64, n as u64, k as i64)?,
+            result::create_matrix_layout(ty, k as u64, m as u64, k as i64)?,
+            result::create_matrix_layout(ty, n as u64, m as u64, n as i64)?,
+        ];
+        let mut plan = Self {
+            desc,
+            layouts,
+            // SAFETY: plain data, overwritten by the heuristic's choice below.
+            algo: unsafe { std::mem::zeroed() },
+            workspace: 0,
+        };
+        let set = |attr, value: &[u8]| {
+            // SAFETY: `value` is the attribute's type, as bytes.
+            unsafe {
+                result::set_matmul_desc_attribute(desc, attr, value.as_ptr().cast(), value.len())
+            }
+        };
+        use sys::cublasLtMatmulDescAttributes_t as Attr;
+        set(Attr::CUBLASLT_MATMUL_DESC_TRANSA, &1i32.to_ne_bytes())?;
+        set(Attr::CUBLASLT_MATMUL_DESC_TRANSB, &0i32.to_ne_bytes())?;
+        let epilogue = if with_bias {
+            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+        } else {
+            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
+        };
+        set(
+            Attr::CUBLASLT_MATMUL_DESC_EPILOGUE,
+            &(epilogue as u32).to_ne_bytes(),
+        )?;
+        if with_bias {
+            // The heuristic wants a bias pointer set; the real one is set before each call.
+            set(
+                Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                &(256 as cudarc::driver::sys::CUdeviceptr).to_ne_bytes(),
+            )?;
+        }
+        let pref = result::create_matmul_pref()?;
+        // SAFETY: the preference lives until destroyed below; all descriptors are valid.
+        let heuristic = unsafe {
+            let limit = LT_WORKSPACE;
+            result::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&limit as *const usize).cast(),
+                std::mem::size_of::<usize>(),
+            )
+            .and_then(|_| {
+                result::get_matmul_algo_heuristic(
+                    lt, desc, layouts[0], layouts[1], layouts[2], layouts[2], pref,
+                )
+            })
+        };
+        // SAFETY: made above.
+        let _ = unsafe { result::destroy_matmul_pref(pref) };
+        let heuristic = heuristic?;
+        plan.algo = heuristic.algo;
+        plan.workspace = heuristic.workspaceSize;
+        Ok(plan)
+    }
+}
+
+fn lt_handle(dev: &CudaDevice) -> Result<cudarc::cublaslt::sys::cublasLtHandle_t> {
+    LT_HANDLES.with(|map| {
+        if let Some(handle) = map.borrow().get(&dev.id()) {
+            return Ok(*handle);
+        }
+        // Kept for the thread's life, like candle's own cuBLAS handle.
+        let handle = cudarc::cublaslt::result::create_handle().map_err(candle_core::Error::wrap)?;
+        map.borrow_mut().insert(dev.id(), handle);
+        Ok(handle)
+    })
+}
+
+impl LtLinear {
+    fn run(
+        &self,
+        x: (&CudaStorage, &Layout),
+        w: (&CudaStorage, &Layout),
+        bias: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (x, xl) = x;
+        let (w, wl) = w;
+        let dtype = x.dtype();
+        let (n, k) = wl.shape().dims2()?;
+        let m = xl.shape().elem_count() / k;
+        let mut out_dims = xl.dims().to_vec();
+        *out_dims.last_mut().expect("rank >= 2") = n;
+        let dev = x.device().clone();
+        let key = (dev.id(), dtype, m, n, k, bias.is_some());
+        let plan = match LINEAR_PLANS.with(|p| p.borrow().get(&key).cloned()) {
+            Some(plan) => plan,
+            None => {
+                let plan = LinearPlan::new(lt_handle(&dev)?, dtype, (m, n, k), bias.is_some())
+                    .map_err(candle_core::Error::wrap)?;
+                tracing::debug!(?key, workspace = plan.workspace, "cuBLASLt linear plan");
+                let plan = Rc::new(plan);
+                LINEAR_PLANS.with(|p| p.borrow_mut().insert(key, plan.clone()));
+                plan
+            }
+        };
+        match dtype {
+            DType::F16 => self.launch::<f16>(&dev, &plan, (x, xl), (w, wl), bias, m * n),
+            DType::BF16 => self.launch::<bf16>(&dev, &plan, (x, xl), (w, wl), bias, m * n),
+            other => candle_core::bail!("linear: no {other:?} support"),
+        }
+        .map(|y| (y, Shape::from(out_dims)))
+    }
+
+    fn launch<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        &self,
+        dev: &CudaDevice,
+        plan: &LinearPlan,
+        (x, xl): (&CudaStorage, &Layout),
+        (w, wl): (&CudaStorage, &Layout),
+        bias: Option<(&CudaStorage, &Layout)>,
+        len: usize,
+    ) -> Result<CudaStorage> {
+        use cudarc::cublaslt::{result, sys};
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let lt = lt_handle(dev)?;
+        let stream = dev.cuda_stream();
+        let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+        // SAFETY: the product writes every element.
+        let mut y = unsafe { dev.alloc::<T>(len)? };
+        let bs = match bias {
+            Some((b, bl)) => Some(b.as_cuda_slice::<T>()?.slice(bl.start_offset()..)),
+            None => None,
+        };
+        let (alpha, beta) = (1f32, 0f32);
+        with_workspace(dev, plan.workspace, |scratch| {
+            let (x_ptr, _x_guard) = xs.device_ptr(&stream);
+            let (w_ptr, _w_guard) = ws.device_ptr(&stream);
+            let (y_ptr, _y_guard) = y.device_ptr_mut(&stream);
+            let bias_guard = bs.as_ref().map(|b| b.device_ptr(&stream));
+            let (scratch_ptr, _scratch_guard, scratch_len) = match scratch {
+                Some(s) => {
+                    let len = s.len();
+                    let (ptr, guard) = s.device_ptr_mut(&stream);
+                    (ptr, Some(guard), len)
+                }
+                None => (0, None, 0),
+            };
+            // SAFETY: the plan's layouts describe these contiguous buffers (x [m, k], w [n, k],
+            // y [m, n]); the bias pointer is set on this thread's plan just before its use.
+            unsafe {
+                if let Some((bias_ptr, _)) = &bias_guard {
+                    result::set_matmul_desc_attribute(
+                        plan.desc,
+                        sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                        (bias_ptr as *const cudarc::driver::sys::CUdeviceptr).cast(),
+                        std::mem::size_of::<cudarc::driver::sys::CUdeviceptr>(),
+                    )
+                    .map_err(candle_core::Error::wrap)?;
+                }
+                let [a_layout, b_layout, d_layout] = plan.layouts;
+                result::matmul(
+                    lt,
+                    plan.desc,
+                    (&alpha as *const f32).cast(),
+                    (&beta as *const f32).cast(),
+                    w_ptr as *const _,
+                    a_layout,
+                    x_ptr as *const _,
+                    b_layout,
+                    y_ptr as *const _,
+                    d_layout,
+                    y_ptr as *mut _,
+                    d_layout,
+                    &plan.algo,
+                    scratch_ptr as *mut _,
+                    scratch_len,
+                    stream.cu_stream() as *mut _,
+                )
+                .map_err(candle_core::Error::wrap)
+            }
+        })?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+}
+
+impl CustomOp2 for LtLinear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only("linear")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.run((x, xl), (w, wl), None)
+    }
+}
+
+impl CustomOp3 for LtLinear {
+    fn name(&self) -> &'static str {
+        "linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only("linear")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.run((x, xl), (w, wl), Some((b, bl)))
     }
 }
 
@@ -609,9 +926,8 @@ impl CustomOp3 for GroupNormOp {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Elementwise: bias along an axis, GEGLU gate. Compared with candle's broadcast kernels by
-// `sdkube bench --what ops`; the networks use them only with `SDKUBE_GPU_KERNELS=next` until
-// they have been measured on a GPU.
+// Elementwise: bias along an axis, GEGLU gate, where candle's broadcast kernels run at a tenth
+// of memory speed (compared by `sdkube bench --what ops`).
 
 fn elementwise_ok(t: &Tensor) -> bool {
     applies(t) && matches!(t.dtype(), DType::F16 | DType::F32) && t.elem_count() < (1 << 31)
@@ -633,13 +949,14 @@ fn suffix(dtype: DType) -> Result<&'static str> {
     }
 }
 
-/// `y + bias` with `bias` running along axis `axis` of `y` (the last axis after a linear layer,
-/// axis 1 of an NCHW convolution output).
+/// `y + bias`, `bias` broadcast over the axes after `axis`: its shape is the axes of `y` up to
+/// `axis`, or a suffix of them (a linear layer's bias along the last axis; a convolution's
+/// bias `[C]` along axis 1 of NCHW; the time embedding `[B, C]` per sample and channel).
 pub fn add_bias(y: &Tensor, bias: &Tensor, axis: usize) -> Result<Option<Tensor>> {
     if !elementwise_ok(y) || bias.dtype() != y.dtype() || bias.track_op() || axis >= y.rank() {
         return Ok(None);
     }
-    if bias.elem_count() != y.dim(axis)? {
+    if !bias_fits(y.dims(), bias.dims(), axis) {
         return Ok(None);
     }
     let inner: usize = y.dims()[axis + 1..].iter().product();
@@ -647,6 +964,11 @@ pub fn add_bias(y: &Tensor, bias: &Tensor, axis: usize) -> Result<Option<Tensor>
     y.contiguous()?
         .apply_op2_no_bwd(&bias.contiguous()?, &op)
         .map(Some)
+}
+
+/// Whether `bias`'s shape is the axes of `y` that end at `axis` (at least one of them).
+fn bias_fits(y: &[usize], bias: &[usize], axis: usize) -> bool {
+    !bias.is_empty() && bias.len() <= axis + 1 && y[axis + 1 - bias.len()..=axis] == *bias
 }
 
 struct AddBias {
@@ -760,4 +1082,47 @@ impl candle_core::CustomOp1 for Geglu {
             dtype => candle_core::bail!("geglu: no {dtype:?} support"),
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory
+
+/// The high-water marks of the memory pool candle allocates from (`cuMemAllocAsync`'s default
+/// pool): bytes in use and bytes reserved at most since the last call with `reset` (PyTorch's
+/// `max_memory_allocated` and `max_memory_reserved`). Not counted: the CUDA context, loaded
+/// kernels, and what cuBLAS keeps on its own.
+pub fn memory_high_water(dev: &CudaDevice, reset: bool) -> Result<(u64, u64)> {
+    use cudarc::driver::sys;
+    let check = |r: sys::CUresult| r.result().map_err(candle_core::Error::wrap);
+    let stream = dev.cuda_stream();
+    stream.context().bind_to_thread().w()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let attrs = [
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+    ];
+    let mut high = [0u64; 2];
+    // SAFETY: plain queries on the device's current pool; the value type of both is cuuint64_t.
+    unsafe {
+        check(sys::cuDeviceGetMemPool(
+            &mut pool,
+            stream.context().cu_device(),
+        ))?;
+        for (attr, value) in attrs.iter().zip(high.iter_mut()) {
+            check(sys::cuMemPoolGetAttribute(
+                pool,
+                *attr,
+                (value as *mut u64).cast(),
+            ))?;
+            if reset {
+                let mut zero = 0u64; // resets the mark to what is in use now
+                check(sys::cuMemPoolSetAttribute(
+                    pool,
+                    *attr,
+                    (&mut zero as *mut u64).cast(),
+                ))?;
+            }
+        }
+    }
+    Ok((high[0], high[1]))
 }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod cuda;
 pub mod ldm;
 pub mod presets;
+pub mod profile;
 pub mod unet;
 pub mod vae;
 

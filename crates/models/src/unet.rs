@@ -76,18 +76,19 @@ impl FeedForward {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(xs)?;
-        #[cfg(feature = "cuda")]
-        if crate::cuda::next_kernels(&h) {
+        let gated = crate::profile::timed("geglu gate", h.device(), || {
+            #[cfg(feature = "cuda")]
             if let Some(gated) = crate::cuda::geglu(&h)? {
-                return self.proj_out.forward(&gated);
+                return Ok(gated);
             }
-        }
-        let half = h.dim(D::Minus1)? / 2;
-        let (value, gate) = (
-            h.narrow(D::Minus1, 0, half)?,
-            h.narrow(D::Minus1, half, half)?,
-        );
-        self.proj_out.forward(&(value * gate.gelu_erf()?)?)
+            let half = h.dim(D::Minus1)? / 2;
+            let (value, gate) = (
+                h.narrow(D::Minus1, 0, half)?,
+                h.narrow(D::Minus1, half, half)?,
+            );
+            value * gate.gelu_erf()?
+        })?;
+        self.proj_out.forward(&gated)
     }
 }
 

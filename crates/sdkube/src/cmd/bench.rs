@@ -33,6 +33,11 @@ pub struct Args {
     /// item as a diffusers folder here (for end-to-end server measurements), and exit.
     #[arg(long)]
     pub save_model: Option<std::path::PathBuf>,
+    /// After timing each UNet, VAE and txt2img item: where one run's time went, by kind of
+    /// operation (GPU time from CUDA events; `other` is everything not wrapped: elementwise ops,
+    /// copies, launch gaps).
+    #[arg(long)]
+    pub profile: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -42,6 +47,7 @@ fn time(
     repeat: usize,
     mut f: impl FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<f64> {
+    own::memory_high_water(device, true)?;
     f()?;
     device.synchronize()?;
     let start = Instant::now();
@@ -52,12 +58,43 @@ fn time(
     Ok(start.elapsed().as_secs_f64() / repeat as f64)
 }
 
+/// Runs `f` once with [`sdkube_models::profile`] on and prints its time by kind of operation.
+fn profile(
+    what: &str,
+    shape: &str,
+    device: &Device,
+    f: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use sdkube_models::profile as p;
+    p::take()?; // anything recorded before
+    p::enable(true);
+    let out = p::timed("total", device, || f().map_err(candle_core::Error::wrap));
+    p::enable(false);
+    out?;
+    let rows = p::take()?;
+    let total = rows.iter().find(|r| r.0 == "total").map_or(0.0, |r| r.2);
+    let parts: f64 = rows.iter().filter(|r| r.0 != "total").map(|r| r.2).sum();
+    let other = ("other", 0, total - parts);
+    for (kind, calls, ms) in rows.into_iter().chain([other]) {
+        println!(
+            "{}",
+            serde_json::json!({"profile": what, "shape": shape, "kind": kind, "calls": calls,
+                "ms": ms, "share": if total > 0.0 { ms / total } else { 0.0 }})
+        );
+    }
+    Ok(())
+}
+
+/// One timing as a JSON line; on CUDA with the memory pool's high-water marks since [`time`]
+/// began (in use and reserved, MiB: PyTorch's `max_memory_allocated` / `_reserved`).
 fn report(what: &str, shape: &str, seconds: f64, dtype: DType, device: &Device) {
-    println!(
-        "{}",
-        serde_json::json!({"bench": what, "shape": shape, "ms": seconds * 1e3, "per_s": 1.0 / seconds,
-            "dtype": Precision::label(dtype), "device": format!("{device:?}")})
-    );
+    let mut line = serde_json::json!({"bench": what, "shape": shape, "ms": seconds * 1e3,
+        "per_s": 1.0 / seconds, "dtype": Precision::label(dtype), "device": format!("{device:?}")});
+    if let Ok(Some((used, reserved))) = own::memory_high_water(device, false) {
+        line["pool_peak_mib"] = (used >> 20).into();
+        line["pool_peak_reserved_mib"] = (reserved >> 20).into();
+    }
+    println!("{line}");
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -111,17 +148,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                             })
                         })
                         .transpose()?;
-                    let s = time(&dev, args.repeat, || {
+                    let run = || -> anyhow::Result<()> {
                         unet.forward(&x, &t, &ctx, added.as_ref())?;
                         Ok(())
-                    })?;
-                    report(
-                        what,
-                        &format!("{}x{} batch {batch}", side * 8, side * 8),
-                        s,
-                        dt,
-                        &dev,
-                    );
+                    };
+                    let s = time(&dev, args.repeat, run)?;
+                    let shape = format!("{}x{} batch {batch}", side * 8, side * 8);
+                    report(what, &shape, s, dt, &dev);
+                    if args.profile {
+                        profile(what, &shape, &dev, run)?;
+                    }
                 }
             }
             "vae" => {
@@ -177,13 +213,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     engine.generate(&req, &mut |_| Flow::Continue)?;
                     Ok(())
                 })?;
-                report(
-                    what,
-                    &format!("{side}x{side} {} steps", args.steps),
-                    s,
-                    dt,
-                    &dev,
-                );
+                let shape = format!("{side}x{side} {} steps", args.steps);
+                report(what, &shape, s, dt, &dev);
+                if args.profile {
+                    profile(what, &shape, &dev, || {
+                        engine.generate(&req, &mut |_| Flow::Continue)?;
+                        Ok(())
+                    })?;
+                }
             }
             "ops" => ops(&dev, dt, args.repeat)?,
             other => anyhow::bail!("unknown benchmark {other:?}"),
@@ -316,6 +353,7 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
         ("linear sdxl geglu 1280->10240", 2 * 1024, 1280, 10240),
         ("linear sdxl ff out 5120->1280", 2 * 1024, 5120, 1280),
         ("linear sdxl attn 1280->1280", 2 * 1024, 1280, 1280),
+        ("linear sdxl geglu 640->5120", 2 * 4096, 640, 5120),
     ] {
         let x = rand(&[1, rows, cin])?;
         let (w, bias) = (rand(&[cout, cin])?, rand(&[cout])?);
@@ -324,10 +362,13 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
             label,
             &format!("[{rows},{cin}]"),
             &|| Ok(lin.forward(&x)?),
-            &[("sdkube bias kernel", &|| {
-                let y = x.broadcast_matmul(&w.t()?)?;
-                Ok(own::add_bias(&y, &bias, 2)?)
-            })],
+            &[
+                ("sdkube bias kernel", &|| {
+                    let y = x.broadcast_matmul(&w.t()?)?;
+                    Ok(own::add_bias(&y, &bias, 2)?)
+                }),
+                ("sdkube cuBLASLt", &|| Ok(own::linear(&x, &w, Some(&bias))?)),
+            ],
         )?;
     }
     let h = rand(&[2, 1024, 10240])?;
@@ -368,7 +409,24 @@ mod own {
     use candle_core::Tensor;
 
     #[cfg(feature = "cuda")]
-    pub use sdkube_models::cuda::{add_bias, flash_attention, geglu, group_norm};
+    pub use sdkube_models::cuda::{add_bias, flash_attention, geglu, group_norm, linear};
+
+    /// The CUDA memory pool's high-water marks (see `sdkube_models::cuda`), `None` off CUDA.
+    pub fn memory_high_water(
+        device: &candle_core::Device,
+        reset: bool,
+    ) -> candle_core::Result<Option<(u64, u64)>> {
+        match device {
+            #[cfg(feature = "cuda")]
+            candle_core::Device::Cuda(dev) => {
+                sdkube_models::cuda::memory_high_water(dev, reset).map(Some)
+            }
+            _ => {
+                let _ = reset;
+                Ok(None)
+            }
+        }
+    }
 
     #[cfg(feature = "cuda")]
     pub fn conv2d_cudnn(
@@ -392,6 +450,15 @@ mod own {
 
     #[cfg(not(feature = "cuda"))]
     pub fn add_bias(_: &Tensor, _: &Tensor, _: usize) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn linear(
+        _: &Tensor,
+        _: &Tensor,
+        _: Option<&Tensor>,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
 
