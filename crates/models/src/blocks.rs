@@ -346,6 +346,12 @@ impl Upsample2D {
     pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        #[cfg(feature = "cuda")]
+        if (th, tw) == (2 * h, 2 * w) {
+            if let Some(up) = crate::cuda::upsample_nearest_2x(xs)? {
+                return self.conv.forward(&up);
+            }
+        }
         self.conv.forward(&xs.upsample_nearest2d(th, tw)?)
     }
 }
@@ -433,7 +439,48 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) -> 
     } else {
         (q, k)
     };
-    let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?;
-    let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
-    probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))
+    let k_t = k.t()?;
+    let rows_at_once = (MAX_SCORES / (b * heads * m)).max(1);
+    let mut outs = Vec::with_capacity(n.div_ceil(rows_at_once));
+    for first in (0..n).step_by(rows_at_once) {
+        let q = q.narrow(2, first, rows_at_once.min(n - first))?;
+        let scores = (q.matmul(&k_t)? * (d as f64).powf(-0.5))?;
+        let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        outs.push(probs.matmul(&v)?);
+    }
+    let out = if outs.len() == 1 {
+        outs.pop().unwrap()
+    } else {
+        Tensor::cat(&outs, 2)?
+    };
+    out.transpose(1, 2)?.reshape((b, n, inner))
+}
+
+/// Attention scores computed at once, at most: query rows go in chunks beyond it. The VAE's
+/// mid block at 1024² has 16384² scores, 1 GiB in fp32 and as much again for the softmax.
+const MAX_SCORES: usize = 1 << 26;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn attention_over_more_scores_than_fit_at_once_matches_the_direct_product() {
+        let (n, m, d) = (8200, 8200, 8); // 8200² > MAX_SCORES: two chunks of query rows
+        assert!(n * m > MAX_SCORES && n / (MAX_SCORES / m) == 1);
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1., (1, n, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (1, m, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (1, m, d), &dev).unwrap();
+        let got = scaled_dot_product_attention(&q, &k, &v, 1, false).unwrap();
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() * (d as f64).powf(-0.5)).unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&scores)
+            .unwrap()
+            .matmul(&v)
+            .unwrap();
+        assert_eq!(got.dims(), [1, n, d]);
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    }
 }

@@ -25,7 +25,7 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 use cudarc::cudnn::{ConvForward, Cudnn, CudnnDataType};
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
@@ -181,13 +181,19 @@ impl CudnnConv {
         (input + 2 * self.padding - kernel) / self.stride + 1
     }
 
-    fn plan<T: CudnnDataType + 'static>(
+    /// The plan for this shape; the first time, made and its algorithm chosen by timing on
+    /// these buffers (`y` is overwritten).
+    fn plan<T>(
         &self,
         dev: &CudaDevice,
         dtype: DType,
-        x: &[usize],
-        w: &[usize],
-    ) -> Result<Rc<ConvPlan<T>>> {
+        (x, xs): (&[usize], &CudaView<T>),
+        (w, ws): (&[usize], &CudaView<T>),
+        y: &mut CudaSlice<T>,
+    ) -> Result<Rc<ConvPlan<T>>>
+    where
+        T: CudnnDataType + DeviceRepr + num_one::One + 'static,
+    {
         use cudarc::cudnn::sys::{
             cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION, cudnnMathType_t,
             cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
@@ -228,8 +234,7 @@ impl CudnnConv {
             w: &wd,
             y: &yd,
         };
-        let algo = forward.pick_algorithm().map_err(e)?;
-        let workspace = forward.get_workspace_size(algo).map_err(e)?;
+        let (algo, workspace) = fastest_algorithm(dev, &forward, xs, ws, y)?;
         tracing::debug!(?key, ?algo, workspace, "cuDNN convolution plan");
         let plan = Rc::new(ConvPlan {
             conv,
@@ -268,11 +273,11 @@ impl CudnnConv {
         }
         let (ho, wo) = (self.out_size(h, r), self.out_size(wd, s));
         let dev = x.device().clone();
-        let plan = self.plan::<T>(&dev, x.dtype(), xl.dims(), wl.dims())?;
         let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
         let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
         // SAFETY: cuDNN writes every element.
         let mut y = unsafe { dev.alloc::<T>(n * k * ho * wo)? };
+        let plan = self.plan::<T>(&dev, x.dtype(), (xl.dims(), &xs), (wl.dims(), &ws), &mut y)?;
         let forward = ConvForward {
             conv: &plan.conv,
             x: &plan.x,
@@ -287,6 +292,76 @@ impl CudnnConv {
         })?;
         let out = CudaStorage::wrap_cuda_slice(y, dev);
         Ok((out, Shape::from((n, k, ho, wo))))
+    }
+}
+
+/// The largest scratch a convolution algorithm may use (a 1024² VAE stage offers algorithms that
+/// want gigabytes).
+const CONV_WORKSPACE_LIMIT: usize = 256 << 20;
+
+/// The fastest of cuDNN's algorithms for one convolution and its workspace size, each timed on
+/// the real buffers (one warm-up, then three runs, between CUDA events), as
+/// `torch.backends.cudnn.benchmark` does: cuDNN's heuristic first pick ran up to 1.9× slower
+/// than PyTorch's convolution at UNet shapes, and not the same in every process.
+fn fastest_algorithm<T>(
+    dev: &CudaDevice,
+    forward: &ConvForward<T, f32, T>,
+    xs: &CudaView<T>,
+    ws: &CudaView<T>,
+    y: &mut CudaSlice<T>,
+) -> Result<(cudarc::cudnn::sys::cudnnConvolutionFwdAlgo_t, usize)>
+where
+    T: CudnnDataType + DeviceRepr + num_one::One,
+{
+    use cudarc::cudnn::sys::cudnnConvolutionFwdAlgo_t as Algo;
+    use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+    let stream = dev.cuda_stream();
+    let mut best: Option<(f32, Algo, usize)> = None;
+    for algo in [
+        Algo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+        Algo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+        Algo::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+        Algo::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+        Algo::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+        Algo::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+        Algo::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+        Algo::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+    ] {
+        // Algorithms that do not support this shape say so here or at their first launch.
+        let Ok(need) = forward.get_workspace_size(algo) else {
+            continue;
+        };
+        if need > CONV_WORKSPACE_LIMIT {
+            continue;
+        }
+        let ms = with_workspace(dev, need, |mut workspace| {
+            let mut launch = || {
+                let scratch = workspace.as_mut().map(|w| &mut **w);
+                let scale = (T::one(), T::zero());
+                // SAFETY: the descriptors describe exactly these buffers (contiguous NCHW).
+                unsafe { forward.launch(algo, scratch, scale, xs, ws, &mut *y) }.is_ok()
+            };
+            if !launch() {
+                return Ok(None);
+            }
+            let start = stream.record_event(Some(CU_EVENT_DEFAULT)).w()?;
+            let mut ran = true;
+            for _ in 0..3 {
+                ran &= launch();
+            }
+            let end = stream.record_event(Some(CU_EVENT_DEFAULT)).w()?;
+            Ok(ran.then(|| start.elapsed_ms(&end)).transpose().w()?)
+        })?;
+        if let Some(ms) = ms {
+            tracing::trace!(?algo, ms, need, "cuDNN algorithm timed");
+            if best.is_none_or(|(fastest, _, _)| ms < fastest) {
+                best = Some((ms, algo, need));
+            }
+        }
+    }
+    match best {
+        Some((_, algo, need)) => Ok((algo, need)),
+        None => candle_core::bail!("cuDNN has no algorithm for this convolution"),
     }
 }
 
@@ -533,7 +608,9 @@ impl LtLinear {
             Some(plan) => plan,
             None => {
                 let plan = LinearPlan::new(lt_handle(&dev)?, dtype, (m, n, k), bias.is_some())
-                    .map_err(candle_core::Error::wrap)?;
+                    .map_err(|e| {
+                        candle_core::Error::Msg(format!("cuBLASLt linear {key:?}: {e:?}"))
+                    })?;
                 tracing::debug!(?key, workspace = plan.workspace, "cuBLASLt linear plan");
                 let plan = Rc::new(plan);
                 LINEAR_PLANS.with(|p| p.borrow_mut().insert(key, plan.clone()));
@@ -1125,4 +1202,57 @@ pub fn memory_high_water(dev: &CudaDevice, reset: bool) -> Result<(u64, u64)> {
         }
     }
     Ok((high[0], high[1]))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upsampling
+
+/// Nearest-neighbour ×2 upsampling of NCHW `x` (`upsample_nearest2d(2h, 2w)`).
+pub fn upsample_nearest_2x(x: &Tensor) -> Result<Option<Tensor>> {
+    if !elementwise_ok(x) || x.rank() != 4 || x.elem_count() >= (1 << 29) {
+        return Ok(None); // the output (4×) must stay below 2^31 elements
+    }
+    x.contiguous()?.apply_op1_no_bwd(&Upsample2x).map(Some)
+}
+
+struct Upsample2x;
+
+impl candle_core::CustomOp1 for Upsample2x {
+    fn name(&self) -> &'static str {
+        "upsample-nearest-2x"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+            x: &CudaStorage,
+            xl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let (b, c, h, w) = xl.shape().dims4()?;
+            let n = b * c * h * w;
+            let dev = x.device().clone();
+            let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+            // SAFETY: the kernel writes every element.
+            let out = unsafe { dev.alloc::<T>(4 * n)? };
+            let name = format!("upsample_2x_{}", suffix(x.dtype())?);
+            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            let (n32, h32, w32) = (n as u32, h as u32, w as u32);
+            let mut launch = func.builder();
+            launch.arg(&xs).arg(&out).arg(&n32).arg(&h32).arg(&w32);
+            // SAFETY: argument list matches the kernel's signature.
+            unsafe { launch.launch(launch_1d(n)) }.w()?;
+            Ok((
+                CudaStorage::wrap_cuda_slice(out, dev),
+                Shape::from((b, c, 2 * h, 2 * w)),
+            ))
+        }
+        match x.dtype() {
+            DType::F16 => run::<f16>(x, xl),
+            DType::F32 => run::<f32>(x, xl),
+            dtype => candle_core::bail!("upsample: no {dtype:?} support"),
+        }
+    }
 }

@@ -23,9 +23,19 @@ fn profile_counts_each_kind_of_operation_of_a_unet_step() {
     profile::enable(false);
     let rows = profile::take().unwrap();
     let kinds: Vec<_> = rows.iter().map(|r| r.0).collect();
-    for kind in ["convolution", "linear", "attention", "group norm", "layer norm", "geglu gate"] {
+    for kind in [
+        "convolution",
+        "linear",
+        "attention",
+        "group norm",
+        "layer norm",
+        "geglu gate",
+    ] {
         let row = rows.iter().find(|r| r.0 == kind);
-        assert!(row.is_some_and(|r| r.1 > 0 && r.2 >= 0.0), "{kind} missing from {kinds:?}");
+        assert!(
+            row.is_some_and(|r| r.1 > 0 && r.2 >= 0.0),
+            "{kind} missing from {kinds:?}"
+        );
     }
     // Each of the UNet's convolutions counted once: conv_in, conv_out and two per resnet at least.
     let convs = rows.iter().find(|r| r.0 == "convolution").unwrap().1;

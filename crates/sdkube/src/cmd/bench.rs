@@ -395,11 +395,12 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
     })?;
     report("nchw to tokens sdxl", "[2,1280,32,32]", s, dt, dev);
     let x = rand(&[1, 256, 256, 256])?;
-    let s = time(dev, repeat, || {
-        x.upsample_nearest2d(512, 512)?;
-        Ok(())
-    })?;
-    report("upsample nearest 2x vae", "[1,256,256,256]", s, dt, dev);
+    compare(
+        "upsample nearest 2x vae",
+        "[1,256,256,256]",
+        &|| Ok(x.upsample_nearest2d(512, 512)?),
+        &[("sdkube", &|| Ok(own::upsample_nearest_2x(&x)?))],
+    )?;
     Ok(())
 }
 
@@ -409,7 +410,9 @@ mod own {
     use candle_core::Tensor;
 
     #[cfg(feature = "cuda")]
-    pub use sdkube_models::cuda::{add_bias, flash_attention, geglu, group_norm, linear};
+    pub use sdkube_models::cuda::{
+        add_bias, flash_attention, geglu, group_norm, linear, upsample_nearest_2x,
+    };
 
     /// The CUDA memory pool's high-water marks (see `sdkube_models::cuda`), `None` off CUDA.
     pub fn memory_high_water(
@@ -459,6 +462,11 @@ mod own {
         _: &Tensor,
         _: Option<&Tensor>,
     ) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn upsample_nearest_2x(_: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
 
