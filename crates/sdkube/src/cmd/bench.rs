@@ -15,8 +15,9 @@ use super::device::{DeviceArgs, Precision};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// What to time: unet-sd15, unet-sdxl, vae, txt2img-sd15, txt2img-sdxl, ops (the primitives
-    /// the networks spend their time in, at their real shapes; comma separated).
+    /// What to time: unet-sd15, unet-sdxl, vae, txt2img-sd15, txt2img-sdxl, gfpgan (v1.4, one
+    /// face, fp32), ops (the primitives the networks spend their time in, at their real
+    /// shapes; comma separated).
     #[arg(
         long,
         value_delimiter = ',',
@@ -221,6 +222,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                         Ok(())
                     })?;
                 }
+            }
+            "gfpgan" => {
+                // fp32, as face restoration runs it; random weights, one aligned 512² face.
+                use sdkube_restore::gfpgan::{Gfpgan, GfpganConfig, Noise};
+                let varmap = candle_nn::VarMap::new();
+                let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+                let net = Gfpgan::new(vb, GfpganConfig::V1_4)?;
+                let face = Tensor::randn(0f32, 1., (1, 3, 512, 512), &dev)?;
+                let s = time(&dev, args.repeat, || {
+                    net.forward(&face, Noise::Stored)?;
+                    Ok(())
+                })?;
+                report("gfpgan", "1 face 512x512", s, DType::F32, &dev);
             }
             "ops" => ops(&dev, dt, args.repeat)?,
             other => anyhow::bail!("unknown benchmark {other:?}"),
