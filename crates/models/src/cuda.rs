@@ -336,7 +336,7 @@ where
         }
         let ms = with_workspace(dev, need, |mut workspace| {
             let mut launch = || {
-                let scratch = workspace.as_mut().map(|w| &mut **w);
+                let scratch = workspace.as_deref_mut();
                 let scale = (T::one(), T::zero());
                 // SAFETY: the descriptors describe exactly these buffers (contiguous NCHW).
                 unsafe { forward.launch(algo, scratch, scale, xs, ws, &mut *y) }.is_ok()
@@ -350,7 +350,7 @@ where
                 ran &= launch();
             }
             let end = stream.record_event(Some(CU_EVENT_DEFAULT)).w()?;
-            Ok(ran.then(|| start.elapsed_ms(&end)).transpose().w()?)
+            ran.then(|| start.elapsed_ms(&end)).transpose().w()
         })?;
         if let Some(ms) = ms {
             tracing::trace!(?algo, ms, need, "cuDNN algorithm timed");
@@ -450,7 +450,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Te
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let bias = bias.map(|b| b.contiguous()).transpose()?;
     // cuBLASLt's algorithms may assume 256-byte aligned operands.
-    let aligned = |t: &Tensor| t.layout().start_offset() % 128 == 0;
+    let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(128);
     if !aligned(&x) || !aligned(&w) || bias.as_ref().is_some_and(|b| !aligned(b)) {
         return Ok(None);
     }
