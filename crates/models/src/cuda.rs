@@ -757,11 +757,23 @@ impl CustomOp3 for LtLinear {
 // ---------------------------------------------------------------------------------------------
 // Flash attention
 
-/// Head dims the kernel is instantiated for (the real one is padded up to the next).
+/// Head dims the kernels are instantiated for (the real one is padded up to the next).
 const FLASH_HEAD_DIMS: [usize; 8] = [16, 32, 48, 64, 80, 96, 128, 160];
 
+/// Which flash-attention kernel [`flash_attention`] runs: `SDKUBE_ATTENTION=v2` the pipelined
+/// one (`flash_attention_v2` in kernels.cu), anything else v1 until v2 has been measured on a
+/// GPU. Read once.
+fn attention_version() -> u8 {
+    static VERSION: OnceLock<u8> = OnceLock::new();
+    *VERSION.get_or_init(|| match std::env::var("SDKUBE_ATTENTION").as_deref() {
+        Ok("v2") => 2,
+        _ => 1,
+    })
+}
+
 /// Softmax attention over `[B, N, H·D]` queries and `[B, M, H·D]` keys and values, `heads`
-/// heads, scores scaled by `scale`; returns `[B, N, H·D]`. fp16 only.
+/// heads, scores scaled by `scale`; returns `[B, N, H·D]`. fp16 only. The kernel version comes
+/// from `SDKUBE_ATTENTION` (see [`flash_attention_with`]).
 pub fn flash_attention(
     q: &Tensor,
     k: &Tensor,
@@ -769,6 +781,23 @@ pub fn flash_attention(
     heads: usize,
     scale: f64,
 ) -> Result<Option<Tensor>> {
+    flash_attention_with(q, k, v, heads, scale, attention_version())
+}
+
+/// [`flash_attention`] on kernel `version` 1 (`flash_attention`: 64 query rows per block,
+/// synchronous tile loads) or 2 (`flash_attention_v2`: cp.async double buffering, ldmatrix,
+/// 128 rows per block for head dims up to 64), so benchmarks can run both in one process.
+pub fn flash_attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    version: u8,
+) -> Result<Option<Tensor>> {
+    if !matches!(version, 1 | 2) {
+        candle_core::bail!("flash-attention: no kernel version {version} (1 or 2)")
+    }
     let all_f16 = [q, k, v].iter().all(|t| t.dtype() == DType::F16);
     if !applies(q) || k.track_op() || v.track_op() || !all_f16 || q.rank() != 3 {
         return Ok(None);
@@ -776,7 +805,7 @@ pub fn flash_attention(
     let inner = q.dim(2)?;
     let d = inner / heads;
     let dp = d.div_ceil(16) * 16;
-    if inner % heads != 0 || d % 8 != 0 || !FLASH_HEAD_DIMS.contains(&dp) {
+    if inner % heads != 0 || !d.is_multiple_of(8) || !FLASH_HEAD_DIMS.contains(&dp) {
         return Ok(None);
     }
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
@@ -790,6 +819,7 @@ pub fn flash_attention(
     let op = FlashAttention {
         heads,
         scale: scale as f32,
+        version,
     };
     q.apply_op3_no_bwd(&k, &v, &op).map(Some)
 }
@@ -797,6 +827,30 @@ pub fn flash_attention(
 struct FlashAttention {
     heads: usize,
     scale: f32,
+    version: u8,
+}
+
+/// Keys per K/V tile in both kernels (`BC` in kernels.cu).
+const FLASH_TILE_KEYS: usize = 64;
+
+/// Kernel name, query rows per block, threads per block and dynamic shared memory in bytes of
+/// kernel `version` at padded head dim `dp`. These mirror kernels.cu and must match it: v1 is
+/// `BR` = 64 rows, 128 threads, one K and one V tile of [64][dp + 8] halves; v2 is
+/// `v2_rows<DP>()` = 4 warps x 16 rows x `v2_wm<DP>()` (2 m tiles for dp <= 64, else 1),
+/// `V2_THREADS` = 128, two stages of K and V tiles.
+fn flash_launch(version: u8, dp: usize) -> (String, usize, u32, usize) {
+    let tile_bytes = FLASH_TILE_KEYS * (dp + 8) * 2;
+    if version == 2 {
+        let rows = 4 * 16 * if dp <= 64 { 2 } else { 1 };
+        (
+            format!("flash_attention2_f16_{dp}"),
+            rows,
+            128,
+            2 * 2 * tile_bytes,
+        )
+    } else {
+        (format!("flash_attention_f16_{dp}"), 64, 128, 2 * tile_bytes)
+    }
 }
 
 impl CustomOp3 for FlashAttention {
@@ -843,17 +897,16 @@ impl CustomOp3 for FlashAttention {
         let vs = v.as_cuda_slice::<f16>()?.slice(vl.start_offset()..);
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<f16>(b * n * inner)? };
-        let func =
-            dev.get_or_load_custom_func(&format!("flash_attention_f16_{dp}"), MODULE, PTX)?;
-        let smem = 2 * 64 * (dp + 8) * 2; // the K and V tiles, fp16 (kernels.cu)
+        let (name, rows, threads, smem) = flash_launch(self.version, dp);
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         func.set_attribute(
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             smem as i32,
         )
         .w()?;
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(64) as u32, (b * self.heads) as u32, 1),
-            block_dim: (128, 1, 1),
+            grid_dim: (n.div_ceil(rows) as u32, (b * self.heads) as u32, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let (n32, m32, h32, d32) = (n as i32, m as i32, self.heads as i32, d as i32);
@@ -1113,7 +1166,7 @@ impl CustomOp2 for AddBias {
 
 /// diffusers' GEGLU gate: `h[..., :F] * gelu(h[..., F:])` for `h` `[..., 2F]`.
 pub fn geglu(h: &Tensor) -> Result<Option<Tensor>> {
-    if !elementwise_ok(h) || h.rank() == 0 || h.dims()[h.rank() - 1] % 2 != 0 {
+    if !elementwise_ok(h) || h.rank() == 0 || !h.dims()[h.rank() - 1].is_multiple_of(2) {
         return Ok(None);
     }
     h.contiguous()?.apply_op1_no_bwd(&Geglu).map(Some)

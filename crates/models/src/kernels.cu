@@ -213,6 +213,341 @@ FLASH_ATTENTION(128)
 FLASH_ATTENTION(160)
 
 // ---------------------------------------------------------------------------------------------
+// Flash attention v2: the same inputs, outputs and arithmetic as `flash_attention` above (one
+// score tile of 64 keys at a time, the same fp32 online softmax in base 2, the same masking),
+// rearranged to keep the tensor cores fed:
+//  - K and V tiles arrive by `cp.async` (global -> shared without passing through registers)
+//    into two stages: tile i+1 is in flight while tile i is computed, so the only wait is on
+//    loads issued a whole tile earlier; one __syncthreads per tile.
+//  - K and V B fragments come from `ldmatrix.x4` (K plain, V transposed), each covering two
+//    8-wide n tiles: a quarter of v1's shared-load instructions for K, half for V.
+//  - For DP <= 64 each warp owns 32 query rows (two m16 tiles, WM = 2; block 128 rows) and
+//    every B fragment it loads feeds two mma instead of one, halving shared-memory reads per
+//    mma (v1 read 256 bytes per 4096-flop mma: at the SM's 128 bytes/clock, shared memory
+//    rather than the tensor cores set its pace), and each K/V tile in shared memory serves 128
+//    rows. Larger head dims keep WM = 1 (64 rows): two tiles' accumulators would not fit in
+//    255 registers.
+//
+// Grid (ceil(N / v2_rows<DP>()), B * H): consecutive blocks share (b, h), so K and V of a head
+// stay hot in L2. Block 128 threads. Dynamic shared memory 2 stages x (K + V) x 64 x (DP + 8)
+// halves; src/cuda.rs (`flash_launch`) mirrors these figures.
+//
+// Shared layout in halves, each tile [64][LDH]: stage s has K at s * 2 * 64 * LDH and V right
+// after it. The Q tile (up to 128 rows = K + V of one stage) is staged through stage 1 at the
+// start, before tile 1 goes there.
+
+constexpr int V2_WARPS = 4;
+constexpr int V2_THREADS = V2_WARPS * 32;
+
+// m16 row tiles per warp.
+template <int DP>
+__host__ __device__ constexpr int v2_wm() {
+  return DP <= 64 ? 2 : 1;
+}
+
+// Query rows per block.
+template <int DP>
+__host__ __device__ constexpr int v2_rows() {
+  return V2_WARPS * 16 * v2_wm<DP>();
+}
+
+// Blocks per SM that registers must allow (__launch_bounds__): DP <= 48 (SD 1.x's head dim 40
+// pads to 48) fits in 168 registers without spilling (ptxas 13.0, sm_90), so three blocks (12
+// warps) share an SM; larger DP need ~200-240 registers: two blocks.
+template <int DP>
+__host__ __device__ constexpr int v2_min_blocks() {
+  return DP <= 48 ? 3 : 2;
+}
+
+// 16 bytes global -> shared, asynchronously; when !valid nothing is read (src-size 0) and the
+// 16 bytes are zero-filled. `src` must still be a valid, aligned address: callers pass the
+// matrix base then.
+__device__ __forceinline__ void cp_async_16(half* dst, const half* src, bool valid) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+// Waits until at most N of this thread's committed groups are still in flight. Other threads'
+// copies become visible only after a __syncthreads that follows their own wait.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Rows [first, first + ROWS) of a [rows, ld] matrix, columns [0, DP), into shared [ROWS][LDH]
+// by cp.async; rows >= `rows` and columns >= D are zero-filled (D % 8 == 0, so a 16-byte unit
+// is either wholly inside [0, D) or wholly outside). Every element of [ROWS][0, DP) is written,
+// so nothing of an earlier tile survives in the stage. Each thread keeps one 16-byte column
+// unit and walks rows STEP apart (threads past STEP * UNITS idle): little address arithmetic
+// to keep live across the main loop.
+template <int DP, int ROWS>
+__device__ __forceinline__ void load_tile_async(half* dst, const half* src, size_t ld, int first,
+                                                int rows, int D) {
+  constexpr int UNITS = DP / 8;             // 16-byte units per row
+  constexpr int STEP = V2_THREADS / UNITS;  // rows per pass
+  constexpr int PASSES = (ROWS + STEP - 1) / STEP;
+  const int r0 = threadIdx.x / UNITS, c = (threadIdx.x % UNITS) * 8;
+  if (r0 >= STEP) return;
+  const bool col_ok = c < D;
+#pragma unroll
+  for (int p = 0; p < PASSES; p++) {
+    const int r = r0 + p * STEP;
+    if (ROWS % STEP == 0 || r < ROWS) {
+      const bool valid = col_ok && first + r < rows;
+      const half* from = valid ? src + (size_t)(first + r) * ld + c : src;
+      cp_async_16(dst + r * tile_ld<DP>() + c, from, valid);
+    }
+  }
+}
+
+// ldmatrix .x4: four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses (16 bytes each,
+// 16-byte aligned) of matrix i, and register i receives matrix i's fragment: without .trans,
+// lane L holds (row L/4, cols 2(L%4), 2(L%4)+1); with .trans, (rows 2(L%4), 2(L%4)+1, col L/4)
+// of the matrix as stored.
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const half* p) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const half* p) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <int DP>
+__device__ void flash_attention_v2(const half* q, const half* k, const half* v, half* o, int N,
+                                   int M, int H, int D, float scale_log2) {
+  constexpr int LDH = tile_ld<DP>();
+  constexpr int WM = v2_wm<DP>();
+  constexpr int ROWS = v2_rows<DP>();
+  constexpr int NT = BC / 8;   // score tiles of 8 keys
+  constexpr int DT = DP / 8;   // output tiles of 8 dims (even: DP % 16 == 0)
+  constexpr int KD = DP / 16;  // k steps of S = Q K^T
+  constexpr int STAGE = 2 * BC * LDH;
+  static_assert(ROWS <= 2 * BC, "the Q tile is staged in one K + V stage");
+  static_assert(NT % 2 == 0 && DT % 2 == 0, "ldmatrix.x4 covers two n tiles");
+  extern __shared__ __align__(16) unsigned char smem[];
+  half* const sm = (half*)smem;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int b = blockIdx.y / H, h = blockIdx.y % H;
+  const int row0 = blockIdx.x * ROWS;
+  const size_t ld = (size_t)H * D;
+  const half* qb = q + (size_t)b * N * ld + (size_t)h * D;
+  const half* kb = k + (size_t)b * M * ld + (size_t)h * D;
+  const half* vb = v + (size_t)b * M * ld + (size_t)h * D;
+  half* ob = o + (size_t)b * N * ld + (size_t)h * D;
+  const int tiles = (M + BC - 1) / BC;
+
+  // Prologue: Q into stage 1, tile 0 into stage 0, one group.
+  load_tile_async<DP, ROWS>(sm + STAGE, qb, ld, row0, N, D);
+  load_tile_async<DP, BC>(sm, kb, ld, 0, M, D);
+  load_tile_async<DP, BC>(sm + BC * LDH, vb, ld, 0, M, D);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Q A fragments (as v1): warp w, tile mt holds rows (w * WM + mt) * 16 .. + 15 of the block.
+  // A layout (m16n8k16, g = lane / 4, t = lane % 4): a0 (row g, cols 2t, 2t+1), a1 (row g+8,
+  // same cols), a2 (row g, cols 2t+8, 2t+9), a3 (row g+8, cols 2t+8, 2t+9).
+  unsigned qa[WM][KD][4];
+#pragma unroll
+  for (int mt = 0; mt < WM; mt++) {
+    const half* qw = sm + STAGE + (warp * WM + mt) * 16 * LDH;
+#pragma unroll
+    for (int kk = 0; kk < KD; kk++) {
+      qa[mt][kk][0] = *(const unsigned*)(qw + g * LDH + kk * 16 + 2 * t);
+      qa[mt][kk][1] = *(const unsigned*)(qw + (g + 8) * LDH + kk * 16 + 2 * t);
+      qa[mt][kk][2] = *(const unsigned*)(qw + g * LDH + kk * 16 + 2 * t + 8);
+      qa[mt][kk][3] = *(const unsigned*)(qw + (g + 8) * LDH + kk * 16 + 2 * t + 8);
+    }
+  }
+  __syncthreads();  // every warp has its Q: stage 1 may take tile 1
+
+  // Per-lane ldmatrix row addresses (offsets in halves within a tile).
+  // K (S = Q K^T, B[k = dim][n = key] = K[key][dim]): the B fragment of n tile j and k step kk
+  // is b0 = (dims 16kk + 2t, +1; key 8j + g), b1 = (dims 16kk + 8 + 2t, +1; key 8j + g). In
+  // shared K[key][dim] these are row fragments of the 8x8 matrices (keys 8j.., dims 16kk..)
+  // and (keys 8j.., dims 16kk + 8..), so plain ldmatrix with matrices 0..3 = (j, low dims),
+  // (j, high dims), (j+1, low), (j+1, high) gives b0, b1 of j then b0, b1 of j + 1. Lane L
+  // addresses matrix L / 8, row L % 8: key 8 * (L / 16) + L % 8, dim 8 * ((L / 8) % 2).
+  const int k_lane = (8 * (lane / 16) + lane % 8) * LDH + 8 * ((lane / 8) % 2);
+  // V (O += P V, B[k = key][n = dim] = V[key][dim]): b0 = (keys 16kk + 2t, +1; dim 8j + g),
+  // b1 = (keys 16kk + 8 + 2t, +1; dim 8j + g): column pairs of V[key][dim], i.e. the
+  // transposed-load fragment of the 8x8 matrices (keys 16kk.., dims 8j..) and (keys 16kk + 8..,
+  // dims 8j..). Matrices 0..3 = (low keys, j), (high keys, j), (low keys, j+1), (high keys,
+  // j+1). Lane L addresses key L % 16 (= 8 * ((L / 8) % 2) + L % 8), dim 8 * (L / 16).
+  const int v_lane = (lane % 16) * LDH + 8 * (lane / 16);
+
+  float m[WM][2], l[WM][2];
+  float acc[WM][DT][4];
+#pragma unroll
+  for (int mt = 0; mt < WM; mt++) {
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.f;
+#pragma unroll
+    for (int j = 0; j < DT; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[mt][j][e] = 0.f;
+  }
+
+  for (int tile = 0; tile < tiles; tile++) {
+    const int c0 = tile * BC;
+    // Tile + 1 into the other stage. Its last readers (tile - 1's compute, or the Q fragment
+    // loads) are all behind the __syncthreads that ended the previous iteration.
+    if (tile + 1 < tiles) {
+      half* next = sm + ((tile + 1) & 1) * STAGE;
+      load_tile_async<DP, BC>(next, kb, ld, c0 + BC, M, D);
+      load_tile_async<DP, BC>(next + BC * LDH, vb, ld, c0 + BC, M, D);
+      cp_async_commit();
+    }
+    const half* ks = sm + (tile & 1) * STAGE;
+    const half* vs = ks + BC * LDH;
+
+    // S = Q K^T; C layout: s[mt][j] holds (row g, keys 8j + 2t, +1) then (row g + 8, same).
+    float s[WM][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < WM; mt++)
+#pragma unroll
+      for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[mt][j][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; kk++)
+#pragma unroll
+      for (int j = 0; j < NT; j += 2) {
+        unsigned kf[4];
+        ldmatrix_x4(kf, ks + j * 8 * LDH + kk * 16 + k_lane);
+#pragma unroll
+        for (int mt = 0; mt < WM; mt++) {
+          mma_16816(s[mt][j], qa[mt][kk], kf[0], kf[1]);
+          mma_16816(s[mt][j + 1], qa[mt][kk], kf[2], kf[3]);
+        }
+      }
+
+    // Online softmax, exactly v1's arithmetic, per m tile: rows g (e = 0, 1) and g + 8
+    // (e = 2, 3), a row's 64 scores spread over the 4 lanes of a quad. Keys >= M (only in the
+    // last tile) get -inf, hence probability 0; every tile has a key < M, so the max is finite.
+    const bool ragged = c0 + BC > M;
+    unsigned pa[WM][BC / 16][4];  // P as fp16 A fragments
+#pragma unroll
+    for (int mt = 0; mt < WM; mt++) {
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          float x = s[mt][j][e] * scale_log2;
+          if (ragged && c0 + j * 8 + 2 * t + (e & 1) >= M) x = -INFINITY;
+          s[mt][j][e] = x;
+          tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
+        }
+      float alpha[2];
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 2));
+        const float m_new = fmaxf(m[mt][r], tile_max[r]);
+        alpha[r] = exp2f(m[mt][r] - m_new);
+        m[mt][r] = m_new;
+      }
+      float tile_sum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const float p = exp2f(s[mt][j][e] - m[mt][e >> 1]);
+          s[mt][j][e] = p;
+          tile_sum[e >> 1] += p;
+        }
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        tile_sum[r] += __shfl_xor_sync(0xffffffff, tile_sum[r], 1);
+        tile_sum[r] += __shfl_xor_sync(0xffffffff, tile_sum[r], 2);
+        l[mt][r] = l[mt][r] * alpha[r] + tile_sum[r];
+      }
+#pragma unroll
+      for (int j = 0; j < DT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[mt][j][e] *= alpha[e >> 1];
+      // Score tiles 2kk and 2kk + 1 (keys 16kk + 2t.. and 16kk + 8 + 2t.., rows g and g + 8)
+      // are exactly the A fragment a0..a3 of keys 16kk..16kk + 15.
+#pragma unroll
+      for (int kk = 0; kk < BC / 16; kk++) {
+        pa[mt][kk][0] = pack_half2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][kk][1] = pack_half2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][kk][2] = pack_half2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][kk][3] = pack_half2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+    }
+
+    // O += P V.
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; kk++)
+#pragma unroll
+      for (int j = 0; j < DT; j += 2) {
+        unsigned vf[4];
+        ldmatrix_x4_trans(vf, vs + kk * 16 * LDH + j * 8 + v_lane);
+#pragma unroll
+        for (int mt = 0; mt < WM; mt++) {
+          mma_16816(acc[mt][j], pa[mt][kk], vf[0], vf[1]);
+          mma_16816(acc[mt][j + 1], pa[mt][kk], vf[2], vf[3]);
+        }
+      }
+
+    // Tile + 1 has landed (this thread's part, then everyone's), and nobody reads this stage
+    // any more: the next iteration may fill it with tile + 2.
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int mt = 0; mt < WM; mt++)
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const int n = row0 + (warp * WM + mt) * 16 + g + 8 * r;
+      if (n >= N) continue;
+      const float inv_l = 1.f / l[mt][r];
+      half* out = ob + (size_t)n * ld;
+#pragma unroll
+      for (int j = 0; j < DT; j++) {
+        const int c = j * 8 + 2 * t;
+        if (c < D)
+          *(__half2*)(out + c) =
+              __floats2half2_rn(acc[mt][j][2 * r] * inv_l, acc[mt][j][2 * r + 1] * inv_l);
+      }
+    }
+}
+
+#define FLASH_ATTENTION_V2(DP)                                                               \
+  extern "C" __global__ void __launch_bounds__(V2_THREADS, v2_min_blocks<DP>())              \
+      flash_attention2_f16_##DP(const half* q, const half* k, const half* v, half* o, int N, \
+                                int M, int H, int D, float scale_log2) {                     \
+    flash_attention_v2<DP>(q, k, v, o, N, M, H, D, scale_log2);                              \
+  }
+
+FLASH_ATTENTION_V2(16)
+FLASH_ATTENTION_V2(32)
+FLASH_ATTENTION_V2(48)
+FLASH_ATTENTION_V2(64)
+FLASH_ATTENTION_V2(80)
+FLASH_ATTENTION_V2(96)
+FLASH_ATTENTION_V2(128)
+FLASH_ATTENTION_V2(160)
+
+// ---------------------------------------------------------------------------------------------
 // Group norm over NCHW (torch.nn.GroupNorm), optionally followed by SiLU, statistics in fp32.
 // In NCHW a (batch, group) pair is one contiguous run of len = channels_per_group * HW values,
 // so the work splits into `splits` chunks per group: pass 1 writes each chunk's (count, mean,

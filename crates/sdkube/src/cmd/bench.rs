@@ -355,9 +355,15 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
                     .transpose(1, 2)?
                     .reshape((b, n, heads * d))?)
             },
-            &[("sdkube", &|| {
-                Ok(own::flash_attention(&q, &k, &v, heads, scale)?)
-            })],
+            &[
+                // Both kernel versions explicitly, whatever SDKUBE_ATTENTION says.
+                ("sdkube", &|| {
+                    Ok(own::flash_attention_with(&q, &k, &v, heads, scale, 1)?)
+                }),
+                ("sdkube v2", &|| {
+                    Ok(own::flash_attention_with(&q, &k, &v, heads, scale, 2)?)
+                }),
+            ],
         )?;
     }
     // The transformer's linear layers on [B·HW, C] (with bias, as candle_nn::Linear runs
@@ -425,7 +431,7 @@ mod own {
 
     #[cfg(feature = "cuda")]
     pub use sdkube_models::cuda::{
-        add_bias, flash_attention, geglu, group_norm, linear, upsample_nearest_2x,
+        add_bias, flash_attention_with, geglu, group_norm, linear, upsample_nearest_2x,
     };
 
     /// The CUDA memory pool's high-water marks (see `sdkube_models::cuda`), `None` off CUDA.
@@ -502,12 +508,13 @@ mod own {
     }
 
     #[cfg(not(feature = "cuda"))]
-    pub fn flash_attention(
+    pub fn flash_attention_with(
         _: &Tensor,
         _: &Tensor,
         _: &Tensor,
         _: usize,
         _: f64,
+        _: u8,
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
