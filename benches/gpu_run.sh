@@ -2,7 +2,7 @@
 # One device call: GPU correctness check on the fixture model, then sdkube bench and the
 # diffusers reference on the same GPU, with peak GPU memory from nvidia-smi for our binary.
 # Expects the CUDA build at .gpu/sdkube and the diffusers wheel in .whl (see README).
-# STAGES (default "check bench low reference"; also "v2", "serve", "ops", "post", "train") and WHAT (the `sdkube bench` items) narrow a run.
+# STAGES (default "check bench low reference"; also "cudnn", "serve", "ops", "post", "train") and WHAT (the `sdkube bench` items) narrow a run.
 set -uo pipefail
 NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
 CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
@@ -20,15 +20,11 @@ STAGES=${STAGES:-check bench low reference}
 WHAT=${WHAT:-unet-sd15 unet-sdxl vae txt2img-sd15 txt2img-sdxl}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
-# 1. correctness: same seed on CPU fp32, GPU fp32, GPU fp16, GPU fp16 on candle's kernels
-#    alone (SDKUBE_GPU_KERNELS=candle: none of sdkube's own kernels) and with the attention
-#    kernel not yet on by default (SDKUBE_ATTENTION=v2)
-has check && for run in "cpu fp32 sdkube" "cuda fp32 sdkube" "cuda fp16 sdkube" "cuda fp16 candle" "cuda fp16 v2"; do
+# 1. correctness: same seed on CPU fp32, GPU fp32, GPU fp16, and GPU fp16 on candle's kernels
+#    alone (SDKUBE_GPU_KERNELS=candle: none of sdkube's own kernels)
+has check && for run in "cpu fp32 sdkube" "cuda fp32 sdkube" "cuda fp16 sdkube" "cuda fp16 candle"; do
   set -- $run
-  kernels=sdkube attention=v1
-  [ "$3" = candle ] && kernels=candle
-  [ "$3" = v2 ] && attention=v2
-  SDKUBE_GPU_KERNELS=$kernels SDKUBE_ATTENTION=$attention .gpu/sdkube generate --model fixtures/sd/sd1 \
+  SDKUBE_GPU_KERNELS=$3 .gpu/sdkube generate --model fixtures/sd/sd1 \
     --device "$1" --precision "$2" --prompt "a lighthouse" \
     --negative-prompt blurry --steps 8 --width 64 --height 64 --seed 3 --sampler "DPM++ 2M Karras" \
     --out "/tmp/check-$1-$2-$3" 2>&1 | tail -1
@@ -38,8 +34,7 @@ import numpy as np, glob
 from PIL import Image
 load = lambda d: np.asarray(Image.open(glob.glob(d + "/*.png")[0]), dtype=np.float32)
 cpu = load("/tmp/check-cpu-fp32-sdkube")
-for d in ["/tmp/check-cuda-fp32-sdkube", "/tmp/check-cuda-fp16-sdkube", "/tmp/check-cuda-fp16-candle",
-          "/tmp/check-cuda-fp16-v2"]:
+for d in ["/tmp/check-cuda-fp32-sdkube", "/tmp/check-cuda-fp16-sdkube", "/tmp/check-cuda-fp16-candle"]:
     g = load(d)
     print(f"{d}: max abs {np.abs(g - cpu).max():.1f} / mean abs {np.abs(g - cpu).mean():.3f} (8-bit levels) vs CPU fp32")
 PY
@@ -51,10 +46,10 @@ has bench && for what in $WHAT; do
   pid=$(peak /tmp/mem-$what); .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 --profile 2>&1 | grep -v ' INFO '
   kill $pid; echo "{\"bench\": \"$what\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-$what | tail -1)}"
 done
-# SDKUBE_ATTENTION=v2: the attention kernel not yet on by default
-has v2 && for what in $WHAT; do
-  SDKUBE_ATTENTION=v2 .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
-    | grep -v ' INFO ' | sed 's/}$/, "attention": "v2"}/'
+# SDKUBE_CUDNN=heuristic: cuDNN's heuristic first pick instead of timing its algorithms
+has cudnn && for what in $WHAT; do
+  SDKUBE_CUDNN=heuristic .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
+    | grep -v ' INFO ' | sed 's/}$/, "cudnn": "heuristic"}/'
 done
 has low && for what in txt2img-sd15 txt2img-sdxl; do
   pid=$(peak /tmp/mem-low-$what); .gpu/sdkube bench --device cuda --precision fp16 --vram low --what $what --steps 5 2>&1 | grep -v ' INFO '

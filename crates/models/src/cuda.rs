@@ -234,7 +234,12 @@ impl CudnnConv {
             w: &wd,
             y: &yd,
         };
-        let (algo, workspace) = fastest_algorithm(dev, &forward, xs, ws, y)?;
+        let (algo, workspace) = if heuristic_algorithm() {
+            let algo = forward.pick_algorithm().map_err(e)?;
+            (algo, forward.get_workspace_size(algo).map_err(e)?)
+        } else {
+            fastest_algorithm(dev, &forward, xs, ws, y)?
+        };
         tracing::debug!(?key, ?algo, workspace, "cuDNN convolution plan");
         let plan = Rc::new(ConvPlan {
             conv,
@@ -293,6 +298,13 @@ impl CudnnConv {
         let out = CudaStorage::wrap_cuda_slice(y, dev);
         Ok((out, Shape::from((n, k, ho, wo))))
     }
+}
+
+/// `SDKUBE_CUDNN=heuristic`: take cuDNN's heuristic first pick instead of timing the algorithms
+/// (A/B runs).
+fn heuristic_algorithm() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SDKUBE_CUDNN").as_deref() == Ok("heuristic"))
 }
 
 /// The largest scratch a convolution algorithm may use (a 1024² VAE stage offers algorithms that
@@ -760,20 +772,8 @@ impl CustomOp3 for LtLinear {
 /// Head dims the kernels are instantiated for (the real one is padded up to the next).
 const FLASH_HEAD_DIMS: [usize; 8] = [16, 32, 48, 64, 80, 96, 128, 160];
 
-/// Which flash-attention kernel [`flash_attention`] runs: `SDKUBE_ATTENTION=v2` the pipelined
-/// one (`flash_attention_v2` in kernels.cu), anything else v1 until v2 has been measured on a
-/// GPU. Read once.
-fn attention_version() -> u8 {
-    static VERSION: OnceLock<u8> = OnceLock::new();
-    *VERSION.get_or_init(|| match std::env::var("SDKUBE_ATTENTION").as_deref() {
-        Ok("v2") => 2,
-        _ => 1,
-    })
-}
-
 /// Softmax attention over `[B, N, H·D]` queries and `[B, M, H·D]` keys and values, `heads`
-/// heads, scores scaled by `scale`; returns `[B, N, H·D]`. fp16 only. The kernel version comes
-/// from `SDKUBE_ATTENTION` (see [`flash_attention_with`]).
+/// heads, scores scaled by `scale`; returns `[B, N, H·D]`. fp16 only.
 pub fn flash_attention(
     q: &Tensor,
     k: &Tensor,
@@ -781,23 +781,6 @@ pub fn flash_attention(
     heads: usize,
     scale: f64,
 ) -> Result<Option<Tensor>> {
-    flash_attention_with(q, k, v, heads, scale, attention_version())
-}
-
-/// [`flash_attention`] on kernel `version` 1 (`flash_attention`: 64 query rows per block,
-/// synchronous tile loads) or 2 (`flash_attention_v2`: cp.async double buffering, ldmatrix,
-/// 128 rows per block for head dims up to 64), so benchmarks can run both in one process.
-pub fn flash_attention_with(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    scale: f64,
-    version: u8,
-) -> Result<Option<Tensor>> {
-    if !matches!(version, 1 | 2) {
-        candle_core::bail!("flash-attention: no kernel version {version} (1 or 2)")
-    }
     let all_f16 = [q, k, v].iter().all(|t| t.dtype() == DType::F16);
     if !applies(q) || k.track_op() || v.track_op() || !all_f16 || q.rank() != 3 {
         return Ok(None);
@@ -819,7 +802,6 @@ pub fn flash_attention_with(
     let op = FlashAttention {
         heads,
         scale: scale as f32,
-        version,
     };
     q.apply_op3_no_bwd(&k, &v, &op).map(Some)
 }
@@ -827,30 +809,21 @@ pub fn flash_attention_with(
 struct FlashAttention {
     heads: usize,
     scale: f32,
-    version: u8,
 }
 
-/// Keys per K/V tile in both kernels (`BC` in kernels.cu).
-const FLASH_TILE_KEYS: usize = 64;
-
-/// Kernel name, query rows per block, threads per block and dynamic shared memory in bytes of
-/// kernel `version` at padded head dim `dp`. These mirror kernels.cu and must match it: v1 is
-/// `BR` = 64 rows, 128 threads, one K and one V tile of [64][dp + 8] halves; v2 is
-/// `v2_rows<DP>()` = 4 warps x 16 rows x `v2_wm<DP>()` (2 m tiles for dp <= 64, else 1),
-/// `V2_THREADS` = 128, two stages of K and V tiles.
-fn flash_launch(version: u8, dp: usize) -> (String, usize, u32, usize) {
-    let tile_bytes = FLASH_TILE_KEYS * (dp + 8) * 2;
-    if version == 2 {
-        let rows = 4 * 16 * if dp <= 64 { 2 } else { 1 };
-        (
-            format!("flash_attention2_f16_{dp}"),
-            rows,
-            128,
-            2 * 2 * tile_bytes,
-        )
-    } else {
-        (format!("flash_attention_f16_{dp}"), 64, 128, 2 * tile_bytes)
-    }
+/// Kernel name, query rows per block, threads per block and dynamic shared memory in bytes at
+/// padded head dim `dp`. These mirror kernels.cu and must match it: `v2_rows<DP>()` = 4 warps
+/// x 16 rows x `v2_wm<DP>()` (2 m tiles for dp <= 64, else 1), `V2_THREADS` = 128, two stages
+/// of one K and one V tile of [64 keys][dp + 8] halves.
+fn flash_launch(dp: usize) -> (String, usize, u32, usize) {
+    let tile_bytes = 64 * (dp + 8) * 2;
+    let rows = 4 * 16 * if dp <= 64 { 2 } else { 1 };
+    (
+        format!("flash_attention_f16_{dp}"),
+        rows,
+        128,
+        2 * 2 * tile_bytes,
+    )
 }
 
 impl CustomOp3 for FlashAttention {
@@ -897,7 +870,7 @@ impl CustomOp3 for FlashAttention {
         let vs = v.as_cuda_slice::<f16>()?.slice(vl.start_offset()..);
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<f16>(b * n * inner)? };
-        let (name, rows, threads, smem) = flash_launch(self.version, dp);
+        let (name, rows, threads, smem) = flash_launch(dp);
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         func.set_attribute(
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

@@ -8,21 +8,39 @@
 // `mma.sync.m16n8k16` tensor-core instructions in FlashAttention-2's register layout: scores,
 // probabilities and the output accumulator stay in registers, where each thread knows which
 // rows it holds, so the [N, M] score matrix never leaves the SM and the softmax needs no
-// shared-memory round trip. Only the K and V tiles go through shared memory. fp16 in and out,
-// fp32 accumulation (so SD 2.x's "upcast attention" holds too).
+// shared-memory round trip. fp16 in and out, fp32 accumulation (so SD 2.x's "upcast
+// attention" holds too).
 //
 // q: [B, N, H*D], k and v: [B, M, H*D], o: [B, N, H*D], rows contiguous: the layout of the
-// projections' outputs, so no head split or merge copies are needed.
-// Grid (ceil(N / 64), B * H); block 128 threads = 4 warps, each owning 16 query rows; dynamic
-// shared memory 2 * 64 * (DP + 8) halves (src/cuda.rs computes the same figure).
-// DP is the head dim padded to a multiple of 16 (D % 8 == 0 is required for 16-byte loads).
+// projections' outputs, so no head split or merge copies are needed. DP is the head dim padded
+// to a multiple of 16 (D % 8 == 0 is required for 16-byte loads).
+//
+// Keeping the tensor cores fed (a first version without these ran 1.4-2.5x slower):
+//  - K and V tiles of 64 keys arrive by `cp.async` (global -> shared without passing through
+//    registers) into two stages: tile i+1 is in flight while tile i is computed; one
+//    __syncthreads per tile.
+//  - K and V B fragments come from `ldmatrix.x4` (K plain, V transposed), each covering two
+//    8-wide n tiles.
+//  - For DP <= 64 each warp owns 32 query rows (two m16 tiles, WM = 2; block 128 rows) and
+//    every B fragment it loads feeds two mma instead of one, halving shared-memory reads per
+//    mma (256 bytes per 4096-flop mma at the SM's 128 bytes/clock would make shared memory,
+//    not the tensor cores, set the pace), and each K/V tile in shared memory serves 128 rows.
+//    Larger head dims keep WM = 1 (64 rows): two tiles' accumulators would not fit in 255
+//    registers.
+//
+// Grid (ceil(N / fa_rows<DP>()), B * H): consecutive blocks share (b, h), so K and V of a head
+// stay hot in L2. Block 128 threads. Dynamic shared memory 2 stages x (K + V) x 64 x (DP + 8)
+// halves; src/cuda.rs (`flash_launch`) mirrors these figures.
+//
+// Shared layout in halves, each tile [64][LDH]: stage s has K at s * 2 * 64 * LDH and V right
+// after it. The Q tile (up to 128 rows = K + V of one stage) is staged through stage 1 at the
+// start, before tile 1 goes there.
 //
 // Fragment layouts (PTX ISA, m16n8k16, g = lane / 4, t = lane % 4): A registers hold
 // (row g, cols 2t..2t+1), (row g+8, same), (row g, cols 2t+8..), (row g+8, cols 2t+8..); B
 // registers (k 2t..2t+1, col g), (k 2t+8.., col g); C holds (row g, cols 2t, 2t+1) then
 // (row g+8, same).
 
-constexpr int BR = 64;  // query rows per block
 constexpr int BC = 64;  // keys per tile
 
 // Row stride of a shared tile in halves: padded against bank conflicts.
@@ -30,21 +48,6 @@ template <int DP>
 __host__ __device__ constexpr int tile_ld() {
   return DP + 8;
 }
-
-// Rows [first, first + 64) of a [rows, ld] matrix (columns [0, D)) into shared [64][LDH], zero
-// padded past `rows` and past D.
-template <int DP>
-__device__ __forceinline__ void load_tile(half* dst, const half* src, size_t ld, int first,
-                                          int rows, int D) {
-  constexpr int UNITS = DP / 8;
-  for (int i = threadIdx.x; i < BR * UNITS; i += blockDim.x) {
-    const int r = i / UNITS, c = (i % UNITS) * 8;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (first + r < rows && c < D) val = *(const uint4*)(src + (size_t)(first + r) * ld + c);
-    *(uint4*)(dst + r * tile_ld<DP>() + c) = val;
-  }
-}
-
 
 __device__ __forceinline__ unsigned pack_half2(float a, float b) {
   __half2 h = __floats2half2_rn(a, b);
@@ -59,203 +62,26 @@ __device__ __forceinline__ void mma_16816(float* c, const unsigned* a, unsigned 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Two 8x8 half matrices, transposed on the way: rows from lanes 0-7 and 8-15's addresses.
-__device__ __forceinline__ void ldmatrix_x2_trans(unsigned& r0, unsigned& r1, const half* p) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-               : "=r"(r0), "=r"(r1)
-               : "r"(addr));
-}
-
-template <int DP>
-__device__ void flash_attention(const half* q, const half* k, const half* v, half* o, int N,
-                                int M, int H, int D, float scale_log2) {
-  constexpr int LDH = tile_ld<DP>();
-  constexpr int NT = BC / 8;  // score tiles of 8 keys
-  constexpr int DT = DP / 8;  // output tiles of 8 dims
-  extern __shared__ __align__(16) unsigned char smem[];
-  half* ks = (half*)smem;
-  half* vs = ks + BC * LDH;
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
-  const int b = blockIdx.y / H, h = blockIdx.y % H;
-  const int row0 = blockIdx.x * BR;
-  const size_t ld = (size_t)H * D;
-  const half* qb = q + (size_t)b * N * ld + (size_t)h * D;
-  const half* kb = k + (size_t)b * M * ld + (size_t)h * D;
-  const half* vb = v + (size_t)b * M * ld + (size_t)h * D;
-  half* ob = o + (size_t)b * N * ld + (size_t)h * D;
-
-  load_tile<DP>(ks, qb, ld, row0, N, D);
-  __syncthreads();
-  unsigned qa[DP / 16][4];
-  const half* qw = ks + warp * 16 * LDH;
-#pragma unroll
-  for (int kk = 0; kk < DP / 16; kk++) {
-    qa[kk][0] = *(const unsigned*)(qw + g * LDH + kk * 16 + 2 * t);
-    qa[kk][1] = *(const unsigned*)(qw + (g + 8) * LDH + kk * 16 + 2 * t);
-    qa[kk][2] = *(const unsigned*)(qw + g * LDH + kk * 16 + 2 * t + 8);
-    qa[kk][3] = *(const unsigned*)(qw + (g + 8) * LDH + kk * 16 + 2 * t + 8);
-  }
-  __syncthreads();
-
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  float acc[DT][4];
-#pragma unroll
-  for (int j = 0; j < DT; j++)
-#pragma unroll
-    for (int e = 0; e < 4; e++) acc[j][e] = 0.f;
-
-  for (int c0 = 0; c0 < M; c0 += BC) {
-    load_tile<DP>(ks, kb, ld, c0, M, D);
-    load_tile<DP>(vs, vb, ld, c0, M, D);
-    __syncthreads();
-
-    float s[NT][4];
-#pragma unroll
-    for (int j = 0; j < NT; j++) {
-#pragma unroll
-      for (int e = 0; e < 4; e++) s[j][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < DP / 16; kk++) {
-        const half* kr = ks + (j * 8 + g) * LDH + kk * 16 + 2 * t;
-        mma_16816(s[j], qa[kk], *(const unsigned*)kr, *(const unsigned*)(kr + 8));
-      }
-    }
-
-    // Online softmax in base 2 for rows g (e = 0, 1) and g + 8 (e = 2, 3); a row's 64 scores
-    // are spread over the 4 lanes of a quad.
-    float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < NT; j++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int key = c0 + j * 8 + 2 * t + (e & 1);
-        const float x = key < M ? s[j][e] * scale_log2 : -INFINITY;
-        s[j][e] = x;
-        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
-      }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 2));
-      const float m_new = fmaxf(m[r], tile_max[r]);  // finite: every tile has a key below M
-      alpha[r] = exp2f(m[r] - m_new);
-      m[r] = m_new;
-    }
-    float tile_sum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < NT; j++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const float p = exp2f(s[j][e] - m[e >> 1]);
-        s[j][e] = p;
-        tile_sum[e >> 1] += p;
-      }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-      tile_sum[r] += __shfl_xor_sync(0xffffffff, tile_sum[r], 1);
-      tile_sum[r] += __shfl_xor_sync(0xffffffff, tile_sum[r], 2);
-      l[r] = l[r] * alpha[r] + tile_sum[r];
-    }
-#pragma unroll
-    for (int j = 0; j < DT; j++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) acc[j][e] *= alpha[e >> 1];
-
-    // O += P V: the score tiles 2kk and 2kk+1 are exactly the A fragment of keys 16kk..16kk+15.
-#pragma unroll
-    for (int kk = 0; kk < BC / 16; kk++) {
-      const unsigned pa[4] = {pack_half2(s[2 * kk][0], s[2 * kk][1]),
-                              pack_half2(s[2 * kk][2], s[2 * kk][3]),
-                              pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int j = 0; j < DT; j++) {
-        unsigned b0, b1;
-        ldmatrix_x2_trans(b0, b1, vs + (kk * 16 + lane % 16) * LDH + j * 8);
-        mma_16816(acc[j], pa, b0, b1);
-      }
-    }
-    __syncthreads();  // the next tile overwrites ks and vs
-  }
-
-#pragma unroll
-  for (int r = 0; r < 2; r++) {
-    const int n = row0 + warp * 16 + g + 8 * r;
-    if (n >= N) continue;
-    const float inv_l = 1.f / l[r];
-    half* out = ob + (size_t)n * ld;
-#pragma unroll
-    for (int j = 0; j < DT; j++) {
-      const int c = j * 8 + 2 * t;
-      if (c < D) *(__half2*)(out + c) = __floats2half2_rn(acc[j][2 * r] * inv_l, acc[j][2 * r + 1] * inv_l);
-    }
-  }
-}
-
-#define FLASH_ATTENTION(DP)                                                               \
-  extern "C" __global__ void __launch_bounds__(128)                                           \
-      flash_attention_f16_##DP(const half* q, const half* k, const half* v, half* o,     \
-                                   int N, int M, int H, int D, float scale_log2) {           \
-    flash_attention<DP>(q, k, v, o, N, M, H, D, scale_log2);                             \
-  }
-
-FLASH_ATTENTION(16)
-FLASH_ATTENTION(32)
-FLASH_ATTENTION(48)
-FLASH_ATTENTION(64)
-FLASH_ATTENTION(80)
-FLASH_ATTENTION(96)
-FLASH_ATTENTION(128)
-FLASH_ATTENTION(160)
-
-// ---------------------------------------------------------------------------------------------
-// Flash attention v2: the same inputs, outputs and arithmetic as `flash_attention` above (one
-// score tile of 64 keys at a time, the same fp32 online softmax in base 2, the same masking),
-// rearranged to keep the tensor cores fed:
-//  - K and V tiles arrive by `cp.async` (global -> shared without passing through registers)
-//    into two stages: tile i+1 is in flight while tile i is computed, so the only wait is on
-//    loads issued a whole tile earlier; one __syncthreads per tile.
-//  - K and V B fragments come from `ldmatrix.x4` (K plain, V transposed), each covering two
-//    8-wide n tiles: a quarter of v1's shared-load instructions for K, half for V.
-//  - For DP <= 64 each warp owns 32 query rows (two m16 tiles, WM = 2; block 128 rows) and
-//    every B fragment it loads feeds two mma instead of one, halving shared-memory reads per
-//    mma (v1 read 256 bytes per 4096-flop mma: at the SM's 128 bytes/clock, shared memory
-//    rather than the tensor cores set its pace), and each K/V tile in shared memory serves 128
-//    rows. Larger head dims keep WM = 1 (64 rows): two tiles' accumulators would not fit in
-//    255 registers.
-//
-// Grid (ceil(N / v2_rows<DP>()), B * H): consecutive blocks share (b, h), so K and V of a head
-// stay hot in L2. Block 128 threads. Dynamic shared memory 2 stages x (K + V) x 64 x (DP + 8)
-// halves; src/cuda.rs (`flash_launch`) mirrors these figures.
-//
-// Shared layout in halves, each tile [64][LDH]: stage s has K at s * 2 * 64 * LDH and V right
-// after it. The Q tile (up to 128 rows = K + V of one stage) is staged through stage 1 at the
-// start, before tile 1 goes there.
-
-constexpr int V2_WARPS = 4;
-constexpr int V2_THREADS = V2_WARPS * 32;
+constexpr int FA_WARPS = 4;
+constexpr int FA_THREADS = FA_WARPS * 32;
 
 // m16 row tiles per warp.
 template <int DP>
-__host__ __device__ constexpr int v2_wm() {
+__host__ __device__ constexpr int fa_wm() {
   return DP <= 64 ? 2 : 1;
 }
 
 // Query rows per block.
 template <int DP>
-__host__ __device__ constexpr int v2_rows() {
-  return V2_WARPS * 16 * v2_wm<DP>();
+__host__ __device__ constexpr int fa_rows() {
+  return FA_WARPS * 16 * fa_wm<DP>();
 }
 
 // Blocks per SM that registers must allow (__launch_bounds__): DP <= 48 (SD 1.x's head dim 40
 // pads to 48) fits in 168 registers without spilling (ptxas 13.0, sm_90), so three blocks (12
 // warps) share an SM; larger DP need ~200-240 registers: two blocks.
 template <int DP>
-__host__ __device__ constexpr int v2_min_blocks() {
+__host__ __device__ constexpr int fa_min_blocks() {
   return DP <= 48 ? 3 : 2;
 }
 
@@ -291,7 +117,7 @@ template <int DP, int ROWS>
 __device__ __forceinline__ void load_tile_async(half* dst, const half* src, size_t ld, int first,
                                                 int rows, int D) {
   constexpr int UNITS = DP / 8;             // 16-byte units per row
-  constexpr int STEP = V2_THREADS / UNITS;  // rows per pass
+  constexpr int STEP = FA_THREADS / UNITS;  // rows per pass
   constexpr int PASSES = (ROWS + STEP - 1) / STEP;
   const int r0 = threadIdx.x / UNITS, c = (threadIdx.x % UNITS) * 8;
   if (r0 >= STEP) return;
@@ -326,11 +152,11 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const half* p) {
 }
 
 template <int DP>
-__device__ void flash_attention_v2(const half* q, const half* k, const half* v, half* o, int N,
+__device__ void flash_attention(const half* q, const half* k, const half* v, half* o, int N,
                                    int M, int H, int D, float scale_log2) {
   constexpr int LDH = tile_ld<DP>();
-  constexpr int WM = v2_wm<DP>();
-  constexpr int ROWS = v2_rows<DP>();
+  constexpr int WM = fa_wm<DP>();
+  constexpr int ROWS = fa_rows<DP>();
   constexpr int NT = BC / 8;   // score tiles of 8 keys
   constexpr int DT = DP / 8;   // output tiles of 8 dims (even: DP % 16 == 0)
   constexpr int KD = DP / 16;  // k steps of S = Q K^T
@@ -359,7 +185,7 @@ __device__ void flash_attention_v2(const half* q, const half* k, const half* v, 
   cp_async_wait<0>();
   __syncthreads();
 
-  // Q A fragments (as v1): warp w, tile mt holds rows (w * WM + mt) * 16 .. + 15 of the block.
+  // Q A fragments: warp w, tile mt holds rows (w * WM + mt) * 16 .. + 15 of the block.
   // A layout (m16n8k16, g = lane / 4, t = lane % 4): a0 (row g, cols 2t, 2t+1), a1 (row g+8,
   // same cols), a2 (row g, cols 2t+8, 2t+9), a3 (row g+8, cols 2t+8, 2t+9).
   unsigned qa[WM][KD][4];
@@ -437,7 +263,7 @@ __device__ void flash_attention_v2(const half* q, const half* k, const half* v, 
         }
       }
 
-    // Online softmax, exactly v1's arithmetic, per m tile: rows g (e = 0, 1) and g + 8
+    // Online softmax, the usual arithmetic, per m tile: rows g (e = 0, 1) and g + 8
     // (e = 2, 3), a row's 64 scores spread over the 4 lanes of a quad. Keys >= M (only in the
     // last tile) get -inf, hence probability 0; every tile has a key < M, so the max is finite.
     const bool ragged = c0 + BC > M;
@@ -531,21 +357,21 @@ __device__ void flash_attention_v2(const half* q, const half* k, const half* v, 
     }
 }
 
-#define FLASH_ATTENTION_V2(DP)                                                               \
-  extern "C" __global__ void __launch_bounds__(V2_THREADS, v2_min_blocks<DP>())              \
-      flash_attention2_f16_##DP(const half* q, const half* k, const half* v, half* o, int N, \
+#define FLASH_ATTENTION(DP)                                                               \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS, fa_min_blocks<DP>())              \
+      flash_attention_f16_##DP(const half* q, const half* k, const half* v, half* o, int N, \
                                 int M, int H, int D, float scale_log2) {                     \
-    flash_attention_v2<DP>(q, k, v, o, N, M, H, D, scale_log2);                              \
+    flash_attention<DP>(q, k, v, o, N, M, H, D, scale_log2);                              \
   }
 
-FLASH_ATTENTION_V2(16)
-FLASH_ATTENTION_V2(32)
-FLASH_ATTENTION_V2(48)
-FLASH_ATTENTION_V2(64)
-FLASH_ATTENTION_V2(80)
-FLASH_ATTENTION_V2(96)
-FLASH_ATTENTION_V2(128)
-FLASH_ATTENTION_V2(160)
+FLASH_ATTENTION(16)
+FLASH_ATTENTION(32)
+FLASH_ATTENTION(48)
+FLASH_ATTENTION(64)
+FLASH_ATTENTION(80)
+FLASH_ATTENTION(96)
+FLASH_ATTENTION(128)
+FLASH_ATTENTION(160)
 
 // ---------------------------------------------------------------------------------------------
 // Group norm over NCHW (torch.nn.GroupNorm), optionally followed by SiLU, statistics in fp32.

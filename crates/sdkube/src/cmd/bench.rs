@@ -166,17 +166,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 let vae = weights.vae.build(&dev, dt)?;
                 for side in [64usize, 128] {
                     let latent = Tensor::randn(0f32, 1., (1, 4, side, side), &dev)?.to_dtype(dt)?;
-                    let s = time(&dev, args.repeat.min(5), || {
+                    let decode = || -> anyhow::Result<()> {
                         vae.decode(&latent)?;
                         Ok(())
-                    })?;
-                    report(
-                        "vae-decode",
-                        &format!("{}x{}", side * 8, side * 8),
-                        s,
-                        dt,
-                        &dev,
-                    );
+                    };
+                    let s = time(&dev, args.repeat.min(5), decode)?;
+                    let shape = format!("{}x{}", side * 8, side * 8);
+                    report("vae-decode", &shape, s, dt, &dev);
+                    if args.profile {
+                        profile("vae-decode", &shape, &dev, decode)?;
+                    }
                     let image =
                         Tensor::randn(0f32, 1., (1, 3, side * 8, side * 8), &dev)?.to_dtype(dt)?;
                     let s = time(&dev, args.repeat.min(5), || {
@@ -355,15 +354,9 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
                     .transpose(1, 2)?
                     .reshape((b, n, heads * d))?)
             },
-            &[
-                // Both kernel versions explicitly, whatever SDKUBE_ATTENTION says.
-                ("sdkube", &|| {
-                    Ok(own::flash_attention_with(&q, &k, &v, heads, scale, 1)?)
-                }),
-                ("sdkube v2", &|| {
-                    Ok(own::flash_attention_with(&q, &k, &v, heads, scale, 2)?)
-                }),
-            ],
+            &[("sdkube", &|| {
+                Ok(own::flash_attention(&q, &k, &v, heads, scale)?)
+            })],
         )?;
     }
     // The transformer's linear layers on [B·HW, C] (with bias, as candle_nn::Linear runs
@@ -431,7 +424,7 @@ mod own {
 
     #[cfg(feature = "cuda")]
     pub use sdkube_models::cuda::{
-        add_bias, flash_attention_with, geglu, group_norm, linear, upsample_nearest_2x,
+        add_bias, flash_attention, geglu, group_norm, linear, upsample_nearest_2x,
     };
 
     /// The CUDA memory pool's high-water marks (see `sdkube_models::cuda`), `None` off CUDA.
@@ -508,13 +501,12 @@ mod own {
     }
 
     #[cfg(not(feature = "cuda"))]
-    pub fn flash_attention_with(
+    pub fn flash_attention(
         _: &Tensor,
         _: &Tensor,
         _: &Tensor,
         _: usize,
         _: f64,
-        _: u8,
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
