@@ -74,12 +74,12 @@ impl Conv2d {
             let cfg = self.0.config();
             if xs.device().is_cuda() && cfg.groups == 1 && cfg.dilation == 1 {
                 // cuDNN where it is the faster, candle's kernel elsewhere; the bias by our kernel.
-                let w = self.0.weight();
-                let y = match crate::cuda::conv2d(xs, w, cfg.padding, cfg.stride)? {
-                    Some(y) => y,
-                    None => xs.conv2d(w, cfg.padding, cfg.stride, 1, 1)?,
-                };
-                return match self.0.bias() {
+                let (w, bias) = (self.0.weight(), self.0.bias());
+                if let Some(y) = crate::cuda::conv2d(xs, w, bias, cfg.padding, cfg.stride)? {
+                    return Ok(y);
+                }
+                let y = xs.conv2d(w, cfg.padding, cfg.stride, 1, 1)?;
+                return match bias {
                     Some(bias) => add_bias(y, bias, 1),
                     None => Ok(y),
                 };

@@ -48,15 +48,26 @@ fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {
 // ---------------------------------------------------------------------------------------------
 // Convolution
 
-/// 2-D convolution without bias (groups 1, dilation 1) through cuDNN, where cuDNN is the faster
+/// 2-D convolution (groups 1, dilation 1; the bias, if any, added in place by our kernel)
+/// through cuDNN, where cuDNN is the faster
 /// of the two for this shape: the first convolution of each small shape times cuDNN and
 /// candle's kernel (three calls each) and remembers the winner, as
 /// `torch.backends.cudnn.benchmark` does. Feature maps above [`TIMED_UP_TO`] pixels always go
 /// to cuDNN: it won there by 3–18× at every shape measured, and timing candle's im2col there
 /// would allocate gigabytes (2.4 GB for the VAE's 1024² stage) just to lose.
-pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Option<Tensor>> {
-    let dtype_ok = matches!(x.dtype(), DType::F16 | DType::BF16 | DType::F32);
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Option<Tensor>> {
+    let dtype_ok = matches!(x.dtype(), DType::F16 | DType::F32);
     if !applies(x) || !dtype_ok || w.dtype() != x.dtype() || x.rank() != 4 || w.rank() != 4 {
+        return Ok(None);
+    }
+    let bias_ok = |b: &Tensor| b.dtype() == x.dtype() && !b.track_op() && b.dims() == [w.dims()[0]];
+    if bias.is_some_and(|b| !bias_ok(b)) {
         return Ok(None);
     }
     let candle_core::Device::Cuda(dev) = x.device() else {
@@ -75,17 +86,23 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<O
             }
         }
     };
-    if use_cudnn {
-        x.apply_op2_no_bwd(&w, &op).map(Some)
-    } else {
-        Ok(None)
+    match (use_cudnn, bias) {
+        (false, _) => Ok(None),
+        (true, None) => x.apply_op2_no_bwd(&w, &op).map(Some),
+        (true, Some(b)) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &op).map(Some),
     }
 }
 
 /// [`conv2d`] always through cuDNN (for benchmarks).
-pub fn conv2d_cudnn(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+pub fn conv2d_cudnn(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    x.apply_op2_no_bwd(&w, &CudnnConv { padding, stride })
+    x.apply_op3_no_bwd(&w, &bias.contiguous()?, &CudnnConv { padding, stride })
 }
 
 /// Input pixels (H·W) up to which [`conv2d`] times cuDNN against candle (32²: the largest UNet
@@ -255,10 +272,9 @@ impl CudnnConv {
 
     fn run<T>(
         &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        w: &CudaStorage,
-        wl: &Layout,
+        (x, xl): (&CudaStorage, &Layout),
+        (w, wl): (&CudaStorage, &Layout),
+        bias: Option<(&CudaStorage, &Layout)>,
     ) -> Result<(CudaStorage, Shape)>
     where
         T: CudnnDataType
@@ -295,6 +311,28 @@ impl CudnnConv {
             unsafe { forward.launch(plan.algo, workspace, scale, &xs, &ws, &mut y) }
                 .map_err(candle_core::Error::wrap)
         })?;
+        if let Some((b, bl)) = bias {
+            // In place: no second output-sized buffer (512 MB at the VAE's 1024² stage).
+            let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
+            let len = n * k * ho * wo;
+            let func = dev.get_or_load_custom_func(
+                &format!("add_bias_{}", suffix(x.dtype())?),
+                MODULE,
+                PTX,
+            )?;
+            let (n32, inner32, k32) = (len as u32, (ho * wo) as u32, k as u32);
+            let mut launch = func.builder();
+            launch
+                .arg(&y)
+                .arg(&bs)
+                .arg(&y)
+                .arg(&n32)
+                .arg(&inner32)
+                .arg(&k32);
+            // SAFETY: argument list matches the kernel's; each thread reads then writes its own
+            // element, so input and output may be the same buffer.
+            unsafe { launch.launch(launch_1d(len)) }.w()?;
+        }
         let out = CudaStorage::wrap_cuda_slice(y, dev);
         Ok((out, Shape::from((n, k, ho, wo))))
     }
@@ -307,9 +345,13 @@ fn heuristic_algorithm() -> bool {
     *ON.get_or_init(|| std::env::var("SDKUBE_CUDNN").as_deref() == Ok("heuristic"))
 }
 
-/// The largest scratch a convolution algorithm may use (a 1024² VAE stage offers algorithms that
-/// want gigabytes).
-const CONV_WORKSPACE_LIMIT: usize = 256 << 20;
+/// The largest scratch a convolution algorithm may use: 256 MiB, or as much as its input and
+/// output take where that is more. cuDNN's fast algorithms on NCHW half tensors want about that
+/// (they transpose both); capping them at 256 MiB left the VAE's 1024² stages on an algorithm
+/// twenty times slower.
+fn workspace_limit(x_elems: usize, y_elems: usize, elem_bytes: usize) -> usize {
+    ((x_elems + y_elems) * elem_bytes + (16 << 20)).max(256 << 20)
+}
 
 /// The fastest of cuDNN's algorithms for one convolution and its workspace size, each timed on
 /// the real buffers (one warm-up, then three runs, between CUDA events), as
@@ -328,6 +370,7 @@ where
     use cudarc::cudnn::sys::cudnnConvolutionFwdAlgo_t as Algo;
     use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
     let stream = dev.cuda_stream();
+    let limit = workspace_limit(xs.len(), y.len(), std::mem::size_of::<T>());
     let mut best: Option<(f32, Algo, usize)> = None;
     for algo in [
         Algo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
@@ -343,7 +386,7 @@ where
         let Ok(need) = forward.get_workspace_size(algo) else {
             continue;
         };
-        if need > CONV_WORKSPACE_LIMIT {
+        if need > limit {
             continue;
         }
         let ms = with_workspace(dev, need, |mut workspace| {
@@ -421,7 +464,7 @@ impl CustomOp2 for CudnnConv {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
+        cpu_only("cudnn-conv2d")
     }
 
     fn cuda_fwd(
@@ -431,10 +474,50 @@ impl CustomOp2 for CudnnConv {
         w: &CudaStorage,
         wl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        match x.dtype() {
-            DType::F16 => self.run::<f16>(x, xl, w, wl),
-            DType::BF16 => self.run::<bf16>(x, xl, w, wl),
-            DType::F32 => self.run::<f32>(x, xl, w, wl),
+        self.dispatch((x, xl), (w, wl), None)
+    }
+}
+
+impl CustomOp3 for CudnnConv {
+    fn name(&self) -> &'static str {
+        "cudnn-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only("cudnn-conv2d-bias")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.dispatch((x, xl), (w, wl), Some((b, bl)))
+    }
+}
+
+impl CudnnConv {
+    fn dispatch(
+        &self,
+        x: (&CudaStorage, &Layout),
+        w: (&CudaStorage, &Layout),
+        bias: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<(CudaStorage, Shape)> {
+        match x.0.dtype() {
+            DType::F16 => self.run::<f16>(x, w, bias),
+            DType::F32 => self.run::<f32>(x, w, bias),
             dtype => candle_core::bail!("cudnn-conv2d: no {dtype:?} support"),
         }
     }

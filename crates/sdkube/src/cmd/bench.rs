@@ -296,17 +296,17 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
         ("conv3x3 vae 128", 1, 128, 512),
     ] {
         let x = rand(&[b, c, side, side])?;
-        let w = (rand(&[c, c, 3, 3])? * 0.05)?;
+        let (w, bias) = ((rand(&[c, c, 3, 3])? * 0.05)?, rand(&[c])?);
         let cfg = Conv2dConfig {
             padding: 1,
             ..Default::default()
         };
-        let m = Conv2d::new(w.clone(), None, cfg);
+        let m = Conv2d::new(w.clone(), Some(bias.clone()), cfg);
         compare(
             label,
             &format!("[{b},{c},{side},{side}]"),
             &|| Ok(m.forward(&x)?),
-            &[("sdkube", &|| Ok(own::conv2d_cudnn(&x, &w, 1, 1)?))],
+            &[("sdkube", &|| Ok(own::conv2d_cudnn(&x, &w, &bias, 1, 1)?))],
         )?;
     }
     for (label, b, c, side) in [
@@ -448,14 +448,16 @@ mod own {
     pub fn conv2d_cudnn(
         x: &candle_core::Tensor,
         w: &candle_core::Tensor,
+        bias: &candle_core::Tensor,
         padding: usize,
         stride: usize,
     ) -> candle_core::Result<Option<candle_core::Tensor>> {
-        sdkube_models::cuda::conv2d_cudnn(x, w, padding, stride).map(Some)
+        sdkube_models::cuda::conv2d_cudnn(x, w, bias, padding, stride).map(Some)
     }
 
     #[cfg(not(feature = "cuda"))]
     pub fn conv2d_cudnn(
+        _: &Tensor,
         _: &Tensor,
         _: &Tensor,
         _: usize,
