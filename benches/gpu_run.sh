@@ -46,10 +46,10 @@ has bench && for what in $WHAT; do
   pid=$(peak /tmp/mem-$what); .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 --profile 2>&1 | grep -v ' INFO '
   kill $pid; echo "{\"bench\": \"$what\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-$what | tail -1)}"
 done
-# SDKUBE_CUDNN=heuristic: cuDNN's heuristic first pick instead of timing its algorithms
+# SDKUBE_CUDNN=benchmark: cuDNN's algorithms timed per shape instead of its heuristic first pick
 has cudnn && for what in $WHAT; do
-  SDKUBE_CUDNN=heuristic .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
-    | grep -v ' INFO ' | sed 's/}$/, "cudnn": "heuristic"}/'
+  SDKUBE_CUDNN=benchmark .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
+    | grep -v ' INFO ' | sed 's/}$/, "cudnn": "benchmark"}/'
 done
 has low && for what in txt2img-sd15 txt2img-sdxl; do
   pid=$(peak /tmp/mem-low-$what); .gpu/sdkube bench --device cuda --precision fp16 --vram low --what $what --steps 5 2>&1 | grep -v ' INFO '
