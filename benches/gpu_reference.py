@@ -1,6 +1,7 @@
 """diffusers reference for `sdkube bench` on the GPU: same shapes, fp16, random weights (speed
 does not depend on weight values), eager and (optionally) torch.compile. One JSON line per
-measurement, with torch's peak allocated and reserved memory. Usage: python3 benches/gpu_reference.py [--compile]"""
+measurement, with torch's peak allocated and reserved memory. Usage: python3 benches/gpu_reference.py [--compile]
+(--compile: the UNet steps only, under torch.compile)"""
 import json
 import subprocess
 import sys
@@ -84,6 +85,11 @@ for name, cfg, side, ctx_dim in [("unet-sd15", SD15, 64, 768), ("unet-sdxl", SDX
         timed(name, f"{side * 8}x{side * 8} batch {batch}", lambda: unet(x, t, ctx, **kw))
     del unet
     torch.cuda.empty_cache()
+
+if compile_:
+    # torch.compile's bar is the UNet step; compiling the txt2img UNets again would take minutes
+    # of device time for the same figure.
+    sys.exit(0)
 
 vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,

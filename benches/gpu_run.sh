@@ -2,7 +2,7 @@
 # One device call: GPU correctness check on the fixture model, then sdkube bench and the
 # diffusers reference on the same GPU, with peak GPU memory from nvidia-smi for our binary.
 # Expects the CUDA build at .gpu/sdkube and the diffusers wheel in .whl (see README).
-# STAGES (default "check bench low reference"; also "cudnn", "serve", "ops", "post", "train") and WHAT (the `sdkube bench` items) narrow a run.
+# STAGES (default "check bench low reference"; also "cudnn", "serve", "ops", "post", "train", "compile") and WHAT (the `sdkube bench` items) narrow a run.
 set -uo pipefail
 NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
 CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
@@ -105,7 +105,9 @@ has train && {
     kill $pid; echo "{\"bench\": \"train sd15 512 batch $b\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-train-$b | tail -1)}"
   done
 }
-has reference || exit 0
+has reference || has compile || exit 0
 python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-python3 benches/gpu_reference.py
+has reference && python3 benches/gpu_reference.py
+# diffusers + torch.compile, the UNet steps (compiling takes minutes: stage "compile")
+has compile && timeout ${COMPILE_TIMEOUT:-420} python3 benches/gpu_reference.py --compile

@@ -282,15 +282,15 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
-        let h = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(t)) => {
-                // [B, C] per sample and channel
-                add_bias(h, &proj.forward(&t.silu()?)?, 1)?
-            }
-            _ => h,
-        };
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        // One `h`, reassigned: each intermediate is freed as soon as the next exists (shadowed
+        // `let`s would keep them all alive to the end, 256 MB each at the VAE's 1024² stage).
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
+            // [B, C] per sample and channel
+            h = add_bias(h, &proj.forward(&t.silu()?)?, 1)?;
+        }
+        h = self.norm2.forward_silu(&h)?;
+        h = self.conv2.forward(&h)?;
         match &self.conv_shortcut {
             Some(c) => c.forward(xs)? + h,
             None => xs + h,
