@@ -1,7 +1,8 @@
 //! The GPU path's own kernels, where candle 0.11's are slow (issue 9's per-op profile):
-//! convolution through cuDNN with its plan made once per shape and one reused workspace, flash
-//! attention, group norm (+ SiLU) in two fused passes, a bias add and the GEGLU gate
-//! (`src/kernels.cu`).
+//! convolution through cuDNN with its plan made once per shape and one reused workspace, linear
+//! layers through cuBLASLt with the bias in the epilogue, flash attention, group norm (+ SiLU)
+//! in two fused passes, a bias add, the GEGLU gate and nearest ×2 upsampling
+//! (`src/kernels.cu`); and the memory pool's high-water marks for benchmarks.
 //!
 //! The GPU build links libcudnn (9.x), as candle's `cudnn` feature would: the CUDA cuDNN
 //! runtime image has it, and so does PyTorch's `nvidia-cudnn-cu13` wheel.

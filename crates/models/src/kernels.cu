@@ -1,5 +1,5 @@
 // GPU kernels that candle 0.11 lacks or runs slowly: flash attention, a fused group norm
-// (+ SiLU), a bias add and the GEGLU gate. Compiled to PTX by build.rs (feature `cuda`) and
+// (+ SiLU), a bias add, the GEGLU gate and nearest x2 upsampling. Compiled to PTX by build.rs (feature `cuda`) and
 // loaded through candle's custom-kernel API; the Rust side is `src/cuda.rs`.
 #include <cuda_fp16.h>
 
