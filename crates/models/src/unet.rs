@@ -88,6 +88,7 @@ impl FeedForward {
             );
             value * gate.gelu_erf()?
         })?;
+        drop(h); // the widest tensor of the block: gone before the next product
         self.proj_out.forward(&gated)
     }
 }
@@ -117,9 +118,10 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, ctx: &Tensor) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(ctx))? + xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+        // Reassigned, not shadowed: each residual sum is freed once the next exists.
+        let mut h = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        h = (self.attn2.forward(&self.norm2.forward(&h)?, Some(ctx))? + &h)?;
+        self.ff.forward(&self.norm3.forward(&h)?)? + h
     }
 }
 
