@@ -114,17 +114,11 @@ pub(crate) fn add_bias(y: Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> 
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
-    #[cfg(feature = "cuda")]
-    without_bias: candle_nn::Linear,
 }
 
 impl Linear {
     fn new(inner: candle_nn::Linear) -> Self {
-        Self {
-            #[cfg(feature = "cuda")]
-            without_bias: candle_nn::Linear::new(inner.weight().clone(), None),
-            inner,
-        }
+        Self { inner }
     }
 }
 
@@ -151,7 +145,8 @@ impl Linear {
         #[cfg(feature = "cuda")]
         if let Some(bias) = self.inner.bias() {
             if xs.device().is_cuda() {
-                let y = self.without_bias.forward(xs)?;
+                let without_bias = candle_nn::Linear::new(self.inner.weight().clone(), None);
+                let y = without_bias.forward(xs)?;
                 let axis = y.rank() - 1;
                 return add_bias(y, bias, axis);
             }

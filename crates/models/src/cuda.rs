@@ -46,6 +46,68 @@ fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {
     candle_core::bail!("{name} runs only on CUDA tensors")
 }
 
+/// Candle's custom ops have a fixed number of operands: an op with an optional bias is a
+/// `CustomOp2` without it and a `CustomOp3` with it, both calling `$method(x, w, bias)`.
+macro_rules! optional_bias_op {
+    ($op:ty, $name:literal, $method:ident) => {
+        impl CustomOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                cpu_only($name)
+            }
+
+            fn cuda_fwd(
+                &self,
+                x: &CudaStorage,
+                xl: &Layout,
+                w: &CudaStorage,
+                wl: &Layout,
+            ) -> Result<(CudaStorage, Shape)> {
+                self.$method((x, xl), (w, wl), None)
+            }
+        }
+
+        impl CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                concat!($name, "-bias")
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                cpu_only($name)
+            }
+
+            fn cuda_fwd(
+                &self,
+                x: &CudaStorage,
+                xl: &Layout,
+                w: &CudaStorage,
+                wl: &Layout,
+                b: &CudaStorage,
+                bl: &Layout,
+            ) -> Result<(CudaStorage, Shape)> {
+                self.$method((x, xl), (w, wl), Some((b, bl)))
+            }
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------------------------
 // Convolution
 
@@ -445,71 +507,9 @@ mod num_one {
             Self::ZERO
         }
     }
-    impl One for super::bf16 {
-        fn one() -> Self {
-            Self::ONE
-        }
-        fn zero() -> Self {
-            Self::ZERO
-        }
-    }
 }
 
-impl CustomOp2 for CudnnConv {
-    fn name(&self) -> &'static str {
-        "cudnn-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only("cudnn-conv2d")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        w: &CudaStorage,
-        wl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.dispatch((x, xl), (w, wl), None)
-    }
-}
-
-impl CustomOp3 for CudnnConv {
-    fn name(&self) -> &'static str {
-        "cudnn-conv2d-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only("cudnn-conv2d-bias")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        w: &CudaStorage,
-        wl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.dispatch((x, xl), (w, wl), Some((b, bl)))
-    }
-}
+optional_bias_op!(CudnnConv, "cudnn-conv2d", dispatch);
 
 impl CudnnConv {
     fn dispatch(
@@ -796,61 +796,7 @@ impl LtLinear {
     }
 }
 
-impl CustomOp2 for LtLinear {
-    fn name(&self) -> &'static str {
-        "linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only("linear")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        w: &CudaStorage,
-        wl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.run((x, xl), (w, wl), None)
-    }
-}
-
-impl CustomOp3 for LtLinear {
-    fn name(&self) -> &'static str {
-        "linear-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only("linear")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        w: &CudaStorage,
-        wl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.run((x, xl), (w, wl), Some((b, bl)))
-    }
-}
+optional_bias_op!(LtLinear, "linear", run);
 
 // ---------------------------------------------------------------------------------------------
 // Flash attention
