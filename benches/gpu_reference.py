@@ -1,7 +1,8 @@
 """diffusers reference for `sdkube bench` on the GPU: same shapes, fp16, random weights (speed
 does not depend on weight values), eager and (optionally) torch.compile. One JSON line per
-measurement, with torch's peak allocated and reserved memory. Usage: python3 benches/gpu_reference.py [--compile]
-(--compile: the UNet steps only, under torch.compile)"""
+measurement, with torch's peak allocated and reserved memory.
+Usage: python3 benches/gpu_reference.py [--compile] [--only=unet-sdxl]
+(--compile: the UNet steps only, under torch.compile; --only: that UNet alone)"""
 import json
 import subprocess
 import sys
@@ -68,9 +69,12 @@ SDXL = dict(layers_per_block=2, cross_attention_dim=2048, attention_head_dim=(5,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
 compile_ = "--compile" in sys.argv
+only = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")]
 IMPL = f"diffusers {__import__('diffusers').__version__} torch {torch.__version__}" + (" compile" if compile_ else " eager")
 
 for name, cfg, side, ctx_dim in [("unet-sd15", SD15, 64, 768), ("unet-sdxl", SDXL, 128, 2048)]:
+    if only and name not in only:
+        continue
     unet = UNet2DConditionModel(**cfg).to(dev, dt).eval()
     if compile_:
         unet = torch.compile(unet)
@@ -82,11 +86,14 @@ for name, cfg, side, ctx_dim in [("unet-sd15", SD15, 64, 768), ("unet-sdxl", SDX
         if "addition_embed_type" in cfg:
             kw["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, device=dev, dtype=dt),
                                        "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * batch, device=dev, dtype=dt)}
+        start = time.perf_counter()
         timed(name, f"{side * 8}x{side * 8} batch {batch}", lambda: unet(x, t, ctx, **kw))
+        if compile_:  # the first call of each shape compiles (inside `timed`'s warm-up)
+            print(f"{name} batch {batch}: {time.perf_counter() - start:.0f} s with compiling", flush=True)
     del unet
     torch.cuda.empty_cache()
 
-if compile_:
+if compile_ or only:
     # torch.compile's bar is the UNet step; compiling the txt2img UNets again would take minutes
     # of device time for the same figure.
     sys.exit(0)

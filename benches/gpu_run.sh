@@ -85,6 +85,18 @@ has post && {
   .gpu/sdkube generate --model fixtures/sd/sd1 --device cuda --width 512 --height 512 --steps 2 --seed 1 \
     --prompt x --out /tmp/post-in 2>&1 | tail -1
   img=$(ls /tmp/post-in/*.png | head -1)
+  # correctness: the GPU upscale (cuDNN, fp32) against the CPU one on a 128² crop
+  python3 -c "from PIL import Image; Image.open('$img').crop((0, 0, 128, 128)).save('/tmp/post-small.png')"
+  for d in cpu cuda; do
+    .gpu/sdkube upscale /tmp/post-small.png --model /tmp/x4plus.safetensors --device $d --out /tmp/post-check-$d 2>&1 | tail -1
+  done
+  python3 - <<'PY'
+import numpy as np, glob
+from PIL import Image
+load = lambda d: np.asarray(Image.open(glob.glob(d + "/*.png")[0]), dtype=np.float32)
+cpu, gpu = load("/tmp/post-check-cpu"), load("/tmp/post-check-cuda")
+print(f"x4plus 128->512 GPU vs CPU: max abs {np.abs(gpu - cpu).max():.1f} / mean abs {np.abs(gpu - cpu).mean():.3f} (8-bit levels)")
+PY
   for tile in 0 256; do for rep in 1 2; do
     rm -rf /tmp/post-out
     pid=$(peak /tmp/mem-up-$tile)
@@ -109,5 +121,6 @@ has reference || has compile || exit 0
 python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 has reference && python3 benches/gpu_reference.py
-# diffusers + torch.compile, the UNet steps (compiling takes minutes: stage "compile")
-has compile && timeout ${COMPILE_TIMEOUT:-420} python3 benches/gpu_reference.py --compile
+# diffusers + torch.compile, the UNet steps (compiling takes minutes: stage "compile";
+# COMPILE_ONLY=unet-sdxl gives one UNet the whole call)
+has compile && timeout ${COMPILE_TIMEOUT:-420} python3 benches/gpu_reference.py --compile ${COMPILE_ONLY:+--only=$COMPILE_ONLY}

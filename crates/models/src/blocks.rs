@@ -47,11 +47,18 @@ impl Norm {
     }
 }
 
-/// `nn.Conv2d`: candle's, except on CUDA, where cuDNN runs it ([`crate::cuda::conv2d`]).
+/// `nn.Conv2d`: candle's, except on CUDA, where cuDNN runs it ([`convolve`]).
 #[derive(Debug, Clone)]
 pub struct Conv2d(candle_nn::Conv2d);
 
-pub(crate) fn conv2d(
+impl From<candle_nn::Conv2d> for Conv2d {
+    fn from(conv: candle_nn::Conv2d) -> Self {
+        Self(conv)
+    }
+}
+
+/// A convolution with bias, its weights from `vb` (as `candle_nn::conv2d`).
+pub fn conv2d(
     cin: usize,
     cout: usize,
     kernel: usize,
@@ -61,32 +68,48 @@ pub(crate) fn conv2d(
     candle_nn::conv2d(cin, cout, kernel, cfg, vb).map(Conv2d)
 }
 
+/// A convolution without bias, its weights from `vb` (as `candle_nn::conv2d_no_bias`).
+pub fn conv2d_no_bias(
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    candle_nn::conv2d_no_bias(cin, cout, kernel, cfg, vb).map(Conv2d)
+}
+
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        profile::timed("convolution", xs.device(), || self.run(xs))
+        let cfg = self.0.config();
+        if cfg.groups != 1 || cfg.dilation != 1 {
+            return profile::timed("convolution", xs.device(), || self.0.forward(xs));
+        }
+        convolve(xs, self.0.weight(), self.0.bias(), cfg.padding, cfg.stride)
     }
 }
 
-impl Conv2d {
-    fn run(&self, xs: &Tensor) -> Result<Tensor> {
+/// A 2-D convolution (groups 1, dilation 1) plus `bias`: cuDNN on CUDA where it is the faster
+/// (and always for large feature maps: candle's im2col there takes gigabytes), candle's kernel
+/// elsewhere.
+pub fn convolve(
+    xs: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    profile::timed("convolution", xs.device(), || {
         #[cfg(feature = "cuda")]
-        {
-            let cfg = self.0.config();
-            if xs.device().is_cuda() && cfg.groups == 1 && cfg.dilation == 1 {
-                // cuDNN where it is the faster, candle's kernel elsewhere; the bias by our kernel.
-                let (w, bias) = (self.0.weight(), self.0.bias());
-                if let Some(y) = crate::cuda::conv2d(xs, w, bias, cfg.padding, cfg.stride)? {
-                    return Ok(y);
-                }
-                let y = xs.conv2d(w, cfg.padding, cfg.stride, 1, 1)?;
-                return match bias {
-                    Some(bias) => add_bias(y, bias, 1),
-                    None => Ok(y),
-                };
-            }
+        if let Some(y) = crate::cuda::conv2d(xs, w, bias, padding, stride)? {
+            return Ok(y);
         }
-        self.0.forward(xs)
-    }
+        let y = xs.conv2d(w, padding, stride, 1, 1)?;
+        match bias {
+            Some(bias) => add_bias(y, bias, 1),
+            None => Ok(y),
+        }
+    })
 }
 
 /// `y + bias`, `bias` broadcast over the axes after `axis` (its shape: the axes of `y` that

@@ -213,18 +213,28 @@ thread_local! {
     static CUDNN: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
     static CHOICE: RefCell<HashMap<ConvKey, bool>> = RefCell::new(HashMap::new());
     static PLANS: RefCell<HashMap<ConvKey, Rc<dyn Any>>> = RefCell::new(HashMap::new());
-    // One scratch buffer per device for cuDNN and cuBLASLt, grown to the largest need seen:
-    // every use is on the one stream, so uses never overlap.
+    // One scratch buffer per device for cuDNN and cuBLASLt, grown to the largest need up to
+    // [`KEPT_WORKSPACE`] seen: every use is on the one stream, so uses never overlap.
     static WORKSPACE: RefCell<HashMap<DeviceId, CudaSlice<u8>>> = RefCell::new(HashMap::new());
 }
 
-/// Runs `f` with this device's scratch buffer, grown to at least `need` bytes (`None` when no
-/// scratch is needed).
+/// The largest scratch buffer kept between calls. Bigger needs (the VAE's 1024² convolutions
+/// want about a gigabyte) take a buffer from the memory pool for the one call and give it back
+/// after, as torch does with every workspace: kept, it would sit unused under every later step.
+const KEPT_WORKSPACE: usize = 64 << 20;
+
+/// Runs `f` with scratch space of at least `need` bytes (`None` when no scratch is needed).
 fn with_workspace<R>(
     dev: &CudaDevice,
     need: usize,
     f: impl FnOnce(Option<&mut CudaSlice<u8>>) -> Result<R>,
 ) -> Result<R> {
+    if need > KEPT_WORKSPACE {
+        // SAFETY: scratch space, never read before it is written. Freed in stream order, so
+        // the pool hands it out again only after this call's kernels.
+        let mut scratch = unsafe { dev.alloc::<u8>(need)? };
+        return f(Some(&mut scratch));
+    }
     WORKSPACE.with(|map| {
         let mut map = map.borrow_mut();
         if need > 0 && map.get(&dev.id()).is_none_or(|ws| ws.len() < need) {

@@ -80,6 +80,28 @@ fn random<C>(
     Ok(Component { config, tensors })
 }
 
+/// A full-size SD 1.5 or SDXL UNet with random weights (on `device`, in `dtype`).
+pub fn random_unet(family: Family, dtype: DType, device: &Device) -> Result<Component<UNetConfig>> {
+    let cfg = match family {
+        Family::Sdxl => sdxl_unet(),
+        _ => sd15_unet(),
+    };
+    random(cfg, dtype, device, |vb, c| {
+        crate::unet::UNet2DConditionModel::new(vb, c).map(|_| ())
+    })
+}
+
+/// The SD 1.5 / SDXL VAE with random weights (on `device`, in `dtype`).
+pub fn random_vae(family: Family, dtype: DType, device: &Device) -> Result<Component<VaeConfig>> {
+    let scaling = match family {
+        Family::Sdxl => 0.13025,
+        _ => 0.18215,
+    };
+    random(sd_vae(scaling), dtype, device, |vb, c| {
+        crate::vae::AutoencoderKL::new(vb, c).map(|_| ())
+    })
+}
+
 /// A full-size SD 1.5 or SDXL model with random weights (on `device`, in `dtype`).
 pub fn random_model(family: Family, dtype: DType, device: &Device) -> Result<SdWeights> {
     let clip = |cfg: ClipTextConfig| {
@@ -87,17 +109,7 @@ pub fn random_model(family: Family, dtype: DType, device: &Device) -> Result<SdW
             crate::clip::ClipTextModel::new(vb, c).map(|_| ())
         })
     };
-    let unet = |cfg: UNetConfig| {
-        random(cfg, dtype, device, |vb, c| {
-            crate::unet::UNet2DConditionModel::new(vb, c).map(|_| ())
-        })
-    };
-    let vae = |cfg: VaeConfig| {
-        random(cfg, dtype, device, |vb, c| {
-            crate::vae::AutoencoderKL::new(vb, c).map(|_| ())
-        })
-    };
-    let (text_encoder_2, unet_cfg, scaling) = match family {
+    let text_encoder_2 = match family {
         Family::Sdxl => {
             // The network only creates its projection when the weights have one (plain
             // CLIPTextModel configs carry a projection_dim too), so add it here.
@@ -107,17 +119,17 @@ pub fn random_model(family: Family, dtype: DType, device: &Device) -> Result<SdW
             clip_g
                 .tensors
                 .insert("text_projection.weight".into(), projection);
-            (Some(clip_g), sdxl_unet(), 0.13025)
+            Some(clip_g)
         }
-        _ => (None, sd15_unet(), 0.18215),
+        _ => None,
     };
     Ok(SdWeights {
         family,
         prediction: Prediction::Epsilon,
         text_encoder: clip(sd15_text_encoder())?,
         text_encoder_2,
-        unet: unet(unet_cfg)?,
-        vae: vae(sd_vae(scaling))?,
+        unet: random_unet(family, dtype, device)?,
+        vae: random_vae(family, dtype, device)?,
         source: PathBuf::from(format!("random {}", family.name())),
     })
 }

@@ -18,9 +18,10 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 use rand::{rngs::StdRng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
+use sdkube_models::blocks::{convolve, Conv2d};
 
 use crate::face::FaceError;
 
@@ -174,9 +175,9 @@ fn conv(
         ..Default::default()
     };
     if bias {
-        candle_nn::conv2d(cin, cout, k, cfg, vb)
+        sdkube_models::blocks::conv2d(cin, cout, k, cfg, vb)
     } else {
-        candle_nn::conv2d_no_bias(cin, cout, k, cfg, vb)
+        sdkube_models::blocks::conv2d_no_bias(cin, cout, k, cfg, vb)
     }
 }
 
@@ -254,7 +255,7 @@ impl ModulatedConv2d {
         let s = self.modulation.forward(style)?; // (b, c_in)
         let xs = if self.upsample { up2(xs)? } else { xs.clone() };
         let xs = xs.broadcast_mul(&s.reshape((b, cin, 1, 1))?)?;
-        let out = xs.conv2d(&self.weight, self.padding, 1, 1, 1)?;
+        let out = convolve(&xs, &self.weight, None, self.padding, 1)?;
         match &self.weight_sq {
             None => Ok(out),
             Some(wsq) => {

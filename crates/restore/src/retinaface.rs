@@ -16,7 +16,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use sdkube_models::blocks::Conv2d;
 
 use crate::face::FaceError;
 
@@ -157,7 +158,7 @@ fn conv_bn(
         ..Default::default()
     };
     Ok(ConvAct {
-        conv: Conv2d::new(weight, Some(bias), cfg),
+        conv: candle_nn::Conv2d::new(weight, Some(bias), cfg).into(),
         slope,
     })
 }
@@ -540,7 +541,7 @@ impl RetinaFace {
         let head = |name: &str, per_anchor: usize| -> candle_core::Result<Vec<Conv2d>> {
             (0..3)
                 .map(|i| {
-                    candle_nn::conv2d(
+                    sdkube_models::blocks::conv2d(
                         w,
                         ANCHORS * per_anchor,
                         1,

@@ -6,7 +6,8 @@
 //! the input first, as the reference does; the trunk always upsamples 4×.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use sdkube_models::blocks::{conv2d, Conv2d};
 
 /// RRDBNet hyper-parameters (the reference constructor's arguments).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

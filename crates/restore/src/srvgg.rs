@@ -6,7 +6,8 @@
 //! pixel shuffle; the nearest-upsampled input is added so the network learns the residual.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig, PReLU, VarBuilder};
+use candle_nn::{Conv2dConfig, PReLU, VarBuilder};
+use sdkube_models::blocks::{conv2d, Conv2d};
 
 /// The reference's `act_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -126,9 +126,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "unet-sd15" | "unet-sdxl" => {
                 let sdxl = what == "unet-sdxl";
                 let family = if sdxl { Family::Sdxl } else { Family::Sd1 };
-                let weights = presets::random_model(family, dt, &dev)?;
-                let unet = weights.unet.build(&dev, dt)?;
-                drop(weights);
+                // The UNet alone, as diffusers' reference holds it: nothing else in memory.
+                let unet = presets::random_unet(family, dt, &dev)?.build(&dev, dt)?;
                 let (side, ctx_dim) = if sdxl { (128, 2048) } else { (64, 768) };
                 for batch in [1usize, 2] {
                     let x = Tensor::randn(0f32, 1., (batch, 4, side, side), &dev)?.to_dtype(dt)?;
@@ -162,8 +161,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
             }
             "vae" => {
-                let weights = presets::random_model(Family::Sd1, dt, &dev)?;
-                let vae = weights.vae.build(&dev, dt)?;
+                let vae = presets::random_vae(Family::Sd1, dt, &dev)?.build(&dev, dt)?;
                 for side in [64usize, 128] {
                     let latent = Tensor::randn(0f32, 1., (1, 4, side, side), &dev)?.to_dtype(dt)?;
                     let decode = || -> anyhow::Result<()> {
@@ -227,6 +225,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 use sdkube_restore::gfpgan::{Gfpgan, GfpganConfig, Noise};
                 let varmap = candle_nn::VarMap::new();
                 let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+                Gfpgan::new(vb, GfpganConfig::V1_4)?;
+                // Built again from plain tensors, as loaded weights are: `Var`s would make every
+                // op record its inputs (and keep our GPU kernels out).
+                let tensors: std::collections::HashMap<_, _> = varmap
+                    .data()
+                    .lock()
+                    .expect("varmap lock")
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+                    .collect();
+                drop(varmap);
+                let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &dev);
                 let net = Gfpgan::new(vb, GfpganConfig::V1_4)?;
                 let face = Tensor::randn(0f32, 1., (1, 3, 512, 512), &dev)?;
                 let s = time(&dev, args.repeat, || {
