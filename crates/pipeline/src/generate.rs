@@ -582,41 +582,45 @@ impl Engine {
         let cfg = req.cfg_scale;
         let sdxl = self.weights.family == Family::Sdxl;
 
-        let owned_unet;
-        let unet: &UNet2DConditionModel = match &self.resident {
-            Some(n) => &n.unet,
-            None => {
-                owned_unet = self.weights.unet.build(&dev, dt)?;
-                &owned_unet
-            }
-        };
-        let mut denoiser = |x: &Tensor, sigma: f64| -> Result<Tensor, SamplerError> {
-            let (x_in, t) = scalings.model_input(x, sigma)?;
-            let x_in = Tensor::cat(&[&x_in, &x_in], 0)?;
-            let x_in = match &image_cond {
-                Some(c) => Tensor::cat(&[&x_in, &Tensor::cat(&[c, c], 0)?], 1)?,
-                None => x_in,
+        // In a block: with `--vram low` the UNet built for this job leaves the GPU before the VAE
+        // decodes (SDXL's UNet is 5 GB, the decode of a batch at 1024² several more).
+        let latent = {
+            let owned_unet;
+            let unet: &UNet2DConditionModel = match &self.resident {
+                Some(n) => &n.unet,
+                None => {
+                    owned_unet = self.weights.unet.build(&dev, dt)?;
+                    &owned_unet
+                }
             };
-            let t = Tensor::new(&[t as f32], &dev)?;
-            let out = unet.forward(&x_in, &t, &context, added.as_ref())?;
-            let (u, c) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
-            let guided = (&u + ((c - &u)? * cfg)?)?;
-            let d = scalings.denoised(x, sigma, &guided)?;
-            // Plain models inpaint by keeping the unmasked latent (A1111's latent masking).
-            match (&latent_mask, &init_latent, &image_cond) {
-                (Some(m), Some(init), None) => Ok(blend(&d, init, m)?),
-                _ => Ok(d),
-            }
+            let mut denoiser = |x: &Tensor, sigma: f64| -> Result<Tensor, SamplerError> {
+                let (x_in, t) = scalings.model_input(x, sigma)?;
+                let x_in = Tensor::cat(&[&x_in, &x_in], 0)?;
+                let x_in = match &image_cond {
+                    Some(c) => Tensor::cat(&[&x_in, &Tensor::cat(&[c, c], 0)?], 1)?,
+                    None => x_in,
+                };
+                let t = Tensor::new(&[t as f32], &dev)?;
+                let out = unet.forward(&x_in, &t, &context, added.as_ref())?;
+                let (u, c) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
+                let guided = (&u + ((c - &u)? * cfg)?)?;
+                let d = scalings.denoised(x, sigma, &guided)?;
+                // Plain models inpaint by keeping the unmasked latent (A1111's latent masking).
+                match (&latent_mask, &init_latent, &image_cond) {
+                    (Some(m), Some(init), None) => Ok(blend(&d, init, m)?),
+                    _ => Ok(d),
+                }
+            };
+            let mut on_sampler_step = |s: &StepInfo| {
+                on_step(&Progress {
+                    step: s.step,
+                    total: s.total,
+                    denoised: s.denoised,
+                    sdxl,
+                })
+            };
+            plan.run(x, &mut denoiser, &mut noise, &mut on_sampler_step)?
         };
-        let mut on_sampler_step = |s: &StepInfo| {
-            on_step(&Progress {
-                step: s.step,
-                total: s.total,
-                denoised: s.denoised,
-                sdxl,
-            })
-        };
-        let latent = plan.run(x, &mut denoiser, &mut noise, &mut on_sampler_step)?;
         let latent = match (&latent_mask, &init_latent) {
             (Some(m), Some(init)) => blend(&latent, init, m)?,
             _ => latent,
