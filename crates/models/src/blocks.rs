@@ -112,6 +112,25 @@ pub fn convolve(
     })
 }
 
+/// `leaky_relu(x, slope)`: our one-pass kernel on CUDA, candle's composition elsewhere.
+pub fn leaky_relu(xs: &Tensor, slope: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(y) = crate::cuda::leaky_relu(xs, slope)? {
+        return Ok(y);
+    }
+    candle_nn::ops::leaky_relu(xs, slope)
+}
+
+/// Nearest-neighbour ×2 upsampling of NCHW `xs`: our kernel on CUDA, candle's elsewhere.
+pub fn upsample_nearest_2x(xs: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(up) = crate::cuda::upsample_nearest_2x(xs)? {
+        return Ok(up);
+    }
+    let (_, _, h, w) = xs.dims4()?;
+    xs.upsample_nearest2d(2 * h, 2 * w)
+}
+
 /// `y + bias`, `bias` broadcast over the axes after `axis` (its shape: the axes of `y` that
 /// end at `axis`, e.g. `[C]` or `[B, C]` for NCHW and axis 1). Our kernel on CUDA
 /// ([`crate::cuda::add_bias`]); candle's broadcast add elsewhere.
@@ -364,11 +383,8 @@ impl Upsample2D {
     pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        #[cfg(feature = "cuda")]
         if (th, tw) == (2 * h, 2 * w) {
-            if let Some(up) = crate::cuda::upsample_nearest_2x(xs)? {
-                return self.conv.forward(&up);
-            }
+            return self.conv.forward(&upsample_nearest_2x(xs)?);
         }
         self.conv.forward(&xs.upsample_nearest2d(th, tw)?)
     }

@@ -511,6 +511,15 @@ __device__ void geglu(const T* h, T* out, unsigned n, unsigned f) {
   }
 }
 
+// out = x >= 0 ? x : slope * x (candle's leaky_relu takes five kernels and four temporaries).
+template <typename T>
+__device__ void leaky_relu(const T* x, T* out, unsigned n, float slope) {
+  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const float v = to_f(x[i]);
+    out[i] = from_f<T>(v >= 0.f ? v : slope * v);
+  }
+}
+
 #define ELEMENTWISE(T, NAME)                                                                  \
   extern "C" __global__ void add_bias_##NAME(const T* y, const T* bias, T* out, unsigned n,   \
                                              unsigned inner, unsigned channels) {            \
@@ -518,6 +527,9 @@ __device__ void geglu(const T* h, T* out, unsigned n, unsigned f) {
   }                                                                                           \
   extern "C" __global__ void geglu_##NAME(const T* h, T* out, unsigned n, unsigned f) {       \
     geglu<T>(h, out, n, f);                                                                   \
+  }                                                                                           \
+  extern "C" __global__ void leaky_relu_##NAME(const T* x, T* out, unsigned n, float slope) { \
+    leaky_relu<T>(x, out, n, slope);                                                          \
   }
 
 ELEMENTWISE(half, f16)

@@ -151,7 +151,7 @@ pub enum Noise {
 }
 
 fn leaky(xs: &Tensor) -> candle_core::Result<Tensor> {
-    candle_nn::ops::leaky_relu(xs, 0.2)
+    sdkube_models::blocks::leaky_relu(xs, 0.2)
 }
 
 fn up2(xs: &Tensor) -> candle_core::Result<Tensor> {

@@ -95,7 +95,7 @@ impl ConvAct {
         match self.slope {
             None => Ok(ys),
             Some(0.0) => ys.relu(),
-            Some(a) => candle_nn::ops::leaky_relu(&ys, a),
+            Some(a) => sdkube_models::blocks::leaky_relu(&ys, a),
         }
     }
 }

@@ -85,7 +85,7 @@ fn conv3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
 }
 
 fn lrelu(x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::leaky_relu(x, 0.2)
+    sdkube_models::blocks::leaky_relu(x, 0.2)
 }
 
 struct ResidualDenseBlock {
@@ -187,8 +187,7 @@ impl RrdbNet {
         }
         let feat = (feat + self.conv_body.forward(&trunk)?)?;
         let up = |f: &Tensor, conv: &Conv2d| -> Result<Tensor> {
-            let (_, _, h, w) = f.dims4()?;
-            lrelu(&conv.forward(&f.upsample_nearest2d(h * 2, w * 2)?)?)
+            lrelu(&conv.forward(&sdkube_models::blocks::upsample_nearest_2x(f)?)?)
         };
         let feat = up(&feat, &self.conv_up1)?;
         let feat = up(&feat, &self.conv_up2)?;

@@ -121,7 +121,7 @@ impl SrvggNet {
             out = conv.forward(&out)?;
             out = match self.acts.get(i) {
                 Some(Act::Relu) => out.relu()?,
-                Some(Act::Leaky) => candle_nn::ops::leaky_relu(&out, 0.1)?,
+                Some(Act::Leaky) => sdkube_models::blocks::leaky_relu(&out, 0.1)?,
                 Some(Act::Prelu(p)) => p.forward(&out)?,
                 None => out,
             };

@@ -1,6 +1,7 @@
 //! `sdkube bench`: timings of the full-size architectures with random weights (speed does
 //! not depend on weight values), one JSON object per line. `benches/gpu_reference.py` times
-//! diffusers on the same shapes; run both in one session and compare ratios.
+//! diffusers on the same shapes, `benches/gpu_restore_reference.py` basicsr/realesrgan/gfpgan;
+//! run both in one session and compare ratios.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -16,7 +17,7 @@ use super::device::{DeviceArgs, Precision};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// What to time: unet-sd15, unet-sdxl, vae, txt2img-sd15, txt2img-sdxl, gfpgan (v1.4, one
-    /// face, fp32), ops (the primitives the networks spend their time in, at their real
+    /// face, fp32), x4plus (RealESRGAN, 512², whole and in tiles of 256, fp32), ops (the primitives the networks spend their time in, at their real
     /// shapes; comma separated).
     #[arg(
         long,
@@ -96,6 +97,22 @@ fn report(what: &str, shape: &str, seconds: f64, dtype: DType, device: &Device) 
         line["pool_peak_reserved_mib"] = (reserved >> 20).into();
     }
     println!("{line}");
+}
+
+/// Random f32 weights for the network `build` makes, as plain tensors on `dev`: a network built
+/// from `Var`s would make every op record its inputs (and keep our GPU kernels out), unlike one
+/// built from loaded weights.
+fn random_f32(
+    dev: &Device,
+    build: impl FnOnce(candle_nn::VarBuilder) -> anyhow::Result<()>,
+) -> anyhow::Result<std::collections::HashMap<String, Tensor>> {
+    let varmap = candle_nn::VarMap::new();
+    build(candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
+    let tensors = varmap.data().lock().expect("varmap lock");
+    Ok(tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect())
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -223,19 +240,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "gfpgan" => {
                 // fp32, as face restoration runs it; random weights, one aligned 512² face.
                 use sdkube_restore::gfpgan::{Gfpgan, GfpganConfig, Noise};
-                let varmap = candle_nn::VarMap::new();
-                let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-                Gfpgan::new(vb, GfpganConfig::V1_4)?;
-                // Built again from plain tensors, as loaded weights are: `Var`s would make every
-                // op record its inputs (and keep our GPU kernels out).
-                let tensors: std::collections::HashMap<_, _> = varmap
-                    .data()
-                    .lock()
-                    .expect("varmap lock")
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-                    .collect();
-                drop(varmap);
+                let tensors = random_f32(&dev, |vb| {
+                    Gfpgan::new(vb, GfpganConfig::V1_4)?;
+                    Ok(())
+                })?;
                 let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &dev);
                 let net = Gfpgan::new(vb, GfpganConfig::V1_4)?;
                 let face = Tensor::randn(0f32, 1., (1, 3, 512, 512), &dev)?;
@@ -244,6 +252,36 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     Ok(())
                 })?;
                 report("gfpgan", "1 face 512x512", s, DType::F32, &dev);
+            }
+            "x4plus" => {
+                // RealESRGAN x4plus, fp32, random weights, one 512² image from host memory: the
+                // reference's pre-process, (tiled) process and post-process, as `upscale` runs.
+                use sdkube_restore::rrdbnet::{RrdbConfig, RrdbNet};
+                use sdkube_restore::{Esrgan, EsrganArch, TileOptions};
+                let cfg = RrdbConfig::X4PLUS;
+                let tensors = random_f32(&dev, |vb| {
+                    RrdbNet::new(cfg, vb)?;
+                    Ok(())
+                })?;
+                let net = Esrgan::from_tensors(tensors, Some(EsrganArch::Rrdb(cfg)), &dev)?;
+                let image = Tensor::rand(0f32, 1., (3, 512, 512), &Device::Cpu)?;
+                for tile in [0, 256] {
+                    let opts = TileOptions {
+                        tile,
+                        ..TileOptions::default()
+                    };
+                    let s = time(&dev, args.repeat.min(3), || {
+                        net.upscale_tensor(&image, &opts)?;
+                        Ok(())
+                    })?;
+                    report(
+                        "x4plus",
+                        &format!("512x512 tile {tile}"),
+                        s,
+                        DType::F32,
+                        &dev,
+                    );
+                }
             }
             "ops" => ops(&dev, dt, args.repeat)?,
             other => anyhow::bail!("unknown benchmark {other:?}"),
@@ -424,6 +462,14 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
         &|| Ok(x.upsample_nearest2d(512, 512)?),
         &[("sdkube", &|| Ok(own::upsample_nearest_2x(&x)?))],
     )?;
+    // RealESRGAN's activation (RRDBNet's dense blocks, at its input size)
+    let x = rand(&[1, 32, 512, 512])?;
+    compare(
+        "leaky relu x4plus",
+        "[1,32,512,512]",
+        &|| Ok(candle_nn::ops::leaky_relu(&x, 0.2)?),
+        &[("sdkube", &|| Ok(own::leaky_relu(&x, 0.2)?))],
+    )?;
     Ok(())
 }
 
@@ -434,7 +480,7 @@ mod own {
 
     #[cfg(feature = "cuda")]
     pub use sdkube_models::cuda::{
-        add_bias, flash_attention, geglu, group_norm, linear, upsample_nearest_2x,
+        add_bias, flash_attention, geglu, group_norm, leaky_relu, linear, upsample_nearest_2x,
     };
 
     /// The CUDA memory pool's high-water marks (see `sdkube_models::cuda`), `None` off CUDA.
@@ -492,6 +538,11 @@ mod own {
 
     #[cfg(not(feature = "cuda"))]
     pub fn upsample_nearest_2x(_: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn leaky_relu(_: &Tensor, _: f64) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
 
