@@ -108,6 +108,30 @@ macro_rules! optional_bias_op {
     };
 }
 
+/// A one-operand op that runs only on CUDA, in fp16 or fp32: `$op::run::<T>(x, layout)` does
+/// the work for each.
+macro_rules! cuda_op1 {
+    ($op:ty, $name:literal) => {
+        impl candle_core::CustomOp1 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+                cpu_only(self.name())
+            }
+
+            fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+                match x.dtype() {
+                    DType::F16 => self.run::<f16>(x, xl),
+                    DType::F32 => self.run::<f32>(x, xl),
+                    dtype => candle_core::bail!("{}: no {dtype:?} support", $name),
+                }
+            }
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------------------------
 // Convolution
 
@@ -1192,45 +1216,33 @@ pub fn geglu(h: &Tensor) -> Result<Option<Tensor>> {
 
 struct Geglu;
 
-impl candle_core::CustomOp1 for Geglu {
-    fn name(&self) -> &'static str {
-        "geglu"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
-
-    fn cuda_fwd(&self, h: &CudaStorage, hl: &Layout) -> Result<(CudaStorage, Shape)> {
-        fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
-            h: &CudaStorage,
-            hl: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            let mut dims = hl.dims().to_vec();
-            let last = dims.len() - 1;
-            dims[last] /= 2;
-            let f = dims[last];
-            let n: usize = dims.iter().product();
-            let dev = h.device().clone();
-            let hs = h.as_cuda_slice::<T>()?.slice(hl.start_offset()..);
-            // SAFETY: the kernel writes every element.
-            let out = unsafe { dev.alloc::<T>(n)? };
-            let name = format!("geglu_{}", suffix(h.dtype())?);
-            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-            let (n32, f_u32) = (n as u32, f as u32);
-            let mut launch = func.builder();
-            launch.arg(&hs).arg(&out).arg(&n32).arg(&f_u32);
-            // SAFETY: argument list matches the kernel's signature.
-            unsafe { launch.launch(launch_1d(n)) }.w()?;
-            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
-        }
-        match h.dtype() {
-            DType::F16 => run::<f16>(h, hl),
-            DType::F32 => run::<f32>(h, hl),
-            dtype => candle_core::bail!("geglu: no {dtype:?} support"),
-        }
+impl Geglu {
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        &self,
+        h: &CudaStorage,
+        hl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let mut dims = hl.dims().to_vec();
+        let last = dims.len() - 1;
+        dims[last] /= 2;
+        let f = dims[last];
+        let n: usize = dims.iter().product();
+        let dev = h.device().clone();
+        let hs = h.as_cuda_slice::<T>()?.slice(hl.start_offset()..);
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let name = format!("geglu_{}", suffix(h.dtype())?);
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let (n32, f_u32) = (n as u32, f as u32);
+        let mut launch = func.builder();
+        launch.arg(&hs).arg(&out).arg(&n32).arg(&f_u32);
+        // SAFETY: argument list matches the kernel's signature.
+        unsafe { launch.launch(launch_1d(n)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
     }
 }
+
+cuda_op1!(Geglu, "geglu");
 
 // ---------------------------------------------------------------------------------------------
 // Memory
@@ -1293,42 +1305,29 @@ struct LeakyRelu {
     slope: f32,
 }
 
-impl candle_core::CustomOp1 for LeakyRelu {
-    fn name(&self) -> &'static str {
-        "leaky-relu"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
-
-    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
-        fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
-            x: &CudaStorage,
-            xl: &Layout,
-            slope: f32,
-        ) -> Result<(CudaStorage, Shape)> {
-            let n = xl.shape().elem_count();
-            let dev = x.device().clone();
-            let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
-            // SAFETY: the kernel writes every element.
-            let out = unsafe { dev.alloc::<T>(n)? };
-            let name = format!("leaky_relu_{}", suffix(x.dtype())?);
-            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-            let n32 = n as u32;
-            let mut launch = func.builder();
-            launch.arg(&xs).arg(&out).arg(&n32).arg(&slope);
-            // SAFETY: argument list matches the kernel's signature.
-            unsafe { launch.launch(launch_1d(n)) }.w()?;
-            Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
-        }
-        match x.dtype() {
-            DType::F16 => run::<f16>(x, xl, self.slope),
-            DType::F32 => run::<f32>(x, xl, self.slope),
-            dtype => candle_core::bail!("leaky relu: no {dtype:?} support"),
-        }
+impl LeakyRelu {
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let n = xl.shape().elem_count();
+        let dev = x.device().clone();
+        let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let name = format!("leaky_relu_{}", suffix(x.dtype())?);
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let n32 = n as u32;
+        let mut launch = func.builder();
+        launch.arg(&xs).arg(&out).arg(&n32).arg(&self.slope);
+        // SAFETY: argument list matches the kernel's signature.
+        unsafe { launch.launch(launch_1d(n)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
     }
 }
+
+cuda_op1!(LeakyRelu, "leaky-relu");
 
 // ---------------------------------------------------------------------------------------------
 // Upsampling
@@ -1343,42 +1342,30 @@ pub fn upsample_nearest_2x(x: &Tensor) -> Result<Option<Tensor>> {
 
 struct Upsample2x;
 
-impl candle_core::CustomOp1 for Upsample2x {
-    fn name(&self) -> &'static str {
-        "upsample-nearest-2x"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
-
-    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
-        fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
-            x: &CudaStorage,
-            xl: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            let (b, c, h, w) = xl.shape().dims4()?;
-            let n = b * c * h * w;
-            let dev = x.device().clone();
-            let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
-            // SAFETY: the kernel writes every element.
-            let out = unsafe { dev.alloc::<T>(4 * n)? };
-            let name = format!("upsample_2x_{}", suffix(x.dtype())?);
-            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-            let (n32, h32, w32) = (n as u32, h as u32, w as u32);
-            let mut launch = func.builder();
-            launch.arg(&xs).arg(&out).arg(&n32).arg(&h32).arg(&w32);
-            // SAFETY: argument list matches the kernel's signature.
-            unsafe { launch.launch(launch_1d(n)) }.w()?;
-            Ok((
-                CudaStorage::wrap_cuda_slice(out, dev),
-                Shape::from((b, c, 2 * h, 2 * w)),
-            ))
-        }
-        match x.dtype() {
-            DType::F16 => run::<f16>(x, xl),
-            DType::F32 => run::<f32>(x, xl),
-            dtype => candle_core::bail!("upsample: no {dtype:?} support"),
-        }
+impl Upsample2x {
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (b, c, h, w) = xl.shape().dims4()?;
+        let n = b * c * h * w;
+        let dev = x.device().clone();
+        let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<T>(4 * n)? };
+        let name = format!("upsample_2x_{}", suffix(x.dtype())?);
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let (n32, h32, w32) = (n as u32, h as u32, w as u32);
+        let mut launch = func.builder();
+        launch.arg(&xs).arg(&out).arg(&n32).arg(&h32).arg(&w32);
+        // SAFETY: argument list matches the kernel's signature.
+        unsafe { launch.launch(launch_1d(n)) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from((b, c, 2 * h, 2 * w)),
+        ))
     }
 }
+
+cuda_op1!(Upsample2x, "upsample-nearest-2x");
