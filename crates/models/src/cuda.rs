@@ -414,24 +414,7 @@ impl CudnnConv {
         if let Some((b, bl)) = bias {
             // In place: no second output-sized buffer (512 MB at the VAE's 1024² stage).
             let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
-            let len = n * k * ho * wo;
-            let func = dev.get_or_load_custom_func(
-                &format!("add_bias_{}", suffix(x.dtype())?),
-                MODULE,
-                PTX,
-            )?;
-            let (n32, inner32, k32) = (len as u32, (ho * wo) as u32, k as u32);
-            let mut launch = func.builder();
-            launch
-                .arg(&y)
-                .arg(&bs)
-                .arg(&y)
-                .arg(&n32)
-                .arg(&inner32)
-                .arg(&k32);
-            // SAFETY: argument list matches the kernel's; each thread reads then writes its own
-            // element, so input and output may be the same buffer.
-            unsafe { launch.launch(launch_1d(len)) }.w()?;
+            launch_add_bias(&dev, x.dtype(), &y.slice(..), &bs, &y, ho * wo, k)?;
         }
         let out = CudaStorage::wrap_cuda_slice(y, dev);
         Ok((out, Shape::from((n, k, ho, wo))))
@@ -1147,6 +1130,33 @@ struct AddBias {
     inner: usize,
 }
 
+/// Our `add_bias` kernel over all of `out`: `out[i] = y[i] + bias[(i / inner) % channels]`.
+/// `y` may view `out` itself: each thread reads its element before writing it.
+fn launch_add_bias<T: DeviceRepr>(
+    dev: &CudaDevice,
+    dtype: DType,
+    y: &CudaView<T>,
+    bias: &CudaView<T>,
+    out: &CudaSlice<T>,
+    inner: usize,
+    channels: usize,
+) -> Result<()> {
+    let n = out.len();
+    let func = dev.get_or_load_custom_func(&format!("add_bias_{}", suffix(dtype)?), MODULE, PTX)?;
+    let (n32, inner32, channels32) = (n as u32, inner as u32, channels as u32);
+    let mut launch = func.builder();
+    launch
+        .arg(y)
+        .arg(bias)
+        .arg(out)
+        .arg(&n32)
+        .arg(&inner32)
+        .arg(&channels32);
+    // SAFETY: argument list matches the kernel's signature; `y` holds at least `n` elements.
+    unsafe { launch.launch(launch_1d(n)) }.w()?;
+    Ok(())
+}
+
 impl CustomOp2 for AddBias {
     fn name(&self) -> &'static str {
         "add-bias"
@@ -1182,20 +1192,8 @@ impl CustomOp2 for AddBias {
             let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
             // SAFETY: the kernel writes every element.
             let out = unsafe { dev.alloc::<T>(n)? };
-            let name = format!("add_bias_{}", suffix(y.dtype())?);
-            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-            let (n32, inner32) = (n as u32, op.inner as u32);
-            let channels = bl.shape().elem_count() as u32;
-            let mut launch = func.builder();
-            launch
-                .arg(&ys)
-                .arg(&bs)
-                .arg(&out)
-                .arg(&n32)
-                .arg(&inner32)
-                .arg(&channels);
-            // SAFETY: argument list matches the kernel's signature.
-            unsafe { launch.launch(launch_1d(n)) }.w()?;
+            let channels = bl.shape().elem_count();
+            launch_add_bias(&dev, y.dtype(), &ys, &bs, &out, op.inner, channels)?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev), yl.shape().clone()))
         }
         match y.dtype() {

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Result};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::checkpoint::{Component, Family, Prediction, SdWeights};
@@ -59,24 +59,31 @@ pub fn sd_vae(scaling_factor: f64) -> VaeConfig {
     cfg
 }
 
-/// Weights of one network, created by building it over a `VarMap` (random init).
+/// The weights a network creates when `build` makes it over a `VarMap` (random init), as plain
+/// tensors: detached, since a `Var` would make every op record its inputs, keep all activations
+/// of a whole sampling run alive, and keep sdkube's GPU kernels out (as loaded weights do not).
+pub fn random_tensors<E>(
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder) -> std::result::Result<(), E>,
+) -> std::result::Result<HashMap<String, Tensor>, E> {
+    let varmap = VarMap::new();
+    build(VarBuilder::from_varmap(&varmap, dtype, device))?;
+    let tensors = varmap.data().lock().expect("varmap lock");
+    Ok(tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect())
+}
+
+/// Weights of one network with random values ([`random_tensors`]).
 fn random<C>(
     config: C,
     dtype: DType,
     device: &Device,
     build: impl Fn(VarBuilder, &C) -> Result<()>,
 ) -> Result<Component<C>> {
-    let varmap = VarMap::new();
-    build(VarBuilder::from_varmap(&varmap, dtype, device), &config)?;
-    let tensors: HashMap<_, _> = varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        // Detached: a `Var` tensor would make every op record its inputs for backprop and keep
-        // all activations of a whole sampling run alive.
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-        .collect();
+    let tensors = random_tensors(dtype, device, |vb| build(vb, &config))?;
     Ok(Component { config, tensors })
 }
 

@@ -17,8 +17,8 @@ use super::device::{DeviceArgs, Precision};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// What to time: unet-sd15, unet-sdxl, vae, txt2img-sd15, txt2img-sdxl, gfpgan (v1.4, one
-    /// face, fp32), x4plus (RealESRGAN, 512², whole and in tiles of 256, fp32), ops (the primitives the networks spend their time in, at their real
-    /// shapes; comma separated).
+    /// face, fp32), x4plus (RealESRGAN, 512², whole and in tiles of 256, fp32), ops (the
+    /// primitives the networks spend their time in, at their real shapes; comma separated).
     #[arg(
         long,
         value_delimiter = ',',
@@ -97,22 +97,6 @@ fn report(what: &str, shape: &str, seconds: f64, dtype: DType, device: &Device) 
         line["pool_peak_reserved_mib"] = (reserved >> 20).into();
     }
     println!("{line}");
-}
-
-/// Random f32 weights for the network `build` makes, as plain tensors on `dev`: a network built
-/// from `Var`s would make every op record its inputs (and keep our GPU kernels out), unlike one
-/// built from loaded weights.
-fn random_f32(
-    dev: &Device,
-    build: impl FnOnce(candle_nn::VarBuilder) -> anyhow::Result<()>,
-) -> anyhow::Result<std::collections::HashMap<String, Tensor>> {
-    let varmap = candle_nn::VarMap::new();
-    build(candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
-    let tensors = varmap.data().lock().expect("varmap lock");
-    Ok(tensors
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-        .collect())
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -240,9 +224,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "gfpgan" => {
                 // fp32, as face restoration runs it; random weights, one aligned 512² face.
                 use sdkube_restore::gfpgan::{Gfpgan, GfpganConfig, Noise};
-                let tensors = random_f32(&dev, |vb| {
-                    Gfpgan::new(vb, GfpganConfig::V1_4)?;
-                    Ok(())
+                let tensors = presets::random_tensors(DType::F32, &dev, |vb| {
+                    Gfpgan::new(vb, GfpganConfig::V1_4).map(drop)
                 })?;
                 let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &dev);
                 let net = Gfpgan::new(vb, GfpganConfig::V1_4)?;
@@ -259,9 +242,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 use sdkube_restore::rrdbnet::{RrdbConfig, RrdbNet};
                 use sdkube_restore::{Esrgan, EsrganArch, TileOptions};
                 let cfg = RrdbConfig::X4PLUS;
-                let tensors = random_f32(&dev, |vb| {
-                    RrdbNet::new(cfg, vb)?;
-                    Ok(())
+                let tensors = presets::random_tensors(DType::F32, &dev, |vb| {
+                    RrdbNet::new(cfg, vb).map(drop)
                 })?;
                 let net = Esrgan::from_tensors(tensors, Some(EsrganArch::Rrdb(cfg)), &dev)?;
                 let image = Tensor::rand(0f32, 1., (3, 512, 512), &Device::Cpu)?;
