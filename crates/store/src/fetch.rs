@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::catalog::{check_relative_path, glob_matches, FileSource, ModelEntry};
+use crate::direct::StreamWriter;
 use crate::net::{build_clients, load_ca_bundle, ProxyConfig};
 use crate::store::{hex, io_err, sha256_file, sync_dir, Store, StoreError, StoreLock, StoredFile};
 
@@ -1128,21 +1129,23 @@ fn complete_prefix(state: &ResumeState) -> u64 {
 /// A ranged download tells the hasher about its complete prefix in steps of at least this.
 const HASH_STEP: u64 = 8 << 20;
 
-/// The blocking half of a download: positional writes, the hash in file order
-/// ([`OrderedHasher`]), and resume state that only ever claims bytes already flushed to the
-/// partial file ([`Checkpointer`], every `checkpoint_every` bytes). The hash comes back when
-/// it covers the whole file.
+/// The blocking half of a download: the writes (a single stream's through [`StreamWriter`],
+/// ranged pieces positional), the hash in file order ([`OrderedHasher`]), and resume state
+/// that only ever claims bytes already flushed to the partial file ([`Checkpointer`], every
+/// `checkpoint_every` bytes). The hash comes back when it covers the whole file.
 fn run_writer(
     file: std::fs::File,
+    partial: &Path,
     single: bool,
     mut state: ResumeState,
-    state_file: PathBuf,
     mut rx: mpsc::Receiver<WriteOp>,
     checkpoint_every: u64,
 ) -> std::io::Result<(Option<Sha256>, ResumeState)> {
     use std::io::Read;
     use std::os::unix::fs::FileExt;
+    let state_file = state_path(partial);
     let mut next = 0u64;
+    let mut stream = None;
     let hasher = if single {
         // Hash what an earlier run already wrote, so the stream's hash covers the whole file.
         let mut h = Sha256::new();
@@ -1155,6 +1158,8 @@ fn run_writer(
             ));
         }
         next = kept;
+        // Staging no more than a checkpoint's worth lets every checkpoint claim recent bytes.
+        stream = Some(StreamWriter::new(&file, partial, kept, checkpoint_every)?);
         OrderedHasher::spawn(&file, h, kept)?
     } else {
         OrderedHasher::spawn(&file, Sha256::new(), 0)?
@@ -1180,19 +1185,26 @@ fn run_writer(
                 bytes,
             } => {
                 let n = bytes.len() as u64;
-                file.write_all_at(&bytes, offset)?;
-                if single {
-                    if offset != next {
-                        return Err(std::io::Error::other("single-stream write out of order"));
+                match &mut stream {
+                    Some(stream) => {
+                        if offset != next {
+                            return Err(std::io::Error::other("single-stream write out of order"));
+                        }
+                        next += n;
+                        stream.write(&bytes)?;
+                        hasher.send(HashOp::Data(bytes));
+                        // Only what left the stage is in the file.
+                        let written = stream.written();
+                        unsaved += written - state.chunks[0].done;
+                        state.chunks[0].done = written;
                     }
-                    next += n;
-                    hasher.send(HashOp::Data(bytes));
+                    None => {
+                        file.write_all_at(&bytes, offset)?;
+                        state.chunks[chunk].done += n;
+                        tell_prefix(&state, false);
+                        unsaved += n;
+                    }
                 }
-                state.chunks[chunk].done += n;
-                if !single {
-                    tell_prefix(&state, false);
-                }
-                unsaved += n;
                 if unsaved >= checkpoint_every {
                     checkpoints.save(state.clone());
                     unsaved = 0;
@@ -1204,6 +1216,9 @@ fn run_writer(
                 hasher.send(HashOp::Restart);
                 next = 0;
                 state.chunks[0].done = 0;
+                if let Some(stream) = &mut stream {
+                    stream.restart_at(0)?;
+                }
                 if state.size.is_none() {
                     file.set_len(0)?;
                 }
@@ -1211,6 +1226,10 @@ fn run_writer(
                 checkpoints = Checkpointer::spawn(&file, &state_file)?;
             }
         }
+    }
+    if let Some(stream) = &mut stream {
+        stream.finish()?;
+        state.chunks[0].done = stream.written();
     }
     if !single {
         tell_prefix(&state, true);
@@ -1427,9 +1446,9 @@ async fn attempt(
         connections: workers,
     });
     let (tx, rx) = mpsc::channel(64);
-    let state_file = state_path(partial);
+    let partial_owned = partial.to_owned();
     let writer = tokio::task::spawn_blocking(move || {
-        run_writer(file, single, state, state_file, rx, SAVE_EVERY)
+        run_writer(file, &partial_owned, single, state, rx, SAVE_EVERY)
     });
     let throttle = ProgressThrottle {
         ctx,
@@ -1620,8 +1639,8 @@ mod tests {
         let state_file = state_path(&partial);
         let (tx, rx) = mpsc::channel(4);
         let writer = std::thread::spawn({
-            let state_file = state_file.clone();
-            move || run_writer(file, true, state, state_file, rx, 10_000)
+            let partial = partial.clone();
+            move || run_writer(file, &partial, true, state, rx, 10_000)
         });
         let send = |offset: usize, bytes: &[u8]| {
             tx.blocking_send(WriteOp::Data {
@@ -1695,8 +1714,8 @@ mod tests {
         };
         let (tx, rx) = mpsc::channel(4);
         let writer = std::thread::spawn({
-            let state_file = state_path(&partial);
-            move || run_writer(file, false, state, state_file, rx, 10_000)
+            let partial = partial.clone();
+            move || run_writer(file, &partial, false, state, rx, 10_000)
         });
         for chunk in [3usize, 1, 2] {
             for offset in (chunk * 25_000..(chunk + 1) * 25_000).step_by(5_000) {

@@ -7,6 +7,7 @@
 //!   ranges, sha256 verification, free-space check; progress as [`ProgressEvent`]s.
 
 mod catalog;
+mod direct;
 mod fetch;
 mod net;
 mod store;
