@@ -1,11 +1,11 @@
 //! Front-to-back writes of one downloaded stream that bypass the page cache (`O_DIRECT`).
 //!
 //! A buffered write copies every byte into the page cache, and the fsync that a verified file
-//! needs then writes it all out again. For a multi-gigabyte model that nobody reads back
-//! right away this is work for nothing, and in Kubernetes the dirty pages also count against
-//! the pod's memory limit. Direct writes go from our buffer to the disk: on this project's
-//! 2-core machine they took a single stream from below curl's speed to above it (README,
-//! "Fetch benchmark").
+//! needs then writes it all out again: on this project's 2-core machine that copy and its
+//! writeback cost about as much CPU as the sha256. Direct writes go from our buffer to the
+//! disk (by DMA), which took a single stream from 0.85–1.05× curl's speed to 1.24× (README,
+//! "Benchmarks"). They also leave the page cache, which Kubernetes charges to the pod's memory
+//! cgroup, to the files that are being read.
 //!
 //! `O_DIRECT` wants the file offset, the length and the buffer aligned to the device's block
 //! size, so bytes are staged in an aligned buffer and written in whole blocks; the tail that
