@@ -121,6 +121,7 @@ has train && {
   .gpu/sdkube generate --model fixtures/sd/sd1 --device cuda --width 512 --height 512 --steps 2 --batch-size 4 \
     --seed 1 --prompt x --out /tmp/train-img 2>&1 | tail -1
   for b in 1 2; do
+    rm -f /tmp/ti-$b.safetensors  # train-embedding refuses to overwrite an embedding
     pid=$(peak /tmp/mem-train-$b)
     .gpu/sdkube train-embedding --device cuda --precision fp16 --model /tmp/sd15 --images /tmp/train-img \
       --name bench --vectors 2 --size 512 --batch-size $b --steps 30 --checkpoint-every 0 \

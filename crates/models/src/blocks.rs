@@ -1,10 +1,12 @@
 //! Building blocks shared by the networks, named as in `diffusers.models`:
 //! `ResnetBlock2D`, `Downsample2D`, `Upsample2D` and the multi-head `Attention`.
 //!
-//! Textual-inversion training back-propagates through the text encoder and the UNet:
-//! candle's fused layer-norm and softmax kernels have no backward pass, so when the input is
-//! part of a gradient graph ([`Tensor::track_op`]) the composed, differentiable forms run
-//! instead (same math; inference keeps the fused kernels).
+//! Textual-inversion training back-propagates through the text encoder and the UNet. When a
+//! layer's input is part of a gradient graph ([`Tensor::track_op`]) and its weights are not,
+//! the layer runs as one op of [`crate::tracked`]: the inference path forward, the input's
+//! gradient alone backward. Where a layer is differentiated op by op (inside that backward,
+//! or with tracked weights), candle's fused layer-norm and softmax kernels, which have no
+//! backward pass, give way to their composed forms (same math).
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{layer_norm, Conv2dConfig, LayerNorm, VarBuilder};
@@ -22,7 +24,7 @@ pub(crate) fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
 }
 
 /// `transformers`' `nn.LayerNorm`, differentiable when gradients are tracked.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Norm {
     inner: LayerNorm,
     eps: f64,
@@ -37,6 +39,18 @@ impl Norm {
     }
 
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if xs.track_op() && !self.tracks() {
+            let norm = self.clone();
+            return crate::tracked::recomputed(xs, move |xs| norm.run(xs));
+        }
+        self.run(xs)
+    }
+
+    fn tracks(&self) -> bool {
+        self.inner.weight().track_op() || self.inner.bias().is_some_and(|b| b.track_op())
+    }
+
+    fn run(&self, xs: &Tensor) -> Result<Tensor> {
         profile::timed("layer norm", xs.device(), || match self.inner.bias() {
             // The fused kernel has no backward pass and no f64 version.
             Some(bias) if xs.track_op() || xs.dtype() == DType::F64 => {
@@ -99,6 +113,30 @@ pub fn convolve(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
+    if xs.track_op() && !w.track_op() && !bias.is_some_and(|b| b.track_op()) {
+        let (w_in, b_in) = (w.clone(), bias.cloned());
+        let w = w.clone();
+        return crate::tracked::with_input_grad(
+            xs,
+            |xs| convolve(xs, &w_in, b_in.as_ref(), padding, stride),
+            move |xs, grad| {
+                #[cfg(feature = "cuda")]
+                if let Some(dx) = crate::cuda::conv2d_input_grad(
+                    grad,
+                    &w,
+                    (xs.dim(2)?, xs.dim(3)?),
+                    padding,
+                    stride,
+                )? {
+                    return Ok(dx);
+                }
+                // conv_transpose2d's output side is (g - 1)·stride - 2·padding + k (+ out_padding)
+                let (g, k) = (grad.dim(2)?, w.dim(2)?);
+                let out_padding = xs.dim(2)? + 2 * padding - (g - 1) * stride - k;
+                grad.conv_transpose2d(&w, padding, out_padding, stride, 1)
+            },
+        );
+    }
     profile::timed("convolution", xs.device(), || {
         #[cfg(feature = "cuda")]
         if let Some(y) = crate::cuda::conv2d(xs, w, bias, padding, stride)? {
@@ -174,6 +212,22 @@ pub(crate) fn linear_no_bias(cin: usize, cout: usize, vb: VarBuilder) -> Result<
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (w, bias) = (self.inner.weight(), self.inner.bias());
+        if xs.track_op() && !w.track_op() && !bias.is_some_and(|b| b.track_op()) {
+            let w = w.clone();
+            return crate::tracked::with_input_grad(
+                xs,
+                |xs| self.forward(xs),
+                move |_, grad| {
+                    // [.., out] · [out, in], as one 2-D product
+                    let mut dims = grad.dims().to_vec();
+                    let out = dims.pop().unwrap_or(1);
+                    let dx = grad.contiguous()?.reshape(((), out))?.matmul(&w)?;
+                    dims.push(w.dim(1)?);
+                    dx.reshape(dims)
+                },
+            );
+        }
         profile::timed("linear", xs.device(), || self.run(xs))
     }
 }
@@ -202,17 +256,13 @@ impl Linear {
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
-    /// What the fused kernel takes (candle's `GroupNorm` does not expose it).
-    #[cfg(feature = "cuda")]
-    params: GroupNormParams,
-}
-
-#[cfg(feature = "cuda")]
-#[derive(Debug, Clone)]
-struct GroupNormParams {
+    // What the fused kernel and the gradient check take (candle's `GroupNorm` does not
+    // expose them).
     weight: Tensor,
     bias: Tensor,
+    #[cfg(feature = "cuda")]
     groups: usize,
+    #[cfg(feature = "cuda")]
     eps: f64,
 }
 
@@ -225,14 +275,13 @@ pub(crate) fn group_norm(
     let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
     let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
     Ok(GroupNorm {
+        inner: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
+        weight,
+        bias,
         #[cfg(feature = "cuda")]
-        params: GroupNormParams {
-            weight: weight.clone(),
-            bias: bias.clone(),
-            groups,
-            eps,
-        },
-        inner: candle_nn::GroupNorm::new(weight, bias, channels, groups, eps)?,
+        groups,
+        #[cfg(feature = "cuda")]
+        eps,
     })
 }
 
@@ -247,14 +296,22 @@ impl GroupNorm {
     }
 
     fn run(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        if xs.track_op() && !self.weight.track_op() && !self.bias.track_op() {
+            let norm = self.clone();
+            return crate::tracked::recomputed(xs, move |xs| norm.timed(xs, silu));
+        }
+        self.timed(xs, silu)
+    }
+
+    fn timed(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
         profile::timed("group norm", xs.device(), || self.norm(xs, silu))
     }
 
     fn norm(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         {
-            let p = &self.params;
-            let fused = crate::cuda::group_norm(xs, &p.weight, &p.bias, p.groups, p.eps, silu)?;
+            let (w, b) = (&self.weight, &self.bias);
+            let fused = crate::cuda::group_norm(xs, w, b, self.groups, self.eps, silu)?;
             if let Some(y) = fused {
                 return Ok(y);
             }
@@ -456,6 +513,11 @@ pub(crate) fn scaled_dot_product_attention(
 }
 
 fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) -> Result<Tensor> {
+    if q.track_op() || k.track_op() || v.track_op() {
+        return crate::tracked::tracked_attention(q, k, v, heads, |q, k, v| {
+            attention(q, k, v, heads, upcast)
+        });
+    }
     let (b, n, inner) = q.dims3()?;
     let m = k.dim(1)?;
     let d = inner / heads;
@@ -497,7 +559,134 @@ const MAX_SCORES: usize = 1 << 26;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, Var};
+    use std::collections::HashMap;
+
+    fn randn(shape: &[usize]) -> Tensor {
+        Tensor::randn(0f64, 1., shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The gradient of `sum(f(x) · r)` with respect to `x`, by candle's autograd.
+    fn input_grad(x: &Tensor, r: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Tensor {
+        let x = Var::from_tensor(x).unwrap();
+        let y = f(x.as_tensor()).unwrap();
+        let grads = (y * r).unwrap().sum_all().unwrap().backward().unwrap();
+        grads.get(x.as_tensor()).expect("a gradient").clone()
+    }
+
+    /// Linear, convolution (the downsampling one included, on even and odd sides), group
+    /// norm with and without SiLU and layer norm on a tracked input run as single ops
+    /// (`crate::tracked`): the same values and input gradients as candle's autograd through
+    /// the composed ops.
+    #[test]
+    fn tracked_layers_match_autograd_of_their_composed_forms() {
+        let dev = Device::Cpu;
+        let weights: HashMap<String, Tensor> = [
+            ("lin.weight", randn(&[6, 5])),
+            ("lin.bias", randn(&[6])),
+            ("conv.weight", randn(&[4, 3, 3, 3])),
+            ("conv.bias", randn(&[4])),
+            ("gn.weight", randn(&[4])),
+            ("gn.bias", randn(&[4])),
+            ("ln.weight", randn(&[5])),
+            ("ln.bias", randn(&[5])),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let vb = VarBuilder::from_tensors(weights.clone(), DType::F64, &dev);
+        let w = |k: &str| weights[k].clone();
+
+        // linear
+        let lin = linear(5, 6, vb.pp("lin")).unwrap();
+        let x = randn(&[2, 7, 5]);
+        let r = randn(&[2, 7, 6]);
+        let ours = input_grad(&x, &r, |x| lin.forward(x));
+        let theirs = input_grad(&x, &r, |x| {
+            x.broadcast_matmul(&w("lin.weight").t()?)?
+                .broadcast_add(&w("lin.bias"))
+        });
+        assert!(max_diff(&ours, &theirs) < 1e-12, "linear");
+
+        // convolutions, stride 1 and 2
+        for (stride, side) in [(1, 8), (2, 8), (2, 9)] {
+            let conv: Conv2d = candle_nn::conv2d(
+                3,
+                4,
+                3,
+                Conv2dConfig {
+                    padding: 1,
+                    stride,
+                    ..Default::default()
+                },
+                vb.pp("conv"),
+            )
+            .unwrap()
+            .into();
+            let x = randn(&[2, 3, side, side]);
+            let out_side = (side + 2 - 3) / stride + 1;
+            let r = randn(&[2, 4, out_side, out_side]);
+            let ours = input_grad(&x, &r, |x| conv.forward(x));
+            let theirs = input_grad(&x, &r, |x| {
+                x.conv2d(&w("conv.weight"), 1, stride, 1, 1)?
+                    .broadcast_add(&w("conv.bias").reshape((1, 4, 1, 1))?)
+            });
+            assert!(
+                max_diff(&ours, &theirs) < 1e-12,
+                "conv stride {stride} side {side}"
+            );
+        }
+
+        // group norm (+ SiLU)
+        let gn = group_norm(2, 4, 1e-5, vb.pp("gn")).unwrap();
+        let reference =
+            candle_nn::GroupNorm::new(w("gn.weight"), w("gn.bias"), 4, 2, 1e-5).unwrap();
+        let x = randn(&[2, 4, 5, 5]);
+        let r = randn(&[2, 4, 5, 5]);
+        for silu in [false, true] {
+            let ours = input_grad(&x, &r, |x| {
+                if silu {
+                    gn.forward_silu(x)
+                } else {
+                    gn.forward(x)
+                }
+            });
+            let theirs = input_grad(&x, &r, |x| {
+                let y = reference.forward(x)?;
+                if silu {
+                    y.silu()
+                } else {
+                    Ok(y)
+                }
+            });
+            assert!(max_diff(&ours, &theirs) < 1e-10, "group norm, silu {silu}");
+        }
+
+        // layer norm
+        let ln = Norm::new(5, 1e-5, vb.pp("ln")).unwrap();
+        let x = randn(&[2, 7, 5]);
+        let r = randn(&[2, 7, 5]);
+        let ours = input_grad(&x, &r, |x| ln.forward(x));
+        let theirs = input_grad(&x, &r, |x| {
+            candle_nn::ops::layer_norm_slow(x, &w("ln.weight"), &w("ln.bias"), 1e-5)
+        });
+        assert!(max_diff(&ours, &theirs) < 1e-10, "layer norm");
+        assert!(
+            max_diff(&ours, &ours.zeros_like().unwrap()) > 1e-3,
+            "all-zero gradient"
+        );
+    }
 
     #[test]
     fn attention_over_more_scores_than_fit_at_once_matches_the_direct_product() {

@@ -295,29 +295,25 @@ impl CudnnConv {
         (input + 2 * self.padding - kernel) / self.stride + 1
     }
 
-    /// The plan for this shape; the first time, made and its algorithm chosen by timing on
-    /// these buffers (`y` is overwritten).
-    fn plan<T>(
+    /// cuDNN's descriptors of this convolution (`x` NCHW, `w` KCRS): the convolution, `x`,
+    /// `w` and `y`.
+    #[allow(clippy::type_complexity)]
+    fn descriptors<T: CudnnDataType>(
         &self,
         dev: &CudaDevice,
         dtype: DType,
-        (x, xs): (&[usize], &CudaView<T>),
-        (w, ws): (&[usize], &CudaView<T>),
-        y: &mut CudaSlice<T>,
-    ) -> Result<Rc<ConvPlan<T>>>
-    where
-        T: CudnnDataType + DeviceRepr + num_one::One + 'static,
-    {
+        x: &[usize],
+        w: &[usize],
+    ) -> Result<(
+        cudarc::cudnn::ConvDescriptor<f32>,
+        cudarc::cudnn::TensorDescriptor<T>,
+        cudarc::cudnn::FilterDescriptor<T>,
+        cudarc::cudnn::TensorDescriptor<T>,
+    )> {
         use cudarc::cudnn::sys::{
             cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION, cudnnMathType_t,
             cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
         };
-        let key = self.key(dev, dtype, x, w);
-        if let Some(plan) = PLANS.with(|m| m.borrow().get(&key).cloned()) {
-            if let Ok(plan) = plan.downcast::<ConvPlan<T>>() {
-                return Ok(plan);
-            }
-        }
         let cudnn = cudnn_handle(dev)?;
         let e = candle_core::Error::wrap;
         let (p, st) = (self.padding as i32, self.stride as i32);
@@ -345,6 +341,30 @@ impl CudnnConv {
         let yd = cudnn
             .create_4d_tensor::<T>(CUDNN_TENSOR_NCHW, dims([x[0], w[0], ho, wo]))
             .map_err(e)?;
+        Ok((conv, xd, wd, yd))
+    }
+
+    /// The plan for this shape; the first time, made and its algorithm chosen by timing on
+    /// these buffers (`y` is overwritten).
+    fn plan<T>(
+        &self,
+        dev: &CudaDevice,
+        dtype: DType,
+        (x, xs): (&[usize], &CudaView<T>),
+        (w, ws): (&[usize], &CudaView<T>),
+        y: &mut CudaSlice<T>,
+    ) -> Result<Rc<ConvPlan<T>>>
+    where
+        T: CudnnDataType + DeviceRepr + num_one::One + 'static,
+    {
+        let key = self.key(dev, dtype, x, w);
+        if let Some(plan) = PLANS.with(|m| m.borrow().get(&key).cloned()) {
+            if let Ok(plan) = plan.downcast::<ConvPlan<T>>() {
+                return Ok(plan);
+            }
+        }
+        let e = candle_core::Error::wrap;
+        let (conv, xd, wd, yd) = self.descriptors::<T>(dev, dtype, x, w)?;
         let forward = ConvForward {
             conv: &conv,
             x: &xd,
@@ -542,6 +562,156 @@ impl CudnnConv {
             DType::F16 => self.run::<f16>(x, w, bias),
             DType::F32 => self.run::<f32>(x, w, bias),
             dtype => candle_core::bail!("cudnn-conv2d: no {dtype:?} support"),
+        }
+    }
+}
+
+/// The gradient of a convolution's input (cuDNN's backward-data), for training through a
+/// frozen network: `grad` `[N, K, Ho, Wo]` of the output, `w` `[K, C, R, S]`, the input's
+/// side `input_hw`; `[N, C, H, W]`. candle's route, its CUDA transposed convolution, is a
+/// direct loop over every output element. `None` off CUDA or for other dtypes than fp16/fp32.
+pub fn conv2d_input_grad(
+    grad: &Tensor,
+    w: &Tensor,
+    input_hw: (usize, usize),
+    padding: usize,
+    stride: usize,
+) -> Result<Option<Tensor>> {
+    let dtype_ok = matches!(grad.dtype(), DType::F16 | DType::F32) && w.dtype() == grad.dtype();
+    if !applies(grad) || w.track_op() || !dtype_ok || grad.rank() != 4 || w.rank() != 4 {
+        return Ok(None);
+    }
+    let op = CudnnConvInputGrad {
+        conv: CudnnConv { padding, stride },
+        input_hw,
+    };
+    grad.contiguous()?
+        .apply_op2_no_bwd(&w.contiguous()?, &op)
+        .map(Some)
+}
+
+struct CudnnConvInputGrad {
+    conv: CudnnConv,
+    input_hw: (usize, usize),
+}
+
+/// cuDNN's descriptors, algorithm and workspace size for one input-gradient shape.
+struct ConvInputGradPlan<T: CudnnDataType> {
+    conv: cudarc::cudnn::ConvDescriptor<f32>,
+    dx: cudarc::cudnn::TensorDescriptor<T>,
+    w: cudarc::cudnn::FilterDescriptor<T>,
+    dy: cudarc::cudnn::TensorDescriptor<T>,
+    algo: cudarc::cudnn::sys::cudnnConvolutionBwdDataAlgo_t,
+    workspace: usize,
+}
+
+thread_local! {
+    static INPUT_GRAD_PLANS: RefCell<HashMap<ConvKey, Rc<dyn Any>>> = RefCell::new(HashMap::new());
+}
+
+impl CudnnConvInputGrad {
+    fn run<T>(
+        &self,
+        (g, gl): (&CudaStorage, &Layout),
+        (w, wl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: CudnnDataType
+            + DeviceRepr
+            + candle_core::cuda_backend::CudaDType
+            + num_one::One
+            + 'static,
+    {
+        let (n, k, ho, wo) = gl.shape().dims4()?;
+        let (k2, c, r, s) = wl.shape().dims4()?;
+        let (h, wd) = self.input_hw;
+        let conv = &self.conv;
+        let fits = h + 2 * conv.padding >= r && wd + 2 * conv.padding >= s;
+        if k != k2 || !fits || conv.out_size(h, r) != ho || conv.out_size(wd, s) != wo {
+            candle_core::bail!(
+                "conv2d input gradient: {:?} is not the output of filter {:?} on {h}x{wd}",
+                gl.shape(),
+                wl.shape()
+            )
+        }
+        let (x_dims, w_dims) = ([n, c, h, wd], [k, c, r, s]);
+        let dev = g.device().clone();
+        let e = candle_core::Error::wrap;
+        let key = conv.key(&dev, g.dtype(), &x_dims, &w_dims);
+        let cached = INPUT_GRAD_PLANS.with(|m| m.borrow().get(&key).cloned());
+        let plan = match cached.and_then(|p| p.downcast::<ConvInputGradPlan<T>>().ok()) {
+            Some(plan) => plan,
+            None => {
+                let (cd, dx, w, dy) = conv.descriptors::<T>(&dev, g.dtype(), &x_dims, &w_dims)?;
+                let op = cudarc::cudnn::ConvBackwardData {
+                    conv: &cd,
+                    dx: &dx,
+                    w: &w,
+                    dy: &dy,
+                };
+                let algo = op.pick_algorithm().map_err(e)?;
+                let workspace = op.get_workspace_size(algo).map_err(e)?;
+                tracing::debug!(?key, ?algo, workspace, "cuDNN input-gradient plan");
+                let plan = Rc::new(ConvInputGradPlan {
+                    conv: cd,
+                    dx,
+                    w,
+                    dy,
+                    algo,
+                    workspace,
+                });
+                INPUT_GRAD_PLANS.with(|m| m.borrow_mut().insert(key, plan.clone()));
+                plan
+            }
+        };
+        let gs = g.as_cuda_slice::<T>()?.slice(gl.start_offset()..);
+        let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+        // SAFETY: cuDNN writes every element (beta 0).
+        let mut dx = unsafe { dev.alloc::<T>(n * c * h * wd)? };
+        let op = cudarc::cudnn::ConvBackwardData {
+            conv: &plan.conv,
+            dx: &plan.dx,
+            w: &plan.w,
+            dy: &plan.dy,
+        };
+        with_workspace(&dev, plan.workspace, |workspace| {
+            let scale = (T::one(), T::zero());
+            // SAFETY: the plan's descriptors describe exactly these buffers (contiguous NCHW).
+            unsafe { op.launch(plan.algo, workspace, scale, &mut dx, &ws, &gs) }.map_err(e)
+        })?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(dx, dev),
+            Shape::from((n, c, h, wd)),
+        ))
+    }
+}
+
+impl CustomOp2 for CudnnConvInputGrad {
+    fn name(&self) -> &'static str {
+        "cudnn-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        g: &CudaStorage,
+        gl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match g.dtype() {
+            DType::F16 => self.run::<f16>((g, gl), (w, wl)),
+            DType::F32 => self.run::<f32>((g, gl), (w, wl)),
+            dtype => candle_core::bail!("{}: no {dtype:?} support", self.name()),
         }
     }
 }

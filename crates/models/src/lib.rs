@@ -13,6 +13,7 @@ pub mod cuda;
 pub mod ldm;
 pub mod presets;
 pub mod profile;
+mod tracked;
 pub mod unet;
 pub mod vae;
 

@@ -76,21 +76,30 @@ impl FeedForward {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(xs)?;
-        let gated = crate::profile::timed("geglu gate", h.device(), || {
-            #[cfg(feature = "cuda")]
-            if let Some(gated) = crate::cuda::geglu(&h)? {
-                return Ok(gated);
-            }
-            let half = h.dim(D::Minus1)? / 2;
-            let (value, gate) = (
-                h.narrow(D::Minus1, 0, half)?,
-                h.narrow(D::Minus1, half, half)?,
-            );
-            value * gate.gelu_erf()?
-        })?;
+        let gated = if h.track_op() {
+            crate::tracked::recomputed(&h, geglu)?
+        } else {
+            geglu(&h)?
+        };
         drop(h); // the widest tensor of the block: gone before the next product
         self.proj_out.forward(&gated)
     }
+}
+
+/// `value · gelu(gate)` of the two halves of `h`'s last axis.
+fn geglu(h: &Tensor) -> Result<Tensor> {
+    crate::profile::timed("geglu gate", h.device(), || {
+        #[cfg(feature = "cuda")]
+        if let Some(gated) = crate::cuda::geglu(h)? {
+            return Ok(gated);
+        }
+        let half = h.dim(D::Minus1)? / 2;
+        let (value, gate) = (
+            h.narrow(D::Minus1, 0, half)?,
+            h.narrow(D::Minus1, half, half)?,
+        );
+        value * gate.gelu_erf()?
+    })
 }
 
 /// `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward, pre-norm.

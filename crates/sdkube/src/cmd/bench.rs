@@ -339,6 +339,26 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
             &[("sdkube", &|| Ok(own::conv2d_cudnn(&x, &w, &bias, 1, 1)?))],
         )?;
     }
+    // The input gradient of the UNet's convolutions (textual-inversion training): candle's
+    // transposed convolution against cuDNN's backward-data; the downsampling one too.
+    for (label, c, side, stride) in [
+        ("conv3x3 input grad unet 320", 320, 64, 1),
+        ("conv3x3 input grad unet 640", 640, 32, 1),
+        ("conv3x3 input grad unet 320 stride 2", 320, 64, 2),
+    ] {
+        let out_side = (side - 1) / stride + 1;
+        let grad = rand(&[1, c, out_side, out_side])?;
+        let w = (rand(&[c, c, 3, 3])? * 0.05)?;
+        let out_padding = side + 2 - (out_side - 1) * stride - 3;
+        compare(
+            label,
+            &format!("[1,{c},{side},{side}]"),
+            &|| Ok(grad.conv_transpose2d(&w, 1, out_padding, stride, 1)?),
+            &[("sdkube", &|| {
+                Ok(own::conv2d_input_grad(&grad, &w, (side, side), 1, stride)?)
+            })],
+        )?;
+    }
     for (label, b, c, side) in [
         ("group_norm + silu unet 320", 2, 320, 64),
         ("group_norm + silu vae 128", 1, 128, 512),
@@ -462,7 +482,8 @@ mod own {
 
     #[cfg(feature = "cuda")]
     pub use sdkube_models::cuda::{
-        add_bias, flash_attention, geglu, group_norm, leaky_relu, linear, upsample_nearest_2x,
+        add_bias, conv2d_input_grad, flash_attention, geglu, group_norm, leaky_relu, linear,
+        upsample_nearest_2x,
     };
 
     /// The CUDA memory pool's high-water marks (see `sdkube_models::cuda`), `None` off CUDA.
@@ -506,6 +527,17 @@ mod own {
 
     #[cfg(not(feature = "cuda"))]
     pub fn add_bias(_: &Tensor, _: &Tensor, _: usize) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn conv2d_input_grad(
+        _: &Tensor,
+        _: &Tensor,
+        _: (usize, usize),
+        _: usize,
+        _: usize,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
 

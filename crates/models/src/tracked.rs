@@ -1,0 +1,355 @@
+//! Layers inside a gradient graph (textual-inversion training) without candle's autograd
+//! keeping what it does not need.
+//!
+//! Differentiated op by op, a layer leaves every intermediate alive until the backward pass,
+//! and candle also computes a gradient for each operand it meets, the frozen weights included,
+//! and keeps those to the end. For SD1.5 at 512² that was 19.4 GB at batch 1 on the GPU: the
+//! attention scores and softmax steps (hundreds of MiB per layer at 4096 tokens), then full-size
+//! gradients for every weight and for every bias and norm scale broadcast over its activation.
+//! So a tracked layer runs here as one op: its forward is the inference path on the untracked
+//! input (our CUDA kernels included), the graph keeps only its input and output, and its
+//! backward computes the input's gradient alone:
+//! - [`with_input_grad`]: a closed form (linear, convolution);
+//! - [`recomputed`]: the layer run again, tracked, and differentiated on the spot, so its
+//!   intermediates live for one layer's backward only (norms, GEGLU);
+//! - [`tracked_attention`]: the probabilities recomputed a block of query rows at a time, as
+//!   FlashAttention's backward does:
+//!
+//! ```text
+//! P = softmax(s·Q Kᵀ)      dV = Pᵀ dO      dP = dO Vᵀ
+//! dS = P ⊙ (dP − rowsum(dO ⊙ O))      dQ = s·dS K      dK = s·dSᵀ Q
+//! ```
+//!
+//! Callers use these only when the layer's own weights are not tracked: the weights get no
+//! gradient here.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, Var,
+};
+
+/// Scores recomputed at once in the backward pass, at most (64 MiB in f32): query rows go in
+/// blocks beyond it.
+const BACKWARD_SCORES: usize = 1 << 24;
+
+/// The untracked forward's result, handed to candle once as the op's output.
+struct Output(Mutex<Option<Tensor>>);
+
+impl Output {
+    fn new(out: Tensor) -> Result<Output> {
+        // A copy is made of the storage below: make it exactly the output's elements.
+        let out = if out.is_contiguous() && out.layout().start_offset() == 0 {
+            out
+        } else {
+            out.copy()?
+        };
+        Ok(Output(Mutex::new(Some(out))))
+    }
+
+    fn take(&self) -> Result<(Storage, Shape)> {
+        let out = self
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("tracked op: poisoned output".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("tracked op: output taken twice".into()))?;
+        let (storage, layout) = out.storage_and_layout();
+        let storage = match &*storage {
+            Storage::Cpu(s) => Storage::Cpu(s.clone()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => {
+                use candle_core::backend::BackendStorage;
+                Storage::Cuda(s.try_clone(layout)?)
+            }
+            #[allow(unreachable_patterns)]
+            _ => candle_core::bail!("tracked op: unsupported device"),
+        };
+        Ok((storage, layout.shape().clone()))
+    }
+
+    fn take_cpu(&self) -> Result<(CpuStorage, Shape)> {
+        match self.take()? {
+            (Storage::Cpu(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("tracked op: output and input on different devices"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn take_cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        match self.take()? {
+            (Storage::Cuda(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("tracked op: output and input on different devices"),
+        }
+    }
+}
+
+type InputGradFn = dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
+
+/// `forward(x)` for a tracked `x` whose gradient is `input_grad(x, grad_of_output)` (both
+/// untracked).
+pub(crate) fn with_input_grad(
+    x: &Tensor,
+    forward: impl FnOnce(&Tensor) -> Result<Tensor>,
+    input_grad: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let out = Output::new(forward(&x.detach())?)?;
+    x.apply_op1(InputGrad {
+        out,
+        input_grad: Box::new(input_grad),
+    })
+}
+
+/// `f(x)` for a tracked `x`, keeping none of `f`'s intermediates: the backward pass runs `f`
+/// again on a tracked copy of `x` and differentiates that one layer.
+pub(crate) fn recomputed(
+    x: &Tensor,
+    f: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let f = Arc::new(f);
+    let again = f.clone();
+    with_input_grad(
+        x,
+        |x| f(x),
+        move |x, grad| {
+            let x = Var::from_tensor(x)?;
+            let y = again(x.as_tensor())?;
+            let grads = (y * grad)?.sum_all()?.backward()?;
+            match grads.get(x.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => x.zeros_like(),
+            }
+        },
+    )
+}
+
+struct InputGrad {
+    out: Output,
+    input_grad: Box<InputGradFn>,
+}
+
+impl CustomOp1 for InputGrad {
+    fn name(&self) -> &'static str {
+        "tracked-layer"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.out.take_cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.out.take_cuda()
+    }
+
+    fn bwd(&self, x: &Tensor, _out: &Tensor, grad_out: &Tensor) -> Result<Option<Tensor>> {
+        let grad = (self.input_grad)(&x.detach(), &grad_out.detach())?;
+        Ok(Some(grad))
+    }
+}
+
+/// `[B, N, H·D]` attention whose gradients flow to whichever of `q`, `k`, `v` are tracked.
+/// `forward` computes the output untracked (the inference path).
+pub(crate) fn tracked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    forward: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let op = AttentionBackward {
+        out: Output::new(forward(&q.detach(), &k.detach(), &v.detach())?)?,
+        heads,
+        max_scores: BACKWARD_SCORES,
+    };
+    q.apply_op3(k, v, op)
+}
+
+struct AttentionBackward {
+    out: Output,
+    heads: usize,
+    max_scores: usize,
+}
+
+impl CustomOp3 for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "attention-with-recomputed-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.out.take_cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.out.take_cuda()
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, n, inner) = q.dims3()?;
+        let m = k.dim(1)?;
+        let heads = self.heads;
+        let d = inner / heads;
+        let scale = (d as f64).powf(-0.5);
+        // Gradients in f32 whatever the model's precision (f64 stays f64).
+        let precise = if q.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+            t.detach()
+                .reshape((b, len, heads, d))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .to_dtype(precise)
+        };
+        let (qh, kh, vh) = (split(q, n)?, split(k, m)?, split(v, m)?);
+        let (oh, doh) = (split(out, n)?, split(grad_out, n)?);
+        let k_t = kh.t()?.contiguous()?;
+        let v_t = vh.t()?.contiguous()?;
+        let rows_at_once = (self.max_scores / (b * heads * m)).max(1);
+        let mut dq = Vec::with_capacity(n.div_ceil(rows_at_once));
+        let mut dk = Tensor::zeros((b, heads, m, d), precise, q.device())?;
+        let mut dv = dk.clone();
+        for first in (0..n).step_by(rows_at_once) {
+            let rows = rows_at_once.min(n - first);
+            let q_r = qh.narrow(2, first, rows)?;
+            let do_r = doh.narrow(2, first, rows)?;
+            let o_r = oh.narrow(2, first, rows)?;
+            let p = candle_nn::ops::softmax_last_dim(&(q_r.matmul(&k_t)? * scale)?)?;
+            dv = (dv + p.t()?.matmul(&do_r)?)?;
+            let dp = do_r.matmul(&v_t)?;
+            let row_dot = (&do_r * &o_r)?.sum_keepdim(3)?;
+            let ds = (p * dp.broadcast_sub(&row_dot)?)?;
+            dq.push((ds.matmul(&kh)? * scale)?);
+            dk = (dk + (ds.t()?.matmul(&q_r)? * scale)?)?;
+        }
+        let merge = |t: Tensor, len: usize, like: &Tensor| -> Result<Option<Tensor>> {
+            if !like.track_op() {
+                return Ok(None);
+            }
+            let t = t.transpose(1, 2)?.reshape((b, len, inner))?;
+            Ok(Some(t.to_dtype(like.dtype())?))
+        };
+        let dq = if dq.len() == 1 {
+            dq.pop().unwrap()
+        } else {
+            Tensor::cat(&dq, 2)?
+        };
+        Ok((merge(dq, n, q)?, merge(dk, m, k)?, merge(dv, m, v)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    /// The composed attention, differentiated by candle's autograd: the reference.
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, n, inner) = q.dims3()?;
+        let m = k.dim(1)?;
+        let d = inner / heads;
+        let split =
+            |t: &Tensor, len: usize| t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous();
+        let scores = (split(q, n)?.matmul(&split(k, m)?.t()?)? * (d as f64).powf(-0.5))?;
+        let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        p.matmul(&split(v, m)?)?
+            .transpose(1, 2)?
+            .reshape((b, n, inner))
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let diff = (a - b).and_then(|d| d.abs()?.max_all()?.to_scalar::<f64>());
+        diff.unwrap()
+    }
+
+    /// Self- and cross-attention shapes, query rows in several backward blocks, and only some
+    /// inputs tracked (cross-attention in training: the context's K and V, not yet Q): output
+    /// and every gradient equal candle's autograd of the composed form.
+    #[test]
+    fn gradients_equal_autograd_of_the_composed_attention() {
+        let dev = Device::Cpu;
+        for (n, m, track_q) in [(37, 37, true), (37, 11, false), (5, 64, true)] {
+            let (b, heads, d) = (2, 3, 4);
+            let rand = |len: usize| Tensor::randn(0f64, 1., (b, len, heads * d), &dev).unwrap();
+            let (q0, k0, v0) = (rand(n), rand(m), rand(m));
+            let weights = rand(n);
+            // The output of `attention` on fresh tracked inputs, and the gradients of
+            // sum(output · weights) for q (if tracked), k and v.
+            let run = |attention: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>| {
+                let (q, k, v) = (q0.clone(), Var::from_tensor(&k0)?, Var::from_tensor(&v0)?);
+                let q = if track_q {
+                    Var::from_tensor(&q)?.as_tensor().clone()
+                } else {
+                    q
+                };
+                let out = attention(&q, k.as_tensor(), v.as_tensor())?;
+                let grads = (&out * &weights)?.sum_all()?.backward()?;
+                let grad = |t: &Tensor| grads.get(t).cloned();
+                Result::Ok((out, [grad(&q), grad(k.as_tensor()), grad(v.as_tensor())]))
+            };
+            let (got, got_grads) = run(&|q, k, v| {
+                let out = composed(&q.detach(), &k.detach(), &v.detach(), heads)?;
+                let op = AttentionBackward {
+                    out: Output::new(out)?,
+                    heads,
+                    max_scores: 2 * heads * m * 3, // 6 query rows per block
+                };
+                q.apply_op3(k, v, op)
+            })
+            .unwrap();
+            let (want, want_grads) = run(&|q, k, v| composed(q, k, v, heads)).unwrap();
+            assert!(max_diff(&got, &want) < 1e-12, "output {n}x{m}");
+            for (name, g, w) in zip3(["q", "k", "v"], got_grads, want_grads) {
+                match (g, w) {
+                    (None, None) => assert!(name == "q" && !track_q, "d{name} missing"),
+                    (Some(g), Some(w)) => {
+                        assert!(
+                            max_diff(&g, &w) < 1e-10,
+                            "d{name} {n}x{m}: {}",
+                            max_diff(&g, &w)
+                        );
+                        assert!(
+                            max_diff(&w, &w.zeros_like().unwrap()) > 1e-3,
+                            "d{name} is zero"
+                        );
+                    }
+                    _ => panic!("d{name}: one side has a gradient, the other not"),
+                }
+            }
+        }
+    }
+
+    fn zip3<A, B, C>(a: [A; 3], b: [B; 3], c: [C; 3]) -> impl Iterator<Item = (A, B, C)> {
+        a.into_iter().zip(b).zip(c).map(|((a, b), c)| (a, b, c))
+    }
+}
