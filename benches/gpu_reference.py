@@ -2,7 +2,8 @@
 does not depend on weight values), eager and (optionally) torch.compile. One JSON line per
 measurement, with torch's peak allocated and reserved memory.
 Usage: python3 benches/gpu_reference.py [--compile] [--only=unet-sdxl]
-(--compile: the UNet steps only, under torch.compile; --only: that UNet alone)"""
+(--compile: the UNet steps only, under torch.compile; --only: that item alone: unet-sd15,
+unet-sdxl or grad-sd15)"""
 import json
 import subprocess
 import sys
@@ -39,10 +40,10 @@ class SmiPeak:
         self.thread.join()
 
 
-def timed(name, shape, fn, repeat=REPEAT):
+def timed(name, shape, fn, repeat=REPEAT, grad=False):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad(), SmiPeak() as smi:
+    with torch.set_grad_enabled(grad), SmiPeak() as smi:
         fn()
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -90,6 +91,26 @@ for name, cfg, side, ctx_dim in [("unet-sd15", SD15, 64, 768), ("unet-sdxl", SDX
         timed(name, f"{side * 8}x{side * 8} batch {batch}", lambda: unet(x, t, ctx, **kw))
         if compile_:  # the first call of each shape compiles (inside `timed`'s warm-up)
             print(f"{name} batch {batch}: {time.perf_counter() - start:.0f} s with compiling", flush=True)
+    del unet
+    torch.cuda.empty_cache()
+
+# The UNet's part of a textual-inversion step (`sdkube bench --what grad-sd15`): forward, then
+# the gradient of the denoising loss with respect to the conditioning, every weight frozen.
+if not compile_ and (not only or "grad-sd15" in only):
+    unet = UNet2DConditionModel(**SD15).to(dev, dt).eval().requires_grad_(False)
+    for batch in (1, 2):
+        x = torch.randn(batch, 4, 64, 64, device=dev, dtype=dt)
+        noise = torch.randn(batch, 4, 64, 64, device=dev)
+        ctx = torch.randn(batch, 77, 768, device=dev, requires_grad=True)
+        t = torch.tensor([500.0], device=dev)
+
+        def step():
+            pred = unet(x, t, ctx.to(dt)).sample
+            torch.nn.functional.mse_loss(pred.float(), noise).backward()
+            assert ctx.grad is not None
+            ctx.grad = None
+
+        timed("grad-sd15", f"512x512 batch {batch}", step, repeat=5, grad=True)
     del unet
     torch.cuda.empty_cache()
 

@@ -2,7 +2,7 @@
 # One device call: GPU correctness check on the fixture model, then sdkube bench and the
 # diffusers reference on the same GPU, with peak GPU memory from nvidia-smi for our binary.
 # Expects the CUDA build at .gpu/sdkube and the diffusers wheel in .whl (see README).
-# STAGES (default "check bench low reference"; also "cudnn", "serve", "ops", "post", "train", "compile") and WHAT (the `sdkube bench` items) narrow a run.
+# STAGES (default "check bench low reference"; also "cudnn", "serve", "ops", "post", "train", "grad", "compile") and WHAT (the `sdkube bench` items) narrow a run.
 set -uo pipefail
 NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
 CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
@@ -128,6 +128,12 @@ has train && {
       --out /tmp/ti-$b.safetensors 2>&1 | grep -iE "steps/s|error" | sed "s/^/batch $b: /"
     kill $pid; echo "{\"bench\": \"train sd15 512 batch $b\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-train-$b | tail -1)}"
   done
+}
+# the UNet's part of a textual-inversion step, ours (with --profile) then diffusers'
+has grad && {
+  pid=$(peak /tmp/mem-grad); .gpu/sdkube bench --device cuda --precision fp16 --what grad-sd15 --repeat 5 --profile 2>&1 | grep -v ' INFO '
+  kill $pid; echo "{\"bench\": \"grad-sd15\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-grad | tail -1)}"
+  wheels; python3 benches/gpu_reference.py --only=grad-sd15
 }
 has reference || has compile || exit 0
 python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)"

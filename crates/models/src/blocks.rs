@@ -12,6 +12,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{layer_norm, Conv2dConfig, LayerNorm, VarBuilder};
 
 use crate::profile;
+use crate::tracked::Normalized;
 
 /// Softmax over the last axis: the fused kernel, or the differentiable composition when
 /// gradients are being tracked.
@@ -40,8 +41,22 @@ impl Norm {
 
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if xs.track_op() && !self.tracks() {
-            let norm = self.clone();
-            return crate::tracked::recomputed(xs, move |xs| norm.run(xs));
+            let (weight, eps) = (self.inner.weight().clone(), self.eps);
+            return crate::tracked::with_input_grad(
+                xs,
+                "layer norm backward",
+                |xs| self.run(xs),
+                move |xs, grad| {
+                    let (shape, d) = (xs.shape().clone(), xs.dim(D::Minus1)?);
+                    let precise = crate::tracked::precise(xs.dtype());
+                    let rows = Normalized::new(&xs.to_dtype(precise)?.reshape(((), d))?, eps)?;
+                    let dxhat = grad.to_dtype(precise)?.reshape(((), d))?;
+                    let dxhat = dxhat.broadcast_mul(&weight.to_dtype(precise)?)?;
+                    rows.input_grad(&dxhat)?
+                        .reshape(shape)?
+                        .to_dtype(xs.dtype())
+                },
+            );
         }
         self.run(xs)
     }
@@ -118,6 +133,7 @@ pub fn convolve(
         let w = w.clone();
         return crate::tracked::with_input_grad(
             xs,
+            "convolution backward",
             |xs| convolve(xs, &w_in, b_in.as_ref(), padding, stride),
             move |xs, grad| {
                 #[cfg(feature = "cuda")]
@@ -161,6 +177,20 @@ pub fn leaky_relu(xs: &Tensor, slope: f64) -> Result<Tensor> {
 
 /// Nearest-neighbour ×2 upsampling of NCHW `xs`: our kernel on CUDA, candle's elsewhere.
 pub fn upsample_nearest_2x(xs: &Tensor) -> Result<Tensor> {
+    if xs.track_op() {
+        // candle differentiates its upsampling as a convolution with one group per channel,
+        // which it runs as one convolution per channel: thousands of kernels per UNet step.
+        // The gradient is the sum of each 2×2 block.
+        return crate::tracked::with_input_grad(
+            xs,
+            "upsampling backward",
+            upsample_nearest_2x,
+            |_, grad| {
+                let (n, c, h, w) = grad.dims4()?;
+                grad.reshape((n, c, h / 2, 2, w / 2, 2))?.sum(5)?.sum(3)
+            },
+        );
+    }
     #[cfg(feature = "cuda")]
     if let Some(up) = crate::cuda::upsample_nearest_2x(xs)? {
         return Ok(up);
@@ -217,6 +247,7 @@ impl Module for Linear {
             let w = w.clone();
             return crate::tracked::with_input_grad(
                 xs,
+                "linear backward",
                 |xs| self.forward(xs),
                 move |_, grad| {
                     // [.., out] · [out, in], as one 2-D product
@@ -260,9 +291,7 @@ pub struct GroupNorm {
     // expose them).
     weight: Tensor,
     bias: Tensor,
-    #[cfg(feature = "cuda")]
     groups: usize,
-    #[cfg(feature = "cuda")]
     eps: f64,
 }
 
@@ -278,9 +307,7 @@ pub(crate) fn group_norm(
         inner: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
         weight,
         bias,
-        #[cfg(feature = "cuda")]
         groups,
-        #[cfg(feature = "cuda")]
         eps,
     })
 }
@@ -298,13 +325,47 @@ impl GroupNorm {
     fn run(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
         if xs.track_op() && !self.weight.track_op() && !self.bias.track_op() {
             let norm = self.clone();
-            return crate::tracked::recomputed(xs, move |xs| norm.timed(xs, silu));
+            return crate::tracked::with_input_grad(
+                xs,
+                "group norm backward",
+                |xs| self.timed(xs, silu),
+                move |xs, grad| norm.input_grad(xs, grad, silu),
+            );
         }
         self.timed(xs, silu)
     }
 
     fn timed(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
         profile::timed("group norm", xs.device(), || self.norm(xs, silu))
+    }
+
+    /// The gradient of `xs` `[N, C, ..]` given `grad`, that of the output.
+    fn input_grad(&self, xs: &Tensor, grad: &Tensor, silu: bool) -> Result<Tensor> {
+        let (shape, n, c) = (xs.shape().clone(), xs.dim(0)?, xs.dim(1)?);
+        let precise = crate::tracked::precise(xs.dtype());
+        let per_channel = |t: &Tensor| {
+            let mut dims = vec![1, c];
+            dims.resize(shape.rank(), 1);
+            t.to_dtype(precise)?.reshape(dims)
+        };
+        let rows = xs.to_dtype(precise)?.reshape((n * self.groups, ()))?;
+        let rows = Normalized::new(&rows, self.eps)?;
+        let gamma = per_channel(&self.weight)?;
+        let mut grad = grad.to_dtype(precise)?;
+        if silu {
+            // d/dy y·σ(y) = σ(y)·(1 + y·(1 − σ(y)))
+            let xhat = rows.xhat.reshape(&shape)?;
+            let y = xhat
+                .broadcast_mul(&gamma)?
+                .broadcast_add(&per_channel(&self.bias)?)?;
+            let s = candle_nn::ops::sigmoid(&y)?;
+            let slope = (&s * (&y * s.affine(-1., 1.)?)?.affine(1., 1.)?)?;
+            grad = (grad * slope)?;
+        }
+        let dxhat = grad.broadcast_mul(&gamma)?.reshape((n * self.groups, ()))?;
+        rows.input_grad(&dxhat)?
+            .reshape(shape)?
+            .to_dtype(xs.dtype())
     }
 
     fn norm(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
@@ -586,7 +647,7 @@ mod tests {
     }
 
     /// Linear, convolution (the downsampling one included, on even and odd sides), group
-    /// norm with and without SiLU and layer norm on a tracked input run as single ops
+    /// norm with and without SiLU, layer norm and upsampling on a tracked input run as single ops
     /// (`crate::tracked`): the same values and input gradients as candle's autograd through
     /// the composed ops.
     #[test]
@@ -682,6 +743,13 @@ mod tests {
             candle_nn::ops::layer_norm_slow(x, &w("ln.weight"), &w("ln.bias"), 1e-5)
         });
         assert!(max_diff(&ours, &theirs) < 1e-10, "layer norm");
+
+        // nearest ×2 upsampling
+        let x = randn(&[2, 3, 4, 5]);
+        let r = randn(&[2, 3, 8, 10]);
+        let ours = input_grad(&x, &r, upsample_nearest_2x);
+        let theirs = input_grad(&x, &r, |x| x.upsample_nearest2d(8, 10));
+        assert!(max_diff(&ours, &theirs) < 1e-12, "upsampling");
         assert!(
             max_diff(&ours, &ours.zeros_like().unwrap()) > 1e-3,
             "all-zero gradient"

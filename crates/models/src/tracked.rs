@@ -9,9 +9,9 @@
 //! So a tracked layer runs here as one op: its forward is the inference path on the untracked
 //! input (our CUDA kernels included), the graph keeps only its input and output, and its
 //! backward computes the input's gradient alone:
-//! - [`with_input_grad`]: a closed form (linear, convolution);
-//! - [`recomputed`]: the layer run again, tracked, and differentiated on the spot, so its
-//!   intermediates live for one layer's backward only (norms, GEGLU);
+//! - [`with_input_grad`] with the layer's closed form (in `blocks` and `unet`: linear,
+//!   convolution through cuDNN's backward-data on CUDA, upsampling, group and layer norm on
+//!   [`Normalized`] rows, GEGLU);
 //! - [`tracked_attention`]: the probabilities recomputed a block of query rows at a time, as
 //!   FlashAttention's backward does:
 //!
@@ -23,10 +23,10 @@
 //! Callers use these only when the layer's own weights are not tracked: the weights get no
 //! gradient here.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, Var,
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
 };
 
 /// Scores recomputed at once in the backward pass, at most (64 MiB in f32): query rows go in
@@ -84,47 +84,66 @@ impl Output {
     }
 }
 
+/// Rows of `[R, M]` normalised to mean 0 and variance 1 (`eps` inside the root), as layer
+/// and group norms do before their affine step: what their gradients need.
+pub(crate) struct Normalized {
+    /// The normalised rows.
+    pub(crate) xhat: Tensor,
+    /// `1 / sqrt(var + eps)`, `[R, 1]`.
+    rstd: Tensor,
+}
+
+impl Normalized {
+    pub(crate) fn new(x: &Tensor, eps: f64) -> Result<Normalized> {
+        let centered = x.broadcast_sub(&x.mean_keepdim(1)?)?;
+        let rstd = (centered.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
+        Ok(Normalized {
+            xhat: centered.broadcast_mul(&rstd)?,
+            rstd,
+        })
+    }
+
+    /// The gradient of the input rows from `dxhat`, that of the normalised rows:
+    /// `rstd · (dxhat − mean(dxhat) − xhat · mean(dxhat · xhat))`.
+    pub(crate) fn input_grad(&self, dxhat: &Tensor) -> Result<Tensor> {
+        let mean = dxhat.mean_keepdim(1)?;
+        let along = (dxhat * &self.xhat)?.mean_keepdim(1)?;
+        let dx = (dxhat.broadcast_sub(&mean)? - self.xhat.broadcast_mul(&along)?)?;
+        dx.broadcast_mul(&self.rstd)
+    }
+}
+
+/// The dtype gradients are computed in: f32, or f64 for f64 (the tests).
+pub(crate) fn precise(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 type InputGradFn = dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
 
 /// `forward(x)` for a tracked `x` whose gradient is `input_grad(x, grad_of_output)` (both
 /// untracked).
+/// `kind` names its backward pass in `bench --profile`.
 pub(crate) fn with_input_grad(
     x: &Tensor,
+    kind: &'static str,
     forward: impl FnOnce(&Tensor) -> Result<Tensor>,
     input_grad: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     let out = Output::new(forward(&x.detach())?)?;
     x.apply_op1(InputGrad {
         out,
+        kind,
         input_grad: Box::new(input_grad),
     })
 }
 
-/// `f(x)` for a tracked `x`, keeping none of `f`'s intermediates: the backward pass runs `f`
-/// again on a tracked copy of `x` and differentiates that one layer.
-pub(crate) fn recomputed(
-    x: &Tensor,
-    f: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
-) -> Result<Tensor> {
-    let f = Arc::new(f);
-    let again = f.clone();
-    with_input_grad(
-        x,
-        |x| f(x),
-        move |x, grad| {
-            let x = Var::from_tensor(x)?;
-            let y = again(x.as_tensor())?;
-            let grads = (y * grad)?.sum_all()?.backward()?;
-            match grads.get(x.as_tensor()) {
-                Some(g) => Ok(g.clone()),
-                None => x.zeros_like(),
-            }
-        },
-    )
-}
-
 struct InputGrad {
     out: Output,
+    kind: &'static str,
     input_grad: Box<InputGradFn>,
 }
 
@@ -147,8 +166,9 @@ impl CustomOp1 for InputGrad {
     }
 
     fn bwd(&self, x: &Tensor, _out: &Tensor, grad_out: &Tensor) -> Result<Option<Tensor>> {
-        let grad = (self.input_grad)(&x.detach(), &grad_out.detach())?;
-        Ok(Some(grad))
+        crate::profile::timed(self.kind, x.device(), || {
+            (self.input_grad)(&x.detach(), &grad_out.detach()).map(Some)
+        })
     }
 }
 
@@ -213,17 +233,27 @@ impl CustomOp3 for AttentionBackward {
         out: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        crate::profile::timed("attention backward", q.device(), || {
+            self.gradients(q, k, v, out, grad_out)
+        })
+    }
+}
+
+impl AttentionBackward {
+    fn gradients(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, n, inner) = q.dims3()?;
         let m = k.dim(1)?;
         let heads = self.heads;
         let d = inner / heads;
         let scale = (d as f64).powf(-0.5);
-        // Gradients in f32 whatever the model's precision (f64 stays f64).
-        let precise = if q.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
+        let precise = precise(q.dtype());
         let split = |t: &Tensor, len: usize| -> Result<Tensor> {
             t.detach()
                 .reshape((b, len, heads, d))?

@@ -16,9 +16,11 @@ use super::device::{DeviceArgs, Precision};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// What to time: unet-sd15, unet-sdxl, vae, txt2img-sd15, txt2img-sdxl, gfpgan (v1.4, one
-    /// face, fp32), x4plus (RealESRGAN, 512², whole and in tiles of 256, fp32), ops (the
-    /// primitives the networks spend their time in, at their real shapes; comma separated).
+    /// What to time: unet-sd15, unet-sdxl, vae, txt2img-sd15, txt2img-sdxl, grad-sd15 (the
+    /// UNet's part of a textual-inversion step: forward and the gradient to the conditioning),
+    /// gfpgan (v1.4, one face, fp32), x4plus (RealESRGAN, 512², whole and in tiles of 256,
+    /// fp32), ops (the primitives the networks spend their time in, at their real shapes; comma
+    /// separated).
     #[arg(
         long,
         value_delimiter = ',',
@@ -155,6 +157,34 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     };
                     let s = time(&dev, args.repeat, run)?;
                     let shape = format!("{}x{} batch {batch}", side * 8, side * 8);
+                    report(what, &shape, s, dt, &dev);
+                    if args.profile {
+                        profile(what, &shape, &dev, run)?;
+                    }
+                }
+            }
+            "grad-sd15" => {
+                // The UNet's share of a textual-inversion step at 512²: forward, then the
+                // gradient of the denoising loss with respect to the conditioning (the text
+                // encoder's output), every weight frozen.
+                let unet = presets::random_unet(Family::Sd1, dt, &dev)?.build(&dev, dt)?;
+                for batch in [1usize, 2] {
+                    let x = Tensor::randn(0f32, 1., (batch, 4, 64, 64), &dev)?.to_dtype(dt)?;
+                    let noise = Tensor::randn(0f32, 1., (batch, 4, 64, 64), &dev)?;
+                    let ctx = candle_core::Var::randn(0f32, 1., (batch, 77, 768), &dev)?;
+                    let t = Tensor::new(&[500f32], &dev)?;
+                    let run = || -> anyhow::Result<()> {
+                        let pred = unet.forward(&x, &t, &ctx.to_dtype(dt)?, None)?;
+                        let loss = (pred.to_dtype(DType::F32)? - &noise)?.sqr()?.mean_all()?;
+                        let grads = loss.backward()?;
+                        anyhow::ensure!(
+                            grads.get(ctx.as_tensor()).is_some(),
+                            "no gradient reached the conditioning"
+                        );
+                        Ok(())
+                    };
+                    let s = time(&dev, args.repeat, run)?;
+                    let shape = format!("512x512 batch {batch}");
                     report(what, &shape, s, dt, &dev);
                     if args.profile {
                         profile(what, &shape, &dev, run)?;
