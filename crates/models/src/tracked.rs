@@ -253,16 +253,23 @@ impl AttentionBackward {
         let heads = self.heads;
         let d = inner / heads;
         let scale = (d as f64).powf(-0.5);
-        let precise = precise(q.dtype());
+        // The score-sized products and the softmax stay in the model's precision (fp16 on the
+        // GPU: tensor cores, cuBLAS accumulating in fp32, half the traffic of fp32 blocks);
+        // the row sums and the gradients accumulated over blocks are kept in f32.
+        let (work, precise) = (q.dtype(), precise(q.dtype()));
         let split = |t: &Tensor, len: usize| -> Result<Tensor> {
             t.detach()
                 .reshape((b, len, heads, d))?
                 .transpose(1, 2)?
                 .contiguous()?
-                .to_dtype(precise)
+                .to_dtype(work)
         };
-        let (qh, kh, vh) = (split(q, n)?, split(k, m)?, split(v, m)?);
-        let (oh, doh) = (split(out, n)?, split(grad_out, n)?);
+        // s·Q once: then S = (s·Q)Kᵀ and dK = dSᵀ(s·Q).
+        let qh = (split(q, n)? * scale)?;
+        let (kh, vh, doh) = (split(k, m)?, split(v, m)?, split(grad_out, n)?);
+        let row_dot = (doh.to_dtype(precise)? * split(out, n)?.to_dtype(precise)?)?
+            .sum_keepdim(3)?
+            .to_dtype(work)?;
         let k_t = kh.t()?.contiguous()?;
         let v_t = vh.t()?.contiguous()?;
         let rows_at_once = (self.max_scores / (b * heads * m)).max(1);
@@ -273,14 +280,12 @@ impl AttentionBackward {
             let rows = rows_at_once.min(n - first);
             let q_r = qh.narrow(2, first, rows)?;
             let do_r = doh.narrow(2, first, rows)?;
-            let o_r = oh.narrow(2, first, rows)?;
-            let p = candle_nn::ops::softmax_last_dim(&(q_r.matmul(&k_t)? * scale)?)?;
-            dv = (dv + p.t()?.matmul(&do_r)?)?;
+            let p = candle_nn::ops::softmax_last_dim(&q_r.matmul(&k_t)?)?;
+            dv = (dv + p.t()?.matmul(&do_r)?.to_dtype(precise)?)?;
             let dp = do_r.matmul(&v_t)?;
-            let row_dot = (&do_r * &o_r)?.sum_keepdim(3)?;
-            let ds = (p * dp.broadcast_sub(&row_dot)?)?;
-            dq.push((ds.matmul(&kh)? * scale)?);
-            dk = (dk + (ds.t()?.matmul(&q_r)? * scale)?)?;
+            let ds = (p * dp.broadcast_sub(&row_dot.narrow(2, first, rows)?)?)?;
+            dq.push(ds.matmul(&kh)?);
+            dk = (dk + ds.t()?.matmul(&q_r)?.to_dtype(precise)?)?;
         }
         let merge = |t: Tensor, len: usize, like: &Tensor| -> Result<Option<Tensor>> {
             if !like.track_op() {
@@ -294,6 +299,7 @@ impl AttentionBackward {
         } else {
             Tensor::cat(&dq, 2)?
         };
+        let dq = (dq.to_dtype(precise)? * scale)?;
         Ok((merge(dq, n, q)?, merge(dk, m, k)?, merge(dv, m, v)?))
     }
 }

@@ -502,6 +502,47 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
         &|| Ok(candle_nn::ops::leaky_relu(&x, 0.2)?),
         &[("sdkube", &|| Ok(own::leaky_relu(&x, 0.2)?))],
     )?;
+    attention_input_grad(dev, dt, repeat)?;
+    Ok(())
+}
+
+/// Training's attention backward (`sdkube_models::tracked`) in `dt` against the same in f32:
+/// the input gradient of SD1.5's self-attention at 64², its largest, and its time.
+fn attention_input_grad(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::collections::HashMap;
+    let (tokens, dim, heads) = (4096, 320, 8);
+    let rand = |shape: &[usize], scale: f64| -> anyhow::Result<Tensor> {
+        Ok((Tensor::randn(0f32, 1., shape, dev)? * scale)?)
+    };
+    let mut weights = HashMap::new();
+    for name in ["to_q", "to_k", "to_v", "to_out.0"] {
+        weights.insert(format!("{name}.weight"), rand(&[dim, dim], 0.05)?);
+    }
+    weights.insert("to_out.0.bias".to_owned(), rand(&[dim], 0.05)?);
+    let (x0, r) = (rand(&[2, tokens, dim], 1.0)?, rand(&[2, tokens, dim], 1.0)?);
+    let input_grad = |dt: DType| -> anyhow::Result<Tensor> {
+        let vb = candle_nn::VarBuilder::from_tensors(weights.clone(), dt, dev);
+        let attn =
+            sdkube_models::blocks::Attention::new(vb, dim, dim, heads, dim / heads, false, false)?;
+        let x = candle_core::Var::from_tensor(&x0.to_dtype(dt)?)?;
+        let y = attn.forward(x.as_tensor(), None)?;
+        let grads = (y.to_dtype(DType::F32)? * &r)?.sum_all()?.backward()?;
+        let dx = grads.get(x.as_tensor()).context("no input gradient")?;
+        Ok(dx.to_dtype(DType::F32)?)
+    };
+    let want = input_grad(DType::F32)?;
+    let got = input_grad(dt)?;
+    let max =
+        |t: &Tensor| -> anyhow::Result<f32> { Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar()?) };
+    let s = time(dev, repeat, || input_grad(dt).map(drop))?;
+    println!(
+        "{}",
+        serde_json::json!({"bench": "attention input grad sd15 self 64² (forward + backward)",
+            "shape": format!("[2,{tokens},{heads}x{}]", dim / heads), "ms": s * 1e3,
+            "max_diff_vs_f32": max(&(got - &want)?)?, "ref_max": max(&want)?,
+            "dtype": Precision::label(dt), "device": format!("{dev:?}")})
+    );
     Ok(())
 }
 
