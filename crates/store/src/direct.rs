@@ -136,7 +136,10 @@ impl StreamWriter {
         match result {
             Ok(()) => {}
             // The file system takes direct I/O at open but not these writes: go buffered.
-            Err(e) if self.direct.is_some() && e.raw_os_error() == Some(libc::EINVAL) => {
+            Err(e)
+                if self.direct.is_some()
+                    && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) =>
+            {
                 tracing::debug!("direct writes refused ({e}); writing through the page cache");
                 self.direct = None;
                 self.file.write_all_at(&stage[..whole], offset)?;
