@@ -125,8 +125,7 @@ pub(crate) fn precise(dtype: DType) -> DType {
 type InputGradFn = dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
 
 /// `forward(x)` for a tracked `x` whose gradient is `input_grad(x, grad_of_output)` (both
-/// untracked).
-/// `kind` names its backward pass in `bench --profile`.
+/// untracked); `kind` names that backward pass in `bench --profile`.
 pub(crate) fn with_input_grad(
     x: &Tensor,
     kind: &'static str,
