@@ -341,6 +341,15 @@ impl GroupNorm {
 
     /// The gradient of `xs` `[N, C, ..]` given `grad`, that of the output.
     fn input_grad(&self, xs: &Tensor, grad: &Tensor, silu: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            let (w, b) = (&self.weight, &self.bias);
+            let fused =
+                crate::cuda::group_norm_input_grad(xs, grad, w, b, self.groups, self.eps, silu)?;
+            if let Some(dx) = fused {
+                return Ok(dx);
+            }
+        }
         let (shape, n, c) = (xs.shape().clone(), xs.dim(0)?, xs.dim(1)?);
         let precise = crate::tracked::precise(xs.dtype());
         let per_channel = |t: &Tensor| {

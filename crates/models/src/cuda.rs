@@ -1250,6 +1250,163 @@ impl CustomOp3 for GroupNormOp {
     }
 }
 
+/// The input gradient of [`group_norm`] (SiLU after it on request) for training: `x` the
+/// layer's input, `grad` its output's gradient. Three passes (the forward's statistics, then
+/// two over each group) instead of two dozen candle ops, most of them launch-bound.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_input_grad(
+    x: &Tensor,
+    grad: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Option<Tensor>> {
+    let dtype_ok = matches!(x.dtype(), DType::F16 | DType::F32);
+    let same = [grad, weight, bias].iter().all(|t| t.dtype() == x.dtype());
+    if !applies(x) || !applies(grad) || !dtype_ok || !same || x.rank() < 3 {
+        return Ok(None);
+    }
+    let channels = x.dim(1)?;
+    let fits = groups > 0 && channels % groups == 0 && weight.elem_count() == channels;
+    if !fits || grad.dims() != x.dims() || bias.elem_count() != channels {
+        return Ok(None);
+    }
+    let op = GroupNormGradOp {
+        norm: GroupNormOp {
+            groups,
+            eps: eps as f32,
+            silu,
+        },
+        weight: weight.contiguous()?,
+        bias: bias.contiguous()?,
+    };
+    x.contiguous()?
+        .apply_op2_no_bwd(&grad.contiguous()?, &op)
+        .map(Some)
+}
+
+struct GroupNormGradOp {
+    norm: GroupNormOp,
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl GroupNormGradOp {
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        &self,
+        suffix: &str,
+        (x, xl): (&CudaStorage, &Layout),
+        (g, gl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let (w_storage, wl) = self.weight.storage_and_layout();
+        let (b_storage, bl) = self.bias.storage_and_layout();
+        let (candle_core::Storage::Cuda(w), candle_core::Storage::Cuda(b)) =
+            (&*w_storage, &*b_storage)
+        else {
+            candle_core::bail!("group-norm gradient: weights not on the GPU")
+        };
+        let dims = xl.shape().dims();
+        let (batch, channels) = (dims[0], dims[1]);
+        let hw: usize = dims[2..].iter().product();
+        let groups = self.norm.groups;
+        let cpg = channels / groups;
+        let len = cpg * hw;
+        let splits = len.div_ceil(8192).clamp(1, 64); // as the forward
+        let dev = x.device().clone();
+        let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        let gs = g.as_cuda_slice::<T>()?.slice(gl.start_offset()..);
+        let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+        let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
+        // SAFETY: each pass writes every element of its output before the next reads it.
+        let partial = unsafe { dev.alloc::<f32>(batch * groups * splits * 3)? };
+        let sums = unsafe { dev.alloc::<f32>(batch * groups * splits * 2)? };
+        let dx = unsafe { dev.alloc::<T>(xl.shape().elem_count())? };
+        let cfg = LaunchConfig {
+            grid_dim: ((batch * groups) as u32, splits as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (len64, splits32) = (len as i64, splits as i32);
+        let (hw64, cpg32, groups32) = (hw as i64, cpg as i32, groups as i32);
+        let (eps, silu) = (self.norm.eps, self.norm.silu as i32);
+        let func =
+            |name: &str| dev.get_or_load_custom_func(&format!("{name}_{suffix}"), MODULE, PTX);
+        let stats = func("group_norm_stats")?;
+        let mut launch = stats.builder();
+        launch.arg(&xs).arg(&partial).arg(&len64).arg(&splits32);
+        // SAFETY: argument lists match the kernels' signatures.
+        unsafe { launch.launch(cfg) }.w()?;
+        let sum = func("group_norm_grad_sums")?;
+        let mut launch = sum.builder();
+        launch
+            .arg(&xs)
+            .arg(&gs)
+            .arg(&partial)
+            .arg(&ws)
+            .arg(&bs)
+            .arg(&sums);
+        launch
+            .arg(&len64)
+            .arg(&splits32)
+            .arg(&hw64)
+            .arg(&cpg32)
+            .arg(&groups32);
+        launch.arg(&eps).arg(&silu);
+        unsafe { launch.launch(cfg) }.w()?;
+        let apply = func("group_norm_grad_apply")?;
+        let mut launch = apply.builder();
+        launch
+            .arg(&xs)
+            .arg(&gs)
+            .arg(&partial)
+            .arg(&sums)
+            .arg(&ws)
+            .arg(&bs)
+            .arg(&dx);
+        launch
+            .arg(&len64)
+            .arg(&splits32)
+            .arg(&hw64)
+            .arg(&cpg32)
+            .arg(&groups32);
+        launch.arg(&eps).arg(&silu);
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(dx, dev), xl.shape().clone()))
+    }
+}
+
+impl CustomOp2 for GroupNormGradOp {
+    fn name(&self) -> &'static str {
+        "group-norm-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match x.dtype() {
+            DType::F16 => self.run::<f16>("f16", (x, xl), (g, gl)),
+            DType::F32 => self.run::<f32>("f32", (x, xl), (g, gl)),
+            dtype => candle_core::bail!("{}: no {dtype:?} support", self.name()),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Elementwise: bias along an axis, GEGLU gate, where candle's broadcast kernels run at a tenth
 // of memory speed (compared by `sdkube bench --what ops`).

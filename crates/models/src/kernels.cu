@@ -488,6 +488,130 @@ __device__ void group_norm_apply(const T* x, T* y, const float* partial, const T
 GROUP_NORM(half, f16)
 GROUP_NORM(float, f32)
 
+// The input gradient of group norm (+ SiLU), for training through a frozen network. After
+// group_norm_stats on x: pass 1 sums dxhat and dxhat·xhat over each chunk of a group, pass 2
+// writes dx = rstd·(dxhat − mean(dxhat) − xhat·mean(dxhat·xhat)), where dxhat is the output's
+// gradient through SiLU (if any) times the scale.
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffff, v, offset);
+  return v;
+}
+
+// The gradient of the normalised value xhat of channel c, from the output's gradient g.
+__device__ __forceinline__ float group_norm_dxhat(float xhat, float g, float gamma, float beta,
+                                                  int silu) {
+  if (silu) {
+    const float y = xhat * gamma + beta;
+    const float s = 1.f / (1.f + __expf(-y));
+    g *= s * (1.f + y * (1.f - s));
+  }
+  return g * gamma;
+}
+
+// Mean and 1/std of group blockIdx.x, merged from its chunks' moments.
+__device__ __forceinline__ void group_moments(const float* partial, int splits, float eps,
+                                              float* mean, float* rstd) {
+  Moments acc{0.f, 0.f, 0.f};
+  const float* p = partial + (long)blockIdx.x * splits * 3;
+  for (int s = 0; s < splits; s++) acc = merge(acc, Moments{p[3 * s], p[3 * s + 1], p[3 * s + 2]});
+  *mean = acc.mean;
+  *rstd = rsqrtf(acc.m2 / acc.n + eps);
+}
+
+template <typename T>
+__device__ void group_norm_grad_sums(const T* x, const T* grad, const float* partial,
+                                     const T* weight, const T* bias, float* sums, long len,
+                                     int splits, long hw, int channels_per_group, int groups,
+                                     float eps, int silu) {
+  __shared__ float stats[2];
+  if (threadIdx.x == 0) group_moments(partial, splits, eps, &stats[0], &stats[1]);
+  __syncthreads();
+  const float mean = stats[0], rstd = stats[1];
+  const long chunk = (len + splits - 1) / splits;
+  const long begin = blockIdx.y * chunk;
+  const long end = min(len, begin + chunk);
+  const long base = (long)blockIdx.x * len;
+  const int first_channel = (blockIdx.x % groups) * channels_per_group;
+  float a = 0.f, b = 0.f;
+  for (long i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const int c = first_channel + (int)(i / hw);
+    const float xhat = (to_f(x[base + i]) - mean) * rstd;
+    const float d = group_norm_dxhat(xhat, to_f(grad[base + i]), to_f(weight[c]), to_f(bias[c]), silu);
+    a += d;
+    b += d * xhat;
+  }
+  a = warp_sum(a);
+  b = warp_sum(b);
+  __shared__ float per_warp[2][32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    per_warp[0][warp] = a;
+    per_warp[1][warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const bool live = lane < blockDim.x / 32;
+    a = warp_sum(live ? per_warp[0][lane] : 0.f);
+    b = warp_sum(live ? per_warp[1][lane] : 0.f);
+    if (lane == 0) {
+      float* out = sums + ((long)blockIdx.x * splits + blockIdx.y) * 2;
+      out[0] = a;
+      out[1] = b;
+    }
+  }
+}
+
+template <typename T>
+__device__ void group_norm_grad_apply(const T* x, const T* grad, const float* partial,
+                                      const float* sums, const T* weight, const T* bias, T* dx,
+                                      long len, int splits, long hw, int channels_per_group,
+                                      int groups, float eps, int silu) {
+  __shared__ float stats[4];
+  if (threadIdx.x == 0) {
+    group_moments(partial, splits, eps, &stats[0], &stats[1]);
+    float a = 0.f, b = 0.f;
+    for (int s = 0; s < splits; s++) {
+      a += sums[((long)blockIdx.x * splits + s) * 2];
+      b += sums[((long)blockIdx.x * splits + s) * 2 + 1];
+    }
+    stats[2] = a / (float)len;
+    stats[3] = b / (float)len;
+  }
+  __syncthreads();
+  const float mean = stats[0], rstd = stats[1], mean_d = stats[2], mean_dx = stats[3];
+  const long chunk = (len + splits - 1) / splits;
+  const long begin = blockIdx.y * chunk;
+  const long end = min(len, begin + chunk);
+  const long base = (long)blockIdx.x * len;
+  const int first_channel = (blockIdx.x % groups) * channels_per_group;
+  for (long i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const int c = first_channel + (int)(i / hw);
+    const float xhat = (to_f(x[base + i]) - mean) * rstd;
+    const float d = group_norm_dxhat(xhat, to_f(grad[base + i]), to_f(weight[c]), to_f(bias[c]), silu);
+    dx[base + i] = from_f<T>(rstd * (d - mean_d - xhat * mean_dx));
+  }
+}
+
+#define GROUP_NORM_GRAD(T, NAME)                                                              \
+  extern "C" __global__ void __launch_bounds__(256) group_norm_grad_sums_##NAME(              \
+      const T* x, const T* grad, const float* partial, const T* weight, const T* bias,        \
+      float* sums, long len, int splits, long hw, int channels_per_group, int groups,         \
+      float eps, int silu) {                                                                  \
+    group_norm_grad_sums<T>(x, grad, partial, weight, bias, sums, len, splits, hw,            \
+                            channels_per_group, groups, eps, silu);                           \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(256) group_norm_grad_apply_##NAME(             \
+      const T* x, const T* grad, const float* partial, const float* sums, const T* weight,    \
+      const T* bias, T* dx, long len, int splits, long hw, int channels_per_group,            \
+      int groups, float eps, int silu) {                                                      \
+    group_norm_grad_apply<T>(x, grad, partial, sums, weight, bias, dx, len, splits, hw,       \
+                             channels_per_group, groups, eps, silu);                          \
+  }
+
+GROUP_NORM_GRAD(half, f16)
+GROUP_NORM_GRAD(float, f32)
+
 // ---------------------------------------------------------------------------------------------
 // Elementwise: a bias along one axis (a linear layer's last axis, a convolution's channels),
 // and diffusers' GEGLU gate. candle runs both through strided broadcast kernels at about a tenth

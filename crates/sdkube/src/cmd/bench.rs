@@ -307,6 +307,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// Where sdkube has its own GPU kernel (`sdkube_models::cuda`), candle's op and ours are both
 /// timed and ours is checked against candle's on the same input (`max_diff`, `ref_max`).
 fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
+    use anyhow::Context;
     use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Module};
     let rand = |shape: &[usize]| -> anyhow::Result<Tensor> {
         Ok(Tensor::randn(0f32, 1., shape, dev)?.to_dtype(dt)?)
@@ -386,6 +387,34 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
             &|| Ok(grad.conv_transpose2d(&w, 1, out_padding, stride, 1)?),
             &[("sdkube", &|| {
                 Ok(own::conv2d_input_grad(&grad, &w, (side, side), 1, stride)?)
+            })],
+        )?;
+    }
+    // Group norm + SiLU's input gradient (training): our kernel against candle's autograd of
+    // its composed group norm, in f32.
+    {
+        let (b, c, side) = (1, 320, 64);
+        let x = rand(&[b, c, side, side])?;
+        let r = rand(&[b, c, side, side])?;
+        let (w, bias) = (rand(&[c])?, rand(&[c])?);
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
+        let gn = GroupNorm::new(f32_of(&w)?, f32_of(&bias)?, c, 32, 1e-5)?;
+        compare(
+            "group_norm + silu input grad unet 320",
+            &format!("[{b},{c},{side},{side}]"),
+            &|| {
+                let xv = candle_core::Var::from_tensor(&f32_of(&x)?)?;
+                let y = gn.forward(xv.as_tensor())?.silu()?;
+                let grads = (y * f32_of(&r)?)?.sum_all()?.backward()?;
+                Ok(grads
+                    .get(xv.as_tensor())
+                    .context("no gradient")?
+                    .to_dtype(dt)?)
+            },
+            &[("sdkube", &|| {
+                Ok(own::group_norm_input_grad(
+                    &x, &r, &w, &bias, 32, 1e-5, true,
+                )?)
             })],
         )?;
     }
@@ -553,8 +582,8 @@ mod own {
 
     #[cfg(feature = "cuda")]
     pub use sdkube_models::cuda::{
-        add_bias, conv2d_input_grad, flash_attention, geglu, group_norm, leaky_relu, linear,
-        upsample_nearest_2x,
+        add_bias, conv2d_input_grad, flash_attention, geglu, group_norm, group_norm_input_grad,
+        leaky_relu, linear, upsample_nearest_2x,
     };
 
     /// The CUDA memory pool's high-water marks (see `sdkube_models::cuda`), `None` off CUDA.
@@ -598,6 +627,20 @@ mod own {
 
     #[cfg(not(feature = "cuda"))]
     pub fn add_bias(_: &Tensor, _: &Tensor, _: usize) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_norm_input_grad(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+        _: f64,
+        _: bool,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
 
