@@ -242,6 +242,21 @@ thread_local! {
     static WORKSPACE: RefCell<HashMap<DeviceId, CudaSlice<u8>>> = RefCell::new(HashMap::new());
 }
 
+/// The plan cached in `cache` under `key`, made by `make` the first time on this thread.
+fn cached_plan<P: 'static>(
+    cache: &'static std::thread::LocalKey<RefCell<HashMap<ConvKey, Rc<dyn Any>>>>,
+    key: ConvKey,
+    make: impl FnOnce() -> Result<P>,
+) -> Result<Rc<P>> {
+    let cached = cache.with(|m| m.borrow().get(&key).cloned());
+    if let Some(plan) = cached.and_then(|p| p.downcast::<P>().ok()) {
+        return Ok(plan);
+    }
+    let plan = Rc::new(make()?);
+    cache.with(|m| m.borrow_mut().insert(key, plan.clone()));
+    Ok(plan)
+}
+
 /// The largest scratch buffer kept between calls. Bigger needs (the VAE's 1024² convolutions
 /// want about a gigabyte) take a buffer from the memory pool for the one call and give it back
 /// after, as torch does with every workspace: kept, it would sit unused under every later step.
@@ -358,11 +373,22 @@ impl CudnnConv {
         T: CudnnDataType + DeviceRepr + num_one::One + 'static,
     {
         let key = self.key(dev, dtype, x, w);
-        if let Some(plan) = PLANS.with(|m| m.borrow().get(&key).cloned()) {
-            if let Ok(plan) = plan.downcast::<ConvPlan<T>>() {
-                return Ok(plan);
-            }
-        }
+        cached_plan(&PLANS, key, || {
+            self.make_plan(dev, dtype, (x, xs), (w, ws), y)
+        })
+    }
+
+    fn make_plan<T>(
+        &self,
+        dev: &CudaDevice,
+        dtype: DType,
+        (x, xs): (&[usize], &CudaView<T>),
+        (w, ws): (&[usize], &CudaView<T>),
+        y: &mut CudaSlice<T>,
+    ) -> Result<ConvPlan<T>>
+    where
+        T: CudnnDataType + DeviceRepr + num_one::One + 'static,
+    {
         let e = candle_core::Error::wrap;
         let (conv, xd, wd, yd) = self.descriptors::<T>(dev, dtype, x, w)?;
         let forward = ConvForward {
@@ -377,17 +403,25 @@ impl CudnnConv {
             let algo = forward.pick_algorithm().map_err(e)?;
             (algo, forward.get_workspace_size(algo).map_err(e)?)
         };
-        tracing::debug!(?key, ?algo, workspace, "cuDNN convolution plan");
-        let plan = Rc::new(ConvPlan {
+        let (padding, stride) = (self.padding, self.stride);
+        tracing::debug!(
+            ?x,
+            ?w,
+            padding,
+            stride,
+            ?dtype,
+            ?algo,
+            workspace,
+            "cuDNN convolution plan"
+        );
+        Ok(ConvPlan {
             conv,
             x: xd,
             w: wd,
             y: yd,
             algo,
             workspace,
-        });
-        PLANS.with(|m| m.borrow_mut().insert(key, plan.clone()));
-        Ok(plan)
+        })
     }
 
     fn run<T>(
@@ -638,32 +672,26 @@ impl CudnnConvInputGrad {
         let dev = g.device().clone();
         let e = candle_core::Error::wrap;
         let key = conv.key(&dev, g.dtype(), &x_dims, &w_dims);
-        let cached = INPUT_GRAD_PLANS.with(|m| m.borrow().get(&key).cloned());
-        let plan = match cached.and_then(|p| p.downcast::<ConvInputGradPlan<T>>().ok()) {
-            Some(plan) => plan,
-            None => {
-                let (cd, dx, w, dy) = conv.descriptors::<T>(&dev, g.dtype(), &x_dims, &w_dims)?;
-                let op = cudarc::cudnn::ConvBackwardData {
-                    conv: &cd,
-                    dx: &dx,
-                    w: &w,
-                    dy: &dy,
-                };
-                let algo = op.pick_algorithm().map_err(e)?;
-                let workspace = op.get_workspace_size(algo).map_err(e)?;
-                tracing::debug!(?key, ?algo, workspace, "cuDNN input-gradient plan");
-                let plan = Rc::new(ConvInputGradPlan {
-                    conv: cd,
-                    dx,
-                    w,
-                    dy,
-                    algo,
-                    workspace,
-                });
-                INPUT_GRAD_PLANS.with(|m| m.borrow_mut().insert(key, plan.clone()));
-                plan
-            }
-        };
+        let plan = cached_plan(&INPUT_GRAD_PLANS, key, || {
+            let (cd, dx, w, dy) = conv.descriptors::<T>(&dev, g.dtype(), &x_dims, &w_dims)?;
+            let op = cudarc::cudnn::ConvBackwardData {
+                conv: &cd,
+                dx: &dx,
+                w: &w,
+                dy: &dy,
+            };
+            let algo = op.pick_algorithm().map_err(e)?;
+            let workspace = op.get_workspace_size(algo).map_err(e)?;
+            tracing::debug!(?key, ?algo, workspace, "cuDNN input-gradient plan");
+            Ok(ConvInputGradPlan {
+                conv: cd,
+                dx,
+                w,
+                dy,
+                algo,
+                workspace,
+            })
+        })?;
         let gs = g.as_cuda_slice::<T>()?.slice(gl.start_offset()..);
         let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
         // SAFETY: cuDNN writes every element (beta 0).
@@ -1169,37 +1197,19 @@ impl GroupNormOp {
         b: &CudaStorage,
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dims = xl.shape().dims();
-        let (batch, channels) = (dims[0], dims[1]);
-        let hw: usize = dims[2..].iter().product();
-        let cpg = channels / self.groups;
-        let len = cpg * hw;
-        // Enough blocks to fill the GPU at the VAE's 512² planes, few enough that merging a
-        // group's chunks stays trivial.
-        let splits = len.div_ceil(8192).clamp(1, 64);
+        let geo = GroupGeometry::new(xl.dims(), self.groups);
         let dev = x.device().clone();
         let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
         let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
         let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
-        // SAFETY: pass 1 writes every partial, pass 2 every output.
-        let partial = unsafe { dev.alloc::<f32>(batch * self.groups * splits * 3)? };
+        let partial = geo.moments(&dev, suffix, &xs)?;
+        // SAFETY: pass 2 writes every output.
         let out = unsafe { dev.alloc::<T>(xl.shape().elem_count())? };
-        let cfg = LaunchConfig {
-            grid_dim: ((batch * self.groups) as u32, splits as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (len64, splits32) = (len as i64, splits as i32);
-        let stats =
-            dev.get_or_load_custom_func(&format!("group_norm_stats_{suffix}"), MODULE, PTX)?;
-        let mut launch = stats.builder();
-        launch.arg(&xs).arg(&partial).arg(&len64).arg(&splits32);
-        // SAFETY: argument list matches the kernel's signature.
-        unsafe { launch.launch(cfg) }.w()?;
-
+        let cfg = geo.launch_config();
         let apply =
             dev.get_or_load_custom_func(&format!("group_norm_apply_{suffix}"), MODULE, PTX)?;
-        let (hw64, cpg32, groups32) = (hw as i64, cpg as i32, self.groups as i32);
+        let (len64, splits32) = (geo.len as i64, geo.splits as i32);
+        let (hw64, cpg32, groups32) = (geo.hw as i64, geo.cpg as i32, self.groups as i32);
         let silu = self.silu as i32;
         let mut launch = apply.builder();
         launch.arg(&xs).arg(&out).arg(&partial).arg(&ws).arg(&bs);
@@ -1210,9 +1220,64 @@ impl GroupNormOp {
             .arg(&cpg32)
             .arg(&groups32);
         launch.arg(&self.eps).arg(&silu);
-        // SAFETY: as above.
+        // SAFETY: argument list matches the kernel's signature.
         unsafe { launch.launch(cfg) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
+    }
+}
+
+/// How the group-norm kernels walk an `[N, C, ..]` input: a block row per (sample, group),
+/// each group's `len` elements cut into `splits` chunks.
+struct GroupGeometry {
+    blocks: usize,
+    hw: usize,
+    cpg: usize,
+    len: usize,
+    splits: usize,
+}
+
+impl GroupGeometry {
+    fn new(dims: &[usize], groups: usize) -> GroupGeometry {
+        let hw: usize = dims[2..].iter().product();
+        let cpg = dims[1] / groups;
+        let len = cpg * hw;
+        GroupGeometry {
+            blocks: dims[0] * groups,
+            hw,
+            cpg,
+            len,
+            // Enough blocks to fill the GPU at the VAE's 512² planes, few enough that merging
+            // a group's chunks stays trivial.
+            splits: len.div_ceil(8192).clamp(1, 64),
+        }
+    }
+
+    fn launch_config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.blocks as u32, self.splits as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// The first pass of the forward and of the gradient alike: each chunk's count, mean and
+    /// sum of squared deviations (Welford), 3 floats per chunk.
+    fn moments<T: DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        suffix: &str,
+        xs: &CudaView<T>,
+    ) -> Result<CudaSlice<f32>> {
+        // SAFETY: the kernel writes every chunk's moments.
+        let partial = unsafe { dev.alloc::<f32>(self.blocks * self.splits * 3)? };
+        let stats =
+            dev.get_or_load_custom_func(&format!("group_norm_stats_{suffix}"), MODULE, PTX)?;
+        let (len64, splits32) = (self.len as i64, self.splits as i32);
+        let mut launch = stats.builder();
+        launch.arg(xs).arg(&partial).arg(&len64).arg(&splits32);
+        // SAFETY: argument list matches the kernel's signature.
+        unsafe { launch.launch(self.launch_config()) }.w()?;
+        Ok(partial)
     }
 }
 
@@ -1307,37 +1372,23 @@ impl GroupNormGradOp {
         else {
             candle_core::bail!("group-norm gradient: weights not on the GPU")
         };
-        let dims = xl.shape().dims();
-        let (batch, channels) = (dims[0], dims[1]);
-        let hw: usize = dims[2..].iter().product();
         let groups = self.norm.groups;
-        let cpg = channels / groups;
-        let len = cpg * hw;
-        let splits = len.div_ceil(8192).clamp(1, 64); // as the forward
+        let geo = GroupGeometry::new(xl.dims(), groups);
         let dev = x.device().clone();
         let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
         let gs = g.as_cuda_slice::<T>()?.slice(gl.start_offset()..);
         let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
         let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
+        let partial = geo.moments(&dev, suffix, &xs)?;
         // SAFETY: each pass writes every element of its output before the next reads it.
-        let partial = unsafe { dev.alloc::<f32>(batch * groups * splits * 3)? };
-        let sums = unsafe { dev.alloc::<f32>(batch * groups * splits * 2)? };
+        let sums = unsafe { dev.alloc::<f32>(geo.blocks * geo.splits * 2)? };
         let dx = unsafe { dev.alloc::<T>(xl.shape().elem_count())? };
-        let cfg = LaunchConfig {
-            grid_dim: ((batch * groups) as u32, splits as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (len64, splits32) = (len as i64, splits as i32);
-        let (hw64, cpg32, groups32) = (hw as i64, cpg as i32, groups as i32);
+        let cfg = geo.launch_config();
+        let (len64, splits32) = (geo.len as i64, geo.splits as i32);
+        let (hw64, cpg32, groups32) = (geo.hw as i64, geo.cpg as i32, groups as i32);
         let (eps, silu) = (self.norm.eps, self.norm.silu as i32);
         let func =
             |name: &str| dev.get_or_load_custom_func(&format!("{name}_{suffix}"), MODULE, PTX);
-        let stats = func("group_norm_stats")?;
-        let mut launch = stats.builder();
-        launch.arg(&xs).arg(&partial).arg(&len64).arg(&splits32);
-        // SAFETY: argument lists match the kernels' signatures.
-        unsafe { launch.launch(cfg) }.w()?;
         let sum = func("group_norm_grad_sums")?;
         let mut launch = sum.builder();
         launch
@@ -1354,6 +1405,7 @@ impl GroupNormGradOp {
             .arg(&cpg32)
             .arg(&groups32);
         launch.arg(&eps).arg(&silu);
+        // SAFETY: argument lists match the kernels' signatures.
         unsafe { launch.launch(cfg) }.w()?;
         let apply = func("group_norm_grad_apply")?;
         let mut launch = apply.builder();
