@@ -629,22 +629,12 @@ const MAX_SCORES: usize = 1 << 26;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tracked::tests::max_diff;
     use candle_core::{Device, Var};
     use std::collections::HashMap;
 
     fn randn(shape: &[usize]) -> Tensor {
         Tensor::randn(0f64, 1., shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     /// The gradient of `sum(f(x) · r)` with respect to `x`, by candle's autograd.

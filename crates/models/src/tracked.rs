@@ -304,7 +304,7 @@ impl AttentionBackward {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
 
@@ -322,7 +322,8 @@ mod tests {
             .reshape((b, n, inner))
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    /// The largest absolute difference between two f64 tensors.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         let diff = (a - b).and_then(|d| d.abs()?.max_all()?.to_scalar::<f64>());
         diff.unwrap()
     }

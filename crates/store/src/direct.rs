@@ -68,6 +68,11 @@ impl StreamWriter {
         self.stage_start.max(self.resumed_at)
     }
 
+    /// Where the stream's next byte goes.
+    pub(crate) fn end(&self) -> u64 {
+        self.stage_start + self.staged as u64
+    }
+
     /// Throws away what is staged and continues at `start`.
     pub(crate) fn restart_at(&mut self, start: u64) -> io::Result<()> {
         self.staged = 0;
@@ -229,6 +234,7 @@ mod tests {
             let end = (at + size).min(want.len());
             w.write(&want[at..end]).unwrap();
             at = end;
+            assert_eq!(w.end(), at as u64);
             let written = w.written() as usize;
             assert!(written <= at);
             let on_disk = std::fs::read(&path).unwrap();

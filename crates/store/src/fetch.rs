@@ -1144,7 +1144,6 @@ fn run_writer(
     use std::io::Read;
     use std::os::unix::fs::FileExt;
     let state_file = state_path(partial);
-    let mut next = 0u64;
     let mut stream = None;
     let hasher = if single {
         // Hash what an earlier run already wrote, so the stream's hash covers the whole file.
@@ -1157,7 +1156,6 @@ fn run_writer(
                 "partial file is shorter than its resume state",
             ));
         }
-        next = kept;
         // Staging no more than a checkpoint's worth lets every checkpoint claim recent bytes.
         stream = Some(StreamWriter::new(&file, partial, kept, checkpoint_every)?);
         OrderedHasher::spawn(&file, h, kept)?
@@ -1187,10 +1185,9 @@ fn run_writer(
                 let n = bytes.len() as u64;
                 match &mut stream {
                     Some(stream) => {
-                        if offset != next {
+                        if offset != stream.end() {
                             return Err(std::io::Error::other("single-stream write out of order"));
                         }
-                        next += n;
                         stream.write(&bytes)?;
                         hasher.send(HashOp::Data(bytes));
                         // Only what left the stage is in the file.
@@ -1214,7 +1211,6 @@ fn run_writer(
                 // Let queued checkpoints land before the file shrinks under them.
                 checkpoints.finish()?;
                 hasher.send(HashOp::Restart);
-                next = 0;
                 state.chunks[0].done = 0;
                 if let Some(stream) = &mut stream {
                     stream.restart_at(0)?;
