@@ -41,7 +41,8 @@ impl Norm {
 
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if xs.track_op() && !self.tracks() {
-            let (weight, eps) = (self.inner.weight().clone(), self.eps);
+            // The forward takes eps as f32 (candle's layer-norm API): so does its gradient.
+            let (weight, eps) = (self.inner.weight().clone(), self.eps as f32 as f64);
             return crate::tracked::with_input_grad(
                 xs,
                 "layer norm backward",
