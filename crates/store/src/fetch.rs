@@ -1219,6 +1219,7 @@ fn run_writer(
                     file.set_len(0)?;
                 }
                 save_state(&state_file, &state)?;
+                unsaved = 0;
                 checkpoints = Checkpointer::spawn(&file, &state_file)?;
             }
         }
@@ -1647,7 +1648,10 @@ mod tests {
             .unwrap()
         };
         // A server that ignored our Range: what came first is thrown away, hash included.
-        send(0, &[0xAA; 30_000]);
+        // Less than one checkpoint's worth, so every checkpoint the test can read below was
+        // saved after the restart (a larger prefix raced the poll: CI once read a checkpoint
+        // of the thrown-away bytes).
+        send(0, &[0xAA; 9_000]);
         tx.blocking_send(WriteOp::Restart).unwrap();
         let pieces: Vec<&[u8]> = data.chunks(7_000).collect();
         for (i, piece) in pieces[..3].iter().enumerate() {
