@@ -415,12 +415,22 @@ __device__ __forceinline__ half from_f(float x) { return __float2half(x); }
 template <>
 __device__ __forceinline__ float from_f(float x) { return x; }
 
-template <typename T>
-__device__ void group_norm_stats(const T* x, float* partial, long len, int splits) {
+// The elements [begin, end) of group blockIdx.x that chunk blockIdx.y of its splits covers,
+// counted from base, the group's first element (every group-norm kernel's grid).
+struct GroupChunk {
+  long begin, end, base;
+};
+
+__device__ __forceinline__ GroupChunk group_chunk(long len, int splits) {
   const long chunk = (len + splits - 1) / splits;
   const long begin = blockIdx.y * chunk;
-  const long end = min(len, begin + chunk);
-  const T* xg = x + (long)blockIdx.x * len;
+  return GroupChunk{begin, min(len, begin + chunk), (long)blockIdx.x * len};
+}
+
+template <typename T>
+__device__ void group_norm_stats(const T* x, float* partial, long len, int splits) {
+  const auto [begin, end, base] = group_chunk(len, splits);
+  const T* xg = x + base;
   Moments acc{0.f, 0.f, 0.f};
   for (long i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const float v = to_f(xg[i]);
@@ -446,24 +456,25 @@ __device__ void group_norm_stats(const T* x, float* partial, long len, int split
   }
 }
 
+// Mean and 1/std of group blockIdx.x, merged from its chunks' moments.
+__device__ __forceinline__ void group_moments(const float* partial, int splits, float eps,
+                                              float* mean, float* rstd) {
+  Moments acc{0.f, 0.f, 0.f};
+  const float* p = partial + (long)blockIdx.x * splits * 3;
+  for (int s = 0; s < splits; s++) acc = merge(acc, Moments{p[3 * s], p[3 * s + 1], p[3 * s + 2]});
+  *mean = acc.mean;
+  *rstd = rsqrtf(acc.m2 / acc.n + eps);
+}
+
 template <typename T>
 __device__ void group_norm_apply(const T* x, T* y, const float* partial, const T* weight,
                                  const T* bias, long len, int splits, long hw,
                                  int channels_per_group, int groups, float eps, int silu) {
   __shared__ float stats[2];
-  if (threadIdx.x == 0) {
-    Moments acc{0.f, 0.f, 0.f};
-    const float* p = partial + (long)blockIdx.x * splits * 3;
-    for (int s = 0; s < splits; s++) acc = merge(acc, Moments{p[3 * s], p[3 * s + 1], p[3 * s + 2]});
-    stats[0] = acc.mean;
-    stats[1] = rsqrtf(acc.m2 / acc.n + eps);
-  }
+  if (threadIdx.x == 0) group_moments(partial, splits, eps, &stats[0], &stats[1]);
   __syncthreads();
   const float mean = stats[0], rstd = stats[1];
-  const long chunk = (len + splits - 1) / splits;
-  const long begin = blockIdx.y * chunk;
-  const long end = min(len, begin + chunk);
-  const long base = (long)blockIdx.x * len;
+  const auto [begin, end, base] = group_chunk(len, splits);
   const int first_channel = (blockIdx.x % groups) * channels_per_group;
   for (long i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const int c = first_channel + (int)(i / hw);
@@ -509,16 +520,6 @@ __device__ __forceinline__ float group_norm_dxhat(float xhat, float g, float gam
   return g * gamma;
 }
 
-// Mean and 1/std of group blockIdx.x, merged from its chunks' moments.
-__device__ __forceinline__ void group_moments(const float* partial, int splits, float eps,
-                                              float* mean, float* rstd) {
-  Moments acc{0.f, 0.f, 0.f};
-  const float* p = partial + (long)blockIdx.x * splits * 3;
-  for (int s = 0; s < splits; s++) acc = merge(acc, Moments{p[3 * s], p[3 * s + 1], p[3 * s + 2]});
-  *mean = acc.mean;
-  *rstd = rsqrtf(acc.m2 / acc.n + eps);
-}
-
 template <typename T>
 __device__ void group_norm_grad_sums(const T* x, const T* grad, const float* partial,
                                      const T* weight, const T* bias, float* sums, long len,
@@ -528,10 +529,7 @@ __device__ void group_norm_grad_sums(const T* x, const T* grad, const float* par
   if (threadIdx.x == 0) group_moments(partial, splits, eps, &stats[0], &stats[1]);
   __syncthreads();
   const float mean = stats[0], rstd = stats[1];
-  const long chunk = (len + splits - 1) / splits;
-  const long begin = blockIdx.y * chunk;
-  const long end = min(len, begin + chunk);
-  const long base = (long)blockIdx.x * len;
+  const auto [begin, end, base] = group_chunk(len, splits);
   const int first_channel = (blockIdx.x % groups) * channels_per_group;
   float a = 0.f, b = 0.f;
   for (long i = begin + threadIdx.x; i < end; i += blockDim.x) {
@@ -580,10 +578,7 @@ __device__ void group_norm_grad_apply(const T* x, const T* grad, const float* pa
   }
   __syncthreads();
   const float mean = stats[0], rstd = stats[1], mean_d = stats[2], mean_dx = stats[3];
-  const long chunk = (len + splits - 1) / splits;
-  const long begin = blockIdx.y * chunk;
-  const long end = min(len, begin + chunk);
-  const long base = (long)blockIdx.x * len;
+  const auto [begin, end, base] = group_chunk(len, splits);
   const int first_channel = (blockIdx.x % groups) * channels_per_group;
   for (long i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const int c = first_channel + (int)(i / hw);
