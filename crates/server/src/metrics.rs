@@ -77,6 +77,8 @@ pub struct Gauges {
     pub queue_capacity: usize,
     pub jobs_by_state: Vec<(&'static str, usize)>,
     pub model_ready: bool,
+    /// Live workers reporting to a shared queue (the `api` role only).
+    pub workers: Option<usize>,
     /// (device label, bytes in use) where the backend tells.
     pub device_memory: Vec<(String, u64)>,
 }
@@ -111,7 +113,7 @@ impl Metrics {
         let w = &mut out;
         let _ = writeln!(
             w,
-            "# HELP sdkube_queue_depth Jobs waiting in the queue.\n# TYPE sdkube_queue_depth gauge\nsdkube_queue_depth {}",
+            "# HELP sdkube_queue_depth Jobs waiting in the queue (the whole cluster's, with a shared queue).\n# TYPE sdkube_queue_depth gauge\nsdkube_queue_depth {}",
             g.queue_depth
         );
         let _ = writeln!(
@@ -163,6 +165,12 @@ impl Metrics {
             "# HELP sdkube_model_ready 1 when the model is loaded on every worker.\n# TYPE sdkube_model_ready gauge\nsdkube_model_ready {}",
             u8::from(g.model_ready)
         );
+        if let Some(n) = g.workers {
+            let _ = writeln!(
+                w,
+                "# HELP sdkube_workers Workers reporting to the shared queue.\n# TYPE sdkube_workers gauge\nsdkube_workers {n}"
+            );
+        }
         if !g.device_memory.is_empty() {
             let _ = writeln!(
                 w,

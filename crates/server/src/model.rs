@@ -9,26 +9,38 @@ use std::sync::{Arc, Mutex};
 
 use crate::lock;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelState {
     Fetching,
+    #[default]
     Loading,
     Ready,
     Failed,
 }
 
+impl ModelState {
+    pub fn label(self) -> &'static str {
+        match self {
+            ModelState::Fetching => "fetching",
+            ModelState::Loading => "loading",
+            ModelState::Ready => "ready",
+            ModelState::Failed => "failed",
+        }
+    }
+}
+
 /// Bytes fetched so far while the model downloads.
-#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 pub struct FetchProgress {
     pub done_bytes: u64,
     pub total_bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct ModelStatus {
     /// Catalog name, or the file/folder name of a path.
     pub name: String,
@@ -46,6 +58,10 @@ pub struct ModelStatus {
     /// Workers that have loaded this generation.
     #[serde(skip)]
     pub loaded_by: usize,
+    /// What was selected (a path, a title or a name): a worker compares a job's checkpoint
+    /// with it.
+    #[serde(skip)]
+    pub selection: String,
 }
 
 /// Where models come from: the store (catalog names) and plain paths.
@@ -60,13 +76,13 @@ pub struct ModelSources {
 }
 
 /// A checkpoint that can be selected.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CheckpointInfo {
     /// Unique in the list: a file's name with its extension, a folder's or catalog name.
     pub title: String,
     /// The file stem (what the infotext's `Model:` says).
     pub name: String,
-    #[serde(skip)]
+    #[schema(value_type = Option<String>)]
     pub path: Option<PathBuf>,
     /// Present on disk (a catalog entry not fetched yet is not).
     pub present: bool,
@@ -99,6 +115,7 @@ impl ModelSlot {
                 path: None,
                 generation: 0,
                 loaded_by: 0,
+                selection: String::new(),
             }),
             by_path: Mutex::new(Vec::new()),
             workers,
@@ -202,6 +219,7 @@ impl ModelSlot {
         let generation = {
             let mut s = lock(&self.status);
             s.generation += 1;
+            s.selection = model.to_string();
             s.name = name.clone();
             s.family = None;
             s.loaded_by = 0;

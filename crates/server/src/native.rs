@@ -2,7 +2,6 @@
 //! the status of the server, and the gallery of saved outputs.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
@@ -13,11 +12,28 @@ use axum::Json;
 use futures_util::stream::Stream;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::api::{ApiError, ApiJson};
-use crate::jobs::{Job, JobImage, JobState, JobStatus};
+use crate::config::Role;
+use crate::error::{ApiError, ApiJson};
+use crate::job::{JobImage, JobRecord, JobState};
 use crate::model::ModelStatus;
-use crate::AppState;
+use crate::requests::{
+    ExtrasSingleRequest, Img2ImgRequest, JobSpec, TrainEmbeddingRequest, Txt2ImgRequest,
+};
+use crate::state::AppState;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(status))
+        .routes(routes!(create_job, list_jobs))
+        .routes(routes!(get_job))
+        .routes(routes!(job_events))
+        .routes(routes!(cancel_job))
+        .routes(routes!(gallery))
+        .routes(routes!(output_file))
+}
 
 /// A job as the API shows it.
 #[derive(Serialize, ToSchema)]
@@ -37,38 +53,33 @@ pub struct JobView {
     pub images: Vec<JobImage>,
     /// How many jobs shared its device batch (compatible jobs are batched); 0 before it ran.
     pub batch_jobs: usize,
+    /// The worker that runs or ran it (`host/pid/device`).
+    pub worker: Option<String>,
     /// The parameters as submitted.
     pub params: serde_json::Value,
 }
 
 impl JobView {
-    pub fn of(state: &AppState, job: &Job) -> Self {
-        let s = job.status();
-        Self::with_status(state, job, &s)
-    }
-
-    fn with_status(state: &AppState, job: &Job, s: &JobStatus) -> Self {
+    pub fn of(job: &JobRecord) -> Self {
+        let s = &job.status;
         JobView {
             id: job.id.clone(),
-            kind: job.kind.to_string(),
+            kind: job.meta.kind.clone(),
             state: s.state,
-            position: if s.state == JobState::Queued {
-                state.jobs.position(&job.id)
-            } else {
-                None
-            },
+            position: job.position,
             step: s.step,
             total_steps: s.total_steps,
             eta_seconds: if s.state == JobState::Running {
-                Job::eta_seconds(s)
+                s.eta_seconds()
             } else {
                 None
             },
             error: s.error.clone(),
-            created: humantime::format_rfc3339_seconds(job.created).to_string(),
+            created: humantime::format_rfc3339_seconds(job.meta.created).to_string(),
             images: s.images.clone(),
             batch_jobs: s.batch_jobs,
-            params: job.params.clone(),
+            worker: s.worker.clone(),
+            params: job.meta.params.clone(),
         }
     }
 }
@@ -78,6 +89,19 @@ pub struct QueueStatus {
     pub queued: usize,
     pub running: usize,
     pub capacity: usize,
+    /// `memory` (one process) or `redis` (shared by every replica).
+    pub backend: String,
+    /// "waiting for a GPU worker (N queued)" while jobs wait and no worker runs.
+    pub waiting: Option<String>,
+}
+
+/// A worker of the shared queue, as the `api` role sees it.
+#[derive(Serialize, ToSchema)]
+pub struct WorkerView {
+    pub id: String,
+    pub devices: Vec<String>,
+    pub model: ModelStatus,
+    pub running: usize,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -96,17 +120,51 @@ pub struct ServerStatus {
     pub device: String,
     pub limits: LimitsView,
     pub queue: QueueStatus,
+    /// `all`, `api` or `worker`.
+    pub role: String,
+    /// With a shared queue: the live workers.
+    pub workers: Vec<WorkerView>,
     pub version: String,
 }
 
 /// The server at a glance: the model's state (fetching with progress, loading, ready,
 /// failed and why), devices, limits and queue.
 #[utoipa::path(get, path = "/api/v1/status", tag = "jobs", responses((status = 200, body = ServerStatus)))]
-pub async fn status(State(state): State<AppState>) -> Json<ServerStatus> {
-    let model = state.model.status();
+pub async fn status(State(state): State<AppState>) -> Result<Json<ServerStatus>, ApiError> {
     let l = state.config.limits;
-    let devices = state.device_labels();
-    Json(ServerStatus {
+    let counts = state.queue.counts().await?;
+    let workers: Vec<WorkerView> = match state.config.role {
+        Role::Api => state
+            .cluster
+            .workers()
+            .await?
+            .into_iter()
+            .map(|w| WorkerView {
+                id: w.id,
+                devices: w.devices,
+                model: w.model,
+                running: w.running,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let (model, devices) = match (state.config.role, workers.first()) {
+        (Role::Api, Some(w)) => (
+            w.model.clone(),
+            workers.iter().flat_map(|w| w.devices.clone()).collect(),
+        ),
+        (Role::Api, None) => (
+            ModelStatus {
+                name: String::new(),
+                message: Some("no worker is running".into()),
+                ..ModelStatus::default()
+            },
+            Vec::new(),
+        ),
+        _ => (state.model.status(), state.device_labels()),
+    };
+    let waiting = crate::a1111::progress::waiting_for_worker(&state, counts.queued).await;
+    Ok(Json(ServerStatus {
         family: model.family.clone(),
         model,
         device: devices.first().cloned().unwrap_or_default(),
@@ -117,12 +175,16 @@ pub async fn status(State(state): State<AppState>) -> Json<ServerStatus> {
             max_batch: l.max_batch,
         },
         queue: QueueStatus {
-            queued: state.jobs.queued_len(),
-            running: state.jobs.running().len(),
-            capacity: state.jobs.capacity(),
+            queued: counts.queued,
+            running: counts.running,
+            capacity: counts.capacity,
+            backend: state.queue.backend().to_string(),
+            waiting,
         },
+        role: state.config.role.name().to_string(),
+        workers,
         version: env!("CARGO_PKG_VERSION").to_string(),
-    })
+    }))
 }
 
 /// A job to create: its kind and A1111-style parameters.
@@ -140,42 +202,42 @@ pub struct CreateJob {
 /// Queues a job and returns at once (202). Images are saved into the outputs folder.
 #[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", request_body = CreateJob, responses(
     (status = 202, body = JobView),
-    (status = 400, description = "bad parameters", body = crate::api::ErrorBody),
-    (status = 429, description = "queue full", body = crate::api::ErrorBody),
-    (status = 503, description = "model not ready", body = crate::api::ErrorBody)))]
+    (status = 400, description = "bad parameters", body = crate::error::ErrorBody),
+    (status = 429, description = "queue full", body = crate::error::ErrorBody),
+    (status = 503, description = "model not ready", body = crate::error::ErrorBody)))]
 pub async fn create_job(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<CreateJob>,
 ) -> Result<Response, ApiError> {
-    let job = match body.kind.as_str() {
-        "txt2img" => {
-            let req: crate::a1111::Txt2ImgRequest = parse_params(&body.params)?;
-            crate::a1111::txt2img_job(&state, req, true)?
-        }
-        "img2img" => {
-            let req: crate::a1111::Img2ImgRequest = parse_params(&body.params)?;
-            crate::a1111::img2img_job(&state, req, true)?
-        }
-        "train-embedding" => {
-            let req: crate::a1111::TrainEmbeddingRequest = parse_params(&body.params)?;
-            crate::a1111::train_job(&state, req)?
-        }
-        "extras" => {
-            let req: crate::a1111::ExtrasSingleRequest = parse_params(&body.params)?;
-            crate::a1111::extras_job(&state, req.into_batch(), true)?
-        }
+    let spec = match body.kind.as_str() {
+        "txt2img" => JobSpec::Txt2img {
+            request: parse_params::<Txt2ImgRequest>(&body.params)?,
+            save: true,
+        },
+        "img2img" => JobSpec::Img2img {
+            request: parse_params::<Img2ImgRequest>(&body.params)?,
+            save: true,
+        },
+        "train-embedding" => JobSpec::TrainEmbedding {
+            request: parse_params::<TrainEmbeddingRequest>(&body.params)?,
+        },
+        "extras" => JobSpec::Extras {
+            request: parse_params::<ExtrasSingleRequest>(&body.params)?.into_batch(),
+            save: true,
+        },
         other => {
             return Err(ApiError::bad_request(format!(
                 "unknown job kind {other:?}; expected txt2img, img2img, extras or train-embedding"
             )))
         }
     };
-    let job = state.jobs.submit(job)?;
-    Ok((StatusCode::ACCEPTED, Json(JobView::of(&state, &job))).into_response())
+    state.check_ready()?;
+    let submitted = state.submit(spec).await?;
+    Ok((StatusCode::ACCEPTED, Json(JobView::of(&submitted.record))).into_response())
 }
 
 fn parse_params<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<T, ApiError> {
-    crate::api::from_json(v.clone())
+    crate::error::from_json(v.clone())
         .map_err(|e| ApiError::new(e.status, format!("params: {}", e.message)))
 }
 
@@ -186,19 +248,14 @@ pub struct JobList {
 
 /// Running and queued jobs, then the most recent finished ones.
 #[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs", responses((status = 200, body = JobList)))]
-pub async fn list_jobs(State(state): State<AppState>) -> Json<JobList> {
-    Json(JobList {
-        jobs: state
-            .jobs
-            .list()
-            .iter()
-            .map(|j| JobView::of(&state, j))
-            .collect(),
-    })
+pub async fn list_jobs(State(state): State<AppState>) -> Result<Json<JobList>, ApiError> {
+    Ok(Json(JobList {
+        jobs: state.queue.list().await?.iter().map(JobView::of).collect(),
+    }))
 }
 
-fn find(state: &AppState, id: &str) -> Result<Arc<Job>, ApiError> {
-    state.jobs.get(id).ok_or_else(|| {
+async fn find(state: &AppState, id: &str) -> Result<JobRecord, ApiError> {
+    state.queue.get(id).await?.ok_or_else(|| {
         ApiError::not_found(format!(
             "no job {id:?} (finished jobs are kept for a while)"
         ))
@@ -207,28 +264,28 @@ fn find(state: &AppState, id: &str) -> Result<Arc<Job>, ApiError> {
 
 #[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs",
     params(("id" = String, Path, description = "job id")),
-    responses((status = 200, body = JobView), (status = 404, body = crate::api::ErrorBody)))]
+    responses((status = 200, body = JobView), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn get_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    let job = find(&state, &id)?;
-    Ok(Json(JobView::of(&state, &job)))
+    Ok(Json(JobView::of(&find(&state, &id).await?)))
 }
 
 /// Cancels a job: a queued job is dropped, a running one stops at its next step.
 #[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs",
     params(("id" = String, Path, description = "job id")),
-    responses((status = 200, body = JobView), (status = 404, body = crate::api::ErrorBody)))]
+    responses((status = 200, body = JobView), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn cancel_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let job = state
-        .jobs
+        .queue
         .cancel(&id)
+        .await?
         .ok_or_else(|| ApiError::not_found(format!("no job {id:?}")))?;
-    Ok(Json(JobView::of(&state, &job)))
+    Ok(Json(JobView::of(&job)))
 }
 
 /// One progress event.
@@ -253,16 +310,15 @@ pub struct StateEvent {
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/events", tag = "jobs",
     params(("id" = String, Path, description = "job id")),
     responses((status = 200, description = "text/event-stream of state, progress and done events", content_type = "text/event-stream", body = String),
-        (status = 404, body = crate::api::ErrorBody)))]
+        (status = 404, body = crate::error::ErrorBody)))]
 pub async fn job_events(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let job = find(&state, &id)?;
+    find(&state, &id).await?;
     let cursor = EventCursor {
-        rx: job.subscribe(),
         state,
-        job,
+        id,
         sent_state: None,
         sent_preview: None,
         sent_step: 0,
@@ -278,8 +334,7 @@ pub async fn job_events(
 /// What one job's event stream has sent so far.
 struct EventCursor {
     state: AppState,
-    job: Arc<Job>,
-    rx: tokio::sync::watch::Receiver<u64>,
+    id: String,
     sent_state: Option<(JobState, Option<usize>)>,
     sent_preview: Option<String>,
     sent_step: usize,
@@ -288,33 +343,37 @@ struct EventCursor {
 
 impl EventCursor {
     /// The next event to send: `state` when state or queue place changed, `progress` on a
-    /// new step or preview, `done` once; None after `done`.
+    /// new step or preview, `done` once; None after `done` (or when the job is gone).
     async fn next_event(&mut self) -> Option<Event> {
         if self.done {
             return None;
         }
         loop {
-            let s = self.job.status();
-            let position = if s.state == JobState::Queued {
-                self.state.jobs.position(&self.job.id)
-            } else {
-                None
+            let queue = &self.state.queue;
+            let job = match queue.get(&self.id).await {
+                Ok(Some(j)) => j,
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!(job = %self.id, error = %e, "events: queue unavailable");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
             };
+            let s = &job.status;
             if s.state.is_finished() {
                 self.done = true;
-                let view = JobView::with_status(&self.state, &self.job, &s);
                 return Some(
                     Event::default()
                         .event("done")
-                        .json_data(&view)
+                        .json_data(JobView::of(&job))
                         .unwrap_or_default(),
                 );
             }
-            if self.sent_state != Some((s.state, position)) {
-                self.sent_state = Some((s.state, position));
+            if self.sent_state != Some((s.state, job.position)) {
+                self.sent_state = Some((s.state, job.position));
                 let ev = StateEvent {
                     state: s.state,
-                    position,
+                    position: job.position,
                 };
                 return Some(
                     Event::default()
@@ -323,29 +382,32 @@ impl EventCursor {
                         .unwrap_or_default(),
                 );
             }
-            if s.state == JobState::Running
-                && (s.step != self.sent_step || s.preview != self.sent_preview)
-            {
-                let preview = (s.preview != self.sent_preview)
-                    .then(|| s.preview.clone())
-                    .flatten();
-                self.sent_step = s.step;
-                self.sent_preview = s.preview.clone();
-                let ev = ProgressEvent {
-                    step: s.step,
-                    total_steps: s.total_steps,
-                    eta_seconds: Job::eta_seconds(&s),
-                    preview,
-                };
-                return Some(
-                    Event::default()
-                        .event("progress")
-                        .json_data(ev)
-                        .unwrap_or_default(),
-                );
+            if s.state == JobState::Running {
+                let preview = queue.preview(&self.id).await.ok().flatten();
+                if s.step != self.sent_step || preview != self.sent_preview {
+                    let fresh = (preview != self.sent_preview)
+                        .then(|| preview.clone())
+                        .flatten();
+                    self.sent_step = s.step;
+                    self.sent_preview = preview;
+                    let ev = ProgressEvent {
+                        step: s.step,
+                        total_steps: s.total_steps,
+                        eta_seconds: s.eta_seconds(),
+                        preview: fresh,
+                    };
+                    return Some(
+                        Event::default()
+                            .event("progress")
+                            .json_data(ev)
+                            .unwrap_or_default(),
+                    );
+                }
             }
             // Queue positions move without this job changing: look again now and then.
-            let _ = tokio::time::timeout(Duration::from_millis(500), self.rx.changed()).await;
+            queue
+                .wait_change(&self.id, job.version, Duration::from_millis(500))
+                .await;
         }
     }
 }
@@ -360,18 +422,18 @@ pub struct GalleryQuery {
 
 /// Images saved in the outputs folder, newest first, with their infotext.
 #[utoipa::path(get, path = "/api/v1/gallery", tag = "jobs", params(GalleryQuery),
-    responses((status = 200, body = crate::outputs::GalleryPage)))]
+    responses((status = 200, body = crate::gallery::GalleryPage)))]
 pub async fn gallery(
     State(state): State<AppState>,
     Query(q): Query<GalleryQuery>,
-) -> Result<Json<crate::outputs::GalleryPage>, ApiError> {
+) -> Result<Json<crate::gallery::GalleryPage>, ApiError> {
     let per_page = q.per_page.unwrap_or(24).clamp(1, 200);
     let page = q.page.unwrap_or(1).max(1);
-    let st = state.clone();
-    let result = tokio::task::spawn_blocking(move || st.outputs.gallery(page, per_page))
+    let result = state
+        .gallery
+        .page(page, per_page)
         .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::internal(format!("reading the outputs folder: {e}")))?;
+        .map_err(|e| ApiError::internal(format!("reading the gallery: {e}")))?;
     Ok(Json(result))
 }
 
@@ -379,17 +441,16 @@ pub async fn gallery(
 /// can be reached through this path.
 #[utoipa::path(get, path = "/outputs/{name}", tag = "jobs",
     params(("name" = String, Path, description = "file name from the gallery or a job")),
-    responses((status = 200, content_type = "image/png", body = Vec<u8>), (status = 404, body = crate::api::ErrorBody)))]
+    responses((status = 200, content_type = "image/png", body = Vec<u8>), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn output_file(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let path = state
-        .outputs
-        .path_of(&name)
-        .ok_or_else(|| ApiError::not_found(format!("no output image {name:?}")))?;
-    let bytes = tokio::fs::read(&path)
+    let bytes = state
+        .gallery
+        .read(&name)
         .await
-        .map_err(|e| ApiError::internal(format!("reading {name}: {e}")))?;
+        .map_err(|e| ApiError::internal(format!("reading {name}: {e}")))?
+        .ok_or_else(|| ApiError::not_found(format!("no output image {name:?}")))?;
     Ok(([(header::CONTENT_TYPE, "image/png")], bytes).into_response())
 }

@@ -7,10 +7,18 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::a1111::{CommonParams, Txt2ImgRequest};
-use crate::api::{ApiError, ApiJson};
-use crate::jobs::JobState;
-use crate::AppState;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::a1111::generation::run_job;
+use crate::error::{ApiError, ApiJson};
+use crate::job::JobState;
+use crate::requests::{CommonParams, JobSpec, Txt2ImgRequest};
+use crate::state::AppState;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(images_generations))
+}
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ImagesRequest {
@@ -51,7 +59,7 @@ pub struct ImagesResponse {
 
 /// Generates images from a prompt (OpenAI images API shape).
 #[utoipa::path(post, path = "/v1/images/generations", tag = "openai", request_body = ImagesRequest,
-    responses((status = 200, body = ImagesResponse), (status = 400, body = crate::api::ErrorBody)))]
+    responses((status = 200, body = ImagesResponse), (status = 400, body = crate::error::ErrorBody)))]
 pub async fn images_generations(
     State(state): State<AppState>,
     ApiJson(r): ApiJson<ImagesRequest>,
@@ -91,12 +99,20 @@ pub async fn images_generations(
         },
         ..Txt2ImgRequest::default()
     };
-    let job = crate::a1111::txt2img_job(&state, req, as_url)?;
-    let job = state.jobs.submit(job)?;
-    let status = job.finished().await;
+    let spec = JobSpec::Txt2img {
+        request: req,
+        save: as_url,
+    };
+    let (_, record) = run_job(&state, spec).await?;
+    let status = &record.status;
     if status.state != JobState::Succeeded {
-        return Err(crate::a1111::job_error(status, "generation did not finish"));
+        return Err(ApiError::of_job(status, "generation did not finish"));
     }
+    let pngs = if as_url {
+        Vec::new()
+    } else {
+        state.queue.pngs(&record.id).await?
+    };
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -105,9 +121,11 @@ pub async fn images_generations(
         data: status
             .images
             .iter()
-            .map(|i| ImageData {
-                b64_json: (!as_url)
-                    .then(|| base64::engine::general_purpose::STANDARD.encode(&i.png)),
+            .enumerate()
+            .map(|(n, i)| ImageData {
+                b64_json: pngs
+                    .get(n)
+                    .map(|p| base64::engine::general_purpose::STANDARD.encode(p)),
                 url: if as_url { i.url.clone() } else { None },
                 revised_prompt: Some(r.prompt.clone()),
             })

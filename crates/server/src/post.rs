@@ -27,7 +27,7 @@ pub struct PostModels {
 }
 
 /// One entry of `/sdapi/v1/upscalers`.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema)]
 pub struct UpscalerInfo {
     pub name: String,
     pub model_name: Option<String>,

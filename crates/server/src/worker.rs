@@ -15,10 +15,12 @@ use sdkube_pipeline::image_io::encode_png;
 use sdkube_pipeline::sampler::{Flow, SamplerError};
 use sdkube_pipeline::{upscale_latent, Engine, Generated, Overrides, Request, VramMode};
 
-use crate::jobs::{Failure, Job, JobImage, JobState};
+use crate::job::{Failure, Job, JobImage, JobState};
+use crate::model::ModelState;
 use crate::post::PostCache;
+use crate::queue::BatchRule;
+use crate::state::{device_label, AppState};
 use crate::work::{ExtrasWork, GenerateWork, UpscaleTarget, Work};
-use crate::AppState;
 
 /// How often a running job's preview is refreshed at most.
 const PREVIEW_INTERVAL: Duration = Duration::from_millis(300);
@@ -27,6 +29,8 @@ pub struct Worker {
     pub device: Device,
     pub dtype: DType,
     pub vram: VramMode,
+    /// `host/pid/device`: recorded in the jobs it runs.
+    name: String,
     state: AppState,
     engine: Option<Engine>,
     generation: u64,
@@ -36,6 +40,7 @@ pub struct Worker {
 impl Worker {
     pub fn new(state: AppState, device: Device, dtype: DType, vram: VramMode) -> Self {
         Self {
+            name: format!("{}/{}", state.process_id, device_label(&device)),
             post: PostCache::new(device.clone()),
             device,
             dtype,
@@ -46,34 +51,46 @@ impl Worker {
         }
     }
 
-    /// Runs until the board shuts down and the queue is empty.
+    /// Runs until the queue shuts down in this process.
     pub fn run(mut self) {
         loop {
             self.follow_model();
-            let engine = self.engine.as_ref();
-            let batchable = |a: &Job, b: &Job| {
-                a.work.batchable(&b.work)
-                    && match (&a.work, &b.work, engine) {
-                        (Work::Generate(x), Work::Generate(y), Some(e)) => {
-                            e.can_batch(&x.request, &y.request)
+            let taken = {
+                let state = self.state.clone();
+                let ctx = state.build_context();
+                let engine = self.engine.as_ref();
+                let batchable = |a: &Job, b: &Job| {
+                    a.meta.model == b.meta.model
+                        && match (a.work(&ctx), b.work(&ctx), engine) {
+                            (Ok(wa @ Work::Generate(x)), Ok(wb @ Work::Generate(y)), Some(e)) => {
+                                wa.batchable(wb) && e.can_batch(&x.request, &y.request)
+                            }
+                            _ => false,
                         }
-                        _ => false,
-                    }
+                };
+                let images_of = |j: &Job| j.work(&ctx).map_or(1, |w| w.batch_images());
+                let rule = BatchRule {
+                    batchable: &batchable,
+                    images_of: &images_of,
+                    max_images: state.config.limits.max_batch,
+                };
+                state.runtime.block_on(state.queue.take(
+                    &self.name,
+                    &rule,
+                    Duration::from_millis(500),
+                ))
             };
-            let max_batch = self.state.config.limits.max_batch;
-            let taken = self.state.jobs.take(
-                &batchable,
-                &|j| j.work.batch_images(),
-                max_batch,
-                Duration::from_millis(500),
-            );
             match taken {
-                Some(jobs) => {
-                    self.follow_model();
-                    self.run_jobs(&jobs);
+                Ok(jobs) if !jobs.is_empty() => self.run_jobs(&jobs),
+                Ok(_) if self.state.queue.is_shutting_down() => return,
+                Ok(_) => {}
+                Err(e) => {
+                    if self.state.queue.is_shutting_down() {
+                        return;
+                    }
+                    tracing::warn!(error = %e, "cannot take jobs; retrying");
+                    std::thread::sleep(Duration::from_secs(1));
                 }
-                None if self.state.jobs.is_shutting_down() => return,
-                None => {}
             }
         }
     }
@@ -129,25 +146,81 @@ impl Worker {
         }
     }
 
-    fn run_jobs(&mut self, jobs: &[Arc<Job>]) {
-        for j in jobs {
-            j.update(|s| s.total_steps = j.work.total_steps());
+    /// Makes the checkpoint a job asks for the loaded one: a client's selection (by title
+    /// or name), else this server's `--model`. Waits for a fetch and the load.
+    fn ensure_model(&mut self, wanted: Option<&str>) -> Result<(), JobError> {
+        let (selection, allow_path) = match wanted {
+            Some(name) => (name, false),
+            None => (self.state.config.model.as_str(), true),
+        };
+        let status = self.state.model.status();
+        if status.selection != selection || status.state == ModelState::Failed {
+            self.state
+                .model
+                .select(selection, allow_path)
+                .map_err(|message| JobError {
+                    kind: Failure::BadRequest,
+                    message,
+                })?;
         }
-        let generate: Vec<(&Arc<Job>, &GenerateWork)> = jobs
-            .iter()
-            .filter_map(|j| match &j.work {
-                Work::Generate(g) => Some((j, g)),
-                _ => None,
-            })
-            .collect();
+        loop {
+            self.follow_model();
+            let s = self.state.model.status();
+            match s.state {
+                ModelState::Ready if self.engine.is_some() => return Ok(()),
+                ModelState::Failed => {
+                    return Err(JobError {
+                        kind: Failure::Unavailable,
+                        message: s.message.unwrap_or_else(|| "the model failed".into()),
+                    })
+                }
+                // Loaded by this device, waiting for the process's other devices.
+                ModelState::Loading if self.engine.is_some() => return Ok(()),
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    fn run_jobs(&mut self, jobs: &[Arc<Job>]) {
+        let model = self.ensure_model(jobs[0].meta.model.as_deref());
+        let state = self.state.clone();
+        let ctx = state.build_context();
+        let mut generate: Vec<(&Arc<Job>, &GenerateWork)> = Vec::new();
+        let mut other = Vec::new();
+        for j in jobs {
+            if let Err(e) = &model {
+                self.finish(j, Err(e.clone()));
+                continue;
+            }
+            match j.work(&ctx) {
+                Ok(work) => {
+                    let name = self.state.model.status().name;
+                    j.update(|s| {
+                        s.total_steps = work.total_steps();
+                        s.model = Some(name);
+                    });
+                    match work {
+                        Work::Generate(g) => generate.push((j, g)),
+                        w => other.push((j, w)),
+                    }
+                }
+                Err(e) => self.finish(
+                    j,
+                    Err(JobError {
+                        kind: Failure::BadRequest,
+                        message: e.message.clone(),
+                    }),
+                ),
+            }
+        }
         if !generate.is_empty() {
             self.run_generate(&generate);
         }
-        for j in jobs {
-            let result = match &j.work {
+        for (j, work) in other {
+            let result = match work {
                 Work::Generate(_) => continue,
                 Work::Extras(e) => self.run_extras(j, e),
-                Work::CreateEmbedding(c) => self.create_embedding(c),
+                Work::CreateEmbedding(c) => self.create_embedding(j, c),
                 Work::TrainEmbedding(t) => self.train_embedding(j, t),
             };
             self.finish(j, result);
@@ -156,6 +229,23 @@ impl Worker {
 
     fn finish(&self, job: &Arc<Job>, result: Result<(), JobError>) {
         let cancelled = job.cancel.load(Ordering::SeqCst);
+        let queue = &self.state.queue;
+        if job.release.load(Ordering::SeqCst) && !cancelled {
+            // The process is stopping: another worker runs the job from the start.
+            tracing::info!(job = %job.id, "handing the job back to the queue");
+            job.update(|s| {
+                s.images.clear();
+                s.step = 0;
+            });
+            if let Err(e) = self
+                .state
+                .runtime
+                .block_on(queue.release(std::slice::from_ref(job)))
+            {
+                tracing::warn!(job = %job.id, error = %e, "could not hand the job back");
+            }
+            return;
+        }
         if let Err(e) = &result {
             if !cancelled {
                 self.state.metrics.error("job");
@@ -169,11 +259,11 @@ impl Worker {
             (Err(_), false) => JobState::Failed,
         };
         let m = &self.state.metrics;
-        m.job_finished(job.kind, outcome.label());
-        if let Some(started) = job.status().started {
-            m.job_seconds.observe(started.elapsed().as_secs_f64());
+        m.job_finished(&job.meta.kind, outcome.label());
+        if let Some(elapsed) = job.status().started.and_then(|t| t.elapsed().ok()) {
+            m.job_seconds.observe(elapsed.as_secs_f64());
         }
-        self.state.jobs.finish(job, |s| match result {
+        job.complete(|s| match result {
             Ok(()) if cancelled => {
                 s.state = JobState::Cancelled;
                 s.interrupted = true;
@@ -193,6 +283,9 @@ impl Worker {
                 s.error = Some(e.message);
             }
         });
+        if let Err(e) = self.state.runtime.block_on(queue.finish(job)) {
+            tracing::warn!(job = %job.id, error = %e, "could not record the job's end");
+        }
     }
 
     /// Generation jobs taken together: one device batch per iteration.
@@ -222,7 +315,7 @@ impl Worker {
         let n_iter = jobs.iter().map(|(_, g)| g.n_iter).max().unwrap_or(1);
         let mut failed: Option<JobError> = None;
         for iter in 0..n_iter {
-            if jobs.iter().all(|(j, _)| j.cancel.load(Ordering::SeqCst)) {
+            if jobs.iter().all(|(j, _)| j.should_stop()) {
                 break;
             }
             let reqs: Vec<Request> = jobs
@@ -262,7 +355,7 @@ impl Worker {
                         .flatten()
                         .and_then(|img| png_data_url(&img));
                     first_image += g.request.batch_size;
-                    let per_iter = j.work.total_steps() / g.n_iter.max(1);
+                    let per_iter = j.status().total_steps / g.n_iter.max(1);
                     j.update(|s| {
                         s.step = iter * per_iter + p.step + 1;
                         s.total_steps = s.total_steps.max(s.step);
@@ -270,7 +363,7 @@ impl Worker {
                             s.preview = preview.clone();
                         }
                     });
-                    let stop = j.cancel.load(Ordering::SeqCst) || j.skip.load(Ordering::SeqCst);
+                    let stop = j.should_stop() || j.skip.load(Ordering::SeqCst);
                     all_stopped &= stop;
                 }
                 if all_stopped {
@@ -283,7 +376,7 @@ impl Worker {
             match result {
                 Ok(per_job) => {
                     for ((j, g), images) in jobs.iter().zip(per_job) {
-                        if j.cancel.load(Ordering::SeqCst) {
+                        if j.should_stop() {
                             continue;
                         }
                         if let Err(e) = self.keep_images(&mut engine, j, g, images) {
@@ -364,7 +457,7 @@ impl Worker {
                 };
                 let mut second = engine
                     .generate_with(&req, overrides, &mut |_| {
-                        if job.cancel.load(Ordering::SeqCst) {
+                        if job.should_stop() {
                             Flow::Stop
                         } else {
                             Flow::Continue
@@ -402,14 +495,13 @@ impl Worker {
         infotext: String,
         save: bool,
     ) -> Result<(), JobError> {
-        let name =
-            if save {
-                Some(self.state.outputs.save(&png, seed).map_err(|e| {
-                    format!("saving into {}: {e}", self.state.outputs.dir().display())
-                })?)
-            } else {
-                None
-            };
+        let gallery = &self.state.gallery;
+        let name = if save {
+            let saved = self.state.runtime.block_on(gallery.save(png.clone(), seed));
+            Some(saved.map_err(|e| format!("saving into {}: {e}", gallery.location()))?)
+        } else {
+            None
+        };
         self.state
             .metrics
             .images_generated
@@ -429,7 +521,7 @@ impl Worker {
     fn run_extras(&mut self, job: &Arc<Job>, work: &ExtrasWork) -> Result<(), JobError> {
         let post = self.state.config.post.clone();
         for (i, (name, image)) in work.images.iter().enumerate() {
-            if job.cancel.load(Ordering::SeqCst) {
+            if job.should_stop() {
                 return Ok(());
             }
             let mut img = image.clone();
@@ -491,7 +583,11 @@ impl Worker {
 }
 
 impl Worker {
-    fn create_embedding(&mut self, c: &crate::work::CreateEmbeddingWork) -> Result<(), JobError> {
+    fn create_embedding(
+        &mut self,
+        job: &Arc<Job>,
+        c: &crate::work::CreateEmbeddingWork,
+    ) -> Result<(), JobError> {
         let engine = self.engine.as_ref().ok_or("no model is loaded")?;
         sdkube_pipeline::train::create_embedding(
             engine.weights(),
@@ -501,6 +597,7 @@ impl Worker {
             &c.out,
             c.overwrite,
         )?;
+        job.update(|s| s.info = serde_json::json!({"path": c.out.display().to_string()}));
         Ok(())
     }
 
@@ -522,7 +619,7 @@ impl Worker {
                     s.total_steps = p.total;
                     s.info = serde_json::json!({"loss": p.loss, "average_loss": p.average_loss});
                 });
-                if job.cancel.load(Ordering::SeqCst) {
+                if job.should_stop() {
                     Flow::Stop
                 } else {
                     Flow::Continue

@@ -12,6 +12,35 @@ use sdkube_pipeline::{Limits, VramMode};
 
 #[derive(clap::Args, Debug, serde::Serialize)]
 pub struct Args {
+    /// What this process does: `all` (the APIs and a worker per device, one process),
+    /// `api` (the UI and APIs, no device; needs `--queue redis://…`) or `worker` (runs the
+    /// shared queue's jobs on its devices; serves probes and metrics only).
+    #[arg(long, env = "SDKUBE_ROLE", default_value = "all")]
+    pub role: String,
+    /// The job queue: `memory` (this process alone) or `redis://[user:password@]HOST:PORT[/DB]`
+    /// shared by `api` and `worker` replicas.
+    #[arg(
+        long,
+        env = "SDKUBE_QUEUE",
+        default_value = "memory",
+        hide_env_values = true
+    )]
+    pub queue: String,
+    /// Prefix of every key sdkube writes in Redis (several deployments may share one).
+    #[arg(long, env = "SDKUBE_QUEUE_PREFIX", default_value = "sdkube")]
+    pub queue_prefix: String,
+    /// Seconds after which a job whose worker stopped answering goes to another worker.
+    #[arg(long, env = "SDKUBE_VISIBILITY_TIMEOUT", default_value_t = 60)]
+    pub visibility_timeout: u64,
+    /// Seconds finished jobs (records and images) stay readable in the shared queue.
+    #[arg(long, env = "SDKUBE_RESULT_TTL", default_value_t = 3600)]
+    pub result_ttl: u64,
+    /// Most images kept in the shared queue's gallery (the oldest go first).
+    #[arg(long, env = "SDKUBE_GALLERY_KEEP", default_value_t = 500)]
+    pub gallery_keep: usize,
+    /// A job whose worker died this many times is failed instead of tried again.
+    #[arg(long, env = "SDKUBE_MAX_DELIVERIES", default_value_t = 3)]
+    pub max_deliveries: u32,
     /// Model to serve: a catalog name (fetched into the store when missing) or a path.
     #[arg(long, env = "SDKUBE_MODEL", default_value = "sd-1.5")]
     pub model: String,
@@ -117,6 +146,8 @@ fn settings(args: &Args) -> anyhow::Result<serde_json::Value> {
             }
         }
     }
+    // The queue URL may carry a password.
+    value["queue"] = serde_json::Value::String(sdkube_server::redis::redact(&args.queue));
     Ok(value)
 }
 
@@ -154,8 +185,48 @@ fn devices(spec: &str) -> anyhow::Result<Vec<Device>> {
     })
 }
 
+/// The shared queue `--queue` names, None for the in-memory one.
+fn shared_queue(args: &Args) -> anyhow::Result<Option<sdkube_server::SharedQueue>> {
+    let url = args.queue.trim();
+    if url == "memory" {
+        return Ok(None);
+    }
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        anyhow::bail!(
+            "--queue {:?}: use memory or redis://[user:password@]HOST:PORT[/DB]",
+            sdkube_server::redis::redact(url)
+        );
+    }
+    for (what, v) in [
+        ("--visibility-timeout", args.visibility_timeout),
+        ("--result-ttl", args.result_ttl),
+        ("--gallery-keep", args.gallery_keep as u64),
+        ("--max-deliveries", args.max_deliveries as u64),
+    ] {
+        if v == 0 {
+            anyhow::bail!("{what} must be at least 1");
+        }
+    }
+    Ok(Some(sdkube_server::SharedQueue {
+        url: url.to_string(),
+        prefix: args.queue_prefix.clone(),
+        visibility_timeout: std::time::Duration::from_secs(args.visibility_timeout),
+        result_ttl: std::time::Duration::from_secs(args.result_ttl),
+        gallery_keep: args.gallery_keep,
+        max_deliveries: args.max_deliveries,
+    }))
+}
+
 fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
-    let devices = devices(&args.device)?;
+    let role =
+        sdkube_server::Role::parse(&args.role).map_err(|e| anyhow::anyhow!("--role: {e}"))?;
+    let shared = shared_queue(args)?;
+    // The api role has no device: it never touches one (a GPU-less pod).
+    let devices = if role.runs_jobs() {
+        devices(&args.device)?
+    } else {
+        Vec::new()
+    };
     let on_cpu = devices.iter().all(|d| d.is_cpu());
     let dtype = super::device::precision_named(&args.precision, on_cpu)?;
     let vram = match args.vram.as_str() {
@@ -187,7 +258,9 @@ fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
         }
     }
     let flags = settings(args)?;
-    Ok(sdkube_server::Config {
+    let config = sdkube_server::Config {
+        role,
+        shared,
         model: args.model.clone(),
         sources: sdkube_server::model::ModelSources {
             store: args.store.clone(),
@@ -221,5 +294,7 @@ fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
         max_body_bytes: args.max_body_mb * 1024 * 1024,
         shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace),
         flags,
-    })
+    };
+    config.check().map_err(anyhow::Error::msg)?;
+    Ok(config)
 }

@@ -27,12 +27,14 @@ pub struct TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         // Lets the worker threads end.
-        self.state.jobs.shut_down();
+        self.state.queue.shut_down();
     }
 }
 
 pub fn config(dir: &Path) -> Config {
     Config {
+        role: sdkube_server::Role::All,
+        shared: None,
         model: fixture_model("sd1"),
         sources: ModelSources {
             store: dir.join("store"),

@@ -1,14 +1,29 @@
-//! The outputs folder: images saved as A1111 names them (`00012-<seed>.png`, numbered on),
-//! and the gallery listing read back from it.
+//! The gallery: images saved as A1111 names them (`00012-<seed>.png`, numbered on), and the
+//! pages read back from it. One trait, two places: the outputs folder of one process
+//! ([`FolderGallery`]), or Redis for several replicas (`crate::redis::RedisGallery`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use async_trait::async_trait;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-pub struct Outputs {
+#[async_trait]
+pub trait Gallery: Send + Sync {
+    /// Saves a PNG under the next free number; returns its name.
+    async fn save(&self, png: Vec<u8>, seed: Option<u64>) -> std::io::Result<String>;
+    /// A saved image's bytes (None for an unsafe or unknown name).
+    async fn read(&self, name: &str) -> std::io::Result<Option<Vec<u8>>>;
+    /// Newest first, `per_page` items of page `page` (1-based).
+    async fn page(&self, page: usize, per_page: usize) -> std::io::Result<GalleryPage>;
+    /// Where images go, for messages and A1111's `outdir_samples`.
+    fn location(&self) -> String;
+}
+
+/// The outputs folder of one process.
+pub struct FolderGallery {
     dir: PathBuf,
     /// Serialises numbering between workers.
     next: Mutex<Option<u32>>,
@@ -47,7 +62,7 @@ pub fn is_safe_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
-impl Outputs {
+impl FolderGallery {
     pub fn new(dir: PathBuf) -> Self {
         Self {
             dir,
@@ -134,24 +149,8 @@ impl Outputs {
             .skip((page.max(1) - 1) * per_page)
             .take(per_page)
             .map(|(modified, name)| {
-                let path = self.dir.join(&name);
-                let bytes = std::fs::read(&path).unwrap_or_default();
-                let infotext = sdkube_pipeline::image_io::read_png_parameters(&bytes)
-                    .ok()
-                    .flatten();
-                let (width, height) = image::ImageReader::new(std::io::Cursor::new(&bytes))
-                    .with_guessed_format()
-                    .ok()
-                    .and_then(|r| r.into_dimensions().ok())
-                    .unwrap_or((0, 0));
-                GalleryItem {
-                    url: format!("/outputs/{name}"),
-                    name,
-                    infotext,
-                    width,
-                    height,
-                    created: humantime::format_rfc3339_seconds(modified).to_string(),
-                }
+                let bytes = std::fs::read(self.dir.join(&name)).unwrap_or_default();
+                describe(name, &bytes, modified)
             })
             .collect();
         Ok(GalleryPage {
@@ -160,5 +159,50 @@ impl Outputs {
             per_page,
             total,
         })
+    }
+}
+
+#[async_trait]
+impl Gallery for FolderGallery {
+    async fn save(&self, png: Vec<u8>, seed: Option<u64>) -> std::io::Result<String> {
+        FolderGallery::save(self, &png, seed)
+    }
+
+    async fn read(&self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+        match self.path_of(name) {
+            Some(path) => tokio::fs::read(&path).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn page(&self, page: usize, per_page: usize) -> std::io::Result<GalleryPage> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || FolderGallery::new(dir).gallery(page, per_page))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    fn location(&self) -> String {
+        self.dir.display().to_string()
+    }
+}
+
+/// A gallery item's fields read from its PNG bytes.
+pub fn describe(name: String, bytes: &[u8], created: SystemTime) -> GalleryItem {
+    let infotext = sdkube_pipeline::image_io::read_png_parameters(bytes)
+        .ok()
+        .flatten();
+    let (width, height) = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()
+        .and_then(|r| r.into_dimensions().ok())
+        .unwrap_or((0, 0));
+    GalleryItem {
+        url: format!("/outputs/{name}"),
+        name,
+        infotext,
+        width,
+        height,
+        created: humantime::format_rfc3339_seconds(created).to_string(),
     }
 }

@@ -1,0 +1,116 @@
+//! What `sdkube serve` is configured with (the binary fills it from flags and `SDKUBE_*`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use sdkube_pipeline::{Limits, VramMode};
+
+/// What this process does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything in one process: the APIs and one worker per device (the default).
+    All,
+    /// The UI and every API, no device: validates, queues, reads job state. Needs a shared
+    /// queue.
+    Api,
+    /// Takes jobs from the shared queue and runs them on its devices; serves only probes
+    /// and metrics.
+    Worker,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Result<Role, String> {
+        match s {
+            "all" => Ok(Role::All),
+            "api" => Ok(Role::Api),
+            "worker" => Ok(Role::Worker),
+            other => Err(format!("unknown role {other:?}: use all, api or worker")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Api => "api",
+            Role::Worker => "worker",
+        }
+    }
+
+    /// Whether this process runs jobs on devices.
+    pub fn runs_jobs(self) -> bool {
+        self != Role::Api
+    }
+
+    /// Whether this process serves the APIs and the UI.
+    pub fn serves_api(self) -> bool {
+        self != Role::Worker
+    }
+}
+
+/// The shared queue in Redis and how it treats jobs.
+#[derive(Debug, Clone)]
+pub struct SharedQueue {
+    /// `redis://[user:password@]host:port[/db]` (or `rediss://` for TLS).
+    pub url: String,
+    /// Jobs are namespaced under this prefix, so that several deployments can share one
+    /// Redis.
+    pub prefix: String,
+    /// A job whose worker has not reported for this long is given to another worker.
+    pub visibility_timeout: Duration,
+    /// How long finished jobs (record, images) stay readable.
+    pub result_ttl: Duration,
+    /// Most images kept in the gallery (the oldest go first).
+    pub gallery_keep: usize,
+    /// A job handed out this many times without finishing (its workers died) fails.
+    pub max_deliveries: u32,
+}
+
+/// Everything `sdkube serve` is configured with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub role: Role,
+    /// None: the in-memory queue of one process.
+    pub shared: Option<SharedQueue>,
+    /// Model to serve first: a path or a catalog name.
+    pub model: String,
+    pub sources: crate::model::ModelSources,
+    pub post: crate::post::PostModels,
+    pub outputs: PathBuf,
+    pub embeddings: PathBuf,
+    /// Training images live in folders under here (`data_root` of a training request).
+    pub training: PathBuf,
+    pub listen: SocketAddr,
+    /// One worker per device.
+    pub devices: Vec<Device>,
+    pub dtype: DType,
+    pub vram: VramMode,
+    pub auth: crate::auth::AuthConfig,
+    pub queue_size: usize,
+    pub cors_origins: Vec<String>,
+    pub limits: Limits,
+    pub max_body_bytes: usize,
+    /// How long running jobs may take to finish at shutdown before they are cancelled (and,
+    /// with a shared queue, handed to another worker).
+    pub shutdown_grace: Duration,
+    /// Flags as given, for `/sdapi/v1/cmd-flags`.
+    pub flags: serde_json::Value,
+}
+
+impl Config {
+    /// Contradictions between settings, as one message.
+    pub fn check(&self) -> Result<(), String> {
+        if self.role != Role::All && self.shared.is_none() {
+            return Err(format!(
+                "--role {} needs a shared queue: --queue redis://HOST:6379 (the in-memory \
+                 queue lives in one process)",
+                self.role.name()
+            ));
+        }
+        if self.role.runs_jobs() && self.devices.is_empty() {
+            return Err("no device to run jobs on".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,417 @@
+//! txt2img and img2img requests (A1111's shapes) and the device work they become.
+
+use sdkube_pipeline::sampler::SamplerSpec;
+use sdkube_pipeline::Request;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+use super::{decode_image, BuildContext, CLIP_SKIP_OPTION};
+use crate::error::ApiError;
+use crate::work::{GenerateWork, HiresFix, Work};
+
+/// Fields shared by txt2img and img2img (A1111's `StableDiffusionProcessing`).
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(default)]
+pub struct CommonParams {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub styles: Option<Vec<String>>,
+    /// -1 = random.
+    pub seed: i64,
+    pub subseed: i64,
+    pub subseed_strength: f64,
+    pub seed_resize_from_h: i64,
+    pub seed_resize_from_w: i64,
+    pub sampler_name: Option<String>,
+    /// Older clients send the sampler here.
+    pub sampler_index: Option<String>,
+    /// Schedule type: Automatic, Karras, Exponential, SGM Uniform, …
+    pub scheduler: Option<String>,
+    pub batch_size: usize,
+    /// Batch count: batches run one after another.
+    pub n_iter: usize,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub width: usize,
+    pub height: usize,
+    pub restore_faces: Option<bool>,
+    pub tiling: Option<bool>,
+    pub do_not_save_samples: bool,
+    pub do_not_save_grid: bool,
+    pub eta: Option<f64>,
+    pub denoising_strength: Option<f64>,
+    pub override_settings: Option<Map<String, Value>>,
+    pub override_settings_restore_afterwards: bool,
+    pub script_name: Option<String>,
+    pub script_args: Vec<Value>,
+    /// Return the images base64-encoded in the response.
+    pub send_images: bool,
+    /// Also write them into the outputs folder.
+    pub save_images: bool,
+    pub alwayson_scripts: Map<String, Value>,
+}
+
+impl Default for CommonParams {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            styles: None,
+            seed: -1,
+            subseed: -1,
+            subseed_strength: 0.0,
+            seed_resize_from_h: -1,
+            seed_resize_from_w: -1,
+            sampler_name: None,
+            sampler_index: None,
+            scheduler: None,
+            batch_size: 1,
+            n_iter: 1,
+            steps: 50,
+            cfg_scale: 7.0,
+            width: 512,
+            height: 512,
+            restore_faces: None,
+            tiling: None,
+            do_not_save_samples: false,
+            do_not_save_grid: false,
+            eta: None,
+            denoising_strength: None,
+            override_settings: None,
+            override_settings_restore_afterwards: true,
+            script_name: None,
+            script_args: Vec::new(),
+            send_images: true,
+            save_images: false,
+            alwayson_scripts: Map::new(),
+        }
+    }
+}
+
+/// `POST /sdapi/v1/txt2img`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(default)]
+pub struct Txt2ImgRequest {
+    #[serde(flatten)]
+    pub common: CommonParams,
+    pub enable_hr: bool,
+    pub firstphase_width: usize,
+    pub firstphase_height: usize,
+    pub hr_scale: Option<f64>,
+    pub hr_upscaler: Option<String>,
+    pub hr_second_pass_steps: usize,
+    pub hr_resize_x: usize,
+    pub hr_resize_y: usize,
+    pub hr_checkpoint_name: Option<String>,
+    pub hr_sampler_name: Option<String>,
+    pub hr_scheduler: Option<String>,
+    pub hr_prompt: String,
+    pub hr_negative_prompt: String,
+    /// Fields sdkube does not know; accepted and reported in `info`.
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub other: Map<String, Value>,
+}
+
+/// `POST /sdapi/v1/img2img`.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(default)]
+pub struct Img2ImgRequest {
+    #[serde(flatten)]
+    pub common: CommonParams,
+    /// Base64 images (plain or data URLs); the first one is used.
+    pub init_images: Vec<String>,
+    /// Inpainting mask, base64; white = repaint.
+    pub mask: Option<String>,
+    pub mask_blur: Option<u32>,
+    pub mask_blur_x: u32,
+    pub mask_blur_y: u32,
+    /// 0 fill, 1 original, 2 latent noise, 3 latent nothing.
+    pub inpainting_fill: u32,
+    pub inpaint_full_res: bool,
+    pub inpaint_full_res_padding: u32,
+    pub inpainting_mask_invert: u32,
+    pub resize_mode: u32,
+    pub image_cfg_scale: Option<f64>,
+    pub initial_noise_multiplier: Option<f64>,
+    pub include_init_images: bool,
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub other: Map<String, Value>,
+}
+
+impl Default for Img2ImgRequest {
+    fn default() -> Self {
+        Self {
+            common: CommonParams::default(),
+            init_images: Vec::new(),
+            mask: None,
+            mask_blur: None,
+            mask_blur_x: 4,
+            mask_blur_y: 4,
+            inpainting_fill: 0,
+            inpaint_full_res: true,
+            inpaint_full_res_padding: 0,
+            inpainting_mask_invert: 0,
+            resize_mode: 0,
+            image_cfg_scale: None,
+            initial_noise_multiplier: None,
+            include_init_images: false,
+            other: Map::new(),
+        }
+    }
+}
+
+/// Fields given with a value sdkube does not act on.
+fn ignored_fields(c: &CommonParams, other: &Map<String, Value>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut flag = |cond: bool, name: &str| {
+        if cond {
+            out.push(name.to_string());
+        }
+    };
+    flag(c.styles.as_ref().is_some_and(|s| !s.is_empty()), "styles");
+    flag(c.subseed_strength != 0.0, "subseed_strength");
+    flag(
+        c.seed_resize_from_h > 0 || c.seed_resize_from_w > 0,
+        "seed_resize_from_h/w",
+    );
+    flag(c.tiling == Some(true), "tiling");
+    flag(c.eta.is_some(), "eta");
+    flag(c.script_name.is_some(), "script_name");
+    flag(!c.alwayson_scripts.is_empty(), "alwayson_scripts");
+    out.extend(
+        c.override_settings
+            .iter()
+            .flat_map(|m| m.keys())
+            .filter(|k| *k != CLIP_SKIP_OPTION)
+            .map(|k| format!("override_settings.{k}")),
+    );
+    out.extend(other.keys().cloned());
+    out
+}
+
+/// Checks what can be checked before queueing: sizes, steps, batch, sampler names.
+fn check(ctx: &BuildContext<'_>, req: &Request, n_iter: usize) -> Result<(), ApiError> {
+    req.check_limits(&ctx.limits)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if n_iter == 0 || n_iter > 100 {
+        return Err(ApiError::bad_request(format!(
+            "n_iter must be between 1 and 100, got {n_iter}"
+        )));
+    }
+    SamplerSpec::parse(&req.sampler, req.scheduler.as_deref())
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(())
+}
+
+/// Clip skip for a request: its `override_settings` (where submission put the server's
+/// option when the request had none), else 1.
+fn clip_skip(c: &CommonParams) -> Result<usize, ApiError> {
+    let value = c
+        .override_settings
+        .as_ref()
+        .and_then(|m| m.get(CLIP_SKIP_OPTION).cloned());
+    match value {
+        None => Ok(1),
+        Some(v) => match v.as_u64() {
+            Some(n @ 1..=12) => Ok(n as usize),
+            _ => Err(ApiError::bad_request(format!(
+                "{CLIP_SKIP_OPTION} must be a whole number from 1 to 12, got {v}"
+            ))),
+        },
+    }
+}
+
+fn base_request(c: &CommonParams) -> Result<Request, ApiError> {
+    let sampler = c
+        .sampler_name
+        .clone()
+        .or_else(|| c.sampler_index.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "Euler".into());
+    Ok(Request {
+        prompt: c.prompt.clone(),
+        negative_prompt: c.negative_prompt.clone(),
+        sampler,
+        scheduler: c.scheduler.clone().filter(|s| !s.is_empty()),
+        steps: c.steps,
+        cfg_scale: c.cfg_scale,
+        seed: c.seed.max(0) as u64,
+        width: c.width,
+        height: c.height,
+        batch_size: c.batch_size,
+        clip_skip: clip_skip(c)?,
+        init_image: None,
+        strength: 0.75,
+        mask: None,
+        mask_blur: 4,
+    })
+}
+
+fn check_faces(ctx: &BuildContext<'_>, wanted: Option<bool>) -> Result<bool, ApiError> {
+    let on = wanted.unwrap_or(false);
+    if let (true, Some(files)) = (on, &ctx.files) {
+        files
+            .post
+            .check_face_restorer()
+            .map_err(ApiError::bad_request)?;
+    }
+    Ok(on)
+}
+
+/// The device work of a txt2img request.
+pub fn txt2img_work(
+    ctx: &BuildContext<'_>,
+    r: &Txt2ImgRequest,
+    save: bool,
+) -> Result<Work, ApiError> {
+    let request = base_request(&r.common)?;
+    check(ctx, &request, r.common.n_iter)?;
+    let restore_faces = check_faces(ctx, r.common.restore_faces)?;
+    let mut ignored = ignored_fields(&r.common, &r.other);
+    let hires = if r.enable_hr {
+        let (w, h) = if r.hr_resize_x > 0 || r.hr_resize_y > 0 {
+            let aspect = request.width as f64 / request.height as f64;
+            match (r.hr_resize_x, r.hr_resize_y) {
+                (x, 0) => (x, (x as f64 / aspect).round() as usize),
+                (0, y) => (((y as f64) * aspect).round() as usize, y),
+                (x, y) => (x, y),
+            }
+        } else {
+            let s = r.hr_scale.unwrap_or(2.0);
+            if !(1.0..=8.0).contains(&s) {
+                return Err(ApiError::bad_request(format!(
+                    "hr_scale must be between 1 and 8, got {s}"
+                )));
+            }
+            (
+                (request.width as f64 * s) as usize,
+                (request.height as f64 * s) as usize,
+            )
+        };
+        // The second pass works on a latent: sizes are multiples of 8.
+        let (w, h) = (w / 8 * 8, h / 8 * 8);
+        let upscaler = r.hr_upscaler.clone().unwrap_or_else(|| "Latent".into());
+        if let Some(files) = &ctx.files {
+            files
+                .post
+                .check_upscaler(&upscaler)
+                .map_err(ApiError::bad_request)?;
+        }
+        let strength = r.common.denoising_strength.unwrap_or(0.7);
+        if !(0.0..=1.0).contains(&strength) {
+            return Err(ApiError::bad_request(format!(
+                "denoising_strength must be between 0 and 1, got {strength}"
+            )));
+        }
+        let second = Request {
+            width: w,
+            height: h,
+            steps: if r.hr_second_pass_steps > 0 {
+                r.hr_second_pass_steps
+            } else {
+                request.steps
+            },
+            ..request.clone()
+        };
+        check(ctx, &second, 1)?;
+        for (set, name) in [
+            (r.hr_checkpoint_name.is_some(), "hr_checkpoint_name"),
+            (r.hr_sampler_name.is_some(), "hr_sampler_name"),
+            (r.hr_scheduler.is_some(), "hr_scheduler"),
+            (!r.hr_prompt.is_empty(), "hr_prompt"),
+            (!r.hr_negative_prompt.is_empty(), "hr_negative_prompt"),
+        ] {
+            if set {
+                ignored.push(name.into());
+            }
+        }
+        Some(HiresFix {
+            width: w,
+            height: h,
+            upscaler,
+            steps: second.steps,
+            denoising_strength: strength,
+        })
+    } else {
+        None
+    };
+    Ok(Work::Generate(GenerateWork {
+        request,
+        n_iter: r.common.n_iter,
+        restore_faces,
+        hires,
+        save: save || r.common.save_images,
+        ignored,
+    }))
+}
+
+/// The device work of an img2img / inpainting request.
+pub fn img2img_work(
+    ctx: &BuildContext<'_>,
+    r: &Img2ImgRequest,
+    save: bool,
+) -> Result<Work, ApiError> {
+    let mut request = base_request(&r.common)?;
+    let first = r
+        .init_images
+        .first()
+        .ok_or_else(|| ApiError::bad_request("init_images: img2img needs one image"))?;
+    request.init_image = Some(decode_image("init_images[0]", first)?);
+    let strength = r.common.denoising_strength.unwrap_or(0.75);
+    if !(0.0..=1.0).contains(&strength) {
+        return Err(ApiError::bad_request(format!(
+            "denoising_strength must be between 0 and 1, got {strength}"
+        )));
+    }
+    request.strength = strength;
+    if let Some(m) = &r.mask {
+        let mut mask = decode_image("mask", m)?.to_luma8();
+        if r.inpainting_mask_invert == 1 {
+            image::imageops::invert(&mut mask);
+        }
+        request.mask = Some(mask);
+        request.mask_blur = r.mask_blur.unwrap_or(r.mask_blur_x.max(r.mask_blur_y));
+    }
+    check(ctx, &request, r.common.n_iter)?;
+    let restore_faces = check_faces(ctx, r.common.restore_faces)?;
+    let mut ignored = ignored_fields(&r.common, &r.other);
+    for (set, name) in [
+        (r.resize_mode != 0, "resize_mode"),
+        (
+            r.mask.is_some() && r.inpainting_fill != 1,
+            "inpainting_fill",
+        ),
+        (r.image_cfg_scale.is_some(), "image_cfg_scale"),
+        (
+            r.initial_noise_multiplier.is_some(),
+            "initial_noise_multiplier",
+        ),
+        // A1111 inpaints "only masked" (a crop around the mask) by default; sdkube repaints
+        // the mask on the whole image.
+        (r.mask.is_some() && r.inpaint_full_res, "inpaint_full_res"),
+        (r.include_init_images, "include_init_images"),
+    ] {
+        if set {
+            ignored.push(name.into());
+        }
+    }
+    Ok(Work::Generate(GenerateWork {
+        request,
+        n_iter: r.common.n_iter,
+        restore_faces,
+        hires: None,
+        save: save || r.common.save_images,
+        ignored,
+    }))
+}
+
+/// img2img's parameters as echoed back, with the (large) images left out.
+pub fn img2img_echo(r: &Img2ImgRequest) -> Value {
+    let mut echo = r.clone();
+    echo.init_images = vec![format!("<{} image(s)>", r.init_images.len())];
+    echo.mask = r.mask.as_ref().map(|_| "<mask>".into());
+    serde_json::to_value(&echo).unwrap_or(Value::Null)
+}

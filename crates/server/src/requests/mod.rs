@@ -1,0 +1,191 @@
+//! The request→job code every API shares: a client's request becomes a [`JobSpec`] (what
+//! the queue carries between processes, plain data), and a worker turns the spec into device
+//! [`Work`] (decoded images, checked names and limits). Submission builds the work once too,
+//! so that a bad request is a 400 at once rather than a failed job.
+
+pub mod embedding;
+pub mod extras;
+pub mod generate;
+
+use std::io::Cursor;
+use std::path::Path;
+
+use base64::Engine as _;
+use image::DynamicImage;
+use sdkube_pipeline::Limits;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+use crate::post::PostModels;
+use crate::work::Work;
+
+pub use embedding::{CreateEmbeddingRequest, TrainEmbeddingRequest};
+pub use extras::{ExtrasBatchRequest, ExtrasParams, ExtrasSingleRequest, FileData};
+pub use generate::{CommonParams, Img2ImgRequest, Txt2ImgRequest};
+
+/// A1111's clip-skip setting, in `options` or a request's `override_settings`.
+pub const CLIP_SKIP_OPTION: &str = "CLIP_stop_at_last_layers";
+
+/// A job as the queue carries it: the request, made self-contained at submission (a random
+/// seed drawn, the server's clip skip copied in), so that any worker, or the same one again
+/// after a crash, makes the same images.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum JobSpec {
+    Txt2img {
+        request: Txt2ImgRequest,
+        /// Save into the gallery (the UI's jobs do; A1111's API only with `save_images`).
+        save: bool,
+    },
+    Img2img {
+        request: Img2ImgRequest,
+        save: bool,
+    },
+    Extras {
+        request: ExtrasBatchRequest,
+        save: bool,
+    },
+    CreateEmbedding {
+        request: CreateEmbeddingRequest,
+    },
+    TrainEmbedding {
+        request: TrainEmbeddingRequest,
+    },
+}
+
+/// What turning a spec into work may look at.
+pub struct BuildContext<'a> {
+    pub limits: Limits,
+    /// This process's files. None in the `api` role of a shared queue, which has no model
+    /// store: the checks that need one (upscaler and face-restorer weights, embedding and
+    /// training folders) are then the worker's, and fail the job with a 400.
+    pub files: Option<Files<'a>>,
+}
+
+/// The folders a worker reads and writes.
+pub struct Files<'a> {
+    pub post: &'a PostModels,
+    pub embeddings: &'a Path,
+    pub training: &'a Path,
+}
+
+impl JobSpec {
+    /// The kind of job, as the APIs name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JobSpec::Txt2img { .. } => "txt2img",
+            JobSpec::Img2img { .. } => "img2img",
+            JobSpec::Extras { .. } => "extras",
+            JobSpec::CreateEmbedding { .. } => "create-embedding",
+            JobSpec::TrainEmbedding { .. } => "train-embedding",
+        }
+    }
+
+    /// The request as echoed back (A1111's `parameters`, the UI's job view), large images
+    /// left out.
+    pub fn params(&self) -> Value {
+        let value = match self {
+            JobSpec::Txt2img { request, .. } => serde_json::to_value(request),
+            JobSpec::Img2img { request, .. } => return generate::img2img_echo(request),
+            JobSpec::Extras { request, .. } => serde_json::to_value(&request.params),
+            JobSpec::CreateEmbedding { request } => serde_json::to_value(request),
+            JobSpec::TrainEmbedding { request } => serde_json::to_value(request),
+        };
+        value.unwrap_or(Value::Null)
+    }
+
+    /// Draws the seed of a random-seed generation and copies in the server's options the
+    /// request does not override, so that the spec alone decides the images.
+    pub fn settle(&mut self, options: &Map<String, Value>) {
+        let common = match self {
+            JobSpec::Txt2img { request, .. } => &mut request.common,
+            JobSpec::Img2img { request, .. } => &mut request.common,
+            _ => return,
+        };
+        if common.seed < 0 {
+            common.seed = sdkube_pipeline::random_seed() as i64;
+        }
+        if let Some(v) = options.get(CLIP_SKIP_OPTION) {
+            common
+                .override_settings
+                .get_or_insert_with(Map::new)
+                .entry(CLIP_SKIP_OPTION)
+                .or_insert_with(|| v.clone());
+        }
+    }
+
+    /// The device work: images decoded, names and limits checked.
+    pub fn build(&self, ctx: &BuildContext<'_>) -> Result<Work, ApiError> {
+        match self {
+            JobSpec::Txt2img { request, save } => generate::txt2img_work(ctx, request, *save),
+            JobSpec::Img2img { request, save } => generate::img2img_work(ctx, request, *save),
+            JobSpec::Extras { request, save } => extras::extras_work(ctx, request, *save),
+            JobSpec::CreateEmbedding { request } => {
+                embedding::create_embedding_work(Self::files(ctx)?, request)
+            }
+            JobSpec::TrainEmbedding { request } => {
+                embedding::train_work(Self::files(ctx)?, request)
+            }
+        }
+    }
+
+    /// Checks what this process can check: everything where it has the files, else what
+    /// needs none (the worker checks the rest).
+    pub fn validate(&self, ctx: &BuildContext<'_>) -> Result<(), ApiError> {
+        match (self, &ctx.files) {
+            (JobSpec::CreateEmbedding { request }, None) => {
+                embedding::check_embedding_name(&request.name)
+            }
+            (JobSpec::TrainEmbedding { request }, None) => {
+                embedding::check_embedding_name(&request.embedding_name)
+            }
+            _ => self.build(ctx).map(drop),
+        }
+    }
+
+    fn files<'c, 'a>(ctx: &'c BuildContext<'a>) -> Result<&'c Files<'a>, ApiError> {
+        ctx.files
+            .as_ref()
+            .ok_or_else(|| ApiError::internal("this process has no embeddings folder"))
+    }
+}
+
+/// The bytes of a base64 field, with or without a `data:image/...;base64,` prefix (A1111
+/// clients send both).
+pub fn decode_base64(what: &str, b64: &str) -> Result<Vec<u8>, ApiError> {
+    let data = match b64.find("base64,") {
+        Some(i) if b64.starts_with("data:") => &b64[i + 7..],
+        _ => b64,
+    };
+    base64::engine::general_purpose::STANDARD
+        .decode(data.trim().as_bytes())
+        .map_err(|e| ApiError::bad_request(format!("{what}: not valid base64 ({e})")))
+}
+
+/// Decodes a base64 image (see [`decode_base64`]).
+pub fn decode_image(what: &str, b64: &str) -> Result<DynamicImage, ApiError> {
+    let bytes = decode_base64(what, b64)?;
+    let reader = || {
+        image::ImageReader::new(Cursor::new(&bytes))
+            .with_guessed_format()
+            .map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
+    };
+    // Sizes first: a small file can claim a gigantic image.
+    let (w, h) = reader()?
+        .into_dimensions()
+        .map_err(|e| ApiError::bad_request(format!("{what}: not a readable image ({e})")))?;
+    let limit = sdkube_restore::io::DEFAULT_MAX_PIXELS;
+    if w as u64 * h as u64 > limit || w == 0 || h == 0 {
+        return Err(ApiError::bad_request(format!(
+            "{what}: {w}x{h} is empty or above the limit of {limit} pixels"
+        )));
+    }
+    reader()?
+        .decode()
+        .map_err(|e| ApiError::bad_request(format!("{what}: not a readable image ({e})")))
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
