@@ -15,8 +15,20 @@ use crate::finding::{Evidence, Finding, FindingCode, Fix, Severity};
 pub const DEFAULT_HUB: &str = "https://huggingface.co";
 /// Below this much free space the store cannot take an SDXL checkpoint and its VAE.
 pub const MIN_FREE_BYTES: u64 = 10 * 1024 * 1024 * 1024;
-/// CUDA libraries candle opens at run time, by soname.
-pub const CUDA_LIBRARIES: [&str; 2] = ["libcuda.so.1", "libcudart.so.12"];
+/// The libraries sdkube's CUDA build links, by soname: the driver's, then CUDA 13's runtime,
+/// cuBLAS/cuBLASLt, cuRAND, NVRTC and cuDNN 9 (what the CUDA image carries).
+pub const CUDA_LIBRARIES: [&str; 7] = [
+    "libcuda.so.1",
+    "libcudart.so.13",
+    "libcublas.so.13",
+    "libcublasLt.so.13",
+    "libcurand.so.10",
+    "libnvrtc.so.13",
+    "libcudnn.so.9",
+];
+/// The symbol of the CUDA image's libcuda.so.1 stand-in (deploy/docker/cuda-wheels.sh), which
+/// the loader finds only when no driver library is mounted.
+const NO_DRIVER_SYMBOL: &[u8] = b"sdkube_no_driver\0";
 
 /// What `--local` looks at; [`LocalOptions::from_env`] for the real machine.
 #[derive(Debug, Clone)]
@@ -154,7 +166,17 @@ pub fn check_cuda(libraries: &[String], has_gpu: bool) -> Vec<Finding> {
     libraries
         .iter()
         .map(|library| match load(library) {
-            Ok(()) => info(FindingCode::LocalCuda, format!("{library} loads")),
+            Ok(Loaded::Real) => info(FindingCode::LocalCuda, format!("{library} loads")),
+            Ok(Loaded::NoDriverStandIn) => Finding::new(
+                FindingCode::LocalCuda,
+                if has_gpu { Severity::Error } else { Severity::Info },
+                format!("{library} is sdkube's stand-in: no NVIDIA driver in this container"),
+                Fix::advice(if has_gpu {
+                    "GPU devices are visible but the driver's library is not: run the container with the NVIDIA container toolkit (`docker run --gpus all`, or the nvidia runtime class in Kubernetes), which mounts it."
+                } else {
+                    "Fine without a GPU (downloads, CPU inference); on a GPU node the NVIDIA container toolkit mounts the driver's libcuda.so.1, which then comes first."
+                }),
+            ),
             Err(err) => Finding::new(
                 FindingCode::LocalCuda,
                 if has_gpu { Severity::Error } else { Severity::Info },
@@ -175,20 +197,34 @@ pub fn check_cuda(libraries: &[String], has_gpu: bool) -> Vec<Finding> {
         .collect()
 }
 
-fn load(library: &str) -> Result<(), String> {
+enum Loaded {
+    Real,
+    /// The CUDA image's libcuda.so.1 that stands in for a missing driver.
+    NoDriverStandIn,
+}
+
+fn load(library: &str) -> Result<Loaded, String> {
     if CString::new(library).is_err() {
         return Err("library name contains a NUL byte".to_owned());
     }
     // SAFETY: loading runs the library's initialisers. The CUDA libraries are the ones
-    // candle itself loads; we drop the handle at once and call nothing in them.
+    // candle itself loads; we look one symbol up, call nothing, and drop the handle.
     let loaded = unsafe { libloading::Library::new(library) };
-    loaded.map(drop).map_err(|e| {
-        // libloading puts dlerror()'s text (which names the missing file) in the source.
-        match std::error::Error::source(&e) {
-            Some(source) => format!("{e}: {source}"),
-            None => e.to_string(),
-        }
-    })
+    loaded
+        .map(|lib| {
+            // SAFETY: only the symbol's presence is checked; it is never dereferenced.
+            match unsafe { lib.get::<*const u8>(NO_DRIVER_SYMBOL) } {
+                Ok(_) => Loaded::NoDriverStandIn,
+                Err(_) => Loaded::Real,
+            }
+        })
+        .map_err(|e| {
+            // libloading puts dlerror()'s text (which names the missing file) in the source.
+            match std::error::Error::source(&e) {
+                Some(source) => format!("{e}: {source}"),
+                None => e.to_string(),
+            }
+        })
 }
 
 /// Whether a file can be created in the store (or, if the store does not exist yet, whether

@@ -404,3 +404,61 @@ fn fetch_log_classification_reads_json_errors_and_plain_lines() {
         FetchFailureKind::Other
     );
 }
+
+/// issue 21: what `sdkube fetch` prints (the lines below come from the image, run by
+/// tests/python/test_chart_pod.py) when it is given a model the catalog lacks, a setting it
+/// refuses, or a volume it may not write: each is named, with its own fix.
+#[test]
+fn init_container_refusals_at_start_are_recognised() {
+    let cases: [(&[&str], FindingCode, &str, &str); 4] = [
+        (
+            &[r#"{"event":"error","exit_code":2,"message":"unknown model \"sd-9\"; the catalog has: sd-1.5, sdxl-base"}"#],
+            FindingCode::InitUnknownModel,
+            "models:\n  - sd-1.5",
+            "unknown model \"sd-9\"",
+        ),
+        (
+            &[
+                "error: invalid value '0' for '--connections <CONNECTIONS>': 0 is not in 1..=64",
+                "",
+                "For more information, try '--help'.",
+                "note: --connections was not given on the command line: its value comes from the environment variable SDKUBE_FETCH_CONNECTIONS=\"0\"",
+            ],
+            FindingCode::InitBadSetting,
+            "helm upgrade",
+            "environment variable SDKUBE_FETCH_CONNECTIONS=\"0\"",
+        ),
+        (
+            &[r#"{"event":"error","exit_code":2,"message":"cannot create store directory /data/models: Permission denied (os error 13): /data belongs to uid 0 gid 0 (mode 755) and sdkube runs as uid 10001; make the volume writable for that user"}"#],
+            FindingCode::InitStoreNotWritable,
+            "sudo chown -R 1000:1000 /var/lib/sdkube/models   # on node z-k8s-n-1",
+            "Permission denied (os error 13)",
+        ),
+        (
+            &["error: cannot create store directory /data/models: Read-only file system (os error 30)"],
+            FindingCode::InitStoreNotWritable,
+            "never applies fsGroup to hostPath",
+            "Read-only file system",
+        ),
+    ];
+    for (lines, code, fix, cause) in cases {
+        let mut snapshot = common::load("init-network");
+        let log = snapshot
+            .logs
+            .iter_mut()
+            .find(|l| l.container == "fetch-models")
+            .expect("the fixture has the init container's log");
+        log.lines = lines.iter().map(|l| l.to_string()).collect();
+        let findings = analyze(&snapshot);
+        assert_eq!(codes(&findings), vec![code], "{lines:?}");
+        let f = &findings[0];
+        assert_eq!(f.severity, Severity::Error);
+        assert!(fix_text(f).contains(fix), "{code:?}: {}", fix_text(f));
+        let classified = f
+            .evidence
+            .iter()
+            .find(|e| e.reason.as_deref() == Some("classified"))
+            .expect("the line that shows the cause is quoted");
+        assert!(classified.message.contains(cause), "{}", classified.message);
+    }
+}

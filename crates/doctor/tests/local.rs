@@ -44,6 +44,40 @@ fn cuda_library_that_cannot_load_is_an_error_only_with_a_gpu() {
     assert_eq!(check_cuda(&libc, true)[0].severity, Severity::Info);
 }
 
+/// issue 21: the CUDA image's libcuda.so.1 stand-in (no driver mounted) loads, but must not
+/// pass for the driver. Built here from a one-line C file with the system compiler.
+#[test]
+fn the_cuda_images_libcuda_stand_in_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("stub.c");
+    std::fs::write(&source, "const char sdkube_no_driver[] = \"no driver\";\nint cuInit(int f) { (void)f; return 34; }\n").unwrap();
+    let library = dir.path().join("libcuda.so.1");
+    let built = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .status()
+        .expect("a C compiler (cargo's linker) is present");
+    assert!(built.success());
+    let path = vec![library.display().to_string()];
+    let without_gpu = &check_cuda(&path, false)[0];
+    assert_eq!(without_gpu.severity, Severity::Info);
+    assert!(
+        without_gpu
+            .title
+            .ends_with("is sdkube's stand-in: no NVIDIA driver in this container"),
+        "{}",
+        without_gpu.title
+    );
+    let with_gpu = &check_cuda(&path, true)[0];
+    assert_eq!(with_gpu.severity, Severity::Error);
+    assert!(
+        with_gpu.fix.advice.contains("NVIDIA container toolkit"),
+        "{}",
+        with_gpu.fix.advice
+    );
+}
+
 #[test]
 fn store_writability_is_probed_without_leaving_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -188,16 +222,14 @@ fn all_local_checks_run() {
     let findings = check_local(&options);
     server.join().unwrap();
     let codes: Vec<FindingCode> = findings.iter().map(|f| f.code).collect();
-    assert_eq!(
-        codes,
-        [
-            FindingCode::LocalGpu,
-            FindingCode::LocalCuda,
-            FindingCode::LocalCuda,
-            FindingCode::LocalStore,
-            FindingCode::LocalDisk,
-            FindingCode::LocalProxy,
-            FindingCode::LocalHub
-        ]
-    );
+    // one finding per CUDA library the CUDA build loads
+    let mut expected = vec![FindingCode::LocalGpu];
+    expected.extend([FindingCode::LocalCuda; sdkube_doctor::local::CUDA_LIBRARIES.len()]);
+    expected.extend([
+        FindingCode::LocalStore,
+        FindingCode::LocalDisk,
+        FindingCode::LocalProxy,
+        FindingCode::LocalHub,
+    ]);
+    assert_eq!(codes, expected);
 }

@@ -52,7 +52,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(err),
+    };
     init_logging(cli.log_json);
     let result = match cli.command {
         Command::Serve(args) => cmd::serve::run(args),
@@ -69,10 +72,79 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            let message = format!("{err:#}");
+            eprintln!("error: {message}");
+            print_env_notes(&message);
             ExitCode::FAILURE
         }
     }
+}
+
+/// clap's own report (help and version included), then where a rejected value came from.
+fn usage_error(err: clap::Error) -> ExitCode {
+    let _ = err.print();
+    if !err.use_stderr() {
+        return ExitCode::SUCCESS;
+    }
+    print_env_notes(&err.to_string());
+    ExitCode::from(2)
+}
+
+/// In a container, settings arrive as `SDKUBE_*` variables (the chart's ConfigMap), not as
+/// flags anyone typed: for each flag an error message names that was not on the command line
+/// but set through its variable, say which variable (values of secrets are not repeated).
+fn print_env_notes(message: &str) {
+    use clap::CommandFactory;
+    let given: Vec<String> = std::env::args().skip(1).collect();
+    for note in env_notes(&Cli::command(), message, &given, |k| std::env::var(k).ok()) {
+        eprintln!("note: {note}");
+    }
+}
+
+fn env_notes(
+    command: &clap::Command,
+    message: &str,
+    given: &[String],
+    lookup: impl Fn(&str) -> Option<String> + Copy,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    for arg in command.get_arguments() {
+        let (Some(long), Some(var)) = (arg.get_long(), arg.get_env()) else {
+            continue;
+        };
+        let flag = format!("--{long}");
+        let named = message.match_indices(&flag).any(|(i, _)| {
+            let next = message[i + flag.len()..].chars().next();
+            !next.is_some_and(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+        let on_command_line = given
+            .iter()
+            .any(|a| *a == flag || a.starts_with(&format!("{flag}=")));
+        let var = var.to_string_lossy();
+        if let (true, false, Some(value)) = (named, on_command_line, lookup(&var)) {
+            let secret = arg.is_hide_env_values_set()
+                || ["KEY", "TOKEN", "AUTH", "PASS", "SECRET"]
+                    .iter()
+                    .any(|s| var.contains(s));
+            let shown = if secret {
+                "<set>".to_owned()
+            } else {
+                format!("{value:?}")
+            };
+            let note = format!("{flag} was not given on the command line: its value comes from the environment variable {var}={shown}");
+            if !notes.contains(&note) {
+                notes.push(note);
+            }
+        }
+    }
+    for sub in command.get_subcommands() {
+        for note in env_notes(sub, message, given, lookup) {
+            if !notes.contains(&note) {
+                notes.push(note);
+            }
+        }
+    }
+    notes
 }
 
 fn init_logging(json: bool) {
@@ -85,5 +157,43 @@ fn init_logging(json: bool) {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn env(
+        vars: &'static [(&'static str, &'static str)],
+    ) -> impl Fn(&str) -> Option<String> + Copy {
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn a_rejected_value_from_the_environment_names_its_variable() {
+        // issue 21: in a pod the wrong value is a chart setting, not a flag anyone typed
+        let vars = env(&[("SDKUBE_FETCH_CONNECTIONS", "0"), ("SDKUBE_STORE", "/data")]);
+        let message = "invalid value '0' for '--connections <CONNECTIONS>': 0 is not in 1..=64";
+        let notes = env_notes(&Cli::command(), message, &["fetch".into()], vars);
+        assert_eq!(notes, vec!["--connections was not given on the command line: its value comes from the environment variable SDKUBE_FETCH_CONNECTIONS=\"0\"".to_owned()]);
+        // given on the command line: the flag is the source, nothing to add
+        let given = ["fetch".into(), "--connections=0".into()];
+        assert!(env_notes(&Cli::command(), message, &given, vars).is_empty());
+        // a flag whose name extends another's is not confused with it
+        assert!(env_notes(&Cli::command(), "bad --store-x", &[], vars).is_empty());
+    }
+
+    #[test]
+    fn secret_values_are_not_repeated() {
+        let vars = env(&[("SDKUBE_API_KEY", "hunter2")]);
+        let notes = env_notes(&Cli::command(), "bad --api-key", &[], vars);
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].ends_with("SDKUBE_API_KEY=<set>") && !notes[0].contains("hunter2"));
     }
 }

@@ -19,6 +19,12 @@ pub enum FetchFailureKind {
     DiskFull,
     Checksum,
     Unauthorized,
+    /// A model name the catalog does not have.
+    UnknownModel,
+    /// A flag or `SDKUBE_*` variable with a value sdkube refuses.
+    BadSetting,
+    /// The store's volume refuses writes (owner, mode, or mounted read-only).
+    StoreNotWritable,
     Other,
 }
 
@@ -52,7 +58,23 @@ fn line_message(line: &str) -> Option<String> {
 fn kind_of(message: &str) -> Option<FetchFailureKind> {
     let lower = message.to_lowercase();
     let has = |signs: &[&str]| signs.iter().any(|s| lower.contains(s));
-    if has(&[
+    if has(&["unknown model"]) {
+        Some(FetchFailureKind::UnknownModel)
+    } else if has(&[
+        "permission denied",
+        "os error 13",
+        "read-only file system",
+        "os error 30",
+    ]) {
+        Some(FetchFailureKind::StoreNotWritable)
+    } else if has(&[
+        "invalid value '",
+        "environment variable sdkube_",
+        "unexpected argument",
+        "unknown --",
+    ]) {
+        Some(FetchFailureKind::BadSetting)
+    } else if has(&[
         "no space left on device",
         "os error 28",
         "disk full",
@@ -270,6 +292,27 @@ fn init_failure(snapshot: &Snapshot, pod: &Pod, status: &ContainerStatus) -> Fin
                 .values("existingSecret: hf-token\n# or: hfToken: <token>")
                 .command(upgrade),
         ),
+        Some(FetchFailureKind::UnknownModel) => (
+            FindingCode::InitUnknownModel,
+            format!("{who} is asked for a model the catalog does not have"),
+            Fix::advice("The chart's `models` list names a model sdkube does not know: use a name `sdkube models list` shows (a model of your own needs a catalog file, `fetch.extraArgs: [--catalog, FILE]`).")
+                .values("models:\n  - sd-1.5")
+                .command(upgrade),
+        ),
+        Some(FetchFailureKind::BadSetting) => (
+            FindingCode::InitBadSetting,
+            format!("{who} refuses a setting"),
+            Fix::advice("A value the chart passes (an SDKUBE_* variable, or fetch.extraArgs) is not one sdkube accepts; the line below names it and what it allows. Correct it in the values.")
+                .command(upgrade),
+        ),
+        Some(FetchFailureKind::StoreNotWritable) => {
+            let (advice, command) = not_writable_fix(snapshot, pod, &status.name);
+            (
+                FindingCode::InitStoreNotWritable,
+                format!("{who} cannot write to the model store volume"),
+                Fix::advice(advice).command(command),
+            )
+        }
         Some(FetchFailureKind::Other) | None => (
             FindingCode::InitFailing,
             format!("{who} keeps failing"),
@@ -290,6 +333,77 @@ fn init_failure(snapshot: &Snapshot, pod: &Pod, status: &ContainerStatus) -> Fin
         .evidence
         .extend(log_evidence(snapshot, pod, &status.name));
     finding
+}
+
+/// Who the container runs as and where its volume lives on the node, for the chown that
+/// fixes an unwritable store: the kubelet applies `fsGroup` to most volume types, but never
+/// to hostPath, and a directory made by hand on the node belongs to root.
+fn not_writable_fix(snapshot: &Snapshot, pod: &Pod, container: &str) -> (String, String) {
+    let spec = pod.spec.as_ref();
+    let uid = spec
+        .and_then(|s| {
+            s.init_containers
+                .iter()
+                .flatten()
+                .chain(s.containers.iter())
+                .find(|c| c.name == container)
+        })
+        .and_then(|c| c.security_context.as_ref())
+        .and_then(|c| c.run_as_user)
+        .or_else(|| {
+            spec.and_then(|s| s.security_context.as_ref())
+                .and_then(|c| c.run_as_user)
+        });
+    let owner = uid.map_or("<uid>:<gid>".to_owned(), |u| format!("{u}:{u}"));
+    let claims: Vec<&str> = spec
+        .and_then(|s| s.volumes.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.persistent_volume_claim.as_ref())
+        .map(|c| c.claim_name.as_str())
+        .collect();
+    let pv = snapshot
+        .pvcs
+        .iter()
+        .filter(|c| claims.contains(&c.metadata.name.as_deref().unwrap_or_default()))
+        .find_map(|c| c.spec.as_ref()?.volume_name.as_deref())
+        .and_then(|name| {
+            snapshot
+                .pvs
+                .iter()
+                .find(|pv| pv.metadata.name.as_deref() == Some(name))
+        })
+        .and_then(|pv| pv.spec.as_ref());
+    let host_path = pv
+        .and_then(|s| s.host_path.as_ref())
+        .map(|h| h.path.clone());
+    let path = host_path
+        .clone()
+        .or_else(|| pv.and_then(|s| s.local.as_ref()).map(|l| l.path.clone()));
+    let node = spec.and_then(|s| s.node_name.clone()).or_else(|| {
+        pv.and_then(|s| s.node_affinity.as_ref())
+            .and_then(|a| a.required.as_ref())
+            .and_then(|r| r.node_selector_terms.first())
+            .and_then(|t| t.match_expressions.as_ref())
+            .and_then(|e| e.first())
+            .and_then(|e| e.values.as_ref())
+            .and_then(|v| v.first().cloned())
+    });
+    let user = uid.map_or("the pod's user".to_owned(), |u| format!("uid {u}"));
+    let advice = match &host_path {
+        Some(_) => format!("The volume is a hostPath directory on the node, which keeps the owner it has (the kubelet creates it as root and never applies fsGroup to hostPath): give it to {user}, or use a `local` volume, which fsGroup covers."),
+        None => format!("The volume does not let {user} write (its owner or mode, or it is mounted read-only): give the directory to that user, or let the pod's fsGroup own it."),
+    };
+    let command = match (path, node) {
+        (Some(path), Some(node)) => format!("sudo chown -R {owner} {path}   # on node {node}"),
+        (Some(path), None) => format!("sudo chown -R {owner} {path}   # on the volume's node"),
+        _ => format!(
+            "kubectl logs -n {} {} -c {container} --tail=20",
+            snapshot.namespace,
+            name(pod)
+        ),
+    };
+    (advice, command)
 }
 
 fn main_container(

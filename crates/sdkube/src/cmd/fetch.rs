@@ -40,8 +40,35 @@ impl StoreArgs {
     }
 
     pub fn open_store(&self) -> Result<Store, Usage> {
-        Store::open(&self.store).map_err(|e| Usage(e.to_string()))
+        Store::open(&self.store).map_err(|e| Usage(with_owner_hint(e.to_string(), &self.store)))
     }
+}
+
+/// A store this process may not write is the commonest volume mistake in a pod (a node
+/// directory left to root, which fsGroup does not fix for hostPath): say who owns what.
+fn with_owner_hint(message: String, store: &std::path::Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    if message.contains("(os error 30)") {
+        return format!("{message}: the volume is mounted read-only");
+    }
+    if !message.contains("(os error 13)") {
+        return message;
+    }
+    let Some((dir, meta)) = store
+        .ancestors()
+        .find_map(|d| std::fs::metadata(d).ok().map(|m| (d, m)))
+    else {
+        return message;
+    };
+    // /proc/self belongs to the process's effective user
+    let me = std::fs::metadata("/proc/self").map_or("?".to_owned(), |m| m.uid().to_string());
+    format!(
+        "{message}: {} belongs to uid {} gid {} (mode {:o}) and sdkube runs as uid {me}; make the volume writable for that user",
+        dir.display(),
+        meta.uid(),
+        meta.gid(),
+        meta.mode() & 0o7777
+    )
 }
 
 /// An error that is the operator's to fix: printed, exit code 2.
