@@ -49,3 +49,10 @@ fi
 if [ ! -d tests/ui/node_modules ]; then
   PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --prefix tests/ui
 fi
+
+# The scale-out tests (tests/python/test_shared_queue.py): a real Redis, Debian's redis-server
+# (only the binary: the tests start their own servers on free ports).
+if ! command -v redis-server >/dev/null 2>&1; then
+  apt-get update
+  apt-get install -y redis-server
+fi

@@ -159,12 +159,28 @@ pub fn convolve(
         if let Some(y) = crate::cuda::conv2d(xs, w, bias, padding, stride)? {
             return Ok(y);
         }
-        let y = xs.conv2d(w, padding, stride, 1, 1)?;
+        let y = per_sample(xs, |x| x.conv2d(w, padding, stride, 1, 1))?;
         match bias {
             Some(bias) => add_bias(y, bias, 1),
             None => Ok(y),
         }
     })
+}
+
+/// `f` on each sample of a batch alone, on the CPU. candle folds a batch into the rows of one
+/// matrix product (linear layers, the convolution's im2col), whose blocking, and so its
+/// rounding, depends on the row count: a sample would come out a little different in a batch
+/// than alone. Per sample, batched generation equals generating each request alone, to the
+/// bit (the server batches requests of different clients).
+fn per_sample(xs: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let batch = xs.dim(0)?;
+    if !xs.device().is_cpu() || batch < 2 {
+        return f(xs);
+    }
+    let samples = (0..batch)
+        .map(|i| f(&xs.narrow(0, i, 1)?))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&samples, 0)
 }
 
 /// `leaky_relu(x, slope)`: our one-pass kernel on CUDA, candle's composition elsewhere.
@@ -278,6 +294,9 @@ impl Linear {
                 let axis = y.rank() - 1;
                 return add_bias(y, bias, axis);
             }
+        }
+        if xs.rank() >= 2 {
+            return per_sample(xs, |x| self.inner.forward(x));
         }
         self.inner.forward(xs)
     }

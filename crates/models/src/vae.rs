@@ -4,11 +4,11 @@
 //! the NaN fallback live in the pipeline crate, which calls [`AutoencoderKL::decode`] per tile.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::blocks::{
-    conv1x1, conv3x3, group_norm, scaled_dot_product_attention, Conv2d, Downsample2D, GroupNorm,
-    ResnetBlock2D, Upsample2D,
+    conv1x1, conv3x3, group_norm, linear, scaled_dot_product_attention, Conv2d, Downsample2D,
+    GroupNorm, Linear, ResnetBlock2D, Upsample2D,
 };
 use crate::config::VaeConfig;
 

@@ -24,15 +24,18 @@ pub async fn healthz() -> &'static str {
     (status = 200, description = "ready", body = crate::model::ModelStatus),
     (status = 503, description = "not ready", body = crate::model::ModelStatus)))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let queue = state.queue.ping().await;
-    let mut status = match state.config.role {
+    if let Err(e) = state.queue.ping().await {
+        let status = ModelStatus {
+            state: ModelState::Failed,
+            message: Some(e.to_string()),
+            ..state.model.status()
+        };
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(status)).into_response();
+    }
+    let status = match state.config.role {
         Role::Api => api_status(&state).await,
         _ => state.model.status(),
     };
-    if let Err(e) = &queue {
-        status.state = ModelState::Failed;
-        status.message = Some(e.to_string());
-    }
     let ready = status.state == ModelState::Ready && !state.queue.is_shutting_down();
     let code = if ready {
         StatusCode::OK

@@ -3,21 +3,20 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde_json::{Map, Value};
 
-use super::{engine_error, Keys};
+use super::{engine_error, Conn, Keys};
 use crate::cluster::{Cluster, WorkerReport, REPORT_TTL};
 use crate::queue::QueueError;
 
 pub struct RedisCluster {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
 }
 
 impl RedisCluster {
-    pub fn new(conn: ConnectionManager, keys: Keys) -> Self {
+    pub fn new(conn: Conn, keys: Keys) -> Self {
         Self { conn, keys }
     }
 }

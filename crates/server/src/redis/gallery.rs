@@ -5,20 +5,19 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 
-use super::Keys;
+use super::{Conn, Keys};
 use crate::gallery::{describe, is_safe_name, Gallery, GalleryItem, GalleryPage};
 
 pub struct RedisGallery {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
     keep: usize,
 }
 
 impl RedisGallery {
-    pub fn new(conn: ConnectionManager, keys: Keys, keep: usize) -> Self {
+    pub fn new(conn: Conn, keys: Keys, keep: usize) -> Self {
         Self { conn, keys, keep }
     }
 }

@@ -17,13 +17,15 @@
 //! records and results survive a Redis restart up to the last second of writes.
 
 mod cluster;
+mod conn;
 mod gallery;
 mod queue;
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::RedisError;
+
+use conn::Conn;
 
 pub use cluster::RedisCluster;
 pub use gallery::RedisGallery;
@@ -92,7 +94,7 @@ impl Keys {
 /// A connection to the shared Redis, from which the three backends are made.
 pub struct Engine {
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
     config: SharedQueue,
     capacity: usize,
@@ -167,11 +169,13 @@ impl Engine {
     }
 }
 
-async fn manager(client: &redis::Client) -> Result<ConnectionManager, RedisError> {
+async fn manager(client: &redis::Client) -> Result<Conn, RedisError> {
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_response_timeout(Some(RESPONSE_TIMEOUT))
         .set_connection_timeout(Some(Duration::from_secs(5)));
-    client.get_connection_manager_with_config(config).await
+    Ok(Conn::new(
+        client.get_connection_manager_with_config(config).await?,
+    ))
 }
 
 /// The URL with any password replaced, for messages.

@@ -7,10 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, Value};
 
-use super::{engine_error, manager, now_ms, Keys, GROUP};
+use super::{engine_error, manager, now_ms, Conn, Keys, GROUP};
 use crate::config::SharedQueue;
 use crate::job::{Failure, Job, JobMeta, JobRecord, JobState, JobStatus};
 use crate::lock;
@@ -40,10 +39,10 @@ struct Taken {
 
 pub struct RedisQueue {
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: Conn,
     /// A connection of its own for the blocking stream reads, which would hold up every
     /// other command on a shared one.
-    reader: tokio::sync::Mutex<Option<ConnectionManager>>,
+    reader: tokio::sync::Mutex<Option<Conn>>,
     keys: Keys,
     config: SharedQueue,
     capacity: usize,
@@ -62,7 +61,7 @@ pub struct RedisQueue {
 impl RedisQueue {
     pub fn new(
         client: redis::Client,
-        conn: ConnectionManager,
+        conn: Conn,
         keys: Keys,
         config: SharedQueue,
         capacity: usize,
@@ -172,7 +171,7 @@ impl RedisQueue {
     }
 
     /// The connection for blocking reads, made on first use.
-    async fn reader(&self) -> Result<ConnectionManager, QueueError> {
+    async fn reader(&self) -> Result<Conn, QueueError> {
         let mut r = self.reader.lock().await;
         if r.is_none() {
             *r = Some(manager(&self.client).await.map_err(engine_error)?);
@@ -594,11 +593,15 @@ impl JobQueue for RedisQueue {
 
     async fn ping(&self) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
-        redis::cmd("PING")
-            .query_async::<String>(&mut c)
-            .await
-            .map(drop)
-            .map_err(engine_error)
+        // Probes must answer quickly: a Redis that is down is "not ready" within this.
+        let limit = Duration::from_secs(2);
+        match tokio::time::timeout(limit, redis::cmd("PING").query_async::<String>(&mut c)).await {
+            Ok(answer) => answer.map(drop).map_err(engine_error),
+            Err(_) => Err(QueueError::Engine(format!(
+                "Redis did not answer within {} s",
+                limit.as_secs()
+            ))),
+        }
     }
 
     async fn take(
@@ -862,7 +865,7 @@ fn apply_signal(local: &Mutex<HashMap<String, Taken>>, message: &str) {
 /// of a second.
 async fn listen(
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
     events: tokio::sync::broadcast::Sender<String>,
     local: Arc<Mutex<HashMap<String, Taken>>>,
@@ -927,7 +930,7 @@ async fn listen(
 /// Keeps this process's stream entries fresh (their idle time reset) while its workers run
 /// them, so that no other worker claims a job that is still running.
 async fn keep_fresh(
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
     consumer: String,
     local: Arc<Mutex<HashMap<String, Taken>>>,

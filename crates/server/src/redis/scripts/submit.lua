@@ -1,6 +1,10 @@
 -- Queues a job unless the queue is full: its record, its place in line, its stream entry.
 -- KEYS: waiting (zset), queue (stream), job (hash), seq (counter)
 -- ARGV: id, capacity, meta, spec, status, model
+-- Sent again after a dropped connection: the job is queued already.
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return {tonumber(redis.call('HGET', KEYS[3], 'seq')), redis.call('ZRANK', KEYS[1], ARGV[1]) or 0}
+end
 local waiting = redis.call('ZCARD', KEYS[1])
 if waiting >= tonumber(ARGV[2]) then
   return {-1, waiting}

@@ -1,0 +1,272 @@
+"""Scale-out (issue 16): `api` and `worker` processes of the real binary behind one real
+Redis (Debian's redis-server), the fixture model, requests spread over the API replicas as a
+Kubernetes Service would.
+
+- 50 jobs from 8 concurrent clients: each done exactly once, each image byte-identical to
+  the one a single `--role all` process makes for the same request and seed, compatible jobs
+  still batched, work spread over the workers;
+- any API replica answers any job: status, server-sent events and cancel through another
+  replica than the one that took it;
+- a worker killed with SIGKILL mid-job: the job completes on another one, nothing is lost;
+  a worker stopped with SIGTERM hands back what it cannot finish within its grace period;
+- no worker at all (scaled to zero): the API stays ready, says "waiting for a GPU worker (N
+  queued)", refuses the job past the queue size with 429 on every replica; Redis killed and
+  restarted: queued jobs and finished results survive (append-only file, fsync every
+  second), and run once a worker starts;
+- webuiapi (PyPI) against the `api` role, unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from cluster import Cluster, Sdkube, call, txt2img, wait_for, wait_job
+
+FINISHED_OK = 'sdkube_jobs_finished_total{kind="txt2img",outcome="succeeded"}'
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(apis=2, workers=3)
+    yield c
+    c.close()
+
+
+def requests_50() -> list[dict]:
+    """Mostly one shape (batched together), some of another size and a batch of two."""
+    out = []
+    for i in range(50):
+        extra = {}
+        if i % 10 == 3:
+            extra = {"width": 32, "height": 32}
+        if i % 10 == 7:
+            extra = {"batch_size": 2}
+        out.append(txt2img(1000 + i, **extra))
+    return out
+
+
+def test_fifty_jobs_from_eight_clients_each_done_once_and_identical_to_one_process(cluster):
+    before = sum(w.metric(FINISHED_OK) for w in cluster.workers)
+    reqs = requests_50()
+
+    def send(r):
+        return cluster.api().post("/sdapi/v1/txt2img", r)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, reqs))
+    for status, body in answers:
+        assert status == 200, body
+    infos = [json.loads(body["info"]) for _, body in answers]
+    ids = [i["sdkube_job_id"] for i in infos]
+    assert len(set(ids)) == 50, "every request is its own job"
+    for r, info, (_, body) in zip(reqs, infos, answers):
+        assert info["seed"] == r["seed"]
+        assert len(body["images"]) == r.get("batch_size", 1)
+
+    # Exactly once: the workers together finished 50 jobs, not one more.
+    after = sum(w.metric(FINISHED_OK) for w in cluster.workers)
+    assert after - before == 50
+
+    # Read back through the other replica: spread over the workers, batched where they could.
+    records = [cluster.apis[1].get(f"/api/v1/jobs/{i}")[1] for i in ids]
+    assert all(r["state"] == "succeeded" for r in records), records
+    assert len({r["worker"] for r in records}) >= 2, "more than one worker ran jobs"
+    assert max(r["batch_jobs"] for r in records) > 1, "compatible jobs shared a device batch"
+
+    # The same requests on one process with the in-memory queue: the same bytes.
+    single = Sdkube(cluster.dir, "single", "all", "memory").wait_ready()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            alone = list(pool.map(lambda r: single.post("/sdapi/v1/txt2img", r), reqs))
+    finally:
+        single.stop()
+    for i, ((_, shared), (status, one)) in enumerate(zip(answers, alone)):
+        assert status == 200, one
+        assert shared["images"] == one["images"], f"request {i}: images differ"
+
+
+def sse_events(url: str, stop_after: str = "done", timeout: float = 60.0) -> list[tuple[str, dict]]:
+    """The (event, data) pairs of a server-sent event stream, until `stop_after`."""
+    out = []
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        assert r.headers["content-type"] == "text/event-stream"
+        event, data = "", ""
+        for raw in r:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data += line[6:]
+            elif line == "" and event:
+                out.append((event, json.loads(data)))
+                if event == stop_after:
+                    return out
+                event, data = "", ""
+    return out
+
+
+def test_any_api_replica_answers_any_job(cluster):
+    a, b = cluster.apis
+    status, job = a.post("/api/v1/jobs", {"kind": "txt2img", "params": txt2img(7, steps=60)})
+    assert status == 202, job
+    events = sse_events(b.url(f"/api/v1/jobs/{job['id']}/events"))
+    kinds = [e for e, _ in events]
+    assert kinds[-1] == "done" and "progress" in kinds, kinds
+    steps = [d["step"] for e, d in events if e == "progress"]
+    assert steps == sorted(steps), "steps only go up"
+    assert any(d.get("preview", "") and d["preview"].startswith("data:image/png;base64,")
+               for e, d in events if e == "progress"), "previews reach the other replica"
+    done = events[-1][1]
+    assert done["state"] == "succeeded" and done["step"] == 60
+    # Saved into the shared gallery: listed and served by either replica.
+    name = done["images"][0]["name"]
+    for api in (a, b):
+        _, page = api.get("/api/v1/gallery?per_page=200")
+        assert name in [i["name"] for i in page["items"]]
+        with urllib.request.urlopen(api.url(done["images"][0]["url"])) as r:
+            assert r.read()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Cancel through the other replica, while it runs.
+    _, long = a.post("/api/v1/jobs", {"kind": "txt2img", "params": txt2img(8, steps=900)})
+    wait_for("sampling", lambda: b.get(f"/api/v1/jobs/{long['id']}")[1]["step"] > 0, timeout=60)
+    status, _ = b.post(f"/api/v1/jobs/{long['id']}/cancel")
+    assert status == 200
+    ended = wait_job(a, long["id"])
+    assert ended["state"] == "cancelled" and ended["step"] < 900, ended
+
+    # A1111's progress on either replica shows a running job with the cluster's count.
+    _, long = b.post("/api/v1/jobs", {"kind": "txt2img", "params": txt2img(9, steps=900)})
+    wait_for("sampling", lambda: a.get(f"/api/v1/jobs/{long['id']}")[1]["step"] > 0, timeout=60)
+    _, progress = a.get("/sdapi/v1/progress")
+    assert progress["current_task"] == long["id"] and progress["progress"] > 0, progress
+    assert progress["state"]["job_count"] >= 1
+    status, _ = b.post("/sdapi/v1/interrupt")
+    assert status == 200
+    assert wait_job(a, long["id"])["state"] == "cancelled"
+
+
+def test_a_worker_killed_mid_job_loses_nothing(cluster):
+    a, b = cluster.apis
+    _, job = a.post("/api/v1/jobs", {"kind": "txt2img", "params": txt2img(21, steps=400)})
+    running = wait_for("sampling", lambda: (r := b.get(f"/api/v1/jobs/{job['id']}")[1])["step"] > 5 and r,
+                       timeout=60)
+    victim = cluster.worker_of(running)
+    others = [a.post("/api/v1/jobs", {"kind": "txt2img", "params": txt2img(30 + i)})[1]
+              for i in range(4)]
+    victim.signal(signal.SIGKILL)
+    victim.proc.wait(10)
+    cluster.workers.remove(victim)
+    done = wait_job(b, job["id"], timeout=120)
+    assert done["state"] == "succeeded", done
+    assert done["worker"] != running["worker"], "another worker finished it"
+    assert done["step"] == 400 and len(done["images"]) == 1
+    for o in others:
+        assert wait_job(a, o["id"])["state"] == "succeeded"
+    replacement = cluster.add_worker().wait_ready()
+    assert replacement.proc.poll() is None
+
+
+def test_a_worker_stopped_with_sigterm_hands_back_what_it_cannot_finish(cluster):
+    a, b = cluster.apis
+    stopping = cluster.add_worker("--shutdown-grace", "1").wait_ready()
+    # Make it the one running the long job: the others are busy with their own long jobs.
+    busy = [a.post("/api/v1/jobs", {"kind": "txt2img", "params": txt2img(40 + i, steps=300)})[1]
+            for i in range(len(cluster.workers))]
+    records = wait_for("every worker busy", lambda: all(
+        (r := b.get(f"/api/v1/jobs/{j['id']}")[1])["state"] == "running" for j in busy) and
+        [b.get(f"/api/v1/jobs/{j['id']}")[1] for j in busy], timeout=60)
+    mine = next(r for r in records if cluster.worker_of(r) is stopping)
+    stopping.signal(signal.SIGTERM)
+    # Gone within the grace period plus a little: it did not wait for its 300 steps.
+    stopping.proc.wait(15)
+    cluster.workers.remove(stopping)
+    assert "handing the job back" in stopping.logs()
+    done = wait_job(b, mine["id"], timeout=180)
+    assert done["state"] == "succeeded" and done["step"] == 300, done
+    assert done["worker"] != mine["worker"]
+    for j in busy:
+        assert wait_job(a, j["id"], timeout=180)["state"] == "succeeded"
+
+
+def test_no_worker_then_redis_crash_then_a_worker(tmp_path):
+    c = Cluster(apis=2, workers=0, api_args=("--queue-size", "3"))
+    try:
+        a, b = c.apis
+        # No worker: the API replicas stay ready and accept jobs up to the queue size.
+        assert a.get("/readyz")[0] == 200
+        ids = []
+        for i, api in enumerate([a, b, a]):
+            status, job = api.post("/api/v1/jobs", {"kind": "txt2img", "params": txt2img(60 + i)})
+            assert status == 202, job
+            assert job["position"] == i
+            ids.append(job["id"])
+        for api in (a, b):
+            status, body = api.post("/api/v1/jobs", {"kind": "txt2img", "params": txt2img(70)})
+            assert status == 429 and "queue is full" in body["error"], body
+            status, body = api.post("/sdapi/v1/txt2img", txt2img(71), timeout=10)
+            assert status == 429, body
+        _, progress = b.get("/sdapi/v1/progress")
+        assert progress["textinfo"] == "waiting for a GPU worker (3 queued)", progress
+        _, status = a.get("/api/v1/status")
+        assert status["queue"]["waiting"] == "waiting for a GPU worker (3 queued)"
+        assert status["queue"]["backend"] == "redis" and status["role"] == "api"
+        _, ready = a.get("/readyz")
+        assert "waiting for a GPU worker" in ready["message"]
+
+        # Redis crashes a second after the last write and comes back from its append-only
+        # file: the queued jobs are still there, in order.
+        time.sleep(1.5)
+        c.redis.kill()
+        assert a.get("/readyz")[0] == 503, "not ready while the queue is down"
+        c.redis.start()
+        wait_for("api ready again", lambda: a.get("/readyz")[0] == 200, timeout=30)
+        for i, job_id in enumerate(ids):
+            status, job = b.get(f"/api/v1/jobs/{job_id}")
+            assert status == 200 and job["state"] == "queued" and job["position"] == i, job
+
+        # A worker starts (scale from zero): the jobs run, and their results survive the
+        # next crash too.
+        c.add_worker().wait_ready()
+        done = [wait_job(a, j) for j in ids]
+        assert all(d["state"] == "succeeded" for d in done), done
+        time.sleep(1.5)
+        c.redis.kill()
+        c.redis.start()
+        wait_for("api ready again", lambda: b.get("/readyz")[0] == 200, timeout=30)
+        for d in done:
+            _, job = b.get(f"/api/v1/jobs/{d['id']}")
+            assert job["state"] == "succeeded" and job["images"] == d["images"]
+            with urllib.request.urlopen(b.url(d["images"][0]["url"])) as r:
+                assert r.read()[:4] == b"\x89PNG"
+        # The worker reconnected by itself and takes new jobs.
+        status, body = a.post("/sdapi/v1/txt2img", txt2img(80))
+        assert status == 200, body
+    finally:
+        c.close()
+
+
+def test_webuiapi_against_the_api_role(cluster):
+    webuiapi = pytest.importorskip("webuiapi")
+    api = cluster.apis[0]
+    client = webuiapi.WebUIApi(host="127.0.0.1", port=api.port)
+    result = client.txt2img(prompt="a lighthouse", negative_prompt="fog", seed=5, steps=6,
+                            width=64, height=64, sampler_name="Euler a", cfg_scale=7)
+    assert result.image.size == (64, 64)
+    assert result.info["seed"] == 5
+    models = client.get_sd_models()
+    assert any(m["model_name"] == "sd1" for m in models)
+    assert client.get_options()["sd_model_checkpoint"] == "sd1"
+    assert "Euler a" in [s["name"] for s in client.get_samplers()]
+    # The same request again through the other replica: the same image.
+    other = webuiapi.WebUIApi(host="127.0.0.1", port=cluster.apis[1].port)
+    again = other.txt2img(prompt="a lighthouse", negative_prompt="fog", seed=5, steps=6,
+                          width=64, height=64, sampler_name="Euler a", cfg_scale=7)
+    assert again.image.tobytes() == result.image.tobytes()
