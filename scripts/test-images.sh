@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# CI's image stage (.ci/run calls it after scripts/test-all.sh), on a fresh Debian machine:
+# podman and its configuration, both images built from this checkout on locally made base
+# images (no Docker Hub here), then the tests that run them (tests/python/test_image_run.py,
+# test_chart_pod.py). Prints the time of each part.
+#   SDKUBE_BUILD_CA=FILE  the CA bundle the builds trust for crates.io/PyPI (default: this
+#                         machine's, which includes a TLS-inspecting proxy's CA if it has one)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$SECONDS
+scripts/setup-podman.sh
+scripts/install-test-deps.sh
+echo "test-images.sh: setup $((SECONDS - start)) s" >&2
+ca=${SDKUBE_BUILD_CA:-/etc/ssl/certs/ca-certificates.crt}
+build=$SECONDS
+scripts/build-images.sh --local-bases ${ca:+--ca "$ca"}
+echo "test-images.sh: base images and both builds $((SECONDS - build)) s" >&2
+tests=$SECONDS
+SDKUBE_IMAGE_TESTS=1 python3 -m pytest -q -rA tests/python/test_image_run.py tests/python/test_chart_pod.py
+echo "test-images.sh: image tests $((SECONDS - tests)) s; total $((SECONDS - start)) s" >&2
