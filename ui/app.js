@@ -369,7 +369,13 @@ function renderStatus(status) {
   const model = status.model || {};
   const name = model.name || 'model';
   const message = model.message ? `: ${model.message}` : '';
-  switch (model.state) {
+  const queue = status.queue || {};
+  // A shared queue with no worker running (scaled to zero): jobs wait, the UI says so.
+  const waiting = queue.waiting ? `${queue.waiting[0].toUpperCase()}${queue.waiting.slice(1)}: jobs start as soon as one runs` : null;
+  switch (waiting ? 'waiting' : model.state) {
+    case 'waiting':
+      renderBanner('waiting', waiting);
+      break;
     case 'fetching': {
       const p = model.progress;
       const amount = p && p.total_bytes
@@ -390,10 +396,10 @@ function renderStatus(status) {
     default:
       renderBanner('loading', `Model ${name}: ${model.state || 'unknown state'}${message}`);
   }
-  const queue = status.queue || {};
   const parts = [];
   if (status.family) parts.push(status.family);
   if (status.device) parts.push(status.device);
+  if (status.role === 'api') parts.push(`${(status.workers || []).length} worker(s)`);
   parts.push(`queue ${queue.running ?? 0} running, ${queue.queued ?? 0} waiting`);
   if (status.version) parts.push(`v${status.version}`);
   $('server-info').textContent = parts.join(' · ');

@@ -6,8 +6,9 @@
 // img2img" fills the img2img tab, a painted mask runs an inpainting job, extras and PNG info,
 // the queue view and Cancel, gallery pages, embeddings, switching the model, a phone-width
 // screen does not scroll sideways, server errors are shown, and /docs lists the OpenAPI
-// endpoints. Further servers cover an API key, basic auth, a model that fails to load and a
-// model caught mid-download (from a loopback server through a user catalog).
+// endpoints. Further servers cover an API key, basic auth, a model that fails to load, a
+// model caught mid-download (from a loopback server through a user catalog), and an `api`
+// replica of a shared queue (Debian's redis-server) before any worker runs.
 //
 // Run: `cargo build -p sdkube && node --test tests/ui/ui.test.mjs` (after `npm ci --prefix tests/ui`).
 // Env: SDKUBE_BIN (default target/debug/sdkube), CHROMIUM (default /usr/bin/chromium),
@@ -607,6 +608,59 @@ describe('sdkube web UI behind --api-key', { timeout: 60_000 }, () => {
     assert.equal((await page.textContent('#errors')).trim(), '');
     // Only the refusals before the key was given reached the console.
     assert.deepEqual(problems.filter((p) => !/status of 401/.test(p)), []);
+  });
+});
+
+describe('sdkube web UI on a shared queue before any worker runs', { timeout: 90_000 }, () => {
+  let redis;
+  let api;
+  let worker;
+  let browser;
+
+  before(async () => {
+    const port = await freePort();
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sdkube-ui-redis-'));
+    redis = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--dir', dir, '--save', ''], { stdio: 'ignore' });
+    process.once('exit', () => redis.kill('SIGKILL'));
+    const queue = `redis://127.0.0.1:${port}`;
+    for (let i = 0; i < 100; i += 1) {
+      const up = await new Promise((resolve) => {
+        const s = net.connect(port, '127.0.0.1', () => { s.end(); resolve(true); });
+        s.on('error', () => resolve(false));
+      });
+      if (up) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    [api, browser] = await startBoth(['--role', 'api', '--queue', queue]);
+    api.queue = queue;
+  });
+
+  after(async () => {
+    await browser?.close();
+    await worker?.stop();
+    await api?.stop();
+    redis?.kill('SIGKILL');
+  });
+
+  it('says the job waits for a GPU worker, then shows it done once a worker starts', async () => {
+    const page = await browser.newPage();
+    page.setDefaultTimeout(STEP_TIMEOUT);
+    await page.goto(api.base);
+    await page.fill('#prompt', 'a lighthouse');
+    await page.fill('#width', '64');
+    await page.fill('#height', '64');
+    await page.fill('#steps', '3');
+    await page.click('#generate');
+    const banner = page.locator('#model-banner[data-state="waiting"]');
+    await banner.waitFor();
+    assert.match((await banner.textContent()).trim(), /^Waiting for a GPU worker \(1 queued\)/);
+    assert.match(await page.locator('#progress-text').textContent(), /^Queued/);
+    await page.screenshot({ path: path.join(shots, 'waiting-for-worker.png') });
+
+    worker = await startServer(['--role', 'worker', '--queue', api.queue]);
+    await page.waitForFunction(() => /^Done/.test(document.querySelector('#progress-text').textContent), null, { timeout: 60_000 });
+    // The waiting banner goes with the next status poll: a worker runs, nothing waits.
+    await page.waitForFunction(() => document.querySelector('#model-banner').hidden, null, { timeout: 10_000 });
   });
 });
 

@@ -18,7 +18,7 @@ use utoipa_axum::routes;
 use crate::config::Role;
 use crate::error::{ApiError, ApiJson};
 use crate::job::{JobImage, JobRecord, JobState};
-use crate::model::ModelStatus;
+use crate::model::{ModelState, ModelStatus};
 use crate::requests::{
     ExtrasSingleRequest, Img2ImgRequest, JobSpec, TrainEmbeddingRequest, Txt2ImgRequest,
 };
@@ -153,10 +153,12 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<ServerStatus>,
             w.model.clone(),
             workers.iter().flat_map(|w| w.devices.clone()).collect(),
         ),
+        // The API is ready; jobs wait for a worker (the queue's `waiting` says so).
         (Role::Api, None) => (
             ModelStatus {
                 name: String::new(),
-                message: Some("no worker is running".into()),
+                state: ModelState::Ready,
+                message: Some("no GPU worker is running: jobs wait for one".into()),
                 ..ModelStatus::default()
             },
             Vec::new(),
