@@ -23,6 +23,9 @@ FIXTURE_MODEL = REPO / "fixtures" / "sd" / "sd1"
 
 
 def binary() -> Path:
+    """SDKUBE_BIN, else the debug build of this checkout."""
+    if os.environ.get("SDKUBE_BIN"):
+        return Path(os.environ["SDKUBE_BIN"])
     target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
     return target / "debug" / "sdkube"
 
@@ -81,15 +84,18 @@ class Redis:
 
     def start(self):
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+            [os.environ.get("REDIS_SERVER", "redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
              "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for("redis", lambda: self.cli("PING") == "PONG", timeout=10)
 
     def cli(self, *args: str) -> str:
-        out = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip()
+        """One command, answered as text (RESP spoken here: redis-cli may not be installed)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            s.sendall(b"".join([f"*{len(args)}\r\n".encode()] +
+                               [f"${len(a)}\r\n{a}\r\n".encode() for a in args]))
+            reply = s.recv(65536).decode(errors="replace")
+        return reply[1:].strip() if reply[:1] in "+-:" else reply.strip()
 
     def kill(self):
         """A crash: SIGKILL, no shutdown save."""
@@ -106,7 +112,7 @@ class Sdkube:
     """One `sdkube serve` process."""
 
     def __init__(self, workdir: Path, name: str, role: str, queue: str, *extra: str,
-                 env: dict | None = None):
+                 env: dict | None = None, model: Path = FIXTURE_MODEL, device: str = "cpu"):
         self.name = name
         self.role = role
         self.port = free_port()
@@ -114,12 +120,12 @@ class Sdkube:
         self.log_path = workdir / f"{name}.log"
         data = workdir / name
         args = [str(binary()), "serve", "--role", role, "--queue", queue,
-                "--model", str(FIXTURE_MODEL), "--listen", f"127.0.0.1:{self.port}",
+                "--model", str(model), "--listen", f"127.0.0.1:{self.port}",
                 "--store", str(data / "models"), "--outputs", str(data / "outputs"),
                 "--embeddings", str(data / "embeddings"), "--training", str(data / "training"),
-                "--max-size", "256", "--max-steps", "2000", *extra]
+                "--max-size", "2048", "--max-steps", "2000", *extra]
         if role != "api":
-            args += ["--device", "cpu"]
+            args += ["--device", device]
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "RUST_LOG": "info", **(env or {})})
@@ -172,11 +178,14 @@ class Cluster:
     """Redis, `apis` API replicas and `workers` workers; `client(i)` is the API replica the
     i-th request goes to (round robin)."""
 
-    def __init__(self, apis: int = 2, workers: int = 3, worker_args=(), api_args=()):
+    def __init__(self, apis: int = 2, workers: int = 3, worker_args=(), api_args=(),
+                 worker_env: dict | None = None, **process):
         self.dir = Path(tempfile.mkdtemp(prefix="sdkube-cluster-"))
         self.redis = Redis(self.dir)
         self.worker_args = list(worker_args)
-        self.apis = [Sdkube(self.dir, f"api{i}", "api", self.redis.url, *api_args)
+        self.worker_env = worker_env
+        self.process = process  # model=, device= for every process
+        self.apis = [Sdkube(self.dir, f"api{i}", "api", self.redis.url, *api_args, **process)
                      for i in range(apis)]
         self.workers: list[Sdkube] = []
         for _ in range(workers):
@@ -188,7 +197,8 @@ class Cluster:
 
     def add_worker(self, *extra: str) -> Sdkube:
         w = Sdkube(self.dir, f"worker{len(self.workers)}", "worker", self.redis.url,
-                   "--visibility-timeout", "3", *self.worker_args, *extra)
+                   "--visibility-timeout", "3", *self.worker_args, *extra, env=self.worker_env,
+                   **self.process)
         self.workers.append(w)
         return w
 

@@ -270,3 +270,60 @@ def test_webuiapi_against_the_api_role(cluster):
     again = other.txt2img(prompt="a lighthouse", negative_prompt="fog", seed=5, steps=6,
                           width=64, height=64, sampler_name="Euler a", cfg_scale=7)
     assert again.image.tobytes() == result.image.tobytes()
+
+
+def tls_redis(tmp_path, password: str):
+    """redis-server speaking TLS only, with a password, its certificate from a test CA."""
+    import subprocess
+    from cluster import free_port
+    ca_key, ca, key, csr, crt = (tmp_path / n for n in ("ca.key", "ca.pem", "r.key", "r.csr", "r.crt"))
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True)
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+        "-days", "2", "-subj", "/CN=sdkube test CA")
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+        "-subj", "/CN=localhost")
+    ext = tmp_path / "ext.cnf"
+    ext.write_text("subjectAltName=DNS:localhost\n")
+    run("openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+        "-out", crt, "-days", "2", "-extfile", ext)
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port), "--bind",
+                             "127.0.0.1", "--tls-cert-file", crt, "--tls-key-file", key,
+                             "--tls-ca-cert-file", ca, "--tls-auth-clients", "no",
+                             "--requirepass", password, "--save", "", "--dir", tmp_path],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, port, ca
+
+
+def test_tls_and_a_password_and_clear_refusals(tmp_path):
+    """rediss:// with a password (a managed Redis); a wrong password or an untrusted
+    certificate stops the process at start with the reason, the password never printed."""
+    import subprocess
+    from cluster import binary
+    redis, port, ca = tls_redis(tmp_path, "s3cret-pw")
+    try:
+        url = f"rediss://:s3cret-pw@localhost:{port}"
+        env = {"SSL_CERT_FILE": str(ca)}
+        api = Sdkube(tmp_path, "api", "api", url, env=env)
+        worker = Sdkube(tmp_path, "worker", "worker", url, env=env)
+        try:
+            api.wait_ready()
+            worker.wait_ready()
+            status, body = api.post("/sdapi/v1/txt2img", txt2img(3))
+            assert status == 200 and len(body["images"]) == 1, body
+        finally:
+            api.stop()
+            worker.stop()
+        for bad_url, bad_env, reason in [
+            (f"rediss://:wrong@localhost:{port}", env, "check the password"),
+            (url, {"SSL_CERT_FILE": "/dev/null"}, "trust its CA with SSL_CERT_FILE"),
+        ]:
+            out = subprocess.run([str(binary()), "serve", "--role", "api", "--queue", bad_url,
+                                  "--listen", "127.0.0.1:0"], capture_output=True, text=True,
+                                 timeout=60, env={**__import__("os").environ, **bad_env})
+            assert out.returncode != 0
+            assert "cannot reach the queue at rediss://***@localhost" in out.stderr, out.stderr
+            assert reason.lower() in out.stderr.lower(), out.stderr
+            assert "s3cret-pw" not in out.stderr and "wrong@" not in out.stderr
+    finally:
+        redis.kill()

@@ -110,12 +110,15 @@ pub(crate) fn engine_error(e: RedisError) -> QueueError {
 impl Engine {
     /// Connects and makes sure the stream and its consumer group exist.
     pub async fn connect(config: &SharedQueue, capacity: usize) -> anyhow::Result<Engine> {
+        // rediss:// goes through rustls, with the same crypto as the model fetcher.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = redis::Client::open(config.url.as_str())
             .map_err(|e| anyhow::anyhow!("--queue {}: {e}", redact(&config.url)))?;
         let conn = manager(&client).await.map_err(|e| {
             anyhow::anyhow!(
-                "cannot reach the queue at {}: {e} (is Redis running and reachable?)",
-                redact(&config.url)
+                "cannot reach the queue at {}: {e} ({})",
+                redact(&config.url),
+                connect_hint(&e)
             )
         })?;
         let keys = Keys {
@@ -176,6 +179,18 @@ async fn manager(client: &redis::Client) -> Result<Conn, RedisError> {
     Ok(Conn::new(
         client.get_connection_manager_with_config(config).await?,
     ))
+}
+
+/// What to check when the first connection fails.
+fn connect_hint(e: &RedisError) -> &'static str {
+    let text = e.to_string().to_lowercase();
+    if e.kind() == redis::ErrorKind::AuthenticationFailed || text.contains("wrongpass") {
+        "check the password in the queue URL, or the secret it comes from"
+    } else if text.contains("certificate") || text.contains("tls") {
+        "rediss:// checks the server's certificate: trust its CA with SSL_CERT_FILE"
+    } else {
+        "is Redis running and reachable from here?"
+    }
 }
 
 /// The URL with any password replaced, for messages.
