@@ -2,7 +2,10 @@
 //! store (with progress), loading onto the devices, ready, or failed with a message.
 //!
 //! The HTTP side asks for a model by catalog name or path ([`ModelSlot::select`]); the
-//! workers load whatever generation of the selection is current.
+//! workers load whatever generation of the selection is current. Once a model is ready, a new
+//! selection is a *switch*: the served model keeps serving while the new one is fetched and
+//! read, and stays when the new one fails (A1111 keeps its checkpoint too), so that one
+//! client's bad choice never takes the server out of service.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -62,6 +65,47 @@ pub struct ModelStatus {
     /// with it.
     #[serde(skip)]
     pub selection: String,
+    /// A switch to another checkpoint under way (or just failed) while this one serves.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub switching: Option<Switching>,
+}
+
+/// A switch in progress, as `/api/v1/status` and `/readyz` show it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Switching {
+    pub name: String,
+    pub state: ModelState,
+    pub message: Option<String>,
+    pub progress: Option<FetchProgress>,
+}
+
+/// Where a selection stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// It serves.
+    Serving,
+    /// Being fetched or loaded.
+    Pending,
+    /// It could not be fetched or loaded (why); the served model stayed.
+    Failed(String),
+    /// A newer selection replaced it before or after it served.
+    Replaced,
+}
+
+/// What a worker should have loaded: a generation of a selection, read from `path`.
+#[derive(Debug, Clone)]
+pub struct Wanted {
+    pub generation: u64,
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// The served model and, during a switch, the one replacing it.
+struct Slot {
+    served: ModelStatus,
+    target: Option<ModelStatus>,
+    /// Last generation handed out (served and target share the counter).
+    generation: u64,
 }
 
 /// Where models come from: the store (catalog names) and plain paths.
@@ -89,7 +133,7 @@ pub struct CheckpointInfo {
 }
 
 pub struct ModelSlot {
-    status: Mutex<ModelStatus>,
+    slot: Mutex<Slot>,
     /// The operator's choices by path (`--model`): listed and selectable by name later.
     by_path: Mutex<Vec<CheckpointInfo>>,
     workers: usize,
@@ -106,16 +150,14 @@ pub fn title_of_path(path: &Path) -> String {
 impl ModelSlot {
     pub fn new(sources: ModelSources, workers: usize) -> Arc<Self> {
         Arc::new(Self {
-            status: Mutex::new(ModelStatus {
-                name: String::new(),
-                state: ModelState::Loading,
-                message: Some("starting".into()),
-                progress: None,
-                family: None,
-                path: None,
+            slot: Mutex::new(Slot {
+                served: ModelStatus {
+                    state: ModelState::Loading,
+                    message: Some("starting".into()),
+                    ..ModelStatus::default()
+                },
+                target: None,
                 generation: 0,
-                loaded_by: 0,
-                selection: String::new(),
             }),
             by_path: Mutex::new(Vec::new()),
             workers,
@@ -123,12 +165,59 @@ impl ModelSlot {
         })
     }
 
+    /// The served model, with the switch under way if there is one.
     pub fn status(&self) -> ModelStatus {
-        lock(&self.status).clone()
+        let slot = lock(&self.slot);
+        let mut s = slot.served.clone();
+        s.switching = slot.target.as_ref().map(|t| Switching {
+            name: t.name.clone(),
+            state: t.state,
+            message: t.message.clone(),
+            progress: t.progress,
+        });
+        s
     }
 
     pub fn is_ready(&self) -> bool {
-        lock(&self.status).state == ModelState::Ready
+        lock(&self.slot).served.state == ModelState::Ready
+    }
+
+    /// What a worker should have loaded: the switch's new model once it is in the store
+    /// (unless it failed), else the served one.
+    pub fn wanted(&self) -> Option<Wanted> {
+        let slot = lock(&self.slot);
+        let of = |s: &ModelStatus| {
+            s.path.clone().map(|path| Wanted {
+                generation: s.generation,
+                name: s.name.clone(),
+                path,
+            })
+        };
+        match &slot.target {
+            Some(t) if t.state != ModelState::Failed => of(t),
+            _ if slot.served.state == ModelState::Failed => None,
+            _ => of(&slot.served),
+        }
+    }
+
+    /// How the selection of `generation` ended (see [`Outcome`]).
+    pub fn outcome(&self, generation: u64) -> Outcome {
+        let slot = lock(&self.slot);
+        let failed = |s: &ModelStatus| {
+            Outcome::Failed(s.message.clone().unwrap_or_else(|| "loading failed".into()))
+        };
+        match (&slot.served, &slot.target) {
+            (s, _) if s.generation == generation && s.state == ModelState::Ready => {
+                Outcome::Serving
+            }
+            (s, _) if s.generation == generation && s.state == ModelState::Failed => failed(s),
+            (_, Some(t)) if t.generation == generation && t.state == ModelState::Failed => {
+                failed(t)
+            }
+            (_, Some(t)) if t.generation == generation => Outcome::Pending,
+            (s, _) if s.generation == generation => Outcome::Pending,
+            _ => Outcome::Replaced,
+        }
     }
 
     /// Checkpoints that can be selected: files and folders in the checkpoint directories,
@@ -180,12 +269,27 @@ impl ModelSlot {
 
     /// Selects the model to serve: an existing path, a checkpoint found in the checkpoint
     /// folders, or a catalog name (fetched in the background when missing from the store).
-    /// Returns at once; [`ModelSlot::status`] tells the progress.
+    /// Returns its generation at once; [`ModelSlot::outcome`] tells how it ends. While a
+    /// model serves, the new one replaces it only once every worker has loaded it.
     /// `allow_path`: the operator's `--model` may be any path; API clients only choose among
     /// the listed checkpoints, so that no request can make the server read an arbitrary file.
-    pub fn select(self: &Arc<Self>, model: &str, allow_path: bool) -> Result<(), String> {
+    pub fn select(self: &Arc<Self>, model: &str, allow_path: bool) -> Result<u64, String> {
+        {
+            // Already served, or already on its way: nothing to start.
+            let slot = lock(&self.slot);
+            let same = |s: &ModelStatus| s.selection == model && s.state != ModelState::Failed;
+            if let Some(t) = slot.target.as_ref().filter(|t| same(t)) {
+                return Ok(t.generation);
+            }
+            let switching = slot
+                .target
+                .as_ref()
+                .is_some_and(|t| t.state != ModelState::Failed);
+            if same(&slot.served) && !switching {
+                return Ok(slot.served.generation);
+            }
+        }
         let as_path = PathBuf::from(model);
-        let current = self.status();
         let (name, path) = if allow_path && as_path.exists() {
             let info = CheckpointInfo {
                 title: title_of_path(&as_path),
@@ -197,11 +301,6 @@ impl ModelSlot {
             known.retain(|c| c.title != info.title);
             known.push(info);
             (sdkube_models::model_name(&as_path), Some(as_path))
-        } else if !current.name.is_empty()
-            && current.name == model.split(" [").next().unwrap_or(model)
-            && current.path.is_some()
-        {
-            (current.name.clone(), current.path.clone())
         } else if let Some(c) = {
             // A1111 clients send the title, possibly with a " [hash]" suffix.
             let wanted = model.split(" [").next().unwrap_or(model);
@@ -217,31 +316,38 @@ impl ModelSlot {
             ));
         };
         let generation = {
-            let mut s = lock(&self.status);
-            s.generation += 1;
-            s.selection = model.to_string();
-            s.name = name.clone();
-            s.family = None;
-            s.loaded_by = 0;
-            s.progress = None;
-            s.path = path.clone();
-            match &path {
-                Some(_) => {
-                    s.state = ModelState::Loading;
-                    s.message = Some(format!("loading {name}"));
-                }
-                None => {
-                    s.state = ModelState::Fetching;
-                    s.message = Some(format!("fetching {name} into the model store"));
-                }
+            let mut slot = lock(&self.slot);
+            slot.generation += 1;
+            let (state, message) = match &path {
+                Some(_) => (ModelState::Loading, format!("loading {name}")),
+                None => (
+                    ModelState::Fetching,
+                    format!("fetching {name} into the model store"),
+                ),
+            };
+            let status = ModelStatus {
+                name: name.clone(),
+                state,
+                message: Some(message),
+                path: path.clone(),
+                generation: slot.generation,
+                selection: model.to_string(),
+                ..ModelStatus::default()
+            };
+            if slot.served.state == ModelState::Ready {
+                slot.target = Some(status);
+            } else {
+                // Nothing serves yet: nothing to keep.
+                slot.served = status;
+                slot.target = None;
             }
-            s.generation
+            slot.generation
         };
         if path.is_none() {
             let slot = self.clone();
             std::thread::spawn(move || slot.fetch(&name, generation));
         }
-        Ok(())
+        Ok(generation)
     }
 
     fn fetch(&self, name: &str, generation: u64) {
@@ -302,15 +408,17 @@ impl ModelSlot {
         });
     }
 
-    /// Applies `f` unless a newer selection has replaced `generation`.
+    /// Applies `f` to the selection of `generation`, unless a newer one replaced it.
     fn update_if(&self, generation: u64, f: impl FnOnce(&mut ModelStatus)) {
-        let mut s = lock(&self.status);
-        if s.generation == generation {
-            f(&mut s);
+        let mut slot = lock(&self.slot);
+        if let Some(t) = slot.target.as_mut().filter(|t| t.generation == generation) {
+            f(t);
+        } else if slot.served.generation == generation {
+            f(&mut slot.served);
         }
     }
 
-    /// A worker finished loading `generation`.
+    /// A worker finished loading `generation`; once every worker has, it serves.
     pub fn loaded(&self, generation: u64, family: &str) {
         let workers = self.workers;
         self.update_if(generation, |s| {
@@ -321,6 +429,14 @@ impl ModelSlot {
                 s.message = None;
             }
         });
+        let mut slot = lock(&self.slot);
+        if slot
+            .target
+            .as_ref()
+            .is_some_and(|t| t.state == ModelState::Ready)
+        {
+            slot.served = slot.target.take().expect("checked above");
+        }
     }
 
     /// A worker could not load `generation`.

@@ -16,7 +16,7 @@ use sdkube_pipeline::sampler::{Flow, SamplerError};
 use sdkube_pipeline::{upscale_latent, Engine, Generated, Overrides, Request, VramMode};
 
 use crate::job::{Failure, Job, JobImage, JobState};
-use crate::model::ModelState;
+use crate::model::{ModelSlot, Outcome, Wanted};
 use crate::post::PostCache;
 use crate::queue::BatchRule;
 use crate::state::{device_label, AppState};
@@ -95,28 +95,36 @@ impl Worker {
         }
     }
 
-    /// Loads the selected model when the selection changed since the last load.
+    /// Loads the model the slot wants when it is not the one loaded here: a new selection,
+    /// or, after a switch failed, the served model again.
     fn follow_model(&mut self) {
-        let status = self.state.model.status();
-        let Some(path) = status.path.clone() else {
+        let Some(want) = self.state.model.wanted() else {
             return;
         };
-        if status.generation == self.generation {
+        if want.generation == self.generation {
             return;
         }
-        self.generation = status.generation;
-        self.engine = None; // free the old model's memory before loading the new one
         let started = Instant::now();
-        let loaded = sdkube_models::load(&path, &sdkube_models::LoadOptions::default())
-            .map_err(|e| without_backtrace(&e.to_string()))
-            .and_then(|w| {
-                Engine::new(w, &status.name, self.device.clone(), self.dtype, self.vram)
-                    .map_err(|e| without_backtrace(&e.to_string()))
-            });
-        match loaded {
+        // The weights are read first, while the loaded model still serves: a file that cannot
+        // be read leaves it in place.
+        let weights = match sdkube_models::load(&want.path, &sdkube_models::LoadOptions::default())
+        {
+            Ok(w) => w,
+            Err(e) => return self.load_failed(&want, &without_backtrace(&e.to_string())),
+        };
+        // The old networks leave the device before the new ones are built.
+        self.engine = None;
+        self.generation = 0;
+        let built = Engine::new(
+            weights,
+            &want.name,
+            self.device.clone(),
+            self.dtype,
+            self.vram,
+        );
+        match built {
             Ok(mut engine) => {
-                let l = self.state.config.limits;
-                engine.limits = l;
+                engine.limits = self.state.config.limits;
                 let widths = TextWidths::of(engine.weights());
                 match EmbeddingSet::load_dir(&self.state.config.embeddings, widths) {
                     Ok(set) => engine.set_embeddings(set),
@@ -124,58 +132,63 @@ impl Worker {
                 }
                 *crate::lock(&self.state.text_widths) = Some(widths);
                 tracing::info!(
-                    model = %status.name,
+                    model = %want.name,
                     family = engine.family().name(),
                     device = ?self.device,
                     seconds = started.elapsed().as_secs_f64(),
                     "model loaded"
                 );
+                self.generation = want.generation;
                 self.state
                     .model
-                    .loaded(status.generation, engine.family().name());
+                    .loaded(want.generation, engine.family().name());
                 self.engine = Some(engine);
             }
-            Err(e) => {
-                tracing::error!(model = %status.name, error = %e, "model failed to load");
-                self.state.metrics.error("model_load");
-                self.state.model.failed(
-                    status.generation,
-                    format!("loading {} failed: {e}", status.name),
-                );
-            }
+            // The next call loads the served model again.
+            Err(e) => self.load_failed(&want, &without_backtrace(&e.to_string())),
         }
     }
 
+    fn load_failed(&self, want: &Wanted, error: &str) {
+        tracing::error!(model = %want.name, error = %error, "model failed to load");
+        self.state.metrics.error("model_load");
+        self.state.model.failed(
+            want.generation,
+            format!("loading {} failed: {error}", want.name),
+        );
+    }
+
     /// Makes the checkpoint a job asks for the loaded one: a client's selection (by title
-    /// or name), else this server's `--model`. Waits for a fetch and the load.
+    /// or name), else this server's `--model`. Waits for a fetch and the load; when the
+    /// switch fails, the job fails and the served model stays.
     fn ensure_model(&mut self, wanted: Option<&str>) -> Result<(), JobError> {
+        let default = self.state.config.model.clone();
         let (selection, allow_path) = match wanted {
             Some(name) => (name, false),
-            None => (self.state.config.model.as_str(), true),
+            None => (default.as_str(), true),
         };
-        let status = self.state.model.status();
-        if status.selection != selection || status.state == ModelState::Failed {
-            self.state
-                .model
-                .select(selection, allow_path)
+        let select = |slot: &Arc<ModelSlot>| {
+            slot.select(selection, allow_path)
                 .map_err(|message| JobError {
                     kind: Failure::BadRequest,
                     message,
-                })?;
-        }
+                })
+        };
+        let mut generation = select(&self.state.model)?;
         loop {
             self.follow_model();
-            let s = self.state.model.status();
-            match s.state {
-                ModelState::Ready if self.engine.is_some() => return Ok(()),
-                ModelState::Failed => {
+            match self.state.model.outcome(generation) {
+                Outcome::Serving if self.generation == generation => return Ok(()),
+                Outcome::Failed(message) => {
                     return Err(JobError {
                         kind: Failure::Unavailable,
-                        message: s.message.unwrap_or_else(|| "the model failed".into()),
+                        message,
                     })
                 }
-                // Loaded by this device, waiting for the process's other devices.
-                ModelState::Loading if self.engine.is_some() => return Ok(()),
+                // Loaded here, waiting for this process's other devices.
+                Outcome::Pending if self.generation == generation => return Ok(()),
+                // Another job's checkpoint came first: ask for this one again.
+                Outcome::Replaced => generation = select(&self.state.model)?,
                 _ => std::thread::sleep(Duration::from_millis(50)),
             }
         }

@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::Role;
 use crate::error::{ApiError, ApiJson};
-use crate::model::ModelState;
+use crate::model::{ModelState, Outcome};
 use crate::state::{AppState, MODEL_OPTION};
 
 async fn options_value(state: &AppState) -> Result<Map<String, Value>, ApiError> {
@@ -103,26 +103,37 @@ pub async fn set_options(
     Ok(Json(Value::Null))
 }
 
-/// Selects a checkpoint for this process's workers and waits until they have loaded it.
+/// Selects a checkpoint for this process's workers and waits until they have loaded it. A
+/// checkpoint that cannot be fetched or loaded is an error naming the cause, and the served
+/// one stays.
 async fn switch_local_model(state: &AppState, wanted: &str) -> Result<(), ApiError> {
-    let current = state.model.status();
-    if current.name == wanted && current.state != ModelState::Failed {
-        return Ok(());
-    }
-    state
+    let generation = state
         .model
         .select(wanted, false)
         .map_err(ApiError::bad_request)?;
     loop {
-        let s = state.model.status();
-        match s.state {
-            ModelState::Ready => return Ok(()),
-            ModelState::Failed => {
-                return Err(ApiError::internal(
-                    s.message.unwrap_or_else(|| "loading failed".into()),
+        match state.model.outcome(generation) {
+            Outcome::Serving => return Ok(()),
+            Outcome::Replaced => {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::CONFLICT,
+                    format!("switching to {wanted}: another model was selected meanwhile"),
                 ))
             }
-            _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            Outcome::Failed(message) => {
+                let served = state.model.status();
+                let kept = match served.state {
+                    ModelState::Ready => format!("; still serving {}", served.name),
+                    _ => String::new(),
+                };
+                let cause = format!("switching to {wanted} failed: {message}{kept}");
+                return Err(if message.starts_with("fetching") {
+                    ApiError::unavailable(cause)
+                } else {
+                    ApiError::internal(cause)
+                });
+            }
+            Outcome::Pending => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
         }
     }
 }

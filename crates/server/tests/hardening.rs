@@ -1,0 +1,92 @@
+//! One client must never take the server down or break it for the others (issue 23): a
+//! failed model switch, invalid option values, unbounded client data, hostile connections.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A loopback HTTP server answering 404 to everything (a hub that lost the file).
+async fn not_found_server() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock
+                    .write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    )
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_model_switch_keeps_the_served_model() {
+    let base = not_found_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("catalog.toml");
+    std::fs::write(
+        &catalog,
+        format!(
+            "[[model]]\nname = \"gone-model\"\nkind = \"checkpoint\"\ndescription = \"test\"\n\
+             [[model.file]]\nurl = \"{base}/unet.safetensors\"\nfile_name = \"unet.safetensors\"\n"
+        ),
+    )
+    .unwrap();
+    // A checkpoint folder that lists but cannot load (no networks in it).
+    let broken = dir.path().join("checkpoints/broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(
+        broken.join("model_index.json"),
+        r#"{"_class_name": "StableDiffusionPipeline"}"#,
+    )
+    .unwrap();
+    let checkpoints = dir.path().join("checkpoints");
+    let s = start(|c| {
+        c.sources.catalog = Some(catalog.clone());
+        c.sources.checkpoint_dirs.push(checkpoints.clone());
+    })
+    .await;
+    let generate =
+        json!({"prompt": "a red cube", "steps": 2, "width": 64, "height": 64, "seed": 1});
+
+    for (model, code, cause) in [
+        ("gone-model", 503, "fetching gone-model failed"),
+        ("broken", 500, "loading broken failed"),
+    ] {
+        let (status, body) = s
+            .post("/sdapi/v1/options", json!({"sd_model_checkpoint": model}))
+            .await;
+        assert_eq!(status, code, "{body}");
+        let detail = body["detail"].as_str().unwrap();
+        assert!(detail.contains(cause), "{detail}");
+        assert!(detail.contains("still serving sd1"), "{detail}");
+        // Still in service, on the old model.
+        let (ready, state) = s.get("/readyz").await;
+        assert_eq!(ready, 200, "{state}");
+        assert_eq!(state["switching"]["name"], model);
+        assert_eq!(state["switching"]["state"], "failed");
+        let (_, opts) = s.get("/sdapi/v1/options").await;
+        assert_eq!(opts["sd_model_checkpoint"], "sd1");
+        let (status, body) = s.post("/sdapi/v1/txt2img", generate.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        let info: serde_json::Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+        assert_eq!(info["sd_model_name"], "sd1");
+    }
+    // A good switch still works afterwards.
+    let (status, body) = s
+        .post("/sdapi/v1/options", json!({"sd_model_checkpoint": "sd2v"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, opts) = s.get("/sdapi/v1/options").await;
+    assert_eq!(opts["sd_model_checkpoint"], "sd2v");
+    let (_, ready) = s.get("/readyz").await;
+    assert!(ready.get("switching").is_none(), "{ready}");
+}
