@@ -51,6 +51,14 @@ def _served_config(values: dict) -> dict:
 def test_defaults_reach_the_binary():
     config = _served_config({})
     assert config == {
+        # the single server with its queue in memory (queue.backend: memory)
+        "role": "all",
+        "queue": "memory",
+        "queue_prefix": "sdkube",
+        "visibility_timeout": 60,
+        "result_ttl": 3600,
+        "gallery_keep": 500,
+        "max_deliveries": 3,
         "model": "sd-1.5",
         "store": "/data/models",
         "outputs": "/data/outputs",
