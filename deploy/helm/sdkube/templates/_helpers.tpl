@@ -24,12 +24,55 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
-Selector of the server pods. The component label keeps other pods of the release (the
-`helm test` pod) out of the workload's selector, which would otherwise adopt them.
+Selector of the GPU workload's pods: the single server (`queue.backend: memory`) or the
+workers (`redis`). The component label keeps other pods of the release (the `helm test` pod,
+the api, Redis) out of the workload's selector, which would otherwise adopt them.
 */}}
 {{- define "sdkube.serverSelectorLabels" -}}
 {{ include "sdkube.selectorLabels" . }}
-app.kubernetes.io/component: server
+app.kubernetes.io/component: {{ include "sdkube.workloadComponent" . }}
+{{- end }}
+
+{{/* Selector of one component's pods: (dict "root" $ "component" "api"). */}}
+{{- define "sdkube.componentSelectorLabels" -}}
+{{ include "sdkube.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+Scale-out: with `queue.backend: redis` an `api` Deployment serves the UI and APIs, the GPU
+workload becomes the `worker`s, and they share the job queue in Redis (bundled or external).
+*/}}
+{{- define "sdkube.sharedQueue" -}}
+{{- if eq .Values.queue.backend "redis" }}true{{ end }}
+{{- end }}
+
+{{- define "sdkube.workloadComponent" -}}
+{{- if include "sdkube.sharedQueue" . }}worker{{ else }}server{{ end }}
+{{- end }}
+
+{{/* The component the Service, Ingress and `helm test` reach: the server, or the api. */}}
+{{- define "sdkube.frontComponent" -}}
+{{- if include "sdkube.sharedQueue" . }}api{{ else }}server{{ end }}
+{{- end }}
+
+{{/*
+Name of one component's objects, `<fullname>-<suffix>`, cut so that a StatefulSet's name stays
+within 52 characters (its pods' controller-revision-hash label must fit 63): (list $ "redis").
+*/}}
+{{- define "sdkube.componentName" -}}
+{{- $root := index . 0 }}
+{{- $suffix := index . 1 }}
+{{- printf "%s-%s" (include "sdkube.fullname" $root | trunc (int (sub 51 (len $suffix))) | trimSuffix "-") $suffix }}
+{{- end }}
+
+{{/* The GPU workload: `<fullname>` alone, or `<fullname>-worker` beside the api. */}}
+{{- define "sdkube.workloadName" -}}
+{{- if include "sdkube.sharedQueue" . }}
+{{- include "sdkube.componentName" (list . "worker") }}
+{{- else }}
+{{- include "sdkube.fullname" . }}
+{{- end }}
 {{- end }}
 
 {{- define "sdkube.labels" -}}
@@ -81,7 +124,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.persistence.existingClaim }}
 {{- .Values.persistence.existingClaim }}
 {{- else if eq .Values.workload.kind "StatefulSet" }}
-{{- printf "%s-%s-0" (include "sdkube.dataVolume" .) (include "sdkube.fullname" .) }}
+{{- printf "%s-%s-0" (include "sdkube.dataVolume" .) (include "sdkube.workloadName" .) }}
 {{- else }}
 {{- printf "%s-data" (include "sdkube.fullname" .) }}
 {{- end }}
@@ -171,6 +214,89 @@ resources:
 {{- end }}
 {{- end }}
 
+{{/* Key prefix in Redis (SDKUBE_QUEUE_PREFIX): the release's full name unless set. */}}
+{{- define "sdkube.queuePrefix" -}}
+{{- .Values.queue.prefix | default (include "sdkube.fullname" .) }}
+{{- end }}
+
+{{/* Whether the chart runs its own Redis (shared queue, no external URL). */}}
+{{- define "sdkube.redisBundled" -}}
+{{- if and (include "sdkube.sharedQueue" .) (not .Values.queue.redis.url) }}true{{ end }}
+{{- end }}
+
+{{- define "sdkube.redisName" -}}
+{{- include "sdkube.componentName" (list . "redis") }}
+{{- end }}
+
+{{/*
+Where Redis is, as JSON (fromJson): scheme, address (host:port, as KEDA wants it), db and user
+name, from queue.redis.url or the bundled Redis's Service. KEDA's operator runs in its own
+namespace, so the bundled address carries the namespace.
+*/}}
+{{- define "sdkube.redisEndpoint" -}}
+{{- if .Values.queue.redis.url }}
+{{- $u := urlParse .Values.queue.redis.url }}
+{{- $address := $u.host }}
+{{- if not (regexMatch ":[0-9]+$" $address) }}{{ $address = printf "%s:6379" $address }}{{ end }}
+{{- $db := trimPrefix "/" $u.path | default "0" }}
+{{- toJson (dict "scheme" $u.scheme "address" $address "db" $db "username" (splitList ":" $u.userinfo | first)) }}
+{{- else }}
+{{- toJson (dict "scheme" "redis" "address" (printf "%s.%s.svc:6379" (include "sdkube.redisName" .) .Release.Namespace) "db" "0" "username" "") }}
+{{- end }}
+{{- end }}
+
+{{/* Whether Redis is reached with a password: always the bundled one's; an external one's when given. */}}
+{{- define "sdkube.redisAuth" -}}
+{{- if and (include "sdkube.sharedQueue" .) (or .Values.queue.redis.existingSecret .Values.queue.redis.password (include "sdkube.redisBundled" .)) }}true{{ end }}
+{{- end }}
+
+{{/* Whether the chart keeps the password in its own Secret (given, or generated for the bundled Redis). */}}
+{{- define "sdkube.redisCreateSecret" -}}
+{{- if and (include "sdkube.redisAuth" .) (not .Values.queue.redis.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{- define "sdkube.redisSecretName" -}}
+{{- .Values.queue.redis.existingSecret | default (include "sdkube.redisName" .) }}
+{{- end }}
+
+{{- define "sdkube.redisSecretKey" -}}
+{{- if .Values.queue.redis.existingSecret }}{{ .Values.queue.redis.existingSecretKey }}{{ else }}redis-password{{ end }}
+{{- end }}
+
+{{/*
+SDKUBE_QUEUE for the api and the workers. The password never appears in the pod spec: the
+kubelet substitutes $(REDIS_PASSWORD), defined just before from the Secret, when it starts the
+container (hence a URL-safe password).
+*/}}
+{{- define "sdkube.queueEnv" -}}
+{{- $e := fromJson (include "sdkube.redisEndpoint" .) }}
+{{- $auth := "" }}
+{{- if $e.username }}
+- name: REDIS_USERNAME
+  value: {{ $e.username | quote }}
+{{- $auth = printf "%s@" $e.username }}
+{{- end }}
+{{- if include "sdkube.redisAuth" . }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "sdkube.redisSecretName" . }}
+      key: {{ include "sdkube.redisSecretKey" . }}
+{{- $auth = printf "%s:$(REDIS_PASSWORD)@" $e.username }}
+{{- end }}
+- name: SDKUBE_QUEUE
+  value: {{ printf "%s://%s%s/%s" $e.scheme $auth $e.address $e.db | quote }}
+{{- end }}
+
+{{/* storageClassName of a claim from a persistence map with the Helm convention (unset: omitted; "-": ""; else the name). */}}
+{{- define "sdkube.storageClassOf" -}}
+{{- if eq (toString .storageClass) "-" }}
+storageClassName: ""
+{{- else if .storageClass }}
+storageClassName: {{ .storageClass | quote }}
+{{- end }}
+{{- end }}
+
 {{- define "sdkube.device" -}}
 {{- if .Values.server.device }}{{ .Values.server.device }}{{ else if gt (int .Values.gpu.count) 0 }}cuda{{ else }}cpu{{ end }}
 {{- end }}
@@ -185,6 +311,10 @@ The schema checks types and names; this checks combinations.
 {{- $lv := $p.localVolume }}
 {{- $replicas := int .Values.workload.replicas }}
 {{- if .Values.autoscaling.enabled }}{{ $replicas = int .Values.autoscaling.maxReplicas }}{{ end }}
+{{- $keda := .Values.autoscaling.keda }}
+{{- if $keda.enabled }}{{ $replicas = int $keda.maxReplicaCount }}{{ end }}
+{{- $shared := include "sdkube.sharedQueue" . }}
+{{- $redis := .Values.queue.redis }}
 {{- if and .Values.caBundle.configMap .Values.caBundle.secret }}
 {{- $errors = append $errors "caBundle: set either configMap or secret, not both" }}
 {{- end }}
@@ -207,7 +337,42 @@ The schema checks types and names; this checks combinations.
 {{- $errors = append $errors "persistence.localVolume is one volume on one node: use one replica (workload.replicas=1, no autoscaling)" }}
 {{- end }}
 {{- if and $p.enabled (not $p.existingClaim) (eq .Values.workload.kind "Deployment") (gt $replicas 1) (not (has "ReadWriteMany" $p.accessModes)) }}
+{{- if $shared }}
+{{- $errors = append $errors (printf "up to %d workers would share the model claim, which is ReadWriteOnce (one node): set persistence.accessModes=[ReadWriteMany] with a class that offers it (NFS, CephFS, EFS, Filestore, Azure Files), or workload.kind=StatefulSet (one volume per worker; each downloads the models)" $replicas) }}
+{{- else }}
 {{- $errors = append $errors "several Deployment replicas cannot share a ReadWriteOnce claim across nodes: set workload.kind=StatefulSet (one volume per replica) or persistence.accessModes=[ReadWriteMany]" }}
+{{- end }}
+{{- end }}
+{{- if and $keda.enabled (not $shared) }}
+{{- $errors = append $errors "autoscaling.keda scales the GPU workers of a shared queue: set queue.backend=redis (scaling the single server to zero would take the UI down with it)" }}
+{{- end }}
+{{- if and $keda.enabled .Values.autoscaling.enabled }}
+{{- $errors = append $errors "autoscaling.enabled (an HPA) and autoscaling.keda.enabled both scale the workers: enable one (KEDA can scale to zero)" }}
+{{- end }}
+{{- if and $keda.enabled (gt (int $keda.minReplicaCount) (int $keda.maxReplicaCount)) }}
+{{- $errors = append $errors "autoscaling.keda.minReplicaCount is larger than autoscaling.keda.maxReplicaCount" }}
+{{- end }}
+{{- if and $shared $redis.url }}
+{{- /* Messages never repeat the URL: it may carry a password. */}}
+{{- $u := urlParse $redis.url }}
+{{- if not (has $u.scheme (list "redis" "rediss")) }}
+{{- $errors = append $errors "queue.redis.url must start with redis:// (or rediss:// for TLS)" }}
+{{- end }}
+{{- if contains ":" $u.userinfo }}
+{{- $errors = append $errors "queue.redis.url must not carry a password (the pod spec would show it): put the password in a Secret and name it in queue.redis.existingSecret (key queue.redis.existingSecretKey)" }}
+{{- end }}
+{{- if not $u.hostname }}
+{{- $errors = append $errors "queue.redis.url names no host: redis://HOST:PORT/DB" }}
+{{- end }}
+{{- if or $u.query $u.fragment (not (regexMatch "^(/[0-9]+)?/?$" $u.path)) }}
+{{- $errors = append $errors "queue.redis.url: after HOST:PORT only the database number may follow (redis://HOST:PORT/DB), no other path or query" }}
+{{- end }}
+{{- end }}
+{{- if not (regexMatch "^[A-Za-z0-9._~-]*$" $redis.password) }}
+{{- $errors = append $errors "queue.redis.password may hold only letters, digits and -._~ (it goes into the queue URL)" }}
+{{- end }}
+{{- if and $shared $redis.existingSecret $redis.password }}
+{{- $errors = append $errors (printf "queue.redis.password is ignored when queue.redis.existingSecret is set: put the password in Secret %s (key %s) and unset queue.redis.password" $redis.existingSecret $redis.existingSecretKey) }}
 {{- end }}
 {{- if and (eq (int .Values.gpu.count) 0) (hasPrefix "cuda" .Values.server.device) }}
 {{- $errors = append $errors (printf "server.device=%s needs a GPU but gpu.count is 0" .Values.server.device) }}

@@ -16,6 +16,9 @@ metadata:
     {{- if include "sdkube.createSecret" . }}
     checksum/secret: {{ include (print $.Template.BasePath "/secret.yaml") . | sha256sum }}
     {{- end }}
+    {{- if include "sdkube.redisCreateSecret" . }}
+    checksum/redis-secret: {{ include (print $.Template.BasePath "/redis-secret.yaml") . | sha256sum }}
+    {{- end }}
     {{- with .Values.podAnnotations }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -188,8 +191,25 @@ spec:
     {{- end }}
 {{- end }}
 
-{{/* Main container variables beyond the ConfigMap: secrets, network settings, the user's extras. */}}
+{{/*
+Main container variables beyond the ConfigMap: a worker's role and queue, secrets, network
+settings, the user's extras.
+*/}}
 {{- define "sdkube.mainEnv" -}}
+{{- if include "sdkube.sharedQueue" . }}
+- name: SDKUBE_ROLE
+  value: worker
+{{- include "sdkube.queueEnv" . }}
+{{- end }}
+{{- include "sdkube.secretEnv" . }}
+{{- include "sdkube.networkEnv" . }}
+{{- with .Values.server.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The API key and basic auth, from the chart's Secret or the existing one. */}}
+{{- define "sdkube.secretEnv" -}}
 {{- if include "sdkube.useSecret" . }}
 - name: SDKUBE_API_KEY
   valueFrom:
@@ -203,9 +223,5 @@ spec:
       name: {{ include "sdkube.secretName" . }}
       key: basic-auth
       optional: true
-{{- end }}
-{{- include "sdkube.networkEnv" . }}
-{{- with .Values.server.extraEnv }}
-{{ toYaml . }}
 {{- end }}
 {{- end }}
