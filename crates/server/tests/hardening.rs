@@ -90,3 +90,53 @@ async fn a_failed_model_switch_keeps_the_served_model() {
     let (_, ready) = s.get("/readyz").await;
     assert!(ready.get("switching").is_none(), "{ready}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn options_are_checked_before_they_are_stored_and_bounded() {
+    let s = start(|_| {}).await;
+    let (_, before) = s.get("/sdapi/v1/options").await;
+    // Every A1111 setting, with its default: clients read one before writing it.
+    assert_eq!(before["send_seed"], true);
+    assert_eq!(before["CLIP_stop_at_last_layers"], 1);
+    assert!(before.as_object().unwrap().len() > 200);
+    for bad in [
+        json!({"CLIP_stop_at_last_layers": "abc"}),
+        json!({"CLIP_stop_at_last_layers": 40, "send_seed": false}),
+        json!({"send_seed": "no"}),
+        json!({"my_blob": "x".repeat(10_000)}),
+    ] {
+        let (status, body) = s.post("/sdapi/v1/options", bad.clone()).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        let key = bad.as_object().unwrap().keys().next().unwrap().clone();
+        assert!(body["detail"].as_str().unwrap().contains(&key), "{body}");
+    }
+    // Nothing of a refused write was stored, and every client still generates.
+    let (_, after) = s.get("/sdapi/v1/options").await;
+    assert_eq!(after, before);
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            json!({"prompt": "x", "steps": 2, "width": 64, "height": 64}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // A valid write is stored; settings A1111 does not have are kept, within bounds.
+    let (status, _) = s
+        .post(
+            "/sdapi/v1/options",
+            json!({"send_seed": false, "my_ext_flag": 3}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, now) = s.get("/sdapi/v1/options").await;
+    assert_eq!(now["send_seed"], false);
+    assert_eq!(now["my_ext_flag"], 3);
+    let many: serde_json::Map<String, serde_json::Value> =
+        (0..300).map(|i| (format!("ext_{i}"), json!(i))).collect();
+    let (status, body) = s.post("/sdapi/v1/options", json!(many)).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("at most 256"),
+        "{body}"
+    );
+}

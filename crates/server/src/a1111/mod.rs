@@ -9,6 +9,7 @@ pub mod listings;
 pub mod options;
 pub mod png_info;
 pub mod progress;
+pub mod settings;
 
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;

@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Map, Value};
 
+use super::settings;
 use crate::config::Role;
 use crate::error::{ApiError, ApiJson};
 use crate::model::{ModelState, Outcome};
@@ -16,25 +17,18 @@ use crate::state::{AppState, MODEL_OPTION};
 
 async fn options_value(state: &AppState) -> Result<Map<String, Value>, ApiError> {
     let stored = state.cluster.options().await?;
-    let mut m = Map::new();
+    let mut m = settings::defaults();
+    // What sdkube does, where it differs from A1111's defaults.
+    m.insert("face_restoration_model".into(), json!("GFPGAN"));
+    m.insert("outdir_samples".into(), json!(state.gallery.location()));
+    m.insert("sd_checkpoint_hash".into(), Value::Null);
+    for (k, v) in stored {
+        m.insert(k, v);
+    }
     m.insert(
         MODEL_OPTION.into(),
         Value::String(current_model(state).await),
     );
-    m.insert("sd_checkpoint_hash".into(), Value::Null);
-    m.insert("sd_vae".into(), json!("Automatic"));
-    m.insert("CLIP_stop_at_last_layers".into(), json!(1));
-    m.insert("samples_save".into(), json!(true));
-    m.insert("samples_format".into(), json!("png"));
-    m.insert("outdir_samples".into(), json!(state.gallery.location()));
-    m.insert("face_restoration_model".into(), json!("GFPGAN"));
-    m.insert("show_progress_every_n_steps".into(), json!(1));
-    m.insert("enable_pnginfo".into(), json!(true));
-    for (k, v) in stored {
-        if k != MODEL_OPTION {
-            m.insert(k, v);
-        }
-    }
     Ok(m)
 }
 
@@ -76,6 +70,14 @@ pub async fn set_options(
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Result<Json<Value>, ApiError> {
     let mut changes = body.clone();
+    // Nothing is stored unless every value is valid: a bad value stored would fail every
+    // later request of every client.
+    let stored = state.cluster.options().await?;
+    let unknown: Map<String, Value> = stored
+        .into_iter()
+        .filter(|(k, _)| !settings::is_known(k))
+        .collect();
+    settings::check(&body, &unknown).map_err(ApiError::bad_request)?;
     if let Some(v) = body.get(MODEL_OPTION) {
         let name = v
             .as_str()
