@@ -90,6 +90,8 @@ pub struct Config {
     pub queue_size: usize,
     pub cors_origins: Vec<String>,
     pub limits: Limits,
+    /// Longest prompt (and negative prompt) accepted, in CLIP tokens.
+    pub max_prompt_tokens: usize,
     pub max_body_bytes: usize,
     /// How long running jobs may take to finish at shutdown before they are cancelled (and,
     /// with a shared queue, handed to another worker).

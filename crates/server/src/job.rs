@@ -265,10 +265,13 @@ impl Job {
     pub fn record(&self) -> JobRecord {
         // Version first: a change racing with this read is seen as a newer version.
         let version = self.version();
+        let mut status = self.status();
+        // The PNG bytes stay with the job: records are read often (every event, every poll).
+        status.images.iter_mut().for_each(|i| i.png = Vec::new());
         JobRecord {
             id: self.id.clone(),
             meta: self.meta.clone(),
-            status: self.status(),
+            status,
             position: None,
             version,
             interrupt_requested: self.cancel.load(Ordering::SeqCst),

@@ -92,6 +92,7 @@ impl Shared {
     pub fn build_context(&self) -> BuildContext<'_> {
         BuildContext {
             limits: self.config.limits,
+            max_prompt_tokens: self.config.max_prompt_tokens,
             files: (self.config.role != Role::Api).then(|| Files {
                 post: &self.config.post,
                 embeddings: &self.config.embeddings,
@@ -122,8 +123,8 @@ impl Shared {
     /// checkpoint selected now recorded with it.
     pub async fn submit(&self, mut spec: JobSpec) -> Result<Submitted, ApiError> {
         let options = self.cluster.options().await?;
-        let params = spec.params();
         spec.settle(&options);
+        let params = spec.params();
         let meta = JobMeta {
             kind: spec.kind().to_string(),
             params,

@@ -140,3 +140,82 @@ async fn options_are_checked_before_they_are_stored_and_bounded() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prompts_are_bounded_stripped_of_nul_and_unknown_fields_are_not_kept() {
+    let s = start(|c| c.max_prompt_tokens = 300).await;
+    let base = json!({"steps": 2, "width": 64, "height": 64, "seed": 5});
+    let with = |extra: serde_json::Value| {
+        let mut r = base.clone();
+        r.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        r
+    };
+    // A normal long prompt (about 250 tokens) works; one over the limit is a 400 naming it,
+    // a megabyte one too, at once.
+    let words = |n: usize| {
+        (0..n)
+            .map(|i| format!("word{i}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let (status, body) = s
+        .post("/sdapi/v1/txt2img", with(json!({"prompt": words(80)})))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for prompt in [words(400), "x ".repeat(500_000)] {
+        let started = std::time::Instant::now();
+        let (status, body) = s
+            .post("/sdapi/v1/txt2img", with(json!({"prompt": prompt})))
+            .await;
+        assert_eq!(status, 400, "{body}");
+        let detail = body["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("--max-prompt-tokens") && detail.contains("300"),
+            "{detail}"
+        );
+        assert!(started.elapsed().as_secs() < 5, "refused quickly");
+    }
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            with(json!({"prompt": "x", "negative_prompt": words(400)})),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(body["detail"]
+        .as_str()
+        .unwrap()
+        .starts_with("negative_prompt"));
+
+    // A NUL in a prompt never reaches the PNG's text chunk: the whole infotext reads back.
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            with(json!({"prompt": "a red\u{0} cube\u{7}", "save_images": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let png = unb64(body["images"][0].as_str().unwrap());
+    let (_, info) = s
+        .post("/sdapi/v1/png-info", json!({"image": b64(&png)}))
+        .await;
+    let text = info["info"].as_str().unwrap();
+    assert!(text.starts_with("a red cube\n"), "{text:?}");
+    assert!(text.contains("Seed: 5"), "the infotext is whole: {text:?}");
+
+    // Fields sdkube does not know are reported by name; their values are not kept.
+    let big = "y".repeat(1_000_000);
+    let (status, body) = s
+        .post(
+            "/api/v1/jobs",
+            json!({"kind": "txt2img", "params": with(json!({"prompt": "x", "my_field": big}))}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let job = s.wait_job(body["id"].as_str().unwrap()).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(job["params"]["my_field"].is_null(), "only the name is kept");
+    assert!(job.to_string().len() < 100_000, "the record stays small");
+}

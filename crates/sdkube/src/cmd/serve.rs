@@ -111,6 +111,10 @@ pub struct Args {
         default_value = "retinaface-resnet50"
     )]
     pub face_detector: String,
+    /// Longest prompt (and negative prompt) accepted, in CLIP tokens (A1111 counts 75 per
+    /// chunk); longer ones are refused with a 400.
+    #[arg(long, env = "SDKUBE_MAX_PROMPT_TOKENS", default_value_t = 1000)]
+    pub max_prompt_tokens: usize,
     /// Largest request body, in MiB (images travel base64-encoded in JSON).
     #[arg(long, env = "SDKUBE_MAX_BODY_MB", default_value_t = 64)]
     pub max_body_mb: usize,
@@ -252,6 +256,7 @@ fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
         ("--max-steps", args.max_steps as usize),
         ("--max-batch", args.max_batch as usize),
         ("--queue-size", args.queue_size),
+        ("--max-prompt-tokens", args.max_prompt_tokens),
     ] {
         if v == 0 {
             anyhow::bail!("{what} must be at least 1");
@@ -291,6 +296,7 @@ fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
             max_steps: args.max_steps as usize,
             max_batch: args.max_batch as usize,
         },
+        max_prompt_tokens: args.max_prompt_tokens,
         max_body_bytes: args.max_body_mb * 1024 * 1024,
         shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace),
         flags,

@@ -18,13 +18,27 @@ const KEEP_FINISHED: usize = 200;
 /// images are in the gallery): memory stays bounded.
 const KEEP_IMAGES_OF: usize = 16;
 
+/// A job that ended: its record and images, without its request (images a client sent,
+/// decoded work), which would otherwise stay in memory with the last 200 jobs.
+struct Finished {
+    record: JobRecord,
+    pngs: Vec<Vec<u8>>,
+}
+
 struct Board {
     queue: VecDeque<Arc<Job>>,
     running: Vec<Arc<Job>>,
+    /// Queued and running jobs.
     jobs: HashMap<String, Arc<Job>>,
-    /// Finished job ids, oldest first, for eviction.
-    finished: VecDeque<String>,
+    /// Oldest first.
+    finished: VecDeque<Finished>,
     shutting_down: bool,
+}
+
+impl Board {
+    fn finished(&self, id: &str) -> Option<&Finished> {
+        self.finished.iter().rev().find(|f| f.record.id == id)
+    }
 }
 
 pub struct MemoryQueue {
@@ -88,25 +102,32 @@ impl MemoryQueue {
         Some(taken)
     }
 
+    fn get_now(&self, id: &str) -> Option<JobRecord> {
+        let b = lock(&self.board);
+        match b.jobs.get(id) {
+            Some(j) => Some(Self::record_of(&b, j)),
+            None => b.finished(id).map(|f| f.record.clone()),
+        }
+    }
+
     /// Moves a job that ended into the finished records, evicting the oldest.
     fn record_finished(&self, job: &Arc<Job>) {
         let mut b = lock(&self.board);
         b.running.retain(|j| j.id != job.id);
-        if b.finished.contains(&job.id) {
+        if b.jobs.remove(&job.id).is_none() {
             return;
         }
-        b.finished.push_back(job.id.clone());
+        let pngs = job.status().images.into_iter().map(|i| i.png).collect();
+        b.finished.push_back(Finished {
+            record: job.record(),
+            pngs,
+        });
         while b.finished.len() > KEEP_FINISHED {
-            if let Some(old) = b.finished.pop_front() {
-                b.jobs.remove(&old);
-            }
+            b.finished.pop_front();
         }
         let n = b.finished.len();
         if n > KEEP_IMAGES_OF {
-            let old = b.finished[n - KEEP_IMAGES_OF - 1].clone();
-            if let Some(j) = b.jobs.get(&old) {
-                j.update(|s| s.images.iter_mut().for_each(|i| i.png = Vec::new()));
-            }
+            b.finished[n - KEEP_IMAGES_OF - 1].pngs = Vec::new();
         }
     }
 }
@@ -134,15 +155,15 @@ impl JobQueue for MemoryQueue {
     }
 
     async fn get(&self, id: &str) -> Result<Option<JobRecord>, QueueError> {
-        let b = lock(&self.board);
-        Ok(b.jobs.get(id).map(|j| Self::record_of(&b, j)))
+        Ok(self.get_now(id))
     }
 
     async fn pngs(&self, id: &str) -> Result<Vec<Vec<u8>>, QueueError> {
-        let job = lock(&self.board).jobs.get(id).cloned();
-        Ok(job.map_or_else(Vec::new, |j| {
-            j.status().images.into_iter().map(|i| i.png).collect()
-        }))
+        let b = lock(&self.board);
+        Ok(match b.jobs.get(id) {
+            Some(j) => j.status().images.into_iter().map(|i| i.png).collect(),
+            None => b.finished(id).map(|f| f.pngs.clone()).unwrap_or_default(),
+        })
     }
 
     async fn preview(&self, id: &str) -> Result<Option<String>, QueueError> {
@@ -158,13 +179,7 @@ impl JobQueue for MemoryQueue {
             .chain(b.queue.iter())
             .map(|j| Self::record_of(&b, j))
             .collect();
-        out.extend(
-            b.finished
-                .iter()
-                .rev()
-                .filter_map(|id| b.jobs.get(id))
-                .map(|j| j.record()),
-        );
+        out.extend(b.finished.iter().rev().map(|f| f.record.clone()));
         Ok(out)
     }
 
@@ -176,7 +191,7 @@ impl JobQueue for MemoryQueue {
     async fn cancel(&self, id: &str) -> Result<Option<JobRecord>, QueueError> {
         let mut b = lock(&self.board);
         let Some(job) = b.jobs.get(id).cloned() else {
-            return Ok(None);
+            return Ok(b.finished(id).map(|f| f.record.clone()));
         };
         job.cancel.store(true, Ordering::SeqCst);
         if let Some(i) = b.queue.iter().position(|j| j.id == id) {
@@ -187,7 +202,7 @@ impl JobQueue for MemoryQueue {
                 s.error = Some("cancelled before it started".into());
             });
             self.record_finished(&job);
-            return Ok(Some(job.record()));
+            return Ok(self.get_now(id));
         }
         Ok(Some(Self::record_of(&b, &job)))
     }

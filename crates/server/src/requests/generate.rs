@@ -1,6 +1,10 @@
 //! txt2img and img2img requests (A1111's shapes) and the device work they become.
 
+use std::sync::LazyLock;
+
+use sdkube_pipeline::prompt::{tokenize_prompt, ChunkOptions, EmbeddingIndex};
 use sdkube_pipeline::sampler::SamplerSpec;
+use sdkube_pipeline::tokenizer::ClipTokenizer;
 use sdkube_pipeline::Request;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -192,8 +196,49 @@ fn ignored_fields(c: &CommonParams, other: &Map<String, Value>) -> Vec<String> {
     out
 }
 
-/// Checks what can be checked before queueing: sizes, steps, batch, sampler names.
+/// A1111's token count of a prompt (75 per chunk before the last, plus the last chunk's).
+fn token_count(text: &str) -> usize {
+    static TOKENIZER: LazyLock<Option<ClipTokenizer>> = LazyLock::new(|| ClipTokenizer::new().ok());
+    let Some(tokenizer) = TOKENIZER.as_ref() else {
+        return 0;
+    };
+    tokenize_prompt(
+        tokenizer,
+        text,
+        &EmbeddingIndex::new(),
+        &ChunkOptions::clip_l(),
+    )
+    .token_count
+}
+
+/// Refuses a prompt over `--max-prompt-tokens` (each chunk of 75 tokens costs a pass of
+/// the text encoder, and a megabyte of prompt a long while of tokenizing).
+fn check_prompt(what: &str, text: &str, max_tokens: usize) -> Result<(), ApiError> {
+    // No token is shorter than a byte on average over a long text: far beyond the limit,
+    // the prompt is refused before it is tokenized.
+    let too_long = |count: String| {
+        Err(ApiError::bad_request(format!(
+            "{what}: {count} is over the limit of {max_tokens} tokens (--max-prompt-tokens)"
+        )))
+    };
+    if text.len() > max_tokens.saturating_mul(16) {
+        return too_long(format!("{} bytes", text.len()));
+    }
+    match token_count(text) {
+        n if n > max_tokens => too_long(format!("{n} tokens")),
+        _ => Ok(()),
+    }
+}
+
+/// Checks what can be checked before queueing: sizes, steps, batch, sampler names, prompt
+/// length.
 fn check(ctx: &BuildContext<'_>, req: &Request, n_iter: usize) -> Result<(), ApiError> {
+    check_prompt("prompt", &req.prompt, ctx.max_prompt_tokens)?;
+    check_prompt(
+        "negative_prompt",
+        &req.negative_prompt,
+        ctx.max_prompt_tokens,
+    )?;
     req.check_limits(&ctx.limits)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     if n_iter == 0 || n_iter > 100 {

@@ -54,9 +54,21 @@ pub enum JobSpec {
     },
 }
 
+/// A control character other than tab and line breaks: nothing a prompt means.
+fn is_stray_control(c: char) -> bool {
+    c.is_control() && !matches!(c, '\t' | '\n' | '\r')
+}
+
+/// Keeps the keys of `fields` (so that they are reported as ignored), drops their values.
+fn names_only(fields: &mut Map<String, Value>) {
+    fields.values_mut().for_each(|v| *v = Value::Null);
+}
+
 /// What turning a spec into work may look at.
 pub struct BuildContext<'a> {
     pub limits: Limits,
+    /// Longest prompt accepted, in CLIP tokens (`--max-prompt-tokens`).
+    pub max_prompt_tokens: usize,
     /// This process's files. None in the `api` role of a shared queue, which has no model
     /// store: the checks that need one (upscaler and face-restorer weights, embedding and
     /// training folders) are then the worker's, and fail the job with a 400.
@@ -95,12 +107,19 @@ impl JobSpec {
         value.unwrap_or(Value::Null)
     }
 
-    /// Draws the seed of a random-seed generation and copies in the server's options the
-    /// request does not override, so that the spec alone decides the images.
+    /// Makes the spec self-contained and bounded before it is queued: draws the seed of a
+    /// random-seed generation, copies in the server's options the request does not override,
+    /// removes control characters from the prompts (a NUL would cut the PNG's infotext), and
+    /// drops the values of fields sdkube does not act on (their names are still reported):
+    /// a client's unknown fields must not stay in memory with the job.
     pub fn settle(&mut self, options: &Map<String, Value>) {
-        let common = match self {
-            JobSpec::Txt2img { request, .. } => &mut request.common,
-            JobSpec::Img2img { request, .. } => &mut request.common,
+        let (common, other) = match self {
+            JobSpec::Txt2img { request, .. } => (&mut request.common, &mut request.other),
+            JobSpec::Img2img { request, .. } => (&mut request.common, &mut request.other),
+            JobSpec::TrainEmbedding { request } => {
+                names_only(&mut request.other);
+                return;
+            }
             _ => return,
         };
         if common.seed < 0 {
@@ -113,6 +132,21 @@ impl JobSpec {
                 .entry(CLIP_SKIP_OPTION)
                 .or_insert_with(|| v.clone());
         }
+        for prompt in [&mut common.prompt, &mut common.negative_prompt] {
+            if prompt.chars().any(is_stray_control) {
+                prompt.retain(|c| !is_stray_control(c));
+            }
+        }
+        names_only(other);
+        names_only(&mut common.alwayson_scripts);
+        if let Some(settings) = &mut common.override_settings {
+            for (k, v) in settings.iter_mut() {
+                if k != CLIP_SKIP_OPTION {
+                    *v = Value::Null;
+                }
+            }
+        }
+        common.script_args.clear();
     }
 
     /// The device work: images decoded, names and limits checked.

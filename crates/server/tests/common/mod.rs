@@ -62,6 +62,7 @@ pub fn config(dir: &Path) -> Config {
             max_steps: 400,
             max_batch: 8,
         },
+        max_prompt_tokens: 1000,
         max_body_bytes: 8 * 1024 * 1024,
         shutdown_grace: Duration::from_secs(5),
         flags: serde_json::json!({"model": "sd1"}),
