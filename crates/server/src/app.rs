@@ -6,6 +6,7 @@ use axum::http::HeaderValue;
 use axum::response::Response;
 use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -71,7 +72,8 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             count_http_errors,
         ))
-        .layer(DefaultBodyLimit::max(state.config.max_body_bytes));
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(RequestBodyTimeoutLayer::new(state.config.body_timeout));
     if !state.config.cors_origins.is_empty() {
         let origins: Vec<HeaderValue> = state
             .config

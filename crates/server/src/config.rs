@@ -93,6 +93,10 @@ pub struct Config {
     /// Longest prompt (and negative prompt) accepted, in CLIP tokens.
     pub max_prompt_tokens: usize,
     pub max_body_bytes: usize,
+    /// Open connections and their deadlines.
+    pub connections: crate::listen::ConnectionLimits,
+    /// Time a request body has to arrive.
+    pub body_timeout: Duration,
     /// How long running jobs may take to finish at shutdown before they are cancelled (and,
     /// with a shared queue, handed to another worker).
     pub shutdown_grace: Duration,

@@ -16,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod gallery;
 pub mod job;
+pub mod listen;
 pub mod metrics;
 pub mod model;
 pub mod native;
@@ -122,31 +123,32 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         "sdkube serving"
     );
     let drain = state.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down: finishing running jobs");
-            drain.queue.shut_down();
-            let grace = drain.config.shutdown_grace;
-            let shared = drain.config.shared.is_some();
-            std::thread::spawn(move || {
-                let deadline = std::time::Instant::now() + grace;
-                while !drain.queue.local_running().is_empty() {
-                    if std::time::Instant::now() > deadline {
-                        tracing::warn!(
-                            "grace period over: {} running jobs",
-                            if shared { "handing back" } else { "cancelling" }
-                        );
-                        for j in drain.queue.local_running() {
-                            let flag = if shared { &j.release } else { &j.cancel };
-                            flag.store(true, Ordering::SeqCst);
-                        }
+    let shutdown = async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing running jobs");
+        drain.queue.shut_down();
+        let grace = drain.config.shutdown_grace;
+        let shared = drain.config.shared.is_some();
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + grace;
+            while !drain.queue.local_running().is_empty() {
+                if std::time::Instant::now() > deadline {
+                    tracing::warn!(
+                        "grace period over: {} running jobs",
+                        if shared { "handing back" } else { "cancelling" }
+                    );
+                    for j in drain.queue.local_running() {
+                        let flag = if shared { &j.release } else { &j.cancel };
+                        flag.store(true, Ordering::SeqCst);
                     }
-                    std::thread::sleep(Duration::from_millis(100));
                 }
-            });
-        })
-        .await?;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+    };
+    // Requests still open at shutdown (a synchronous txt2img) get the jobs' grace period.
+    let drain_for = state.config.shutdown_grace + Duration::from_secs(5);
+    listen::serve(listener, app, state.config.connections, shutdown, drain_for).await?;
     tokio::task::spawn_blocking(move || {
         for w in workers {
             let _ = w.join();

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -218,4 +220,74 @@ async fn prompts_are_bounded_stripped_of_nul_and_unknown_fields_are_not_kept() {
     assert_eq!(job["state"], "succeeded", "{job}");
     assert!(job["params"]["my_field"].is_null(), "only the name is kept");
     assert!(job.to_string().len() < 100_000, "the record stays small");
+}
+
+/// Opens `n` connections that send half a request header and then nothing.
+async fn half_headers(base: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    let addr = base.trim_start_matches("http://").to_string();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
+        out.push(c);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_clients_cannot_hold_the_server_down() {
+    let s = start(|c| {
+        c.connections.header_timeout = Duration::from_secs(2);
+        c.connections.max_connections = 400;
+    })
+    .await;
+    // 300 connections stuck in their headers: /healthz still answers at once.
+    let mut slow = half_headers(&s.base, 300).await;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let (status, _) = s.get("/healthz").await;
+        assert_eq!(status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    // The server closes them once their header time is up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut closed = 0;
+    for c in &mut slow {
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(200), c.read(&mut buf)).await {
+            Ok(Ok(_)) | Ok(Err(_)) => closed += 1, // a 408, or EOF / reset
+            Err(_) => {}
+        }
+    }
+    assert_eq!(closed, 300, "every slow connection was closed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_past_the_cap_get_a_503_at_once() {
+    let s = start(|c| {
+        c.connections.max_connections = 20;
+    })
+    .await;
+    let _held = half_headers(&s.base, 20).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let r = reqwest::Client::new()
+        .get(s.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("limit is 20"),
+        "{body}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
 }

@@ -115,6 +115,14 @@ pub struct Args {
     /// chunk); longer ones are refused with a 400.
     #[arg(long, env = "SDKUBE_MAX_PROMPT_TOKENS", default_value_t = 1000)]
     pub max_prompt_tokens: usize,
+    /// Most client connections open at once (lowered to what the open-files limit allows);
+    /// past it a connection gets a 503 at once.
+    #[arg(long, env = "SDKUBE_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers, and between requests on a kept-alive
+    /// connection; a request body has eight times that.
+    #[arg(long, env = "SDKUBE_HEADER_TIMEOUT", default_value_t = 15)]
+    pub header_timeout: u64,
     /// Largest request body, in MiB (images travel base64-encoded in JSON).
     #[arg(long, env = "SDKUBE_MAX_BODY_MB", default_value_t = 64)]
     pub max_body_mb: usize,
@@ -257,6 +265,8 @@ fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
         ("--max-batch", args.max_batch as usize),
         ("--queue-size", args.queue_size),
         ("--max-prompt-tokens", args.max_prompt_tokens),
+        ("--max-connections", args.max_connections),
+        ("--header-timeout", args.header_timeout as usize),
     ] {
         if v == 0 {
             anyhow::bail!("{what} must be at least 1");
@@ -298,6 +308,11 @@ fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
         },
         max_prompt_tokens: args.max_prompt_tokens,
         max_body_bytes: args.max_body_mb * 1024 * 1024,
+        connections: sdkube_server::listen::ConnectionLimits {
+            max_connections: args.max_connections,
+            header_timeout: std::time::Duration::from_secs(args.header_timeout),
+        },
+        body_timeout: std::time::Duration::from_secs(args.header_timeout * 8),
         shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace),
         flags,
     };

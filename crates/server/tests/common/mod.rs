@@ -64,6 +64,11 @@ pub fn config(dir: &Path) -> Config {
         },
         max_prompt_tokens: 1000,
         max_body_bytes: 8 * 1024 * 1024,
+        connections: sdkube_server::listen::ConnectionLimits {
+            max_connections: 1000,
+            header_timeout: Duration::from_secs(30),
+        },
+        body_timeout: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(5),
         flags: serde_json::json!({"model": "sd1"}),
     }
@@ -84,7 +89,13 @@ pub async fn start_unready(configure: impl FnOnce(&mut Config)) -> TestServer {
     let app = sdkube_server::router(state.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let limits = state.config.connections;
+    tokio::spawn(async move {
+        let never = std::future::pending::<()>();
+        sdkube_server::listen::serve(listener, app, limits, never, Duration::from_secs(1))
+            .await
+            .unwrap()
+    });
     let _ = rustls::crypto::ring::default_provider().install_default();
     TestServer {
         base: format!("http://{addr}"),
