@@ -690,20 +690,25 @@ impl Engine {
             let t = image_to_tensor(img, dev, dt)?;
             Ok((encode_tiled(vae.get(), &t)? * scaling)?)
         };
-        let Some(init) = &req.init_image else {
-            if inpaint_unet {
-                // txt2img on an inpainting model: everything is "to be painted".
-                let gray = RgbImage::from_pixel(w, h, image::Rgb([127, 127, 127]));
-                let lat = encode(&gray)?;
-                let ones = Tensor::ones((1, 1, h as usize / 8, w as usize / 8), dt, dev)?;
-                return Ok((None, None, Some(repeat(&Tensor::cat(&[ones, lat], 1)?, b)?)));
+        // An inpainting model without a mask (txt2img, or img2img as A1111 runs it): the whole
+        // image is "to be painted", its masked image all zeros, as diffusers' inpainting
+        // pipeline conditions it under an all-white mask.
+        let paint_everything = || -> Result<Option<Tensor>, Error> {
+            if !inpaint_unet {
+                return Ok(None);
             }
-            return Ok((None, None, None));
+            let zeros = Tensor::zeros((1, 3, h as usize, w as usize), dt, dev)?;
+            let lat = (encode_tiled(vae.get(), &zeros)? * scaling)?;
+            let ones = Tensor::ones((1, 1, h as usize / 8, w as usize / 8), dt, dev)?;
+            Ok(Some(repeat(&Tensor::cat(&[ones, lat], 1)?, b)?))
+        };
+        let Some(init) = &req.init_image else {
+            return Ok((None, None, paint_everything()?));
         };
         let init = crop_resize(init, w, h).to_rgb8();
         let init_latent = repeat(&encode(&init)?, b)?;
         let Some(mask) = &req.mask else {
-            return Ok((Some(init_latent), None, None));
+            return Ok((Some(init_latent), None, paint_everything()?));
         };
         let mask = blurred_mask(mask, w, h, req.mask_blur);
         let small = imageops::resize(&mask, w / 8, h / 8, imageops::FilterType::Triangle);

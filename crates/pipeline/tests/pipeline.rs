@@ -423,6 +423,59 @@ fn inpainting_keeps_unmasked_pixels_on_plain_and_9_channel_models() {
     }
 }
 
+/// img2img on a 9-channel inpainting model without a mask repaints the whole image, as A1111
+/// does (it failed with "in_channel mismatch" before): the conditioning is an all-white mask
+/// over an all-zero masked image, which an explicit all-white mask gives too.
+#[test]
+fn img2img_on_an_inpainting_model_without_a_mask_repaints_everything() {
+    let mut e = engine("sd1-inpaint", VramMode::High);
+    let init = image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, 128])
+    });
+    let req = Request {
+        prompt: "x".into(),
+        width: 64,
+        height: 64,
+        steps: 4,
+        seed: 9,
+        init_image: Some(image::DynamicImage::ImageRgb8(init.clone())),
+        strength: 0.6,
+        ..Default::default()
+    };
+    let out = e.generate(&req, &mut |_| Flow::Continue).unwrap();
+    let changed = out[0]
+        .image
+        .pixels()
+        .zip(init.pixels())
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(
+        changed > 64 * 64 / 2,
+        "the image was repainted ({changed} px changed)"
+    );
+    // The same as an explicit all-white mask, whose blending then keeps nothing of the init
+    // latent (conditioning images differ only in how "to be painted" is written: 0 here, the
+    // masked branch's grey 128 there).
+    let white = Request {
+        mask: Some(image::GrayImage::from_pixel(64, 64, image::Luma([255]))),
+        mask_blur: 0,
+        ..req.clone()
+    };
+    let masked = e.generate(&white, &mut |_| Flow::Continue).unwrap();
+    let max = out[0]
+        .image
+        .as_raw()
+        .iter()
+        .zip(masked[0].image.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(
+        max <= 2,
+        "no mask vs an all-white mask differ by {max} levels"
+    );
+}
+
 #[test]
 fn half_precision_runs_stay_close_to_fp32() {
     let req = Request {
