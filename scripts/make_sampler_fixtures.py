@@ -14,7 +14,12 @@ References (A1111 runs these):
     sample_lms, get_sigmas_karras, and CompVisDenoiser / CompVisVDenoiser around the
     stand-in (non-quantised sigma -> t, as A1111 uses it);
   * diffusers: DDIMScheduler (A1111's DDIM = diffusers' "leading" DDIM without its final
-    step), UniPCMultistepScheduler (bh1/bh2, order 3, lower_order_final), LCMScheduler.
+    step), PNDMScheduler with skip_prk_steps (A1111's PLMS, CompVis's: the same first
+    "pseudo improved Euler" step and Adams-Bashforth steps, without diffusers' final step),
+    UniPCMultistepScheduler (bh1/bh2, order 3, lower_order_final), LCMScheduler.
+
+`--only plms` writes fixtures/samplers/plms.safetensors alone (it needs diffusers and torch,
+not k-diffusion).
 
 Only `k_diffusion.sampling` and `k_diffusion.external` are imported (the package root
 pulls in image/eval dependencies). Set-up:
@@ -60,7 +65,8 @@ def import_k_diffusion():
     return sampling, external
 
 
-SAMPLING, EXTERNAL = import_k_diffusion()
+ONLY_PLMS = sys.argv[1:] == ["--only", "plms"]
+SAMPLING, EXTERNAL = (None, None) if ONLY_PLMS else import_k_diffusion()
 
 
 def stand_in(x_in, t):
@@ -87,7 +93,7 @@ class StandInLdm(torch.nn.Module):
 
 
 MODEL = StandInLdm()
-WRAPPED = {
+WRAPPED = {} if ONLY_PLMS else {
     "eps": EXTERNAL.CompVisDenoiser(MODEL),
     "v": EXTERNAL.CompVisVDenoiser(MODEL),
 }
@@ -201,6 +207,36 @@ def ddim_cases(out):
             out[f"{case}.out"] = sample
 
 
+def plms_cases(out):
+    from diffusers import PNDMScheduler
+
+    for steps in (5, 8):
+        for pred in ("eps", "v"):
+            sched = PNDMScheduler(
+                beta_start=0.00085,
+                beta_end=0.012,
+                beta_schedule="scaled_linear",
+                skip_prk_steps=True,
+                set_alpha_to_one=False,
+                steps_offset=1,
+                timestep_spacing="leading",
+                prediction_type="epsilon" if pred == "eps" else "v_prediction",
+            )
+            sched.set_timesteps(steps)
+            gen = torch.Generator().manual_seed(3100 + steps)
+            x = torch.randn(SHAPE, generator=gen)
+            sample = x.clone()
+            # The first timestep comes twice (the second model call of the first step); like
+            # A1111's DDIM, A1111's PLMS ends at t = 1: diffusers' last step is left out.
+            for t in sched.timesteps[:-1]:
+                model_out = diffusers_model_output(sample, t, pred)
+                sample = sched.step(model_out, t, sample).prev_sample
+            case = f"plms.{steps}.{pred}"
+            out[f"{case}.timesteps"] = f64(sched.timesteps.numpy())
+            out[f"{case}.x"] = x
+            out[f"{case}.out"] = sample
+
+
 def unipc_cases(out):
     from diffusers import UniPCMultistepScheduler
 
@@ -305,6 +341,12 @@ def schedule_cases(out):
 
 def main():
     os.makedirs(OUT, exist_ok=True)
+    if ONLY_PLMS:
+        plms = {}
+        plms_cases(plms)
+        save_file({k: v.contiguous() for k, v in plms.items()}, os.path.join(OUT, "plms.safetensors"))
+        print(f"wrote {len(plms)} PLMS tensors to {OUT}")
+        return
     runs = {}
     k_cases(runs)
     ddim_cases(runs)

@@ -34,6 +34,9 @@ pub struct GenerateWork {
     pub save: bool,
     /// Request fields accepted but not acted on, reported in the response's info.
     pub ignored: Vec<String>,
+    /// What the job does differently from what was asked (no face-restorer weights, …),
+    /// reported in the job's info.
+    pub warnings: Vec<String>,
 }
 
 /// A1111's "Hires. fix": generate, upscale, then img2img at the larger size.

@@ -413,7 +413,13 @@ impl Worker {
             }
         }
         self.engine = Some(engine);
-        for (j, _) in jobs {
+        for (j, g) in jobs {
+            if !g.warnings.is_empty() {
+                for w in &g.warnings {
+                    tracing::warn!(job = %j.id, warning = %w, "job runs differently than asked");
+                }
+                j.update(|s| s.info = serde_json::json!({"warnings": g.warnings}));
+            }
             self.finish(j, failed.clone().map_or(Ok(()), Err));
         }
     }

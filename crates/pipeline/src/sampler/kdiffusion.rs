@@ -278,3 +278,39 @@ mod tests {
         assert_eq!(ancestral_step(3.0, 0.0), (0.0, 0.0));
     }
 }
+
+/// A1111's PLMS (CompVis's pseudo linear multistep, `plms` of A1111's timestep samplers), in
+/// sigma terms: each step is DDIM's (an Euler step in sigma on the model's noise estimate)
+/// with the estimate replaced by an Adams–Bashforth combination of the last four; the first
+/// step averages the estimates at both of its ends (a second model call: "pseudo improved
+/// Euler").
+pub(crate) fn plms(run: &mut Run, mut x: Tensor, sigmas: &[f64]) -> R<Tensor> {
+    // Earlier steps' estimates, oldest first (at most three).
+    let mut old: Vec<Tensor> = Vec::with_capacity(3);
+    for i in 0..sigmas.len() - 1 {
+        let (s, next) = (sigmas[i], sigmas[i + 1]);
+        let den = run.denoise(&x, s)?;
+        run.report(i, s, &x, &den)?;
+        let d = to_d(&x, s, &den)?;
+        let dt = next - s;
+        let d_prime = match old.as_slice() {
+            [] => {
+                let x2 = euler_step(&x, &d, dt)?;
+                let den2 = run.denoise(&x2, next)?;
+                lin(&d, 0.5, &to_d(&x2, next, &den2)?, 0.5)?
+            }
+            [a] => lin(&d, 1.5, a, -0.5)?,
+            [b, a] => ((lin(&d, 23.0, a, -16.0)? + b.affine(5.0, 0.0)?)? / 12.0)?,
+            [c, b, a, ..] => {
+                let ab = lin(&d, 55.0, a, -59.0)?;
+                ((ab + lin(b, 37.0, c, -9.0)?)? / 24.0)?
+            }
+        };
+        x = euler_step(&x, &d_prime, dt)?;
+        old.push(d);
+        if old.len() > 3 {
+            old.remove(0);
+        }
+    }
+    Ok(x)
+}

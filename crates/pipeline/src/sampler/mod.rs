@@ -71,6 +71,7 @@ pub enum Sampler {
     DpmPp2M,
     Lms,
     Ddim,
+    Plms,
     UniPc,
     Lcm,
 }
@@ -129,6 +130,7 @@ const SAMPLERS: &[SamplerInfo] = &[
         Kar,
     ),
     info("DDIM", &["ddim"], Sampler::Ddim, Auto),
+    info("PLMS", &["plms"], Sampler::Plms, Auto),
     info("UniPC", &["unipc"], Sampler::UniPc, Auto),
     info("LCM", &["k_lcm"], Sampler::Lcm, Auto),
 ];
@@ -160,7 +162,7 @@ impl Sampler {
     /// model's variance-preserving space, on A1111's own timestep grid (schedulers do
     /// not apply to them, as in A1111).
     fn is_timestep_sampler(self) -> bool {
-        matches!(self, Sampler::Ddim | Sampler::UniPc)
+        matches!(self, Sampler::Ddim | Sampler::Plms | Sampler::UniPc)
     }
 }
 
@@ -323,7 +325,7 @@ impl Plan {
     ) -> Result<Self, SamplerError> {
         check_steps(steps, max_steps)?;
         let sigmas: Vec<f64> = match spec.sampler {
-            Sampler::Ddim => {
+            Sampler::Ddim | Sampler::Plms => {
                 let ts = a1111_timesteps(steps);
                 ts.iter().rev().map(|&t| schedule.table()[t]).collect()
             }
@@ -362,7 +364,7 @@ impl Plan {
         }
         let t_enc = img2img_t_enc(steps, strength);
         let (sigmas, noise_sigma) = match spec.sampler {
-            Sampler::Ddim => {
+            Sampler::Ddim | Sampler::Plms => {
                 let ts = a1111_timesteps(steps);
                 let walk: Vec<f64> = ts[..t_enc.max(1)]
                     .iter()
@@ -498,16 +500,16 @@ impl Plan {
             Sampler::DpmPp2M => kdiffusion::dpmpp_2m(&mut run, x, sigmas),
             Sampler::Lms => kdiffusion::lms(&mut run, x, sigmas),
             Sampler::Lcm => kdiffusion::lcm(&mut run, x, sigmas),
-            Sampler::Ddim | Sampler::UniPc => {
+            Sampler::Ddim | Sampler::Plms | Sampler::UniPc => {
                 // Variance-preserving in and out: x_vp = x / sqrt(sigma^2 + 1).
                 let first = sigmas[0];
                 let last = sigmas[sigmas.len() - 1];
                 let x = x.affine((first * first + 1.0).sqrt(), 0.0)?;
-                let x = if self.sampler == Sampler::Ddim {
+                let x = match self.sampler {
                     // DDIM with eta 0 is exactly an Euler step in sigma.
-                    kdiffusion::euler(&mut run, x, sigmas)?
-                } else {
-                    unipc::unipc(&mut run, x, sigmas, &self.unipc)?
+                    Sampler::Ddim => kdiffusion::euler(&mut run, x, sigmas)?,
+                    Sampler::Plms => kdiffusion::plms(&mut run, x, sigmas)?,
+                    _ => unipc::unipc(&mut run, x, sigmas, &self.unipc)?,
                 };
                 Ok(x.affine(1.0 / (last * last + 1.0).sqrt(), 0.0)?)
             }

@@ -98,6 +98,7 @@ async fn run_generation(
         "sdkube_job_id": job.id,
         "sdkube_saved_images": status.images.iter().filter_map(|i| i.name.clone()).collect::<Vec<_>>(),
         "sdkube_ignored_fields": work.ignored,
+        "sdkube_warnings": status.info.get("warnings").cloned().unwrap_or(json!([])),
     });
     Ok(Json(GenerationResponse {
         images: if send_images {

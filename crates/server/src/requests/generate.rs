@@ -3,10 +3,10 @@
 use std::sync::LazyLock;
 
 use sdkube_pipeline::prompt::{tokenize_prompt, ChunkOptions, EmbeddingIndex};
-use sdkube_pipeline::sampler::SamplerSpec;
+use sdkube_pipeline::sampler::{SamplerError, SamplerSpec};
 use sdkube_pipeline::tokenizer::ClipTokenizer;
 use sdkube_pipeline::Request;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
@@ -135,6 +135,9 @@ pub struct Img2ImgRequest {
     pub inpainting_fill: u32,
     pub inpaint_full_res: bool,
     pub inpaint_full_res_padding: u32,
+    /// 0 or 1; A1111's own clients send `false`/`true`.
+    #[serde(deserialize_with = "zero_or_one")]
+    #[schema(value_type = u32)]
     pub inpainting_mask_invert: u32,
     pub resize_mode: u32,
     pub image_cfg_scale: Option<f64>,
@@ -246,8 +249,13 @@ fn check(ctx: &BuildContext<'_>, req: &Request, n_iter: usize) -> Result<(), Api
             "n_iter must be between 1 and 100, got {n_iter}"
         )));
     }
-    SamplerSpec::parse(&req.sampler, req.scheduler.as_deref())
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    SamplerSpec::parse(&req.sampler, req.scheduler.as_deref()).map_err(|e| match e {
+        // A1111 answers an unknown sampler with 404 "Sampler not found".
+        SamplerError::UnknownSampler { .. } => {
+            ApiError::not_found(format!("Sampler not found: {e}"))
+        }
+        _ => ApiError::bad_request(e.to_string()),
+    })?;
     Ok(())
 }
 
@@ -295,15 +303,44 @@ fn base_request(c: &CommonParams) -> Result<Request, ApiError> {
     })
 }
 
-fn check_faces(ctx: &BuildContext<'_>, wanted: Option<bool>) -> Result<bool, ApiError> {
+/// Whether faces get restored. Without face-restorer weights the image comes back
+/// unrestored with a warning, as A1111 does: the request is not refused for it.
+fn check_faces(ctx: &BuildContext<'_>, wanted: Option<bool>, warnings: &mut Vec<String>) -> bool {
     let on = wanted.unwrap_or(false);
     if let (true, Some(files)) = (on, &ctx.files) {
-        files
-            .post
-            .check_face_restorer()
-            .map_err(ApiError::bad_request)?;
+        if let Err(e) = files.post.check_face_restorer() {
+            warnings.push(format!("restore_faces: {e}; the images are not restored"));
+            return false;
+        }
     }
-    Ok(on)
+    on
+}
+
+/// A1111 declares some flags as integers, and its own clients send booleans for them.
+fn zero_or_one<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    struct ZeroOrOne;
+    impl serde::de::Visitor<'_> for ZeroOrOne {
+        type Value = u32;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("0, 1, false or true")
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<u32, E> {
+            Ok(v as u32)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u32, E> {
+            match v {
+                0 | 1 => Ok(v as u32),
+                _ => Err(E::invalid_value(serde::de::Unexpected::Unsigned(v), &self)),
+            }
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u32, E> {
+            match v {
+                0 | 1 => Ok(v as u32),
+                _ => Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self)),
+            }
+        }
+    }
+    d.deserialize_any(ZeroOrOne)
 }
 
 /// The device work of a txt2img request.
@@ -314,7 +351,8 @@ pub fn txt2img_work(
 ) -> Result<Work, ApiError> {
     let request = base_request(&r.common)?;
     check(ctx, &request, r.common.n_iter)?;
-    let restore_faces = check_faces(ctx, r.common.restore_faces)?;
+    let mut warnings = Vec::new();
+    let restore_faces = check_faces(ctx, r.common.restore_faces, &mut warnings);
     let mut ignored = ignored_fields(&r.common, &r.other);
     let hires = if r.enable_hr {
         let (w, h) = if r.hr_resize_x > 0 || r.hr_resize_y > 0 {
@@ -390,6 +428,7 @@ pub fn txt2img_work(
         hires,
         save: save || r.common.save_images,
         ignored,
+        warnings,
     }))
 }
 
@@ -421,7 +460,8 @@ pub fn img2img_work(
         request.mask_blur = r.mask_blur.unwrap_or(r.mask_blur_x.max(r.mask_blur_y));
     }
     check(ctx, &request, r.common.n_iter)?;
-    let restore_faces = check_faces(ctx, r.common.restore_faces)?;
+    let mut warnings = Vec::new();
+    let restore_faces = check_faces(ctx, r.common.restore_faces, &mut warnings);
     let mut ignored = ignored_fields(&r.common, &r.other);
     for (set, name) in [
         (r.resize_mode != 0, "resize_mode"),
@@ -450,6 +490,7 @@ pub fn img2img_work(
         hires: None,
         save: save || r.common.save_images,
         ignored,
+        warnings,
     }))
 }
 
