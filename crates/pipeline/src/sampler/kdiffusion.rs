@@ -251,34 +251,6 @@ pub(crate) fn lcm(run: &mut Run, mut x: Tensor, sigmas: &[f64]) -> R<Tensor> {
     Ok(x)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lms_coefficients_sum_to_the_step() {
-        // The basis polynomials sum to 1, so the coefficients sum to sigma_{i+1} - sigma_i.
-        let sigmas = [14.6, 9.0, 5.1, 2.7, 1.3, 0.0];
-        for i in 0..5 {
-            let order = (i + 1).min(4);
-            let sum: f64 = (0..order)
-                .map(|j| lms_coefficient(order, &sigmas, i, j))
-                .sum();
-            assert!(
-                (sum - (sigmas[i + 1] - sigmas[i])).abs() < 1e-12,
-                "step {i}: {sum}"
-            );
-        }
-    }
-
-    #[test]
-    fn ancestral_split_keeps_the_marginal_sigma() {
-        let (down, up) = ancestral_step(3.0, 1.5);
-        assert!((down * down + up * up - 1.5 * 1.5).abs() < 1e-12);
-        assert_eq!(ancestral_step(3.0, 0.0), (0.0, 0.0));
-    }
-}
-
 /// A1111's PLMS (CompVis's pseudo linear multistep, `plms` of A1111's timestep samplers), in
 /// sigma terms: each step is DDIM's (an Euler step in sigma on the model's noise estimate)
 /// with the estimate replaced by an Adams–Bashforth combination of the last four; the first
@@ -313,4 +285,32 @@ pub(crate) fn plms(run: &mut Run, mut x: Tensor, sigmas: &[f64]) -> R<Tensor> {
         }
     }
     Ok(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lms_coefficients_sum_to_the_step() {
+        // The basis polynomials sum to 1, so the coefficients sum to sigma_{i+1} - sigma_i.
+        let sigmas = [14.6, 9.0, 5.1, 2.7, 1.3, 0.0];
+        for i in 0..5 {
+            let order = (i + 1).min(4);
+            let sum: f64 = (0..order)
+                .map(|j| lms_coefficient(order, &sigmas, i, j))
+                .sum();
+            assert!(
+                (sum - (sigmas[i + 1] - sigmas[i])).abs() < 1e-12,
+                "step {i}: {sum}"
+            );
+        }
+    }
+
+    #[test]
+    fn ancestral_split_keeps_the_marginal_sigma() {
+        let (down, up) = ancestral_step(3.0, 1.5);
+        assert!((down * down + up * up - 1.5 * 1.5).abs() < 1e-12);
+        assert_eq!(ancestral_step(3.0, 0.0), (0.0, 0.0));
+    }
 }
