@@ -2,8 +2,8 @@
 //! handlers' `#[utoipa::path]` by `utoipa-axum`), auth, CORS, body limits and the access log.
 
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::HeaderValue;
-use axum::response::Response;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::RequestBodyTimeoutLayer;
@@ -12,7 +12,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::config::Role;
-use crate::error::ErrorBody;
+use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 use crate::{a1111, native, openai, operations, ui};
 
@@ -58,6 +58,23 @@ pub fn router(state: AppState) -> Router {
     }
     let doc_json = doc.to_pretty_json().unwrap_or_else(|_| "{}".into());
     let mut app = api
+        .fallback(|req: axum::extract::Request| async move {
+            ApiError::not_found(format!(
+                "no such endpoint: {} {} (see /openapi.json)",
+                req.method(),
+                req.uri().path()
+            ))
+        })
+        .method_not_allowed_fallback(|req: axum::extract::Request| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!(
+                    "{} is not allowed on {} (see /openapi.json)",
+                    req.method(),
+                    req.uri().path()
+                ),
+            )
+        })
         .route(
             "/openapi.json",
             axum::routing::get(move || async move {
@@ -110,7 +127,18 @@ async fn count_http_errors(
     let started = std::time::Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let res = next.run(req).await;
+    let mut res = next.run(req).await;
+    if res.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        let limit = state.config.max_body_bytes;
+        res = ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body is over the limit of {} MiB (--max-body-mb)",
+                limit / (1024 * 1024)
+            ),
+        )
+        .into_response();
+    }
     let ms = started.elapsed().as_secs_f64() * 1e3;
     let status = res.status().as_u16();
     if QUIET_PATHS.contains(&path.as_str()) && status < 400 {
@@ -118,7 +146,9 @@ async fn count_http_errors(
     } else {
         tracing::info!(target: "sdkube::http", %method, %path, status, ms, "request");
     }
-    if res.status().is_server_error() {
+    // A 503 of a probe says "not ready yet" (starting, loading): no server error.
+    let probe = path == "/readyz" || path == "/healthz";
+    if res.status().is_server_error() && !probe {
         state.metrics.error("http_5xx");
     } else if res.status().is_client_error() {
         state.metrics.error("http_4xx");

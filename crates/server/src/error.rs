@@ -16,6 +16,8 @@ use crate::queue::QueueError;
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// Seconds a client should wait before trying again (429, 503 of a full queue).
+    pub retry_after: Option<u32>,
 }
 
 /// The JSON body of every error (A1111's clients read `detail`; ours read `error`).
@@ -30,6 +32,7 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            retry_after: None,
         }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -48,11 +51,17 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let retry_after = self.retry_after;
         let body = ErrorBody {
             detail: self.message.clone(),
             error: self.message,
         };
-        (self.status, Json(body)).into_response()
+        let mut res = (self.status, Json(body)).into_response();
+        if let Some(s) = retry_after {
+            res.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        res
     }
 }
 
@@ -69,11 +78,47 @@ impl From<JsonRejection> for ApiError {
 
 impl From<QueueError> for ApiError {
     fn from(e: QueueError) -> Self {
-        let status = match e {
-            QueueError::Full(_) => StatusCode::TOO_MANY_REQUESTS,
-            QueueError::ShuttingDown | QueueError::Engine(_) => StatusCode::SERVICE_UNAVAILABLE,
+        let (status, retry_after) = match e {
+            QueueError::Full(_) => (StatusCode::TOO_MANY_REQUESTS, Some(5)),
+            QueueError::Engine(_) => (StatusCode::SERVICE_UNAVAILABLE, Some(5)),
+            QueueError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, None),
         };
-        ApiError::new(status, e.to_string())
+        ApiError {
+            retry_after,
+            ..ApiError::new(status, e.to_string())
+        }
+    }
+}
+
+/// A query string whose errors are [`ApiError`]s naming the parameter (axum's own answer is
+/// plain text).
+pub struct ApiQuery<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S>
+    for ApiQuery<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or("");
+        serde_urlencoded::from_str::<T>(query)
+            .map(ApiQuery)
+            .map_err(|e| {
+                // serde_urlencoded's message names no parameter: find the one at fault.
+                let pairs: Vec<(String, String)> =
+                    serde_urlencoded::from_str(query).unwrap_or_default();
+                let culprit = pairs.iter().find(|(k, v)| {
+                    let alone = serde_urlencoded::to_string([(k, v)]).unwrap_or_default();
+                    serde_urlencoded::from_str::<T>(&alone).is_err()
+                });
+                ApiError::bad_request(match culprit {
+                    Some((k, v)) => format!("query string: {k}={v:?}: {e}"),
+                    None => format!("query string: {e}"),
+                })
+            })
     }
 }
 

@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -16,7 +16,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::config::Role;
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ApiQuery};
 use crate::job::{JobImage, JobRecord, JobState};
 use crate::model::{ModelState, ModelStatus};
 use crate::requests::{
@@ -427,7 +427,7 @@ pub struct GalleryQuery {
     responses((status = 200, body = crate::gallery::GalleryPage)))]
 pub async fn gallery(
     State(state): State<AppState>,
-    Query(q): Query<GalleryQuery>,
+    ApiQuery(q): ApiQuery<GalleryQuery>,
 ) -> Result<Json<crate::gallery::GalleryPage>, ApiError> {
     let per_page = q.per_page.unwrap_or(24).clamp(1, 200);
     let page = q.page.unwrap_or(1).max(1);

@@ -87,13 +87,29 @@ pub async fn images_generations(
             )))
         }
     };
+    // Errors name this API's fields, not the A1111 ones they become.
+    let limits = state.config.limits;
+    if r.n == 0 || r.n > limits.max_batch {
+        return Err(ApiError::bad_request(format!(
+            "n must be between 1 and {}, got {}",
+            limits.max_batch, r.n
+        )));
+    }
+    for v in [width, height] {
+        if v == 0 || v % 8 != 0 || v > limits.max_size {
+            return Err(ApiError::bad_request(format!(
+                "size {width}x{height}: each side must be a multiple of 8 from 8 to {}",
+                limits.max_size
+            )));
+        }
+    }
     let req = Txt2ImgRequest {
         common: CommonParams {
             prompt: r.prompt.clone(),
             batch_size: r.n,
             width,
             height,
-            steps: 20,
+            steps: 20.min(limits.max_steps),
             sampler_name: Some("Euler a".into()),
             ..CommonParams::default()
         },

@@ -291,3 +291,127 @@ async fn connections_past_the_cap_get_a_503_at_once() {
     );
     assert!(started.elapsed() < Duration::from_secs(1));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_error_is_json_naming_the_problem() {
+    let s = start(|c| {
+        c.limits.max_steps = 10;
+        c.queue_size = 1;
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let json_error = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/json",
+            "status {status}"
+        );
+        let body: serde_json::Value = r.json().await.unwrap();
+        (status, body["error"].as_str().unwrap().to_string())
+    };
+    for (path, want_status, want) in [
+        (
+            "/sdapi/v1/progress?skip_current_image=maybe",
+            400,
+            "skip_current_image",
+        ),
+        ("/api/v1/gallery?page=-1", 400, "query string"),
+        (
+            "/no/such/thing",
+            404,
+            "no such endpoint: GET /no/such/thing",
+        ),
+    ] {
+        let (status, error) = json_error(client.get(s.url(path)).send().await.unwrap()).await;
+        assert_eq!(status, want_status, "{path}: {error}");
+        assert!(error.contains(want), "{path}: {error}");
+    }
+    let r = client
+        .delete(s.url("/sdapi/v1/txt2img"))
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = json_error(r).await;
+    assert_eq!(status, 405);
+    assert!(error.contains("DELETE is not allowed"), "{error}");
+    // The body limit says what it is.
+    let big = vec![b' '; 9 * 1024 * 1024];
+    let r = client
+        .post(s.url("/sdapi/v1/txt2img"))
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = json_error(r).await;
+    assert_eq!(status, 413);
+    assert!(error.contains("8 MiB (--max-body-mb)"), "{error}");
+    // OpenAI's endpoint names its own fields, and works with --max-steps under 20.
+    let (status, body) = s
+        .post("/v1/images/generations", json!({"prompt": "x", "n": 1000}))
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().unwrap().starts_with("n must be"),
+        "{body}"
+    );
+    let (status, body) = s
+        .post(
+            "/v1/images/generations",
+            json!({"prompt": "x", "size": "65x64"}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().unwrap().starts_with("size 65x64"),
+        "{body}"
+    );
+    let (status, body) = s
+        .post(
+            "/v1/images/generations",
+            json!({"prompt": "x", "size": "64x64"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // hr_resize_y alone, too small: named.
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            json!({"prompt": "x", "steps": 2, "width": 64, "height": 64,
+                   "enable_hr": true, "hr_resize_y": 1}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("hr_resize_x/hr_resize_y"),
+        "{body}"
+    );
+    // A full queue says when to come back.
+    let (_, long) = s
+        .post(
+            "/api/v1/jobs",
+            json!({"kind": "txt2img", "params": {"prompt": "x", "steps": 10, "width": 64, "height": 64}}),
+        )
+        .await;
+    s.wait_sampling(long["id"].as_str().unwrap()).await;
+    let job = json!({"kind": "txt2img", "params": {"prompt": "x", "steps": 2, "width": 64, "height": 64}});
+    let _queued = s.post("/api/v1/jobs", job.clone()).await;
+    let r = client
+        .post(s.url("/api/v1/jobs"))
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "5");
+    // Probes answering 503 (starting up) are not counted as server errors.
+    let (_, metrics) = s.get("/metrics").await;
+    assert!(
+        !metrics.as_str().unwrap().contains("where=\"http_5xx\""),
+        "{metrics}"
+    );
+}

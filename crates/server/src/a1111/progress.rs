@@ -3,14 +3,14 @@
 //! job of the cluster, and says so when jobs wait for a worker; `interrupt` and `skip` act
 //! on every running job, as A1111's act on "the" running one.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::ToSchema;
 
 use crate::config::Role;
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiQuery};
 use crate::queue::Signal;
 use crate::state::AppState;
 
@@ -65,7 +65,7 @@ pub async fn waiting_for_worker(state: &AppState, queued: usize) -> Option<Strin
     responses((status = 200, body = ProgressResponse), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn progress(
     State(state): State<AppState>,
-    Query(q): Query<ProgressQuery>,
+    ApiQuery(q): ApiQuery<ProgressQuery>,
 ) -> Result<Json<ProgressResponse>, ApiError> {
     let counts = state.queue.counts().await?;
     let running = state.queue.running().await?;

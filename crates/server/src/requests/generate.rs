@@ -376,6 +376,13 @@ pub fn txt2img_work(
         };
         // The second pass works on a latent: sizes are multiples of 8.
         let (w, h) = (w / 8 * 8, h / 8 * 8);
+        if w == 0 || h == 0 {
+            return Err(ApiError::bad_request(format!(
+                "hr_resize_x/hr_resize_y ({}, {}): the upscaled size {w}x{h} has a side \
+                 under 8 pixels",
+                r.hr_resize_x, r.hr_resize_y
+            )));
+        }
         let upscaler = r.hr_upscaler.clone().unwrap_or_else(|| "Latent".into());
         if let Some(files) = &ctx.files {
             files
