@@ -146,7 +146,7 @@ impl FolderGallery {
         let total = files.len();
         let items = files
             .into_iter()
-            .skip((page.max(1) - 1) * per_page)
+            .skip((page.max(1) - 1).saturating_mul(per_page))
             .take(per_page)
             .map(|(modified, name)| {
                 let bytes = std::fs::read(self.dir.join(&name)).unwrap_or_default();

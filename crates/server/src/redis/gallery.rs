@@ -93,12 +93,12 @@ impl Gallery for RedisGallery {
     async fn page(&self, page: usize, per_page: usize) -> std::io::Result<GalleryPage> {
         let mut c = self.conn.clone();
         let total: usize = c.zcard(self.keys.gallery()).await.map_err(io)?;
-        let start = (page.max(1) - 1) * per_page;
+        let start = (page.max(1) - 1).saturating_mul(per_page);
         let names: Vec<String> = if start < total {
             c.zrevrange(
                 self.keys.gallery(),
                 start as isize,
-                (start + per_page) as isize - 1,
+                start.saturating_add(per_page).min(total) as isize - 1,
             )
             .await
             .map_err(io)?
