@@ -624,6 +624,38 @@ def test_schema_rejects_new_keys(name):
     assert where in str(err.value), str(err.value)
 
 
+def test_api_mounts_the_ca_bundle_for_a_tls_redis():
+    r = render({"queue": {"backend": "redis", "redis": {"url": "rediss://redis.example.com:6380/0"}},
+                "caBundle": {"secret": "corp-ca"},
+                "server": {"extraEnv": [{"name": "SSL_CERT_FILE", "value": "/etc/sdkube/ca/ca.pem"}]}})
+    api = r.component("api")
+    volumes = {v["name"]: v for v in api["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["ca-bundle"]["secret"]["secretName"] == "corp-ca"
+    main = r.container("sdkube", api)
+    assert {"name": "ca-bundle", "mountPath": "/etc/sdkube/ca", "readOnly": True} in main["volumeMounts"]
+    assert r.resolved_env(main)["SSL_CERT_FILE"] == "/etc/sdkube/ca/ca.pem"
+
+
+def test_doctor_scale_out_contract_keys_exist():
+    """`sdkube doctor` names these keys in its fixes for a shared queue's release
+    (crates/doctor/src/analyze/scale_out.rs, containers.rs, storage.rs)."""
+    defaults = chart().values
+    for path in (
+        "queue.backend", "queue.galleryKeep", "queue.resultTTL",
+        "queue.redis.url", "queue.redis.existingSecret", "queue.redis.existingSecretKey",
+        "queue.redis.bundled.maxmemory", "queue.redis.bundled.resources",
+        "queue.redis.bundled.persistence.existingClaim", "queue.redis.bundled.persistence.enabled",
+        "queue.redis.bundled.persistence.storageClass", "queue.redis.bundled.tolerations",
+        "queue.redis.bundled.nodeSelector", "api.resources", "api.tolerations", "api.nodeSelector",
+        "autoscaling.keda.enabled", "autoscaling.keda.operatorNamespace", "workload.replicas",
+        "caBundle.secret", "server.extraEnv",
+    ):
+        node = defaults
+        for part in path.split("."):
+            assert isinstance(node, dict) and part in node, f"values.yaml lost {path}"
+            node = node[part]
+
+
 def test_memory_backend_renders_no_scale_out_object():
     r = render({"queue": {"redis": {"password": PASSWORD, "url": "redis://x"}}, "autoscaling": {"keda": {"minReplicaCount": 1}}})
     kinds = {(o["kind"], o["metadata"]["labels"].get("app.kubernetes.io/component")) for o in r.objects}

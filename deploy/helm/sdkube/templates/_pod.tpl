@@ -172,23 +172,30 @@ spec:
       emptyDir:
         medium: Memory
         sizeLimit: {{ .Values.shmSize | quote }}
-    {{- with .Values.caBundle }}
-    {{- if .configMap }}
-    - name: ca-bundle
-      configMap:
-        name: {{ .configMap | quote }}
-        items:
-          - key: {{ .key | quote }}
-            path: {{ .key | quote }}
-    {{- else if .secret }}
-    - name: ca-bundle
-      secret:
-        secretName: {{ .secret | quote }}
-        items:
-          - key: {{ .key | quote }}
-            path: {{ .key | quote }}
+    {{- with include "sdkube.caBundleVolume" . | trim }}
+    {{- . | nindent 4 }}
     {{- end }}
-    {{- end }}
+{{- end }}
+
+{{/* The CA bundle's volume (caBundle.configMap or .secret), for the pods that mount it. */}}
+{{- define "sdkube.caBundleVolume" -}}
+{{- with .Values.caBundle }}
+{{- if .configMap }}
+- name: ca-bundle
+  configMap:
+    name: {{ .configMap | quote }}
+    items:
+      - key: {{ .key | quote }}
+        path: {{ .key | quote }}
+{{- else if .secret }}
+- name: ca-bundle
+  secret:
+    secretName: {{ .secret | quote }}
+    items:
+      - key: {{ .key | quote }}
+        path: {{ .key | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
