@@ -6,18 +6,29 @@
 
 use std::time::Duration;
 
+use http_body_util::BodyExt;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
     ContainerStatus, Event, Node, PersistentVolume, PersistentVolumeClaim, Pod,
 };
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{ListParams, LogParams};
+use kube::api::{ApiResource, DynamicObject, ListParams, LogParams};
 use kube::{Api, Client, Config};
 use serde::de::DeserializeOwned;
 
-use crate::snapshot::{ContainerLog, NodeFsStats, NotRead, Snapshot};
+use crate::snapshot::{
+    Component, ContainerLog, NodeFsStats, NotRead, PodAnswer, ScaledObject, Snapshot,
+};
 
 /// How many log lines are read per container.
 pub const LOG_TAIL_LINES: i64 = 30;
+/// The port sdkube listens on in the chart's pods (named `http`).
+const HTTP_PORT: u16 = 7860;
+/// Most bytes of a pod's answer kept in the snapshot.
+const ANSWER_BYTES: usize = 16 * 1024;
+/// How long a pod may take to answer through the proxy (a client with retries on would
+/// also retry a 503 for minutes: this bounds it).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the cluster could not be read at all (`doctor` exits with 2).
 #[derive(Debug, thiserror::Error)]
@@ -43,11 +54,14 @@ pub enum ClusterError {
 }
 
 /// A client from the kubeconfig (or the in-cluster service account), with short timeouts so
-/// that an unreachable cluster is reported in seconds.
+/// that an unreachable cluster is reported in seconds, and without kube's retries of 503
+/// answers: a pod that is not ready answers `/readyz` with 503, which is what the diagnosis
+/// wants to read, not to retry for minutes.
 pub async fn connect() -> Result<Client, ClusterError> {
     let mut config = Config::infer().await.map_err(ClusterError::Config)?;
     config.connect_timeout = Some(Duration::from_secs(5));
     config.read_timeout = Some(Duration::from_secs(20));
+    config.default_retry = false;
     Client::try_from(config).map_err(ClusterError::Client)
 }
 
@@ -194,9 +208,175 @@ pub async fn gather(
     {
         snapshot.events = events;
     }
+    if snapshot.is_scale_out() {
+        read_scale_out(client, namespace, &selector, &mut snapshot).await?;
+    }
     read_logs(&pods_api, &mut snapshot).await?;
     read_node_stats(client, &mut snapshot).await?;
     Ok(snapshot)
+}
+
+/// A shared queue's release: its Deployments and StatefulSets (is a worker scaled to zero?),
+/// KEDA's ScaledObjects (is KEDA there, can it read the queue?), and what the api and worker
+/// pods answer on `/readyz` and `/metrics` (why not ready, how many jobs wait).
+async fn read_scale_out(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+    snapshot: &mut Snapshot,
+) -> Result<(), ClusterError> {
+    let release = ListParams::default().labels(selector);
+    if let Some(items) = list_if_served::<Deployment>(
+        Api::namespaced(client.clone(), namespace),
+        &release,
+        "deployments",
+        snapshot,
+    )
+    .await?
+    {
+        snapshot.deployments = items;
+    }
+    if let Some(items) = list_if_served::<StatefulSet>(
+        Api::namespaced(client.clone(), namespace),
+        &release,
+        "statefulsets",
+        snapshot,
+    )
+    .await?
+    {
+        snapshot.stateful_sets = items;
+    }
+    let keda = ApiResource {
+        group: "keda.sh".into(),
+        version: "v1alpha1".into(),
+        api_version: "keda.sh/v1alpha1".into(),
+        kind: "ScaledObject".into(),
+        plural: "scaledobjects".into(),
+    };
+    // Every ScaledObject of the namespace: one made by hand may target the workers too.
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &keda);
+    match api.list(&ListParams::default()).await {
+        Ok(list) => {
+            snapshot.scaled_objects = Some(
+                list.items
+                    .iter()
+                    .map(|o| ScaledObject::from_json(&serde_json::to_value(o).unwrap_or_default()))
+                    .collect(),
+            );
+        }
+        // Not served: KEDA is not installed, which `analyze` judges.
+        Err(kube::Error::Api(status)) if status.code == 404 => {}
+        Err(err) => {
+            let message = forbidden_or_error("scaledobjects", err)?;
+            snapshot.not_read.push(not_read(
+                "KEDA ScaledObjects",
+                "scaledobjects.keda.sh",
+                &message,
+            ));
+        }
+    }
+    read_pod_answers(client, namespace, snapshot).await
+}
+
+/// A namespaced list, `None` when the API is not served (404, said nothing about) or
+/// forbidden (recorded in `not_read`).
+async fn list_if_served<T>(
+    api: Api<T>,
+    params: &ListParams,
+    resource: &str,
+    snapshot: &mut Snapshot,
+) -> Result<Option<Vec<T>>, ClusterError>
+where
+    T: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    match api.list(params).await {
+        Ok(list) => Ok(Some(list.items)),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
+        Err(err) => {
+            let message = forbidden_or_error(resource, err)?;
+            snapshot
+                .not_read
+                .push(not_read(resource, resource, &message));
+            Ok(None)
+        }
+    }
+}
+
+/// Whether a proxied body is the API server's own `Status` (it could not reach the pod, or
+/// refused the request) rather than the pod's answer.
+fn api_server_status(body: &str) -> Option<u16> {
+    let value: serde_json::Value = serde_json::from_str(body).ok()?;
+    (value["kind"] == "Status").then(|| value["code"].as_u64().unwrap_or(0) as u16)
+}
+
+async fn read_pod_answers(
+    client: &Client,
+    namespace: &str,
+    snapshot: &mut Snapshot,
+) -> Result<(), ClusterError> {
+    let mut wanted: Vec<(String, &'static str)> = Vec::new();
+    for pod in snapshot.app_pods() {
+        let component = Component::of_pod(pod);
+        let status = pod.status.as_ref();
+        if !matches!(component, Component::Api | Component::Worker)
+            || status.and_then(|s| s.phase.as_deref()) != Some("Running")
+        {
+            continue;
+        }
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        if !ready {
+            wanted.push((name, "/readyz"));
+        } else if component == Component::Api && !wanted.iter().any(|(_, p)| *p == "/metrics") {
+            // Any api pod reports the whole cluster's queue: one is enough.
+            wanted.push((name, "/metrics"));
+        }
+    }
+    for (pod, path) in wanted {
+        let uri = format!("/api/v1/namespaces/{namespace}/pods/{pod}:{HTTP_PORT}/proxy{path}");
+        let Ok(request) = http::Request::get(uri).body(kube::client::Body::from(Vec::new())) else {
+            continue; // a pod name that is not a valid path cannot be asked
+        };
+        let response = match tokio::time::timeout(ANSWER_TIMEOUT, client.send(request)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(err @ (kube::Error::HyperError(_) | kube::Error::Service(_)))) => {
+                return Err(ClusterError::Unreachable(err))
+            }
+            Ok(Err(_)) | Err(_) => continue,
+        };
+        let status = response.status().as_u16();
+        let Ok(collected) = response.into_body().collect().await else {
+            continue;
+        };
+        let bytes = collected.to_bytes();
+        let body = String::from_utf8_lossy(&bytes[..bytes.len().min(ANSWER_BYTES)]).into_owned();
+        match api_server_status(&body) {
+            Some(403) => {
+                let message = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["message"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                snapshot.not_read.push(not_read(
+                    "what the api and worker pods answer (/readyz, /metrics)",
+                    "pods/proxy",
+                    &message,
+                ));
+                return Ok(());
+            }
+            Some(_) => continue,
+            None => snapshot.pod_answers.push(PodAnswer {
+                pod,
+                path: path.to_owned(),
+                status,
+                body,
+            }),
+        }
+    }
+    Ok(())
 }
 
 fn not_read(what: &str, resource: &str, message: &str) -> NotRead {

@@ -52,6 +52,18 @@ pub enum FindingCode {
     CrashLoop,
     OomKilled,
     ReadinessFailing,
+    /// A container cannot be created: a Secret or ConfigMap it reads is missing.
+    ContainerConfigError,
+    /// api or worker pods cannot use the job queue (Redis down, wrong password, host).
+    QueueUnreachable,
+    /// The api takes jobs, but no GPU worker is ready to run them.
+    JobsWaitForWorker,
+    /// KEDA's ScaledObject cannot read the queue, is paused, or sees no jobs while some wait.
+    KedaNotScaling,
+    /// Workers at zero, and KEDA (which would start them) is not installed.
+    KedaMissing,
+    /// Workers at zero, and nothing scales them up.
+    WorkersAtZero,
     NotChecked,
     LocalGpu,
     LocalCuda,

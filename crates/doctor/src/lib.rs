@@ -16,7 +16,7 @@ pub mod snapshot;
 
 pub use analyze::analyze;
 pub use finding::{Evidence, Finding, FindingCode, Fix, Severity};
-pub use snapshot::{ContainerLog, NodeFsStats, Snapshot};
+pub use snapshot::{Component, ContainerLog, NodeFsStats, PodAnswer, ScaledObject, Snapshot};
 
 /// The process exit code for a cluster diagnosis: 0 healthy, 1 findings that need action,
 /// 2 the cluster could not be read.

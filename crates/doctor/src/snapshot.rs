@@ -1,5 +1,6 @@
 //! Everything `analyze` looks at: the API objects read from the cluster and the log tails.
 
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Event, Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
 use serde::Serialize;
@@ -14,6 +15,126 @@ pub const APP_NAME: &str = "sdkube";
 pub const INIT_CONTAINER: &str = "fetch-models";
 /// The chart's main container.
 pub const MAIN_CONTAINER: &str = "sdkube";
+/// Label naming what a pod is in the release: `server` (one process, the queue in memory),
+/// or with a shared queue `api`, `worker` and `redis` (the bundled Redis).
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+
+/// What a pod of the release is, from its [`COMPONENT_LABEL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    /// The single server (`queue.backend: memory`), or a pod without the label.
+    Server,
+    /// The UI and APIs of a shared queue (no GPU).
+    Api,
+    /// A GPU worker of a shared queue.
+    Worker,
+    /// The chart's bundled Redis.
+    Redis,
+}
+
+impl Component {
+    pub fn of(labels: Option<&std::collections::BTreeMap<String, String>>) -> Component {
+        match labels
+            .and_then(|l| l.get(COMPONENT_LABEL))
+            .map(String::as_str)
+        {
+            Some("api") => Component::Api,
+            Some("worker") => Component::Worker,
+            Some("redis") => Component::Redis,
+            _ => Component::Server,
+        }
+    }
+
+    pub fn of_pod(pod: &Pod) -> Component {
+        Component::of(pod.metadata.labels.as_ref())
+    }
+
+    /// Where the chart's values for this component's pods live (`resources`, `nodeSelector`,
+    /// `tolerations`, `persistence`…): top level for the server and the workers.
+    pub fn values_path(self) -> &'static [&'static str] {
+        match self {
+            Component::Server | Component::Worker => &[],
+            Component::Api => &["api"],
+            Component::Redis => &["queue", "redis", "bundled"],
+        }
+    }
+}
+
+/// A KEDA `ScaledObject` (keda.sh/v1alpha1), the fields the diagnosis reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ScaledObject {
+    pub name: String,
+    /// `scaleTargetRef`: kind (Deployment by default) and name.
+    pub target_kind: String,
+    pub target_name: String,
+    pub min_replicas: Option<i64>,
+    pub max_replicas: Option<i64>,
+    /// `(type, stream)` of each trigger (the stream for redis-streams triggers).
+    pub triggers: Vec<(String, Option<String>)>,
+    /// `status.conditions`: Ready (KEDA can read the triggers), Active (something to do), Fallback, Paused.
+    pub conditions: Vec<ObjectCondition>,
+}
+
+/// One entry of an object's `status.conditions`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ObjectCondition {
+    pub type_: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub message: Option<String>,
+}
+
+impl ScaledObject {
+    /// From the object as the API server (or `kubectl get -o json`) gives it.
+    pub fn from_json(object: &serde_json::Value) -> ScaledObject {
+        let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+        let spec = &object["spec"];
+        let target = &spec["scaleTargetRef"];
+        ScaledObject {
+            name: text(&object["metadata"]["name"]).unwrap_or_default(),
+            target_kind: text(&target["kind"]).unwrap_or_else(|| "Deployment".to_owned()),
+            target_name: text(&target["name"]).unwrap_or_default(),
+            min_replicas: spec["minReplicaCount"].as_i64(),
+            max_replicas: spec["maxReplicaCount"].as_i64(),
+            triggers: spec["triggers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| {
+                    (
+                        text(&t["type"]).unwrap_or_default(),
+                        text(&t["metadata"]["stream"]),
+                    )
+                })
+                .collect(),
+            conditions: object["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| ObjectCondition {
+                    type_: text(&c["type"]).unwrap_or_default(),
+                    status: text(&c["status"]).unwrap_or_default(),
+                    reason: text(&c["reason"]).filter(|r| !r.is_empty()),
+                    message: text(&c["message"]).filter(|m| !m.is_empty()),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn condition(&self, type_: &str) -> Option<&ObjectCondition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+}
+
+/// What a pod answered on one of sdkube's open paths (`/readyz`, `/metrics`), read through
+/// the API server's pod proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PodAnswer {
+    pub pod: String,
+    pub path: String,
+    pub status: u16,
+    pub body: String,
+}
 
 /// The last lines a container wrote, as `kubectl logs --tail` gives them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -58,6 +179,14 @@ pub struct Snapshot {
     pub logs: Vec<ContainerLog>,
     pub node_stats: Vec<NodeFsStats>,
     pub not_read: Vec<NotRead>,
+    /// The release's Deployments and StatefulSets (read when it runs a shared queue).
+    pub deployments: Vec<Deployment>,
+    pub stateful_sets: Vec<StatefulSet>,
+    /// KEDA's ScaledObjects in the namespace (read when the release runs a shared queue);
+    /// `None` when the API server does not serve them: KEDA is not installed.
+    pub scaled_objects: Option<Vec<ScaledObject>>,
+    /// `/readyz` of api and worker pods that are not ready, `/metrics` of a ready api pod.
+    pub pod_answers: Vec<PodAnswer>,
 }
 
 /// An object in a fixture or list that the snapshot does not know how to hold.
@@ -125,6 +254,56 @@ impl Snapshot {
         events
     }
 
+    /// The release's pods of one component.
+    pub fn pods_of(&self, component: Component) -> impl Iterator<Item = &Pod> {
+        self.app_pods()
+            .filter(move |p| Component::of_pod(p) == component)
+    }
+
+    /// Whether the release runs a shared queue (api, worker or Redis pods, or a workload of
+    /// theirs).
+    pub fn is_scale_out(&self) -> bool {
+        self.app_pods()
+            .any(|p| Component::of_pod(p) != Component::Server)
+            || self
+                .workloads()
+                .any(|(_, labels, _)| Component::of(labels) != Component::Server)
+    }
+
+    /// The release's Deployments and StatefulSets as (kind, labels, object name).
+    pub fn workloads(
+        &self,
+    ) -> impl Iterator<
+        Item = (
+            &'static str,
+            Option<&std::collections::BTreeMap<String, String>>,
+            &str,
+        ),
+    > {
+        let deployments = self.deployments.iter().map(|d| {
+            (
+                "Deployment",
+                d.metadata.labels.as_ref(),
+                d.metadata.name.as_deref().unwrap_or_default(),
+            )
+        });
+        let stateful_sets = self.stateful_sets.iter().map(|s| {
+            (
+                "StatefulSet",
+                s.metadata.labels.as_ref(),
+                s.metadata.name.as_deref().unwrap_or_default(),
+            )
+        });
+        deployments.chain(stateful_sets)
+    }
+
+    /// The answer a pod gave on `path`, when it was asked.
+    pub fn answer(&self, pod: &str, path: &str) -> Option<&PodAnswer> {
+        self.pod_answers
+            .iter()
+            .find(|a| a.pod == pod && a.path == path)
+    }
+
     pub fn log(&self, pod: &str, container: &str) -> Option<&ContainerLog> {
         self.logs
             .iter()
@@ -154,6 +333,12 @@ impl Snapshot {
             "StorageClass" => self.storage_classes.push(parse(&kind, object)?),
             "Node" => self.nodes.push(parse(&kind, object)?),
             "Event" => self.events.push(parse(&kind, object)?),
+            "Deployment" => self.deployments.push(parse(&kind, object)?),
+            "StatefulSet" => self.stateful_sets.push(parse(&kind, object)?),
+            "ScaledObject" => self
+                .scaled_objects
+                .get_or_insert_with(Vec::new)
+                .push(ScaledObject::from_json(&object)),
             _ => return Err(SnapshotError::UnexpectedKind(kind)),
         }
         Ok(())

@@ -23,6 +23,7 @@ struct Cluster {
     items: Vec<Value>,
     logs: Vec<sdkube_doctor::ContainerLog>,
     stats: Vec<(String, Value)>,
+    answers: Vec<sdkube_doctor::PodAnswer>,
     forbidden: BTreeSet<&'static str>,
     /// Resources answered with 404, as by a server that does not serve their API group.
     unserved: BTreeSet<&'static str>,
@@ -185,6 +186,75 @@ async fn pod_log(
     }
 }
 
+/// `/apis/apps/v1/namespaces/{ns}/{deployments,statefulsets}`.
+async fn apps(
+    State(c): State<Shared>,
+    Path((ns, resource)): Path<(String, String)>,
+    Query(q): Q,
+) -> Response {
+    let kind = match resource.as_str() {
+        "deployments" => "Deployment",
+        "statefulsets" => "StatefulSet",
+        _ => {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource".into(),
+            )
+        }
+    };
+    if c.forbidden.contains(resource.as_str()) {
+        return forbidden(&resource, &format!("in the namespace \"{ns}\""));
+    }
+    list(&c, kind, "apps/v1", Some(&ns), &q)
+}
+
+/// KEDA's ScaledObjects: served only when the scenario has some (KEDA installed), as a
+/// cluster without KEDA's CRDs answers 404.
+async fn scaled_objects(State(c): State<Shared>, Path(ns): Path<String>, Query(q): Q) -> Response {
+    if !c.items.iter().any(|i| i["kind"] == "ScaledObject") {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource".into(),
+        );
+    }
+    if c.forbidden.contains("scaledobjects") {
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!("scaledobjects.keda.sh is forbidden: User \"system:serviceaccount:default:viewer\" cannot list resource \"scaledobjects\" in API group \"keda.sh\" in the namespace \"{ns}\""),
+        );
+    }
+    list(&c, "ScaledObject", "keda.sh/v1alpha1", Some(&ns), &q)
+}
+
+/// The pod proxy (`pods/{name}:{port}/proxy/{path}`): the pod's own answer, status and body
+/// as it gave them; the API server's `Status` when the pod cannot be reached.
+async fn pod_proxy(
+    State(c): State<Shared>,
+    Path((ns, pod_port, path)): Path<(String, String, String)>,
+) -> Response {
+    let (pod, port) = pod_port.split_once(':').expect("kube names the port");
+    assert_eq!(port, "7860");
+    if c.forbidden.contains("pods/proxy") {
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!("pods \"{pod}\" is forbidden: User \"system:serviceaccount:default:viewer\" cannot get resource \"pods/proxy\" in API group \"\" in the namespace \"{ns}\""),
+        );
+    }
+    let path = format!("/{path}");
+    match c.answers.iter().find(|a| a.pod == pod && a.path == path) {
+        Some(a) => (StatusCode::from_u16(a.status).unwrap(), a.body.clone()).into_response(),
+        None => status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            format!("error trying to reach service: dial tcp 10.0.3.9:7860: connect: connection refused ({pod})"),
+        ),
+    }
+}
+
 async fn node_summary(State(c): State<Shared>, Path(node): Path<String>) -> Response {
     match c.stats.iter().find(|(n, _)| *n == node) {
         Some((_, summary)) => Json(summary.clone()).into_response(),
@@ -204,6 +274,15 @@ async fn serve(cluster: Cluster) -> Client {
             "/api/v1/nodes/{node}/proxy/stats/summary",
             get(node_summary),
         )
+        .route(
+            "/api/v1/namespaces/{ns}/pods/{pod_port}/proxy/{*path}",
+            get(pod_proxy),
+        )
+        .route("/apis/apps/v1/namespaces/{ns}/{resource}", get(apps))
+        .route(
+            "/apis/keda.sh/v1alpha1/namespaces/{ns}/scaledobjects",
+            get(scaled_objects),
+        )
         .route("/api/v1/{resource}", get(cluster_scoped))
         .route(
             "/apis/storage.k8s.io/v1/storageclasses",
@@ -213,7 +292,8 @@ async fn serve(cluster: Cluster) -> Client {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let config = Config::new(format!("http://{addr}").parse().unwrap());
+    let mut config = Config::new(format!("http://{addr}").parse().unwrap());
+    config.default_retry = false; // as `cluster::connect` makes it
     Client::try_from(config).unwrap()
 }
 
@@ -222,6 +302,7 @@ fn cluster_for(scenario: &str, forbidden: &[&'static str]) -> Cluster {
         items: common::fixture_items(scenario),
         logs: common::fixture_logs(scenario),
         stats: common::fixture_stats(scenario),
+        answers: common::fixture_answers(scenario),
         forbidden: forbidden.iter().copied().collect(),
         unserved: BTreeSet::new(),
     }
@@ -240,6 +321,10 @@ fn canonical(mut s: Snapshot) -> Snapshot {
     s.events.sort_by_key(|o| key(&o.metadata));
     s.logs
         .sort_by(|a, b| (&a.pod, &a.container).cmp(&(&b.pod, &b.container)));
+    s.deployments.sort_by_key(|o| key(&o.metadata));
+    s.stateful_sets.sort_by_key(|o| key(&o.metadata));
+    s.pod_answers
+        .sort_by(|a, b| (&a.pod, &a.path).cmp(&(&b.pod, &b.path)));
     s
 }
 
@@ -357,5 +442,36 @@ async fn unserved_api_is_skipped_with_a_sentence() {
             .ends_with("(unverified: StorageClasses could not be read)"),
         "{}",
         missing.title
+    );
+}
+
+/// issue 16: a shared queue's release is read further (workloads, KEDA, what the pods answer
+/// through the pod proxy); without the rights for those, each gap is said and the rest goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_out_reads_degrade_to_not_checked() {
+    let client = serve(cluster_for(
+        "scale-out-keda-failing",
+        &["deployments", "scaledobjects", "pods/proxy"],
+    ))
+    .await;
+    let snapshot = gather(&client, common::NAMESPACE, Some(common::RELEASE))
+        .await
+        .unwrap();
+    assert!(snapshot.deployments.is_empty() && snapshot.pod_answers.is_empty());
+    assert_eq!(snapshot.scaled_objects, None);
+    let gaps: Vec<&str> = snapshot.not_read.iter().map(|g| g.what.as_str()).collect();
+    assert_eq!(
+        gaps,
+        [
+            "deployments",
+            "KEDA ScaledObjects",
+            "what the api and worker pods answer (/readyz, /metrics)"
+        ]
+    );
+    assert!(snapshot.not_read[2].reason.contains("pods/proxy"));
+    let findings = analyze(&snapshot);
+    assert!(
+        findings.iter().all(|f| f.code == FindingCode::NotChecked),
+        "{findings:#?}"
     );
 }

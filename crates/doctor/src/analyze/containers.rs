@@ -4,9 +4,9 @@
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use serde::Serialize;
 
-use super::{event_evidence, helm_upgrade, name, pod_ref};
+use super::{event_evidence, helm_upgrade, name, pod_ref, values_for};
 use crate::finding::{Evidence, Finding, FindingCode, Fix, Severity};
-use crate::snapshot::{Snapshot, INIT_CONTAINER, MAIN_CONTAINER};
+use crate::snapshot::{Component, Snapshot, INIT_CONTAINER, MAIN_CONTAINER};
 
 /// How many log lines a finding quotes.
 const QUOTED_LINES: usize = 5;
@@ -155,6 +155,10 @@ pub(super) fn check(snapshot: &Snapshot, findings: &mut Vec<Finding>) {
         let status = pod.status.as_ref();
         if status.and_then(|s| s.reason.as_deref()) == Some("Evicted") {
             findings.push(evicted(snapshot, pod));
+            continue;
+        }
+        if let Some(f) = config_error(snapshot, pod) {
+            findings.push(f);
             continue;
         }
         let inits = status
@@ -406,12 +410,70 @@ fn not_writable_fix(snapshot: &Snapshot, pod: &Pod, container: &str) -> (String,
     (advice, command)
 }
 
+/// A container the kubelet cannot even create because a Secret, a key of it, or a ConfigMap
+/// it reads is missing (`CreateContainerConfigError`): a typo in `existingSecret`,
+/// `queue.redis.existingSecret` or its key.
+fn config_error(snapshot: &Snapshot, pod: &Pod) -> Option<Finding> {
+    let status = pod.status.as_ref()?;
+    let (container, message) = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .find_map(|c| {
+            let w = c.state.as_ref()?.waiting.as_ref()?;
+            (w.reason.as_deref() == Some("CreateContainerConfigError"))
+                .then(|| (c.name.clone(), w.message.clone().unwrap_or_default()))
+        })?;
+    let ns = &snapshot.namespace;
+    let secret = message
+        .split('"')
+        .nth(1)
+        .filter(|_| message.starts_with("secret "))
+        .map(str::to_owned)
+        .or_else(|| {
+            message
+                .split(" in Secret ")
+                .nth(1)
+                .map(|s| s.rsplit('/').next().unwrap_or(s).trim().to_owned())
+        });
+    let fix = match &secret {
+        Some(secret) => Fix::advice(format!(
+            "The pod reads Secret {secret}, which is missing or lacks the key named below. Create it (or correct the name or key in the values: existingSecret, queue.redis.existingSecret and queue.redis.existingSecretKey)."
+        ))
+        .command(format!("kubectl describe secret -n {ns} {secret}   # the keys it has"))
+        .command(format!("kubectl create secret generic -n {ns} {secret} --from-literal=<key>=<value>")),
+        None => Fix::advice("A Secret or ConfigMap the pod reads is missing: create it, or correct its name in the values.")
+            .command(format!("kubectl describe pod -n {ns} {}", name(pod))),
+    };
+    Some(
+        Finding::new(
+            FindingCode::ContainerConfigError,
+            Severity::Error,
+            format!(
+                "Container {container} of pod {} cannot be created: {message}",
+                name(pod)
+            ),
+            fix,
+        )
+        .with_evidence(Evidence::new(
+            format!("{} container {container}", pod_ref(pod)),
+            Some("CreateContainerConfigError"),
+            message,
+        )),
+    )
+}
+
 fn main_container(
     snapshot: &Snapshot,
     pod: &Pod,
     status: &ContainerStatus,
     findings: &mut Vec<Finding>,
 ) {
+    // An api or worker that cannot use the queue: one finding for all of them (scale_out).
+    if super::scale_out::queue_failure(snapshot, pod).is_some() {
+        return;
+    }
     let oom = [status.state.as_ref(), status.last_state.as_ref()]
         .into_iter()
         .flatten()
@@ -430,13 +492,23 @@ fn main_container(
             .as_deref()
             .map(|l| format!(" (limit {l})"))
             .unwrap_or_default();
+        let fix = match Component::of_pod(pod) {
+            Component::Redis => Fix::advice("Redis keeps the queue, results and the gallery in memory: raise its limit and keep maxmemory well below it (rewriting the append-only file forks), or keep fewer images (queue.galleryKeep, queue.resultTTL).")
+                .values("queue:\n  redis:\n    bundled:\n      maxmemory: 2gb\n      resources:\n        limits:\n          memory: 4Gi\n  galleryKeep: 200"),
+            Component::Api => Fix::advice("The api holds requests and images in transit (large img2img uploads, batches of results): raise its memory limit.")
+                .values(values_for(Some(pod), "resources:\n  limits:\n    memory: 2Gi")),
+            Component::Server | Component::Worker => Fix::advice("Raise the memory limit (SDXL needs far more host memory than SD 1.5 while loading), or use a smaller model.")
+                .values("resources:\n  limits:\n    memory: 24Gi\n  requests:\n    memory: 16Gi"),
+        };
         let mut finding = Finding::new(
             FindingCode::OomKilled,
             Severity::Error,
-            format!("Container {} of pod {} was killed for using too much memory{limit_text}", status.name, name(pod)),
-            Fix::advice("Raise the memory limit (SDXL needs far more host memory than SD 1.5 while loading), or use a smaller model.")
-                .values("resources:\n  limits:\n    memory: 24Gi\n  requests:\n    memory: 16Gi")
-                .command(helm_upgrade(snapshot, Some(pod))),
+            format!(
+                "Container {} of pod {} was killed for using too much memory{limit_text}",
+                status.name,
+                name(pod)
+            ),
+            fix.command(helm_upgrade(snapshot, Some(pod))),
         )
         .with_evidence(state_evidence(pod, status));
         finding
@@ -542,7 +614,7 @@ fn evicted(snapshot: &Snapshot, pod: &Pod) -> Finding {
         .find(|r| message.contains(&format!("low on resource: {r}")));
     let fix = match resource {
         Some("memory") => Fix::advice(format!("Node {node} ran short of memory: give the pod a memory request that reserves what it uses, or move other workloads away."))
-            .values("resources:\n  requests:\n    memory: 16Gi"),
+            .values(values_for(Some(pod), "resources:\n  requests:\n    memory: 16Gi")),
         _ => Fix::advice(format!("Node {node} ran short of disk: free its disk (unused images, logs), and keep models on the PersistentVolume rather than in the container's filesystem."))
             .command(format!("sudo crictl rmi --prune   # on node {node}")),
     };

@@ -8,16 +8,18 @@ mod containers;
 mod images;
 mod nodes;
 mod quantity;
+mod scale_out;
 mod scheduling;
 mod storage;
 
 pub use containers::{classify_fetch_log, FetchFailure, FetchFailureKind};
 pub use quantity::parse_quantity;
+pub use scale_out::{classify_queue_log, QueueFailure, QueueFailureKind};
 
 use k8s_openapi::api::core::v1::{Event, Pod};
 
 use crate::finding::{Evidence, Finding, FindingCode, Fix, Severity};
-use crate::snapshot::{Snapshot, INSTANCE_LABEL};
+use crate::snapshot::{Component, Snapshot, INSTANCE_LABEL};
 
 /// The extended resource the NVIDIA device plugin advertises.
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
@@ -33,6 +35,7 @@ pub fn analyze(snapshot: &Snapshot) -> Vec<Finding> {
     scheduling::check(snapshot, &mut findings);
     images::check(snapshot, &mut findings);
     containers::check(snapshot, &mut findings);
+    scale_out::check(snapshot, &mut findings);
     nodes::check(snapshot, &mut findings);
     for gap in &snapshot.not_read {
         findings.push(Finding::new(
@@ -58,6 +61,28 @@ fn no_pods(snapshot: &Snapshot) -> Finding {
             .command(format!("helm list -n {ns}"))
             .command(format!("kubectl get pods -n {ns} -l {selector}")),
     )
+}
+
+/// A values snippet written for the top level (`resources:`, `nodeSelector:`…), moved under
+/// the values of the pod's component: `api.` for the api, `queue.redis.bundled.` for Redis.
+pub(crate) fn values_for(pod: Option<&Pod>, yaml: &str) -> String {
+    let component = pod.map_or(Component::Server, Component::of_pod);
+    nest(component.values_path(), yaml)
+}
+
+/// `yaml` nested under the keys of `path`.
+pub(crate) fn nest(path: &[&str], yaml: &str) -> String {
+    let mut out = String::new();
+    for (depth, key) in path.iter().enumerate() {
+        out.push_str(&format!("{}{key}:\n", "  ".repeat(depth)));
+    }
+    let indent = "  ".repeat(path.len());
+    for line in yaml.lines() {
+        out.push_str(&indent);
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.trim_end().to_owned()
 }
 
 /// `Pod ns/name`, the way findings name a pod.

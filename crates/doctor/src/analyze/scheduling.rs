@@ -4,7 +4,7 @@ use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, Pod, Taint, Tole
 
 use super::{
     event_evidence, helm_upgrade, holds_resources, name, parse_quantity, pod_ref, pod_request,
-    GPU_RESOURCE,
+    values_for, GPU_RESOURCE,
 };
 use crate::finding::{Evidence, Finding, FindingCode, Fix, Severity};
 use crate::snapshot::Snapshot;
@@ -94,7 +94,7 @@ pub(super) fn check(snapshot: &Snapshot, findings: &mut Vec<Finding>) {
                     Severity::Error,
                     format!("Pod {} asks for more {resource} than any node has free", name(pod)),
                     Fix::advice(format!("Lower the {resource} request in the chart's resources, or free {resource} on the GPU node."))
-                        .values(format!("resources:\n  requests:\n    {resource}: <smaller>"))
+                        .values(values_for(Some(pod), &format!("resources:\n  requests:\n    {resource}: <smaller>")))
                         .command("kubectl describe node <GPU node>   # see Allocated resources")
                         .command(helm_upgrade(snapshot, Some(pod))),
                 ).with_evidence(evidence.clone()));
@@ -354,7 +354,7 @@ fn selector_mismatch(snapshot: &Snapshot, pod: &Pod, evidence: Evidence) -> Find
         for (k, v) in &unmatched {
             fix = fix.command(format!("kubectl label node {target} {k}={v}"));
         }
-        finding.fix = fix.values("nodeSelector: {}");
+        finding.fix = fix.values(values_for(Some(pod), "nodeSelector: {}"));
     } else {
         let matching: Vec<&str> = snapshot
             .nodes
@@ -380,7 +380,7 @@ fn selector_mismatch(snapshot: &Snapshot, pod: &Pod, evidence: Evidence) -> Find
         ));
         finding.fix = Fix::advice("Compare the pod's affinity with the node labels; relax the chart's nodeSelector/affinity.")
             .command("kubectl get nodes --show-labels")
-            .values("nodeSelector: {}");
+            .values(values_for(Some(pod), "nodeSelector: {}"));
     }
     finding.fix = finding.fix.command(helm_upgrade(snapshot, Some(pod)));
     finding
@@ -553,7 +553,7 @@ fn untolerated_taints(
     });
     let commands_empty = commands.is_empty();
     if !commands_empty {
-        fix = fix.values(snippet.trim_end().to_owned());
+        fix = fix.values(values_for(Some(pod), snippet.trim_end()));
     }
     for c in commands {
         fix = fix.command(c);

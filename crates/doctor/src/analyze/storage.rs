@@ -3,9 +3,9 @@
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
 
-use super::{event_evidence, helm_upgrade, human_bytes, name, parse_quantity, pod_ref};
+use super::{event_evidence, helm_upgrade, human_bytes, name, nest, parse_quantity, pod_ref};
 use crate::finding::{Evidence, Finding, FindingCode, Fix, Severity};
-use crate::snapshot::{Snapshot, APP_NAME, INSTANCE_LABEL, NAME_LABEL};
+use crate::snapshot::{Component, Snapshot, APP_NAME, INSTANCE_LABEL, NAME_LABEL};
 
 const DEFAULT_CLASS_ANNOTATIONS: [&str; 2] = [
     "storageclass.kubernetes.io/is-default-class",
@@ -58,13 +58,52 @@ fn is_release_claim(snapshot: &Snapshot, pvc: &PersistentVolumeClaim) -> bool {
             .is_none_or(|r| label(INSTANCE_LABEL) == Some(r))
 }
 
+/// Whether a claim holds the bundled Redis's data (its pod, or its claim template's label).
+fn is_redis_claim(pvc: Option<&PersistentVolumeClaim>, pod: Option<&Pod>) -> bool {
+    pod.map(Component::of_pod) == Some(Component::Redis)
+        || pvc.is_some_and(|c| Component::of(c.metadata.labels.as_ref()) == Component::Redis)
+}
+
+/// A `persistence:` snippet for the claim's owner: the models' volume, or Redis's.
+fn claim_values(redis: bool, yaml: &str) -> String {
+    if redis && yaml.starts_with("persistence:") {
+        nest(Component::Redis.values_path(), yaml)
+    } else {
+        yaml.to_owned()
+    }
+}
+
+/// The models' advice for Redis's claim: there is no local-volume option for Redis, a claim
+/// of your own (bound to a PersistentVolume you made) stands in for it.
+fn redis_advice(advice: &str) -> String {
+    const OWN: &str = "give Redis a claim bound to a PersistentVolume of your own (queue.redis.bundled.persistence.existingClaim)";
+    advice
+        .replace(
+            "Let the chart create a local volume on the GPU node",
+            &capitalised(OWN),
+        )
+        .replace("use a local volume on the GPU node", OWN)
+        .replace("let the chart create a local volume", OWN)
+}
+
+fn capitalised(text: &str) -> String {
+    let mut chars = text.chars();
+    chars
+        .next()
+        .map(|c| c.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
+}
+
 fn missing_claim(snapshot: &Snapshot, claim: &str, pod: &Pod) -> Finding {
     let mut finding = Finding::new(
         FindingCode::PvcMissing,
         Severity::Error,
         format!("Pod {} mounts PVC {claim}, which does not exist", name(pod)),
         Fix::advice("Create the claim, or point the chart at one that exists.")
-            .values("persistence:\n  existingClaim: <an existing PVC in this namespace>")
+            .values(claim_values(
+                is_redis_claim(None, Some(pod)),
+                "persistence:\n  existingClaim: <an existing PVC in this namespace>",
+            ))
             .command(helm_upgrade(snapshot, Some(pod))),
     );
     if let Some(evidence) = scheduling_evidence(snapshot, pod) {
@@ -128,10 +167,16 @@ fn check_claim(
             .find(|sc| sc.metadata.name.as_deref() == Some(c))
     });
     let recreate = format!("kubectl delete pvc -n {} {claim}   # a StatefulSet's claim keeps its old spec: delete it, then upgrade", snapshot.namespace);
-    let local_volume_values = format!(
-        "persistence:\n  localVolume:\n    enabled: true\n    path: /var/lib/sdkube/models\n    nodeName: {}",
-        gpu_node_name(snapshot).unwrap_or("<GPU node>")
-    );
+    let redis = is_redis_claim(Some(pvc), pod);
+    // Redis's claim has no local-volume option: a claim of your own, or no volume.
+    let local_volume_values = if redis {
+        "queue:\n  redis:\n    bundled:\n      persistence:\n        existingClaim: <a PVC bound to a PV you created>\n        # or no volume (queued jobs are lost when Redis restarts):\n        # enabled: false".to_owned()
+    } else {
+        format!(
+            "persistence:\n  localVolume:\n    enabled: true\n    path: /var/lib/sdkube/models\n    nodeName: {}",
+            gpu_node_name(snapshot).unwrap_or("<GPU node>")
+        )
+    };
 
     let mut finding = match (class, storage_class) {
         (None | Some(""), _) => {
@@ -224,6 +269,14 @@ fn check_claim(
                         snapshot, pvc, class, &static_volumes, &local_volume_values, &recreate, pod,
                     ),
                     Some(_) => provisioning(snapshot, claim, sc, pod),
+                    // Workers scaled to zero (KEDA, while the queue is empty): it binds
+                    // when the first one starts.
+                    None if mounted_by_idle_workload(snapshot, claim) => Finding::new(
+                        FindingCode::PvcWaitForFirstConsumer,
+                        Severity::Info,
+                        format!("PVC {claim} waits for its first pod: the workers that mount it are scaled to zero"),
+                        Fix::advice("Nothing to do: the claim binds when the first worker starts (with the first job, under KEDA)."),
+                    ),
                     None => Finding::new(
                         FindingCode::PvcWaitForFirstConsumer,
                         Severity::Warning,
@@ -259,10 +312,35 @@ fn check_claim(
             .push_str(" (unverified: StorageClasses could not be read)");
         finding.severity = Severity::Warning;
     }
+    if redis {
+        finding.fix.advice = redis_advice(&finding.fix.advice);
+        finding.fix.values = finding.fix.values.map(|v| claim_values(true, &v));
+        finding
+            .title
+            .push_str(" — it holds the bundled Redis's data: no job can be queued until it binds");
+    }
     let mut all = evidence;
     all.append(&mut finding.evidence);
     finding.evidence = all;
     findings.push(finding);
+}
+
+/// Whether a Deployment of the release scaled to zero mounts the claim.
+fn mounted_by_idle_workload(snapshot: &Snapshot, claim: &str) -> bool {
+    snapshot.deployments.iter().any(|d| {
+        let spec = d.spec.as_ref();
+        spec.and_then(|s| s.replicas) == Some(0)
+            && spec
+                .and_then(|s| s.template.spec.as_ref())
+                .and_then(|s| s.volumes.as_ref())
+                .into_iter()
+                .flatten()
+                .any(|v| {
+                    v.persistent_volume_claim
+                        .as_ref()
+                        .is_some_and(|c| c.claim_name == claim)
+                })
+    })
 }
 
 fn provisioning(snapshot: &Snapshot, claim: &str, sc: &StorageClass, pod: Option<&Pod>) -> Finding {

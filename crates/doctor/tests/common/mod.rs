@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use sdkube_doctor::{ContainerLog, NodeFsStats, Snapshot};
+use sdkube_doctor::{ContainerLog, NodeFsStats, PodAnswer, Snapshot};
 
 pub const NAMESPACE: &str = "default";
 pub const RELEASE: &str = "sdkube";
@@ -65,12 +65,41 @@ pub fn fixture_stats(scenario: &str) -> Vec<(String, serde_json::Value)> {
         .collect()
 }
 
+/// What pods answered through the pod proxy (`answers/<pod>.json`).
+pub fn fixture_answers(scenario: &str) -> Vec<PodAnswer> {
+    let Ok(files) = std::fs::read_dir(fixture_dir(scenario).join("answers")) else {
+        return Vec::new();
+    };
+    let mut answers = Vec::new();
+    for file in files.flatten() {
+        let pod = file
+            .path()
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let text = std::fs::read_to_string(file.path()).expect("answers file");
+        let list: Vec<serde_json::Value> = serde_json::from_str(&text).expect("answers JSON");
+        for a in list {
+            answers.push(PodAnswer {
+                pod: pod.clone(),
+                path: a["path"].as_str().unwrap().to_owned(),
+                status: a["status"].as_u64().unwrap() as u16,
+                body: a["body"].as_str().unwrap().to_owned(),
+            });
+        }
+    }
+    answers.sort_by(|a, b| (&a.pod, &a.path).cmp(&(&b.pod, &b.path)));
+    answers
+}
+
 pub fn load(scenario: &str) -> Snapshot {
     let mut snapshot = Snapshot::new(NAMESPACE, Some(RELEASE.to_owned()));
     for item in fixture_items(scenario) {
         snapshot.insert_object(item).expect("fixture object parses");
     }
     snapshot.logs = fixture_logs(scenario);
+    snapshot.pod_answers = fixture_answers(scenario);
     for (node, summary) in fixture_stats(scenario) {
         let fs = &summary["node"]["runtime"]["imageFs"];
         snapshot.node_stats.push(NodeFsStats {
