@@ -81,6 +81,9 @@ def test_defaults_reach_the_binary():
         "face_restorer": "gfpgan-1.4",
         "face_detector": "retinaface-resnet50",
         "max_body_mb": 64,
+        "max_prompt_tokens": 1000,
+        "max_connections": 4096,
+        "header_timeout": 15,
         "shutdown_grace": 50,  # terminationGracePeriodSeconds 60 minus 10
     }
 
