@@ -26,6 +26,9 @@ Sampling follows A1111's "Euler": k-diffusion's `get_sigmas`, `CompVisDenoiser` 
 
 Usage: python3 scripts/make_sd_fixtures.py [--out fixtures/sd] [--only sd1,sd2v,...]
        python3 scripts/make_sd_fixtures.py --fp64-report   (float64 vs stored refs; writes nothing)
+       python3 scripts/make_sd_fixtures.py --inpaint-img2img
+           (refs/sd1-inpaint-img2img.*: img2img on the committed 9-channel model without a
+           mask, conditioned by diffusers' inpainting pipeline under an all-white mask)
 Deterministic: fixed seeds, CPU, float32.
 """
 
@@ -1188,6 +1191,83 @@ def fp64_report(out: Path, tok_eos, tok_zero) -> dict:
     return report
 
 
+# --------------------------------------------------------------------------- inpainting img2img
+
+
+class WithImageCond:
+    """A 9-channel UNet seen as a 4-channel one: the image conditioning (mask, masked-image
+    latent) concatenated to its input, as diffusers' inpainting pipeline does every step."""
+
+    def __init__(self, unet, cond):
+        self.unet = unet
+        self.cond = cond
+
+    def __call__(self, x_in, t, **kwargs):
+        cond = self.cond.expand(x_in.shape[0], -1, -1, -1)
+        return self.unet(torch.cat([x_in, cond], dim=1), t, **kwargs)
+
+
+@torch.no_grad()
+def inpaint_img2img_refs(out: Path) -> None:
+    """img2img on sd1-inpaint without a mask, as A1111 runs it: the whole image "to be
+    painted". The conditioning is diffusers' (StableDiffusionInpaintPipeline's image and mask
+    processors and prepare_mask_latents) under an all-white mask; the masked image latent is
+    the encoder's mean (diffusers samples it with a generator; sdkube, like its img2img init
+    latent, takes the mean). Text conditioning, init image and sampler follow the sd1 refs
+    (sd1-inpaint shares sd1's text encoder and VAE)."""
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint_mod
+    from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    sd1 = load_file(str(out / "refs" / "sd1.safetensors"))
+    folder = out / "sd1-inpaint"
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(str(folder / "vae"), torch_dtype=torch.float32)
+    pipe = StableDiffusionInpaintPipeline(
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=None,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    real = inpaint_mod.retrieve_latents
+    inpaint_mod.retrieve_latents = lambda enc, generator=None, sample_mode="sample": real(enc, generator, "argmax")
+    try:
+        image = sd1["vae.image"]  # [1, 3, 64, 64] in [-1, 1]
+        white = torch.ones(1, 1, 64, 64)
+        mask = pipe.mask_processor.preprocess(white, height=64, width=64)
+        masked_image = image * (mask < 0.5)
+        mask_lat, masked_lat = pipe.prepare_mask_latents(
+            mask, masked_image, 1, 64, 64, torch.float32, torch.device("cpu"), None, False
+        )
+    finally:
+        inpaint_mod.retrieve_latents = real
+    image_cond = torch.cat([mask_lat, masked_lat], dim=1)
+    sf = vae.config.scaling_factor
+    init_latent = vae.encode(image).latent_dist.mean * sf
+    den = Denoiser(WithImageCond(unet, image_cond), False)
+    model = cfg_model(den, sd1["run.uncond"], sd1["run.cond"], CFG_SCALE)
+    t_enc = int(IMG2IMG_STRENGTH * STEPS)
+    sigmas = den.get_sigmas(STEPS)[STEPS - t_enc - 1 :]
+    noise = randn(torch.Generator().manual_seed(4242), 1, 4, 8, 8)
+    latent = sample_euler(model, init_latent + noise * sigmas[0], sigmas)
+    refs = {
+        "image_cond": image_cond,
+        "init_latent": init_latent,
+        "noise": noise,
+        "sigmas": sigmas,
+        "latent": latent,
+        "image": vae.decode(latent / sf).sample,
+    }
+    meta = {
+        "what": inpaint_img2img_refs.__doc__,
+        "init_image": "refs/sd1.safetensors vae.image",
+        "text": "refs/sd1.safetensors run.cond / run.uncond",
+        "strength": IMG2IMG_STRENGTH,
+        "steps": STEPS,
+        "cfg_scale": CFG_SCALE,
+        "sigmas": "as sd1's img2img refs",
+    }
+    write_refs(out, "sd1-inpaint-img2img", refs, meta)
+    print(f"wrote refs/sd1-inpaint-img2img: {list(refs)}")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1200,7 +1280,12 @@ def main() -> int:
         action="store_true",
         help="write nothing; recompute the stored references in float64 and print the differences",
     )
+    ap.add_argument("--inpaint-img2img", action="store_true", help="write refs/sd1-inpaint-img2img only")
     args = ap.parse_args()
+    if args.inpaint_img2img:
+        torch.set_num_threads(1)
+        inpaint_img2img_refs(Path(args.out))
+        return 0
     only = [f for f in args.only.split(",") if f]
     unknown = [f for f in only if f not in FAMILIES]
     if unknown:
