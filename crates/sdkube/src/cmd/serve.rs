@@ -240,7 +240,11 @@ fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
         Vec::new()
     };
     let on_cpu = devices.iter().all(|d| d.is_cpu());
-    let dtype = super::device::precision_named(&args.precision, on_cpu)?;
+    // The api role runs nothing on a device: the workers' precision is theirs to check.
+    let dtype = match role.runs_jobs() {
+        true => super::device::precision_named(&args.precision, on_cpu)?,
+        false => candle_core::DType::F32,
+    };
     let vram = match args.vram.as_str() {
         "high" => VramMode::High,
         "low" => VramMode::Low,
