@@ -54,6 +54,8 @@ impl Role {
 pub struct SharedQueue {
     /// `redis://[user:password@]host:port[/db]` (or `rediss://` for TLS).
     pub url: String,
+    /// A password given apart from the URL (it wins over the URL's).
+    pub password: Option<String>,
     /// Jobs are namespaced under this prefix, so that several deployments can share one
     /// Redis.
     pub prefix: String,

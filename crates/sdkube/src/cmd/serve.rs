@@ -26,6 +26,10 @@ pub struct Args {
         hide_env_values = true
     )]
     pub queue: String,
+    /// The queue's password, apart from the URL (from a Kubernetes Secret, say: it need not be
+    /// URL-safe); it wins over one in the URL.
+    #[arg(long, env = "SDKUBE_QUEUE_PASSWORD", hide_env_values = true)]
+    pub queue_password: Option<String>,
     /// Prefix of every key sdkube writes in Redis (several deployments may share one).
     #[arg(long, env = "SDKUBE_QUEUE_PREFIX", default_value = "sdkube")]
     pub queue_prefix: String,
@@ -151,7 +155,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// The settings as JSON, secrets reported as present or not, never printed.
 fn settings(args: &Args) -> anyhow::Result<serde_json::Value> {
     let mut value = serde_json::to_value(args)?;
-    for key in ["api_key", "basic_auth"] {
+    for key in ["api_key", "basic_auth", "queue_password"] {
         if let Some(v) = value.get_mut(key) {
             if !v.is_null() {
                 *v = serde_json::Value::String("<set>".into());
@@ -221,6 +225,7 @@ fn shared_queue(args: &Args) -> anyhow::Result<Option<sdkube_server::SharedQueue
     }
     Ok(Some(sdkube_server::SharedQueue {
         url: url.to_string(),
+        password: args.queue_password.clone().filter(|p| !p.is_empty()),
         prefix: args.queue_prefix.clone(),
         visibility_timeout: std::time::Duration::from_secs(args.visibility_timeout),
         result_ttl: std::time::Duration::from_secs(args.result_ttl),

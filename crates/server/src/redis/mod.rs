@@ -112,8 +112,8 @@ impl Engine {
     pub async fn connect(config: &SharedQueue, capacity: usize) -> anyhow::Result<Engine> {
         // rediss:// goes through rustls, with the same crypto as the model fetcher.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| anyhow::anyhow!("--queue {}: {e}", redact(&config.url)))?;
+        let client =
+            client(config).map_err(|e| anyhow::anyhow!("--queue {}: {e}", redact(&config.url)))?;
         let conn = manager(&client).await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot reach the queue at {}: {e} ({})",
@@ -172,6 +172,59 @@ impl Engine {
     }
 }
 
+/// The client of `--queue`: the password of `SDKUBE_QUEUE_PASSWORD` when set (a password
+/// from a Secret need not be URL-safe), and for `rediss://` the system's CAs plus
+/// `SDKUBE_CA_BUNDLE`'s, as the model fetcher trusts them.
+fn client(config: &SharedQueue) -> Result<redis::Client, String> {
+    use redis::IntoConnectionInfo;
+    let mut info = config
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| e.to_string())?;
+    if let Some(password) = &config.password {
+        let redis = info.redis_settings().clone().set_password(password);
+        info = info.set_redis_settings(redis);
+    }
+    match (config.url.starts_with("rediss://"), extra_roots()?) {
+        (true, Some(roots)) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(roots),
+            },
+        )
+        .map_err(|e| e.to_string()),
+        _ => redis::Client::open(info).map_err(|e| e.to_string()),
+    }
+}
+
+/// The system's CA certificates followed by `SDKUBE_CA_BUNDLE`'s (PEM), when that is set.
+fn extra_roots() -> Result<Option<Vec<u8>>, String> {
+    let Some(bundle) = std::env::var_os("SDKUBE_CA_BUNDLE").filter(|b| !b.is_empty()) else {
+        return Ok(None);
+    };
+    let mut pem = std::fs::read(&bundle).map_err(|e| {
+        format!(
+            "SDKUBE_CA_BUNDLE {}: {e}",
+            std::path::Path::new(&bundle).display()
+        )
+    })?;
+    let system = std::env::var_os("SSL_CERT_FILE")
+        .map(std::path::PathBuf::from)
+        .into_iter()
+        .chain([
+            "/etc/ssl/certs/ca-certificates.crt".into(),
+            "/etc/pki/tls/certs/ca-bundle.crt".into(),
+        ]);
+    if let Some(mut roots) = system.filter_map(|p| std::fs::read(p).ok()).next() {
+        roots.push(b'\n');
+        roots.append(&mut pem);
+        pem = roots;
+    }
+    Ok(Some(pem))
+}
+
 async fn manager(client: &redis::Client) -> Result<Conn, RedisError> {
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -187,7 +240,7 @@ fn connect_hint(e: &RedisError) -> &'static str {
     if e.kind() == redis::ErrorKind::AuthenticationFailed || text.contains("wrongpass") {
         "check the password in the queue URL, or the secret it comes from"
     } else if text.contains("certificate") || text.contains("tls") {
-        "rediss:// checks the server's certificate: trust its CA with SSL_CERT_FILE"
+        "rediss:// checks the server's certificate: trust its CA with SDKUBE_CA_BUNDLE"
     } else {
         "is Redis running and reachable from here?"
     }
