@@ -55,6 +55,7 @@ def test_defaults_reach_the_binary():
         "role": "all",
         "queue": "memory",
         "queue_prefix": "sdkube",
+        "queue_password": None,
         "visibility_timeout": 60,
         "result_ttl": 3600,
         "gallery_keep": 500,

@@ -311,10 +311,10 @@ def test_scale_out_invariants(case):
         assert env["SDKUBE_ROLE"]["value"] == role
         queue = env["SDKUBE_QUEUE"]["value"]
         assert queue.startswith(("redis://", "rediss://"))
-        if "$(REDIS_PASSWORD)" in queue:
-            # the kubelet substitutes only variables defined before
-            assert names.index("REDIS_PASSWORD") < names.index("SDKUBE_QUEUE")
-            assert "secretKeyRef" in env["REDIS_PASSWORD"]["valueFrom"]
+        assert "@" not in queue.split("://")[1] or ":" not in queue.split("@")[0].split("://")[1], \
+            "no password in the URL"
+        if "SDKUBE_QUEUE_PASSWORD" in env:
+            assert "secretKeyRef" in env["SDKUBE_QUEUE_PASSWORD"]["valueFrom"]
         resolved = r.resolved_env(container, CLUSTER_SECRETS)
         assert resolved["SDKUBE_QUEUE_PREFIX"] == values["queue"].get("prefix", FULLNAME)
 
@@ -334,7 +334,8 @@ def test_scale_out_invariants(case):
 
 def _password_ref(r, container: dict) -> dict | None:
     for e in container.get("env", []):
-        if e["name"] == "REDIS_PASSWORD":
+        # sdkube's containers read SDKUBE_QUEUE_PASSWORD, the bundled Redis REDIS_PASSWORD
+        if e["name"] in ("SDKUBE_QUEUE_PASSWORD", "REDIS_PASSWORD"):
             return e["valueFrom"]["secretKeyRef"]
     return None
 
@@ -384,7 +385,8 @@ def test_bundled_redis():
         assert _password_ref(r, container) == want
     assert {e["name"]: e["valueFrom"]["secretKeyRef"] for e in redis["env"]}["REDISCLI_AUTH"] == want
     env = r.resolved_env(r.container("sdkube"))
-    assert env["SDKUBE_QUEUE"] == f"redis://:{password}@{REDIS}.{NAMESPACE}.svc:6379/0"
+    assert env["SDKUBE_QUEUE"] == f"redis://{REDIS}.{NAMESPACE}.svc:6379/0"
+    assert env["SDKUBE_QUEUE_PASSWORD"] == password
     for workload in (sts, r.component("api"), r.workload):
         assert "checksum/redis-secret" in workload["spec"]["template"]["metadata"]["annotations"], "a new password rolls them"
     # one worker by default: the ReadWriteOnce model claim is fine, and no autoscaler
@@ -432,7 +434,8 @@ def test_external_redis_with_existing_secret():
     for container in (r.container("sdkube", r.component("api")), r.container("sdkube")):
         assert _password_ref(r, container) == ref
         env = r.resolved_env(container, {"redis-cred": {"redis-password": "pw"}})
-        assert env["SDKUBE_QUEUE"] == "redis://:pw@redis.data.svc:6380/2"
+        assert env["SDKUBE_QUEUE"] == "redis://redis.data.svc:6380/2"
+        assert env["SDKUBE_QUEUE_PASSWORD"] == "pw"
         assert env["SDKUBE_QUEUE_PREFIX"] == "team-a"
     (trigger,) = r.one("ScaledObject")["spec"]["triggers"]
     assert trigger["metadata"]["address"] == "redis.data.svc:6380"
@@ -444,13 +447,13 @@ def test_external_redis_with_existing_secret():
     r = render(copy.deepcopy(CASES["external-no-password"]))
     env = r.resolved_env(r.container("sdkube"))
     assert env["SDKUBE_QUEUE"] == "redis://10.0.0.5:6379/0", "no password: none in the URL, the port filled in"
-    assert "REDIS_PASSWORD" not in env
+    assert "SDKUBE_QUEUE_PASSWORD" not in env
     assert not r.has("TriggerAuthentication")
     assert "authenticationRef" not in r.one("ScaledObject")["spec"]["triggers"][0]
 
     r = render(copy.deepcopy(CASES["external-tls-user"]))
     env = r.resolved_env(r.container("sdkube"), {"redis-cred": {"password": "pw"}})
-    assert env["SDKUBE_QUEUE"] == "rediss://sdkube:pw@redis.example.com:6379/0"
+    assert env["SDKUBE_QUEUE"] == "rediss://sdkube@redis.example.com:6379/0"
     assert env["REDIS_USERNAME"] == "sdkube"
     assert r.workload["spec"]["replicas"] == 3, "fixed workers without an autoscaler"
 

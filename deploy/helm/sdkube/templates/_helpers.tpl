@@ -264,28 +264,27 @@ namespace, so the bundled address carries the namespace.
 {{- end }}
 
 {{/*
-SDKUBE_QUEUE for the api and the workers. The password never appears in the pod spec: the
-kubelet substitutes $(REDIS_PASSWORD), defined just before from the Secret, when it starts the
-container (hence a URL-safe password).
+SDKUBE_QUEUE for the api and the workers, and SDKUBE_QUEUE_PASSWORD from the Secret: the
+password never appears in the pod spec, nor in the URL (so it need not be URL-safe).
 */}}
 {{- define "sdkube.queueEnv" -}}
 {{- $e := fromJson (include "sdkube.redisEndpoint" .) }}
-{{- $auth := "" }}
+{{- $user := "" }}
 {{- if $e.username }}
+{{- /* also what KEDA's TriggerAuthentication reads from this container */}}
 - name: REDIS_USERNAME
   value: {{ $e.username | quote }}
-{{- $auth = printf "%s@" $e.username }}
+{{- $user = printf "%s@" $e.username }}
 {{- end }}
 {{- if include "sdkube.redisAuth" . }}
-- name: REDIS_PASSWORD
+- name: SDKUBE_QUEUE_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ include "sdkube.redisSecretName" . }}
       key: {{ include "sdkube.redisSecretKey" . }}
-{{- $auth = printf "%s:$(REDIS_PASSWORD)@" $e.username }}
 {{- end }}
 - name: SDKUBE_QUEUE
-  value: {{ printf "%s://%s%s/%s" $e.scheme $auth $e.address $e.db | quote }}
+  value: {{ printf "%s://%s%s/%s" $e.scheme $user $e.address $e.db | quote }}
 {{- end }}
 
 {{/* storageClassName of a claim from a persistence map with the Helm convention (unset: omitted; "-": ""; else the name). */}}
