@@ -41,7 +41,7 @@ pub enum ClusterError {
     Unreachable(#[source] kube::Error),
     #[error("the API server refused the credentials (401): {0}. Refresh the kubeconfig's token or certificate")]
     Unauthorized(String),
-    #[error("not allowed to {what} (403): {message}. Ask for a Role granting get/list on pods, pods/log, events and persistentvolumeclaims in the namespace")]
+    #[error("not allowed to {what} (403): {message}. Ask for a Role granting get/list on pods, pods/log, events and persistentvolumeclaims in the namespace (for a scale-out release also deployments, statefulsets, scaledobjects.keda.sh and get on pods/proxy)")]
     Forbidden { what: String, message: String },
     #[error("reading {what}")]
     Api {
