@@ -13,6 +13,36 @@ use sdkube_restore::{Esrgan, TileOptions};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+/// Why post-processing could not run: the request's fault (an unknown upscaler, weights
+/// nobody fetched) or the files' and the device's.
+#[derive(Debug, thiserror::Error)]
+pub enum PostError {
+    #[error("unknown upscaler {name:?}; available: {available}")]
+    UnknownUpscaler { name: String, available: String },
+    #[error(
+        "face restoration needs {what}: {model} is not a file nor in the store (run `sdkube fetch {model}`)"
+    )]
+    MissingWeights { what: &'static str, model: String },
+    #[error("loading {what} {path}: {message}")]
+    Load {
+        what: &'static str,
+        path: String,
+        message: String,
+    },
+    #[error("{what}: {message}")]
+    Run { what: String, message: String },
+}
+
+impl PostError {
+    /// Whether the request asked for something this server does not have.
+    pub fn is_request_error(&self) -> bool {
+        matches!(
+            self,
+            PostError::UnknownUpscaler { .. } | PostError::MissingWeights { .. }
+        )
+    }
+}
+
 /// Where post-processing weights are looked for.
 #[derive(Debug, Clone)]
 pub struct PostModels {
@@ -104,21 +134,22 @@ impl PostModels {
     }
 
     /// Checks an upscaler name before a job is queued.
-    pub fn check_upscaler(&self, name: &str) -> Result<(), String> {
+    pub fn check_upscaler(&self, name: &str) -> Result<(), PostError> {
         if PLAIN_UPSCALERS.iter().any(|n| n.eq_ignore_ascii_case(name))
             || name.starts_with("Latent")
             || self.esrgan_models().iter().any(|(n, _)| n == name)
         {
             return Ok(());
         }
-        Err(format!(
-            "unknown upscaler {name:?}; available: {}",
-            self.upscalers()
+        Err(PostError::UnknownUpscaler {
+            name: name.to_string(),
+            available: self
+                .upscalers()
                 .iter()
                 .map(|u| u.name.as_str())
                 .collect::<Vec<_>>()
-                .join(", ")
-        ))
+                .join(", "),
+        })
     }
 
     fn resolve(&self, model: &str, dir_ok: bool) -> Option<PathBuf> {
@@ -137,26 +168,24 @@ impl PostModels {
         }
     }
 
-    fn face_paths(&self) -> Result<(PathBuf, PathBuf), String> {
-        let gfpgan = self.resolve(&self.face_restorer, false).ok_or_else(|| {
-            format!(
-                "face restoration needs GFPGAN weights: {} is not a file nor in the store \
-                 (run `sdkube fetch {}`)",
-                self.face_restorer, self.face_restorer
-            )
-        })?;
-        let detector = self.resolve(&self.face_detector, true).ok_or_else(|| {
-            format!(
-                "face restoration needs a face detector: {} is not a file nor in the store \
-                 (run `sdkube fetch {}`)",
-                self.face_detector, self.face_detector
-            )
-        })?;
+    fn face_paths(&self) -> Result<(PathBuf, PathBuf), PostError> {
+        let gfpgan =
+            self.resolve(&self.face_restorer, false)
+                .ok_or_else(|| PostError::MissingWeights {
+                    what: "GFPGAN weights",
+                    model: self.face_restorer.clone(),
+                })?;
+        let detector =
+            self.resolve(&self.face_detector, true)
+                .ok_or_else(|| PostError::MissingWeights {
+                    what: "a face detector",
+                    model: self.face_detector.clone(),
+                })?;
         Ok((gfpgan, detector))
     }
 
     /// Checks that faces can be restored before a job is queued.
-    pub fn check_face_restorer(&self) -> Result<(), String> {
+    pub fn check_face_restorer(&self) -> Result<(), PostError> {
         self.face_paths().map(|_| ())
     }
 }
@@ -184,7 +213,7 @@ impl PostCache {
         name: &str,
         img: &DynamicImage,
         factor: f32,
-    ) -> Result<DynamicImage, String> {
+    ) -> Result<DynamicImage, PostError> {
         let (w, h) = (
             ((img.width() as f32 * factor).round() as u32).max(1),
             ((img.height() as f32 * factor).round() as u32).max(1),
@@ -208,16 +237,25 @@ impl PostCache {
             .into_iter()
             .find(|(n, _)| n == name)
             .map(|(_, p)| p)
-            .ok_or_else(|| format!("unknown upscaler {name:?}"))?;
+            .ok_or_else(|| PostError::UnknownUpscaler {
+                name: name.to_string(),
+                available: String::new(),
+            })?;
         if !self.esrgan.contains_key(&path) {
-            let net = Esrgan::load(&path, None, &self.device)
-                .map_err(|e| format!("loading upscaler {name}: {e}"))?;
+            let net = Esrgan::load(&path, None, &self.device).map_err(|e| PostError::Load {
+                what: "upscaler",
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
             self.esrgan.insert(path.clone(), net);
         }
         let net = &self.esrgan[&path];
         let out = net
             .upscale_image(img, &TileOptions::default(), Some(factor))
-            .map_err(|e| format!("upscaler {name}: {e}"))?;
+            .map_err(|e| PostError::Run {
+                what: format!("upscaler {name}"),
+                message: e.to_string(),
+            })?;
         // The network's outscale rounds like the reference; make the size exact.
         Ok(if out.width() != w || out.height() != h {
             out.resize_exact(w, h, FilterType::Lanczos3)
@@ -232,13 +270,17 @@ impl PostCache {
         models: &PostModels,
         img: &DynamicImage,
         visibility: f32,
-    ) -> Result<DynamicImage, String> {
+    ) -> Result<DynamicImage, PostError> {
         if self.face.is_none() {
             let (gfpgan, detector) = models.face_paths()?;
-            let g = Gfpgan::load(&gfpgan, &self.device)
-                .map_err(|e| format!("loading GFPGAN {}: {e}", gfpgan.display()))?;
+            let load = |what, path: &Path, e: &dyn std::fmt::Display| PostError::Load {
+                what,
+                path: path.display().to_string(),
+                message: e.to_string(),
+            };
+            let g = Gfpgan::load(&gfpgan, &self.device).map_err(|e| load("GFPGAN", &gfpgan, &e))?;
             let d = RetinaFace::load(&detector, &self.device)
-                .map_err(|e| format!("loading face detector {}: {e}", detector.display()))?;
+                .map_err(|e| load("face detector", &detector, &e))?;
             self.face = Some(FaceRestorer::new(Some(d), g, self.device.clone()));
         }
         let restorer = self.face.as_ref().expect("loaded above");
@@ -246,9 +288,13 @@ impl PostCache {
             visibility: visibility.clamp(0.0, 1.0),
             ..RestoreOptions::default()
         };
-        let (out, faces) = restorer
-            .restore_image(img, &opts, None)
-            .map_err(|e| format!("face restoration: {e}"))?;
+        let (out, faces) =
+            restorer
+                .restore_image(img, &opts, None)
+                .map_err(|e| PostError::Run {
+                    what: "face restoration".into(),
+                    message: e.to_string(),
+                })?;
         tracing::info!(faces = faces.len(), "restored faces");
         Ok(out)
     }

@@ -687,6 +687,18 @@ impl From<&str> for JobError {
     }
 }
 
+impl From<crate::post::PostError> for JobError {
+    fn from(e: crate::post::PostError) -> Self {
+        Self {
+            kind: match e.is_request_error() {
+                true => Failure::BadRequest,
+                false => Failure::Internal,
+            },
+            message: e.to_string(),
+        }
+    }
+}
+
 impl From<sdkube_pipeline::Error> for JobError {
     fn from(e: sdkube_pipeline::Error) -> Self {
         use sdkube_pipeline::Error as E;

@@ -118,7 +118,7 @@ pub fn extras_work(
             files
                 .post
                 .check_upscaler(u)
-                .map_err(ApiError::bad_request)?;
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
         }
     }
     if !(0.0..=1.0).contains(&p.gfpgan_visibility) {
@@ -131,7 +131,7 @@ pub fn extras_work(
         files
             .post
             .check_face_restorer()
-            .map_err(ApiError::bad_request)?;
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
     let target = if p.resize_mode == 1 {
         if p.upscaling_resize_w == 0 || p.upscaling_resize_h == 0 {

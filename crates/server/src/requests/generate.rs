@@ -388,7 +388,7 @@ pub fn txt2img_work(
             files
                 .post
                 .check_upscaler(&upscaler)
-                .map_err(ApiError::bad_request)?;
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
         }
         let strength = r.common.denoising_strength.unwrap_or(0.7);
         if !(0.0..=1.0).contains(&strength) {
