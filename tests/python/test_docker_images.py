@@ -38,7 +38,7 @@ def _chart_user():
 
 def _check_runtime(args, runtime, runtime_lines):
     uid, gid = _chart_user()
-    assert runtime == f"debian:{args['DEBIAN']}-slim"
+    assert runtime == f"docker.io/library/debian:{args['DEBIAN']}-slim"
     assert args["UID"] == str(uid) == str(gid)
     users = [line.split()[1] for line in runtime_lines if line.startswith("USER ")]
     assert users == ["${UID}:${UID}"], users
@@ -58,7 +58,8 @@ def _build_run(lines):
 def test_cpu_image_builds_on_rust_slim_and_runs_on_debian_slim():
     args, stages = _stages(DOCKER / "Dockerfile.cpu")
     (build, build_lines), (runtime, runtime_lines) = stages
-    assert build == f"rust:{args['RUST_VERSION']}-slim-{args['DEBIAN']}", "same Debian release for build and run (glibc)"
+    # fully qualified: podman resolves no short names without a prompt or an alias
+    assert build == f"docker.io/library/rust:{args['RUST_VERSION']}-slim-{args['DEBIAN']}", "same Debian release for build and run (glibc)"
     assert "cargo build --release --locked -p sdkube" in _build_run(build_lines)
     _check_runtime(args, runtime, runtime_lines)
     copies = [line for line in runtime_lines if line.startswith("COPY")]
@@ -68,7 +69,7 @@ def test_cpu_image_builds_on_rust_slim_and_runs_on_debian_slim():
 def test_cuda_image_needs_no_nvidia_base_image():
     args, stages = _stages(DOCKER / "Dockerfile")
     (build, build_lines), (runtime, runtime_lines) = stages
-    assert build == f"rust:{args['RUST_VERSION']}-slim-{args['DEBIAN']}"
+    assert build == f"docker.io/library/rust:{args['RUST_VERSION']}-slim-{args['DEBIAN']}"
     assert "cuda" in args["FEATURES"].split(",") and args["CUDA_COMPUTE_CAP"] == "80"
     run = _build_run(build_lines)
     assert '--features "${FEATURES}"' in run
