@@ -55,7 +55,9 @@ impl DeviceArgs {
 pub fn device_named(name: &str) -> anyhow::Result<Device> {
     Ok(match name {
         "cpu" => Device::Cpu,
-        "auto" => Device::cuda_if_available(0)?,
+        // A CUDA build on a machine (or in a pod) without a usable GPU runs on the CPU: candle's
+        // `cuda_if_available` only asks whether the build has CUDA.
+        "auto" => Device::new_cuda(0).unwrap_or(Device::Cpu),
         "cuda" => Device::new_cuda(0)?,
         other => match other
             .strip_prefix("cuda:")
