@@ -195,10 +195,12 @@ class Cluster:
         self._next = 0
         self._lock = threading.Lock()
 
-    def add_worker(self, *extra: str) -> Sdkube:
+    def add_worker(self, *extra: str, device: str | None = None) -> Sdkube:
+        """A worker process; `device` overrides the cluster's (one GPU per worker)."""
+        process = {**self.process, **({"device": device} if device else {})}
         w = Sdkube(self.dir, f"worker{len(self.workers)}", "worker", self.redis.url,
                    "--visibility-timeout", "3", *self.worker_args, *extra, env=self.worker_env,
-                   **self.process)
+                   **process)
         self.workers.append(w)
         return w
 
