@@ -194,6 +194,18 @@ pub fn read_embedding(path: &Path) -> Result<EmbeddingVectors, EmbeddingError> {
     embedding_from_tree(path, &tree)
 }
 
+/// [`read_embedding`] of a file already in memory (an upload, a fuzzer's input); `path`
+/// only names it in errors.
+pub fn read_embedding_bytes(path: &Path, data: &[u8]) -> Result<EmbeddingVectors, EmbeddingError> {
+    let tree = sdkube_weights::load_tree_from_bytes(data).map_err(|error| {
+        sdkube_weights::Error::File {
+            path: path.to_path_buf(),
+            error: Box::new(error),
+        }
+    })?;
+    embedding_from_tree(path, &tree)
+}
+
 fn embedding_from_tree(path: &Path, tree: &Value) -> Result<EmbeddingVectors, EmbeddingError> {
     let as_matrix = |key: &str, t: &Tensor| -> Result<Tensor, EmbeddingError> {
         let t = match t.rank() {

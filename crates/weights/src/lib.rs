@@ -68,20 +68,24 @@ pub fn detect(path: &Path) -> Result<Format, Error> {
             k => n += k,
         }
     }
-    let head = &head[..n];
+    format_of(&head[..n], len).ok_or_else(|| in_file(Error::UnknownFormat))
+}
+
+/// The container that starts with `head` in a file of `len` bytes.
+fn format_of(head: &[u8], len: u64) -> Option<Format> {
     if head.starts_with(b"PK\x03\x04") {
-        return Ok(Format::TorchZip);
+        return Some(Format::TorchZip);
     }
     if head.starts_with(torch::LEGACY_MAGIC) {
-        return Ok(Format::TorchLegacy);
+        return Some(Format::TorchLegacy);
     }
-    if n >= 9 {
+    if head.len() >= 9 {
         let header_len = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
         if head[8] == b'{' && header_len.saturating_add(8) <= len {
-            return Ok(Format::Safetensors);
+            return Some(Format::Safetensors);
         }
     }
-    Err(in_file(Error::UnknownFormat))
+    None
 }
 
 /// Reads any supported weight file as an object tree, tensors on the CPU in their stored
@@ -93,20 +97,41 @@ pub fn load_tree(path: &Path) -> Result<Value, Error> {
     };
     match detect(path)? {
         Format::Safetensors => {
-            let map = candle_core::safetensors::load(path, &Device::Cpu)
-                .map_err(|e| in_file(e.into()))?;
-            let mut items: Vec<(String, Tensor)> = map.into_iter().collect();
-            items.sort_by(|a, b| a.0.cmp(&b.0));
-            Ok(Value::Dict(
-                items
-                    .into_iter()
-                    .map(|(k, t)| (Value::Str(k), Value::Tensor(t)))
-                    .collect(),
-            ))
+            let data = std::fs::read(path).map_err(|e| in_file(e.into()))?;
+            safetensors_tree(&data).map_err(in_file)
         }
-        Format::TorchZip => torch::read_zip(path).map_err(in_file),
-        Format::TorchLegacy => torch::read_legacy(path).map_err(in_file),
+        Format::TorchZip => {
+            let file = std::fs::File::open(path).map_err(|e| in_file(e.into()))?;
+            torch::read_zip(std::io::BufReader::new(file)).map_err(in_file)
+        }
+        Format::TorchLegacy => {
+            let data = std::fs::read(path).map_err(|e| in_file(e.into()))?;
+            torch::read_legacy(&data).map_err(in_file)
+        }
     }
+}
+
+/// [`load_tree`] of a file already in memory (an upload, a fuzzer's input). Errors do not
+/// name a file: wrap them in [`Error::File`] where there is one.
+pub fn load_tree_from_bytes(data: &[u8]) -> Result<Value, Error> {
+    match format_of(data, data.len() as u64).ok_or(Error::UnknownFormat)? {
+        Format::Safetensors => safetensors_tree(data),
+        Format::TorchZip => torch::read_zip(std::io::Cursor::new(data)),
+        Format::TorchLegacy => torch::read_legacy(data),
+    }
+}
+
+/// A safetensors file as a flat dict of its tensors, keys sorted.
+fn safetensors_tree(data: &[u8]) -> Result<Value, Error> {
+    let map = candle_core::safetensors::load_buffer(data, &Device::Cpu)?;
+    let mut items: Vec<(String, Tensor)> = map.into_iter().collect();
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(Value::Dict(
+        items
+            .into_iter()
+            .map(|(k, t)| (Value::Str(k), Value::Tensor(t)))
+            .collect(),
+    ))
 }
 
 /// Reads every tensor of a weight file under its dotted key ([`Value::flatten`]), moved to

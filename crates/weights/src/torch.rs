@@ -11,8 +11,7 @@
 //! costs its tensors plus one storage of memory, never two copies of everything.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{BufReader, Read, Write};
+use std::io::{Read, Seek, Write};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -27,9 +26,8 @@ pub(crate) const LEGACY_MAGIC: &[u8] = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x2
 const MAX_DEPTH: usize = 256;
 
 /// Reads a zip checkpoint into a value tree.
-pub(crate) fn read_zip(path: &Path) -> Result<Value, Error> {
-    let file = File::open(path)?;
-    let mut zip = zip::ZipArchive::new(BufReader::new(file))?;
+pub(crate) fn read_zip(archive: impl Read + Seek) -> Result<Value, Error> {
+    let mut zip = zip::ZipArchive::new(archive)?;
     let pkl_name = zip
         .file_names()
         .filter_map(|n| n.ok())
@@ -62,8 +60,7 @@ pub(crate) fn read_zip(path: &Path) -> Result<Value, Error> {
 }
 
 /// Reads a legacy (pre-1.6) torch file into a value tree.
-pub(crate) fn read_legacy(path: &Path) -> Result<Value, Error> {
-    let data = std::fs::read(path)?;
+pub(crate) fn read_legacy(data: &[u8]) -> Result<Value, Error> {
     if !data.starts_with(LEGACY_MAGIC) {
         return Err(Error::Format(
             "not a legacy torch file (magic number)".into(),
