@@ -146,27 +146,38 @@ fn k_diffusion_samplers_match_k_diffusion() -> TestResult {
     Ok(())
 }
 
+/// A1111's timestep samplers (DDIM, PLMS) against diffusers' scheduler run without its final
+/// step: the sigmas are diffusers' timesteps (each once), and the run ends at t = 1.
+fn check_timestep_sampler(
+    f: &HashMap<String, Tensor>,
+    name: &str,
+    case: &str,
+    steps: usize,
+) -> TestResult {
+    let schedule = NoiseSchedule::stable_diffusion();
+    let plan = Plan::txt2img(&schedule, SamplerSpec::parse(name, None)?, steps, 150)?;
+    // diffusers' PLMS repeats a timestep (its first step's second model call).
+    let mut timesteps = vec64(get(f, &format!("{case}.timesteps")));
+    timesteps.dedup();
+    let want: Vec<f64> = timesteps
+        .into_iter()
+        .map(|t| schedule.table()[t as usize])
+        .collect();
+    assert_eq!(plan.sigmas(), want.as_slice(), "{case}: sigmas");
+    let x = plan.initial_latent(get(f, &format!("{case}.x")), None)?;
+    let (out, _, reported) = run_stand_in(&plan, prediction(case), &x, vec![])?;
+    let err = relative_error(&out, get(f, &format!("{case}.out")));
+    assert!(err < RUN_TOLERANCE, "{case}: relative error {err:e}");
+    assert_eq!(reported, steps - 1);
+    Ok(())
+}
+
 #[test]
 fn ddim_matches_diffusers_without_its_final_step() -> TestResult {
     let f = load("runs.safetensors");
-    let schedule = NoiseSchedule::stable_diffusion();
-    let spec = SamplerSpec::parse("DDIM", None)?;
     for steps in [5usize, 8] {
         for pred in ["eps", "v"] {
-            let case = format!("ddim.{steps}.{pred}");
-            let plan = Plan::txt2img(&schedule, spec, steps, 150)?;
-            // A1111 walks diffusers' timesteps and stops at the last one (t = 1).
-            let want: Vec<f64> = vec64(get(&f, &format!("{case}.timesteps")))
-                .into_iter()
-                .map(|t| schedule.table()[t as usize])
-                .collect();
-            assert_eq!(plan.sigmas(), want.as_slice(), "{case}: sigmas");
-            let noise = get(&f, &format!("{case}.x"));
-            let x = plan.initial_latent(noise, None)?;
-            let (out, _, reported) = run_stand_in(&plan, prediction(&case), &x, vec![])?;
-            let err = relative_error(&out, get(&f, &format!("{case}.out")));
-            assert!(err < RUN_TOLERANCE, "{case}: relative error {err:e}");
-            assert_eq!(reported, steps - 1);
+            check_timestep_sampler(&f, "DDIM", &format!("ddim.{steps}.{pred}"), steps)?;
         }
     }
     Ok(())
@@ -315,25 +326,8 @@ fn samplers_run_in_the_latent_dtype() -> TestResult {
 #[test]
 fn plms_matches_diffusers_pndm_without_its_final_step() -> TestResult {
     let f = load("plms.safetensors");
-    let schedule = NoiseSchedule::stable_diffusion();
-    let spec = SamplerSpec::parse("PLMS", None)?;
     for steps in [5usize, 8] {
-        let case = format!("plms.{steps}.eps");
-        let plan = Plan::txt2img(&schedule, spec, steps, 150)?;
-        // diffusers repeats the first timestep (its second model call of the first step).
-        let mut timesteps = vec64(get(&f, &format!("{case}.timesteps")));
-        timesteps.dedup();
-        let want: Vec<f64> = timesteps
-            .into_iter()
-            .map(|t| schedule.table()[t as usize])
-            .collect();
-        assert_eq!(plan.sigmas(), want.as_slice(), "{case}: sigmas");
-        let noise = get(&f, &format!("{case}.x"));
-        let x = plan.initial_latent(noise, None)?;
-        let (out, _, reported) = run_stand_in(&plan, prediction(&case), &x, vec![])?;
-        let err = relative_error(&out, get(&f, &format!("{case}.out")));
-        assert!(err < RUN_TOLERANCE, "{case}: relative error {err:e}");
-        assert_eq!(reported, steps - 1);
+        check_timestep_sampler(&f, "PLMS", &format!("plms.{steps}.eps"), steps)?;
     }
     Ok(())
 }

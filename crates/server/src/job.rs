@@ -243,6 +243,17 @@ impl Job {
         self.changed.send_replace(v);
     }
 
+    /// A worker starts the job, in a device batch of `batch_jobs` jobs.
+    pub fn start(&self, worker: &str, batch_jobs: usize) {
+        self.update(|s| {
+            s.state = JobState::Running;
+            s.started = Some(SystemTime::now());
+            s.batch_jobs = batch_jobs;
+            s.worker = Some(worker.to_string());
+            s.error = None;
+        });
+    }
+
     /// Sets the final state (through `f`), the end time, and drops the preview.
     pub fn complete(&self, f: impl FnOnce(&mut JobStatus)) {
         self.update(|s| {

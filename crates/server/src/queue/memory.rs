@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -90,14 +90,8 @@ impl MemoryQueue {
         }
         b.running.extend(taken.iter().cloned());
         drop(b);
-        let n = taken.len();
         for j in &taken {
-            j.update(|s| {
-                s.state = JobState::Running;
-                s.started = Some(SystemTime::now());
-                s.batch_jobs = n;
-                s.worker = Some(worker.to_string());
-            });
+            j.start(worker, taken.len());
         }
         Some(taken)
     }

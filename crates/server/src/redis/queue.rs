@@ -657,15 +657,8 @@ impl JobQueue for RedisQueue {
                 break;
             }
         }
-        let n = taken.len();
         for job in &taken {
-            job.update(|s| {
-                s.state = JobState::Running;
-                s.started = Some(SystemTime::now());
-                s.batch_jobs = n;
-                s.worker = Some(worker.to_string());
-                s.error = None;
-            });
+            job.start(worker, taken.len());
             self.mirror(job.clone());
         }
         Ok(taken)
