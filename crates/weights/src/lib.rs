@@ -123,8 +123,16 @@ pub fn load_tree_from_bytes(data: &[u8]) -> Result<Value, Error> {
 
 /// A safetensors file as a flat dict of its tensors, keys sorted.
 fn safetensors_tree(data: &[u8]) -> Result<Value, Error> {
-    let map = candle_core::safetensors::load_buffer(data, &Device::Cpu)?;
-    let mut items: Vec<(String, Tensor)> = map.into_iter().collect();
+    use candle_core::safetensors::Load;
+    // The safetensors crate checks the header (its length, offsets covering the data exactly,
+    // element counts); shapes are checked here before candle builds anything from them.
+    let file = safetensors::SafeTensors::deserialize(data)
+        .map_err(|e| Error::Format(format!("safetensors header: {e}")))?;
+    let mut items = Vec::new();
+    for (name, view) in file.tensors() {
+        check_shape(view.shape()).map_err(|msg| Error::Format(format!("`{name}`: {msg}")))?;
+        items.push((name, view.load(&Device::Cpu)?));
+    }
     items.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(Value::Dict(
         items
@@ -153,4 +161,17 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<HashMap<String
             path: path.to_path_buf(),
             error: Box::new(e.into()),
         })
+}
+
+/// Refuses a shape whose element count overflows once its zero dimensions are left out: an
+/// empty tensor of shape `[0, 2^40, 2^30]` is valid to the safetensors and pickle formats, but
+/// candle computes its strides (and code reading shapes multiplies them) and overflows.
+pub(crate) fn check_shape(shape: &[usize]) -> Result<(), String> {
+    shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= isize::MAX as usize / 16)
+        .map(|_| ())
+        .ok_or_else(|| format!("shape {shape:?} is larger than any tensor can be"))
 }

@@ -304,12 +304,105 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Deeper trees than this are not checkpoints (a state dict nests a handful of levels):
+/// refusing them while reading keeps every recursive walk over the tree (dropping it
+/// included) well inside a thread's stack.
+pub const MAX_DEPTH: usize = 256;
+
+/// `PUT`, `GET` and `DUP` copy values (the memo holds copies, not references), so a few bytes
+/// can ask for a copy of everything read so far, and doubling a value through the memo grows
+/// it exponentially. Copies may add up to this many units (a value or a string's byte each)
+/// plus [`COPIES_PER_BYTE`] per byte of the pickle: torch pickles copy little besides short
+/// strings and storage types.
+const COPY_BUDGET: usize = 1 << 20;
+const COPIES_PER_BYTE: usize = 8;
+
+/// A value on the unpickler's stack or in its memo, with what bounds it: how deep it nests
+/// and how many units (values, and bytes of strings) a copy of it costs.
+#[derive(Clone)]
+struct Slot {
+    obj: Obj,
+    depth: usize,
+    size: usize,
+}
+
+impl Slot {
+    fn leaf(obj: Obj) -> Slot {
+        let size = 1 + match &obj {
+            Obj::Str(s) => s.len(),
+            Obj::Bytes(b) => b.len(),
+            Obj::Tensor(t) => t.shape.len() + t.storage.key.len(),
+            Obj::Storage(s) => s.key.len(),
+            _ => 0,
+        };
+        Slot {
+            obj,
+            depth: 1,
+            size,
+        }
+    }
+
+    /// The value `make` builds around `items`, one level deeper than the deepest of them.
+    fn around(items: Vec<Slot>, make: impl FnOnce(Vec<Obj>) -> Obj) -> Result<Slot, String> {
+        let depth = 1 + items.iter().map(|s| s.depth).max().unwrap_or(0);
+        check_depth(depth)?;
+        let size = 1 + items.iter().map(|s| s.size).sum::<usize>();
+        Ok(Slot {
+            obj: make(items.into_iter().map(|s| s.obj).collect()),
+            depth,
+            size,
+        })
+    }
+
+    /// Accounts for `depth`/`size` of children just put inside this value.
+    fn grow(&mut self, depth: usize, size: usize) -> Result<(), String> {
+        self.depth = self.depth.max(depth + 1);
+        check_depth(self.depth)?;
+        self.size = self.size.saturating_add(size);
+        Ok(())
+    }
+}
+
+fn check_depth(depth: usize) -> Result<(), String> {
+    if depth > MAX_DEPTH {
+        return Err(format!(
+            "values nested deeper than {MAX_DEPTH} levels: not a checkpoint"
+        ));
+    }
+    Ok(())
+}
+
+/// What copies may still cost (see [`COPY_BUDGET`]).
+struct Copies {
+    left: usize,
+}
+
+impl Copies {
+    fn copy(&mut self, s: &Slot) -> Result<Slot, String> {
+        self.left = self.left.checked_sub(s.size).ok_or_else(|| {
+            format!(
+                "PUT/GET/DUP copies of values add up to more than a pickle of this size can \
+                 hold (a copy of {} values and bytes asked, {} left): refusing to expand it",
+                s.size, self.left
+            )
+        })?;
+        Ok(s.clone())
+    }
+}
+
 /// Unpickles one pickle from `data`, returning the value and the number of bytes consumed.
+///
+/// Its values nest at most [`MAX_DEPTH`] levels, and copies through the memo are bounded by
+/// the size of `data`: a crafted pickle is an error, never a stack overflow or an
+/// exponential expansion.
 pub fn unpickle(data: &[u8]) -> Result<(Obj, usize), Error> {
     let mut r = Reader { data, pos: 0 };
-    let mut stack: Vec<Obj> = Vec::new();
+    let mut stack: Vec<Slot> = Vec::new();
     let mut marks: Vec<usize> = Vec::new();
-    let mut memo: HashMap<u64, Obj> = HashMap::new();
+    let mut memo: HashMap<u64, Slot> = HashMap::new();
+    let mut copies = Copies {
+        left: COPY_BUDGET.saturating_add(data.len().saturating_mul(COPIES_PER_BYTE)),
+    };
 
     macro_rules! pop {
         () => {
@@ -330,6 +423,23 @@ pub fn unpickle(data: &[u8]) -> Result<(Obj, usize), Error> {
             stack.split_off(m)
         }};
     }
+    macro_rules! push {
+        ($obj:expr) => {{
+            let obj = $obj;
+            stack.push(Slot::leaf(obj))
+        }};
+    }
+    macro_rules! push_around {
+        ($items:expr, $make:expr) => {{
+            let slot = Slot::around($items, $make).map_err(|m| r.err(m))?;
+            stack.push(slot)
+        }};
+    }
+    macro_rules! copy {
+        ($slot:expr) => {
+            copies.copy($slot).map_err(|m| r.err(m))?
+        };
+    }
 
     loop {
         let op = r.u8()?;
@@ -345,7 +455,7 @@ pub fn unpickle(data: &[u8]) -> Result<(Obj, usize), Error> {
             }
             b'.' => {
                 let v = pop!();
-                return Ok((v, r.pos));
+                return Ok((v.obj, r.pos));
             }
             b'(' => marks.push(stack.len()),
             b'0' => {
@@ -355,24 +465,24 @@ pub fn unpickle(data: &[u8]) -> Result<(Obj, usize), Error> {
                 let _ = pop_mark!();
             }
             b'2' => {
-                let v = top!().clone();
+                let v = copy!(top!());
                 stack.push(v);
             }
             // Constants and numbers
-            b'N' => stack.push(Obj::None),
-            0x88 => stack.push(Obj::Bool(true)),
-            0x89 => stack.push(Obj::Bool(false)),
+            b'N' => push!(Obj::None),
+            0x88 => push!(Obj::Bool(true)),
+            0x89 => push!(Obj::Bool(false)),
             b'J' => {
                 let v = r.u32()? as i32;
-                stack.push(Obj::Int(v as i64))
+                push!(Obj::Int(v as i64))
             }
             b'K' => {
                 let v = r.u8()?;
-                stack.push(Obj::Int(v as i64))
+                push!(Obj::Int(v as i64))
             }
             b'M' => {
                 let v = r.u16()?;
-                stack.push(Obj::Int(v as i64))
+                push!(Obj::Int(v as i64))
             }
             b'I' | b'L' => {
                 let line = r.line()?;
@@ -383,7 +493,7 @@ pub fn unpickle(data: &[u8]) -> Result<(Obj, usize), Error> {
                     "01" => Obj::Bool(true),
                     _ => Obj::Int(s.parse().map_err(|_| r.err(format!("bad INT {s:?}")))?),
                 };
-                stack.push(v)
+                push!(v)
             }
             0x8a | 0x8b => {
                 let n = if op == 0x8a {
@@ -392,18 +502,18 @@ pub fn unpickle(data: &[u8]) -> Result<(Obj, usize), Error> {
                     r.u32()? as usize
                 };
                 let bytes = r.take(n)?;
-                stack.push(Obj::Int(
+                push!(Obj::Int(
                     long_from_le(bytes).ok_or_else(|| r.err("integer does not fit in 64 bits"))?,
                 ))
             }
             b'G' => {
                 let b = r.take(8)?;
-                stack.push(Obj::Float(f64::from_be_bytes(b.try_into().expect("8"))))
+                push!(Obj::Float(f64::from_be_bytes(b.try_into().expect("8"))))
             }
             b'F' => {
                 let line = r.line()?;
                 let s = std::str::from_utf8(line).map_err(|_| r.err("bad FLOAT"))?;
-                stack.push(Obj::Float(
+                push!(Obj::Float(
                     s.trim().parse().map_err(|_| r.err("bad FLOAT"))?,
                 ))
             }
@@ -415,11 +525,11 @@ pub fn unpickle(data: &[u8]) -> Result<(Obj, usize), Error> {
                     _ => r.u64()? as usize,
                 };
                 let b = r.take(n)?;
-                stack.push(Obj::Str(r.utf8(b)?))
+                push!(Obj::Str(r.utf8(b)?))
             }
             b'V' => {
                 let line = r.line()?;
-                stack.push(Obj::Str(r.utf8(line)?))
+                push!(Obj::Str(r.utf8(line)?))
             }
             b'T' | b'U' => {
                 // Python 2 `str`: bytes that checkpoints use as text.
@@ -429,7 +539,7 @@ pub fn unpickle(data: &[u8]) -> Result<(Obj, usize), Error> {
                     r.u8()? as usize
                 };
                 let b = r.take(n)?;
-                stack.push(Obj::Str(String::from_utf8_lossy(b).into_owned()))
+                push!(Obj::Str(String::from_utf8_lossy(b).into_owned()))
             }
             b'S' => {
                 let line = r.line()?;
@@ -440,7 +550,7 @@ pub fn unpickle(data: &[u8]) -> Result<(Obj, usize), Error> {
                     .and_then(|s| s.strip_suffix('\''))
                     .or_else(|| s.strip_prefix('"').and_then(|s| s.strip_suffix('"')))
                     .ok_or_else(|| r.err("STRING is not quoted"))?;
-                stack.push(Obj::Str(unquoted.to_string()))
+                push!(Obj::Str(unquoted.to_string()))
             }
             b'B' | b'C' | 0x8e | 0x96 => {
                 let n = match op {
@@ -449,71 +559,73 @@ pub fn unpickle(data: &[u8]) -> Result<(Obj, usize), Error> {
                     _ => r.u64()? as usize,
                 };
                 let b = r.take(n)?;
-                stack.push(Obj::Bytes(b.to_vec()))
+                push!(Obj::Bytes(b.to_vec()))
             }
             // Containers
-            b'}' => stack.push(Obj::Dict(Vec::new())),
-            b']' => stack.push(Obj::List(Vec::new())),
-            b')' => stack.push(Obj::Tuple(Vec::new())),
-            0x8f => stack.push(Obj::Set(Vec::new())),
-            b'l' => {
-                let items = pop_mark!();
-                stack.push(Obj::List(items))
-            }
-            b't' => {
-                let items = pop_mark!();
-                stack.push(Obj::Tuple(items))
-            }
-            0x91 => {
-                let items = pop_mark!();
-                stack.push(Obj::Set(items))
-            }
+            b'}' => push!(Obj::Dict(Vec::new())),
+            b']' => push!(Obj::List(Vec::new())),
+            b')' => push!(Obj::Tuple(Vec::new())),
+            0x8f => push!(Obj::Set(Vec::new())),
+            b'l' => push_around!(pop_mark!(), Obj::List),
+            b't' => push_around!(pop_mark!(), Obj::Tuple),
+            0x91 => push_around!(pop_mark!(), Obj::Set),
             0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
                 if stack.len() < n {
                     return Err(r.err("stack underflow"));
                 }
                 let items = stack.split_off(stack.len() - n);
-                stack.push(Obj::Tuple(items))
+                push_around!(items, Obj::Tuple)
             }
             b'd' => {
                 let items = pop_mark!();
-                stack.push(Obj::Dict(pairs(items).map_err(|m| r.err(m))?))
+                if !items.len().is_multiple_of(2) {
+                    return Err(r.err("odd number of items for a dict"));
+                }
+                push_around!(items, |items| Obj::Dict(pairs(items)))
             }
             b'a' => {
                 let v = pop!();
-                match top!() {
-                    Obj::List(l) => l.push(v),
+                let list = top!();
+                list.grow(v.depth, v.size).map_err(|m| r.err(m))?;
+                match &mut list.obj {
+                    Obj::List(l) => l.push(v.obj),
                     _ => return Err(r.err("APPEND to a non-list")),
                 }
             }
-            b'e' => {
+            b'e' | 0x90 => {
                 let items = pop_mark!();
-                match top!() {
-                    Obj::List(l) => l.extend(items),
-                    _ => return Err(r.err("APPENDS to a non-list")),
+                let container = top!();
+                for s in &items {
+                    container.grow(s.depth, s.size).map_err(|m| r.err(m))?;
                 }
-            }
-            0x90 => {
-                let items = pop_mark!();
-                match top!() {
-                    Obj::Set(s) => s.extend(items),
+                let items = items.into_iter().map(|s| s.obj);
+                match (op, &mut container.obj) {
+                    (b'e', Obj::List(l)) => l.extend(items),
+                    (0x90, Obj::Set(s)) => s.extend(items),
+                    (b'e', _) => return Err(r.err("APPENDS to a non-list")),
                     _ => return Err(r.err("ADDITEMS to a non-set")),
                 }
             }
-            b's' => {
-                let v = pop!();
-                let k = pop!();
-                match top!() {
-                    Obj::Dict(d) => d.push((k, v)),
-                    _ => return Err(r.err("SETITEM on a non-dict")),
+            b's' | b'u' => {
+                let items = if op == b's' {
+                    let v = pop!();
+                    let k = pop!();
+                    vec![k, v]
+                } else {
+                    pop_mark!()
+                };
+                if !items.len().is_multiple_of(2) {
+                    return Err(r.err("odd number of items for a dict"));
                 }
-            }
-            b'u' => {
-                let items = pop_mark!();
-                let kv = pairs(items).map_err(|m| r.err(m))?;
-                match top!() {
+                let dict = top!();
+                for s in &items {
+                    dict.grow(s.depth, s.size).map_err(|m| r.err(m))?;
+                }
+                let kv = pairs(items.into_iter().map(|s| s.obj).collect());
+                match &mut dict.obj {
                     Obj::Dict(d) => d.extend(kv),
+                    _ if op == b's' => return Err(r.err("SETITEM on a non-dict")),
                     _ => return Err(r.err("SETITEMS on a non-dict")),
                 }
             }
@@ -521,7 +633,7 @@ pub fn unpickle(data: &[u8]) -> Result<(Obj, usize), Error> {
             b'p' => {
                 let line = r.line()?;
                 let k = parse_ascii_u64(line).ok_or_else(|| r.err("bad PUT index"))?;
-                let v = top!().clone();
+                let v = copy!(top!());
                 memo.insert(k, v);
             }
             b'q' | b'r' => {
@@ -530,12 +642,12 @@ pub fn unpickle(data: &[u8]) -> Result<(Obj, usize), Error> {
                 } else {
                     r.u32()? as u64
                 };
-                let v = top!().clone();
+                let v = copy!(top!());
                 memo.insert(k, v);
             }
             0x94 => {
                 let k = memo.len() as u64;
-                let v = top!().clone();
+                let v = copy!(top!());
                 memo.insert(k, v);
             }
             b'g' | b'h' | b'j' => {
@@ -549,8 +661,8 @@ pub fn unpickle(data: &[u8]) -> Result<(Obj, usize), Error> {
                 };
                 let v = memo
                     .get(&k)
-                    .cloned()
                     .ok_or_else(|| r.err(format!("memo key {k} was never stored")))?;
+                let v = copy!(v);
                 stack.push(v)
             }
             // Globals and calls: allowlisted, interpreted, never executed.
@@ -559,29 +671,31 @@ pub fn unpickle(data: &[u8]) -> Result<(Obj, usize), Error> {
                 let module = r.utf8(module)?;
                 let name = r.line()?;
                 let name = r.utf8(name)?;
-                stack.push(Obj::Global(resolve_global(&module, &name)?))
+                push!(Obj::Global(resolve_global(&module, &name)?))
             }
             0x93 => {
                 let name = pop!();
                 let module = pop!();
-                match (module, name) {
-                    (Obj::Str(m), Obj::Str(n)) => stack.push(Obj::Global(resolve_global(&m, &n)?)),
+                match (module.obj, name.obj) {
+                    (Obj::Str(m), Obj::Str(n)) => push!(Obj::Global(resolve_global(&m, &n)?)),
                     _ => return Err(r.err("STACK_GLOBAL needs two strings")),
                 }
             }
             b'R' => {
                 let args = pop!();
                 let callable = pop!();
-                let args = match args {
+                let (depth, size) = (args.depth, args.size);
+                let args = match args.obj {
                     Obj::Tuple(a) => a,
                     _ => return Err(r.err("REDUCE arguments are not a tuple")),
                 };
-                let g = match callable {
+                let g = match callable.obj {
                     Obj::Global(g) => g,
                     _ => return Err(r.err("REDUCE on something that is not a global")),
                 };
-                let v = call(g, args).map_err(|m| r.err(m))?;
-                stack.push(v)
+                // The result only rearranges its arguments: no deeper, no larger.
+                let obj = call(g, args).map_err(|m| r.err(m))?;
+                stack.push(Slot { obj, depth, size })
             }
             0x81 | 0x92 => {
                 if op == 0x92 {
@@ -589,26 +703,34 @@ pub fn unpickle(data: &[u8]) -> Result<(Obj, usize), Error> {
                 }
                 let args = pop!();
                 let cls = pop!();
-                let args = match args {
+                let (depth, size) = (args.depth, args.size);
+                let args = match args.obj {
                     Obj::Tuple(a) => a,
                     _ => return Err(r.err("NEWOBJ arguments are not a tuple")),
                 };
-                match cls {
-                    Obj::Global(Global::DataClass(class)) => stack.push(Obj::Object {
+                let obj = match cls.obj {
+                    Obj::Global(Global::DataClass(class)) => Obj::Object {
                         class,
                         args,
                         state: None,
-                    }),
+                    },
                     Obj::Global(g @ (Global::OrderedDict | Global::Dict | Global::Set)) => {
-                        stack.push(call(g, args).map_err(|m| r.err(m))?)
+                        call(g, args).map_err(|m| r.err(m))?
                     }
                     _ => return Err(r.err("NEWOBJ of a class that is not plain data")),
-                }
+                };
+                stack.push(Slot { obj, depth, size })
             }
             b'b' => {
                 let state = pop!();
-                match top!() {
-                    Obj::Object { state: s, .. } => *s = Some(Box::new(state)),
+                let target = top!();
+                match target.obj {
+                    Obj::Object { .. } => {
+                        target.grow(state.depth, state.size).map_err(|m| r.err(m))?;
+                        if let Obj::Object { state: s, .. } = &mut target.obj {
+                            *s = Some(Box::new(state.obj))
+                        }
+                    }
                     // OrderedDict `_metadata`, parameter hooks: not weights.
                     Obj::Dict(_) | Obj::Tensor(_) => {}
                     _ => return Err(r.err("BUILD on an object that is not plain data")),
@@ -616,7 +738,7 @@ pub fn unpickle(data: &[u8]) -> Result<(Obj, usize), Error> {
             }
             b'Q' => {
                 let pid = pop!();
-                stack.push(persistent_load(pid).map_err(|m| r.err(m))?)
+                push!(persistent_load(pid.obj).map_err(|m| r.err(m))?)
             }
             b'P' => {
                 let line = r.line()?;
@@ -657,16 +779,14 @@ fn long_from_le(bytes: &[u8]) -> Option<i64> {
     Some(i64::from_le_bytes(buf))
 }
 
-fn pairs(items: Vec<Obj>) -> Result<Vec<(Obj, Obj)>, String> {
-    if !items.len().is_multiple_of(2) {
-        return Err("odd number of items for a dict".into());
-    }
+/// Key/value pairs of a flat list; callers check that the count is even.
+fn pairs(items: Vec<Obj>) -> Vec<(Obj, Obj)> {
     let mut out = Vec::with_capacity(items.len() / 2);
     let mut it = items.into_iter();
     while let (Some(k), Some(v)) = (it.next(), it.next()) {
         out.push((k, v));
     }
-    Ok(out)
+    out
 }
 
 fn as_usize(o: &Obj, what: &str) -> Result<usize, String> {

@@ -16,17 +16,15 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::pickle::{unpickle, Obj, StorageDType, StorageRef, TensorRef, Value};
+use crate::pickle::{unpickle, Obj, StorageDType, StorageRef, TensorRef, Value, MAX_DEPTH};
 use crate::Error;
 
 /// The first bytes of every legacy torch file: `pickle.dumps(0x1950a86a20f9469cfc6c, 2)`.
 pub(crate) const LEGACY_MAGIC: &[u8] = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.";
 
-/// Deeper trees than this are not checkpoints; refusing them keeps recursion bounded.
-const MAX_DEPTH: usize = 256;
-
 /// Reads a zip checkpoint into a value tree.
-pub(crate) fn read_zip(archive: impl Read + Seek) -> Result<Value, Error> {
+pub(crate) fn read_zip(mut archive: impl Read + Seek) -> Result<Value, Error> {
+    let archive_len = archive.seek(std::io::SeekFrom::End(0))?;
     let mut zip = zip::ZipArchive::new(archive)?;
     let pkl_name = zip
         .file_names()
@@ -53,7 +51,14 @@ pub(crate) fn read_zip(archive: impl Read + Seek) -> Result<Value, Error> {
         let mut entry = zip
             .by_name(&name)
             .map_err(|_| Error::Format(format!("storage `{name}` is missing from the archive")))?;
-        let mut buf = Vec::with_capacity(entry.size() as usize);
+        // The archive's directory claims the size: reserve it only once the archive is seen
+        // to hold that many bytes (stored entries are never larger than their compressed
+        // size), else read what is there and let the tensors find it short.
+        let claimed = entry.size();
+        let mut buf = Vec::new();
+        if claimed <= entry.compressed_size() && claimed <= archive_len {
+            buf.reserve_exact(claimed as usize);
+        }
         entry.read_to_end(&mut buf)?;
         Ok(buf)
     })
@@ -125,7 +130,7 @@ pub(crate) fn read_legacy(data: &[u8]) -> Result<Value, Error> {
             .ok_or_else(|| Error::Format(format!("storage `{key}` is not used by any tensor")))?;
         let nbytes = numel
             .checked_mul(es)
-            .filter(|n| pos + n <= data.len())
+            .filter(|&n| n <= data.len() - pos)
             .ok_or_else(|| Error::Format(format!("storage `{key}` is truncated")))?;
         ranges.insert(key, (pos, nbytes));
         pos += nbytes;
@@ -250,14 +255,28 @@ fn build_tensor(t: &TensorRef, bytes: &[u8]) -> Result<Tensor, Error> {
     };
     let es = dtype.size_in_bytes();
     let available = bytes.len() / es;
-    let numel: usize = t.shape.iter().product();
     let bad = || {
         Error::Format(format!(
             "tensor of shape {:?} (stride {:?}, offset {}) reaches outside its storage `{}` of {available} elements",
             t.shape, t.stride, t.offset, t.storage.key
         ))
     };
+    // A tensor has no more elements than its storage: the file holds every one of them.
+    // (Torch can save broadcast views, stride 0, larger than their storage; checkpoints do
+    // not, and materialising one would allocate whatever its shape claims.)
+    let numel = t
+        .shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= available)
+        .ok_or_else(|| {
+            Error::Format(format!(
+                "tensor of shape {:?} has more elements than its storage `{}` of {available}",
+                t.shape, t.storage.key
+            ))
+        })?;
     if numel == 0 {
+        crate::check_shape(&t.shape).map_err(Error::Format)?;
         return Ok(Tensor::zeros(t.shape.as_slice(), dtype, &Device::Cpu)?);
     }
     let last = t
