@@ -45,6 +45,13 @@ impl Layer {
             _ => default,
         }
     }
+
+    /// A size parameter: `k` must be a non-negative integer.
+    fn size(&self, key: i32) -> Result<usize, Error> {
+        let v = self.int(key, 0);
+        usize::try_from(v)
+            .map_err(|_| bad(format!("{}: parameter {key}={v} is negative", self.name)))
+    }
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -65,7 +72,8 @@ pub fn parse_param(text: &str) -> Result<Vec<Layer>, Error> {
         .next()
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| bad("bad layer count line"))?;
-    let mut layers = Vec::with_capacity(layer_count);
+    // The header's count is only compared with the lines that follow, never allocated.
+    let mut layers = Vec::new();
     for (i, line) in lines.enumerate() {
         let lineno = i + 3;
         let mut f = line.split_whitespace();
@@ -173,8 +181,16 @@ impl Bin<'_> {
         Ok(s)
     }
 
+    /// `n` elements of `size` bytes: an error when that overflows, else [`Self::take`].
+    fn take_elems(&mut self, n: usize, size: usize, what: &str) -> Result<&[u8], Error> {
+        let len = n
+            .checked_mul(size)
+            .ok_or_else(|| bad(format!("{what}: {n} weights do not fit in memory")))?;
+        self.take(len, what)
+    }
+
     fn raw_f32(&mut self, n: usize, what: &str) -> Result<Tensor, Error> {
-        let b = self.take(n * 4, what)?;
+        let b = self.take_elems(n, 4, what)?;
         Ok(Tensor::from_raw_buffer(b, DType::F32, &[n], &Device::Cpu)?)
     }
 
@@ -183,9 +199,8 @@ impl Bin<'_> {
         let tag = u32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes"));
         match tag {
             0x01306B47 => {
-                let len = n * 2;
-                let b = self.take(len, what)?.to_vec();
-                self.take((4 - len % 4) % 4, what)?;
+                let b = self.take_elems(n, 2, what)?.to_vec();
+                self.take((4 - b.len() % 4) % 4, what)?;
                 Ok(Tensor::from_raw_buffer(&b, DType::F16, &[n], &Device::Cpu)?)
             }
             0 => self.raw_f32(n, what),
@@ -203,22 +218,21 @@ pub fn read_weights(layers: &[Layer], bin: &[u8]) -> Result<Vec<Weights>, Error>
     for l in layers {
         match l.kind.as_str() {
             "Convolution" => {
-                let num_output = l.int(0, 0) as usize;
-                let kernel = l.int(1, 0) as usize;
-                if l.int(11, kernel as i32) as usize != kernel {
+                let num_output = l.size(0)?;
+                let kernel = l.size(1)?;
+                if l.int(11, l.int(1, 0)) != l.int(1, 0) {
                     return Err(bad(format!(
                         "{}: non-square kernels are not supported",
                         l.name
                     )));
                 }
-                let size = l.int(6, 0) as usize;
-                if num_output == 0
-                    || kernel == 0
-                    || !size.is_multiple_of(num_output * kernel * kernel)
-                {
-                    return Err(bad(format!("{}: inconsistent convolution sizes", l.name)));
-                }
-                let inp = size / (num_output * kernel * kernel);
+                let size = l.size(6)?;
+                let per_input = num_output
+                    .checked_mul(kernel)
+                    .and_then(|n| n.checked_mul(kernel))
+                    .filter(|&n| n != 0 && size.is_multiple_of(n))
+                    .ok_or_else(|| bad(format!("{}: inconsistent convolution sizes", l.name)))?;
+                let inp = size / per_input;
                 let weight = b
                     .tagged(size, &l.name)?
                     .reshape((num_output, inp, kernel, kernel))?;
@@ -237,7 +251,7 @@ pub fn read_weights(layers: &[Layer], bin: &[u8]) -> Result<Vec<Weights>, Error>
                 });
             }
             "PReLU" => {
-                let n = l.int(0, 0) as usize;
+                let n = l.size(0)?;
                 out.push(Weights::Prelu {
                     name: l.name.clone(),
                     slope: b.raw_f32(n, &l.name)?,

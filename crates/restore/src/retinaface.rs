@@ -982,7 +982,8 @@ fn parse_tensor(buf: &[u8]) -> Result<(String, OnnxTensor), FaceError> {
             .collect(),
         None => floats,
     };
-    if data.len() != dims.iter().product::<usize>() {
+    let numel = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    if numel != Some(data.len()) {
         return Err(FaceError::Onnx(format!(
             "initializer {name}: {} values for shape {dims:?}",
             data.len()
