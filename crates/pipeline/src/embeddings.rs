@@ -209,7 +209,7 @@ pub fn read_embedding_bytes(path: &Path, data: &[u8]) -> Result<EmbeddingVectors
 fn embedding_from_tree(path: &Path, tree: &Value) -> Result<EmbeddingVectors, EmbeddingError> {
     let as_matrix = |key: &str, t: &Tensor| -> Result<Tensor, EmbeddingError> {
         let t = match t.rank() {
-            1 => t.unsqueeze(0)?,
+            1 if t.dims()[0] > 0 => t.unsqueeze(0)?,
             2 if t.dims()[0] > 0 && t.dims()[1] > 0 => t.clone(),
             _ => {
                 return Err(EmbeddingError::BadShape {

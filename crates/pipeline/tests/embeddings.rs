@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use sdkube_models::{load, Family, LoadOptions, SdWeights};
-use sdkube_pipeline::embeddings::{read_embedding, EmbeddingSet, EncoderSlot, TextWidths};
+use sdkube_pipeline::embeddings::{
+    read_embedding, read_embedding_bytes, EmbeddingSet, EncoderSlot, TextWidths,
+};
 use sdkube_pipeline::prompt::{tokenize_prompt, ChunkOptions};
 use sdkube_pipeline::sampler::Flow;
 use sdkube_pipeline::text::{self, PromptTokens, TextEncoders};
@@ -71,6 +73,30 @@ fn every_layout_reads_the_same_vectors() {
         let v = read_embedding(&ti(&format!("formats/{file}"))).unwrap();
         assert_eq!(max_abs_diff(&v.first, &expected), 0.0, "{file}");
     }
+}
+
+/// An embedding of no width (a 1-D tensor of 0 values) was taken as one vector 0 wide
+/// (found while writing the `embedding` fuzz target, issue 23 point 9).
+#[test]
+fn empty_vectors_are_refused() {
+    let header = r#"{"emb_params":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}"#;
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header.as_bytes());
+    let err = read_embedding_bytes(Path::new("empty.safetensors"), &file)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("empty.safetensors") && err.contains("has shape [0]"),
+        "{err}"
+    );
+    // A file that is no weight file at all is named too.
+    let err = read_embedding_bytes(Path::new("junk.pt"), b"junk")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("junk.pt") && err.contains("not a weight file"),
+        "{err}"
+    );
 }
 
 #[test]
