@@ -3,7 +3,7 @@
 //! - [`Catalog`]: named models (built-in `catalog.toml` plus an optional user file).
 //! - [`Store`]: `<root>/<model>/<file>` plus `manifest.json`; files appear only complete and
 //!   verified; a file lock serialises writers sharing a volume.
-//! - [`fetch`]: Hugging Face hub protocol and plain URLs, proxies, retries, resume, parallel
+//! - [`fetch()`]: Hugging Face hub protocol and plain URLs, proxies, retries, resume, parallel
 //!   ranges, sha256 verification, free-space check; progress as [`ProgressEvent`]s.
 
 mod catalog;
