@@ -283,23 +283,10 @@ fn nearest_existing(path: &Path) -> Option<PathBuf> {
         .map(Path::to_path_buf)
 }
 
-/// Free bytes on the filesystem holding `path` (statvfs).
+/// Free bytes on the filesystem holding `path`: the same call as the fetcher's free-space
+/// check, so the doctor and `sdkube fetch` never disagree.
 pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte")
-    })?;
-    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
-    // SAFETY: c_path is a valid NUL-terminated string and stat points to writable memory
-    // of the right type; statvfs fills it on success.
-    let rc = unsafe { libc::statvfs(c_path.as_ptr(), stat.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: statvfs returned 0, so the struct is initialised.
-    let stat = unsafe { stat.assume_init() };
-    #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
-    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+    sdkube_store::free_space(path)
 }
 
 pub fn check_free_disk(store: &Path, min_free: u64) -> Finding {

@@ -19,6 +19,6 @@ pub use fetch::{
 };
 pub use net::ProxyConfig;
 pub use store::{
-    sha256_file, FileCheck, FileStatus, Manifest, Store, StoreError, StoreLock, StoredFile,
-    StoredModel,
+    free_space, sha256_file, FileCheck, FileStatus, Manifest, Store, StoreError, StoreLock,
+    StoredFile, StoredModel,
 };

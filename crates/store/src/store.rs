@@ -323,6 +323,13 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
     Ok(hex(&hasher.finalize()))
 }
 
+/// Bytes an unprivileged writer may still use on the filesystem holding `path` (statvfs's
+/// `f_bavail`: space reserved for root does not count). The fetcher's free-space check and
+/// `sdkube doctor --local` both ask this.
+pub fn free_space(path: &Path) -> io::Result<u64> {
+    fs4::available_space(path)
+}
+
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -29,7 +29,7 @@ use serde::Serialize;
 
 use crate::catalog::ModelEntry;
 use crate::net::{build_clients, load_ca_bundle};
-use crate::store::{io_err, Store, StoreLock, StoredFile};
+use crate::store::{free_space, io_err, Store, StoreLock, StoredFile};
 
 pub use error::{FetchError, HumanBytes};
 pub use events::ProgressEvent;
@@ -158,7 +158,7 @@ pub async fn fetch(
     if needed > 0 {
         let available = match &options.free_space {
             Some(probe) => probe(store.root()),
-            None => fs4::available_space(store.root()),
+            None => free_space(store.root()),
         }
         .map_err(io_err("cannot query free space of", store.root()))?;
         if available < needed {
