@@ -32,6 +32,9 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 python3 fuzz/seeds.py
+# The targets build the workspace's crates with the workspace's versions of everything: the
+# fuzz workspace starts from its lock file (cargo then adds libfuzzer-sys). Not committed.
+[ -f fuzz/Cargo.lock ] || cp Cargo.lock fuzz/Cargo.lock
 
 start=$(date +%s)
 # Release with debug assertions and overflow checks, AddressSanitizer: cargo-fuzz's defaults.
