@@ -4,13 +4,13 @@
 //! are renamed into it by [`crate::checkpoint`].
 //!
 //! Textual-inversion training back-propagates through this encoder (see
-//! [`crate::blocks::Norm`] and [`crate::blocks::softmax_last_dim`]).
+//! [`LayerNorm`] and [`softmax_last_dim`]).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{embedding, linear, linear_no_bias, Embedding, Linear, VarBuilder};
 
-use crate::blocks::{softmax_last_dim, Norm};
 use crate::config::ClipTextConfig;
+use sdkube_nn::{softmax_last_dim, LayerNorm};
 
 #[derive(Debug, Clone, Copy)]
 enum Activation {
@@ -70,10 +70,10 @@ impl SelfAttention {
 #[derive(Debug)]
 struct EncoderLayer {
     self_attn: SelfAttention,
-    layer_norm1: Norm,
+    layer_norm1: LayerNorm,
     fc1: Linear,
     fc2: Linear,
-    layer_norm2: Norm,
+    layer_norm2: LayerNorm,
     act: Activation,
 }
 
@@ -82,10 +82,10 @@ impl EncoderLayer {
         let d = cfg.hidden_size;
         Ok(Self {
             self_attn: SelfAttention::new(vb.pp("self_attn"), cfg)?,
-            layer_norm1: Norm::new(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            layer_norm1: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
             fc1: linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
             fc2: linear(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
-            layer_norm2: Norm::new(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
+            layer_norm2: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
             act,
         })
     }
@@ -120,7 +120,7 @@ pub struct ClipTextModel {
     token_embedding: Embedding,
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
-    final_layer_norm: Norm,
+    final_layer_norm: LayerNorm,
     text_projection: Option<Linear>,
     cfg: ClipTextConfig,
 }
@@ -144,7 +144,7 @@ impl ClipTextModel {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::new(tm.pp(format!("encoder.layers.{i}")), cfg, act))
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = Norm::new(
+        let final_layer_norm = LayerNorm::new(
             cfg.hidden_size,
             cfg.layer_norm_eps,
             tm.pp("final_layer_norm"),

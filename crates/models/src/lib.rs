@@ -2,18 +2,15 @@
 //! with its added conditioning) and the VAE, plus loading from diffusers folders and
 //! single-file A1111/LDM checkpoints.
 //!
-//! Each network file reads beside its Python reference: same names, same key tree.
+//! Each network file reads beside its Python reference: same names, same key tree. The layers
+//! and ops they are made of (and their CUDA kernels) are `sdkube-nn`'s.
 
 pub mod blocks;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod ldm;
 pub mod presets;
-pub mod profile;
-mod tracked;
 pub mod unet;
 pub mod vae;
 

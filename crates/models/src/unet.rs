@@ -8,10 +8,11 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::blocks::{
-    conv1x1, conv2d, conv3x3, group_norm, linear, Attention, Conv2d, Downsample2D, GroupNorm,
-    Linear, Norm, ResnetBlock2D, Upsample2D,
+use sdkube_nn::{
+    conv1x1, conv2d, conv3x3, geglu, group_norm, linear, Conv2d, GroupNorm, LayerNorm, Linear,
 };
+
+use crate::blocks::{Attention, Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::config::UNetConfig;
 
 /// Sinusoidal embedding of `t` `[B]` into `[B, dim]` (`diffusers.models.embeddings.Timesteps`).
@@ -76,63 +77,20 @@ impl FeedForward {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(xs)?;
-        let gated = if h.track_op() {
-            crate::tracked::with_input_grad(&h, "geglu backward", geglu, geglu_input_grad)?
-        } else {
-            geglu(&h)?
-        };
+        let gated = geglu(&h)?;
         drop(h); // the widest tensor of the block: gone before the next product
         self.proj_out.forward(&gated)
     }
 }
 
-/// The gradient of `h` given `grad`, that of [`geglu`]`(h)`: `grad · gelu(gate)` for the value
-/// half, `grad · value · gelu'(gate)` for the gate half, with `gelu'(x) = Φ(x) + x·φ(x)`.
-fn geglu_input_grad(h: &Tensor, grad: &Tensor) -> Result<Tensor> {
-    let precise = crate::tracked::precise(h.dtype());
-    let half = h.dim(D::Minus1)? / 2;
-    let part = |start: usize| {
-        h.narrow(D::Minus1, start, half)?
-            .to_dtype(precise)?
-            .contiguous()
-    };
-    let (value, gate) = (part(0)?, part(half)?);
-    let grad = grad.to_dtype(precise)?;
-    let cdf = (gate.affine(std::f64::consts::FRAC_1_SQRT_2, 0.)?.erf()? + 1.)?.affine(0.5, 0.)?;
-    let pdf = gate
-        .sqr()?
-        .affine(-0.5, 0.)?
-        .exp()?
-        .affine(0.398_942_280_401_432_7, 0.)?; // 1/√(2π)
-    let d_value = (&grad * (&gate * &cdf)?)?;
-    let d_gate = ((&grad * &value)? * (cdf + (&gate * pdf)?)?)?;
-    Tensor::cat(&[d_value, d_gate], D::Minus1)?.to_dtype(h.dtype())
-}
-
-/// `value · gelu(gate)` of the two halves of `h`'s last axis.
-fn geglu(h: &Tensor) -> Result<Tensor> {
-    crate::profile::timed("geglu gate", h.device(), || {
-        #[cfg(feature = "cuda")]
-        if let Some(gated) = crate::cuda::geglu(h)? {
-            return Ok(gated);
-        }
-        let half = h.dim(D::Minus1)? / 2;
-        let (value, gate) = (
-            h.narrow(D::Minus1, 0, half)?,
-            h.narrow(D::Minus1, half, half)?,
-        );
-        value * gate.gelu_erf()?
-    })
-}
-
 /// `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward, pre-norm.
 #[derive(Debug)]
 struct BasicTransformerBlock {
-    norm1: Norm,
+    norm1: LayerNorm,
     attn1: Attention,
-    norm2: Norm,
+    norm2: LayerNorm,
     attn2: Attention,
-    norm3: Norm,
+    norm3: LayerNorm,
     ff: FeedForward,
 }
 
@@ -140,11 +98,11 @@ impl BasicTransformerBlock {
     fn new(vb: VarBuilder, dim: usize, ctx_dim: usize, heads: usize, upcast: bool) -> Result<Self> {
         let head_dim = dim / heads;
         Ok(Self {
-            norm1: Norm::new(dim, 1e-5, vb.pp("norm1"))?,
+            norm1: LayerNorm::new(dim, 1e-5, vb.pp("norm1"))?,
             attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, false, upcast)?,
-            norm2: Norm::new(dim, 1e-5, vb.pp("norm2"))?,
+            norm2: LayerNorm::new(dim, 1e-5, vb.pp("norm2"))?,
             attn2: Attention::new(vb.pp("attn2"), dim, ctx_dim, heads, head_dim, false, upcast)?,
-            norm3: Norm::new(dim, 1e-5, vb.pp("norm3"))?,
+            norm3: LayerNorm::new(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
     }
@@ -545,59 +503,5 @@ impl UNet2DConditionModel {
             }
         }
         self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Var};
-
-    /// GEGLU on a tracked input: the same input gradient as candle's autograd of
-    /// `value · gelu_erf(gate)`.
-    #[test]
-    fn geglu_gradient_matches_autograd() {
-        let h0 = Tensor::randn(0f64, 2., (3, 5, 8), &Device::Cpu).unwrap();
-        let r = Tensor::randn(0f64, 1., (3, 5, 4), &Device::Cpu).unwrap();
-        let grad_of = |f: &dyn Fn(&Tensor) -> Result<Tensor>| {
-            let h = Var::from_tensor(&h0).unwrap();
-            let y = f(h.as_tensor()).unwrap();
-            let grads = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            grads.get(h.as_tensor()).unwrap().clone()
-        };
-        let ours = grad_of(&|h| {
-            crate::tracked::with_input_grad(h, "geglu backward", geglu, geglu_input_grad)
-        });
-        let theirs = grad_of(&|h| {
-            let value = h.narrow(D::Minus1, 0, 4)?;
-            value * h.narrow(D::Minus1, 4, 4)?.gelu_erf()?
-        });
-        let diff = crate::tracked::tests::max_diff(&ours, &theirs);
-        // candle's erf is an approximation good to about 1e-7.
-        assert!(diff < 1e-5, "{diff}");
-        // And central differences of the forward pass, element by element.
-        let loss = |h: &Tensor| -> f64 {
-            (geglu(h).unwrap() * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
-        let flat = h0.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let ours = ours.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        for i in [0, 3, 4, 7, 60, 119] {
-            let at = |delta: f64| {
-                let mut v = flat.clone();
-                v[i] += delta;
-                loss(&Tensor::from_vec(v, h0.shape(), &Device::Cpu).unwrap())
-            };
-            let numeric = (at(1e-5) - at(-1e-5)) / 2e-5;
-            assert!(
-                (numeric - ours[i]).abs() < 1e-5,
-                "element {i}: {numeric} vs {}",
-                ours[i]
-            );
-        }
     }
 }

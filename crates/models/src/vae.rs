@@ -6,10 +6,11 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::blocks::{
-    conv1x1, conv3x3, group_norm, linear, scaled_dot_product_attention, Conv2d, Downsample2D,
-    GroupNorm, Linear, ResnetBlock2D, Upsample2D,
+use sdkube_nn::{
+    conv1x1, conv3x3, group_norm, linear, scaled_dot_product_attention, Conv2d, GroupNorm, Linear,
 };
+
+use crate::blocks::{Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::config::VaeConfig;
 
 const EPS: f64 = 1e-6;

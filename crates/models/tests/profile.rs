@@ -2,7 +2,8 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use sdkube_models::{load, profile, LoadOptions};
+use sdkube_models::{load, LoadOptions};
+use sdkube_nn::profile;
 
 #[test]
 fn profile_counts_each_kind_of_operation_of_a_unet_step() {

@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 use rand::{rngs::StdRng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
-use sdkube_models::blocks::{convolve, Conv2d};
+use sdkube_nn::{convolve, Conv2d};
 
 use crate::face::FaceError;
 
@@ -151,7 +151,7 @@ pub enum Noise {
 }
 
 fn leaky(xs: &Tensor) -> candle_core::Result<Tensor> {
-    sdkube_models::blocks::leaky_relu(xs, 0.2)
+    sdkube_nn::leaky_relu(xs, 0.2)
 }
 
 fn up2(xs: &Tensor) -> candle_core::Result<Tensor> {
@@ -175,9 +175,9 @@ fn conv(
         ..Default::default()
     };
     if bias {
-        sdkube_models::blocks::conv2d(cin, cout, k, cfg, vb)
+        sdkube_nn::conv2d(cin, cout, k, cfg, vb)
     } else {
-        sdkube_models::blocks::conv2d_no_bias(cin, cout, k, cfg, vb)
+        sdkube_nn::conv2d_no_bias(cin, cout, k, cfg, vb)
     }
 }
 

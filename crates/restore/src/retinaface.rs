@@ -17,7 +17,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
-use sdkube_models::blocks::Conv2d;
+use sdkube_nn::Conv2d;
 
 use crate::face::FaceError;
 
@@ -95,7 +95,7 @@ impl ConvAct {
         match self.slope {
             None => Ok(ys),
             Some(0.0) => ys.relu(),
-            Some(a) => sdkube_models::blocks::leaky_relu(&ys, a),
+            Some(a) => sdkube_nn::leaky_relu(&ys, a),
         }
     }
 }
@@ -541,7 +541,7 @@ impl RetinaFace {
         let head = |name: &str, per_anchor: usize| -> candle_core::Result<Vec<Conv2d>> {
             (0..3)
                 .map(|i| {
-                    sdkube_models::blocks::conv2d(
+                    sdkube_nn::conv2d(
                         w,
                         ANCHORS * per_anchor,
                         1,

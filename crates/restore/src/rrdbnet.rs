@@ -7,7 +7,7 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
-use sdkube_models::blocks::{conv2d, Conv2d};
+use sdkube_nn::{conv2d, Conv2d};
 
 /// RRDBNet hyper-parameters (the reference constructor's arguments).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +85,7 @@ fn conv3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
 }
 
 fn lrelu(x: &Tensor) -> Result<Tensor> {
-    sdkube_models::blocks::leaky_relu(x, 0.2)
+    sdkube_nn::leaky_relu(x, 0.2)
 }
 
 struct ResidualDenseBlock {
@@ -187,7 +187,7 @@ impl RrdbNet {
         }
         let feat = (feat + self.conv_body.forward(&trunk)?)?;
         let up = |f: &Tensor, conv: &Conv2d| -> Result<Tensor> {
-            lrelu(&conv.forward(&sdkube_models::blocks::upsample_nearest_2x(f)?)?)
+            lrelu(&conv.forward(&sdkube_nn::upsample_nearest_2x(f)?)?)
         };
         let feat = up(&feat, &self.conv_up1)?;
         let feat = up(&feat, &self.conv_up2)?;

@@ -7,7 +7,7 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, PReLU, VarBuilder};
-use sdkube_models::blocks::{conv2d, Conv2d};
+use sdkube_nn::{conv2d, Conv2d};
 
 /// The reference's `act_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +121,7 @@ impl SrvggNet {
             out = conv.forward(&out)?;
             out = match self.acts.get(i) {
                 Some(Act::Relu) => out.relu()?,
-                Some(Act::Leaky) => sdkube_models::blocks::leaky_relu(&out, 0.1)?,
+                Some(Act::Leaky) => sdkube_nn::leaky_relu(&out, 0.1)?,
                 Some(Act::Prelu(p)) => p.forward(&out)?,
                 None => out,
             };

@@ -224,7 +224,7 @@ mod tests {
     }
 
     /// Through the UNet too: its attention softmax and transformer-block layer norms switch
-    /// to their differentiable forms under gradient tracking (`sdkube_models::blocks`).
+    /// to their differentiable forms under gradient tracking (`sdkube_nn`).
     #[test]
     fn denoising_gradient_matches_finite_differences() {
         let w = fixture("sd1");

@@ -62,14 +62,14 @@ fn time(
     Ok(start.elapsed().as_secs_f64() / repeat as f64)
 }
 
-/// Runs `f` once with [`sdkube_models::profile`] on and prints its time by kind of operation.
+/// Runs `f` once with [`sdkube_nn::profile`] on and prints its time by kind of operation.
 fn profile(
     what: &str,
     shape: &str,
     device: &Device,
     f: impl FnOnce() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    use sdkube_models::profile as p;
+    use sdkube_nn::profile as p;
     p::take()?; // anything recorded before
     p::enable(true);
     let out = p::timed("total", device, || f().map_err(candle_core::Error::wrap));
@@ -304,7 +304,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 /// The primitives of the SD networks at the shapes they run at, each timed alone (what
 /// `benches/gpu_ops_reference.py` times in torch): where the time of a whole network goes.
-/// Where sdkube has its own GPU kernel (`sdkube_models::cuda`), candle's op and ours are both
+/// Where sdkube has its own GPU kernel (`sdkube_nn::cuda`), candle's op and ours are both
 /// timed and ours is checked against candle's on the same input (`max_diff`, `ref_max`).
 fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
     use anyhow::Context;
@@ -535,7 +535,7 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Training's attention backward (`sdkube_models::tracked`) in `dt` against the same in f32:
+/// Training's attention backward (`sdkube_nn`'s tracked layers) in `dt` against the same in f32:
 /// the input gradient of SD1.5's self-attention at 64², its largest, and its time.
 fn attention_input_grad(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
     use anyhow::Context;
@@ -581,12 +581,12 @@ mod own {
     use candle_core::Tensor;
 
     #[cfg(feature = "cuda")]
-    pub use sdkube_models::cuda::{
+    pub use sdkube_nn::cuda::{
         add_bias, conv2d_input_grad, flash_attention, geglu, group_norm, group_norm_input_grad,
         leaky_relu, linear, upsample_nearest_2x,
     };
 
-    /// The CUDA memory pool's high-water marks (see `sdkube_models::cuda`), `None` off CUDA.
+    /// The CUDA memory pool's high-water marks (see `sdkube_nn::cuda`), `None` off CUDA.
     pub fn memory_high_water(
         device: &candle_core::Device,
         reset: bool,
@@ -594,7 +594,7 @@ mod own {
         match device {
             #[cfg(feature = "cuda")]
             candle_core::Device::Cuda(dev) => {
-                sdkube_models::cuda::memory_high_water(dev, reset).map(Some)
+                sdkube_nn::cuda::memory_high_water(dev, reset).map(Some)
             }
             _ => {
                 let _ = reset;
@@ -611,7 +611,7 @@ mod own {
         padding: usize,
         stride: usize,
     ) -> candle_core::Result<Option<candle_core::Tensor>> {
-        sdkube_models::cuda::conv2d_cudnn(x, w, bias, padding, stride).map(Some)
+        sdkube_nn::cuda::conv2d_cudnn(x, w, bias, padding, stride).map(Some)
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -9,9 +9,9 @@
 //! So a tracked layer runs here as one op: its forward is the inference path on the untracked
 //! input (our CUDA kernels included), the graph keeps only its input and output, and its
 //! backward computes the input's gradient alone:
-//! - [`with_input_grad`] with the layer's closed form (in `blocks` and `unet`: linear,
-//!   convolution through cuDNN's backward-data on CUDA, upsampling, group and layer norm on
-//!   [`Normalized`] rows, GEGLU);
+//! - [`with_input_grad`] with the layer's closed form (in the layer modules of this crate:
+//!   linear, convolution through cuDNN's backward-data on CUDA, upsampling, group and layer
+//!   norm on [`Normalized`] rows, GEGLU);
 //! - [`tracked_attention`]: the probabilities recomputed a block of query rows at a time, as
 //!   FlashAttention's backward does:
 //!

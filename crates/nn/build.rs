@@ -1,10 +1,11 @@
-//! With feature `cuda`, compiles `src/kernels.cu` to PTX with nvcc (from `NVCC`, `CUDA_ROOT/bin`
-//! or PATH) for `CUDA_COMPUTE_CAP` (default 80; the driver JIT-compiles it for newer GPUs).
+//! With feature `cuda`, compiles `src/cuda/kernels.cu` to PTX with nvcc (from `NVCC`,
+//! `CUDA_ROOT/bin` or PATH) for `CUDA_COMPUTE_CAP` (default 80; the driver JIT-compiles it for
+//! newer GPUs).
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    println!("cargo:rerun-if-changed=src/kernels.cu");
+    println!("cargo:rerun-if-changed=src/cuda/kernels.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -21,8 +22,8 @@ fn main() {
         .arg(format!("-arch=compute_{cap}"))
         .arg("-o")
         .arg(&out)
-        .arg("src/kernels.cu")
+        .arg("src/cuda/kernels.cu")
         .status()
         .unwrap_or_else(|e| panic!("feature cuda needs nvcc ({nvcc}): {e}"));
-    assert!(status.success(), "nvcc failed on src/kernels.cu");
+    assert!(status.success(), "nvcc failed on src/cuda/kernels.cu");
 }

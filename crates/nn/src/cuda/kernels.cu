@@ -1,6 +1,7 @@
 // GPU kernels that candle 0.11 lacks or runs slowly: flash attention, a fused group norm
-// (+ SiLU), a bias add, the GEGLU gate and nearest x2 upsampling. Compiled to PTX by build.rs (feature `cuda`) and
-// loaded through candle's custom-kernel API; the Rust side is `src/cuda.rs`.
+// (+ SiLU) and its input gradient, a bias add, the GEGLU gate, leaky ReLU and nearest x2
+// upsampling. Compiled to PTX by build.rs (feature `cuda`) and loaded through candle's
+// custom-kernel API; the Rust side is `src/cuda/` (a module per kind of op).
 #include <cuda_fp16.h>
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,122 @@
+//! Flash attention, forward only (`flash_attention_f16_*` in `kernels.cu`).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc;
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::f16;
+
+use super::{applies, cuda_op, MODULE, PTX};
+
+/// Head dims the kernels are instantiated for (the real one is padded up to the next).
+const FLASH_HEAD_DIMS: [usize; 8] = [16, 32, 48, 64, 80, 96, 128, 160];
+
+/// Softmax attention over `[B, N, H·D]` queries and `[B, M, H·D]` keys and values, `heads`
+/// heads, scores scaled by `scale`; returns `[B, N, H·D]`. fp16 only.
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let all_f16 = [q, k, v].iter().all(|t| t.dtype() == DType::F16);
+    if !applies(q) || k.track_op() || v.track_op() || !all_f16 || q.rank() != 3 {
+        return Ok(None);
+    }
+    let inner = q.dim(2)?;
+    let d = inner / heads;
+    let dp = d.div_ceil(16) * 16;
+    if inner % heads != 0 || !d.is_multiple_of(8) || !FLASH_HEAD_DIMS.contains(&dp) {
+        return Ok(None);
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    // 16-byte loads need every row to start 16-byte aligned.
+    if [&q, &k, &v]
+        .iter()
+        .any(|t| t.layout().start_offset() % 8 != 0)
+    {
+        return Ok(None);
+    }
+    let op = FlashAttention {
+        heads,
+        scale: scale as f32,
+    };
+    q.apply_op3_no_bwd(&k, &v, &op).map(Some)
+}
+
+struct FlashAttention {
+    heads: usize,
+    scale: f32,
+}
+
+/// Kernel name, query rows per block, threads per block and dynamic shared memory in bytes at
+/// padded head dim `dp`. These mirror kernels.cu and must match it: `v2_rows<DP>()` = 4 warps
+/// x 16 rows x `v2_wm<DP>()` (2 m tiles for dp <= 64, else 1), `V2_THREADS` = 128, two stages
+/// of one K and one V tile of [64 keys][dp + 8] halves.
+fn flash_launch(dp: usize) -> (String, usize, u32, usize) {
+    let tile_bytes = 64 * (dp + 8) * 2;
+    let rows = 4 * 16 * if dp <= 64 { 2 } else { 1 };
+    (
+        format!("flash_attention_f16_{dp}"),
+        rows,
+        128,
+        2 * 2 * tile_bytes,
+    )
+}
+
+impl FlashAttention {
+    fn run(
+        &self,
+        (q, ql): (&CudaStorage, &Layout),
+        (k, kl): (&CudaStorage, &Layout),
+        (v, vl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let (b, n, inner) = ql.shape().dims3()?;
+        let (bk, m, inner_k) = kl.shape().dims3()?;
+        if (bk, inner_k) != (b, inner) || vl.shape() != kl.shape() || m == 0 {
+            candle_core::bail!(
+                "flash-attention: q {:?}, k {:?}, v {:?} do not fit",
+                ql.shape(),
+                kl.shape(),
+                vl.shape()
+            )
+        }
+        let d = inner / self.heads;
+        let dp = d.div_ceil(16) * 16;
+        let dev = q.device().clone();
+        let qs = q.as_cuda_slice::<f16>()?.slice(ql.start_offset()..);
+        let ks = k.as_cuda_slice::<f16>()?.slice(kl.start_offset()..);
+        let vs = v.as_cuda_slice::<f16>()?.slice(vl.start_offset()..);
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<f16>(b * n * inner)? };
+        let (name, rows, threads, smem) = flash_launch(dp);
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        func.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .w()?;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(rows) as u32, (b * self.heads) as u32, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let (n32, m32, h32, d32) = (n as i32, m as i32, self.heads as i32, d as i32);
+        let scale_log2 = self.scale * std::f32::consts::LOG2_E;
+        let mut launch = func.builder();
+        launch.arg(&qs).arg(&ks).arg(&vs).arg(&out);
+        launch
+            .arg(&n32)
+            .arg(&m32)
+            .arg(&h32)
+            .arg(&d32)
+            .arg(&scale_log2);
+        // SAFETY: argument list matches the kernel's signature; shapes checked above.
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), ql.shape().clone()))
+    }
+}
+
+cuda_op!(FlashAttention, "flash-attention", run(x, y, z) []);

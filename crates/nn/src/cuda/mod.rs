@@ -1,0 +1,238 @@
+//! The GPU path's own kernels, where candle 0.11's are slow (a per-op profile of the UNet put
+//! most of its time in convolution, linear layers, attention and group norm): convolution
+//! through cuDNN with its plan made once per shape and one reused workspace ([`conv2d`]),
+//! linear layers through cuBLASLt with the bias in the epilogue ([`linear`]), flash attention
+//! ([`flash_attention`]), group norm (+ SiLU) in two fused passes ([`group_norm`]) and its
+//! input gradient, a bias add, the GEGLU gate, leaky ReLU and nearest ×2 upsampling
+//! (`kernels.cu`); and the memory pool's high-water marks for benchmarks
+//! ([`memory_high_water`]).
+//!
+//! The GPU build links libcudnn (9.x), as candle's `cudnn` feature would: the CUDA cuDNN
+//! runtime image has it, and so does PyTorch's `nvidia-cudnn-cu13` wheel.
+//!
+//! Each entry point returns `None` where it does not apply (not on CUDA, a dtype or shape it
+//! does not cover, gradients being tracked: none of these has a backward pass) and the caller
+//! runs candle's op instead. `SDKUBE_GPU_KERNELS=candle` turns them all off, for A/B runs.
+//! None of this is compiled without feature `cuda`; its checks run on the device
+//! (`benches/gpu_run.sh`: stages `check` and `ops`), as CI has no GPU.
+//!
+//! Each op is a candle custom op whose CPU entry is an error and whose CUDA entry dispatches
+//! on the element type: [`cuda_op!`] writes that shell once for all of them.
+
+mod attention;
+mod conv;
+mod elementwise;
+mod linear;
+mod memory;
+mod norm;
+
+use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
+use cudarc::driver::LaunchConfig;
+
+pub use attention::flash_attention;
+pub use conv::{conv2d, conv2d_cudnn, conv2d_input_grad};
+pub use elementwise::{add_bias, geglu, leaky_relu, upsample_nearest_2x};
+pub use linear::linear;
+pub use memory::memory_high_water;
+pub use norm::{group_norm, group_norm_input_grad};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
+const MODULE: &str = "sdkube_kernels";
+
+/// Whether our kernels run at all: `SDKUBE_GPU_KERNELS=candle` turns them off (A/B runs).
+fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SDKUBE_GPU_KERNELS").as_deref() != Ok("candle"))
+}
+
+fn applies(t: &Tensor) -> bool {
+    enabled() && t.device().is_cuda() && !t.track_op()
+}
+
+fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {
+    candle_core::bail!("{name} runs only on CUDA tensors")
+}
+
+/// The kernel name suffix of an element type (`geglu_f16`, `group_norm_apply_f32`, …).
+fn suffix(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F16 => Ok("f16"),
+        DType::F32 => Ok("f32"),
+        other => candle_core::bail!("no {other:?} kernel"),
+    }
+}
+
+/// One thread per element, 256 to a block.
+fn launch_1d(elements: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (elements.div_ceil(256).min(65_535 * 16) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Implements candle's custom-op trait for an op that runs only on CUDA: the CPU entry is an
+/// error, the CUDA entry hands its operands as `(storage, layout)` pairs to `$method`, once for
+/// each listed element type (`$method::<T>`, chosen by the first operand's dtype; any other
+/// dtype is an error), or directly when the list is empty (the method dispatches itself).
+///
+/// - `cuda_op!(Op, "name", run(x) [F16 => f16, F32 => f32])`: `CustomOp1`;
+/// - `run(x, y)`, `run(x, y, z)`: `CustomOp2`, `CustomOp3`;
+/// - `run(x, w, bias?)`: an op with an optional bias. Candle's custom ops have a fixed number
+///   of operands, so it is a `CustomOp2` without the bias and a `CustomOp3` ("name-bias") with
+///   it, both calling `$method(x, w, Option<bias>)`.
+macro_rules! cuda_op {
+    (@call $self:ident, $name:expr, $method:ident, $first:expr, [], $args:tt) => {
+        $self.$method $args
+    };
+    (@call $self:ident, $name:expr, $method:ident, $first:expr,
+     [$($dtype:ident => $t:ty),+], $args:tt) => {
+        match candle_core::backend::BackendStorage::dtype($first) {
+            $(candle_core::DType::$dtype => $self.$method::<$t> $args,)+
+            dtype => candle_core::bail!("{}: no {dtype:?} support", $name),
+        }
+    };
+    ($op:ty, $name:literal, $method:ident(x) $types:tt) => {
+        impl candle_core::CustomOp1 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &candle_core::CpuStorage,
+                _: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                $crate::cuda::cpu_only($name)
+            }
+
+            fn cuda_fwd(
+                &self,
+                x: &candle_core::CudaStorage,
+                xl: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+                $crate::cuda::cuda_op!(@call self, $name, $method, x, $types, ((x, xl)))
+            }
+        }
+    };
+    ($op:ty, $name:literal, $method:ident(x, y) $types:tt) => {
+        impl candle_core::CustomOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &candle_core::CpuStorage,
+                _: &candle_core::Layout,
+                _: &candle_core::CpuStorage,
+                _: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                $crate::cuda::cpu_only($name)
+            }
+
+            fn cuda_fwd(
+                &self,
+                x: &candle_core::CudaStorage,
+                xl: &candle_core::Layout,
+                y: &candle_core::CudaStorage,
+                yl: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+                $crate::cuda::cuda_op!(@call self, $name, $method, x, $types, ((x, xl), (y, yl)))
+            }
+        }
+    };
+    ($op:ty, $name:literal, $method:ident(x, y, z) $types:tt) => {
+        impl candle_core::CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &candle_core::CpuStorage,
+                _: &candle_core::Layout,
+                _: &candle_core::CpuStorage,
+                _: &candle_core::Layout,
+                _: &candle_core::CpuStorage,
+                _: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                $crate::cuda::cpu_only($name)
+            }
+
+            #[allow(clippy::too_many_arguments)]
+            fn cuda_fwd(
+                &self,
+                x: &candle_core::CudaStorage,
+                xl: &candle_core::Layout,
+                y: &candle_core::CudaStorage,
+                yl: &candle_core::Layout,
+                z: &candle_core::CudaStorage,
+                zl: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+                $crate::cuda::cuda_op!(@call self, $name, $method, x, $types, ((x, xl), (y, yl), (z, zl)))
+            }
+        }
+    };
+    ($op:ty, $name:literal, $method:ident(x, w, bias?) $types:tt) => {
+        impl candle_core::CustomOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &candle_core::CpuStorage,
+                _: &candle_core::Layout,
+                _: &candle_core::CpuStorage,
+                _: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                $crate::cuda::cpu_only($name)
+            }
+
+            fn cuda_fwd(
+                &self,
+                x: &candle_core::CudaStorage,
+                xl: &candle_core::Layout,
+                w: &candle_core::CudaStorage,
+                wl: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+                $crate::cuda::cuda_op!(@call self, $name, $method, x, $types, ((x, xl), (w, wl), None))
+            }
+        }
+
+        impl candle_core::CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                concat!($name, "-bias")
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &candle_core::CpuStorage,
+                _: &candle_core::Layout,
+                _: &candle_core::CpuStorage,
+                _: &candle_core::Layout,
+                _: &candle_core::CpuStorage,
+                _: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                $crate::cuda::cpu_only($name)
+            }
+
+            #[allow(clippy::too_many_arguments)]
+            fn cuda_fwd(
+                &self,
+                x: &candle_core::CudaStorage,
+                xl: &candle_core::Layout,
+                w: &candle_core::CudaStorage,
+                wl: &candle_core::Layout,
+                b: &candle_core::CudaStorage,
+                bl: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+                $crate::cuda::cuda_op!(@call self, $name, $method, x, $types, ((x, xl), (w, wl), Some((b, bl))))
+            }
+        }
+    };
+}
+pub(crate) use cuda_op;

@@ -1,0 +1,253 @@
+//! Group norm (+ SiLU) in two fused passes, and its input gradient in three.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc;
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
+use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use half::f16;
+
+use super::{applies, cuda_op, suffix, MODULE, PTX};
+
+/// `torch.nn.GroupNorm` (then SiLU when `silu`) over `[B, C, …]`; fp16 or fp32.
+pub fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Option<Tensor>> {
+    let dtype_ok = matches!(x.dtype(), DType::F16 | DType::F32);
+    let same = weight.dtype() == x.dtype() && bias.dtype() == x.dtype();
+    if !applies(x) || weight.track_op() || bias.track_op() || !dtype_ok || !same || x.rank() < 3 {
+        return Ok(None);
+    }
+    let channels = x.dim(1)?;
+    if groups == 0 || channels % groups != 0 || weight.elem_count() != channels {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let op = GroupNormOp {
+        groups,
+        eps: eps as f32,
+        silu,
+    };
+    x.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
+        .map(Some)
+}
+
+struct GroupNormOp {
+    groups: usize,
+    eps: f32,
+    silu: bool,
+}
+
+impl GroupNormOp {
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        &self,
+        (x, xl): (&CudaStorage, &Layout),
+        (w, wl): (&CudaStorage, &Layout),
+        (b, bl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let suffix = suffix(x.dtype())?;
+        let geo = GroupGeometry::new(xl.dims(), self.groups);
+        let dev = x.device().clone();
+        let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+        let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
+        let partial = geo.moments(&dev, suffix, &xs)?;
+        // SAFETY: pass 2 writes every output.
+        let out = unsafe { dev.alloc::<T>(xl.shape().elem_count())? };
+        let cfg = geo.launch_config();
+        let apply =
+            dev.get_or_load_custom_func(&format!("group_norm_apply_{suffix}"), MODULE, PTX)?;
+        let (len64, splits32) = (geo.len as i64, geo.splits as i32);
+        let (hw64, cpg32, groups32) = (geo.hw as i64, geo.cpg as i32, self.groups as i32);
+        let silu = self.silu as i32;
+        let mut launch = apply.builder();
+        launch.arg(&xs).arg(&out).arg(&partial).arg(&ws).arg(&bs);
+        launch
+            .arg(&len64)
+            .arg(&splits32)
+            .arg(&hw64)
+            .arg(&cpg32)
+            .arg(&groups32);
+        launch.arg(&self.eps).arg(&silu);
+        // SAFETY: argument list matches the kernel's signature.
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
+    }
+}
+
+/// How the group-norm kernels walk an `[N, C, ..]` input: a block row per (sample, group),
+/// each group's `len` elements cut into `splits` chunks.
+struct GroupGeometry {
+    blocks: usize,
+    hw: usize,
+    cpg: usize,
+    len: usize,
+    splits: usize,
+}
+
+impl GroupGeometry {
+    fn new(dims: &[usize], groups: usize) -> GroupGeometry {
+        let hw: usize = dims[2..].iter().product();
+        let cpg = dims[1] / groups;
+        let len = cpg * hw;
+        GroupGeometry {
+            blocks: dims[0] * groups,
+            hw,
+            cpg,
+            len,
+            // Enough blocks to fill the GPU at the VAE's 512² planes, few enough that merging
+            // a group's chunks stays trivial.
+            splits: len.div_ceil(8192).clamp(1, 64),
+        }
+    }
+
+    fn launch_config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.blocks as u32, self.splits as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// The first pass of the forward and of the gradient alike: each chunk's count, mean and
+    /// sum of squared deviations (Welford), 3 floats per chunk.
+    fn moments<T: DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        suffix: &str,
+        xs: &CudaView<T>,
+    ) -> Result<CudaSlice<f32>> {
+        // SAFETY: the kernel writes every chunk's moments.
+        let partial = unsafe { dev.alloc::<f32>(self.blocks * self.splits * 3)? };
+        let stats =
+            dev.get_or_load_custom_func(&format!("group_norm_stats_{suffix}"), MODULE, PTX)?;
+        let (len64, splits32) = (self.len as i64, self.splits as i32);
+        let mut launch = stats.builder();
+        launch.arg(xs).arg(&partial).arg(&len64).arg(&splits32);
+        // SAFETY: argument list matches the kernel's signature.
+        unsafe { launch.launch(self.launch_config()) }.w()?;
+        Ok(partial)
+    }
+}
+
+/// The input gradient of [`group_norm`] (SiLU after it on request) for training: `x` the
+/// layer's input, `grad` its output's gradient. Three passes (the forward's statistics, then
+/// two over each group) instead of two dozen candle ops, most of them launch-bound.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_input_grad(
+    x: &Tensor,
+    grad: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Option<Tensor>> {
+    let dtype_ok = matches!(x.dtype(), DType::F16 | DType::F32);
+    let same = [grad, weight, bias].iter().all(|t| t.dtype() == x.dtype());
+    if !applies(x) || !applies(grad) || !dtype_ok || !same || x.rank() < 3 {
+        return Ok(None);
+    }
+    let channels = x.dim(1)?;
+    let fits = groups > 0 && channels % groups == 0 && weight.elem_count() == channels;
+    if !fits || grad.dims() != x.dims() || bias.elem_count() != channels {
+        return Ok(None);
+    }
+    let op = GroupNormGradOp {
+        norm: GroupNormOp {
+            groups,
+            eps: eps as f32,
+            silu,
+        },
+        weight: weight.contiguous()?,
+        bias: bias.contiguous()?,
+    };
+    x.contiguous()?
+        .apply_op2_no_bwd(&grad.contiguous()?, &op)
+        .map(Some)
+}
+
+struct GroupNormGradOp {
+    norm: GroupNormOp,
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl GroupNormGradOp {
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        &self,
+        (x, xl): (&CudaStorage, &Layout),
+        (g, gl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let suffix = suffix(x.dtype())?;
+        let (w_storage, wl) = self.weight.storage_and_layout();
+        let (b_storage, bl) = self.bias.storage_and_layout();
+        let (candle_core::Storage::Cuda(w), candle_core::Storage::Cuda(b)) =
+            (&*w_storage, &*b_storage)
+        else {
+            candle_core::bail!("group-norm gradient: weights not on the GPU")
+        };
+        let groups = self.norm.groups;
+        let geo = GroupGeometry::new(xl.dims(), groups);
+        let dev = x.device().clone();
+        let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        let gs = g.as_cuda_slice::<T>()?.slice(gl.start_offset()..);
+        let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+        let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
+        let partial = geo.moments(&dev, suffix, &xs)?;
+        // SAFETY: each pass writes every element of its output before the next reads it.
+        let sums = unsafe { dev.alloc::<f32>(geo.blocks * geo.splits * 2)? };
+        let dx = unsafe { dev.alloc::<T>(xl.shape().elem_count())? };
+        let cfg = geo.launch_config();
+        let (len64, splits32) = (geo.len as i64, geo.splits as i32);
+        let (hw64, cpg32, groups32) = (geo.hw as i64, geo.cpg as i32, groups as i32);
+        let (eps, silu) = (self.norm.eps, self.norm.silu as i32);
+        let func =
+            |name: &str| dev.get_or_load_custom_func(&format!("{name}_{suffix}"), MODULE, PTX);
+        let sum = func("group_norm_grad_sums")?;
+        let mut launch = sum.builder();
+        launch
+            .arg(&xs)
+            .arg(&gs)
+            .arg(&partial)
+            .arg(&ws)
+            .arg(&bs)
+            .arg(&sums);
+        launch
+            .arg(&len64)
+            .arg(&splits32)
+            .arg(&hw64)
+            .arg(&cpg32)
+            .arg(&groups32);
+        launch.arg(&eps).arg(&silu);
+        // SAFETY: argument lists match the kernels' signatures.
+        unsafe { launch.launch(cfg) }.w()?;
+        let apply = func("group_norm_grad_apply")?;
+        let mut launch = apply.builder();
+        launch
+            .arg(&xs)
+            .arg(&gs)
+            .arg(&partial)
+            .arg(&sums)
+            .arg(&ws)
+            .arg(&bs)
+            .arg(&dx);
+        launch
+            .arg(&len64)
+            .arg(&splits32)
+            .arg(&hw64)
+            .arg(&cpg32)
+            .arg(&groups32);
+        launch.arg(&eps).arg(&silu);
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(dx, dev), xl.shape().clone()))
+    }
+}
+
+cuda_op!(GroupNormOp, "group-norm", run(x, y, z) [F16 => f16, F32 => f32]);
+cuda_op!(GroupNormGradOp, "group-norm-input-grad", run(x, y) [F16 => f16, F32 => f32]);

@@ -1,0 +1,169 @@
+//! Normalisation layers: `nn.LayerNorm` and `nn.GroupNorm` (with SiLU fused on request), each
+//! with the closed-form input gradient for training through a frozen network.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{layer_norm, VarBuilder};
+
+use crate::profile;
+use crate::tracked::Normalized;
+
+/// `transformers`' `nn.LayerNorm`, differentiable when gradients are tracked.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    inner: candle_nn::LayerNorm,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            inner: layer_norm(size, eps, vb)?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if xs.track_op() && !self.tracks() {
+            // The forward takes eps as f32 (candle's layer-norm API): so does its gradient.
+            let (weight, eps) = (self.inner.weight().clone(), self.eps as f32 as f64);
+            return crate::tracked::with_input_grad(
+                xs,
+                "layer norm backward",
+                |xs| self.run(xs),
+                move |xs, grad| {
+                    let (shape, d) = (xs.shape().clone(), xs.dim(D::Minus1)?);
+                    let precise = crate::tracked::precise(xs.dtype());
+                    let rows = Normalized::new(&xs.to_dtype(precise)?.reshape(((), d))?, eps)?;
+                    let dxhat = grad.to_dtype(precise)?.reshape(((), d))?;
+                    let dxhat = dxhat.broadcast_mul(&weight.to_dtype(precise)?)?;
+                    rows.input_grad(&dxhat)?
+                        .reshape(shape)?
+                        .to_dtype(xs.dtype())
+                },
+            );
+        }
+        self.run(xs)
+    }
+
+    fn tracks(&self) -> bool {
+        self.inner.weight().track_op() || self.inner.bias().is_some_and(|b| b.track_op())
+    }
+
+    fn run(&self, xs: &Tensor) -> Result<Tensor> {
+        profile::timed("layer norm", xs.device(), || match self.inner.bias() {
+            // The fused kernel has no backward pass and no f64 version.
+            Some(bias) if xs.track_op() || xs.dtype() == DType::F64 => {
+                candle_nn::ops::layer_norm_slow(xs, self.inner.weight(), bias, self.eps as f32)
+            }
+            _ => self.inner.forward(xs),
+        })
+    }
+}
+
+/// `nn.GroupNorm`, with SiLU after it on request: one fused kernel on CUDA
+/// ([`crate::cuda::group_norm`]), candle's ops elsewhere.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    // What the fused kernel and the gradient check take (candle's `GroupNorm` does not
+    // expose them).
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+    Ok(GroupNorm {
+        inner: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
+        weight,
+        bias,
+        groups,
+        eps,
+    })
+}
+
+impl GroupNorm {
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs, false)
+    }
+
+    /// `silu(group_norm(xs))`.
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs, true)
+    }
+
+    fn run(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        if xs.track_op() && !self.weight.track_op() && !self.bias.track_op() {
+            let norm = self.clone();
+            return crate::tracked::with_input_grad(
+                xs,
+                "group norm backward",
+                |xs| self.timed(xs, silu),
+                move |xs, grad| norm.input_grad(xs, grad, silu),
+            );
+        }
+        self.timed(xs, silu)
+    }
+
+    fn timed(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        profile::timed("group norm", xs.device(), || self.norm(xs, silu))
+    }
+
+    /// The gradient of `xs` `[N, C, ..]` given `grad`, that of the output.
+    fn input_grad(&self, xs: &Tensor, grad: &Tensor, silu: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            let (w, b) = (&self.weight, &self.bias);
+            let fused =
+                crate::cuda::group_norm_input_grad(xs, grad, w, b, self.groups, self.eps, silu)?;
+            if let Some(dx) = fused {
+                return Ok(dx);
+            }
+        }
+        let (shape, n, c) = (xs.shape().clone(), xs.dim(0)?, xs.dim(1)?);
+        let precise = crate::tracked::precise(xs.dtype());
+        let per_channel = |t: &Tensor| {
+            let mut dims = vec![1, c];
+            dims.resize(shape.rank(), 1);
+            t.to_dtype(precise)?.reshape(dims)
+        };
+        let rows = xs.to_dtype(precise)?.reshape((n * self.groups, ()))?;
+        let rows = Normalized::new(&rows, self.eps)?;
+        let gamma = per_channel(&self.weight)?;
+        let mut grad = grad.to_dtype(precise)?;
+        if silu {
+            // d/dy y·σ(y) = σ(y)·(1 + y·(1 − σ(y)))
+            let xhat = rows.xhat.reshape(&shape)?;
+            let y = xhat
+                .broadcast_mul(&gamma)?
+                .broadcast_add(&per_channel(&self.bias)?)?;
+            let s = candle_nn::ops::sigmoid(&y)?;
+            let slope = (&s * (&y * s.affine(-1., 1.)?)?.affine(1., 1.)?)?;
+            grad = (grad * slope)?;
+        }
+        let dxhat = grad.broadcast_mul(&gamma)?.reshape((n * self.groups, ()))?;
+        rows.input_grad(&dxhat)?
+            .reshape(shape)?
+            .to_dtype(xs.dtype())
+    }
+
+    fn norm(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            let (w, b) = (&self.weight, &self.bias);
+            let fused = crate::cuda::group_norm(xs, w, b, self.groups, self.eps, silu)?;
+            if let Some(y) = fused {
+                return Ok(y);
+            }
+        }
+        let y = self.inner.forward(xs)?;
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
+    }
+}
