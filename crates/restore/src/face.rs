@@ -9,36 +9,13 @@
 //! e.g. RealESRGAN) to the output scale first. `visibility` blends the result with that
 //! background, like A1111's "GFPGAN visibility".
 
-use std::path::PathBuf;
-
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 
 use crate::gfpgan::{Gfpgan, Noise};
 use crate::retinaface::{DetectOptions, Detection, RetinaFace};
 
-/// Errors of the face detection / restoration code.
-#[derive(Debug, thiserror::Error)]
-pub enum FaceError {
-    #[error("tensor computation failed: {0}")]
-    Tensor(#[from] candle_core::Error),
-    #[error("wrong or incomplete weights: {0}")]
-    Weights(String),
-    #[error("cannot read the ONNX model: {0}")]
-    Onnx(String),
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    #[error("invalid input: {0}")]
-    Input(String),
-    #[error("background upscaler failed: {0}")]
-    Upscaler(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
+pub use crate::error::FaceError;
 
 /// facexlib's FFHQ 5-point template for 512×512 faces: eyes, nose, mouth corners.
 pub const FFHQ_TEMPLATE_512: [[f32; 2]; 5] = [

@@ -23,7 +23,8 @@ use rand::{rngs::StdRng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use sdkube_nn::{convolve, Conv2d};
 
-use crate::face::FaceError;
+use crate::error::FaceError;
+use crate::keys::strip_prefix;
 
 /// Shape of a GFPGANv1Clean network.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -604,20 +605,4 @@ impl Gfpgan {
         }
         self.stylegan_decoder.forward(&style, &conditions, noise)
     }
-}
-
-/// Drops a checkpoint wrapper prefix (`params_ema.`), preferring the first that is present.
-pub(crate) fn strip_prefix(
-    tensors: HashMap<String, Tensor>,
-    prefixes: &[&str],
-) -> HashMap<String, Tensor> {
-    for prefix in prefixes {
-        if tensors.keys().any(|k| k.starts_with(prefix)) {
-            return tensors
-                .into_iter()
-                .filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v)))
-                .collect();
-        }
-    }
-    tensors
 }

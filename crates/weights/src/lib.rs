@@ -5,7 +5,9 @@
 //! checkpoints go through [`pickle`], which never executes anything and refuses every global
 //! that is not tensor plumbing. [`load_tree`] keeps the whole object tree (A1111 embeddings,
 //! `params_ema` wrappers); [`save_torch_zip`] writes what `torch.load(weights_only=True)` reads.
+//! [`onnx`] reads the nodes and initializers of ONNX models.
 
+pub mod onnx;
 pub mod pickle;
 mod torch;
 
@@ -38,6 +40,9 @@ pub enum Error {
     UnknownFormat,
     #[error("{0}")]
     Format(String),
+    /// An ONNX model (or the Python bytes literal holding one) that cannot be read.
+    #[error("ONNX model: {0}")]
+    Onnx(String),
     #[error("zip: {0}")]
     Zip(#[from] zip::result::ZipError),
     #[error(transparent)]
