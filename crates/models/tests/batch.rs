@@ -2,7 +2,6 @@
 //! CPU: the server batches different clients' requests, and each must get the image it would
 //! have got alone (candle's folded matrix products round differently per row count; the
 //! layers run per sample on the CPU for that).
-use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use sdkube_models::{load, LoadOptions};
@@ -20,7 +19,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn unet_and_vae_give_each_sample_of_a_batch_what_it_gets_alone() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sd/sd1");
+    let dir = sdkube_testkit::fixtures().join("sd/sd1");
     let w = load(&dir, &LoadOptions::default()).unwrap();
     let dev = Device::Cpu;
     let unet = w.unet.build(&dev, DType::F32).unwrap();

@@ -2,14 +2,14 @@
 //! `scripts/make_sd_fixtures.py` (references computed in fp32 from the same fp16 weights).
 
 use sdkube_testkit::max_abs_diff;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, D};
 use sdkube_models::unet::AddedConditioning;
 use sdkube_models::{load, Family, LoadOptions, Prediction, SdWeights};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sd")
+    sdkube_testkit::fixtures().join("sd")
 }
 
 fn refs(name: &str) -> std::collections::HashMap<String, Tensor> {
@@ -220,7 +220,7 @@ fn ckpt_checkpoint_reads_as_tensors_only() {
 
     // A pickle that calls anything but tensor rebuilding is refused, naming the call.
     let evil =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../weights/tests/fixtures/malicious_system.pt");
+        sdkube_testkit::repo_root().join("crates/weights/tests/fixtures/malicious_system.pt");
     let err = load(&evil, &LoadOptions::default())
         .unwrap_err()
         .to_string();
@@ -230,9 +230,7 @@ fn ckpt_checkpoint_reads_as_tensors_only() {
 #[test]
 fn a_model_saved_as_a_diffusers_folder_loads_back_unchanged() {
     for name in ["sd1", "sdxl", "sd2v"] {
-        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../fixtures/sd")
-            .join(name);
+        let src = fixtures().join(name);
         let a = sdkube_models::load(&src, &sdkube_models::LoadOptions::default()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         sdkube_models::save_diffusers(&a, dir.path()).unwrap();

@@ -1,5 +1,4 @@
 //! `sdkube bench --profile`'s accounting, on the CPU with the tiny SD1 fixture.
-use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use sdkube_models::{load, LoadOptions};
@@ -7,7 +6,7 @@ use sdkube_nn::profile;
 
 #[test]
 fn profile_counts_each_kind_of_operation_of_a_unet_step() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sd/sd1");
+    let dir = sdkube_testkit::fixtures().join("sd/sd1");
     let w = load(&dir, &LoadOptions::default()).unwrap();
     let unet = w.unet.build(&Device::Cpu, DType::F32).unwrap();
     let x = Tensor::randn(0f32, 1., (2, 4, 8, 8), &Device::Cpu).unwrap();

@@ -167,7 +167,7 @@ mod tests {
     /// (the seed's green images).
     #[test]
     fn fp16_overflow_falls_back_to_fp32() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sd/sd1");
+        let dir = sdkube_testkit::fixtures().join("sd/sd1");
         let mut weights = sdkube_models::load(&dir, &Default::default()).unwrap().vae;
         // Scale one decoder convolution so that its fp16 activations exceed 65504.
         let key = "decoder.conv_in.weight";

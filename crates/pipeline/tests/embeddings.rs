@@ -18,7 +18,7 @@ use sdkube_pipeline::tokenizer::ClipTokenizer;
 use sdkube_pipeline::{Engine, Request, VramMode};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+    sdkube_testkit::fixtures()
 }
 
 fn ti(path: &str) -> PathBuf {

@@ -3,7 +3,7 @@
 //! behaviour of the engine: validation, seeds, batches, the infotext.
 
 use sdkube_testkit::max_abs_diff;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use sdkube_models::{load, LoadOptions};
@@ -14,7 +14,7 @@ use sdkube_pipeline::sampler::Flow;
 use sdkube_pipeline::{Engine, Overrides, Request, VramMode};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sd")
+    sdkube_testkit::fixtures().join("sd")
 }
 
 fn refs(name: &str) -> std::collections::HashMap<String, Tensor> {

@@ -16,12 +16,13 @@ type TestResult = Result<(), Box<dyn std::error::Error>>;
 const RUN_TOLERANCE: f64 = 1e-5;
 
 fn load(name: &str) -> HashMap<String, Tensor> {
-    let path = format!(
-        "{}/../../fixtures/samplers/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{path}: {e} (run scripts/make_sampler_fixtures.py)"))
+    let path = sdkube_testkit::fixtures().join("samplers").join(name);
+    candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run scripts/make_sampler_fixtures.py)",
+            path.display()
+        )
+    })
 }
 
 fn get<'a>(f: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {

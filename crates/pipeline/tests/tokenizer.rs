@@ -2,16 +2,13 @@
 //! prompts (`fixtures/tokenizer/tokens.json`, written by
 //! `scripts/make_tokenizer_fixtures.py`).
 
-use std::path::PathBuf;
-
 use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng};
 use sdkube_pipeline::tokenizer::{ClipTokenizer, TokenizerError, BOS_ID, EOS_ID, VOCAB_SIZE};
 use serde_json::Value;
 
 fn fixtures() -> Result<Value> {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tokenizer/tokens.json");
+    let path = sdkube_testkit::fixtures().join("tokenizer/tokens.json");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     Ok(serde_json::from_str(&text)?)

@@ -13,8 +13,11 @@ use sdkube_pipeline::sampler::Flow;
 use sdkube_pipeline::train::{train_embedding, Template, TrainError, TrainOptions};
 
 fn model(name: &str) -> SdWeights {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sd");
-    load(&root.join(name), &LoadOptions::default()).unwrap()
+    load(
+        &sdkube_testkit::fixtures().join("sd").join(name),
+        &LoadOptions::default(),
+    )
+    .unwrap()
 }
 
 /// Four 48×40 images of a red disc on a blue ground, at different places (cropped to 32).

@@ -4,7 +4,7 @@
 
 use sdkube_testkit::max_abs_diff;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use image::DynamicImage;
@@ -16,9 +16,7 @@ use sdkube_restore::{Error, Esrgan, EsrganArch, TileOptions};
 const TOLERANCE: f32 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/esrgan")
-        .join(name)
+    sdkube_testkit::fixtures().join("esrgan").join(name)
 }
 
 fn io() -> HashMap<String, Tensor> {

