@@ -33,22 +33,36 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why the cluster could not be read at all (`doctor` exits with 2).
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
+    /// No kubeconfig and not inside a cluster.
     #[error("no Kubernetes configuration (set KUBECONFIG or create ~/.kube/config, e.g. from /etc/kubernetes/admin.conf, or run inside the cluster)")]
     Config(#[source] kube::config::InferConfigError),
+    /// The kubeconfig does not make a client.
     #[error("invalid Kubernetes client configuration")]
     Client(#[source] kube::Error),
+    /// The API server does not answer.
     #[error("cannot reach the Kubernetes API server (is the cluster up, and does the kubeconfig point at it? Try `kubectl cluster-info`)")]
     Unreachable(#[source] kube::Error),
+    /// The API server refused the credentials.
     #[error("the API server refused the credentials (401): {0}. Refresh the kubeconfig's token or certificate")]
     Unauthorized(String),
+    /// RBAC does not allow reading `what`.
     #[error("not allowed to {what} (403): {message}. Ask for a Role granting get/list on pods, pods/log, events and persistentvolumeclaims in the namespace (for a scale-out release also deployments, statefulsets, scaledobjects.keda.sh and get on pods/proxy)")]
-    Forbidden { what: String, message: String },
+    Forbidden {
+        /// What was being read.
+        what: String,
+        /// The API server's message.
+        message: String,
+    },
+    /// Another API error while reading `what`.
     #[error("reading {what}")]
     Api {
+        /// What was being read.
         what: String,
+        /// The client's error.
         #[source]
         source: kube::Error,
     },
+    /// The async runtime could not start.
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
 }

@@ -33,16 +33,21 @@ const NO_DRIVER_SYMBOL: &[u8] = b"sdkube_no_driver\0";
 /// What `--local` looks at; [`LocalOptions::from_env`] for the real machine.
 #[derive(Debug, Clone)]
 pub struct LocalOptions {
+    /// The model store directory.
     pub store: PathBuf,
     /// The hub or mirror to reach (`HF_ENDPOINT`, else [`DEFAULT_HUB`]).
     pub endpoint: String,
+    /// Longest wait for the hub's answer.
     pub timeout: Duration,
     /// Where GPU device nodes appear (`/dev`).
     pub dev_dir: PathBuf,
+    /// The CUDA libraries that must load (sonames).
     pub cuda_libraries: Vec<String>,
+    /// Less free space than this on the store's filesystem is a warning.
     pub min_free_bytes: u64,
     /// Proxy-related environment variables and their values.
     pub proxy_env: Vec<(String, String)>,
+    /// How the hub check connects.
     pub route: Route,
 }
 
@@ -60,10 +65,12 @@ const PROXY_VARIABLES: [&str; 10] = [
 ];
 
 impl LocalOptions {
+    /// The options for this machine: the environment's hub, proxies and token.
     pub fn from_env(store: PathBuf) -> Self {
         Self::from_lookup(store, |k| std::env::var(k).ok())
     }
 
+    /// The options with the environment read through `lookup` (tests).
     pub fn from_lookup(store: PathBuf, lookup: impl Fn(&str) -> Option<String>) -> Self {
         let proxy_env = PROXY_VARIABLES
             .iter()
@@ -203,6 +210,8 @@ enum Loaded {
     NoDriverStandIn,
 }
 
+// dlopen through libloading: its API is unsafe because loading runs the library's code.
+#[allow(unsafe_code)]
 fn load(library: &str) -> Result<Loaded, String> {
     if CString::new(library).is_err() {
         return Err("library name contains a NUL byte".to_owned());
@@ -289,6 +298,8 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
     sdkube_store::free_space(path)
 }
 
+/// Whether the store's filesystem has `min_free` bytes free (the nearest existing ancestor's,
+/// before the store exists).
 pub fn check_free_disk(store: &Path, min_free: u64) -> Finding {
     let Some(dir) = nearest_existing(store) else {
         return info(
@@ -341,6 +352,7 @@ fn redact(key: &str, value: &str) -> String {
     }
 }
 
+/// The proxy-related variables set, passwords and tokens masked.
 pub fn summarise_proxy(env: &[(String, String)]) -> Finding {
     if env.is_empty() {
         return info(

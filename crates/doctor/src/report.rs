@@ -9,15 +9,20 @@ use crate::finding::{needs_action, Finding, Severity};
 pub struct Report<'a> {
     /// `cluster` or `local`.
     pub scope: &'a str,
+    /// The namespace diagnosed (cluster scope).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<&'a str>,
+    /// The Helm release diagnosed, if one was named.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub release: Option<&'a str>,
+    /// No finding needs action.
     pub healthy: bool,
+    /// Everything found, worst first.
     pub findings: &'a [Finding],
 }
 
 impl<'a> Report<'a> {
+    /// A report of `findings` for `scope`.
     pub fn new(scope: &'a str, findings: &'a [Finding]) -> Self {
         Self {
             scope,
@@ -28,6 +33,7 @@ impl<'a> Report<'a> {
         }
     }
 
+    /// The report as pretty-printed JSON (`--output json`).
     pub fn to_json(&self) -> String {
         // Serialising plain data with string keys cannot fail.
         serde_json::to_string_pretty(self).unwrap_or_default()

@@ -33,6 +33,7 @@ pub enum Component {
 }
 
 impl Component {
+    /// The component a pod with these labels belongs to.
     pub fn of(labels: Option<&std::collections::BTreeMap<String, String>>) -> Component {
         match labels
             .and_then(|l| l.get(COMPONENT_LABEL))
@@ -45,6 +46,7 @@ impl Component {
         }
     }
 
+    /// The component of `pod`.
     pub fn of_pod(pod: &Pod) -> Component {
         Component::of(pod.metadata.labels.as_ref())
     }
@@ -63,24 +65,33 @@ impl Component {
 /// A KEDA `ScaledObject` (keda.sh/v1alpha1), the fields the diagnosis reads.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ScaledObject {
+    /// Its name.
     pub name: String,
     /// `scaleTargetRef`: kind (Deployment by default) and name.
     pub target_kind: String,
+    /// The name of the object it scales.
     pub target_name: String,
+    /// `minReplicaCount`.
     pub min_replicas: Option<i64>,
+    /// `maxReplicaCount`.
     pub max_replicas: Option<i64>,
     /// `(type, stream)` of each trigger (the stream for redis-streams triggers).
     pub triggers: Vec<(String, Option<String>)>,
-    /// `status.conditions`: Ready (KEDA can read the triggers), Active (something to do), Fallback, Paused.
+    /// `status.conditions`: Ready (KEDA can read the triggers), Active (something to do), Fallback,
+    /// Paused.
     pub conditions: Vec<ObjectCondition>,
 }
 
 /// One entry of an object's `status.conditions`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ObjectCondition {
+    /// The condition's type (`Ready`, `Active`…).
     pub type_: String,
+    /// `True`, `False` or `Unknown`.
     pub status: String,
+    /// Why, in a word.
     pub reason: Option<String>,
+    /// Why, in a sentence.
     pub message: Option<String>,
 }
 
@@ -121,6 +132,7 @@ impl ScaledObject {
         }
     }
 
+    /// The condition of type `type_`.
     pub fn condition(&self, type_: &str) -> Option<&ObjectCondition> {
         self.conditions.iter().find(|c| c.type_ == type_)
     }
@@ -130,17 +142,24 @@ impl ScaledObject {
 /// the API server's pod proxy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PodAnswer {
+    /// The pod.
     pub pod: String,
+    /// The path asked.
     pub path: String,
+    /// The HTTP status.
     pub status: u16,
+    /// The body.
     pub body: String,
 }
 
 /// The last lines a container wrote, as `kubectl logs --tail` gives them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ContainerLog {
+    /// The pod.
     pub pod: String,
+    /// The container.
     pub container: String,
+    /// Its last lines, oldest first.
     pub lines: Vec<String>,
 }
 
@@ -148,15 +167,20 @@ pub struct ContainerLog {
 /// (`/api/v1/nodes/{node}/proxy/stats/summary`, `node.runtime.imageFs`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NodeFsStats {
+    /// The node.
     pub node: String,
+    /// Bytes free.
     pub image_fs_available_bytes: u64,
+    /// Bytes in all.
     pub image_fs_capacity_bytes: u64,
 }
 
 /// A part of the cluster that could not be read, and why (usually RBAC).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NotRead {
+    /// What could not be read ("nodes", "events"…).
     pub what: String,
+    /// The API server's reason.
     pub reason: String,
 }
 
@@ -167,20 +191,31 @@ pub struct NotRead {
 /// decided by [`Snapshot::is_app_pod`].
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
+    /// The namespace diagnosed.
     pub namespace: String,
     /// Helm release name; `None` means every sdkube pod of the namespace.
     pub release: Option<String>,
+    /// Pods (see above).
     pub pods: Vec<Pod>,
+    /// The namespace's PVCs.
     pub pvcs: Vec<PersistentVolumeClaim>,
+    /// Every PersistentVolume.
     pub pvs: Vec<PersistentVolume>,
+    /// Every StorageClass.
     pub storage_classes: Vec<StorageClass>,
+    /// Every node.
     pub nodes: Vec<Node>,
+    /// The namespace's events.
     pub events: Vec<Event>,
+    /// The last lines of the release's failing containers.
     pub logs: Vec<ContainerLog>,
+    /// Image filesystem space of the nodes pending pods are placed on.
     pub node_stats: Vec<NodeFsStats>,
+    /// What could not be read, and why.
     pub not_read: Vec<NotRead>,
     /// The release's Deployments and StatefulSets (read when it runs a shared queue).
     pub deployments: Vec<Deployment>,
+    /// The release's StatefulSets (read when it runs a shared queue).
     pub stateful_sets: Vec<StatefulSet>,
     /// KEDA's ScaledObjects in the namespace (read when the release runs a shared queue);
     /// `None` when the API server does not serve them: KEDA is not installed.
@@ -192,19 +227,25 @@ pub struct Snapshot {
 /// An object in a fixture or list that the snapshot does not know how to hold.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    /// An object without `kind`.
     #[error("object has no `kind`")]
     NoKind,
+    /// An object of a kind a snapshot does not hold.
     #[error("object of kind {0} is not part of a snapshot")]
     UnexpectedKind(String),
+    /// An object that does not parse as its kind.
     #[error("{kind} does not parse: {source}")]
     Parse {
+        /// Its kind.
         kind: String,
+        /// The parser's error.
         #[source]
         source: serde_json::Error,
     },
 }
 
 impl Snapshot {
+    /// An empty snapshot of `namespace` (and `release`).
     pub fn new(namespace: impl Into<String>, release: Option<String>) -> Self {
         Self {
             namespace: namespace.into(),
@@ -235,6 +276,7 @@ impl Snapshot {
                 .is_none_or(|release| label(INSTANCE_LABEL) == Some(release))
     }
 
+    /// The release's pods ([`Snapshot::is_app_pod`]).
     pub fn app_pods(&self) -> impl Iterator<Item = &Pod> {
         self.pods.iter().filter(|p| self.is_app_pod(p))
     }
@@ -304,6 +346,7 @@ impl Snapshot {
             .find(|a| a.pod == pod && a.path == path)
     }
 
+    /// The log of `container` in `pod`, when it was read.
     pub fn log(&self, pod: &str, container: &str) -> Option<&ContainerLog> {
         self.logs
             .iter()

@@ -21,6 +21,8 @@ pub struct ResnetBlock2D {
 }
 
 impl ResnetBlock2D {
+    /// The block `cin` → `cout` channels, with a time embedding of `temb_channels` when given;
+    /// group norms of `groups` groups and `eps`.
     pub fn new(
         vb: VarBuilder,
         cin: usize,
@@ -46,6 +48,7 @@ impl ResnetBlock2D {
         })
     }
 
+    /// `xs` `[B, C, H, W]`, plus the time embedding `temb` `[B, T]` where the block has one.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         // One `h`, reassigned: each intermediate is freed as soon as the next exists (shadowed
         // `let`s would keep them all alive to the end, 256 MB each at the VAE's 1024² stage).
@@ -72,6 +75,7 @@ pub struct Downsample2D {
 }
 
 impl Downsample2D {
+    /// A downsampler of `channels`; `asymmetric_pad` for the VAE's.
     pub fn new(vb: VarBuilder, channels: usize, asymmetric_pad: bool) -> Result<Self> {
         let cfg = Conv2dConfig {
             padding: if asymmetric_pad { 0 } else { 1 },
@@ -84,6 +88,7 @@ impl Downsample2D {
         })
     }
 
+    /// `xs` at half its height and width.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if self.asymmetric_pad {
             let xs = xs.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
@@ -102,12 +107,14 @@ pub struct Upsample2D {
 }
 
 impl Upsample2D {
+    /// An upsampler of `channels`.
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
         Ok(Self {
             conv: conv3x3(channels, channels, 1, vb.pp("conv"))?,
         })
     }
 
+    /// `xs` at twice its size, or at `size` (height, width) when given.
     pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
@@ -132,6 +139,8 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Attention of `query_dim` queries over `context_dim` keys and values, `heads` heads of
+    /// `head_dim`; `qkv_bias` when the projections have a bias, `upcast` for fp32 scores.
     pub fn new(
         vb: VarBuilder,
         query_dim: usize,

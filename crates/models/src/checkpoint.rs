@@ -18,17 +18,29 @@ use crate::ldm::{self, TensorMap};
 use crate::unet::UNet2DConditionModel;
 use crate::vae::AutoencoderKL;
 
+/// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The file or folder is not a model this crate can load.
     #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    Invalid {
+        /// The file or folder.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A file could not be read.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// Why.
         source: std::io::Error,
     },
+    /// A weight file could not be read.
     #[error(transparent)]
     Weights(#[from] sdkube_weights::Error),
+    /// A network could not be built from the weights.
     #[error("building the network: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -43,12 +55,16 @@ fn invalid(path: &Path, message: impl Into<String>) -> LoadError {
 /// Model family, as detected from the weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Family {
+    /// SD 1.x: CLIP ViT-L text encoder, ε prediction.
     Sd1,
+    /// SD 2.x: OpenCLIP ViT-H text encoder, ε or v prediction.
     Sd2,
+    /// SDXL: two text encoders and the added time/text conditioning.
     Sdxl,
 }
 
 impl Family {
+    /// The family's name as people write it ("SD 1.x", "SDXL").
     pub fn name(self) -> &'static str {
         match self {
             Family::Sd1 => "SD 1.x",
@@ -69,14 +85,18 @@ impl Family {
 /// What the UNet predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Prediction {
+    /// The noise (ε) added to the latent.
     Epsilon,
+    /// The velocity `v = √ᾱ·ε − √(1−ᾱ)·x₀` (SD 2.x 768-v models).
     V,
 }
 
 /// A network's configuration and its weights (CPU, stored dtype).
 #[derive(Debug, Clone)]
 pub struct Component<C> {
+    /// The network's configuration.
     pub config: C,
+    /// Its weights by checkpoint key.
     pub tensors: TensorMap,
 }
 
@@ -95,12 +115,14 @@ impl<C> Component<C> {
 }
 
 impl Component<ClipTextConfig> {
+    /// The text encoder on `device`, weights cast to `dtype`.
     pub fn build(&self, device: &Device, dtype: DType) -> candle_core::Result<ClipTextModel> {
         ClipTextModel::new(self.var_builder(device, dtype), &self.config)
     }
 }
 
 impl Component<UNetConfig> {
+    /// The UNet on `device`, weights cast to `dtype`.
     pub fn build(
         &self,
         device: &Device,
@@ -111,6 +133,7 @@ impl Component<UNetConfig> {
 }
 
 impl Component<VaeConfig> {
+    /// The VAE on `device`, weights cast to `dtype`.
     pub fn build(&self, device: &Device, dtype: DType) -> candle_core::Result<AutoencoderKL> {
         AutoencoderKL::new(self.var_builder(device, dtype), &self.config)
     }
@@ -119,14 +142,19 @@ impl Component<VaeConfig> {
 /// Everything needed to build a Stable Diffusion model.
 #[derive(Debug, Clone)]
 pub struct SdWeights {
+    /// SD 1.x, 2.x or SDXL.
     pub family: Family,
+    /// What the UNet predicts.
     pub prediction: Prediction,
     /// CLIP ViT-L (SD 1.x, SDXL's first encoder) or OpenCLIP ViT-H (SD 2.x).
     pub text_encoder: Component<ClipTextConfig>,
     /// SDXL's OpenCLIP ViT-bigG, with its projection.
     pub text_encoder_2: Option<Component<ClipTextConfig>>,
+    /// The denoising UNet.
     pub unet: Component<UNetConfig>,
+    /// The latent ↔ image autoencoder.
     pub vae: Component<VaeConfig>,
+    /// Where the model was loaded from (a diffusers folder or a single file).
     pub source: PathBuf,
 }
 

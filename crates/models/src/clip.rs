@@ -167,10 +167,12 @@ impl ClipTextModel {
         })
     }
 
+    /// Its configuration.
     pub fn config(&self) -> &ClipTextConfig {
         &self.cfg
     }
 
+    /// Width of the hidden states (and of a token embedding).
     pub fn hidden_size(&self) -> usize {
         self.cfg.hidden_size
     }
@@ -236,6 +238,7 @@ impl ClipTextModel {
         self.final_layer_norm.forward(xs)
     }
 
+    /// Transformer layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }

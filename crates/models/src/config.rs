@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum PerBlock {
+    /// The same value for every block.
     One(usize),
+    /// One value per block.
     Each(Vec<usize>),
 }
 
@@ -25,21 +27,30 @@ impl PerBlock {
 /// `transformers.CLIPTextConfig` (CLIPTextModel and CLIPTextModelWithProjection).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClipTextConfig {
+    /// Tokens in the vocabulary.
     #[serde(default = "clip_vocab")]
     pub vocab_size: usize,
+    /// Width of the hidden states.
     pub hidden_size: usize,
+    /// Width of the MLP inside each layer.
     pub intermediate_size: usize,
+    /// Transformer layers.
     pub num_hidden_layers: usize,
+    /// Attention heads per layer.
     pub num_attention_heads: usize,
+    /// Positions (tokens per prompt chunk, 77).
     #[serde(default = "clip_positions")]
     pub max_position_embeddings: usize,
+    /// `quick_gelu` (CLIP ViT-L) or `gelu` (OpenCLIP).
     #[serde(default = "quick_gelu")]
     pub hidden_act: String,
+    /// Epsilon of the layer norms.
     #[serde(default = "eps_1e5")]
     pub layer_norm_eps: f64,
     /// Output size of `text_projection` (CLIPTextModelWithProjection only).
     #[serde(default)]
     pub projection_dim: Option<usize>,
+    /// Id of the end-of-text token, whose hidden state is pooled.
     #[serde(default = "eos_id")]
     pub eos_token_id: u32,
 }
@@ -47,43 +58,61 @@ pub struct ClipTextConfig {
 /// `diffusers.UNet2DConditionModel` config (the fields SD 1.x, 2.x and SDXL use).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UNetConfig {
+    /// Latent channels in (4; 9 for inpainting models).
     #[serde(default = "four")]
     pub in_channels: usize,
+    /// Latent channels out.
     #[serde(default = "four")]
     pub out_channels: usize,
+    /// Down blocks, by diffusers class name (`CrossAttnDownBlock2D`, `DownBlock2D`).
     pub down_block_types: Vec<String>,
+    /// Up blocks, by diffusers class name.
     pub up_block_types: Vec<String>,
+    /// Channels of each resolution level.
     pub block_out_channels: Vec<usize>,
+    /// ResNet blocks per down block (one more per up block).
     #[serde(default = "two")]
     pub layers_per_block: usize,
+    /// Width of the text conditioning (768, 1024 or 2048).
     pub cross_attention_dim: usize,
     /// Legacy name: diffusers reads it as the number of heads when `num_attention_heads` is
     /// absent (true for every SD 1.x/2.x/XL config).
     #[serde(default = "heads_8")]
     pub attention_head_dim: PerBlock,
+    /// Heads per attention layer, when the config names them so.
     #[serde(default)]
     pub num_attention_heads: Option<PerBlock>,
+    /// Transformer blocks per attention layer (SDXL: 1, 2 and 10).
     #[serde(default = "one_per_block")]
     pub transformer_layers_per_block: PerBlock,
+    /// Linear (SD 2.x, SDXL) rather than 1×1 convolution projections around the transformers.
     #[serde(default)]
     pub use_linear_projection: bool,
+    /// Groups of the group norms.
     #[serde(default = "groups_32")]
     pub norm_num_groups: usize,
+    /// Epsilon of the group norms.
     #[serde(default = "eps_1e5")]
     pub norm_eps: f64,
+    /// Attention scores in fp32 (SD 2.x).
     #[serde(default)]
     pub upcast_attention: bool,
+    /// Order of the timestep embedding's halves: cos then sin.
     #[serde(default = "yes")]
     pub flip_sin_to_cos: bool,
+    /// Shift of the timestep embedding's frequencies.
     #[serde(default)]
     pub freq_shift: usize,
     /// `"text_time"` for SDXL: pooled text embedding and size/crop time ids.
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// Width of each time id's embedding (SDXL: 256).
     #[serde(default)]
     pub addition_time_embed_dim: Option<usize>,
+    /// Width of the pooled text embedding plus the time ids' embeddings (SDXL: 2816).
     #[serde(default)]
     pub projection_class_embeddings_input_dim: Option<usize>,
+    /// Latent side the model was trained at.
     #[serde(default)]
     pub sample_size: Option<usize>,
 }
@@ -106,17 +135,24 @@ impl UNetConfig {
 /// `diffusers.AutoencoderKL` config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VaeConfig {
+    /// Image channels in.
     #[serde(default = "three")]
     pub in_channels: usize,
+    /// Image channels out.
     #[serde(default = "three")]
     pub out_channels: usize,
+    /// Channels of each resolution level.
     pub block_out_channels: Vec<usize>,
+    /// ResNet blocks per encoder block (one more per decoder block).
     #[serde(default = "one")]
     pub layers_per_block: usize,
+    /// Latent channels.
     #[serde(default = "four")]
     pub latent_channels: usize,
+    /// Groups of the group norms.
     #[serde(default = "groups_32")]
     pub norm_num_groups: usize,
+    /// Latents are the encoder's output times this (SD: 0.18215, SDXL: 0.13025).
     #[serde(default = "sd1_scaling")]
     pub scaling_factor: f64,
 }

@@ -9,6 +9,7 @@ use candle_core::{Result, Tensor};
 
 use crate::config::{ClipTextConfig, PerBlock, UNetConfig, VaeConfig};
 
+/// Tensors by checkpoint key.
 pub type TensorMap = HashMap<String, Tensor>;
 
 /// Takes the tensors under `prefix`, with the prefix removed.

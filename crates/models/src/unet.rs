@@ -272,6 +272,7 @@ fn cross_attentions(
 }
 
 impl UNet2DConditionModel {
+    /// The UNet, its weights from `vb` under diffusers' key names.
     pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
         let boc = &cfg.block_out_channels;
         let n = boc.len();
@@ -422,6 +423,7 @@ impl UNet2DConditionModel {
         })
     }
 
+    /// Its configuration.
     pub fn config(&self) -> &UNetConfig {
         &self.cfg
     }

@@ -193,7 +193,9 @@ impl Decoder {
 /// The Gaussian the encoder predicts for a latent.
 #[derive(Debug)]
 pub struct LatentDistribution {
+    /// Mean of the latent's distribution (what encoding for img2img takes).
     pub mean: Tensor,
+    /// Log variance.
     pub logvar: Tensor,
 }
 
@@ -205,6 +207,7 @@ impl LatentDistribution {
     }
 }
 
+/// `diffusers.AutoencoderKL`: images ↔ latents.
 #[derive(Debug)]
 pub struct AutoencoderKL {
     encoder: Encoder,
@@ -215,6 +218,7 @@ pub struct AutoencoderKL {
 }
 
 impl AutoencoderKL {
+    /// The VAE, its weights from `vb` under diffusers' key names.
     pub fn new(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
         let l = cfg.latent_channels;
         Ok(Self {
@@ -226,6 +230,7 @@ impl AutoencoderKL {
         })
     }
 
+    /// Its configuration.
     pub fn config(&self) -> &VaeConfig {
         &self.cfg
     }

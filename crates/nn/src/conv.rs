@@ -96,6 +96,7 @@ pub fn convolve(
     })
 }
 
+/// A 3×3 convolution with bias and padding 1 (`stride` 1 or 2), weights from `vb`.
 pub fn conv3x3(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
     let cfg = Conv2dConfig {
         padding: 1,
@@ -105,6 +106,7 @@ pub fn conv3x3(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result
     conv2d(cin, cout, 3, cfg, vb)
 }
 
+/// A 1×1 convolution with bias, weights from `vb`.
 pub fn conv1x1(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
     conv2d(cin, cout, 1, Conv2dConfig::default(), vb)
 }

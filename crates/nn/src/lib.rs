@@ -24,7 +24,10 @@
 
 mod attention;
 mod conv;
+// Raw CUDA: device allocations, kernel launches, cuDNN and cuBLASLt calls (each `unsafe`
+// block says why it holds).
 #[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
 pub mod cuda;
 mod elementwise;
 mod linear;

@@ -18,10 +18,12 @@ impl Linear {
     }
 }
 
+/// A linear layer with bias, `cin` → `cout` features, weights from `vb`.
 pub fn linear(cin: usize, cout: usize, vb: VarBuilder) -> Result<Linear> {
     candle_nn::linear(cin, cout, vb).map(Linear::new)
 }
 
+/// A linear layer without bias, `cin` → `cout` features, weights from `vb`.
 pub fn linear_no_bias(cin: usize, cout: usize, vb: VarBuilder) -> Result<Linear> {
     candle_nn::linear_no_bias(cin, cout, vb).map(Linear::new)
 }

@@ -15,6 +15,7 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// A layer norm over the last axis of `size`, its weight and bias from `vb`.
     pub fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             inner: layer_norm(size, eps, vb)?,
@@ -22,6 +23,7 @@ impl LayerNorm {
         })
     }
 
+    /// The normalised `xs`, over its last axis.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if xs.track_op() && !self.tracks() {
             // The forward takes eps as f32 (candle's layer-norm API): so does its gradient.
@@ -73,6 +75,8 @@ pub struct GroupNorm {
     eps: f64,
 }
 
+/// A group norm of `channels` in `groups` groups, its weight and bias from `vb` (1 and 0 by
+/// default).
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
     let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
     let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
@@ -86,6 +90,7 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
 }
 
 impl GroupNorm {
+    /// `group_norm(xs)` over `[N, C, ..]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.run(xs, false)
     }

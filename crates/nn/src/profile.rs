@@ -11,6 +11,7 @@ use candle_core::{Device, Result};
 
 static ON: AtomicBool = AtomicBool::new(false);
 
+/// Turns the accounting on or off (for every thread).
 pub fn enable(on: bool) {
     ON.store(on, Ordering::Relaxed);
 }

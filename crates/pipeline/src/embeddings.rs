@@ -37,30 +37,53 @@ pub const EXTENSIONS: [&str; 3] = ["pt", "bin", "safetensors"];
 /// Why one embedding file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddingError {
+    /// The file cannot be read as weights.
     #[error(transparent)]
     Read(#[from] sdkube_weights::Error),
+    /// The file cannot be read.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file.
         path: PathBuf,
+        /// Why.
         source: std::io::Error,
     },
+    /// The file holds no tensor in any known embedding layout.
     #[error(
         "{}: no embedding in it: expected `string_to_param` (A1111 .pt), one tensor \
          (`emb_params`, diffusers `{{token: tensor}}`) or a `clip_l` + `clip_g` pair (SDXL); \
          found {found}", path.display()
     )]
-    NoEmbedding { path: PathBuf, found: String },
+    NoEmbedding {
+        /// The file.
+        path: PathBuf,
+        /// What it holds instead.
+        found: String,
+    },
+    /// A tensor that should be vectors has another shape.
     #[error("{}: `{key}` has shape {shape:?}; an embedding is [vectors, width] or [width]", path.display())]
     BadShape {
+        /// The file.
         path: PathBuf,
+        /// The tensor's key.
         key: String,
+        /// Its shape.
         shape: Vec<usize>,
     },
+    /// An SDXL pair whose two halves have different vector counts.
     #[error(
         "{}: `clip_l` has {l} vectors but `clip_g` has {g}; an SDXL embedding has one \
          vector of each per token", path.display()
     )]
-    PairMismatch { path: PathBuf, l: usize, g: usize },
+    PairMismatch {
+        /// The file.
+        path: PathBuf,
+        /// Vectors of `clip_l`.
+        l: usize,
+        /// Vectors of `clip_g`.
+        g: usize,
+    },
+    /// A tensor operation failed.
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),
 }
@@ -77,6 +100,7 @@ pub enum EncoderSlot {
 /// Widths of a model's text encoders: what an embedding must match to be usable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TextWidths {
+    /// The first (or only) encoder's.
     pub first: usize,
     /// SDXL's second encoder.
     pub second: Option<usize>,
@@ -130,6 +154,7 @@ pub struct EmbeddingInfo {
     pub vectors: usize,
     /// `[vectors, width]`; SDXL pairs give the summed width (768 + 1280 = 2048), as A1111.
     pub shape: Vec<usize>,
+    /// The file it was read from.
     pub path: PathBuf,
     /// First 12 hex digits of the file's sha256 (A1111's `shorthash`, "TI hashes").
     pub hash: String,
@@ -145,6 +170,7 @@ pub struct EmbeddingVectors {
 }
 
 impl EmbeddingVectors {
+    /// Vectors: the token slots the embedding takes in a prompt.
     pub fn count(&self) -> usize {
         self.first.dims()[0]
     }
@@ -470,6 +496,7 @@ impl EmbeddingSet {
         self.dir.as_deref()
     }
 
+    /// The encoder widths embeddings are checked against.
     pub fn widths(&self) -> TextWidths {
         self.widths
     }
@@ -484,6 +511,7 @@ impl EmbeddingSet {
         &self.skipped
     }
 
+    /// The usable embedding called `name`.
     pub fn get(&self, name: &str) -> Option<&EmbeddingInfo> {
         self.loaded.iter().find(|e| e.name == name)
     }

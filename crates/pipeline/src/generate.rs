@@ -37,8 +37,11 @@ pub enum VramMode {
 /// Bounds a request must respect (the server makes them configurable).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Largest width or height, in pixels.
     pub max_size: usize,
+    /// Most sampling steps.
     pub max_steps: usize,
+    /// Most images in one request.
     pub max_batch: usize,
 }
 
@@ -91,15 +94,25 @@ impl Request {
 /// One generation request, with A1111's meaning for every field.
 #[derive(Debug, Clone)]
 pub struct Request {
+    /// What to draw (A1111 syntax: emphasis, `BREAK`, embeddings).
     pub prompt: String,
+    /// What to steer away from (the unconditional side of CFG).
     pub negative_prompt: String,
+    /// A1111 sampler name, e.g. "DPM++ 2M Karras".
     pub sampler: String,
+    /// A1111 "Schedule type" ("Karras", …); `None` is the sampler name's own.
     pub scheduler: Option<String>,
+    /// Sampling steps.
     pub steps: usize,
+    /// Classifier-free guidance scale.
     pub cfg_scale: f64,
+    /// Seed of the first image; image i uses seed + i.
     pub seed: u64,
+    /// Output width in pixels (a multiple of 8).
     pub width: usize,
+    /// Output height in pixels (a multiple of 8).
     pub height: usize,
+    /// Images to make.
     pub batch_size: usize,
     /// 1 = last layer (A1111's "Clip skip").
     pub clip_skip: usize,
@@ -168,8 +181,11 @@ pub struct Overrides {
 /// A finished image with its seed and A1111 infotext.
 #[derive(Debug, Clone)]
 pub struct Generated {
+    /// The image.
     pub image: RgbImage,
+    /// The seed it was made with.
     pub seed: u64,
+    /// A1111's `parameters` text (what PNG Info shows).
     pub infotext: String,
     /// The final latent `[1, C, h, w]` (scaled, as the UNet sees it), e.g. for a hires-fix
     /// second pass through latent upscaling.
@@ -178,7 +194,9 @@ pub struct Generated {
 
 /// What the progress callback sees each step.
 pub struct Progress<'a> {
+    /// Steps done.
     pub step: usize,
+    /// Steps in all.
     pub total: usize,
     /// Cheap preview of the current estimate, built only when asked for via `preview()`.
     denoised: &'a Tensor,
@@ -217,10 +235,13 @@ pub struct Engine {
     model_name: String,
     /// Textual-inversion embeddings prompts may name.
     embeddings: EmbeddingSet,
+    /// Bounds every request is checked against.
     pub limits: Limits,
 }
 
 impl Engine {
+    /// An engine for `weights` (named `model_name` in infotexts) on `device` in `dtype`; with
+    /// `VramMode::High` every network is built now.
     pub fn new(
         weights: SdWeights,
         model_name: &str,
@@ -266,6 +287,7 @@ impl Engine {
         self.embeddings = set;
     }
 
+    /// The embeddings prompts may use.
     pub fn embeddings(&self) -> &EmbeddingSet {
         &self.embeddings
     }
@@ -293,14 +315,17 @@ impl Engine {
             .collect()
     }
 
+    /// The model's family.
     pub fn family(&self) -> Family {
         self.weights.family
     }
 
+    /// The model's name, as infotexts give it.
     pub fn model_name(&self) -> &str {
         &self.model_name
     }
 
+    /// Where it runs.
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -310,10 +335,12 @@ impl Engine {
         &self.weights
     }
 
+    /// The networks' dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    /// How many networks stay on the device.
     pub fn vram(&self) -> VramMode {
         self.vram
     }

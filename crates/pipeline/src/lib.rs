@@ -17,14 +17,19 @@ pub use generate::{
 /// Everything the pipeline can fail with; messages name the problem for the user.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The request is not valid (bounds, sampler, images); the message says why.
     #[error("{0}")]
     Invalid(String),
+    /// An input image cannot be used.
     #[error("{0}")]
     Image(String),
+    /// The sampler could not be chosen or failed.
     #[error(transparent)]
     Sampler(#[from] sampler::SamplerError),
+    /// The model could not be loaded.
     #[error(transparent)]
     Load(#[from] sdkube_models::checkpoint::LoadError),
+    /// A tensor operation failed.
     #[error("tensor computation failed: {0}")]
     Tensor(#[from] candle_core::Error),
 }

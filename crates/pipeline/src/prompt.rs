@@ -37,13 +37,20 @@ const SQUARE_MULTIPLIER: f64 = 1.0 / 1.1;
 /// Why a prompt could not be turned into chunks.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PromptError {
+    /// The embedding's name tokenizes to nothing.
     #[error("embedding name {0:?} has no tokens, so no prompt can refer to it")]
     EmptyEmbeddingName(String),
+    /// The embedding has too many vectors (or none) for one chunk.
     #[error(
         "embedding {name:?} has {vectors} vectors; it must have 1 to {CHUNK_TEXT_TOKENS} \
          to fit in one {CHUNK_TOKENS}-token chunk"
     )]
-    EmbeddingSize { name: String, vectors: usize },
+    EmbeddingSize {
+        /// The embedding.
+        name: String,
+        /// Its vector count.
+        vectors: usize,
+    },
 }
 
 /// Python's `\s` (Unicode whitespace plus the ASCII information separators).
@@ -247,6 +254,7 @@ pub struct EmbeddingPlacement {
     pub position: usize,
     /// The name it was registered under in [`EmbeddingIndex::insert`].
     pub name: String,
+    /// Its vector count.
     pub vectors: usize,
 }
 

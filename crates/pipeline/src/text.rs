@@ -17,7 +17,9 @@ use crate::Error;
 
 /// The text encoders of a loaded model.
 pub struct TextEncoders<'a> {
+    /// Which conditioning to build (SDXL concatenates two encoders and pools).
     pub family: Family,
+    /// The first (or only) encoder.
     pub clip: &'a ClipTextModel,
     /// SDXL's second encoder.
     pub clip_g: Option<&'a ClipTextModel>,
@@ -55,11 +57,13 @@ pub struct PromptTokens {
 }
 
 impl PromptTokens {
+    /// `prompt` parsed (emphasis, `BREAK`, embeddings) and split into chunks.
     pub fn new(tokenizer: &ClipTokenizer, prompt: &str, embeddings: &EmbeddingIndex) -> Self {
         let chunks = tokenize_prompt(tokenizer, prompt, embeddings, &ChunkOptions::clip_l()).chunks;
         Self { chunks }
     }
 
+    /// Chunks of 77 tokens.
     pub fn chunk_count(&self) -> usize {
         self.chunks.len()
     }

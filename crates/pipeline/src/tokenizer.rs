@@ -46,14 +46,23 @@ const END_OF_WORD: &str = "</w>";
 /// Why the tokenizer could not be built or a token sequence not decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
+    /// The built-in merge list is malformed.
     #[error("CLIP merge list, line {line}: {reason}")]
-    CorruptMerges { line: usize, reason: String },
+    CorruptMerges {
+        /// Line of the merge list.
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An id outside the vocabulary.
     #[error("token id {0} is outside the CLIP vocabulary (0..{VOCAB_SIZE})")]
     UnknownId(u32),
+    /// The word-splitting pattern does not compile.
     #[error("building the CLIP word pattern: {0}")]
     Pattern(#[from] regex::Error),
 }
 
+/// The tokenizer's results.
 pub type Result<T, E = TokenizerError> = std::result::Result<T, E>;
 
 /// The CLIP tokenizer. Building it parses the embedded merge list (a few ms); build it

@@ -20,7 +20,9 @@ use crate::Error;
 /// Which network and hyper-parameters a weight file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EsrganArch {
+    /// RRDBNet: RealESRGAN x4plus, x4plus-anime, x2plus.
     Rrdb(RrdbConfig),
+    /// SRVGGNetCompact: realesr-general-x4v3, realesr-animevideov3.
     Srvgg(SrvggConfig),
 }
 
@@ -187,10 +189,12 @@ impl Esrgan {
         })
     }
 
+    /// The network and hyper-parameters read off the weights (or forced).
     pub fn arch(&self) -> EsrganArch {
         self.arch
     }
 
+    /// The network's own scale factor.
     pub fn scale(&self) -> usize {
         self.arch.scale()
     }
@@ -397,8 +401,11 @@ impl Esrgan {
 /// `RealESRGANer`'s tiling knobs. `tile == 0` runs the whole image at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TileOptions {
+    /// Tile side in input pixels; 0 runs the whole image at once.
     pub tile: usize,
+    /// Context pixels read around each tile (and cropped from its output).
     pub tile_pad: usize,
+    /// Reflection padding added to the bottom and right before inference.
     pub pre_pad: usize,
 }
 

@@ -85,9 +85,13 @@ pub fn invert_affine(m: &Affine) -> Result<Affine, FaceError> {
 /// An interleaved float image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Planar {
+    /// Pixels per row.
     pub width: usize,
+    /// Rows.
     pub height: usize,
+    /// Values per pixel.
     pub channels: usize,
+    /// `height × width × channels` values, row by row, channels interleaved.
     pub data: Vec<f32>,
 }
 
@@ -238,6 +242,7 @@ pub fn gaussian_blur(mask: &[f32], width: usize, height: usize, k: usize) -> Vec
 
 /// Upscales the whole image behind the faces (e.g. RealESRGAN); `scale` is the output factor.
 pub trait BackgroundUpscaler {
+    /// `image` resized by `scale`.
     fn upscale(&self, image: &RgbImage, scale: f64) -> Result<RgbImage, FaceError>;
 }
 
@@ -261,6 +266,7 @@ pub struct RestoreOptions {
     pub detect: DetectOptions,
     /// Faces whose eyes are closer than this (pixels) are left alone.
     pub min_eye_distance: f32,
+    /// GFPGAN's decoder noise: the checkpoint's fixed maps, or seeded ones.
     pub noise: Noise,
 }
 
@@ -294,12 +300,15 @@ pub struct RestoredFace {
 
 /// Detector + restorer.
 pub struct FaceRestorer {
+    /// RetinaFace; `None` when the faces come as landmarks ([`FaceRestorer::restore_landmarks`]).
     pub detector: Option<RetinaFace>,
+    /// The restoration network.
     pub gfpgan: Gfpgan,
     device: Device,
 }
 
 impl FaceRestorer {
+    /// A restorer running its networks on `device`.
     pub fn new(detector: Option<RetinaFace>, gfpgan: Gfpgan, device: Device) -> Self {
         Self {
             detector,
@@ -484,7 +493,9 @@ fn round_u8(mut p: Planar) -> Planar {
 
 /// RealESRGAN as the background upscaler of the face pipeline.
 pub struct EsrganBackground<'a> {
+    /// The network.
     pub net: &'a crate::Esrgan,
+    /// How it tiles the background.
     pub tiles: crate::TileOptions,
 }
 

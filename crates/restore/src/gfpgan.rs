@@ -562,6 +562,7 @@ impl Gfpgan {
         })
     }
 
+    /// The configuration read off the weights.
     pub fn config(&self) -> &GfpganConfig {
         &self.cfg
     }

@@ -22,18 +22,26 @@ use crate::Error;
 /// One `k=v` value of a layer line.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ParamValue {
+    /// An integer.
     Int(i32),
+    /// A float.
     Float(f32),
+    /// An array (keys from -23300 down: `n,v1,…`).
     Array(Vec<f32>),
 }
 
 /// One layer line of a `.param` file.
 #[derive(Debug, Clone)]
 pub struct Layer {
+    /// Layer type (`Convolution`, `PReLU`, `Interp`…).
     pub kind: String,
+    /// Layer name.
     pub name: String,
+    /// Names of the blobs it reads.
     pub inputs: Vec<String>,
+    /// Names of the blobs it writes.
     pub outputs: Vec<String>,
+    /// Its `k=v` parameters by id.
     pub params: HashMap<i32, ParamValue>,
 }
 
@@ -149,16 +157,26 @@ pub fn parse_param(text: &str) -> Result<Vec<Layer>, Error> {
 /// A convolution or PReLU with its weights, as read from the `.bin`.
 #[derive(Debug)]
 pub enum Weights {
+    /// A convolution's weight `[out, inp, kernel, kernel]` and optional bias.
     Conv {
+        /// Layer name.
         name: String,
+        /// Output channels.
         out: usize,
+        /// Input channels.
         inp: usize,
+        /// Kernel side.
         kernel: usize,
+        /// `[out, inp, kernel, kernel]`.
         weight: Tensor,
+        /// `[out]`, when the layer has one.
         bias: Option<Tensor>,
     },
+    /// A PReLU's per-channel slopes.
     Prelu {
+        /// Layer name.
         name: String,
+        /// `[channels]`.
         slope: Tensor,
     },
 }

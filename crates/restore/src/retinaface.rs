@@ -72,7 +72,9 @@ pub struct Detection {
 /// Detection thresholds (facexlib's `detect_faces` defaults; FaceRestoreHelper uses 0.97).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DetectOptions {
+    /// Faces scoring below this are dropped.
     pub conf_threshold: f32,
+    /// Boxes overlapping a better one by more than this (IoU) are dropped.
     pub nms_threshold: f32,
 }
 
@@ -466,8 +468,11 @@ const MEAN_BGR: [f32; 3] = [104.0, 117.0, 123.0];
 /// Raw network outputs for one image: `(anchors, 4)`, `(anchors,)` face probability,
 /// `(anchors, 10)`, in the priors' order.
 pub struct RawOutputs {
+    /// Box offsets against each prior.
     pub loc: Vec<[f32; 4]>,
+    /// Face probability of each prior.
     pub scores: Vec<f32>,
+    /// Five landmark offsets (x, y) against each prior.
     pub landmarks: Vec<[f32; 10]>,
 }
 
@@ -570,6 +575,7 @@ impl RetinaFace {
         })
     }
 
+    /// The backbone read off the weights.
     pub fn backbone(&self) -> Backbone {
         self.backbone
     }

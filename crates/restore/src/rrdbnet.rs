@@ -1,9 +1,10 @@
 //! RRDBNet, the ESRGAN generator used by RealESRGAN_x4plus, x2plus and x4plus_anime_6B.
 //!
 //! Mirrors `basicsr/archs/rrdbnet_arch.py` (Wang et al., "ESRGAN", 2018; "Real-ESRGAN",
-//! 2021): the struct tree is the checkpoint key tree (`conv_first`, `body.{i}.rdb{1,2,3}.conv{1..5}`,
-//! `conv_body`, `conv_up1`, `conv_up2`, `conv_hr`, `conv_last`). Scales 2 and 1 pixel-unshuffle
-//! the input first, as the reference does; the trunk always upsamples 4×.
+//! 2021): the struct tree is the checkpoint key tree (`conv_first`,
+//! `body.{i}.rdb{1,2,3}.conv{1..5}`, `conv_body`, `conv_up1`, `conv_up2`, `conv_hr`,
+//! `conv_last`). Scales 2 and 1 pixel-unshuffle the input first, as the reference does; the
+//! trunk always upsamples 4×.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
@@ -12,12 +13,17 @@ use sdkube_nn::{conv2d, Conv2d};
 /// RRDBNet hyper-parameters (the reference constructor's arguments).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RrdbConfig {
+    /// Image channels in (3); the x2 and x1 variants pixel-unshuffle them first.
     pub num_in_ch: usize,
+    /// Output channels.
     pub num_out_ch: usize,
     /// 4, 2 or 1: the network's overall scale.
     pub scale: usize,
+    /// Feature channels.
     pub num_feat: usize,
+    /// RRDB blocks in the trunk.
     pub num_block: usize,
+    /// Growth channels of each dense block.
     pub num_grow_ch: usize,
 }
 
@@ -143,6 +149,7 @@ pub struct RrdbNet {
 }
 
 impl RrdbNet {
+    /// The network, its weights from `vb` under the reference's key names.
     pub fn new(cfg: RrdbConfig, vb: VarBuilder) -> Result<Self> {
         let (f, g) = (cfg.num_feat, cfg.num_grow_ch);
         let body = (0..cfg.num_block)
@@ -169,6 +176,7 @@ impl RrdbNet {
         })
     }
 
+    /// Its hyper-parameters.
     pub fn config(&self) -> &RrdbConfig {
         &self.cfg
     }

@@ -12,7 +12,9 @@ use sdkube_nn::{conv2d, Conv2d};
 /// The reference's `act_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
+    /// ReLU.
     Relu,
+    /// PReLU, one slope per channel.
     Prelu,
     /// Slope 0.1, as the reference.
     LeakyRelu,
@@ -21,11 +23,17 @@ pub enum Activation {
 /// SRVGGNetCompact hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SrvggConfig {
+    /// Input channels.
     pub num_in_ch: usize,
+    /// Output channels.
     pub num_out_ch: usize,
+    /// Feature channels.
     pub num_feat: usize,
+    /// Convolutions in the body.
     pub num_conv: usize,
+    /// Scale factor (the final pixel shuffle's).
     pub upscale: usize,
+    /// Activation after each convolution.
     pub act: Activation,
 }
 
@@ -86,6 +94,7 @@ pub struct SrvggNet {
 }
 
 impl SrvggNet {
+    /// The network, its weights from `vb` under the reference's key names.
     pub fn new(cfg: SrvggConfig, vb: VarBuilder) -> Result<Self> {
         let conv_cfg = Conv2dConfig {
             padding: 1,
@@ -109,6 +118,7 @@ impl SrvggNet {
         Ok(Self { cfg, convs, acts })
     }
 
+    /// Its hyper-parameters.
     pub fn config(&self) -> &SrvggConfig {
         &self.cfg
     }

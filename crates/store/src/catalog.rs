@@ -12,17 +12,30 @@ const BUILT_IN: &str = include_str!("../catalog.toml");
 /// A problem with a catalog file.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
+    /// The catalog file cannot be read.
     #[error("cannot read catalog {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// Why.
         source: std::io::Error,
     },
+    /// The catalog is not TOML.
     #[error("catalog {origin} is not valid TOML: {message}")]
-    Parse { origin: String, message: String },
+    Parse {
+        /// Which catalog (built-in or a file).
+        origin: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// A model entry is not usable.
     #[error("catalog {origin}, model {model:?}: {problem}")]
     Invalid {
+        /// Which catalog (built-in or a file).
         origin: String,
+        /// The model.
         model: String,
+        /// What is wrong with it.
         problem: String,
     },
 }
@@ -36,16 +49,20 @@ pub struct Catalog {
 /// One named model: what `sdkube fetch NAME` downloads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ModelEntry {
+    /// The name `sdkube fetch` and `--model` take.
     pub name: String,
     /// What the model is for: checkpoint, upscaler, face-restorer, face-detector, ...
     pub kind: String,
+    /// One line for listings.
     pub description: String,
+    /// Its files.
     pub files: Vec<FileSpec>,
 }
 
 /// One file (or, with a pattern, a set of files) of a model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FileSpec {
+    /// Where it comes from.
     pub source: FileSource,
     /// Size in bytes, when known in advance.
     pub size: Option<u64>,
@@ -59,18 +76,29 @@ pub struct FileSpec {
 pub enum FileSource {
     /// One file of a Hugging Face repo (`{endpoint}/{repo}/resolve/{revision}/{path}`).
     Hub {
+        /// `owner/name`.
         repo: String,
+        /// Branch, tag or commit.
         revision: String,
+        /// Path in the repository; also the path in the model's directory.
         path: String,
     },
     /// Every file of a Hugging Face repo whose path matches a glob (`*` and `?`).
     HubPattern {
+        /// `owner/name`.
         repo: String,
+        /// Branch, tag or commit.
         revision: String,
+        /// The glob paths must match.
         pattern: String,
     },
     /// A plain http(s) URL, stored as `file_name`.
-    Url { url: String, file_name: String },
+    Url {
+        /// The URL.
+        url: String,
+        /// The name in the model's directory.
+        file_name: String,
+    },
 }
 
 impl FileSource {
@@ -179,10 +207,12 @@ impl Catalog {
         Ok(Catalog { models })
     }
 
+    /// Every model, in catalog order.
     pub fn models(&self) -> &[ModelEntry] {
         &self.models
     }
 
+    /// The model called `name`.
     pub fn get(&self, name: &str) -> Option<&ModelEntry> {
         self.models.iter().find(|m| m.name == name)
     }

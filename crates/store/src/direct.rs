@@ -158,6 +158,9 @@ impl StreamWriter {
     }
 }
 
+// The stage is an array of aligned blocks (O_DIRECT wants aligned buffers); writing takes it
+// as bytes.
+#[allow(unsafe_code)]
 fn stage_bytes(stage: &mut [Block]) -> &mut [u8] {
     let len = std::mem::size_of_val(stage);
     // SAFETY: `Block` is a byte array with no padding (repr(C)), so the blocks are `len`

@@ -18,9 +18,13 @@ use std::time::Duration;
 /// Proxy settings, usually [`ProxyConfig::from_env`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProxyConfig {
+    /// Proxy of http URLs (`HTTP_PROXY`).
     pub http: Option<String>,
+    /// Proxy of https URLs (`HTTPS_PROXY`).
     pub https: Option<String>,
+    /// Proxy of both when the specific one is unset (`ALL_PROXY`).
     pub all: Option<String>,
+    /// Hosts, domains and networks reached directly (`NO_PROXY`).
     pub no_proxy: Option<String>,
 }
 

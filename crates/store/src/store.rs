@@ -23,14 +23,25 @@ const LOCK: &str = ".lock";
 /// A problem with the store directory itself.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// A file operation failed.
     #[error("{action} {path}: {source}")]
     Io {
+        /// What was being done ("cannot create store directory").
         action: &'static str,
+        /// On which path.
         path: PathBuf,
+        /// Why it failed.
         source: io::Error,
     },
+    /// `manifest.json` cannot be parsed.
     #[error("manifest {path} is corrupt ({message}); move it away and run `sdkube models verify`")]
-    CorruptManifest { path: PathBuf, message: String },
+    CorruptManifest {
+        /// The manifest.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// The model is not in the store.
     #[error("model {0:?} is not in the store")]
     NotPresent(String),
 }
@@ -47,12 +58,16 @@ pub(crate) fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error
 /// What the manifest says about the store.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// Format version of `manifest.json`.
     pub version: u32,
+    /// The models present, by name.
     pub models: BTreeMap<String, StoredModel>,
 }
 
+/// A model present in the store.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredModel {
+    /// Its complete, verified files.
     pub files: Vec<StoredFile>,
 }
 
@@ -61,7 +76,9 @@ pub struct StoredModel {
 pub struct StoredFile {
     /// Path relative to the model directory.
     pub path: String,
+    /// Size in bytes.
     pub size: u64,
+    /// Lower-case hex sha256.
     pub sha256: String,
     /// The catalog source it came from ([`crate::FileSource::key`]).
     pub source: String,
@@ -74,18 +91,36 @@ pub struct StoredFile {
 /// Result of re-hashing one stored file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FileCheck {
+    /// The model.
     pub model: String,
+    /// The file, relative to the model's directory.
     pub path: String,
+    /// What was found.
     pub status: FileStatus,
 }
 
+/// A stored file against its manifest entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "status")]
 pub enum FileStatus {
+    /// As recorded.
     Ok,
+    /// Gone.
     Missing,
-    WrongSize { expected: u64, actual: u64 },
-    WrongHash { expected: String, actual: String },
+    /// Another size than recorded.
+    WrongSize {
+        /// Bytes recorded.
+        expected: u64,
+        /// Bytes found.
+        actual: u64,
+    },
+    /// Another sha256 than recorded.
+    WrongHash {
+        /// The sha256 recorded.
+        expected: String,
+        /// The sha256 found.
+        actual: String,
+    },
 }
 
 /// A model store rooted at a directory.
@@ -108,10 +143,12 @@ impl Store {
         Ok(Store { root })
     }
 
+    /// The store's directory.
     pub fn root(&self) -> &Path {
         &self.root
     }
 
+    /// The directory of a model's files (which may not exist yet).
     pub fn model_dir(&self, model: &str) -> PathBuf {
         self.root.join(model)
     }

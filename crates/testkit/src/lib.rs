@@ -53,6 +53,7 @@ fn note_allocation(size: usize) {
 }
 
 // SAFETY: every call is forwarded unchanged to the system allocator.
+#[allow(unsafe_code)] // a global allocator can only be written as unsafe code
 unsafe impl std::alloc::GlobalAlloc for LargestAllocation {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         note_allocation(layout.size());

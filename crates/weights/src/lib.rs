@@ -23,28 +23,51 @@ pub use torch::save_torch_zip;
 /// What can go wrong reading or writing weights.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// `error`, reading the file at `path`.
     #[error("{}: {error}", path.display())]
-    File { path: PathBuf, error: Box<Error> },
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        error: Box<Error>,
+    },
+    /// Reading or writing failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The pickle names a callable that is not tensor plumbing; nothing was called.
     #[error(
         "refusing to load: the pickle names `{module}.{name}`, which is not tensor data \
          (a checkpoint may only contain tensors, numbers, strings and containers; nothing was executed)"
     )]
-    ForbiddenGlobal { module: String, name: String },
+    ForbiddenGlobal {
+        /// Its module.
+        module: String,
+        /// Its name.
+        name: String,
+    },
+    /// The pickle stream is not well formed.
     #[error("malformed pickle at byte {offset}: {msg}")]
-    Pickle { offset: usize, msg: String },
+    Pickle {
+        /// Where, in the pickle stream.
+        offset: usize,
+        /// What is wrong there.
+        msg: String,
+    },
+    /// The file is none of the formats [`load`] reads.
     #[error(
         "not a weight file: expected safetensors, a torch zip checkpoint or a legacy torch file"
     )]
     UnknownFormat,
+    /// The container is recognised but its content is not what it should be.
     #[error("{0}")]
     Format(String),
     /// An ONNX model (or the Python bytes literal holding one) that cannot be read.
     #[error("ONNX model: {0}")]
     Onnx(String),
+    /// A torch zip checkpoint's archive cannot be read.
     #[error("zip: {0}")]
     Zip(#[from] zip::result::ZipError),
+    /// A tensor could not be built.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -52,8 +75,11 @@ pub enum Error {
 /// Container formats [`load`] recognises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// Hugging Face safetensors.
     Safetensors,
+    /// A torch zip checkpoint (`torch.save` since torch 1.6).
     TorchZip,
+    /// A torch file from before 1.6: pickles and raw storages back to back.
     TorchLegacy,
 }
 

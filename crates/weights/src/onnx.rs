@@ -187,9 +187,13 @@ impl<'a> Pb<'a> {
 /// A node of the graph: its op and the names of its inputs and outputs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
+    /// The node's name (exporters name it after the module path).
     pub name: String,
+    /// Its operator (`Conv`, `Identity`…).
     pub op_type: String,
+    /// Names of its inputs (initializers or other nodes' outputs).
     pub inputs: Vec<String>,
+    /// Names of its outputs.
     pub outputs: Vec<String>,
 }
 
@@ -197,7 +201,9 @@ pub struct Node {
 /// as shape constants).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Initializer {
+    /// Its shape.
     pub dims: Vec<usize>,
+    /// Its values in row-major order; empty for other types than float.
     pub data: Vec<f32>,
 }
 

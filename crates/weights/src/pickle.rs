@@ -19,23 +19,36 @@ use crate::Error;
 /// A pickled value with tensors not yet read from their storages.
 #[derive(Debug, Clone)]
 pub enum Obj {
+    /// Python's `None`.
     None,
+    /// A `bool`.
     Bool(bool),
+    /// An `int` that fits 64 bits.
     Int(i64),
+    /// A `float`.
     Float(f64),
+    /// A `str`.
     Str(String),
+    /// A `bytes`.
     Bytes(Vec<u8>),
+    /// A `list`.
     List(Vec<Obj>),
+    /// A `tuple`.
     Tuple(Vec<Obj>),
     /// Insertion-ordered (`dict` and `collections.OrderedDict`).
     Dict(Vec<(Obj, Obj)>),
+    /// A `set` or `frozenset`.
     Set(Vec<Obj>),
+    /// A tensor, its data still in the storage.
     Tensor(TensorRef),
     /// An allowlisted plain-data class (numpy scalar, Lightning's `ModelCheckpoint` state…),
     /// kept inert: its class name, constructor arguments and `BUILD` state.
     Object {
+        /// The class's full name (`module.Name`).
         class: String,
+        /// Its constructor's arguments.
         args: Vec<Obj>,
+        /// What `BUILD` set on it, if anything.
         state: Option<Box<Obj>>,
     },
     // The variants below live only on the unpickler's stack.
@@ -48,22 +61,35 @@ pub enum Obj {
 /// A checkpoint's object tree with its tensors read (CPU, the dtype stored in the file).
 #[derive(Debug, Clone)]
 pub enum Value {
+    /// Python's `None`.
     None,
+    /// A `bool`.
     Bool(bool),
+    /// An `int` that fits 64 bits.
     Int(i64),
+    /// A `float`.
     Float(f64),
+    /// A `str`.
     Str(String),
+    /// A `bytes`.
     Bytes(Vec<u8>),
+    /// A `list`.
     List(Vec<Value>),
+    /// A `tuple`.
     Tuple(Vec<Value>),
     /// Insertion-ordered (`dict` and `collections.OrderedDict`).
     Dict(Vec<(Value, Value)>),
+    /// A `set` or `frozenset`.
     Set(Vec<Value>),
+    /// A tensor (CPU, the dtype stored in the file).
     Tensor(candle_core::Tensor),
     /// An allowlisted plain-data object, never constructed: class name, arguments, state.
     Object {
+        /// The class's full name (`module.Name`).
         class: String,
+        /// Its constructor's arguments.
         args: Vec<Value>,
+        /// What `BUILD` set on it, if anything.
         state: Option<Box<Value>>,
     },
 }
@@ -79,18 +105,21 @@ impl Value {
             _ => None,
         }
     }
+    /// The tensor, if this is one.
     pub fn as_tensor(&self) -> Option<&candle_core::Tensor> {
         match self {
             Value::Tensor(t) => Some(t),
             _ => None,
         }
     }
+    /// The string, if this is one.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::Str(s) => Some(s),
             _ => None,
         }
     }
+    /// The integer, if this is one.
     pub fn as_int(&self) -> Option<i64> {
         match self {
             Value::Int(i) => Some(*i),
@@ -140,13 +169,21 @@ impl Value {
 /// The callables a torch checkpoint may name. Everything else is refused.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Global {
+    /// `torch._utils._rebuild_tensor_v2`.
     RebuildTensorV2,
+    /// `torch._utils._rebuild_tensor` (older files).
     RebuildTensor,
+    /// `torch._utils._rebuild_parameter`.
     RebuildParameter,
+    /// `torch._utils._rebuild_parameter_with_state`.
     RebuildParameterWithState,
+    /// `collections.OrderedDict`.
     OrderedDict,
+    /// `builtins.dict`.
     Dict,
+    /// `builtins.set`.
     Set,
+    /// `builtins.frozenset`.
     FrozenSet,
     /// `torch.Size(...)`: a tuple.
     TorchSize,
@@ -165,8 +202,11 @@ pub enum Global {
 /// Element types of torch storages, including the ones candle cannot hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StorageDType {
+    /// A type candle holds.
     Supported(DType),
+    /// `torch.BoolStorage`, read as u8.
     Bool,
+    /// A type candle cannot hold (named): tensors of it are refused when read.
     Unsupported(&'static str),
 }
 
@@ -184,7 +224,9 @@ impl StorageDType {
 /// A storage named by a persistent id: `('storage', type, key, location, numel[, view])`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StorageRef {
+    /// The storage's file name in the checkpoint (`data/<key>` in a zip).
     pub key: String,
+    /// Its element type.
     pub dtype: StorageDType,
     /// Elements in the root storage.
     pub numel: usize,
@@ -195,10 +237,13 @@ pub struct StorageRef {
 /// A tensor as the pickle describes it: a window onto a storage.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorRef {
+    /// The storage it views.
     pub storage: StorageRef,
     /// In elements, relative to the storage (view offset already added).
     pub offset: usize,
+    /// Its shape.
     pub shape: Vec<usize>,
+    /// Elements to step per index of each axis.
     pub stride: Vec<usize>,
 }
 

@@ -15,9 +15,13 @@ const QUOTED_LINES: usize = 5;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FetchFailureKind {
+    /// The hub (or proxy) could not be reached.
     Network,
+    /// The store's volume is full.
     DiskFull,
+    /// A downloaded file's checksum did not match.
     Checksum,
+    /// The hub refused (401/403): a token is missing or lacks access.
     Unauthorized,
     /// A model name the catalog does not have.
     UnknownModel,
@@ -25,13 +29,16 @@ pub enum FetchFailureKind {
     BadSetting,
     /// The store's volume refuses writes (owner, mode, or mounted read-only).
     StoreNotWritable,
+    /// Anything else.
     Other,
 }
 
 /// The classified failure and the line that shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchFailure {
+    /// What went wrong.
     pub kind: FetchFailureKind,
+    /// The log line that shows it.
     pub line: String,
 }
 

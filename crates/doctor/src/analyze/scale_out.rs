@@ -30,7 +30,9 @@ pub enum QueueFailureKind {
 /// The classified failure and the line that shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueFailure {
+    /// What went wrong.
     pub kind: QueueFailureKind,
+    /// The log line that shows it.
     pub line: String,
 }
 

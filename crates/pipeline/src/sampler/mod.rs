@@ -35,26 +35,60 @@ use schedule::normalise;
 /// Everything that can go wrong when choosing or running a sampler.
 #[derive(Debug, thiserror::Error)]
 pub enum SamplerError {
+    /// No sampler has this name.
     #[error("unknown sampler {name:?}; valid samplers: {valid}")]
-    UnknownSampler { name: String, valid: String },
+    UnknownSampler {
+        /// The name asked for.
+        name: String,
+        /// The names there are.
+        valid: String,
+    },
+    /// No scheduler has this name.
     #[error("unknown scheduler {name:?}; valid schedulers: {valid}")]
-    UnknownScheduler { name: String, valid: String },
+    UnknownScheduler {
+        /// The name asked for.
+        name: String,
+        /// The names there are.
+        valid: String,
+    },
+    /// Zero steps were asked for.
     #[error("steps must be at least 1")]
     ZeroSteps,
+    /// More steps than allowed.
     #[error("{steps} steps is more than the limit of {max}")]
-    TooManySteps { steps: usize, max: usize },
+    TooManySteps {
+        /// Steps asked for.
+        steps: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// An img2img strength outside 0..=1.
     #[error("denoising strength must be between 0 and 1, got {0}")]
     BadStrength(f64),
+    /// A sigma schedule that is not positive and decreasing.
     #[error("invalid sigma schedule: {0}")]
     BadSigmas(String),
+    /// Tensors of mismatched shapes.
     #[error("shape mismatch: {0}")]
     Shape(String),
+    /// A recorded noise source (tests) has no draws left.
     #[error("the recorded noise ran out after {drawn} draws")]
-    NoiseExhausted { drawn: usize },
+    NoiseExhausted {
+        /// Draws made before it ran out.
+        drawn: usize,
+    },
+    /// The callback stopped the run.
     #[error("sampling interrupted at step {step} of {total}")]
-    Interrupted { step: usize, total: usize },
+    Interrupted {
+        /// The step it stopped at.
+        step: usize,
+        /// Steps the run had.
+        total: usize,
+    },
+    /// The model (denoiser) failed.
     #[error("denoiser failed: {0}")]
     Denoiser(Box<dyn std::error::Error + Send + Sync>),
+    /// A tensor operation failed.
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
 }
@@ -62,17 +96,29 @@ pub enum SamplerError {
 /// A sampling algorithm (the scheduler is chosen separately, see [`SamplerSpec`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Sampler {
+    /// "Euler" (k-diffusion `sample_euler`).
     Euler,
+    /// "Euler a": ancestral Euler.
     EulerA,
+    /// "Heun": second order, two model calls per step.
     Heun,
+    /// "DPM2".
     Dpm2,
+    /// "DPM2 a": ancestral DPM2.
     Dpm2A,
+    /// "DPM++ 2S a".
     DpmPp2SA,
+    /// "DPM++ 2M".
     DpmPp2M,
+    /// "LMS": linear multistep.
     Lms,
+    /// "DDIM".
     Ddim,
+    /// "PLMS".
     Plms,
+    /// "UniPC".
     UniPc,
+    /// "LCM": latent consistency models.
     Lcm,
 }
 
@@ -83,6 +129,7 @@ pub struct SamplerInfo {
     pub name: &'static str,
     /// Other accepted names (A1111's `k_…` aliases).
     pub aliases: &'static [&'static str],
+    /// The algorithm.
     pub sampler: Sampler,
     /// The scheduler the name implies when the request says "Automatic".
     pub scheduler: Scheduler,
@@ -169,6 +216,7 @@ impl Sampler {
 /// A sampler plus the scheduler it runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SamplerSpec {
+    /// The algorithm.
     pub sampler: Sampler,
     /// Never [`Scheduler::Automatic`] once parsed: resolved to the name's default.
     pub scheduler: Scheduler,
@@ -212,7 +260,9 @@ impl SamplerSpec {
 /// What the per-step callback tells the sampler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
+    /// Go on.
     Continue,
+    /// Stop after this step (interrupt, skip, cancel).
     Stop,
 }
 
@@ -223,6 +273,7 @@ pub struct StepInfo<'a> {
     pub step: usize,
     /// Number of steps of the plan ([`Plan::steps`]).
     pub total: usize,
+    /// The noise level at this step.
     pub sigma: f64,
     /// The current latent (in the sampler's working sigma space).
     pub x: &'a Tensor,
@@ -435,6 +486,7 @@ impl Plan {
         self
     }
 
+    /// The algorithm.
     pub fn sampler(&self) -> Sampler {
         self.sampler
     }

@@ -26,6 +26,7 @@ pub enum UniPcVariant {
 /// UniPC settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UniPcOptions {
+    /// The `B(h)` variant.
     pub variant: UniPcVariant,
     /// Highest order (capped by the number of steps).
     pub order: usize,

@@ -69,6 +69,7 @@ impl Template {
         }
     }
 
+    /// The captions, one per line.
     pub fn lines(&self) -> Vec<&str> {
         match self {
             Self::Subject => SUBJECT.to_vec(),

@@ -56,24 +56,33 @@ pub use vectors::create_embedding;
 /// Why training could not start or continue.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
+    /// The settings or files cannot be used; the message says why.
     #[error("{0}")]
     Invalid(String),
+    /// The output exists and `resume` was not asked for.
     #[error(
         "{} already exists; pass --resume to continue training it, or choose another --out",
         .0.display()
     )]
     Exists(PathBuf),
+    /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file.
         path: PathBuf,
+        /// Why.
         source: std::io::Error,
     },
+    /// Generating a sample failed.
     #[error(transparent)]
     Pipeline(#[from] crate::Error),
+    /// The embedding to resume cannot be read.
     #[error(transparent)]
     Embedding(#[from] crate::embeddings::EmbeddingError),
+    /// A checkpoint could not be written.
     #[error(transparent)]
     Weights(#[from] sdkube_weights::Error),
+    /// A tensor operation failed.
     #[error("tensor computation failed: {0}")]
     Tensor(#[from] candle_core::Error),
 }
@@ -96,8 +105,11 @@ pub struct TrainOptions {
     pub vectors: usize,
     /// Total steps, counting those of a resumed run.
     pub steps: usize,
+    /// AdamW's learning rate.
     pub learning_rate: f64,
+    /// Images per step.
     pub batch_size: usize,
+    /// Caption templates.
     pub template: Template,
     /// Directory of training images.
     pub images: PathBuf,
@@ -112,9 +124,11 @@ pub struct TrainOptions {
     pub sample_every: usize,
     /// Default: `<out without extension>-samples/`.
     pub sample_dir: Option<PathBuf>,
+    /// Sampling steps of each sample image.
     pub sample_steps: usize,
     /// Continue from `out` (and its `.train.json`) if it exists.
     pub resume: bool,
+    /// Seed of the image order, captions, timesteps and noise.
     pub seed: u64,
     /// Measure the loss on a fixed validation set before and after the run (costs four
     /// forward passes per image each time): the step losses themselves are dominated by
@@ -151,7 +165,9 @@ impl Default for TrainOptions {
 pub struct TrainProgress {
     /// Steps done (1-based, counting a resumed run's earlier steps).
     pub step: usize,
+    /// Steps the run will make in all.
     pub total: usize,
+    /// This step's loss.
     pub loss: f32,
     /// Mean loss over the last (up to) 32 steps.
     pub average_loss: f32,

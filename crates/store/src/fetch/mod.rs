@@ -8,11 +8,12 @@
 //! sha256; rename into place; record it in the manifest.
 //!
 //! The parts: [`options`] (what the caller sets), [`events`] (what it is told), [`error`]
-//! (why it failed); [`resolve`](mod@resolve) turns a catalog entry into concrete files (hub metadata,
-//! plain URLs); [`retry`] is the backoff policy and status handling every request goes
-//! through; [`resume`] is what survives an interrupted download and how a file is cut into
-//! ranges; [`download`] fetches one file over one stream or several ranged connections, and
-//! [`writer`] is its blocking half (writes, the hash in file order, checkpoints).
+//! (why it failed); [`resolve`](mod@resolve) turns a catalog entry into concrete files
+//! (hub metadata, plain URLs); [`retry`] is the backoff policy and status handling every
+//! request goes through; [`resume`] is what survives an interrupted download and how a file
+//! is cut into ranges; [`download`] fetches one file over one stream or several ranged
+//! connections, and [`writer`] is its blocking half (writes, the hash in file order,
+//! checkpoints).
 
 mod download;
 mod error;
@@ -42,8 +43,11 @@ use resume::{load_state, partial_path};
 /// What a successful [`fetch`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct FetchReport {
+    /// Files already in the store, verified, not requested.
     pub files_present: usize,
+    /// Files downloaded.
     pub files_downloaded: usize,
+    /// Bytes those files hold.
     pub bytes_downloaded: u64,
 }
 

@@ -18,19 +18,24 @@ pub struct FetchOptions {
     /// Sent as `Authorization: Bearer` to the hub endpoint only (never to plain URLs; dropped
     /// on redirects to other hosts such as the CDN).
     pub hf_token: Option<String>,
+    /// Proxies for http and https URLs, and the hosts that bypass them.
     pub proxy: ProxyConfig,
     /// A PEM file of root certificates trusted besides the system's (`SDKUBE_CA_BUNDLE`): the CA
     /// of a TLS-inspecting corporate proxy, or of a mirror with a private certificate.
     pub ca_bundle: Option<PathBuf>,
     /// Parallel ranged connections for files of at least `ranged_min_size` bytes.
     pub connections: usize,
+    /// Smaller files take one connection.
     pub ranged_min_size: u64,
+    /// Longest wait for a connection to open.
     pub connect_timeout: Duration,
     /// A read that waits longer than this (a stalled server) is retried.
     pub read_timeout: Duration,
     /// Attempts allowed without any progress before giving up on a file.
     pub max_retries: u32,
+    /// The first retry's delay at most; each further one doubles it (with full jitter).
     pub retry_base_delay: Duration,
+    /// The longest delay between two retries (besides a server's `Retry-After`).
     pub retry_max_delay: Duration,
     /// A server's `Retry-After` is honoured up to this long.
     pub retry_after_max: Duration,
