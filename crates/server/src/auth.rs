@@ -12,8 +12,11 @@ use base64::Engine as _;
 
 use crate::AppState;
 
+/// Who may call the server: none of these set means anyone (routes but the probes and
+/// metrics check them).
 #[derive(Debug, Clone, Default)]
 pub struct AuthConfig {
+    /// A key clients send as `Authorization: Bearer <key>` (or `X-API-Key`).
     pub api_key: Option<String>,
     /// (user, password)
     pub basic: Option<(String, String)>,

@@ -21,6 +21,7 @@ pub enum Role {
 }
 
 impl Role {
+    /// `all`, `api` or `worker`.
     pub fn parse(s: &str) -> Result<Role, String> {
         match s {
             "all" => Ok(Role::All),
@@ -30,6 +31,7 @@ impl Role {
         }
     }
 
+    /// The name [`Role::parse`] reads.
     pub fn name(self) -> &'static str {
         match self {
             Role::All => "all",
@@ -72,28 +74,41 @@ pub struct SharedQueue {
 /// Everything `sdkube serve` is configured with.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// What this process does.
     pub role: Role,
     /// None: the in-memory queue of one process.
     pub shared: Option<SharedQueue>,
     /// Model to serve first: a path or a catalog name.
     pub model: String,
+    /// Where checkpoints are found.
     pub sources: crate::model::ModelSources,
+    /// Where upscaler and face-restoration weights are found.
     pub post: crate::post::PostModels,
+    /// The gallery folder (`--role all`; a shared queue keeps the gallery in Redis).
     pub outputs: PathBuf,
+    /// Textual-inversion embeddings.
     pub embeddings: PathBuf,
     /// Training images live in folders under here (`data_root` of a training request).
     pub training: PathBuf,
+    /// Address the HTTP server binds.
     pub listen: SocketAddr,
     /// One worker per device.
     pub devices: Vec<Device>,
+    /// Precision of the networks.
     pub dtype: DType,
+    /// Which networks stay on the device.
     pub vram: VramMode,
+    /// Who may call.
     pub auth: crate::auth::AuthConfig,
+    /// Jobs that may wait; more get 429.
     pub queue_size: usize,
+    /// Origins allowed by CORS; empty: CORS off.
     pub cors_origins: Vec<String>,
+    /// Largest size, steps and batch a request may ask for.
     pub limits: Limits,
     /// Longest prompt (and negative prompt) accepted, in CLIP tokens.
     pub max_prompt_tokens: usize,
+    /// Largest request body.
     pub max_body_bytes: usize,
     /// Open connections and their deadlines.
     pub connections: crate::listen::ConnectionLimits,

@@ -63,6 +63,7 @@ pub fn is_safe_name(name: &str) -> bool {
 }
 
 impl FolderGallery {
+    /// The gallery of the PNGs in `dir` (created on the first save).
     pub fn new(dir: PathBuf) -> Self {
         Self {
             dir,
@@ -70,6 +71,7 @@ impl FolderGallery {
         }
     }
 
+    /// Its folder.
     pub fn dir(&self) -> &Path {
         &self.dir
     }

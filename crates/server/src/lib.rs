@@ -2,41 +2,47 @@
 //! AUTOMATIC1111-compatible API (`/sdapi/v1`), an OpenAI-style images API, the native jobs
 //! API with live events (`/api/v1`), `/openapi.json`, health probes and Prometheus metrics.
 //!
-//! Every API turns a request into a job ([`requests::JobSpec`]) on a queue
-//! ([`queue::JobQueue`]): in memory for one process, or in Redis shared by `api` replicas
+//! Every API turns a request into a job (`requests::JobSpec`) on a queue
+//! (`queue::JobQueue`): in memory for one process, or in Redis shared by `api` replicas
 //! (no GPU, any replica answers any job) and `worker` replicas (one per GPU). One
-//! [`worker::Worker`] thread per device takes jobs (batching compatible ones) and runs the
+//! `worker::Worker` thread per device takes jobs (batching compatible ones) and runs the
 //! pipeline off the async runtime.
 
-pub mod a1111;
-pub mod app;
-pub mod auth;
-pub mod cluster;
-pub mod config;
-pub mod error;
-pub mod gallery;
-pub mod job;
-pub mod listen;
-pub mod metrics;
-pub mod model;
-pub mod native;
-pub mod openai;
-pub mod operations;
-pub mod post;
-pub mod queue;
-pub mod redis;
-pub mod requests;
-pub mod state;
-pub mod ui;
-pub mod work;
-pub mod worker;
+mod a1111;
+mod app;
+mod auth;
+mod cluster;
+mod config;
+mod error;
+mod gallery;
+mod job;
+mod listen;
+mod metrics;
+mod model;
+mod native;
+mod openai;
+mod operations;
+mod post;
+mod queue;
+mod redis;
+mod requests;
+mod state;
+mod ui;
+mod work;
+mod worker;
 
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Duration;
 
 pub use app::router;
+pub use auth::AuthConfig;
 pub use config::{Config, Role, SharedQueue};
+pub use gallery::FolderGallery;
+pub use listen::{serve_connections, ConnectionLimits};
+pub use model::ModelSources;
+pub use post::PostModels;
+pub use redis::redact;
 pub use state::{AppState, Shared};
 
 /// Locks a mutex; a worker that panicked mid-update leaves plain data behind, so poisoning
@@ -148,7 +154,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     // Requests still open at shutdown (a synchronous txt2img) get the jobs' grace period.
     let drain_for = state.config.shutdown_grace + Duration::from_secs(5);
-    listen::serve(listener, app, state.config.connections, shutdown, drain_for).await?;
+    listen::serve_connections(listener, app, state.config.connections, shutdown, drain_for).await?;
     tokio::task::spawn_blocking(move || {
         for w in workers {
             let _ = w.join();

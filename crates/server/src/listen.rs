@@ -59,7 +59,7 @@ fn over_cap(cap: usize) -> Vec<u8> {
 }
 
 /// Serves `app` until `shutdown` resolves, then lets open requests end (at most `drain`).
-pub async fn serve(
+pub async fn serve_connections(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,

@@ -111,6 +111,7 @@ struct Slot {
 /// Where models come from: the store (catalog names) and plain paths.
 #[derive(Debug, Clone)]
 pub struct ModelSources {
+    /// The model store (`sdkube fetch`'s).
     pub store: PathBuf,
     /// A user catalog extending the built-in one.
     pub catalog: Option<PathBuf>,

@@ -20,6 +20,9 @@ pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(images_generations))
 }
 
+/// OpenAI's `images/generations` request. Fields marked "Ignored" are accepted, so that
+/// OpenAI clients need no change, and listed in the schema, but not read.
+#[allow(dead_code)]
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ImagesRequest {
     pub prompt: String,
@@ -32,8 +35,11 @@ pub struct ImagesRequest {
     pub size: Option<String>,
     /// `b64_json` (default) or `url` (the image is saved and served from `/outputs/`).
     pub response_format: Option<String>,
+    /// Ignored: one quality, the request's steps.
     pub quality: Option<String>,
+    /// Ignored.
     pub style: Option<String>,
+    /// Ignored.
     pub user: Option<String>,
 }
 

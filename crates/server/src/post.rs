@@ -46,6 +46,7 @@ impl PostError {
 /// Where post-processing weights are looked for.
 #[derive(Debug, Clone)]
 pub struct PostModels {
+    /// The model store, for weights named by catalog name.
     pub store: PathBuf,
     /// Folders of RealESRGAN weight files (`.pth`, `.safetensors`), listed by file stem.
     pub upscaler_dirs: Vec<PathBuf>,

@@ -20,13 +20,19 @@ use crate::requests::{BuildContext, Files, JobSpec};
 /// The option A1111 clients select a checkpoint with.
 pub const MODEL_OPTION: &str = "sd_model_checkpoint";
 
+/// What the HTTP handlers and the worker threads share.
 pub struct Shared {
+    /// How the server was started.
     pub config: Config,
+    /// Waiting and running jobs.
     pub queue: Arc<dyn JobQueue>,
+    /// Saved images.
     pub gallery: Arc<dyn Gallery>,
+    /// A1111's options and the workers' reports, shared by every replica.
     pub cluster: Arc<dyn Cluster>,
     /// The checkpoint this process's workers load (unused in the `api` role).
     pub model: Arc<ModelSlot>,
+    /// Prometheus counters.
     pub metrics: Metrics,
     /// Text-encoder widths of the loaded model, which embeddings must match.
     pub text_widths: Mutex<Option<TextWidths>>,
@@ -36,6 +42,7 @@ pub struct Shared {
     pub runtime: tokio::runtime::Handle,
 }
 
+/// The handlers' state.
 pub type AppState = Arc<Shared>;
 
 /// A job just queued: its record, and the job as built here (its settled spec and work).

@@ -185,7 +185,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .map(|g| Ok((g.seed, encode_png(&g.image, Some(&g.infotext))?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
     // Numbered on after the highest present, as A1111 (and the server) name outputs.
-    let outputs = sdkube_server::gallery::FolderGallery::new(args.out.clone());
+    let outputs = sdkube_server::FolderGallery::new(args.out.clone());
     for (seed, png) in pngs {
         let name = outputs
             .save(&png, Some(seed))

@@ -163,7 +163,7 @@ fn settings(args: &Args) -> anyhow::Result<serde_json::Value> {
         }
     }
     // The queue URL may carry a password.
-    value["queue"] = serde_json::Value::String(sdkube_server::redis::redact(&args.queue));
+    value["queue"] = serde_json::Value::String(sdkube_server::redact(&args.queue));
     Ok(value)
 }
 
@@ -210,7 +210,7 @@ fn shared_queue(args: &Args) -> anyhow::Result<Option<sdkube_server::SharedQueue
     if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
         anyhow::bail!(
             "--queue {:?}: use memory or redis://[user:password@]HOST:PORT[/DB]",
-            sdkube_server::redis::redact(url)
+            sdkube_server::redact(url)
         );
     }
     for (what, v) in [
@@ -262,7 +262,7 @@ fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
     let basic = args
         .basic_auth
         .as_deref()
-        .map(sdkube_server::auth::AuthConfig::parse_basic)
+        .map(sdkube_server::AuthConfig::parse_basic)
         .transpose()
         .map_err(anyhow::Error::msg)?;
     if args.api_key.as_deref() == Some("") {
@@ -286,12 +286,12 @@ fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
         role,
         shared,
         model: args.model.clone(),
-        sources: sdkube_server::model::ModelSources {
+        sources: sdkube_server::ModelSources {
             store: args.store.clone(),
             catalog: args.catalog.clone(),
             checkpoint_dirs: args.checkpoint_dirs.clone(),
         },
-        post: sdkube_server::post::PostModels {
+        post: sdkube_server::PostModels {
             store: args.store.clone(),
             upscaler_dirs: args.upscaler_dirs.clone(),
             face_restorer: args.face_restorer.clone(),
@@ -304,7 +304,7 @@ fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
         devices,
         dtype,
         vram,
-        auth: sdkube_server::auth::AuthConfig {
+        auth: sdkube_server::AuthConfig {
             api_key: args.api_key.clone(),
             basic,
         },
@@ -317,7 +317,7 @@ fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
         },
         max_prompt_tokens: args.max_prompt_tokens,
         max_body_bytes: args.max_body_mb * 1024 * 1024,
-        connections: sdkube_server::listen::ConnectionLimits {
+        connections: sdkube_server::ConnectionLimits {
             max_connections: args.max_connections,
             header_timeout: std::time::Duration::from_secs(args.header_timeout),
         },

@@ -21,7 +21,7 @@ use crate::post::PostModels;
 use crate::work::Work;
 
 pub use embedding::{CreateEmbeddingRequest, TrainEmbeddingRequest};
-pub use extras::{ExtrasBatchRequest, ExtrasParams, ExtrasSingleRequest, FileData};
+pub use extras::{ExtrasBatchRequest, ExtrasSingleRequest};
 pub use generate::{CommonParams, Img2ImgRequest, Txt2ImgRequest};
 
 /// A1111's clip-skip setting, in `options` or a request's `override_settings`.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use sdkube_server::{auth::AuthConfig, model::ModelSources, post::PostModels, AppState, Config};
+use sdkube_server::{AppState, AuthConfig, Config, ModelSources, PostModels};
 use serde_json::Value;
 
 pub fn repo() -> PathBuf {
@@ -64,7 +64,7 @@ pub fn config(dir: &Path) -> Config {
         },
         max_prompt_tokens: 1000,
         max_body_bytes: 8 * 1024 * 1024,
-        connections: sdkube_server::listen::ConnectionLimits {
+        connections: sdkube_server::ConnectionLimits {
             max_connections: 1000,
             header_timeout: Duration::from_secs(30),
         },
@@ -92,7 +92,7 @@ pub async fn start_unready(configure: impl FnOnce(&mut Config)) -> TestServer {
     let limits = state.config.connections;
     tokio::spawn(async move {
         let never = std::future::pending::<()>();
-        sdkube_server::listen::serve(listener, app, limits, never, Duration::from_secs(1))
+        sdkube_server::serve_connections(listener, app, limits, never, Duration::from_secs(1))
             .await
             .unwrap()
     });
