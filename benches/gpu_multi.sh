@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 22 on a two-GPU machine (nvidia-h100-x2 / nvidia-h200-x2), in one call: writes the
+# Several GPUs on a two-GPU machine (nvidia-h100-x2 / nvidia-h200-x2), in one call: writes the
 # full-size random-weight SD1.5 and SDXL models, then `benches/multi_gpu.py` for each (one
 # process with two workers against one; two worker processes behind Redis against one; one of
 # them killed mid-load). Carry .gpu/sdkube.xz (the CUDA build) and .gpu/redis (see

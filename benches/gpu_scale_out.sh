@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The scale-out benchmark on the GPU machine (issue 16), in stages (STAGES, default "gpu cpu"):
+# The scale-out benchmark on the GPU machine, in stages (STAGES, default "gpu cpu"):
 #   gpu  one `api` + one GPU `worker` behind Redis against one `--role all` process: latency of
 #        one request at a time (p50/p99) and throughput of 4 concurrent clients, full-size
 #        random-weight SD1.5 at 512², 20 steps (the model written by `sdkube bench --save-model`)

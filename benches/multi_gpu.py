@@ -1,4 +1,4 @@
-"""Several GPUs (issue 22), with the server and 8 concurrent A1111 clients on full-size
+"""Several GPUs, with the server and 8 concurrent A1111 clients on full-size
 random-weight models (written by `sdkube bench --save-model`):
 
   one-process  `serve --device cuda:0,cuda:1` (one worker per GPU) against `--device cuda:0`:

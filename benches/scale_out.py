@@ -1,4 +1,4 @@
-"""Scale-out benchmark (issue 16): the real binary, Debian's redis-server, loopback.
+"""Scale-out benchmark: the real binary, Debian's redis-server, loopback.
 
   throughput  N txt2img requests from C concurrent A1111 clients, spread over the API
               replicas, with 1, 2 and 3 workers: images/s and the ratio to one worker.

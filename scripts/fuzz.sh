@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzzes the readers of untrusted files (issue 23, point 9): every cargo-fuzz target of fuzz/
+# Fuzzes the readers of untrusted files: every cargo-fuzz target of fuzz/
 # (unpickler, torch zip, safetensors, embeddings, ncnn, ONNX, PNG infotext, prompts) runs for
 # SECONDS each, one after the other, and a line per target gives executions, seconds and
 # crashes. Exits 1 when any target crashed (panic, sanitizer report, out-of-memory, timeout);

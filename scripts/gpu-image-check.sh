@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA image's binary and library set on a real GPU (issue 21), in two steps:
+# The CUDA image's binary and library set on a real GPU, in two steps:
 #
 #   scripts/gpu-image-check.sh prepare   here, after scripts/build-images.sh cuda: copies the
 #       image's /usr/local/bin/sdkube (stripped) into .gpu/image/sdkube.xz, the image's own

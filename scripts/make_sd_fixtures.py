@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate tiny random-weight Stable Diffusion pipelines and their reference outputs.
 
-The Rust networks and loaders are tested against these files (issue 2, point 8).
+The Rust networks and loaders are tested against these files.
 
 For every family (sd1, sd2v, sdxl, sd1-inpaint) this writes, under fixtures/sd/:
   <family>/                 diffusers layout (model_index.json, scheduler/, unet/, vae/,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Textual-inversion fixtures for `crates/pipeline/tests/embeddings.rs` (issue 6).
+"""Textual-inversion fixtures for `crates/pipeline/tests/embeddings.rs`.
 
 Writes, under fixtures/ti/ (a few KB), one random 2-vector embedding for the tiny SD1
 fixture model (fixtures/sd/sd1, text width 8) in every layout sdkube reads, an SDXL pair

@@ -1,4 +1,4 @@
-"""Robustness of the whole HTTP API (issue 23): schemathesis (PyPI) generates requests for every
+"""Robustness of the whole HTTP API: schemathesis (PyPI) generates requests for every
 operation of the server's own /openapi.json — valid ones, edge cases and malformed ones — and
 no answer may be a server error. Bounded (about 3000 cases in ~20 s), deterministic."""
 

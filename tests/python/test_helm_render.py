@@ -1,4 +1,4 @@
-"""The chart rendered by the real Helm engine for a matrix of values (issue 7).
+"""The chart rendered by the real Helm engine for a matrix of values.
 
 Every rendered object is validated strictly against the Kubernetes OpenAPI schemas of the
 oldest version the chart supports and the newest one `kubernetes-validate` ships, then the

@@ -1,4 +1,4 @@
-"""The chart's scale-out shape (issue 16, point 6): `queue.backend: redis` renders an `api`
+"""The chart's scale-out shape: `queue.backend: redis` renders an `api`
 Deployment, the GPU `worker`s, a bundled Redis (or the address of yours) and, with
 `autoscaling.keda.enabled`, KEDA's ScaledObject and TriggerAuthentication.
 

@@ -1,4 +1,4 @@
-"""values.schema.json and the chart's own checks reject bad values at install time (issue 7).
+"""values.schema.json and the chart's own checks reject bad values at install time.
 
 The seed's chart silently ignored a mistyped key (`cliFlags` never reached the app); here a
 typo or a wrong type fails `helm install` with the path of the offending key, and

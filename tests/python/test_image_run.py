@@ -1,4 +1,4 @@
-"""The built images run as the chart runs them (issue 21): uid 10001, read-only root file
+"""The built images run as the chart runs them: uid 10001, read-only root file
 system, no capabilities, no privilege escalation; they serve /healthz, /readyz and an A1111
 txt2img (the webuiapi client from PyPI) with the fixture model mounted read-only. The CUDA
 image, on this machine without a GPU, starts anyway, says so in `doctor --local`, and every

@@ -1,4 +1,4 @@
-"""Scale-out (issue 16): `api` and `worker` processes of the real binary behind one real
+"""Scale-out: `api` and `worker` processes of the real binary behind one real
 Redis (Debian's redis-server), the fixture model, requests spread over the API replicas as a
 Kubernetes Service would.
 

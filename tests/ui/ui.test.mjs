@@ -1,4 +1,4 @@
-// Browser test of the sdkube web UI (issue 4, points 6 and 9).
+// Browser test of the sdkube web UI.
 //
 // Starts the real `sdkube serve` with the tiny fixture model, then drives the system Chromium
 // (Debian `chromium`, through playwright-core; no browser download) the way a user would:

@@ -1,4 +1,4 @@
-//! The diagnosis of each fixture scenario (issue 8): which problem is found, on what
+//! The diagnosis of each fixture scenario: which problem is found, on what
 //! evidence, and which fix is proposed.
 
 mod common;
@@ -406,7 +406,7 @@ fn fetch_log_classification_reads_json_errors_and_plain_lines() {
     );
 }
 
-/// issue 21: what `sdkube fetch` prints (the lines below come from the image, run by
+/// What `sdkube fetch` prints (the lines below come from the image, run by
 /// tests/python/test_chart_pod.py) when it is given a model the catalog lacks, a setting it
 /// refuses, or a volume it may not write: each is named, with its own fix.
 #[test]

@@ -1,4 +1,4 @@
-//! The kube-rs client path (issue 8): `gather` talks HTTP to a loopback server that answers
+//! The kube-rs client path: `gather` talks HTTP to a loopback server that answers
 //! the API paths the way kube-apiserver does (typed `List` objects without per-item kind,
 //! label and field selectors, `Status` errors, plain-text logs honouring `tailLines`). The
 //! snapshot it gathers must equal the fixture and give the same findings.
@@ -445,7 +445,7 @@ async fn unserved_api_is_skipped_with_a_sentence() {
     );
 }
 
-/// issue 16: a shared queue's release is read further (workloads, KEDA, what the pods answer
+/// A shared queue's release is read further (workloads, KEDA, what the pods answer
 /// through the pod proxy); without the rights for those, each gap is said and the rest goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_out_reads_degrade_to_not_checked() {

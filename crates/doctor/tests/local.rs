@@ -44,7 +44,7 @@ fn cuda_library_that_cannot_load_is_an_error_only_with_a_gpu() {
     assert_eq!(check_cuda(&libc, true)[0].severity, Severity::Info);
 }
 
-/// issue 21: the CUDA image's libcuda.so.1 stand-in (no driver mounted) loads, but must not
+/// The CUDA image's libcuda.so.1 stand-in (no driver mounted) loads, but must not
 /// pass for the driver. Built here from a one-line C file with the system compiler.
 #[test]
 fn the_cuda_images_libcuda_stand_in_is_named_as_such() {

@@ -1,4 +1,4 @@
-//! The diagnosis of a shared queue's release (issue 16, point 6): api pods, GPU workers, the
+//! The diagnosis of a shared queue's release: api pods, GPU workers, the
 //! bundled Redis, KEDA. Each fixture scenario (`scale-out-*`, written by fixtures/generate.py)
 //! and variations of them built here: which finding, on what evidence, with which fix; and
 //! the states that are normal (workers scaled to zero while nothing waits) give none.

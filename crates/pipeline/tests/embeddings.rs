@@ -1,4 +1,4 @@
-//! Textual-inversion embeddings (issue 6): every file layout, bad files, the loaded/skipped
+//! Textual-inversion embeddings: every file layout, bad files, the loaded/skipped
 //! split, re-scanning, and parity of the conditioning with diffusers'
 //! `load_textual_inversion` (references from `scripts/make_ti_fixtures.py`).
 
@@ -76,7 +76,7 @@ fn every_layout_reads_the_same_vectors() {
 }
 
 /// An embedding of no width (a 1-D tensor of 0 values) was taken as one vector 0 wide
-/// (found while writing the `embedding` fuzz target, issue 23 point 9).
+/// (found by the `embedding` fuzz target).
 #[test]
 fn empty_vectors_are_refused() {
     let header = r#"{"emb_params":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}"#;

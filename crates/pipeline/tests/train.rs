@@ -1,4 +1,4 @@
-//! Textual-inversion training on the tiny fixture model (issue 6): the loss goes down, the
+//! Textual-inversion training on the tiny fixture model: the loss goes down, the
 //! checkpoint loads back as an embedding, runs resume, stop, and fail without losing the
 //! last good checkpoint.
 

@@ -1,6 +1,6 @@
 //! Crafted upscaler and face-detector files that crashed the readers or made them allocate
-//! what a header claims, found by `scripts/fuzz.sh` (targets `ncnn`, `onnx`; issue 23
-//! point 9). Each must now be an error naming the problem, allocating little.
+//! what a header claims, found by `scripts/fuzz.sh` (targets `ncnn`, `onnx`).
+//! Each must now be an error naming the problem, allocating little.
 
 use candle_core::Device;
 use sdkube_restore::{ncnn, retinaface};

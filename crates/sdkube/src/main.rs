@@ -177,7 +177,7 @@ mod tests {
 
     #[test]
     fn a_rejected_value_from_the_environment_names_its_variable() {
-        // issue 21: in a pod the wrong value is a chart setting, not a flag anyone typed
+        // in a pod the wrong value is a chart setting, not a flag anyone typed
         let vars = env(&[("SDKUBE_FETCH_CONNECTIONS", "0"), ("SDKUBE_STORE", "/data")]);
         let message = "invalid value '0' for '--connections <CONNECTIONS>': 0 is not in 1..=64";
         let notes = env_notes(&Cli::command(), message, &["fetch".into()], vars);

@@ -1,6 +1,6 @@
 //! `sdkube embeddings add REPO` against a loopback server speaking the Hugging Face
 //! resolve endpoint (`/{repo}/resolve/{revision}/{path}`), as an sd-concepts-library repo
-//! is laid out (issue 6, point 4).
+//! is laid out.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};

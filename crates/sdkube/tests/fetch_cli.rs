@@ -1,4 +1,4 @@
-//! `sdkube fetch` and `sdkube models` as the Helm chart's init container runs them (issue 3):
+//! `sdkube fetch` and `sdkube models` as the Helm chart's init container runs them:
 //! the binary against a small hub on loopback, environment variables included.
 //! (The fault-injection and protocol tests live in crates/store/tests/fetch.rs.)
 

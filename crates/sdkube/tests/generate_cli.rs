@@ -1,5 +1,5 @@
-//! `sdkube generate` run as a process on the tiny fixture model (issue 2, points 7 and
-//! "Bad input").
+//! `sdkube generate` run as a process on the tiny fixture model: its outputs, options and
+//! the errors bad input gets.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,5 +1,5 @@
 //! `sdkube train-embedding` and `sdkube embeddings list` run as processes on the tiny
-//! fixture model (issue 6).
+//! fixture model.
 
 use std::process::Command;
 

@@ -1,4 +1,4 @@
-//! One client must never take the server down or break it for the others (issue 23): a
+//! One client must never take the server down or break it for the others: a
 //! failed model switch, invalid option values, unbounded client data, hostile connections.
 
 mod common;

@@ -1,4 +1,4 @@
-//! Model catalog, model store and the fetcher (issue 3).
+//! Model catalog, model store and the fetcher.
 //!
 //! - [`Catalog`]: named models (built-in `catalog.toml` plus an optional user file).
 //! - [`Store`]: `<root>/<model>/<file>` plus `manifest.json`; files appear only complete and

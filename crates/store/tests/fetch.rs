@@ -1,4 +1,4 @@
-//! The fetcher against a hub-like server and CDN on loopback, with injected faults (issue 3).
+//! The fetcher against a hub-like server and CDN on loopback, with injected faults.
 
 mod common;
 
@@ -79,7 +79,7 @@ fn visible_files(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The invariant of issue 3: a visible file is complete and has the right hash.
+/// The fetcher's invariant: a visible file is complete and has the right hash.
 fn assert_nothing_corrupt_visible(store: &Store, expected: &[(&str, &[u8])]) {
     for path in visible_files(store.root()) {
         let rel = path
@@ -769,7 +769,7 @@ async fn plain_url_sources_with_and_without_sha() {
     assert_eq!(store.model_path("u"), Some(store.file_path("u", "up.pth")));
 }
 
-/// The server (issue 4) runs fetches with `tokio::spawn`, which needs a `Send` future; this
+/// The server runs fetches with `tokio::spawn`, which needs a `Send` future; this
 /// fails to compile otherwise.
 #[test]
 fn the_fetch_future_can_be_spawned() {

@@ -1,5 +1,5 @@
 //! Crafted checkpoints that crashed the readers or made them allocate what a header claims,
-//! found by `scripts/fuzz.sh` (targets `pickle`, `torch_zip`, `embedding`; issue 23 point 9).
+//! found by `scripts/fuzz.sh` (targets `pickle`, `torch_zip`, `embedding`).
 //! Each must now be an error naming the problem, allocate little and keep the stack small.
 
 use std::path::{Path, PathBuf};
