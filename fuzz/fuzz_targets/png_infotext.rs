@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sdkube_server::a1111::png_info::parse_infotext;
+use sdkube_server::parse_infotext;
 
 fuzz_target!(|data: &[u8]| {
     if data.starts_with(b"\x89PNG\r\n\x1a\n") {

@@ -35,6 +35,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Duration;
 
+pub use a1111::png_info::parse_infotext;
 pub use app::router;
 pub use auth::AuthConfig;
 pub use config::{Config, Role, SharedQueue};
