@@ -14,6 +14,7 @@ use crate::embeddings::{EmbeddingSet, TextWidths};
 use crate::image_io::{
     crop_resize, image_to_tensor, latent_preview, mask_to_tensor, tensor_to_images,
 };
+use crate::infotext::{self, ImageInfo, Infotext};
 use crate::prompt::{parse_prompt_attention, BREAK_WEIGHT};
 use crate::sampler::{
     self, Flow, ModelScalings, NoiseSchedule, NoiseSource, Plan, SamplerError, SamplerSpec,
@@ -185,8 +186,10 @@ pub struct Generated {
     pub image: RgbImage,
     /// The seed it was made with.
     pub seed: u64,
-    /// A1111's `parameters` text (what PNG Info shows).
+    /// A1111's `parameters` text (what PNG Info shows): `parameters` written out.
     pub infotext: String,
+    /// The generation parameters the infotext is written from.
+    pub parameters: Infotext,
     /// The final latent `[1, C, h, w]` (scaled, as the UNet sees it), e.g. for a hires-fix
     /// second pass through latent upscaling.
     pub latent: Tensor,
@@ -299,7 +302,7 @@ impl Engine {
 
     /// A1111's "TI hashes": `name: shorthash` of every embedding the prompt or negative
     /// prompt uses.
-    fn ti_hashes(&self, req: &Request) -> Vec<String> {
+    pub(crate) fn ti_hashes(&self, req: &Request) -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
         for prompt in [&req.prompt, &req.negative_prompt] {
             let tokens = PromptTokens::new(&self.tokenizer, prompt, self.embeddings.index());
@@ -681,18 +684,25 @@ impl Engine {
                 images
                     .by_ref()
                     .take(r.batch_size)
-                    .map(|((image, seed), latent)| Generated {
-                        latent,
-                        infotext: infotext(
+                    .map(|((image, seed), latent)| {
+                        let parameters = infotext::generation(
                             r,
-                            spec,
+                            &ImageInfo {
+                                spec,
+                                seed,
+                                model: &self.model_name,
+                                family: self.weights.family,
+                                ti_hashes: &self.ti_hashes(r),
+                                hires: None,
+                            },
+                        );
+                        Generated {
+                            latent,
+                            infotext: parameters.to_string(),
+                            parameters,
+                            image,
                             seed,
-                            &self.model_name,
-                            self.weights.family,
-                            &self.ti_hashes(r),
-                        ),
-                        image,
-                        seed,
+                        }
                     })
                     .collect()
             })
@@ -886,49 +896,4 @@ impl NoiseSource for BatchNoise {
     ) -> Result<Tensor, SamplerError> {
         self.draw(like.dims(), like.dtype(), like.device())
     }
-}
-
-/// A1111's infotext: prompt, "Negative prompt: …", then `Key: value` pairs on one line.
-pub fn infotext(
-    req: &Request,
-    spec: &SamplerSpec,
-    seed: u64,
-    model: &str,
-    family: Family,
-    ti_hashes: &[String],
-) -> String {
-    let mut s = req.prompt.clone();
-    if !req.negative_prompt.is_empty() {
-        s.push_str(&format!("\nNegative prompt: {}", req.negative_prompt));
-    }
-    let mut fields = vec![
-        format!("Steps: {}", req.steps),
-        format!("Sampler: {}", spec.sampler.name()),
-        format!("Schedule type: {}", spec.scheduler.label()),
-        format!("CFG scale: {}", req.cfg_scale),
-        format!("Seed: {seed}"),
-        format!("Size: {}x{}", req.width, req.height),
-        format!("Model: {model}"),
-    ];
-    if req.init_image.is_some() {
-        fields.push(format!("Denoising strength: {}", req.strength));
-    }
-    if req.mask.is_some() {
-        fields.push(format!("Mask blur: {}", req.mask_blur));
-    }
-    if req.clip_skip > 1 && family != Family::Sdxl {
-        fields.push(format!("Clip skip: {}", req.clip_skip));
-    }
-    if !ti_hashes.is_empty() {
-        // Quoted as A1111's `quote()` does for values holding `,` or `:`.
-        let joined = ti_hashes.join(", ");
-        fields.push(format!(
-            "TI hashes: {}",
-            serde_json::to_string(&joined).unwrap_or(joined)
-        ));
-    }
-    fields.push(format!("Version: sdkube {}", env!("CARGO_PKG_VERSION")));
-    s.push('\n');
-    s.push_str(&fields.join(", "));
-    s
 }

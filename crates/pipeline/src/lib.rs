@@ -2,7 +2,9 @@
 
 pub mod embeddings;
 pub mod generate;
+pub mod hires;
 pub mod image_io;
+pub mod infotext;
 pub mod prompt;
 pub mod sampler;
 pub mod text;
@@ -13,6 +15,8 @@ pub mod vae_decode;
 pub use generate::{
     random_seed, upscale_latent, Engine, Generated, Limits, Overrides, Progress, Request, VramMode,
 };
+pub use hires::{HiresError, HiresFix};
+pub use infotext::Infotext;
 
 /// Everything the pipeline can fail with; messages name the problem for the user.
 #[derive(Debug, thiserror::Error)]

@@ -281,3 +281,71 @@ fn embeddings_folder_is_used_by_prompts() {
     let text = png_parameters(&png);
     assert!(text.contains("TI hashes: \"tiembed: "), "{text}");
 }
+
+/// The hires fix runs in the engine, so the CLI has it: 64² → 128² through a latent upscale,
+/// the infotext giving the first pass's size and the hires fields.
+#[test]
+fn hires_fix_doubles_the_size_and_records_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let run = sdkube()
+        .args(base_args(&out))
+        .args([
+            "--hires-scale",
+            "2",
+            "--hires-steps",
+            "2",
+            "--hires-denoise",
+            "0.5",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let path = out.join("00000-5.png");
+    let img = image::open(&path).unwrap();
+    assert_eq!((img.width(), img.height()), (128, 128));
+    let text = png_parameters(&path);
+    for field in [
+        "Size: 64x64",
+        "Denoising strength: 0.5",
+        "Hires upscale: 2.000",
+        "Hires steps: 2",
+        "Hires upscaler: Latent",
+    ] {
+        assert!(text.contains(field), "{field} in {text}");
+    }
+
+    // An image upscaler by name, and one that is neither a name nor a file.
+    let run = sdkube()
+        .args(base_args(&out))
+        .args(["--hires-scale", "1.5", "--hires-upscaler", "Lanczos"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let img = image::open(out.join("00001-5.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (96, 96));
+    let run = sdkube()
+        .args(base_args(&out))
+        .args([
+            "--hires-scale",
+            "2",
+            "--hires-upscaler",
+            "/no/such/esrgan.pth",
+        ])
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("--hires-upscaler /no/such/esrgan.pth"),
+        "{stderr}"
+    );
+}

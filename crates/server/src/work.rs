@@ -39,16 +39,8 @@ pub struct GenerateWork {
     pub warnings: Vec<String>,
 }
 
-/// A1111's "Hires. fix": generate, upscale, then img2img at the larger size.
-#[derive(Clone, Debug)]
-pub struct HiresFix {
-    pub width: usize,
-    pub height: usize,
-    /// "Latent" (latent-space interpolation then img2img) or an image upscaler name.
-    pub upscaler: String,
-    pub steps: usize,
-    pub denoising_strength: f64,
-}
+/// A1111's "Hires. fix", which the engine runs after the first pass.
+pub use sdkube_pipeline::HiresFix;
 
 /// A1111's "Extras": upscale and/or restore faces on given images.
 pub struct ExtrasWork {

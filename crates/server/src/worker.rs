@@ -13,7 +13,7 @@ use image::DynamicImage;
 use sdkube_pipeline::embeddings::{EmbeddingSet, TextWidths};
 use sdkube_pipeline::image_io::encode_png;
 use sdkube_pipeline::sampler::{Flow, SamplerError};
-use sdkube_pipeline::{upscale_latent, Engine, Generated, Overrides, Request, VramMode};
+use sdkube_pipeline::{Engine, Generated, HiresError, Infotext, Request, VramMode};
 
 use crate::job::{Failure, Job, JobImage, JobState};
 use crate::model::{ModelSlot, Outcome, Wanted};
@@ -434,72 +434,34 @@ impl Worker {
         images: Vec<Generated>,
     ) -> Result<(), JobError> {
         for g in images {
+            let g = match &work.hires {
+                Some(h) => {
+                    let (post, models) = (&mut self.post, &self.state.config.post);
+                    let mut upscale = |name: &str, image: &DynamicImage, factor: f32| {
+                        post.upscale(models, name, image, factor)
+                    };
+                    let mut on_step = |_: &sdkube_pipeline::Progress| match job.should_stop() {
+                        true => Flow::Stop,
+                        false => Flow::Continue,
+                    };
+                    engine
+                        .hires_fix(&work.request, &g, h, &mut upscale, &mut on_step)
+                        .map_err(|e| match e {
+                            HiresError::Upscale(e) => JobError::from(e),
+                            HiresError::Generate(e) => format!("hires fix: {e}").into(),
+                        })?
+                }
+                None => g,
+            };
             let mut image = DynamicImage::ImageRgb8(g.image);
-            let mut infotext = g.infotext;
-            if let Some(h) = &work.hires {
-                let factor = h.width as f32 / image.width() as f32;
-                // "Latent" upscalers resize the latent itself (A1111: bilinear); image
-                // upscalers resize the decoded image, which the second pass encodes again.
-                let latent_upscale = h.upscaler.starts_with("Latent");
-                let upscaled = if latent_upscale {
-                    image.resize_exact(
-                        h.width as u32,
-                        h.height as u32,
-                        image::imageops::FilterType::Triangle,
-                    )
-                } else {
-                    self.post
-                        .upscale(&self.state.config.post, &h.upscaler, &image, factor)?
-                        .resize_exact(
-                            h.width as u32,
-                            h.height as u32,
-                            image::imageops::FilterType::Lanczos3,
-                        )
-                };
-                let overrides = Overrides {
-                    init_latent: latent_upscale
-                        .then(|| upscale_latent(&g.latent, h.height / 8, h.width / 8))
-                        .transpose()
-                        .map_err(|e| format!("hires fix: {e}"))?,
-                    ..Overrides::default()
-                };
-                let req = Request {
-                    init_image: Some(upscaled),
-                    strength: h.denoising_strength,
-                    steps: h.steps,
-                    width: h.width,
-                    height: h.height,
-                    seed: g.seed,
-                    batch_size: 1,
-                    mask: None,
-                    ..work.request.clone()
-                };
-                let mut second = engine
-                    .generate_with(&req, overrides, &mut |_| {
-                        if job.should_stop() {
-                            Flow::Stop
-                        } else {
-                            Flow::Continue
-                        }
-                    })
-                    .map_err(|e| format!("hires fix: {e}"))?;
-                let out = second.pop().ok_or("hires fix produced no image")?;
-                image = DynamicImage::ImageRgb8(out.image);
-                infotext = format!(
-                    "{infotext}, Hires upscale: {:.3}, Hires steps: {}, Hires upscaler: {}, Denoising strength: {}",
-                    factor, h.steps, h.upscaler, h.denoising_strength
-                )
-                .replace(
-                    &format!("Size: {}x{}", h.width, h.height),
-                    &format!("Size: {}x{}", work.request.width, work.request.height),
-                );
-            }
+            let mut parameters = g.parameters;
             if work.restore_faces {
                 image = self
                     .post
                     .restore_faces(&self.state.config.post, &image, 1.0)?;
-                infotext.push_str(", Face restoration: GFPGAN");
+                parameters.insert_after("Seed", "Face restoration", "GFPGAN");
             }
+            let infotext = parameters.to_string();
             let png = encode_png(&image.to_rgb8(), Some(&infotext)).map_err(|e| e.to_string())?;
             self.keep(job, png, Some(g.seed), infotext, work.save)?;
         }
@@ -544,7 +506,7 @@ impl Worker {
                 return Ok(());
             }
             let mut img = image.clone();
-            let mut info = Vec::new();
+            let mut info = Infotext::default();
             let restore = |cache: &mut PostCache, img: &DynamicImage| {
                 cache.restore_faces(&post, img, work.gfpgan_visibility)
             };
@@ -575,8 +537,8 @@ impl Worker {
                     up = blend(&up, &up2, spec.upscaler_2_visibility);
                 }
                 img = up;
-                info.push(format!("Postprocess upscale by: {factor}"));
-                info.push(format!("Postprocess upscaler: {}", spec.upscaler_1));
+                info.push("Postprocess upscale by", factor);
+                info.push("Postprocess upscaler", &spec.upscaler_1);
                 if let Some((w, h, crop)) = exact {
                     img = if crop {
                         img.resize_to_fill(w, h, image::imageops::FilterType::Lanczos3)
@@ -589,9 +551,9 @@ impl Worker {
                 img = restore(&mut self.post, &img)?;
             }
             if work.gfpgan_visibility > 0.0 {
-                info.push(format!("GFPGAN visibility: {}", work.gfpgan_visibility));
+                info.push("GFPGAN visibility", work.gfpgan_visibility);
             }
-            let infotext = info.join(", ");
+            let infotext = info.fields_line();
             let png = encode_png(&img.to_rgb8(), (!infotext.is_empty()).then_some(&infotext))
                 .map_err(|e| format!("{name}: {e}"))?;
             self.keep(job, png, None, infotext, work.save)?;

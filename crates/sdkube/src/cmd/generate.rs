@@ -6,11 +6,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
+use candle_core::Device;
+use image::imageops::FilterType;
+use image::DynamicImage;
 use indicatif::{ProgressBar, ProgressStyle};
 use sdkube_models::{LoadOptions, Prediction};
 use sdkube_pipeline::image_io::{encode_png, read_image};
 use sdkube_pipeline::sampler::Flow;
-use sdkube_pipeline::{Engine, Request};
+use sdkube_pipeline::{Engine, HiresError, HiresFix, Progress, Request};
+use sdkube_restore::{Esrgan, TileOptions};
 
 use super::device::{DeviceArgs, Precision};
 use super::fetch::StoreArgs;
@@ -106,6 +110,20 @@ pub struct Args {
     pub mask_blur: u32,
     #[arg(long, default_value_t = 150)]
     pub max_steps: usize,
+    /// Hires fix (A1111's "Hires. fix"): after the first pass, upscale by this factor (1 to 8)
+    /// and run img2img at the larger size.
+    #[arg(long)]
+    pub hires_scale: Option<f64>,
+    /// Hires fix: second-pass steps (0 = as many as the first pass).
+    #[arg(long, default_value_t = 0)]
+    pub hires_steps: usize,
+    /// Hires fix: denoising strength of the second pass.
+    #[arg(long, default_value_t = 0.7)]
+    pub hires_denoise: f64,
+    /// Hires fix: "Latent" (the latent is resized), "Lanczos", "Nearest", "None", or a
+    /// RealESRGAN weight file (`.pth`, `.safetensors`).
+    #[arg(long, default_value = "Latent")]
+    pub hires_upscaler: String,
     /// Output folder.
     #[arg(long, default_value = "outputs")]
     pub out: PathBuf,
@@ -162,6 +180,26 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         engine.set_embeddings(set);
     }
     engine.validate(&req)?;
+    let hires = args
+        .hires_scale
+        .map(|scale| {
+            HiresFix::scaled(
+                &req,
+                scale,
+                &args.hires_upscaler,
+                args.hires_steps,
+                args.hires_denoise,
+            )
+        })
+        .transpose()?;
+    // The upscaler is loaded before any work, so that a bad name fails at once.
+    let mut upscaler = match &hires {
+        Some(h) => {
+            engine.validate(&h.second_pass(&req, seed))?;
+            Some(ImageUpscaler::new(&h.upscaler, engine.device())?)
+        }
+        None => None,
+    };
     eprintln!(
         "{} model {name} on {:?} ({}), seed {seed}",
         engine.family().name(),
@@ -172,11 +210,26 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     bar.set_style(ProgressStyle::with_template(
         "{bar:40} {pos}/{len} steps  {elapsed} (eta {eta})",
     )?);
-    let images = engine.generate(&req, &mut |p| {
+    let mut on_step = |p: &Progress| {
         bar.set_length(p.total as u64);
         bar.set_position(p.step as u64 + 1);
         Flow::Continue
-    })?;
+    };
+    let mut images = engine.generate(&req, &mut on_step)?;
+    if let (Some(h), Some(upscaler)) = (&hires, upscaler.as_mut()) {
+        let mut upscale = |_: &str, img: &DynamicImage, factor: f32| upscaler.run(img, factor);
+        images = images
+            .iter()
+            .map(|g| {
+                engine
+                    .hires_fix(&req, g, h, &mut upscale, &mut on_step)
+                    .map_err(|e| match e {
+                        HiresError::Upscale(e) => e.context("hires fix upscaler"),
+                        HiresError::Generate(e) => anyhow::Error::from(e).context("hires fix"),
+                    })
+            })
+            .collect::<anyhow::Result<_>>()?;
+    }
     bar.finish_and_clear();
 
     // Encode everything first so that a failure leaves nothing behind.
@@ -193,4 +246,41 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         println!("{}", args.out.join(name).display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The hires fix's image upscaler: a plain resize, or a RealESRGAN network from a file.
+enum ImageUpscaler {
+    Resize(Option<FilterType>),
+    Esrgan(Box<Esrgan>),
+}
+
+impl ImageUpscaler {
+    fn new(name: &str, device: &Device) -> anyhow::Result<Self> {
+        Ok(match name {
+            n if n.starts_with("Latent") || n.eq_ignore_ascii_case("None") => Self::Resize(None),
+            n if n.eq_ignore_ascii_case("Lanczos") => Self::Resize(Some(FilterType::Lanczos3)),
+            n if n.eq_ignore_ascii_case("Nearest") => Self::Resize(Some(FilterType::Nearest)),
+            path => {
+                let net = Esrgan::load(Path::new(path), None, device).with_context(|| {
+                    format!(
+                        "--hires-upscaler {path}: not Latent, Lanczos, Nearest or None, \
+                         and not a readable RealESRGAN weight file"
+                    )
+                })?;
+                Self::Esrgan(Box::new(net))
+            }
+        })
+    }
+
+    fn run(&mut self, img: &DynamicImage, factor: f32) -> anyhow::Result<DynamicImage> {
+        let (w, h) = (
+            ((img.width() as f32 * factor).round() as u32).max(1),
+            ((img.height() as f32 * factor).round() as u32).max(1),
+        );
+        Ok(match self {
+            Self::Resize(None) => img.clone(),
+            Self::Resize(Some(filter)) => img.resize_exact(w, h, *filter),
+            Self::Esrgan(net) => net.upscale_image(img, &TileOptions::default(), Some(factor))?,
+        })
+    }
 }

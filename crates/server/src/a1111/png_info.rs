@@ -2,6 +2,7 @@
 //! the parser of that text.
 
 use axum::Json;
+use sdkube_pipeline::Infotext;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
@@ -49,74 +50,31 @@ pub async fn png_info(
     }))
 }
 
-/// A1111's infotext → fields: prompt, negative prompt, then `Key: value` pairs (values may be
-/// quoted when they contain commas).
+/// A1111's infotext → fields (`parse_generation_parameters`): `Prompt`, `Negative prompt`,
+/// then each `Key: value`, numbers as JSON numbers; a `WxH` value also as `Key-1`/`Key-2`.
 pub fn parse_infotext(text: &str) -> Map<String, Value> {
     let mut out = Map::new();
     if text.trim().is_empty() {
         return out;
     }
-    let mut lines: Vec<&str> = text.lines().collect();
-    let last = lines.last().copied().unwrap_or("");
-    let params_line = if last.contains("Steps: ") {
-        lines.pop()
-    } else {
-        None
-    };
-    let mut prompt = Vec::new();
-    let mut negative = Vec::new();
-    let mut in_negative = false;
-    for l in lines {
-        if let Some(rest) = l.strip_prefix("Negative prompt:") {
-            in_negative = true;
-            negative.push(rest.trim_start());
-        } else if in_negative {
-            negative.push(l);
-        } else {
-            prompt.push(l);
-        }
+    let parsed = Infotext::parse(text);
+    for (i, (k, v)) in parsed.parameters().into_iter().enumerate() {
+        // The prompts stay text even when they read as numbers.
+        let value = if i < 2 { Value::String(v) } else { typed(&v) };
+        out.insert(k, value);
     }
-    out.insert("Prompt".into(), Value::String(prompt.join("\n")));
-    out.insert("Negative prompt".into(), Value::String(negative.join("\n")));
-    if let Some(line) = params_line {
-        for (k, v) in split_params(line) {
-            let value = match v.parse::<f64>() {
-                Ok(_) if v.parse::<i64>().is_ok() => json!(v.parse::<i64>().unwrap_or(0)),
-                Ok(n) => json!(n),
-                Err(_) => Value::String(v.to_string()),
-            };
-            if k == "Size" {
-                if let Some((w, h)) = v.split_once('x') {
-                    out.insert("Size-1".into(), json!(w.parse::<i64>().unwrap_or(0)));
-                    out.insert("Size-2".into(), json!(h.parse::<i64>().unwrap_or(0)));
-                }
-            }
-            out.insert(k.to_string(), value);
-        }
+    // Kept whole as well, as earlier versions of this endpoint answered.
+    for (k, v) in &parsed.fields {
+        out.entry(k.clone()).or_insert_with(|| typed(v));
     }
     out
 }
 
-/// `Key: value, Key: "quoted, value", …`
-fn split_params(line: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut rest = line.trim();
-    while !rest.is_empty() {
-        let Some(colon) = rest.find(": ") else { break };
-        let key = rest[..colon].trim().to_string();
-        rest = &rest[colon + 2..];
-        let value;
-        if let Some(stripped) = rest.strip_prefix('"') {
-            let end = stripped.find('"').unwrap_or(stripped.len());
-            value = stripped[..end].to_string();
-            rest = stripped.get(end + 1..).unwrap_or("");
-            rest = rest.trim_start_matches(',').trim_start();
-        } else {
-            let end = rest.find(", ").unwrap_or(rest.len());
-            value = rest[..end].to_string();
-            rest = rest.get(end + 2..).unwrap_or("");
-        }
-        out.push((key, value));
+/// A value as JSON: a whole number, a number, else the text.
+fn typed(v: &str) -> Value {
+    match (v.parse::<i64>(), v.parse::<f64>()) {
+        (Ok(n), _) => json!(n),
+        (_, Ok(n)) if n.is_finite() => json!(n),
+        _ => Value::String(v.to_string()),
     }
-    out
 }
