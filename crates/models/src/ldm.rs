@@ -357,3 +357,81 @@ pub fn infer_vae_config(ldm: &TensorMap, scaling_factor: f64) -> Result<VaeConfi
         scaling_factor,
     })
 }
+
+/// The original LDM/SGM path (`input_blocks.4.1.proj_in`) of a diffusers UNet module path
+/// (`down_blocks.1.attentions.0.proj_in`): the inverse of [`convert_unet`]'s renaming, which
+/// kohya's SDXL LoRAs name their modules by. `up_attention[l]` tells whether up level `l` has
+/// attentions (its upsampler then sits in slot 2, else 1).
+pub fn ldm_unet_module(
+    path: &str,
+    layers_per_block: usize,
+    up_attention: &[bool],
+) -> Option<String> {
+    let lpb = layers_per_block;
+    let resnet = |rest: &[&str]| -> String {
+        let first = match rest.first().copied().unwrap_or("") {
+            "norm1" => "in_layers.0",
+            "conv1" => "in_layers.2",
+            "time_emb_proj" => "emb_layers.1",
+            "norm2" => "out_layers.0",
+            "conv2" => "out_layers.3",
+            "conv_shortcut" => "skip_connection",
+            other => other,
+        };
+        std::iter::once(first)
+            .chain(rest.iter().skip(1).copied())
+            .collect::<Vec<_>>()
+            .join(".")
+    };
+    let parts: Vec<&str> = path.split('.').collect();
+    let index = |s: &str| s.parse::<usize>().ok();
+    Some(
+        match parts.as_slice() {
+            ["conv_in", rest @ ..] => format!("input_blocks.0.0.{}", rest.join(".")),
+            ["time_embedding", "linear_1", rest @ ..] => format!("time_embed.0.{}", rest.join(".")),
+            ["time_embedding", "linear_2", rest @ ..] => format!("time_embed.2.{}", rest.join(".")),
+            ["add_embedding", "linear_1", rest @ ..] => format!("label_emb.0.0.{}", rest.join(".")),
+            ["add_embedding", "linear_2", rest @ ..] => format!("label_emb.0.2.{}", rest.join(".")),
+            ["conv_norm_out", rest @ ..] => format!("out.0.{}", rest.join(".")),
+            ["conv_out", rest @ ..] => format!("out.2.{}", rest.join(".")),
+            ["down_blocks", l, "resnets", j, rest @ ..] => {
+                let n = 1 + index(l)? * (lpb + 1) + index(j)?;
+                format!("input_blocks.{n}.0.{}", resnet(rest))
+            }
+            ["down_blocks", l, "attentions", j, rest @ ..] => {
+                let n = 1 + index(l)? * (lpb + 1) + index(j)?;
+                format!("input_blocks.{n}.1.{}", rest.join("."))
+            }
+            ["down_blocks", l, "downsamplers", "0", "conv", rest @ ..] => {
+                let n = 1 + index(l)? * (lpb + 1) + lpb;
+                format!("input_blocks.{n}.0.op.{}", rest.join("."))
+            }
+            ["mid_block", "resnets", j, rest @ ..] => {
+                format!("middle_block.{}.{}", 2 * index(j)?, resnet(rest))
+            }
+            ["mid_block", "attentions", "0", rest @ ..] => {
+                format!("middle_block.1.{}", rest.join("."))
+            }
+            ["up_blocks", l, "resnets", j, rest @ ..] => {
+                let n = index(l)? * (lpb + 1) + index(j)?;
+                format!("output_blocks.{n}.0.{}", resnet(rest))
+            }
+            ["up_blocks", l, "attentions", j, rest @ ..] => {
+                let n = index(l)? * (lpb + 1) + index(j)?;
+                format!("output_blocks.{n}.1.{}", rest.join("."))
+            }
+            ["up_blocks", l, "upsamplers", "0", rest @ ..] => {
+                let level = index(l)?;
+                let slot = if *up_attention.get(level)? { 2 } else { 1 };
+                format!(
+                    "output_blocks.{}.{slot}.{}",
+                    level * (lpb + 1) + lpb,
+                    rest.join(".")
+                )
+            }
+            _ => return None,
+        }
+        .trim_end_matches('.')
+        .to_string(),
+    )
+}

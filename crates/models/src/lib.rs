@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod ldm;
+pub mod lora;
 pub mod presets;
 pub mod unet;
 pub mod vae;
