@@ -6,6 +6,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use image::{imageops, DynamicImage, GrayImage, RgbImage};
 use sdkube_models::clip::ClipTextModel;
+use sdkube_models::lora::Part;
 use sdkube_models::unet::{AddedConditioning, UNet2DConditionModel};
 use sdkube_models::vae::AutoencoderKL;
 use sdkube_models::{Family, SdWeights};
@@ -15,6 +16,7 @@ use crate::image_io::{
     crop_resize, image_to_tensor, latent_preview, mask_to_tensor, tensor_to_images,
 };
 use crate::infotext::{self, ImageInfo, Infotext};
+use crate::loras::{self, LoraLibrary, LoraNetworks};
 use crate::prompt::{parse_prompt_attention, BREAK_WEIGHT};
 use crate::sampler::{
     self, Flow, ModelScalings, NoiseSchedule, NoiseSource, Plan, SamplerError, SamplerSpec,
@@ -145,6 +147,7 @@ impl Request {
             && self.scheduler == other.scheduler
             && self.cfg_scale == other.cfg_scale
             && self.clip_skip == other.clip_skip
+            && loras::tags_of(&self.prompt) == loras::tags_of(&other.prompt)
     }
 }
 
@@ -238,6 +241,8 @@ pub struct Engine {
     model_name: String,
     /// Textual-inversion embeddings prompts may name.
     embeddings: EmbeddingSet,
+    /// LoRA files prompts may name, and the set the networks run with.
+    loras: LoraNetworks,
     /// Bounds every request is checked against.
     pub limits: Limits,
 }
@@ -253,15 +258,17 @@ impl Engine {
         vram: VramMode,
     ) -> Result<Self, Error> {
         let tokenizer = ClipTokenizer::new().map_err(|e| Error::Invalid(e.to_string()))?;
+        // The LoRA state keeps the base weights; the resident networks share their memory.
+        let loras = LoraNetworks::new(&weights, &device, dtype, vram == VramMode::High)?;
         let resident = match vram {
             VramMode::High => Some(Networks {
-                clip: weights.text_encoder.build(&device, dtype)?,
+                clip: loras.build_clip(&weights, Part::TextEncoder)?,
                 clip_g: weights
                     .text_encoder_2
                     .as_ref()
-                    .map(|c| c.build(&device, dtype))
+                    .map(|_| loras.build_clip(&weights, Part::TextEncoder2))
                     .transpose()?,
-                unet: weights.unet.build(&device, dtype)?,
+                unet: loras.build_unet(&weights)?,
                 vae: weights.vae.build(&device, dtype)?,
             }),
             VramMode::Low => None,
@@ -269,6 +276,7 @@ impl Engine {
         let embeddings = EmbeddingSet::empty(TextWidths::of(&weights));
         Ok(Self {
             embeddings,
+            loras,
             weights,
             device,
             dtype,
@@ -279,6 +287,69 @@ impl Engine {
             model_name: model_name.to_string(),
             limits: Limits::default(),
         })
+    }
+
+    /// Uses the LoRA files of `library` from now on.
+    pub fn set_loras(&mut self, library: LoraLibrary) {
+        self.loras.set_library(library);
+    }
+
+    /// The LoRA files prompts may name.
+    pub fn loras(&self) -> &LoraLibrary {
+        self.loras.library()
+    }
+
+    /// Scans the LoRA folders again (A1111's `refresh-loras`).
+    pub fn refresh_loras(&mut self) {
+        self.loras.refresh();
+    }
+
+    /// A1111's "Lora hashes" entries of the LoRAs `req`'s prompt names.
+    pub(crate) fn lora_hashes(&self, req: &Request) -> Vec<String> {
+        self.loras.hashes(&loras::tags_of(&req.prompt))
+    }
+
+    /// Takes the `<lora:…>` tags out of the requests' prompts and makes their LoRAs the ones
+    /// the networks run with, rebuilding only the networks whose deltas change.
+    fn apply_loras(&mut self, reqs: &[Request]) -> Result<Vec<Request>, Error> {
+        let mut stripped = Vec::with_capacity(reqs.len());
+        let mut tags = None;
+        for r in reqs {
+            let (prompt, t) = loras::extract_tags(&r.prompt)?;
+            match &tags {
+                Some(first) if *first != t => {
+                    return Err(Error::Invalid(
+                        "requests with different LoRAs cannot share a batch".into(),
+                    ))
+                }
+                _ => tags = Some(t),
+            }
+            stripped.push(Request {
+                prompt,
+                ..r.clone()
+            });
+        }
+        let started = Instant::now();
+        let rebuild = self
+            .loras
+            .activate(&tags.unwrap_or_default(), &self.weights)?;
+        if let (Some(n), false) = (&mut self.resident, rebuild.is_empty()) {
+            for part in &rebuild {
+                match part {
+                    Part::TextEncoder => n.clip = self.loras.build_clip(&self.weights, *part)?,
+                    Part::TextEncoder2 => {
+                        n.clip_g = Some(self.loras.build_clip(&self.weights, *part)?)
+                    }
+                    Part::UNet => n.unet = self.loras.build_unet(&self.weights)?,
+                }
+            }
+            tracing::info!(
+                networks = ?rebuild,
+                seconds = started.elapsed().as_secs_f64(),
+                "LoRAs switched"
+            );
+        }
+        Ok(stripped)
     }
 
     /// Uses `set` from now on, re-sorted into loaded/skipped for this model's encoders.
@@ -359,12 +430,14 @@ impl Engine {
                 "a mask needs an init image (inpainting)".into(),
             ));
         }
-        let text_tokens: usize = parse_prompt_attention(&req.prompt)
+        let (prompt, tags) = loras::extract_tags(&req.prompt)?;
+        self.loras.check_names(&tags)?;
+        let text_tokens: usize = parse_prompt_attention(&prompt)
             .iter()
             .filter(|(text, weight)| !(text == "BREAK" && *weight == BREAK_WEIGHT))
             .map(|(text, _)| self.tokenizer.encode(text).len())
             .sum();
-        if !req.prompt.trim().is_empty() && text_tokens == 0 {
+        if !prompt.trim().is_empty() && text_tokens == 0 {
             return Err(Error::Invalid(format!(
                 "the prompt {:?} tokenizes to nothing",
                 req.prompt
@@ -422,12 +495,12 @@ impl Engine {
         match &self.resident {
             Some(n) => encode(&n.clip, n.clip_g.as_ref()),
             None => {
-                let clip = self.weights.text_encoder.build(&self.device, self.dtype)?;
+                let clip = self.loras.build_clip(&self.weights, Part::TextEncoder)?;
                 let clip_g = self
                     .weights
                     .text_encoder_2
                     .as_ref()
-                    .map(|c| c.build(&self.device, self.dtype))
+                    .map(|_| self.loras.build_clip(&self.weights, Part::TextEncoder2))
                     .transpose()?;
                 encode(&clip, clip_g.as_ref())
             }
@@ -468,7 +541,10 @@ impl Engine {
     pub fn can_batch(&self, a: &Request, b: &Request) -> bool {
         let index = self.embeddings.index();
         let chunks = |r: &Request| {
-            let p = PromptTokens::new(&self.tokenizer, &r.prompt, index).chunk_count();
+            let prompt =
+                loras::extract_tags(&r.prompt).map_or_else(|_| r.prompt.clone(), |(p, _)| p);
+            let p = PromptTokens::new(&self.tokenizer, &prompt, index).chunk_count();
+
             let n = PromptTokens::new(&self.tokenizer, &r.negative_prompt, index).chunk_count();
             p.max(n)
         };
@@ -508,6 +584,10 @@ impl Engine {
         overrides: Overrides,
         on_step: &mut dyn FnMut(&Progress) -> Flow,
     ) -> Result<Vec<Vec<Generated>>, Error> {
+        // Infotexts keep the prompts as given, tags included (as A1111 writes them).
+        let given = reqs;
+        let stripped = self.apply_loras(reqs)?;
+        let reqs = &stripped[..];
         let Some(req) = reqs.first() else {
             return Ok(Vec::new());
         };
@@ -619,7 +699,7 @@ impl Engine {
             let unet: &UNet2DConditionModel = match &self.resident {
                 Some(n) => &n.unet,
                 None => {
-                    owned_unet = self.weights.unet.build(&dev, dt)?;
+                    owned_unet = self.loras.build_unet(&self.weights)?;
                     &owned_unet
                 }
             };
@@ -679,20 +759,22 @@ impl Engine {
         let mut images = images.into_iter().zip(seeds).zip(latents);
         Ok(reqs
             .iter()
+            .zip(given)
             .zip(&specs)
-            .map(|(r, spec)| {
+            .map(|((r, given), spec)| {
                 images
                     .by_ref()
                     .take(r.batch_size)
                     .map(|((image, seed), latent)| {
                         let parameters = infotext::generation(
-                            r,
+                            given,
                             &ImageInfo {
                                 spec,
                                 seed,
                                 model: &self.model_name,
                                 family: self.weights.family,
                                 ti_hashes: &self.ti_hashes(r),
+                                lora_hashes: &self.lora_hashes(given),
                                 hires: None,
                             },
                         );

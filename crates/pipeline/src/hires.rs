@@ -144,6 +144,7 @@ impl Engine {
                 model: self.model_name(),
                 family: self.family(),
                 ti_hashes: &ti_hashes,
+                lora_hashes: &self.lora_hashes(first),
                 hires: Some(hires),
             },
         );

@@ -197,6 +197,8 @@ pub struct ImageInfo<'a> {
     pub family: Family,
     /// `name: hash` of each textual-inversion embedding used.
     pub ti_hashes: &'a [String],
+    /// `name: hash` of each LoRA the prompt names.
+    pub lora_hashes: &'a [String],
     /// The hires fix run after the first pass, if any.
     pub hires: Option<&'a HiresFix>,
 }
@@ -229,6 +231,9 @@ pub fn generation(req: &Request, info: &ImageInfo<'_>) -> Infotext {
     }
     if req.mask.is_some() {
         t.push("Mask blur", req.mask_blur);
+    }
+    if !info.lora_hashes.is_empty() {
+        t.push("Lora hashes", info.lora_hashes.join(", "));
     }
     if !info.ti_hashes.is_empty() {
         t.push("TI hashes", info.ti_hashes.join(", "));

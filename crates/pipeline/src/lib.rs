@@ -5,6 +5,7 @@ pub mod generate;
 pub mod hires;
 pub mod image_io;
 pub mod infotext;
+pub mod loras;
 pub mod prompt;
 pub mod sampler;
 pub mod text;

@@ -1,0 +1,531 @@
+//! LoRA in generation: A1111's extra-network prompt tags (`<lora:name>`, `<lora:name:w>`,
+//! `<lora:name:te:unet>`, `te=`/`unet=`), the folders of LoRA files (`--lora-dirs`), and the
+//! patched weights a job's networks are built from.
+//!
+//! The tags are read as A1111's `extensions-builtin/Lora/extra_networks_lora.py` reads them:
+//! the first number is the text-encoder multiplier, the second the UNet's (default: the
+//! first). They are removed from the prompt before it is tokenized; a name no folder has is
+//! an error naming it (A1111 only warns, which leaves users wondering why nothing changed).
+//!
+//! A LoRA's weights are never merged into the loaded model: [`LoraNetworks`] keeps the base
+//! weights (on the device with `--vram high`) and builds a network from the base map with
+//! the touched tensors replaced by `W + Σ w·ΔW` ([`sdkube_models::lora::patch`]). Switching
+//! LoRAs therefore costs the deltas of the touched tensors and the rebuild of the networks
+//! they belong to (no copy of untouched weights), never a model load.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Instant, SystemTime};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use sdkube_models::clip::ClipTextModel;
+use sdkube_models::ldm::TensorMap;
+use sdkube_models::lora::{self, BoundLora, LoraFile, Part};
+use sdkube_models::unet::UNet2DConditionModel;
+use sdkube_models::SdWeights;
+use sha2::{Digest, Sha256};
+
+use crate::Error;
+
+/// File extensions scanned for LoRAs (A1111's list).
+pub const EXTENSIONS: [&str; 3] = ["safetensors", "pt", "ckpt"];
+
+/// One `<lora:…>` tag of a prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraTag {
+    /// The LoRA's name (file stem, or the alias from its metadata).
+    pub name: String,
+    /// Multiplier of its text-encoder deltas.
+    pub te: f64,
+    /// Multiplier of its UNet deltas.
+    pub unet: f64,
+}
+
+fn tag_regex() -> &'static regex::Regex {
+    static RE: OnceLock<regex::Regex> = OnceLock::new();
+    // A1111's `re_extra_net`.
+    RE.get_or_init(|| regex::Regex::new(r"<(\w+):([^>]+)>").expect("valid regex"))
+}
+
+fn parse_tag(args: &str) -> Result<LoraTag, String> {
+    let mut positional = Vec::new();
+    let mut named = HashMap::new();
+    for a in args.split(':') {
+        match a.split_once('=') {
+            Some((k, v)) => {
+                named.insert(k.trim(), v.trim());
+            }
+            None => positional.push(a.trim()),
+        }
+    }
+    let name = positional.first().copied().unwrap_or("").to_string();
+    if name.is_empty() {
+        return Err("no LoRA name".into());
+    }
+    let number = |s: &str| {
+        s.parse::<f64>()
+            .ok()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| format!("`{s}` is not a multiplier"))
+    };
+    let mut te = positional.get(1).map_or(Ok(1.0), |s| number(s))?;
+    if let Some(v) = named.remove("te") {
+        te = number(v)?;
+    }
+    let mut unet = positional.get(2).map_or(Ok(te), |s| number(s))?;
+    if let Some(v) = named.remove("unet") {
+        unet = number(v)?;
+    }
+    if positional.len() > 3 || !named.is_empty() {
+        return Err("only `name`, `te` and `unet` are supported (no `dyn`)".into());
+    }
+    Ok(LoraTag { name, te, unet })
+}
+
+/// The prompt without its `<lora:…>` (or `<lyco:…>`) tags, and the tags. Other extra-network
+/// tags stay in the text.
+pub fn extract_tags(prompt: &str) -> Result<(String, Vec<LoraTag>), Error> {
+    let mut tags = Vec::new();
+    let mut bad = None;
+    let text = tag_regex().replace_all(prompt, |c: &regex::Captures| {
+        if &c[1] != "lora" && &c[1] != "lyco" {
+            return c[0].to_string();
+        }
+        match parse_tag(&c[2]) {
+            Ok(t) => tags.push(t),
+            Err(why) => bad = Some(format!("bad LoRA tag {}: {why}", &c[0])),
+        }
+        String::new()
+    });
+    match bad {
+        Some(msg) => Err(Error::Invalid(msg)),
+        None => Ok((text.into_owned(), tags)),
+    }
+}
+
+/// The tags of a prompt, or none when it has bad ones (batching compares these).
+pub fn tags_of(prompt: &str) -> Vec<LoraTag> {
+    extract_tags(prompt).map(|(_, t)| t).unwrap_or_default()
+}
+
+/// What the API lists about a LoRA file (A1111's `/sdapi/v1/loras` fields).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LoraInfo {
+    /// File stem: the name a prompt tag uses.
+    pub name: String,
+    /// `ss_output_name` from the metadata, else the name; tags may use it too.
+    pub alias: String,
+    /// The file.
+    pub path: PathBuf,
+    /// The safetensors header's `__metadata__`, values that are JSON objects parsed (as A1111).
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+type Stamp = (u64, Option<SystemTime>);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()))
+}
+
+/// The LoRA files under some folders (subfolders included, hidden entries skipped).
+#[derive(Debug, Default)]
+pub struct LoraLibrary {
+    dirs: Vec<PathBuf>,
+    entries: Vec<LoraInfo>,
+    hashes: Mutex<HashMap<PathBuf, (Stamp, String)>>,
+}
+
+impl LoraLibrary {
+    /// Scans `dirs` (missing folders list nothing).
+    pub fn new(dirs: Vec<PathBuf>) -> Self {
+        let mut lib = Self {
+            dirs,
+            ..Self::default()
+        };
+        lib.refresh();
+        lib
+    }
+
+    /// The folders scanned.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// Scans the folders again (A1111's `refresh-loras`).
+    pub fn refresh(&mut self) {
+        let mut files = Vec::new();
+        for dir in &self.dirs {
+            scan(dir, &mut files);
+        }
+        files.sort();
+        let mut entries: Vec<LoraInfo> = Vec::new();
+        for path in files {
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if entries.iter().any(|e| e.name == name) {
+                tracing::warn!(path = %path.display(), "LoRA name already used by another file");
+                continue;
+            }
+            let raw = lora::read_metadata(&path).unwrap_or_default();
+            let alias = raw
+                .get("ss_output_name")
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .unwrap_or_else(|| name.clone());
+            let metadata = raw
+                .into_iter()
+                .map(|(k, v)| {
+                    let parsed = v
+                        .starts_with('{')
+                        .then(|| serde_json::from_str(&v).ok())
+                        .flatten();
+                    (k, parsed.unwrap_or(serde_json::Value::String(v)))
+                })
+                .collect();
+            entries.push(LoraInfo {
+                name,
+                alias,
+                path,
+                metadata,
+            });
+        }
+        self.entries = entries;
+    }
+
+    /// Every LoRA found, by name.
+    pub fn list(&self) -> &[LoraInfo] {
+        &self.entries
+    }
+
+    /// The LoRA a tag names: by file name first, then by alias.
+    pub fn get(&self, name: &str) -> Option<&LoraInfo> {
+        self.entries
+            .iter()
+            .find(|e| e.name == name)
+            .or_else(|| self.entries.iter().find(|e| e.alias == name))
+    }
+
+    /// A1111's short hash of a LoRA file: the metadata's `sshs_model_hash`, else the sha256 of
+    /// a safetensors file's tensor data (the bytes after the header: the "addnet" hash, so
+    /// editing metadata keeps it) or of a whole other file; the first 12 hex digits.
+    pub fn short_hash(&self, info: &LoraInfo) -> std::io::Result<String> {
+        if let Some(serde_json::Value::String(h)) = info.metadata.get("sshs_model_hash") {
+            return Ok(h.chars().take(12).collect());
+        }
+        let now = stamp(&info.path);
+        let mut cache = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, h)) = cache.get(&info.path) {
+            if Some(*s) == now {
+                return Ok(h.clone());
+            }
+        }
+        let hash = file_hash(&info.path)?;
+        if let Some(s) = now {
+            cache.insert(info.path.clone(), (s, hash.clone()));
+        }
+        Ok(hash)
+    }
+}
+
+fn file_hash(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let safetensors = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if safetensors {
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len)?;
+        f.seek(SeekFrom::Start(8 + u64::from_le_bytes(len)))?;
+    }
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+fn scan(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        if path.is_dir() {
+            scan(&path, out);
+        } else if path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        {
+            out.push(path);
+        }
+    }
+}
+
+/// One LoRA in use, at its multipliers.
+#[derive(Debug, Clone)]
+struct InUse {
+    lora: Arc<BoundLora>,
+    te: f64,
+    unet: f64,
+}
+
+impl InUse {
+    fn multiplier(&self, part: Part) -> f64 {
+        if part.is_text() {
+            self.te
+        } else {
+            self.unet
+        }
+    }
+}
+
+/// The networks' weights on the device, kept unpatched (`--vram high`).
+#[derive(Debug)]
+struct DeviceWeights {
+    te: TensorMap,
+    te2: Option<TensorMap>,
+    unet: TensorMap,
+}
+
+fn upload(map: &TensorMap, device: &Device, dtype: DType) -> candle_core::Result<TensorMap> {
+    map.iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(device)?.to_dtype(dtype)?)))
+        .collect()
+}
+
+/// LoRAs for one engine: the library, the files read and bound to its model, the set in use,
+/// and the base weights patched networks are built from.
+#[derive(Debug)]
+pub struct LoraNetworks {
+    library: LoraLibrary,
+    bound: HashMap<PathBuf, (Option<Stamp>, Arc<BoundLora>)>,
+    active: Vec<InUse>,
+    base: Option<DeviceWeights>,
+    device: Device,
+    dtype: DType,
+}
+
+impl LoraNetworks {
+    /// No LoRAs yet; with `resident`, the base weights are uploaded to `device` once, so that
+    /// networks built from them share their memory.
+    pub(crate) fn new(
+        weights: &SdWeights,
+        device: &Device,
+        dtype: DType,
+        resident: bool,
+    ) -> Result<Self, Error> {
+        let base = match resident {
+            true => Some(DeviceWeights {
+                te: upload(&weights.text_encoder.tensors, device, dtype)?,
+                te2: weights
+                    .text_encoder_2
+                    .as_ref()
+                    .map(|c| upload(&c.tensors, device, dtype))
+                    .transpose()?,
+                unet: upload(&weights.unet.tensors, device, dtype)?,
+            }),
+            false => None,
+        };
+        Ok(Self {
+            library: LoraLibrary::default(),
+            bound: HashMap::new(),
+            active: Vec::new(),
+            base,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The LoRA files prompts may name.
+    pub fn library(&self) -> &LoraLibrary {
+        &self.library
+    }
+
+    pub(crate) fn set_library(&mut self, library: LoraLibrary) {
+        self.library = library;
+        self.bound.clear();
+    }
+
+    pub(crate) fn refresh(&mut self) {
+        self.library.refresh();
+    }
+
+    /// Checks that every tag names a known LoRA.
+    pub(crate) fn check_names(&self, tags: &[LoraTag]) -> Result<(), Error> {
+        for t in tags {
+            if self.library.get(&t.name).is_none() {
+                let dirs: Vec<String> = self
+                    .library
+                    .dirs()
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect();
+                return Err(Error::Invalid(format!(
+                    "unknown LoRA `{}` in the prompt: no such file in the LoRA folders ({})",
+                    t.name,
+                    if dirs.is_empty() {
+                        "none set: --lora-dirs".to_string()
+                    } else {
+                        dirs.join(", ")
+                    }
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A1111's "Lora hashes" entries (`name: hash`, the name as the prompt gives it, `:` and
+    /// `,` removed) of `tags`.
+    pub(crate) fn hashes(&self, tags: &[LoraTag]) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for t in tags {
+            let Some(info) = self.library.get(&t.name) else {
+                continue;
+            };
+            let Ok(hash) = self.library.short_hash(info) else {
+                continue;
+            };
+            let name: String = t.name.chars().filter(|c| *c != ':' && *c != ',').collect();
+            let entry = format!("{name}: {hash}");
+            if !out.contains(&entry) {
+                out.push(entry);
+            }
+        }
+        out
+    }
+
+    fn resolve(&mut self, tags: &[LoraTag], weights: &SdWeights) -> Result<Vec<InUse>, Error> {
+        self.check_names(tags)?;
+        let mut out = Vec::with_capacity(tags.len());
+        for t in tags {
+            let path = self.library.get(&t.name).map(|i| i.path.clone());
+            let path = path.expect("checked above");
+            let now = stamp(&path);
+            let lora = match self.bound.get(&path) {
+                Some((s, l)) if *s == now => l.clone(),
+                _ => {
+                    let file = LoraFile::read(&path).map_err(|e| Error::Invalid(e.to_string()))?;
+                    let bound = Arc::new(
+                        file.bind(weights)
+                            .map_err(|e| Error::Invalid(e.to_string()))?,
+                    );
+                    self.bound.insert(path, (now, bound.clone()));
+                    bound
+                }
+            };
+            out.push(InUse {
+                lora,
+                te: t.te,
+                unet: t.unet,
+            });
+        }
+        Ok(out)
+    }
+
+    fn part_set(set: &[InUse], part: Part) -> Vec<(*const BoundLora, u64)> {
+        set.iter()
+            .filter(|u| u.lora.touches(part) && u.multiplier(part) != 0.0)
+            .map(|u| (Arc::as_ptr(&u.lora), u.multiplier(part).to_bits()))
+            .collect()
+    }
+
+    /// Makes `tags` the LoRAs in use; returns the parts whose networks must be rebuilt
+    /// (only with resident networks; others are built per job anyway).
+    pub(crate) fn activate(
+        &mut self,
+        tags: &[LoraTag],
+        weights: &SdWeights,
+    ) -> Result<Vec<Part>, Error> {
+        let set = self.resolve(tags, weights)?;
+        let changed: Vec<Part> = [Part::TextEncoder, Part::TextEncoder2, Part::UNet]
+            .into_iter()
+            .filter(|p| Self::part_set(&set, *p) != Self::part_set(&self.active, *p))
+            .collect();
+        self.active = set;
+        Ok(match self.base {
+            Some(_) => changed,
+            None => Vec::new(),
+        })
+    }
+
+    /// The weights `part`'s network is built from: the base (device-resident or CPU) with the
+    /// active LoRAs' tensors patched in.
+    fn tensors(&self, weights: &SdWeights, part: Part) -> Result<TensorMap, Error> {
+        let base = match (&self.base, part) {
+            (Some(b), Part::TextEncoder) => &b.te,
+            (Some(b), Part::TextEncoder2) => b.te2.as_ref().ok_or_else(no_te2)?,
+            (Some(b), Part::UNet) => &b.unet,
+            (None, Part::TextEncoder) => &weights.text_encoder.tensors,
+            (None, Part::TextEncoder2) => {
+                &weights.text_encoder_2.as_ref().ok_or_else(no_te2)?.tensors
+            }
+            (None, Part::UNet) => &weights.unet.tensors,
+        };
+        let list: Vec<(&BoundLora, f64)> = self
+            .active
+            .iter()
+            .map(|u| (u.lora.as_ref(), u.multiplier(part)))
+            .collect();
+        let mut map = base.clone();
+        if !list.is_empty() {
+            let started = Instant::now();
+            let patched = lora::patch(base, part, &list, &self.device, self.dtype)?;
+            tracing::debug!(
+                ?part,
+                tensors = patched.len(),
+                seconds = started.elapsed().as_secs_f64(),
+                "LoRA deltas"
+            );
+            map.extend(patched);
+        }
+        Ok(map)
+    }
+
+    /// A text encoder (`Part::TextEncoder` or `TextEncoder2`) with the active LoRAs.
+    pub(crate) fn build_clip(
+        &self,
+        weights: &SdWeights,
+        part: Part,
+    ) -> Result<ClipTextModel, Error> {
+        let config = match part {
+            Part::TextEncoder2 => &weights.text_encoder_2.as_ref().ok_or_else(no_te2)?.config,
+            _ => &weights.text_encoder.config,
+        };
+        let vb = VarBuilder::from_tensors(self.tensors(weights, part)?, self.dtype, &self.device);
+        Ok(ClipTextModel::new(vb, config)?)
+    }
+
+    /// The UNet with the active LoRAs.
+    pub(crate) fn build_unet(&self, weights: &SdWeights) -> Result<UNet2DConditionModel, Error> {
+        let vb =
+            VarBuilder::from_tensors(self.tensors(weights, Part::UNet)?, self.dtype, &self.device);
+        Ok(UNet2DConditionModel::new(vb, &weights.unet.config)?)
+    }
+}
+
+fn no_te2() -> Error {
+    Error::Invalid("the model has no second text encoder".into())
+}
+
+/// Metadata of LoRA files by name, for listings that have no engine (an `api` replica).
+pub fn list_dirs(dirs: &[PathBuf]) -> Vec<LoraInfo> {
+    LoraLibrary::new(dirs.to_vec()).entries
+}
