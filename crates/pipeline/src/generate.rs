@@ -25,6 +25,7 @@ use crate::sampler::{
 use crate::text::{self, Conditioning, PromptTokens, TextEncoders};
 use crate::tokenizer::ClipTokenizer;
 use crate::vae_decode::{decode_checked, encode_tiled};
+use crate::variation::{self, Variation};
 use crate::Error;
 
 /// Which networks stay on the device between uses.
@@ -84,6 +85,20 @@ impl Request {
                 l.max_steps, self.steps
             ));
         }
+        if !(0.0..=1.0).contains(&self.subseed_strength) {
+            return bad(format!(
+                "subseed_strength must be between 0 and 1, got {}",
+                self.subseed_strength
+            ));
+        }
+        if let Some((w, h)) = self.seed_resize_from {
+            if !(8..=l.max_size).contains(&w) || !(8..=l.max_size).contains(&h) {
+                return bad(format!(
+                    "seed_resize_from {w}x{h}: each side must be between 8 and {}",
+                    l.max_size
+                ));
+            }
+        }
         if !self.cfg_scale.is_finite() || !(0.0..=100.0).contains(&self.cfg_scale) {
             return bad(format!(
                 "cfg_scale must be between 0 and 100, got {}",
@@ -127,6 +142,14 @@ pub struct Request {
     pub mask: Option<GrayImage>,
     /// Gaussian blur radius (pixels) applied to the mask.
     pub mask_blur: u32,
+    /// A1111's variation seed: with a strength above 0 every image of the request uses
+    /// `seed`, and image i's noise moves towards that of `subseed + i`.
+    pub subseed: u64,
+    /// How far the noise moves towards the variation seed's (0..1; 0 = off).
+    pub subseed_strength: f64,
+    /// A1111's "Resize seed from width/height": the noise the seed gives at this size
+    /// (width, height), centred in the noise of the real size.
+    pub seed_resize_from: Option<(usize, usize)>,
 }
 
 /// A random seed as A1111 draws one for seed -1 (32 bits, so that it fits its UI and infotext).
@@ -169,6 +192,42 @@ impl Default for Request {
             strength: 0.75,
             mask: None,
             mask_blur: 4,
+            subseed: 0,
+            subseed_strength: 0.0,
+            seed_resize_from: None,
+        }
+    }
+}
+
+impl Request {
+    /// Image i's (seed, variation seed), as A1111's `all_seeds`/`all_subseeds`: seed + i, or
+    /// with variations the same seed for all and subseed + i.
+    pub fn image_seeds(&self, i: usize) -> (u64, u64) {
+        let i = i as u64;
+        match self.subseed_strength != 0.0 {
+            true => (self.seed, self.subseed.wrapping_add(i)),
+            false => (self.seed.wrapping_add(i), self.subseed.wrapping_add(i)),
+        }
+    }
+
+    /// The request of batch `n` of A1111's batch count: its images continue the seeds
+    /// (or, with variations, the variation seeds) where batch n − 1 stopped.
+    pub fn iteration(&self, n: usize) -> Request {
+        let step = (n * self.batch_size) as u64;
+        let mut r = self.clone();
+        match self.subseed_strength != 0.0 {
+            true => r.subseed = self.subseed.wrapping_add(step),
+            false => r.seed = self.seed.wrapping_add(step),
+        }
+        r
+    }
+
+    /// What image i's starting noise adds to its seed's.
+    pub fn variation(&self, i: usize) -> Variation {
+        Variation {
+            subseed: self.image_seeds(i).1,
+            strength: self.subseed_strength,
+            resize_from: self.seed_resize_from,
         }
     }
 }
@@ -189,6 +248,8 @@ pub struct Generated {
     pub image: RgbImage,
     /// The seed it was made with.
     pub seed: u64,
+    /// Its variation seed (used when the request's `subseed_strength` is not 0).
+    pub subseed: u64,
     /// A1111's `parameters` text (what PNG Info shows): `parameters` written out.
     pub infotext: String,
     /// The generation parameters the infotext is written from.
@@ -544,7 +605,6 @@ impl Engine {
             let prompt =
                 loras::extract_tags(&r.prompt).map_or_else(|_| r.prompt.clone(), |(p, _)| p);
             let p = PromptTokens::new(&self.tokenizer, &prompt, index).chunk_count();
-
             let n = PromptTokens::new(&self.tokenizer, &r.negative_prompt, index).chunk_count();
             p.max(n)
         };
@@ -607,14 +667,27 @@ impl Engine {
 
         // Image i of a request uses seed + i, with its own noise stream, as A1111 does: it
         // comes out the same as when generated alone.
-        let seeds: Vec<u64> = reqs
+        // With variations (A1111's subseed), its own formula on the first draw.
+        let images: Vec<(&Request, usize)> = reqs
             .iter()
-            .flat_map(|r| (0..r.batch_size as u64).map(|i| r.seed.wrapping_add(i)))
+            .flat_map(|r| (0..r.batch_size).map(move |i| (r, i)))
             .collect();
-        let mut noise = BatchNoise::new(&seeds);
+        let seeds: Vec<(u64, u64)> = images.iter().map(|(r, i)| r.image_seeds(*i)).collect();
+        let main_seeds: Vec<u64> = seeds.iter().map(|s| s.0).collect();
+        let mut noise = BatchNoise::new(&main_seeds);
         let initial = match overrides.initial_noise {
             Some(n) => n.to_dtype(dt)?.to_device(&dev)?,
-            None => noise.draw(&[b, latent_channels, lh, lw], dt, &dev)?,
+            None => {
+                // Drawn as before (f32 on the CPU, then cast and moved), variations applied
+                // in between.
+                let drawn = noise.draw(&[b, latent_channels, lh, lw], DType::F32, &Device::Cpu)?;
+                let parts = images
+                    .iter()
+                    .enumerate()
+                    .map(|(k, (r, i))| variation::first_noise(r, *i, &drawn.narrow(0, k, 1)?))
+                    .collect::<Result<Vec<_>, Error>>()?;
+                Tensor::cat(&parts, 0)?.to_dtype(dt)?.to_device(&dev)?
+            }
         };
 
         // img2img / inpainting inputs in latent space.
@@ -765,12 +838,13 @@ impl Engine {
                 images
                     .by_ref()
                     .take(r.batch_size)
-                    .map(|((image, seed), latent)| {
+                    .map(|((image, (seed, subseed)), latent)| {
                         let parameters = infotext::generation(
                             given,
                             &ImageInfo {
                                 spec,
                                 seed,
+                                subseed,
                                 model: &self.model_name,
                                 family: self.weights.family,
                                 ti_hashes: &self.ti_hashes(r),
@@ -784,6 +858,7 @@ impl Engine {
                             parameters,
                             image,
                             seed,
+                            subseed,
                         }
                     })
                     .collect()

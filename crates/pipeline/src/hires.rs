@@ -61,9 +61,10 @@ impl HiresFix {
         self.upscaler.starts_with("Latent")
     }
 
-    /// The second pass's request for the image of `first` made with `seed` (its init image
-    /// still to be set).
-    pub fn second_pass(&self, first: &Request, seed: u64) -> Request {
+    /// The second pass's request for the image of `first` made with `seed` and `subseed`
+    /// (its init image still to be set): A1111 draws its noise with the same seeds and
+    /// variation settings.
+    pub fn second_pass(&self, first: &Request, seed: u64, subseed: u64) -> Request {
         Request {
             init_image: None,
             strength: self.denoising_strength,
@@ -71,6 +72,7 @@ impl HiresFix {
             width: self.width,
             height: self.height,
             seed,
+            subseed,
             batch_size: 1,
             mask: None,
             ..first.clone()
@@ -124,7 +126,7 @@ impl Engine {
         };
         let req = Request {
             init_image: Some(upscaled),
-            ..hires.second_pass(first, image.seed)
+            ..hires.second_pass(first, image.seed, image.subseed)
         };
         let overrides = Overrides {
             init_latent,
@@ -141,6 +143,7 @@ impl Engine {
             &ImageInfo {
                 spec: &spec,
                 seed: image.seed,
+                subseed: image.subseed,
                 model: self.model_name(),
                 family: self.family(),
                 ti_hashes: &ti_hashes,

@@ -191,6 +191,8 @@ pub struct ImageInfo<'a> {
     pub spec: &'a SamplerSpec,
     /// The image's seed.
     pub seed: u64,
+    /// The image's variation seed (written when the request's strength is not 0).
+    pub subseed: u64,
     /// The checkpoint's name.
     pub model: &'a str,
     /// The checkpoint's family (SDXL writes no clip skip).
@@ -213,6 +215,13 @@ pub fn generation(req: &Request, info: &ImageInfo<'_>) -> Infotext {
     t.push("Seed", info.seed);
     t.push("Size", format!("{}x{}", req.width, req.height));
     t.push("Model", info.model);
+    if req.subseed_strength != 0.0 {
+        t.push("Variation seed", info.subseed);
+        t.push("Variation seed strength", req.subseed_strength);
+    }
+    if let Some((w, h)) = req.seed_resize_from {
+        t.push("Seed resize from", format!("{w}x{h}"));
+    }
     match info.hires {
         Some(h) => t.push("Denoising strength", h.denoising_strength),
         None if req.init_image.is_some() => t.push("Denoising strength", req.strength),

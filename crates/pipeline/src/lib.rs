@@ -12,6 +12,7 @@ pub mod text;
 pub mod tokenizer;
 pub mod train;
 pub mod vae_decode;
+pub mod variation;
 
 pub use generate::{
     random_seed, upscale_latent, Engine, Generated, Limits, Overrides, Progress, Request, VramMode,

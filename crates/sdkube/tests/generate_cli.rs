@@ -349,3 +349,41 @@ fn hires_fix_doubles_the_size_and_records_it() {
         "{stderr}"
     );
 }
+
+/// Variations from the command line: one seed for the batch, variation seeds counting up,
+/// recorded as A1111 records them.
+#[test]
+fn variations_are_recorded_per_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let run = sdkube()
+        .args(base_args(&out))
+        .args([
+            "--batch-size",
+            "2",
+            "--subseed",
+            "40",
+            "--subseed-strength",
+            "0.25",
+        ])
+        .args(["--seed-resize-from", "80x48"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let text = png_parameters(&out.join("00001-5.png"));
+    assert!(
+        text.contains("Seed: 5, Size: 64x64, Model: sd1, Variation seed: 41, Variation seed strength: 0.25, Seed resize from: 80x48"),
+        "{text}"
+    );
+    let run = sdkube()
+        .args(base_args(&out))
+        .args(["--seed-resize-from", "80by48"])
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("WIDTHxHEIGHT"));
+}

@@ -333,13 +333,7 @@ impl Worker {
             }
             let reqs: Vec<Request> = jobs
                 .iter()
-                .map(|(_, g)| Request {
-                    seed: g
-                        .request
-                        .seed
-                        .wrapping_add((iter * g.request.batch_size) as u64),
-                    ..g.request.clone()
-                })
+                .map(|(_, g)| g.request.iteration(iter))
                 .collect();
             let mut last_step = Instant::now();
             let mut last_preview: Option<Instant> = None;

@@ -739,3 +739,71 @@ async fn malformed_json_is_a_4xx_with_the_reason() {
         assert!(v["detail"].as_str().unwrap().len() > 10, "{v}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn variations_follow_a1111_seeds_and_infotext() {
+    let s = start(|_| {}).await;
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            json!({"prompt": "a boat", "steps": 2, "width": 64, "height": 64, "batch_size": 2,
+                   "n_iter": 2, "seed": 500, "subseed": 20, "subseed_strength": 0.3,
+                   "seed_resize_from_w": 96, "seed_resize_from_h": 64}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    // One seed for every image; variation seeds count up over batch and batch count.
+    assert_eq!(info["all_seeds"], json!([500, 500, 500, 500]));
+    assert_eq!(info["all_subseeds"], json!([20, 21, 22, 23]));
+    assert_eq!(info["subseed_strength"], 0.3);
+    assert_eq!(info["seed_resize_from_w"], 96);
+    assert_eq!(info["sdkube_ignored_fields"], json!([]), "{info}");
+    let texts: Vec<&str> = (0..4)
+        .map(|i| info["infotexts"][i].as_str().unwrap())
+        .collect();
+    assert!(texts[3].contains("Seed: 500"), "{}", texts[3]);
+    assert!(
+        texts[3]
+            .contains("Variation seed: 23, Variation seed strength: 0.3, Seed resize from: 96x64"),
+        "{}",
+        texts[3]
+    );
+    assert_ne!(body["images"][0], body["images"][1]);
+
+    // PNG Info splits the resize size as A1111 does.
+    let (status, png) = s
+        .post("/sdapi/v1/png-info", json!({"image": body["images"][2]}))
+        .await;
+    assert_eq!(status, 200, "{png}");
+    let p = &png["parameters"];
+    assert_eq!(p["Variation seed"], 22);
+    assert_eq!(p["Seed resize from-1"], 96);
+    assert_eq!(p["Seed resize from-2"], 64);
+
+    // A random variation seed is drawn and reported; a strength over 1 is refused.
+    let (_, body) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            json!({"prompt": "a boat", "steps": 2, "width": 64, "height": 64,
+                   "subseed_strength": 0.5}),
+        )
+        .await;
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert!(info["subseed"].as_i64().unwrap() >= 0, "{info}");
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            json!({"prompt": "a boat", "steps": 2, "width": 64, "height": 64,
+                   "subseed_strength": 1.5}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("subseed_strength"),
+        "{body}"
+    );
+}

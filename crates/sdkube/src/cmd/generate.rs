@@ -88,6 +88,15 @@ pub struct Args {
     /// Seed; -1 (default) picks a random one, printed and stored in the infotext.
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     pub seed: i64,
+    /// A1111's variation seed; -1 (default) picks a random one when --subseed-strength is set.
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub subseed: i64,
+    /// How far each image's noise moves towards its variation seed's (0 = off, 1 = all).
+    #[arg(long, default_value_t = 0.0)]
+    pub subseed_strength: f64,
+    /// A1111's "Resize seed from": WIDTHxHEIGHT whose noise the seed keeps, centred.
+    #[arg(long, value_parser = parse_size)]
+    pub seed_resize_from: Option<(usize, usize)>,
     #[arg(long, default_value_t = 512)]
     pub width: usize,
     #[arg(long, default_value_t = 512)]
@@ -143,6 +152,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         args.seed as u64
     };
+    let subseed = match args.subseed {
+        s if s < 0 && args.subseed_strength != 0.0 => sdkube_pipeline::random_seed(),
+        s => s.max(0) as u64,
+    };
     let req = Request {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
@@ -159,6 +172,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         strength: args.strength,
         mask,
         mask_blur: args.mask_blur,
+        subseed,
+        subseed_strength: args.subseed_strength,
+        seed_resize_from: args.seed_resize_from,
     };
     let opts = LoadOptions {
         prediction: args.v_prediction.then_some(Prediction::V),
@@ -195,7 +211,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // The upscaler is loaded before any work, so that a bad name fails at once.
     let mut upscaler = match &hires {
         Some(h) => {
-            engine.validate(&h.second_pass(&req, seed))?;
+            engine.validate(&h.second_pass(&req, seed, req.subseed))?;
             Some(ImageUpscaler::new(&h.upscaler, engine.device())?)
         }
         None => None,
@@ -246,6 +262,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         println!("{}", args.out.join(name).display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `WIDTHxHEIGHT` in pixels.
+fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("{s:?}: expected WIDTHxHEIGHT, e.g. 512x768");
+    let (w, h) = s.split_once('x').ok_or_else(bad)?;
+    Ok((w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?))
 }
 
 /// The hires fix's image upscaler: a plain resize, or a RealESRGAN network from a file.

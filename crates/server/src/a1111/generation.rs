@@ -61,6 +61,14 @@ async fn run_generation(
     let req = &work.request;
     let infotexts: Vec<&str> = status.images.iter().map(|i| i.infotext.as_str()).collect();
     let seeds: Vec<u64> = status.images.iter().filter_map(|i| i.seed).collect();
+    // A1111 counts variation seeds up over the whole batch count, as seeds without them.
+    let variations = req.subseed_strength != 0.0;
+    let all_subseeds: Vec<i64> = (0..seeds.len())
+        .map(|k| match variations {
+            true => req.subseed.wrapping_add(k as u64) as i64,
+            false => -1,
+        })
+        .collect();
     let info = json!({
         "prompt": req.prompt,
         "all_prompts": vec![&req.prompt; seeds.len()],
@@ -68,9 +76,9 @@ async fn run_generation(
         "all_negative_prompts": vec![&req.negative_prompt; seeds.len()],
         "seed": req.seed,
         "all_seeds": seeds,
-        "subseed": -1,
-        "all_subseeds": vec![-1; seeds.len()],
-        "subseed_strength": 0,
+        "subseed": if variations { req.subseed as i64 } else { -1 },
+        "all_subseeds": all_subseeds,
+        "subseed_strength": req.subseed_strength,
         "width": req.width,
         "height": req.height,
         "sampler_name": req.sampler,
@@ -83,8 +91,8 @@ async fn run_generation(
         "sd_model_name": status.model,
         "sd_model_hash": Value::Null,
         "sd_vae_name": Value::Null,
-        "seed_resize_from_w": -1,
-        "seed_resize_from_h": -1,
+        "seed_resize_from_w": req.seed_resize_from.map_or(-1, |(w, _)| w as i64),
+        "seed_resize_from_h": req.seed_resize_from.map_or(-1, |(_, h)| h as i64),
         "denoising_strength": if req.init_image.is_some() { Some(req.strength) } else { work.hires.as_ref().map(|h| h.denoising_strength) },
         "extra_generation_params": {},
         "index_of_first_image": 0,

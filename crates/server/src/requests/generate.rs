@@ -179,9 +179,9 @@ fn ignored_fields(c: &CommonParams, other: &Map<String, Value>) -> Vec<String> {
         }
     };
     flag(c.styles.as_ref().is_some_and(|s| !s.is_empty()), "styles");
-    flag(c.subseed_strength != 0.0, "subseed_strength");
+    // A1111 resizes the seed only when both sides are given.
     flag(
-        c.seed_resize_from_h > 0 || c.seed_resize_from_w > 0,
+        (c.seed_resize_from_h > 0) != (c.seed_resize_from_w > 0),
         "seed_resize_from_h/w",
     );
     flag(c.tiling == Some(true), "tiling");
@@ -300,6 +300,10 @@ fn base_request(c: &CommonParams) -> Result<Request, ApiError> {
         strength: 0.75,
         mask: None,
         mask_blur: 4,
+        subseed: c.subseed.max(0) as u64,
+        subseed_strength: c.subseed_strength,
+        seed_resize_from: (c.seed_resize_from_w > 0 && c.seed_resize_from_h > 0)
+            .then_some((c.seed_resize_from_w as usize, c.seed_resize_from_h as usize)),
     })
 }
 

@@ -125,6 +125,9 @@ impl JobSpec {
         if common.seed < 0 {
             common.seed = sdkube_pipeline::random_seed() as i64;
         }
+        if common.subseed < 0 && common.subseed_strength != 0.0 {
+            common.subseed = sdkube_pipeline::random_seed() as i64;
+        }
         if let Some(v) = options.get(CLIP_SKIP_OPTION) {
             common
                 .override_settings
