@@ -45,7 +45,7 @@ pub enum LoadError {
     Candle(#[from] candle_core::Error),
 }
 
-fn invalid(path: &Path, message: impl Into<String>) -> LoadError {
+pub(crate) fn invalid(path: &Path, message: impl Into<String>) -> LoadError {
     LoadError::Invalid {
         path: path.to_path_buf(),
         message: message.into(),
@@ -101,7 +101,7 @@ pub struct Component<C> {
 }
 
 impl<C> Component<C> {
-    fn var_builder(&self, device: &Device, dtype: DType) -> VarBuilder<'static> {
+    pub(crate) fn var_builder(&self, device: &Device, dtype: DType) -> VarBuilder<'static> {
         VarBuilder::from_tensors(self.tensors.clone(), dtype, device)
     }
 
@@ -197,7 +197,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<SdWeights, LoadError> {
     Ok(weights)
 }
 
-fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
+pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
     let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
         path: path.to_path_buf(),
         source,
@@ -206,7 +206,7 @@ fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
 }
 
 /// The weight file of a diffusers component folder.
-fn component_file(dir: &Path) -> Result<PathBuf, LoadError> {
+pub(crate) fn component_file(dir: &Path) -> Result<PathBuf, LoadError> {
     let names = [
         "diffusion_pytorch_model.safetensors",
         "model.safetensors",

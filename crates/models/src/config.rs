@@ -66,7 +66,8 @@ pub struct UNetConfig {
     pub out_channels: usize,
     /// Down blocks, by diffusers class name (`CrossAttnDownBlock2D`, `DownBlock2D`).
     pub down_block_types: Vec<String>,
-    /// Up blocks, by diffusers class name.
+    /// Up blocks, by diffusers class name (none in a ControlNet's config).
+    #[serde(default)]
     pub up_block_types: Vec<String>,
     /// Channels of each resolution level.
     pub block_out_channels: Vec<usize>,
@@ -132,6 +133,28 @@ impl UNetConfig {
     }
 }
 
+/// `diffusers.ControlNetModel` config: the UNet fields of its encoder half, plus the
+/// conditioning image's embedding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlNetConfig {
+    /// The encoder half's configuration, under the UNet's field names.
+    #[serde(flatten)]
+    pub unet: UNetConfig,
+    /// Channels of the conditioning image (3: RGB).
+    #[serde(default = "three")]
+    pub conditioning_channels: usize,
+    /// Channels of the conditioning embedding's levels; each level after the first halves
+    /// the image, so four levels take it to latent size.
+    #[serde(default = "cond_embedding_channels")]
+    pub conditioning_embedding_out_channels: Vec<usize>,
+    /// `"rgb"`, or `"bgr"` for ControlNets trained on BGR images.
+    #[serde(default = "rgb")]
+    pub controlnet_conditioning_channel_order: String,
+    /// Residuals averaged over the image (shuffle-style ControlNets).
+    #[serde(default)]
+    pub global_pool_conditions: bool,
+}
+
 /// `diffusers.AutoencoderKL` config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VaeConfig {
@@ -183,6 +206,12 @@ fn three() -> usize {
 }
 fn four() -> usize {
     4
+}
+fn cond_embedding_channels() -> Vec<usize> {
+    vec![16, 32, 96, 256]
+}
+fn rgb() -> String {
+    "rgb".into()
 }
 fn heads_8() -> PerBlock {
     PerBlock::One(8)

@@ -277,7 +277,8 @@ pub fn infer_clip_config(map: &TensorMap, open_clip: bool) -> Result<ClipTextCon
 pub fn infer_unet_config(ldm: &TensorMap, sd1_heads: bool) -> Result<UNetConfig> {
     let conv_in = shape(ldm, "input_blocks.0.0.weight")?;
     let (model_ch, in_ch) = (conv_in[0], conv_in[1]);
-    let out_ch = shape(ldm, "out.2.weight")?[0];
+    // A ControlNet (the encoder half alone) has no output convolution.
+    let out_ch = shape(ldm, "out.2.weight").map_or(in_ch, |s| s[0]);
     let inputs = count_indices(ldm, "input_blocks.");
     let downsamplers = (1..inputs)
         .filter(|n| ldm.contains_key(&format!("input_blocks.{n}.0.op.weight")))

@@ -226,15 +226,33 @@ pub struct AddedConditioning {
     pub time_ids: Tensor,
 }
 
-/// The denoising UNet.
+/// What a ControlNet adds to the UNet: one residual per skip connection (in the order the
+/// down path makes them) and one for the mid block's output.
+#[derive(Debug, Clone)]
+pub struct ControlResiduals {
+    /// `[B, C, H, W]` each, one per skip connection.
+    pub down: Vec<Tensor>,
+    /// Added to the mid block's output.
+    pub mid: Tensor,
+}
+
+/// The UNet's first half, which a ControlNet copies (same keys): the input convolution, the
+/// time embedding (and SDXL's added one), the down blocks and the mid block.
 #[derive(Debug)]
-pub struct UNet2DConditionModel {
+pub(crate) struct Encoder {
     conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
     add_embedding: Option<TimestepEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_resnets: [ResnetBlock2D; 2],
     mid_attention: Transformer2DModel,
+    cfg: UNetConfig,
+}
+
+/// The denoising UNet.
+#[derive(Debug)]
+pub struct UNet2DConditionModel {
+    encoder: Encoder,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -271,13 +289,13 @@ fn cross_attentions(
         .collect()
 }
 
-impl UNet2DConditionModel {
-    /// The UNet, its weights from `vb` under diffusers' key names.
-    pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
+impl Encoder {
+    /// The encoder half, its weights from `vb` under diffusers' key names.
+    pub(crate) fn new(vb: &VarBuilder, cfg: &UNetConfig) -> Result<Self> {
         let boc = &cfg.block_out_channels;
         let n = boc.len();
-        if cfg.down_block_types.len() != n || cfg.up_block_types.len() != n {
-            candle_core::bail!("unet config: block type lists do not match block_out_channels");
+        if boc.is_empty() || cfg.down_block_types.len() != n {
+            candle_core::bail!("unet config: down_block_types do not match block_out_channels");
         }
         let temb_dim = boc[0] * 4;
         let groups = cfg.norm_num_groups;
@@ -369,6 +387,106 @@ impl UNet2DConditionModel {
             cfg.heads(n - 1),
             cfg,
         )?;
+        Ok(Self {
+            conv_in,
+            time_embedding,
+            add_embedding,
+            down_blocks,
+            mid_resnets,
+            mid_attention,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The timestep embedding (plus SDXL's added conditioning) for a batch of `b`.
+    pub(crate) fn embedding(
+        &self,
+        t: &Tensor,
+        added: Option<&AddedConditioning>,
+        b: usize,
+        dtype: candle_core::DType,
+    ) -> Result<Tensor> {
+        let t = t.flatten_all()?.to_dtype(candle_core::DType::F32)?;
+        let t = if t.dim(0)? == b {
+            t
+        } else {
+            t.broadcast_as(b)?.contiguous()?
+        };
+        let t_emb = timestep_embedding(
+            &t,
+            self.cfg.block_out_channels[0],
+            self.cfg.flip_sin_to_cos,
+            self.cfg.freq_shift as f64,
+        )?
+        .to_dtype(dtype)?;
+        let mut emb = self.time_embedding.forward(&t_emb)?;
+        if let Some(add_embedding) = &self.add_embedding {
+            let added = added.ok_or_else(|| {
+                candle_core::Error::Msg(
+                    "this UNet (SDXL) needs the pooled text embedding and time ids".into(),
+                )
+            })?;
+            let dim = self.cfg.addition_time_embed_dim.unwrap_or(256);
+            let ids = added.time_ids.flatten_all()?;
+            let time_embeds = timestep_embedding(&ids, dim, true, 0.0)?
+                .reshape((b, ()))?
+                .to_dtype(dtype)?;
+            let add = Tensor::cat(
+                &[added.text_embeds.to_dtype(dtype)?, time_embeds],
+                D::Minus1,
+            )?;
+            emb = (emb + add_embedding.forward(&add)?)?;
+        }
+        Ok(emb)
+    }
+
+    /// `conv_in` of `xs`.
+    pub(crate) fn conv_in(&self, xs: &Tensor) -> Result<Tensor> {
+        self.conv_in.forward(xs)
+    }
+
+    /// The down blocks from `h` (after `conv_in`): the mid block's input and every skip
+    /// connection, `h` itself first.
+    pub(crate) fn down(
+        &self,
+        mut h: Tensor,
+        emb: &Tensor,
+        ctx: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut skips = vec![h.clone()];
+        for block in &self.down_blocks {
+            for j in 0..block.level.resnets.len() {
+                h = block.level.run_layer(j, &h, emb, ctx)?;
+                skips.push(h.clone());
+            }
+            if let Some(down) = &block.downsampler {
+                h = down.forward(&h)?;
+                skips.push(h.clone());
+            }
+        }
+        Ok((h, skips))
+    }
+
+    /// The mid block.
+    pub(crate) fn mid(&self, h: &Tensor, emb: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let h = self.mid_resnets[0].forward(h, Some(emb))?;
+        let h = self.mid_attention.forward(&h, ctx)?;
+        self.mid_resnets[1].forward(&h, Some(emb))
+    }
+}
+
+impl UNet2DConditionModel {
+    /// The UNet, its weights from `vb` under diffusers' key names.
+    pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
+        let boc = &cfg.block_out_channels;
+        let n = boc.len();
+        if cfg.down_block_types.len() != n || cfg.up_block_types.len() != n {
+            candle_core::bail!("unet config: block type lists do not match block_out_channels");
+        }
+        let encoder = Encoder::new(&vb, cfg)?;
+        let temb_dim = boc[0] * 4;
+        let groups = cfg.norm_num_groups;
+        let eps = cfg.norm_eps;
 
         let mut up_blocks = Vec::with_capacity(n);
         let rev: Vec<usize> = boc.iter().rev().copied().collect();
@@ -410,12 +528,7 @@ impl UNet2DConditionModel {
         }
 
         Ok(Self {
-            conv_in,
-            time_embedding,
-            add_embedding,
-            down_blocks,
-            mid_resnets,
-            mid_attention,
+            encoder,
             up_blocks,
             conv_norm_out: group_norm(groups, boc[0], eps, vb.pp("conv_norm_out"))?,
             conv_out: conv3x3(boc[0], cfg.out_channels, 1, vb.pp("conv_out"))?,
@@ -437,56 +550,36 @@ impl UNet2DConditionModel {
         ctx: &Tensor,
         added: Option<&AddedConditioning>,
     ) -> Result<Tensor> {
-        let b = xs.dim(0)?;
-        let dtype = xs.dtype();
-        let t = t.flatten_all()?.to_dtype(candle_core::DType::F32)?;
-        let t = if t.dim(0)? == b {
-            t
-        } else {
-            t.broadcast_as(b)?.contiguous()?
-        };
-        let t_emb = timestep_embedding(
-            &t,
-            self.cfg.block_out_channels[0],
-            self.cfg.flip_sin_to_cos,
-            self.cfg.freq_shift as f64,
-        )?
-        .to_dtype(dtype)?;
-        let mut emb = self.time_embedding.forward(&t_emb)?;
-        if let Some(add_embedding) = &self.add_embedding {
-            let added = added.ok_or_else(|| {
-                candle_core::Error::Msg(
-                    "this UNet (SDXL) needs the pooled text embedding and time ids".into(),
-                )
-            })?;
-            let dim = self.cfg.addition_time_embed_dim.unwrap_or(256);
-            let ids = added.time_ids.flatten_all()?;
-            let time_embeds = timestep_embedding(&ids, dim, true, 0.0)?
-                .reshape((b, ()))?
-                .to_dtype(dtype)?;
-            let add = Tensor::cat(
-                &[added.text_embeds.to_dtype(dtype)?, time_embeds],
-                D::Minus1,
-            )?;
-            emb = (emb + add_embedding.forward(&add)?)?;
-        }
+        self.forward_with_control(xs, t, ctx, added, None)
+    }
 
-        let mut h = self.conv_in.forward(xs)?;
-        let mut skips = vec![h.clone()];
-        for block in &self.down_blocks {
-            for j in 0..block.level.resnets.len() {
-                h = block.level.run_layer(j, &h, &emb, ctx)?;
-                skips.push(h.clone());
+    /// [`forward`](Self::forward) with a ControlNet's residuals added to the skip connections
+    /// and to the mid block's output.
+    pub fn forward_with_control(
+        &self,
+        xs: &Tensor,
+        t: &Tensor,
+        ctx: &Tensor,
+        added: Option<&AddedConditioning>,
+        control: Option<&ControlResiduals>,
+    ) -> Result<Tensor> {
+        let emb = self.encoder.embedding(t, added, xs.dim(0)?, xs.dtype())?;
+        let h = self.encoder.conv_in(xs)?;
+        let (h, mut skips) = self.encoder.down(h, &emb, ctx)?;
+        let mut h = self.encoder.mid(&h, &emb, ctx)?;
+        if let Some(control) = control {
+            if control.down.len() != skips.len() {
+                candle_core::bail!(
+                    "the ControlNet gives {} residuals, the UNet has {} skip connections",
+                    control.down.len(),
+                    skips.len()
+                );
             }
-            if let Some(down) = &block.downsampler {
-                h = down.forward(&h)?;
-                skips.push(h.clone());
+            for (skip, residual) in skips.iter_mut().zip(&control.down) {
+                *skip = (&*skip + residual)?;
             }
+            h = (h + &control.mid)?;
         }
-
-        h = self.mid_resnets[0].forward(&h, Some(&emb))?;
-        h = self.mid_attention.forward(&h, ctx)?;
-        h = self.mid_resnets[1].forward(&h, Some(&emb))?;
 
         for block in &self.up_blocks {
             for j in 0..block.level.resnets.len() {

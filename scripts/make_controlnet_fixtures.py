@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Tiny random-weight ControlNets for the fixture UNets, and diffusers' outputs for them.
+
+For sd1 and sdxl (the UNets of fixtures/sd/<family>/), this writes under fixtures/controlnet/:
+  <family>/                  diffusers layout (config.json, diffusion_pytorch_model.safetensors)
+  <family>-ldm.safetensors   sd1 only: the same weights as an lllyasviel single file
+                             (`control_model.` + LDM keys: input_blocks, zero_convs,
+                             input_hint_block, middle_block_out)
+  refs/<family>.safetensors  float32 inputs and diffusers' outputs
+
+Each ControlNet starts as `ControlNetModel.from_unet(unet)` (diffusers' own way to make one),
+then every weight is perturbed and the zero convolutions and the conditioning embedding get
+random values, so that a loader reading the wrong tensor (or the UNet's) is caught. Weights
+are stored as float16; the references are float32 computed from the fp16-rounded weights.
+
+References (names in the file):
+  sample, timestep, context, cond [, text_embeds, time_ids]   inputs (cond in [0, 1])
+  down.{k}, mid                   ControlNet residuals at conditioning_scale SCALE
+  guess.down.{k}, guess.mid       the same with guess_mode=True (A1111's "ControlNet is more
+                                  important": scales logspace(-1, 0, n) * SCALE)
+  unet                            the UNet's output with the `down`/`mid` residuals added
+  unet.plain                      the UNet's output without ControlNet
+
+The single file is checked by loading it with diffusers' `from_single_file` (offline, config=
+the folder) and comparing its residuals with the folder's.
+
+Usage: /path/to/python scripts/make_controlnet_fixtures.py [--out fixtures/controlnet]
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_sd_fixtures import fp16_state, round_to_fp16, unet_to_ldm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SCALE = 0.7
+# Three stride-2 convolutions: the VAE's factor of 8, as in the real (16, 32, 96, 256).
+COND_CHANNELS = (4, 8, 8, 16)
+TOKENS = 7
+
+
+def make_controlnet(unet, seed: int) -> ControlNetModel:
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=COND_CHANNELS)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding")):
+                p.copy_(noise * 0.2)
+            else:
+                p.add_(noise * 0.02)
+    return round_to_fp16(cn.eval())
+
+
+def controlnet_to_ldm(cn_sd: dict, unet_cfg: dict) -> dict:
+    """diffusers ControlNetModel keys -> lllyasviel's `control_model.*` single-file keys."""
+    sd = dict(cn_sd)
+    out: dict[str, torch.Tensor] = {}
+    for k in [k for k in sd if k.startswith("controlnet_down_blocks.")]:
+        _, n, rest = k.split(".", 2)
+        out[f"zero_convs.{n}.0.{rest}"] = sd.pop(k)
+    for k in [k for k in sd if k.startswith("controlnet_mid_block.")]:
+        out["middle_block_out.0." + k.split(".", 1)[1]] = sd.pop(k)
+    # input_hint_block: conv, SiLU, conv, SiLU, … : the convolutions sit at even indices.
+    blocks = 2 * (len(COND_CHANNELS) - 1)
+    for k in [k for k in sd if k.startswith("controlnet_cond_embedding.")]:
+        _, part, rest = k.split(".", 2)
+        if part == "conv_in":
+            idx = 0
+        elif part == "conv_out":
+            idx = 2 * (blocks + 1)
+        else:  # blocks.{i}.weight
+            i, rest = rest.split(".", 1)
+            idx = 2 * (int(i) + 1)
+        out[f"input_hint_block.{idx}.{rest}"] = sd.pop(k)
+    # The rest is the UNet's encoder half; the LDM mapping wants a whole UNet's key set.
+    unet_cfg = dict(unet_cfg)
+    unet_cfg["up_block_types"] = []
+    out.update(unet_to_ldm(sd, unet_cfg))
+    return {"control_model." + k: v for k, v in out.items()}
+
+
+def residuals(cn, inputs: dict, guess: bool) -> tuple[list, torch.Tensor]:
+    kwargs = {}
+    if "text_embeds" in inputs:
+        kwargs["added_cond_kwargs"] = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+    down, mid = cn(
+        inputs["sample"],
+        inputs["timestep"],
+        encoder_hidden_states=inputs["context"],
+        controlnet_cond=inputs["cond"],
+        conditioning_scale=SCALE,
+        guess_mode=guess,
+        return_dict=False,
+        **kwargs,
+    )
+    return list(down), mid
+
+
+def family(name: str, out: Path, seed: int) -> None:
+    unet_dir = ROOT / "fixtures" / "sd" / name / "unet"
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32).eval()
+    cfg = json.loads((unet_dir / "config.json").read_text())
+    cn = make_controlnet(unet, seed)
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    cn.save_pretrained(folder, safe_serialization=True)
+    # save_pretrained writes fp32 tensors; the fixture keeps the fp16 values they hold.
+    save_file(fp16_state(cn.state_dict()), folder / "diffusion_pytorch_model.safetensors")
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    b = 2
+    inputs = {
+        "sample": torch.randn(b, 4, 8, 8, generator=gen),
+        "timestep": torch.tensor([501.0, 17.0]),
+        "context": torch.randn(b, TOKENS, cfg["cross_attention_dim"], generator=gen),
+        "cond": torch.rand(b, 3, 64, 64, generator=gen),
+    }
+    if cfg.get("addition_embed_type") == "text_time":
+        pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+        inputs["text_embeds"] = torch.randn(b, pooled, generator=gen)
+        inputs["time_ids"] = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0], [48.0, 64.0, 4.0, 2.0, 64.0, 64.0]])
+
+    refs = dict(inputs)
+    with torch.no_grad():
+        down, mid = residuals(cn, inputs, guess=False)
+        gdown, gmid = residuals(cn, inputs, guess=True)
+        unet_kwargs = {}
+        if "text_embeds" in inputs:
+            unet_kwargs["added_cond_kwargs"] = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+        refs["unet"] = unet(
+            inputs["sample"],
+            inputs["timestep"],
+            encoder_hidden_states=inputs["context"],
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            **unet_kwargs,
+        ).sample
+        refs["unet.plain"] = unet(
+            inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["context"], **unet_kwargs
+        ).sample
+    for k, t in enumerate(down):
+        refs[f"down.{k}"] = t
+    refs["mid"] = mid
+    for k, t in enumerate(gdown):
+        refs[f"guess.down.{k}"] = t
+    refs["guess.mid"] = gmid
+    (out / "refs").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in refs.items()}, out / "refs" / f"{name}.safetensors")
+
+    if name == "sd1":
+        single = out / f"{name}-ldm.safetensors"
+        save_file(fp16_state(controlnet_to_ldm(cn.state_dict(), cfg)), single)
+        check = ControlNetModel.from_single_file(str(single), config=str(folder), torch_dtype=torch.float32)
+        with torch.no_grad():
+            sdown, smid = residuals(check.eval(), inputs, guess=False)
+        worst = max((a - b).abs().max().item() for a, b in zip(sdown + [smid], down + [mid]))
+        if worst > 1e-5:
+            raise RuntimeError(f"{single}: diffusers reads it differently from the folder ({worst})")
+    print(f"{name}: {len(down)} down residuals, |mid| {mid.abs().max().item():.3f}, "
+          f"|unet - plain| {(refs['unet'] - refs['unet.plain']).abs().max().item():.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "fixtures" / "controlnet"))
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    out = Path(args.out)
+    family("sd1", out, seed=301)
+    family("sdxl", out, seed=302)
+
+
+if __name__ == "__main__":
+    main()
