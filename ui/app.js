@@ -324,7 +324,7 @@ function selectTab(tab) {
     $('img2img-panel').hidden = tab !== 'img2img';
   }
   $('tab-generate').hidden = !generate;
-  for (const name of ['extras', 'queue', 'gallery', 'embeddings']) $(`tab-${name}`).hidden = tab !== name;
+  for (const name of ['extras', 'queue', 'gallery', 'embeddings', 'loras']) $(`tab-${name}`).hidden = tab !== name;
   clearInterval(ui.queueTimer);
   ui.queueTimer = null;
   if (tab === 'queue') {
@@ -333,6 +333,7 @@ function selectTab(tab) {
   }
   if (tab === 'gallery') refreshGallery();
   if (tab === 'embeddings') refreshEmbeddings();
+  if (tab === 'loras') refreshLoras();
   if (tab === 'img2img') showBrushSize();
 }
 
@@ -1055,6 +1056,39 @@ async function refreshEmbeddings() {
   }
 }
 
+// --- LoRA ---------------------------------------------------------------------------------------
+
+async function refreshLoras() {
+  try {
+    await api('/sdapi/v1/refresh-loras', { method: 'POST' });
+    const list = await api('/sdapi/v1/loras');
+    const entry = (l) => {
+      const meta = l.metadata || {};
+      const detail = [];
+      if (l.alias && l.alias !== l.name) detail.push(`alias ${l.alias}`);
+      if (meta.ss_base_model_version) detail.push(meta.ss_base_model_version);
+      if (meta.ss_network_dim) detail.push(`rank ${meta.ss_network_dim}`);
+      return el(
+        'li',
+        {},
+        el('button', { type: 'button', class: 'link', title: 'Add to the prompt', onclick: () => addTag(`<lora:${l.name}:1>`) }, l.name),
+        detail.length ? el('span', { class: 'muted' }, ` ${detail.join(' · ')}`) : null,
+      );
+    };
+    $('loras-list').replaceChildren(...(list.length ? list.map(entry) : [el('li', { class: 'muted' }, 'none')]));
+  } catch (err) {
+    showError('LoRA', err);
+  }
+}
+
+/** Adds an extra-network tag at the end of the prompt, space-separated as A1111 does. */
+function addTag(tag) {
+  const prompt = $('prompt');
+  prompt.value = prompt.value.trim() ? `${prompt.value.replace(/\s+$/, '')} ${tag}` : tag;
+  selectTab(ui.mode);
+  prompt.focus();
+}
+
 function appendToPrompt(text) {
   const prompt = $('prompt');
   prompt.value = prompt.value.trim() ? `${prompt.value.replace(/\s+$/, '')}, ${text}` : text;
@@ -1095,6 +1129,7 @@ function startUi() {
     selectTab('txt2img');
   });
   $('embeddings-refresh').addEventListener('click', refreshEmbeddings);
+  $('loras-refresh').addEventListener('click', refreshLoras);
   document.addEventListener('keydown', (event) => {
     if ((event.ctrlKey || event.metaKey) && event.key === 'Enter') {
       event.preventDefault();

@@ -64,6 +64,7 @@ def test_defaults_reach_the_binary():
         "store": "/data/models",
         "outputs": "/data/outputs",
         "embeddings": "/data/embeddings",
+        "lora_dirs": ["/data/loras"],
         "training": "/data/training",
         "listen": "0.0.0.0:7860",
         "device": "cuda",
@@ -107,7 +108,7 @@ def test_every_server_value_reaches_the_binary():
             "basicAuth": "admin:pw",
         },
         "gpu": {"count": 2},
-        "persistence": {"subPaths": {"models": "store/m", "outputs": "out", "embeddings": "ti"}},
+        "persistence": {"subPaths": {"models": "store/m", "outputs": "out", "embeddings": "ti", "loras": "lora/sd"}},
         "workload": {"terminationGracePeriodSeconds": 300},
     }
     config = _served_config(values)
@@ -120,6 +121,7 @@ def test_every_server_value_reaches_the_binary():
     assert (config["max_size"], config["max_steps"], config["max_batch"]) == (1024, 40, 2)
     assert config["api_key"] == "<set>" and config["basic_auth"] == "<set>"
     assert (config["store"], config["outputs"], config["embeddings"]) == ("/data/store/m", "/data/out", "/data/ti")
+    assert config["lora_dirs"] == ["/data/lora/sd"]
 
 
 def test_cpu_mode_reaches_the_binary():

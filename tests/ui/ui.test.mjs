@@ -183,7 +183,7 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     // A second checkpoint to switch to: the fixture again, under another name.
     checkpoints = fs.mkdtempSync(path.join(os.tmpdir(), 'sdkube-ui-ckpt-'));
     fs.symlinkSync(path.join(repo, 'fixtures/sd/sd1'), path.join(checkpoints, 'sd1-copy'));
-    [server, browser] = await startBoth(['--checkpoint-dirs', checkpoints], { embeddings });
+    [server, browser] = await startBoth(['--checkpoint-dirs', checkpoints, '--lora-dirs', path.join(repo, 'fixtures/lora/sd1')], { embeddings });
     const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
     page = await context.newPage();
     page.setDefaultTimeout(STEP_TIMEOUT);
@@ -466,13 +466,44 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     assert.equal(await page.inputValue('#prompt'), 'a castle, ui-style');
   });
 
+  it('lists the LoRA files; a click puts <lora:name:1> in the prompt, and the image is made with it', async () => {
+    const api = await (await fetch(`${server.base}/sdapi/v1/loras`)).json();
+    assert.deepEqual(api.map((l) => l.name), ['kohya-sd1', 'loha-sd1', 'lokr-sd1', 'peft-sd1']);
+    await page.click('.tabs [data-tab="txt2img"]');
+    await page.fill('#prompt', 'a castle');
+    await page.fill('#width', '64');
+    await page.fill('#height', '64');
+    await page.fill('#steps', '2');
+    await page.click('.tabs [data-tab="loras"]');
+    const item = page.locator('#loras-list li', { hasText: 'kohya-sd1' });
+    await item.waitFor();
+    assert.match(await item.textContent(), /alias kohya-sd1-alias/);
+    await item.locator('button').click();
+    assert.equal(await page.getAttribute('.tabs [data-tab="txt2img"]', 'aria-selected'), 'true');
+    assert.equal(await page.inputValue('#prompt'), 'a castle <lora:kohya-sd1:1>');
+    const created = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
+    await page.click('#generate');
+    const response = await created;
+    assert.equal(response.status(), 202, await response.text());
+    const job = await response.json();
+    let final;
+    for (let i = 0; i < 600; i++) {
+      final = await (await fetch(`${server.base}/api/v1/jobs/${job.id}`)).json();
+      if (['succeeded', 'failed', 'cancelled'].includes(final.state)) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.equal(final.state, 'succeeded', JSON.stringify(final));
+    assert.match(final.images[0].infotext, /^a castle <lora:kohya-sd1:1>\n/);
+    assert.match(final.images[0].infotext, /Lora hashes: "kohya-sd1: 8d2ab056d855"/);
+  });
+
   it('fits a 375 px phone screen: no horizontal scrolling, controls stacked', async () => {
     const phone = await browser.newContext({ viewport: { width: 375, height: 740 }, isMobile: true, hasTouch: true });
     const mobile = await phone.newPage();
     watchPage(mobile, problems);
     await mobile.goto(server.base);
     await mobile.waitForFunction(() => document.querySelector('#sampler').options.length > 0);
-    for (const tab of ['txt2img', 'img2img', 'extras', 'queue', 'gallery', 'embeddings']) {
+    for (const tab of ['txt2img', 'img2img', 'extras', 'queue', 'gallery', 'embeddings', 'loras']) {
       await mobile.click(`.tabs [data-tab="${tab}"]`);
       await mobile.waitForTimeout(150);
       const { scroll, client } = await mobile.evaluate(() => ({ scroll: document.documentElement.scrollWidth, client: document.documentElement.clientWidth }));

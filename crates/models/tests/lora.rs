@@ -210,3 +210,82 @@ fn unsupported_parameters_are_refused_not_dropped() {
         "{err}"
     );
 }
+
+/// What switching a LoRA costs on a full-size SD 1.5 UNet (random weights, CPU, f32): the
+/// deltas of the touched tensors and a rebuild of the network from the kept base map, which
+/// copies no untouched weight. `cargo test -p sdkube-models --release --test lora -- --ignored
+/// --nocapture`.
+#[test]
+#[ignore = "builds a full-size UNet: seconds of CPU and 3.4 GB of memory"]
+fn full_size_unet_switch_cost() {
+    use sdkube_models::presets;
+    use std::time::Instant;
+    let dev = Device::Cpu;
+    let unet = presets::random_unet(sdkube_models::Family::Sd1, DType::F32, &dev).unwrap();
+    let mut weights = model("sd1");
+    weights.unet = unet;
+    // A kohya LoRA of rank 32 on every attention and feed-forward projection, as trained LoRAs
+    // usually are.
+    let mut t = TensorMap::new();
+    let targets = [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "proj_in",
+        "proj_out",
+    ];
+    let mut touched = 0usize;
+    for (key, w) in &weights.unet.tensors {
+        let Some(module) = key.strip_suffix(".weight") else {
+            continue;
+        };
+        if w.rank() < 2 || !targets.iter().any(|s| module.ends_with(s)) {
+            continue;
+        }
+        let (out, inner) = (w.dims()[0], w.elem_count() / w.dims()[0]);
+        let name = format!("lora_unet_{}", module.replace('.', "_"));
+        let r = 32;
+        t.insert(
+            format!("{name}.lora_down.weight"),
+            Tensor::randn(0f32, 0.01, (r, inner), &dev).unwrap(),
+        );
+        t.insert(
+            format!("{name}.lora_up.weight"),
+            Tensor::randn(0f32, 0.01, (out, r), &dev).unwrap(),
+        );
+        t.insert(format!("{name}.alpha"), Tensor::new(16f32, &dev).unwrap());
+        touched += w.elem_count();
+    }
+    let modules = t.len() / 3;
+    let file =
+        LoraFile::from_tensors(&PathBuf::from("full.safetensors"), t, Default::default()).unwrap();
+    let started = Instant::now();
+    let bound = file.bind(&weights).unwrap();
+    let bind = started.elapsed();
+    let started = Instant::now();
+    let patched = patch(
+        &weights.unet.tensors,
+        Part::UNet,
+        &[(&bound, 0.8)],
+        &dev,
+        DType::F32,
+    )
+    .unwrap();
+    let deltas = started.elapsed();
+    let started = Instant::now();
+    let mut map = weights.unet.tensors.clone();
+    map.extend(patched);
+    let vb = candle_nn::VarBuilder::from_tensors(map, DType::F32, &dev);
+    sdkube_models::unet::UNet2DConditionModel::new(vb, &weights.unet.config).unwrap();
+    let rebuild = started.elapsed();
+    let total: usize = weights.unet.tensors.values().map(|t| t.elem_count()).sum();
+    println!(
+        "full-size SD 1.5 UNet, rank-32 LoRA on {modules} modules ({:.0} M of {:.0} M weights): \
+         bind {bind:?}, deltas {deltas:?}, rebuild from the kept map {rebuild:?}",
+        touched as f64 / 1e6,
+        total as f64 / 1e6
+    );
+}

@@ -211,6 +211,24 @@ impl LoraLibrary {
             .or_else(|| self.entries.iter().find(|e| e.alias == name))
     }
 
+    /// Checks that every tag names a LoRA of the folders: the error names the first that
+    /// does not.
+    pub fn check(&self, tags: &[LoraTag]) -> Result<(), Error> {
+        let Some(t) = tags.iter().find(|t| self.get(&t.name).is_none()) else {
+            return Ok(());
+        };
+        let dirs: Vec<String> = self.dirs.iter().map(|d| d.display().to_string()).collect();
+        Err(Error::Invalid(format!(
+            "unknown LoRA `{}` in the prompt: no such file in the LoRA folders ({})",
+            t.name,
+            if dirs.is_empty() {
+                "none given: --lora-dirs".to_string()
+            } else {
+                dirs.join(", ")
+            }
+        )))
+    }
+
     /// A1111's short hash of a LoRA file: the metadata's `sshs_model_hash`, else the sha256 of
     /// a safetensors file's tensor data (the bytes after the header: the "addnet" hash, so
     /// editing metadata keeps it) or of a whole other file; the first 12 hex digits.
@@ -370,26 +388,7 @@ impl LoraNetworks {
 
     /// Checks that every tag names a known LoRA.
     pub(crate) fn check_names(&self, tags: &[LoraTag]) -> Result<(), Error> {
-        for t in tags {
-            if self.library.get(&t.name).is_none() {
-                let dirs: Vec<String> = self
-                    .library
-                    .dirs()
-                    .iter()
-                    .map(|d| d.display().to_string())
-                    .collect();
-                return Err(Error::Invalid(format!(
-                    "unknown LoRA `{}` in the prompt: no such file in the LoRA folders ({})",
-                    t.name,
-                    if dirs.is_empty() {
-                        "none set: --lora-dirs".to_string()
-                    } else {
-                        dirs.join(", ")
-                    }
-                )));
-            }
-        }
-        Ok(())
+        self.library.check(tags)
     }
 
     /// A1111's "Lora hashes" entries (`name: hash`, the name as the prompt gives it, `:` and

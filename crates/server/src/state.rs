@@ -104,6 +104,7 @@ impl Shared {
                 post: &self.config.post,
                 embeddings: &self.config.embeddings,
                 training: &self.config.training,
+                lora_dirs: &self.config.lora_dirs,
             }),
         }
     }

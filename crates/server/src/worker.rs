@@ -12,6 +12,7 @@ use candle_core::{DType, Device};
 use image::DynamicImage;
 use sdkube_pipeline::embeddings::{EmbeddingSet, TextWidths};
 use sdkube_pipeline::image_io::encode_png;
+use sdkube_pipeline::loras::LoraLibrary;
 use sdkube_pipeline::sampler::{Flow, SamplerError};
 use sdkube_pipeline::{Engine, Generated, HiresError, Infotext, Request, VramMode};
 
@@ -130,6 +131,7 @@ impl Worker {
                     Ok(set) => engine.set_embeddings(set),
                     Err(e) => tracing::warn!(error = %e, "embeddings folder unreadable"),
                 }
+                engine.set_loras(LoraLibrary::new(self.state.config.lora_dirs.clone()));
                 *crate::lock(&self.state.text_widths) = Some(widths);
                 tracing::info!(
                     model = %want.name,
@@ -325,6 +327,8 @@ impl Worker {
         if let Err(e) = engine.reload_embeddings() {
             tracing::warn!(error = %e, "embeddings folder unreadable");
         }
+        // So are LoRA files (their tensors are read when a prompt first names them).
+        engine.refresh_loras();
         let n_iter = jobs.iter().map(|(_, g)| g.n_iter).max().unwrap_or(1);
         let mut failed: Option<JobError> = None;
         for iter in 0..n_iter {

@@ -65,6 +65,9 @@ pub struct Args {
     /// Textual-inversion embeddings folder: a prompt word equal to a file stem uses it.
     #[arg(long, env = "SDKUBE_EMBEDDINGS")]
     pub embeddings: Option<PathBuf>,
+    /// Folders of LoRA files that `<lora:name:w>` in the prompt names.
+    #[arg(long, env = "SDKUBE_LORA_DIRS", value_delimiter = ',')]
+    pub lora_dirs: Vec<PathBuf>,
     /// Diffusers folder whose configs replace those inferred from a single file.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -195,6 +198,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         engine.set_embeddings(set);
     }
+    engine.set_loras(sdkube_pipeline::loras::LoraLibrary::new(
+        args.lora_dirs.clone(),
+    ));
     engine.validate(&req)?;
     let hires = args
         .hires_scale

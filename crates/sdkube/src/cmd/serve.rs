@@ -57,6 +57,14 @@ pub struct Args {
     /// Textual inversion embeddings directory.
     #[arg(long, env = "SDKUBE_EMBEDDINGS", default_value = "./data/embeddings")]
     pub embeddings: PathBuf,
+    /// Folders of LoRA files (subfolders included) that prompts name with `<lora:name:w>`.
+    #[arg(
+        long,
+        env = "SDKUBE_LORA_DIRS",
+        value_delimiter = ',',
+        default_value = "./data/loras"
+    )]
+    pub lora_dirs: Vec<PathBuf>,
     /// Folder of training image folders (`data_root` of a training request is inside it).
     #[arg(long, env = "SDKUBE_TRAINING", default_value = "./data/training")]
     pub training: PathBuf,
@@ -299,6 +307,7 @@ fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
         },
         outputs: args.outputs.clone(),
         embeddings: args.embeddings.clone(),
+        lora_dirs: args.lora_dirs.clone(),
         training: args.training.clone(),
         listen,
         devices,

@@ -175,7 +175,7 @@ pub async fn refresh_checkpoints() -> Json<Value> {
     Json(Value::Null)
 }
 
-/// Lists A1111 has for features sdkube does not have (styles, hypernetworks, LoRA, scripts,
+/// Lists A1111 has for features sdkube does not have (styles, hypernetworks, scripts,
 /// extensions): answered empty so that clients which read them at start-up work unchanged.
 #[utoipa::path(get, path = "/sdapi/v1/prompt-styles", tag = "a1111", responses((status = 200, body = Vec<Object>)))]
 pub async fn prompt_styles() -> Json<Vec<Value>> {
@@ -185,12 +185,6 @@ pub async fn prompt_styles() -> Json<Vec<Value>> {
 /// Hypernetworks: none (see `/sdapi/v1/prompt-styles`).
 #[utoipa::path(get, path = "/sdapi/v1/hypernetworks", tag = "a1111", responses((status = 200, body = Vec<Object>)))]
 pub async fn hypernetworks() -> Json<Vec<Value>> {
-    Json(Vec::new())
-}
-
-/// LoRA networks (A1111's built-in Lora extension): none.
-#[utoipa::path(get, path = "/sdapi/v1/loras", tag = "a1111", responses((status = 200, body = Vec<Object>)))]
-pub async fn loras() -> Json<Vec<Value>> {
     Json(Vec::new())
 }
 

@@ -6,6 +6,7 @@
 pub mod embeddings;
 pub mod generation;
 pub mod listings;
+pub mod loras;
 pub mod options;
 pub mod png_info;
 pub mod progress;
@@ -39,7 +40,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(listings::refresh_checkpoints))
         .routes(routes!(listings::prompt_styles))
         .routes(routes!(listings::hypernetworks))
-        .routes(routes!(listings::loras))
+        .routes(routes!(loras::loras))
+        .routes(routes!(loras::refresh_loras))
         .routes(routes!(listings::extensions))
         .routes(routes!(listings::scripts))
         .routes(routes!(listings::script_info))

@@ -2,6 +2,7 @@
 
 use std::sync::LazyLock;
 
+use sdkube_pipeline::loras;
 use sdkube_pipeline::prompt::{tokenize_prompt, ChunkOptions, EmbeddingIndex};
 use sdkube_pipeline::sampler::{SamplerError, SamplerSpec};
 use sdkube_pipeline::tokenizer::ClipTokenizer;
@@ -244,6 +245,15 @@ fn check(ctx: &BuildContext<'_>, req: &Request, n_iter: usize) -> Result<(), Api
     )?;
     req.check_limits(&ctx.limits)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // LoRA tags: their syntax here, their names where the folders are (a worker checks that
+    // the files fit its model).
+    let (_, tags) =
+        loras::extract_tags(&req.prompt).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if let (Some(files), false) = (&ctx.files, tags.is_empty()) {
+        loras::LoraLibrary::new(files.lora_dirs.to_vec())
+            .check(&tags)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
     if n_iter == 0 || n_iter > 100 {
         return Err(ApiError::bad_request(format!(
             "n_iter must be between 1 and 100, got {n_iter}"

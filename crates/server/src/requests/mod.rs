@@ -8,7 +8,7 @@ pub mod extras;
 pub mod generate;
 
 use std::io::Cursor;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use image::DynamicImage;
@@ -80,6 +80,8 @@ pub struct Files<'a> {
     pub post: &'a PostModels,
     pub embeddings: &'a Path,
     pub training: &'a Path,
+    /// `--lora-dirs`.
+    pub lora_dirs: &'a [PathBuf],
 }
 
 impl JobSpec {

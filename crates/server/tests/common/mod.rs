@@ -49,6 +49,7 @@ pub fn config(dir: &Path) -> Config {
         },
         outputs: dir.join("outputs"),
         embeddings: dir.join("embeddings"),
+        lora_dirs: vec![dir.join("loras")],
         training: dir.join("training"),
         listen: "127.0.0.1:0".parse().unwrap(),
         devices: vec![candle_core::Device::Cpu],

@@ -1,0 +1,116 @@
+//! LoRA through the A1111 API on a real server on loopback: `/sdapi/v1/loras`,
+//! `refresh-loras`, `<lora:…>` in txt2img prompts, `Lora hashes` in the infotext, and the
+//! errors for unknown names and files that do not fit the model.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn lora_fixture(path: &str) -> std::path::PathBuf {
+    repo().join("fixtures/lora").join(path)
+}
+
+async fn txt2img(s: &TestServer, prompt: &str) -> (u16, Value) {
+    s.post(
+        "/sdapi/v1/txt2img",
+        json!({"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": 9,
+               "sampler_name": "Euler"}),
+    )
+    .await
+}
+
+fn infotext(body: &Value) -> String {
+    let png = unb64(body["images"][0].as_str().unwrap());
+    sdkube_pipeline::image_io::read_png_parameters(&png)
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loras_are_listed_used_in_prompts_and_refused_clearly() {
+    let s = start(|_| {}).await;
+    let dir = s.dir.path().join("loras");
+    std::fs::create_dir_all(dir.join("people")).unwrap();
+    for f in ["sd1/kohya-sd1.safetensors", "sdxl/kohya-sdxl.safetensors"] {
+        let name = f.split('/').next_back().unwrap();
+        std::fs::copy(lora_fixture(f), dir.join(name)).unwrap();
+    }
+
+    // A1111's fields: name, alias, path, metadata.
+    let (status, list) = s.get("/sdapi/v1/loras").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(field_of(&list, "name"), ["kohya-sd1", "kohya-sdxl"]);
+    assert_eq!(list[0]["alias"], "kohya-sd1-alias");
+    assert_eq!(list[0]["metadata"]["ss_network_dim"], "2");
+    assert!(list[0]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("kohya-sd1.safetensors"));
+
+    let (status, plain) = txt2img(&s, "a lighthouse").await;
+    assert_eq!(status, 200, "{plain}");
+    let (status, with) = txt2img(&s, "a lighthouse <lora:kohya-sd1:0.8>").await;
+    assert_eq!(status, 200, "{with}");
+    assert_ne!(
+        plain["images"][0], with["images"][0],
+        "the LoRA changed the image"
+    );
+    let text = infotext(&with);
+    assert!(
+        text.starts_with("a lighthouse <lora:kohya-sd1:0.8>\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"Lora hashes: "kohya-sd1: 8d2ab056d855""#),
+        "{text}"
+    );
+    // The LoRA is gone again for the next job: the base weights were kept.
+    let (_, again) = txt2img(&s, "a lighthouse").await;
+    assert_eq!(plain["images"][0], again["images"][0]);
+
+    // Unknown names and bad tags: 400 before queueing, naming the problem.
+    let (status, body) = txt2img(&s, "a lighthouse <lora:nope:1>").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unknown LoRA `nope`"),
+        "{body}"
+    );
+    let (status, body) = txt2img(&s, "a lighthouse <lora:kohya-sd1:strong>").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("<lora:kohya-sd1:strong>"),
+        "{body}"
+    );
+    // An SDXL LoRA on this SD 1.x model: a 400 naming the file, never silently dropped.
+    let (status, body) = txt2img(&s, "a lighthouse <lora:kohya-sdxl:1>").await;
+    assert_eq!(status, 400, "{body}");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("kohya-sdxl.safetensors") && detail.contains("SDXL LoRA"),
+        "{detail}"
+    );
+
+    // A file added to a subfolder is listed after refresh-loras and usable at once.
+    std::fs::copy(
+        lora_fixture("sd1/peft-sd1.safetensors"),
+        dir.join("people/peft-sd1.safetensors"),
+    )
+    .unwrap();
+    let (status, _) = s.post("/sdapi/v1/refresh-loras", json!({})).await;
+    assert_eq!(status, 200);
+    let (_, list) = s.get("/sdapi/v1/loras").await;
+    assert_eq!(
+        field_of(&list, "name"),
+        ["kohya-sd1", "kohya-sdxl", "peft-sd1"]
+    );
+    let (status, body) = txt2img(&s, "a lighthouse <lora:peft-sd1:0.5:1>").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(infotext(&body).contains(r#"Lora hashes: "peft-sd1: 5a6b571cf638""#));
+}
