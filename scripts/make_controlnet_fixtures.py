@@ -24,6 +24,17 @@ References (names in the file):
 The single file is checked by loading it with diffusers' `from_single_file` (offline, config=
 the folder) and comparing its residuals with the folder's.
 
+Whole runs (refs/sd1-run.safetensors): the 4-step A1111 "Euler" run of fixtures/sd/refs/sd1
+(same noise and conditioning; k-diffusion's sampler over diffusers' networks, as
+make_sd_fixtures.py writes it) with the sd1 ControlNet steering it, as sd-webui-controlnet
+applies a unit; the rules are written here from its description:
+  - a unit acts at step i of n unless i/n < guidance_start or i/n > guidance_end;
+  - "Balanced": every residual times the weight;
+  - "My prompt is more important": residual k times weight * 0.825 ** (12 - k);
+  - "ControlNet is more important": the same, and the unconditional half gets none.
+  hint                       the control image, [1, 3, 64, 64], values k/255
+  <case>.latent              the final latent, for each case of RUN_CASES
+
 Usage: /path/to/python scripts/make_controlnet_fixtures.py [--out fixtures/controlnet]
 """
 import argparse
@@ -167,6 +178,69 @@ def family(name: str, out: Path, seed: int) -> None:
           f"|unet - plain| {(refs['unet'] - refs['unet.plain']).abs().max().item():.3f}")
 
 
+RUN_CASES = {
+    # name: (weight, guidance_start, guidance_end, mode)
+    "balanced": (0.7, 0.0, 1.0, "balanced"),
+    "window": (1.0, 0.25, 0.5, "prompt"),
+    "control": (0.9, 0.0, 1.0, "control"),
+}
+
+
+def controlled_unet(unet, cn, hint, weight, start, end, mode, steps):
+    """The UNet as the sampler calls it, with one ControlNet unit applied per the rules above."""
+    calls = {"n": 0}
+
+    class Wrapped:
+        def __call__(self, x, t, encoder_hidden_states, **kwargs):
+            step = calls["n"]  # Euler calls the model once per step
+            calls["n"] += 1
+            done = step / steps
+            if done < start or done > end:
+                return unet(x, t, encoder_hidden_states=encoder_hidden_states, **kwargs)
+            b = x.shape[0]
+            down, mid = cn(x, t, encoder_hidden_states=encoder_hidden_states,
+                           controlnet_cond=hint.repeat(b, 1, 1, 1), conditioning_scale=1.0,
+                           return_dict=False)
+            res = list(down) + [mid]
+            if mode == "balanced":
+                scales = [weight] * len(res)
+            else:
+                scales = [weight * 0.825 ** (12 - k) for k in range(len(res))]
+            res = [r * sc for r, sc in zip(res, scales)]
+            if mode == "control":
+                half = b // 2
+                res = [torch.cat([torch.zeros_like(r[:half]), r[half:]]) for r in res]
+            return unet(x, t, encoder_hidden_states=encoder_hidden_states,
+                        down_block_additional_residuals=res[:-1], mid_block_additional_residual=res[-1],
+                        **kwargs)
+
+    return Wrapped()
+
+
+def runs(out: Path) -> None:
+    from make_sd_fixtures import Denoiser, cfg_model, sample_euler
+    from safetensors.torch import load_file
+
+    sd_refs = load_file(ROOT / "fixtures" / "sd" / "refs" / "sd1.safetensors")
+    unet = UNet2DConditionModel.from_pretrained(ROOT / "fixtures" / "sd" / "sd1" / "unet", torch_dtype=torch.float32).eval()
+    cn = ControlNetModel.from_pretrained(out / "sd1", torch_dtype=torch.float32).eval()
+    # A control image with structure at every scale: rings and a bar, 8-bit values.
+    ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    r = ((ys - 30) ** 2 + (xs - 34) ** 2).sqrt()
+    img = torch.stack([(r % 16 < 8) * 255.0, (xs > 40) * 200.0, ((ys + xs) % 32) * 8.0])
+    hint = (img.round() / 255.0)[None]
+    refs = {"hint": hint}
+    steps = len(sd_refs["run.sigmas"]) - 1
+    for name, (weight, start, end, mode) in RUN_CASES.items():
+        den = Denoiser(controlled_unet(unet, cn, hint, weight, start, end, mode, steps), v_prediction=False)
+        model = cfg_model(den, sd_refs["run.uncond"], sd_refs["run.cond"], 7.0)
+        sigmas = sd_refs["run.sigmas"]
+        refs[f"{name}.latent"] = sample_euler(model, sd_refs["run.init_noise"] * sigmas[0], sigmas)
+        diff = (refs[f"{name}.latent"] - sd_refs["run.latent"]).abs().max().item()
+        print(f"run {name}: final latent differs from the uncontrolled run by {diff:.3f}")
+    save_file({k: v.float().contiguous() for k, v in refs.items()}, out / "refs" / "sd1-run.safetensors")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "fixtures" / "controlnet"))
@@ -175,6 +249,7 @@ def main() -> None:
     out = Path(args.out)
     family("sd1", out, seed=301)
     family("sdxl", out, seed=302)
+    runs(out)
 
 
 if __name__ == "__main__":

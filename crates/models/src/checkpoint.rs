@@ -205,6 +205,11 @@ pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, LoadError
     serde_json::from_str(&text).map_err(|e| invalid(path, format!("invalid config: {e}")))
 }
 
+/// The weight file of a diffusers component folder, if it has one.
+pub fn component_weights(dir: &Path) -> Option<PathBuf> {
+    component_file(dir).ok()
+}
+
 /// The weight file of a diffusers component folder.
 pub(crate) fn component_file(dir: &Path) -> Result<PathBuf, LoadError> {
     let names = [

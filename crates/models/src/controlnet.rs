@@ -110,7 +110,7 @@ impl ControlNetModel {
 
     /// The residuals for latents `xs` at timestep `t` with text `ctx` (and SDXL's `added`),
     /// steered by `cond` `[B, 3, 8h, 8w]` in `[0, 1]`, before any weighting
-    /// ([`ControlResiduals::weighted`]).
+    /// ([`ControlResiduals::scaled`]).
     pub fn forward(
         &self,
         xs: &Tensor,
@@ -149,19 +149,11 @@ impl ControlNetModel {
 }
 
 impl ControlResiduals {
-    /// The residuals times `scale`; with `soft` (A1111's "ControlNet is more important",
-    /// diffusers' guess mode) the skip connections are weighted from 0.1 (first) up to 1
-    /// (the mid block), geometrically, before `scale`.
-    pub fn weighted(&self, scale: f64, soft: bool) -> Result<ControlResiduals> {
-        let n = self.down.len();
-        let weight = |k: usize| {
-            if soft {
-                // logspace(-1, 0, n + 1)[k]
-                scale * 10f64.powf(-1.0 + k as f64 / n as f64)
-            } else {
-                scale
-            }
-        };
+    /// Each residual times its weight: `weights` has one per skip connection, then one for
+    /// the mid block (A1111's control scales); a residual past the end of `weights` gets the
+    /// last one.
+    pub fn scaled(&self, weights: &[f64]) -> Result<ControlResiduals> {
+        let weight = |k: usize| weights.get(k).or(weights.last()).copied().unwrap_or(1.0);
         Ok(ControlResiduals {
             down: self
                 .down
@@ -169,7 +161,7 @@ impl ControlResiduals {
                 .enumerate()
                 .map(|(k, t)| t.affine(weight(k), 0.0))
                 .collect::<Result<_>>()?,
-            mid: self.mid.affine(weight(n), 0.0)?,
+            mid: self.mid.affine(weight(self.down.len()), 0.0)?,
         })
     }
 

@@ -76,9 +76,14 @@ fn check(name: &str, controlnet: &std::path::Path, config: Option<&std::path::Pa
         )
         .unwrap();
     let what = format!("{name} ({})", controlnet.display());
-    let residuals = raw.weighted(0.7, false).unwrap();
+    let n = raw.down.len() + 1;
+    let residuals = raw.scaled(&vec![0.7; n]).unwrap();
     check_residuals(&what, &residuals, &r, "");
-    check_residuals(&what, &raw.weighted(0.7, true).unwrap(), &r, "guess.");
+    // diffusers' guess mode: logspace(-1, 0, n) × the conditioning scale.
+    let soft: Vec<f64> = (0..n)
+        .map(|k| 0.7 * 10f64.powf(-1.0 + k as f64 / (n - 1) as f64))
+        .collect();
+    check_residuals(&what, &raw.scaled(&soft).unwrap(), &r, "guess.");
 
     let model = load(
         &sdkube_testkit::fixtures().join("sd").join(name),

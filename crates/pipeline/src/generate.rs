@@ -6,11 +6,13 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use image::{imageops, DynamicImage, GrayImage, RgbImage};
 use sdkube_models::clip::ClipTextModel;
+use sdkube_models::controlnet::ControlNetModel;
 use sdkube_models::lora::Part;
 use sdkube_models::unet::{AddedConditioning, UNet2DConditionModel};
 use sdkube_models::vae::AutoencoderKL;
 use sdkube_models::{Family, SdWeights};
 
+use crate::control::{self, ActiveUnits, ControlNetCache, ControlNetLibrary, ControlUnit};
 use crate::embeddings::{EmbeddingSet, TextWidths};
 use crate::image_io::{
     crop_resize, image_to_tensor, latent_preview, mask_to_tensor, tensor_to_images,
@@ -150,6 +152,8 @@ pub struct Request {
     /// A1111's "Resize seed from width/height": the noise the seed gives at this size
     /// (width, height), centred in the noise of the real size.
     pub seed_resize_from: Option<(usize, usize)>,
+    /// ControlNet units steering the generation (their residuals add up).
+    pub control: Vec<ControlUnit>,
 }
 
 /// A random seed as A1111 draws one for seed -1 (32 bits, so that it fits its UI and infotext).
@@ -170,6 +174,8 @@ impl Request {
             && self.scheduler == other.scheduler
             && self.cfg_scale == other.cfg_scale
             && self.clip_skip == other.clip_skip
+            && self.control.is_empty()
+            && other.control.is_empty()
             && loras::tags_of(&self.prompt) == loras::tags_of(&other.prompt)
     }
 }
@@ -195,6 +201,7 @@ impl Default for Request {
             subseed: 0,
             subseed_strength: 0.0,
             seed_resize_from: None,
+            control: Vec::new(),
         }
     }
 }
@@ -304,6 +311,10 @@ pub struct Engine {
     embeddings: EmbeddingSet,
     /// LoRA files prompts may name, and the set the networks run with.
     loras: LoraNetworks,
+    /// ControlNet files requests may name.
+    controlnets: ControlNetLibrary,
+    /// ControlNets built on the device (kept with `--vram high`).
+    controlnet_cache: ControlNetCache,
     /// Bounds every request is checked against.
     pub limits: Limits,
 }
@@ -338,6 +349,8 @@ impl Engine {
         Ok(Self {
             embeddings,
             loras,
+            controlnets: ControlNetLibrary::default(),
+            controlnet_cache: ControlNetCache::default(),
             weights,
             device,
             dtype,
@@ -348,6 +361,36 @@ impl Engine {
             model_name: model_name.to_string(),
             limits: Limits::default(),
         })
+    }
+
+    /// Uses the ControlNet files of `library` from now on.
+    pub fn set_controlnets(&mut self, library: ControlNetLibrary) {
+        self.controlnets = library;
+    }
+
+    /// The ControlNet files requests may name.
+    pub fn controlnets(&self) -> &ControlNetLibrary {
+        &self.controlnets
+    }
+
+    /// The units of `req` with their networks on the device, checked against the model.
+    fn control_units(
+        &mut self,
+        req: &Request,
+    ) -> Result<Vec<(ControlUnit, std::sync::Arc<ControlNetModel>)>, Error> {
+        let keep = self.vram == VramMode::High;
+        req.control
+            .iter()
+            .map(|unit| {
+                unit.check()?;
+                let info = self.controlnets.find(&unit.model)?.clone();
+                let net = self
+                    .controlnet_cache
+                    .get(&info, &self.device, self.dtype, keep)?;
+                control::check_fits(&net, &info.name, &self.weights.unet.config)?;
+                Ok((unit.clone(), net))
+            })
+            .collect()
     }
 
     /// Uses the LoRA files of `library` from now on.
@@ -764,6 +807,22 @@ impl Engine {
         };
         let cfg = req.cfg_scale;
         let sdxl = self.weights.family == Family::Sdxl;
+        let units = self.control_units(req)?;
+        let control = match units.is_empty() {
+            true => None,
+            false => Some(ActiveUnits::new(
+                units,
+                req.width as u32,
+                req.height as u32,
+                b,
+                &dev,
+                dt,
+            )?),
+        };
+        // The step the sampler is at, for the units' guidance start/end: the step callback
+        // moves it on, the denoiser reads it.
+        let step_now = std::cell::Cell::new(0usize);
+        let total_steps = plan.steps();
 
         // In a block: with `--vram low` the UNet built for this job leaves the GPU before the VAE
         // decodes (SDXL's UNet is 5 GB, the decode of a batch at 1024² several more).
@@ -784,7 +843,24 @@ impl Engine {
                     None => x_in,
                 };
                 let t = Tensor::new(&[t as f32], &dev)?;
-                let out = unet.forward(&x_in, &t, &context, added.as_ref())?;
+                let residuals = match &control {
+                    Some(units) => units.residuals(
+                        &x_in,
+                        &t,
+                        &context,
+                        added.as_ref(),
+                        step_now.get(),
+                        total_steps,
+                    )?,
+                    None => None,
+                };
+                let out = unet.forward_with_control(
+                    &x_in,
+                    &t,
+                    &context,
+                    added.as_ref(),
+                    residuals.as_ref(),
+                )?;
                 let (u, c) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
                 let guided = (&u + ((c - &u)? * cfg)?)?;
                 let d = scalings.denoised(x, sigma, &guided)?;
@@ -795,6 +871,7 @@ impl Engine {
                 }
             };
             let mut on_sampler_step = |s: &StepInfo| {
+                step_now.set(s.step + 1);
                 on_step(&Progress {
                     step: s.step,
                     total: s.total,

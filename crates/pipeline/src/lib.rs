@@ -1,5 +1,6 @@
 //! Prompts, samplers and the txt2img/img2img/inpainting pipeline.
 
+pub mod control;
 pub mod embeddings;
 pub mod generate;
 pub mod hires;

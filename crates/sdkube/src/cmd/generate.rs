@@ -11,6 +11,7 @@ use image::imageops::FilterType;
 use image::DynamicImage;
 use indicatif::{ProgressBar, ProgressStyle};
 use sdkube_models::{LoadOptions, Prediction};
+use sdkube_pipeline::control::{ControlMode, ControlNetLibrary, ControlUnit, ResizeMode};
 use sdkube_pipeline::image_io::{encode_png, read_image};
 use sdkube_pipeline::sampler::Flow;
 use sdkube_pipeline::{Engine, HiresError, HiresFix, Progress, Request};
@@ -136,11 +137,50 @@ pub struct Args {
     /// RealESRGAN weight file (`.pth`, `.safetensors`).
     #[arg(long, default_value = "Latent")]
     pub hires_upscaler: String,
+    /// Folders of ControlNet files (`.safetensors`, `.pth`) and diffusers ControlNet folders.
+    #[arg(long, env = "SDKUBE_CONTROLNET_DIRS", value_delimiter = ',')]
+    pub controlnet_dirs: Vec<PathBuf>,
+    /// ControlNet to steer with (a name in --controlnet-dirs); needs --control-image.
+    #[arg(long, requires = "control_image")]
+    pub controlnet: Option<String>,
+    /// ControlNet: the control image (edges, depth, pose…), already preprocessed.
+    #[arg(long, requires = "controlnet")]
+    pub control_image: Option<PathBuf>,
+    /// ControlNet: weight (0 to 2).
+    #[arg(long, default_value_t = 1.0)]
+    pub control_weight: f64,
+    /// ControlNet: fraction of the steps before which it does not act.
+    #[arg(long, default_value_t = 0.0)]
+    pub control_start: f64,
+    /// ControlNet: fraction of the steps after which it does not act.
+    #[arg(long, default_value_t = 1.0)]
+    pub control_end: f64,
+    /// ControlNet: "Balanced", "My prompt is more important" or "ControlNet is more important".
+    #[arg(long, default_value = "Balanced")]
+    pub control_mode: String,
+    /// ControlNet: "Just Resize", "Crop and Resize" or "Resize and Fill".
+    #[arg(long, default_value = "Crop and Resize")]
+    pub control_resize: String,
     /// Output folder.
     #[arg(long, default_value = "outputs")]
     pub out: PathBuf,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+/// The ControlNet unit the options describe, if any.
+fn control_units(args: &Args) -> anyhow::Result<Vec<ControlUnit>> {
+    let (Some(model), Some(image)) = (&args.controlnet, &args.control_image) else {
+        return Ok(Vec::new());
+    };
+    Ok(vec![ControlUnit {
+        weight: args.control_weight,
+        guidance_start: args.control_start,
+        guidance_end: args.control_end,
+        mode: ControlMode::parse(&args.control_mode)?,
+        resize_mode: ResizeMode::parse(&args.control_resize)?,
+        ..ControlUnit::new(model, read_image(image)?.to_rgb8())
+    }])
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -178,6 +218,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         subseed,
         subseed_strength: args.subseed_strength,
         seed_resize_from: args.seed_resize_from,
+        control: control_units(&args)?,
     };
     let opts = LoadOptions {
         prediction: args.v_prediction.then_some(Prediction::V),
@@ -201,6 +242,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     engine.set_loras(sdkube_pipeline::loras::LoraLibrary::new(
         args.lora_dirs.clone(),
     ));
+    engine.set_controlnets(ControlNetLibrary::new(args.controlnet_dirs.clone()));
     engine.validate(&req)?;
     let hires = args
         .hires_scale

@@ -314,6 +314,7 @@ fn base_request(c: &CommonParams) -> Result<Request, ApiError> {
         subseed_strength: c.subseed_strength,
         seed_resize_from: (c.seed_resize_from_w > 0 && c.seed_resize_from_h > 0)
             .then_some((c.seed_resize_from_w as usize, c.seed_resize_from_h as usize)),
+        control: Vec::new(),
     })
 }
 
