@@ -49,6 +49,9 @@ enum Command {
     /// Textual-inversion embeddings: list a folder.
     #[command(subcommand)]
     Embeddings(cmd::embeddings::Command),
+    /// LoRA files: list folders, fetch one into a folder.
+    #[command(subcommand)]
+    Loras(cmd::loras::Command),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => cmd::bench::run(args),
         Command::TrainEmbedding(args) => cmd::train_embedding::run(args),
         Command::Embeddings(command) => cmd::embeddings::run(command),
+        Command::Loras(command) => cmd::loras::run(command),
     };
     match result {
         Ok(code) => code,

@@ -8,6 +8,7 @@ pub mod fetch;
 pub mod files;
 pub mod generate;
 pub mod import_ncnn;
+pub mod loras;
 pub mod models;
 pub mod restore_faces;
 pub mod serve;
