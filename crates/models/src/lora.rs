@@ -474,6 +474,12 @@ impl LoraFile {
                 }
             };
             let Some((key, shape)) = index.find(part, &m.name) else {
+                // SD 2.x checkpoints drop the text encoder's last layer (they condition on the
+                // penultimate one): a delta to it would change nothing, as in A1111.
+                if index.beyond_text_layers(part, &m.name) {
+                    tracing::debug!(module = %m.display_name(), "LoRA module for an unused layer");
+                    continue;
+                }
                 unknown.push(m.display_name());
                 continue;
             };
@@ -622,6 +628,7 @@ impl Update {
 /// The model's layers by every name a LoRA may give them.
 struct ModelIndex<'a> {
     names: HashMap<(Part, String), (&'a str, &'a [usize])>,
+    text_layers: HashMap<Part, usize>,
 }
 
 impl<'a> ModelIndex<'a> {
@@ -668,7 +675,29 @@ impl<'a> ModelIndex<'a> {
                 .collect()
         };
         add(Part::UNet, &weights.unet.tensors, &sgm);
-        Self { names }
+        let mut text_layers = HashMap::from([(
+            Part::TextEncoder,
+            weights.text_encoder.config.num_hidden_layers,
+        )]);
+        if let Some(te2) = &weights.text_encoder_2 {
+            text_layers.insert(Part::TextEncoder2, te2.config.num_hidden_layers);
+        }
+        Self { names, text_layers }
+    }
+
+    /// Whether `name` is a layer of a text encoder past the ones the model keeps.
+    fn beyond_text_layers(&self, part: Part, name: &str) -> bool {
+        let Some(&layers) = self.text_layers.get(&part) else {
+            return false;
+        };
+        let rest = ["encoder_layers_", "encoder.layers."]
+            .iter()
+            .find_map(|p| name.split_once(p).map(|(_, r)| r));
+        let index = rest.and_then(|r| {
+            let digits: String = r.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<usize>().ok()
+        });
+        index.is_some_and(|i| i >= layers)
     }
 
     fn find(&self, part: Part, name: &str) -> Option<(&'a str, &'a [usize])> {

@@ -194,6 +194,37 @@ fn files_that_do_not_fit_are_errors_naming_the_file() {
     );
 }
 
+/// SD 2.x checkpoints keep 23 of OpenCLIP's 24 text layers; kohya LoRAs trained on the full
+/// encoder have deltas for the 24th, which changes nothing: they bind, the rest applies.
+#[test]
+fn deltas_for_a_text_layer_the_model_drops_are_not_an_error() {
+    let w = model("sd1");
+    let layers = w.text_encoder.config.num_hidden_layers;
+    let mut t = TensorMap::new();
+    let z = |s: &[usize]| Tensor::ones(s, DType::F32, &Device::Cpu).unwrap();
+    for (layer, module) in [(0, "self_attn_q_proj"), (layers, "self_attn_q_proj")] {
+        let m = format!("lora_te_text_model_encoder_layers_{layer}_{module}");
+        t.insert(format!("{m}.lora_down.weight"), z(&[2, 8]));
+        t.insert(format!("{m}.lora_up.weight"), z(&[8, 2]));
+    }
+    let file =
+        LoraFile::from_tensors(&PathBuf::from("sd2.safetensors"), t, Default::default()).unwrap();
+    let bound = file.bind(&w).unwrap();
+    let keys: Vec<&str> = bound.keys(Part::TextEncoder).collect();
+    assert_eq!(
+        keys,
+        ["text_model.encoder.layers.0.self_attn.q_proj.weight"]
+    );
+    // A layer index the encoder never had is still an error … of a module, not of a layer.
+    let mut t = TensorMap::new();
+    let m = "lora_te_text_model_encoder_layers_0_self_attn_nope";
+    t.insert(format!("{m}.lora_down.weight"), z(&[2, 8]));
+    t.insert(format!("{m}.lora_up.weight"), z(&[8, 2]));
+    let file =
+        LoraFile::from_tensors(&PathBuf::from("bad.safetensors"), t, Default::default()).unwrap();
+    assert!(file.bind(&w).is_err());
+}
+
 #[test]
 fn unsupported_parameters_are_refused_not_dropped() {
     let mut t = TensorMap::new();
