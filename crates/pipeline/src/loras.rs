@@ -297,6 +297,9 @@ fn scan(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// LoRA files kept read and bound beyond the ones in use.
+const MAX_BOUND: usize = 8;
+
 /// One LoRA in use, at its multipliers.
 #[derive(Debug, Clone)]
 struct InUse {
@@ -454,6 +457,12 @@ impl LoraNetworks {
         weights: &SdWeights,
     ) -> Result<Vec<Part>, Error> {
         let set = self.resolve(tags, weights)?;
+        // Files read for earlier jobs stay bound for quick switching back, within a bound:
+        // a LoRA can weigh hundreds of MB.
+        if self.bound.len() > MAX_BOUND {
+            let keep: Vec<&Path> = set.iter().map(|u| u.lora.path.as_path()).collect();
+            self.bound.retain(|path, _| keep.contains(&path.as_path()));
+        }
         let changed: Vec<Part> = [Part::TextEncoder, Part::TextEncoder2, Part::UNet]
             .into_iter()
             .filter(|p| Self::part_set(&set, *p) != Self::part_set(&self.active, *p))

@@ -215,6 +215,7 @@ fn the_engine_switches_loras_without_a_reload_and_restores_the_base_exactly() {
 
 #[test]
 fn switching_costs_far_less_than_a_load() {
+    // A model load: read from disk and build the networks.
     let started = Instant::now();
     let mut e = engine("sdxl", VramMode::High);
     let load = started.elapsed();
@@ -235,6 +236,14 @@ fn switching_costs_far_less_than_a_load() {
         "tiny SDXL on the CPU: model load {load:?}; a 1-step job: no change {same:?}, \
          LoRA on {switch:?}, re-weighted + second LoRA {reweight:?}"
     );
+    // What switching adds to a job stays well under what loading the model costs.
+    for (what, t) in [("switch", switch), ("re-weight", reweight)] {
+        let added = t.saturating_sub(same);
+        assert!(
+            added < load / 2,
+            "{what} added {added:?}, a load takes {load:?}"
+        );
+    }
 }
 
 #[test]
