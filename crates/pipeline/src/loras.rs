@@ -418,8 +418,9 @@ impl LoraNetworks {
         self.check_names(tags)?;
         let mut out = Vec::with_capacity(tags.len());
         for t in tags {
-            let path = self.library.get(&t.name).map(|i| i.path.clone());
-            let path = path.expect("checked above");
+            let Some(path) = self.library.get(&t.name).map(|i| i.path.clone()) else {
+                continue; // checked above
+            };
             let now = stamp(&path);
             let lora = match self.bound.get(&path) {
                 Some((s, l)) if *s == now => l.clone(),
