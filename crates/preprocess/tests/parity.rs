@@ -1,0 +1,177 @@
+//! The preprocessors against sd-webui-controlnet's, on the fixtures of
+//! `scripts/make_preprocess_fixtures.py` (the extension's module code run with cv2 and numpy;
+//! Depth Anything through transformers, tiny random weights).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use image::{DynamicImage, GrayImage};
+use sdkube_preprocess::{depth_anything, detect, Annotators, DepthAnythingDetector, Params};
+use serde::Deserialize;
+
+fn dir() -> PathBuf {
+    sdkube_testkit::fixtures().join("preprocess")
+}
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    module: String,
+    image: String,
+    expected: String,
+    mask: Option<String>,
+    processor_res: Option<f64>,
+    threshold_a: Option<f64>,
+    threshold_b: Option<f64>,
+}
+
+fn cases() -> Result<Vec<Case>> {
+    let json = std::fs::read_to_string(dir().join("cases.json"))?;
+    Ok(serde_json::from_str(&json)?)
+}
+
+fn open(name: &str) -> Result<DynamicImage> {
+    image::open(dir().join(name)).with_context(|| name.to_owned())
+}
+
+/// How far an output is from its reference: the number of differing bytes and the largest
+/// difference.
+struct Diff {
+    bytes: usize,
+    differing: usize,
+    max: u8,
+}
+
+fn run(case: &Case, annotators: &Annotators) -> Result<Diff> {
+    let image = open(&case.image)?;
+    let mask: Option<GrayImage> = match &case.mask {
+        Some(m) => Some(open(m)?.to_luma8()),
+        None => None,
+    };
+    let params = Params {
+        processor_res: case.processor_res,
+        threshold_a: case.threshold_a,
+        threshold_b: case.threshold_b,
+    };
+    let got = detect(&case.module, &image, mask.as_ref(), &params, annotators)?;
+    let want = open(&case.expected)?;
+    assert_eq!(
+        (got.width(), got.height(), got.color()),
+        (want.width(), want.height(), want.color()),
+        "{}: size or colour type",
+        case.name
+    );
+    let (a, b) = (got.as_bytes(), want.as_bytes());
+    Ok(Diff {
+        bytes: a.len(),
+        differing: a.iter().zip(b).filter(|(x, y)| x != y).count(),
+        max: a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| x.abs_diff(*y))
+            .max()
+            .unwrap_or(0),
+    })
+}
+
+fn tiny_depth() -> Result<DepthAnythingDetector> {
+    let json = std::fs::read_to_string(dir().join("depth_anything_tiny.json"))?;
+    let cfg = depth_anything::Config::from_transformers_json(&json).map_err(anyhow::Error::msg)?;
+    Ok(DepthAnythingDetector::load(
+        &dir().join("depth_anything_tiny.safetensors"),
+        &cfg,
+        &Device::Cpu,
+        DType::F32,
+    )?)
+}
+
+/// Every model-free module (canny at three resolutions: bicubic enlarging, area shrinking, the
+/// 2×2 area fast path; threshold, blur, xdog, tile, invert of RGB and RGBA, none, inpaint) and
+/// the resize alone (blur with σ 0.01) equal the extension's output but for at most 1 byte in
+/// 10 000: OpenCV 5's 8-bit bicubic resize rounds a few near-ties the other way.
+#[test]
+fn model_free_modules_match_the_extension() -> Result<()> {
+    let annotators = Annotators::default();
+    let mut failures = Vec::new();
+    for case in cases()?.iter().filter(|c| c.module != "depth_anything") {
+        let d = run(case, &annotators)?;
+        println!(
+            "{:>14} {:>28}: {} of {} bytes differ, max {}",
+            case.name, case.module, d.differing, d.bytes, d.max
+        );
+        if d.differing * 10_000 > d.bytes {
+            failures.push(case.name.clone());
+        }
+    }
+    assert!(failures.is_empty(), "differ: {failures:?}");
+    Ok(())
+}
+
+/// The network: transformers' predicted depth within 1e-4, on the trained position grid and
+/// on a wider one (interpolated position embeddings).
+#[test]
+fn depth_anything_network_matches_transformers() -> Result<()> {
+    let detector_cfg = std::fs::read_to_string(dir().join("depth_anything_tiny.json"))?;
+    let cfg = depth_anything::Config::from_transformers_json(&detector_cfg)
+        .map_err(anyhow::Error::msg)?;
+    let net = depth_anything::load(
+        &dir().join("depth_anything_tiny.safetensors"),
+        &cfg,
+        &Device::Cpu,
+        DType::F32,
+    )?;
+    let io = candle_core::safetensors::load(
+        dir().join("depth_anything_tiny_io.safetensors"),
+        &Device::Cpu,
+    )?;
+    for name in ["square", "wide"] {
+        let got = net.forward(&io[&format!("{name}.input")])?;
+        let want = &io[&format!("{name}.depth")];
+        let diff = sdkube_testkit::max_abs_diff(&got, want);
+        let scale = sdkube_testkit::max_abs_diff(want, &want.zeros_like()?);
+        println!("{name}: max |diff| {diff:e} (outputs up to {scale})");
+        assert!(diff < 1e-4, "{name}: {diff}");
+    }
+    Ok(())
+}
+
+/// The whole `depth_anything` module (resize with pad, the 518/×14 bicubic input, the network,
+/// bilinear back, min–max to 8 bits): within one grey level of the reference.
+#[test]
+fn depth_anything_module_matches_the_extension() -> Result<()> {
+    let annotators = Annotators {
+        depth_anything: Some(tiny_depth()?),
+    };
+    for case in cases()?.iter().filter(|c| c.module == "depth_anything") {
+        let d = run(case, &annotators)?;
+        println!(
+            "{}: {} of {} bytes differ, max {}",
+            case.name, d.differing, d.bytes, d.max
+        );
+        assert!(d.max <= 1, "{}: max diff {}", case.name, d.max);
+        assert!(
+            d.differing * 100 < d.bytes,
+            "{}: {} differ",
+            case.name,
+            d.differing
+        );
+    }
+    Ok(())
+}
+
+/// A learned module without its network says what to fetch.
+#[test]
+fn depth_anything_without_weights_names_the_catalog_entry() -> Result<()> {
+    let err = detect(
+        "depth_anything",
+        &open("photo.png")?,
+        None,
+        &Params::default(),
+        &Annotators::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("sdkube fetch depth-anything-small"), "{err}");
+    Ok(())
+}
