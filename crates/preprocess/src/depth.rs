@@ -122,7 +122,7 @@ impl DepthAnythingDetector {
 fn stretch_to_u8(depth: &[f32]) -> Vec<u8> {
     let min = depth.iter().copied().fold(f32::INFINITY, f32::min);
     let max = depth.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if !(max > min) {
+    if max.partial_cmp(&min) != Some(std::cmp::Ordering::Greater) {
         return vec![0; depth.len()];
     }
     depth

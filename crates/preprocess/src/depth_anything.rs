@@ -212,15 +212,16 @@ impl Embeddings {
         let mut out = Vec::with_capacity(grid_h * grid_w * dim);
         for (ry, wy) in &rows {
             for (rx, wx) in &cols {
-                for d in 0..dim {
-                    let mut v = 0f64;
-                    for (a, &y) in ry.iter().enumerate() {
-                        for (b, &x) in rx.iter().enumerate() {
-                            v += wy[a] * wx[b] * f64::from(grid[y][x][d]);
+                let mut acc = vec![0f64; dim];
+                for (a, &y) in ry.iter().enumerate() {
+                    for (b, &x) in rx.iter().enumerate() {
+                        let w = wy[a] * wx[b];
+                        for (o, &g) in acc.iter_mut().zip(&grid[y][x]) {
+                            *o += w * f64::from(g);
                         }
                     }
-                    out.push(v as f32);
                 }
+                out.extend(acc.iter().map(|&v| v as f32));
             }
         }
         let patches = Tensor::from_vec(out, (1, grid_h * grid_w, dim), &Device::Cpu)?

@@ -31,7 +31,7 @@ fn gaussian_kernel(n: usize, sigma: f64) -> Vec<f64> {
         })
         .collect();
     let mut sum = 2.0 * values.iter().sum::<f64>() + 1.0;
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         sum += 1.0;
     }
     let mul = 1.0 / sum;

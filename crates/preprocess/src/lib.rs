@@ -86,6 +86,24 @@ pub enum Error {
         /// Height.
         height: u32,
     },
+    /// The image would be scaled beyond [`MAX_PIXELS`] (a very long image at a high resolution).
+    #[error("{module}: a {width}x{height} image at processor_res {resolution} would be {scaled_width}x{scaled_height}, above {max} pixels")]
+    TooLarge {
+        /// The module.
+        module: &'static str,
+        /// Image width.
+        width: u32,
+        /// Image height.
+        height: u32,
+        /// The processor resolution.
+        resolution: f64,
+        /// The scaled width.
+        scaled_width: usize,
+        /// The scaled height.
+        scaled_height: usize,
+        /// [`MAX_PIXELS`].
+        max: usize,
+    },
     /// A learned module's network was not loaded.
     #[error("{module} needs its network: fetch it with `sdkube fetch {weights}` and load it")]
     ModelNotLoaded {
@@ -107,6 +125,10 @@ pub enum Error {
     },
 }
 
+/// The most pixels an image may be scaled to before detection: the largest resolution (2048)
+/// at an aspect ratio of 1:4.
+pub const MAX_PIXELS: usize = 2048 * 8192;
+
 /// The networks learned modules use, loaded by the caller (absent ones make those modules an
 /// [`Error::ModelNotLoaded`]).
 #[derive(Default)]
@@ -116,7 +138,8 @@ pub struct Annotators {
 }
 
 /// Runs the preprocessor `module` (name or label) on `image`, as the extension's detect does.
-/// `mask` is the inpaint modules' mask (white = repaint), ignored by the others. The result is
+/// `mask` is the inpaint modules' mask (white = repaint; without one, an RGBA image's alpha is
+/// the mask, as the extension's canvas sends it), ignored by the others. The result is
 /// RGB, except the inpaint modules' RGBA (the image, its alpha `255 − mask/2`, the extension's
 /// `visualize_inpaint_mask`).
 pub fn detect(
@@ -133,6 +156,32 @@ pub fn detect(
             width: image.width(),
             height: image.height(),
         });
+    }
+    let resizes = matches!(
+        m.kind,
+        Kind::Canny
+            | Kind::Threshold
+            | Kind::BlurGaussian
+            | Kind::ScribbleXdog
+            | Kind::DepthAnything
+    );
+    if resizes {
+        let (w, h) = raster::processor_size(
+            image.width() as usize,
+            image.height() as usize,
+            p.resolution,
+        );
+        if w * h > MAX_PIXELS {
+            return Err(Error::TooLarge {
+                module: m.name,
+                width: image.width(),
+                height: image.height(),
+                resolution: p.resolution,
+                scaled_width: w,
+                scaled_height: h,
+                max: MAX_PIXELS,
+            });
+        }
     }
     let img = Raster::from_image(image);
     let rgb = |r: Raster<u8>| Ok(DynamicImage::ImageRgb8(r.into_rgb_image()));
@@ -157,8 +206,20 @@ pub fn detect(
             rgb(scribble_xdog(&padded, p.a).crop(w, h))
         }
         Kind::Inpaint => {
-            let mask = mask.ok_or(Error::MaskRequired { module: m.name })?;
-            Ok(DynamicImage::ImageRgba8(inpaint_visual(&img, mask)?))
+            // the colour channels as they are (no compositing): the alpha is the mask here
+            let alpha;
+            let mask = match mask {
+                Some(m) => m,
+                None if image.color().has_alpha() => {
+                    alpha = alpha_channel(image);
+                    &alpha
+                }
+                None => return Err(Error::MaskRequired { module: m.name }),
+            };
+            Ok(DynamicImage::ImageRgba8(inpaint_visual(
+                &image.to_rgb8(),
+                mask,
+            )?))
         }
         Kind::DepthAnything => {
             let detector = annotators
@@ -229,11 +290,11 @@ fn scribble_xdog(img: &Raster<u8>, threshold: f64) -> Raster<u8> {
     out
 }
 
-fn check_mask(img: &Raster<u8>, mask: &GrayImage) -> Result<(), Error> {
-    if (mask.width() as usize, mask.height() as usize) != (img.width, img.height) {
+fn check_mask(img: &RgbImage, mask: &GrayImage) -> Result<(), Error> {
+    if mask.dimensions() != img.dimensions() {
         return Err(Error::MaskSize {
-            width: img.width as u32,
-            height: img.height as u32,
+            width: img.width(),
+            height: img.height(),
             mask_width: mask.width(),
             mask_height: mask.height(),
         });
@@ -243,26 +304,30 @@ fn check_mask(img: &Raster<u8>, mask: &GrayImage) -> Result<(), Error> {
 
 /// The inpaint modules' detect result: the image with alpha `255 − mask/2` (masked parts shown
 /// half transparent).
-fn inpaint_visual(img: &Raster<u8>, mask: &GrayImage) -> Result<RgbaImage, Error> {
+fn inpaint_visual(img: &RgbImage, mask: &GrayImage) -> Result<RgbaImage, Error> {
     check_mask(img, mask)?;
-    let mut out = RgbaImage::new(img.width as u32, img.height as u32);
-    for ((dst, px), m) in out
-        .pixels_mut()
-        .zip(img.data.chunks_exact(3))
-        .zip(mask.as_raw())
-    {
+    let mut out = RgbaImage::new(img.width(), img.height());
+    for ((dst, px), m) in out.pixels_mut().zip(img.pixels()).zip(mask.as_raw()) {
         *dst = image::Rgba([px[0], px[1], px[2], 255 - m / 2]);
     }
     Ok(out)
+}
+
+/// The alpha channel of an image, as a mask.
+fn alpha_channel(image: &DynamicImage) -> GrayImage {
+    let rgba = image.to_rgba8();
+    GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        image::Luma([rgba.get_pixel(x, y)[3]])
+    })
 }
 
 /// The ControlNet input an inpaint unit feeds the network (the extension's "inpaint protocol"):
 /// `[1, 3, H, W]`, the image in 0..1 where the mask is at most half, −1 where it is above.
 /// The pipeline calls this after resizing image and mask to the generation size.
 pub fn inpaint_hint(image: &RgbImage, mask: &GrayImage, device: &Device) -> Result<Tensor, Error> {
-    let img = Raster::from_image(&DynamicImage::ImageRgb8(image.clone()));
-    check_mask(&img, mask)?;
-    let (w, h) = (img.width, img.height);
+    check_mask(image, mask)?;
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    let rgb = image.as_raw();
     let mut chw = vec![0f32; 3 * w * h];
     for (i, &m) in mask.as_raw().iter().enumerate() {
         let masked = f32::from(m) / 255.0 > 0.5;
@@ -270,7 +335,7 @@ pub fn inpaint_hint(image: &RgbImage, mask: &GrayImage, device: &Device) -> Resu
             chw[c * w * h + i] = if masked {
                 -1.0
             } else {
-                f32::from(img.data[i * 3 + c]) / 255.0
+                f32::from(rgb[i * 3 + c]) / 255.0
             };
         }
     }
@@ -278,4 +343,95 @@ pub fn inpaint_hint(image: &RgbImage, mask: &GrayImage, device: &Device) -> Resu
         context: "inpaint hint".into(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn photo() -> RgbImage {
+        RgbImage::from_fn(8, 6, |x, y| image::Rgb([x as u8 * 30, y as u8 * 40, 7]))
+    }
+
+    fn mask() -> GrayImage {
+        GrayImage::from_fn(8, 6, |x, _| image::Luma([if x < 3 { 255 } else { 0 }]))
+    }
+
+    #[test]
+    fn inpaint_takes_an_rgba_images_alpha_as_its_mask() {
+        let (rgb, mask) = (photo(), mask());
+        let with_mask = detect(
+            "inpaint_only",
+            &DynamicImage::ImageRgb8(rgb.clone()),
+            Some(&mask),
+            &Params::default(),
+            &Annotators::default(),
+        )
+        .unwrap();
+        let rgba = RgbaImage::from_fn(8, 6, |x, y| {
+            let p = rgb.get_pixel(x, y);
+            image::Rgba([p[0], p[1], p[2], mask.get_pixel(x, y)[0]])
+        });
+        let from_alpha = detect(
+            "inpaint_global_harmonious",
+            &DynamicImage::ImageRgba8(rgba),
+            None,
+            &Params::default(),
+            &Annotators::default(),
+        )
+        .unwrap();
+        assert_eq!(with_mask, from_alpha);
+        assert_eq!(with_mask.to_rgba8().get_pixel(0, 0)[3], 255 - 255 / 2);
+        let err = detect(
+            "inpaint",
+            &DynamicImage::ImageRgb8(rgb),
+            None,
+            &Params::default(),
+            &Annotators::default(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, Error::MaskRequired { module: "inpaint" }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn inpaint_hint_is_minus_one_under_the_mask() {
+        let hint = inpaint_hint(&photo(), &mask(), &Device::Cpu).unwrap();
+        assert_eq!(hint.dims(), [1, 3, 6, 8]);
+        let px = hint.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+        assert_eq!(px[0][0][0], -1.0);
+        assert_eq!(px[0][0][5], 150.0 / 255.0);
+        assert_eq!(px[1][2][4], 80.0 / 255.0);
+    }
+
+    #[test]
+    fn empty_images_and_mismatched_masks_are_errors() {
+        let err = detect(
+            "canny",
+            &DynamicImage::new_rgb8(0, 4),
+            None,
+            &Params::default(),
+            &Annotators::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::EmptyImage { .. }));
+        let small = GrayImage::new(2, 2);
+        let err = inpaint_hint(&photo(), &small, &Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("2x2"), "{err}");
+        // 1×1000 at resolution 2048 would be 2048×2048000
+        let err = detect(
+            "canny",
+            &DynamicImage::new_rgb8(1, 1000),
+            None,
+            &Params {
+                processor_res: Some(2048.0),
+                ..Params::default()
+            },
+            &Annotators::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("2048x2048000"), "{err}");
+    }
 }

@@ -258,7 +258,7 @@ impl Module {
             let Some(s) = slider else { return Ok(0.0) };
             match value {
                 None => Ok(s.value),
-                Some(v) if v == -1.0 => Ok(s.value),
+                Some(-1.0) => Ok(s.value),
                 Some(v) if v.is_finite() && v >= s.minimum && v <= s.maximum => Ok(v),
                 Some(v) => Err(Error::OutOfRange {
                     module: self.name,
