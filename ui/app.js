@@ -283,6 +283,7 @@ const ui = {
   currentJobId: null,
   followed: new Map(), // job id -> {close()}
   init: null, // {dataUrl, width, height}
+  controlImage: null, // data URL of the ControlNet unit's image
   maskPainted: false,
   galleryPage: 1,
   galleryPerPage: 24,
@@ -519,6 +520,8 @@ function collectParams() {
     n_iter: numberField('batch-count', 'Batch count'),
     restore_faces: $('restore-faces').checked,
   };
+  const unit = controlNetUnit();
+  if (unit) params.alwayson_scripts = { controlnet: { args: [unit] } };
   if (ui.mode === 'img2img') {
     if (!ui.init) throw new Error('img2img needs an initial image: choose, drop or paste one');
     Object.assign(params, {
@@ -1056,6 +1059,60 @@ async function refreshEmbeddings() {
   }
 }
 
+// --- ControlNet ---------------------------------------------------------------------------------
+
+/** The preprocessors and models the server offers (sd-webui-controlnet's API). */
+async function loadControlNet() {
+  try {
+    const [modules, models] = await Promise.all([api('/controlnet/module_list'), api('/controlnet/model_list')]);
+    $('cn-module').replaceChildren(...modules.module_list.map((m) => el('option', { value: m }, m)));
+    const names = models.model_list;
+    $('cn-model').replaceChildren(...(names.length ? names.map((m) => el('option', { value: m }, m)) : [el('option', { value: '' }, 'none in --controlnet-dirs')]));
+  } catch (err) {
+    showError('ControlNet', err);
+  }
+}
+
+/** The unit the panel describes, or null when ControlNet is off. */
+function controlNetUnit() {
+  if (!$('cn-enabled').checked) return null;
+  if (!ui.controlImage) throw new Error('ControlNet is enabled but has no control image: choose one');
+  if (!$('cn-model').value) throw new Error('ControlNet is enabled but the server has no ControlNet model');
+  return {
+    image: base64Of(ui.controlImage),
+    module: $('cn-module').value || 'none',
+    model: $('cn-model').value,
+    weight: numberField('cn-weight', 'ControlNet weight', false),
+    control_mode: $('cn-mode').value,
+  };
+}
+
+async function setControlImage(file) {
+  try {
+    ui.controlImage = await readFileAsDataUrl(file);
+    $('cn-input').src = ui.controlImage;
+    $('cn-input').hidden = false;
+    $('cn-map').hidden = true;
+  } catch (err) {
+    showError('ControlNet image', err);
+  }
+}
+
+/** Runs the preprocessor on the control image and shows the map (`/controlnet/detect`). */
+async function previewControlMap() {
+  try {
+    if (!ui.controlImage) throw new Error('choose a control image first');
+    const result = await api('/controlnet/detect', {
+      method: 'POST',
+      body: { controlnet_module: $('cn-module').value || 'none', controlnet_input_images: [base64Of(ui.controlImage)] },
+    });
+    $('cn-map').src = `data:image/png;base64,${result.images[0]}`;
+    $('cn-map').hidden = false;
+  } catch (err) {
+    showError('ControlNet preview', err);
+  }
+}
+
 // --- LoRA ---------------------------------------------------------------------------------------
 
 async function refreshLoras() {
@@ -1130,6 +1187,9 @@ function startUi() {
   });
   $('embeddings-refresh').addEventListener('click', refreshEmbeddings);
   $('loras-refresh').addEventListener('click', refreshLoras);
+  $('cn-file').addEventListener('change', () => $('cn-file').files[0] && setControlImage($('cn-file').files[0]));
+  $('cn-preview').addEventListener('click', previewControlMap);
+  $('controlnet-panel').addEventListener('toggle', () => $('controlnet-panel').open && loadControlNet(), { once: true });
   document.addEventListener('keydown', (event) => {
     if ((event.ctrlKey || event.metaKey) && event.key === 'Enter') {
       event.preventDefault();

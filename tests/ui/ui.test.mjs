@@ -183,7 +183,10 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     // A second checkpoint to switch to: the fixture again, under another name.
     checkpoints = fs.mkdtempSync(path.join(os.tmpdir(), 'sdkube-ui-ckpt-'));
     fs.symlinkSync(path.join(repo, 'fixtures/sd/sd1'), path.join(checkpoints, 'sd1-copy'));
-    [server, browser] = await startBoth(['--checkpoint-dirs', checkpoints, '--lora-dirs', path.join(repo, 'fixtures/lora/sd1')], { embeddings });
+    [server, browser] = await startBoth(
+      ['--checkpoint-dirs', checkpoints, '--lora-dirs', path.join(repo, 'fixtures/lora/sd1'), '--controlnet-dirs', path.join(repo, 'fixtures/controlnet')],
+      { embeddings },
+    );
     const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
     page = await context.newPage();
     page.setDefaultTimeout(STEP_TIMEOUT);
@@ -495,6 +498,77 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     assert.equal(final.state, 'succeeded', JSON.stringify(final));
     assert.match(final.images[0].infotext, /^a castle <lora:kohya-sd1:1>\n/);
     assert.match(final.images[0].infotext, /Lora hashes: "kohya-sd1: 8d2ab056d855"/);
+  });
+
+  it('ControlNet panel: lists preprocessors and models, previews the map, and steers the image', async () => {
+    await page.click('.tabs [data-tab="txt2img"]');
+    await page.fill('#prompt', 'a lighthouse');
+    await page.fill('#width', '64');
+    await page.fill('#height', '64');
+    await page.fill('#steps', '2');
+    await page.fill('#seed', '11');
+    await page.click('#controlnet-panel summary');
+    await page.waitForFunction(() => document.querySelector('#cn-module').options.length > 1);
+    const modules = await page.$$eval('#cn-module option', (o) => o.map((x) => x.value));
+    assert.ok(modules.includes('canny'), modules.join(', '));
+    const models = await page.$$eval('#cn-model option', (o) => o.map((x) => x.value));
+    assert.ok(models.some((m) => /^sd1 \[[0-9a-f]{8}\]$/.test(m)), models.join(', '));
+    await page.selectOption('#cn-model', models.find((m) => m.startsWith('sd1 [')));
+    // A white square on black: canny finds its outline.
+    const control = await page.evaluate(() => {
+      const c = document.createElement('canvas');
+      c.width = 64;
+      c.height = 64;
+      const g = c.getContext('2d');
+      g.fillStyle = '#000';
+      g.fillRect(0, 0, 64, 64);
+      g.fillStyle = '#fff';
+      g.fillRect(16, 16, 32, 32);
+      return c.toDataURL('image/png').split(',')[1];
+    });
+    await page.setInputFiles('#cn-file', { name: 'square.png', mimeType: 'image/png', buffer: Buffer.from(control, 'base64') });
+    await page.waitForSelector('#cn-input:not([hidden])');
+    await page.selectOption('#cn-module', 'canny');
+    await page.click('#cn-preview');
+    await page.waitForSelector('#cn-map:not([hidden])');
+    const edges = await page.$eval('#cn-map', (img) => {
+      const c = document.createElement('canvas');
+      c.width = img.naturalWidth;
+      c.height = img.naturalHeight;
+      const g = c.getContext('2d');
+      g.drawImage(img, 0, 0);
+      const d = g.getImageData(0, 0, c.width, c.height).data;
+      let n = 0;
+      for (let i = 0; i < d.length; i += 4) if (d[i] > 128) n++;
+      return { n, total: c.width * c.height };
+    });
+    assert.ok(edges.n > 0 && edges.n < edges.total / 4, JSON.stringify(edges));
+
+    const run = async () => {
+      const created = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
+      await page.click('#generate');
+      const response = await created;
+      assert.equal(response.status(), 202, await response.text());
+      const body = JSON.parse(response.request().postData());
+      const job = await response.json();
+      let final;
+      for (let i = 0; i < 600; i++) {
+        final = await (await fetch(`${server.base}/api/v1/jobs/${job.id}`)).json();
+        if (['succeeded', 'failed', 'cancelled'].includes(final.state)) break;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      assert.equal(final.state, 'succeeded', JSON.stringify(final));
+      return { body, image: await (await fetch(`${server.base}${final.images[0].url}`)).arrayBuffer() };
+    };
+    const plain = await run();
+    assert.equal(plain.body.params.alwayson_scripts, undefined);
+    await page.check('#cn-enabled');
+    const steered = await run();
+    const unit = steered.body.params.alwayson_scripts.controlnet.args[0];
+    assert.equal(unit.module, 'canny');
+    assert.match(unit.model, /^sd1 \[/);
+    assert.notDeepEqual(Buffer.from(steered.image), Buffer.from(plain.image), 'the unit changed the image');
+    await page.uncheck('#cn-enabled');
   });
 
   it('fits a 375 px phone screen: no horizontal scrolling, controls stacked', async () => {

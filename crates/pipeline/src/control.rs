@@ -270,7 +270,7 @@ impl ControlNetLibrary {
                 entries.push(ControlNetInfo { name, path, hash });
             }
         }
-        entries.sort_by(|a, b| a.name.to_lowercase().cmp(&b.name.to_lowercase()));
+        entries.sort_by_key(|e| e.name.to_lowercase());
         self.entries = entries;
     }
 
@@ -279,12 +279,13 @@ impl ControlNetLibrary {
         &self.entries
     }
 
-    /// The ControlNet `name` names: its name, or its title (`name [hash]`).
+    /// The ControlNet `name` names: its name (in any case, as the extension matches it) or
+    /// its title (`name [hash]`).
     pub fn find(&self, name: &str) -> Result<&ControlNetInfo, Error> {
         let plain = name.split(" [").next().unwrap_or(name).trim();
         self.entries
             .iter()
-            .find(|e| e.title() == name || e.name == plain)
+            .find(|e| e.title() == name || e.name.eq_ignore_ascii_case(plain))
             .ok_or_else(|| {
                 let known: Vec<String> = self.entries.iter().map(|e| e.title()).collect();
                 Error::Invalid(format!(

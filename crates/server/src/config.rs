@@ -90,6 +90,8 @@ pub struct Config {
     pub embeddings: PathBuf,
     /// Folders of LoRA files prompts may name (`<lora:name:w>`).
     pub lora_dirs: Vec<PathBuf>,
+    /// Folders of ControlNet files and diffusers ControlNet folders (`--controlnet-dirs`).
+    pub controlnet_dirs: Vec<PathBuf>,
     /// Training images live in folders under here (`data_root` of a training request).
     pub training: PathBuf,
     /// Address the HTTP server binds.

@@ -37,6 +37,8 @@ pub struct GenerateWork {
     /// What the job does differently from what was asked (no face-restorer weights, …),
     /// reported in the job's info.
     pub warnings: Vec<String>,
+    /// ControlNet units, their preprocessors still to run.
+    pub control: Vec<crate::requests::controlnet::ControlJob>,
 }
 
 /// A1111's "Hires. fix", which the engine runs after the first pass.
@@ -103,6 +105,8 @@ impl Work {
                     && b.n_iter == 1
                     && a.hires.is_none()
                     && b.hires.is_none()
+                    && a.control.is_empty()
+                    && b.control.is_empty()
                     && a.request.batchable_with(&b.request)
             }
             _ => false,

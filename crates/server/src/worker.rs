@@ -10,16 +10,19 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use candle_core::{DType, Device};
 use image::DynamicImage;
+use sdkube_pipeline::control::ControlNetLibrary;
 use sdkube_pipeline::embeddings::{EmbeddingSet, TextWidths};
 use sdkube_pipeline::image_io::encode_png;
 use sdkube_pipeline::loras::LoraLibrary;
 use sdkube_pipeline::sampler::{Flow, SamplerError};
 use sdkube_pipeline::{Engine, Generated, HiresError, Infotext, Request, VramMode};
+use sdkube_preprocess::Annotators;
 
 use crate::job::{Failure, Job, JobImage, JobState};
 use crate::model::{ModelSlot, Outcome, Wanted};
 use crate::post::PostCache;
 use crate::queue::BatchRule;
+use crate::requests::controlnet;
 use crate::state::{device_label, AppState};
 use crate::work::{ExtrasWork, GenerateWork, UpscaleTarget, Work};
 
@@ -36,6 +39,8 @@ pub struct Worker {
     engine: Option<Engine>,
     generation: u64,
     post: PostCache,
+    /// Networks of the ControlNet preprocessors, loaded when a unit first needs them.
+    annotators: Annotators,
 }
 
 impl Worker {
@@ -49,6 +54,7 @@ impl Worker {
             state,
             engine: None,
             generation: 0,
+            annotators: Annotators::default(),
         }
     }
 
@@ -132,6 +138,9 @@ impl Worker {
                     Err(e) => tracing::warn!(error = %e, "embeddings folder unreadable"),
                 }
                 engine.set_loras(LoraLibrary::new(self.state.config.lora_dirs.clone()));
+                engine.set_controlnets(ControlNetLibrary::new(
+                    self.state.config.controlnet_dirs.clone(),
+                ));
                 *crate::lock(&self.state.text_widths) = Some(widths);
                 tracing::info!(
                     model = %want.name,
@@ -303,8 +312,41 @@ impl Worker {
         }
     }
 
+    /// The job's request with its ControlNet units preprocessed.
+    fn with_control(&mut self, work: &GenerateWork) -> Result<Request, JobError> {
+        let modules = work.control.iter().map(|c| c.module.as_str());
+        controlnet::load_annotators(
+            &self.state.config.post.store,
+            modules,
+            &self.device,
+            &mut self.annotators,
+        )?;
+        let control = work
+            .control
+            .iter()
+            .map(|c| c.detect(&self.annotators))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Request {
+            control,
+            ..work.request.clone()
+        })
+    }
+
     /// Generation jobs taken together: one device batch per iteration.
     fn run_generate(&mut self, jobs: &[(&Arc<Job>, &GenerateWork)]) {
+        let requests = match jobs
+            .iter()
+            .map(|(_, g)| self.with_control(g))
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                for (j, _) in jobs {
+                    self.finish(j, Err(e.clone()));
+                }
+                return;
+            }
+        };
         let Some(mut engine) = self.engine.take() else {
             let why = self
                 .state
@@ -335,10 +377,7 @@ impl Worker {
             if jobs.iter().all(|(j, _)| j.should_stop()) {
                 break;
             }
-            let reqs: Vec<Request> = jobs
-                .iter()
-                .map(|(_, g)| g.request.iteration(iter))
-                .collect();
+            let reqs: Vec<Request> = requests.iter().map(|r| r.iteration(iter)).collect();
             let mut last_step = Instant::now();
             let mut last_preview: Option<Instant> = None;
             let metrics = &self.state.metrics;
@@ -386,11 +425,11 @@ impl Worker {
             let result = engine.generate_batch(&reqs, &mut on_step);
             match result {
                 Ok(per_job) => {
-                    for ((j, g), images) in jobs.iter().zip(per_job) {
+                    for (((j, g), request), images) in jobs.iter().zip(&requests).zip(per_job) {
                         if j.should_stop() {
                             continue;
                         }
-                        if let Err(e) = self.keep_images(&mut engine, j, g, images) {
+                        if let Err(e) = self.keep_images(&mut engine, j, g, request, images) {
                             failed = Some(e);
                         }
                     }
@@ -429,6 +468,7 @@ impl Worker {
         engine: &mut Engine,
         job: &Arc<Job>,
         work: &GenerateWork,
+        request: &Request,
         images: Vec<Generated>,
     ) -> Result<(), JobError> {
         for g in images {
@@ -443,7 +483,7 @@ impl Worker {
                         false => Flow::Continue,
                     };
                     engine
-                        .hires_fix(&work.request, &g, h, &mut upscale, &mut on_step)
+                        .hires_fix(request, &g, h, &mut upscale, &mut on_step)
                         .map_err(|e| match e {
                             HiresError::Upscale(e) => JobError::from(e),
                             HiresError::Generate(e) => format!("hires fix: {e}").into(),
@@ -637,6 +677,20 @@ impl From<String> for JobError {
         Self {
             kind: Failure::Internal,
             message,
+        }
+    }
+}
+
+impl From<crate::error::ApiError> for JobError {
+    fn from(e: crate::error::ApiError) -> Self {
+        let kind = match e.status.as_u16() {
+            400..=499 => Failure::BadRequest,
+            503 => Failure::Unavailable,
+            _ => Failure::Internal,
+        };
+        Self {
+            kind,
+            message: e.message,
         }
     }
 }

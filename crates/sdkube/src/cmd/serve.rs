@@ -65,6 +65,15 @@ pub struct Args {
         default_value = "./data/loras"
     )]
     pub lora_dirs: Vec<PathBuf>,
+    /// Folders of ControlNet files (`.safetensors`, `.pth`) and diffusers ControlNet
+    /// folders, which `alwayson_scripts.controlnet` units name.
+    #[arg(
+        long,
+        env = "SDKUBE_CONTROLNET_DIRS",
+        value_delimiter = ',',
+        default_value = "./data/controlnet"
+    )]
+    pub controlnet_dirs: Vec<PathBuf>,
     /// Folder of training image folders (`data_root` of a training request is inside it).
     #[arg(long, env = "SDKUBE_TRAINING", default_value = "./data/training")]
     pub training: PathBuf,
@@ -308,6 +317,7 @@ fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
         outputs: args.outputs.clone(),
         embeddings: args.embeddings.clone(),
         lora_dirs: args.lora_dirs.clone(),
+        controlnet_dirs: args.controlnet_dirs.clone(),
         training: args.training.clone(),
         listen,
         devices,

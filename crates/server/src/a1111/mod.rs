@@ -3,6 +3,7 @@
 //! Fields sdkube does not act on are accepted and listed in the response's `info`
 //! (`sdkube_ignored_fields`), never an error.
 
+pub mod controlnet;
 pub mod embeddings;
 pub mod generation;
 pub mod listings;
@@ -50,4 +51,9 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(embeddings::refresh_embeddings))
         .routes(routes!(embeddings::create_embedding))
         .routes(routes!(embeddings::train_embedding))
+        .routes(routes!(controlnet::version))
+        .routes(routes!(controlnet::settings))
+        .routes(routes!(controlnet::model_list))
+        .routes(routes!(controlnet::module_list))
+        .routes(routes!(controlnet::detect))
 }

@@ -2,6 +2,7 @@
 
 use std::sync::LazyLock;
 
+use sdkube_pipeline::control::ControlNetLibrary;
 use sdkube_pipeline::loras;
 use sdkube_pipeline::prompt::{tokenize_prompt, ChunkOptions, EmbeddingIndex};
 use sdkube_pipeline::sampler::{SamplerError, SamplerSpec};
@@ -11,6 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
+use super::controlnet::ControlJob;
 use super::{decode_image, BuildContext, CLIP_SKIP_OPTION};
 use crate::error::ApiError;
 use crate::work::{GenerateWork, HiresFix, Work};
@@ -188,7 +190,12 @@ fn ignored_fields(c: &CommonParams, other: &Map<String, Value>) -> Vec<String> {
     flag(c.tiling == Some(true), "tiling");
     flag(c.eta.is_some(), "eta");
     flag(c.script_name.is_some(), "script_name");
-    flag(!c.alwayson_scripts.is_empty(), "alwayson_scripts");
+    out.extend(
+        c.alwayson_scripts
+            .keys()
+            .filter(|k| !super::controlnet::is_controlnet_key(k))
+            .map(|k| format!("alwayson_scripts.{k}")),
+    );
     out.extend(
         c.override_settings
             .iter()
@@ -368,6 +375,7 @@ pub fn txt2img_work(
     check(ctx, &request, r.common.n_iter)?;
     let mut warnings = Vec::new();
     let restore_faces = check_faces(ctx, r.common.restore_faces, &mut warnings);
+    let control = control_units(ctx, &r.common, &request, &mut warnings)?;
     let mut ignored = ignored_fields(&r.common, &r.other);
     let hires = if r.enable_hr {
         let (w, h) = if r.hr_resize_x > 0 || r.hr_resize_y > 0 {
@@ -450,8 +458,29 @@ pub fn txt2img_work(
         hires,
         save: save || r.common.save_images,
         ignored,
+        control,
         warnings,
     }))
+}
+
+/// The request's ControlNet units, checked (the model only where this process has the
+/// ControlNet folders).
+fn control_units(
+    ctx: &BuildContext<'_>,
+    c: &CommonParams,
+    request: &Request,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<ControlJob>, ApiError> {
+    let library = ctx
+        .files
+        .as_ref()
+        .map(|f| ControlNetLibrary::new(f.controlnet_dirs.to_vec()));
+    super::controlnet::units(
+        &c.alwayson_scripts,
+        (request.width, request.height),
+        library.as_ref(),
+        warnings,
+    )
 }
 
 /// The device work of an img2img / inpainting request.
@@ -484,6 +513,7 @@ pub fn img2img_work(
     check(ctx, &request, r.common.n_iter)?;
     let mut warnings = Vec::new();
     let restore_faces = check_faces(ctx, r.common.restore_faces, &mut warnings);
+    let control = control_units(ctx, &r.common, &request, &mut warnings)?;
     let mut ignored = ignored_fields(&r.common, &r.other);
     for (set, name) in [
         (r.resize_mode != 0, "resize_mode"),
@@ -512,6 +542,7 @@ pub fn img2img_work(
         hires: None,
         save: save || r.common.save_images,
         ignored,
+        control,
         warnings,
     }))
 }

@@ -3,6 +3,7 @@
 //! [`Work`] (decoded images, checked names and limits). Submission builds the work once too,
 //! so that a bad request is a 400 at once rather than a failed job.
 
+pub mod controlnet;
 pub mod embedding;
 pub mod extras;
 pub mod generate;
@@ -82,6 +83,8 @@ pub struct Files<'a> {
     pub training: &'a Path,
     /// `--lora-dirs`.
     pub lora_dirs: &'a [PathBuf],
+    /// `--controlnet-dirs`.
+    pub controlnet_dirs: &'a [PathBuf],
 }
 
 impl JobSpec {
@@ -143,7 +146,12 @@ impl JobSpec {
             }
         }
         names_only(other);
-        names_only(&mut common.alwayson_scripts);
+        // ControlNet's units are acted on and travel with the job; other scripts are not.
+        common
+            .alwayson_scripts
+            .iter_mut()
+            .filter(|(k, _)| !controlnet::is_controlnet_key(k))
+            .for_each(|(_, v)| *v = Value::Null);
         if let Some(settings) = &mut common.override_settings {
             for (k, v) in settings.iter_mut() {
                 if k != CLIP_SKIP_OPTION {

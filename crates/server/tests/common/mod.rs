@@ -50,6 +50,7 @@ pub fn config(dir: &Path) -> Config {
         outputs: dir.join("outputs"),
         embeddings: dir.join("embeddings"),
         lora_dirs: vec![dir.join("loras")],
+        controlnet_dirs: vec![repo().join("fixtures/controlnet")],
         training: dir.join("training"),
         listen: "127.0.0.1:0".parse().unwrap(),
         devices: vec![candle_core::Device::Cpu],
