@@ -177,6 +177,30 @@ def tiny_depth_anything():
     return cfg, model
 
 
+def small_config():
+    """LiheYoung/depth-anything-small-hf's config.json, restated."""
+    backbone = Dinov2Config(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        mlp_ratio=4,
+        image_size=518,
+        patch_size=14,
+        layerscale_value=1.0,
+        out_indices=[9, 10, 11, 12],
+        reshape_hidden_states=False,
+        apply_layernorm=True,
+    )
+    return DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=384,
+        neck_hidden_sizes=[48, 96, 192, 384],
+        reassemble_factors=[4, 2, 1, 0.5],
+        fusion_hidden_size=64,
+        head_hidden_size=32,
+    )
+
+
 def released_key(k):
     """transformers 5 names → the names of the released HF checkpoints."""
     for new, old in [
@@ -269,6 +293,15 @@ def main():
             tensors[f"{name}.depth"] = model(pixel_values=x).predicted_depth.contiguous()
     save_file(tensors, os.path.join(OUT, "depth_anything_tiny_io.safetensors"))
     case("depth_anything_64", "depth_anything", depth_anything(model, photo, 64), processor_res=64)
+
+    # the key names and shapes of the real small checkpoint (its weights are not shipped here)
+    with open(os.path.join(OUT, "depth_anything_small.json"), "w") as f:
+        f.write(small_config().to_json_string())
+    with torch.device("meta"):
+        small = DepthAnythingForDepthEstimation(small_config())
+    keys = {released_key(k): list(v.shape) for k, v in small.state_dict().items()}
+    with open(os.path.join(OUT, "depth_anything_small_keys.json"), "w") as f:
+        json.dump(keys, f, indent=0, sort_keys=True)
 
     with open(os.path.join(OUT, "cases.json"), "w") as f:
         json.dump(cases, f, indent=1)

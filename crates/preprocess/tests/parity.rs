@@ -175,3 +175,102 @@ fn depth_anything_without_weights_names_the_catalog_entry() -> Result<()> {
     assert!(err.contains("sdkube fetch depth-anything-small"), "{err}");
     Ok(())
 }
+
+/// A weight source that hands out zeros of the shapes the real checkpoint has, refusing names
+/// or shapes it does not have, and records what the network asked for.
+struct ReleasedLayout {
+    shapes: std::collections::HashMap<String, Vec<usize>>,
+    used: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl candle_nn::var_builder::SimpleBackend for ReleasedLayout {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let want = self
+            .shapes
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("{name}: not in the checkpoint")))?;
+        if s.dims() != want.as_slice() {
+            candle_core::bail!("{name}: asked {:?}, the checkpoint has {want:?}", s.dims());
+        }
+        self.used.lock().unwrap().insert(name.to_owned());
+        candle_core::Tensor::zeros(s, dtype, dev)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let shape = self.shapes.get(name).cloned().unwrap_or_default();
+        self.get(shape.into(), name, candle_nn::Init::Const(0.), dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.shapes.contains_key(name)
+    }
+}
+
+/// `Config::small()` is the release's `config.json`, and builds from exactly the tensors of `LiheYoung/depth-anything-small-hf`'s
+/// `model.safetensors` (names and shapes from transformers, in the released layout), all of
+/// them but the training-only `mask_token`.
+#[test]
+fn small_preset_reads_the_released_checkpoint_layout() -> Result<()> {
+    let config = std::fs::read_to_string(dir().join("depth_anything_small.json"))?;
+    assert_eq!(
+        depth_anything::Config::from_transformers_json(&config).map_err(anyhow::Error::msg)?,
+        depth_anything::Config::small()
+    );
+    let json = std::fs::read_to_string(dir().join("depth_anything_small_keys.json"))?;
+    let shapes: std::collections::HashMap<String, Vec<usize>> = serde_json::from_str(&json)?;
+    assert_eq!(shapes.len(), 287);
+    let backend = std::sync::Arc::new(ReleasedLayout {
+        shapes,
+        used: Default::default(),
+    });
+    struct Shared(std::sync::Arc<ReleasedLayout>);
+    impl candle_nn::var_builder::SimpleBackend for Shared {
+        fn get(
+            &self,
+            s: candle_core::Shape,
+            name: &str,
+            h: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<candle_core::Tensor> {
+            self.0.get(s, name, h, dtype, dev)
+        }
+        fn get_unchecked(
+            &self,
+            name: &str,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<candle_core::Tensor> {
+            self.0.get_unchecked(name, dtype, dev)
+        }
+        fn contains_tensor(&self, name: &str) -> bool {
+            self.0.contains_tensor(name)
+        }
+    }
+    let vb = candle_nn::VarBuilder::from_backend(
+        Box::new(Shared(backend.clone())),
+        DType::F32,
+        Device::Cpu,
+    );
+    depth_anything::DepthAnything::new(&depth_anything::Config::small(), vb)?;
+    let used = backend.used.lock().unwrap();
+    let unused: Vec<_> = backend
+        .shapes
+        .keys()
+        .filter(|k| !used.contains(*k))
+        .collect();
+    assert_eq!(unused, ["backbone.embeddings.mask_token"]);
+    Ok(())
+}
