@@ -274,3 +274,23 @@ fn small_preset_reads_the_released_checkpoint_layout() -> Result<()> {
     assert_eq!(unused, ["backbone.embeddings.mask_token"]);
     Ok(())
 }
+
+/// The small network's CPU time for one 518×518 input (random weights: the time does not depend
+/// on their values). `cargo test -p sdkube-preprocess --release -- --ignored --nocapture`.
+#[test]
+#[ignore = "a timing, not a check"]
+fn depth_anything_small_cpu_time() -> Result<()> {
+    let vm = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let net = depth_anything::DepthAnything::new(&depth_anything::Config::small(), vb)?;
+    let x = candle_core::Tensor::randn(0f32, 1., (1, 3, 518, 518), &Device::Cpu)?;
+    net.forward(&x)?;
+    let start = std::time::Instant::now();
+    let depth = net.forward(&x)?;
+    println!(
+        "depth-anything-small, 518x518, CPU: {:.2} s -> {:?}",
+        start.elapsed().as_secs_f64(),
+        depth.dims()
+    );
+    Ok(())
+}
