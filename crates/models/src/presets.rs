@@ -98,6 +98,29 @@ pub fn random_unet(family: Family, dtype: DType, device: &Device) -> Result<Comp
     })
 }
 
+/// A full-size ControlNet for the SD 1.5 / SDXL UNet with random weights (on `device`, in
+/// `dtype`), as diffusers' `ControlNetModel.from_unet` shapes it.
+pub fn random_controlnet(
+    family: Family,
+    dtype: DType,
+    device: &Device,
+) -> Result<Component<crate::config::ControlNetConfig>> {
+    let unet = match family {
+        Family::Sdxl => sdxl_unet(),
+        _ => sd15_unet(),
+    };
+    let cfg = crate::config::ControlNetConfig {
+        unet,
+        conditioning_channels: 3,
+        conditioning_embedding_out_channels: vec![16, 32, 96, 256],
+        controlnet_conditioning_channel_order: "rgb".into(),
+        global_pool_conditions: false,
+    };
+    random(cfg, dtype, device, |vb, c| {
+        crate::controlnet::ControlNetModel::new(vb, c).map(|_| ())
+    })
+}
+
 /// The SD 1.5 / SDXL VAE with random weights (on `device`, in `dtype`).
 pub fn random_vae(family: Family, dtype: DType, device: &Device) -> Result<Component<VaeConfig>> {
     let scaling = match family {

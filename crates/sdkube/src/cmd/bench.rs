@@ -16,7 +16,8 @@ use super::device::{DeviceArgs, Precision};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// What to time: unet-sd15, unet-sdxl, vae, txt2img-sd15, txt2img-sdxl, grad-sd15 (the
+    /// What to time: unet-sd15, unet-sdxl, vae, txt2img-sd15, txt2img-sdxl, controlnet-sd15
+    /// (a CFG step of the SD 1.5 UNet with one ControlNet, and without), grad-sd15 (the
     /// UNet's part of a textual-inversion step: forward and the gradient to the conditioning),
     /// gfpgan (v1.4, one face, fp32), x4plus (RealESRGAN, 512², whole and in tiles of 256,
     /// fp32), ops (the primitives the networks spend their time in, at their real shapes; comma
@@ -161,6 +162,31 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     if args.profile {
                         profile(what, &shape, &dev, run)?;
                     }
+                }
+            }
+            "controlnet-sd15" => {
+                // One CFG step at 512² (batch 2) of the SD 1.5 UNet steered by one ControlNet,
+                // beside the UNet's step alone: what a ControlNet unit adds to each step.
+                let unet = presets::random_unet(Family::Sd1, dt, &dev)?.build(&dev, dt)?;
+                let cn = presets::random_controlnet(Family::Sd1, dt, &dev)?.build(&dev, dt)?;
+                let x = Tensor::randn(0f32, 1., (2, 4, 64, 64), &dev)?.to_dtype(dt)?;
+                let ctx = Tensor::randn(0f32, 1., (2, 77, 768), &dev)?.to_dtype(dt)?;
+                let cond = Tensor::rand(0f32, 1., (2, 3, 512, 512), &dev)?.to_dtype(dt)?;
+                let t = Tensor::new(&[500f32], &dev)?;
+                let plain = || -> anyhow::Result<()> {
+                    unet.forward(&x, &t, &ctx, None)?;
+                    Ok(())
+                };
+                let steered = || -> anyhow::Result<()> {
+                    let r = cn.forward(&x, &t, &ctx, None, &cond)?;
+                    unet.forward_with_control(&x, &t, &ctx, None, Some(&r))?;
+                    Ok(())
+                };
+                let shape = "512x512 batch 2";
+                report("unet-sd15", shape, time(&dev, args.repeat, plain)?, dt, &dev);
+                report(what, shape, time(&dev, args.repeat, steered)?, dt, &dev);
+                if args.profile {
+                    profile(what, shape, &dev, steered)?;
                 }
             }
             "grad-sd15" => {
