@@ -183,7 +183,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     Ok(())
                 };
                 let shape = "512x512 batch 2";
-                report("unet-sd15", shape, time(&dev, args.repeat, plain)?, dt, &dev);
+                report(
+                    "unet-sd15",
+                    shape,
+                    time(&dev, args.repeat, plain)?,
+                    dt,
+                    &dev,
+                );
                 report(what, shape, time(&dev, args.repeat, steered)?, dt, &dev);
                 if args.profile {
                     profile(what, shape, &dev, steered)?;
