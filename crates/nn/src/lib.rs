@@ -36,7 +36,10 @@ pub mod profile;
 mod tracked;
 
 pub use attention::{scaled_dot_product_attention, softmax_last_dim};
-pub use conv::{conv1x1, conv2d, conv2d_no_bias, conv3x3, convolve, Conv2d};
+pub use conv::{
+    circular_padding, conv1x1, conv2d, conv2d_no_bias, conv3x3, convolve, pad_circular,
+    with_circular_padding, Conv2d,
+};
 pub use elementwise::{add_bias, geglu, leaky_relu, upsample_nearest_2x};
 pub use linear::{linear, linear_no_bias, Linear};
 pub use norm::{group_norm, GroupNorm, LayerNorm};

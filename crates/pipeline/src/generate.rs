@@ -11,6 +11,7 @@ use sdkube_models::lora::Part;
 use sdkube_models::unet::{AddedConditioning, UNet2DConditionModel};
 use sdkube_models::vae::AutoencoderKL;
 use sdkube_models::{Family, SdWeights};
+use sdkube_nn::with_circular_padding;
 
 use crate::control::{self, ActiveUnits, ControlNetCache, ControlNetLibrary, ControlUnit};
 use crate::embeddings::{EmbeddingSet, TextWidths};
@@ -152,6 +153,9 @@ pub struct Request {
     /// A1111's "Resize seed from width/height": the noise the seed gives at this size
     /// (width, height), centred in the noise of the real size.
     pub seed_resize_from: Option<(usize, usize)>,
+    /// A1111's "Tiling": every UNet and VAE convolution pads circularly, so the image's
+    /// opposite edges continue each other (a seamless texture).
+    pub tiling: bool,
     /// ControlNet units steering the generation (their residuals add up).
     pub control: Vec<ControlUnit>,
 }
@@ -174,6 +178,7 @@ impl Request {
             && self.scheduler == other.scheduler
             && self.cfg_scale == other.cfg_scale
             && self.clip_skip == other.clip_skip
+            && self.tiling == other.tiling
             && self.control.is_empty()
             && other.control.is_empty()
             && loras::tags_of(&self.prompt) == loras::tags_of(&other.prompt)
@@ -201,6 +206,7 @@ impl Default for Request {
             subseed: 0,
             subseed_strength: 0.0,
             seed_resize_from: None,
+            tiling: false,
             control: Vec::new(),
         }
     }
@@ -740,7 +746,7 @@ impl Engine {
             Some(_) if req.mask.is_none() && self.weights.unet.config.in_channels == 4 => {
                 (None, None, None)
             }
-            _ => self.prepare_init(req, b, scaling)?,
+            _ => with_circular_padding(req.tiling, || self.prepare_init(req, b, scaling))?,
         };
         let init_latent = match overrides.init_latent {
             Some(l) => Some(l.to_dtype(dt)?.to_device(&dev)?),
@@ -879,7 +885,9 @@ impl Engine {
                     sdxl,
                 })
             };
-            plan.run(x, &mut denoiser, &mut noise, &mut on_sampler_step)?
+            with_circular_padding(req.tiling, || {
+                plan.run(x, &mut denoiser, &mut noise, &mut on_sampler_step)
+            })?
         };
         let latent = match (&latent_mask, &init_latent) {
             (Some(m), Some(init)) => blend(&latent, init, m)?,
@@ -887,7 +895,9 @@ impl Engine {
         };
 
         let vae = self.vae()?;
-        let decoded = decode_checked(vae.get(), &self.weights.vae, &(&latent / scaling)?, &dev)?;
+        let decoded = with_circular_padding(req.tiling, || {
+            decode_checked(vae.get(), &self.weights.vae, &(&latent / scaling)?, &dev)
+        })?;
         let mut images = tensor_to_images(&decoded)?;
         if let (Some(mask), Some(init)) = (&req.mask, &req.init_image) {
             // Outside the (blurred) mask the result is the original image, as A1111 overlays it.

@@ -230,6 +230,9 @@ pub fn generation(req: &Request, info: &ImageInfo<'_>) -> Infotext {
     if req.clip_skip > 1 && info.family != Family::Sdxl {
         t.push("Clip skip", req.clip_skip);
     }
+    if req.tiling {
+        t.push("Tiling", "True");
+    }
     if let Some(h) = info.hires {
         t.push(
             "Hires upscale",

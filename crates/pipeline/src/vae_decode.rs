@@ -73,7 +73,8 @@ fn tiled(
     f: &dyn Fn(&Tensor) -> Result<Tensor, Error>,
 ) -> Result<Tensor, Error> {
     let (_, _, h, w) = input.dims4()?;
-    if h <= tile && w <= tile {
+    // A seamless (circularly padded) image is one piece: a tile would wrap onto itself.
+    if h <= tile && w <= tile || sdkube_nn::circular_padding() {
         return f(input);
     }
     let scale = |v: usize| v * factor_num / factor_den;

@@ -80,6 +80,9 @@ pub fn slerp(val: f64, low: &Tensor, high: &Tensor) -> Result<Tensor, Error> {
     Ok(Tensor::from_vec(out, dims, &Device::Cpu)?)
 }
 
+/// A first draw of a new stream of a seed: `(seed, dims) → noise`.
+pub type FreshDraw<'a> = dyn FnMut(u64, &[usize]) -> Result<Tensor, Error> + 'a;
+
 /// The starting noise of one image `[1, C, H, W]`, as A1111's `ImageRNG.first` makes it:
 /// `full` is the image's own stream's first draw at the real size (the stream the sampler
 /// goes on drawing from), `fresh(seed, dims)` a first draw of a new stream of `seed`.
@@ -88,7 +91,7 @@ pub fn initial_noise(
     full: &Tensor,
     seed: u64,
     v: &Variation,
-    fresh: &mut dyn FnMut(u64, &[usize]) -> Result<Tensor, Error>,
+    fresh: &mut FreshDraw<'_>,
 ) -> Result<Tensor, Error> {
     let (b, c, h, w) = full.dims4()?;
     let small = v.resize_from.map(|(rw, rh)| (rh / 8, rw / 8));

@@ -350,10 +350,10 @@ fn hires_fix_doubles_the_size_and_records_it() {
     );
 }
 
-/// Variations from the command line: one seed for the batch, variation seeds counting up,
-/// recorded as A1111 records them.
+/// Variations and tiling from the command line: one seed for the batch, variation seeds
+/// counting up, recorded as A1111 records them.
 #[test]
-fn variations_are_recorded_per_image() {
+fn variations_and_tiling_are_recorded_per_image() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let run = sdkube()
@@ -366,7 +366,7 @@ fn variations_are_recorded_per_image() {
             "--subseed-strength",
             "0.25",
         ])
-        .args(["--seed-resize-from", "80x48"])
+        .args(["--seed-resize-from", "80x48", "--tiling"])
         .output()
         .unwrap();
     assert!(
@@ -379,6 +379,7 @@ fn variations_are_recorded_per_image() {
         text.contains("Seed: 5, Size: 64x64, Model: sd1, Variation seed: 41, Variation seed strength: 0.25, Seed resize from: 80x48"),
         "{text}"
     );
+    assert!(text.contains("Tiling: True"), "{text}");
     let run = sdkube()
         .args(base_args(&out))
         .args(["--seed-resize-from", "80by48"])

@@ -32,9 +32,11 @@ async fn txt2img_has_a1111_shape_defaults_and_reports_ignored_fields() {
         .iter()
         .map(|v| v.as_str().unwrap())
         .collect();
-    for f in ["tiling", "styles", "some_extension_field"] {
+    for f in ["styles", "some_extension_field"] {
         assert!(ignored.contains(&f), "{f} reported as ignored: {ignored:?}");
     }
+    // Tiling is acted on (seamless images), so no longer reported.
+    assert!(!ignored.contains(&"tiling"), "{ignored:?}");
     // Each image is a PNG with its own infotext, as A1111 writes it.
     for (i, img) in images.iter().enumerate() {
         let png = unb64(img.as_str().unwrap());
@@ -44,6 +46,7 @@ async fn txt2img_has_a1111_shape_defaults_and_reports_ignored_fields() {
         assert!(text.starts_with("a red cube\nNegative prompt: blurry\nSteps: 3"));
         assert!(text.contains(&format!("Seed: {}", 1234 + i)), "{text}");
         assert!(text.contains("Schedule type: Karras"), "{text}");
+        assert!(text.contains("Tiling: True"), "{text}");
         assert_eq!(decode(&png).dimensions(), (64, 64));
         assert_eq!(info["infotexts"][i], text);
     }

@@ -101,6 +101,9 @@ pub struct Args {
     /// A1111's "Resize seed from": WIDTHxHEIGHT whose noise the seed keeps, centred.
     #[arg(long, value_parser = parse_size)]
     pub seed_resize_from: Option<(usize, usize)>,
+    /// Seamless tiling (A1111's "Tiling"): the image's opposite edges continue each other.
+    #[arg(long)]
+    pub tiling: bool,
     #[arg(long, default_value_t = 512)]
     pub width: usize,
     #[arg(long, default_value_t = 512)]
@@ -218,6 +221,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         subseed,
         subseed_strength: args.subseed_strength,
         seed_resize_from: args.seed_resize_from,
+        tiling: args.tiling,
         control: control_units(&args)?,
     };
     let opts = LoadOptions {

@@ -187,7 +187,6 @@ fn ignored_fields(c: &CommonParams, other: &Map<String, Value>) -> Vec<String> {
         (c.seed_resize_from_h > 0) != (c.seed_resize_from_w > 0),
         "seed_resize_from_h/w",
     );
-    flag(c.tiling == Some(true), "tiling");
     flag(c.eta.is_some(), "eta");
     flag(c.script_name.is_some(), "script_name");
     out.extend(
@@ -321,6 +320,7 @@ fn base_request(c: &CommonParams) -> Result<Request, ApiError> {
         subseed_strength: c.subseed_strength,
         seed_resize_from: (c.seed_resize_from_w > 0 && c.seed_resize_from_h > 0)
             .then_some((c.seed_resize_from_w as usize, c.seed_resize_from_h as usize)),
+        tiling: c.tiling.unwrap_or(false),
         control: Vec::new(),
     })
 }
