@@ -145,7 +145,7 @@ def depth_anything(model, img, res):
 def tiny_depth_anything():
     torch.manual_seed(0)
     backbone = Dinov2Config(
-        hidden_size=32,
+        hidden_size=16,
         num_hidden_layers=4,
         num_attention_heads=2,
         mlp_ratio=4,
@@ -157,10 +157,10 @@ def tiny_depth_anything():
     )
     cfg = DepthAnythingConfig(
         backbone_config=backbone,
-        reassemble_hidden_size=32,
-        neck_hidden_sizes=[8, 16, 32, 32],
-        fusion_hidden_size=16,
-        head_hidden_size=8,
+        reassemble_hidden_size=16,
+        neck_hidden_sizes=[4, 8, 16, 16],
+        fusion_hidden_size=8,
+        head_hidden_size=4,
     )
     model = DepthAnythingForDepthEstimation(cfg).eval()
     # transformers' init leaves the ReLU head mostly dead; weights of unit-ish gain instead
@@ -211,6 +211,55 @@ def released_key(k):
     ]:
         k = k.replace(new, old)
     return k
+
+
+def original_layout(state, layers):
+    """The released names → the original repository's DPT_DINOv2 names (the inverse of the
+    renaming in transformers' convert_depth_anything_to_hf.py), q/k/v fused into attn.qkv."""
+    out = {}
+    for k, v in state.items():
+        n = k
+        for a, b in [
+            ("backbone.embeddings.cls_token", "pretrained.cls_token"),
+            ("backbone.embeddings.position_embeddings", "pretrained.pos_embed"),
+            ("backbone.embeddings.patch_embeddings.projection.", "pretrained.patch_embed.proj."),
+            ("backbone.layernorm.", "pretrained.norm."),
+            ("backbone.encoder.layer.", "pretrained.blocks."),
+            (".layer_scale1.lambda1", ".ls1.gamma"),
+            (".layer_scale2.lambda1", ".ls2.gamma"),
+            (".attention.output.dense.", ".attn.proj."),
+            ("neck.reassemble_stage.layers.", "depth_head.reassemble."),
+            ("head.conv1.", "depth_head.scratch.output_conv1."),
+            ("head.conv2.", "depth_head.scratch.output_conv2.0."),
+            ("head.conv3.", "depth_head.scratch.output_conv2.2."),
+        ]:
+            n = n.replace(a, b)
+        if n.startswith("depth_head.reassemble."):
+            i, rest = n[len("depth_head.reassemble."):].split(".", 1)
+            kind, rest = rest.split(".", 1)
+            n = f"depth_head.{'projects' if kind == 'projection' else 'resize_layers'}.{i}.{rest}"
+        elif n.startswith("neck.convs."):
+            i, rest = n[len("neck.convs."):].split(".", 1)
+            n = f"depth_head.scratch.layer{int(i) + 1}_rn.{rest}"
+        elif n.startswith("neck.fusion_stage.layers."):
+            j, rest = n[len("neck.fusion_stage.layers."):].split(".", 1)
+            for a, b in [
+                ("projection.", "out_conv."),
+                ("residual_layer1.convolution", "resConfUnit1.conv"),
+                ("residual_layer2.convolution", "resConfUnit2.conv"),
+            ]:
+                rest = rest.replace(a, b)
+            n = f"depth_head.scratch.refinenet{4 - int(j)}.{rest}"
+        if ".attention.attention." in n:
+            continue
+        out[n] = v
+    for i in range(layers):
+        p = f"backbone.encoder.layer.{i}.attention.attention."
+        for part in ["weight", "bias"]:
+            out[f"pretrained.blocks.{i}.attn.qkv.{part}"] = torch.cat(
+                [state[p + f"{n}.{part}"] for n in ["query", "key", "value"]]
+            ).contiguous()
+    return out
 
 
 # --- fixtures ----------------------------------------------------------------------------
@@ -282,6 +331,7 @@ def main():
     cfg, model = tiny_depth_anything()
     state = {released_key(k): v.contiguous() for k, v in model.state_dict().items() if "mask_token" not in k}
     save_file(state, os.path.join(OUT, "depth_anything_tiny.safetensors"))
+    save_file(original_layout(state, 4), os.path.join(OUT, "depth_anything_tiny_original.safetensors"))
     with open(os.path.join(OUT, "depth_anything_tiny.json"), "w") as f:
         f.write(cfg.to_json_string())
     torch.manual_seed(1)

@@ -5,7 +5,9 @@
 //! The struct tree is the checkpoint's key tree of the Hugging Face releases
 //! (`LiheYoung/depth-anything-{small,base,large}-hf`): `backbone.embeddings…`,
 //! `backbone.encoder.layer.N.attention.attention.{query,key,value}`, `neck.…`, `head.…`.
-//! transformers ≥ 5 saves the attention as `attention.{q,k,v,o}_proj`; [`load`] renames those.
+//! transformers ≥ 5 saves the attention as `attention.{q,k,v,o}_proj`, and the original
+//! repository's `DPT_DINOv2` (the `.pth` files the extension downloads) names everything its own
+//! way with a fused `attn.qkv`; [`load`] maps both onto the released names.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -85,10 +87,10 @@ impl Config {
         Self::preset(768, 12, 12, [9, 10, 11, 12], [96, 192, 384, 768], 128)
     }
 
-    /// `LiheYoung/depth-anything-large-hf` (ViT-L/14, what the extension's `depth_anything`
-    /// loads in its own key layout).
+    /// `LiheYoung/depth-anything-large-hf` (ViT-L/14; the extension's `depth_anything` loads
+    /// these weights in the original repository's layout, `depth_anything_vitl14.pth`).
     pub fn large() -> Self {
-        Self::preset(1024, 24, 16, [5, 12, 18, 24], [256, 512, 1024, 1024], 256)
+        Self::preset(1024, 24, 16, [21, 22, 23, 24], [256, 512, 1024, 1024], 256)
     }
 
     /// Reads a transformers `config.json` (`DepthAnythingConfig` with a `backbone_config`).
@@ -572,16 +574,103 @@ fn canonical_key(key: &str) -> String {
         .replace("attention.o_proj", "attention.output.dense")
 }
 
-/// The tensors of a Depth Anything checkpoint under the released key names, from either
-/// transformers layout (an optional `depth_anything.` wrapper dropped).
-pub fn canonical_tensors(tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
-    tensors
+/// A name of the original repository's `DPT_DINOv2` (LiheYoung/Depth-Anything, the
+/// extension's `depth_anything_vitl14.pth`) → the released name, as transformers' conversion
+/// script renames them; `None` for the fused `attn.qkv`, which [`canonical_tensors`] splits.
+fn original_key(key: &str) -> Option<String> {
+    let fixed = [
+        ("pretrained.cls_token", "backbone.embeddings.cls_token"),
+        ("pretrained.mask_token", "backbone.embeddings.mask_token"),
+        (
+            "pretrained.pos_embed",
+            "backbone.embeddings.position_embeddings",
+        ),
+        (
+            "pretrained.patch_embed.proj.",
+            "backbone.embeddings.patch_embeddings.projection.",
+        ),
+        ("pretrained.norm.", "backbone.layernorm."),
+        ("depth_head.scratch.output_conv1.", "head.conv1."),
+        ("depth_head.scratch.output_conv2.0.", "head.conv2."),
+        ("depth_head.scratch.output_conv2.2.", "head.conv3."),
+    ];
+    for (from, to) in fixed {
+        if let Some(rest) = key.strip_prefix(from) {
+            return Some(format!("{to}{rest}"));
+        }
+    }
+    if let Some(rest) = key.strip_prefix("pretrained.blocks.") {
+        let (layer, rest) = rest.split_once('.')?;
+        let part = [
+            ("ls1.gamma", "layer_scale1.lambda1"),
+            ("ls2.gamma", "layer_scale2.lambda1"),
+            ("attn.proj.", "attention.output.dense."),
+            ("norm1.", "norm1."),
+            ("norm2.", "norm2."),
+            ("mlp.", "mlp."),
+        ]
         .into_iter()
-        .map(|(k, v)| {
-            let k = k.strip_prefix("depth_anything.").unwrap_or(&k);
-            (canonical_key(k), v)
-        })
-        .collect()
+        .find_map(|(from, to)| rest.strip_prefix(from).map(|r| format!("{to}{r}")))?;
+        return Some(format!("backbone.encoder.layer.{layer}.{part}"));
+    }
+    let head = key.strip_prefix("depth_head.")?;
+    if let Some(rest) = head.strip_prefix("projects.") {
+        let (i, rest) = rest.split_once('.')?;
+        return Some(format!(
+            "neck.reassemble_stage.layers.{i}.projection.{rest}"
+        ));
+    }
+    if let Some(rest) = head.strip_prefix("resize_layers.") {
+        let (i, rest) = rest.split_once('.')?;
+        return Some(format!("neck.reassemble_stage.layers.{i}.resize.{rest}"));
+    }
+    let scratch = head.strip_prefix("scratch.")?;
+    if let Some(rest) = scratch.strip_prefix("layer") {
+        // layer{1..4}_rn.weight → convs.{0..3}.weight
+        let (n, rest) = rest.split_once("_rn.")?;
+        let i = n.parse::<usize>().ok()?.checked_sub(1)?;
+        return Some(format!("neck.convs.{i}.{rest}"));
+    }
+    // refinenet{1..4} → fusion_stage.layers.{3..0}: the original fuses from refinenet4 down
+    let rest = scratch.strip_prefix("refinenet")?;
+    let (n, rest) = rest.split_once('.')?;
+    let j = 4usize.checked_sub(n.parse::<usize>().ok()?)?;
+    let part = [
+        ("out_conv.", "projection."),
+        ("resConfUnit1.conv1.", "residual_layer1.convolution1."),
+        ("resConfUnit1.conv2.", "residual_layer1.convolution2."),
+        ("resConfUnit2.conv1.", "residual_layer2.convolution1."),
+        ("resConfUnit2.conv2.", "residual_layer2.convolution2."),
+    ]
+    .into_iter()
+    .find_map(|(from, to)| rest.strip_prefix(from).map(|r| format!("{to}{r}")))?;
+    Some(format!("neck.fusion_stage.layers.{j}.{part}"))
+}
+
+/// The tensors of a Depth Anything checkpoint under the released key names, from either
+/// transformers layout (an optional `depth_anything.` wrapper dropped) or the original
+/// repository's (its fused `attn.qkv` split into query, key and value). Names of neither are
+/// kept as they are.
+pub fn canonical_tensors(tensors: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::with_capacity(tensors.len());
+    for (k, v) in tensors {
+        let k = k.strip_prefix("depth_anything.").unwrap_or(&k).to_owned();
+        if let Some(rest) = k.strip_prefix("pretrained.blocks.") {
+            if let Some((layer, suffix)) = rest.split_once(".attn.qkv.") {
+                let third = v.dim(0)? / 3;
+                for (i, name) in ["query", "key", "value"].iter().enumerate() {
+                    let key = format!(
+                        "backbone.encoder.layer.{layer}.attention.attention.{name}.{suffix}"
+                    );
+                    out.insert(key, v.narrow(0, i * third, third)?.contiguous()?);
+                }
+                continue;
+            }
+        }
+        let k = original_key(&k).unwrap_or_else(|| canonical_key(&k));
+        out.insert(k, v);
+    }
+    Ok(out)
 }
 
 /// Loads a Depth Anything checkpoint (safetensors or `.pth`/`.bin` through `sdkube-weights`)
@@ -592,9 +681,11 @@ pub fn load(
     device: &Device,
     dtype: DType,
 ) -> std::result::Result<DepthAnything, crate::Error> {
-    let tensors = canonical_tensors(sdkube_weights::load(path, device, dtype)?);
-    let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    DepthAnything::new(cfg, vb).map_err(|source| crate::Error::Model {
+    let tensors = sdkube_weights::load(path, device, dtype)?;
+    let net = canonical_tensors(tensors).and_then(|tensors| {
+        DepthAnything::new(cfg, VarBuilder::from_tensors(tensors, dtype, device))
+    });
+    net.map_err(|source| crate::Error::Model {
         context: format!("Depth Anything weights {}", path.display()),
         source,
     })

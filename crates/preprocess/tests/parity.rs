@@ -109,29 +109,29 @@ fn model_free_modules_match_the_extension() -> Result<()> {
 }
 
 /// The network: transformers' predicted depth within 1e-4, on the trained position grid and
-/// on a wider one (interpolated position embeddings).
+/// on a wider one (interpolated position embeddings), from the released checkpoint layout and
+/// from the original repository's (the extension's `.pth` files: other names, fused qkv).
 #[test]
 fn depth_anything_network_matches_transformers() -> Result<()> {
-    let detector_cfg = std::fs::read_to_string(dir().join("depth_anything_tiny.json"))?;
-    let cfg = depth_anything::Config::from_transformers_json(&detector_cfg)
-        .map_err(anyhow::Error::msg)?;
-    let net = depth_anything::load(
-        &dir().join("depth_anything_tiny.safetensors"),
-        &cfg,
-        &Device::Cpu,
-        DType::F32,
-    )?;
+    let json = std::fs::read_to_string(dir().join("depth_anything_tiny.json"))?;
+    let cfg = depth_anything::Config::from_transformers_json(&json).map_err(anyhow::Error::msg)?;
     let io = candle_core::safetensors::load(
         dir().join("depth_anything_tiny_io.safetensors"),
         &Device::Cpu,
     )?;
-    for name in ["square", "wide"] {
-        let got = net.forward(&io[&format!("{name}.input")])?;
-        let want = &io[&format!("{name}.depth")];
-        let diff = sdkube_testkit::max_abs_diff(&got, want);
-        let scale = sdkube_testkit::max_abs_diff(want, &want.zeros_like()?);
-        println!("{name}: max |diff| {diff:e} (outputs up to {scale})");
-        assert!(diff < 1e-4, "{name}: {diff}");
+    for file in [
+        "depth_anything_tiny.safetensors",
+        "depth_anything_tiny_original.safetensors",
+    ] {
+        let net = depth_anything::load(&dir().join(file), &cfg, &Device::Cpu, DType::F32)?;
+        for name in ["square", "wide"] {
+            let got = net.forward(&io[&format!("{name}.input")])?;
+            let want = &io[&format!("{name}.depth")];
+            let diff = sdkube_testkit::max_abs_diff(&got, want);
+            let scale = sdkube_testkit::max_abs_diff(want, &want.zeros_like()?);
+            println!("{file} {name}: max |diff| {diff:e} (outputs up to {scale})");
+            assert!(diff < 1e-4, "{file} {name}: {diff}");
+        }
     }
     Ok(())
 }
