@@ -10,6 +10,15 @@ use image::{DynamicImage, GrayImage};
 use sdkube_preprocess::{depth_anything, detect, Annotators, DepthAnythingDetector, Params};
 use serde::Deserialize;
 
+/// The device the network tests run on: the CPU, or `SDKUBE_TEST_DEVICE=cuda` (a build with
+/// `--features sdkube-nn/cuda`).
+fn device() -> Device {
+    match std::env::var("SDKUBE_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0).expect("a CUDA device"),
+        _ => Device::Cpu,
+    }
+}
+
 fn dir() -> PathBuf {
     sdkube_testkit::fixtures().join("preprocess")
 }
@@ -81,7 +90,7 @@ fn tiny_depth() -> Result<DepthAnythingDetector> {
     Ok(DepthAnythingDetector::load(
         &dir().join("depth_anything_tiny.safetensors"),
         &cfg,
-        &Device::Cpu,
+        &device(),
         DType::F32,
     )?)
 }
@@ -123,9 +132,9 @@ fn depth_anything_network_matches_transformers() -> Result<()> {
         "depth_anything_tiny.safetensors",
         "depth_anything_tiny_original.safetensors",
     ] {
-        let net = depth_anything::load(&dir().join(file), &cfg, &Device::Cpu, DType::F32)?;
+        let net = depth_anything::load(&dir().join(file), &cfg, &device(), DType::F32)?;
         for name in ["square", "wide"] {
-            let got = net.forward(&io[&format!("{name}.input")])?;
+            let got = net.forward(&io[&format!("{name}.input")].to_device(&device())?)?;
             let want = &io[&format!("{name}.depth")];
             let diff = sdkube_testkit::max_abs_diff(&got, want);
             let scale = sdkube_testkit::max_abs_diff(want, &want.zeros_like()?);
@@ -275,20 +284,21 @@ fn small_preset_reads_the_released_checkpoint_layout() -> Result<()> {
     Ok(())
 }
 
-/// The small network's CPU time for one 518×518 input (random weights: the time does not depend
+/// The small network's time for one 518×518 input (random weights: the time does not depend
 /// on their values). `cargo test -p sdkube-preprocess --release -- --ignored --nocapture`.
 #[test]
 #[ignore = "a timing, not a check"]
-fn depth_anything_small_cpu_time() -> Result<()> {
+fn depth_anything_small_time() -> Result<()> {
     let vm = candle_nn::VarMap::new();
-    let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &device());
     let net = depth_anything::DepthAnything::new(&depth_anything::Config::small(), vb)?;
-    let x = candle_core::Tensor::randn(0f32, 1., (1, 3, 518, 518), &Device::Cpu)?;
-    net.forward(&x)?;
+    let x = candle_core::Tensor::randn(0f32, 1., (1, 3, 518, 518), &device())?;
+    net.forward(&x)?.to_device(&Device::Cpu)?;
     let start = std::time::Instant::now();
-    let depth = net.forward(&x)?;
+    let depth = net.forward(&x)?.to_device(&Device::Cpu)?;
     println!(
-        "depth-anything-small, 518x518, CPU: {:.2} s -> {:?}",
+        "depth-anything-small, 518x518, {:?}: {:.3} s -> {:?}",
+        device(),
         start.elapsed().as_secs_f64(),
         depth.dims()
     );
