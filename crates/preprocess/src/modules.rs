@@ -70,6 +70,7 @@ pub struct Module {
     /// The extension's `sorting_priority` (higher first; "none" always first).
     #[serde(skip)]
     priority: u32,
+    #[serde(skip)]
     has_resolution: bool,
 }
 
@@ -380,6 +381,24 @@ mod tests {
                 threshold_b: None
             })
             .is_ok());
+    }
+
+    #[test]
+    fn module_detail_json_has_the_extensions_slider_fields() {
+        let json = serde_json::to_value(find("canny").unwrap()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "name": "canny",
+                "label": "canny",
+                "model_free": false,
+                "sliders": [
+                    {"name": "Resolution", "value": 512.0, "min": 64.0, "max": 2048.0, "step": 8.0},
+                    {"name": "Low Threshold", "value": 100.0, "min": 1.0, "max": 255.0, "step": 1.0},
+                    {"name": "High Threshold", "value": 200.0, "min": 1.0, "max": 255.0, "step": 1.0}
+                ]
+            })
+        );
     }
 
     #[test]
