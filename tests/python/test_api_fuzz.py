@@ -4,6 +4,7 @@ no answer may be a server error. Bounded (about 3000 cases in ~20 s), determinis
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -28,5 +29,9 @@ def test_no_generated_request_gets_a_server_error(tmp_path):
         server.stop()
     summary = run.stdout[-6000:]
     assert run.returncode == 0, summary
-    assert "43/43" in summary, summary
+    # Every operation of the document was tested (their number grows with the API).
+    ops = re.search(r"Operations:\s+(\d+) selected / (\d+) total", summary) or re.search(
+        r"(\d+)/(\d+)", summary
+    )
+    assert ops and ops.group(1) == ops.group(2) and int(ops.group(1)) >= 44, summary
     assert " passed" in summary and "failed" not in summary.split("Test cases:")[-1], summary
