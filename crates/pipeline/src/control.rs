@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use image::{imageops, DynamicImage, RgbImage};
+use image::{imageops, DynamicImage, GrayImage, RgbImage};
 use sdkube_models::config::UNetConfig;
 use sdkube_models::controlnet::{load_controlnet, ControlNetModel};
 use sdkube_models::unet::{AddedConditioning, ControlResiduals};
@@ -117,6 +117,9 @@ pub struct ControlUnit {
     pub mode: ControlMode,
     /// How the image is fitted to the generated size.
     pub resize_mode: ResizeMode,
+    /// An inpainting ControlNet's mask (white = repaint): those pixels reach the network as
+    /// −1, the extension's inpaint protocol.
+    pub mask: Option<GrayImage>,
 }
 
 impl ControlUnit {
@@ -130,6 +133,7 @@ impl ControlUnit {
             guidance_end: 1.0,
             mode: ControlMode::Balanced,
             resize_mode: ResizeMode::CropAndResize,
+            mask: None,
         }
     }
 
@@ -184,19 +188,29 @@ impl ControlUnit {
 
     /// The control image fitted to `width` × `height`.
     pub fn fitted(&self, width: u32, height: u32) -> RgbImage {
-        let img = DynamicImage::ImageRgb8(self.image.clone());
-        let filter = imageops::FilterType::Lanczos3;
-        match self.resize_mode {
-            ResizeMode::JustResize => img.resize_exact(width, height, filter).to_rgb8(),
-            ResizeMode::CropAndResize => img.resize_to_fill(width, height, filter).to_rgb8(),
-            ResizeMode::ResizeAndFill => {
-                let inner = img.resize(width, height, filter).to_rgb8();
-                let mut out = RgbImage::new(width, height);
-                let x = (width - inner.width()) / 2;
-                let y = (height - inner.height()) / 2;
-                imageops::replace(&mut out, &inner, x as i64, y as i64);
-                out
-            }
+        fit(
+            DynamicImage::ImageRgb8(self.image.clone()),
+            self.resize_mode,
+            width,
+            height,
+        )
+        .to_rgb8()
+    }
+}
+
+/// `img` fitted to `width` × `height` as `mode` says.
+fn fit(img: DynamicImage, mode: ResizeMode, width: u32, height: u32) -> DynamicImage {
+    let filter = imageops::FilterType::Lanczos3;
+    match mode {
+        ResizeMode::JustResize => img.resize_exact(width, height, filter),
+        ResizeMode::CropAndResize => img.resize_to_fill(width, height, filter),
+        ResizeMode::ResizeAndFill => {
+            let inner = img.resize(width, height, filter);
+            let mut out = DynamicImage::new(width, height, inner.color());
+            let x = (width - inner.width()) / 2;
+            let y = (height - inner.height()) / 2;
+            imageops::replace(&mut out, &inner, x as i64, y as i64);
+            out
         }
     }
 }
@@ -357,7 +371,22 @@ impl ActiveUnits {
             .map(|(unit, net)| {
                 // In [0, 1], as the extension feeds it (not the VAE's [-1, 1]).
                 let hint = image_to_tensor(&unit.fitted(width, height), device, dtype)?;
-                let hint = ((hint + 1.0)? * 0.5)?.repeat((2 * batch, 1, 1, 1))?;
+                let mut hint = ((hint + 1.0)? * 0.5)?;
+                if let Some(mask) = &unit.mask {
+                    let mask = fit(
+                        DynamicImage::ImageLuma8(mask.clone()),
+                        unit.resize_mode,
+                        width,
+                        height,
+                    )
+                    .to_luma8();
+                    let m: Vec<f32> = mask.pixels().map(|p| f32::from(p.0[0] > 127)).collect();
+                    let m = Tensor::from_vec(m, (1, 1, height as usize, width as usize), device)?
+                        .to_dtype(dtype)?;
+                    // Masked pixels become −1: c·(1 − m) − m.
+                    hint = (hint.broadcast_mul(&(1.0 - &m)?)?).broadcast_sub(&m)?;
+                }
+                let hint = hint.repeat((2 * batch, 1, 1, 1))?;
                 Ok((unit, net, hint))
             })
             .collect::<Result<_, Error>>()?;

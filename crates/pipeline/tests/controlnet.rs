@@ -248,3 +248,35 @@ fn resize_modes_fit_the_image_as_named() {
     assert_eq!(fill.get_pixel(10, 2).0, [0; 3]);
     assert_eq!(fill.get_pixel(10, 32).0, [255; 3]);
 }
+
+#[test]
+fn an_inpainting_unit_hides_the_masked_pixels() {
+    let r = refs("controlnet/refs/sd1-run.safetensors");
+    let hint = hint_image(&r);
+    let mut e = engine("sd1", VramMode::High);
+    let with_mask = |e: &mut Engine, mask: Option<image::GrayImage>| {
+        final_latent(
+            e,
+            &Request {
+                control: vec![ControlUnit {
+                    mask,
+                    ..ControlUnit::new("sd1", hint.clone())
+                }],
+                ..reference_request()
+            },
+        )
+    };
+    let none = with_mask(&mut e, None);
+    let empty = with_mask(&mut e, Some(image::GrayImage::new(64, 64)));
+    assert!(
+        max_abs_diff(&none, &empty) < 1e-5,
+        "an empty mask changes nothing"
+    );
+    let half =
+        image::GrayImage::from_fn(64, 64, |x, _| image::Luma([if x < 32 { 255 } else { 0 }]));
+    let masked = with_mask(&mut e, Some(half));
+    assert!(
+        max_abs_diff(&none, &masked) > 0.01,
+        "masked pixels reach the ControlNet as -1"
+    );
+}

@@ -24,6 +24,16 @@ fn disc_png() -> String {
     b64(&png)
 }
 
+/// A 64×64 black/white mask PNG, white where `white(x)`.
+fn mask_png(white: impl Fn(u32) -> bool) -> String {
+    let img =
+        image::GrayImage::from_fn(64, 64, |x, _| image::Luma([if white(x) { 255 } else { 0 }]));
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    b64(&png)
+}
+
 fn unit(extra: Value) -> Value {
     let mut u = json!({"image": disc_png(), "module": "canny", "model": "sd1", "weight": 1.0});
     for (k, v) in extra.as_object().unwrap() {
@@ -74,6 +84,27 @@ async fn units_steer_txt2img_and_img2img() {
     assert_eq!(off["images"][0], plain["images"][0]);
     let (_, no_model) = txt2img(&s, Some(vec![unit(json!({"model": "None"}))])).await;
     assert_eq!(no_model["images"][0], plain["images"][0]);
+
+    // An inpainting unit: an empty mask leaves the image as "none" sends it; a mask hides
+    // its pixels from the ControlNet.
+    let (_, none) = txt2img(&s, Some(vec![unit(json!({"module": "none"}))])).await;
+    let (status, empty) = txt2img(
+        &s,
+        Some(vec![unit(
+            json!({"module": "inpaint_only", "mask": mask_png(|_| false)}),
+        )]),
+    )
+    .await;
+    assert_eq!(status, 200, "{empty}");
+    assert_eq!(empty["images"][0], none["images"][0]);
+    let (_, half) = txt2img(
+        &s,
+        Some(vec![unit(
+            json!({"module": "inpaint_only", "mask": mask_png(|x| x < 32)}),
+        )]),
+    )
+    .await;
+    assert_ne!(half["images"][0], none["images"][0]);
 
     // img2img takes units too.
     let body = json!({"prompt": "a lighthouse", "steps": 3, "width": 64, "height": 64,

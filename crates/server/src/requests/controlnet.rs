@@ -95,8 +95,20 @@ impl ControlJob {
             annotators,
         )
         .map_err(|e| ApiError::bad_request(format!("ControlNet: {e}")))?;
+        // The inpaint preprocessors answer the image with the mask in its alpha
+        // (255 − mask/2): the ControlNet sees those pixels as −1.
+        let mask = match &detected {
+            DynamicImage::ImageRgba8(rgba) => {
+                Some(GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+                    let alpha = rgba.get_pixel(x, y).0[3];
+                    image::Luma([(255 - alpha).saturating_mul(2)])
+                }))
+            }
+            _ => None,
+        };
         Ok(ControlUnit {
             image: detected.to_rgb8(),
+            mask,
             ..self.unit.clone()
         })
     }
