@@ -114,3 +114,59 @@ async fn loras_are_listed_used_in_prompts_and_refused_clearly() {
     assert_eq!(status, 200, "{body}");
     assert!(infotext(&body).contains(r#"Lora hashes: "peft-sd1: 5a6b571cf638""#));
 }
+
+fn job(prompt: &str, steps: u32) -> Value {
+    json!({"kind": "txt2img", "params": {"prompt": prompt, "steps": steps, "width": 64,
+           "height": 64, "seed": 4, "sampler_name": "Euler"}})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_with_different_loras_never_share_a_batch() {
+    let s = start(|c| c.lora_dirs = vec![lora_fixture("sd1")]).await;
+    // A long job keeps the worker busy while the others queue up behind it.
+    let (_, long) = s.post("/api/v1/jobs", job("busy", 400)).await;
+    let long_id = long["id"].as_str().unwrap().to_string();
+    s.wait_sampling(&long_id).await;
+    let mut queued = Vec::new();
+    for prompt in [
+        "a cat <lora:kohya-sd1:1>",
+        "a dog <lora:kohya-sd1:1>",
+        "a cat <lora:peft-sd1:1>",
+        "a cat <lora:kohya-sd1:0.5>",
+    ] {
+        let (status, j) = s.post("/api/v1/jobs", job(prompt, 3)).await;
+        assert_eq!(status, 202, "{j}");
+        queued.push(j["id"].as_str().unwrap().to_string());
+    }
+    s.post(&format!("/api/v1/jobs/{long_id}/cancel"), json!({}))
+        .await;
+    let mut done = Vec::new();
+    for id in &queued {
+        done.push(s.wait_job(id).await);
+    }
+    let batch: Vec<u64> = done
+        .iter()
+        .map(|j| j["batch_jobs"].as_u64().unwrap())
+        .collect();
+    // Same LoRAs at the same weights share a batch; another LoRA or weight runs apart.
+    assert_eq!(batch, [2, 2, 1, 1], "{done:?}");
+    // And each image is the one its job makes alone.
+    for (j, prompt) in done
+        .iter()
+        .zip(["a cat <lora:kohya-sd1:1>", "a dog <lora:kohya-sd1:1>"])
+    {
+        let (_, alone) = s.post("/api/v1/jobs", job(prompt, 3)).await;
+        let alone = s.wait_job(alone["id"].as_str().unwrap()).await;
+        assert_eq!(alone["batch_jobs"], 1);
+        let get = |url: &str| {
+            let (c, url) = (s.client.clone(), s.url(url));
+            async move { c.get(url).send().await.unwrap().bytes().await.unwrap() }
+        };
+        let a = decode(&get(alone["images"][0]["url"].as_str().unwrap()).await);
+        let b = decode(&get(j["images"][0]["url"].as_str().unwrap()).await);
+        assert!(
+            a == b,
+            "{prompt}: the batched image equals the one made alone"
+        );
+    }
+}
