@@ -22,13 +22,12 @@ use crate::infotext::{self, ImageInfo, Infotext};
 use crate::loras::{self, LoraLibrary, LoraNetworks};
 use crate::prompt::{parse_prompt_attention, BREAK_WEIGHT};
 use crate::sampler::{
-    self, Flow, ModelScalings, NoiseSchedule, NoiseSource, Plan, SamplerError, SamplerSpec,
-    SeededNoise, StepInfo,
+    self, Flow, ModelScalings, NoiseSchedule, Plan, SamplerError, SamplerSpec, StepInfo,
 };
 use crate::text::{self, Conditioning, PromptTokens, TextEncoders};
 use crate::tokenizer::ClipTokenizer;
 use crate::vae_decode::{decode_checked, encode_tiled};
-use crate::variation::{self, Variation};
+use crate::variation::{self, BatchNoise};
 use crate::Error;
 
 /// Which networks stay on the device between uses.
@@ -208,39 +207,6 @@ impl Default for Request {
             seed_resize_from: None,
             tiling: false,
             control: Vec::new(),
-        }
-    }
-}
-
-impl Request {
-    /// Image i's (seed, variation seed), as A1111's `all_seeds`/`all_subseeds`: seed + i, or
-    /// with variations the same seed for all and subseed + i.
-    pub fn image_seeds(&self, i: usize) -> (u64, u64) {
-        let i = i as u64;
-        match self.subseed_strength != 0.0 {
-            true => (self.seed, self.subseed.wrapping_add(i)),
-            false => (self.seed.wrapping_add(i), self.subseed.wrapping_add(i)),
-        }
-    }
-
-    /// The request of batch `n` of A1111's batch count: its images continue the seeds
-    /// (or, with variations, the variation seeds) where batch n − 1 stopped.
-    pub fn iteration(&self, n: usize) -> Request {
-        let step = (n * self.batch_size) as u64;
-        let mut r = self.clone();
-        match self.subseed_strength != 0.0 {
-            true => r.subseed = self.subseed.wrapping_add(step),
-            false => r.seed = self.seed.wrapping_add(step),
-        }
-        r
-    }
-
-    /// What image i's starting noise adds to its seed's.
-    pub fn variation(&self, i: usize) -> Variation {
-        Variation {
-            subseed: self.image_seeds(i).1,
-            strength: self.subseed_strength,
-            resize_from: self.seed_resize_from,
         }
     }
 }
@@ -1041,39 +1007,6 @@ fn repeat(t: &Tensor, n: usize) -> candle_core::Result<Tensor> {
     t.repeat(dims.as_slice())
 }
 
-/// Bilinear resize of a latent `[B, C, h, w]` to `[B, C, height, width]`, as PyTorch's
-/// `interpolate(mode="bilinear", align_corners=False)` (A1111's "Latent" hires upscaler).
-pub fn upscale_latent(latent: &Tensor, height: usize, width: usize) -> Result<Tensor, Error> {
-    let (_, _, h, w) = latent.dims4()?;
-    let dev = latent.device();
-    // Source indices and weights along one axis.
-    let axis = |n_in: usize, n_out: usize| {
-        let scale = n_in as f64 / n_out as f64;
-        let (mut i0, mut i1, mut frac) = (Vec::new(), Vec::new(), Vec::new());
-        for d in 0..n_out {
-            let src = ((d as f64 + 0.5) * scale - 0.5).max(0.0);
-            let lo = (src.floor() as usize).min(n_in - 1);
-            i0.push(lo as u32);
-            i1.push((lo + 1).min(n_in - 1) as u32);
-            frac.push((src - lo as f64) as f32);
-        }
-        (i0, i1, frac)
-    };
-    let x = latent.to_dtype(DType::F32)?;
-    let (y0, y1, fy) = axis(h, height);
-    let (x0, x1, fx) = axis(w, width);
-    let idx = |v: Vec<u32>| Tensor::from_vec(v.clone(), v.len(), dev);
-    let fy = Tensor::from_vec(fy, (1, 1, height, 1), dev)?;
-    let fx = Tensor::from_vec(fx, (1, 1, 1, width), dev)?;
-    let top = x.index_select(&idx(y0)?, 2)?;
-    let bottom = x.index_select(&idx(y1)?, 2)?;
-    let rows = (top.broadcast_mul(&(1.0 - &fy)?)? + bottom.broadcast_mul(&fy)?)?;
-    let left = rows.index_select(&idx(x0)?, 3)?;
-    let right = rows.index_select(&idx(x1)?, 3)?;
-    let out = (left.broadcast_mul(&(1.0 - &fx)?)? + right.broadcast_mul(&fx)?)?;
-    Ok(out.to_dtype(latent.dtype())?)
-}
-
 /// `x·m + keep·(1 − m)` with `m` `[1,1,h,w]` broadcast over batch and channels.
 fn blend(x: &Tensor, keep: &Tensor, m: &Tensor) -> candle_core::Result<Tensor> {
     let m = m.to_dtype(x.dtype())?;
@@ -1098,46 +1031,5 @@ fn overlay(img: &mut RgbImage, original: &RgbImage, mask: &GrayImage) {
         for c in 0..3 {
             p.0[c] = (p.0[c] as f32 * a + o.0[c] as f32 * (1.0 - a)).round() as u8;
         }
-    }
-}
-
-/// One standard-normal stream per image of the batch (seed + i), concatenated.
-struct BatchNoise {
-    streams: Vec<SeededNoise>,
-}
-
-impl BatchNoise {
-    fn new(seeds: &[u64]) -> Self {
-        Self {
-            streams: seeds.iter().map(|&s| SeededNoise::new(s)).collect(),
-        }
-    }
-
-    fn draw(
-        &mut self,
-        dims: &[usize],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor, SamplerError> {
-        let mut one = dims.to_vec();
-        one[0] = 1;
-        let like = Tensor::zeros(one.as_slice(), dtype, device)?;
-        let parts = self
-            .streams
-            .iter_mut()
-            .map(|s| s.noise(&like, 0.0, 0.0))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Tensor::cat(&parts, 0)?)
-    }
-}
-
-impl NoiseSource for BatchNoise {
-    fn noise(
-        &mut self,
-        like: &Tensor,
-        _sigma: f64,
-        _sigma_next: f64,
-    ) -> Result<Tensor, SamplerError> {
-        self.draw(like.dims(), like.dtype(), like.device())
     }
 }

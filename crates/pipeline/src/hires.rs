@@ -2,10 +2,11 @@
 //! latent itself for the "Latent" upscalers, else the decoded image through an image
 //! upscaler), then img2img at the larger size from the same seed.
 
+use candle_core::{DType, Tensor};
 use image::imageops::FilterType;
 use image::DynamicImage;
 
-use crate::generate::{upscale_latent, Engine, Generated, Overrides, Progress, Request};
+use crate::generate::{Engine, Generated, Overrides, Progress, Request};
 use crate::infotext::{self, ImageInfo};
 use crate::sampler::Flow;
 use crate::Error;
@@ -154,4 +155,37 @@ impl Engine {
         out.infotext = out.parameters.to_string();
         Ok(out)
     }
+}
+
+/// Bilinear resize of a latent `[B, C, h, w]` to `[B, C, height, width]`, as PyTorch's
+/// `interpolate(mode="bilinear", align_corners=False)` (A1111's "Latent" hires upscaler).
+pub fn upscale_latent(latent: &Tensor, height: usize, width: usize) -> Result<Tensor, Error> {
+    let (_, _, h, w) = latent.dims4()?;
+    let dev = latent.device();
+    // Source indices and weights along one axis.
+    let axis = |n_in: usize, n_out: usize| {
+        let scale = n_in as f64 / n_out as f64;
+        let (mut i0, mut i1, mut frac) = (Vec::new(), Vec::new(), Vec::new());
+        for d in 0..n_out {
+            let src = ((d as f64 + 0.5) * scale - 0.5).max(0.0);
+            let lo = (src.floor() as usize).min(n_in - 1);
+            i0.push(lo as u32);
+            i1.push((lo + 1).min(n_in - 1) as u32);
+            frac.push((src - lo as f64) as f32);
+        }
+        (i0, i1, frac)
+    };
+    let x = latent.to_dtype(DType::F32)?;
+    let (y0, y1, fy) = axis(h, height);
+    let (x0, x1, fx) = axis(w, width);
+    let idx = |v: Vec<u32>| Tensor::from_vec(v.clone(), v.len(), dev);
+    let fy = Tensor::from_vec(fy, (1, 1, height, 1), dev)?;
+    let fx = Tensor::from_vec(fx, (1, 1, 1, width), dev)?;
+    let top = x.index_select(&idx(y0)?, 2)?;
+    let bottom = x.index_select(&idx(y1)?, 2)?;
+    let rows = (top.broadcast_mul(&(1.0 - &fy)?)? + bottom.broadcast_mul(&fy)?)?;
+    let left = rows.index_select(&idx(x0)?, 3)?;
+    let right = rows.index_select(&idx(x1)?, 3)?;
+    let out = (left.broadcast_mul(&(1.0 - &fx)?)? + right.broadcast_mul(&fx)?)?;
+    Ok(out.to_dtype(latent.dtype())?)
 }

@@ -16,9 +16,9 @@ pub mod vae_decode;
 pub mod variation;
 
 pub use generate::{
-    random_seed, upscale_latent, Engine, Generated, Limits, Overrides, Progress, Request, VramMode,
+    random_seed, Engine, Generated, Limits, Overrides, Progress, Request, VramMode,
 };
-pub use hires::{HiresError, HiresFix};
+pub use hires::{upscale_latent, HiresError, HiresFix};
 pub use infotext::Infotext;
 
 /// Everything the pipeline can fail with; messages name the problem for the user.

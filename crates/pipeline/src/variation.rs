@@ -2,11 +2,13 @@
 //! seed's noise slerped towards a variation seed's ("Variation seed strength"), and with "Resize
 //! seed from width/height" the noise of the seed at that other size is pasted, centred, into
 //! the noise at the real size, so a composition found at one size survives at another.
+//!
+//! Also the seeds of a request's images and their noise streams, which the engine draws from.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::generate::Request;
-use crate::sampler::{NoiseSource, SeededNoise};
+use crate::sampler::{NoiseSource, SamplerError, SeededNoise};
 use crate::Error;
 
 /// What a request asks of its images' starting noise beyond the seed.
@@ -175,4 +177,78 @@ pub fn request_noise(req: &Request, channels: usize) -> Result<Tensor, Error> {
         .map(|i| first_noise(req, i, &fresh_draw(req.image_seeds(i).0, &dims)?))
         .collect::<Result<Vec<_>, Error>>()?;
     Ok(Tensor::cat(&parts, 0)?)
+}
+
+impl Request {
+    /// Image i's (seed, variation seed), as A1111's `all_seeds`/`all_subseeds`: seed + i, or
+    /// with variations the same seed for all and subseed + i.
+    pub fn image_seeds(&self, i: usize) -> (u64, u64) {
+        let i = i as u64;
+        match self.subseed_strength != 0.0 {
+            true => (self.seed, self.subseed.wrapping_add(i)),
+            false => (self.seed.wrapping_add(i), self.subseed.wrapping_add(i)),
+        }
+    }
+
+    /// The request of batch `n` of A1111's batch count: its images continue the seeds
+    /// (or, with variations, the variation seeds) where batch n − 1 stopped.
+    pub fn iteration(&self, n: usize) -> Request {
+        let step = (n * self.batch_size) as u64;
+        let mut r = self.clone();
+        match self.subseed_strength != 0.0 {
+            true => r.subseed = self.subseed.wrapping_add(step),
+            false => r.seed = self.seed.wrapping_add(step),
+        }
+        r
+    }
+
+    /// What image i's starting noise adds to its seed's.
+    pub fn variation(&self, i: usize) -> Variation {
+        Variation {
+            subseed: self.image_seeds(i).1,
+            strength: self.subseed_strength,
+            resize_from: self.seed_resize_from,
+        }
+    }
+}
+
+/// One standard-normal stream per image of the batch (seed + i), concatenated.
+pub(crate) struct BatchNoise {
+    streams: Vec<SeededNoise>,
+}
+
+impl BatchNoise {
+    pub(crate) fn new(seeds: &[u64]) -> Self {
+        Self {
+            streams: seeds.iter().map(|&s| SeededNoise::new(s)).collect(),
+        }
+    }
+
+    pub(crate) fn draw(
+        &mut self,
+        dims: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, SamplerError> {
+        let mut one = dims.to_vec();
+        one[0] = 1;
+        let like = Tensor::zeros(one.as_slice(), dtype, device)?;
+        let parts = self
+            .streams
+            .iter_mut()
+            .map(|s| s.noise(&like, 0.0, 0.0))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+impl NoiseSource for BatchNoise {
+    fn noise(
+        &mut self,
+        like: &Tensor,
+        _sigma: f64,
+        _sigma_next: f64,
+    ) -> Result<Tensor, SamplerError> {
+        self.draw(like.dims(), like.dtype(), like.device())
+    }
 }
