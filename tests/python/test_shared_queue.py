@@ -333,3 +333,33 @@ def test_tls_and_a_password_and_clear_refusals(tmp_path):
             assert password not in out.stderr and "wrong@" not in out.stderr
     finally:
         redis.kill()
+
+
+def test_loras_through_the_api_role(tmp_path):
+    """The `api` replica has no LoRA folders: it lists the workers' (from their reports), checks
+    tag syntax itself, and leaves names and fit to the worker, whose job then fails with 400."""
+    from cluster import REPO
+    loras = REPO / "fixtures" / "lora"
+    c = Cluster(apis=1, workers=1, worker_args=["--lora-dirs", f"{loras / 'sd1'},{loras / 'sdxl'}"])
+    try:
+        api = c.apis[0]
+
+        def listed():
+            status, body = api.get("/sdapi/v1/loras")
+            return body if status == 200 else None
+
+        body = wait_for("the worker's LoRA list", listed, timeout=30, every=0.2)
+        by_name = {l["name"]: l for l in body}
+        assert {"kohya-sd1", "kohya-sdxl", "peft-sd1"} <= set(by_name), body
+        assert by_name["kohya-sd1"]["alias"] == "kohya-sd1-alias"
+        status, r = api.post("/sdapi/v1/txt2img", txt2img(3, prompt="a cube <lora:kohya-sd1:0.8>"))
+        assert status == 200, r
+        assert 'Lora hashes: "kohya-sd1: 8d2ab056d855"' in json.loads(r["info"])["infotexts"][0]
+        status, r = api.post("/sdapi/v1/txt2img", txt2img(3, prompt="a cube <lora:kohya-sd1:x>"))
+        assert status == 400 and "<lora:kohya-sd1:x>" in r["detail"], r
+        status, r = api.post("/sdapi/v1/txt2img", txt2img(3, prompt="a cube <lora:nope:1>"))
+        assert status == 400 and "unknown LoRA `nope`" in r["detail"], r
+        status, r = api.post("/sdapi/v1/txt2img", txt2img(3, prompt="a cube <lora:kohya-sdxl:1>"))
+        assert status == 400 and "kohya-sdxl.safetensors" in r["detail"], r
+    finally:
+        c.close()

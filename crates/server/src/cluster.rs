@@ -1,6 +1,6 @@
 //! What every replica must agree on besides the jobs: A1111's options (the selected
 //! checkpoint among them), and what each worker reports about itself (its device, model and
-//! the upscalers, face restorers, checkpoints and embeddings it can use), which the `api`
+//! the upscalers, face restorers, checkpoints, embeddings and LoRAs it can use), which the `api`
 //! role answers its lists from. In one process ([`MemoryCluster`]) both are plain memory.
 
 use std::collections::HashMap;
@@ -29,6 +29,9 @@ pub struct WorkerReport {
     pub face_restorers: Vec<String>,
     /// `/sdapi/v1/embeddings`' answer for its loaded model, when one is loaded.
     pub embeddings: Option<Value>,
+    /// `/sdapi/v1/loras`' answer: the files of its LoRA folders (absent from older workers).
+    #[serde(default)]
+    pub loras: Option<Value>,
     /// Device memory in use, bytes per device label.
     pub device_memory: Vec<(String, u64)>,
     /// Jobs it is running now.

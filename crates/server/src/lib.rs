@@ -88,9 +88,9 @@ pub fn start(state: &AppState) -> anyhow::Result<Vec<std::thread::JoinHandle<()>
 }
 
 /// A worker's report (model, lists, load) every [`REPORT_EVERY`] until it stops; the
-/// embeddings (a folder scan) every fifth time.
+/// embeddings and LoRAs (folder scans) every fifth time.
 async fn report_while_running(state: AppState) {
-    let mut embeddings = None;
+    let (mut embeddings, mut loras) = (None, None);
     let mut n = 0u64;
     while !state.queue.is_shutting_down() {
         let me = state.clone();
@@ -98,8 +98,10 @@ async fn report_while_running(state: AppState) {
         if let Ok(mut report) = tokio::task::spawn_blocking(move || me.local_report(fresh)).await {
             if fresh {
                 embeddings = report.embeddings.clone();
+                loras = report.loras.clone();
             } else {
                 report.embeddings = embeddings.clone();
+                report.loras = loras.clone();
             }
             if let Err(e) = state.cluster.report(&report).await {
                 tracing::warn!(error = %e, "cannot report to the shared queue");

@@ -167,8 +167,11 @@ impl Shared {
     }
 
     /// What a worker here can do (its model, upscalers, face restorers, checkpoints; the
-    /// embeddings only when `embeddings` is set: reading them costs a folder scan).
+    /// embeddings and LoRAs only when `embeddings` is set: reading them costs folder scans).
     pub fn local_report(&self, embeddings: bool) -> WorkerReport {
+        let loras = embeddings
+            .then(|| crate::a1111::loras::local_loras(self))
+            .flatten();
         let embeddings = embeddings
             .then(|| crate::a1111::embeddings::local_embeddings(self).ok())
             .flatten();
@@ -180,6 +183,7 @@ impl Shared {
             upscalers: self.config.post.upscalers(),
             face_restorers: self.config.post.face_restorers(),
             embeddings,
+            loras,
             device_memory: crate::metrics::cuda_memory_used(&self.device_labels()),
             running: self.queue.local_running().len(),
             seen: SystemTime::now(),

@@ -1,32 +1,42 @@
 //! A1111's LoRA listing (`extensions-builtin/Lora/scripts/lora_script.py`): the files of
-//! `--lora-dirs` with name, alias, path and the safetensors metadata.
+//! `--lora-dirs` with name, alias, path and the safetensors metadata. In the `api` role, which
+//! has no folders, the list is the most recent worker's report.
 
 use axum::extract::State;
 use axum::Json;
-use sdkube_pipeline::loras::{LoraInfo, LoraLibrary};
+use sdkube_pipeline::loras::LoraLibrary;
 use serde_json::Value;
 
+use crate::config::Role;
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::{AppState, Shared};
 
-async fn list(state: &AppState) -> Result<Vec<LoraInfo>, ApiError> {
-    let dirs = state.config.lora_dirs.clone();
-    tokio::task::spawn_blocking(move || LoraLibrary::new(dirs).list().to_vec())
+/// This process's LoRA files as `/sdapi/v1/loras` lists them (a folder scan).
+pub fn local_loras(state: &Shared) -> Option<Value> {
+    serde_json::to_value(LoraLibrary::new(state.config.lora_dirs.clone()).list()).ok()
+}
+
+async fn list(state: &AppState) -> Result<Value, ApiError> {
+    if state.config.role == Role::Api {
+        return state
+            .remote_report()
+            .await
+            .and_then(|r| r.loras)
+            .ok_or_else(|| ApiError::unavailable("no worker has reported its LoRA files yet"));
+    }
+    let me = state.clone();
+    tokio::task::spawn_blocking(move || local_loras(&me))
         .await
-        .map_err(|e| ApiError::internal(e.to_string()))
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .ok_or_else(|| ApiError::internal("listing the LoRA folders"))
 }
 
 /// LoRA files a prompt may name with `<lora:name:weight>` (or `<lora:name:te:unet>`): each
 /// with `name` (the file stem), `alias` (`ss_output_name` from its metadata), `path` and
 /// `metadata` (the safetensors header's `__metadata__`). The folders are read on every call.
 #[utoipa::path(get, path = "/sdapi/v1/loras", tag = "a1111", responses((status = 200, body = Vec<Object>)))]
-pub async fn loras(State(state): State<AppState>) -> Result<Json<Vec<Value>>, ApiError> {
-    let list = list(&state).await?;
-    Ok(Json(
-        list.iter()
-            .map(|l| serde_json::to_value(l).unwrap_or(Value::Null))
-            .collect(),
-    ))
+pub async fn loras(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(list(&state).await?))
 }
 
 /// Re-reads the LoRA folders (listing and generation read them anyway; kept for clients
