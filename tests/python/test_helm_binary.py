@@ -108,7 +108,8 @@ def test_every_server_value_reaches_the_binary():
             "basicAuth": "admin:pw",
         },
         "gpu": {"count": 2},
-        "persistence": {"subPaths": {"models": "store/m", "outputs": "out", "embeddings": "ti", "loras": "lora/sd"}},
+        "persistence": {"subPaths": {"models": "store/m", "outputs": "out", "embeddings": "ti", "loras": "lora/sd",
+                                     "controlnet": "cn/sd15"}},
         "workload": {"terminationGracePeriodSeconds": 300},
     }
     config = _served_config(values)
@@ -122,6 +123,7 @@ def test_every_server_value_reaches_the_binary():
     assert config["api_key"] == "<set>" and config["basic_auth"] == "<set>"
     assert (config["store"], config["outputs"], config["embeddings"]) == ("/data/store/m", "/data/out", "/data/ti")
     assert config["lora_dirs"] == ["/data/lora/sd"]
+    assert config["controlnet_dirs"] == ["/data/cn/sd15"]
 
 
 def test_cpu_mode_reaches_the_binary():

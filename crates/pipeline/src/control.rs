@@ -238,6 +238,8 @@ impl ControlNetInfo {
 #[derive(Debug, Clone, Default)]
 pub struct ControlNetLibrary {
     dirs: Vec<PathBuf>,
+    /// Named files or folders outside the folders (the model store's ControlNets).
+    files: Vec<(String, PathBuf)>,
     entries: Vec<ControlNetInfo>,
 }
 
@@ -246,43 +248,58 @@ impl ControlNetLibrary {
     pub fn new(dirs: Vec<PathBuf>) -> Self {
         let mut lib = Self {
             dirs,
+            files: Vec::new(),
             entries: Vec::new(),
         };
         lib.refresh();
         lib
     }
 
+    /// The library with these named ControlNets too (files or diffusers folders), e.g. the
+    /// model store's; a name also found in the folders is the folder's.
+    pub fn with_files(mut self, files: Vec<(String, PathBuf)>) -> Self {
+        self.files = files;
+        self.refresh();
+        self
+    }
+
     /// Scans the folders again.
     pub fn refresh(&mut self) {
         let mut entries = Vec::new();
-        for dir in &self.dirs {
-            let Ok(read) = std::fs::read_dir(dir) else {
-                continue;
+        let listed = self.dirs.iter().flat_map(|dir| {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| (None, e.path()))
+        });
+        let named = self.files.iter().map(|(n, p)| (Some(n.clone()), p.clone()));
+        for (given_name, path) in listed.chain(named) {
+            let weights = if path.is_dir() {
+                if !path.join("config.json").is_file() {
+                    continue;
+                }
+                match sdkube_models::checkpoint::component_weights(&path) {
+                    Some(w) => w,
+                    None => continue,
+                }
+            } else {
+                let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+                if !matches!(ext, "safetensors" | "pth" | "ckpt" | "bin" | "pt") {
+                    continue;
+                }
+                path.clone()
             };
-            for entry in read.flatten() {
-                let path = entry.path();
-                let weights = if path.is_dir() {
-                    if !path.join("config.json").is_file() {
-                        continue;
-                    }
-                    match sdkube_models::checkpoint::component_weights(&path) {
-                        Some(w) => w,
-                        None => continue,
-                    }
-                } else {
-                    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-                    if !matches!(ext, "safetensors" | "pth" | "ckpt" | "bin" | "pt") {
-                        continue;
-                    }
-                    path.clone()
-                };
-                let name = path
-                    .file_stem()
+            let name = given_name.unwrap_or_else(|| {
+                path.file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let hash = model_hash(&weights).unwrap_or_else(|_| "NOFILE".into());
-                entries.push(ControlNetInfo { name, path, hash });
+                    .unwrap_or_default()
+            });
+            if entries.iter().any(|e: &ControlNetInfo| e.name == name) {
+                continue;
             }
+            let hash = model_hash(&weights).unwrap_or_else(|_| "NOFILE".into());
+            entries.push(ControlNetInfo { name, path, hash });
         }
         entries.sort_by_key(|e| e.name.to_lowercase());
         self.entries = entries;

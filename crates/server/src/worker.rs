@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use candle_core::{DType, Device};
 use image::DynamicImage;
-use sdkube_pipeline::control::ControlNetLibrary;
 use sdkube_pipeline::embeddings::{EmbeddingSet, TextWidths};
 use sdkube_pipeline::image_io::encode_png;
 use sdkube_pipeline::loras::LoraLibrary;
@@ -138,9 +137,6 @@ impl Worker {
                     Err(e) => tracing::warn!(error = %e, "embeddings folder unreadable"),
                 }
                 engine.set_loras(LoraLibrary::new(self.state.config.lora_dirs.clone()));
-                engine.set_controlnets(ControlNetLibrary::new(
-                    self.state.config.controlnet_dirs.clone(),
-                ));
                 *crate::lock(&self.state.text_widths) = Some(widths);
                 tracing::info!(
                     model = %want.name,
@@ -371,6 +367,11 @@ impl Worker {
         }
         // So are LoRA files (their tensors are read when a prompt first names them).
         engine.refresh_loras();
+        // And ControlNets, in the folders or fetched into the store since.
+        engine.set_controlnets(controlnet::library(
+            &self.state.config.controlnet_dirs,
+            &self.state.config.post.store,
+        ));
         let n_iter = jobs.iter().map(|(_, g)| g.n_iter).max().unwrap_or(1);
         let mut failed: Option<JobError> = None;
         for iter in 0..n_iter {

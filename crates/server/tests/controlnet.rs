@@ -208,3 +208,37 @@ async fn lists_and_detect_answer_as_the_extension() {
         assert!(err["detail"].as_str().unwrap().contains(expect), "{err}");
     }
 }
+
+/// Puts the fixture ControlNet into the model store as `sdkube fetch` would leave a catalog
+/// entry (its files under the entry's name, listed in the manifest).
+fn store_controlnet(store: &std::path::Path, name: &str) {
+    let dir = store.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut files = Vec::new();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        let bytes = std::fs::read(repo().join("fixtures/controlnet/sd1").join(f)).unwrap();
+        std::fs::write(dir.join(f), &bytes).unwrap();
+        files.push(json!({"path": f, "size": bytes.len(), "sha256": "0".repeat(64),
+                          "source": "test", "url": "file://test", "fetched_at": "2026-12-05T00:00:00Z"}));
+    }
+    let manifest = json!({"version": 1, "models": {name: {"files": files}}});
+    std::fs::write(store.join("manifest.json"), manifest.to_string()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn controlnets_fetched_into_the_store_are_listed_and_used() {
+    let s = start(|_| {}).await;
+    store_controlnet(&s.dir.path().join("store"), "control-v11p-sd15-canny");
+    let (_, models) = s.get("/controlnet/model_list").await;
+    let titles = models["model_list"].to_string();
+    assert!(titles.contains("control-v11p-sd15-canny ["), "{titles}");
+    let (status, by_store) = txt2img(
+        &s,
+        Some(vec![unit(json!({"model": "control-v11p-sd15-canny"}))]),
+    )
+    .await;
+    assert_eq!(status, 200, "{by_store}");
+    // The same network as the fixture folder's `sd1`: the same image.
+    let (_, by_folder) = txt2img(&s, Some(vec![unit(json!({}))])).await;
+    assert_eq!(by_store["images"][0], by_folder["images"][0]);
+}

@@ -383,7 +383,15 @@ mod tests {
         // Every built-in file has a hash: nothing is stored unverified. The exceptions are hub
         // LFS files whose hash could not be read where the entry was written; the fetcher
         // verifies those against the hub's X-Linked-Etag (the LFS oid, a sha256).
-        const HASH_FROM_HUB: &[&str] = &["depth-anything-small"];
+        const HASH_FROM_HUB: &[&str] = &[
+            "depth-anything-small",
+            "control-v11p-sd15-canny",
+            "control-v11f1p-sd15-depth",
+            "control-v11p-sd15-openpose",
+            "control-v11f1e-sd15-tile",
+            "controlnet-canny-sdxl",
+            "controlnet-depth-sdxl",
+        ];
         for model in catalog.models() {
             for file in &model.files {
                 if HASH_FROM_HUB.contains(&model.name.as_str()) {

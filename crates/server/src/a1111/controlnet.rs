@@ -9,14 +9,13 @@ use axum::extract::State;
 use axum::Json;
 use base64::Engine as _;
 use candle_core::Device;
-use sdkube_pipeline::control::ControlNetLibrary;
 use sdkube_preprocess::{Annotators, Params};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ApiJson, ApiQuery};
-use crate::requests::controlnet::load_annotators;
+use crate::requests::controlnet::{library, load_annotators};
 use crate::requests::decode_image;
 use crate::state::AppState;
 
@@ -54,8 +53,9 @@ pub async fn model_list(
     ApiQuery(_q): ApiQuery<ModelListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let dirs = state.config.controlnet_dirs.clone();
+    let store = state.config.post.store.clone();
     let titles = tokio::task::spawn_blocking(move || {
-        ControlNetLibrary::new(dirs)
+        library(&dirs, &store)
             .entries()
             .iter()
             .map(|e| e.title())

@@ -279,3 +279,21 @@ pub fn load_annotators<'m>(
     }
     Ok(())
 }
+
+/// The ControlNets a unit may name: the files and diffusers folders of `dirs`, and the model
+/// store's catalog entries of kind `controlnet` that are fetched (by their catalog name).
+pub fn library(dirs: &[std::path::PathBuf], store: &Path) -> ControlNetLibrary {
+    let fetched = match (
+        sdkube_store::Store::open(store),
+        sdkube_store::Catalog::load(None),
+    ) {
+        (Ok(store), Ok(catalog)) => catalog
+            .models()
+            .iter()
+            .filter(|m| m.kind == "controlnet")
+            .filter_map(|m| Some((m.name.clone(), store.model_path(&m.name)?)))
+            .collect(),
+        _ => Vec::new(),
+    };
+    ControlNetLibrary::new(dirs.to_vec()).with_files(fetched)
+}

@@ -2,7 +2,6 @@
 
 use std::sync::LazyLock;
 
-use sdkube_pipeline::control::ControlNetLibrary;
 use sdkube_pipeline::loras;
 use sdkube_pipeline::prompt::{tokenize_prompt, ChunkOptions, EmbeddingIndex};
 use sdkube_pipeline::sampler::{SamplerError, SamplerSpec};
@@ -474,7 +473,7 @@ fn control_units(
     let library = ctx
         .files
         .as_ref()
-        .map(|f| ControlNetLibrary::new(f.controlnet_dirs.to_vec()));
+        .map(|f| super::controlnet::library(f.controlnet_dirs, &f.post.store));
     super::controlnet::units(
         &c.alwayson_scripts,
         (request.width, request.height),
