@@ -65,6 +65,7 @@ def test_defaults_reach_the_binary():
         "outputs": "/data/outputs",
         "embeddings": "/data/embeddings",
         "lora_dirs": ["/data/loras"],
+        "controlnet_dirs": ["/data/controlnet"],
         "training": "/data/training",
         "listen": "0.0.0.0:7860",
         "device": "cuda",
