@@ -135,6 +135,8 @@ fn stamp(path: &Path) -> Option<Stamp> {
 #[derive(Debug, Default)]
 pub struct LoraLibrary {
     dirs: Vec<PathBuf>,
+    /// Single files under given names (LoRAs fetched into the model store, by catalog name).
+    files: Vec<(String, PathBuf)>,
     entries: Vec<LoraInfo>,
     hashes: Mutex<HashMap<PathBuf, (Stamp, String)>>,
 }
@@ -142,8 +144,15 @@ pub struct LoraLibrary {
 impl LoraLibrary {
     /// Scans `dirs` (missing folders list nothing).
     pub fn new(dirs: Vec<PathBuf>) -> Self {
+        Self::with_files(dirs, Vec::new())
+    }
+
+    /// Scans `dirs`, and lists `files` under their given names after the folders' files (LoRAs
+    /// fetched into the model store, by catalog name).
+    pub fn with_files(dirs: Vec<PathBuf>, files: Vec<(String, PathBuf)>) -> Self {
         let mut lib = Self {
             dirs,
+            files,
             ..Self::default()
         };
         lib.refresh();
@@ -162,12 +171,17 @@ impl LoraLibrary {
             scan(dir, &mut files);
         }
         files.sort();
-        let mut entries: Vec<LoraInfo> = Vec::new();
-        for path in files {
-            let name = path
-                .file_stem()
+        let stem = |p: &Path| {
+            p.file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
+                .unwrap_or_default()
+        };
+        let named = files
+            .into_iter()
+            .map(|p| (stem(&p), p))
+            .chain(self.files.iter().filter(|(_, p)| p.is_file()).cloned());
+        let mut entries: Vec<LoraInfo> = Vec::new();
+        for (name, path) in named {
             if entries.iter().any(|e| e.name == name) {
                 tracing::warn!(path = %path.display(), "LoRA name already used by another file");
                 continue;
@@ -381,8 +395,8 @@ impl LoraNetworks {
     }
 
     pub(crate) fn set_library(&mut self, library: LoraLibrary) {
+        // Files already bound stay (their size and time are checked before reuse).
         self.library = library;
-        self.bound.clear();
     }
 
     pub(crate) fn refresh(&mut self) {

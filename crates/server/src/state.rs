@@ -105,6 +105,7 @@ impl Shared {
                 embeddings: &self.config.embeddings,
                 training: &self.config.training,
                 lora_dirs: &self.config.lora_dirs,
+                sources: &self.config.sources,
                 controlnet_dirs: &self.config.controlnet_dirs,
             }),
         }

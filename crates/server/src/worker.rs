@@ -12,11 +12,11 @@ use candle_core::{DType, Device};
 use image::DynamicImage;
 use sdkube_pipeline::embeddings::{EmbeddingSet, TextWidths};
 use sdkube_pipeline::image_io::encode_png;
-use sdkube_pipeline::loras::LoraLibrary;
 use sdkube_pipeline::sampler::{Flow, SamplerError};
 use sdkube_pipeline::{Engine, Generated, HiresError, Infotext, Request, VramMode};
 use sdkube_preprocess::Annotators;
 
+use crate::a1111::loras;
 use crate::job::{Failure, Job, JobImage, JobState};
 use crate::model::{ModelSlot, Outcome, Wanted};
 use crate::post::PostCache;
@@ -136,7 +136,10 @@ impl Worker {
                     Ok(set) => engine.set_embeddings(set),
                     Err(e) => tracing::warn!(error = %e, "embeddings folder unreadable"),
                 }
-                engine.set_loras(LoraLibrary::new(self.state.config.lora_dirs.clone()));
+                engine.set_loras(loras::library(
+                    &self.state.config.lora_dirs,
+                    &self.state.config.sources,
+                ));
                 *crate::lock(&self.state.text_widths) = Some(widths);
                 tracing::info!(
                     model = %want.name,
@@ -365,8 +368,12 @@ impl Worker {
         if let Err(e) = engine.reload_embeddings() {
             tracing::warn!(error = %e, "embeddings folder unreadable");
         }
-        // So are LoRA files (their tensors are read when a prompt first names them).
-        engine.refresh_loras();
+        // So are LoRA files, in the folders or fetched into the store since (their tensors are
+        // read when a prompt first names them).
+        engine.set_loras(loras::library(
+            &self.state.config.lora_dirs,
+            &self.state.config.sources,
+        ));
         // And ControlNets, in the folders or fetched into the store since.
         engine.set_controlnets(controlnet::library(
             &self.state.config.controlnet_dirs,

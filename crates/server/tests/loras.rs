@@ -170,3 +170,33 @@ async fn jobs_with_different_loras_never_share_a_batch() {
         );
     }
 }
+
+/// A catalog entry of kind `lora` fetched into the model store (`sdkube fetch NAME`) is listed
+/// and used under its catalog name.
+#[tokio::test(flavor = "multi_thread")]
+async fn loras_fetched_into_the_store_are_listed_and_used() {
+    let catalog = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        catalog.path(),
+        "[[model]]\nname = \"ink-style\"\nkind = \"lora\"\ndescription = \"a LoRA\"\n\
+         [[model.file]]\nurl = \"https://example.com/loras/ink.safetensors\"\n",
+    )
+    .unwrap();
+    let s = start(|c| c.sources.catalog = Some(catalog.path().to_path_buf())).await;
+    // What `sdkube fetch ink-style` leaves: the file and its manifest record.
+    let store = s.dir.path().join("store");
+    let bytes = std::fs::read(lora_fixture("sd1/kohya-sd1.safetensors")).unwrap();
+    std::fs::create_dir_all(store.join("ink-style")).unwrap();
+    std::fs::write(store.join("ink-style/ink.safetensors"), &bytes).unwrap();
+    let record = json!({"path": "ink.safetensors", "size": bytes.len(), "sha256": "0".repeat(64),
+                        "source": "url", "url": "https://example.com/loras/ink.safetensors",
+                        "fetched_at": "2026-12-05T00:00:00Z"});
+    let manifest = json!({"version": 1, "models": {"ink-style": {"files": [record]}}});
+    std::fs::write(store.join("manifest.json"), manifest.to_string()).unwrap();
+
+    let (_, list) = s.get("/sdapi/v1/loras").await;
+    assert_eq!(field_of(&list, "name"), ["ink-style"], "{list}");
+    let (status, body) = txt2img(&s, "a lighthouse <lora:ink-style:1>").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(infotext(&body).contains(r#"Lora hashes: "ink-style: 8d2ab056d855""#));
+}

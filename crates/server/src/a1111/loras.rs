@@ -1,6 +1,9 @@
 //! A1111's LoRA listing (`extensions-builtin/Lora/scripts/lora_script.py`): the files of
-//! `--lora-dirs` with name, alias, path and the safetensors metadata. In the `api` role, which
-//! has no folders, the list is the most recent worker's report.
+//! `--lora-dirs` and the LoRAs fetched into the model store, with name, alias, path and the
+//! safetensors metadata. In the `api` role, which has no folders, the list is the most recent
+//! worker's report.
+
+use std::path::PathBuf;
 
 use axum::extract::State;
 use axum::Json;
@@ -9,11 +12,34 @@ use serde_json::Value;
 
 use crate::config::Role;
 use crate::error::ApiError;
+use crate::model::ModelSources;
 use crate::state::{AppState, Shared};
 
-/// This process's LoRA files as `/sdapi/v1/loras` lists them (a folder scan).
+/// The LoRAs a worker here can use: the files of `dirs`, and the model store's catalog entries
+/// of kind `lora` that are fetched (`sdkube fetch NAME`), under their catalog names.
+pub fn library(dirs: &[PathBuf], sources: &ModelSources) -> LoraLibrary {
+    let fetched = match sources.store.is_dir() {
+        false => Vec::new(),
+        true => match (
+            sdkube_store::Store::open(&sources.store),
+            sdkube_store::Catalog::load(sources.catalog.as_deref()),
+        ) {
+            (Ok(store), Ok(catalog)) => catalog
+                .models()
+                .iter()
+                .filter(|m| m.kind == "lora")
+                .filter_map(|m| Some((m.name.clone(), store.model_path(&m.name)?)))
+                .collect(),
+            _ => Vec::new(),
+        },
+    };
+    LoraLibrary::with_files(dirs.to_vec(), fetched)
+}
+
+/// This process's LoRA files as `/sdapi/v1/loras` lists them (folder scans).
 pub fn local_loras(state: &Shared) -> Option<Value> {
-    serde_json::to_value(LoraLibrary::new(state.config.lora_dirs.clone()).list()).ok()
+    let library = library(&state.config.lora_dirs, &state.config.sources);
+    serde_json::to_value(library.list()).ok()
 }
 
 async fn list(state: &AppState) -> Result<Value, ApiError> {
@@ -32,8 +58,9 @@ async fn list(state: &AppState) -> Result<Value, ApiError> {
 }
 
 /// LoRA files a prompt may name with `<lora:name:weight>` (or `<lora:name:te:unet>`): each
-/// with `name` (the file stem), `alias` (`ss_output_name` from its metadata), `path` and
-/// `metadata` (the safetensors header's `__metadata__`). The folders are read on every call.
+/// with `name` (the file stem, or the catalog name of one fetched into the store), `alias`
+/// (`ss_output_name` from its metadata), `path` and `metadata` (the safetensors header's
+/// `__metadata__`). The folders are read on every call.
 #[utoipa::path(get, path = "/sdapi/v1/loras", tag = "a1111", responses((status = 200, body = Vec<Object>)))]
 pub async fn loras(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     Ok(Json(list(&state).await?))

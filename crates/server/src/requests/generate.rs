@@ -255,7 +255,7 @@ fn check(ctx: &BuildContext<'_>, req: &Request, n_iter: usize) -> Result<(), Api
     let (_, tags) =
         loras::extract_tags(&req.prompt).map_err(|e| ApiError::bad_request(e.to_string()))?;
     if let (Some(files), false) = (&ctx.files, tags.is_empty()) {
-        loras::LoraLibrary::new(files.lora_dirs.to_vec())
+        crate::a1111::loras::library(files.lora_dirs, files.sources)
             .check(&tags)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
     }

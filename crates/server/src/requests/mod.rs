@@ -83,6 +83,8 @@ pub struct Files<'a> {
     pub training: &'a Path,
     /// `--lora-dirs`.
     pub lora_dirs: &'a [PathBuf],
+    /// The model store and catalog (LoRAs fetched into the store).
+    pub sources: &'a crate::model::ModelSources,
     /// `--controlnet-dirs`.
     pub controlnet_dirs: &'a [PathBuf],
 }
