@@ -280,3 +280,33 @@ fn an_inpainting_unit_hides_the_masked_pixels() {
         "masked pixels reach the ControlNet as -1"
     );
 }
+
+#[test]
+fn the_hires_fix_pass_is_steered_too_with_the_image_fitted_to_its_size() {
+    use sdkube_pipeline::HiresFix;
+    let r = refs("controlnet/refs/sd1-run.safetensors");
+    let mut e = engine("sd1", VramMode::High);
+    let req = Request {
+        control: vec![ControlUnit::new("sd1", hint_image(&r))],
+        ..reference_request()
+    };
+    let first = e.generate(&req, &mut |_| Flow::Continue).unwrap().remove(0);
+    let hires = HiresFix::scaled(&req, 1.5, "Latent", 2, 0.6).unwrap();
+    let mut none =
+        |_: &str, _: &image::DynamicImage, _: f32| -> Result<image::DynamicImage, String> {
+            unreachable!("a latent upscale runs no image upscaler")
+        };
+    let mut go = |_: &sdkube_pipeline::Progress| Flow::Continue;
+    let steered = e
+        .hires_fix(&req, &first, &hires, &mut none, &mut go)
+        .unwrap();
+    let plain_req = Request {
+        control: Vec::new(),
+        ..req.clone()
+    };
+    let plain = e
+        .hires_fix(&plain_req, &first, &hires, &mut none, &mut go)
+        .unwrap();
+    assert_eq!(steered.image.dimensions(), (96, 96));
+    assert_ne!(steered.image, plain.image, "the second pass is steered");
+}
