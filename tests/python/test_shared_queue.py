@@ -363,3 +363,49 @@ def test_loras_through_the_api_role(tmp_path):
         assert status == 400 and "kohya-sdxl.safetensors" in r["detail"], r
     finally:
         c.close()
+
+
+def _disc_png_b64():
+    """A 64x64 PNG with a bright disc on black (edges for canny), base64."""
+    import base64
+    import io
+    from PIL import Image, ImageDraw
+    im = Image.new("RGB", (64, 64))
+    ImageDraw.Draw(im).ellipse((12, 14, 50, 52), fill=(230, 220, 200))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_controlnet_through_the_api_role(tmp_path):
+    """The `api` replica lists the workers' ControlNets (from their reports), checks units'
+    preprocessors and images itself, and leaves the model to the worker."""
+    from cluster import REPO
+    c = Cluster(apis=1, workers=1, worker_args=["--controlnet-dirs", str(REPO / "fixtures" / "controlnet")])
+    try:
+        api = c.apis[0]
+
+        def listed():
+            status, body = api.get("/controlnet/model_list")
+            return body if status == 200 else None
+
+        titles = wait_for("the worker's ControlNet list", listed, timeout=30, every=0.2)["model_list"]
+        assert any(t.startswith("sd1 [") for t in titles), titles
+
+        def with_unit(**unit):
+            body = txt2img(3)
+            body["alwayson_scripts"] = {"controlnet": {"args": [
+                {"image": _disc_png_b64(), "module": "canny", "model": "sd1", **unit}]}}
+            return api.post("/sdapi/v1/txt2img", body)
+
+        status, plain = api.post("/sdapi/v1/txt2img", txt2img(3))
+        assert status == 200, plain
+        status, steered = with_unit()
+        assert status == 200, steered
+        assert steered["images"][0] != plain["images"][0]
+        status, r = with_unit(module="nope")
+        assert status == 400 and "nope" in r["detail"], r
+        status, r = with_unit(model="missing-controlnet")
+        assert status == 400 and "unknown ControlNet model" in r["detail"], r
+    finally:
+        c.close()

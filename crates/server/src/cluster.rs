@@ -32,6 +32,10 @@ pub struct WorkerReport {
     /// `/sdapi/v1/loras`' answer: the files of its LoRA folders (absent from older workers).
     #[serde(default)]
     pub loras: Option<Value>,
+    /// `/controlnet/model_list`'s titles: its ControlNet folders and store (absent from older
+    /// workers).
+    #[serde(default)]
+    pub controlnets: Option<Vec<String>>,
     /// Device memory in use, bytes per device label.
     pub device_memory: Vec<(String, u64)>,
     /// Jobs it is running now.

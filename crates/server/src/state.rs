@@ -173,6 +173,7 @@ impl Shared {
         let loras = embeddings
             .then(|| crate::a1111::loras::local_loras(self))
             .flatten();
+        let controlnets = embeddings.then(|| crate::a1111::controlnet::local_models(self));
         let embeddings = embeddings
             .then(|| crate::a1111::embeddings::local_embeddings(self).ok())
             .flatten();
@@ -185,6 +186,7 @@ impl Shared {
             face_restorers: self.config.post.face_restorers(),
             embeddings,
             loras,
+            controlnets,
             device_memory: crate::metrics::cuda_memory_used(&self.device_labels()),
             running: self.queue.local_running().len(),
             seen: SystemTime::now(),

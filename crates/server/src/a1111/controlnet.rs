@@ -17,7 +17,8 @@ use utoipa::{IntoParams, ToSchema};
 use crate::error::{ApiError, ApiJson, ApiQuery};
 use crate::requests::controlnet::{library, load_annotators};
 use crate::requests::decode_image;
-use crate::state::AppState;
+use crate::config::Role;
+use crate::state::{AppState, Shared};
 
 /// The extension's API version that sdkube's answers follow.
 const API_VERSION: u32 = 2;
@@ -52,18 +53,30 @@ pub async fn model_list(
     State(state): State<AppState>,
     ApiQuery(_q): ApiQuery<ModelListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let dirs = state.config.controlnet_dirs.clone();
-    let store = state.config.post.store.clone();
-    let titles = tokio::task::spawn_blocking(move || {
-        library(&dirs, &store)
-            .entries()
-            .iter()
-            .map(|e| e.title())
-            .collect::<Vec<_>>()
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?;
+    let titles = match state.config.role {
+        // An api replica mounts no model folders: the workers' reports say.
+        Role::Api => state
+            .remote_report()
+            .await
+            .and_then(|r| r.controlnets)
+            .ok_or_else(|| ApiError::unavailable("no worker has reported its ControlNets yet"))?,
+        _ => {
+            let me = state.clone();
+            tokio::task::spawn_blocking(move || local_models(&me))
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))?
+        }
+    };
     Ok(Json(json!({ "model_list": titles })))
+}
+
+/// This process's ControlNets as units name them (folder and store scans).
+pub fn local_models(state: &Shared) -> Vec<String> {
+    library(&state.config.controlnet_dirs, &state.config.post.store)
+        .entries()
+        .iter()
+        .map(|e| e.title())
+        .collect()
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
