@@ -14,10 +14,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::config::Role;
 use crate::error::{ApiError, ApiJson, ApiQuery};
 use crate::requests::controlnet::{library, load_annotators};
 use crate::requests::decode_image;
-use crate::config::Role;
 use crate::state::{AppState, Shared};
 
 /// The extension's API version that sdkube's answers follow.
