@@ -134,7 +134,9 @@ fn depth_anything_network_matches_transformers() -> Result<()> {
     ] {
         let net = depth_anything::load(&dir().join(file), &cfg, &device(), DType::F32)?;
         for name in ["square", "wide"] {
-            let got = net.forward(&io[&format!("{name}.input")].to_device(&device())?)?;
+            let got = net
+                .forward(&io[&format!("{name}.input")].to_device(&device())?)?
+                .to_device(&Device::Cpu)?;
             let want = &io[&format!("{name}.depth")];
             let diff = sdkube_testkit::max_abs_diff(&got, want);
             let scale = sdkube_testkit::max_abs_diff(want, &want.zeros_like()?);
