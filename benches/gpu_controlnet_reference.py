@@ -4,7 +4,7 @@
 and the UNet's step alone. Eager, then under torch.compile (each module compiled with
 `--mode`, default max-autotune-no-cudagraphs; "reduce-overhead" adds CUDA graphs), each
 configuration printed beside its figure. One JSON line per measurement.
-Usage: python3 benches/gpu_controlnet_reference.py [--no-compile] [--mode=reduce-overhead]"""
+Usage: python3 benches/gpu_controlnet_reference.py [--no-compile | --compile-only] [--mode=reduce-overhead]"""
 import json
 import sys
 import time
@@ -47,19 +47,30 @@ cond = torch.rand(2, 3, 512, 512, device=dev, dtype=dt)
 t = torch.tensor([500.0], device=dev)
 
 
+# CUDA graphs (reduce-overhead) replay into static buffers: each step starts a new graph step.
+graphs = mode == "reduce-overhead"
+
+
 def plain(u):
-    return lambda: u(x, t, ctx).sample
+    def step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return u(x, t, ctx).sample
+    return step
 
 
 def steered(u, cn):
     def step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         down, mid = cn(x, t, encoder_hidden_states=ctx, controlnet_cond=cond, return_dict=False)
         return u(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
     return step
 
 
-timed("unet-sd15", "eager", plain(unet))
-timed("controlnet-sd15", "eager", steered(unet, controlnet))
+if "--compile-only" not in sys.argv:
+    timed("unet-sd15", "eager", plain(unet))
+    timed("controlnet-sd15", "eager", steered(unet, controlnet))
 if "--no-compile" not in sys.argv:
     unet_c = torch.compile(unet.to(memory_format=torch.channels_last), mode=mode, fullgraph=True)
     cn_c = torch.compile(controlnet.to(memory_format=torch.channels_last), mode=mode, fullgraph=True)
