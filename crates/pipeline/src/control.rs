@@ -60,44 +60,9 @@ impl ControlMode {
     }
 }
 
-/// How the control image is fitted to the generated size (the extension's `resize_mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ResizeMode {
-    /// Stretched to the size.
-    JustResize,
-    /// Scaled to cover the size, the overflow cropped (centred).
-    #[default]
-    CropAndResize,
-    /// Scaled to fit inside the size, the rest filled with black.
-    ResizeAndFill,
-}
-
-impl ResizeMode {
-    /// The extension's names ("Just Resize", "Crop and Resize", "Resize and Fill", also
-    /// "Inner Fit (Scale to Fit)" / "Outer Fit (Shrink to Fit)") or their indices 0–2.
-    pub fn parse(s: &str) -> Result<Self, Error> {
-        match s.trim() {
-            "Just Resize" | "Envelope (Outer Fit)" | "0" => Ok(Self::JustResize),
-            "Crop and Resize" | "Scale to Fit (Inner Fit)" | "Inner Fit (Scale to Fit)" | "1" => {
-                Ok(Self::CropAndResize)
-            }
-            "Resize and Fill" | "Outer Fit (Shrink to Fit)" | "2" => Ok(Self::ResizeAndFill),
-            other => Err(Error::Invalid(format!(
-                "unknown resize_mode {other:?}: use \"Just Resize\", \"Crop and Resize\" or \
-                 \"Resize and Fill\" (or 0, 1, 2)"
-            ))),
-        }
-    }
-
-    /// The extension's name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::JustResize => "Just Resize",
-            Self::CropAndResize => "Crop and Resize",
-            Self::ResizeAndFill => "Resize and Fill",
-        }
-    }
-}
+/// How the control image is fitted to the generated size (the extension's `resize_mode`);
+/// the preprocessors' pixel-perfect resolution reads it too.
+pub use sdkube_preprocess::ResizeMode;
 
 /// One ControlNet unit of a request.
 #[derive(Debug, Clone)]
@@ -202,7 +167,7 @@ impl ControlUnit {
 fn fit(img: DynamicImage, mode: ResizeMode, width: u32, height: u32) -> DynamicImage {
     let filter = imageops::FilterType::Lanczos3;
     match mode {
-        ResizeMode::JustResize => img.resize_exact(width, height, filter),
+        ResizeMode::Resize => img.resize_exact(width, height, filter),
         ResizeMode::CropAndResize => img.resize_to_fill(width, height, filter),
         ResizeMode::ResizeAndFill => {
             let inner = img.resize(width, height, filter);

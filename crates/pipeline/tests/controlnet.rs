@@ -234,7 +234,7 @@ fn resize_modes_fit_the_image_as_named() {
         resize_mode: mode,
         ..ControlUnit::new("x", img.clone())
     };
-    let just = unit(ResizeMode::JustResize).fitted(64, 64);
+    let just = unit(ResizeMode::Resize).fitted(64, 64);
     let crop = unit(ResizeMode::CropAndResize).fitted(64, 64);
     let fill = unit(ResizeMode::ResizeAndFill).fitted(64, 64);
     for i in [&just, &crop, &fill] {

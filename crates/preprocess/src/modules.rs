@@ -286,14 +286,43 @@ impl Module {
 }
 
 /// How a unit's image will be fitted to the generation size (A1111's `resize_mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ResizeMode {
     /// "Just Resize": stretched to the target.
     Resize,
     /// "Crop and Resize" (inner fit): scaled to cover the target, then cropped.
+    #[default]
     CropAndResize,
     /// "Resize and Fill" (outer fit): scaled to fit inside the target, then padded.
     ResizeAndFill,
+}
+
+impl ResizeMode {
+    /// The extension's names ("Just Resize", "Crop and Resize", "Resize and Fill", and its
+    /// older "Envelope (Outer Fit)", "Scale to Fit (Inner Fit)" / "Inner Fit (Scale to Fit)",
+    /// "Outer Fit (Shrink to Fit)") or their indices 0–2.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "Just Resize" | "Envelope (Outer Fit)" | "0" => Ok(Self::Resize),
+            "Crop and Resize" | "Scale to Fit (Inner Fit)" | "Inner Fit (Scale to Fit)" | "1" => {
+                Ok(Self::CropAndResize)
+            }
+            "Resize and Fill" | "Outer Fit (Shrink to Fit)" | "2" => Ok(Self::ResizeAndFill),
+            other => Err(format!(
+                "unknown resize_mode {other:?}: use \"Just Resize\", \"Crop and Resize\" or \
+                 \"Resize and Fill\" (or 0, 1, 2)"
+            )),
+        }
+    }
+
+    /// The extension's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Resize => "Just Resize",
+            Self::CropAndResize => "Crop and Resize",
+            Self::ResizeAndFill => "Resize and Fill",
+        }
+    }
 }
 
 /// The extension's `pixel_perfect_resolution`: the processor resolution at which the detected

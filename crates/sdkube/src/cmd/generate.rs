@@ -181,7 +181,7 @@ fn control_units(args: &Args) -> anyhow::Result<Vec<ControlUnit>> {
         guidance_start: args.control_start,
         guidance_end: args.control_end,
         mode: ControlMode::parse(&args.control_mode)?,
-        resize_mode: ResizeMode::parse(&args.control_resize)?,
+        resize_mode: ResizeMode::parse(&args.control_resize).map_err(anyhow::Error::msg)?,
         ..ControlUnit::new(model, read_image(image)?.to_rgb8())
     }])
 }

@@ -196,7 +196,7 @@ pub fn units(
                 image.height(),
                 size.0 as u32,
                 size.1 as u32,
-                preprocess_resize(resize_mode),
+                resize_mode,
             )));
         }
         module
@@ -230,15 +230,6 @@ pub fn units(
         });
     }
     Ok(jobs)
-}
-
-/// The preprocessors' name for the same resize mode.
-fn preprocess_resize(mode: ResizeMode) -> sdkube_preprocess::ResizeMode {
-    match mode {
-        ResizeMode::JustResize => sdkube_preprocess::ResizeMode::Resize,
-        ResizeMode::CropAndResize => sdkube_preprocess::ResizeMode::CropAndResize,
-        ResizeMode::ResizeAndFill => sdkube_preprocess::ResizeMode::ResizeAndFill,
-    }
 }
 
 /// Loads into `into` the networks the preprocessors `modules` need and it lacks, from the
