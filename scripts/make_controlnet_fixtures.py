@@ -34,6 +34,10 @@ applies a unit; the rules are written here from its description:
   - "ControlNet is more important": the same, and the unconditional half gets none.
   hint                       the control image, [1, 3, 64, 64], values k/255
   <case>.latent              the final latent, for each case of RUN_CASES
+  balanced.diffusers_pipeline.latent   the balanced case through diffusers'
+                             StableDiffusionControlNetPipeline itself (EulerDiscreteScheduler,
+                             linspace spacing: the same sigmas); refs/sd1-run.json says how far
+                             it is from balanced.latent (diffusers feeds integer timesteps)
 
 Usage: /path/to/python scripts/make_controlnet_fixtures.py [--out fixtures/controlnet]
 """
@@ -238,7 +242,37 @@ def runs(out: Path) -> None:
         refs[f"{name}.latent"] = sample_euler(model, sd_refs["run.init_noise"] * sigmas[0], sigmas)
         diff = (refs[f"{name}.latent"] - sd_refs["run.latent"]).abs().max().item()
         print(f"run {name}: final latent differs from the uncontrolled run by {diff:.3f}")
+    pipeline_latent = diffusers_pipeline_latent(cn, hint, sd_refs)
+    refs["balanced.diffusers_pipeline.latent"] = pipeline_latent
     save_file({k: v.float().contiguous() for k, v in refs.items()}, out / "refs" / "sd1-run.safetensors")
+    report = {"balanced": {"latent_max_abs_diff": float((pipeline_latent - refs["balanced.latent"]).abs().max()),
+                           "latent_max_abs_value": float(refs["balanced.latent"].abs().max())}}
+    (out / "refs" / "sd1-run.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"diffusers StableDiffusionControlNetPipeline vs the balanced run: {report['balanced']}")
+
+
+def diffusers_pipeline_latent(cn, hint, sd_refs):
+    """The balanced case again through diffusers' own StableDiffusionControlNetPipeline with
+    its EulerDiscreteScheduler (linspace spacing: the same 4 sigmas): an independent check of
+    the reference, which differs as make_sd_fixtures.py's plain run does (diffusers feeds
+    integer timesteps, k-diffusion sigma_to_t(sigma))."""
+    import tempfile
+    from diffusers import EulerDiscreteScheduler, StableDiffusionControlNetPipeline
+    from make_sd_fixtures import CFG_SCALE, NEGATIVE_PROMPT, PROMPT, STEPS, build_tokenizers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok, _ = build_tokenizers(Path(tmp))
+        pipe = StableDiffusionControlNetPipeline.from_pretrained(
+            str(ROOT / "fixtures" / "sd" / "sd1"), controlnet=cn, tokenizer=tok, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False, torch_dtype=torch.float32,
+            local_files_only=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, timestep_spacing="linspace", use_karras_sigmas=False,
+        interpolation_type="linear", prediction_type="epsilon")
+    latent = pipe(prompt=PROMPT, negative_prompt=NEGATIVE_PROMPT, image=hint, num_inference_steps=STEPS,
+                  guidance_scale=CFG_SCALE, height=64, width=64, controlnet_conditioning_scale=0.7,
+                  latents=sd_refs["run.init_noise"].clone(), output_type="latent").images
+    return latent
 
 
 def main() -> None:

@@ -310,3 +310,23 @@ fn the_hires_fix_pass_is_steered_too_with_the_image_fitted_to_its_size() {
     assert_eq!(steered.image.dimensions(), (96, 96));
     assert_ne!(steered.image, plain.image, "the second pass is steered");
 }
+
+/// The balanced unit against diffusers' own StableDiffusionControlNetPipeline (its Euler
+/// scheduler on the same sigmas, integer timesteps): within what separates the plain runs of
+/// the two samplers (`fixtures/sd/refs/sd1.json`: 9.6e-5).
+#[test]
+fn a_balanced_unit_matches_diffusers_controlnet_pipeline() {
+    let r = refs("controlnet/refs/sd1-run.safetensors");
+    let mut e = engine("sd1", VramMode::High);
+    let req = Request {
+        control: vec![ControlUnit {
+            weight: 0.7,
+            ..ControlUnit::new("sd1", hint_image(&r))
+        }],
+        ..reference_request()
+    };
+    let got = final_latent(&mut e, &req);
+    let d = max_abs_diff(&got, &r["balanced.diffusers_pipeline.latent"]);
+    eprintln!("engine vs StableDiffusionControlNetPipeline: final latent max abs diff {d:e}");
+    assert!(d < 5e-4, "latent differs from diffusers' pipeline by {d}");
+}
