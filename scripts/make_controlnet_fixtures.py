@@ -34,6 +34,7 @@ applies a unit; the rules are written here from its description:
   - "ControlNet is more important": the same, and the unconditional half gets none.
   hint                       the control image, [1, 3, 64, 64], values k/255
   <case>.latent              the final latent, for each case of RUN_CASES
+                             (refs/sdxl-run.safetensors: the balanced case on the SDXL fixture)
   balanced.diffusers_pipeline.latent   the balanced case through diffusers'
                              StableDiffusionControlNetPipeline itself (EulerDiscreteScheduler,
                              linspace spacing: the same sigmas); refs/sd1-run.json says how far
@@ -204,7 +205,7 @@ def controlled_unet(unet, cn, hint, weight, start, end, mode, steps):
             b = x.shape[0]
             down, mid = cn(x, t, encoder_hidden_states=encoder_hidden_states,
                            controlnet_cond=hint.repeat(b, 1, 1, 1), conditioning_scale=1.0,
-                           return_dict=False)
+                           added_cond_kwargs=kwargs.get("added_cond_kwargs"), return_dict=False)
             res = list(down) + [mid]
             if mode == "balanced":
                 scales = [weight] * len(res)
@@ -221,6 +222,35 @@ def controlled_unet(unet, cn, hint, weight, start, end, mode, steps):
     return Wrapped()
 
 
+def hint_image() -> torch.Tensor:
+    """A control image with structure at every scale: rings and a bar, 8-bit values."""
+    ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    r = ((ys - 30) ** 2 + (xs - 34) ** 2).sqrt()
+    img = torch.stack([(r % 16 < 8) * 255.0, (xs > 40) * 200.0, ((ys + xs) % 32) * 8.0])
+    return (img.round() / 255.0)[None]
+
+
+def sdxl_run(out: Path) -> None:
+    """The balanced unit on the SDXL fixture's run (refs/sdxl-run.safetensors)."""
+    from make_sd_fixtures import Denoiser, cfg_model, sample_euler
+    from safetensors.torch import load_file
+
+    sd_refs = load_file(ROOT / "fixtures" / "sd" / "refs" / "sdxl.safetensors")
+    unet = UNet2DConditionModel.from_pretrained(ROOT / "fixtures" / "sd" / "sdxl" / "unet", torch_dtype=torch.float32).eval()
+    cn = ControlNetModel.from_pretrained(out / "sdxl", torch_dtype=torch.float32).eval()
+    hint = hint_image()
+    sigmas = sd_refs["run.sigmas"]
+    weight, start, end, mode = RUN_CASES["balanced"]
+    den = Denoiser(controlled_unet(unet, cn, hint, weight, start, end, mode, len(sigmas) - 1), v_prediction=False)
+    added = {"text_embeds": torch.cat([sd_refs["run.pooled_uncond"], sd_refs["run.pooled_cond"]]),
+             "time_ids": sd_refs["run.time_ids"].repeat(2, 1)}
+    model = cfg_model(den, sd_refs["run.uncond"], sd_refs["run.cond"], 7.0, added)
+    latent = sample_euler(model, sd_refs["run.init_noise"] * sigmas[0], sigmas)
+    print(f"sdxl run balanced: final latent differs from the uncontrolled run by "
+          f"{(latent - sd_refs['run.latent']).abs().max().item():.3f}")
+    save_file({"hint": hint, "balanced.latent": latent.float().contiguous()}, out / "refs" / "sdxl-run.safetensors")
+
+
 def runs(out: Path) -> None:
     from make_sd_fixtures import Denoiser, cfg_model, sample_euler
     from safetensors.torch import load_file
@@ -228,11 +258,7 @@ def runs(out: Path) -> None:
     sd_refs = load_file(ROOT / "fixtures" / "sd" / "refs" / "sd1.safetensors")
     unet = UNet2DConditionModel.from_pretrained(ROOT / "fixtures" / "sd" / "sd1" / "unet", torch_dtype=torch.float32).eval()
     cn = ControlNetModel.from_pretrained(out / "sd1", torch_dtype=torch.float32).eval()
-    # A control image with structure at every scale: rings and a bar, 8-bit values.
-    ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
-    r = ((ys - 30) ** 2 + (xs - 34) ** 2).sqrt()
-    img = torch.stack([(r % 16 < 8) * 255.0, (xs > 40) * 200.0, ((ys + xs) % 32) * 8.0])
-    hint = (img.round() / 255.0)[None]
+    hint = hint_image()
     refs = {"hint": hint}
     steps = len(sd_refs["run.sigmas"]) - 1
     for name, (weight, start, end, mode) in RUN_CASES.items():
@@ -284,6 +310,7 @@ def main() -> None:
     family("sd1", out, seed=301)
     family("sdxl", out, seed=302)
     runs(out)
+    sdxl_run(out)
 
 
 if __name__ == "__main__":

@@ -330,3 +330,32 @@ fn a_balanced_unit_matches_diffusers_controlnet_pipeline() {
     eprintln!("engine vs StableDiffusionControlNetPipeline: final latent max abs diff {d:e}");
     assert!(d < 5e-4, "latent differs from diffusers' pipeline by {d}");
 }
+
+#[test]
+fn an_sdxl_controlled_run_matches_the_reference() {
+    let r = refs("controlnet/refs/sdxl-run.safetensors");
+    let mut e = engine("sdxl", VramMode::High);
+    let req = Request {
+        control: vec![ControlUnit {
+            weight: 0.7,
+            ..ControlUnit::new("sdxl", hint_image(&r))
+        }],
+        ..reference_request()
+    };
+    let noise = refs("sd/refs/sdxl.safetensors")["run.init_noise"].clone();
+    let out = e
+        .generate_with(
+            &req,
+            Overrides {
+                initial_noise: Some(noise),
+                init_latent: None,
+            },
+            &mut |_| Flow::Continue,
+        )
+        .unwrap();
+    let want = &r["balanced.latent"];
+    let d = max_abs_diff(&out[0].latent, want);
+    let scale = max_abs_diff(want, &want.zeros_like().unwrap());
+    eprintln!("sdxl balanced: final latent max abs diff {d:e} (values up to {scale})");
+    assert!(d <= 1e-4 * scale.max(1.0), "latent differs by {d}");
+}
