@@ -117,6 +117,17 @@ async fn units_steer_txt2img_and_img2img() {
     let (status, i2i_steered) = s.post("/sdapi/v1/img2img", with).await;
     assert_eq!(status, 200, "{i2i_steered}");
     assert_ne!(i2i["images"][0], i2i_steered["images"][0]);
+
+    // Inpainting (img2img with a mask) takes units too.
+    let mut inpaint = json!({"prompt": "a lighthouse", "steps": 3, "width": 64, "height": 64,
+                         "seed": 5, "sampler_name": "Euler", "init_images": [disc_png()],
+                         "mask": mask_png(|x| x < 40), "denoising_strength": 0.8});
+    let (status, plain_inpaint) = s.post("/sdapi/v1/img2img", inpaint.clone()).await;
+    assert_eq!(status, 200, "{plain_inpaint}");
+    inpaint["alwayson_scripts"] = json!({"controlnet": {"args": [unit(json!({}))]}});
+    let (status, steered_inpaint) = s.post("/sdapi/v1/img2img", inpaint).await;
+    assert_eq!(status, 200, "{steered_inpaint}");
+    assert_ne!(plain_inpaint["images"][0], steered_inpaint["images"][0]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
