@@ -170,14 +170,42 @@ fn fit(img: DynamicImage, mode: ResizeMode, width: u32, height: u32) -> DynamicI
         ResizeMode::Resize => img.resize_exact(width, height, filter),
         ResizeMode::CropAndResize => img.resize_to_fill(width, height, filter),
         ResizeMode::ResizeAndFill => {
-            let inner = img.resize(width, height, filter);
-            let mut out = DynamicImage::new(width, height, inner.color());
+            // The rest is filled with the median colour of the image's border, as the
+            // extension fills it.
+            let fill = border_median(&img.to_rgb8());
+            let inner = img.resize(width, height, filter).to_rgb8();
+            let mut out = RgbImage::from_pixel(width, height, image::Rgb(fill));
             let x = (width - inner.width()) / 2;
             let y = (height - inner.height()) / 2;
             imageops::replace(&mut out, &inner, x as i64, y as i64);
-            out
+            match img {
+                DynamicImage::ImageLuma8(_) => DynamicImage::ImageRgb8(out).to_luma8().into(),
+                _ => DynamicImage::ImageRgb8(out),
+            }
         }
     }
+}
+
+/// The per-channel median of the pixels on an image's four edges (corners counted twice,
+/// as the extension concatenates the edges).
+fn border_median(img: &RgbImage) -> [u8; 3] {
+    let (w, h) = img.dimensions();
+    let mut edge: Vec<[u8; 3]> = (0..w)
+        .flat_map(|x| [(x, 0), (x, h - 1)])
+        .chain((0..h).flat_map(|y| [(0, y), (w - 1, y)]))
+        .map(|(x, y)| img.get_pixel(x, y).0)
+        .collect();
+    let mut out = [0u8; 3];
+    for (c, v) in out.iter_mut().enumerate() {
+        edge.sort_unstable_by_key(|p| p[c]);
+        let n = edge.len();
+        // numpy's median: the mean of the two middle values of an even count, then cast.
+        *v = match n % 2 {
+            1 => edge[n / 2][c],
+            _ => ((u16::from(edge[n / 2 - 1][c]) + u16::from(edge[n / 2][c])) / 2) as u8,
+        };
+    }
+    out
 }
 
 /// A ControlNet file (or diffusers folder) the server can use.

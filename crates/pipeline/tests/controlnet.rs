@@ -241,11 +241,12 @@ fn resize_modes_fit_the_image_as_named() {
         assert_eq!(i.dimensions(), (64, 64));
     }
     // Stretched: left half white. Cropped: the middle, so white then black at the centre.
-    // Filled: 64×32 in the middle, black bands above and below.
+    // Filled: 64×32 in the middle, bands above and below in the border's median colour
+    // (the border is half white, half black: numpy's median of the two is 127).
     assert_eq!(just.get_pixel(10, 32).0, [255; 3]);
     assert_eq!(crop.get_pixel(10, 32).0, [255; 3]);
     assert_eq!(crop.get_pixel(54, 32).0, [0; 3]);
-    assert_eq!(fill.get_pixel(10, 2).0, [0; 3]);
+    assert_eq!(fill.get_pixel(10, 2).0, [127; 3]);
     assert_eq!(fill.get_pixel(10, 32).0, [255; 3]);
 }
 
