@@ -680,8 +680,9 @@ function jobFinished(job) {
 }
 
 function renderResults(images) {
+  // Images the server did not save (ControlNet's detected maps, shown in the panel) have no URL.
   $('results').replaceChildren(
-    ...images.map((image) =>
+    ...images.filter((image) => image.url).map((image) =>
       el(
         'figure',
         { class: 'result' },

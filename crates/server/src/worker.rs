@@ -458,7 +458,10 @@ impl Worker {
             }
         }
         self.engine = Some(engine);
-        for (j, g) in jobs {
+        for ((j, g), request) in jobs.iter().zip(&requests) {
+            if failed.is_none() && !j.should_stop() {
+                self.keep_detected_maps(j, g, request);
+            }
             if !g.warnings.is_empty() {
                 for w in &g.warnings {
                     tracing::warn!(job = %j.id, warning = %w, "job runs differently than asked");
@@ -512,6 +515,33 @@ impl Worker {
             self.keep(job, png, Some(g.seed), infotext, work.save)?;
         }
         Ok(())
+    }
+
+    /// The units' detected maps after a job's images, at the size the last pass used, as the
+    /// extension appends them (not saved into the gallery, no seed or infotext).
+    fn keep_detected_maps(&self, job: &Arc<Job>, work: &GenerateWork, request: &Request) {
+        let (w, h) = match &work.hires {
+            Some(h) => (h.width, h.height),
+            None => (request.width, request.height),
+        };
+        for (c, unit) in work.control.iter().zip(&request.control) {
+            if !c.keep_map {
+                continue;
+            }
+            let map = unit.fitted(w as u32, h as u32);
+            match encode_png(&map, None) {
+                Ok(png) => job.update(|s| {
+                    s.images.push(JobImage {
+                        name: None,
+                        url: None,
+                        seed: None,
+                        infotext: String::new(),
+                        png,
+                    })
+                }),
+                Err(e) => tracing::warn!(job = %job.id, error = %e, "detected map not kept"),
+            }
+        }
     }
 
     fn keep(

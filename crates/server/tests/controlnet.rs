@@ -65,6 +65,21 @@ async fn units_steer_txt2img_and_img2img() {
     let info: Value = serde_json::from_str(steered["info"].as_str().unwrap()).unwrap();
     let ignored = info["sdkube_ignored_fields"].to_string();
     assert!(!ignored.contains("alwayson_scripts"), "{ignored}");
+    // The detected map follows the image, as the extension appends it: the canny edges of the
+    // disc at the generated size, without a seed or an infotext of its own.
+    assert_eq!(steered["images"].as_array().unwrap().len(), 2, "{steered}");
+    let map = image::load_from_memory(&unb64(steered["images"][1].as_str().unwrap()))
+        .unwrap()
+        .to_luma8();
+    assert_eq!(map.dimensions(), (64, 64));
+    // (Detected at 512 px, the default resolution, then fitted down: thin, faint edges.)
+    let edges = map.pixels().filter(|p| p.0[0] > 16).count();
+    assert!(edges > 20 && edges < 64 * 64 / 2, "{edges} edge pixels");
+    assert_eq!(info["infotexts"].as_array().unwrap().len(), 1);
+    assert_eq!(info["all_seeds"].as_array().unwrap().len(), 1);
+    let (_, unsaved) = txt2img(&s, Some(vec![unit(json!({"save_detected_map": false}))])).await;
+    assert_eq!(unsaved["images"].as_array().unwrap().len(), 1);
+    assert_eq!(unsaved["images"][0], steered["images"][0]);
 
     // The same unit again gives the same image; a title with the hash names the same model.
     let (_, model_list) = s.get("/controlnet/model_list").await;

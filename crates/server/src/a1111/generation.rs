@@ -59,7 +59,13 @@ async fn run_generation(
     };
     let job = &record;
     let req = &work.request;
-    let infotexts: Vec<&str> = status.images.iter().map(|i| i.infotext.as_str()).collect();
+    // Generated images only: ControlNet's detected maps follow them without a seed or text.
+    let infotexts: Vec<&str> = status
+        .images
+        .iter()
+        .filter(|i| i.seed.is_some())
+        .map(|i| i.infotext.as_str())
+        .collect();
     let seeds: Vec<u64> = status.images.iter().filter_map(|i| i.seed).collect();
     // A1111 counts variation seeds up over the whole batch count, as seeds without them.
     let variations = req.subseed_strength != 0.0;

@@ -44,6 +44,8 @@ struct UnitArgs {
     pixel_perfect: bool,
     /// Older clients' name for "ControlNet is more important".
     guess_mode: bool,
+    /// Append the detected map to the response's images (the extension's default).
+    save_detected_map: bool,
 }
 
 impl Default for UnitArgs {
@@ -66,6 +68,7 @@ impl Default for UnitArgs {
             control_mode: Value::from("Balanced"),
             pixel_perfect: false,
             guess_mode: false,
+            save_detected_map: true,
         }
     }
 }
@@ -82,6 +85,8 @@ pub struct ControlJob {
     pub module: String,
     /// Its sliders.
     pub params: Params,
+    /// Whether the detected map joins the job's images after the generated ones.
+    pub keep_map: bool,
 }
 
 impl ControlJob {
@@ -227,6 +232,7 @@ pub fn units(
             mask,
             module: module.name.to_string(),
             params,
+            keep_map: a.save_detected_map,
         });
     }
     Ok(jobs)
