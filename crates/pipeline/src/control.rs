@@ -239,21 +239,19 @@ pub struct ControlNetLibrary {
 impl ControlNetLibrary {
     /// Scans `dirs` (missing folders list nothing).
     pub fn new(dirs: Vec<PathBuf>) -> Self {
+        Self::with_files(dirs, Vec::new())
+    }
+
+    /// Scans `dirs`, and lists `files` (files or diffusers folders) under their given names,
+    /// e.g. the model store's; a name also found in the folders is the folder's.
+    pub fn with_files(dirs: Vec<PathBuf>, files: Vec<(String, PathBuf)>) -> Self {
         let mut lib = Self {
             dirs,
-            files: Vec::new(),
+            files,
             entries: Vec::new(),
         };
         lib.refresh();
         lib
-    }
-
-    /// The library with these named ControlNets too (files or diffusers folders), e.g. the
-    /// model store's; a name also found in the folders is the folder's.
-    pub fn with_files(mut self, files: Vec<(String, PathBuf)>) -> Self {
-        self.files = files;
-        self.refresh();
-        self
     }
 
     /// Scans the folders again.

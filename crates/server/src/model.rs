@@ -120,6 +120,28 @@ pub struct ModelSources {
     pub checkpoint_dirs: Vec<PathBuf>,
 }
 
+impl ModelSources {
+    /// The catalog's entries of `kind` (`lora`, `controlnet`, …) that are fetched into the
+    /// store: (catalog name, path). Nothing when the store does not exist yet.
+    pub fn fetched(&self, kind: &str) -> Vec<(String, PathBuf)> {
+        if !self.store.is_dir() {
+            return Vec::new();
+        }
+        match (
+            sdkube_store::Store::open(&self.store),
+            sdkube_store::Catalog::load(self.catalog.as_deref()),
+        ) {
+            (Ok(store), Ok(catalog)) => catalog
+                .models()
+                .iter()
+                .filter(|m| m.kind == kind)
+                .filter_map(|m| Some((m.name.clone(), store.model_path(&m.name)?)))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// A checkpoint that can be selected.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CheckpointInfo {

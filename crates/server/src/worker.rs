@@ -377,7 +377,7 @@ impl Worker {
         // And ControlNets, in the folders or fetched into the store since.
         engine.set_controlnets(controlnet::library(
             &self.state.config.controlnet_dirs,
-            &self.state.config.post.store,
+            &self.state.config.sources,
         ));
         let n_iter = jobs.iter().map(|(_, g)| g.n_iter).max().unwrap_or(1);
         let mut failed: Option<JobError> = None;

@@ -72,7 +72,7 @@ pub async fn model_list(
 
 /// This process's ControlNets as units name them (folder and store scans).
 pub fn local_models(state: &Shared) -> Vec<String> {
-    library(&state.config.controlnet_dirs, &state.config.post.store)
+    library(&state.config.controlnet_dirs, &state.config.sources)
         .entries()
         .iter()
         .map(|e| e.title())

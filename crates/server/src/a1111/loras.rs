@@ -18,22 +18,7 @@ use crate::state::{AppState, Shared};
 /// The LoRAs a worker here can use: the files of `dirs`, and the model store's catalog entries
 /// of kind `lora` that are fetched (`sdkube fetch NAME`), under their catalog names.
 pub fn library(dirs: &[PathBuf], sources: &ModelSources) -> LoraLibrary {
-    let fetched = match sources.store.is_dir() {
-        false => Vec::new(),
-        true => match (
-            sdkube_store::Store::open(&sources.store),
-            sdkube_store::Catalog::load(sources.catalog.as_deref()),
-        ) {
-            (Ok(store), Ok(catalog)) => catalog
-                .models()
-                .iter()
-                .filter(|m| m.kind == "lora")
-                .filter_map(|m| Some((m.name.clone(), store.model_path(&m.name)?)))
-                .collect(),
-            _ => Vec::new(),
-        },
-    };
-    LoraLibrary::with_files(dirs.to_vec(), fetched)
+    LoraLibrary::with_files(dirs.to_vec(), sources.fetched("lora"))
 }
 
 /// This process's LoRA files as `/sdapi/v1/loras` lists them (folder scans).

@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 
 use super::decode_image;
 use crate::error::ApiError;
+use crate::model::ModelSources;
 
 /// The `alwayson_scripts` key of ControlNet (A1111 matches script names without case).
 pub fn is_controlnet_key(key: &str) -> bool {
@@ -279,18 +280,6 @@ pub fn load_annotators<'m>(
 
 /// The ControlNets a unit may name: the files and diffusers folders of `dirs`, and the model
 /// store's catalog entries of kind `controlnet` that are fetched (by their catalog name).
-pub fn library(dirs: &[std::path::PathBuf], store: &Path) -> ControlNetLibrary {
-    let fetched = match (
-        sdkube_store::Store::open(store),
-        sdkube_store::Catalog::load(None),
-    ) {
-        (Ok(store), Ok(catalog)) => catalog
-            .models()
-            .iter()
-            .filter(|m| m.kind == "controlnet")
-            .filter_map(|m| Some((m.name.clone(), store.model_path(&m.name)?)))
-            .collect(),
-        _ => Vec::new(),
-    };
-    ControlNetLibrary::new(dirs.to_vec()).with_files(fetched)
+pub fn library(dirs: &[std::path::PathBuf], sources: &ModelSources) -> ControlNetLibrary {
+    ControlNetLibrary::with_files(dirs.to_vec(), sources.fetched("controlnet"))
 }

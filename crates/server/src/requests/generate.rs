@@ -473,7 +473,7 @@ fn control_units(
     let library = ctx
         .files
         .as_ref()
-        .map(|f| super::controlnet::library(f.controlnet_dirs, &f.post.store));
+        .map(|f| super::controlnet::library(f.controlnet_dirs, f.sources));
     super::controlnet::units(
         &c.alwayson_scripts,
         (request.width, request.height),
