@@ -419,11 +419,39 @@ impl ActiveUnits {
             if !unit.acts_at(step, total) {
                 continue;
             }
-            let raw = net.forward(&x, t, context, added, hint)?;
-            let mut r = raw.scaled(&unit.scales(raw.down.len() + 1))?;
-            if unit.mode == ControlMode::ControlNetMoreImportant {
-                r = uncond_zeroed(&r, self.batch)?;
-            }
+            let r = match unit.mode {
+                // The unconditional half gets nothing: the network runs on the conditional
+                // half alone and zeros stand in for the rest.
+                ControlMode::ControlNetMoreImportant => {
+                    let b = self.batch;
+                    let cond = |t: &Tensor| t.narrow(0, b, b);
+                    let added = added
+                        .map(|a| -> candle_core::Result<_> {
+                            Ok(AddedConditioning {
+                                text_embeds: cond(&a.text_embeds)?,
+                                time_ids: cond(&a.time_ids)?,
+                            })
+                        })
+                        .transpose()?;
+                    let t = if t.elem_count() == 2 * b {
+                        cond(t)?
+                    } else {
+                        t.clone()
+                    };
+                    let raw = net.forward(
+                        &cond(&x)?,
+                        &t,
+                        &cond(context)?,
+                        added.as_ref(),
+                        &cond(hint)?,
+                    )?;
+                    with_zero_uncond(&raw.scaled(&unit.scales(raw.down.len() + 1))?)?
+                }
+                _ => {
+                    let raw = net.forward(&x, t, context, added, hint)?;
+                    raw.scaled(&unit.scales(raw.down.len() + 1))?
+                }
+            };
             sum = Some(match sum {
                 Some(s) => s.add(&r)?,
                 None => r,
@@ -433,18 +461,13 @@ impl ActiveUnits {
     }
 }
 
-/// `r` with its first `b` rows (the unconditional half) zeroed.
-fn uncond_zeroed(r: &ControlResiduals, b: usize) -> candle_core::Result<ControlResiduals> {
-    let zero = |t: &Tensor| -> candle_core::Result<Tensor> {
-        Tensor::cat(&[&t.narrow(0, 0, b)?.zeros_like()?, &t.narrow(0, b, b)?], 0)
-    };
+/// Residuals of the conditional half `r` preceded by zeros for the unconditional half.
+fn with_zero_uncond(r: &ControlResiduals) -> candle_core::Result<ControlResiduals> {
+    let pad =
+        |t: &Tensor| -> candle_core::Result<Tensor> { Tensor::cat(&[&t.zeros_like()?, t], 0) };
     Ok(ControlResiduals {
-        down: r
-            .down
-            .iter()
-            .map(zero)
-            .collect::<candle_core::Result<_>>()?,
-        mid: zero(&r.mid)?,
+        down: r.down.iter().map(pad).collect::<candle_core::Result<_>>()?,
+        mid: pad(&r.mid)?,
     })
 }
 
