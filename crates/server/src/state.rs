@@ -36,6 +36,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Text-encoder widths of the loaded model, which embeddings must match.
     pub text_widths: Mutex<Option<TextWidths>>,
+    /// The networks of `/controlnet/detect`'s learned preprocessors (CPU), loaded on first use.
+    pub detect_annotators: Arc<Mutex<sdkube_preprocess::Annotators>>,
     /// `host/pid`: names this process's workers in job records and worker reports.
     pub process_id: String,
     /// The runtime the worker threads reach the queue through.
@@ -89,6 +91,7 @@ impl Shared {
             model: ModelSlot::new(config.sources.clone(), workers),
             metrics: Metrics::default(),
             text_widths: Mutex::new(None),
+            detect_annotators: Arc::default(),
             process_id: process_id(),
             runtime: tokio::runtime::Handle::current(),
             config,

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::Json;
 use base64::Engine as _;
 use candle_core::Device;
-use sdkube_preprocess::{Annotators, Params};
+use sdkube_preprocess::Params;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use utoipa::{IntoParams, ToSchema};
@@ -191,8 +191,9 @@ pub async fn detect(
     }
     let store = state.config.post.store.clone();
     let name = module.name;
+    let annotators = state.detect_annotators.clone();
     let images = tokio::task::spawn_blocking(move || -> Result<Vec<String>, ApiError> {
-        let mut annotators = Annotators::default();
+        let mut annotators = crate::lock(&annotators);
         load_annotators(&store, std::iter::once(name), &Device::Cpu, &mut annotators)?;
         inputs
             .iter()
