@@ -61,6 +61,9 @@ pub enum Family {
     Sd2,
     /// SDXL: two text encoders and the added time/text conditioning.
     Sdxl,
+    /// SDXL's refiner: OpenCLIP ViT-bigG alone (in `text_encoder`), and time ids that end in
+    /// an aesthetic score instead of the target size. It denoises SDXL latents.
+    SdxlRefiner,
 }
 
 impl Family {
@@ -70,15 +73,23 @@ impl Family {
             Family::Sd1 => "SD 1.x",
             Family::Sd2 => "SD 2.x",
             Family::Sdxl => "SDXL",
+            Family::SdxlRefiner => "SDXL refiner",
         }
     }
 
     /// Default VAE latent scaling factor.
     pub fn vae_scaling(self) -> f64 {
         match self {
-            Family::Sdxl => 0.13025,
+            Family::Sdxl | Family::SdxlRefiner => 0.13025,
             _ => 0.18215,
         }
+    }
+
+    /// Whether both families' UNets denoise the same latents (SD 1.x and 2.x share one VAE,
+    /// SDXL and its refiner another), so that one can finish what the other started.
+    pub fn shares_latents_with(self, other: Family) -> bool {
+        let xl = |f: Family| matches!(f, Family::Sdxl | Family::SdxlRefiner);
+        xl(self) == xl(other)
     }
 }
 
@@ -146,7 +157,8 @@ pub struct SdWeights {
     pub family: Family,
     /// What the UNet predicts.
     pub prediction: Prediction,
-    /// CLIP ViT-L (SD 1.x, SDXL's first encoder) or OpenCLIP ViT-H (SD 2.x).
+    /// CLIP ViT-L (SD 1.x, SDXL's first encoder), OpenCLIP ViT-H (SD 2.x) or, for the SDXL
+    /// refiner, its only encoder (OpenCLIP ViT-bigG with its projection).
     pub text_encoder: Component<ClipTextConfig>,
     /// SDXL's OpenCLIP ViT-bigG, with its projection.
     pub text_encoder_2: Option<Component<ClipTextConfig>>,
@@ -286,6 +298,7 @@ pub fn save_diffusers(weights: &SdWeights, dir: &Path) -> Result<(), LoadError> 
     std::fs::create_dir_all(dir).map_err(io)?;
     let class = match weights.family {
         Family::Sdxl => "StableDiffusionXLPipeline",
+        Family::SdxlRefiner => "StableDiffusionXLImg2ImgPipeline",
         _ => "StableDiffusionPipeline",
     };
     std::fs::write(
@@ -293,9 +306,14 @@ pub fn save_diffusers(weights: &SdWeights, dir: &Path) -> Result<(), LoadError> 
         format!("{{\"_class_name\": \"{class}\"}}\n"),
     )
     .map_err(io)?;
+    // diffusers keeps the refiner's only encoder in the second encoder's folder.
+    let first_encoder = match weights.family {
+        Family::SdxlRefiner => "text_encoder_2",
+        _ => "text_encoder",
+    };
     component(
         &weights.text_encoder,
-        &dir.join("text_encoder"),
+        &dir.join(first_encoder),
         "model.safetensors",
     )?;
     if let Some(c) = &weights.text_encoder_2 {
@@ -330,15 +348,22 @@ fn load_diffusers(dir: &Path, opts: &LoadOptions) -> Result<SdWeights, LoadError
             "not a diffusers model folder (no model_index.json)",
         ));
     }
-    let text_encoder: Component<ClipTextConfig> = load_component(&dir.join("text_encoder"))?;
-    let text_encoder_2 = if dir.join("text_encoder_2").is_dir() {
-        Some(load_component(&dir.join("text_encoder_2"))?)
-    } else {
-        None
-    };
     let unet: Component<UNetConfig> = load_component(&dir.join("unet"))?;
     let vae = load_component(&dir.join("vae"))?;
-    let family = if unet.config.has_text_time() {
+    let has_second = dir.join("text_encoder_2").is_dir();
+    // The SDXL refiner has no first encoder: diffusers writes `text_encoder: [null, null]`.
+    let refiner = unet.config.has_text_time() && has_second && !dir.join("text_encoder").is_dir();
+    let (text_encoder, text_encoder_2): (Component<ClipTextConfig>, _) = if refiner {
+        (load_component(&dir.join("text_encoder_2"))?, None)
+    } else {
+        let second = has_second
+            .then(|| load_component(&dir.join("text_encoder_2")))
+            .transpose()?;
+        (load_component(&dir.join("text_encoder"))?, second)
+    };
+    let family = if refiner {
+        Family::SdxlRefiner
+    } else if unet.config.has_text_time() {
         Family::Sdxl
     } else if text_encoder.config.hidden_act == "gelu" {
         Family::Sd2
@@ -396,6 +421,11 @@ fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<SdWeights, LoadEr
         .any(|k| k.starts_with("conditioner.embedders.1."))
     {
         Family::Sdxl
+    } else if all
+        .keys()
+        .any(|k| k.starts_with("conditioner.embedders.0.model."))
+    {
+        Family::SdxlRefiner
     } else if all.keys().any(|k| k.starts_with("cond_stage_model.model.")) {
         Family::Sd2
     } else if all
@@ -448,6 +478,15 @@ fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<SdWeights, LoadEr
                     override_config("text_encoder_2")?,
                     path,
                 )?),
+            )
+        }
+        Family::SdxlRefiner => {
+            let oc = ldm::strip_prefix(&all, "conditioner.embedders.0.model.");
+            let layers = count_resblocks(&oc);
+            let g = ldm::convert_open_clip(&oc, layers).map_err(wrap)?;
+            (
+                clip_component(g, true, override_config("text_encoder_2")?, path)?,
+                None,
             )
         }
     };

@@ -51,6 +51,9 @@ fn check_text(name: &str, w: &SdWeights, r: &std::collections::HashMap<String, T
                 );
             }
         }
+        Family::SdxlRefiner => {
+            unreachable!("the refiner's references are in crates/pipeline/tests/refiner.rs")
+        }
         Family::Sdxl => {
             let te2 = w
                 .text_encoder_2

@@ -135,6 +135,10 @@ impl From<Family> for TextWidths {
                 first: 768,
                 second: Some(1280),
             },
+            Family::SdxlRefiner => Self {
+                first: 1280,
+                second: None,
+            },
         }
     }
 }

@@ -4,29 +4,29 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use image::{imageops, DynamicImage, GrayImage, RgbImage};
+use image::{DynamicImage, GrayImage, RgbImage};
 use sdkube_models::clip::ClipTextModel;
 use sdkube_models::controlnet::ControlNetModel;
 use sdkube_models::lora::Part;
-use sdkube_models::unet::{AddedConditioning, UNet2DConditionModel};
+use sdkube_models::unet::UNet2DConditionModel;
 use sdkube_models::vae::AutoencoderKL;
 use sdkube_models::{Family, SdWeights};
 use sdkube_nn::with_circular_padding;
 
 use crate::control::{self, ActiveUnits, ControlNetCache, ControlNetLibrary, ControlUnit};
 use crate::embeddings::{EmbeddingSet, TextWidths};
-use crate::image_io::{
-    crop_resize, image_to_tensor, latent_preview, mask_to_tensor, tensor_to_images,
-};
+use crate::image_io::{crop_resize, latent_preview, tensor_to_images};
 use crate::infotext::{self, ImageInfo, Infotext};
+use crate::init_image::{blend, blurred_mask, overlay, prepare_init};
 use crate::loras::{self, LoraLibrary, LoraNetworks};
 use crate::prompt::{parse_prompt_attention, BREAK_WEIGHT};
+use crate::refiner::{Refiner, RefinerStage, StageUNets, UNetRef};
 use crate::sampler::{
     self, Flow, ModelScalings, NoiseSchedule, Plan, SamplerError, SamplerSpec, StepInfo,
 };
-use crate::text::{self, Conditioning, PromptTokens, TextEncoders};
+use crate::text::{self, stack_conditioning, Conditioning, PromptTokens, TextEncoders};
 use crate::tokenizer::ClipTokenizer;
-use crate::vae_decode::{decode_checked, encode_tiled};
+use crate::vae_decode::decode_checked;
 use crate::variation::{self, BatchNoise};
 use crate::Error;
 
@@ -101,6 +101,13 @@ impl Request {
                 ));
             }
         }
+        if let Some(Refiner { switch_at: at, .. }) = self.refiner {
+            if !(0.0..=1.0).contains(&at) {
+                return bad(format!(
+                    "refiner_switch_at must be between 0 and 1, got {at}"
+                ));
+            }
+        }
         if !self.cfg_scale.is_finite() || !(0.0..=100.0).contains(&self.cfg_scale) {
             return bad(format!(
                 "cfg_scale must be between 0 and 100, got {}",
@@ -157,6 +164,9 @@ pub struct Request {
     pub tiling: bool,
     /// ControlNet units steering the generation (their residuals add up).
     pub control: Vec<ControlUnit>,
+    /// A1111's refiner: the checkpoint that finishes the run (loaded with
+    /// [`Engine::set_refiner`]).
+    pub refiner: Option<Refiner>,
 }
 
 /// A random seed as A1111 draws one for seed -1 (32 bits, so that it fits its UI and infotext).
@@ -178,6 +188,7 @@ impl Request {
             && self.cfg_scale == other.cfg_scale
             && self.clip_skip == other.clip_skip
             && self.tiling == other.tiling
+            && self.refiner == other.refiner
             && self.control.is_empty()
             && other.control.is_empty()
             && loras::tags_of(&self.prompt) == loras::tags_of(&other.prompt)
@@ -207,6 +218,7 @@ impl Default for Request {
             seed_resize_from: None,
             tiling: false,
             control: Vec::new(),
+            refiner: None,
         }
     }
 }
@@ -287,6 +299,8 @@ pub struct Engine {
     controlnets: ControlNetLibrary,
     /// ControlNets built on the device (kept with `--vram high`).
     controlnet_cache: ControlNetCache,
+    /// The model that finishes requests naming it as their refiner.
+    refiner: Option<Box<Engine>>,
     /// Bounds every request is checked against.
     pub limits: Limits,
 }
@@ -323,6 +337,7 @@ impl Engine {
             loras,
             controlnets: ControlNetLibrary::default(),
             controlnet_cache: ControlNetCache::default(),
+            refiner: None,
             weights,
             device,
             dtype,
@@ -333,6 +348,41 @@ impl Engine {
             model_name: model_name.to_string(),
             limits: Limits::default(),
         })
+    }
+
+    /// Makes `refiner` the model that finishes requests naming it as their [`Refiner`]
+    /// (`None` frees it). It must denoise the same latents as this model.
+    pub fn set_refiner(&mut self, refiner: Option<Engine>) -> Result<(), Error> {
+        if let Some(r) = &refiner {
+            let (mine, theirs) = (self.weights.family, r.weights.family);
+            if !mine.shares_latents_with(theirs) {
+                return Err(Error::Invalid(format!(
+                    "the refiner {} is an {} model; it cannot continue the latents of {} ({})",
+                    r.model_name,
+                    theirs.name(),
+                    self.model_name,
+                    mine.name()
+                )));
+            }
+        }
+        self.refiner = refiner.map(Box::new);
+        Ok(())
+    }
+
+    /// The refiner's name and switch point when `req` uses it (for its infotext).
+    pub(crate) fn refiner_used<'a>(&self, req: &'a Request) -> Option<(&'a str, f64)> {
+        let r = req.refiner.as_ref()?;
+        Some((r.checkpoint.as_str(), r.switch_at))
+    }
+
+    /// The refiner set with [`Engine::set_refiner`].
+    pub fn refiner(&self) -> Option<&Engine> {
+        self.refiner.as_deref()
+    }
+
+    /// Takes the refiner out (e.g. to hand its weights to another engine).
+    pub fn take_refiner(&mut self) -> Option<Engine> {
+        self.refiner.take().map(|r| *r)
     }
 
     /// Uses the ControlNet files of `library` from now on.
@@ -495,11 +545,44 @@ impl Engine {
         self.vram
     }
 
+    /// What the UNet predicts, in the sampler's terms.
+    fn prediction(&self) -> sampler::Prediction {
+        match self.weights.prediction {
+            sdkube_models::Prediction::Epsilon => sampler::Prediction::Epsilon,
+            sdkube_models::Prediction::V => sampler::Prediction::V,
+        }
+    }
+
+    /// The UNet on the device: the resident one, or (`--vram low`) one built now.
+    pub(crate) fn unet(&self) -> Result<UNetRef<'_>, Error> {
+        Ok(match &self.resident {
+            Some(n) => UNetRef::Borrowed(&n.unet),
+            None => UNetRef::Owned(Box::new(self.loras.build_unet(&self.weights)?)),
+        })
+    }
+
     /// Checks a request before any work: sizes, steps, batch, sampler, prompt.
     pub fn validate(&self, req: &Request) -> Result<SamplerSpec, Error> {
         req.check_limits(&self.limits)?;
         if req.init_image.is_some() && !(0.0..=1.0).contains(&req.strength) {
             return Err(SamplerError::BadStrength(req.strength).into());
+        }
+        if let Some(wanted) = &req.refiner {
+            let loaded = self.refiner.as_ref().map(|r| r.model_name());
+            if loaded != Some(wanted.checkpoint.as_str()) {
+                return Err(Error::Invalid(format!(
+                    "the refiner {:?} is not loaded{}",
+                    wanted.checkpoint,
+                    loaded.map_or(String::new(), |l| format!(" ({l:?} is)"))
+                )));
+            }
+        }
+        if req.refiner.is_some() && !req.control.is_empty() {
+            return Err(Error::Invalid(
+                "ControlNet units cannot steer a refiner (its UNet has other shapes): \
+                 leave out refiner_checkpoint or the units"
+                    .into(),
+            ));
         }
         if req.mask.is_some() && req.init_image.is_none() {
             return Err(Error::Invalid(
@@ -583,7 +666,7 @@ impl Engine {
         }
     }
 
-    fn vae(&self) -> Result<VaeRef<'_>, Error> {
+    pub(crate) fn vae(&self) -> Result<VaeRef<'_>, Error> {
         Ok(match &self.resident {
             Some(n) => VaeRef::Borrowed(&n.vae),
             None => VaeRef::Owned(Box::new(self.weights.vae.build(&self.device, self.dtype)?)),
@@ -712,7 +795,7 @@ impl Engine {
             Some(_) if req.mask.is_none() && self.weights.unet.config.in_channels == 4 => {
                 (None, None, None)
             }
-            _ => with_circular_padding(req.tiling, || self.prepare_init(req, b, scaling))?,
+            _ => with_circular_padding(req.tiling, || prepare_init(self, req, b, scaling))?,
         };
         let init_latent = match overrides.init_latent {
             Some(l) => Some(l.to_dtype(dt)?.to_device(&dev)?),
@@ -735,50 +818,27 @@ impl Engine {
         };
         let x = plan.initial_latent(&initial, init_latent.as_ref())?;
 
-        let prediction = match self.weights.prediction {
-            sdkube_models::Prediction::Epsilon => sampler::Prediction::Epsilon,
-            sdkube_models::Prediction::V => sampler::Prediction::V,
-        };
-        let scalings = ModelScalings::new(self.schedule.clone(), prediction, plan.sampler());
-        // Rows: every request's negative prompt (repeated per image), then every prompt, to
-        // match the batch layout the denoiser splits into unconditional and conditional.
-        let (mut context_rows, mut pooled_rows) = (Vec::new(), Vec::new());
-        for negative in [true, false] {
-            for ((pos, neg), r) in conds.iter().zip(reqs) {
-                let c = if negative { neg } else { pos };
-                context_rows.push(repeat(&c.context, r.batch_size)?);
-                if let Some(p) = &c.pooled {
-                    pooled_rows.push(repeat(p, r.batch_size)?);
-                }
-            }
-        }
-        let context = Tensor::cat(&context_rows, 0)?.to_dtype(dt)?;
-        let pooled = match pooled_rows.is_empty() {
-            true => None,
-            false => Some(Tensor::cat(&pooled_rows, 0)?.to_dtype(dt)?),
-        };
-        let added = match pooled {
-            Some(text_embeds) => {
-                let ids = [
-                    req.height as f32,
-                    req.width as f32,
-                    0.0,
-                    0.0,
-                    req.height as f32,
-                    req.width as f32,
-                ];
-                let time_ids = Tensor::from_slice(&ids, (1, 6), &dev)?
-                    .repeat((2 * b, 1))?
-                    .to_dtype(dt)?;
-                Some(AddedConditioning {
-                    text_embeds,
-                    time_ids,
+        let scalings = ModelScalings::new(self.schedule.clone(), self.prediction(), plan.sampler());
+        let (context, added) = stack_conditioning(&conds, reqs, self.weights.family, &dev, dt)?;
+        // The refiner's own conditioning (its encoder, its time ids) and output scalings.
+        let refiner_stage = match (&req.refiner, self.refiner.as_deref_mut()) {
+            (Some(Refiner { switch_at: at, .. }), Some(r)) => {
+                let conds = r.conditioning(reqs)?;
+                let (context, added) =
+                    stack_conditioning(&conds, reqs, r.weights.family, &dev, dt)?;
+                let scalings =
+                    ModelScalings::new(self.schedule.clone(), r.prediction(), plan.sampler());
+                Some(RefinerStage {
+                    switch_at: *at,
+                    context,
+                    added,
+                    scalings,
                 })
             }
-            None => None,
+            _ => None,
         };
         let cfg = req.cfg_scale;
-        let sdxl = self.weights.family == Family::Sdxl;
+        let sdxl = matches!(self.weights.family, Family::Sdxl | Family::SdxlRefiner);
         let units = self.control_units(req)?;
         let control = match units.is_empty() {
             true => None,
@@ -799,40 +859,60 @@ impl Engine {
         // In a block: with `--vram low` the UNet built for this job leaves the GPU before the VAE
         // decodes (SDXL's UNet is 5 GB, the decode of a batch at 1024² several more).
         let latent = {
-            let owned_unet;
-            let unet: &UNet2DConditionModel = match &self.resident {
-                Some(n) => &n.unet,
-                None => {
-                    owned_unet = self.loras.build_unet(&self.weights)?;
-                    &owned_unet
-                }
+            let unets = StageUNets {
+                base: self,
+                refiner: self.refiner.as_deref().filter(|_| refiner_stage.is_some()),
+                current: std::cell::RefCell::new(None),
             };
+            // The model's UNet is on the device before sampling starts (errors come first).
+            unets.with(false, |_| ())?;
+            // Once the refiner takes over it keeps the run (A1111 swaps the model for good).
+            let refining = std::cell::Cell::new(false);
             let mut denoiser = |x: &Tensor, sigma: f64| -> Result<Tensor, SamplerError> {
+                if let Some(r) = &refiner_stage {
+                    // A1111's rule: the share of the schedule done is read off the timestep
+                    // nearest to sigma.
+                    let t = self.schedule.sigma_to_nearest_t(sigma) as f64;
+                    let done = (999.0 - t) / 1000.0;
+                    if done >= r.switch_at {
+                        refining.set(true);
+                    }
+                }
+                let (scalings, context, added) = match (&refiner_stage, refining.get()) {
+                    (Some(r), true) => (&r.scalings, &r.context, r.added.as_ref()),
+                    _ => (&scalings, &context, added.as_ref()),
+                };
                 let (x_in, t) = scalings.model_input(x, sigma)?;
                 let x_in = Tensor::cat(&[&x_in, &x_in], 0)?;
-                let x_in = match &image_cond {
-                    Some(c) => Tensor::cat(&[&x_in, &Tensor::cat(&[c, c], 0)?], 1)?,
-                    None => x_in,
-                };
-                let t = Tensor::new(&[t as f32], &dev)?;
-                let residuals = match &control {
-                    Some(units) => units.residuals(
-                        &x_in,
-                        &t,
-                        &context,
-                        added.as_ref(),
-                        step_now.get(),
-                        total_steps,
-                    )?,
-                    None => None,
-                };
-                let out = unet.forward_with_control(
-                    &x_in,
-                    &t,
-                    &context,
-                    added.as_ref(),
-                    residuals.as_ref(),
-                )?;
+                let out = unets
+                    .with(refining.get(), |unet| -> Result<Tensor, SamplerError> {
+                        let x_in = match &image_cond {
+                            Some(c) if unet.config().in_channels == 9 => {
+                                Tensor::cat(&[&x_in, &Tensor::cat(&[c, c], 0)?], 1)?
+                            }
+                            _ => x_in,
+                        };
+                        let t = Tensor::new(&[t as f32], &dev)?;
+                        let residuals = match &control {
+                            Some(units) => units.residuals(
+                                &x_in,
+                                &t,
+                                context,
+                                added,
+                                step_now.get(),
+                                total_steps,
+                            )?,
+                            None => None,
+                        };
+                        Ok(unet.forward_with_control(
+                            &x_in,
+                            &t,
+                            context,
+                            added,
+                            residuals.as_ref(),
+                        )?)
+                    })
+                    .map_err(|e| SamplerError::Denoiser(Box::new(e)))??;
                 let (u, c) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
                 let guided = (&u + ((c - &u)? * cfg)?)?;
                 let d = scalings.denoised(x, sigma, &guided)?;
@@ -903,6 +983,7 @@ impl Engine {
                                 ti_hashes: &self.ti_hashes(r),
                                 lora_hashes: &self.lora_hashes(given),
                                 hires: None,
+                                refiner: self.refiner_used(r),
                             },
                         );
                         Generated {
@@ -918,79 +999,15 @@ impl Engine {
             })
             .collect())
     }
-
-    /// Encodes the init image (and mask) for img2img/inpainting: the scaled init latent, the
-    /// latent-space mask, and for 9-channel inpainting UNets the extra input channels.
-    #[allow(clippy::type_complexity)]
-    fn prepare_init(
-        &self,
-        req: &Request,
-        b: usize,
-        scaling: f64,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>), Error> {
-        let dev = &self.device;
-        let dt = self.dtype;
-        let inpaint_unet = self.weights.unet.config.in_channels == 9;
-        let (w, h) = (req.width as u32, req.height as u32);
-        let vae = self.vae()?;
-        let encode = |img: &RgbImage| -> Result<Tensor, Error> {
-            let t = image_to_tensor(img, dev, dt)?;
-            Ok((encode_tiled(vae.get(), &t)? * scaling)?)
-        };
-        // An inpainting model without a mask (txt2img, or img2img as A1111 runs it): the whole
-        // image is "to be painted", its masked image all zeros, as diffusers' inpainting
-        // pipeline conditions it under an all-white mask.
-        let paint_everything = || -> Result<Option<Tensor>, Error> {
-            if !inpaint_unet {
-                return Ok(None);
-            }
-            let zeros = Tensor::zeros((1, 3, h as usize, w as usize), dt, dev)?;
-            let lat = (encode_tiled(vae.get(), &zeros)? * scaling)?;
-            let ones = Tensor::ones((1, 1, h as usize / 8, w as usize / 8), dt, dev)?;
-            Ok(Some(repeat(&Tensor::cat(&[ones, lat], 1)?, b)?))
-        };
-        let Some(init) = &req.init_image else {
-            return Ok((None, None, paint_everything()?));
-        };
-        let init = crop_resize(init, w, h).to_rgb8();
-        let init_latent = repeat(&encode(&init)?, b)?;
-        let Some(mask) = &req.mask else {
-            return Ok((Some(init_latent), None, paint_everything()?));
-        };
-        let mask = blurred_mask(mask, w, h, req.mask_blur);
-        let small = imageops::resize(&mask, w / 8, h / 8, imageops::FilterType::Triangle);
-        let latent_mask = mask_to_tensor(&small, dev, dt)?;
-        let image_cond = if inpaint_unet {
-            // The masked image: pixels to repaint set to 0 (grey in [-1, 1] terms → 0).
-            let mut masked = init.clone();
-            for (p, m) in masked.pixels_mut().zip(mask.pixels()) {
-                if m.0[0] >= 128 {
-                    *p = image::Rgb([128, 128, 128]);
-                }
-            }
-            let hard = GrayImage::from_fn(w / 8, h / 8, |x, y| {
-                if small.get_pixel(x, y).0[0] >= 128 {
-                    image::Luma([255])
-                } else {
-                    image::Luma([0])
-                }
-            });
-            let m = mask_to_tensor(&hard, dev, dt)?;
-            Some(repeat(&Tensor::cat(&[m, encode(&masked)?], 1)?, b)?)
-        } else {
-            None
-        };
-        Ok((Some(init_latent), Some(latent_mask), image_cond))
-    }
 }
 
-enum VaeRef<'a> {
+pub(crate) enum VaeRef<'a> {
     Borrowed(&'a AutoencoderKL),
     Owned(Box<AutoencoderKL>),
 }
 
 impl VaeRef<'_> {
-    fn get(&self) -> &AutoencoderKL {
+    pub(crate) fn get(&self) -> &AutoencoderKL {
         match self {
             VaeRef::Borrowed(v) => v,
             VaeRef::Owned(v) => v,
@@ -998,38 +1015,11 @@ impl VaeRef<'_> {
     }
 }
 
-fn repeat(t: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+pub(crate) fn repeat(t: &Tensor, n: usize) -> candle_core::Result<Tensor> {
     if n == 1 {
         return Ok(t.clone());
     }
     let mut dims = vec![n];
     dims.extend(std::iter::repeat_n(1, t.rank() - 1));
     t.repeat(dims.as_slice())
-}
-
-/// `x·m + keep·(1 − m)` with `m` `[1,1,h,w]` broadcast over batch and channels.
-fn blend(x: &Tensor, keep: &Tensor, m: &Tensor) -> candle_core::Result<Tensor> {
-    let m = m.to_dtype(x.dtype())?;
-    let inv = (1.0 - &m)?;
-    x.broadcast_mul(&m)? + keep.to_dtype(x.dtype())?.broadcast_mul(&inv)?
-}
-
-fn blurred_mask(mask: &GrayImage, w: u32, h: u32, blur: u32) -> GrayImage {
-    let resized = DynamicImage::ImageLuma8(mask.clone())
-        .resize_exact(w, h, imageops::FilterType::Triangle)
-        .to_luma8();
-    if blur == 0 {
-        resized
-    } else {
-        imageops::blur(&resized, blur as f32)
-    }
-}
-
-fn overlay(img: &mut RgbImage, original: &RgbImage, mask: &GrayImage) {
-    for ((p, o), m) in img.pixels_mut().zip(original.pixels()).zip(mask.pixels()) {
-        let a = m.0[0] as f32 / 255.0;
-        for c in 0..3 {
-            p.0[c] = (p.0[c] as f32 * a + o.0[c] as f32 * (1.0 - a)).round() as u8;
-        }
-    }
 }

@@ -203,6 +203,8 @@ pub struct ImageInfo<'a> {
     pub lora_hashes: &'a [String],
     /// The hires fix run after the first pass, if any.
     pub hires: Option<&'a HiresFix>,
+    /// The refiner's name and where it took over (A1111's `refiner_switch_at`).
+    pub refiner: Option<(&'a str, f64)>,
 }
 
 /// The infotext of an image made from `req`, fields in A1111's `create_infotext` order.
@@ -227,7 +229,7 @@ pub fn generation(req: &Request, info: &ImageInfo<'_>) -> Infotext {
         None if req.init_image.is_some() => t.push("Denoising strength", req.strength),
         None => &mut t,
     };
-    if req.clip_skip > 1 && info.family != Family::Sdxl {
+    if req.clip_skip > 1 && !matches!(info.family, Family::Sdxl | Family::SdxlRefiner) {
         t.push("Clip skip", req.clip_skip);
     }
     if req.tiling {
@@ -243,6 +245,10 @@ pub fn generation(req: &Request, info: &ImageInfo<'_>) -> Infotext {
     }
     if req.mask.is_some() {
         t.push("Mask blur", req.mask_blur);
+    }
+    if let Some((name, at)) = info.refiner {
+        t.push("Refiner", name);
+        t.push("Refiner switch at", at);
     }
     if !info.lora_hashes.is_empty() {
         t.push("Lora hashes", info.lora_hashes.join(", "));

@@ -6,8 +6,10 @@ pub mod generate;
 pub mod hires;
 pub mod image_io;
 pub mod infotext;
+mod init_image;
 pub mod loras;
 pub mod prompt;
+pub mod refiner;
 pub mod sampler;
 pub mod text;
 pub mod tokenizer;
@@ -20,6 +22,7 @@ pub use generate::{
 };
 pub use hires::{upscale_latent, HiresError, HiresFix};
 pub use infotext::Infotext;
+pub use refiner::Refiner;
 
 /// Everything the pipeline can fail with; messages name the problem for the user.
 #[derive(Debug, thiserror::Error)]

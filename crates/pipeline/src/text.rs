@@ -1,15 +1,18 @@
 //! Prompt → UNet conditioning, as AUTOMATIC1111 builds it: 77-token chunks encoded one by
 //! one, emphasis applied to the hidden states (A1111's "Original" mode: scale by the
 //! multipliers, then restore the chunk's mean), chunks concatenated; SDXL concatenates the
-//! penultimate layers of both encoders and takes the pooled embedding of the first chunk.
+//! penultimate layers of both encoders and takes the pooled embedding of the first chunk
+//! (its refiner the same of its one encoder, bigG).
 //! Textual-inversion vectors replace the token embeddings at their placements before the
 //! transformer runs (A1111's `EmbeddingsWithFixes`), for each encoder its own vectors.
 
 use candle_core::{DType, Device, Tensor, D};
 use sdkube_models::clip::ClipTextModel;
+use sdkube_models::unet::AddedConditioning;
 use sdkube_models::Family;
 
 use crate::embeddings::{EmbeddingSet, EncoderSlot};
+use crate::generate::{repeat, Request};
 use crate::prompt::{tokenize_prompt, ChunkOptions, EmbeddingIndex, PromptChunk, CHUNK_TOKENS};
 use crate::tokenizer::ClipTokenizer;
 use crate::tokenizer::EOS_ID;
@@ -231,6 +234,14 @@ pub fn encode(
                 let g = apply_emphasis(&g, &chunk.multipliers)?;
                 Tensor::cat(&[l, g], D::Minus1)?
             }
+            // The refiner conditions on bigG alone, taken as SDXL takes its second encoder.
+            (Family::SdxlRefiner, _) => {
+                let (g, p) = encode_chunk(encoders.clip, chunk, first, true, 0, true, i == 0)?;
+                if i == 0 {
+                    pooled = p;
+                }
+                apply_emphasis(&g, &chunk.multipliers)?
+            }
             (Family::Sdxl, None) => {
                 return Err(Error::Invalid(
                     "SDXL model without its second text encoder".into(),
@@ -255,4 +266,50 @@ pub fn encode(
         context: Tensor::cat(&parts, 1)?,
         pooled,
     })
+}
+
+/// The UNet's text conditioning for a batch: every request's negative prompt (repeated per
+/// image), then every prompt, matching the batch layout the denoiser splits into
+/// unconditional and conditional halves; SDXL's pooled embeddings and time ids beside it.
+pub(crate) fn stack_conditioning(
+    conds: &[(Conditioning, Conditioning)],
+    reqs: &[Request],
+    family: Family,
+    dev: &Device,
+    dt: DType,
+) -> Result<(Tensor, Option<AddedConditioning>), Error> {
+    let (mut context_rows, mut pooled_rows, mut time_ids) = (Vec::new(), Vec::new(), Vec::new());
+    for negative in [true, false] {
+        for ((pos, neg), r) in conds.iter().zip(reqs) {
+            let c = if negative { neg } else { pos };
+            context_rows.push(repeat(&c.context, r.batch_size)?);
+            if let Some(p) = &c.pooled {
+                pooled_rows.push(repeat(p, r.batch_size)?);
+            }
+            let (h, w) = (r.height as f32, r.width as f32);
+            // Original size, crop, then the target size (SDXL) or A1111's (and diffusers')
+            // aesthetic scores, 2.5 unconditional and 6 conditional (the refiner).
+            let ids = match (family, negative) {
+                (Family::SdxlRefiner, true) => vec![h, w, 0.0, 0.0, 2.5],
+                (Family::SdxlRefiner, false) => vec![h, w, 0.0, 0.0, 6.0],
+                _ => vec![h, w, 0.0, 0.0, h, w],
+            };
+            for _ in 0..r.batch_size {
+                time_ids.push(ids.clone());
+            }
+        }
+    }
+    let context = Tensor::cat(&context_rows, 0)?.to_dtype(dt)?;
+    if pooled_rows.is_empty() {
+        return Ok((context, None));
+    }
+    let text_embeds = Tensor::cat(&pooled_rows, 0)?.to_dtype(dt)?;
+    let time_ids = Tensor::new(time_ids, dev)?.to_dtype(dt)?;
+    Ok((
+        context,
+        Some(AddedConditioning {
+            text_embeds,
+            time_ids,
+        }),
+    ))
 }
