@@ -11,6 +11,7 @@ pub mod loras;
 pub mod prompt;
 pub mod refiner;
 pub mod sampler;
+pub mod scripts;
 pub mod text;
 pub mod tokenizer;
 pub mod train;
