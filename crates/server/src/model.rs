@@ -290,6 +290,15 @@ impl ModelSlot {
         out
     }
 
+    /// The listed checkpoint a client names: by title (A1111 clients may add " [hash]"), else
+    /// by name.
+    pub fn find(&self, selection: &str) -> Option<CheckpointInfo> {
+        let wanted = selection.split(" [").next().unwrap_or(selection);
+        let list = self.checkpoints();
+        let by_title = list.iter().find(|c| c.title == wanted).cloned();
+        by_title.or_else(|| list.into_iter().find(|c| c.name == wanted))
+    }
+
     /// Selects the model to serve: an existing path, a checkpoint found in the checkpoint
     /// folders, or a catalog name (fetched in the background when missing from the store).
     /// Returns its generation at once; [`ModelSlot::outcome`] tells how it ends. While a
@@ -324,13 +333,7 @@ impl ModelSlot {
             known.retain(|c| c.title != info.title);
             known.push(info);
             (sdkube_models::model_name(&as_path), Some(as_path))
-        } else if let Some(c) = {
-            // A1111 clients send the title, possibly with a " [hash]" suffix.
-            let wanted = model.split(" [").next().unwrap_or(model);
-            let list = self.checkpoints();
-            let by_title = list.iter().find(|c| c.title == wanted).cloned();
-            by_title.or_else(|| list.into_iter().find(|c| c.name == wanted))
-        } {
+        } else if let Some(c) = self.find(model) {
             (c.name, c.path)
         } else {
             return Err(format!(

@@ -331,6 +331,78 @@ impl Worker {
         })
     }
 
+    /// The requests with their refiner (they share one: jobs naming different refiners are not
+    /// batched) loaded beside `engine` and named as loaded. The refiner stays loaded for the
+    /// next jobs that name it, and leaves with the model. A refiner that is the model itself
+    /// has nothing to do (A1111 skips it too).
+    fn with_refiner(
+        &self,
+        engine: &mut Engine,
+        mut requests: Vec<Request>,
+    ) -> Result<Vec<Request>, JobError> {
+        let Some(wanted) = requests.first().and_then(|r| r.refiner.clone()) else {
+            return Ok(requests);
+        };
+        let bad = |message: String| JobError {
+            kind: Failure::BadRequest,
+            message,
+        };
+        let info = self.state.model.find(&wanted.checkpoint).ok_or_else(|| {
+            bad(format!(
+                "refiner_checkpoint {:?} is not a checkpoint this server knows \
+                 (see /sdapi/v1/sd-models)",
+                wanted.checkpoint
+            ))
+        })?;
+        let Some(path) = info.path.filter(|_| info.present) else {
+            return Err(bad(format!(
+                "refiner_checkpoint {:?} is not in the model store yet: select it once as the \
+                 model, or `sdkube fetch {}`",
+                wanted.checkpoint, info.name
+            )));
+        };
+        let same_as_model = info.name == engine.model_name();
+        let loaded = engine.refiner().map(|r| r.model_name().to_string());
+        if !same_as_model && loaded.as_deref() != Some(info.name.as_str()) {
+            let started = Instant::now();
+            // The old refiner leaves the device before the new one is built.
+            engine.set_refiner(None)?;
+            let weights = sdkube_models::load(&path, &sdkube_models::LoadOptions::default())
+                .map_err(|e| {
+                    bad(format!(
+                        "loading the refiner: {}",
+                        without_backtrace(&e.to_string())
+                    ))
+                })?;
+            let mut refiner = Engine::new(
+                weights,
+                &info.name,
+                self.device.clone(),
+                self.dtype,
+                self.vram,
+            )?;
+            refiner.limits = engine.limits;
+            engine
+                .set_refiner(Some(refiner))
+                .map_err(|e| bad(e.to_string()))?;
+            tracing::info!(
+                refiner = %info.name,
+                seconds = started.elapsed().as_secs_f64(),
+                "refiner loaded"
+            );
+        }
+        for r in &mut requests {
+            r.refiner = match same_as_model {
+                true => None,
+                false => r.refiner.take().map(|w| sdkube_pipeline::Refiner {
+                    checkpoint: info.name.clone(),
+                    ..w
+                }),
+            };
+        }
+        Ok(requests)
+    }
+
     /// Generation jobs taken together: one device batch per iteration.
     fn run_generate(&mut self, jobs: &[(&Arc<Job>, &GenerateWork)]) {
         let requests = match jobs
@@ -363,6 +435,16 @@ impl Worker {
                 );
             }
             return;
+        };
+        let requests = match self.with_refiner(&mut engine, requests) {
+            Ok(r) => r,
+            Err(e) => {
+                self.engine = Some(engine);
+                for (j, _) in jobs {
+                    self.finish(j, Err(e.clone()));
+                }
+                return;
+            }
         };
         // Embedding files added or changed since the last job are picked up here.
         if let Err(e) = engine.reload_embeddings() {

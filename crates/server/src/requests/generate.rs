@@ -6,7 +6,7 @@ use sdkube_pipeline::loras;
 use sdkube_pipeline::prompt::{tokenize_prompt, ChunkOptions, EmbeddingIndex};
 use sdkube_pipeline::sampler::{SamplerError, SamplerSpec};
 use sdkube_pipeline::tokenizer::ClipTokenizer;
-use sdkube_pipeline::Request;
+use sdkube_pipeline::{Refiner, Request};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
@@ -51,6 +51,10 @@ pub struct CommonParams {
     pub override_settings_restore_afterwards: bool,
     pub script_name: Option<String>,
     pub script_args: Vec<Value>,
+    /// A1111's refiner: a checkpoint (title or name) that finishes the run…
+    pub refiner_checkpoint: Option<String>,
+    /// …once this share of the schedule is done (A1111: at once when not given).
+    pub refiner_switch_at: Option<f64>,
     /// Return the images base64-encoded in the response.
     pub send_images: bool,
     /// Also write them into the outputs folder.
@@ -88,6 +92,8 @@ impl Default for CommonParams {
             override_settings_restore_afterwards: true,
             script_name: None,
             script_args: Vec::new(),
+            refiner_checkpoint: None,
+            refiner_switch_at: None,
             send_images: true,
             save_images: false,
             alwayson_scripts: Map::new(),
@@ -321,7 +327,32 @@ fn base_request(c: &CommonParams) -> Result<Request, ApiError> {
             .then_some((c.seed_resize_from_w as usize, c.seed_resize_from_h as usize)),
         tiling: c.tiling.unwrap_or(false),
         control: Vec::new(),
+        refiner: refiner(c)?,
     })
+}
+
+/// The refiner a request names: none for an empty name or "None" (as A1111's UI sends), or a
+/// switch point of 1 (the schedule never gets there). A1111 switches at once when the point
+/// is not given. The worker resolves the name among its checkpoints.
+fn refiner(c: &CommonParams) -> Result<Option<Refiner>, ApiError> {
+    let Some(name) = c
+        .refiner_checkpoint
+        .as_deref()
+        .map(str::trim)
+        .filter(|n| !n.is_empty() && !n.eq_ignore_ascii_case("none"))
+    else {
+        return Ok(None);
+    };
+    let switch_at = c.refiner_switch_at.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&switch_at) {
+        return Err(ApiError::bad_request(format!(
+            "refiner_switch_at must be between 0 and 1, got {switch_at}"
+        )));
+    }
+    Ok((switch_at < 1.0).then(|| Refiner {
+        checkpoint: name.to_string(),
+        switch_at,
+    }))
 }
 
 /// Whether faces get restored. Without face-restorer weights the image comes back
