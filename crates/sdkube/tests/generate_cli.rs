@@ -388,3 +388,42 @@ fn variations_and_tiling_are_recorded_per_image() {
     assert!(!run.status.success());
     assert!(String::from_utf8_lossy(&run.stderr).contains("WIDTHxHEIGHT"));
 }
+
+/// The refiner finishes an SDXL run from the CLI as through the API; one whose latents differ
+/// from the model's is refused naming both.
+#[test]
+fn a_refiner_takes_over_the_run_and_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let with_model = |model: &str| -> Vec<String> {
+        let mut args = base_args(&out);
+        let at = args.iter().position(|a| a == "--model").unwrap();
+        args[at + 1] = fixture(model).display().to_string();
+        args
+    };
+    let refiner = fixture("sdxl-refiner").display().to_string();
+    let run = sdkube()
+        .args(with_model("sdxl"))
+        .args(["--refiner", &refiner, "--refiner-switch-at", "0.5"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let text = png_parameters(&out.join("00000-5.png"));
+    assert!(
+        text.contains("Refiner: sdxl-refiner, Refiner switch at: 0.5"),
+        "{text}"
+    );
+
+    let run = sdkube()
+        .args(with_model("sd1"))
+        .args(["--refiner", &refiner])
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("cannot continue the latents"), "{stderr}");
+}

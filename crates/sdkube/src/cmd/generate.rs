@@ -14,7 +14,7 @@ use sdkube_models::{LoadOptions, Prediction};
 use sdkube_pipeline::control::{ControlMode, ControlNetLibrary, ControlUnit, ResizeMode};
 use sdkube_pipeline::image_io::{encode_png, read_image};
 use sdkube_pipeline::sampler::Flow;
-use sdkube_pipeline::{Engine, HiresError, HiresFix, Progress, Request};
+use sdkube_pipeline::{Engine, HiresError, HiresFix, Progress, Refiner, Request};
 use sdkube_restore::{Esrgan, TileOptions};
 
 use super::device::{DeviceArgs, Precision};
@@ -140,6 +140,13 @@ pub struct Args {
     /// RealESRGAN weight file (`.pth`, `.safetensors`).
     #[arg(long, default_value = "Latent")]
     pub hires_upscaler: String,
+    /// SDXL refiner (A1111's `refiner_checkpoint`): a model file, folder or catalog name that
+    /// takes over the sampling once --refiner-switch-at of the schedule is done.
+    #[arg(long)]
+    pub refiner: Option<PathBuf>,
+    /// The share of the schedule (0 to 1) after which the refiner denoises.
+    #[arg(long, default_value_t = 0.8, requires = "refiner")]
+    pub refiner_switch_at: f64,
     /// Folders of ControlNet files (`.safetensors`, `.pth`) and diffusers ControlNet folders.
     #[arg(long, env = "SDKUBE_CONTROLNET_DIRS", value_delimiter = ',')]
     pub controlnet_dirs: Vec<PathBuf>,
@@ -223,6 +230,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         seed_resize_from: args.seed_resize_from,
         tiling: args.tiling,
         control: control_units(&args)?,
+        refiner: args.refiner.as_ref().map(|r| Refiner {
+            checkpoint: sdkube_models::model_name(r),
+            switch_at: args.refiner_switch_at,
+        }),
     };
     let opts = LoadOptions {
         prediction: args.v_prediction.then_some(Prediction::V),
@@ -247,6 +258,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.lora_dirs.clone(),
     ));
     engine.set_controlnets(ControlNetLibrary::new(args.controlnet_dirs.clone()));
+    if let Some(r) = &args.refiner {
+        let weights =
+            sdkube_models::load(&resolve_model(r, &args.store)?, &LoadOptions::default())?;
+        let (device, dtype) = args.device.resolve()?;
+        let refiner = Engine::new(
+            weights,
+            &sdkube_models::model_name(r),
+            device,
+            dtype,
+            args.device.vram.into(),
+        )?;
+        engine.set_refiner(Some(refiner))?;
+    }
     engine.validate(&req)?;
     let hires = args
         .hires_scale
