@@ -39,6 +39,8 @@ pub struct GenerateWork {
     pub warnings: Vec<String>,
     /// ControlNet units, their preprocessors still to run.
     pub control: Vec<crate::requests::controlnet::ControlJob>,
+    /// An A1111 script (`script_name`) run instead of the plain generation.
+    pub script: Option<sdkube_pipeline::scripts::Script>,
 }
 
 /// A1111's "Hires. fix", which the engine runs after the first pass.
@@ -81,6 +83,7 @@ impl Work {
     /// Device steps in all, for progress: sampling steps over every iteration.
     pub fn total_steps(&self) -> usize {
         match self {
+            Work::Generate(g) if g.script.is_some() => crate::requests::scripts::total_steps(g),
             Work::Generate(g) => {
                 let first = match g.request.init_image {
                     Some(_) => (g.request.steps as f64 * g.request.strength.clamp(0.0, 1.0)).ceil()
@@ -103,6 +106,8 @@ impl Work {
             (Work::Generate(a), Work::Generate(b)) => {
                 a.n_iter == 1
                     && b.n_iter == 1
+                    && a.script.is_none()
+                    && b.script.is_none()
                     && a.hires.is_none()
                     && b.hires.is_none()
                     && a.control.is_empty()

@@ -25,6 +25,8 @@ use crate::requests::controlnet;
 use crate::state::{device_label, AppState};
 use crate::work::{ExtrasWork, GenerateWork, UpscaleTarget, Work};
 
+mod scripts;
+
 /// How often a running job's preview is refreshed at most.
 const PREVIEW_INTERVAL: Duration = Duration::from_millis(300);
 
@@ -223,7 +225,7 @@ impl Worker {
                         s.model = Some(name);
                     });
                     match work {
-                        Work::Generate(g) => generate.push((j, g)),
+                        Work::Generate(g) if g.script.is_none() => generate.push((j, g)),
                         w => other.push((j, w)),
                     }
                 }
@@ -241,7 +243,7 @@ impl Worker {
         }
         for (j, work) in other {
             let result = match work {
-                Work::Generate(_) => continue,
+                Work::Generate(g) => self.run_script(j, g),
                 Work::Extras(e) => self.run_extras(j, e),
                 Work::CreateEmbedding(c) => self.create_embedding(j, c),
                 Work::TrainEmbedding(t) => self.train_embedding(j, t),
@@ -565,38 +567,59 @@ impl Worker {
         images: Vec<Generated>,
     ) -> Result<(), JobError> {
         for g in images {
-            let g = match &work.hires {
-                Some(h) => {
-                    let (post, models) = (&mut self.post, &self.state.config.post);
-                    let mut upscale = |name: &str, image: &DynamicImage, factor: f32| {
-                        post.upscale(models, name, image, factor)
-                    };
-                    let mut on_step = |_: &sdkube_pipeline::Progress| match job.should_stop() {
-                        true => Flow::Stop,
-                        false => Flow::Continue,
-                    };
-                    engine
-                        .hires_fix(request, &g, h, &mut upscale, &mut on_step)
-                        .map_err(|e| match e {
-                            HiresError::Upscale(e) => JobError::from(e),
-                            HiresError::Generate(e) => format!("hires fix: {e}").into(),
-                        })?
-                }
-                None => g,
-            };
-            let mut image = DynamicImage::ImageRgb8(g.image);
-            let mut parameters = g.parameters;
-            if work.restore_faces {
-                image = self
-                    .post
-                    .restore_faces(&self.state.config.post, &image, 1.0)?;
-                parameters.insert_after("Seed", "Face restoration", "GFPGAN");
-            }
+            let (image, parameters, seed) = self.post_process(
+                engine,
+                job,
+                work.hires.as_ref(),
+                work.restore_faces,
+                request,
+                g,
+            )?;
             let infotext = parameters.to_string();
             let png = encode_png(&image.to_rgb8(), Some(&infotext)).map_err(|e| e.to_string())?;
-            self.keep(job, png, Some(g.seed), infotext, work.save)?;
+            self.keep(job, png, Some(seed), infotext, work.save)?;
         }
         Ok(())
+    }
+
+    /// One new image's hires fix and face restoration (the job's, or a script cell's).
+    fn post_process(
+        &mut self,
+        engine: &mut Engine,
+        job: &Arc<Job>,
+        hires: Option<&sdkube_pipeline::HiresFix>,
+        restore_faces: bool,
+        request: &Request,
+        g: Generated,
+    ) -> Result<(DynamicImage, Infotext, u64), JobError> {
+        let g = match hires {
+            Some(h) => {
+                let (post, models) = (&mut self.post, &self.state.config.post);
+                let mut upscale = |name: &str, image: &DynamicImage, factor: f32| {
+                    post.upscale(models, name, image, factor)
+                };
+                let mut on_step = |_: &sdkube_pipeline::Progress| match job.should_stop() {
+                    true => Flow::Stop,
+                    false => Flow::Continue,
+                };
+                engine
+                    .hires_fix(request, &g, h, &mut upscale, &mut on_step)
+                    .map_err(|e| match e {
+                        HiresError::Upscale(e) => JobError::from(e),
+                        HiresError::Generate(e) => format!("hires fix: {e}").into(),
+                    })?
+            }
+            None => g,
+        };
+        let mut image = DynamicImage::ImageRgb8(g.image);
+        let mut parameters = g.parameters;
+        if restore_faces {
+            image = self
+                .post
+                .restore_faces(&self.state.config.post, &image, 1.0)?;
+            parameters.insert_after("Seed", "Face restoration", "GFPGAN");
+        }
+        Ok((image, parameters, g.seed))
     }
 
     /// The units' detected maps after a job's images, at the size the last pass used, as the

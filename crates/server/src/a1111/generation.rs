@@ -75,7 +75,7 @@ async fn run_generation(
             false => -1,
         })
         .collect();
-    let info = json!({
+    let mut info = json!({
         "prompt": req.prompt,
         "all_prompts": vec![&req.prompt; seeds.len()],
         "negative_prompt": req.negative_prompt,
@@ -114,6 +114,19 @@ async fn run_generation(
         "sdkube_ignored_fields": work.ignored,
         "sdkube_warnings": status.info.get("warnings").cloned().unwrap_or(json!([])),
     });
+    // A script's lists are its own (A1111 leaves the main grid out of them).
+    if let (Some(script), Some(fields)) = (status.info.get("script"), info.as_object_mut()) {
+        for key in [
+            "all_prompts",
+            "all_negative_prompts",
+            "all_seeds",
+            "index_of_first_image",
+        ] {
+            if let Some(v) = script.get(key) {
+                fields.insert(key.into(), v.clone());
+            }
+        }
+    }
     Ok(Json(GenerationResponse {
         images: if send_images {
             images_b64(state, &job.id).await?

@@ -175,7 +175,7 @@ pub async fn refresh_checkpoints() -> Json<Value> {
     Json(Value::Null)
 }
 
-/// Lists A1111 has for features sdkube does not have (styles, hypernetworks, scripts,
+/// Lists A1111 has for features sdkube does not have (styles, hypernetworks,
 /// extensions): answered empty so that clients which read them at start-up work unchanged.
 #[utoipa::path(get, path = "/sdapi/v1/prompt-styles", tag = "a1111", responses((status = 200, body = Vec<Object>)))]
 pub async fn prompt_styles() -> Json<Vec<Value>> {
@@ -194,16 +194,66 @@ pub async fn extensions() -> Json<Vec<Value>> {
     Json(Vec::new())
 }
 
-/// Scripts per tab: none.
+/// The scripts `script_name` runs, per tab, by A1111's lower-case names.
 #[utoipa::path(get, path = "/sdapi/v1/scripts", tag = "a1111", responses((status = 200, body = Object)))]
 pub async fn scripts() -> Json<Value> {
-    Json(json!({"txt2img": [], "img2img": []}))
+    Json(json!({
+        "txt2img": ["prompt matrix", "x/y/z plot"],
+        "img2img": ["prompt matrix", "sd upscale", "x/y/z plot"],
+    }))
 }
 
-/// Script details: none.
+/// Each script and tab with its positional arguments (A1111's `ScriptInfo`).
 #[utoipa::path(get, path = "/sdapi/v1/script-info", tag = "a1111", responses((status = 200, body = Vec<Object>)))]
 pub async fn script_info() -> Json<Vec<Value>> {
-    Json(Vec::new())
+    use sdkube_pipeline::scripts::{xyz::axis_labels, Mode};
+    let arg = |label: &str, value: Value| json!({"label": label, "value": value});
+    let xyz = |mode: Mode| {
+        let axes = axis_labels(mode);
+        let mut args = Vec::new();
+        for (axis, default) in [("X", 1), ("Y", 0), ("Z", 0)] {
+            args.push(
+                json!({"label": format!("{axis} type"), "value": axes[default], "choices": axes}),
+            );
+            args.push(arg(&format!("{axis} values"), json!("")));
+            args.push(arg(&format!("{axis} values"), json!([])));
+        }
+        for (label, value) in [
+            ("Draw legend", json!(true)),
+            ("Include Sub Images", json!(false)),
+            ("Include Sub Grids", json!(false)),
+            ("Keep -1 for seeds", json!(false)),
+            ("Vary seeds for X", json!(false)),
+            ("Vary seeds for Y", json!(false)),
+            ("Vary seeds for Z", json!(false)),
+            ("Grid margins (px)", json!(0)),
+            ("Use text inputs instead of dropdowns", json!(false)),
+        ] {
+            args.push(arg(label, value));
+        }
+        args
+    };
+    let matrix = vec![
+        arg("Set at prompt start", json!(false)),
+        arg("Random seeds", json!(false)),
+        json!({"label": "Prompt type", "value": "positive", "choices": ["positive", "negative"]}),
+        json!({"label": "Joining char", "value": "comma", "choices": ["comma", "space"]}),
+        arg("Grid margins", json!(0)),
+    ];
+    let upscale = vec![
+        arg("", Value::Null),
+        arg("Tile overlap", json!(64)),
+        arg("Upscaler", json!(0)),
+        arg("Scale Factor", json!(2)),
+    ];
+    let info = |name: &str, img2img: bool, args: Vec<Value>| json!({"name": name, "is_alwayson": false, "is_img2img": img2img, "args": args});
+    Json(vec![
+        info("x/y/z plot", false, xyz(Mode::Txt2Img)),
+        info("prompt matrix", false, matrix.clone()),
+        info("x/y/z plot", true, xyz(Mode::Img2Img)),
+        info("prompt matrix", true, matrix),
+        info("sd upscale", true, upscale),
+    ])
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -193,7 +193,11 @@ fn ignored_fields(c: &CommonParams, other: &Map<String, Value>) -> Vec<String> {
         "seed_resize_from_h/w",
     );
     flag(c.eta.is_some(), "eta");
-    flag(c.script_name.is_some(), "script_name");
+    // A script sdkube runs is acted on; another is accepted and reported.
+    flag(
+        c.script_name.is_some() && !super::scripts::is_run(c),
+        "script_name",
+    );
     out.extend(
         c.alwayson_scripts
             .keys()
@@ -481,6 +485,14 @@ pub fn txt2img_work(
     } else {
         None
     };
+    let script = super::scripts::script_of(
+        ctx,
+        &r.common,
+        sdkube_pipeline::scripts::Mode::Txt2Img,
+        &request,
+        hires.as_ref(),
+        &|q| check(ctx, q, 1),
+    )?;
     Ok(Work::Generate(GenerateWork {
         request,
         n_iter: r.common.n_iter,
@@ -490,6 +502,7 @@ pub fn txt2img_work(
         ignored,
         control,
         warnings,
+        script,
     }))
 }
 
@@ -565,6 +578,14 @@ pub fn img2img_work(
             ignored.push(name.into());
         }
     }
+    let script = super::scripts::script_of(
+        ctx,
+        &r.common,
+        sdkube_pipeline::scripts::Mode::Img2Img,
+        &request,
+        None,
+        &|q| check(ctx, q, 1),
+    )?;
     Ok(Work::Generate(GenerateWork {
         request,
         n_iter: r.common.n_iter,
@@ -574,6 +595,7 @@ pub fn img2img_work(
         ignored,
         control,
         warnings,
+        script,
     }))
 }
 

@@ -7,6 +7,7 @@ pub mod controlnet;
 pub mod embedding;
 pub mod extras;
 pub mod generate;
+pub mod scripts;
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -129,7 +130,7 @@ impl JobSpec {
             }
             _ => return,
         };
-        if common.seed < 0 {
+        if common.seed < 0 && !scripts::keeps_random_seed(common) {
             common.seed = sdkube_pipeline::random_seed() as i64;
         }
         if common.subseed < 0 && common.subseed_strength != 0.0 {
@@ -161,7 +162,10 @@ impl JobSpec {
                 }
             }
         }
-        common.script_args.clear();
+        // A script sdkube runs needs its arguments on the worker; another's are dropped.
+        if !scripts::is_run(common) {
+            common.script_args.clear();
+        }
     }
 
     /// The device work: images decoded, names and limits checked.
