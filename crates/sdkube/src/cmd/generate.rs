@@ -17,7 +17,12 @@ use sdkube_pipeline::sampler::Flow;
 use sdkube_pipeline::{Engine, HiresError, HiresFix, Progress, Refiner, Request};
 use sdkube_restore::{Esrgan, TileOptions};
 
+use sdkube_pipeline::scripts::{Cell, Mode};
+
 use super::device::{DeviceArgs, Precision};
+
+#[path = "generate_scripts.rs"]
+mod scripts;
 use super::fetch::StoreArgs;
 
 /// A path is used as it is; otherwise a catalog name is looked up in the store and fetched
@@ -171,6 +176,9 @@ pub struct Args {
     /// ControlNet: "Just Resize", "Crop and Resize" or "Resize and Fill".
     #[arg(long, default_value = "Crop and Resize")]
     pub control_resize: String,
+    /// A1111's scripts (X/Y/Z plot, prompt matrix, SD upscale).
+    #[command(flatten)]
+    pub scripts: Box<scripts::ScriptArgs>,
     /// Output folder.
     #[arg(long, default_value = "outputs")]
     pub out: PathBuf,
@@ -298,6 +306,23 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         engine.device(),
         Precision::label(dtype)
     );
+    let mode = match req.init_image {
+        Some(_) => Mode::Img2Img,
+        None => Mode::Txt2Img,
+    };
+    if let Some(script) = scripts::script_of(&args.scripts, mode)? {
+        let base = Cell {
+            request: req.clone(),
+            hires: hires.clone(),
+            checkpoint: None,
+        };
+        let images = scripts::run(&script, &base, &mut engine, upscaler.as_mut())?;
+        let pngs = images
+            .iter()
+            .map(|i| Ok((i.seed, encode_png(&i.image, Some(&i.infotext.to_string()))?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        return write_outputs(&args.out, pngs);
+    }
     let bar = ProgressBar::new(args.steps as u64);
     bar.set_style(ProgressStyle::with_template(
         "{bar:40} {pos}/{len} steps  {elapsed} (eta {eta})",
@@ -329,13 +354,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|g| Ok((g.seed, encode_png(&g.image, Some(&g.infotext))?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    // Numbered on after the highest present, as A1111 (and the server) name outputs.
-    let outputs = sdkube_server::FolderGallery::new(args.out.clone());
+    write_outputs(&args.out, pngs)
+}
+
+/// Writes PNGs into `out`, numbered on after the highest present, as A1111 (and the server)
+/// name outputs, and prints their paths.
+fn write_outputs(out: &Path, pngs: Vec<(u64, Vec<u8>)>) -> anyhow::Result<ExitCode> {
+    let outputs = sdkube_server::FolderGallery::new(out.to_path_buf());
     for (seed, png) in pngs {
         let name = outputs
             .save(&png, Some(seed))
-            .with_context(|| format!("writing into {}", args.out.display()))?;
-        println!("{}", args.out.join(name).display());
+            .with_context(|| format!("writing into {}", out.display()))?;
+        println!("{}", out.join(name).display());
     }
     Ok(ExitCode::SUCCESS)
 }
