@@ -429,6 +429,13 @@ async function loadModels() {
       select.prepend(el('option', { value: current, selected: true }, current));
     }
     select.dataset.current = select.value;
+    // A1111's refiner: any listed checkpoint, or none.
+    const refiner = $('refiner-checkpoint');
+    const chosen = refiner.value;
+    refiner.replaceChildren(
+      el('option', { value: '' }, 'None'),
+      ...models.map((m) => el('option', { value: m.title, selected: m.title === chosen }, m.model_name || m.title)),
+    );
   } catch (err) {
     showError('Loading the model list', err);
   }
@@ -520,6 +527,11 @@ function collectParams() {
     n_iter: numberField('batch-count', 'Batch count'),
     restore_faces: $('restore-faces').checked,
   };
+  const refiner = $('refiner-checkpoint').value;
+  if (refiner) {
+    params.refiner_checkpoint = refiner;
+    params.refiner_switch_at = numberField('refiner-switch-at', 'Refiner switch at', false);
+  }
   const unit = controlNetUnit();
   if (unit) params.alwayson_scripts = { controlnet: { args: [unit] } };
   if (ui.mode === 'img2img') {

@@ -571,6 +571,38 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     await page.uncheck('#cn-enabled');
   });
 
+  it('Refiner panel: lists the checkpoints and hands the run to the chosen one', async () => {
+    await page.click('.tabs [data-tab="txt2img"]');
+    await page.fill('#prompt', 'a lighthouse');
+    await page.fill('#width', '64');
+    await page.fill('#height', '64');
+    await page.fill('#steps', '4');
+    await page.fill('#seed', '12');
+    await page.click('#refiner-panel summary');
+    const options = await page.$$eval('#refiner-checkpoint option', (o) => o.map((x) => x.textContent));
+    assert.equal(options[0], 'None');
+    assert.ok(options.includes('sd1-copy'), options.join(', '));
+    await page.selectOption('#refiner-checkpoint', { label: 'sd1-copy' });
+    await page.fill('#refiner-switch-at', '0.5');
+    const created = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
+    await page.click('#generate');
+    const response = await created;
+    assert.equal(response.status(), 202, await response.text());
+    const params = JSON.parse(response.request().postData()).params;
+    assert.equal(params.refiner_checkpoint, 'sd1-copy');
+    assert.equal(params.refiner_switch_at, 0.5);
+    const job = await response.json();
+    let final;
+    for (let i = 0; i < 600; i++) {
+      final = await (await fetch(`${server.base}/api/v1/jobs/${job.id}`)).json();
+      if (['succeeded', 'failed', 'cancelled'].includes(final.state)) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.equal(final.state, 'succeeded', JSON.stringify(final));
+    assert.match(final.images[0].infotext, /Refiner: sd1-copy, Refiner switch at: 0\.5/);
+    await page.selectOption('#refiner-checkpoint', '');
+  });
+
   it('fits a 375 px phone screen: no horizontal scrolling, controls stacked', async () => {
     const phone = await browser.newContext({ viewport: { width: 375, height: 740 }, isMobile: true, hasTouch: true });
     const mobile = await phone.newPage();

@@ -29,11 +29,8 @@ fn infotext(body: &Value) -> String {
 /// The same request run by the engine itself, in this process.
 fn engine_image(switch_at: f64) -> image::RgbImage {
     let load = |name: &str| {
-        let w = sdkube_models::load(
-            &repo().join("fixtures/sd").join(name),
-            &Default::default(),
-        )
-        .unwrap();
+        let w = sdkube_models::load(&repo().join("fixtures/sd").join(name), &Default::default())
+            .unwrap();
         Engine::new(w, name, Device::Cpu, DType::F32, VramMode::High).unwrap()
     };
     let mut e = load("sdxl");
