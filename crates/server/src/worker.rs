@@ -333,11 +333,28 @@ impl Worker {
         })
     }
 
+    /// Embeddings, LoRAs and ControlNets added or changed since the last job (in the folders
+    /// or fetched into the store) are picked up before each job; LoRA and ControlNet tensors
+    /// are read when a job first names them.
+    pub(super) fn pick_up_files(&self, engine: &mut Engine) {
+        if let Err(e) = engine.reload_embeddings() {
+            tracing::warn!(error = %e, "embeddings folder unreadable");
+        }
+        engine.set_loras(loras::library(
+            &self.state.config.lora_dirs,
+            &self.state.config.sources,
+        ));
+        engine.set_controlnets(controlnet::library(
+            &self.state.config.controlnet_dirs,
+            &self.state.config.sources,
+        ));
+    }
+
     /// The requests with their refiner (they share one: jobs naming different refiners are not
     /// batched) loaded beside `engine` and named as loaded. The refiner stays loaded for the
     /// next jobs that name it, and leaves with the model. A refiner that is the model itself
     /// has nothing to do (A1111 skips it too).
-    fn with_refiner(
+    pub(super) fn with_refiner(
         &self,
         engine: &mut Engine,
         mut requests: Vec<Request>,
@@ -448,21 +465,7 @@ impl Worker {
                 return;
             }
         };
-        // Embedding files added or changed since the last job are picked up here.
-        if let Err(e) = engine.reload_embeddings() {
-            tracing::warn!(error = %e, "embeddings folder unreadable");
-        }
-        // So are LoRA files, in the folders or fetched into the store since (their tensors are
-        // read when a prompt first names them).
-        engine.set_loras(loras::library(
-            &self.state.config.lora_dirs,
-            &self.state.config.sources,
-        ));
-        // And ControlNets, in the folders or fetched into the store since.
-        engine.set_controlnets(controlnet::library(
-            &self.state.config.controlnet_dirs,
-            &self.state.config.sources,
-        ));
+        self.pick_up_files(&mut engine);
         let n_iter = jobs.iter().map(|(_, g)| g.n_iter).max().unwrap_or(1);
         let mut failed: Option<JobError> = None;
         for iter in 0..n_iter {

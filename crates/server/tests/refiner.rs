@@ -142,3 +142,29 @@ async fn a_refiner_that_cannot_serve_is_refused_naming_it() {
         .await;
     assert_eq!(status, 200, "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_xyz_plot_runs_every_cell_with_the_refiner() {
+    let s = start(|c| c.model = fixture_model("sdxl")).await;
+    let (status, out) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            body(json!({
+                "refiner_checkpoint": "sdxl-refiner", "refiner_switch_at": 0.5,
+                "script_name": "x/y/z plot",
+                "script_args": ["Seed", "5, 6", "", "Nothing", "", "", "Nothing", "", "",
+                                true, true],
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    let images = out["images"].as_array().unwrap();
+    assert_eq!(images.len(), 3, "the grid and two images");
+    // The seed-5 cell is the plain refined request's image.
+    let png = unb64(images[1].as_str().unwrap());
+    assert_eq!(decode(&png), engine_image(0.5));
+    let text = sdkube_pipeline::image_io::read_png_parameters(&png)
+        .unwrap()
+        .unwrap();
+    assert!(text.contains("Refiner: sdxl-refiner"), "{text}");
+}

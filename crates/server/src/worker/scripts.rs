@@ -51,6 +51,20 @@ impl CellRunner for JobCells<'_> {
                 message: "the model is not ready".into(),
             });
         };
+        if cell.checkpoint.is_some() {
+            self.worker.pick_up_files(&mut engine);
+        }
+        // A checkpoint cell may have brought another model: the refiner is loaded beside it.
+        let request = match self
+            .worker
+            .with_refiner(&mut engine, vec![cell.request.clone()])
+        {
+            Ok(mut r) => r.remove(0),
+            Err(e) => {
+                self.worker.engine = Some(engine);
+                return Err(e);
+            }
+        };
         let (job, offset) = (self.job, self.done_steps);
         let mut on_step = |p: &sdkube_pipeline::Progress| {
             job.update(|s| {
@@ -62,7 +76,7 @@ impl CellRunner for JobCells<'_> {
                 false => Flow::Continue,
             }
         };
-        let result = match engine.generate(&cell.request, &mut on_step) {
+        let result = match engine.generate(&request, &mut on_step) {
             Ok(mut images) if !images.is_empty() => {
                 let g = images.remove(0);
                 self.worker
@@ -71,7 +85,7 @@ impl CellRunner for JobCells<'_> {
                         job,
                         cell.hires.as_ref(),
                         self.work.restore_faces,
-                        &cell.request,
+                        &request,
                         g,
                     )
                     .map(|(image, parameters, seed)| {
@@ -117,14 +131,9 @@ impl Worker {
             return Err("not a script job".into());
         };
         let request = self.with_control(work)?;
-        if let Some(engine) = self.engine.as_mut() {
-            if let Err(e) = engine.reload_embeddings() {
-                tracing::warn!(error = %e, "embeddings folder unreadable");
-            }
-            engine.set_loras(crate::a1111::loras::library(
-                &self.state.config.lora_dirs,
-                &self.state.config.sources,
-            ));
+        if let Some(mut engine) = self.engine.take() {
+            self.pick_up_files(&mut engine);
+            self.engine = Some(engine);
         }
         let base = Cell {
             request,
