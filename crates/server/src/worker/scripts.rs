@@ -140,6 +140,7 @@ impl Worker {
             hires: work.hires.clone(),
             checkpoint: None,
         };
+        let before = self.state.model.status().selection;
         let mut cells = JobCells {
             worker: self,
             job,
@@ -151,7 +152,17 @@ impl Worker {
             work.n_iter,
             &mut cells,
             &mut sdkube_pipeline::random_seed,
-        )?;
+        );
+        drop(cells);
+        // A checkpoint axis leaves the model served before it, as A1111 restores its
+        // override_settings afterwards.
+        if self.state.model.status().selection != before {
+            let served = (before != self.state.config.model).then_some(before.as_str());
+            if let Err(e) = self.ensure_model(served) {
+                tracing::warn!(error = %e.message, "the model before the script could not be restored");
+            }
+        }
+        let output = output?;
         for w in &work.warnings {
             tracing::warn!(job = %job.id, warning = %w, "job runs differently than asked");
         }

@@ -1,0 +1,65 @@
+//! The X/Y/Z plot's checkpoint axis on a real server on loopback: each cell runs on its
+//! checkpoint (the fixture folder's sd1 and sd2v), as a plain txt2img on that model does.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn body(extra: Value) -> Value {
+    let mut b = json!({"prompt": "a lighthouse", "negative_prompt": "blurry", "steps": 2,
+                       "width": 64, "height": 64, "seed": 8, "sampler_name": "Euler"});
+    b.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    b
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkpoint_axis_runs_each_cell_on_its_model() {
+    let s = start(|_| {}).await;
+    let mut plain = Vec::new();
+    for model in ["sd2v", "sd1"] {
+        let (status, out) = s
+            .post("/sdapi/v1/options", json!({"sd_model_checkpoint": model}))
+            .await;
+        assert_eq!(status, 200, "{out}");
+        let (status, out) = s.post("/sdapi/v1/txt2img", body(json!({}))).await;
+        assert_eq!(status, 200, "{out}");
+        plain.push(out["images"][0].as_str().unwrap().to_string());
+    }
+    plain.reverse();
+    assert!(plain[0] != plain[1], "the two models draw differently");
+
+    let (status, out) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            body(json!({
+                "script_name": "x/y/z plot",
+                "script_args": ["Checkpoint name", "", ["sd1", "sd2v"], "Nothing", "", "",
+                                "Nothing", "", "", false, true],
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    let images = out["images"].as_array().unwrap();
+    assert_eq!(images.len(), 3, "the grid and one image per checkpoint");
+    assert!(images[1] == plain[0].as_str(), "the sd1 cell");
+    assert!(images[2] == plain[1].as_str(), "the sd2v cell");
+    let info: Value = serde_json::from_str(out["info"].as_str().unwrap()).unwrap();
+    let texts: Vec<&str> = info["infotexts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(texts[1].contains("Model: sd1"), "{}", texts[1]);
+    assert!(texts[2].contains("Model: sd2v"), "{}", texts[2]);
+    // As A1111 (override_settings restored afterwards), the served model is the one before.
+    let (_, options) = s.get("/sdapi/v1/options").await;
+    assert_eq!(
+        options["sd_model_checkpoint"], "sd1",
+        "{}",
+        options["sd_model_checkpoint"]
+    );
+}
