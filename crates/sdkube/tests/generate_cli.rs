@@ -427,3 +427,58 @@ fn a_refiner_takes_over_the_run_and_is_recorded() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("cannot continue the latents"), "{stderr}");
 }
+
+/// A1111's scripts from the CLI: an X/Y/Z plot writes the grid, then each cell's image (each
+/// as a plain run with its parameters); a prompt matrix writes the grid and 2^(n-1) images.
+#[test]
+fn scripts_write_their_grid_then_the_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let run = sdkube()
+        .args(base_args(&out))
+        .args(["--xyz-x", "Steps:2,3", "--xyz-images"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let mut files: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 3, "{files:?}");
+    assert_eq!(image::open(&files[0]).unwrap().width(), 128, "the grid");
+    let texts: Vec<String> = files.iter().map(|f| png_parameters(f)).collect();
+    assert!(texts[1].contains("Steps: 2,"), "{}", texts[1]);
+    assert!(texts[2].contains("Steps: 3,"), "{}", texts[2]);
+    // The 3-step cell is what a plain 3-step run draws.
+    let plain = dir.path().join("plain");
+    let run = sdkube().args(base_args(&plain)).output().unwrap();
+    assert!(run.status.success());
+    let cell = image::open(&files[2]).unwrap().to_rgb8();
+    let alone = image::open(plain.join("00000-5.png")).unwrap().to_rgb8();
+    assert!(cell == alone, "the cell differs from the plain run");
+
+    let matrix = dir.path().join("matrix");
+    let mut args = base_args(&matrix);
+    let at = args.iter().position(|a| a == "--prompt").unwrap();
+    args[at + 1] = "a lighthouse|at dusk|in fog".into();
+    let run = sdkube().args(args).arg("--prompt-matrix").output().unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(std::fs::read_dir(&matrix).unwrap().count(), 1 + 4);
+    let bad = sdkube()
+        .args(base_args(&dir.path().join("bad")))
+        .args(["--xyz-x", "Nonsense:1,2"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("Nonsense"), "{stderr}");
+}
