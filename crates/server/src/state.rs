@@ -138,14 +138,12 @@ impl Shared {
         let options = self.cluster.options().await?;
         spec.settle(&options);
         let params = spec.params();
+        let selected = options.get(MODEL_OPTION).and_then(|v| v.as_str());
         let meta = JobMeta {
             kind: spec.kind().to_string(),
             params,
             created: SystemTime::now(),
-            model: options
-                .get(MODEL_OPTION)
-                .and_then(|v| v.as_str())
-                .map(str::to_string),
+            model: spec.model_override().or(selected.map(str::to_string)),
         };
         let job = Arc::new(Job::new(new_job_id(), meta, spec));
         let ctx = self.build_context();

@@ -206,7 +206,11 @@ async fn listings_options_and_model_switching() {
     let (_, esr) = s.get("/sdapi/v1/realesrgan-models").await;
     assert!(field_of(&esr, "name").contains(&"srvgg_x4"), "{esr}");
     let (_, scripts) = s.get("/sdapi/v1/scripts").await;
-    assert_eq!(scripts, json!({"txt2img": [], "img2img": []}));
+    assert_eq!(
+        scripts,
+        json!({"txt2img": ["prompt matrix", "x/y/z plot"],
+               "img2img": ["prompt matrix", "sd upscale", "x/y/z plot"]})
+    );
     let (_, fr) = s.get("/sdapi/v1/face-restorers").await;
     assert_eq!(fr, json!([]), "no GFPGAN weights in this store");
     let (_, emb) = s.get("/sdapi/v1/embeddings").await;

@@ -1,5 +1,6 @@
 //! The X/Y/Z plot's checkpoint axis on a real server on loopback: each cell runs on its
-//! checkpoint (the fixture folder's sd1 and sd2v), as a plain txt2img on that model does.
+//! checkpoint (the fixture folder's sd1 and sd2v), as a plain txt2img on that model does; and
+//! A1111's per-request `override_settings.sd_model_checkpoint`.
 
 mod common;
 
@@ -30,6 +31,32 @@ async fn a_checkpoint_axis_runs_each_cell_on_its_model() {
     }
     plain.reverse();
     assert!(plain[0] != plain[1], "the two models draw differently");
+    // A1111's per-request model: override_settings, the selected model again afterwards.
+    let (status, out) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            body(json!({"override_settings": {"sd_model_checkpoint": "sd2v"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    assert!(out["images"][0] == plain[1].as_str(), "run on sd2v");
+    assert!(
+        !out["info"]
+            .as_str()
+            .unwrap()
+            .contains("sd_model_checkpoint"),
+        "{}",
+        out["info"]
+    );
+    let (_, out) = s.post("/sdapi/v1/txt2img", body(json!({}))).await;
+    assert!(out["images"][0] == plain[0].as_str(), "back on sd1");
+    let (status, out) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            body(json!({"override_settings": {"sd_model_checkpoint": "nope"}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{out}");
 
     let (status, out) = s
         .post(

@@ -208,7 +208,7 @@ fn ignored_fields(c: &CommonParams, other: &Map<String, Value>) -> Vec<String> {
         c.override_settings
             .iter()
             .flat_map(|m| m.keys())
-            .filter(|k| *k != CLIP_SKIP_OPTION)
+            .filter(|k| *k != CLIP_SKIP_OPTION && *k != crate::state::MODEL_OPTION)
             .map(|k| format!("override_settings.{k}")),
     );
     out.extend(other.keys().cloned());

@@ -20,6 +20,7 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 use crate::post::PostModels;
+use crate::state::MODEL_OPTION;
 use crate::work::Work;
 
 pub use embedding::{CreateEmbeddingRequest, TrainEmbeddingRequest};
@@ -102,6 +103,23 @@ impl JobSpec {
         }
     }
 
+    /// The checkpoint a request names in `override_settings.sd_model_checkpoint` (A1111 runs
+    /// the request on it; with `override_settings_restore_afterwards` the next request without
+    /// it runs on the selected model again, as here).
+    pub fn model_override(&self) -> Option<String> {
+        let common = match self {
+            JobSpec::Txt2img { request, .. } => &request.common,
+            JobSpec::Img2img { request, .. } => &request.common,
+            _ => return None,
+        };
+        let name = common
+            .override_settings
+            .as_ref()?
+            .get(MODEL_OPTION)?
+            .as_str()?;
+        Some(name.to_string()).filter(|n| !n.trim().is_empty())
+    }
+
     /// The request as echoed back (A1111's `parameters`, the UI's job view), large images
     /// left out.
     pub fn params(&self) -> Value {
@@ -157,7 +175,7 @@ impl JobSpec {
             .for_each(|(_, v)| *v = Value::Null);
         if let Some(settings) = &mut common.override_settings {
             for (k, v) in settings.iter_mut() {
-                if k != CLIP_SKIP_OPTION {
+                if k != CLIP_SKIP_OPTION && k != MODEL_OPTION {
                     *v = Value::Null;
                 }
             }
