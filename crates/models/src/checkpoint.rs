@@ -197,6 +197,7 @@ pub fn read_tensors(path: &Path) -> Result<TensorMap, LoadError> {
 
 /// Loads a model from a diffusers folder or a single checkpoint file.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<SdWeights, LoadError> {
+    let started = std::time::Instant::now();
     let mut weights = if path.is_dir() {
         load_diffusers(path, opts)?
     } else {
@@ -206,6 +207,11 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<SdWeights, LoadError> {
         let scaling = weights.vae.config.scaling_factor;
         weights.vae = load_vae_file(vae, scaling, opts.config_dir.as_deref())?;
     }
+    tracing::info!(
+        path = %path.display(),
+        seconds = started.elapsed().as_secs_f64(),
+        "weights read"
+    );
     Ok(weights)
 }
 

@@ -316,8 +316,10 @@ impl Engine {
         vram: VramMode,
     ) -> Result<Self, Error> {
         let tokenizer = ClipTokenizer::new().map_err(|e| Error::Invalid(e.to_string()))?;
+        let started = Instant::now();
         // The LoRA state keeps the base weights; the resident networks share their memory.
         let loras = LoraNetworks::new(&weights, &device, dtype, vram == VramMode::High)?;
+        let uploaded = started.elapsed().as_secs_f64();
         let resident = match vram {
             VramMode::High => Some(Networks {
                 clip: loras.build_clip(&weights, Part::TextEncoder)?,
@@ -331,6 +333,11 @@ impl Engine {
             }),
             VramMode::Low => None,
         };
+        tracing::info!(
+            uploaded_seconds = uploaded,
+            built_seconds = started.elapsed().as_secs_f64() - uploaded,
+            "networks on the device"
+        );
         let embeddings = EmbeddingSet::empty(TextWidths::of(&weights));
         Ok(Self {
             embeddings,
@@ -383,6 +390,25 @@ impl Engine {
     /// Takes the refiner out (e.g. to hand its weights to another engine).
     pub fn take_refiner(&mut self) -> Option<Engine> {
         self.refiner.take().map(|r| *r)
+    }
+
+    /// A two-step generation at the model's native size (its UNet's `sample_size`), so that
+    /// what a device prepares per shape on first use (cuDNN plans, kernel modules, the memory
+    /// pool's growth) is ready before a server says it is: without it the first request
+    /// after a cold start pays for all of it.
+    pub fn warm_up(&mut self) -> Result<(), Error> {
+        let side = self.weights.unet.config.sample_size.map_or(512, |s| s * 8);
+        let side = side.min(self.limits.max_size) / 8 * 8;
+        let req = Request {
+            prompt: "warm-up".into(),
+            sampler: "Euler".into(),
+            steps: 2,
+            width: side,
+            height: side,
+            ..Request::default()
+        };
+        self.generate(&req, &mut |_| crate::sampler::Flow::Continue)
+            .map(|_| ())
     }
 
     /// Uses the ControlNet files of `library` from now on.

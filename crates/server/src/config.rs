@@ -102,6 +102,9 @@ pub struct Config {
     pub dtype: DType,
     /// Which networks stay on the device.
     pub vram: VramMode,
+    /// Run a small generation after loading a model, before saying ready (see
+    /// `Engine::warm_up`).
+    pub warm_up: bool,
     /// Who may call.
     pub auth: crate::auth::AuthConfig,
     /// Jobs that may wait; more get 429.

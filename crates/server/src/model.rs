@@ -53,6 +53,10 @@ pub struct ModelStatus {
     pub progress: Option<FetchProgress>,
     /// "sd1", "sd2" or "sdxl" once loaded.
     pub family: Option<String>,
+    /// Seconds the slowest worker's warm-up generation took before it said ready
+    /// (`--warm-up`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub warm_up_seconds: Option<f64>,
     #[serde(skip)]
     pub path: Option<PathBuf>,
     /// Bumped on every selection; workers reload when theirs is older.
@@ -444,12 +448,21 @@ impl ModelSlot {
         }
     }
 
-    /// A worker finished loading `generation`; once every worker has, it serves.
-    pub fn loaded(&self, generation: u64, family: &str) {
+    /// What a worker is doing with `generation` (loading, warming up), for `/readyz`.
+    pub fn doing(&self, generation: u64, message: String) {
+        self.update_if(generation, |s| s.message = Some(message));
+    }
+
+    /// A worker finished loading `generation` (and warming up, taking `warm_up` seconds);
+    /// once every worker has, it serves.
+    pub fn loaded(&self, generation: u64, family: &str, warm_up: Option<f64>) {
         let workers = self.workers;
         self.update_if(generation, |s| {
             s.loaded_by += 1;
             s.family = Some(family.to_string());
+            if let Some(w) = warm_up {
+                s.warm_up_seconds = Some(s.warm_up_seconds.map_or(w, |v| v.max(w)));
+            }
             if s.loaded_by >= workers {
                 s.state = ModelState::Ready;
                 s.message = None;

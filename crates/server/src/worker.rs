@@ -150,15 +150,37 @@ impl Worker {
                     seconds = started.elapsed().as_secs_f64(),
                     "model loaded"
                 );
+                let warm_up = self.warm_up(&mut engine, &want);
                 self.generation = want.generation;
                 self.state
                     .model
-                    .loaded(want.generation, engine.family().name());
+                    .loaded(want.generation, engine.family().name(), warm_up);
                 self.engine = Some(engine);
             }
             // The next call loads the served model again.
             Err(e) => self.load_failed(&want, &without_backtrace(&e.to_string())),
         }
+    }
+
+    /// The engine's warm-up generation, when configured: seconds it took. A failed warm-up
+    /// leaves the model serving (the first request then meets the same problem and reports
+    /// it).
+    fn warm_up(&self, engine: &mut Engine, want: &Wanted) -> Option<f64> {
+        if !self.state.config.warm_up {
+            return None;
+        }
+        let device = device_label(&self.device);
+        self.state
+            .model
+            .doing(want.generation, format!("warming up on {device}"));
+        let started = Instant::now();
+        let result = engine.warm_up();
+        let seconds = started.elapsed().as_secs_f64();
+        match result {
+            Ok(()) => tracing::info!(model = %want.name, %device, seconds, "warmed up"),
+            Err(e) => tracing::warn!(model = %want.name, %device, error = %e, "warm-up failed"),
+        }
+        Some(seconds)
     }
 
     fn load_failed(&self, want: &Wanted, error: &str) {

@@ -368,3 +368,37 @@ async fn a_model_that_cannot_load_is_reported_not_ready_with_the_reason() {
         "{last}"
     );
 }
+
+/// `--warm-up`: the worker runs a generation after loading and before /readyz says ready, and
+/// /readyz tells how long it took; off, neither. The warm-up is no user's job: no image, no
+/// count.
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_comes_after_the_warm_up_generation() {
+    let warm = start(|c| c.warm_up = true).await;
+    let (status, body) = warm.get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let seconds = body["warm_up_seconds"].as_f64().expect("warm_up_seconds");
+    assert!(seconds > 0.0, "{body}");
+    let metrics = warm
+        .client
+        .get(warm.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("sdkube_images_generated_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    let (_, gallery) = warm.get("/api/v1/gallery").await;
+    assert_eq!(gallery["total"], 0, "{gallery}");
+
+    let cold = start(|_| {}).await;
+    let (status, body) = cold.get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.get("warm_up_seconds").is_none(), "{body}");
+}

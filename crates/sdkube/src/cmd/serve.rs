@@ -90,6 +90,11 @@ pub struct Args {
     /// `low` keeps only the network in use on the GPU; `high` keeps all resident.
     #[arg(long, env = "SDKUBE_VRAM", default_value = "high")]
     pub vram: String,
+    /// After loading a model, run a 2-step generation at its native size before /readyz says
+    /// ready, so that the first request does not pay for the GPU's per-shape preparations:
+    /// auto (on for GPUs), on or off.
+    #[arg(long, env = "SDKUBE_WARM_UP", default_value = "auto")]
+    pub warm_up: String,
     /// Require this API key (header `Authorization: Bearer KEY` or `X-Api-Key`).
     #[arg(long, env = "SDKUBE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -272,6 +277,12 @@ fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
         "low" => VramMode::Low,
         other => anyhow::bail!("unknown --vram {other:?}: use high or low"),
     };
+    let warm_up = match args.warm_up.as_str() {
+        "auto" => devices.iter().any(|d| !d.is_cpu()),
+        "on" => true,
+        "off" => false,
+        other => anyhow::bail!("unknown --warm-up {other:?}: use auto, on or off"),
+    };
     let listen = args
         .listen
         .parse()
@@ -323,6 +334,7 @@ fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
         devices,
         dtype,
         vram,
+        warm_up,
         auth: sdkube_server::AuthConfig {
             api_key: args.api_key.clone(),
             basic,

@@ -56,6 +56,7 @@ pub fn config(dir: &Path) -> Config {
         devices: vec![candle_core::Device::Cpu],
         dtype: candle_core::DType::F32,
         vram: sdkube_pipeline::VramMode::High,
+        warm_up: false,
         auth: AuthConfig::default(),
         queue_size: 32,
         cors_origins: Vec::new(),
