@@ -141,19 +141,17 @@ impl Worker {
             checkpoint: None,
         };
         let before = self.state.model.status().selection;
-        let mut cells = JobCells {
-            worker: self,
-            job,
-            work,
-            done_steps: 0,
-        };
         let output = script.run(
             &base,
             work.n_iter,
-            &mut cells,
+            &mut JobCells {
+                worker: self,
+                job,
+                work,
+                done_steps: 0,
+            },
             &mut sdkube_pipeline::random_seed,
         );
-        drop(cells);
         // A checkpoint axis leaves the model served before it, as A1111 restores its
         // override_settings afterwards.
         if self.state.model.status().selection != before {
