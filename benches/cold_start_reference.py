@@ -70,7 +70,9 @@ def load(folder):
     t_import = time.perf_counter() - T0
     sdxl = "StableDiffusionXL" in open(f"{folder}/model_index.json").read()
     cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
-    extra = {} if sdxl else {"safety_checker": None, "feature_extractor": None}
+    # The parts the folder has no files for (no tokenizers: neither side needs them here).
+    extra = {"tokenizer": None, "image_encoder": None, "feature_extractor": None}
+    extra.update({"tokenizer_2": None} if sdxl else {"safety_checker": None})
     t = time.perf_counter()
     pipe = cls.from_pretrained(folder, torch_dtype=torch.float16, **extra).to("cuda")
     torch.cuda.synchronize()

@@ -251,3 +251,30 @@ fn the_refiner_can_serve_as_the_model_itself() {
     assert_eq!(out.image.dimensions(), (64, 64));
     assert!(!out.infotext.contains("Clip skip"));
 }
+
+#[test]
+fn refined_requests_batched_together_come_out_as_alone() {
+    let mut e = refined(VramMode::High, "sdxl-refiner");
+    let a = Request {
+        seed: 3,
+        ..request(Some(0.5))
+    };
+    let b = Request {
+        seed: 4,
+        prompt: "a red boat".into(),
+        ..request(Some(0.5))
+    };
+    assert!(e.can_batch(&a, &b));
+    assert!(
+        !e.can_batch(&a, &request(Some(0.6))),
+        "another switch point"
+    );
+    assert!(!e.can_batch(&a, &request(None)), "no refiner");
+    let together = e
+        .generate_batch(&[a.clone(), b.clone()], &mut |_| Flow::Continue)
+        .unwrap();
+    for (req, batched) in [(&a, &together[0][0]), (&b, &together[1][0])] {
+        let alone = e.generate(req, &mut |_| Flow::Continue).unwrap().remove(0);
+        assert_close("batched vs alone", &batched.latent, &alone.latent, 1e-5);
+    }
+}
