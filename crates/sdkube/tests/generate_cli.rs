@@ -482,3 +482,42 @@ fn scripts_write_their_grid_then_the_images() {
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("Nonsense"), "{stderr}");
 }
+
+/// The X/Y/Z plot's checkpoint axis from the CLI: each cell on its model (paths or catalog
+/// names), as a plain run with that model draws it.
+#[test]
+fn a_checkpoint_axis_runs_each_cell_on_its_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let models = format!(
+        "Checkpoint name:{},{}",
+        fixture("sd1").display(),
+        fixture("sd2v").display()
+    );
+    let run = sdkube()
+        .args(base_args(&out))
+        .args(["--xyz-x", &models, "--xyz-images"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let mut files: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 3, "{files:?}");
+    let text = png_parameters(&files[2]);
+    assert!(text.contains("Model: sd2v"), "{text}");
+    let plain = dir.path().join("plain");
+    let mut args = base_args(&plain);
+    let at = args.iter().position(|a| a == "--model").unwrap();
+    args[at + 1] = fixture("sd2v").display().to_string();
+    assert!(sdkube().args(args).output().unwrap().status.success());
+    let cell = image::open(&files[2]).unwrap().to_rgb8();
+    let alone = image::open(plain.join("00000-5.png")).unwrap().to_rgb8();
+    assert!(cell == alone, "the sd2v cell differs from a plain sd2v run");
+}

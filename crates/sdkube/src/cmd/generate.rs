@@ -201,6 +201,42 @@ fn control_units(args: &Args) -> anyhow::Result<Vec<ControlUnit>> {
     }])
 }
 
+/// An engine for `model` (a path or catalog name) on the command's device, with its limits,
+/// embeddings, LoRA and ControlNet folders and refiner.
+fn engine_for(args: &Args, model: &Path, opts: &LoadOptions) -> anyhow::Result<Engine> {
+    let (device, dtype) = args.device.resolve()?;
+    let weights = sdkube_models::load(&resolve_model(model, &args.store)?, opts)?;
+    let name = sdkube_models::model_name(model);
+    let widths = sdkube_pipeline::embeddings::TextWidths::of(&weights);
+    let mut engine = Engine::new(weights, &name, device, dtype, args.device.vram.into())?;
+    engine.limits.max_steps = args.max_steps;
+    if let Some(dir) = &args.embeddings {
+        let set = sdkube_pipeline::embeddings::EmbeddingSet::load_dir(dir, widths)?;
+        for (name, reason) in set.skipped() {
+            eprintln!("embedding {name} skipped: {reason}");
+        }
+        engine.set_embeddings(set);
+    }
+    engine.set_loras(sdkube_pipeline::loras::LoraLibrary::new(
+        args.lora_dirs.clone(),
+    ));
+    engine.set_controlnets(ControlNetLibrary::new(args.controlnet_dirs.clone()));
+    if let Some(r) = &args.refiner {
+        let weights =
+            sdkube_models::load(&resolve_model(r, &args.store)?, &LoadOptions::default())?;
+        let (device, dtype) = args.device.resolve()?;
+        let refiner = Engine::new(
+            weights,
+            &sdkube_models::model_name(r),
+            device,
+            dtype,
+            args.device.vram.into(),
+        )?;
+        engine.set_refiner(Some(refiner))?;
+    }
+    Ok(engine)
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let init_image = args.init_image.as_deref().map(read_image).transpose()?;
     let mask = args
@@ -248,37 +284,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         config_dir: args.config.clone(),
         vae: args.vae.clone(),
     };
-    let (device, dtype) = args.device.resolve()?;
-    let model = resolve_model(&args.model, &args.store)?;
-    let weights = sdkube_models::load(&model, &opts)?;
+    let (_, dtype) = args.device.resolve()?;
     let name = sdkube_models::model_name(&args.model);
-    let widths = sdkube_pipeline::embeddings::TextWidths::of(&weights);
-    let mut engine = Engine::new(weights, &name, device, dtype, args.device.vram.into())?;
-    engine.limits.max_steps = args.max_steps;
-    if let Some(dir) = &args.embeddings {
-        let set = sdkube_pipeline::embeddings::EmbeddingSet::load_dir(dir, widths)?;
-        for (name, reason) in set.skipped() {
-            eprintln!("embedding {name} skipped: {reason}");
-        }
-        engine.set_embeddings(set);
-    }
-    engine.set_loras(sdkube_pipeline::loras::LoraLibrary::new(
-        args.lora_dirs.clone(),
-    ));
-    engine.set_controlnets(ControlNetLibrary::new(args.controlnet_dirs.clone()));
-    if let Some(r) = &args.refiner {
-        let weights =
-            sdkube_models::load(&resolve_model(r, &args.store)?, &LoadOptions::default())?;
-        let (device, dtype) = args.device.resolve()?;
-        let refiner = Engine::new(
-            weights,
-            &sdkube_models::model_name(r),
-            device,
-            dtype,
-            args.device.vram.into(),
-        )?;
-        engine.set_refiner(Some(refiner))?;
-    }
+    let mut engine = engine_for(&args, &args.model, &opts)?;
     engine.validate(&req)?;
     let hires = args
         .hires_scale
@@ -316,7 +324,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             hires: hires.clone(),
             checkpoint: None,
         };
-        let images = scripts::run(&script, &base, &mut engine, upscaler.as_mut())?;
+        // A checkpoint axis's models: loaded as the command's, the --vae kept.
+        let cell_opts = LoadOptions {
+            vae: args.vae.clone(),
+            ..LoadOptions::default()
+        };
+        let load = |model: &str| engine_for(&args, Path::new(model), &cell_opts);
+        let images = scripts::run(&script, &base, engine, upscaler.as_mut(), &load)?;
         let pngs = images
             .iter()
             .map(|i| Ok((i.seed, encode_png(&i.image, Some(&i.infotext.to_string()))?)))

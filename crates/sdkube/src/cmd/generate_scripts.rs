@@ -114,43 +114,55 @@ pub(super) fn script_of(args: &ScriptArgs, mode: Mode) -> anyhow::Result<Option<
     let upscaler = args.upscaler.clone();
     let names = move |_: usize| Ok::<_, ScriptError>(upscaler.clone());
     let items = script_args.as_array().cloned().unwrap_or_default();
-    let script =
-        Script::parse(name, &items, mode, &names).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-    if let Some(Script::Xyz(x)) = &script {
-        let checkpoint = x
-            .axes
-            .iter()
-            .any(|a| a.axis == sdkube_pipeline::scripts::xyz::Axis::Checkpoint);
-        anyhow::ensure!(!checkpoint, "--xyz-*: the Checkpoint name axis needs the server (`sdkube serve`), which switches models");
-    }
-    Ok(script)
+    Script::parse(name, &items, mode, &names).map_err(|e| anyhow::anyhow!("{name}: {e}"))
 }
 
-/// Cells through the command's engine.
+/// Cells through the command's engine, or for a checkpoint axis the cell's model's: one model
+/// on the device at a time, the previous leaving before the next loads (the axis is the
+/// outer loop, so each loads once).
 pub(super) struct CommandCells<'a> {
-    pub engine: &'a mut Engine,
+    pub engine: Option<Engine>,
+    /// An engine for a checkpoint (path or catalog name), as the command's.
+    pub load: &'a dyn Fn(&str) -> anyhow::Result<Engine>,
     pub upscaler: Option<&'a mut ImageUpscaler>,
     pub bar: &'a indicatif::ProgressBar,
+}
+
+impl CommandCells<'_> {
+    /// The engine of `checkpoint` (the current one when `None` or already it).
+    fn engine(&mut self, checkpoint: Option<&str>) -> anyhow::Result<&mut Engine> {
+        let current = self.engine.as_ref().map(|e| e.model_name().to_string());
+        if let Some(wanted) = checkpoint {
+            let name = sdkube_models::model_name(std::path::Path::new(wanted));
+            if current.as_deref() != Some(name.as_str()) {
+                self.engine = None;
+                self.engine = Some((self.load)(wanted)?);
+            }
+        }
+        self.engine.as_mut().context("no model loaded")
+    }
 }
 
 impl CellRunner for CommandCells<'_> {
     type Error = anyhow::Error;
 
     fn run_cell(&mut self, cell: &Cell) -> anyhow::Result<Option<CellImage>> {
-        self.engine.validate(&cell.request)?;
         let bar = self.bar;
+        self.engine(cell.checkpoint.as_deref())?;
+        let upscaler = self.upscaler.as_deref_mut();
+        let engine = self.engine.as_mut().context("no model loaded")?;
+        engine.validate(&cell.request)?;
         let mut on_step = |p: &Progress| {
             bar.set_message(format!("step {}/{}", p.step + 1, p.total));
             Flow::Continue
         };
-        let mut images = self.engine.generate(&cell.request, &mut on_step)?;
+        let mut images = engine.generate(&cell.request, &mut on_step)?;
         let Some(mut g) = images.pop() else {
             return Ok(None);
         };
-        if let (Some(h), Some(up)) = (&cell.hires, self.upscaler.as_deref_mut()) {
+        if let (Some(h), Some(up)) = (&cell.hires, upscaler) {
             let mut upscale = |_: &str, img: &DynamicImage, f: f32| up.run(img, f);
-            g = self
-                .engine
+            g = engine
                 .hires_fix(&cell.request, &g, h, &mut upscale, &mut on_step)
                 .map_err(|e| match e {
                     HiresError::Upscale(e) => e.context("hires fix upscaler"),
@@ -171,7 +183,8 @@ impl CellRunner for CommandCells<'_> {
         image: &DynamicImage,
         factor: f32,
     ) -> anyhow::Result<DynamicImage> {
-        ImageUpscaler::new(name, self.engine.device())?.run(image, factor)
+        let device = self.engine(None)?.device().clone();
+        ImageUpscaler::new(name, &device)?.run(image, factor)
     }
 }
 
@@ -179,8 +192,9 @@ impl CellRunner for CommandCells<'_> {
 pub(super) fn run(
     script: &Script,
     base: &Cell,
-    engine: &mut Engine,
+    engine: Engine,
     upscaler: Option<&mut ImageUpscaler>,
+    load: &dyn Fn(&str) -> anyhow::Result<Engine>,
 ) -> anyhow::Result<Vec<ScriptImage>> {
     let cells = script.cells(base, &mut sdkube_pipeline::random_seed)?;
     let bar = indicatif::ProgressBar::new(cells.len() as u64);
@@ -188,7 +202,8 @@ pub(super) fn run(
         "{bar:40} {pos}/{len} images  {msg}  {elapsed}",
     )?);
     let mut runner = CommandCells {
-        engine,
+        engine: Some(engine),
+        load,
         upscaler,
         bar: &bar,
     };
