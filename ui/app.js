@@ -280,6 +280,7 @@ const ui = {
   mode: 'txt2img',
   tab: 'txt2img',
   lastSeed: null,
+  lastSubseed: null,
   currentJobId: null,
   followed: new Map(), // job id -> {close()}
   init: null, // {dataUrl, width, height}
@@ -289,6 +290,8 @@ const ui = {
   galleryPerPage: 24,
   gallerySelected: null,
   extrasImage: null,
+  scripts: null, // /sdapi/v1/scripts: {txt2img: [names], img2img: [names]}
+  scriptInfo: null, // /sdapi/v1/script-info
   queueTimer: null,
   statusTimer: null,
 };
@@ -323,6 +326,9 @@ function selectTab(tab) {
     ui.mode = tab;
     $('tab-generate').dataset.mode = tab;
     $('img2img-panel').hidden = tab !== 'img2img';
+    // Hires fix is txt2img's; the scripts and X/Y/Z axes differ between the tabs.
+    $('hires-panel').hidden = tab !== 'txt2img';
+    renderScriptChoices();
   }
   $('tab-generate').hidden = !generate;
   for (const name of ['extras', 'queue', 'gallery', 'embeddings', 'loras']) $(`tab-${name}`).hidden = tab !== name;
@@ -483,12 +489,25 @@ async function loadSamplers() {
 }
 
 async function loadExtrasChoices() {
+  let upscalers = [];
   try {
-    const upscalers = await api('/sdapi/v1/upscalers');
+    upscalers = await api('/sdapi/v1/upscalers');
     fillSelect($('upscaler'), upscalers, (u) => u.name, (u) => (u.model_name && u.scale ? `${u.name} (x${u.scale})` : u.name), 'Lanczos');
   } catch (err) {
     showError('Loading upscalers', err);
   }
+  // SD upscale takes an index into /sdapi/v1/upscalers (A1111's radio of type "index").
+  const lanczos = upscalers.findIndex((u) => u.name === 'Lanczos');
+  fillSelect($('sdu-upscaler'), upscalers.map((u, i) => ({ ...u, index: String(i) })), (u) => u.index, (u) => u.name, lanczos >= 0 ? String(lanczos) : '0');
+  // Hires fix lists the latent modes first, then the upscalers, as A1111 does.
+  let latent = [{ name: 'Latent' }];
+  try {
+    latent = await api('/sdapi/v1/latent-upscale-modes');
+  } catch (err) {
+    showError('Loading latent upscale modes', err);
+  }
+  const hiresNames = [...new Set([...latent.map((m) => m.name), ...upscalers.map((u) => u.name)])];
+  fillSelect($('hr-upscaler'), hiresNames, (n) => n, (n) => n, 'Latent');
   try {
     const restorers = await api('/sdapi/v1/face-restorers');
     const select = $('face-restorer');
@@ -527,6 +546,18 @@ function collectParams() {
     n_iter: numberField('batch-count', 'Batch count'),
     restore_faces: $('restore-faces').checked,
   };
+  if ($('tiling').checked) params.tiling = true;
+  Object.assign(params, variationParams());
+  if (ui.mode === 'txt2img' && $('hr-enabled').checked) {
+    Object.assign(params, {
+      enable_hr: true,
+      hr_scale: numberField('hr-scale', 'Hires upscale by', false),
+      hr_upscaler: $('hr-upscaler').value,
+      hr_second_pass_steps: numberField('hr-steps', 'Hires steps'),
+      denoising_strength: numberField('hr-denoising', 'Hires denoising strength', false),
+    });
+  }
+  Object.assign(params, scriptParams());
   const refiner = $('refiner-checkpoint').value;
   if (refiner) {
     params.refiner_checkpoint = refiner;
@@ -674,7 +705,11 @@ function jobFinished(job) {
   refreshGalleryIfShown();
   if (job.id !== ui.currentJobId) return;
   $('cancel').disabled = true;
-  if (job.images && job.images.length) ui.lastSeed = job.images[0].seed;
+  if (job.images && job.images.length) {
+    ui.lastSeed = job.images[0].seed;
+    const variation = parseInfotext(job.images[0].infotext).params['Variation seed'];
+    ui.lastSubseed = variation === undefined ? null : variation;
+  }
   if (job.state === 'succeeded') {
     const bar = $('progress');
     bar.max = job.total_steps || 1;
@@ -682,7 +717,7 @@ function jobFinished(job) {
     const count = (job.images || []).length;
     $('progress-text').textContent = `Done: step ${job.total_steps}/${job.total_steps}, ${count} image${count === 1 ? '' : 's'}`;
     $('preview').hidden = true;
-    renderResults(job.images || []);
+    renderResults(job.images || [], job);
   } else if (job.state === 'failed') {
     $('progress-text').textContent = 'Failed';
     showError('Generation failed', job.error || 'the server gave no reason');
@@ -691,18 +726,26 @@ function jobFinished(job) {
   }
 }
 
-function renderResults(images) {
+/** The title of the grid a job's first image is (X/Y/Z plot, prompt matrix), or null. */
+function gridTitle(job) {
+  const name = String((job && job.params && job.params.script_name) || '').trim().toLowerCase();
+  return name === 'x/y/z plot' || name === 'prompt matrix' ? SCRIPT_TITLES[name] : null;
+}
+
+function renderResults(images, job) {
+  // A script's grid comes first, then its single images: the grid spans the whole row.
+  const grid = gridTitle(job);
   // Images the server did not save (ControlNet's detected maps, shown in the panel) have no URL.
   $('results').replaceChildren(
-    ...images.filter((image) => image.url).map((image) =>
+    ...images.map((image, i) => ({ image, isGrid: Boolean(grid) && i === 0 })).filter(({ image }) => image.url).map(({ image, isGrid }) =>
       el(
         'figure',
-        { class: 'result' },
-        el('a', { href: image.url, target: '_blank', rel: 'noopener' }, el('img', { src: image.url, alt: `Seed ${image.seed}` })),
+        { class: isGrid ? 'result grid-result' : 'result', dataset: { kind: isGrid ? 'grid' : 'image' } },
+        el('a', { href: image.url, target: '_blank', rel: 'noopener' }, el('img', { src: image.url, alt: isGrid ? `${grid} grid` : `Seed ${image.seed}` })),
         el(
           'figcaption',
           {},
-          el('span', { class: 'muted' }, `seed ${image.seed}`),
+          el('span', { class: 'muted' }, isGrid ? `${grid} grid` : `seed ${image.seed}`),
           el('button', { type: 'button', onclick: () => sendToImg2img(image.url, image.infotext) }, 'Send to img2img'),
           el('button', { type: 'button', onclick: () => sendToExtras(image.url) }, 'Send to extras'),
           el('button', { type: 'button', title: 'Use this seed', onclick: () => ($('seed').value = image.seed) }, '♻'),
@@ -725,7 +768,11 @@ async function cancelJob(id) {
 
 // --- infotext → controls ------------------------------------------------------------------------
 
-function applyInfotext(infotext) {
+/**
+ * Fills the controls from an image's infotext. `txt2img` also sets the hires fix (A1111 pastes
+ * it into txt2img only).
+ */
+function applyInfotext(infotext, { txt2img = false } = {}) {
   if (!infotext) return;
   const { prompt, negative_prompt: negative, params } = parseInfotext(infotext);
   $('prompt').value = prompt;
@@ -747,6 +794,24 @@ function applyInfotext(infotext) {
     setNumber('height', h);
   }
   setNumber('denoising', params['Denoising strength']);
+  // Variations and tiling: absent means off, so that the image's own settings come back.
+  setNumber('subseed', params['Variation seed'] ?? -1);
+  setNumber('subseed-strength', params['Variation seed strength'] ?? 0);
+  const [resizeW, resizeH] = String(params['Seed resize from'] || '0x0').split('x');
+  setNumber('seed-resize-w', resizeW);
+  setNumber('seed-resize-h', resizeH);
+  $('tiling').checked = params.Tiling === 'True';
+  if (txt2img) {
+    const hires = params['Hires upscale'] !== undefined || params['Hires upscaler'] !== undefined;
+    $('hr-enabled').checked = hires;
+    if (hires) {
+      setNumber('hr-scale', params['Hires upscale'] ?? 2);
+      setOption('hr-upscaler', params['Hires upscaler']);
+      setNumber('hr-steps', params['Hires steps'] ?? 0);
+      setNumber('hr-denoising', params['Denoising strength']);
+    }
+  }
+  updatePanelStates();
 }
 
 // --- img2img: initial image and mask painting ---------------------------------------------------
@@ -1126,6 +1191,180 @@ async function previewControlMap() {
   }
 }
 
+// --- variation seed, hires fix ------------------------------------------------------------------
+
+/** The variation seed fields to send: only what differs from "off", as A1111's Extra does. */
+function variationParams() {
+  const out = {};
+  const strength = numberField('subseed-strength', 'Variation strength', false);
+  if (strength !== 0) {
+    out.subseed = numberField('subseed', 'Variation seed');
+    out.subseed_strength = strength;
+  }
+  const width = numberField('seed-resize-w', 'Resize seed from width');
+  const height = numberField('seed-resize-h', 'Resize seed from height');
+  // A1111 resizes the seed only when both sides are set.
+  if (width > 0 && height > 0) {
+    out.seed_resize_from_w = width;
+    out.seed_resize_from_h = height;
+  }
+  return out;
+}
+
+/** What a closed panel does, in its summary; the hires fix's target size. */
+function updatePanelStates() {
+  const number = (id) => Number($(id).value);
+  const extra = [];
+  if (number('subseed-strength')) extra.push(`strength ${number('subseed-strength')}`);
+  if (number('seed-resize-w') > 0 && number('seed-resize-h') > 0) extra.push(`from ${number('seed-resize-w')}×${number('seed-resize-h')}`);
+  $('extra-state').textContent = extra.length ? `· ${extra.join(', ')}` : '';
+  const enabled = $('hr-enabled').checked;
+  $('hires-state').textContent = enabled ? `· on, ×${$('hr-scale').value} ${$('hr-upscaler').value}` : '';
+  // sdkube's hires size: each side times the scale, rounded down to a multiple of 8.
+  const side = (v) => Math.floor(Math.floor(v * number('hr-scale')) / 8) * 8;
+  const [w, h] = [number('width'), number('height')];
+  $('hr-size').textContent = w > 0 && h > 0 && number('hr-scale') > 0 ? `From ${w}×${h} to ${side(w)}×${side(h)}` : '';
+}
+
+// --- scripts: X/Y/Z plot, prompt matrix, SD upscale ---------------------------------------------
+
+/** The scripts the UI has controls for, by A1111's lower-case names, with their titles. */
+const SCRIPT_TITLES = { 'prompt matrix': 'Prompt matrix', 'sd upscale': 'SD upscale', 'x/y/z plot': 'X/Y/Z plot' };
+const SCRIPT_PANELS = { 'prompt matrix': 'script-matrix', 'sd upscale': 'script-sdupscale', 'x/y/z plot': 'script-xyz' };
+const XYZ_AXES = ['x', 'y', 'z'];
+/** Axis labels the server takes as they are, should /sdapi/v1/script-info list none. */
+const XYZ_FALLBACK_AXES = ['Nothing', 'Seed', 'Var. seed', 'Var. strength', 'Steps', 'CFG Scale', 'Prompt S/R', 'Sampler', 'Checkpoint name', 'Schedule type', 'Clip skip', 'Denoising', 'Size'];
+
+async function loadScripts() {
+  try {
+    const [scripts, info] = await Promise.all([api('/sdapi/v1/scripts'), api('/sdapi/v1/script-info')]);
+    ui.scripts = scripts;
+    ui.scriptInfo = info;
+  } catch (err) {
+    showError('Loading scripts', err);
+  }
+  renderScriptChoices();
+}
+
+/** The script select of the current tab (the server's list) and the X/Y/Z axes. */
+function renderScriptChoices() {
+  const select = $('script-name');
+  const previous = select.value;
+  const names = ((ui.scripts && ui.scripts[ui.mode]) || []).filter((name) => SCRIPT_PANELS[name]);
+  select.replaceChildren(el('option', { value: '' }, 'None'), ...names.map((name) => el('option', { value: name }, SCRIPT_TITLES[name])));
+  select.value = names.includes(previous) ? previous : '';
+  fillAxisSelects();
+  showScriptControls();
+}
+
+function showScriptControls() {
+  const name = $('script-name').value;
+  for (const [script, id] of Object.entries(SCRIPT_PANELS)) $(id).hidden = script !== name;
+}
+
+/**
+ * The X/Y/Z axis types of a tab. From /sdapi/v1/script-info they are sent as A1111 sends
+ * them, as indices into that list; the fallback list is sent by label.
+ */
+function xyzAxes(mode) {
+  const info = (ui.scriptInfo || []).find((s) => s.name === 'x/y/z plot' && Boolean(s.is_img2img) === (mode === 'img2img'));
+  const args = (info && info.args) || [];
+  if (args[0] && Array.isArray(args[0].choices) && args[0].choices.length) {
+    return { labels: args[0].choices, byIndex: true, defaults: [0, 3, 6].map((i) => args[i] && args[i].value) };
+  }
+  return { labels: XYZ_FALLBACK_AXES, byIndex: false, defaults: ['Seed', 'Nothing', 'Nothing'] };
+}
+
+function fillAxisSelects() {
+  const { labels, byIndex, defaults } = xyzAxes(ui.mode);
+  XYZ_AXES.forEach((axis, k) => {
+    const select = $(`xyz-${axis}-type`);
+    const previous = select.selectedOptions[0] ? select.selectedOptions[0].textContent : null;
+    select.replaceChildren(...labels.map((label, i) => el('option', { value: byIndex ? String(i) : label }, label)));
+    select.dataset.byIndex = String(byIndex);
+    const wanted = [previous, defaults[k], 'Nothing'].find((label) => labels.includes(label));
+    select.selectedIndex = Math.max(0, labels.indexOf(wanted));
+    showAxisHint(axis);
+  });
+}
+
+/** An example of the values an axis takes, from the server's lists where it has one. */
+function axisExample(label) {
+  const listed = (id) => [...$(id).options].map((o) => o.textContent).filter(Boolean).slice(0, 3).join(', ');
+  const examples = {
+    Seed: '1, 2, 3 (-1: random)',
+    'Var. seed': '1, 2, 3',
+    'Var. strength': '0, 0.25, 0.5',
+    Steps: '10, 20, 30 or 10-30 (+10)',
+    'Hires steps': '5, 10',
+    'CFG Scale': '5, 7.5, 10',
+    'Prompt S/R': 'the prompt\'s words, then their replacements',
+    'Clip skip': '1, 2',
+    Denoising: '0.3, 0.5, 0.7',
+    Size: '512x512, 768x512',
+    Sampler: listed('sampler'),
+    'Checkpoint name': listed('model'),
+    'Schedule type': listed('scheduler'),
+    'Hires upscaler': listed('hr-upscaler'),
+  };
+  if (label === 'Nothing') return '';
+  return label in examples ? examples[label] : 'values, separated by commas';
+}
+
+function showAxisHint(axis) {
+  const select = $(`xyz-${axis}-type`);
+  const label = select.selectedOptions[0] ? select.selectedOptions[0].textContent : '';
+  $(`xyz-${axis}-values`).placeholder = axisExample(label);
+}
+
+function axisType(axis) {
+  const select = $(`xyz-${axis}-type`);
+  return select.dataset.byIndex === 'true' ? Number(select.value) : select.value;
+}
+
+/**
+ * `script_name` and `script_args` of the chosen script: A1111 1.10's positional lists. The
+ * X/Y/Z values are typed text, so "Use text inputs instead of dropdowns" (csv_mode) is on.
+ */
+function scriptParams() {
+  const name = $('script-name').value;
+  if (!name) return {};
+  const checked = (id) => $(id).checked;
+  let args;
+  if (name === 'x/y/z plot') {
+    args = [
+      ...XYZ_AXES.flatMap((axis) => [axisType(axis), $(`xyz-${axis}-values`).value, []]),
+      checked('xyz-legend'), // draw_legend
+      checked('xyz-sub-images'), // include_lone_images
+      checked('xyz-sub-grids'), // include_sub_grids
+      checked('xyz-keep-seeds'), // no_fixed_seeds
+      false, // vary_seeds_x
+      false, // vary_seeds_y
+      false, // vary_seeds_z
+      numberField('xyz-margin', 'Grid margins (px)'), // margin_size
+      true, // csv_mode
+    ];
+  } else if (name === 'prompt matrix') {
+    args = [
+      checked('matrix-start'), // put_at_start
+      checked('matrix-seeds'), // different_seeds
+      $('matrix-prompt-type').value, // prompt_type
+      $('matrix-delimiter').value, // variations_delimiter
+      numberField('matrix-margin', 'Grid margins (px)'), // margin_size
+    ];
+  } else if (name === 'sd upscale') {
+    args = [
+      '', // A1111's info text
+      numberField('sdu-overlap', 'Tile overlap'), // overlap
+      Number($('sdu-upscaler').value || 0), // upscaler_index
+      numberField('sdu-scale', 'Scale Factor', false), // scale_factor
+    ];
+  } else {
+    return {};
+  }
+  return { script_name: name, script_args: args };
+}
+
 // --- LoRA ---------------------------------------------------------------------------------------
 
 async function refreshLoras() {
@@ -1195,7 +1434,7 @@ function startUi() {
   $('gallery-to-extras').addEventListener('click', () => ui.gallerySelected && sendToExtras(ui.gallerySelected.url));
   $('gallery-to-txt2img').addEventListener('click', () => {
     if (!ui.gallerySelected) return;
-    applyInfotext(ui.gallerySelected.infotext);
+    applyInfotext(ui.gallerySelected.infotext, { txt2img: true });
     selectTab('txt2img');
   });
   $('embeddings-refresh').addEventListener('click', refreshEmbeddings);
@@ -1203,6 +1442,17 @@ function startUi() {
   $('cn-file').addEventListener('change', () => $('cn-file').files[0] && setControlImage($('cn-file').files[0]));
   $('cn-preview').addEventListener('click', previewControlMap);
   $('controlnet-panel').addEventListener('toggle', () => $('controlnet-panel').open && loadControlNet(), { once: true });
+  $('subseed-random').addEventListener('click', () => ($('subseed').value = -1));
+  $('subseed-reuse').addEventListener('click', () => {
+    if (ui.lastSubseed === null || ui.lastSubseed === undefined) showError('Variation seed', 'the last image has no variation seed: nothing to reuse');
+    else $('subseed').value = ui.lastSubseed;
+  });
+  for (const id of ['subseed-strength', 'seed-resize-w', 'seed-resize-h', 'hr-enabled', 'hr-scale', 'hr-upscaler', 'width', 'height']) {
+    $(id).addEventListener('input', updatePanelStates);
+    $(id).addEventListener('change', updatePanelStates);
+  }
+  $('script-name').addEventListener('change', showScriptControls);
+  for (const axis of XYZ_AXES) $(`xyz-${axis}-type`).addEventListener('change', () => showAxisHint(axis));
   document.addEventListener('keydown', (event) => {
     if ((event.ctrlKey || event.metaKey) && event.key === 'Enter') {
       event.preventDefault();
@@ -1216,7 +1466,9 @@ function startUi() {
   refreshStatus();
   loadModels();
   loadSamplers();
-  loadExtrasChoices();
+  loadExtrasChoices().then(updatePanelStates);
+  loadScripts();
+  updatePanelStates();
 }
 
 // ---------------------------------------------------------------------------------------------

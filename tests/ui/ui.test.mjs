@@ -5,8 +5,9 @@
 // Ctrl+Enter generates, progress shows, the image reaches the gallery with its infotext, "send to
 // img2img" fills the img2img tab, a painted mask runs an inpainting job, extras and PNG info,
 // the queue view and Cancel, gallery pages, embeddings, switching the model, a phone-width
-// screen does not scroll sideways, server errors are shown, and /docs lists the OpenAPI
-// endpoints. Further servers cover an API key, basic auth, a model that fails to load, a
+// screen does not scroll sideways, server errors are shown, the ControlNet, Refiner, Hires. fix
+// and Extra (variation seed) panels, Tiling, the scripts (X/Y/Z plot, prompt matrix, SD upscale)
+// with A1111's positional script_args and their grids, and /docs lists the OpenAPI endpoints. Further servers cover an API key, basic auth, a model that fails to load, a
 // model caught mid-download (from a loopback server through a user catalog), and an `api`
 // replica of a shared queue (Debian's redis-server) before any worker runs.
 //
@@ -162,6 +163,17 @@ function pngPixelClasses(page, base64) {
     }
     return { width: canvas.width, height: canvas.height, white, black, other };
   }, base64);
+}
+
+/** Polls a job of the native API until it has finished; returns its last state. */
+async function finishedJob(base, id) {
+  let job;
+  for (let i = 0; i < 600; i += 1) {
+    job = await (await fetch(`${base}/api/v1/jobs/${id}`)).json();
+    if (['succeeded', 'failed', 'cancelled'].includes(job.state)) return job;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return job;
 }
 
 describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
@@ -603,6 +615,257 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     await page.selectOption('#refiner-checkpoint', '');
   });
 
+  it('Hires. fix panel: upscalers from the server, 64 → 128 with the hires infotext; txt2img only', async () => {
+    await page.click('.tabs [data-tab="txt2img"]');
+    await page.fill('#prompt', 'a lighthouse');
+    await page.fill('#width', '64');
+    await page.fill('#height', '64');
+    await page.fill('#steps', '2');
+    await page.fill('#seed', '21');
+    await page.click('#hires-panel summary');
+    // A1111's list: the latent modes first, then /sdapi/v1/upscalers.
+    const latent = (await (await fetch(`${server.base}/sdapi/v1/latent-upscale-modes`)).json()).map((m) => m.name);
+    const upscalers = (await (await fetch(`${server.base}/sdapi/v1/upscalers`)).json()).map((u) => u.name);
+    await page.waitForFunction((n) => document.querySelector('#hr-upscaler').options.length === n, new Set([...latent, ...upscalers]).size);
+    const options = await page.$$eval('#hr-upscaler option', (o) => o.map((x) => x.value));
+    assert.deepEqual(options, [...new Set([...latent, ...upscalers])]);
+    assert.equal(await page.inputValue('#hr-upscaler'), 'Latent');
+    await page.check('#hr-enabled');
+    await page.fill('#hr-scale', '2');
+    await page.fill('#hr-steps', '1');
+    await page.fill('#hr-denoising', '0.5');
+    assert.equal(await page.textContent('#hr-size'), 'From 64×64 to 128×128');
+    assert.match(await page.textContent('#hires-state'), /on, ×2 Latent/);
+    const created = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
+    await page.click('#generate');
+    const response = await created;
+    assert.equal(response.status(), 202, await response.text());
+    const { params } = JSON.parse(response.request().postData());
+    assert.equal(params.enable_hr, true);
+    assert.equal(params.hr_scale, 2);
+    assert.equal(params.hr_upscaler, 'Latent');
+    assert.equal(params.hr_second_pass_steps, 1);
+    assert.equal(params.denoising_strength, 0.5);
+    const final = await finishedJob(server.base, (await response.json()).id);
+    assert.equal(final.state, 'succeeded', JSON.stringify(final));
+    assert.match(final.images[0].infotext, /Denoising strength: 0\.5/);
+    assert.match(final.images[0].infotext, /Hires upscale: 2/);
+    assert.match(final.images[0].infotext, /Hires upscaler: Latent/);
+    await page.waitForFunction((url) => document.querySelector('#results img')?.getAttribute('src') === url && document.querySelector('#results img').naturalWidth > 0, final.images[0].url);
+    assert.deepEqual(await page.$eval('#results img', (img) => [img.naturalWidth, img.naturalHeight]), [128, 128]);
+    await page.screenshot({ path: path.join(shots, 'hires.png'), fullPage: true });
+    // img2img has no hires fix: the panel is hidden and nothing of it is sent.
+    await page.click('.tabs [data-tab="img2img"]');
+    assert.equal(await page.isHidden('#hires-panel'), true);
+    await page.click('.tabs [data-tab="txt2img"]');
+    assert.equal(await page.isVisible('#hires-panel'), true);
+    await page.uncheck('#hr-enabled');
+    assert.equal(await page.textContent('#hires-state'), '');
+  });
+
+  it('Tiling and the Extra section\'s variation seed reach the request and the infotext', async () => {
+    await page.click('.tabs [data-tab="txt2img"]');
+    await page.fill('#steps', '2');
+    await page.fill('#seed', '22');
+    await page.check('#tiling');
+    await page.click('#extra-panel summary');
+    await page.fill('#subseed', '99');
+    await page.fill('#subseed-strength', '0.25');
+    // One side alone does not resize the seed (A1111 needs both).
+    await page.fill('#seed-resize-w', '128');
+    assert.equal(await page.textContent('#extra-state'), '· strength 0.25');
+    const run = async () => {
+      const created = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
+      await page.click('#generate');
+      const response = await created;
+      assert.equal(response.status(), 202, await response.text());
+      const { params } = JSON.parse(response.request().postData());
+      const final = await finishedJob(server.base, (await response.json()).id);
+      assert.equal(final.state, 'succeeded', JSON.stringify(final));
+      await page.locator('#progress-text', { hasText: /^Done/ }).waitFor();
+      return { params, infotext: final.images[0].infotext };
+    };
+    const first = await run();
+    assert.equal(first.params.tiling, true);
+    assert.equal(first.params.subseed, 99);
+    assert.equal(first.params.subseed_strength, 0.25);
+    assert.equal(first.params.seed_resize_from_w, undefined);
+    assert.match(first.infotext, /Tiling: True/);
+    assert.match(first.infotext, /Variation seed: 99, Variation seed strength: 0\.25/);
+    assert.doesNotMatch(first.infotext, /Seed resize from/);
+
+    await page.fill('#seed-resize-h', '96');
+    assert.equal(await page.textContent('#extra-state'), '· strength 0.25, from 128×96');
+    // 🎲 then ♻ brings the last image's variation seed back.
+    await page.click('#subseed-random');
+    assert.equal(await page.inputValue('#subseed'), '-1');
+    await page.click('#subseed-reuse');
+    assert.equal(await page.inputValue('#subseed'), '99');
+    await page.uncheck('#tiling');
+    const second = await run();
+    assert.equal(second.params.tiling, undefined);
+    assert.deepEqual([second.params.seed_resize_from_w, second.params.seed_resize_from_h], [128, 96]);
+    assert.doesNotMatch(second.infotext, /Tiling/);
+    assert.match(second.infotext, /Seed resize from: 128x96/);
+
+    // A strength out of range is the server's 400, shown with its message.
+    await page.fill('#subseed-strength', '1.5');
+    const refused = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
+    await page.click('#generate');
+    const response = await refused;
+    assert.equal(response.status(), 400);
+    const { error } = await response.json();
+    assert.match(error, /subseed_strength/);
+    await page.locator('#errors .error-text', { hasText: error }).waitFor();
+    for (const [id, value] of [['subseed', '-1'], ['subseed-strength', '0'], ['seed-resize-w', '0'], ['seed-resize-h', '0']]) await page.fill(`#${id}`, value);
+    assert.equal(await page.textContent('#extra-state'), '');
+  });
+
+  it('X/Y/Z plot of Steps "1,2": A1111\'s positional script_args, the grid first, then each image', async () => {
+    await page.click('.tabs [data-tab="txt2img"]');
+    await page.fill('#prompt', 'a lighthouse');
+    await page.fill('#steps', '2');
+    await page.fill('#seed', '23');
+    // The scripts of each tab, from /sdapi/v1/scripts.
+    await page.waitForFunction(() => document.querySelector('#script-name').options.length > 1);
+    assert.deepEqual(await page.$$eval('#script-name option', (o) => o.map((x) => x.textContent)), ['None', 'Prompt matrix', 'X/Y/Z plot']);
+    await page.click('.tabs [data-tab="img2img"]');
+    assert.deepEqual(await page.$$eval('#script-name option', (o) => o.map((x) => x.textContent)), ['None', 'Prompt matrix', 'SD upscale', 'X/Y/Z plot']);
+    await page.click('.tabs [data-tab="txt2img"]');
+    await page.selectOption('#script-name', 'x/y/z plot');
+    assert.equal(await page.isVisible('#script-xyz'), true);
+    assert.equal(await page.isHidden('#script-matrix'), true);
+    // The axis types are the tab's list of /sdapi/v1/script-info, X Seed and Y, Z Nothing by default.
+    const info = await (await fetch(`${server.base}/sdapi/v1/script-info`)).json();
+    const axes = info.find((s) => s.name === 'x/y/z plot' && !s.is_img2img).args[0].choices;
+    assert.deepEqual(await page.$$eval('#xyz-x-type option', (o) => o.map((x) => x.textContent)), axes);
+    assert.deepEqual(await Promise.all(['x', 'y', 'z'].map((a) => page.$eval(`#xyz-${a}-type`, (s) => s.selectedOptions[0].textContent))), ['Seed', 'Nothing', 'Nothing']);
+    await page.selectOption('#xyz-x-type', { label: 'Steps' });
+    assert.match(await page.getAttribute('#xyz-x-values', 'placeholder'), /10-30/);
+    await page.fill('#xyz-x-values', '1,2');
+    await page.check('#xyz-sub-images');
+    const created = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
+    await page.click('#generate');
+    const response = await created;
+    assert.equal(response.status(), 202, await response.text());
+    const { params } = JSON.parse(response.request().postData());
+    assert.equal(params.script_name, 'x/y/z plot');
+    // x_type, x_values, x_values_dropdown, … z_values_dropdown, draw_legend, include_lone_images,
+    // include_sub_grids, no_fixed_seeds, vary_seeds_x/y/z, margin_size, csv_mode (text inputs).
+    assert.equal(axes.indexOf('Steps'), 4, 'A1111 1.10 txt2img index of Steps');
+    assert.deepEqual(params.script_args, [4, '1,2', [], 0, '', [], 0, '', [], true, true, false, false, false, false, false, 0, true]);
+    const final = await finishedJob(server.base, (await response.json()).id);
+    assert.equal(final.state, 'succeeded', JSON.stringify(final));
+    assert.equal(final.images.length, 3, 'the grid and two images');
+    assert.match(final.images[0].infotext, /Script: X\/Y\/Z plot, X Type: Steps, X Values: "1,2"/);
+    assert.match(final.images[1].infotext, /Steps: 1,/);
+    assert.match(final.images[2].infotext, /Steps: 2,/);
+
+    // The results: the grid first across the row, then the two images, each with its buttons.
+    await page.locator('#progress-text', { hasText: /^Done: .*3 images/ }).waitFor();
+    const figures = page.locator('#results figure');
+    assert.equal(await figures.count(), 3);
+    assert.deepEqual(await figures.evaluateAll((f) => f.map((x) => x.dataset.kind)), ['grid', 'image', 'image']);
+    assert.deepEqual(await page.$$eval('#results img', (i) => i.map((x) => x.getAttribute('src'))), final.images.map((i) => i.url));
+    assert.match(await figures.first().locator('figcaption').textContent(), /X\/Y\/Z plot grid/);
+    await page.waitForFunction(() => [...document.querySelectorAll('#results img')].every((i) => i.complete && i.naturalWidth > 0));
+    const [grid, cell] = await page.$$eval('#results figure', (f) => f.slice(0, 2).map((x) => x.getBoundingClientRect().width));
+    assert.ok(grid > cell * 1.5, `the grid spans the row (${grid}px, a cell ${cell}px)`);
+    const gridImage = await page.$eval('#results figure[data-kind="grid"] img', (i) => [i.naturalWidth, i.naturalHeight]);
+    assert.ok(gridImage[0] >= 128 && gridImage[1] > 64, `the grid holds two cells and a legend: ${gridImage}`);
+    await page.screenshot({ path: path.join(shots, 'xyz.png'), fullPage: true });
+
+    // "Send to img2img" from the first cell: its image and its own parameters (1 step, not 2).
+    await figures.nth(1).locator('button', { hasText: 'Send to img2img' }).click();
+    await page.waitForFunction(() => document.querySelector('.tabs [data-tab="img2img"]').getAttribute('aria-selected') === 'true' && !document.querySelector('#mask-wrap').hidden);
+    assert.deepEqual(await page.$eval('#init-canvas', (c) => [c.width, c.height]), [64, 64]);
+    assert.equal(await page.inputValue('#steps'), '1');
+    assert.equal(await page.inputValue('#seed'), '23');
+    // And from the grid: the init image is the grid.
+    await page.click('.tabs [data-tab="txt2img"]');
+    await figures.first().locator('button', { hasText: 'Send to img2img' }).click();
+    await page.waitForFunction((w) => document.querySelector('#init-canvas').width === w, gridImage[0]);
+    assert.equal(await page.inputValue('#script-name'), 'x/y/z plot', 'the X/Y/Z plot is on img2img too');
+    await page.click('.tabs [data-tab="txt2img"]');
+    await page.fill('#width', '64');
+    await page.fill('#height', '64');
+    await page.fill('#steps', '2');
+  });
+
+  it('a bad X/Y/Z value is refused with the server\'s message shown', async () => {
+    await page.click('.tabs [data-tab="txt2img"]');
+    await page.selectOption('#script-name', 'x/y/z plot');
+    await page.selectOption('#xyz-x-type', { label: 'Steps' });
+    await page.fill('#xyz-x-values', '1,zero');
+    const refused = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
+    await page.click('#generate');
+    const response = await refused;
+    assert.equal(response.status(), 400);
+    const { error } = await response.json();
+    assert.match(error, /X values \(Steps\)/);
+    assert.match(error, /zero/);
+    await page.locator('#errors .error-text', { hasText: error }).waitFor();
+    // An axis sdkube does not act on is named too.
+    await page.selectOption('#xyz-x-type', { label: 'Sigma Churn' });
+    await page.fill('#xyz-x-values', '0.1,0.2');
+    const unsupported = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
+    await page.click('#generate');
+    const second = await (await unsupported).json();
+    assert.match(second.error, /Sigma Churn/);
+    await page.locator('#errors .error-text', { hasText: second.error }).waitFor();
+    await page.selectOption('#script-name', '');
+    assert.equal(await page.isHidden('#script-xyz'), true);
+  });
+
+  it('Prompt matrix and SD upscale send A1111\'s positional script_args', async () => {
+    await page.click('.tabs [data-tab="txt2img"]');
+    await page.fill('#prompt', 'a lighthouse|at dusk');
+    await page.fill('#steps', '1');
+    await page.selectOption('#script-name', 'prompt matrix');
+    assert.equal(await page.isVisible('#script-matrix'), true);
+    await page.selectOption('#matrix-delimiter', 'space');
+    const run = async () => {
+      const created = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
+      await page.click('#generate');
+      const response = await created;
+      assert.equal(response.status(), 202, await response.text());
+      const { params } = JSON.parse(response.request().postData());
+      const final = await finishedJob(server.base, (await response.json()).id);
+      assert.equal(final.state, 'succeeded', JSON.stringify(final));
+      await page.locator('#progress-text', { hasText: /^Done/ }).waitFor();
+      return { params, final };
+    };
+    const matrix = await run();
+    assert.equal(matrix.params.script_name, 'prompt matrix');
+    assert.deepEqual(matrix.params.script_args, [false, false, 'positive', 'space', 0]);
+    assert.equal(matrix.final.images.length, 3, 'the grid and two prompts');
+    assert.match(matrix.final.images[2].infotext, /^a lighthouse at dusk\n/);
+    assert.equal(await page.getAttribute('#results figure:first-child', 'data-kind'), 'grid');
+
+    // SD upscale on img2img, from the image just made: 64 → 128 in 64 px tiles.
+    await page.locator('#results figure').nth(1).locator('button', { hasText: 'Send to img2img' }).click();
+    await page.waitForFunction(() => document.querySelector('.tabs [data-tab="img2img"]').getAttribute('aria-selected') === 'true' && !document.querySelector('#mask-wrap').hidden);
+    await page.fill('#prompt', 'a lighthouse');
+    await page.selectOption('#script-name', 'sd upscale');
+    assert.equal(await page.isVisible('#script-sdupscale'), true);
+    const upscalers = (await (await fetch(`${server.base}/sdapi/v1/upscalers`)).json()).map((u) => u.name);
+    assert.deepEqual(await page.$$eval('#sdu-upscaler option', (o) => o.map((x) => x.textContent)), upscalers);
+    assert.equal(await page.$eval('#sdu-upscaler', (s) => s.selectedOptions[0].textContent), 'Lanczos');
+    await page.fill('#sdu-overlap', '16');
+    await page.fill('#denoising', '0.3');
+    const upscale = await run();
+    assert.equal(upscale.params.script_name, 'sd upscale');
+    assert.deepEqual(upscale.params.script_args, ['', 16, upscalers.indexOf('Lanczos'), 2]);
+    assert.equal(upscale.final.images.length, 1);
+    await page.waitForFunction(() => document.querySelector('#results img')?.naturalWidth > 0);
+    assert.deepEqual(await page.$eval('#results img', (i) => [i.naturalWidth, i.naturalHeight]), [128, 128]);
+    assert.equal(await page.getAttribute('#results figure', 'data-kind'), 'image', 'SD upscale makes no grid');
+    await page.selectOption('#script-name', '');
+    await page.click('.tabs [data-tab="txt2img"]');
+    await page.fill('#prompt', 'a lighthouse');
+    await page.fill('#steps', '2');
+  });
+
   it('fits a 375 px phone screen: no horizontal scrolling, controls stacked', async () => {
     const phone = await browser.newContext({ viewport: { width: 375, height: 740 }, isMobile: true, hasTouch: true });
     const mobile = await phone.newPage();
@@ -638,6 +901,15 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     const output = await mobile.locator('.gen-output').boundingBox();
     assert.ok(output.y >= inputs.y + inputs.height - 1, 'the output stacks below the inputs');
     assert.ok(inputs.width > 300, `the inputs use the screen width (${inputs.width}px)`);
+    // The Extra and Hires. fix sections open and the X/Y/Z plot's controls shown still fit.
+    await mobile.click('#extra-panel summary');
+    await mobile.click('#hires-panel summary');
+    await mobile.waitForFunction(() => document.querySelector('#script-name').options.length > 1);
+    await mobile.selectOption('#script-name', 'x/y/z plot');
+    await mobile.selectOption('#xyz-y-type', { label: 'Negative Guidance minimum sigma' });
+    assert.equal(await mobile.isVisible('#xyz-z-values'), true);
+    const withPanels = await mobile.evaluate(() => document.documentElement.scrollWidth);
+    assert.ok(withPanels <= 375, `txt2img with the panels open: ${withPanels}px wide`);
     await mobile.screenshot({ path: path.join(shots, 'phone.png'), fullPage: true });
     await phone.close();
   });
