@@ -71,6 +71,7 @@ def test_defaults_reach_the_binary():
         "device": "cuda",
         "precision": "auto",
         "vram": "high",
+        "warm_up": "auto",
         "queue_size": 32,
         "cors_origins": [],
         "max_size": 2048,
@@ -99,6 +100,7 @@ def test_every_server_value_reaches_the_binary():
             "device": "cuda:1",
             "precision": "bf16",
             "vram": "low",
+            "warmUp": "off",
             "queueSize": 5,
             "corsOrigins": ["https://a.example", "https://b.example"],
             "maxSize": 1024,
@@ -117,7 +119,7 @@ def test_every_server_value_reaches_the_binary():
     assert config["shutdown_grace"] == 290
     assert config["model"] == "sdxl-base"
     assert config["device"] == "cuda:1"
-    assert (config["precision"], config["vram"]) == ("bf16", "low")
+    assert (config["precision"], config["vram"], config["warm_up"]) == ("bf16", "low", "off")
     assert config["queue_size"] == 5
     assert config["cors_origins"] == ["https://a.example", "https://b.example"]
     assert (config["max_size"], config["max_steps"], config["max_batch"]) == (1024, 40, 2)

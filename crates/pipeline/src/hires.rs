@@ -2,14 +2,24 @@
 //! latent itself for the "Latent" upscalers, else the decoded image through an image
 //! upscaler), then img2img at the larger size from the same seed.
 
-use candle_core::{DType, Tensor};
 use image::imageops::FilterType;
 use image::DynamicImage;
 
 use crate::generate::{Engine, Generated, Overrides, Progress, Request};
 use crate::infotext::{self, ImageInfo};
+use crate::latent_upscale::{upscale_latent, LatentMode};
 use crate::sampler::Flow;
 use crate::Error;
+
+/// How the hires size was asked for, as A1111's infotext records it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HiresSize {
+    /// `hr_scale`: the first pass's size times this ("Hires upscale").
+    Scale(f64),
+    /// `hr_resize_x` × `hr_resize_y` as given, 0 for a side taken from the other's aspect
+    /// ("Hires resize").
+    Resize(usize, usize),
+}
 
 /// The second pass of a hires fix.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,10 +28,13 @@ pub struct HiresFix {
     pub width: usize,
     /// Height of the final image (a multiple of 8).
     pub height: usize,
-    /// "Latent" (or a "Latent (…)" variant: bilinear resize of the latent) or the name of an
-    /// image upscaler, which the caller runs.
+    /// How the size was asked for.
+    pub size: HiresSize,
+    /// One of the "Latent" upscalers (see [`LatentMode`]: the latent itself is resized) or the
+    /// name of an image upscaler, which the caller runs.
     pub upscaler: String,
-    /// Sampling steps of the second pass.
+    /// Sampling steps of the second pass as asked (A1111's `hr_second_pass_steps`): 0 means
+    /// as many as the first pass ([`HiresFix::steps_after`]).
     pub steps: usize,
     /// img2img denoising strength of the second pass (0..1).
     pub denoising_strength: f64,
@@ -51,15 +64,24 @@ impl HiresFix {
         Ok(Self {
             width: side(first.width),
             height: side(first.height),
+            size: HiresSize::Scale(scale),
             upscaler: upscaler.to_string(),
-            steps: if steps > 0 { steps } else { first.steps },
+            steps,
             denoising_strength,
         })
     }
 
-    /// Whether the upscale happens on the latent (A1111's "Latent" upscalers).
-    pub fn in_latent_space(&self) -> bool {
-        self.upscaler.starts_with("Latent")
+    /// The second pass's steps after a first pass of `first_steps`.
+    pub fn steps_after(&self, first_steps: usize) -> usize {
+        match self.steps {
+            0 => first_steps,
+            n => n,
+        }
+    }
+
+    /// The latent mode, when the upscale happens on the latent (A1111's "Latent" upscalers).
+    pub fn latent_mode(&self) -> Option<LatentMode> {
+        LatentMode::parse(&self.upscaler)
     }
 
     /// The second pass's request for the image of `first` made with `seed` and `subseed`
@@ -69,7 +91,7 @@ impl HiresFix {
         Request {
             init_image: None,
             strength: self.denoising_strength,
-            steps: self.steps,
+            steps: self.steps_after(first.steps),
             width: self.width,
             height: self.height,
             seed,
@@ -113,10 +135,10 @@ impl Engine {
         let decoded = DynamicImage::ImageRgb8(image.image.clone());
         let factor = hires.width as f32 / decoded.width() as f32;
         // Image upscalers resize the decoded image, which the second pass encodes again; the
-        // latent ones resize the latent itself (A1111: bilinear), the image only riding along
+        // latent ones resize the latent itself (as torch's interpolate), the image only riding along
         // for masks and inpainting models.
-        let (upscaled, init_latent) = if hires.in_latent_space() {
-            let latent = upscale_latent(&image.latent, hires.height / 8, hires.width / 8)?;
+        let (upscaled, init_latent) = if let Some(mode) = hires.latent_mode() {
+            let latent = upscale_latent(&image.latent, hires.height / 8, hires.width / 8, mode)?;
             (
                 decoded.resize_exact(w, h, FilterType::Triangle),
                 Some(latent),
@@ -156,37 +178,4 @@ impl Engine {
         out.infotext = out.parameters.to_string();
         Ok(out)
     }
-}
-
-/// Bilinear resize of a latent `[B, C, h, w]` to `[B, C, height, width]`, as PyTorch's
-/// `interpolate(mode="bilinear", align_corners=False)` (A1111's "Latent" hires upscaler).
-pub fn upscale_latent(latent: &Tensor, height: usize, width: usize) -> Result<Tensor, Error> {
-    let (_, _, h, w) = latent.dims4()?;
-    let dev = latent.device();
-    // Source indices and weights along one axis.
-    let axis = |n_in: usize, n_out: usize| {
-        let scale = n_in as f64 / n_out as f64;
-        let (mut i0, mut i1, mut frac) = (Vec::new(), Vec::new(), Vec::new());
-        for d in 0..n_out {
-            let src = ((d as f64 + 0.5) * scale - 0.5).max(0.0);
-            let lo = (src.floor() as usize).min(n_in - 1);
-            i0.push(lo as u32);
-            i1.push((lo + 1).min(n_in - 1) as u32);
-            frac.push((src - lo as f64) as f32);
-        }
-        (i0, i1, frac)
-    };
-    let x = latent.to_dtype(DType::F32)?;
-    let (y0, y1, fy) = axis(h, height);
-    let (x0, x1, fx) = axis(w, width);
-    let idx = |v: Vec<u32>| Tensor::from_vec(v.clone(), v.len(), dev);
-    let fy = Tensor::from_vec(fy, (1, 1, height, 1), dev)?;
-    let fx = Tensor::from_vec(fx, (1, 1, 1, width), dev)?;
-    let top = x.index_select(&idx(y0)?, 2)?;
-    let bottom = x.index_select(&idx(y1)?, 2)?;
-    let rows = (top.broadcast_mul(&(1.0 - &fy)?)? + bottom.broadcast_mul(&fy)?)?;
-    let left = rows.index_select(&idx(x0)?, 3)?;
-    let right = rows.index_select(&idx(x1)?, 3)?;
-    let out = (left.broadcast_mul(&(1.0 - &fx)?)? + right.broadcast_mul(&fx)?)?;
-    Ok(out.to_dtype(latent.dtype())?)
 }

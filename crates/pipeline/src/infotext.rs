@@ -13,7 +13,7 @@ use regex::Regex;
 use sdkube_models::Family;
 
 use crate::generate::Request;
-use crate::hires::HiresFix;
+use crate::hires::{HiresFix, HiresSize};
 use crate::sampler::SamplerSpec;
 
 /// A1111's `re_param`: a key of word characters, spaces, `-` and `/`; a value that is a quoted
@@ -236,11 +236,14 @@ pub fn generation(req: &Request, info: &ImageInfo<'_>) -> Infotext {
         t.push("Tiling", "True");
     }
     if let Some(h) = info.hires {
-        t.push(
-            "Hires upscale",
-            format!("{:.3}", h.width as f32 / req.width as f32),
-        );
-        t.push("Hires steps", h.steps);
+        // As A1111 writes them: the scale as Python prints a float, steps only when given.
+        match h.size {
+            HiresSize::Scale(s) => t.push("Hires upscale", format!("{s:?}")),
+            HiresSize::Resize(w, h) => t.push("Hires resize", format!("{w}x{h}")),
+        };
+        if h.steps != 0 {
+            t.push("Hires steps", h.steps);
+        }
         t.push("Hires upscaler", &h.upscaler);
     }
     if req.mask.is_some() {

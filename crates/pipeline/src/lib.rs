@@ -7,6 +7,7 @@ pub mod hires;
 pub mod image_io;
 pub mod infotext;
 mod init_image;
+pub mod latent_upscale;
 pub mod loras;
 pub mod prompt;
 pub mod refiner;
@@ -21,7 +22,7 @@ pub mod variation;
 pub use generate::{
     random_seed, Engine, Generated, Limits, Overrides, Progress, Request, VramMode,
 };
-pub use hires::{upscale_latent, HiresError, HiresFix};
+pub use hires::{HiresError, HiresFix, HiresSize};
 pub use infotext::Infotext;
 pub use refiner::Refiner;
 

@@ -6,10 +6,9 @@ use candle_core::{DType, Device};
 use image::imageops::FilterType;
 use image::DynamicImage;
 use sdkube_models::{load, LoadOptions};
+use sdkube_pipeline::latent_upscale::{upscale_latent, LatentMode};
 use sdkube_pipeline::sampler::Flow;
-use sdkube_pipeline::{
-    upscale_latent, Engine, HiresError, HiresFix, Infotext, Overrides, Request, VramMode,
-};
+use sdkube_pipeline::{Engine, HiresError, HiresFix, Infotext, Overrides, Request, VramMode};
 
 fn engine() -> Engine {
     let dir = sdkube_testkit::fixtures().join("sd").join("sd1");
@@ -63,7 +62,7 @@ fn latent_hires_fix_equals_the_two_passes_by_hand_and_writes_a1111_fields() {
             ..req.clone()
         };
         let overrides = Overrides {
-            init_latent: Some(upscale_latent(&first.latent, 12, 12).unwrap()),
+            init_latent: Some(upscale_latent(&first.latent, 12, 12, LatentMode::Bilinear).unwrap()),
             ..Overrides::default()
         };
         e.generate_with(&second, overrides, &mut go)
@@ -85,7 +84,7 @@ fn latent_hires_fix_equals_the_two_passes_by_hand_and_writes_a1111_fields() {
         ("Seed", "11"),
         ("Size", "64x64"),
         ("Denoising strength", "0.6"),
-        ("Hires upscale", "1.500"),
+        ("Hires upscale", "1.5"),
         ("Hires steps", "2"),
         ("Hires upscaler", "Latent"),
     ] {
@@ -105,7 +104,8 @@ fn image_upscalers_are_the_callers_and_their_errors_come_back_as_such() {
     let req = first_request();
     let first = e.generate(&req, &mut go).unwrap().remove(0);
     let hires = HiresFix::scaled(&req, 2.0, "Lanczos", 0, 0.5).unwrap();
-    assert_eq!((hires.width, hires.height, hires.steps), (128, 128, 3));
+    assert_eq!((hires.width, hires.height), (128, 128));
+    assert_eq!(hires.steps_after(req.steps), 3, "0 steps: the first pass's");
     let mut calls = Vec::new();
     let mut lanczos = |name: &str, img: &DynamicImage, factor: f32| -> Result<_, String> {
         calls.push((name.to_string(), img.width(), factor));
@@ -117,6 +117,16 @@ fn image_upscalers_are_the_callers_and_their_errors_come_back_as_such() {
     assert_eq!(calls, vec![("Lanczos".to_string(), 64, 2.0)]);
     assert_eq!(out.image.dimensions(), (128, 128));
     assert!(out.infotext.contains("Hires upscaler: Lanczos"));
+    assert!(
+        !out.infotext.contains("Hires steps"),
+        "A1111 writes no steps when they were not given: {}",
+        out.infotext
+    );
+    assert!(
+        out.infotext.contains("Hires upscale: 2.0,"),
+        "{}",
+        out.infotext
+    );
 
     let mut failing = |_: &str, _: &DynamicImage, _: f32| -> Result<DynamicImage, String> {
         Err("no such upscaler".into())
@@ -139,7 +149,16 @@ fn hires_sizes_round_down_to_multiples_of_8_and_bad_values_are_refused() {
     };
     let h = HiresFix::scaled(&req, 1.3, "Latent", 0, 0.7).unwrap();
     assert_eq!((h.width, h.height), (88, 80));
-    assert!(h.in_latent_space());
+    assert_eq!(h.latent_mode(), Some(LatentMode::Bilinear));
+    for (name, mode) in [
+        ("Latent (bicubic)", Some(LatentMode::Bicubic)),
+        ("Latent (nearest-exact)", Some(LatentMode::NearestExact)),
+        ("Latent (made up)", None),
+        ("Lanczos", None),
+    ] {
+        let h = HiresFix::scaled(&req, 2.0, name, 0, 0.7).unwrap();
+        assert_eq!(h.latent_mode(), mode, "{name}");
+    }
     for (scale, strength) in [(0.5, 0.7), (9.0, 0.7), (2.0, 1.5)] {
         let err = HiresFix::scaled(&req, scale, "Latent", 0, strength).unwrap_err();
         assert!(err.to_string().contains("between"), "{err}");

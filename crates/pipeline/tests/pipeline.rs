@@ -542,12 +542,18 @@ fn half_precision_runs_stay_close_to_fp32() {
 }
 
 #[test]
-fn latent_upscale_matches_torch_bilinear() {
+fn latent_upscale_matches_torch_in_every_a1111_mode() {
+    use sdkube_pipeline::latent_upscale::{upscale_latent, LatentMode};
     let r = refs("latent_upscale");
-    for (key, h, w) in [("up_12x9", 12, 9), ("up_10x14", 10, 14)] {
-        let out = sdkube_pipeline::upscale_latent(&r["input"], h, w).unwrap();
-        assert_eq!(out.dims(), r[key].dims());
-        let d = max_abs_diff(&out, &r[key]);
-        assert!(d < 1e-5, "{key}: max diff {d}");
+    for mode in LatentMode::ALL {
+        assert_eq!(LatentMode::parse(mode.name()), Some(mode));
+        for (h, w) in [(12, 9), (10, 14), (3, 4)] {
+            let key = format!("{}.{h}x{w}", mode.name());
+            let out = upscale_latent(&r["input"], h, w, mode).unwrap();
+            assert_eq!(out.dims(), r[&key].dims());
+            let d = max_abs_diff(&out, &r[&key]);
+            assert!(d < 1e-5, "{key}: max diff {d}");
+        }
     }
+    assert_eq!(LatentMode::parse("Latent (lanczos)"), None);
 }

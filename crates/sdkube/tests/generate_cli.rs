@@ -312,7 +312,7 @@ fn hires_fix_doubles_the_size_and_records_it() {
     for field in [
         "Size: 64x64",
         "Denoising strength: 0.5",
-        "Hires upscale: 2.000",
+        "Hires upscale: 2.0",
         "Hires steps: 2",
         "Hires upscaler: Latent",
     ] {

@@ -1,6 +1,7 @@
 //! Post-processing models for the server: RealESRGAN upscalers and GFPGAN face restoration,
 //! found by name (A1111's upscaler / face-restorer lists), loaded once per worker.
 
+use sdkube_pipeline::latent_upscale::LatentMode;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -137,17 +138,17 @@ impl PostModels {
     /// Checks an upscaler name before a job is queued.
     pub fn check_upscaler(&self, name: &str) -> Result<(), PostError> {
         if PLAIN_UPSCALERS.iter().any(|n| n.eq_ignore_ascii_case(name))
-            || name.starts_with("Latent")
+            || LatentMode::parse(name).is_some()
             || self.esrgan_models().iter().any(|(n, _)| n == name)
         {
             return Ok(());
         }
         Err(PostError::UnknownUpscaler {
             name: name.to_string(),
-            available: self
-                .upscalers()
+            available: LatentMode::ALL
                 .iter()
-                .map(|u| u.name.as_str())
+                .map(|m| m.name())
+                .chain(self.upscalers().iter().map(|u| u.name.as_str()))
                 .collect::<Vec<_>>()
                 .join(", "),
         })
@@ -228,7 +229,7 @@ impl PostCache {
         if name.eq_ignore_ascii_case("Lanczos") {
             return Ok(img.resize_exact(w, h, FilterType::Lanczos3));
         }
-        if name.starts_with("Latent") {
+        if LatentMode::parse(name).is_some() {
             // Hires fix's latent upscalers are applied by the caller in latent space when it
             // can; on an image they are a bilinear resize.
             return Ok(img.resize_exact(w, h, FilterType::Triangle));

@@ -90,7 +90,10 @@ impl Work {
                         as usize,
                     None => g.request.steps,
                 };
-                let hires = g.hires.as_ref().map_or(0, |h| h.steps);
+                let hires = g
+                    .hires
+                    .as_ref()
+                    .map_or(0, |h| h.steps_after(g.request.steps));
                 (first.max(1) + hires) * g.n_iter
             }
             Work::Extras(e) => e.images.len(),

@@ -438,6 +438,43 @@ async fn extras_upscale_with_realesrgan_and_hires_fix() {
         .unwrap()
         .unwrap();
     assert!(text.contains("Hires upscaler: Latent"), "{text}");
+    // A1111's other latent modes run as torch's interpolate does; a name that is none of
+    // them is refused naming the ones there are, never run as another.
+    let (_, modes) = s.get("/sdapi/v1/latent-upscale-modes").await;
+    assert_eq!(field_of(&modes, "name").len(), 6, "{modes}");
+    let mut images = Vec::new();
+    for mode in [
+        "Latent",
+        "Latent (bicubic antialiased)",
+        "Latent (nearest-exact)",
+    ] {
+        let (status, body) = s
+            .post(
+                "/sdapi/v1/txt2img",
+                json!({"prompt": "x", "steps": 2, "width": 64, "height": 64, "enable_hr": true,
+                       "hr_scale": 1.5, "hr_upscaler": mode, "seed": 4}),
+            )
+            .await;
+        assert_eq!(status, 200, "{mode}: {body}");
+        images.push(body["images"][0].clone());
+    }
+    assert!(
+        images[0] != images[1] && images[1] != images[2],
+        "each mode its own"
+    );
+    let (status, body) = s
+        .post(
+            "/sdapi/v1/txt2img",
+            json!({"prompt": "x", "width": 64, "height": 64, "enable_hr": true,
+                   "hr_upscaler": "Latent (made up)"}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("Latent (made up)") && detail.contains("Latent (nearest-exact)"),
+        "{detail}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -19,7 +19,7 @@ use crate::hires::HiresFix;
 use crate::infotext::Infotext;
 
 pub use prompt_matrix::PromptMatrix;
-pub use sd_upscale::SdUpscale;
+pub use sd_upscale::{SdUpscale, UpscalerChoice};
 pub use xyz::XyzPlot;
 
 /// Most cells (generations) one script may ask for.
@@ -59,7 +59,7 @@ impl Cell {
             Some(_) => (r.steps as f64 * r.strength.clamp(0.0, 1.0)).ceil() as usize,
             None => r.steps,
         };
-        first.max(1) + self.hires.as_ref().map_or(0, |h| h.steps)
+        first.max(1) + self.hires.as_ref().map_or(0, |h| h.steps_after(r.steps))
     }
 }
 
@@ -144,12 +144,12 @@ pub fn is_known(name: &str) -> bool {
 
 impl Script {
     /// Parses `script_args` for the script `name`; `None` when sdkube has no such script.
-    /// `upscaler_name` turns SD upscale's upscaler index into a name.
+    /// `upscaler_name` turns SD upscale's upscaler (index or name) into its name.
     pub fn parse(
         name: &str,
         args: &[Value],
         mode: Mode,
-        upscaler_name: &dyn Fn(usize) -> Result<String, ScriptError>,
+        upscaler_name: &dyn Fn(UpscalerChoice) -> Result<String, ScriptError>,
     ) -> Result<Option<Self>, ScriptError> {
         let name = name.trim();
         Ok(Some(if name.eq_ignore_ascii_case("X/Y/Z plot") {

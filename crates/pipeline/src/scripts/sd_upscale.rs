@@ -10,6 +10,16 @@ use super::{
     MAX_CELLS,
 };
 
+/// How SD upscale's arguments name the upscaler: A1111's UI sends its index in
+/// `/sdapi/v1/upscalers`; A1111 takes its name as well (any case), as its own API tests send it.
+#[derive(Debug, Clone, Copy)]
+pub enum UpscalerChoice<'a> {
+    /// Position in the upscaler list.
+    Index(usize),
+    /// Name, any case.
+    Name(&'a str),
+}
+
 /// SD upscale's arguments: `[info (ignored), overlap, upscaler_index, scale_factor]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SdUpscale {
@@ -22,10 +32,10 @@ pub struct SdUpscale {
 }
 
 impl SdUpscale {
-    /// Parses A1111's `script_args`; `upscaler_name` resolves the upscaler index.
+    /// Parses A1111's `script_args`; `upscaler_name` resolves the upscaler.
     pub fn from_args(
         args: &[serde_json::Value],
-        upscaler_name: &dyn Fn(usize) -> Result<String, ScriptError>,
+        upscaler_name: &dyn Fn(UpscalerChoice) -> Result<String, ScriptError>,
     ) -> Result<Self, ScriptError> {
         let a = Args {
             script: "SD upscale",
@@ -38,7 +48,12 @@ impl SdUpscale {
             )));
         }
         let overlap = a.uint(1, "overlap", 64, 4096)? as u32;
-        let index = a.uint(2, "upscaler_index", 0, 1000)? as usize;
+        let upscaler = match args.get(2) {
+            Some(serde_json::Value::String(name)) => upscaler_name(UpscalerChoice::Name(name))?,
+            _ => upscaler_name(UpscalerChoice::Index(
+                a.uint(2, "upscaler_index", 0, 1000)? as usize
+            ))?,
+        };
         let scale = a.float(3, "scale_factor", 2.0)?;
         if !(1.0..=8.0).contains(&scale) {
             return Err(ScriptError(format!(
@@ -47,7 +62,7 @@ impl SdUpscale {
         }
         Ok(Self {
             overlap,
-            upscaler: upscaler_name(index)?,
+            upscaler,
             scale,
         })
     }
@@ -193,11 +208,16 @@ mod tests {
     use image::{Rgb, RgbImage};
     use serde_json::json;
 
-    fn names(i: usize) -> Result<String, ScriptError> {
-        ["None", "Lanczos", "Nearest"]
-            .get(i)
-            .map(|s| s.to_string())
-            .ok_or_else(|| ScriptError(format!("no upscaler {i}")))
+    fn names(choice: UpscalerChoice) -> Result<String, ScriptError> {
+        let list = ["None", "Lanczos", "Nearest"];
+        match choice {
+            UpscalerChoice::Index(i) => list.get(i).map(|s| s.to_string()),
+            UpscalerChoice::Name(n) => list
+                .iter()
+                .find(|s| s.eq_ignore_ascii_case(n))
+                .map(|s| s.to_string()),
+        }
+        .ok_or_else(|| ScriptError(format!("no upscaler {choice:?}")))
     }
 
     #[test]
@@ -217,6 +237,11 @@ mod tests {
             (32, "Lanczos", 3.0)
         );
         assert!(SdUpscale::from_args(&[json!(""), json!(32), json!(9)], &names).is_err());
+        // A1111 takes the upscaler's name too (its own API tests send "Lanczos").
+        let s = SdUpscale::from_args(&[json!(""), json!(8), json!("lanczos"), json!(2.0)], &names)
+            .unwrap();
+        assert_eq!(s.upscaler, "Lanczos");
+        assert!(SdUpscale::from_args(&[json!(""), json!(8), json!("Bogus")], &names).is_err());
         let e = SdUpscale::from_args(&[json!(""), json!(-1)], &names).unwrap_err();
         assert!(e.0.contains("overlap"), "{e}");
     }

@@ -717,10 +717,7 @@ fn apply(cell: &mut Cell, axis: &AxisSpec, v: &AxisValue) -> Result<(), ScriptEr
         Axis::Steps => r.steps = v.int() as usize,
         Axis::HiresSteps => {
             if let Some(h) = &mut cell.hires {
-                h.steps = match v.int() {
-                    0 => r.steps,
-                    n => n as usize,
-                };
+                h.steps = v.int() as usize;
             }
         }
         Axis::CfgScale => r.cfg_scale = v.float(),

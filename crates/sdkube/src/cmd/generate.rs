@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sdkube_models::{LoadOptions, Prediction};
 use sdkube_pipeline::control::{ControlMode, ControlNetLibrary, ControlUnit, ResizeMode};
 use sdkube_pipeline::image_io::{encode_png, read_image};
+use sdkube_pipeline::latent_upscale::LatentMode;
 use sdkube_pipeline::sampler::Flow;
 use sdkube_pipeline::{Engine, HiresError, HiresFix, Progress, Refiner, Request};
 use sdkube_restore::{Esrgan, TileOptions};
@@ -141,7 +142,8 @@ pub struct Args {
     /// Hires fix: denoising strength of the second pass.
     #[arg(long, default_value_t = 0.7)]
     pub hires_denoise: f64,
-    /// Hires fix: "Latent" (the latent is resized), "Lanczos", "Nearest", "None", or a
+    /// Hires fix: a Latent mode ("Latent", "Latent (bicubic)", … : the latent is resized),
+    /// "Lanczos", "Nearest", "None", or a
     /// RealESRGAN weight file (`.pth`, `.safetensors`).
     #[arg(long, default_value = "Latent")]
     pub hires_upscaler: String,
@@ -400,13 +402,15 @@ enum ImageUpscaler {
 impl ImageUpscaler {
     fn new(name: &str, device: &Device) -> anyhow::Result<Self> {
         Ok(match name {
-            n if n.starts_with("Latent") || n.eq_ignore_ascii_case("None") => Self::Resize(None),
+            n if LatentMode::parse(n).is_some() || n.eq_ignore_ascii_case("None") => {
+                Self::Resize(None)
+            }
             n if n.eq_ignore_ascii_case("Lanczos") => Self::Resize(Some(FilterType::Lanczos3)),
             n if n.eq_ignore_ascii_case("Nearest") => Self::Resize(Some(FilterType::Nearest)),
             path => {
                 let net = Esrgan::load(Path::new(path), None, device).with_context(|| {
                     format!(
-                        "--hires-upscaler {path}: not Latent, Lanczos, Nearest or None, \
+                        "--hires-upscaler {path}: not a Latent mode, Lanczos, Nearest or None, \
                          and not a readable RealESRGAN weight file"
                     )
                 })?;

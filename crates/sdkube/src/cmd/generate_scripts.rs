@@ -6,7 +6,7 @@ use anyhow::Context;
 use image::DynamicImage;
 use sdkube_pipeline::sampler::Flow;
 use sdkube_pipeline::scripts::{
-    Cell, CellImage, CellRunner, Mode, Script, ScriptError, ScriptImage,
+    Cell, CellImage, CellRunner, Mode, Script, ScriptError, ScriptImage, UpscalerChoice,
 };
 use sdkube_pipeline::{Engine, HiresError, Progress};
 use serde_json::{json, Value};
@@ -112,7 +112,7 @@ pub(super) fn script_of(args: &ScriptArgs, mode: Mode) -> anyhow::Result<Option<
         return Ok(None);
     };
     let upscaler = args.upscaler.clone();
-    let names = move |_: usize| Ok::<_, ScriptError>(upscaler.clone());
+    let names = move |_: UpscalerChoice| Ok::<_, ScriptError>(upscaler.clone());
     let items = script_args.as_array().cloned().unwrap_or_default();
     Script::parse(name, &items, mode, &names).map_err(|e| anyhow::anyhow!("{name}: {e}"))
 }

@@ -4,6 +4,7 @@
 
 use axum::extract::State;
 use axum::Json;
+use sdkube_pipeline::latent_upscale::LatentMode;
 use sdkube_pipeline::sampler::{Sampler, Scheduler};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -137,10 +138,10 @@ pub struct LatentUpscaleMode {
 #[utoipa::path(get, path = "/sdapi/v1/latent-upscale-modes", tag = "a1111", responses((status = 200, body = Vec<LatentUpscaleMode>)))]
 pub async fn latent_upscale_modes() -> Json<Vec<LatentUpscaleMode>> {
     Json(
-        ["Latent"]
+        LatentMode::ALL
             .iter()
-            .map(|n| LatentUpscaleMode {
-                name: n.to_string(),
+            .map(|m| LatentUpscaleMode {
+                name: m.name().to_string(),
             })
             .collect(),
     )

@@ -15,6 +15,7 @@ use super::controlnet::ControlJob;
 use super::{decode_image, BuildContext, CLIP_SKIP_OPTION};
 use crate::error::ApiError;
 use crate::work::{GenerateWork, HiresFix, Work};
+use sdkube_pipeline::HiresSize;
 
 /// Fields shared by txt2img and img2img (A1111's `StableDiffusionProcessing`).
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
@@ -475,11 +476,16 @@ pub fn txt2img_work(
                 ignored.push(name.into());
             }
         }
+        let size = match (r.hr_resize_x, r.hr_resize_y) {
+            (0, 0) => HiresSize::Scale(r.hr_scale.unwrap_or(2.0)),
+            (x, y) => HiresSize::Resize(x, y),
+        };
         Some(HiresFix {
             width: w,
             height: h,
+            size,
             upscaler,
-            steps: second.steps,
+            steps: r.hr_second_pass_steps,
             denoising_strength: strength,
         })
     } else {

@@ -4,7 +4,7 @@
 //! is queued. A script sdkube does not have stays what it was: accepted, and reported in
 //! the response's ignored fields (A1111 answers 422).
 
-use sdkube_pipeline::scripts::{self, Cell, Mode, Script, ScriptError};
+use sdkube_pipeline::scripts::{self, Cell, Mode, Script, ScriptError, UpscalerChoice};
 use sdkube_pipeline::Request;
 use serde_json::Value;
 
@@ -30,17 +30,24 @@ pub fn keeps_random_seed(c: &CommonParams) -> bool {
         && c.script_args.get(12) == Some(&Value::Bool(true))
 }
 
-/// The upscaler of an index into `/sdapi/v1/upscalers` (without the store here, in the
-/// `api` role, the plain resizers; the worker checks the rest).
-fn upscaler_name(ctx: &BuildContext<'_>, index: usize) -> Result<String, ScriptError> {
-    let names: Vec<String> = match &ctx.files {
-        Some(files) => files.post.upscalers().into_iter().map(|u| u.name).collect(),
-        None if index < 3 => return Ok(["None", "Lanczos", "Nearest"][index].to_string()),
-        None => return Ok(format!("upscaler #{index}")),
+/// The upscaler SD upscale's arguments name, by index into `/sdapi/v1/upscalers` or by name
+/// (without the store here, in the `api` role, the plain resizers; the worker checks the rest).
+fn upscaler_name(ctx: &BuildContext<'_>, choice: UpscalerChoice) -> Result<String, ScriptError> {
+    let names: Vec<String> = match (&ctx.files, choice) {
+        (Some(files), _) => files.post.upscalers().into_iter().map(|u| u.name).collect(),
+        (None, UpscalerChoice::Index(i)) if i < 3 => {
+            return Ok(["None", "Lanczos", "Nearest"][i].to_string())
+        }
+        (None, UpscalerChoice::Index(i)) => return Ok(format!("upscaler #{i}")),
+        (None, UpscalerChoice::Name(n)) => return Ok(n.to_string()),
     };
-    names.get(index).cloned().ok_or_else(|| {
+    let found = match choice {
+        UpscalerChoice::Index(i) => names.get(i),
+        UpscalerChoice::Name(n) => names.iter().find(|u| u.eq_ignore_ascii_case(n)),
+    };
+    found.cloned().ok_or_else(|| {
         ScriptError(format!(
-            "script_args[2] (SD upscale upscaler_index) {index} is not an upscaler of \
+            "script_args[2] (SD upscale upscaler) {choice:?} is not an upscaler of \
              /sdapi/v1/upscalers ({} of them: {})",
             names.len(),
             names.join(", ")
@@ -62,7 +69,7 @@ pub fn script_of(
         return Ok(None);
     };
     let bad = |e: ScriptError| ApiError::bad_request(format!("script {name:?}: {e}"));
-    let names = |i: usize| upscaler_name(ctx, i);
+    let names = |choice: UpscalerChoice| upscaler_name(ctx, choice);
     let Some(mut script) = Script::parse(name, &c.script_args, mode, &names).map_err(bad)? else {
         return Ok(None);
     };
