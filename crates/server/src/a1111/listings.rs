@@ -238,7 +238,7 @@ pub async fn script_info() -> Json<Vec<Value>> {
         arg("Set at prompt start", json!(false)),
         arg("Random seeds", json!(false)),
         json!({"label": "Prompt type", "value": "positive", "choices": ["positive", "negative"]}),
-        json!({"label": "Joining char", "value": "comma", "choices": ["comma", "space"]}),
+        json!({"label": "Joining char", "value": "comma", "choices": ["comma", "space", "none"]}),
         arg("Grid margins", json!(0)),
     ];
     let upscale = vec![
