@@ -726,18 +726,19 @@ function jobFinished(job) {
   }
 }
 
-/** The title of the grid a job's first image is (X/Y/Z plot, prompt matrix), or null. */
+/** The title of the script whose grids a job's images marked `grid` are (X/Y/Z plot, prompt matrix). */
 function gridTitle(job) {
   const name = String((job && job.params && job.params.script_name) || '').trim().toLowerCase();
-  return name === 'x/y/z plot' || name === 'prompt matrix' ? SCRIPT_TITLES[name] : null;
+  return SCRIPT_TITLES[name] || 'Script';
 }
 
 function renderResults(images, job) {
-  // A script's grid comes first, then its single images: the grid spans the whole row.
+  // A script's grids (the server marks them) come first, then its single images; a grid spans
+  // the whole row.
   const grid = gridTitle(job);
   // Images the server did not save (ControlNet's detected maps, shown in the panel) have no URL.
   $('results').replaceChildren(
-    ...images.map((image, i) => ({ image, isGrid: Boolean(grid) && i === 0 })).filter(({ image }) => image.url).map(({ image, isGrid }) =>
+    ...images.map((image) => ({ image, isGrid: image.grid === true })).filter(({ image }) => image.url).map(({ image, isGrid }) =>
       el(
         'figure',
         { class: isGrid ? 'result grid-result' : 'result', dataset: { kind: isGrid ? 'grid' : 'image' } },

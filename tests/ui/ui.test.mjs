@@ -757,6 +757,7 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     const final = await finishedJob(server.base, (await response.json()).id);
     assert.equal(final.state, 'succeeded', JSON.stringify(final));
     assert.equal(final.images.length, 3, 'the grid and two images');
+    assert.deepEqual(final.images.map((i) => i.grid === true), [true, false, false], 'the job marks its grid');
     assert.match(final.images[0].infotext, /Script: X\/Y\/Z plot, X Type: Steps, X Values: "1,2"/);
     assert.match(final.images[1].infotext, /Steps: 1,/);
     assert.match(final.images[2].infotext, /Steps: 2,/);

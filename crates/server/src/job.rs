@@ -75,6 +75,9 @@ pub struct JobImage {
     pub url: Option<String>,
     pub seed: Option<u64>,
     pub infotext: String,
+    /// A script's grid (X/Y/Z plot, prompt matrix) rather than a single image.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grid: bool,
     /// The PNG itself, for API callers that asked for the images in the response. Kept out
     /// of every serialized form: the queue stores the bytes apart from the record.
     #[serde(skip)]

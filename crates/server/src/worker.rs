@@ -666,6 +666,7 @@ impl Worker {
                         url: None,
                         seed: None,
                         infotext: String::new(),
+                        grid: false,
                         png,
                     })
                 }),
@@ -681,6 +682,19 @@ impl Worker {
         seed: Option<u64>,
         infotext: String,
         save: bool,
+    ) -> Result<(), JobError> {
+        self.keep_image(job, png, seed, infotext, save, false)
+    }
+
+    /// [`Worker::keep`], saying whether the image is a script's grid.
+    fn keep_image(
+        &self,
+        job: &Arc<Job>,
+        png: Vec<u8>,
+        seed: Option<u64>,
+        infotext: String,
+        save: bool,
+        grid: bool,
     ) -> Result<(), JobError> {
         let gallery = &self.state.gallery;
         let name = if save {
@@ -699,6 +713,7 @@ impl Worker {
                 name,
                 seed,
                 infotext,
+                grid,
                 png,
             })
         });

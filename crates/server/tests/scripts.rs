@@ -90,3 +90,34 @@ async fn a_checkpoint_axis_runs_each_cell_on_its_model() {
         options["sd_model_checkpoint"]
     );
 }
+
+/// The native jobs API marks a script's grids: with a Z axis and sub-grids, the grid of grids
+/// and each Z value's grid come first, marked, then the single images, not marked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_jobs_grids_are_marked_as_such() {
+    let s = start(|_| {}).await;
+    let (status, job) = s
+        .post(
+            "/api/v1/jobs",
+            json!({"kind": "txt2img", "params": body(json!({
+                "script_name": "x/y/z plot",
+                "script_args": ["Steps", "1,2", "", "Nothing", "", "", "CFG Scale", "5,7", "",
+                                false, true, true],
+            }))}),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let done = s.wait_job(job["id"].as_str().unwrap()).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let marks: Vec<bool> = done["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["grid"] == true)
+        .collect();
+    assert_eq!(
+        marks,
+        [true, true, true, false, false, false, false],
+        "the grid of grids, two sub-grids, four images: {done}"
+    );
+}
