@@ -376,12 +376,6 @@ impl Engine {
         Ok(())
     }
 
-    /// The refiner's name and switch point when `req` uses it (for its infotext).
-    pub(crate) fn refiner_used<'a>(&self, req: &'a Request) -> Option<(&'a str, f64)> {
-        let r = req.refiner.as_ref()?;
-        Some((r.checkpoint.as_str(), r.switch_at))
-    }
-
     /// The refiner set with [`Engine::set_refiner`].
     pub fn refiner(&self) -> Option<&Engine> {
         self.refiner.as_deref()
@@ -1009,7 +1003,6 @@ impl Engine {
                                 ti_hashes: &self.ti_hashes(r),
                                 lora_hashes: &self.lora_hashes(given),
                                 hires: None,
-                                refiner: self.refiner_used(r),
                             },
                         );
                         Generated {

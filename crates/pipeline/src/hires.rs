@@ -172,7 +172,6 @@ impl Engine {
                 ti_hashes: &ti_hashes,
                 lora_hashes: &self.lora_hashes(first),
                 hires: Some(hires),
-                refiner: self.refiner_used(first),
             },
         );
         out.infotext = out.parameters.to_string();

@@ -203,8 +203,6 @@ pub struct ImageInfo<'a> {
     pub lora_hashes: &'a [String],
     /// The hires fix run after the first pass, if any.
     pub hires: Option<&'a HiresFix>,
-    /// The refiner's name and where it took over (A1111's `refiner_switch_at`).
-    pub refiner: Option<(&'a str, f64)>,
 }
 
 /// The infotext of an image made from `req`, fields in A1111's `create_infotext` order.
@@ -249,9 +247,9 @@ pub fn generation(req: &Request, info: &ImageInfo<'_>) -> Infotext {
     if req.mask.is_some() {
         t.push("Mask blur", req.mask_blur);
     }
-    if let Some((name, at)) = info.refiner {
-        t.push("Refiner", name);
-        t.push("Refiner switch at", at);
+    if let Some(r) = &req.refiner {
+        t.push("Refiner", &r.checkpoint);
+        t.push("Refiner switch at", r.switch_at);
     }
     if !info.lora_hashes.is_empty() {
         t.push("Lora hashes", info.lora_hashes.join(", "));

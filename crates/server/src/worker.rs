@@ -602,7 +602,7 @@ impl Worker {
             )?;
             let infotext = parameters.to_string();
             let png = encode_png(&image.to_rgb8(), Some(&infotext)).map_err(|e| e.to_string())?;
-            self.keep(job, png, Some(seed), infotext, work.save)?;
+            self.keep(job, png, Some(seed), infotext, work.save, false)?;
         }
         Ok(())
     }
@@ -675,19 +675,9 @@ impl Worker {
         }
     }
 
+    /// Keeps one finished image with the job (and in the gallery when `save`); `grid`: it is
+    /// a script's grid.
     fn keep(
-        &self,
-        job: &Arc<Job>,
-        png: Vec<u8>,
-        seed: Option<u64>,
-        infotext: String,
-        save: bool,
-    ) -> Result<(), JobError> {
-        self.keep_image(job, png, seed, infotext, save, false)
-    }
-
-    /// [`Worker::keep`], saying whether the image is a script's grid.
-    fn keep_image(
         &self,
         job: &Arc<Job>,
         png: Vec<u8>,
@@ -777,7 +767,7 @@ impl Worker {
             let infotext = info.fields_line();
             let png = encode_png(&img.to_rgb8(), (!infotext.is_empty()).then_some(&infotext))
                 .map_err(|e| format!("{name}: {e}"))?;
-            self.keep(job, png, None, infotext, work.save)?;
+            self.keep(job, png, None, infotext, work.save, false)?;
             job.update(|s| s.step = i + 1);
         }
         Ok(())

@@ -233,11 +233,22 @@ pub(crate) fn blank_like(base: &Cell, seed: u64) -> CellImage {
 
 /// Reading positional `script_args`: a missing or null argument takes A1111's default.
 pub(crate) struct Args<'a> {
-    pub script: &'static str,
-    pub args: &'a [Value],
+    script: &'static str,
+    args: &'a [Value],
 }
 
-impl Args<'_> {
+impl<'a> Args<'a> {
+    /// `script`'s arguments, refused when there are more than the `count` it takes.
+    pub fn new(script: &'static str, args: &'a [Value], count: usize) -> Result<Self, ScriptError> {
+        if args.len() > count {
+            return Err(ScriptError(format!(
+                "script_args: {script} takes {count} arguments, got {}",
+                args.len()
+            )));
+        }
+        Ok(Self { script, args })
+    }
+
     fn get(&self, i: usize) -> Option<&Value> {
         self.args.get(i).filter(|v| !v.is_null())
     }

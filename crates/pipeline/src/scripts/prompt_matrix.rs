@@ -26,16 +26,7 @@ pub struct PromptMatrix {
 impl PromptMatrix {
     /// Parses A1111's `script_args`; missing ones take its defaults.
     pub fn from_args(args: &[serde_json::Value]) -> Result<Self, ScriptError> {
-        let a = Args {
-            script: "Prompt matrix",
-            args,
-        };
-        if args.len() > 5 {
-            return Err(ScriptError(format!(
-                "script_args: the prompt matrix takes 5 arguments, got {}",
-                args.len()
-            )));
-        }
+        let a = Args::new("Prompt matrix", args, 5)?;
         let negative = match a.string(2, "prompt_type", "positive")?.as_str() {
             "positive" => false,
             "negative" => true,

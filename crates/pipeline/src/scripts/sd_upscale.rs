@@ -37,16 +37,7 @@ impl SdUpscale {
         args: &[serde_json::Value],
         upscaler_name: &dyn Fn(UpscalerChoice) -> Result<String, ScriptError>,
     ) -> Result<Self, ScriptError> {
-        let a = Args {
-            script: "SD upscale",
-            args,
-        };
-        if args.len() > 4 {
-            return Err(ScriptError(format!(
-                "script_args: SD upscale takes 4 arguments, got {}",
-                args.len()
-            )));
-        }
+        let a = Args::new("SD upscale", args, 4)?;
         let overlap = a.uint(1, "overlap", 64, 4096)? as u32;
         let upscaler = match args.get(2) {
             Some(serde_json::Value::String(name)) => upscaler_name(UpscalerChoice::Name(name))?,

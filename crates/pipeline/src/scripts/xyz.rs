@@ -438,16 +438,7 @@ impl XyzPlot {
     /// no_fixed_seeds, vary_seeds_x, vary_seeds_y, vary_seeds_z, margin_size, csv_mode]`;
     /// missing ones take A1111's defaults (X Seed, Y and Z Nothing, legend on).
     pub fn from_args(args: &[serde_json::Value], mode: Mode) -> Result<Self, ScriptError> {
-        let a = Args {
-            script: "X/Y/Z plot",
-            args,
-        };
-        if args.len() > 18 {
-            return Err(ScriptError(format!(
-                "script_args: the X/Y/Z plot takes 18 arguments, got {}",
-                args.len()
-            )));
-        }
+        let a = Args::new("X/Y/Z plot", args, 18)?;
         let csv_mode = a.bool(17, "csv_mode", false)?;
         let axes = [
             parse_axis(&a, 0, mode, csv_mode)?,

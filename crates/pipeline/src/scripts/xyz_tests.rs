@@ -105,6 +105,11 @@ fn bad_args_name_the_problem() {
     .contains("draw_legend"));
     // img2img has no "Hires steps".
     assert!(err(json!(["Hires steps", "10"]), Mode::Img2Img).contains("not an axis"));
+    let too_many = serde_json::Value::Array(vec![json!(null); 19]);
+    assert_eq!(
+        err(too_many, Mode::Txt2Img),
+        "script_args: X/Y/Z plot takes 18 arguments, got 19"
+    );
 }
 
 #[test]

@@ -454,17 +454,6 @@ pub fn txt2img_work(
                 "denoising_strength must be between 0 and 1, got {strength}"
             )));
         }
-        let second = Request {
-            width: w,
-            height: h,
-            steps: if r.hr_second_pass_steps > 0 {
-                r.hr_second_pass_steps
-            } else {
-                request.steps
-            },
-            ..request.clone()
-        };
-        check(ctx, &second, 1)?;
         for (set, name) in [
             (r.hr_checkpoint_name.is_some(), "hr_checkpoint_name"),
             (r.hr_sampler_name.is_some(), "hr_sampler_name"),
@@ -480,14 +469,21 @@ pub fn txt2img_work(
             (0, 0) => HiresSize::Scale(r.hr_scale.unwrap_or(2.0)),
             (x, y) => HiresSize::Resize(x, y),
         };
-        Some(HiresFix {
+        let hires = HiresFix {
             width: w,
             height: h,
             size,
             upscaler,
             steps: r.hr_second_pass_steps,
             denoising_strength: strength,
-        })
+        };
+        // The second pass meets the same limits (its size and steps).
+        check(
+            ctx,
+            &hires.second_pass(&request, request.seed, request.subseed),
+            1,
+        )?;
+        Some(hires)
     } else {
         None
     };

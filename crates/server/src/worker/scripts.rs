@@ -170,7 +170,7 @@ impl Worker {
         for image in &output.images {
             let infotext = image.infotext.to_string();
             let png = encode_png(&image.image, Some(&infotext)).map_err(|e| e.to_string())?;
-            self.keep_image(job, png, Some(image.seed), infotext, work.save, image.grid)?;
+            self.keep(job, png, Some(image.seed), infotext, work.save, image.grid)?;
         }
         job.update(|s| {
             s.info = serde_json::json!({
