@@ -41,6 +41,23 @@ fn base_args(out: &Path) -> Vec<String> {
     .collect()
 }
 
+/// `args` with the value after `flag` replaced.
+fn with_arg(mut args: Vec<String>, flag: &str, value: impl Into<String>) -> Vec<String> {
+    let at = args.iter().position(|a| a == flag).expect("the flag");
+    args[at + 1] = value.into();
+    args
+}
+
+/// The files of `dir`, sorted (the images in the order they were written).
+fn sorted_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+}
+
 fn png_parameters(path: &Path) -> String {
     let bytes = std::fs::read(path).unwrap();
     sdkube_pipeline::image_io::read_png_parameters(&bytes)
@@ -62,11 +79,10 @@ fn writes_pngs_with_a1111_infotext_and_numbers_them_upwards() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let mut files: Vec<_> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
+    let files: Vec<_> = sorted_files(&out)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_str().unwrap().to_string())
         .collect();
-    files.sort();
     assert_eq!(files, vec!["00000-5.png", "00001-6.png"]);
     let text = png_parameters(&out.join("00001-6.png"));
     assert!(
@@ -107,9 +123,11 @@ fn writes_pngs_with_a1111_infotext_and_numbers_them_upwards() {
 fn single_file_checkpoint_and_separate_vae_load() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let mut args = base_args(&out);
-    let model = args.iter().position(|a| a == "--model").unwrap() + 1;
-    args[model] = fixture("sd1.safetensors").display().to_string();
+    let args = with_arg(
+        base_args(&out),
+        "--model",
+        fixture("sd1.safetensors").display().to_string(),
+    );
     let run = sdkube()
         .args(args)
         .args(["--config", &fixture("sd1").display().to_string()])
@@ -218,9 +236,7 @@ fn a_catalog_name_is_fetched_into_the_store_on_first_use() {
         format!("[[model]]\nname = \"tiny-sd1\"\nkind = \"checkpoint\"\ndescription = \"test\"\n[[model.file]]\nurl = \"{url}\"\n"),
     )
     .unwrap();
-    let mut args = base_args(&out);
-    let model = args.iter().position(|a| a == "--model").unwrap() + 1;
-    args[model] = "tiny-sd1".into();
+    let args = with_arg(base_args(&out), "--model", "tiny-sd1");
     let run = |extra: &[&str]| {
         sdkube()
             .args(&args)
@@ -262,9 +278,7 @@ fn a_catalog_name_is_fetched_into_the_store_on_first_use() {
 fn embeddings_folder_is_used_by_prompts() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let mut args = base_args(&out);
-    let p = args.iter().position(|a| a == "--prompt").unwrap();
-    args[p + 1] = "a photo of (tiembed:1.2)".into();
+    let args = with_arg(base_args(&out), "--prompt", "a photo of (tiembed:1.2)");
     let status = sdkube()
         .args(&args)
         .arg("--embeddings")
@@ -395,11 +409,12 @@ fn variations_and_tiling_are_recorded_per_image() {
 fn a_refiner_takes_over_the_run_and_is_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let with_model = |model: &str| -> Vec<String> {
-        let mut args = base_args(&out);
-        let at = args.iter().position(|a| a == "--model").unwrap();
-        args[at + 1] = fixture(model).display().to_string();
-        args
+    let with_model = |model: &str| {
+        with_arg(
+            base_args(&out),
+            "--model",
+            fixture(model).display().to_string(),
+        )
     };
     let refiner = fixture("sdxl-refiner").display().to_string();
     let run = sdkube()
@@ -444,11 +459,7 @@ fn scripts_write_their_grid_then_the_images() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let mut files: Vec<_> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
+    let files = sorted_files(&out);
     assert_eq!(files.len(), 3, "{files:?}");
     assert_eq!(image::open(&files[0]).unwrap().width(), 128, "the grid");
     let texts: Vec<String> = files.iter().map(|f| png_parameters(f)).collect();
@@ -463,9 +474,11 @@ fn scripts_write_their_grid_then_the_images() {
     assert!(cell == alone, "the cell differs from the plain run");
 
     let matrix = dir.path().join("matrix");
-    let mut args = base_args(&matrix);
-    let at = args.iter().position(|a| a == "--prompt").unwrap();
-    args[at + 1] = "a lighthouse|at dusk|in fog".into();
+    let args = with_arg(
+        base_args(&matrix),
+        "--prompt",
+        "a lighthouse|at dusk|in fog",
+    );
     let run = sdkube().args(args).arg("--prompt-matrix").output().unwrap();
     assert!(
         run.status.success(),
@@ -504,18 +517,16 @@ fn a_checkpoint_axis_runs_each_cell_on_its_model() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let mut files: Vec<_> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
+    let files = sorted_files(&out);
     assert_eq!(files.len(), 3, "{files:?}");
     let text = png_parameters(&files[2]);
     assert!(text.contains("Model: sd2v"), "{text}");
     let plain = dir.path().join("plain");
-    let mut args = base_args(&plain);
-    let at = args.iter().position(|a| a == "--model").unwrap();
-    args[at + 1] = fixture("sd2v").display().to_string();
+    let args = with_arg(
+        base_args(&plain),
+        "--model",
+        fixture("sd2v").display().to_string(),
+    );
     assert!(sdkube().args(args).output().unwrap().status.success());
     let cell = image::open(&files[2]).unwrap().to_rgb8();
     let alone = image::open(plain.join("00000-5.png")).unwrap().to_rgb8();

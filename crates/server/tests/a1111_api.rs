@@ -40,9 +40,7 @@ async fn txt2img_has_a1111_shape_defaults_and_reports_ignored_fields() {
     // Each image is a PNG with its own infotext, as A1111 writes it.
     for (i, img) in images.iter().enumerate() {
         let png = unb64(img.as_str().unwrap());
-        let text = sdkube_pipeline::image_io::read_png_parameters(&png)
-            .unwrap()
-            .unwrap();
+        let text = infotext_of(&png);
         assert!(text.starts_with("a red cube\nNegative prompt: blurry\nSteps: 3"));
         assert!(text.contains(&format!("Seed: {}", 1234 + i)), "{text}");
         assert!(text.contains("Schedule type: Karras"), "{text}");
@@ -418,9 +416,7 @@ async fn extras_upscale_with_realesrgan_and_hires_fix() {
     assert_eq!(status, 200, "{body}");
     let png = unb64(body["images"][0].as_str().unwrap());
     assert_eq!(decode(&png).dimensions(), (128, 128));
-    let text = sdkube_pipeline::image_io::read_png_parameters(&png)
-        .unwrap()
-        .unwrap();
+    let text = infotext_of(&png);
     assert!(text.contains("Hires upscaler: srvgg_x4"), "{text}");
     assert!(text.contains("Size: 64x64"), "{text}");
     // The default "Latent" upscaler works in latent space: 64² → 96², no image upscaler.
@@ -434,10 +430,27 @@ async fn extras_upscale_with_realesrgan_and_hires_fix() {
     assert_eq!(status, 200, "{body}");
     let png = unb64(body["images"][0].as_str().unwrap());
     assert_eq!(decode(&png).dimensions(), (96, 96));
-    let text = sdkube_pipeline::image_io::read_png_parameters(&png)
-        .unwrap()
-        .unwrap();
+    let text = infotext_of(&png);
     assert!(text.contains("Hires upscaler: Latent"), "{text}");
+    // The second pass meets the limits too: its size and its steps.
+    for (extra, says) in [
+        (
+            json!({"hr_scale": 8}),
+            "width 512 is above the limit of 256",
+        ),
+        (
+            json!({"hr_second_pass_steps": 401}),
+            "steps must be between 1 and 400, got 401",
+        ),
+    ] {
+        let mut req = json!({"prompt": "x", "width": 64, "height": 64, "enable_hr": true});
+        req.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, body) = s.post("/sdapi/v1/txt2img", req).await;
+        assert_eq!(status, 400, "{extra}: {body}");
+        assert!(body["detail"].as_str().unwrap().contains(says), "{body}");
+    }
     // A1111's other latent modes run as torch's interpolate does; a name that is none of
     // them is refused naming the ones there are, never run as another.
     let (_, modes) = s.get("/sdapi/v1/latent-upscale-modes").await;

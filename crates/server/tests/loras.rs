@@ -20,13 +20,6 @@ async fn txt2img(s: &TestServer, prompt: &str) -> (u16, Value) {
     .await
 }
 
-fn infotext(body: &Value) -> String {
-    let png = unb64(body["images"][0].as_str().unwrap());
-    sdkube_pipeline::image_io::read_png_parameters(&png)
-        .unwrap()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn loras_are_listed_used_in_prompts_and_refused_clearly() {
     let s = start(|_| {}).await;
@@ -56,7 +49,7 @@ async fn loras_are_listed_used_in_prompts_and_refused_clearly() {
         plain["images"][0], with["images"][0],
         "the LoRA changed the image"
     );
-    let text = infotext(&with);
+    let text = first_infotext(&with);
     assert!(
         text.starts_with("a lighthouse <lora:kohya-sd1:0.8>\n"),
         "{text}"
@@ -112,7 +105,7 @@ async fn loras_are_listed_used_in_prompts_and_refused_clearly() {
     );
     let (status, body) = txt2img(&s, "a lighthouse <lora:peft-sd1:0.5:1>").await;
     assert_eq!(status, 200, "{body}");
-    assert!(infotext(&body).contains(r#"Lora hashes: "peft-sd1: 5a6b571cf638""#));
+    assert!(first_infotext(&body).contains(r#"Lora hashes: "peft-sd1: 5a6b571cf638""#));
 }
 
 fn job(prompt: &str, steps: u32) -> Value {
@@ -198,5 +191,5 @@ async fn loras_fetched_into_the_store_are_listed_and_used() {
     assert_eq!(field_of(&list, "name"), ["ink-style"], "{list}");
     let (status, body) = txt2img(&s, "a lighthouse <lora:ink-style:1>").await;
     assert_eq!(status, 200, "{body}");
-    assert!(infotext(&body).contains(r#"Lora hashes: "ink-style: 8d2ab056d855""#));
+    assert!(first_infotext(&body).contains(r#"Lora hashes: "ink-style: 8d2ab056d855""#));
 }

@@ -10,20 +10,10 @@ use sdkube_pipeline::{Engine, Refiner, Request, VramMode};
 use serde_json::{json, Value};
 
 fn body(extra: Value) -> Value {
-    let mut b = json!({"prompt": "a lighthouse", "negative_prompt": "blurry", "steps": 4,
-                       "width": 64, "height": 64, "seed": 5, "sampler_name": "Euler",
-                       "cfg_scale": 7});
-    b.as_object_mut()
-        .unwrap()
-        .extend(extra.as_object().unwrap().clone());
-    b
-}
-
-fn infotext(body: &Value) -> String {
-    let png = unb64(body["images"][0].as_str().unwrap());
-    sdkube_pipeline::image_io::read_png_parameters(&png)
-        .unwrap()
-        .unwrap()
+    let base = json!({"prompt": "a lighthouse", "negative_prompt": "blurry", "steps": 4,
+                      "width": 64, "height": 64, "seed": 5, "sampler_name": "Euler",
+                      "cfg_scale": 7});
+    merged(base, extra)
 }
 
 /// The same request run by the engine itself, in this process.
@@ -67,7 +57,7 @@ async fn the_refiner_finishes_the_run_as_the_engine_does() {
     assert_ne!(plain["images"][0], refined["images"][0]);
     let png = unb64(refined["images"][0].as_str().unwrap());
     assert_eq!(decode(&png), engine_image(0.5), "the engine's own image");
-    let text = infotext(&refined);
+    let text = first_infotext(&refined);
     assert!(
         text.contains("Refiner: sdxl-refiner, Refiner switch at: 0.5"),
         "{text}"
@@ -107,7 +97,7 @@ async fn the_refiner_finishes_the_run_as_the_engine_does() {
         let (status, out) = s.post("/sdapi/v1/txt2img", body(extra.clone())).await;
         assert_eq!(status, 200, "{extra}: {out}");
         assert_eq!(out["images"][0], plain["images"][0], "{extra}");
-        assert!(!infotext(&out).contains("Refiner"), "{extra}");
+        assert!(!first_infotext(&out).contains("Refiner"), "{extra}");
     }
 }
 
@@ -163,8 +153,6 @@ async fn an_xyz_plot_runs_every_cell_with_the_refiner() {
     // The seed-5 cell is the plain refined request's image.
     let png = unb64(images[1].as_str().unwrap());
     assert_eq!(decode(&png), engine_image(0.5));
-    let text = sdkube_pipeline::image_io::read_png_parameters(&png)
-        .unwrap()
-        .unwrap();
+    let text = infotext_of(&png);
     assert!(text.contains("Refiner: sdxl-refiner"), "{text}");
 }

@@ -8,12 +8,9 @@ use common::*;
 use serde_json::{json, Value};
 
 fn body(extra: Value) -> Value {
-    let mut b = json!({"prompt": "a lighthouse", "negative_prompt": "blurry", "steps": 2,
-                       "width": 64, "height": 64, "seed": 8, "sampler_name": "Euler"});
-    b.as_object_mut()
-        .unwrap()
-        .extend(extra.as_object().unwrap().clone());
-    b
+    let base = json!({"prompt": "a lighthouse", "negative_prompt": "blurry", "steps": 2,
+                      "width": 64, "height": 64, "seed": 8, "sampler_name": "Euler"});
+    merged(base, extra)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -210,3 +210,22 @@ pub fn png_of(img: &image::RgbImage) -> Vec<u8> {
 pub fn decode(png: &[u8]) -> image::RgbImage {
     image::load_from_memory(png).unwrap().to_rgb8()
 }
+
+/// The A1111 infotext of a PNG.
+pub fn infotext_of(png: &[u8]) -> String {
+    sdkube_pipeline::image_io::read_png_parameters(png)
+        .unwrap()
+        .expect("an infotext")
+}
+
+/// The infotext of an A1111 response's first image.
+pub fn first_infotext(response: &Value) -> String {
+    infotext_of(&unb64(response["images"][0].as_str().unwrap()))
+}
+
+/// `base` (a JSON object) with the fields of `extra` set over it.
+pub fn merged(mut base: Value, extra: Value) -> Value {
+    let fields = extra.as_object().expect("an object").clone();
+    base.as_object_mut().expect("an object").extend(fields);
+    base
+}
