@@ -4,7 +4,7 @@
 # folder (benches/cold_start_reference.py) in the same call. Page cache warm (files read just
 # before), then cold (evicted with posix_fadvise DONTNEED). Expects .gpu/sdkube (or .xz) and the
 # diffusers wheel in .whl; MODELS (default "sd15 sdxl"), BINS (default ".gpu/sdkube"; several
-# binaries compare builds) and WARM ("off on") narrow a run.
+# binaries compare builds), WARM ("off on") and CACHES ("warm cold") narrow a run.
 set -uo pipefail
 NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
 CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
@@ -81,7 +81,7 @@ for model in ${MODELS:-sd15 sdxl}; do
   dir=/tmp/cs-$model
   [ -d $dir ] || python3 benches/cold_start_reference.py make $dir $model
   du -sh $dir
-  for cache in warm cold; do
+  for cache in ${CACHES:-warm cold}; do
     for bin in ${BINS:-.gpu/sdkube}; do
       for w in ${WARM:-off on}; do
         if [ $cache = warm ]; then warm $dir; else evict $dir; fi

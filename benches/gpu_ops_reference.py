@@ -30,6 +30,9 @@ for label, b, c, side in [("conv3x3 unet 320", 2, 320, 64), ("conv3x3 unet 640",
                           ("conv3x3 vae 256", 1, 256, 256), ("conv3x3 vae 128", 1, 128, 512)]:
     x, w, bias = rand(b, c, side, side), rand(c, c, 3, 3) * 0.05, rand(c)
     timed(label, f"[{b},{c},{side},{side}]", lambda: F.conv2d(x, w, bias, padding=1))
+    # the layout torch.compile's reference runs in (channels_last: NHWC in memory)
+    xl, wl = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
+    timed(label + " channels_last", f"[{b},{c},{side},{side}]", lambda: F.conv2d(xl, wl, bias, padding=1))
 for label, b, c, side in [("group_norm + silu unet 320", 2, 320, 64), ("group_norm + silu vae 128", 1, 128, 512)]:
     x, g, beta = rand(b, c, side, side), rand(c), rand(c)
     timed(label, f"[{b},{c},{side},{side}]", lambda: F.silu(F.group_norm(x, 32, g, beta, 1e-5)))

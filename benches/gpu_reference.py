@@ -1,9 +1,11 @@
 """diffusers reference for `sdkube bench` on the GPU: same shapes, fp16, random weights (speed
 does not depend on weight values), eager and (optionally) torch.compile. One JSON line per
 measurement, with torch's peak allocated and reserved memory.
-Usage: python3 benches/gpu_reference.py [--compile] [--only=unet-sdxl]
-(--compile: the UNet steps only, under torch.compile; --only: that item alone: unet-sd15,
-unet-sdxl or grad-sd15)"""
+Usage: python3 benches/gpu_reference.py [--compile[=MODE]] [--only=unet-sdxl,...]
+--compile: the UNets (and the VAE decoder) under torch.compile(fullgraph=True, mode=MODE), MODE
+  reduce-overhead (CUDA graphs; the default), max-autotune or default, channels_last, three
+  untimed calls per shape (compile, then the graph's warm-up and recording);
+--only: those items alone: unet-sd15, unet-sdxl, grad-sd15, vae, txt2img-sd15, txt2img-sdxl."""
 import json
 import subprocess
 import sys
@@ -44,7 +46,8 @@ def timed(name, shape, fn, repeat=REPEAT, grad=False):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     with torch.set_grad_enabled(grad), SmiPeak() as smi:
-        fn()
+        for _ in range(3 if mode else 1):
+            fn()
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(repeat):
@@ -69,16 +72,27 @@ SDXL = dict(layers_per_block=2, cross_attention_dim=2048, attention_head_dim=(5,
             projection_class_embeddings_input_dim=2816,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
-compile_ = "--compile" in sys.argv
-only = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")]
-IMPL = f"diffusers {__import__('diffusers').__version__} torch {torch.__version__}" + (" compile" if compile_ else " eager")
+mode = next((a.partition("=")[2] or "reduce-overhead" for a in sys.argv if a.startswith("--compile")), None)
+compile_ = mode is not None
+only = [w for a in sys.argv if a.startswith("--only=") for w in a.split("=", 1)[1].split(",")]
+IMPL = f"diffusers {__import__('diffusers').__version__} torch {torch.__version__}" + (
+    f" compile(mode={mode}, fullgraph=True) channels_last" if compile_ else " eager")
+wanted = lambda name: not only or name in only
+
+
+def compiled(module):
+    """The module as the reference runs it: under torch.compile in its best settings, or eager."""
+    if not compile_:
+        return module
+    return torch.compile(module.to(memory_format=torch.channels_last), mode=mode, fullgraph=True)
+
+
+unets = {}  # compiled UNets, kept for txt2img (compiling them again costs minutes)
 
 for name, cfg, side, ctx_dim in [("unet-sd15", SD15, 64, 768), ("unet-sdxl", SDXL, 128, 2048)]:
-    if only and name not in only:
+    if not wanted(name):
         continue
-    unet = UNet2DConditionModel(**cfg).to(dev, dt).eval()
-    if compile_:
-        unet = torch.compile(unet)
+    unet = compiled(UNet2DConditionModel(**cfg).to(dev, dt).eval())
     for batch in (1, 2):
         x = torch.randn(batch, 4, side, side, device=dev, dtype=dt)
         ctx = torch.randn(batch, 77, ctx_dim, device=dev, dtype=dt)
@@ -91,12 +105,14 @@ for name, cfg, side, ctx_dim in [("unet-sd15", SD15, 64, 768), ("unet-sdxl", SDX
         timed(name, f"{side * 8}x{side * 8} batch {batch}", lambda: unet(x, t, ctx, **kw))
         if compile_:  # the first call of each shape compiles (inside `timed`'s warm-up)
             print(f"{name} batch {batch}: {time.perf_counter() - start:.0f} s with compiling", flush=True)
+    if compile_:
+        unets[name] = unet
     del unet
     torch.cuda.empty_cache()
 
 # The UNet's part of a textual-inversion step (`sdkube bench --what grad-sd15`): forward, then
 # the gradient of the denoising loss with respect to the conditioning, every weight frozen.
-if not compile_ and (not only or "grad-sd15" in only):
+if not compile_ and wanted("grad-sd15"):
     unet = UNet2DConditionModel(**SD15).to(dev, dt).eval().requires_grad_(False)
     for batch in (1, 2):
         x = torch.randn(batch, 4, 64, 64, device=dev, dtype=dt)
@@ -114,19 +130,19 @@ if not compile_ and (not only or "grad-sd15" in only):
     del unet
     torch.cuda.empty_cache()
 
-if compile_ or only:
-    # torch.compile's bar is the UNet step; compiling the txt2img UNets again would take minutes
-    # of device time for the same figure.
-    sys.exit(0)
-
 vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                     latent_channels=4).to(dev, dt).eval()
+if compile_:
+    vae.decode = torch.compile(vae.to(memory_format=torch.channels_last).decode, mode=mode, fullgraph=True)
 for side in (64, 128):
+    if not wanted("vae"):
+        break
     z = torch.randn(1, 4, side, side, device=dev, dtype=dt)
     timed("vae-decode", f"{side * 8}x{side * 8}", lambda: vae.decode(z), repeat=5)
-    img = torch.randn(1, 3, side * 8, side * 8, device=dev, dtype=dt)
-    timed("vae-encode", f"{side * 8}x{side * 8}", lambda: vae.encode(img), repeat=5)
+    if not compile_:
+        img = torch.randn(1, 3, side * 8, side * 8, device=dev, dtype=dt)
+        timed("vae-encode", f"{side * 8}x{side * 8}", lambda: vae.encode(img), repeat=5)
 
 # The text encoders, as the pipelines hold them on the GPU (random weights), where transformers
 # is installed; without it text encoding is left out (a few ms, and their memory), which favours
@@ -162,9 +178,9 @@ def make_text_encoders(sdxl):
 # Whole txt2img, 20 Euler steps with CFG (batch 2 per step) + VAE decode, after encoding the
 # prompt and the negative prompt.
 for name, cfg, side, ctx_dim in [("txt2img-sd15", SD15, 64, 768), ("txt2img-sdxl", SDXL, 128, 2048)]:
-    unet = UNet2DConditionModel(**cfg).to(dev, dt).eval()
-    if compile_:
-        unet = torch.compile(unet)
+    if not wanted(name):
+        continue
+    unet = unets.pop(name.replace("txt2img", "unet"), None) or compiled(UNet2DConditionModel(**cfg).to(dev, dt).eval())
     encoders = text_encoders(name == "txt2img-sdxl")
     ctx = torch.randn(2, 77, ctx_dim, device=dev, dtype=dt)
     kw = {}

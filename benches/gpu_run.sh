@@ -2,7 +2,7 @@
 # One device call: GPU correctness check on the fixture model, then sdkube bench and the
 # diffusers reference on the same GPU, with peak GPU memory from nvidia-smi for our binary.
 # Expects the CUDA build at .gpu/sdkube and the diffusers wheel in .whl (see README).
-# STAGES (default "check bench low reference"; also "cudnn", "serve", "ops", "post", "train", "grad", "compile") and WHAT (the `sdkube bench` items) narrow a run.
+# STAGES (default "check bench low reference"; also "graphs", "eager", "cudnn", "serve", "ops", "post", "train", "grad", "compile") and WHAT (the `sdkube bench` items) narrow a run.
 set -uo pipefail
 NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
 CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
@@ -44,12 +44,45 @@ for d in ["/tmp/check-cuda-fp32-sdkube", "/tmp/check-cuda-fp16-sdkube", "/tmp/ch
     print(f"{d}: max abs {np.abs(g - cpu).max():.1f} / mean abs {np.abs(g - cpu).mean():.3f} (8-bit levels) vs CPU fp32")
 PY
 
+# 1b. CUDA graphs change nothing: the same runs with graphs off and on (prompts changing between
+#     cells, batch 2 with a hires pass at a second size, seamless tiling, the SDXL refiner) must
+#     give the same pixels.
+has graphs && {
+  for g in off on; do
+    gen() { SDKUBE_CUDA_GRAPHS=$g .gpu/sdkube generate --device cuda --precision fp16 --steps 8 \
+      --width 64 --height 64 --seed 3 --sampler "DPM++ 2M Karras" "$@" 2>&1 | tail -1; }
+    gen --model fixtures/sd/sd1 --prompt "a lighthouse" --xyz-x "Prompt S/R:lighthouse,castle,forest" \
+      --xyz-y "Seed:3,4" --xyz-images --out /tmp/graphs-$g-srs
+    gen --model fixtures/sd/sd1 --prompt "a lighthouse" --batch-size 2 --hires-scale 2 --hires-steps 4 \
+      --tiling --out /tmp/graphs-$g-hires
+    gen --model fixtures/sd/sdxl --refiner fixtures/sd/sdxl-refiner --refiner-switch-at 0.5 \
+      --prompt "a lighthouse" --out /tmp/graphs-$g-refiner
+  done
+  python3 - <<'PY'
+import glob, os
+import numpy as np
+from PIL import Image
+for run in ["srs", "hires", "refiner"]:
+    off = sorted(glob.glob(f"/tmp/graphs-off-{run}/*.png"))
+    on = sorted(glob.glob(f"/tmp/graphs-on-{run}/*.png"))
+    assert [os.path.basename(p) for p in off] == [os.path.basename(p) for p in on] and off, (off, on)
+    diff = max(np.abs(np.asarray(Image.open(a), dtype=np.float32) - np.asarray(Image.open(b), dtype=np.float32)).max()
+               for a, b in zip(off, on))
+    print(f"graphs on vs off, {run}: {len(on)} images, max abs {diff:.0f} (8-bit levels)")
+PY
+}
+
 # 2. speed and memory: ours (peak from nvidia-smi sampling; --profile: where the time went)
 #    then diffusers
 peak() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$1" & echo $!; }
 has bench && for what in $WHAT; do
   pid=$(peak /tmp/mem-$what); .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 --profile 2>&1 | grep -v ' INFO '
   kill $pid; echo "{\"bench\": \"$what\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-$what | tail -1)}"
+done
+# eager: the same without CUDA graphs (A/B)
+has eager && for what in $WHAT; do
+  SDKUBE_CUDA_GRAPHS=off .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
+    | grep -v ' INFO ' | sed 's/}$/, "cuda_graphs": "off"}/'
 done
 # SDKUBE_CUDNN=benchmark: cuDNN's algorithms timed per shape instead of its heuristic first pick
 has cudnn && for what in $WHAT; do
@@ -139,6 +172,6 @@ has reference || has compile || exit 0
 python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)"
 wheels
 has reference && python3 benches/gpu_reference.py
-# diffusers + torch.compile, the UNet steps (compiling takes minutes: stage "compile";
-# COMPILE_ONLY=unet-sdxl gives one UNet the whole call)
-has compile && timeout ${COMPILE_TIMEOUT:-420} python3 benches/gpu_reference.py --compile ${COMPILE_ONLY:+--only=$COMPILE_ONLY}
+# diffusers + torch.compile (compiling takes minutes: stage "compile"; COMPILE_MODE picks
+# reduce-overhead (default), max-autotune or default; COMPILE_ONLY=unet-sdxl,txt2img-sdxl narrows)
+has compile && timeout ${COMPILE_TIMEOUT:-420} python3 benches/gpu_reference.py --compile${COMPILE_MODE:+=$COMPILE_MODE} ${COMPILE_ONLY:+--only=$COMPILE_ONLY}

@@ -257,6 +257,8 @@ pub struct UNet2DConditionModel {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     cfg: UNetConfig,
+    /// Its steps as CUDA graphs, per input shapes (ControlNet steps run eagerly).
+    graphs: sdkube_nn::GraphCache,
 }
 
 fn has_cross_attention(block_type: &str) -> bool {
@@ -533,6 +535,7 @@ impl UNet2DConditionModel {
             conv_norm_out: group_norm(groups, boc[0], eps, vb.pp("conv_norm_out"))?,
             conv_out: conv3x3(boc[0], cfg.out_channels, 1, vb.pp("conv_out"))?,
             cfg: cfg.clone(),
+            graphs: Default::default(),
         })
     }
 
@@ -550,12 +553,40 @@ impl UNet2DConditionModel {
         ctx: &Tensor,
         added: Option<&AddedConditioning>,
     ) -> Result<Tensor> {
-        self.forward_with_control(xs, t, ctx, added, None)
+        let mut inputs = vec![xs, t, ctx];
+        if let Some(a) = added {
+            inputs.extend([&a.text_embeds, &a.time_ids]);
+        }
+        self.graphs.run(&inputs, &|x| {
+            let added = match x {
+                [_, _, _, text_embeds, time_ids] => Some(AddedConditioning {
+                    text_embeds: text_embeds.clone(),
+                    time_ids: time_ids.clone(),
+                }),
+                _ => None,
+            };
+            self.pass(&x[0], &x[1], &x[2], added.as_ref(), None)
+        })
     }
 
     /// [`forward`](Self::forward) with a ControlNet's residuals added to the skip connections
     /// and to the mid block's output.
     pub fn forward_with_control(
+        &self,
+        xs: &Tensor,
+        t: &Tensor,
+        ctx: &Tensor,
+        added: Option<&AddedConditioning>,
+        control: Option<&ControlResiduals>,
+    ) -> Result<Tensor> {
+        match control {
+            None => self.forward(xs, t, ctx, added),
+            Some(_) => self.pass(xs, t, ctx, added, control),
+        }
+    }
+
+    /// One pass, run eagerly.
+    fn pass(
         &self,
         xs: &Tensor,
         t: &Tensor,

@@ -9,6 +9,7 @@
 //! - [`cuda`] (feature `cuda`): the GPU path's own kernels behind them (cuDNN convolution,
 //!   cuBLASLt linear layers, flash attention, fused group norm, elementwise kernels), each used
 //!   where it applies and candle's op otherwise;
+//! - [`GraphCache`]: a network's forward pass replayed as a CUDA graph;
 //! - [`profile`]: GPU time per kind of operation (`sdkube bench --profile`).
 //!
 //! Textual-inversion training back-propagates through frozen networks. When a layer's input is
@@ -30,6 +31,7 @@ mod conv;
 #[allow(unsafe_code)]
 pub mod cuda;
 mod elementwise;
+mod graph;
 mod linear;
 mod norm;
 pub mod profile;
@@ -41,6 +43,7 @@ pub use conv::{
     with_circular_padding, Conv2d,
 };
 pub use elementwise::{add_bias, geglu, leaky_relu, upsample_nearest_2x};
+pub use graph::{graphs_enabled, GraphCache};
 pub use linear::{linear, linear_no_bias, Linear};
 pub use norm::{group_norm, GroupNorm, LayerNorm};
 

@@ -16,6 +16,11 @@ pub fn enable(on: bool) {
     ON.store(on, Ordering::Relaxed);
 }
 
+/// Whether the accounting is on.
+pub fn is_on() -> bool {
+    ON.load(Ordering::Relaxed)
+}
+
 enum Mark {
     #[cfg(feature = "cuda")]
     Gpu(candle_core::cuda_backend::cudarc::driver::CudaEvent),

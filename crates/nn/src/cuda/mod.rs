@@ -22,6 +22,7 @@
 mod attention;
 mod conv;
 mod elementwise;
+pub(crate) mod graph;
 mod linear;
 mod memory;
 mod norm;
