@@ -50,7 +50,7 @@ PY
 has graphs && {
   for g in off on; do
     gen() { SDKUBE_CUDA_GRAPHS=$g .gpu/sdkube generate --device cuda --precision fp16 --steps 8 \
-      --width 64 --height 64 --seed 3 --sampler "DPM++ 2M Karras" "$@" 2>&1 | tail -1; }
+      --width 64 --height 64 --seed 3 --sampler "DPM++ 2M Karras" "$@" 2>&1 | grep -iE "graph|error" | cut -c1-300 | sort | uniq -c | tail -4; }
     gen --model fixtures/sd/sd1 --prompt "a lighthouse" --xyz-x "Prompt S/R:lighthouse,castle,forest" \
       --xyz-y "Seed:3,4" --xyz-images --out /tmp/graphs-$g-srs
     gen --model fixtures/sd/sd1 --prompt "a lighthouse" --batch-size 2 --hires-scale 2 --hires-steps 4 \

@@ -82,7 +82,10 @@ impl Graphs {
                     .max_all()?
                     .to_dtype(DType::F32)?
                     .to_scalar::<f32>()?;
-                if diff <= 1e-3 * scale.max(1.0) {
+                // Loose enough for kernels that sum in a different order per run; a baked-in
+                // input is off by the order of the output itself.
+                if diff <= 1e-2 * scale.max(1.0) {
+                    tracing::info!(diff, scale, shapes = ?key.0, "CUDA graph captured and checked");
                     c.checked = true;
                     c.last_use = self.clock;
                 } else {
