@@ -12,8 +12,8 @@
 //! shape eager, with a warning.
 //!
 //! Nothing here runs off CUDA, while gradients are tracked, while [`profile`](crate::profile)
-//! records, or with `SDKUBE_CUDA_GRAPHS=off` (A/B runs): then `f` just runs. The bookkeeping
-//! ([`Graphs`]) is backend-neutral; the capture itself is `cuda/graph.rs`.
+//! records, or unless `SDKUBE_CUDA_GRAPHS=on` (see [`GRAPHS_BY_DEFAULT`]): then `f` just runs.
+//! The bookkeeping ([`Graphs`]) is backend-neutral; the capture itself is `cuda/graph.rs`.
 
 use std::collections::HashMap;
 use std::thread::ThreadId;
@@ -25,10 +25,18 @@ use candle_core::{DType, Result, Shape, Tensor};
 /// a server has seen. The least recently used goes first.
 const KEPT_GRAPHS: usize = 4;
 
-/// Whether graphs are used at all: `SDKUBE_CUDA_GRAPHS=off` turns them off (A/B runs).
+/// Whether graphs are used when `SDKUBE_CUDA_GRAPHS` does not say: not yet, as no GPU has run
+/// the capture (issue 19); `SDKUBE_CUDA_GRAPHS=on` opts in.
+const GRAPHS_BY_DEFAULT: bool = false;
+
+/// Whether graphs are used at all: `SDKUBE_CUDA_GRAPHS=on|off` ([`GRAPHS_BY_DEFAULT`] else).
 pub fn graphs_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SDKUBE_CUDA_GRAPHS").as_deref() != Ok("off"))
+    *ON.get_or_init(|| match std::env::var("SDKUBE_CUDA_GRAPHS").as_deref() {
+        Ok("on") => true,
+        Ok("off") => false,
+        _ => GRAPHS_BY_DEFAULT,
+    })
 }
 
 /// The CUDA graphs of one network, one per set of input shapes (see the module docs). Owned by
@@ -149,8 +157,8 @@ impl<R: Recording> Graphs<R> {
                     *checked = true;
                     *last_use = now;
                 } else {
-                    tracing::warn!(diff, scale, shapes = ?key.0,
-                        "a CUDA graph's replay differs from the eager pass: these shapes run eagerly");
+                    let why = "a CUDA graph's replay differs from the eager pass";
+                    tracing::warn!(diff, scale, shapes = ?key.0, "{why}: these shapes run eagerly");
                     self.entries.insert(key, Entry::Eager);
                 }
                 Ok(eager)
