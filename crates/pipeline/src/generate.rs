@@ -386,17 +386,18 @@ impl Engine {
         self.refiner.take().map(|r| *r)
     }
 
-    /// A two-step generation at the model's native size (its UNet's `sample_size`), so that
+    /// A three-step generation at the model's native size (its UNet's `sample_size`), so that
     /// what a device prepares per shape on first use (cuDNN plans, kernel modules, the memory
-    /// pool's growth) is ready before a server says it is: without it the first request
-    /// after a cold start pays for all of it.
+    /// pool's growth; with CUDA graphs on, the UNet's graph, captured on the second step and
+    /// checked on the third) is ready before a server says it is: without it the first
+    /// request after a cold start pays for all of it.
     pub fn warm_up(&mut self) -> Result<(), Error> {
         let side = self.weights.unet.config.sample_size.map_or(512, |s| s * 8);
         let side = side.min(self.limits.max_size) / 8 * 8;
         let req = Request {
             prompt: "warm-up".into(),
             sampler: "Euler".into(),
-            steps: 2,
+            steps: 3,
             width: side,
             height: side,
             ..Request::default()

@@ -90,7 +90,7 @@ pub struct Args {
     /// `low` keeps only the network in use on the GPU; `high` keeps all resident.
     #[arg(long, env = "SDKUBE_VRAM", default_value = "high")]
     pub vram: String,
-    /// After loading a model, run a 2-step generation at its native size before /readyz says
+    /// After loading a model, run a 3-step generation at its native size before /readyz says
     /// ready, so that the first request does not pay for the GPU's per-shape preparations:
     /// auto (on for GPUs), on or off.
     #[arg(long, env = "SDKUBE_WARM_UP", default_value = "auto")]
