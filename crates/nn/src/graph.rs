@@ -30,7 +30,7 @@ const KEPT_GRAPHS: usize = 4;
 const GRAPHS_BY_DEFAULT: bool = false;
 
 /// Whether graphs are used at all: `SDKUBE_CUDA_GRAPHS=on|off` ([`GRAPHS_BY_DEFAULT`] else).
-pub fn graphs_enabled() -> bool {
+fn graphs_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| match std::env::var("SDKUBE_CUDA_GRAPHS").as_deref() {
         Ok("on") => true,

@@ -45,7 +45,7 @@ pub use conv::{
     with_circular_padding, Conv2d,
 };
 pub use elementwise::{add_bias, geglu, leaky_relu, upsample_nearest_2x};
-pub use graph::{graphs_enabled, GraphCache, Pass};
+pub use graph::{GraphCache, Pass};
 pub use linear::{linear, linear_no_bias, Linear};
 pub use norm::{group_norm, GroupNorm, LayerNorm};
 
