@@ -2,7 +2,7 @@
 # One device call: GPU correctness check on the fixture model, then sdkube bench and the
 # diffusers reference on the same GPU, with peak GPU memory from nvidia-smi for our binary.
 # Expects the CUDA build at .gpu/sdkube and the diffusers wheel in .whl (see README).
-# STAGES (default "check bench low reference"; also "graphs", "eager", "cudnn", "serve", "ops", "post", "train", "grad", "compile") and WHAT (the `sdkube bench` items) narrow a run.
+# STAGES (default "check bench low reference"; also "graphs", "layout", "eager", "cl", "cudnn", "serve", "ops", "post", "train", "grad", "compile") and WHAT (the `sdkube bench` items) narrow a run.
 set -uo pipefail
 NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
 CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
@@ -44,33 +44,39 @@ for d in ["/tmp/check-cuda-fp32-sdkube", "/tmp/check-cuda-fp16-sdkube", "/tmp/ch
     print(f"{d}: max abs {np.abs(g - cpu).max():.1f} / mean abs {np.abs(g - cpu).mean():.3f} (8-bit levels) vs CPU fp32")
 PY
 
-# 1b. CUDA graphs change nothing: the same runs with graphs off and on (prompts changing between
-#     cells, batch 2 with a hires pass at a second size, seamless tiling, the SDXL refiner) must
-#     give the same pixels.
-has graphs && {
-  for g in off on; do
-    gen() { SDKUBE_CUDA_GRAPHS=$g .gpu/sdkube generate --device cuda --precision fp16 --steps 8 \
+# 1b. A switch that must not change the images: the same runs with $1 off and on (prompts
+#     changing between cells, batch 2 with a hires pass at a second size, seamless tiling, the
+#     SDXL refiner). CUDA graphs must give the same pixels; channels-last (other cuDNN
+#     algorithms, other summation orders) within a few 8-bit levels.
+same_images() {
+  local var=$1
+  for v in off on; do
+    gen() { env $var=$v .gpu/sdkube generate --device cuda --precision fp16 --steps 8 \
       --width 64 --height 64 --seed 3 --sampler "DPM++ 2M Karras" "$@" 2>&1 | grep -iE "graph|error" | cut -c1-300 | sort | uniq -c | tail -4; }
     gen --model fixtures/sd/sd1 --prompt "a lighthouse" --xyz-x "Prompt S/R:lighthouse,castle,forest" \
-      --xyz-y "Seed:3,4" --xyz-images --out /tmp/graphs-$g-srs
+      --xyz-y "Seed:3,4" --xyz-images --out /tmp/ab-$v-srs
     gen --model fixtures/sd/sd1 --prompt "a lighthouse" --batch-size 2 --hires-scale 2 --hires-steps 4 \
-      --tiling --out /tmp/graphs-$g-hires
+      --tiling --out /tmp/ab-$v-hires
     gen --model fixtures/sd/sdxl --refiner fixtures/sd/sdxl-refiner --refiner-switch-at 0.5 \
-      --prompt "a lighthouse" --out /tmp/graphs-$g-refiner
+      --prompt "a lighthouse" --out /tmp/ab-$v-refiner
   done
-  python3 - <<'PY'
-import glob, os
+  python3 - "$var" <<'PY'
+import glob, os, sys
 import numpy as np
 from PIL import Image
 for run in ["srs", "hires", "refiner"]:
-    off = sorted(glob.glob(f"/tmp/graphs-off-{run}/*.png"))
-    on = sorted(glob.glob(f"/tmp/graphs-on-{run}/*.png"))
+    off = sorted(glob.glob(f"/tmp/ab-off-{run}/*.png"))
+    on = sorted(glob.glob(f"/tmp/ab-on-{run}/*.png"))
     assert [os.path.basename(p) for p in off] == [os.path.basename(p) for p in on] and off, (off, on)
-    diff = max(np.abs(np.asarray(Image.open(a), dtype=np.float32) - np.asarray(Image.open(b), dtype=np.float32)).max()
-               for a, b in zip(off, on))
-    print(f"graphs on vs off, {run}: {len(on)} images, max abs {diff:.0f} (8-bit levels)")
+    diffs = [np.abs(np.asarray(Image.open(a), dtype=np.float32) - np.asarray(Image.open(b), dtype=np.float32))
+             for a, b in zip(off, on)]
+    print(f"{sys.argv[1]} on vs off, {run}: {len(on)} images, max abs {max(d.max() for d in diffs):.0f}, "
+          f"mean abs {np.mean([d.mean() for d in diffs]):.3f} (8-bit levels)")
 PY
+  rm -rf /tmp/ab-*
 }
+has graphs && same_images SDKUBE_CUDA_GRAPHS
+has layout && same_images SDKUBE_CHANNELS_LAST
 
 # 2. speed and memory: ours (peak from nvidia-smi sampling; --profile: where the time went)
 #    then diffusers
@@ -83,6 +89,11 @@ done
 has eager && for what in $WHAT; do
   SDKUBE_CUDA_GRAPHS=off .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
     | grep -v ' INFO ' | sed 's/}$/, "cuda_graphs": "off"}/'
+done
+# channels-last feature maps (A/B against the bench stage's NCHW)
+has cl && for what in $WHAT; do
+  SDKUBE_CHANNELS_LAST=on .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
+    | grep -v ' INFO ' | sed 's/}$/, "channels_last": "on"}/'
 done
 # SDKUBE_CUDNN=benchmark: cuDNN's algorithms timed per shape instead of its heuristic first pick
 has cudnn && for what in $WHAT; do

@@ -5,7 +5,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use sdkube_nn::{
-    add_bias, conv1x1, conv2d, conv3x3, group_norm, linear, linear_no_bias,
+    add, add_bias, conv1x1, conv2d, conv3x3, group_norm, linear, linear_no_bias,
     scaled_dot_product_attention, upsample_nearest_2x, Conv2d, GroupNorm, Linear,
 };
 
@@ -60,8 +60,8 @@ impl ResnetBlock2D {
         h = self.norm2.forward_silu(&h)?;
         h = self.conv2.forward(&h)?;
         match &self.conv_shortcut {
-            Some(c) => c.forward(xs)? + h,
-            None => xs + h,
+            Some(c) => add(&c.forward(xs)?, &h),
+            None => add(xs, &h),
         }
     }
 }

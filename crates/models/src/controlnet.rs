@@ -126,7 +126,10 @@ impl ControlNetModel {
             cond.clone()
         };
         let emb = self.encoder.embedding(t, added, xs.dim(0)?, xs.dtype())?;
-        let h = (self.encoder.conv_in(xs)? + self.cond_embedding.forward(&cond)?)?;
+        let h = sdkube_nn::add(
+            &self.encoder.conv_in(xs)?,
+            &self.cond_embedding.forward(&cond)?,
+        )?;
         let (h, skips) = self.encoder.down(h, &emb, ctx)?;
         let h = self.encoder.mid(&h, &emb, ctx)?;
         let pool = |t: Tensor| -> Result<Tensor> {

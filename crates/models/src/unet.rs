@@ -9,7 +9,8 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use sdkube_nn::{
-    conv1x1, conv2d, conv3x3, geglu, group_norm, linear, Conv2d, GroupNorm, LayerNorm, Linear,
+    add, cat_channels, conv1x1, conv2d, conv3x3, from_nhwc, geglu, group_norm, linear, Conv2d,
+    GroupNorm, LayerNorm, Linear,
 };
 
 use crate::blocks::{Attention, Downsample2D, ResnetBlock2D, Upsample2D};
@@ -177,14 +178,12 @@ impl Transformer2DModel {
         for block in &self.blocks {
             tokens = block.forward(&tokens, ctx)?;
         }
-        let to_image = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
-        };
+        let to_image = |t: Tensor| -> Result<Tensor> { from_nhwc(&t.reshape((b, h, w, c))?) };
         let out = match &self.proj_out {
             Projection::Conv(conv) => conv.forward(&to_image(tokens)?)?,
             Projection::Linear(lin) => to_image(lin.forward(&tokens)?)?,
         };
-        out + xs
+        add(&out, xs)
     }
 }
 
@@ -607,9 +606,9 @@ impl UNet2DConditionModel {
                 );
             }
             for (skip, residual) in skips.iter_mut().zip(&control.down) {
-                *skip = (&*skip + residual)?;
+                *skip = add(skip, residual)?;
             }
-            h = (h + &control.mid)?;
+            h = add(&h, &control.mid)?;
         }
 
         for block in &self.up_blocks {
@@ -617,7 +616,7 @@ impl UNet2DConditionModel {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| candle_core::Error::Msg("unet skip underflow".into()))?;
-                h = Tensor::cat(&[&h, &skip], 1)?;
+                h = cat_channels(&[&h, &skip])?;
                 h = block.level.run_layer(j, &h, &emb, ctx)?;
             }
             if let Some(up) = &block.upsampler {

@@ -49,7 +49,7 @@ impl AttentionBlock {
         let out = self
             .to_out
             .forward(&scaled_dot_product_attention(&q, &k, &v, 1, false)?)?;
-        out.transpose(1, 2)?.reshape((b, c, h, w))? + xs
+        sdkube_nn::add(&out.transpose(1, 2)?.reshape((b, c, h, w))?, xs)
     }
 }
 

@@ -18,8 +18,21 @@ use crate::profile;
 pub struct Conv2d(candle_nn::Conv2d);
 
 impl From<candle_nn::Conv2d> for Conv2d {
+    /// The layer, its weight laid out channels-last where its convolutions will run so
+    /// ([`crate::channels_last_on`]): converted once here rather than on every call.
     fn from(conv: candle_nn::Conv2d) -> Self {
-        Self(conv)
+        let w = conv.weight();
+        if conv.config().groups != 1 || !crate::channels_last_on(w) || crate::is_channels_last(w) {
+            return Self(conv);
+        }
+        match crate::to_channels_last(w) {
+            Ok(w) => Self(candle_nn::Conv2d::new(
+                w,
+                conv.bias().cloned(),
+                *conv.config(),
+            )),
+            Err(_) => Self(conv),
+        }
     }
 }
 
@@ -31,7 +44,7 @@ pub fn conv2d(
     cfg: Conv2dConfig,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    candle_nn::conv2d(cin, cout, kernel, cfg, vb).map(Conv2d)
+    candle_nn::conv2d(cin, cout, kernel, cfg, vb).map(Conv2d::from)
 }
 
 /// A convolution without bias, its weights from `vb` (as `candle_nn::conv2d_no_bias`).
@@ -42,7 +55,7 @@ pub fn conv2d_no_bias(
     cfg: Conv2dConfig,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    candle_nn::conv2d_no_bias(cin, cout, kernel, cfg, vb).map(Conv2d)
+    candle_nn::conv2d_no_bias(cin, cout, kernel, cfg, vb).map(Conv2d::from)
 }
 
 impl Module for Conv2d {

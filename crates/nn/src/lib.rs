@@ -10,6 +10,8 @@
 //!   cuBLASLt linear layers, flash attention, fused group norm, elementwise kernels), each used
 //!   where it applies and candle's op otherwise;
 //! - [`GraphCache`]: a network's forward pass replayed as a CUDA graph;
+//! - channels-last feature maps on the GPU ([`channels_last_on`], [`add`], [`cat_channels`],
+//!   [`from_nhwc`]): the layout cuDNN's tensor-core convolutions run in;
 //! - [`profile`]: GPU time per kind of operation (`sdkube bench --profile`).
 //!
 //! Textual-inversion training back-propagates through frozen networks. When a layer's input is
@@ -34,6 +36,7 @@ mod elementwise;
 // Without CUDA only the tests drive the graph bookkeeping.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod graph;
+mod layout;
 mod linear;
 mod norm;
 pub mod profile;
@@ -46,6 +49,9 @@ pub use conv::{
 };
 pub use elementwise::{add_bias, geglu, leaky_relu, upsample_nearest_2x};
 pub use graph::{GraphCache, Pass};
+pub use layout::{
+    add, cat_channels, channels_last_on, from_nhwc, is_channels_last, to_channels_last,
+};
 pub use linear::{linear, linear_no_bias, Linear};
 pub use norm::{group_norm, GroupNorm, LayerNorm};
 

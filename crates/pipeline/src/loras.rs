@@ -340,9 +340,17 @@ struct DeviceWeights {
     unet: TensorMap,
 }
 
+/// `map` on `device` in `dtype`; convolution weights channels-last where the convolutions
+/// run so, as the layers would make them (shared, not copied per network).
 fn upload(map: &TensorMap, device: &Device, dtype: DType) -> candle_core::Result<TensorMap> {
     map.iter()
-        .map(|(k, t)| Ok((k.clone(), t.to_device(device)?.to_dtype(dtype)?)))
+        .map(|(k, t)| {
+            let mut t = t.to_device(device)?.to_dtype(dtype)?;
+            if t.rank() == 4 && sdkube_nn::channels_last_on(&t) {
+                t = sdkube_nn::to_channels_last(&t)?;
+            }
+            Ok((k.clone(), t))
+        })
         .collect()
 }
 

@@ -44,8 +44,16 @@ pub fn conv2d(
     let candle_core::Device::Cuda(dev) = x.device() else {
         return Ok(None);
     };
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let op = CudnnConv { padding, stride };
+    // Channels-last at tensor-core widths only (SD's first and last convolutions, 4 channels,
+    // stay NCHW).
+    let (c, k) = (x.dim(1)?, w.dim(0)?);
+    let channels_last = crate::channels_last_on(x) && c.is_multiple_of(8) && k.is_multiple_of(8);
+    let op = CudnnConv {
+        padding,
+        stride,
+        channels_last,
+    };
+    let (x, w) = (op.in_layout(x)?, op.in_layout(w)?);
     let use_cudnn = x.dim(2)? * x.dim(3)? > TIMED_UP_TO || {
         let key = op.key(dev, x.dtype(), x.dims(), w.dims());
         match CHOICE.with(|c| c.borrow().get(&key).copied()) {
@@ -57,14 +65,13 @@ pub fn conv2d(
             }
         }
     };
-    match (use_cudnn, bias) {
-        (false, _) => Ok(None),
-        (true, None) => x.apply_op2_no_bwd(&w, &op).map(Some),
-        (true, Some(b)) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &op).map(Some),
+    match use_cudnn {
+        false => Ok(None),
+        true => op.apply(&x, &w, bias).map(Some),
     }
 }
 
-/// [`conv2d`] always through cuDNN (for benchmarks).
+/// [`conv2d`] always through cuDNN (for benchmarks), channels-last where `x` is.
 pub fn conv2d_cudnn(
     x: &Tensor,
     w: &Tensor,
@@ -72,8 +79,12 @@ pub fn conv2d_cudnn(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    x.apply_op3_no_bwd(&w, &bias.contiguous()?, &CudnnConv { padding, stride })
+    let op = CudnnConv {
+        padding,
+        stride,
+        channels_last: crate::is_channels_last(x),
+    };
+    op.apply(&op.in_layout(x)?, &op.in_layout(w)?, Some(bias))
 }
 
 /// Input pixels (H·W) up to which [`conv2d`] times cuDNN against candle (32²: the largest UNet
@@ -91,19 +102,24 @@ fn cudnn_is_faster(x: &Tensor, w: &Tensor, op: &CudnnConv) -> Result<bool> {
         x.device().synchronize()?;
         Ok(start.elapsed())
     };
-    let cudnn = time(&|| x.apply_op2_no_bwd(w, op))?;
+    let cudnn = time(&|| op.apply(x, w, None))?;
     let candle = time(&|| x.conv2d(w, op.padding, op.stride, 1, 1))?;
     tracing::debug!(x = ?x.dims(), w = ?w.dims(), ?cudnn, ?candle, "convolution: cuDNN or candle");
     Ok(cudnn <= candle)
 }
 
+/// A convolution through cuDNN. Channels-last, it takes `x` `[N, H, W, C]` and `w`
+/// `[K, R, S, C]` and writes `[N, Ho, Wo, K]` (the memory of channels-last feature maps,
+/// [`crate::is_channels_last`]); otherwise NCHW, KCRS and NKHW.
 struct CudnnConv {
     padding: usize,
     stride: usize,
+    channels_last: bool,
 }
 
-/// A convolution's device, dtype, input and filter shapes, padding and stride.
-type ConvKey = (DeviceId, DType, [usize; 9]);
+/// A convolution's device, dtype, input and filter shapes (NCHW, KCRS), padding, stride and
+/// layout (1: channels-last).
+type ConvKey = (DeviceId, DType, [usize; 10]);
 
 /// cuDNN's descriptors, algorithm and workspace size for one [`ConvKey`], made once.
 struct ConvPlan<T: CudnnDataType> {
@@ -150,12 +166,56 @@ fn cudnn_handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
 }
 
 impl CudnnConv {
+    /// `t` (`[N, C, H, W]` or `[K, C, R, S]`) in this convolution's layout: channels-last or
+    /// contiguous.
+    fn in_layout(&self, t: &Tensor) -> Result<Tensor> {
+        if self.channels_last {
+            crate::to_channels_last(t)
+        } else {
+            t.contiguous()
+        }
+    }
+
+    /// `x` convolved with `w` (+ `bias`), both already [`Self::in_layout`]; the output in that
+    /// layout too.
+    fn apply(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let memory = |t: &Tensor| {
+            if self.channels_last {
+                t.permute((0, 2, 3, 1))
+            } else {
+                Ok(t.clone())
+            }
+        };
+        let (x, w) = (memory(x)?, memory(w)?);
+        let y = match bias {
+            None => x.apply_op2_no_bwd(&w, self)?,
+            Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, self)?,
+        };
+        if self.channels_last {
+            y.permute((0, 3, 1, 2))
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// NCHW (or KCRS) dimensions of an operand's memory `dims` in this layout.
+    fn logical(&self, dims: &[usize]) -> Result<[usize; 4]> {
+        let [a, b, c, d] = dims else {
+            candle_core::bail!("conv2d: {dims:?} is not 4-D")
+        };
+        Ok(if self.channels_last {
+            [*a, *d, *b, *c]
+        } else {
+            [*a, *b, *c, *d]
+        })
+    }
+
     fn key(&self, dev: &CudaDevice, dtype: DType, x: &[usize], w: &[usize]) -> ConvKey {
-        let (p, s) = (self.padding, self.stride);
+        let (p, s, cl) = (self.padding, self.stride, self.channels_last as usize);
         (
             dev.id(),
             dtype,
-            [x[0], x[1], x[2], x[3], w[0], w[2], w[3], p, s],
+            [x[0], x[1], x[2], x[3], w[0], w[2], w[3], p, s, cl],
         )
     }
 
@@ -163,8 +223,8 @@ impl CudnnConv {
         (input + 2 * self.padding - kernel) / self.stride + 1
     }
 
-    /// cuDNN's descriptors of this convolution (`x` NCHW, `w` KCRS): the convolution, `x`,
-    /// `w` and `y`.
+    /// cuDNN's descriptors of this convolution (`x` `[N, C, H, W]`, `w` `[K, C, R, S]`, laid
+    /// out in this op's layout): the convolution, `x`, `w` and `y`.
     #[allow(clippy::type_complexity)]
     fn descriptors<T: CudnnDataType>(
         &self,
@@ -179,8 +239,14 @@ impl CudnnConv {
         cudarc::cudnn::TensorDescriptor<T>,
     )> {
         use cudarc::cudnn::sys::{
-            cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION, cudnnMathType_t,
-            cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+            cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+            cudnnMathType_t,
+            cudnnTensorFormat_t::{CUDNN_TENSOR_NCHW, CUDNN_TENSOR_NHWC},
+        };
+        let format = if self.channels_last {
+            CUDNN_TENSOR_NHWC
+        } else {
+            CUDNN_TENSOR_NCHW
         };
         let cudnn = cudnn_handle(dev)?;
         let e = candle_core::Error::wrap;
@@ -201,13 +267,13 @@ impl CudnnConv {
         let dims = |d: [usize; 4]| d.map(|v| v as i32);
         let (ho, wo) = (self.out_size(x[2], w[2]), self.out_size(x[3], w[3]));
         let xd = cudnn
-            .create_4d_tensor::<T>(CUDNN_TENSOR_NCHW, dims([x[0], x[1], x[2], x[3]]))
+            .create_4d_tensor::<T>(format, dims([x[0], x[1], x[2], x[3]]))
             .map_err(e)?;
         let wd = cudnn
-            .create_4d_filter::<T>(CUDNN_TENSOR_NCHW, dims([w[0], w[1], w[2], w[3]]))
+            .create_4d_filter::<T>(format, dims([w[0], w[1], w[2], w[3]]))
             .map_err(e)?;
         let yd = cudnn
-            .create_4d_tensor::<T>(CUDNN_TENSOR_NCHW, dims([x[0], w[0], ho, wo]))
+            .create_4d_tensor::<T>(format, dims([x[0], w[0], ho, wo]))
             .map_err(e)?;
         Ok((conv, xd, wd, yd))
     }
@@ -290,8 +356,8 @@ impl CudnnConv {
             + num_one::One
             + 'static,
     {
-        let (n, c, h, wd) = xl.shape().dims4()?;
-        let (k, c2, r, s) = wl.shape().dims4()?;
+        let [n, c, h, wd] = self.logical(xl.dims())?;
+        let [k, c2, r, s] = self.logical(wl.dims())?;
         if c != c2 || h + 2 * self.padding < r || wd + 2 * self.padding < s {
             candle_core::bail!(
                 "conv2d: input {:?} does not fit filter {:?}",
@@ -305,7 +371,8 @@ impl CudnnConv {
         let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
         // SAFETY: cuDNN writes every element.
         let mut y = unsafe { dev.alloc::<T>(n * k * ho * wo)? };
-        let plan = self.plan::<T>(&dev, x.dtype(), (xl.dims(), &xs), (wl.dims(), &ws), &mut y)?;
+        let (x_dims, w_dims) = ([n, c, h, wd], [k, c, r, s]);
+        let plan = self.plan::<T>(&dev, x.dtype(), (&x_dims, &xs), (&w_dims, &ws), &mut y)?;
         let forward = ConvForward {
             conv: &plan.conv,
             x: &plan.x,
@@ -313,7 +380,8 @@ impl CudnnConv {
             y: &plan.y,
         };
         with_workspace(&dev, plan.workspace, |workspace| {
-            // SAFETY: the plan's descriptors describe exactly these buffers (contiguous NCHW).
+            // SAFETY: the plan's descriptors describe exactly these buffers (contiguous, in
+            // this op's layout).
             let scale = (T::one(), T::zero());
             unsafe { forward.launch(plan.algo, workspace, scale, &xs, &ws, &mut y) }
                 .map_err(candle_core::Error::wrap)
@@ -321,10 +389,16 @@ impl CudnnConv {
         if let Some((b, bl)) = bias {
             // In place: no second output-sized buffer (512 MB at the VAE's 1024² stage).
             let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
-            launch_add_bias(&dev, x.dtype(), &y.slice(..), &bs, &y, ho * wo, k)?;
+            let inner = if self.channels_last { 1 } else { ho * wo };
+            launch_add_bias(&dev, x.dtype(), &y.slice(..), &bs, &y, inner, k, y.len())?;
         }
         let out = CudaStorage::wrap_cuda_slice(y, dev);
-        Ok((out, Shape::from((n, k, ho, wo))))
+        let shape = if self.channels_last {
+            Shape::from((n, ho, wo, k))
+        } else {
+            Shape::from((n, k, ho, wo))
+        };
+        Ok((out, shape))
     }
 }
 
@@ -385,7 +459,7 @@ where
             let mut launch = || {
                 let scratch = workspace.as_deref_mut();
                 let scale = (T::one(), T::zero());
-                // SAFETY: the descriptors describe exactly these buffers (contiguous NCHW).
+                // SAFETY: the descriptors describe exactly these buffers.
                 unsafe { forward.launch(algo, scratch, scale, xs, ws, &mut *y) }.is_ok()
             };
             if !launch() {
@@ -454,7 +528,11 @@ pub fn conv2d_input_grad(
         return Ok(None);
     }
     let op = CudnnConvInputGrad {
-        conv: CudnnConv { padding, stride },
+        conv: CudnnConv {
+            padding,
+            stride,
+            channels_last: false,
+        },
         input_hw,
     };
     grad.contiguous()?

@@ -25,11 +25,29 @@ pub fn add_bias(y: &Tensor, bias: &Tensor, axis: usize) -> Result<Option<Tensor>
     if !bias_fits(y.dims(), bias.dims(), axis) {
         return Ok(None);
     }
+    let bias = bias.contiguous()?;
+    if axis == 1 && crate::is_channels_last(y) {
+        // Memory [N, H·W, C]: a bias [C] repeats every C elements, a bias [N, C] also moves
+        // on every H·W·C.
+        let (n, c, h, w) = y.dims4()?;
+        let per_sample = if bias.rank() == 2 {
+            h * w * c
+        } else {
+            n * h * w * c
+        };
+        let op = AddBias {
+            inner: 1,
+            per_sample,
+        };
+        let sum = y.permute((0, 2, 3, 1))?.apply_op2_no_bwd(&bias, &op)?;
+        return sum.permute((0, 3, 1, 2)).map(Some);
+    }
     let inner: usize = y.dims()[axis + 1..].iter().product();
-    let op = AddBias { inner };
-    y.contiguous()?
-        .apply_op2_no_bwd(&bias.contiguous()?, &op)
-        .map(Some)
+    let op = AddBias {
+        inner,
+        per_sample: y.elem_count(),
+    };
+    y.contiguous()?.apply_op2_no_bwd(&bias, &op).map(Some)
 }
 
 /// Whether `bias`'s shape is the axes of `y` that end at `axis` (at least one of them).
@@ -37,8 +55,11 @@ fn bias_fits(y: &[usize], bias: &[usize], axis: usize) -> bool {
     !bias.is_empty() && bias.len() <= axis + 1 && y[axis + 1 - bias.len()..=axis] == *bias
 }
 
+/// `out[i] = y[i] + bias[(i / per_sample) · C + (i / inner) % C]` over contiguous `y`, `C`
+/// the channels of the bias: its last axis where `per_sample` < `y`'s size, all of it otherwise.
 struct AddBias {
     inner: usize,
+    per_sample: usize,
 }
 
 impl AddBias {
@@ -53,16 +74,24 @@ impl AddBias {
         let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<T>(n)? };
-        let channels = bl.shape().elem_count();
-        launch_add_bias(&dev, y.dtype(), &ys, &bs, &out, self.inner, channels)?;
+        let channels = if self.per_sample < n {
+            bl.dims()[bl.dims().len() - 1]
+        } else {
+            bl.shape().elem_count()
+        };
+        let (inner, per_sample) = (self.inner, self.per_sample);
+        launch_add_bias(&dev, y.dtype(), &ys, &bs, &out, inner, channels, per_sample)?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), yl.shape().clone()))
     }
 }
 
 cuda_op!(AddBias, "add-bias", run(x, y) [F16 => f16, F32 => f32]);
 
-/// Our `add_bias` kernel over all of `out`: `out[i] = y[i] + bias[(i / inner) % channels]`.
-/// `y` may view `out` itself: each thread reads its element before writing it.
+/// Our `add_bias` kernel over all of `out`:
+/// `out[i] = y[i] + bias[(i / per_sample) · channels + (i / inner) % channels]` (`per_sample`
+/// at least `out`'s length for a bias shared by every sample). `y` may view `out` itself:
+/// each thread reads its element before writing it.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn launch_add_bias<T: DeviceRepr>(
     dev: &CudaDevice,
     dtype: DType,
@@ -71,10 +100,12 @@ pub(super) fn launch_add_bias<T: DeviceRepr>(
     out: &CudaSlice<T>,
     inner: usize,
     channels: usize,
+    per_sample: usize,
 ) -> Result<()> {
     let n = out.len();
     let func = dev.get_or_load_custom_func(&format!("add_bias_{}", suffix(dtype)?), MODULE, PTX)?;
     let (n32, inner32, channels32) = (n as u32, inner as u32, channels as u32);
+    let per_sample32 = per_sample.min(u32::MAX as usize) as u32;
     let mut launch = func.builder();
     launch
         .arg(y)
@@ -82,7 +113,8 @@ pub(super) fn launch_add_bias<T: DeviceRepr>(
         .arg(out)
         .arg(&n32)
         .arg(&inner32)
-        .arg(&channels32);
+        .arg(&channels32)
+        .arg(&per_sample32);
     // SAFETY: argument list matches the kernel's signature; `y` holds at least `n` elements.
     unsafe { launch.launch(launch_1d(n)) }.w()?;
     Ok(())
@@ -163,13 +195,54 @@ impl LeakyRelu {
 
 cuda_op!(LeakyRelu, "leaky-relu", run(x) [F16 => f16, F32 => f32]);
 
-/// Nearest-neighbour ×2 upsampling of NCHW `x` (`upsample_nearest2d(2h, 2w)`).
+/// Nearest-neighbour ×2 upsampling of `x` `[N, C, H, W]` (`upsample_nearest2d(2h, 2w)`),
+/// channels-last where `x` is.
 pub fn upsample_nearest_2x(x: &Tensor) -> Result<Option<Tensor>> {
     if !elementwise_ok(x) || x.rank() != 4 || x.elem_count() >= (1 << 29) {
         return Ok(None); // the output (4×) must stay below 2^31 elements
     }
+    if crate::is_channels_last(x) {
+        let up = x.permute((0, 2, 3, 1))?.apply_op1_no_bwd(&Upsample2xNhwc)?;
+        return up.permute((0, 3, 1, 2)).map(Some);
+    }
     x.contiguous()?.apply_op1_no_bwd(&Upsample2x).map(Some)
 }
+
+/// [`Upsample2x`] over channels-last memory `[B, H, W, C]`.
+struct Upsample2xNhwc;
+
+impl Upsample2xNhwc {
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        &self,
+        (x, xl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let (b, h, w, c) = xl.shape().dims4()?;
+        let n = b * h * w * c;
+        let dev = x.device().clone();
+        let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<T>(4 * n)? };
+        let name = format!("upsample_2x_nhwc_{}", suffix(x.dtype())?);
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let (n32, h32, w32, c32) = (n as u32, h as u32, w as u32, c as u32);
+        let mut launch = func.builder();
+        launch
+            .arg(&xs)
+            .arg(&out)
+            .arg(&n32)
+            .arg(&h32)
+            .arg(&w32)
+            .arg(&c32);
+        // SAFETY: argument list matches the kernel's signature.
+        unsafe { launch.launch(launch_1d(n)) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from((b, 2 * h, 2 * w, c)),
+        ))
+    }
+}
+
+cuda_op!(Upsample2xNhwc, "upsample-nearest-2x-nhwc", run(x) [F16 => f16, F32 => f32]);
 
 struct Upsample2x;
 

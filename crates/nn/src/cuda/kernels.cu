@@ -500,6 +500,101 @@ __device__ void group_norm_apply(const T* x, T* y, const float* partial, const T
 GROUP_NORM(half, f16)
 GROUP_NORM(float, f32)
 
+// Group norm over channels-last memory [N, HW, C] (same statistics, same output values). A
+// group is no longer one contiguous run, so the work is cut the other way: grid (N, splits),
+// each block a chunk of one sample's pixels, every thread a fixed run of `vec` channels of one
+// group (vec divides channels_per_group) on rows = blockDim / (C / vec) pixels at a time: the
+// loads of a warp stay contiguous. Pass 1 writes each (sample, group, chunk)'s moments where the
+// NCHW kernels do, pass 2 merges them per group in shared memory and normalises the chunk.
+// blockDim.x: a multiple of C / vec, at most 1024; groups at most 128.
+
+struct PixelChunk {
+  long begin, end;
+};
+
+__device__ __forceinline__ PixelChunk pixel_chunk(long hw, int splits) {
+  const long chunk = (hw + splits - 1) / splits;
+  const long begin = blockIdx.y * chunk;
+  return PixelChunk{begin, min(hw, begin + chunk)};
+}
+
+template <typename T>
+__device__ void group_norm_stats_nhwc(const T* x, float* partial, long hw, int channels,
+                                      int groups, int vec, int splits) {
+  const int lanes = channels / vec, rows = blockDim.x / lanes;
+  const int lane = threadIdx.x % lanes, row = threadIdx.x / lanes;
+  const auto [begin, end] = pixel_chunk(hw, splits);
+  const T* xs = x + (long)blockIdx.x * hw * channels + lane * vec;
+  Moments acc{0.f, 0.f, 0.f};
+  for (long p = begin + row; p < end; p += rows) {
+    for (int v = 0; v < vec; v++) {
+      const float value = to_f(xs[p * channels + v]);
+      acc.n += 1.f;
+      const float delta = value - acc.mean;
+      acc.mean += delta / acc.n;
+      acc.m2 += delta * (value - acc.mean);
+    }
+  }
+  __shared__ Moments per_thread[1024];
+  per_thread[threadIdx.x] = acc;
+  __syncthreads();
+  const int lanes_per_group = channels / groups / vec;
+  for (int g = threadIdx.x; g < groups; g += blockDim.x) {
+    Moments m{0.f, 0.f, 0.f};
+    for (int r = 0; r < rows; r++)
+      for (int l = g * lanes_per_group; l < (g + 1) * lanes_per_group; l++)
+        m = merge(m, per_thread[r * lanes + l]);
+    float* out = partial + (((long)blockIdx.x * groups + g) * splits + blockIdx.y) * 3;
+    out[0] = m.n;
+    out[1] = m.mean;
+    out[2] = m.m2;
+  }
+}
+
+template <typename T>
+__device__ void group_norm_apply_nhwc(const T* x, T* y, const float* partial, const T* weight,
+                                      const T* bias, long hw, int channels, int groups, int vec,
+                                      int splits, float eps, int silu) {
+  __shared__ float stats[2 * 128];
+  for (int g = threadIdx.x; g < groups; g += blockDim.x) {
+    Moments m{0.f, 0.f, 0.f};
+    const float* p = partial + ((long)blockIdx.x * groups + g) * splits * 3;
+    for (int s = 0; s < splits; s++) m = merge(m, Moments{p[3 * s], p[3 * s + 1], p[3 * s + 2]});
+    stats[2 * g] = m.mean;
+    stats[2 * g + 1] = rsqrtf(m.m2 / m.n + eps);
+  }
+  __syncthreads();
+  const int lanes = channels / vec, rows = blockDim.x / lanes;
+  const int lane = threadIdx.x % lanes, row = threadIdx.x / lanes;
+  const int first = lane * vec, g = first / (channels / groups);
+  const float mean = stats[2 * g], rstd = stats[2 * g + 1];
+  const auto [begin, end] = pixel_chunk(hw, splits);
+  const long base = (long)blockIdx.x * hw * channels + first;
+  for (long p = begin + row; p < end; p += rows) {
+    for (int v = 0; v < vec; v++) {
+      const long i = base + p * channels + v;
+      float value = (to_f(x[i]) - mean) * rstd * to_f(weight[first + v]) + to_f(bias[first + v]);
+      if (silu) value = value / (1.f + __expf(-value));
+      y[i] = from_f<T>(value);
+    }
+  }
+}
+
+#define GROUP_NORM_NHWC(T, NAME)                                                              \
+  extern "C" __global__ void __launch_bounds__(1024) group_norm_stats_nhwc_##NAME(            \
+      const T* x, float* partial, long hw, int channels, int groups, int vec, int splits) {    \
+    group_norm_stats_nhwc<T>(x, partial, hw, channels, groups, vec, splits);                  \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(1024) group_norm_apply_nhwc_##NAME(            \
+      const T* x, T* y, const float* partial, const T* weight, const T* bias, long hw,        \
+      int channels, int groups, int vec, int splits, float eps, int silu) {                  \
+    group_norm_apply_nhwc<T>(x, y, partial, weight, bias, hw, channels, groups, vec, splits,  \
+                             eps, silu);                                                      \
+  }
+
+GROUP_NORM_NHWC(half, f16)
+GROUP_NORM_NHWC(float, f32)
+
 // The input gradient of group norm (+ SiLU), for training through a frozen network. After
 // group_norm_stats on x: pass 1 sums dxhat and dxhat·xhat over each chunk of a group, pass 2
 // writes dx = rstd·(dxhat − mean(dxhat) − xhat·mean(dxhat·xhat)), where dxhat is the output's
@@ -615,9 +710,9 @@ GROUP_NORM_GRAD(float, f32)
 
 template <typename T>
 __device__ void add_bias(const T* y, const T* bias, T* out, unsigned n, unsigned inner,
-                         unsigned channels) {
+                         unsigned channels, unsigned per_sample) {
   for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-    out[i] = from_f<T>(to_f(y[i]) + to_f(bias[(i / inner) % channels]));
+    out[i] = from_f<T>(to_f(y[i]) + to_f(bias[(i / per_sample) * channels + (i / inner) % channels]));
 }
 
 // h: [rows, 2F] -> out: [rows, F], out = h[:, :F] * gelu(h[:, F:]) (erf form, as torch's gelu).
@@ -642,8 +737,9 @@ __device__ void leaky_relu(const T* x, T* out, unsigned n, float slope) {
 
 #define ELEMENTWISE(T, NAME)                                                                  \
   extern "C" __global__ void add_bias_##NAME(const T* y, const T* bias, T* out, unsigned n,   \
-                                             unsigned inner, unsigned channels) {            \
-    add_bias<T>(y, bias, out, n, inner, channels);                                           \
+                                             unsigned inner, unsigned channels,              \
+                                             unsigned per_sample) {                          \
+    add_bias<T>(y, bias, out, n, inner, channels, per_sample);                               \
   }                                                                                           \
   extern "C" __global__ void geglu_##NAME(const T* h, T* out, unsigned n, unsigned f) {       \
     geglu<T>(h, out, n, f);                                                                   \
@@ -680,4 +776,29 @@ extern "C" __global__ void upsample_2x_f16(const half* x, half* out, unsigned n,
 extern "C" __global__ void upsample_2x_f32(const float* x, float* out, unsigned n, unsigned h,
                                            unsigned w) {
   upsample_2x<float, float2>(x, out, n, h, w);
+}
+
+// The same over channels-last memory: x [B, H, W, C] -> out [B, 2H, 2W, C], one thread per
+// input element, its four copies written where the warp's neighbours write theirs.
+template <typename T>
+__device__ void upsample_2x_nhwc(const T* x, T* out, unsigned n, unsigned h, unsigned w,
+                                 unsigned c) {
+  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const unsigned ch = i % c, col = (i / c) % w, row = (i / (c * w)) % h, b = i / (c * w * h);
+    const T value = x[i];
+    T* top = out + (((size_t)b * 2 * h + 2 * row) * 2 * w + 2 * col) * c + ch;
+    top[0] = value;
+    top[c] = value;
+    top[(size_t)2 * w * c] = value;
+    top[(size_t)2 * w * c + c] = value;
+  }
+}
+
+extern "C" __global__ void upsample_2x_nhwc_f16(const half* x, half* out, unsigned n, unsigned h,
+                                                unsigned w, unsigned c) {
+  upsample_2x_nhwc<half>(x, out, n, h, w, c);
+}
+extern "C" __global__ void upsample_2x_nhwc_f32(const float* x, float* out, unsigned n,
+                                                unsigned h, unsigned w, unsigned c) {
+  upsample_2x_nhwc<float>(x, out, n, h, w, c);
 }

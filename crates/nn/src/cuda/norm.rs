@@ -27,13 +27,21 @@ pub fn group_norm(
     if groups == 0 || channels % groups != 0 || weight.elem_count() != channels {
         return Ok(None);
     }
-    let x = x.contiguous()?;
     let op = GroupNormOp {
         groups,
         eps: eps as f32,
         silu,
     };
-    x.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
+    let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
+    if crate::is_channels_last(x) && NhwcGeometry::new(x.dims(), groups).is_some() {
+        let nhwc = GroupNormNhwcOp(op);
+        let y = x
+            .permute((0, 2, 3, 1))?
+            .apply_op3_no_bwd(&weight, &bias, &nhwc)?;
+        return y.permute((0, 3, 1, 2)).map(Some);
+    }
+    x.contiguous()?
+        .apply_op3_no_bwd(&weight, &bias, &op)
         .map(Some)
 }
 
@@ -132,6 +140,88 @@ impl GroupGeometry {
         // SAFETY: argument list matches the kernel's signature.
         unsafe { launch.launch(self.launch_config()) }.w()?;
         Ok(partial)
+    }
+}
+
+/// [`GroupNormOp`] over channels-last memory `[N, H, W, C]` (`*_nhwc` kernels).
+struct GroupNormNhwcOp(GroupNormOp);
+
+impl GroupNormNhwcOp {
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        &self,
+        (x, xl): (&CudaStorage, &Layout),
+        (w, wl): (&CudaStorage, &Layout),
+        (b, bl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let [n, h, wd, c] = *xl.dims() else {
+            candle_core::bail!("group norm: {:?} is not [N, H, W, C]", xl.dims())
+        };
+        let Some(geo) = NhwcGeometry::new(&[n, c, h, wd], self.0.groups) else {
+            candle_core::bail!("group norm: no channels-last kernel for {:?}", xl.dims())
+        };
+        let suffix = suffix(x.dtype())?;
+        let dev = x.device().clone();
+        let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+        let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
+        let groups = self.0.groups;
+        // SAFETY: pass 1 writes every (sample, group, chunk)'s moments, pass 2 every output.
+        let partial = unsafe { dev.alloc::<f32>(n * groups * geo.splits * 3)? };
+        let out = unsafe { dev.alloc::<T>(xl.shape().elem_count())? };
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, geo.splits as u32, 1),
+            block_dim: (geo.threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let hw64 = (h * wd) as i64;
+        let (c32, groups32, vec32) = (c as i32, groups as i32, geo.vec as i32);
+        let splits32 = geo.splits as i32;
+        let func =
+            |name: &str| dev.get_or_load_custom_func(&format!("{name}_{suffix}"), MODULE, PTX);
+        let stats = func("group_norm_stats_nhwc")?;
+        let mut launch = stats.builder();
+        launch.arg(&xs).arg(&partial).arg(&hw64);
+        launch.arg(&c32).arg(&groups32).arg(&vec32).arg(&splits32);
+        // SAFETY: argument lists match the kernels' signatures; geometry checked above.
+        unsafe { launch.launch(cfg) }.w()?;
+        let apply = func("group_norm_apply_nhwc")?;
+        let (eps, silu) = (self.0.eps, self.0.silu as i32);
+        let mut launch = apply.builder();
+        launch.arg(&xs).arg(&out).arg(&partial).arg(&ws).arg(&bs);
+        launch.arg(&hw64).arg(&c32).arg(&groups32).arg(&vec32);
+        launch.arg(&splits32).arg(&eps).arg(&silu);
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
+    }
+}
+
+/// How the channels-last kernels cut `[N, C, H, W]`: each thread `vec` channels of one group,
+/// C / vec of them side by side for each of a block's pixel rows, a sample's pixels in
+/// `splits` chunks.
+struct NhwcGeometry {
+    vec: usize,
+    threads: usize,
+    splits: usize,
+}
+
+impl NhwcGeometry {
+    /// `None` where the kernels do not apply (over 128 groups, or a group too wide).
+    fn new(dims: &[usize], groups: usize) -> Option<NhwcGeometry> {
+        let [_, c, h, w] = *dims else { return None };
+        let cpg = c / groups;
+        let vec = [8, 4, 2, 1].into_iter().find(|v| cpg.is_multiple_of(*v))?;
+        let lanes = c / vec;
+        if groups > 128 || lanes > 1024 {
+            return None;
+        }
+        let rows = (256 / lanes).max(1);
+        // About 16K elements a block: enough blocks to fill the GPU at SD's 64² maps.
+        let splits = (h * w * c).div_ceil(16_384).clamp(1, (h * w).clamp(1, 512));
+        Some(NhwcGeometry {
+            vec,
+            threads: lanes * rows,
+            splits,
+        })
     }
 }
 
@@ -250,4 +340,5 @@ impl GroupNormGradOp {
 }
 
 cuda_op!(GroupNormOp, "group-norm", run(x, y, z) [F16 => f16, F32 => f32]);
+cuda_op!(GroupNormNhwcOp, "group-norm-nhwc", run(x, y, z) [F16 => f16, F32 => f32]);
 cuda_op!(GroupNormGradOp, "group-norm-input-grad", run(x, y) [F16 => f16, F32 => f32]);

@@ -345,6 +345,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
     use anyhow::Context;
     use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Module};
+    use sdkube_nn::to_channels_last;
     let rand = |shape: &[usize]| -> anyhow::Result<Tensor> {
         Ok(Tensor::randn(0f32, 1., shape, dev)?.to_dtype(dt)?)
     };
@@ -399,11 +400,18 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
             ..Default::default()
         };
         let m = Conv2d::new(w.clone(), Some(bias.clone()), cfg);
+        // channels-last: input and weights laid out before timing, as a network keeps them
+        let (xcl, wcl) = (to_channels_last(&x)?, to_channels_last(&w)?);
         compare(
             label,
             &format!("[{b},{c},{side},{side}]"),
             &|| Ok(m.forward(&x)?),
-            &[("sdkube", &|| Ok(own::conv2d_cudnn(&x, &w, &bias, 1, 1)?))],
+            &[
+                ("sdkube", &|| Ok(own::conv2d_cudnn(&x, &w, &bias, 1, 1)?)),
+                ("sdkube channels-last", &|| {
+                    Ok(own::conv2d_cudnn(&xcl, &wcl, &bias, 1, 1)?)
+                }),
+            ],
         )?;
     }
     // The input gradient of the UNet's convolutions (textual-inversion training): candle's
@@ -461,13 +469,19 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
         let x = rand(&[b, c, side, side])?;
         let (w, bias) = (rand(&[c])?, rand(&[c])?);
         let gn = GroupNorm::new(w.clone(), bias.clone(), c, 32, 1e-5)?;
+        let xcl = to_channels_last(&x)?;
         compare(
             label,
             &format!("[{b},{c},{side},{side}]"),
             &|| Ok(candle_nn::ops::silu(&gn.forward(&x)?)?),
-            &[("sdkube", &|| {
-                Ok(own::group_norm(&x, &w, &bias, 32, 1e-5, true)?)
-            })],
+            &[
+                ("sdkube", &|| {
+                    Ok(own::group_norm(&x, &w, &bias, 32, 1e-5, true)?)
+                }),
+                ("sdkube channels-last", &|| {
+                    Ok(own::group_norm(&xcl, &w, &bias, 32, 1e-5, true)?)
+                }),
+            ],
         )?;
     }
     // Attention as blocks.rs computes it without its own kernel: heads split out, softmax(q kᵀ
@@ -553,11 +567,31 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
     })?;
     report("nchw to tokens sdxl", "[2,1280,32,32]", s, dt, dev);
     let x = rand(&[1, 256, 256, 256])?;
+    let xcl = to_channels_last(&x)?;
     compare(
         "upsample nearest 2x vae",
         "[1,256,256,256]",
         &|| Ok(x.upsample_nearest2d(512, 512)?),
-        &[("sdkube", &|| Ok(own::upsample_nearest_2x(&x)?))],
+        &[
+            ("sdkube", &|| Ok(own::upsample_nearest_2x(&x)?)),
+            ("sdkube channels-last", &|| {
+                Ok(own::upsample_nearest_2x(&xcl)?)
+            }),
+        ],
+    )?;
+    // The time embedding added per sample and channel (every UNet resnet), channels-last
+    let (x, temb) = (rand(&[2, 320, 64, 64])?, rand(&[2, 320])?);
+    let xcl = to_channels_last(&x)?;
+    compare(
+        "time bias unet 320",
+        "[2,320,64,64]",
+        &|| Ok(x.broadcast_add(&temb.reshape((2, 320, 1, 1))?)?),
+        &[
+            ("sdkube", &|| Ok(own::add_bias(&x, &temb, 1)?)),
+            ("sdkube channels-last", &|| {
+                Ok(own::add_bias(&xcl, &temb, 1)?)
+            }),
+        ],
     )?;
     // RealESRGAN's activation (RRDBNet's dense blocks, at its input size)
     let x = rand(&[1, 32, 512, 512])?;
