@@ -9,6 +9,7 @@
 
 pub mod onnx;
 pub mod pickle;
+mod safetensors_reader;
 mod torch;
 
 use std::collections::HashMap;
@@ -127,10 +128,7 @@ pub fn load_tree(path: &Path) -> Result<Value, Error> {
         error: Box::new(error),
     };
     match detect(path)? {
-        Format::Safetensors => {
-            let data = read_in_parallel(path).map_err(|e| in_file(e.into()))?;
-            safetensors_tree(&data).map_err(in_file)
-        }
+        Format::Safetensors => safetensors_reader::from_file(path).map_err(in_file),
         Format::TorchZip => {
             let file = std::fs::File::open(path).map_err(|e| in_file(e.into()))?;
             torch::read_zip(std::io::BufReader::new(file)).map_err(in_file)
@@ -146,82 +144,10 @@ pub fn load_tree(path: &Path) -> Result<Value, Error> {
 /// name a file: wrap them in [`Error::File`] where there is one.
 pub fn load_tree_from_bytes(data: &[u8]) -> Result<Value, Error> {
     match format_of(data, data.len() as u64).ok_or(Error::UnknownFormat)? {
-        Format::Safetensors => safetensors_tree(data),
+        Format::Safetensors => safetensors_reader::from_bytes(data),
         Format::TorchZip => torch::read_zip(std::io::Cursor::new(data)),
         Format::TorchLegacy => torch::read_legacy(data),
     }
-}
-
-/// Threads that read a file, and that copy its tensors out: a model's files are gigabytes, and
-/// one thread copies from the page cache at a fraction of what the memory bus gives several.
-fn reader_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
-}
-
-/// The whole file, its parts read by [`reader_threads`] threads at once.
-fn read_in_parallel(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::File::open(path)?;
-    let len = usize::try_from(file.metadata()?.len())
-        .map_err(|_| std::io::Error::other("file larger than memory can address"))?;
-    // Zeroed pages come from the OS untouched until read into.
-    let mut data = vec![0u8; len];
-    let part = len.div_ceil(reader_threads()).max(1 << 20);
-    std::thread::scope(|s| {
-        let reads: Vec<_> = data
-            .chunks_mut(part)
-            .enumerate()
-            .map(|(i, chunk)| {
-                let file = &file;
-                s.spawn(move || file.read_exact_at(chunk, (i * part) as u64))
-            })
-            .collect();
-        reads
-            .into_iter()
-            .try_for_each(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-    })?;
-    Ok(data)
-}
-
-/// A safetensors file as a flat dict of its tensors, keys sorted.
-fn safetensors_tree(data: &[u8]) -> Result<Value, Error> {
-    use candle_core::safetensors::Load;
-    // The safetensors crate checks the header (its length, offsets covering the data exactly,
-    // element counts); shapes are checked here before candle builds anything from them.
-    let file = safetensors::SafeTensors::deserialize(data)
-        .map_err(|e| Error::Format(format!("safetensors header: {e}")))?;
-    let views = file.tensors();
-    for (name, view) in &views {
-        check_shape(view.shape()).map_err(|msg| Error::Format(format!("`{name}`: {msg}")))?;
-    }
-    // The tensors are copied out by several threads, each taking every n-th.
-    let threads = reader_threads();
-    let mut items = std::thread::scope(|s| {
-        let copies: Vec<_> = (0..threads)
-            .map(|first| {
-                let views = &views;
-                s.spawn(move || {
-                    views
-                        .iter()
-                        .skip(first)
-                        .step_by(threads)
-                        .map(|(name, view)| Ok((name.clone(), view.load(&Device::Cpu)?)))
-                        .collect::<Result<Vec<_>, Error>>()
-                })
-            })
-            .collect();
-        copies.into_iter().try_fold(Vec::new(), |mut all, c| {
-            all.extend(c.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?);
-            Ok::<_, Error>(all)
-        })
-    })?;
-    items.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(Value::Dict(
-        items
-            .into_iter()
-            .map(|(k, t)| (Value::Str(k), Value::Tensor(t)))
-            .collect(),
-    ))
 }
 
 /// Reads every tensor of a weight file under its dotted key ([`Value::flatten`]), moved to
