@@ -4,7 +4,10 @@
 # folder (benches/cold_start_reference.py) in the same call. Page cache warm (files read just
 # before), then cold (evicted with posix_fadvise DONTNEED). Expects .gpu/sdkube (or .xz) and the
 # diffusers wheel in .whl; MODELS (default "sd15 sdxl"), BINS (default ".gpu/sdkube"; several
-# binaries compare builds), WARM ("off on") and CACHES ("warm cold") narrow a run.
+# binaries compare builds), WARM ("off on"), CACHES ("warm cold") and JIT narrow a run. JIT
+# "fresh" starts sdkube with an empty CUDA JIT cache (CUDA_CACHE_PATH), as a newly scheduled pod
+# does: its PTX kernels (ours, candle's) are compiled for the GPU then; "kept" reuses the cache the
+# run before filled (a cache kept on the node). Default "fresh kept".
 set -uo pipefail
 NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
 CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
@@ -28,9 +31,11 @@ PY
 }
 warm() { find "$1" -type f -exec cat {} + > /dev/null; }
 
-# serve BIN DIR WARMUP CACHE: one JSON line of timings
+# serve BIN DIR WARMUP CACHE JIT: one JSON line of timings
 serve() {
-  local bin=$1 dir=$2 warmup=$3 cache=$4 side=512
+  local bin=$1 dir=$2 warmup=$3 cache=$4 jit=${5:-kept} side=512
+  [ "$jit" = fresh ] && rm -rf /tmp/cs-jit
+  export CUDA_CACHE_PATH=/tmp/cs-jit
   grep -q StableDiffusionXL "$dir/model_index.json" && side=1024
   rm -rf /tmp/cs-out /tmp/cs-store
   # builds from before --warm-up run without it
@@ -50,9 +55,9 @@ serve() {
   local b=$(date +%s.%N); curl -sf -o /dev/null localhost:7862/sdapi/v1/txt2img -H 'content-type: application/json' -d "$body"
   local c=$(date +%s.%N)
   kill -TERM $pid; wait $pid 2>/dev/null
-  python3 - "$bin" "$dir" "$warmup" "$cache" "$t0" "$t1" "$a" "$b" "$c" <<'PY'
+  python3 - "$bin" "$dir" "$warmup" "$cache" "$jit" "$t0" "$t1" "$a" "$b" "$c" <<'PY'
 import json, sys
-bin_, dir_, warmup, cache, t0, t1, a, b, c = sys.argv[1:4] + sys.argv[4:5] + [float(x) for x in sys.argv[5:]]
+bin_, dir_, warmup, cache, jit, t0, t1, a, b, c = sys.argv[1:6] + [float(x) for x in sys.argv[6:]]
 phases = {}
 for line in open("/tmp/cs.log"):
     try:
@@ -71,7 +76,7 @@ for line in open("/tmp/cs.log"):
     elif msg == "warmed up":
         phases["warm_up_s"] = round(f["seconds"], 3)
 print(json.dumps({"bench": "cold start sdkube", "binary": bin_, "model": dir_.rsplit("/", 1)[-1],
-                  "warm_up": warmup, "page_cache": cache, "process_to_ready_s": round(t1 - t0, 3),
+                  "warm_up": warmup, "page_cache": cache, "jit_cache": jit, "process_to_ready_s": round(t1 - t0, 3),
                   "first_image_s": round(b - a, 3), "second_image_s": round(c - b, 3),
                   "first_over_second": round((b - a) / (c - b), 2), **phases}))
 PY
@@ -84,8 +89,10 @@ for model in ${MODELS:-sd15 sdxl}; do
   for cache in ${CACHES:-warm cold}; do
     for bin in ${BINS:-.gpu/sdkube}; do
       for w in ${WARM:-off on}; do
-        if [ $cache = warm ]; then warm $dir; else evict $dir; fi
-        serve $bin $dir $w $cache
+        for jit in ${JIT:-fresh kept}; do
+          if [ $cache = warm ]; then warm $dir; else evict $dir; fi
+          serve $bin $dir $w $cache $jit
+        done
       done
     done
     if [ $cache = warm ]; then warm $dir; else evict $dir; fi
