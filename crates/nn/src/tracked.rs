@@ -38,11 +38,13 @@ struct Output(Mutex<Option<Tensor>>);
 
 impl Output {
     fn new(out: Tensor) -> Result<Output> {
-        // A copy is made of the storage below: make it exactly the output's elements.
+        // The storage below is handed over as the output, read contiguously from its start:
+        // make it exactly the output's elements, in order (a channels-last map, a view at an
+        // offset are copied; `copy` would keep their layout).
         let out = if out.is_contiguous() && out.layout().start_offset() == 0 {
             out
         } else {
-            out.copy()?
+            out.force_contiguous()?
         };
         Ok(Output(Mutex::new(Some(out))))
     }
@@ -326,6 +328,24 @@ pub(crate) mod tests {
     pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         let diff = (a - b).and_then(|d| d.abs()?.max_all()?.to_scalar::<f64>());
         diff.unwrap()
+    }
+
+    /// A layer whose forward returns a view (a permutation, as channels-last maps are; a part
+    /// at an offset) gives that view's values, in order.
+    #[test]
+    fn views_come_out_as_their_values() {
+        let x = Var::new(&[[1f64, 2., 3.], [4., 5., 6.]], &Device::Cpu).unwrap();
+        let x = x.as_tensor();
+        let transposed = with_input_grad(x, "test", |x| x.t(), |_, g| g.t()).unwrap();
+        assert_eq!(
+            transposed.to_vec2::<f64>().unwrap(),
+            [[1., 4.], [2., 5.], [3., 6.]]
+        );
+        let part = with_input_grad(x, "test", |x| x.narrow(1, 1, 2), |_, g| Ok(g.clone()));
+        assert_eq!(
+            part.unwrap().to_vec2::<f64>().unwrap(),
+            [[2., 3.], [5., 6.]]
+        );
     }
 
     /// Self- and cross-attention shapes, query rows in several backward blocks, and only some
