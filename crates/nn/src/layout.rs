@@ -17,14 +17,21 @@
 use candle_core::{DType, Result, Tensor};
 
 /// Whether convolutions on `t`'s device and dtype write channels-last: CUDA, fp16 or bf16
-/// (tensor-core widths), no gradient being tracked, and `SDKUBE_CHANNELS_LAST=on`.
+/// (tensor-core widths), and `SDKUBE_CHANNELS_LAST=on`.
 pub fn channels_last_on(t: &Tensor) -> bool {
     enabled() && t.device().is_cuda() && matches!(t.dtype(), DType::F16 | DType::BF16)
 }
 
+/// Whether channels-last runs where `SDKUBE_CHANNELS_LAST` says nothing (`on` / `off`).
+const CHANNELS_LAST_BY_DEFAULT: bool = false;
+
 fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SDKUBE_CHANNELS_LAST").as_deref() == Ok("on"))
+    *ON.get_or_init(|| match std::env::var("SDKUBE_CHANNELS_LAST").as_deref() {
+        Ok("on") => true,
+        Ok("off") => false,
+        _ => CHANNELS_LAST_BY_DEFAULT,
+    })
 }
 
 /// Whether `t` is a channels-last `[N, C, H, W]` tensor (and not also a contiguous one: with a
