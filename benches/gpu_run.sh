@@ -2,7 +2,7 @@
 # One device call: GPU correctness check on the fixture model, then sdkube bench and the
 # diffusers reference on the same GPU, with peak GPU memory from nvidia-smi for our binary.
 # Expects the CUDA build at .gpu/sdkube and the diffusers wheel in .whl (see README).
-# STAGES (default "check bench low reference"; also "graphs", "layout", "eager", "cl", "cudnn", "serve", "ops", "post", "train", "grad", "compile") and WHAT (the `sdkube bench` items) narrow a run.
+# STAGES (default "check bench low reference"; also "graphs", "layout", "eager", "nchw", "cudnn", "serve", "ops", "post", "train", "grad", "compile") and WHAT (the `sdkube bench` items) narrow a run.
 set -uo pipefail
 NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
 CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
@@ -90,10 +90,10 @@ has eager && for what in $WHAT; do
   SDKUBE_CUDA_GRAPHS=off .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
     | grep -v ' INFO ' | sed 's/}$/, "cuda_graphs": "off"}/'
 done
-# channels-last feature maps (A/B against the bench stage's NCHW)
-has cl && for what in $WHAT; do
-  SDKUBE_CHANNELS_LAST=on .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
-    | grep -v ' INFO ' | sed 's/}$/, "channels_last": "on"}/'
+# NCHW feature maps instead of channels-last (A/B)
+has nchw && for what in $WHAT; do
+  SDKUBE_CHANNELS_LAST=off .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
+    | grep -v ' INFO ' | sed 's/}$/, "channels_last": "off"}/'
 done
 # SDKUBE_CUDNN=benchmark: cuDNN's algorithms timed per shape instead of its heuristic first pick
 has cudnn && for what in $WHAT; do
