@@ -207,6 +207,9 @@ def test_defaults():
     assert not r.has("PersistentVolume") and not r.has("Ingress") and not r.has("Secret")
     assert "runtimeClassName" not in r.pod_spec
     assert "env" not in r.container("sdkube"), "no proxy, no secret: nothing beyond the ConfigMap"
+    env = r.resolved_env(r.container("sdkube"))
+    assert env["CUDA_CACHE_PATH"] == "/data/cuda-cache", "compiled GPU code kept on the volume for the next pod"
+    assert int(env["CUDA_CACHE_MAXSIZE"]) >= 1 << 30
     assert f"port-forward svc/{FULLNAME} 7860:7860" in r.notes
     assert "default StorageClass" in r.notes
 
@@ -278,6 +281,7 @@ def test_gpu_zero_is_cpu_mode():
     assert "nvidia.com/gpu" not in _limits(r)
     assert "nodeSelector" not in r.pod_spec, "CPU mode must not wait for a GPU node"
     assert r.resolved_env(r.container("sdkube"))["SDKUBE_DEVICE"] == "cpu"
+    assert "CUDA_CACHE_PATH" not in r.resolved_env(r.container("sdkube"))
 
 
 def test_gpu_count_and_custom_selector():

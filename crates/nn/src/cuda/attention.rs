@@ -7,7 +7,7 @@ use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::f16;
 
-use super::{applies, cuda_op, MODULE, PTX};
+use super::{applies, cuda_op, kernel};
 
 /// Head dims the kernels are instantiated for (the real one is padded up to the next).
 const FLASH_HEAD_DIMS: [usize; 8] = [16, 32, 48, 64, 80, 96, 128, 160];
@@ -92,7 +92,7 @@ impl FlashAttention {
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<f16>(b * n * inner)? };
         let (name, rows, threads, smem) = flash_launch(dp);
-        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let func = kernel(&dev, &name)?;
         func.set_attribute(
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             smem as i32,

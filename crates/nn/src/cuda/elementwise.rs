@@ -9,7 +9,7 @@ use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
 use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
 use half::f16;
 
-use super::{applies, cuda_op, launch_1d, suffix, MODULE, PTX};
+use super::{applies, cuda_op, kernel, launch_1d, suffix};
 
 fn elementwise_ok(t: &Tensor) -> bool {
     applies(t) && matches!(t.dtype(), DType::F16 | DType::F32) && t.elem_count() < (1 << 31)
@@ -103,7 +103,7 @@ pub(super) fn launch_add_bias<T: DeviceRepr>(
     per_sample: usize,
 ) -> Result<()> {
     let n = out.len();
-    let func = dev.get_or_load_custom_func(&format!("add_bias_{}", suffix(dtype)?), MODULE, PTX)?;
+    let func = kernel(dev, &format!("add_bias_{}", suffix(dtype)?))?;
     let (n32, inner32, channels32) = (n as u32, inner as u32, channels as u32);
     let per_sample32 = per_sample.min(u32::MAX as usize) as u32;
     let mut launch = func.builder();
@@ -145,7 +145,7 @@ impl Geglu {
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<T>(n)? };
         let name = format!("geglu_{}", suffix(h.dtype())?);
-        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let func = kernel(&dev, &name)?;
         let (n32, f_u32) = (n as u32, f as u32);
         let mut launch = func.builder();
         launch.arg(&hs).arg(&out).arg(&n32).arg(&f_u32);
@@ -183,7 +183,7 @@ impl LeakyRelu {
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<T>(n)? };
         let name = format!("leaky_relu_{}", suffix(x.dtype())?);
-        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let func = kernel(&dev, &name)?;
         let n32 = n as u32;
         let mut launch = func.builder();
         launch.arg(&xs).arg(&out).arg(&n32).arg(&self.slope);
@@ -223,7 +223,7 @@ impl Upsample2xNhwc {
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<T>(4 * n)? };
         let name = format!("upsample_2x_nhwc_{}", suffix(x.dtype())?);
-        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let func = kernel(&dev, &name)?;
         let (n32, h32, w32, c32) = (n as u32, h as u32, w as u32, c as u32);
         let mut launch = func.builder();
         launch
@@ -258,7 +258,7 @@ impl Upsample2x {
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<T>(4 * n)? };
         let name = format!("upsample_2x_{}", suffix(x.dtype())?);
-        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let func = kernel(&dev, &name)?;
         let (n32, h32, w32) = (n as u32, h as u32, w as u32);
         let mut launch = func.builder();
         launch.arg(&xs).arg(&out).arg(&n32).arg(&h32).arg(&w32);

@@ -29,6 +29,7 @@ mod norm;
 
 use std::sync::OnceLock;
 
+use candle_core::cuda_backend::{cudarc, CudaDevice, DeviceId, WrapErr};
 use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
 use cudarc::driver::LaunchConfig;
 
@@ -39,8 +40,56 @@ pub use linear::linear;
 pub use memory::memory_high_water;
 pub use norm::{group_norm, group_norm_input_grad};
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
-const MODULE: &str = "sdkube_kernels";
+/// `kernels.cu` as built by `build.rs`: machine code for each GPU generation, PTX beyond.
+const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
+
+/// One of our kernels, ready to launch on candle's stream of its device.
+struct Kernel {
+    func: cudarc::driver::CudaFunction,
+    stream: std::sync::Arc<cudarc::driver::CudaStream>,
+}
+
+impl Kernel {
+    fn builder(&self) -> cudarc::driver::LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+impl std::ops::Deref for Kernel {
+    type Target = cudarc::driver::CudaFunction;
+
+    fn deref(&self) -> &Self::Target {
+        &self.func
+    }
+}
+
+/// The kernel `name` of [`FATBIN`], its module loaded once per device. (candle's own loader
+/// takes PTX text only, which the driver would compile in every new process.)
+fn kernel(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    static MODULES: Mutex<Option<HashMap<DeviceId, Arc<cudarc::driver::CudaModule>>>> =
+        Mutex::new(None);
+    let module = {
+        let mut modules = MODULES
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("kernel modules: poisoned lock".into()))?;
+        let modules = modules.get_or_insert_with(HashMap::new);
+        match modules.get(&dev.id()) {
+            Some(module) => module.clone(),
+            None => {
+                let image = cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec());
+                let module = dev.cuda_stream().context().load_module(image).w()?;
+                modules.insert(dev.id(), module.clone());
+                module
+            }
+        }
+    };
+    Ok(Kernel {
+        func: module.load_function(name).w()?,
+        stream: dev.cuda_stream(),
+    })
+}
 
 /// Whether our kernels run at all: `SDKUBE_GPU_KERNELS=candle` turns them off (A/B runs).
 fn enabled() -> bool {

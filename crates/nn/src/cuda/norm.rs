@@ -7,7 +7,7 @@ use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
 use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
 
-use super::{applies, cuda_op, suffix, MODULE, PTX};
+use super::{applies, cuda_op, kernel, suffix};
 
 /// `torch.nn.GroupNorm` (then SiLU when `silu`) over `[B, C, …]`; fp16 or fp32.
 pub fn group_norm(
@@ -68,8 +68,7 @@ impl GroupNormOp {
         // SAFETY: pass 2 writes every output.
         let out = unsafe { dev.alloc::<T>(xl.shape().elem_count())? };
         let cfg = geo.launch_config();
-        let apply =
-            dev.get_or_load_custom_func(&format!("group_norm_apply_{suffix}"), MODULE, PTX)?;
+        let apply = kernel(&dev, &format!("group_norm_apply_{suffix}"))?;
         let (len64, splits32) = (geo.len as i64, geo.splits as i32);
         let (hw64, cpg32, groups32) = (geo.hw as i64, geo.cpg as i32, self.groups as i32);
         let silu = self.silu as i32;
@@ -132,8 +131,7 @@ impl GroupGeometry {
     ) -> Result<CudaSlice<f32>> {
         // SAFETY: the kernel writes every chunk's moments.
         let partial = unsafe { dev.alloc::<f32>(self.blocks * self.splits * 3)? };
-        let stats =
-            dev.get_or_load_custom_func(&format!("group_norm_stats_{suffix}"), MODULE, PTX)?;
+        let stats = kernel(dev, &format!("group_norm_stats_{suffix}"))?;
         let (len64, splits32) = (self.len as i64, self.splits as i32);
         let mut launch = stats.builder();
         launch.arg(xs).arg(&partial).arg(&len64).arg(&splits32);
@@ -176,8 +174,7 @@ impl GroupNormNhwcOp {
         let hw64 = (h * wd) as i64;
         let (c32, groups32, vec32) = (c as i32, groups as i32, geo.vec as i32);
         let splits32 = geo.splits as i32;
-        let func =
-            |name: &str| dev.get_or_load_custom_func(&format!("{name}_{suffix}"), MODULE, PTX);
+        let func = |name: &str| kernel(&dev, &format!("{name}_{suffix}"));
         let stats = func("group_norm_stats_nhwc")?;
         let mut launch = stats.builder();
         launch.arg(&xs).arg(&partial).arg(&hw64);
@@ -205,7 +202,8 @@ struct NhwcGeometry {
 }
 
 impl NhwcGeometry {
-    /// `None` where the kernels do not apply (over 128 groups, or a group too wide).
+    /// `None` where the kernels do not apply (over 128 groups, a group too wide, a row of
+    /// lanes that makes no whole warps).
     fn new(dims: &[usize], groups: usize) -> Option<NhwcGeometry> {
         let [_, c, h, w] = *dims else { return None };
         let cpg = c / groups;
@@ -214,7 +212,11 @@ impl NhwcGeometry {
         if groups > 128 || lanes > 1024 {
             return None;
         }
-        let rows = (256 / lanes).max(1);
+        // About 512 threads a block; whole warps (pass 2 merges a group per warp).
+        let rows = (512 / lanes).max(1);
+        if (lanes * rows) % 32 != 0 {
+            return None;
+        }
         // About 16K elements a block: enough blocks to fill the GPU at SD's 64² maps.
         let splits = (h * w * c).div_ceil(16_384).clamp(1, (h * w).clamp(1, 512));
         Some(NhwcGeometry {
@@ -297,8 +299,7 @@ impl GroupNormGradOp {
         let (len64, splits32) = (geo.len as i64, geo.splits as i32);
         let (hw64, cpg32, groups32) = (geo.hw as i64, geo.cpg as i32, groups as i32);
         let (eps, silu) = (self.norm.eps, self.norm.silu as i32);
-        let func =
-            |name: &str| dev.get_or_load_custom_func(&format!("{name}_{suffix}"), MODULE, PTX);
+        let func = |name: &str| kernel(&dev, &format!("{name}_{suffix}"));
         let sum = func("group_norm_grad_sums")?;
         let mut launch = sum.builder();
         launch
