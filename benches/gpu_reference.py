@@ -3,8 +3,9 @@ does not depend on weight values), eager and (optionally) torch.compile. One JSO
 measurement, with torch's peak allocated and reserved memory.
 Usage: python3 benches/gpu_reference.py [--compile[=MODE]] [--only=unet-sdxl,...]
 --compile: the UNets (and the VAE decoder) under torch.compile(fullgraph=True, mode=MODE), MODE
-  reduce-overhead (CUDA graphs; the default), max-autotune or default, channels_last, three
-  untimed calls per shape (compile, then the graph's warm-up and recording);
+  reduce-overhead (CUDA graphs; the default), max-autotune or default, channels_last, static
+  shapes, a new graph step marked before each call, three untimed calls per shape (compile,
+  then the graph's warm-up and recording);
 --only: those items alone: unet-sd15, unet-sdxl, grad-sd15, vae, txt2img-sd15, txt2img-sdxl."""
 import json
 import subprocess
@@ -47,10 +48,12 @@ def timed(name, shape, fn, repeat=REPEAT, grad=False):
     torch.cuda.reset_peak_memory_stats()
     with torch.set_grad_enabled(grad), SmiPeak() as smi:
         for _ in range(3 if mode else 1):
+            graph_step()
             fn()
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(repeat):
+            graph_step()
             fn()
         torch.cuda.synchronize()
     s = (time.perf_counter() - start) / repeat
@@ -76,15 +79,26 @@ mode = next((a.partition("=")[2] or "reduce-overhead" for a in sys.argv if a.sta
 compile_ = mode is not None
 only = [w for a in sys.argv if a.startswith("--only=") for w in a.split("=", 1)[1].split(",")]
 IMPL = f"diffusers {__import__('diffusers').__version__} torch {torch.__version__}" + (
-    f" compile(mode={mode}, fullgraph=True) channels_last" if compile_ else " eager")
+    f" compile(mode={mode}, fullgraph=True, dynamic=False) channels_last" if compile_ else " eager")
 wanted = lambda name: not only or name in only
 
 
 def compiled(module):
-    """The module as the reference runs it: under torch.compile in its best settings, or eager."""
+    """The module as the reference runs it: under torch.compile in its best settings, or eager.
+    Static shapes (`dynamic=False`): each shape gets a graph specialised to it. Without it the
+    second shape of a module (batch 2 after batch 1, 1024² after 512²) recompiles it for symbolic
+    shapes."""
     if not compile_:
         return module
-    return torch.compile(module.to(memory_format=torch.channels_last), mode=mode, fullgraph=True)
+    return torch.compile(module.to(memory_format=torch.channels_last), mode=mode, fullgraph=True,
+                         dynamic=False)
+
+
+def graph_step():
+    """Under CUDA graphs (reduce-overhead), tells torch a new step begins: the previous call's
+    outputs are done with, so its graph may replay into the same buffers."""
+    if mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 unets = {}  # compiled UNets, kept for txt2img (compiling them again costs minutes)
@@ -134,7 +148,8 @@ vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                     latent_channels=4).to(dev, dt).eval()
 if compile_:
-    vae.decode = torch.compile(vae.to(memory_format=torch.channels_last).decode, mode=mode, fullgraph=True)
+    vae.decode = torch.compile(vae.to(memory_format=torch.channels_last).decode, mode=mode, fullgraph=True,
+                               dynamic=False)
 for side in (64, 128):
     if not wanted("vae"):
         break
@@ -194,9 +209,11 @@ for name, cfg, side, ctx_dim in [("txt2img-sd15", SD15, 64, 768), ("txt2img-sdxl
             encoder(input_ids=ids, output_hidden_states=True)
         x = torch.randn(1, 4, side, side, device=dev, dtype=dt)
         for i in range(20):
+            graph_step()
             out = unet(torch.cat([x, x]), torch.tensor([999.0 - 50 * i], device=dev), ctx, **kw).sample
             u, c = out.chunk(2)
             x = x - 0.05 * (u + 7 * (c - u))
+        graph_step()
         vae.decode(x)
     timed(name, f"{side * 8}x{side * 8} 20 steps", run, repeat=2)
     del unet, encoders
