@@ -98,7 +98,32 @@ fn enabled() -> bool {
 }
 
 fn applies(t: &Tensor) -> bool {
-    enabled() && t.device().is_cuda() && !t.track_op()
+    let candle_core::Device::Cuda(dev) = t.device() else {
+        return false;
+    };
+    enabled() && !t.track_op() && ampere_or_newer(dev)
+}
+
+/// Whether `dev` runs our kernels: they use sm_80 instructions (tensor-core `mma.sync`
+/// m16n8k16, `cp.async`), which a Turing GPU (a T4, sm_75) cannot load; candle's ops run there.
+fn ampere_or_newer(dev: &CudaDevice) -> bool {
+    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR;
+    static MAJOR: std::sync::Mutex<Vec<(DeviceId, i32)>> = std::sync::Mutex::new(Vec::new());
+    let Ok(mut known) = MAJOR.lock() else {
+        return false;
+    };
+    if let Some(&(_, major)) = known.iter().find(|(id, _)| *id == dev.id()) {
+        return major >= 8;
+    }
+    let context = dev.cuda_stream().context().clone();
+    let major = context
+        .attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .unwrap_or(0);
+    if major < 8 {
+        tracing::warn!(major, "GPU older than Ampere: sdkube's own kernels are off, candle's run");
+    }
+    known.push((dev.id(), major));
+    major >= 8
 }
 
 fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {
