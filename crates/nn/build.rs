@@ -39,4 +39,14 @@ fn main() {
         .status()
         .unwrap_or_else(|e| panic!("feature cuda needs nvcc ({nvcc}): {e}"));
     assert!(status.success(), "nvcc failed on src/cuda/kernels.cu");
+    // The same as PTX text alone: what is loaded if a driver refuses the fatbin.
+    let status = Command::new(&nvcc)
+        .args(["--ptx", "-O3", "-std=c++17"])
+        .arg(format!("-arch=compute_{cap}"))
+        .arg("-o")
+        .arg(out.with_extension("ptx"))
+        .arg("src/cuda/kernels.cu")
+        .status()
+        .unwrap_or_else(|e| panic!("feature cuda needs nvcc ({nvcc}): {e}"));
+    assert!(status.success(), "nvcc failed on src/cuda/kernels.cu");
 }

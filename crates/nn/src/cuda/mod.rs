@@ -42,6 +42,8 @@ pub use norm::{group_norm, group_norm_input_grad};
 
 /// `kernels.cu` as built by `build.rs`: machine code for each GPU generation, PTX beyond.
 const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
+/// The same as PTX text, loaded where a driver refuses [`FATBIN`].
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 
 /// One of our kernels, ready to launch on candle's stream of its device.
 struct Kernel {
@@ -78,8 +80,15 @@ fn kernel(dev: &CudaDevice, name: &str) -> Result<Kernel> {
         match modules.get(&dev.id()) {
             Some(module) => module.clone(),
             None => {
+                let context = dev.cuda_stream().context().clone();
                 let image = cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec());
-                let module = dev.cuda_stream().context().load_module(image).w()?;
+                let module = match context.load_module(image) {
+                    Ok(module) => module,
+                    Err(error) => {
+                        tracing::warn!(%error, "kernels' machine code refused: loading their PTX");
+                        context.load_module(cudarc::nvrtc::Ptx::from_src(PTX)).w()?
+                    }
+                };
                 modules.insert(dev.id(), module.clone());
                 module
             }
@@ -120,7 +129,10 @@ fn ampere_or_newer(dev: &CudaDevice) -> bool {
         .attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
         .unwrap_or(0);
     if major < 8 {
-        tracing::warn!(major, "GPU older than Ampere: sdkube's own kernels are off, candle's run");
+        tracing::warn!(
+            major,
+            "GPU older than Ampere: sdkube's own kernels are off, candle's run"
+        );
     }
     known.push((dev.id(), major));
     major >= 8
