@@ -1,12 +1,13 @@
 """diffusers reference for `sdkube bench` on the GPU: same shapes, fp16, random weights (speed
 does not depend on weight values), eager and (optionally) torch.compile. One JSON line per
 measurement, with torch's peak allocated and reserved memory.
-Usage: python3 benches/gpu_reference.py [--compile[=MODE]] [--only=unet-sdxl,...]
+Usage: python3 benches/gpu_reference.py [--compile[=MODE]] [--only=unet-sdxl,...] [--batch=2]
 --compile: the UNets (and the VAE decoder) under torch.compile(fullgraph=True, mode=MODE), MODE
   reduce-overhead (CUDA graphs; the default), max-autotune or default, channels_last, static
   shapes, a new graph step marked before each call, three untimed calls per shape (compile,
   then the graph's warm-up and recording);
---only: those items alone: unet-sd15, unet-sdxl, grad-sd15, vae, txt2img-sd15, txt2img-sdxl."""
+--only: those items alone: unet-sd15, unet-sdxl, grad-sd15, vae, txt2img-sd15, txt2img-sdxl.
+--batch=2: the UNet steps at those batch sizes alone (default 1,2)."""
 import json
 import subprocess
 import sys
@@ -78,6 +79,7 @@ SDXL = dict(layers_per_block=2, cross_attention_dim=2048, attention_head_dim=(5,
 mode = next((a.partition("=")[2] or "reduce-overhead" for a in sys.argv if a.startswith("--compile")), None)
 compile_ = mode is not None
 only = [w for a in sys.argv if a.startswith("--only=") for w in a.split("=", 1)[1].split(",")]
+batches = [int(b) for a in sys.argv if a.startswith("--batch=") for b in a.split("=", 1)[1].split(",")] or [1, 2]
 IMPL = f"diffusers {__import__('diffusers').__version__} torch {torch.__version__}" + (
     f" compile(mode={mode}, fullgraph=True, dynamic=False) channels_last" if compile_ else " eager")
 wanted = lambda name: not only or name in only
@@ -107,7 +109,7 @@ for name, cfg, side, ctx_dim in [("unet-sd15", SD15, 64, 768), ("unet-sdxl", SDX
     if not wanted(name):
         continue
     unet = compiled(UNet2DConditionModel(**cfg).to(dev, dt).eval())
-    for batch in (1, 2):
+    for batch in batches:
         x = torch.randn(batch, 4, side, side, device=dev, dtype=dt)
         ctx = torch.randn(batch, 77, ctx_dim, device=dev, dtype=dt)
         t = torch.tensor([500.0], device=dev)
