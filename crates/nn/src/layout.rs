@@ -53,6 +53,12 @@ pub fn to_channels_last(t: &Tensor) -> Result<Tensor> {
     t.permute((0, 2, 3, 1))?.contiguous()?.permute((0, 3, 1, 2))
 }
 
+/// The memory of `t` `[N, C, H, W]` laid out channels-last, as the contiguous `[N, H, W, C]`
+/// tensor it is (a copy first unless `t` already is channels-last).
+fn nhwc(t: &Tensor) -> Result<Tensor> {
+    to_channels_last(t)?.permute((0, 2, 3, 1))
+}
+
 /// `t` `[N, H, W, C]` as the feature map `[N, C, H, W]`: a view, channels-last, where
 /// [`channels_last_on`] holds for `t`; a contiguous NCHW copy elsewhere.
 pub fn from_nhwc(t: &Tensor) -> Result<Tensor> {
@@ -67,7 +73,6 @@ pub fn from_nhwc(t: &Tensor) -> Result<Tensor> {
 /// `a + b`, channels-last when either is (a residual connection between convolutions).
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.dims() == b.dims() && (is_channels_last(a) || is_channels_last(b)) {
-        let nhwc = |t: &Tensor| to_channels_last(t)?.permute((0, 2, 3, 1));
         return (nhwc(a)? + nhwc(b)?)?.permute((0, 3, 1, 2));
     }
     a + b
@@ -77,11 +82,8 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// channels-last when any of them is.
 pub fn cat_channels(maps: &[&Tensor]) -> Result<Tensor> {
     if maps.iter().any(|t| is_channels_last(t)) {
-        let nhwc = maps
-            .iter()
-            .map(|t| to_channels_last(t)?.permute((0, 2, 3, 1)))
-            .collect::<Result<Vec<_>>>()?;
-        return Tensor::cat(&nhwc, 3)?.permute((0, 3, 1, 2));
+        let memory = maps.iter().map(|t| nhwc(t)).collect::<Result<Vec<_>>>()?;
+        return Tensor::cat(&memory, 3)?.permute((0, 3, 1, 2));
     }
     Tensor::cat(maps, 1)
 }
