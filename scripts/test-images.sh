@@ -11,6 +11,16 @@ start=$SECONDS
 scripts/setup-podman.sh
 scripts/install-test-deps.sh
 echo "test-images.sh: setup $((SECONDS - start)) s" >&2
+# The CUDA build and its saved archive need about 12 GiB on a fresh machine (podman's store and
+# /var/tmp). Each earlier build left its untagged builder stage (about 4 GiB, mostly layers
+# shared with the others): on a machine short of space they go first, at the price of
+# downloading the builder's CUDA wheels again.
+free_gib() { df --output=avail -BG /var/tmp | tail -1 | tr -dc 0-9; }
+if [ "$(free_gib)" -lt 20 ]; then
+  podman image prune -f >/dev/null
+fi
+echo "test-images.sh: $(free_gib) GiB free for the builds" >&2
+[ "$(free_gib)" -ge 12 ] || echo "test-images.sh: warning: under 12 GiB free; the CUDA image may not fit" >&2
 ca=${SDKUBE_BUILD_CA:-/etc/ssl/certs/ca-certificates.crt}
 build=$SECONDS
 scripts/build-images.sh --local-bases ${ca:+--ca "$ca"}
