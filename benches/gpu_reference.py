@@ -33,11 +33,12 @@ class SmiPeak:
         return self
 
     def sample(self):
-        while not self.done.is_set():
+        while True:  # at least one sample, however short the block
             out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                                  capture_output=True, text=True).stdout
             self.peak = max([self.peak] + [int(v) for v in out.split()[:1] if v.isdigit()])
-            time.sleep(0.05)
+            if self.done.wait(0.05):
+                break
 
     def __exit__(self, *_):
         self.done.set()
@@ -47,7 +48,7 @@ class SmiPeak:
 def timed(name, shape, fn, repeat=REPEAT, grad=False):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    with torch.set_grad_enabled(grad), SmiPeak() as smi:
+    with torch.set_grad_enabled(grad):
         for _ in range(3 if mode else 1):
             graph_step()
             fn()
@@ -57,7 +58,14 @@ def timed(name, shape, fn, repeat=REPEAT, grad=False):
             graph_step()
             fn()
         torch.cuda.synchronize()
-    s = (time.perf_counter() - start) / repeat
+        s = (time.perf_counter() - start) / repeat
+        # nvidia-smi only after the timed calls: each run of it initialises NVML while the GPU
+        # works, which the timing must not include (the memory the process holds stays put).
+        with SmiPeak() as smi:
+            for _ in range(2):
+                graph_step()
+                fn()
+            torch.cuda.synchronize()
     print(json.dumps({"bench": name, "shape": shape, "ms": s * 1e3, "per_s": 1 / s,
                       "peak_mib": torch.cuda.max_memory_allocated() / 2**20,
                       # what the caching allocator held: the figure nvidia-smi sees, less the context

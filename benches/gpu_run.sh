@@ -2,7 +2,7 @@
 # One device call: GPU correctness check on the fixture model, then sdkube bench and the
 # diffusers reference on the same GPU, with peak GPU memory from nvidia-smi for our binary.
 # Expects the CUDA build at .gpu/sdkube and the diffusers wheel in .whl (see README).
-# STAGES (default "check bench low reference"; also "graphs", "layout", "eager", "nchw", "cudnn", "serve", "ops", "post", "train", "grad", "compile") and WHAT (the `sdkube bench` items) narrow a run.
+# STAGES (default "check bench low reference"; also "refcheck", "graphs", "layout", "eager", "nchw", "cudnn", "serve", "ops", "post", "train", "grad", "compile") and WHAT (the `sdkube bench` items) narrow a run.
 set -uo pipefail
 NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
 CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
@@ -78,11 +78,13 @@ PY
 has graphs && same_images SDKUBE_CUDA_GRAPHS
 has layout && same_images SDKUBE_CHANNELS_LAST
 
-# 2. speed and memory: ours (peak from nvidia-smi sampling; --profile: where the time went)
-#    then diffusers
+# 2. speed and memory: ours (--profile: where the time went) then diffusers. Timed with nothing
+#    else on the GPU; the peak memory (nvidia-smi sampling) from a second, shorter run, as
+#    benches/gpu_reference.py does.
 peak() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$1" & echo $!; }
 has bench && for what in $WHAT; do
-  pid=$(peak /tmp/mem-$what); .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 --profile 2>&1 | grep -v ' INFO '
+  .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 --profile 2>&1 | grep -v ' INFO '
+  pid=$(peak /tmp/mem-$what); .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 2 >/dev/null 2>&1
   kill $pid; echo "{\"bench\": \"$what\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-$what | tail -1)}"
 done
 # eager: the same without CUDA graphs (A/B)
@@ -178,6 +180,23 @@ has grad && {
   pid=$(peak /tmp/mem-grad); .gpu/sdkube bench --device cuda --precision fp16 --what grad-sd15 --repeat 5 --profile 2>&1 | grep -v ' INFO '
   kill $pid; echo "{\"bench\": \"grad-sd15\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-grad | tail -1)}"
   wheels; python3 benches/gpu_reference.py --only=grad-sd15
+}
+# Which compiled-diffusers figure is right for the SD1.5 CFG step: gpu_controlnet_reference.py
+# measured 6.6-6.7 ms (2026-12-05), gpu_reference.py 11.1 ms (2026-12-06, nvidia-smi started
+# every 50 ms while it timed). Both scripts back to back, then gpu_reference.py with that
+# sampling again, then ours both ways.
+has refcheck && {
+  wheels
+  smi_loop() { while :; do nvidia-smi --query-gpu=memory.used --format=csv,noheader >/dev/null; sleep 0.05; done; }
+  timeout 300 python3 benches/gpu_controlnet_reference.py --compile-only --mode=reduce-overhead | head -1
+  timeout 300 python3 benches/gpu_reference.py --compile --only=unet-sd15 --batch=2
+  smi_loop & smi=$!
+  timeout 300 python3 benches/gpu_reference.py --compile --only=unet-sd15 --batch=2 | sed 's/}$/, "nvidia_smi_meanwhile": true}/'
+  kill $smi
+  .gpu/sdkube bench --device cuda --precision fp16 --what unet-sd15 --repeat 20 2>&1 | grep -v ' INFO '
+  smi_loop & smi=$!
+  .gpu/sdkube bench --device cuda --precision fp16 --what unet-sd15 --repeat 20 2>&1 | grep -v ' INFO ' | sed 's/}$/, "nvidia_smi_meanwhile": true}/'
+  kill $smi
 }
 has reference || has compile || exit 0
 python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)"
