@@ -20,6 +20,8 @@ use std::thread::ThreadId;
 
 use candle_core::{DType, Result, Shape, Tensor};
 
+use crate::switch::Switch;
+
 /// How many captured shapes a [`GraphCache`] keeps: each holds the device memory of one pass
 /// (its activations), so a base pass, a hires pass and a batch size or two fit, not every size
 /// a server has seen. The least recently used goes first.
@@ -31,13 +33,10 @@ const KEPT_GRAPHS: usize = 4;
 const GRAPHS_BY_DEFAULT: bool = true;
 
 /// Whether graphs are used at all: `SDKUBE_CUDA_GRAPHS=on|off` ([`GRAPHS_BY_DEFAULT`] else).
+static GRAPHS: Switch = Switch::new("SDKUBE_CUDA_GRAPHS", "on", "off", GRAPHS_BY_DEFAULT);
+
 fn graphs_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| match std::env::var("SDKUBE_CUDA_GRAPHS").as_deref() {
-        Ok("on") => true,
-        Ok("off") => false,
-        _ => GRAPHS_BY_DEFAULT,
-    })
+    GRAPHS.is_on()
 }
 
 /// The CUDA graphs of one network, one per set of input shapes (see the module docs). Owned by

@@ -16,6 +16,8 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use crate::switch::Switch;
+
 /// Whether convolutions on `t`'s device and dtype write channels-last: CUDA, fp16 or bf16
 /// (tensor-core widths), and not `SDKUBE_CHANNELS_LAST=off`.
 pub fn channels_last_on(t: &Tensor) -> bool {
@@ -27,13 +29,15 @@ pub fn channels_last_on(t: &Tensor) -> bool {
 /// (SDXL the same), images within one 8-bit level of NCHW's (issue 19).
 const CHANNELS_LAST_BY_DEFAULT: bool = true;
 
+static CHANNELS_LAST: Switch = Switch::new(
+    "SDKUBE_CHANNELS_LAST",
+    "on",
+    "off",
+    CHANNELS_LAST_BY_DEFAULT,
+);
+
 fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| match std::env::var("SDKUBE_CHANNELS_LAST").as_deref() {
-        Ok("on") => true,
-        Ok("off") => false,
-        _ => CHANNELS_LAST_BY_DEFAULT,
-    })
+    CHANNELS_LAST.is_on()
 }
 
 /// Whether `t` is a channels-last `[N, C, H, W]` tensor (and not also a contiguous one: with a

@@ -40,6 +40,7 @@ mod layout;
 mod linear;
 mod norm;
 pub mod profile;
+mod switch;
 mod tracked;
 
 pub use attention::{scaled_dot_product_attention, softmax_last_dim};

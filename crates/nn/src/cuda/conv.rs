@@ -5,7 +5,7 @@ use std::any::Any;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc;
@@ -18,6 +18,7 @@ use half::f16;
 use super::elementwise::launch_add_bias;
 use super::memory::with_workspace;
 use super::{applies, cuda_op};
+use crate::switch::Switch;
 
 /// 2-D convolution (groups 1, dilation 1; the bias, if any, added in place by our kernel)
 /// through cuDNN, where cuDNN is the faster
@@ -407,9 +408,10 @@ impl CudnnConv {
 /// in PyTorch: in one H200 call the heuristic was as fast for SDXL and the VAE and 14 % faster
 /// for SD1.5 end to end (timing three back-to-back runs with the input hot in L2 favours
 /// algorithms that lose inside the network).
+static BENCHMARK: Switch = Switch::new("SDKUBE_CUDNN", "benchmark", "heuristic", false);
+
 fn benchmark_algorithms() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SDKUBE_CUDNN").as_deref() == Ok("benchmark"))
+    BENCHMARK.is_on()
 }
 
 /// The largest scratch a convolution algorithm may use: 256 MiB, or as much as its input and

@@ -27,11 +27,11 @@ mod linear;
 mod memory;
 mod norm;
 
-use std::sync::OnceLock;
-
 use candle_core::cuda_backend::{cudarc, CudaDevice, DeviceId, WrapErr};
 use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
 use cudarc::driver::LaunchConfig;
+
+use crate::switch::Switch;
 
 pub use attention::flash_attention;
 pub use conv::{conv2d, conv2d_cudnn, conv2d_input_grad};
@@ -101,9 +101,10 @@ fn kernel(dev: &CudaDevice, name: &str) -> Result<Kernel> {
 }
 
 /// Whether our kernels run at all: `SDKUBE_GPU_KERNELS=candle` turns them off (A/B runs).
+static OUR_KERNELS: Switch = Switch::new("SDKUBE_GPU_KERNELS", "sdkube", "candle", true);
+
 fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SDKUBE_GPU_KERNELS").as_deref() != Ok("candle"))
+    OUR_KERNELS.is_on()
 }
 
 fn applies(t: &Tensor) -> bool {
