@@ -2,7 +2,7 @@
 # One device call: GPU correctness check on the fixture model, then sdkube bench and the
 # diffusers reference on the same GPU, with peak GPU memory from nvidia-smi for our binary.
 # Expects the CUDA build at .gpu/sdkube and the diffusers wheel in .whl (see README).
-# STAGES (default "check bench low reference"; also "refcheck", "graphs", "layout", "eager", "nchw", "cudnn", "serve", "ops", "post", "train", "grad", "compile") and WHAT (the `sdkube bench` items) narrow a run.
+# STAGES (default "check bench low reference"; also "refcheck", "graphs", "layout", "eager", "nchw", "cudnn", "cudnngraph", "serve", "ops", "post", "train", "grad", "compile") and WHAT (the `sdkube bench` items) narrow a run.
 set -uo pipefail
 NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
 CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
@@ -77,6 +77,7 @@ PY
 }
 has graphs && same_images SDKUBE_CUDA_GRAPHS
 has layout && same_images SDKUBE_CHANNELS_LAST
+has cudnngraph && same_images SDKUBE_CUDNN_GRAPH
 
 # 2. speed and memory: ours (--profile: where the time went) then diffusers. Timed with nothing
 #    else on the GPU; the peak memory (nvidia-smi sampling) from a second, shorter run, as
@@ -101,6 +102,17 @@ done
 has cudnn && for what in $WHAT; do
   SDKUBE_CUDNN=benchmark .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
     | grep -v ' INFO ' | sed 's/}$/, "cudnn": "benchmark"}/'
+done
+# SDKUBE_CUDNN_GRAPH=on: fp16 convolutions through cuDNN's graph API where, per shape, it matched
+# the legacy path and was faster (A/B; the debug log says per shape which won and whether the
+# bias was fused).
+has cudnngraph && for what in $WHAT; do
+  SDKUBE_CUDNN_GRAPH=on SDKUBE_LOG=sdkube_nn=debug .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 \
+    > /tmp/cudnn-graph-$what.log 2>&1
+  grep '"bench"' /tmp/cudnn-graph-$what.log | sed 's/}$/, "cudnn_graph": "on"}/'
+  grep -E "cuDNN graph|differs" /tmp/cudnn-graph-$what.log | sed 's/.*\(cuDNN graph[^:]*\|differs\).*/\1/' | sort | uniq -c
+  grep -m3 -E "refused|differs" /tmp/cudnn-graph-$what.log | cut -c1-400
+  grep -m6 "graph API or legacy" /tmp/cudnn-graph-$what.log | cut -c1-300
 done
 has low && for what in txt2img-sd15 txt2img-sdxl; do
   pid=$(peak /tmp/mem-low-$what); .gpu/sdkube bench --device cuda --precision fp16 --vram low --what $what --steps 5 2>&1 | grep -v ' INFO '

@@ -12,9 +12,10 @@ use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
 use cudarc::cudnn::{ConvForward, Cudnn, CudnnDataType};
-use cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DeviceRepr};
 use half::f16;
 
+use super::cudnn_graph::{self, GraphConvShape};
 use super::elementwise::launch_add_bias;
 use super::memory::with_workspace;
 use super::{applies, cuda_op};
@@ -53,6 +54,7 @@ pub fn conv2d(
         padding,
         stride,
         channels_last,
+        graph_api: false,
     };
     let (x, w) = (op.in_layout(x)?, op.in_layout(w)?);
     let use_cudnn = x.dim(2)? * x.dim(3)? > TIMED_UP_TO || {
@@ -66,10 +68,122 @@ pub fn conv2d(
             }
         }
     };
-    match use_cudnn {
-        false => Ok(None),
-        true => op.apply(&x, &w, bias).map(Some),
+    if !use_cudnn {
+        return Ok(None);
     }
+    let aligned = || {
+        [Some(&x), Some(&w), bias]
+            .into_iter()
+            .flatten()
+            .all(graph_aligned)
+    };
+    let op = if x.dtype() == DType::F16 && GRAPH_API.is_on() && aligned() {
+        let key = (op.key(dev, x.dtype(), x.dims(), w.dims()), bias.is_some());
+        let graph = CudnnConv {
+            graph_api: true,
+            ..op
+        };
+        let choice = GRAPH_CHOICE.with(|c| c.borrow().get(&key).copied());
+        let better = match choice {
+            Some(better) => better,
+            None => {
+                let better = graph_is_better(&x, &w, bias, &op, &graph)?;
+                GRAPH_CHOICE.with(|c| c.borrow_mut().insert(key, better));
+                better
+            }
+        };
+        if better {
+            graph
+        } else {
+            op
+        }
+    } else {
+        op
+    };
+    op.apply(&x, &w, bias).map(Some)
+}
+
+/// `SDKUBE_CUDNN_GRAPH=on`: fp16 convolutions may go through cuDNN's graph API
+/// ([`cudnn_graph`]: more engines, the bias fused) where, for that shape, it gives the legacy
+/// path's values and is faster. Off until measured on a GPU.
+static GRAPH_API: Switch = Switch::new("SDKUBE_CUDNN_GRAPH", "on", "off", false);
+
+/// Whether the graph API's plan for this convolution is as exact as the legacy path's (the
+/// largest difference within 1 % of the largest output, where fp16 rounding alone gives about
+/// 0.1 %: a plan built for the wrong layout or strides lands far outside) and faster (three
+/// calls each, after one).
+fn graph_is_better(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    legacy: &CudnnConv,
+    graph: &CudnnConv,
+) -> Result<bool> {
+    let ours = match graph.apply(x, w, bias) {
+        Ok(y) => y,
+        Err(e) => {
+            tracing::debug!(x = ?x.dims(), w = ?w.dims(), "cuDNN graph API refused: {e}");
+            return Ok(false);
+        }
+    };
+    let reference = legacy.apply(x, w, bias)?;
+    let largest = |t: &Tensor| {
+        t.to_dtype(DType::F32)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()
+    };
+    let diff = largest(&(ours.to_dtype(DType::F32)? - reference.to_dtype(DType::F32)?)?)?;
+    let scale = largest(&reference)?.max(1.0);
+    // NaN anywhere fails this too.
+    let close = diff <= 1e-2 * scale;
+    if !close {
+        tracing::warn!(
+            x = ?x.dims(),
+            w = ?w.dims(),
+            diff,
+            scale,
+            "cuDNN graph API convolution differs from the legacy path's; legacy kept"
+        );
+        return Ok(false);
+    }
+    let graph_time = time_three(x.device(), &|| graph.apply(x, w, bias))?;
+    let legacy_time = time_three(x.device(), &|| legacy.apply(x, w, bias))?;
+    tracing::debug!(x = ?x.dims(), w = ?w.dims(), ?graph_time, ?legacy_time, diff, "cuDNN graph API or legacy");
+    Ok(graph_time < legacy_time)
+}
+
+/// Whether `t`'s first element (fp16, on the GPU) sits at an address the graph API's plans are
+/// built for ([`cudnn_graph::ALIGNMENT`]). Checked before a shape's plan is tried, so the check
+/// of [`graph_is_better`] runs the plan itself, not the legacy path standing in.
+fn graph_aligned(t: &Tensor) -> bool {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*storage else {
+        return false;
+    };
+    let Ok(slice) = s.as_cuda_slice::<f16>() else {
+        return false;
+    };
+    let stream = s.device().cuda_stream();
+    let (base, _guard) = slice.device_ptr(&stream);
+    let first = base as usize + layout.start_offset() * std::mem::size_of::<f16>();
+    first.is_multiple_of(cudnn_graph::ALIGNMENT)
+}
+
+/// The time of three calls of `f` after one untimed call.
+fn time_three(
+    dev: &candle_core::Device,
+    f: &dyn Fn() -> Result<Tensor>,
+) -> Result<std::time::Duration> {
+    f()?;
+    dev.synchronize()?;
+    let start = std::time::Instant::now();
+    for _ in 0..3 {
+        f()?;
+    }
+    dev.synchronize()?;
+    Ok(start.elapsed())
 }
 
 /// [`conv2d`] always through cuDNN (for benchmarks), channels-last where `x` is.
@@ -84,6 +198,7 @@ pub fn conv2d_cudnn(
         padding,
         stride,
         channels_last: crate::is_channels_last(x),
+        graph_api: false,
     };
     op.apply(&op.in_layout(x)?, &op.in_layout(w)?, Some(bias))
 }
@@ -93,29 +208,22 @@ pub fn conv2d_cudnn(
 const TIMED_UP_TO: usize = 32 * 32;
 
 fn cudnn_is_faster(x: &Tensor, w: &Tensor, op: &CudnnConv) -> Result<bool> {
-    let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<std::time::Duration> {
-        f()?;
-        x.device().synchronize()?;
-        let start = std::time::Instant::now();
-        for _ in 0..3 {
-            f()?;
-        }
-        x.device().synchronize()?;
-        Ok(start.elapsed())
-    };
-    let cudnn = time(&|| op.apply(x, w, None))?;
-    let candle = time(&|| x.conv2d(w, op.padding, op.stride, 1, 1))?;
+    let cudnn = time_three(x.device(), &|| op.apply(x, w, None))?;
+    let candle = time_three(x.device(), &|| x.conv2d(w, op.padding, op.stride, 1, 1))?;
     tracing::debug!(x = ?x.dims(), w = ?w.dims(), ?cudnn, ?candle, "convolution: cuDNN or candle");
     Ok(cudnn <= candle)
 }
 
 /// A convolution through cuDNN. Channels-last, it takes `x` `[N, H, W, C]` and `w`
 /// `[K, R, S, C]` and writes `[N, Ho, Wo, K]` (the memory of channels-last feature maps,
-/// [`crate::is_channels_last`]); otherwise NCHW, KCRS and NKHW.
+/// [`crate::is_channels_last`]); otherwise NCHW, KCRS and NKHW. Through the graph API
+/// ([`cudnn_graph`]) where `graph_api` and the operands are aligned for it, else the legacy one.
+#[derive(Clone, Copy)]
 struct CudnnConv {
     padding: usize,
     stride: usize,
     channels_last: bool,
+    graph_api: bool,
 }
 
 /// A convolution's device, dtype, input and filter shapes (NCHW, KCRS), padding, stride and
@@ -137,6 +245,8 @@ thread_local! {
     // stream, so work stays ordered with candle's own kernels.
     static CUDNN: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
     static CHOICE: RefCell<HashMap<ConvKey, bool>> = RefCell::new(HashMap::new());
+    // Per shape and bias or not: whether the graph API's plan is used (see `graph_is_better`).
+    static GRAPH_CHOICE: RefCell<HashMap<(ConvKey, bool), bool>> = RefCell::new(HashMap::new());
     static PLANS: RefCell<HashMap<ConvKey, Rc<dyn Any>>> = RefCell::new(HashMap::new());
 }
 
@@ -373,23 +483,24 @@ impl CudnnConv {
         // SAFETY: cuDNN writes every element.
         let mut y = unsafe { dev.alloc::<T>(n * k * ho * wo)? };
         let (x_dims, w_dims) = ([n, c, h, wd], [k, c, r, s]);
-        let plan = self.plan::<T>(&dev, x.dtype(), (&x_dims, &xs), (&w_dims, &ws), &mut y)?;
-        let forward = ConvForward {
-            conv: &plan.conv,
-            x: &plan.x,
-            w: &plan.w,
-            y: &plan.y,
+        let bias = match bias {
+            Some((b, bl)) => Some(b.as_cuda_slice::<T>()?.slice(bl.start_offset()..)),
+            None => None,
         };
-        with_workspace(&dev, plan.workspace, |workspace| {
-            // SAFETY: the plan's descriptors describe exactly these buffers (contiguous, in
-            // this op's layout).
-            let scale = (T::one(), T::zero());
-            unsafe { forward.launch(plan.algo, workspace, scale, &xs, &ws, &mut y) }
-                .map_err(candle_core::Error::wrap)
-        })?;
-        if let Some((b, bl)) = bias {
+        let stream = dev.cuda_stream();
+        let address = |v: &CudaView<T>| v.device_ptr(&stream).0 as usize;
+        let aligned = [Some(&xs), Some(&ws), bias.as_ref()]
+            .into_iter()
+            .flatten()
+            .all(|v| address(v).is_multiple_of(cudnn_graph::ALIGNMENT));
+        let bias_added = if self.graph_api && x.dtype() == DType::F16 && aligned {
+            self.forward_graph(&dev, (x_dims, &xs), (w_dims, &ws), bias.as_ref(), &mut y)?
+        } else {
+            self.forward_legacy(&dev, x.dtype(), (x_dims, &xs), (w_dims, &ws), &mut y)?;
+            false
+        };
+        if let Some(bs) = bias.filter(|_| !bias_added) {
             // In place: no second output-sized buffer (512 MB at the VAE's 1024² stage).
-            let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
             let inner = if self.channels_last { 1 } else { ho * wo };
             launch_add_bias(&dev, x.dtype(), &y.slice(..), &bs, &y, inner, k, y.len())?;
         }
@@ -400,6 +511,63 @@ impl CudnnConv {
             Shape::from((n, k, ho, wo))
         };
         Ok((out, shape))
+    }
+}
+
+impl CudnnConv {
+    /// `y = conv(x, w)` through the legacy API's plan for this shape.
+    fn forward_legacy<T>(
+        &self,
+        dev: &CudaDevice,
+        dtype: DType,
+        (x_dims, xs): ([usize; 4], &CudaView<T>),
+        (w_dims, ws): ([usize; 4], &CudaView<T>),
+        y: &mut CudaSlice<T>,
+    ) -> Result<()>
+    where
+        T: CudnnDataType + DeviceRepr + num_one::One + 'static,
+    {
+        let plan = self.plan::<T>(dev, dtype, (&x_dims, xs), (&w_dims, ws), y)?;
+        let forward = ConvForward {
+            conv: &plan.conv,
+            x: &plan.x,
+            w: &plan.w,
+            y: &plan.y,
+        };
+        with_workspace(dev, plan.workspace, |workspace| {
+            // SAFETY: the plan's descriptors describe exactly these buffers (contiguous, in
+            // this op's layout).
+            let scale = (T::one(), T::zero());
+            unsafe { forward.launch(plan.algo, workspace, scale, xs, ws, y) }
+                .map_err(candle_core::Error::wrap)
+        })
+    }
+
+    /// `y = conv(x, w) (+ bias)` through the graph API's plan for this shape; whether the
+    /// plan added the bias. For fp16 operands at [`cudnn_graph::ALIGNMENT`]ed addresses only.
+    fn forward_graph<T>(
+        &self,
+        dev: &CudaDevice,
+        (x_dims, xs): ([usize; 4], &CudaView<T>),
+        (w_dims, ws): ([usize; 4], &CudaView<T>),
+        bias: Option<&CudaView<T>>,
+        y: &mut CudaSlice<T>,
+    ) -> Result<bool> {
+        let shape = GraphConvShape {
+            x: x_dims,
+            w: w_dims,
+            padding: self.padding,
+            stride: self.stride,
+            channels_last: self.channels_last,
+        };
+        let limit = workspace_limit(xs.len(), y.len(), std::mem::size_of::<T>());
+        let plan = cudnn_graph::plan(dev, shape, bias.is_some(), limit)?;
+        with_workspace(dev, plan.workspace(), |workspace| {
+            // SAFETY: fp16 operands (the caller's check) of exactly this shape, contiguous in
+            // this op's layout, aligned (the caller's check); y fresh from the pool.
+            unsafe { plan.execute(dev, xs, ws, bias, y, workspace) }
+        })?;
+        Ok(plan.fused_bias)
     }
 }
 
@@ -534,6 +702,7 @@ pub fn conv2d_input_grad(
             padding,
             stride,
             channels_last: false,
+            graph_api: false,
         },
         input_hw,
     };

@@ -21,6 +21,7 @@
 
 mod attention;
 mod conv;
+mod cudnn_graph;
 mod elementwise;
 pub(crate) mod graph;
 mod linear;
