@@ -66,19 +66,44 @@ impl std::ops::Deref for Kernel {
     }
 }
 
-/// The kernel `name` of [`FATBIN`], its module loaded once per device. (candle's own loader
-/// takes PTX text only, which the driver would compile in every new process.)
-fn kernel(dev: &CudaDevice, name: &str) -> Result<Kernel> {
-    use std::collections::HashMap;
-    use std::sync::{Arc, Mutex};
-    static MODULES: Mutex<Option<HashMap<DeviceId, Arc<cudarc::driver::CudaModule>>>> =
-        Mutex::new(None);
-    let module = {
-        let mut modules = MODULES
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("kernel modules: poisoned lock".into()))?;
-        let modules = modules.get_or_insert_with(HashMap::new);
-        match modules.get(&dev.id()) {
+/// What one device has of our kernels: whether it can run them, and once the first is
+/// launched, their module and each function looked up so far (a launch then takes a map
+/// lookup, not a driver call).
+struct DeviceKernels {
+    /// Our kernels use sm_80 instructions (tensor-core `mma.sync` m16n8k16, `cp.async`), which
+    /// a Turing GPU (a T4, sm_75) cannot load; candle's ops run there.
+    ampere_or_newer: bool,
+    module: Option<std::sync::Arc<cudarc::driver::CudaModule>>,
+    functions: std::collections::HashMap<String, cudarc::driver::CudaFunction>,
+}
+
+impl DeviceKernels {
+    fn new(dev: &CudaDevice) -> Self {
+        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR;
+        let context = dev.cuda_stream().context().clone();
+        let major = context
+            .attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .unwrap_or(0);
+        if major < 8 {
+            tracing::warn!(
+                major,
+                "GPU older than Ampere: sdkube's own kernels are off, candle's run"
+            );
+        }
+        Self {
+            ampere_or_newer: major >= 8,
+            module: None,
+            functions: Default::default(),
+        }
+    }
+
+    /// The function `name` of [`FATBIN`], loading the module the first time. (candle's own
+    /// loader takes PTX text only, which the driver would compile in every new process.)
+    fn function(&mut self, dev: &CudaDevice, name: &str) -> Result<cudarc::driver::CudaFunction> {
+        if let Some(func) = self.functions.get(name) {
+            return Ok(func.clone());
+        }
+        let module = match &self.module {
             Some(module) => module.clone(),
             None => {
                 let context = dev.cuda_stream().context().clone();
@@ -90,13 +115,34 @@ fn kernel(dev: &CudaDevice, name: &str) -> Result<Kernel> {
                         context.load_module(cudarc::nvrtc::Ptx::from_src(PTX)).w()?
                     }
                 };
-                modules.insert(dev.id(), module.clone());
-                module
+                self.module.insert(module).clone()
             }
-        }
-    };
+        };
+        let func = module.load_function(name).w()?;
+        self.functions.insert(name.to_string(), func.clone());
+        Ok(func)
+    }
+}
+
+/// `f` on `dev`'s [`DeviceKernels`], made the first time.
+fn with_kernels<R>(dev: &CudaDevice, f: impl FnOnce(&mut DeviceKernels) -> R) -> Result<R> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static DEVICES: Mutex<Option<HashMap<DeviceId, DeviceKernels>>> = Mutex::new(None);
+    let mut devices = DEVICES
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("kernel modules: poisoned lock".into()))?;
+    let kernels = devices
+        .get_or_insert_with(HashMap::new)
+        .entry(dev.id())
+        .or_insert_with(|| DeviceKernels::new(dev));
+    Ok(f(kernels))
+}
+
+/// The kernel `name` of [`FATBIN`], ready to launch on `dev`.
+fn kernel(dev: &CudaDevice, name: &str) -> Result<Kernel> {
     Ok(Kernel {
-        func: module.load_function(name).w()?,
+        func: with_kernels(dev, |k| k.function(dev, name))??,
         stream: dev.cuda_stream(),
     })
 }
@@ -112,32 +158,7 @@ fn applies(t: &Tensor) -> bool {
     let candle_core::Device::Cuda(dev) = t.device() else {
         return false;
     };
-    enabled() && !t.track_op() && ampere_or_newer(dev)
-}
-
-/// Whether `dev` runs our kernels: they use sm_80 instructions (tensor-core `mma.sync`
-/// m16n8k16, `cp.async`), which a Turing GPU (a T4, sm_75) cannot load; candle's ops run there.
-fn ampere_or_newer(dev: &CudaDevice) -> bool {
-    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR;
-    static MAJOR: std::sync::Mutex<Vec<(DeviceId, i32)>> = std::sync::Mutex::new(Vec::new());
-    let Ok(mut known) = MAJOR.lock() else {
-        return false;
-    };
-    if let Some(&(_, major)) = known.iter().find(|(id, _)| *id == dev.id()) {
-        return major >= 8;
-    }
-    let context = dev.cuda_stream().context().clone();
-    let major = context
-        .attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-        .unwrap_or(0);
-    if major < 8 {
-        tracing::warn!(
-            major,
-            "GPU older than Ampere: sdkube's own kernels are off, candle's run"
-        );
-    }
-    known.push((dev.id(), major));
-    major >= 8
+    enabled() && !t.track_op() && with_kernels(dev, |k| k.ampere_or_newer).unwrap_or(false)
 }
 
 fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {
