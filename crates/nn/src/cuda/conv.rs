@@ -203,6 +203,28 @@ pub fn conv2d_cudnn(
     op.apply(&op.in_layout(x)?, &op.in_layout(w)?, Some(bias))
 }
 
+/// [`conv2d_cudnn`] through cuDNN's graph API ([`cudnn_graph`], for benchmarks): fp16, each
+/// operand at an address aligned for it; an error where that does not hold or no engine builds.
+pub fn conv2d_cudnn_graph(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let op = CudnnConv {
+        padding,
+        stride,
+        channels_last: crate::is_channels_last(x),
+        graph_api: true,
+    };
+    let (x, w, bias) = (op.in_layout(x)?, op.in_layout(w)?, bias.contiguous()?);
+    if x.dtype() != DType::F16 || ![&x, &w, &bias].into_iter().all(graph_aligned) {
+        candle_core::bail!("cuDNN graph API: fp16 operands at 16-byte aligned addresses only")
+    }
+    op.apply(&x, &w, Some(&bias))
+}
+
 /// Input pixels (H·W) up to which [`conv2d`] times cuDNN against candle (32²: the largest UNet
 /// feature map where candle came within 2× of cuDNN).
 const TIMED_UP_TO: usize = 32 * 32;

@@ -411,6 +411,9 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
                 ("sdkube channels-last", &|| {
                     Ok(own::conv2d_cudnn(&xcl, &wcl, &bias, 1, 1)?)
                 }),
+                ("sdkube channels-last graph API", &|| {
+                    Ok(own::conv2d_cudnn_graph(&xcl, &wcl, &bias, 1, 1)?)
+                }),
             ],
         )?;
     }
@@ -686,6 +689,35 @@ mod own {
 
     #[cfg(not(feature = "cuda"))]
     pub fn conv2d_cudnn(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+        _: usize,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// `None` (after saying why) where the graph API has no plan for it.
+    #[cfg(feature = "cuda")]
+    pub fn conv2d_cudnn_graph(
+        x: &candle_core::Tensor,
+        w: &candle_core::Tensor,
+        bias: &candle_core::Tensor,
+        padding: usize,
+        stride: usize,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        match sdkube_nn::cuda::conv2d_cudnn_graph(x, w, bias, padding, stride) {
+            Ok(y) => Ok(Some(y)),
+            Err(e) => {
+                tracing::warn!(x = ?x.dims(), "no graph API row: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn conv2d_cudnn_graph(
         _: &Tensor,
         _: &Tensor,
         _: &Tensor,
