@@ -4,7 +4,8 @@
 and the UNet's step alone. Eager, then under torch.compile (each module compiled with
 `--mode`, default max-autotune-no-cudagraphs; "reduce-overhead" adds CUDA graphs), each
 configuration printed beside its figure. One JSON line per measurement.
-Usage: python3 benches/gpu_controlnet_reference.py [--no-compile | --compile-only] [--mode=reduce-overhead]"""
+Usage: python3 benches/gpu_controlnet_reference.py [--no-compile | --compile-only] [--mode=reduce-overhead]
+       [--unet-only]"""
 import json
 import sys
 import time
@@ -68,12 +69,15 @@ def steered(u, cn):
     return step
 
 
+unet_only = "--unet-only" in sys.argv  # the UNet's step alone (no ControlNet to compile)
 if "--compile-only" not in sys.argv:
     timed("unet-sd15", "eager", plain(unet))
-    timed("controlnet-sd15", "eager", steered(unet, controlnet))
+    if not unet_only:
+        timed("controlnet-sd15", "eager", steered(unet, controlnet))
 if "--no-compile" not in sys.argv:
     unet_c = torch.compile(unet.to(memory_format=torch.channels_last), mode=mode, fullgraph=True)
-    cn_c = torch.compile(controlnet.to(memory_format=torch.channels_last), mode=mode, fullgraph=True)
     impl = f"compile mode={mode} fullgraph channels_last"
     timed("unet-sd15", impl, plain(unet_c))
-    timed("controlnet-sd15", impl, steered(unet_c, cn_c))
+    if not unet_only:
+        cn_c = torch.compile(controlnet.to(memory_format=torch.channels_last), mode=mode, fullgraph=True)
+        timed("controlnet-sd15", impl, steered(unet_c, cn_c))

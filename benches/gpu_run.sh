@@ -200,7 +200,7 @@ has grad && {
 has refcheck && {
   wheels
   smi_loop() { while :; do nvidia-smi --query-gpu=memory.used --format=csv,noheader >/dev/null; sleep 0.05; done; }
-  timeout 300 python3 benches/gpu_controlnet_reference.py --compile-only --mode=reduce-overhead | head -1
+  timeout 300 python3 benches/gpu_controlnet_reference.py --compile-only --mode=reduce-overhead --unet-only
   timeout 300 python3 benches/gpu_reference.py --compile --only=unet-sd15 --batch=2
   smi_loop & smi=$!
   timeout 300 python3 benches/gpu_reference.py --compile --only=unet-sd15 --batch=2 | sed 's/}$/, "nvidia_smi_meanwhile": true}/'
