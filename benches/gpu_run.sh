@@ -103,7 +103,7 @@ has cudnn && for what in $WHAT; do
   SDKUBE_CUDNN=benchmark .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
     | grep -v ' INFO ' | sed 's/}$/, "cudnn": "benchmark"}/'
 done
-# SDKUBE_CUDNN_GRAPH=on: fp16 convolutions through cuDNN's graph API where, per shape, it matched
+# SDKUBE_CUDNN_GRAPH=on: convolutions through cuDNN's graph API where, per shape, it matched
 # the legacy path and was faster (A/B; the debug log says per shape which won and whether the
 # bias was fused).
 has cudnngraph && for what in $WHAT; do
@@ -114,6 +114,11 @@ has cudnngraph && for what in $WHAT; do
   grep -m3 -E "refused|differs" /tmp/cudnn-graph-$what.log | cut -c1-400
   grep -m6 "graph API or legacy" /tmp/cudnn-graph-$what.log | cut -c1-300
 done
+# the restore networks (fp32, TF32 convolutions) both ways, back to back
+has cudnngraph && for what in gfpgan x4plus; do for g in off on; do
+  SDKUBE_CUDNN_GRAPH=$g .gpu/sdkube bench --device cuda --what $what --repeat 10 2>&1 | grep '"bench"' \
+    | sed "s/}\$/, \"cudnn_graph\": \"$g\"}/"
+done; done
 has low && for what in txt2img-sd15 txt2img-sdxl; do
   pid=$(peak /tmp/mem-low-$what); .gpu/sdkube bench --device cuda --precision fp16 --vram low --what $what --steps 5 2>&1 | grep -v ' INFO '
   kill $pid; echo "{\"bench\": \"$what vram low\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-low-$what | tail -1)}"

@@ -77,7 +77,7 @@ pub fn conv2d(
             .flatten()
             .all(graph_aligned)
     };
-    let op = if x.dtype() == DType::F16 && GRAPH_API.is_on() && aligned() {
+    let op = if GRAPH_API.is_on() && aligned() {
         let key = (op.key(dev, x.dtype(), x.dims(), w.dims()), bias.is_some());
         let graph = CudnnConv {
             graph_api: true,
@@ -103,7 +103,7 @@ pub fn conv2d(
     op.apply(&x, &w, bias).map(Some)
 }
 
-/// `SDKUBE_CUDNN_GRAPH=on`: fp16 convolutions may go through cuDNN's graph API
+/// `SDKUBE_CUDNN_GRAPH=on`: convolutions may go through cuDNN's graph API
 /// ([`cudnn_graph`]: more engines, the bias fused) where, for that shape, it gives the legacy
 /// path's values and is faster. Off until measured on a GPU.
 static GRAPH_API: Switch = Switch::new("SDKUBE_CUDNN_GRAPH", "on", "off", false);
@@ -154,20 +154,24 @@ fn graph_is_better(
     Ok(graph_time < legacy_time)
 }
 
-/// Whether `t`'s first element (fp16, on the GPU) sits at an address the graph API's plans are
-/// built for ([`cudnn_graph::ALIGNMENT`]). Checked before a shape's plan is tried, so the check
+/// Whether `t`'s first element (fp16 or fp32, on the GPU) sits at an address the graph API's
+/// plans are built for ([`cudnn_graph::ALIGNMENT`]). Checked before a shape's plan is tried, so the check
 /// of [`graph_is_better`] runs the plan itself, not the legacy path standing in.
 fn graph_aligned(t: &Tensor) -> bool {
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cuda(s) = &*storage else {
         return false;
     };
-    let Ok(slice) = s.as_cuda_slice::<f16>() else {
+    let stream = s.device().cuda_stream();
+    let base = match t.dtype() {
+        DType::F16 => s.as_cuda_slice::<f16>().map(|v| v.device_ptr(&stream).0),
+        DType::F32 => s.as_cuda_slice::<f32>().map(|v| v.device_ptr(&stream).0),
+        _ => return false,
+    };
+    let Ok(base) = base else {
         return false;
     };
-    let stream = s.device().cuda_stream();
-    let (base, _guard) = slice.device_ptr(&stream);
-    let first = base as usize + layout.start_offset() * std::mem::size_of::<f16>();
+    let first = base as usize + layout.start_offset() * t.dtype().size_in_bytes();
     first.is_multiple_of(cudnn_graph::ALIGNMENT)
 }
 
@@ -203,8 +207,8 @@ pub fn conv2d_cudnn(
     op.apply(&op.in_layout(x)?, &op.in_layout(w)?, Some(bias))
 }
 
-/// [`conv2d_cudnn`] through cuDNN's graph API ([`cudnn_graph`], for benchmarks): fp16, each
-/// operand at an address aligned for it; an error where that does not hold or no engine builds.
+/// [`conv2d_cudnn`] through cuDNN's graph API ([`cudnn_graph`], for benchmarks): each operand
+/// at an address aligned for it; an error where that does not hold or no engine builds.
 pub fn conv2d_cudnn_graph(
     x: &Tensor,
     w: &Tensor,
@@ -219,8 +223,8 @@ pub fn conv2d_cudnn_graph(
         graph_api: true,
     };
     let (x, w, bias) = (op.in_layout(x)?, op.in_layout(w)?, bias.contiguous()?);
-    if x.dtype() != DType::F16 || ![&x, &w, &bias].into_iter().all(graph_aligned) {
-        candle_core::bail!("cuDNN graph API: fp16 operands at 16-byte aligned addresses only")
+    if ![&x, &w, &bias].into_iter().all(graph_aligned) {
+        candle_core::bail!("cuDNN graph API: operands at 16-byte aligned addresses only")
     }
     op.apply(&x, &w, Some(&bias))
 }
@@ -515,7 +519,7 @@ impl CudnnConv {
             .into_iter()
             .flatten()
             .all(|v| address(v).is_multiple_of(cudnn_graph::ALIGNMENT));
-        let bias_added = if self.graph_api && x.dtype() == DType::F16 && aligned {
+        let bias_added = if self.graph_api && aligned {
             self.forward_graph(&dev, (x_dims, &xs), (w_dims, &ws), bias.as_ref(), &mut y)?
         } else {
             self.forward_legacy(&dev, x.dtype(), (x_dims, &xs), (w_dims, &ws), &mut y)?;
@@ -566,8 +570,8 @@ impl CudnnConv {
     }
 
     /// `y = conv(x, w) (+ bias)` through the graph API's plan for this shape; whether the
-    /// plan added the bias. For fp16 operands at [`cudnn_graph::ALIGNMENT`]ed addresses only.
-    fn forward_graph<T>(
+    /// plan added the bias. For operands at [`cudnn_graph::ALIGNMENT`]ed addresses only.
+    fn forward_graph<T: CudnnDataType>(
         &self,
         dev: &CudaDevice,
         (x_dims, xs): ([usize; 4], &CudaView<T>),
@@ -576,6 +580,7 @@ impl CudnnConv {
         y: &mut CudaSlice<T>,
     ) -> Result<bool> {
         let shape = GraphConvShape {
+            dtype: T::DATA_TYPE,
             x: x_dims,
             w: w_dims,
             padding: self.padding,
@@ -585,7 +590,7 @@ impl CudnnConv {
         let limit = workspace_limit(xs.len(), y.len(), std::mem::size_of::<T>());
         let plan = cudnn_graph::plan(dev, shape, bias.is_some(), limit)?;
         with_workspace(dev, plan.workspace(), |workspace| {
-            // SAFETY: fp16 operands (the caller's check) of exactly this shape, contiguous in
+            // SAFETY: operands of T, the shape's dtype, of exactly this shape, contiguous in
             // this op's layout, aligned (the caller's check); y fresh from the pool.
             unsafe { plan.execute(dev, xs, ws, bias, y, workspace) }
         })?;

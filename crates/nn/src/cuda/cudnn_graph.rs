@@ -4,9 +4,9 @@
 //! cudnn-frontend without `cudnn.benchmark`. The legacy `cudnnConvolutionForward` reaches a
 //! subset of those engines through its eight algorithms, and always adds the bias separately.
 //!
-//! fp16 only, fp32 accumulation (what the legacy path and PyTorch use). Used where
-//! `SDKUBE_CUDNN_GRAPH=on` and, per shape, [`super::conv`] found it as exact as the legacy path
-//! and faster.
+//! fp16 and fp32 operands, fp32 accumulation (fp32 may use TF32 tensor cores, as the legacy
+//! path and PyTorch's convolutions do). Used where `SDKUBE_CUDNN_GRAPH=on` and, per shape,
+//! [`super::conv`] found it as exact as the legacy path and faster.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -34,9 +34,11 @@ const BIAS: i64 = 4;
 const CONV_OUT: i64 = 5;
 
 /// A convolution's shapes as the graph takes them: NCHW dimensions of `x` and `w` (`[K, C, R,
-/// S]`), padding, stride, and whether the memory is channels-last (NHWC, KRSC, NKHW otherwise).
+/// S]`), padding, stride, whether the memory is channels-last (NHWC, KRSC, NKHW otherwise), and
+/// the operands' element type (half or float).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) struct GraphConvShape {
+    pub dtype: cudnnDataType_t,
     pub x: [usize; 4],
     pub w: [usize; 4],
     pub padding: usize,
@@ -122,8 +124,8 @@ impl GraphConvPlan {
     /// Runs the plan: `y = conv(x, w) (+ bias where fused)`, on candle's stream.
     ///
     /// # Safety
-    /// The buffers must be fp16 (`T` is `f16`), this plan's shape's operands in its layout, each
-    /// at an address aligned to [`ALIGNMENT`].
+    /// The buffers must be of the plan's element type (its shape's `dtype`), its shape's
+    /// operands in its layout, each at an address aligned to [`ALIGNMENT`].
     pub(super) unsafe fn execute<T>(
         &self,
         dev: &CudaDevice,
@@ -194,11 +196,11 @@ fn operations(
     shape: GraphConvShape,
     with_bias: bool,
 ) -> Result<(Vec<Descriptor>, Vec<Descriptor>)> {
-    use cudnnDataType_t::{CUDNN_DATA_FLOAT, CUDNN_DATA_HALF};
-    let y_dims = shape.y();
-    let x = tensor(X, CUDNN_DATA_HALF, shape.x, shape.strides(shape.x), false)?;
-    let w = tensor(W, CUDNN_DATA_HALF, shape.w, shape.strides(shape.w), false)?;
-    let y = tensor(Y, CUDNN_DATA_HALF, y_dims, shape.strides(y_dims), false)?;
+    use cudnnDataType_t::CUDNN_DATA_FLOAT;
+    let (y_dims, dtype) = (shape.y(), shape.dtype);
+    let x = tensor(X, dtype, shape.x, shape.strides(shape.x), false)?;
+    let w = tensor(W, dtype, shape.w, shape.strides(shape.w), false)?;
+    let y = tensor(Y, dtype, y_dims, shape.strides(y_dims), false)?;
 
     let conv = Descriptor::new(Kind::CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR)?;
     let (p, s) = (shape.padding as i64, shape.stride as i64);
@@ -343,11 +345,11 @@ fn bias_add(
     conv_out: &Descriptor,
     y: &Descriptor,
 ) -> Result<(Descriptor, [Descriptor; 2])> {
-    use cudnnDataType_t::{CUDNN_DATA_FLOAT, CUDNN_DATA_HALF};
+    use cudnnDataType_t::CUDNN_DATA_FLOAT;
     let k = shape.w[0];
     let bias = tensor(
         BIAS,
-        CUDNN_DATA_HALF,
+        shape.dtype,
         [1, k, 1, 1],
         shape.strides([1, k, 1, 1]),
         false,
@@ -610,6 +612,7 @@ mod tests {
     fn shapes_describe_the_memory_of_each_layout() {
         // SD1.5's first down-sampling convolution: 320 channels, 64² → 32², stride 2.
         let mut shape = GraphConvShape {
+            dtype: cudnnDataType_t::CUDNN_DATA_HALF,
             x: [2, 320, 64, 64],
             w: [320, 320, 3, 3],
             padding: 1,
@@ -634,13 +637,20 @@ mod tests {
     }
 
     /// cuDNN checks each descriptor when it is finalized: the operations finalize for both
-    /// layouts, with and without the fused bias. (Needs libcudnn, not a GPU: only the graph and
+    /// layouts and element types, with and without the fused bias. (Needs libcudnn, not a GPU: only the graph and
     /// its engines need a handle.)
     #[test]
     fn the_operations_are_valid_cudnn_descriptors() {
-        for channels_last in [true, false] {
+        use cudnnDataType_t::{CUDNN_DATA_FLOAT, CUDNN_DATA_HALF};
+        let layouts = [
+            (true, CUDNN_DATA_HALF),
+            (false, CUDNN_DATA_HALF),
+            (false, CUDNN_DATA_FLOAT),
+        ];
+        for (channels_last, dtype) in layouts {
             for with_bias in [true, false] {
                 let shape = GraphConvShape {
+                    dtype,
                     x: [2, 320, 64, 64],
                     w: [640, 320, 3, 3],
                     padding: 1,
@@ -648,7 +658,7 @@ mod tests {
                     channels_last,
                 };
                 let (ops, parts) = operations(shape, with_bias).unwrap_or_else(|e| {
-                    panic!("channels_last {channels_last}, bias {with_bias}: {e}")
+                    panic!("channels_last {channels_last}, {dtype:?}, bias {with_bias}: {e}")
                 });
                 assert_eq!(ops.len(), 1 + with_bias as usize);
                 assert_eq!(parts.len(), 4 + 3 * with_bias as usize);
@@ -656,6 +666,7 @@ mod tests {
         }
         // cuDNN does check: a filter over 321 channels does not fit a 320-channel input.
         let wrong = GraphConvShape {
+            dtype: cudnnDataType_t::CUDNN_DATA_HALF,
             x: [2, 320, 64, 64],
             w: [640, 321, 3, 3],
             padding: 1,
