@@ -190,40 +190,24 @@ fn time_three(
     Ok(start.elapsed())
 }
 
-/// [`conv2d`] always through cuDNN (for benchmarks), channels-last where `x` is.
+/// [`conv2d`] always through cuDNN (for benchmarks), channels-last where `x` is; through its
+/// graph API ([`cudnn_graph`]) where `graph_api`, which is an error where no engine builds or
+/// an operand's address is not aligned for it.
 pub fn conv2d_cudnn(
     x: &Tensor,
     w: &Tensor,
     bias: &Tensor,
-    padding: usize,
-    stride: usize,
+    (padding, stride): (usize, usize),
+    graph_api: bool,
 ) -> Result<Tensor> {
     let op = CudnnConv {
         padding,
         stride,
         channels_last: crate::is_channels_last(x),
-        graph_api: false,
-    };
-    op.apply(&op.in_layout(x)?, &op.in_layout(w)?, Some(bias))
-}
-
-/// [`conv2d_cudnn`] through cuDNN's graph API ([`cudnn_graph`], for benchmarks): each operand
-/// at an address aligned for it; an error where that does not hold or no engine builds.
-pub fn conv2d_cudnn_graph(
-    x: &Tensor,
-    w: &Tensor,
-    bias: &Tensor,
-    padding: usize,
-    stride: usize,
-) -> Result<Tensor> {
-    let op = CudnnConv {
-        padding,
-        stride,
-        channels_last: crate::is_channels_last(x),
-        graph_api: true,
+        graph_api,
     };
     let (x, w, bias) = (op.in_layout(x)?, op.in_layout(w)?, bias.contiguous()?);
-    if ![&x, &w, &bias].into_iter().all(graph_aligned) {
+    if graph_api && ![&x, &w, &bias].into_iter().all(graph_aligned) {
         candle_core::bail!("cuDNN graph API: operands at 16-byte aligned addresses only")
     }
     op.apply(&x, &w, Some(&bias))

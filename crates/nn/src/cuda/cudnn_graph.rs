@@ -381,38 +381,24 @@ fn lossy_note(config: &Descriptor) -> Result<Option<sys::cudnnBackendNumericalNo
         CUDNN_NUMERICAL_NOTE_TYPE_COUNT,
     };
     let engine = Descriptor::new(Kind::CUDNN_BACKEND_ENGINE_DESCRIPTOR)?;
-    let mut raw = [engine.0];
-    let mut count = 0i64;
-    // SAFETY: fills the descriptor made above (one element, as asked).
-    check(
-        unsafe {
-            sys::cudnnBackendGetAttribute(
-                config.0,
-                Attr::CUDNN_ATTR_ENGINECFG_ENGINE,
-                Type::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                1,
-                &mut count,
-                raw.as_mut_ptr().cast(),
-            )
-        },
-        "ENGINECFG_ENGINE",
-    )?;
+    // SAFETY: cudnnBackendDescriptor_t, filling the descriptor made above.
+    unsafe {
+        config.get(
+            Attr::CUDNN_ATTR_ENGINECFG_ENGINE,
+            Type::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+            &mut [engine.0],
+        )?
+    };
     let mut notes = [CUDNN_NUMERICAL_NOTE_TYPE_COUNT; CUDNN_NUMERICAL_NOTE_TYPE_COUNT as usize];
-    // SAFETY: at most `notes.len()` C enums written into `notes`.
-    check(
-        unsafe {
-            sys::cudnnBackendGetAttribute(
-                engine.0,
-                Attr::CUDNN_ATTR_ENGINE_NUMERICAL_NOTE,
-                Type::CUDNN_TYPE_NUMERICAL_NOTE,
-                notes.len() as i64,
-                &mut count,
-                notes.as_mut_ptr().cast(),
-            )
-        },
-        "ENGINE_NUMERICAL_NOTE",
-    )?;
-    let count = (count.max(0) as usize).min(notes.len());
+    // SAFETY: cudnnBackendNumericalNote_t, a C enum.
+    let count = unsafe {
+        engine.get(
+            Attr::CUDNN_ATTR_ENGINE_NUMERICAL_NOTE,
+            Type::CUDNN_TYPE_NUMERICAL_NOTE,
+            &mut notes,
+        )?
+    }
+    .min(notes.len());
     Ok(notes[..count].iter().copied().find(|n| {
         matches!(
             n,
@@ -549,57 +535,45 @@ impl Descriptor {
         unsafe { self.set(attr, Type::CUDNN_TYPE_BACKEND_DESCRIPTOR, &raw) }
     }
 
-    fn i64(&self, attr: Attr) -> Result<i64> {
-        let (mut value, mut count) = (0i64, 0i64);
-        // SAFETY: one int64_t written into `value`.
+    /// Reads up to `out.len()` values of `attr` into `out` (none: only counts them); how many
+    /// `attr` has.
+    ///
+    /// # Safety
+    /// `V` must be the C type that `ty` names.
+    unsafe fn get<V>(&self, attr: Attr, ty: Type, out: &mut [V]) -> Result<usize> {
+        let mut count = 0i64;
+        let array = match out.is_empty() {
+            true => std::ptr::null_mut(),
+            false => out.as_mut_ptr().cast(),
+        };
+        // SAFETY: writes at most `out.len()` elements of the type `ty` names (the caller's
+        // promise) into `out`.
         let status = unsafe {
-            sys::cudnnBackendGetAttribute(
-                self.0,
-                attr,
-                Type::CUDNN_TYPE_INT64,
-                1,
-                &mut count,
-                (&mut value as *mut i64).cast(),
-            )
+            sys::cudnnBackendGetAttribute(self.0, attr, ty, out.len() as i64, &mut count, array)
         };
         check(status, &format!("{attr:?}"))?;
-        Ok(value)
+        Ok(count.max(0) as usize)
+    }
+
+    fn i64(&self, attr: Attr) -> Result<i64> {
+        let mut value = [0i64];
+        // SAFETY: int64_t.
+        unsafe { self.get(attr, Type::CUDNN_TYPE_INT64, &mut value)? };
+        Ok(value[0])
     }
 
     /// The descriptors `attr` lists (each made here as a `kind`, then filled by cuDNN).
     fn descriptors(&self, attr: Attr, kind: Kind) -> Result<Vec<Descriptor>> {
-        let mut count = 0i64;
-        // SAFETY: asks for the count only (no elements written).
-        let status = unsafe {
-            sys::cudnnBackendGetAttribute(
-                self.0,
-                attr,
-                Type::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                0,
-                &mut count,
-                std::ptr::null_mut(),
-            )
-        };
-        check(status, &format!("{attr:?} count"))?;
-        let made = (0..count.max(0))
+        let ty = Type::CUDNN_TYPE_BACKEND_DESCRIPTOR;
+        // SAFETY: counts only.
+        let count = unsafe { self.get::<sys::cudnnBackendDescriptor_t>(attr, ty, &mut [])? };
+        let mut made = (0..count)
             .map(|_| Descriptor::new(kind))
             .collect::<Result<Vec<_>>>()?;
         let mut raw: Vec<_> = made.iter().map(|d| d.0).collect();
-        let mut filled = 0i64;
-        // SAFETY: fills the `raw.len()` descriptors made above.
-        let status = unsafe {
-            sys::cudnnBackendGetAttribute(
-                self.0,
-                attr,
-                Type::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                raw.len() as i64,
-                &mut filled,
-                raw.as_mut_ptr().cast(),
-            )
-        };
-        check(status, &format!("{attr:?}"))?;
-        let mut made = made;
-        made.truncate(filled.max(0) as usize);
+        // SAFETY: cudnnBackendDescriptor_t, filling the descriptors made above.
+        let filled = unsafe { self.get(attr, ty, &mut raw)? };
+        made.truncate(filled);
         Ok(made)
     }
 }

@@ -407,12 +407,12 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
             &format!("[{b},{c},{side},{side}]"),
             &|| Ok(m.forward(&x)?),
             &[
-                ("sdkube", &|| Ok(own::conv2d_cudnn(&x, &w, &bias, 1, 1)?)),
+                ("sdkube", &|| Ok(own::conv2d_cudnn(&x, &w, &bias, false)?)),
                 ("sdkube channels-last", &|| {
-                    Ok(own::conv2d_cudnn(&xcl, &wcl, &bias, 1, 1)?)
+                    Ok(own::conv2d_cudnn(&xcl, &wcl, &bias, false)?)
                 }),
                 ("sdkube channels-last graph API", &|| {
-                    Ok(own::conv2d_cudnn_graph(&xcl, &wcl, &bias, 1, 1)?)
+                    Ok(own::conv2d_cudnn(&xcl, &wcl, &bias, true)?)
                 }),
             ],
         )?;
@@ -676,53 +676,31 @@ mod own {
         }
     }
 
+    /// A 3x3 convolution (padding 1, stride 1) through cuDNN, legacy or graph API; `None`
+    /// (after saying why) where the graph API has no plan for it.
     #[cfg(feature = "cuda")]
     pub fn conv2d_cudnn(
         x: &candle_core::Tensor,
         w: &candle_core::Tensor,
         bias: &candle_core::Tensor,
-        padding: usize,
-        stride: usize,
+        graph_api: bool,
     ) -> candle_core::Result<Option<candle_core::Tensor>> {
-        sdkube_nn::cuda::conv2d_cudnn(x, w, bias, padding, stride).map(Some)
-    }
-
-    #[cfg(not(feature = "cuda"))]
-    pub fn conv2d_cudnn(
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: usize,
-        _: usize,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(None)
-    }
-
-    /// `None` (after saying why) where the graph API has no plan for it.
-    #[cfg(feature = "cuda")]
-    pub fn conv2d_cudnn_graph(
-        x: &candle_core::Tensor,
-        w: &candle_core::Tensor,
-        bias: &candle_core::Tensor,
-        padding: usize,
-        stride: usize,
-    ) -> candle_core::Result<Option<candle_core::Tensor>> {
-        match sdkube_nn::cuda::conv2d_cudnn_graph(x, w, bias, padding, stride) {
+        match sdkube_nn::cuda::conv2d_cudnn(x, w, bias, (1, 1), graph_api) {
             Ok(y) => Ok(Some(y)),
-            Err(e) => {
+            Err(e) if graph_api => {
                 tracing::warn!(x = ?x.dims(), "no graph API row: {e}");
                 Ok(None)
             }
+            Err(e) => Err(e),
         }
     }
 
     #[cfg(not(feature = "cuda"))]
-    pub fn conv2d_cudnn_graph(
+    pub fn conv2d_cudnn(
         _: &Tensor,
         _: &Tensor,
         _: &Tensor,
-        _: usize,
-        _: usize,
+        _: bool,
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
