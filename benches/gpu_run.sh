@@ -113,6 +113,7 @@ has cudnngraph && for what in $WHAT; do
   grep -E "cuDNN graph|differs" /tmp/cudnn-graph-$what.log | sed 's/.*\(cuDNN graph[^:]*\|differs\).*/\1/' | sort | uniq -c
   grep -m3 -E "refused|differs" /tmp/cudnn-graph-$what.log | cut -c1-400
   grep -m6 "graph API or legacy" /tmp/cudnn-graph-$what.log | cut -c1-300
+  grep "graph convolution plan" /tmp/cudnn-graph-$what.log | grep -o "fused_bias=[a-z]*.*built_in=[0-9.]*[mµn]*s" | sort | uniq -c | sort -rn | head -8
 done
 # the restore networks (fp32, TF32 convolutions) both ways, back to back
 has cudnngraph && for what in gfpgan x4plus; do for g in off on; do

@@ -99,6 +99,9 @@ pub(super) fn plan(
         return Ok(plan);
     }
     let handle = handle(dev)?;
+    // Engines compiled at run time (fused ones) compile when their plan is built: the time is
+    // logged, as it adds to a model's warm-up.
+    let start = std::time::Instant::now();
     let fused = with_bias
         .then(|| build(&handle, shape, true, workspace_limit))
         .and_then(|fused| {
@@ -114,6 +117,7 @@ pub(super) fn plan(
         ?shape,
         fused_bias = plan.fused_bias,
         workspace = plan.workspace,
+        built_in = ?start.elapsed(),
         "cuDNN graph convolution plan"
     );
     PLANS.with(|p| p.borrow_mut().insert(key, plan.clone()));
