@@ -283,63 +283,82 @@ fn build(
     )?;
     let graph = graph.finalize()?;
 
+    parts.extend(ops);
+    parts.push(graph);
+    let graph = parts.last().expect("just pushed");
+    let mut refused = Vec::new();
+    // The ranked engines first, then cuDNN's fallback list (as cudnn-frontend does).
+    for mode in [
+        sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
+        sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK,
+    ] {
+        let configs = match engine_configs(graph, mode) {
+            Ok(configs) => configs,
+            Err(e) => {
+                refused.push(format!("{mode:?}: {e}"));
+                continue;
+            }
+        };
+        for config in configs {
+            match lossy_note(&config) {
+                Ok(None) => {}
+                Ok(Some(note)) => {
+                    refused.push(format!("{note:?}"));
+                    continue;
+                }
+                Err(e) => {
+                    refused.push(e.to_string());
+                    continue;
+                }
+            }
+            let plan = Descriptor::new(Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?;
+            plan.set_handle(Attr::CUDNN_ATTR_EXECUTION_PLAN_HANDLE, handle)?;
+            plan.set_descriptors(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&config])?;
+            let plan = match plan.finalize() {
+                Ok(plan) => plan,
+                Err(e) => {
+                    refused.push(e.to_string());
+                    continue;
+                }
+            };
+            let workspace = plan.i64(Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)? as usize;
+            if workspace > workspace_limit {
+                refused.push(format!("workspace {workspace}"));
+                continue;
+            }
+            parts.push(config);
+            parts.reverse(); // dropped after the plan, each before what it references
+            return Ok(GraphConvPlan {
+                plan,
+                _parts: parts,
+                handle: handle.clone(),
+                workspace,
+                fused_bias: with_bias,
+            });
+        }
+    }
+    candle_core::bail!("cuDNN has no engine for this graph (refused: {refused:?})")
+}
+
+/// The engine configurations cuDNN's heuristics in `mode` propose for `graph`, best first.
+fn engine_configs(
+    graph: &Descriptor,
+    mode: sys::cudnnBackendHeurMode_t,
+) -> Result<Vec<Descriptor>> {
     let heuristics = Descriptor::new(Kind::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?;
-    heuristics.set_descriptors(Attr::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[&graph])?;
+    heuristics.set_descriptors(Attr::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[graph])?;
     // SAFETY: a C enum, the type the attribute takes.
     unsafe {
         heuristics.set(
             Attr::CUDNN_ATTR_ENGINEHEUR_MODE,
             Type::CUDNN_TYPE_HEUR_MODE,
-            &[sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A],
-        )?;
-    }
-    let heuristics = heuristics.finalize()?;
-    let configs = heuristics.descriptors(
+            &[mode],
+        )?
+    };
+    heuristics.finalize()?.descriptors(
         Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS,
         Kind::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR,
-    )?;
-    parts.extend(ops);
-    parts.extend([graph, heuristics]);
-
-    let mut refused = Vec::new();
-    for config in configs {
-        match lossy_note(&config) {
-            Ok(None) => {}
-            Ok(Some(note)) => {
-                refused.push(format!("{note:?}"));
-                continue;
-            }
-            Err(e) => {
-                refused.push(e.to_string());
-                continue;
-            }
-        }
-        let plan = Descriptor::new(Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?;
-        plan.set_handle(Attr::CUDNN_ATTR_EXECUTION_PLAN_HANDLE, handle)?;
-        plan.set_descriptors(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&config])?;
-        let plan = match plan.finalize() {
-            Ok(plan) => plan,
-            Err(e) => {
-                refused.push(e.to_string());
-                continue;
-            }
-        };
-        let workspace = plan.i64(Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)? as usize;
-        if workspace > workspace_limit {
-            refused.push(format!("workspace {workspace}"));
-            continue;
-        }
-        parts.push(config);
-        parts.reverse(); // dropped after the plan, each before what it references
-        return Ok(GraphConvPlan {
-            plan,
-            _parts: parts,
-            handle: handle.clone(),
-            workspace,
-            fused_bias: with_bias,
-        });
-    }
-    candle_core::bail!("cuDNN has no engine for this graph (refused: {refused:?})")
+    )
 }
 
 /// The pointwise operation `y = conv_out + bias` (bias `[1, K, 1, 1]`, broadcast over the
