@@ -1,13 +1,14 @@
 """diffusers reference for `sdkube bench` on the GPU: same shapes, fp16, random weights (speed
 does not depend on weight values), eager and (optionally) torch.compile. One JSON line per
 measurement, with torch's peak allocated and reserved memory.
-Usage: python3 benches/gpu_reference.py [--compile[=MODE]] [--only=unet-sdxl,...] [--batch=2]
+Usage: python3 benches/gpu_reference.py [--compile[=MODE]] [--only=unet-sdxl,...] [--batch=2] [--profile]
 --compile: the UNets (and the VAE decoder) under torch.compile(fullgraph=True, mode=MODE), MODE
   reduce-overhead (CUDA graphs; the default), max-autotune or default, channels_last, static
   shapes, a new graph step marked before each call, three untimed calls per shape (compile,
   then the graph's warm-up and recording);
 --only: those items alone: unet-sd15, unet-sdxl, grad-sd15, vae, txt2img-sd15, txt2img-sdxl.
---batch=2: the UNet steps at those batch sizes alone (default 1,2)."""
+--batch=2: the UNet steps at those batch sizes alone (default 1,2);
+--profile: after timing each UNet shape, GPU time per kind of kernel for one more call."""
 import json
 import subprocess
 import sys
@@ -111,6 +112,45 @@ def graph_step():
         torch.compiler.cudagraph_mark_step_begin()
 
 
+# Kernel names by kind, first match wins (cuDNN's and cuBLAS's names both contain "xmma").
+KINDS = [("conv", ("fprop", "dgrad", "conv", "implicit", "nhwckrsc", "winograd")),
+         ("attention", ("flash", "fmha", "attention", "sdpa")),
+         ("linear", ("gemm", "cutlass", "cublas", "matmul")),
+         ("fused (inductor)", ("triton",)),
+         ("norm", ("norm",)),
+         ("layout", ("nchwtonhwc", "nhwctonchw", "transpose", "copy"))]
+
+
+def kernel_profile(name, shape, fn):
+    """`--profile`: GPU time per kind of kernel for one more call of `fn` (torch.profiler, CUDA
+    activity: kernels replayed inside CUDA graphs included), as `sdkube bench --profile` reports
+    its own; then the ten longest kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph_step()
+        fn()
+        torch.cuda.synchronize()
+    kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if not kernels:
+        print(json.dumps({"profile": name, "shape": shape, "note": "no kernels recorded", "impl": IMPL}))
+        return
+    by_kind = {}
+    for kernel, us in kernels:
+        kind = next((k for k, keys in KINDS if any(key in kernel.lower() for key in keys)), "other")
+        ms, calls = by_kind.get(kind, (0.0, 0))
+        by_kind[kind] = (ms + us / 1e3, calls + 1)
+    for kind, (ms, calls) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
+        print(json.dumps({"profile": name, "shape": shape, "kind": kind, "calls": calls, "ms": ms, "impl": IMPL}))
+    print(json.dumps({"profile": name, "shape": shape, "kind": "total", "calls": len(kernels),
+                      "ms": sum(us for _, us in kernels) / 1e3, "impl": IMPL}))
+    longest = {}
+    for kernel, us in kernels:
+        longest[kernel] = longest.get(kernel, 0.0) + us / 1e3
+    for kernel, ms in sorted(longest.items(), key=lambda kv: -kv[1])[:10]:
+        print(json.dumps({"profile": name, "shape": shape, "kernel": kernel[:160], "ms": ms}))
+
+
 unets = {}  # compiled UNets, kept for txt2img (compiling them again costs minutes)
 
 for name, cfg, side, ctx_dim in [("unet-sd15", SD15, 64, 768), ("unet-sdxl", SDXL, 128, 2048)]:
@@ -127,6 +167,8 @@ for name, cfg, side, ctx_dim in [("unet-sd15", SD15, 64, 768), ("unet-sdxl", SDX
                                        "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * batch, device=dev, dtype=dt)}
         start = time.perf_counter()
         timed(name, f"{side * 8}x{side * 8} batch {batch}", lambda: unet(x, t, ctx, **kw))
+        if "--profile" in sys.argv:
+            kernel_profile(name, f"{side * 8}x{side * 8} batch {batch}", lambda: unet(x, t, ctx, **kw))
         if compile_:  # the first call of each shape compiles (inside `timed`'s warm-up)
             print(f"{name} batch {batch}: {time.perf_counter() - start:.0f} s with compiling", flush=True)
     if compile_:

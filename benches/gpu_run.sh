@@ -202,16 +202,16 @@ has grad && {
 # Which compiled-diffusers figure is right for the SD1.5 CFG step: gpu_controlnet_reference.py
 # measured 6.6-6.7 ms (2026-12-05), gpu_reference.py 11.1 ms (2026-12-06, nvidia-smi started
 # every 50 ms while it timed). Both scripts back to back, then gpu_reference.py with that
-# sampling again, then ours both ways.
+# sampling again, then ours both ways; the kernel time by kind on each side (--profile).
 has refcheck && {
   wheels
   smi_loop() { while :; do nvidia-smi --query-gpu=memory.used --format=csv,noheader >/dev/null; sleep 0.05; done; }
   timeout 300 python3 benches/gpu_controlnet_reference.py --compile-only --mode=reduce-overhead --unet-only
-  timeout 300 python3 benches/gpu_reference.py --compile --only=unet-sd15 --batch=2
+  timeout 300 python3 benches/gpu_reference.py --compile --only=unet-sd15 --batch=2 --profile
   smi_loop & smi=$!
   timeout 300 python3 benches/gpu_reference.py --compile --only=unet-sd15 --batch=2 | sed 's/}$/, "nvidia_smi_meanwhile": true}/'
   kill $smi
-  .gpu/sdkube bench --device cuda --precision fp16 --what unet-sd15 --repeat 20 2>&1 | grep -v ' INFO '
+  .gpu/sdkube bench --device cuda --precision fp16 --what unet-sd15 --repeat 20 --profile 2>&1 | grep -v ' INFO '
   smi_loop & smi=$!
   .gpu/sdkube bench --device cuda --precision fp16 --what unet-sd15 --repeat 20 2>&1 | grep -v ' INFO ' | sed 's/}$/, "nvidia_smi_meanwhile": true}/'
   kill $smi
