@@ -2,7 +2,7 @@
 # Builds the sdkube images from deploy/docker and saves each as an OCI archive.
 #
 #   scripts/build-images.sh [--local-bases] [--ca FILE] [--tag T] [--registry R] [--out DIR]
-#                           [--context DIR] [cpu] [cuda]          (both by default)
+#                           [--context DIR] [--host-tests] [cpu] [cuda]   (both by default)
 #
 #   --local-bases  make the base images the FROM lines name locally first, from Debian's
 #                  mirror and this machine's Rust toolchain (scripts/make-base-images.sh): for
@@ -16,13 +16,15 @@
 #                  (default out/images; `skopeo copy oci-archive:FILE docker://REGISTRY/NAME:TAG`
 #                  pushes one, see README "Install on Kubernetes")
 #   --context DIR  the build context (default: this checkout)
+#   --host-tests   the CUDA builder also runs sdkube-nn's unit tests against the libraries the
+#                  image ships (HOST_TESTS in deploy/docker/Dockerfile; CI)
 # CUDA_COMPUTE_CAP (default 80) is passed to the CUDA build. ENGINE=docker builds with docker
 # (BuildKit) instead of podman. Prints each build's time; idempotent (layer and cargo caches).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ENGINE=${ENGINE:-podman}
-local_bases=0 ca="" registry=ghcr.io/sdkube out=out/images context=.
+local_bases=0 ca="" registry=ghcr.io/sdkube out=out/images context=. host_tests=0
 tag=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' deploy/helm/sdkube/Chart.yaml)
 kinds=()
 while [ $# -gt 0 ]; do
@@ -33,6 +35,7 @@ while [ $# -gt 0 ]; do
     --registry) registry=$2; shift ;;
     --out) out=$2; shift ;;
     --context) context=$2; shift ;;
+    --host-tests) host_tests=1 ;;
     cpu|cuda) kinds+=("$1") ;;
     *) echo "build-images.sh: unknown argument $1 (see the comment at the top)" >&2; exit 2 ;;
   esac
@@ -48,7 +51,8 @@ mkdir -p "$out"
 for kind in "${kinds[@]}"; do
   case $kind in
     cpu) name=sdkube-cpu file=deploy/docker/Dockerfile.cpu args=() ;;
-    cuda) name=sdkube file=deploy/docker/Dockerfile args=(--build-arg "CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-80}") ;;
+    cuda) name=sdkube file=deploy/docker/Dockerfile
+      args=(--build-arg "CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-80}" --build-arg "HOST_TESTS=$host_tests") ;;
   esac
   [ -z "$ca" ] || args+=(--secret "id=ca,src=$ca")
   # --pull=never with local bases: a missing base is an error here, not a Docker Hub request

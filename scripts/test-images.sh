@@ -23,7 +23,7 @@ echo "test-images.sh: $(free_gib) GiB free for the builds" >&2
 [ "$(free_gib)" -ge 12 ] || echo "test-images.sh: warning: under 12 GiB free; the CUDA image may not fit" >&2
 ca=${SDKUBE_BUILD_CA:-/etc/ssl/certs/ca-certificates.crt}
 build=$SECONDS
-scripts/build-images.sh --local-bases ${ca:+--ca "$ca"}
+scripts/build-images.sh --local-bases --host-tests ${ca:+--ca "$ca"}
 echo "test-images.sh: base images and both builds $((SECONDS - build)) s" >&2
 tests=$SECONDS
 SDKUBE_IMAGE_TESTS=1 python3 -m pytest -q -rA tests/python/test_image_run.py tests/python/test_chart_pod.py
