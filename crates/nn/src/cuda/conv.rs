@@ -57,17 +57,9 @@ pub fn conv2d(
         graph_api: false,
     };
     let (x, w) = (op.in_layout(x)?, op.in_layout(w)?);
-    let use_cudnn = x.dim(2)? * x.dim(3)? > TIMED_UP_TO || {
-        let key = op.key(dev, x.dtype(), x.dims(), w.dims());
-        match CHOICE.with(|c| c.borrow().get(&key).copied()) {
-            Some(choice) => choice,
-            None => {
-                let choice = cudnn_is_faster(&x, &w, &op)?;
-                CHOICE.with(|c| c.borrow_mut().insert(key, choice));
-                choice
-            }
-        }
-    };
+    let key = op.key(dev, x.dtype(), x.dims(), w.dims());
+    let use_cudnn = x.dim(2)? * x.dim(3)? > TIMED_UP_TO
+        || decided(&CHOICE, key, || cudnn_is_faster(&x, &w, &op))?;
     if !use_cudnn {
         return Ok(None);
     }
@@ -77,29 +69,16 @@ pub fn conv2d(
             .flatten()
             .all(graph_aligned)
     };
-    let op = if GRAPH_API.is_on() && aligned() {
-        let key = (op.key(dev, x.dtype(), x.dims(), w.dims()), bias.is_some());
-        let graph = CudnnConv {
-            graph_api: true,
-            ..op
-        };
-        let choice = GRAPH_CHOICE.with(|c| c.borrow().get(&key).copied());
-        let better = match choice {
-            Some(better) => better,
-            None => {
-                let better = graph_is_better(&x, &w, bias, &op, &graph)?;
-                GRAPH_CHOICE.with(|c| c.borrow_mut().insert(key, better));
-                better
-            }
-        };
-        if better {
-            graph
-        } else {
-            op
-        }
-    } else {
-        op
+    let graph = CudnnConv {
+        graph_api: true,
+        ..op
     };
+    let use_graph = GRAPH_API.is_on()
+        && aligned()
+        && decided(&GRAPH_CHOICE, (key, bias.is_some()), || {
+            graph_is_better(&x, &w, bias, &op, &graph)
+        })?;
+    let op = if use_graph { graph } else { op };
     op.apply(&x, &w, bias).map(Some)
 }
 
@@ -258,6 +237,20 @@ thread_local! {
     // Per shape and bias or not: whether the graph API's plan is used (see `graph_is_better`).
     static GRAPH_CHOICE: RefCell<HashMap<(ConvKey, bool), bool>> = RefCell::new(HashMap::new());
     static PLANS: RefCell<HashMap<ConvKey, Rc<dyn Any>>> = RefCell::new(HashMap::new());
+}
+
+/// The choice remembered in `cache` under `key`, made by `decide` the first time on this thread.
+fn decided<K: std::hash::Hash + Eq>(
+    cache: &'static std::thread::LocalKey<RefCell<HashMap<K, bool>>>,
+    key: K,
+    decide: impl FnOnce() -> Result<bool>,
+) -> Result<bool> {
+    if let Some(choice) = cache.with(|c| c.borrow().get(&key).copied()) {
+        return Ok(choice);
+    }
+    let choice = decide()?;
+    cache.with(|c| c.borrow_mut().insert(key, choice));
+    Ok(choice)
 }
 
 /// The plan cached in `cache` under `key`, made by `make` the first time on this thread.

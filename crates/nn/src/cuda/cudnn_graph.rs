@@ -209,15 +209,11 @@ fn operations(
     let conv = Descriptor::new(Kind::CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR)?;
     let (p, s) = (shape.padding as i64, shape.stride as i64);
     conv.set_i64s(Attr::CUDNN_ATTR_CONVOLUTION_SPATIAL_DIMS, &[2])?;
-    conv.set_data_type(Attr::CUDNN_ATTR_CONVOLUTION_COMP_TYPE, CUDNN_DATA_FLOAT)?;
-    // SAFETY: a C enum, the type the attribute takes.
-    unsafe {
-        conv.set(
-            Attr::CUDNN_ATTR_CONVOLUTION_CONV_MODE,
-            Type::CUDNN_TYPE_CONVOLUTION_MODE,
-            &[sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION],
-        )?;
-    }
+    conv.set_enum(Attr::CUDNN_ATTR_CONVOLUTION_COMP_TYPE, CUDNN_DATA_FLOAT)?;
+    conv.set_enum(
+        Attr::CUDNN_ATTR_CONVOLUTION_CONV_MODE,
+        sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+    )?;
     conv.set_i64s(Attr::CUDNN_ATTR_CONVOLUTION_DILATIONS, &[1, 1])?;
     conv.set_i64s(Attr::CUDNN_ATTR_CONVOLUTION_FILTER_STRIDES, &[s, s])?;
     conv.set_i64s(Attr::CUDNN_ATTR_CONVOLUTION_PRE_PADDINGS, &[p, p])?;
@@ -347,14 +343,7 @@ fn engine_configs(
 ) -> Result<Vec<Descriptor>> {
     let heuristics = Descriptor::new(Kind::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?;
     heuristics.set_descriptors(Attr::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[graph])?;
-    // SAFETY: a C enum, the type the attribute takes.
-    unsafe {
-        heuristics.set(
-            Attr::CUDNN_ATTR_ENGINEHEUR_MODE,
-            Type::CUDNN_TYPE_HEUR_MODE,
-            &[mode],
-        )?
-    };
+    heuristics.set_enum(Attr::CUDNN_ATTR_ENGINEHEUR_MODE, mode)?;
     heuristics.finalize()?.descriptors(
         Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS,
         Kind::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR,
@@ -378,15 +367,11 @@ fn bias_add(
         false,
     )?;
     let add = Descriptor::new(Kind::CUDNN_BACKEND_POINTWISE_DESCRIPTOR)?;
-    // SAFETY: a C enum, the type the attribute takes.
-    unsafe {
-        add.set(
-            Attr::CUDNN_ATTR_POINTWISE_MODE,
-            Type::CUDNN_TYPE_POINTWISE_MODE,
-            &[sys::cudnnPointwiseMode_t::CUDNN_POINTWISE_ADD],
-        )?;
-    }
-    add.set_data_type(Attr::CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_DATA_FLOAT)?;
+    add.set_enum(
+        Attr::CUDNN_ATTR_POINTWISE_MODE,
+        sys::cudnnPointwiseMode_t::CUDNN_POINTWISE_ADD,
+    )?;
+    add.set_enum(Attr::CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_DATA_FLOAT)?;
     let add = add.finalize()?;
     let op = Descriptor::new(Kind::CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR)?;
     op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, &[&add])?;
@@ -440,7 +425,7 @@ fn tensor(
     is_virtual: bool,
 ) -> Result<Descriptor> {
     let t = Descriptor::new(Kind::CUDNN_BACKEND_TENSOR_DESCRIPTOR)?;
-    t.set_data_type(Attr::CUDNN_ATTR_TENSOR_DATA_TYPE, dtype)?;
+    t.set_enum(Attr::CUDNN_ATTR_TENSOR_DATA_TYPE, dtype)?;
     t.set_i64s(Attr::CUDNN_ATTR_TENSOR_DIMENSIONS, &dims.map(|d| d as i64))?;
     t.set_i64s(Attr::CUDNN_ATTR_TENSOR_STRIDES, &strides)?;
     t.set_i64s(Attr::CUDNN_ATTR_TENSOR_UNIQUE_ID, &[id])?;
@@ -485,6 +470,27 @@ fn handle(dev: &CudaDevice) -> Result<Rc<Handle>> {
         map.borrow_mut().insert(dev.id(), handle.clone());
         Ok(handle)
     })
+}
+
+/// The C enums backend attributes take, each with the attribute type that names it.
+trait BackendEnum: Copy {
+    const TYPE: Type;
+}
+
+impl BackendEnum for cudnnDataType_t {
+    const TYPE: Type = Type::CUDNN_TYPE_DATA_TYPE;
+}
+
+impl BackendEnum for sys::cudnnConvolutionMode_t {
+    const TYPE: Type = Type::CUDNN_TYPE_CONVOLUTION_MODE;
+}
+
+impl BackendEnum for sys::cudnnPointwiseMode_t {
+    const TYPE: Type = Type::CUDNN_TYPE_POINTWISE_MODE;
+}
+
+impl BackendEnum for sys::cudnnBackendHeurMode_t {
+    const TYPE: Type = Type::CUDNN_TYPE_HEUR_MODE;
 }
 
 /// One backend descriptor, destroyed with it.
@@ -542,9 +548,9 @@ impl Descriptor {
         unsafe { self.set(attr, Type::CUDNN_TYPE_FLOAT, &[value]) }
     }
 
-    fn set_data_type(&self, attr: Attr, value: cudnnDataType_t) -> Result<()> {
-        // SAFETY: cudnnDataType_t.
-        unsafe { self.set(attr, Type::CUDNN_TYPE_DATA_TYPE, &[value]) }
+    fn set_enum<E: BackendEnum>(&self, attr: Attr, value: E) -> Result<()> {
+        // SAFETY: the C enum that `E::TYPE` names.
+        unsafe { self.set(attr, E::TYPE, &[value]) }
     }
 
     fn set_handle(&self, attr: Attr, handle: &Handle) -> Result<()> {
