@@ -103,16 +103,21 @@ has cudnn && for what in $WHAT; do
   SDKUBE_CUDNN=benchmark .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
     | grep -v ' INFO ' | sed 's/}$/, "cudnn": "benchmark"}/'
 done
-# SDKUBE_CUDNN_GRAPH=on: convolutions through cuDNN's graph API where, per shape, it matched
+# SDKUBE_CUDNN_GRAPH off then on: convolutions through cuDNN's graph API where, per shape, it matched
 # the legacy path and was faster (A/B; the debug log says per shape which won and whether the
 # bias was fused).
 has cudnngraph && for what in $WHAT; do
+  SDKUBE_CUDNN_GRAPH=off .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
+    | grep '"bench"' | sed 's/}$/, "cudnn_graph": "off"}/'
   SDKUBE_CUDNN_GRAPH=on SDKUBE_LOG=sdkube_nn=debug .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 \
     > /tmp/cudnn-graph-$what.log 2>&1
   grep '"bench"' /tmp/cudnn-graph-$what.log | sed 's/}$/, "cudnn_graph": "on"}/'
-  grep -E "cuDNN graph|differs" /tmp/cudnn-graph-$what.log | sed 's/.*\(cuDNN graph[^:]*\|differs\).*/\1/' | sort | uniq -c
-  grep -m3 -E "refused|differs" /tmp/cudnn-graph-$what.log | cut -c1-400
+  sed -i 's/\x1b\[[0-9;]*m//g' /tmp/cudnn-graph-$what.log
+  grep -E "cuDNN graph|cuDNN attention|differs" /tmp/cudnn-graph-$what.log | sed 's/.*\(cuDNN graph[^:=]*\|cuDNN attention [a-z]*\|differs\).*/\1/' | sort | uniq -c
+  grep -m3 -E "refused|differs" /tmp/cudnn-graph-$what.log | cut -c1-600
   grep -m6 "graph API or legacy" /tmp/cudnn-graph-$what.log | cut -c1-300
+  grep "attention: cuDNN or ours" /tmp/cudnn-graph-$what.log | sed 's/.*ours //' | cut -c1-300
+  cp /tmp/cudnn-graph-$what.log "$OUT/" 2>/dev/null
   grep "graph convolution plan" /tmp/cudnn-graph-$what.log | grep -o "fused_bias=[a-z]*.*built_in=[0-9.]*[mµn]*s" | sort | uniq -c | sort -rn | head -8
 done
 # the restore networks (fp32, TF32 convolutions) both ways, back to back

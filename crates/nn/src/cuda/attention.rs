@@ -1,12 +1,20 @@
-//! Flash attention, forward only (`flash_attention_f16_*` in `kernels.cu`).
+//! Flash attention, forward only: our kernel (`flash_attention_f16_*` in `kernels.cu`), or
+//! cuDNN's ([`super::cudnn_attention`]) where, per shape, it gives our kernel's values and is
+//! faster.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc;
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::{DeviceId, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::f16;
 
+use super::choice::{best_times, decided, graph_aligned, matches};
+use super::cudnn_attention::{self, SdpaShape};
+use super::memory::with_workspace;
 use super::{applies, cuda_op, kernel};
 
 /// Head dims the kernels are instantiated for (the real one is padded up to the next).
@@ -39,16 +47,76 @@ pub fn flash_attention(
     {
         return Ok(None);
     }
-    let op = FlashAttention {
+    let ours = FlashAttention {
         heads,
         scale: scale as f32,
+        cudnn: false,
     };
+    let cudnn = FlashAttention {
+        cudnn: true,
+        ..ours
+    };
+    let candle_core::Device::Cuda(dev) = q.device() else {
+        return Ok(None);
+    };
+    let shape = SdpaShape {
+        batch: q.dim(0)?,
+        heads,
+        queries: q.dim(1)?,
+        keys: k.dim(1)?,
+        head_dim: d,
+    };
+    let use_cudnn = super::cudnn_backend::GRAPH_API.is_on()
+        && [&q, &k, &v].into_iter().all(graph_aligned)
+        && decided(&CUDNN_CHOICE, (dev.id(), shape), || {
+            cudnn_is_better(&q, &k, &v, &ours, &cudnn)
+        })?;
+    let op = if use_cudnn { cudnn } else { ours };
     q.apply_op3_no_bwd(&k, &v, &op).map(Some)
 }
 
+thread_local! {
+    // Per device and shape: whether cuDNN's attention is used (see `cudnn_is_better`).
+    static CUDNN_CHOICE: RefCell<HashMap<(DeviceId, SdpaShape), bool>> = RefCell::new(HashMap::new());
+}
+
+/// Whether cuDNN's attention builds for this shape, gives our kernel's values ([`matches`])
+/// and is faster ([`best_times`]).
+fn cudnn_is_better(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    ours: &FlashAttention,
+    cudnn: &FlashAttention,
+) -> Result<bool> {
+    let theirs = match q.apply_op3_no_bwd(k, v, cudnn) {
+        Ok(out) => out,
+        Err(e) => {
+            tracing::debug!(q = ?q.dims(), k = ?k.dims(), "cuDNN attention refused: {e}");
+            return Ok(false);
+        }
+    };
+    let reference = q.apply_op3_no_bwd(k, v, ours)?;
+    let (close, diff) = matches(&theirs, &reference)?;
+    if !close {
+        tracing::warn!(q = ?q.dims(), k = ?k.dims(), diff, "cuDNN attention differs from ours; ours kept");
+        return Ok(false);
+    }
+    drop((theirs, reference));
+    let (cudnn_time, our_time) =
+        best_times(q.device(), &|| q.apply_op3_no_bwd(k, v, cudnn), &|| {
+            q.apply_op3_no_bwd(k, v, ours)
+        })?;
+    tracing::debug!(q = ?q.dims(), k = ?k.dims(), heads = ours.heads, ?cudnn_time, ?our_time, diff, "attention: cuDNN or ours");
+    Ok(cudnn_time < our_time)
+}
+
+#[derive(Clone, Copy)]
 struct FlashAttention {
     heads: usize,
     scale: f32,
+    /// Through cuDNN's SDPA plan instead of our kernel.
+    cudnn: bool,
 }
 
 /// Kernel name, query rows per block, threads per block and dynamic shared memory in bytes at
@@ -90,7 +158,27 @@ impl FlashAttention {
         let ks = k.as_cuda_slice::<f16>()?.slice(kl.start_offset()..);
         let vs = v.as_cuda_slice::<f16>()?.slice(vl.start_offset()..);
         // SAFETY: the kernel writes every element.
-        let out = unsafe { dev.alloc::<f16>(b * n * inner)? };
+        let mut out = unsafe { dev.alloc::<f16>(b * n * inner)? };
+        if self.cudnn {
+            let shape = SdpaShape {
+                batch: b,
+                heads: self.heads,
+                queries: n,
+                keys: m,
+                head_dim: d,
+            };
+            let plan = cudnn_attention::plan(&dev, shape)?;
+            with_workspace(&dev, plan.workspace, |workspace| {
+                // SAFETY: contiguous fp16 operands of this shape (the caller's checks above and
+                // in `flash_attention`, alignment included); `out` fresh from the pool.
+                unsafe {
+                    cudnn_attention::execute(
+                        &dev, &plan, &qs, &ks, &vs, &mut out, self.scale, workspace,
+                    )
+                }
+            })?;
+            return Ok((CudaStorage::wrap_cuda_slice(out, dev), ql.shape().clone()));
+        }
         let (name, rows, threads, smem) = flash_launch(dp);
         let func = kernel(&dev, &name)?;
         func.set_attribute(

@@ -15,6 +15,7 @@ use cudarc::cudnn::{ConvForward, Cudnn, CudnnDataType};
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DeviceRepr};
 use half::f16;
 
+use super::choice::{best_times, decided, graph_aligned, matches};
 use super::cudnn_graph::{self, GraphConvShape};
 use super::elementwise::launch_add_bias;
 use super::memory::with_workspace;
@@ -24,7 +25,7 @@ use crate::switch::Switch;
 /// 2-D convolution (groups 1, dilation 1; the bias, if any, added in place by our kernel)
 /// through cuDNN, where cuDNN is the faster
 /// of the two for this shape: the first convolution of each small shape times cuDNN and
-/// candle's kernel (three calls each) and remembers the winner, as
+/// candle's kernel ([`best_times`]) and remembers the winner, as
 /// `torch.backends.cudnn.benchmark` does. Feature maps above [`TIMED_UP_TO`] pixels always go
 /// to cuDNN: it won there by 3–18× at every shape measured, and timing candle's im2col there
 /// would allocate gigabytes (2.4 GB for the VAE's 1024² stage) just to lose.
@@ -73,7 +74,7 @@ pub fn conv2d(
         graph_api: true,
         ..op
     };
-    let use_graph = GRAPH_API.is_on()
+    let use_graph = super::cudnn_backend::GRAPH_API.is_on()
         && aligned()
         && decided(&GRAPH_CHOICE, (key, bias.is_some()), || {
             graph_is_better(&x, &w, bias, &op, &graph)
@@ -82,15 +83,8 @@ pub fn conv2d(
     op.apply(&x, &w, bias).map(Some)
 }
 
-/// `SDKUBE_CUDNN_GRAPH=on`: convolutions may go through cuDNN's graph API
-/// ([`cudnn_graph`]: more engines, the bias fused) where, for that shape, it gives the legacy
-/// path's values and is faster. Off until measured on a GPU.
-static GRAPH_API: Switch = Switch::new("SDKUBE_CUDNN_GRAPH", "on", "off", false);
-
-/// Whether the graph API's plan for this convolution is as exact as the legacy path's (the
-/// largest difference within 1 % of the largest output, where fp16 rounding alone gives about
-/// 0.1 %: a plan built for the wrong layout or strides lands far outside) and faster (three
-/// calls each, after one).
+/// Whether the graph API's plan for this convolution gives the legacy path's values
+/// ([`matches`]) and is faster ([`best_times`]).
 fn graph_is_better(
     x: &Tensor,
     w: &Tensor,
@@ -106,67 +100,22 @@ fn graph_is_better(
         }
     };
     let reference = legacy.apply(x, w, bias)?;
-    let largest = |t: &Tensor| {
-        t.to_dtype(DType::F32)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()
-    };
-    let diff = largest(&(ours.to_dtype(DType::F32)? - reference.to_dtype(DType::F32)?)?)?;
-    let scale = largest(&reference)?.max(1.0);
-    // NaN anywhere fails this too.
-    let close = diff <= 1e-2 * scale;
+    let (close, diff) = matches(&ours, &reference)?;
     if !close {
         tracing::warn!(
             x = ?x.dims(),
             w = ?w.dims(),
             diff,
-            scale,
             "cuDNN graph API convolution differs from the legacy path's; legacy kept"
         );
         return Ok(false);
     }
-    let graph_time = time_three(x.device(), &|| graph.apply(x, w, bias))?;
-    let legacy_time = time_three(x.device(), &|| legacy.apply(x, w, bias))?;
+    drop((ours, reference));
+    let (graph_time, legacy_time) = best_times(x.device(), &|| graph.apply(x, w, bias), &|| {
+        legacy.apply(x, w, bias)
+    })?;
     tracing::debug!(x = ?x.dims(), w = ?w.dims(), ?graph_time, ?legacy_time, diff, "cuDNN graph API or legacy");
     Ok(graph_time < legacy_time)
-}
-
-/// Whether `t`'s first element (fp16 or fp32, on the GPU) sits at an address the graph API's
-/// plans are built for ([`cudnn_graph::ALIGNMENT`]). Checked before a shape's plan is tried, so the check
-/// of [`graph_is_better`] runs the plan itself, not the legacy path standing in.
-fn graph_aligned(t: &Tensor) -> bool {
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cuda(s) = &*storage else {
-        return false;
-    };
-    let stream = s.device().cuda_stream();
-    let base = match t.dtype() {
-        DType::F16 => s.as_cuda_slice::<f16>().map(|v| v.device_ptr(&stream).0),
-        DType::F32 => s.as_cuda_slice::<f32>().map(|v| v.device_ptr(&stream).0),
-        _ => return false,
-    };
-    let Ok(base) = base else {
-        return false;
-    };
-    let first = base as usize + layout.start_offset() * t.dtype().size_in_bytes();
-    first.is_multiple_of(cudnn_graph::ALIGNMENT)
-}
-
-/// The time of three calls of `f` after one untimed call.
-fn time_three(
-    dev: &candle_core::Device,
-    f: &dyn Fn() -> Result<Tensor>,
-) -> Result<std::time::Duration> {
-    f()?;
-    dev.synchronize()?;
-    let start = std::time::Instant::now();
-    for _ in 0..3 {
-        f()?;
-    }
-    dev.synchronize()?;
-    Ok(start.elapsed())
 }
 
 /// [`conv2d`] always through cuDNN (for benchmarks), channels-last where `x` is; through its
@@ -197,8 +146,9 @@ pub fn conv2d_cudnn(
 const TIMED_UP_TO: usize = 32 * 32;
 
 fn cudnn_is_faster(x: &Tensor, w: &Tensor, op: &CudnnConv) -> Result<bool> {
-    let cudnn = time_three(x.device(), &|| op.apply(x, w, None))?;
-    let candle = time_three(x.device(), &|| x.conv2d(w, op.padding, op.stride, 1, 1))?;
+    let (cudnn, candle) = best_times(x.device(), &|| op.apply(x, w, None), &|| {
+        x.conv2d(w, op.padding, op.stride, 1, 1)
+    })?;
     tracing::debug!(x = ?x.dims(), w = ?w.dims(), ?cudnn, ?candle, "convolution: cuDNN or candle");
     Ok(cudnn <= candle)
 }
@@ -237,20 +187,6 @@ thread_local! {
     // Per shape and bias or not: whether the graph API's plan is used (see `graph_is_better`).
     static GRAPH_CHOICE: RefCell<HashMap<(ConvKey, bool), bool>> = RefCell::new(HashMap::new());
     static PLANS: RefCell<HashMap<ConvKey, Rc<dyn Any>>> = RefCell::new(HashMap::new());
-}
-
-/// The choice remembered in `cache` under `key`, made by `decide` the first time on this thread.
-fn decided<K: std::hash::Hash + Eq>(
-    cache: &'static std::thread::LocalKey<RefCell<HashMap<K, bool>>>,
-    key: K,
-    decide: impl FnOnce() -> Result<bool>,
-) -> Result<bool> {
-    if let Some(choice) = cache.with(|c| c.borrow().get(&key).copied()) {
-        return Ok(choice);
-    }
-    let choice = decide()?;
-    cache.with(|c| c.borrow_mut().insert(key, choice));
-    Ok(choice)
 }
 
 /// The plan cached in `cache` under `key`, made by `make` the first time on this thread.
@@ -495,7 +431,7 @@ impl CudnnConv {
         let aligned = [Some(&xs), Some(&ws), bias.as_ref()]
             .into_iter()
             .flatten()
-            .all(|v| address(v).is_multiple_of(cudnn_graph::ALIGNMENT));
+            .all(|v| address(v).is_multiple_of(super::cudnn_backend::ALIGNMENT));
         let bias_added = if self.graph_api && aligned {
             self.forward_graph(&dev, (x_dims, &xs), (w_dims, &ws), bias.as_ref(), &mut y)?
         } else {
@@ -547,7 +483,7 @@ impl CudnnConv {
     }
 
     /// `y = conv(x, w) (+ bias)` through the graph API's plan for this shape; whether the
-    /// plan added the bias. For operands at [`cudnn_graph::ALIGNMENT`]ed addresses only.
+    /// plan added the bias. For operands at [`super::cudnn_backend::ALIGNMENT`]ed addresses only.
     fn forward_graph<T: CudnnDataType>(
         &self,
         dev: &CudaDevice,

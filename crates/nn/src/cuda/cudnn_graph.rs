@@ -14,16 +14,13 @@ use std::ffi::c_void;
 use std::rc::Rc;
 
 use candle_core::cuda_backend::cudarc;
-use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
+use candle_core::cuda_backend::{CudaDevice, DeviceId};
 use candle_core::Result;
-use cudarc::cudnn::sys::{
-    self, cudnnBackendAttributeName_t as Attr, cudnnBackendAttributeType_t as Type,
-    cudnnBackendDescriptorType_t as Kind, cudnnDataType_t,
-};
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 
-/// The byte alignment every operand's address must have: what the plans are built for.
-pub(super) const ALIGNMENT: usize = 16;
+use super::cudnn_backend::{
+    build_plan, cudnnDataType_t, sys, tensor, Attr, Descriptor, Kind, Plan,
+};
 
 /// The operands' ids in the graph and the variant pack.
 const X: i64 = 1;
@@ -68,20 +65,14 @@ impl GraphConvShape {
     }
 }
 
-/// A built execution plan and everything it was built from, kept alive with it. (Fields drop
-/// in this order: the plan, what it was built from, then the handle.)
+/// A convolution's plan.
 pub(super) struct GraphConvPlan {
-    plan: Descriptor,
-    _parts: Vec<Descriptor>,
-    handle: Rc<Handle>,
-    workspace: usize,
+    plan: Plan,
     /// Whether the plan adds the bias (else the caller does).
     pub fused_bias: bool,
 }
 
 thread_local! {
-    // Like the legacy path's handles: one per device per thread, on candle's stream.
-    static HANDLES: RefCell<HashMap<DeviceId, Rc<Handle>>> = RefCell::new(HashMap::new());
     static PLANS: RefCell<HashMap<(DeviceId, GraphConvShape, bool), Rc<GraphConvPlan>>> =
         RefCell::new(HashMap::new());
 }
@@ -98,12 +89,11 @@ pub(super) fn plan(
     if let Some(plan) = PLANS.with(|p| p.borrow().get(&key).cloned()) {
         return Ok(plan);
     }
-    let handle = handle(dev)?;
     // Engines compiled at run time (fused ones) compile when their plan is built: the time is
     // logged, as it adds to a model's warm-up.
     let start = std::time::Instant::now();
     let fused = with_bias
-        .then(|| build(&handle, shape, true, workspace_limit))
+        .then(|| build(dev, shape, true, workspace_limit))
         .and_then(|fused| {
             fused
                 .map_err(|e| tracing::debug!(?shape, "no fused conv + bias engine: {e}"))
@@ -111,12 +101,12 @@ pub(super) fn plan(
         });
     let plan = Rc::new(match fused {
         Some(plan) => plan,
-        None => build(&handle, shape, false, workspace_limit)?,
+        None => build(dev, shape, false, workspace_limit)?,
     });
     tracing::debug!(
         ?shape,
         fused_bias = plan.fused_bias,
-        workspace = plan.workspace,
+        workspace = plan.plan.workspace,
         built_in = ?start.elapsed(),
         "cuDNN graph convolution plan"
     );
@@ -129,7 +119,7 @@ impl GraphConvPlan {
     ///
     /// # Safety
     /// The buffers must be of the plan's element type (its shape's `dtype`), its shape's
-    /// operands in its layout, each at an address aligned to [`ALIGNMENT`].
+    /// operands in its layout, each at an address aligned to [`super::cudnn_backend::ALIGNMENT`].
     pub(super) unsafe fn execute<T>(
         &self,
         dev: &CudaDevice,
@@ -147,50 +137,31 @@ impl GraphConvPlan {
             .filter(|_| self.fused_bias)
             .map(|b| b.device_ptr(&stream));
         let scratch = match workspace {
-            Some(s) if self.workspace > 0 => {
+            Some(s) if self.plan.workspace > 0 => {
                 let (ptr, guard) = s.device_ptr_mut(&stream);
                 Some((ptr, guard))
             }
             _ => None,
         };
-        if self.fused_bias != bias.is_some() || (self.workspace > 0) != scratch.is_some() {
+        if self.fused_bias != bias.is_some() || (self.plan.workspace > 0) != scratch.is_some() {
             candle_core::bail!("cuDNN graph convolution: the plan's operands are missing")
         }
         let mut ids = vec![X, W, Y];
-        let mut ptrs = vec![x_ptr as *mut c_void, w_ptr as _, y_ptr as _];
+        let mut pointers = vec![x_ptr as *mut c_void, w_ptr as _, y_ptr as _];
         if let Some((b, _)) = &bias {
             ids.push(BIAS);
-            ptrs.push(*b as _);
+            pointers.push(*b as _);
         }
-        let pack = Descriptor::new(Kind::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)?;
-        pack.set_i64s(Attr::CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, &ids)?;
-        // SAFETY: device addresses, the type the attribute takes.
-        unsafe {
-            pack.set(
-                Attr::CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS,
-                Type::CUDNN_TYPE_VOID_PTR,
-                &ptrs,
-            )?;
-            let scratch = scratch
-                .as_ref()
-                .map_or(std::ptr::null_mut(), |(p, _)| *p as *mut c_void);
-            pack.set(
-                Attr::CUDNN_ATTR_VARIANT_PACK_WORKSPACE,
-                Type::CUDNN_TYPE_VOID_PTR,
-                &[scratch],
-            )?;
-        }
-        let pack = pack.finalize()?;
-        // SAFETY: the caller vouches for the buffers; the plan and the pack are finalized.
-        check(
-            unsafe { sys::cudnnBackendExecute(self.handle.0, self.plan.0, pack.0) },
-            "execute",
-        )
+        let scratch = scratch
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |(p, _)| *p as *mut c_void);
+        // SAFETY: the caller vouches for the buffers, which the graph's tensors describe.
+        unsafe { self.plan.execute(&ids, &pointers, scratch) }
     }
 
     /// The scratch bytes the plan needs.
     pub(super) fn workspace(&self) -> usize {
-        self.workspace
+        self.plan.workspace
     }
 }
 
@@ -262,92 +233,18 @@ fn operations(
     })
 }
 
-/// The graph for `shape` (see [`operations`]) and the first engine of cuDNN's heuristic ranking
-/// that builds for it, keeps fp32 accumulation and fits in `workspace_limit` bytes.
+/// The plan of the graph for `shape` (see [`operations`]): its engine keeps fp32 accumulation.
 fn build(
-    handle: &Rc<Handle>,
+    dev: &CudaDevice,
     shape: GraphConvShape,
     with_bias: bool,
     workspace_limit: usize,
 ) -> Result<GraphConvPlan> {
-    let (ops, mut parts) = operations(shape, with_bias)?;
-    let graph = Descriptor::new(Kind::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)?;
-    graph.set_handle(Attr::CUDNN_ATTR_OPERATIONGRAPH_HANDLE, handle)?;
-    graph.set_descriptors(
-        Attr::CUDNN_ATTR_OPERATIONGRAPH_OPS,
-        &ops.iter().collect::<Vec<_>>(),
-    )?;
-    let graph = graph.finalize()?;
-
-    parts.extend(ops);
-    parts.push(graph);
-    let graph = parts.last().expect("just pushed");
-    let mut refused = Vec::new();
-    // The ranked engines first, then cuDNN's fallback list (as cudnn-frontend does).
-    for mode in [
-        sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
-        sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK,
-    ] {
-        let configs = match engine_configs(graph, mode) {
-            Ok(configs) => configs,
-            Err(e) => {
-                refused.push(format!("{mode:?}: {e}"));
-                continue;
-            }
-        };
-        for config in configs {
-            match lossy_note(&config) {
-                Ok(None) => {}
-                Ok(Some(note)) => {
-                    refused.push(format!("{note:?}"));
-                    continue;
-                }
-                Err(e) => {
-                    refused.push(e.to_string());
-                    continue;
-                }
-            }
-            let plan = Descriptor::new(Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?;
-            plan.set_handle(Attr::CUDNN_ATTR_EXECUTION_PLAN_HANDLE, handle)?;
-            plan.set_descriptors(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&config])?;
-            let plan = match plan.finalize() {
-                Ok(plan) => plan,
-                Err(e) => {
-                    refused.push(e.to_string());
-                    continue;
-                }
-            };
-            let workspace = plan.i64(Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)? as usize;
-            if workspace > workspace_limit {
-                refused.push(format!("workspace {workspace}"));
-                continue;
-            }
-            parts.push(config);
-            parts.reverse(); // dropped after the plan, each before what it references
-            return Ok(GraphConvPlan {
-                plan,
-                _parts: parts,
-                handle: handle.clone(),
-                workspace,
-                fused_bias: with_bias,
-            });
-        }
-    }
-    candle_core::bail!("cuDNN has no engine for this graph (refused: {refused:?})")
-}
-
-/// The engine configurations cuDNN's heuristics in `mode` propose for `graph`, best first.
-fn engine_configs(
-    graph: &Descriptor,
-    mode: sys::cudnnBackendHeurMode_t,
-) -> Result<Vec<Descriptor>> {
-    let heuristics = Descriptor::new(Kind::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?;
-    heuristics.set_descriptors(Attr::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[graph])?;
-    heuristics.set_enum(Attr::CUDNN_ATTR_ENGINEHEUR_MODE, mode)?;
-    heuristics.finalize()?.descriptors(
-        Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS,
-        Kind::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR,
-    )
+    let (ops, parts) = operations(shape, with_bias)?;
+    Ok(GraphConvPlan {
+        plan: build_plan(dev, ops, parts, true, workspace_limit)?,
+        fused_bias: with_bias,
+    })
 }
 
 /// The pointwise operation `y = conv_out + bias` (bias `[1, K, 1, 1]`, broadcast over the
@@ -379,232 +276,6 @@ fn bias_add(
     op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_BDESC, &[&bias])?;
     op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_YDESC, &[y])?;
     Ok((op.finalize()?, [bias, add]))
-}
-
-/// A numerical note of the engine behind `config` that would change the results against the
-/// legacy path (inputs rounded down, reductions below fp32), if it has one.
-fn lossy_note(config: &Descriptor) -> Result<Option<sys::cudnnBackendNumericalNote_t>> {
-    use sys::cudnnBackendNumericalNote_t::{
-        CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS, CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION,
-        CUDNN_NUMERICAL_NOTE_TYPE_COUNT,
-    };
-    let engine = Descriptor::new(Kind::CUDNN_BACKEND_ENGINE_DESCRIPTOR)?;
-    // SAFETY: cudnnBackendDescriptor_t, filling the descriptor made above.
-    unsafe {
-        config.get(
-            Attr::CUDNN_ATTR_ENGINECFG_ENGINE,
-            Type::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-            &mut [engine.0],
-        )?
-    };
-    let mut notes = [CUDNN_NUMERICAL_NOTE_TYPE_COUNT; CUDNN_NUMERICAL_NOTE_TYPE_COUNT as usize];
-    // SAFETY: cudnnBackendNumericalNote_t, a C enum.
-    let count = unsafe {
-        engine.get(
-            Attr::CUDNN_ATTR_ENGINE_NUMERICAL_NOTE,
-            Type::CUDNN_TYPE_NUMERICAL_NOTE,
-            &mut notes,
-        )?
-    }
-    .min(notes.len());
-    Ok(notes[..count].iter().copied().find(|n| {
-        matches!(
-            n,
-            CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS
-                | CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION
-        )
-    }))
-}
-
-/// A finalized tensor descriptor.
-fn tensor(
-    id: i64,
-    dtype: cudnnDataType_t,
-    dims: [usize; 4],
-    strides: [i64; 4],
-    is_virtual: bool,
-) -> Result<Descriptor> {
-    let t = Descriptor::new(Kind::CUDNN_BACKEND_TENSOR_DESCRIPTOR)?;
-    t.set_enum(Attr::CUDNN_ATTR_TENSOR_DATA_TYPE, dtype)?;
-    t.set_i64s(Attr::CUDNN_ATTR_TENSOR_DIMENSIONS, &dims.map(|d| d as i64))?;
-    t.set_i64s(Attr::CUDNN_ATTR_TENSOR_STRIDES, &strides)?;
-    t.set_i64s(Attr::CUDNN_ATTR_TENSOR_UNIQUE_ID, &[id])?;
-    t.set_i64s(Attr::CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, &[ALIGNMENT as i64])?;
-    if is_virtual {
-        // SAFETY: cuDNN's boolean is a C `bool`.
-        unsafe {
-            t.set(
-                Attr::CUDNN_ATTR_TENSOR_IS_VIRTUAL,
-                Type::CUDNN_TYPE_BOOLEAN,
-                &[true],
-            )?
-        };
-    }
-    t.finalize()
-}
-
-/// A cuDNN handle of our own for the graph API (the legacy path's keeps its raw handle
-/// private), bound to candle's stream.
-struct Handle(sys::cudnnHandle_t);
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        // SAFETY: made by `handle` below and destroyed once, here.
-        let _ = unsafe { cudarc::cudnn::result::destroy_handle(self.0) };
-    }
-}
-
-fn handle(dev: &CudaDevice) -> Result<Rc<Handle>> {
-    HANDLES.with(|map| {
-        if let Some(handle) = map.borrow().get(&dev.id()) {
-            return Ok(handle.clone());
-        }
-        let stream = dev.cuda_stream();
-        stream.context().bind_to_thread().w()?;
-        let e = candle_core::Error::wrap;
-        let handle = Handle(cudarc::cudnn::result::create_handle().map_err(e)?);
-        // SAFETY: a live handle and candle's live stream (kept by the device).
-        unsafe { cudarc::cudnn::result::set_stream(handle.0, stream.cu_stream() as _) }
-            .map_err(e)?;
-        let handle = Rc::new(handle);
-        map.borrow_mut().insert(dev.id(), handle.clone());
-        Ok(handle)
-    })
-}
-
-/// The C enums backend attributes take, each with the attribute type that names it.
-trait BackendEnum: Copy {
-    const TYPE: Type;
-}
-
-impl BackendEnum for cudnnDataType_t {
-    const TYPE: Type = Type::CUDNN_TYPE_DATA_TYPE;
-}
-
-impl BackendEnum for sys::cudnnConvolutionMode_t {
-    const TYPE: Type = Type::CUDNN_TYPE_CONVOLUTION_MODE;
-}
-
-impl BackendEnum for sys::cudnnPointwiseMode_t {
-    const TYPE: Type = Type::CUDNN_TYPE_POINTWISE_MODE;
-}
-
-impl BackendEnum for sys::cudnnBackendHeurMode_t {
-    const TYPE: Type = Type::CUDNN_TYPE_HEUR_MODE;
-}
-
-/// One backend descriptor, destroyed with it.
-struct Descriptor(sys::cudnnBackendDescriptor_t);
-
-impl Drop for Descriptor {
-    fn drop(&mut self) {
-        // SAFETY: created by `new` and destroyed once, here.
-        let _ = unsafe { sys::cudnnBackendDestroyDescriptor(self.0) };
-    }
-}
-
-fn check(status: sys::cudnnStatus_t, what: &str) -> Result<()> {
-    status
-        .result()
-        .map_err(|e| candle_core::Error::Msg(format!("cuDNN graph API, {what}: {e}")))
-}
-
-impl Descriptor {
-    fn new(kind: Kind) -> Result<Self> {
-        let mut raw = std::ptr::null_mut();
-        // SAFETY: writes one descriptor handle into `raw`.
-        check(
-            unsafe { sys::cudnnBackendCreateDescriptor(kind, &mut raw) },
-            "create",
-        )?;
-        Ok(Self(raw))
-    }
-
-    fn finalize(self) -> Result<Self> {
-        // SAFETY: a live descriptor.
-        check(unsafe { sys::cudnnBackendFinalize(self.0) }, "finalize")?;
-        Ok(self)
-    }
-
-    /// Sets `attr` to `values`.
-    ///
-    /// # Safety
-    /// `V` must be the C type that `ty` names.
-    unsafe fn set<V>(&self, attr: Attr, ty: Type, values: &[V]) -> Result<()> {
-        let n = values.len() as i64;
-        // SAFETY: `values` holds `n` elements of the type `ty` names (the caller's promise).
-        let status =
-            unsafe { sys::cudnnBackendSetAttribute(self.0, attr, ty, n, values.as_ptr().cast()) };
-        check(status, &format!("{attr:?}"))
-    }
-
-    fn set_i64s(&self, attr: Attr, values: &[i64]) -> Result<()> {
-        // SAFETY: int64_t.
-        unsafe { self.set(attr, Type::CUDNN_TYPE_INT64, values) }
-    }
-
-    fn set_f32(&self, attr: Attr, value: f32) -> Result<()> {
-        // SAFETY: float.
-        unsafe { self.set(attr, Type::CUDNN_TYPE_FLOAT, &[value]) }
-    }
-
-    fn set_enum<E: BackendEnum>(&self, attr: Attr, value: E) -> Result<()> {
-        // SAFETY: the C enum that `E::TYPE` names.
-        unsafe { self.set(attr, E::TYPE, &[value]) }
-    }
-
-    fn set_handle(&self, attr: Attr, handle: &Handle) -> Result<()> {
-        // SAFETY: cudnnHandle_t.
-        unsafe { self.set(attr, Type::CUDNN_TYPE_HANDLE, &[handle.0]) }
-    }
-
-    fn set_descriptors(&self, attr: Attr, values: &[&Descriptor]) -> Result<()> {
-        let raw: Vec<_> = values.iter().map(|d| d.0).collect();
-        // SAFETY: cudnnBackendDescriptor_t.
-        unsafe { self.set(attr, Type::CUDNN_TYPE_BACKEND_DESCRIPTOR, &raw) }
-    }
-
-    /// Reads up to `out.len()` values of `attr` into `out` (none: only counts them); how many
-    /// `attr` has.
-    ///
-    /// # Safety
-    /// `V` must be the C type that `ty` names.
-    unsafe fn get<V>(&self, attr: Attr, ty: Type, out: &mut [V]) -> Result<usize> {
-        let mut count = 0i64;
-        let array = match out.is_empty() {
-            true => std::ptr::null_mut(),
-            false => out.as_mut_ptr().cast(),
-        };
-        // SAFETY: writes at most `out.len()` elements of the type `ty` names (the caller's
-        // promise) into `out`.
-        let status = unsafe {
-            sys::cudnnBackendGetAttribute(self.0, attr, ty, out.len() as i64, &mut count, array)
-        };
-        check(status, &format!("{attr:?}"))?;
-        Ok(count.max(0) as usize)
-    }
-
-    fn i64(&self, attr: Attr) -> Result<i64> {
-        let mut value = [0i64];
-        // SAFETY: int64_t.
-        unsafe { self.get(attr, Type::CUDNN_TYPE_INT64, &mut value)? };
-        Ok(value[0])
-    }
-
-    /// The descriptors `attr` lists (each made here as a `kind`, then filled by cuDNN).
-    fn descriptors(&self, attr: Attr, kind: Kind) -> Result<Vec<Descriptor>> {
-        let ty = Type::CUDNN_TYPE_BACKEND_DESCRIPTOR;
-        // SAFETY: counts only.
-        let count = unsafe { self.get::<sys::cudnnBackendDescriptor_t>(attr, ty, &mut [])? };
-        let mut made = (0..count)
-            .map(|_| Descriptor::new(kind))
-            .collect::<Result<Vec<_>>>()?;
-        let mut raw: Vec<_> = made.iter().map(|d| d.0).collect();
-        // SAFETY: cudnnBackendDescriptor_t, filling the descriptors made above.
-        let filled = unsafe { self.get(attr, ty, &mut raw)? };
-        made.truncate(filled);
-        Ok(made)
-    }
 }
 
 #[cfg(test)]

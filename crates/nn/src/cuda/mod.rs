@@ -20,7 +20,10 @@
 //! on the element type: [`cuda_op!`] writes that shell once for all of them.
 
 mod attention;
+mod choice;
 mod conv;
+mod cudnn_attention;
+mod cudnn_backend;
 mod cudnn_graph;
 mod elementwise;
 pub(crate) mod graph;

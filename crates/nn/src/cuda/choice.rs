@@ -1,0 +1,98 @@
+//! Per-shape choices between two ways of computing one op (cuDNN or candle's kernel, cuDNN's
+//! graph API or its legacy call, cuDNN's attention or ours): checked once on the real input
+//! where the two may differ, then timed, and the winner remembered per thread, as
+//! `torch.backends.cudnn.benchmark` does.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::Duration;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+use candle_core::{DType, Result, Tensor};
+use half::f16;
+
+use super::cudnn_backend::ALIGNMENT;
+
+/// The choice remembered in `cache` under `key`, made by `decide` the first time on this thread.
+pub(super) fn decided<K: std::hash::Hash + Eq>(
+    cache: &'static std::thread::LocalKey<RefCell<HashMap<K, bool>>>,
+    key: K,
+    decide: impl FnOnce() -> Result<bool>,
+) -> Result<bool> {
+    if let Some(choice) = cache.with(|c| c.borrow().get(&key).copied()) {
+        return Ok(choice);
+    }
+    let choice = decide()?;
+    cache.with(|c| c.borrow_mut().insert(key, choice));
+    Ok(choice)
+}
+
+/// The times of three calls of `a` and of `b`, each the best of five rounds, the rounds
+/// alternating (after one untimed call of each): a noisy moment on a shared host then decides
+/// nothing, and neither side runs with the other's data still hot in L2 only.
+pub(super) fn best_times(
+    dev: &candle_core::Device,
+    a: &dyn Fn() -> Result<Tensor>,
+    b: &dyn Fn() -> Result<Tensor>,
+) -> Result<(Duration, Duration)> {
+    let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<Duration> {
+        dev.synchronize()?;
+        let start = std::time::Instant::now();
+        for _ in 0..3 {
+            f()?;
+        }
+        dev.synchronize()?;
+        Ok(start.elapsed())
+    };
+    a()?;
+    b()?;
+    let (mut best_a, mut best_b) = (Duration::MAX, Duration::MAX);
+    for _ in 0..5 {
+        best_a = best_a.min(time(a)?);
+        best_b = best_b.min(time(b)?);
+    }
+    Ok((best_a, best_b))
+}
+
+/// Elements compared by [`matches`]: a wrong layout, stride or scale shows in any stretch of
+/// the output, and comparing all of a VAE's 1024² output in fp32 would take gigabytes.
+const COMPARED: usize = 1 << 22;
+
+/// The largest difference between `ours` and `reference` (over their first [`COMPARED`]
+/// elements) and whether it is within 1 % of the reference's largest magnitude (at least 1):
+/// fp16 rounding alone gives about 0.1 %, a plan built for the wrong layout lands far outside.
+/// NaN anywhere fails.
+pub(super) fn matches(ours: &Tensor, reference: &Tensor) -> Result<(bool, f32)> {
+    let head = |t: &Tensor| -> Result<Tensor> {
+        let flat = t.flatten_all()?;
+        let n = flat.dim(0)?.min(COMPARED);
+        flat.narrow(0, 0, n)?.to_dtype(DType::F32)
+    };
+    let largest = |t: &Tensor| t.abs()?.max(0)?.to_scalar::<f32>();
+    let (ours, reference) = (head(ours)?, head(reference)?);
+    let diff = largest(&(ours - &reference)?)?;
+    let scale = largest(&reference)?.max(1.0);
+    Ok((diff <= 1e-2 * scale, diff))
+}
+
+/// Whether `t`'s first element (fp16 or fp32, on the GPU) sits at an address cuDNN's graph
+/// plans are built for ([`ALIGNMENT`]). Checked before a shape's plan is tried, so the check
+/// against the other path runs the plan itself, not a fallback standing in.
+pub(super) fn graph_aligned(t: &Tensor) -> bool {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*storage else {
+        return false;
+    };
+    let stream = s.device().cuda_stream();
+    let base = match t.dtype() {
+        DType::F16 => s.as_cuda_slice::<f16>().map(|v| v.device_ptr(&stream).0),
+        DType::F32 => s.as_cuda_slice::<f32>().map(|v| v.device_ptr(&stream).0),
+        _ => return false,
+    };
+    let Ok(base) = base else {
+        return false;
+    };
+    let first = base as usize + layout.start_offset() * t.dtype().size_in_bytes();
+    first.is_multiple_of(ALIGNMENT)
+}
