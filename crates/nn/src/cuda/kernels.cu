@@ -3,6 +3,7 @@
 // upsampling. Compiled to PTX by build.rs (feature `cuda`) and loaded through candle's
 // custom-kernel API; the Rust side is `src/cuda/` (a module per kind of op).
 #include <cuda_fp16.h>
+#include <type_traits>
 
 // ---------------------------------------------------------------------------------------------
 // Flash attention, forward only (the online softmax of Dao et al.) on raw
@@ -518,27 +519,73 @@ __device__ __forceinline__ PixelChunk pixel_chunk(long hw, int splits) {
   return PixelChunk{begin, min(hw, begin + chunk)};
 }
 
-template <typename T>
-__device__ void group_norm_stats_nhwc(const T* x, float* partial, long hw, int channels,
-                                      int groups, int vec, int splits) {
-  const int lanes = channels / vec, rows = blockDim.x / lanes;
+// VEC consecutive elements as floats, in one load of up to 16 bytes where they fit (the
+// offsets are multiples of VEC: the caller's geometry), and back.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&out)[VEC]) {
+  if constexpr (sizeof(T) * VEC == 16 || sizeof(T) * VEC == 8 || sizeof(T) * VEC == 4) {
+    using Raw = std::conditional_t<sizeof(T) * VEC == 16, uint4,
+                                   std::conditional_t<sizeof(T) * VEC == 8, uint2, unsigned>>;
+    const Raw raw = *reinterpret_cast<const Raw*>(p);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < VEC; i++) out[i] = to_f(e[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; i++) out[i] = to_f(p[i]);
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec(T* __restrict__ p, const float (&in)[VEC]) {
+  if constexpr (sizeof(T) * VEC == 16 || sizeof(T) * VEC == 8 || sizeof(T) * VEC == 4) {
+    using Raw = std::conditional_t<sizeof(T) * VEC == 16, uint4,
+                                   std::conditional_t<sizeof(T) * VEC == 8, uint2, unsigned>>;
+    Raw raw;
+    T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < VEC; i++) e[i] = from_f<T>(in[i]);
+    *reinterpret_cast<Raw*>(p) = raw;
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; i++) p[i] = from_f<T>(in[i]);
+  }
+}
+
+template <typename T, int VEC>
+__device__ void group_norm_stats_nhwc(const T* __restrict__ x, float* __restrict__ partial,
+                                      long hw, int channels, int groups, int splits) {
+  const int lanes = channels / VEC, rows = blockDim.x / lanes;
   const int lane = threadIdx.x % lanes, row = threadIdx.x / lanes;
   const auto [begin, end] = pixel_chunk(hw, splits);
-  const T* xs = x + (long)blockIdx.x * hw * channels + lane * vec;
-  Moments acc{0.f, 0.f, 0.f};
+  const T* xs = x + (long)blockIdx.x * hw * channels + lane * VEC;
+  // Sums of differences from the thread's first value: no division per element, and no
+  // cancellation where a group's mean is large against its spread.
+  const float shift = begin + row < end ? to_f(xs[(begin + row) * channels]) : 0.f;
+  float s1 = 0.f, s2 = 0.f;
+  int count = 0;
+  // Unrolled so that several loads are in flight per thread (a thread's loads are small).
+#pragma unroll 4
   for (long p = begin + row; p < end; p += rows) {
-    for (int v = 0; v < vec; v++) {
-      const float value = to_f(xs[p * channels + v]);
-      acc.n += 1.f;
-      const float delta = value - acc.mean;
-      acc.mean += delta / acc.n;
-      acc.m2 += delta * (value - acc.mean);
+    float v[VEC];
+    load_vec<T, VEC>(xs + p * channels, v);
+#pragma unroll
+    for (int i = 0; i < VEC; i++) {
+      const float d = v[i] - shift;
+      s1 += d;
+      s2 += d * d;
     }
+    count += VEC;
+  }
+  Moments acc{0.f, 0.f, 0.f};
+  if (count > 0) {
+    const float n = (float)count;
+    acc = Moments{n, shift + s1 / n, fmaxf(s2 - s1 * s1 / n, 0.f)};
   }
   __shared__ Moments per_thread[1024];
   per_thread[threadIdx.x] = acc;
   __syncthreads();
-  const int lanes_per_group = channels / groups / vec;
+  const int lanes_per_group = channels / groups / VEC;
   for (int g = threadIdx.x; g < groups; g += blockDim.x) {
     Moments m{0.f, 0.f, 0.f};
     for (int r = 0; r < rows; r++)
@@ -551,10 +598,12 @@ __device__ void group_norm_stats_nhwc(const T* x, float* partial, long hw, int c
   }
 }
 
-template <typename T>
-__device__ void group_norm_apply_nhwc(const T* x, T* y, const float* partial, const T* weight,
-                                      const T* bias, long hw, int channels, int groups, int vec,
-                                      int splits, float eps, int silu) {
+template <typename T, int VEC>
+__device__ void group_norm_apply_nhwc(const T* __restrict__ x, T* __restrict__ y,
+                                      const float* __restrict__ partial,
+                                      const T* __restrict__ weight, const T* __restrict__ bias,
+                                      long hw, int channels, int groups, int splits, float eps,
+                                      int silu) {
   // Each warp merges whole groups, its lanes taking every 32nd chunk: one thread walking all
   // of a group's chunks made this kernel twice as slow as the NCHW one.
   __shared__ float stats[2 * 128];
@@ -571,32 +620,58 @@ __device__ void group_norm_apply_nhwc(const T* x, T* y, const float* partial, co
     }
   }
   __syncthreads();
-  const int lanes = channels / vec, rows = blockDim.x / lanes;
+  const int lanes = channels / VEC, rows = blockDim.x / lanes;
   const int lane = threadIdx.x % lanes, row = threadIdx.x / lanes;
-  const int first = lane * vec, g = first / (channels / groups);
+  const int first = lane * VEC, g = first / (channels / groups);
   const float mean = stats[2 * g], rstd = stats[2 * g + 1];
+  // y = x * scale + offset per channel, the affine folded into the normalisation.
+  float scale[VEC], offset[VEC];
+  load_vec<T, VEC>(weight + first, scale);
+  load_vec<T, VEC>(bias + first, offset);
+#pragma unroll
+  for (int i = 0; i < VEC; i++) {
+    scale[i] *= rstd;
+    offset[i] -= mean * scale[i];
+  }
   const auto [begin, end] = pixel_chunk(hw, splits);
   const long base = (long)blockIdx.x * hw * channels + first;
+#pragma unroll 4
   for (long p = begin + row; p < end; p += rows) {
-    for (int v = 0; v < vec; v++) {
-      const long i = base + p * channels + v;
-      float value = (to_f(x[i]) - mean) * rstd * to_f(weight[first + v]) + to_f(bias[first + v]);
-      if (silu) value = value / (1.f + __expf(-value));
-      y[i] = from_f<T>(value);
+    float v[VEC];
+    load_vec<T, VEC>(x + base + p * channels, v);
+#pragma unroll
+    for (int i = 0; i < VEC; i++) {
+      v[i] = fmaf(v[i], scale[i], offset[i]);
+      if (silu) v[i] = v[i] / (1.f + __expf(-v[i]));
     }
+    store_vec<T, VEC>(y + base + p * channels, v);
   }
 }
 
+// The kernels take `vec` at run time (1, 2, 4 or 8) and run the instance compiled for it.
+#define WITH_VEC(vec, CALL) \
+  switch (vec) {            \
+    case 8: CALL(8); break; \
+    case 4: CALL(4); break; \
+    case 2: CALL(2); break; \
+    default: CALL(1);       \
+  }
+
+#define GN_STATS_CALL(V) group_norm_stats_nhwc<Elem, V>(x, partial, hw, channels, groups, splits)
+#define GN_APPLY_CALL(V)                                                                    \
+  group_norm_apply_nhwc<Elem, V>(x, y, partial, weight, bias, hw, channels, groups, splits, eps, \
+                              silu)
 #define GROUP_NORM_NHWC(T, NAME)                                                              \
   extern "C" __global__ void __launch_bounds__(1024) group_norm_stats_nhwc_##NAME(            \
       const T* x, float* partial, long hw, int channels, int groups, int vec, int splits) {    \
-    group_norm_stats_nhwc<T>(x, partial, hw, channels, groups, vec, splits);                  \
+    using Elem = T;                                                                           \
+    WITH_VEC(vec, GN_STATS_CALL)                                                              \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(1024) group_norm_apply_nhwc_##NAME(            \
       const T* x, T* y, const float* partial, const T* weight, const T* bias, long hw,        \
       int channels, int groups, int vec, int splits, float eps, int silu) {                  \
-    group_norm_apply_nhwc<T>(x, y, partial, weight, bias, hw, channels, groups, vec, splits,  \
-                             eps, silu);                                                      \
+    using Elem = T;                                                                           \
+    WITH_VEC(vec, GN_APPLY_CALL)                                                              \
   }
 
 GROUP_NORM_NHWC(half, f16)

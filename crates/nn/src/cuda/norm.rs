@@ -33,7 +33,8 @@ pub fn group_norm(
         silu,
     };
     let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
-    if crate::is_channels_last(x) && NhwcGeometry::new(x.dims(), groups).is_some() {
+    let offsets = [x, &weight, &bias].map(|t| t.layout().start_offset());
+    if crate::is_channels_last(x) && NhwcGeometry::new(x.dims(), groups, offsets).is_some() {
         let nhwc = GroupNormNhwcOp(op);
         let y = x
             .permute((0, 2, 3, 1))?
@@ -154,7 +155,8 @@ impl GroupNormNhwcOp {
         let [n, h, wd, c] = *xl.dims() else {
             candle_core::bail!("group norm: {:?} is not [N, H, W, C]", xl.dims())
         };
-        let Some(geo) = NhwcGeometry::new(&[n, c, h, wd], self.0.groups) else {
+        let offsets = [xl, wl, bl].map(|l| l.start_offset());
+        let Some(geo) = NhwcGeometry::new(&[n, c, h, wd], self.0.groups, offsets) else {
             candle_core::bail!("group norm: no channels-last kernel for {:?}", xl.dims())
         };
         let suffix = suffix(x.dtype())?;
@@ -192,9 +194,9 @@ impl GroupNormNhwcOp {
     }
 }
 
-/// How the channels-last kernels cut `[N, C, H, W]`: each thread `vec` channels of one group,
-/// C / vec of them side by side for each of a block's pixel rows, a sample's pixels in
-/// `splits` chunks.
+/// How the channels-last kernels cut `[N, C, H, W]`: each thread `vec` channels of one group
+/// (loaded and stored as one vector of up to 16 bytes), C / vec of them side by side for each
+/// of a block's pixel rows, a sample's pixels in `splits` chunks.
 struct NhwcGeometry {
     vec: usize,
     threads: usize,
@@ -203,11 +205,14 @@ struct NhwcGeometry {
 
 impl NhwcGeometry {
     /// `None` where the kernels do not apply (over 128 groups, a group too wide, a row of
-    /// lanes that makes no whole warps).
-    fn new(dims: &[usize], groups: usize) -> Option<NhwcGeometry> {
+    /// lanes that makes no whole warps). `offsets`: where `x`, the weight and the bias start in
+    /// their buffers (elements), which `vec` must divide for the vector loads.
+    fn new(dims: &[usize], groups: usize, offsets: [usize; 3]) -> Option<NhwcGeometry> {
         let [_, c, h, w] = *dims else { return None };
         let cpg = c / groups;
-        let vec = [8, 4, 2, 1].into_iter().find(|v| cpg.is_multiple_of(*v))?;
+        let vec = [8, 4, 2, 1]
+            .into_iter()
+            .find(|v| cpg.is_multiple_of(*v) && offsets.iter().all(|o| o.is_multiple_of(*v)))?;
         let lanes = c / vec;
         if groups > 128 || lanes > 1024 {
             return None;
@@ -217,8 +222,8 @@ impl NhwcGeometry {
         if (lanes * rows) % 32 != 0 {
             return None;
         }
-        // About 16K elements a block: enough blocks to fill the GPU at SD's 64² maps.
-        let splits = (h * w * c).div_ceil(16_384).clamp(1, (h * w).clamp(1, 512));
+        // About 8K elements a block: several blocks per SM at SD's 64² maps, to hide latency.
+        let splits = (h * w * c).div_ceil(8_192).clamp(1, (h * w).clamp(1, 512));
         Some(NhwcGeometry {
             vec,
             threads: lanes * rows,
