@@ -170,11 +170,26 @@ impl Attention {
 
     /// `xs` `[B, N, C]`; `context` `[B, M, Cc]` for cross-attention, `None` for self-attention.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        self.to_out.forward(&self.heads_out(xs, context)?)
+    }
+
+    /// `forward(xs, context) + residual`, the add in the output projection's epilogue on GPUs.
+    pub fn forward_add(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        self.to_out
+            .forward_add(&self.heads_out(xs, context)?, residual)
+    }
+
+    /// The attention's output before its projection.
+    fn heads_out(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(xs);
         let q = self.to_q.forward(xs)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
-        let out = scaled_dot_product_attention(&q, &k, &v, self.heads, self.upcast)?;
-        self.to_out.forward(&out)
+        scaled_dot_product_attention(&q, &k, &v, self.heads, self.upcast)
     }
 }

@@ -9,8 +9,8 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use sdkube_nn::{
-    add, cat_channels, conv1x1, conv2d, conv3x3, from_nhwc, geglu, group_norm, linear, Conv2d,
-    GroupNorm, LayerNorm, Linear,
+    add, cat_channels, conv1x1, conv2d, conv3x3, from_nhwc, geglu, group_norm, is_channels_last,
+    linear, Conv2d, GroupNorm, LayerNorm, Linear,
 };
 
 use crate::blocks::{Attention, Downsample2D, ResnetBlock2D, Upsample2D};
@@ -76,11 +76,12 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `forward(xs) + residual`, the add in the last projection's epilogue on GPUs.
+    fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(xs)?;
         let gated = geglu(&h)?;
         drop(h); // the widest tensor of the block: gone before the next product
-        self.proj_out.forward(&gated)
+        self.proj_out.forward_add(&gated, residual)
     }
 }
 
@@ -109,10 +110,13 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, ctx: &Tensor) -> Result<Tensor> {
-        // Reassigned, not shadowed: each residual sum is freed once the next exists.
-        let mut h = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        h = (self.attn2.forward(&self.norm2.forward(&h)?, Some(ctx))? + &h)?;
-        self.ff.forward(&self.norm3.forward(&h)?)? + h
+        // Reassigned, not shadowed: each residual sum is freed once the next exists. Each
+        // residual add happens in the epilogue of the product before it (on GPUs).
+        let mut h = self.attn1.forward_add(&self.norm1.forward(xs)?, None, xs)?;
+        h = self
+            .attn2
+            .forward_add(&self.norm2.forward(&h)?, Some(ctx), &h)?;
+        self.ff.forward_add(&self.norm3.forward(&h)?, &h)
     }
 }
 
@@ -179,11 +183,15 @@ impl Transformer2DModel {
             tokens = block.forward(&tokens, ctx)?;
         }
         let to_image = |t: Tensor| -> Result<Tensor> { from_nhwc(&t.reshape((b, h, w, c))?) };
-        let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&to_image(tokens)?)?,
-            Projection::Linear(lin) => to_image(lin.forward(&tokens)?)?,
-        };
-        add(&out, xs)
+        match &self.proj_out {
+            Projection::Conv(conv) => add(&conv.forward(&to_image(tokens)?)?, xs),
+            // Channels-last, the input's tokens are a free view: the residual add goes into
+            // the projection's epilogue.
+            Projection::Linear(lin) if is_channels_last(xs) => {
+                to_image(lin.forward_add(&tokens, &to_tokens(xs.clone())?)?)
+            }
+            Projection::Linear(lin) => add(&to_image(lin.forward(&tokens)?)?, xs),
+        }
     }
 }
 

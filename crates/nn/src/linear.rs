@@ -52,9 +52,25 @@ impl Module for Linear {
 }
 
 impl Linear {
+    /// `forward(xs) + residual` (a transformer's residual connection); on the GPU one matrix
+    /// product that reads the residual in its epilogue, no separate add.
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if !xs.track_op() {
+            let (w, bias) = (self.inner.weight(), self.inner.bias());
+            let fused = profile::timed("linear", xs.device(), || {
+                crate::cuda::linear(xs, w, bias, Some(residual))
+            })?;
+            if let Some(y) = fused {
+                return Ok(y);
+            }
+        }
+        self.forward(xs)? + residual
+    }
+
     fn run(&self, xs: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let Some(y) = crate::cuda::linear(xs, self.inner.weight(), self.inner.bias())? {
+        if let Some(y) = crate::cuda::linear(xs, self.inner.weight(), self.inner.bias(), None)? {
             return Ok(y);
         }
         #[cfg(feature = "cuda")]

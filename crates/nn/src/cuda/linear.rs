@@ -14,12 +14,19 @@ use half::{bf16, f16};
 use super::memory::with_workspace;
 use super::{applies, cuda_op};
 
-/// `x · wᵀ + bias` (torch's `F.linear`) through cuBLASLt with the bias added in the matrix
-/// product's epilogue, as PyTorch does: candle multiplies through the older cuBLAS API and adds
-/// a bias with a separate broadcast kernel. `x` is `[.., K]`, `w` `[N, K]`, `bias` `[N]`; fp16
-/// and bf16 (fp32 stays on candle's exact path). The descriptors and the algorithm are made
-/// once per shape.
-pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+/// `x · wᵀ + bias (+ residual)` (torch's `F.linear`, then a residual add where `residual` is
+/// given) through cuBLASLt with the bias added in the matrix product's epilogue and the
+/// residual read as its `C` operand (`D = A·B + C + bias`), as PyTorch does for the bias and
+/// inductor for the add: candle multiplies through the older cuBLAS API and adds a bias with a
+/// separate broadcast kernel. `x` is `[.., K]`, `w` `[N, K]`, `bias` `[N]`, `residual` the
+/// output's shape; fp16 and bf16 (fp32 stays on candle's exact path). The descriptors and the
+/// algorithm are made once per shape.
+pub fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
     let dtype = x.dtype();
     let fits = matches!(dtype, DType::F16 | DType::BF16)
         && w.dtype() == dtype
@@ -27,23 +34,43 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Te
         && x.rank() >= 2
         && x.dim(candle_core::D::Minus1)? == w.dim(1)?
         && bias.is_none_or(|b| b.dtype() == dtype && b.dims() == [w.dim(0).unwrap_or(0)]);
-    if !applies(x) || w.track_op() || bias.is_some_and(|b| b.track_op()) || !fits {
+    let tracked = [Some(w), bias, residual]
+        .into_iter()
+        .flatten()
+        .any(|t| t.track_op());
+    if !applies(x) || tracked || !fits {
         return Ok(None);
+    }
+    if let Some(r) = residual {
+        let mut out = x.dims().to_vec();
+        *out.last_mut().expect("rank >= 2") = w.dim(0)?;
+        if r.dtype() != dtype || r.dims() != out.as_slice() {
+            return Ok(None);
+        }
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let bias = bias.map(|b| b.contiguous()).transpose()?;
+    let residual = residual.map(|r| r.contiguous()).transpose()?;
     // cuBLASLt's algorithms may assume 256-byte aligned operands.
     let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(128);
-    if !aligned(&x) || !aligned(&w) || bias.as_ref().is_some_and(|b| !aligned(b)) {
+    if ![Some(&x), Some(&w), bias.as_ref(), residual.as_ref()]
+        .into_iter()
+        .flatten()
+        .all(aligned)
+    {
         return Ok(None);
     }
+    let op = LtLinear { residual };
     match &bias {
-        Some(b) => x.apply_op3_no_bwd(&w, b, &LtLinear).map(Some),
-        None => x.apply_op2_no_bwd(&w, &LtLinear).map(Some),
+        Some(b) => x.apply_op3_no_bwd(&w, b, &op).map(Some),
+        None => x.apply_op2_no_bwd(&w, &op).map(Some),
     }
 }
 
-struct LtLinear;
+struct LtLinear {
+    /// Added to the product (cuBLASLt's `C`, `beta` 1): contiguous, the output's shape.
+    residual: Option<Tensor>,
+}
 
 /// A matrix product's dtype, rows, output and input features, and whether it adds a bias.
 type LinearKey = (DeviceId, DType, usize, usize, usize, bool);
@@ -229,12 +256,23 @@ impl LtLinear {
             Some((b, bl)) => Some(b.as_cuda_slice::<T>()?.slice(bl.start_offset()..)),
             None => None,
         };
-        let (alpha, beta) = (1f32, 0f32);
+        let residual_storage = self.residual.as_ref().map(|r| r.storage_and_layout());
+        let residual = match &residual_storage {
+            Some((storage, layout)) => {
+                let candle_core::Storage::Cuda(storage) = &**storage else {
+                    candle_core::bail!("linear: the residual is not on the GPU")
+                };
+                Some(storage.as_cuda_slice::<T>()?.slice(layout.start_offset()..))
+            }
+            None => None,
+        };
+        let (alpha, beta) = (1f32, if residual.is_some() { 1f32 } else { 0f32 });
         with_workspace(dev, plan.workspace, |scratch| {
             let (x_ptr, _x_guard) = xs.device_ptr(&stream);
             let (w_ptr, _w_guard) = ws.device_ptr(&stream);
             let (y_ptr, _y_guard) = y.device_ptr_mut(&stream);
             let bias_guard = bs.as_ref().map(|b| b.device_ptr(&stream));
+            let residual_guard = residual.as_ref().map(|r| r.device_ptr(&stream));
             let (scratch_ptr, _scratch_guard, scratch_len) = match scratch {
                 Some(s) => {
                     let len = s.len();
@@ -244,7 +282,8 @@ impl LtLinear {
                 None => (0, None, 0),
             };
             // SAFETY: the plan's layouts describe these contiguous buffers (x [m, k], w [n, k],
-            // y [m, n]); the bias pointer is set on this thread's plan just before its use.
+            // y and the residual [m, n]); the bias pointer is set on this thread's plan just
+            // before its use.
             unsafe {
                 if let Some((bias_ptr, _)) = &bias_guard {
                     result::set_matmul_desc_attribute(
@@ -265,7 +304,7 @@ impl LtLinear {
                     a_layout,
                     x_ptr as *const _,
                     b_layout,
-                    y_ptr as *const _,
+                    residual_guard.as_ref().map_or(y_ptr, |(r, _)| *r) as *const _,
                     d_layout,
                     y_ptr as *mut _,
                     d_layout,

@@ -542,8 +542,38 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
                     let y = x.broadcast_matmul(&w.t()?)?;
                     Ok(own::add_bias(&y, &bias, 2)?)
                 }),
-                ("sdkube cuBLASLt", &|| Ok(own::linear(&x, &w, Some(&bias))?)),
+                ("sdkube cuBLASLt", &|| {
+                    Ok(own::linear(&x, &w, Some(&bias), None)?)
+                }),
             ],
+        )?;
+    }
+    // A transformer's residual connection: the output projection, then the add (candle), or
+    // the add read in the product's epilogue (ours).
+    for (label, rows, cin, cout) in [
+        (
+            "linear + residual sd15 attn out 320->320",
+            2 * 4096,
+            320,
+            320,
+        ),
+        (
+            "linear + residual sdxl ff out 5120->1280",
+            2 * 1024,
+            5120,
+            1280,
+        ),
+    ] {
+        let (x, residual) = (rand(&[1, rows, cin])?, rand(&[1, rows, cout])?);
+        let (w, bias) = (rand(&[cout, cin])?, rand(&[cout])?);
+        let lin = candle_nn::Linear::new(w.clone(), Some(bias.clone()));
+        compare(
+            label,
+            &format!("[{rows},{cin}]"),
+            &|| Ok((lin.forward(&x)? + &residual)?),
+            &[("sdkube cuBLASLt epilogue", &|| {
+                Ok(own::linear(&x, &w, Some(&bias), Some(&residual))?)
+            })],
         )?;
     }
     let h = rand(&[2, 1024, 10240])?;
@@ -739,6 +769,7 @@ mod own {
     pub fn linear(
         _: &Tensor,
         _: &Tensor,
+        _: Option<&Tensor>,
         _: Option<&Tensor>,
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
