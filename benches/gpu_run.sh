@@ -115,8 +115,8 @@ has cudnngraph && for what in $WHAT; do
   sed -i 's/\x1b\[[0-9;]*m//g' /tmp/cudnn-graph-$what.log
   grep -E "cuDNN graph|cuDNN attention|differs" /tmp/cudnn-graph-$what.log | sed 's/.*\(cuDNN graph[^:=]*\|cuDNN attention [a-z]*\|differs\).*/\1/' | sort | uniq -c
   grep -m3 -E "refused|differs" /tmp/cudnn-graph-$what.log | cut -c1-600
-  grep -m6 "graph API or legacy" /tmp/cudnn-graph-$what.log | cut -c1-300
-  grep "attention: cuDNN or ours" /tmp/cudnn-graph-$what.log | sed 's/.*ours //' | cut -c1-300
+  grep -m6 "convolution: timed against" /tmp/cudnn-graph-$what.log | cut -c1-300
+  grep "attention: timed against" /tmp/cudnn-graph-$what.log | sed 's/.*path //' | cut -c1-300
   cp /tmp/cudnn-graph-$what.log "$OUT/" 2>/dev/null
   grep "graph convolution plan" /tmp/cudnn-graph-$what.log | grep -o "fused_bias=[a-z]*.*built_in=[0-9.]*[mµn]*s" | sort | uniq -c | sort -rn | head -8
 done

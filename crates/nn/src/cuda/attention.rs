@@ -12,7 +12,7 @@ use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::f16;
 
-use super::choice::{best_times, decided, graph_aligned, matches};
+use super::choice::{decided, graph_aligned, replaces};
 use super::cudnn_attention::{self, SdpaShape};
 use super::memory::with_workspace;
 use super::{applies, cuda_op, kernel};
@@ -69,46 +69,21 @@ pub fn flash_attention(
     let use_cudnn = super::cudnn_backend::GRAPH_API.is_on()
         && [&q, &k, &v].into_iter().all(graph_aligned)
         && decided(&CUDNN_CHOICE, (dev.id(), shape), || {
-            cudnn_is_better(&q, &k, &v, &ours, &cudnn)
+            replaces(
+                "cuDNN attention",
+                &[q.dims(), k.dims()],
+                q.device(),
+                &|| q.apply_op3_no_bwd(&k, &v, &cudnn),
+                &|| q.apply_op3_no_bwd(&k, &v, &ours),
+            )
         })?;
     let op = if use_cudnn { cudnn } else { ours };
     q.apply_op3_no_bwd(&k, &v, &op).map(Some)
 }
 
 thread_local! {
-    // Per device and shape: whether cuDNN's attention is used (see `cudnn_is_better`).
+    // Per device and shape: whether cuDNN's attention is used (see `replaces`).
     static CUDNN_CHOICE: RefCell<HashMap<(DeviceId, SdpaShape), bool>> = RefCell::new(HashMap::new());
-}
-
-/// Whether cuDNN's attention builds for this shape, gives our kernel's values ([`matches`])
-/// and is faster ([`best_times`]).
-fn cudnn_is_better(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    ours: &FlashAttention,
-    cudnn: &FlashAttention,
-) -> Result<bool> {
-    let theirs = match q.apply_op3_no_bwd(k, v, cudnn) {
-        Ok(out) => out,
-        Err(e) => {
-            tracing::debug!(q = ?q.dims(), k = ?k.dims(), "cuDNN attention refused: {e}");
-            return Ok(false);
-        }
-    };
-    let reference = q.apply_op3_no_bwd(k, v, ours)?;
-    let (close, diff) = matches(&theirs, &reference)?;
-    if !close {
-        tracing::warn!(q = ?q.dims(), k = ?k.dims(), diff, "cuDNN attention differs from ours; ours kept");
-        return Ok(false);
-    }
-    drop((theirs, reference));
-    let (cudnn_time, our_time) =
-        best_times(q.device(), &|| q.apply_op3_no_bwd(k, v, cudnn), &|| {
-            q.apply_op3_no_bwd(k, v, ours)
-        })?;
-    tracing::debug!(q = ?q.dims(), k = ?k.dims(), heads = ours.heads, ?cudnn_time, ?our_time, diff, "attention: cuDNN or ours");
-    Ok(cudnn_time < our_time)
 }
 
 #[derive(Clone, Copy)]

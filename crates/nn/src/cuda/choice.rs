@@ -65,6 +65,44 @@ pub(super) fn best_times(
     Ok((best_a, best_b))
 }
 
+/// Whether `candidate` may replace `current` for one shape (`what` and `shapes` name it in the
+/// log): it runs (an error, such as no cuDNN engine for the shape, says no), gives `current`'s
+/// values ([`matches`]) and is faster ([`best_times`]).
+pub(super) fn replaces(
+    what: &str,
+    shapes: &[&[usize]],
+    dev: &candle_core::Device,
+    candidate: &dyn Fn() -> Result<Tensor>,
+    current: &dyn Fn() -> Result<Tensor>,
+) -> Result<bool> {
+    let theirs = match candidate() {
+        Ok(out) => out,
+        Err(e) => {
+            tracing::debug!(?shapes, "{what} refused: {e}");
+            return Ok(false);
+        }
+    };
+    let (close, diff) = matches(&theirs, &current()?)?;
+    drop(theirs);
+    if !close {
+        tracing::warn!(
+            ?shapes,
+            diff,
+            "{what} differs from the path it would replace; kept that"
+        );
+        return Ok(false);
+    }
+    let (candidate_time, current_time) = best_times(dev, candidate, current)?;
+    tracing::debug!(
+        ?shapes,
+        ?candidate_time,
+        ?current_time,
+        diff,
+        "{what}: timed against the current path"
+    );
+    Ok(candidate_time < current_time)
+}
+
 /// Elements compared by [`matches`]: a wrong layout, stride or scale shows in any stretch of
 /// the output, and comparing all of a VAE's 1024² output in fp32 would take gigabytes.
 const COMPARED: usize = 1 << 22;
@@ -73,7 +111,7 @@ const COMPARED: usize = 1 << 22;
 /// elements) and whether it is within 1 % of the reference's largest magnitude (at least 1):
 /// fp16 rounding alone gives about 0.1 %, a plan built for the wrong layout lands far outside.
 /// NaN anywhere fails.
-pub(super) fn matches(ours: &Tensor, reference: &Tensor) -> Result<(bool, f32)> {
+fn matches(ours: &Tensor, reference: &Tensor) -> Result<(bool, f32)> {
     let head = |t: &Tensor| -> Result<Tensor> {
         let flat = t.flatten_all()?;
         let n = flat.dim(0)?.min(COMPARED);

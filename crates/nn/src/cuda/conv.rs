@@ -15,7 +15,7 @@ use cudarc::cudnn::{ConvForward, Cudnn, CudnnDataType};
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DeviceRepr};
 use half::f16;
 
-use super::choice::{best_times, decided, graph_aligned, matches};
+use super::choice::{best_times, decided, graph_aligned, replaces};
 use super::cudnn_graph::{self, GraphConvShape};
 use super::elementwise::launch_add_bias;
 use super::memory::with_workspace;
@@ -77,45 +77,16 @@ pub fn conv2d(
     let use_graph = super::cudnn_backend::GRAPH_API.is_on()
         && aligned()
         && decided(&GRAPH_CHOICE, (key, bias.is_some()), || {
-            graph_is_better(&x, &w, bias, &op, &graph)
+            replaces(
+                "cuDNN graph API convolution",
+                &[x.dims(), w.dims()],
+                x.device(),
+                &|| graph.apply(&x, &w, bias),
+                &|| op.apply(&x, &w, bias),
+            )
         })?;
     let op = if use_graph { graph } else { op };
     op.apply(&x, &w, bias).map(Some)
-}
-
-/// Whether the graph API's plan for this convolution gives the legacy path's values
-/// ([`matches`]) and is faster ([`best_times`]).
-fn graph_is_better(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    legacy: &CudnnConv,
-    graph: &CudnnConv,
-) -> Result<bool> {
-    let ours = match graph.apply(x, w, bias) {
-        Ok(y) => y,
-        Err(e) => {
-            tracing::debug!(x = ?x.dims(), w = ?w.dims(), "cuDNN graph API refused: {e}");
-            return Ok(false);
-        }
-    };
-    let reference = legacy.apply(x, w, bias)?;
-    let (close, diff) = matches(&ours, &reference)?;
-    if !close {
-        tracing::warn!(
-            x = ?x.dims(),
-            w = ?w.dims(),
-            diff,
-            "cuDNN graph API convolution differs from the legacy path's; legacy kept"
-        );
-        return Ok(false);
-    }
-    drop((ours, reference));
-    let (graph_time, legacy_time) = best_times(x.device(), &|| graph.apply(x, w, bias), &|| {
-        legacy.apply(x, w, bias)
-    })?;
-    tracing::debug!(x = ?x.dims(), w = ?w.dims(), ?graph_time, ?legacy_time, diff, "cuDNN graph API or legacy");
-    Ok(graph_time < legacy_time)
 }
 
 /// [`conv2d`] always through cuDNN (for benchmarks), channels-last where `x` is; through its
@@ -184,7 +155,7 @@ thread_local! {
     // stream, so work stays ordered with candle's own kernels.
     static CUDNN: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
     static CHOICE: RefCell<HashMap<ConvKey, bool>> = RefCell::new(HashMap::new());
-    // Per shape and bias or not: whether the graph API's plan is used (see `graph_is_better`).
+    // Per shape and bias or not: whether the graph API's plan is used (see `replaces`).
     static GRAPH_CHOICE: RefCell<HashMap<(ConvKey, bool), bool>> = RefCell::new(HashMap::new());
     static PLANS: RefCell<HashMap<ConvKey, Rc<dyn Any>>> = RefCell::new(HashMap::new());
 }
