@@ -144,3 +144,27 @@ pub(super) fn graph_aligned(t: &Tensor) -> bool {
     let first = base as usize + layout.start_offset() * t.dtype().size_in_bytes();
     first.is_multiple_of(ALIGNMENT)
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::matches;
+
+    #[test]
+    fn matching_allows_fp16_rounding_and_refuses_a_wrong_layout_or_nan() -> candle_core::Result<()>
+    {
+        let dev = Device::Cpu;
+        let reference = Tensor::arange(0f32, 64., &dev)?.reshape((8, 8))?;
+        // fp16 rounding of values up to 63: within 1 % of the largest.
+        let rounded = reference.to_dtype(candle_core::DType::F16)?;
+        assert!(matches(&rounded, &reference)?.0);
+        // The same values in the other layout (a plan built for the wrong strides).
+        let transposed = reference.t()?.contiguous()?;
+        let (close, diff) = matches(&transposed, &reference)?;
+        assert!(!close && diff > 1.0, "{diff}");
+        let nan = Tensor::full(f32::NAN, (8, 8), &dev)?;
+        assert!(!matches(&nan, &reference)?.0);
+        Ok(())
+    }
+}

@@ -348,3 +348,34 @@ impl GroupNormGradOp {
 cuda_op!(GroupNormOp, "group-norm", run(x, y, z) [F16 => f16, F32 => f32]);
 cuda_op!(GroupNormNhwcOp, "group-norm-nhwc", run(x, y, z) [F16 => f16, F32 => f32]);
 cuda_op!(GroupNormGradOp, "group-norm-input-grad", run(x, y) [F16 => f16, F32 => f32]);
+
+#[cfg(test)]
+mod tests {
+    use super::NhwcGeometry;
+
+    #[test]
+    fn each_thread_takes_the_widest_vector_its_group_and_offsets_allow() {
+        let geometry = |c: usize, offsets| NhwcGeometry::new(&[2, c, 64, 64], 32, offsets);
+        // SD's widths at 32 groups: 10, 20 and 40 channels a group.
+        for (c, vec) in [(320, 2), (640, 4), (1280, 8)] {
+            let g = geometry(c, [0; 3]).expect("a channels-last geometry");
+            assert_eq!(g.vec, vec, "{c} channels");
+            assert_eq!(g.threads % (c / vec), 0, "whole rows of lanes");
+            assert_eq!(g.threads % 32, 0, "whole warps");
+        }
+        // An operand starting at an odd element takes scalar loads: 1280 lanes are too many
+        // for one block, so that map has no channels-last geometry at all.
+        assert_eq!(geometry(320, [0, 1, 0]).map(|g| g.vec), Some(1));
+        assert!(geometry(1280, [3, 0, 0]).is_none());
+        assert_eq!(geometry(1280, [4, 0, 0]).map(|g| g.vec), Some(4));
+    }
+
+    #[test]
+    fn chunks_cover_a_sample_in_about_8k_elements_each() {
+        let g = NhwcGeometry::new(&[2, 320, 64, 64], 32, [0; 3]).expect("geometry");
+        assert_eq!(g.splits, (64 * 64 * 320usize).div_ceil(8_192));
+        // The VAE's 512² maps hit the cap of 512 chunks a sample.
+        let g = NhwcGeometry::new(&[1, 128, 512, 512], 32, [0; 3]).expect("geometry");
+        assert_eq!(g.splits, 512);
+    }
+}
