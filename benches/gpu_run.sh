@@ -2,7 +2,7 @@
 # One device call: GPU correctness check on the fixture model, then sdkube bench and the
 # diffusers reference on the same GPU, with peak GPU memory from nvidia-smi for our binary.
 # Expects the CUDA build at .gpu/sdkube and the diffusers wheel in .whl (see README).
-# STAGES (default "check bench low reference"; also "refcheck", "graphs", "layout", "eager", "nchw", "cudnn", "cudnngraph", "serve", "ops", "post", "train", "grad", "compile") and WHAT (the `sdkube bench` items) narrow a run.
+# STAGES (default "check bench low reference"; also "refcheck", "graphs", "layout", "eager", "nchw", "cudnn", "cudnngraph", "imagelibs", "serve", "ops", "post", "train", "grad", "compile") and WHAT (the `sdkube bench` items) narrow a run.
 set -uo pipefail
 NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
 CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
@@ -125,6 +125,21 @@ has cudnngraph && for what in gfpgan x4plus; do for g in off on; do
   SDKUBE_CUDNN_GRAPH=$g .gpu/sdkube bench --device cuda --what $what --repeat 10 2>&1 | grep '"bench"' \
     | sed "s/}\$/, \"cudnn_graph\": \"$g\"}/"
 done; done
+# The cuDNN libraries the CUDA image ships (deploy/docker/cuda-wheels.sh), not the wheel's full
+# set: do the graph API's convolution and attention plans still build there? (The image leaves
+# out libcudnn_adv and libcudnn_engines_tensor_ir; a refused plan falls back, logged at debug.)
+has imagelibs && {
+  libs=/tmp/image-cudnn; mkdir -p $libs
+  for lib in $(sed -n '/^CUDNN_LIBS="/,/"$/p' deploy/docker/cuda-wheels.sh | tr -d '"' | sed 's/^CUDNN_LIBS=//'); do
+    ln -sf "$CUDNN/$lib" $libs/
+  done
+  ls $libs
+  LD_LIBRARY_PATH=$NV:$libs:/usr/local/nvidia/lib64 SDKUBE_LOG=sdkube_nn=debug .gpu/sdkube bench --device cuda \
+    --precision fp16 --what unet-sd15 --repeat 10 > /tmp/imagelibs.log 2>&1
+  sed -i 's/\x1b\[[0-9;]*m//g' /tmp/imagelibs.log
+  grep '"bench"' /tmp/imagelibs.log | sed 's/}$/, "cudnn_libs": "as in the image"}/'
+  grep -c "attention plan" /tmp/imagelibs.log; grep -m3 "refused" /tmp/imagelibs.log | cut -c1-400
+}
 has low && for what in txt2img-sd15 txt2img-sdxl; do
   pid=$(peak /tmp/mem-low-$what); .gpu/sdkube bench --device cuda --precision fp16 --vram low --what $what --steps 5 2>&1 | grep -v ' INFO '
   kill $pid; echo "{\"bench\": \"$what vram low\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-low-$what | tail -1)}"
