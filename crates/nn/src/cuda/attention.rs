@@ -12,7 +12,7 @@ use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::f16;
 
-use super::choice::{decided, graph_aligned, replaces};
+use super::choice::{graph_aligned, remembered, replaces};
 use super::cudnn_attention::{self, SdpaShape};
 use super::memory::with_workspace;
 use super::{applies, cuda_op, kernel};
@@ -68,7 +68,7 @@ pub fn flash_attention(
     };
     let use_cudnn = super::cudnn_backend::GRAPH_API.is_on()
         && [&q, &k, &v].into_iter().all(graph_aligned)
-        && decided(&CUDNN_CHOICE, (dev.id(), shape), || {
+        && remembered(&CUDNN_CHOICE, (dev.id(), shape), || {
             replaces(
                 "cuDNN attention",
                 &[q.dims(), k.dims()],

@@ -14,18 +14,19 @@ use half::f16;
 
 use super::cudnn_backend::ALIGNMENT;
 
-/// The choice remembered in `cache` under `key`, made by `decide` the first time on this thread.
-pub(super) fn decided<K: std::hash::Hash + Eq>(
-    cache: &'static std::thread::LocalKey<RefCell<HashMap<K, bool>>>,
+/// The value remembered in `cache` under `key`, made by `make` the first time on this thread
+/// (a per-shape choice, a built plan).
+pub(super) fn remembered<K: std::hash::Hash + Eq, V: Clone>(
+    cache: &'static std::thread::LocalKey<RefCell<HashMap<K, V>>>,
     key: K,
-    decide: impl FnOnce() -> Result<bool>,
-) -> Result<bool> {
-    if let Some(choice) = cache.with(|c| c.borrow().get(&key).copied()) {
-        return Ok(choice);
+    make: impl FnOnce() -> Result<V>,
+) -> Result<V> {
+    if let Some(value) = cache.with(|c| c.borrow().get(&key).cloned()) {
+        return Ok(value);
     }
-    let choice = decide()?;
-    cache.with(|c| c.borrow_mut().insert(key, choice));
-    Ok(choice)
+    let value = make()?;
+    cache.with(|c| c.borrow_mut().insert(key, value.clone()));
+    Ok(value)
 }
 
 /// The times of three calls of `a` and of `b`, each the best of up to five rounds, the rounds

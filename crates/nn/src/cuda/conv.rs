@@ -15,7 +15,7 @@ use cudarc::cudnn::{ConvForward, Cudnn, CudnnDataType};
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DeviceRepr};
 use half::f16;
 
-use super::choice::{best_times, decided, graph_aligned, replaces};
+use super::choice::{best_times, graph_aligned, remembered, replaces};
 use super::cudnn_graph::{self, GraphConvShape};
 use super::elementwise::launch_add_bias;
 use super::memory::with_workspace;
@@ -60,7 +60,7 @@ pub fn conv2d(
     let (x, w) = (op.in_layout(x)?, op.in_layout(w)?);
     let key = op.key(dev, x.dtype(), x.dims(), w.dims());
     let use_cudnn = x.dim(2)? * x.dim(3)? > TIMED_UP_TO
-        || decided(&CHOICE, key, || cudnn_is_faster(&x, &w, &op))?;
+        || remembered(&CHOICE, key, || cudnn_is_faster(&x, &w, &op))?;
     if !use_cudnn {
         return Ok(None);
     }
@@ -76,7 +76,7 @@ pub fn conv2d(
     };
     let use_graph = super::cudnn_backend::GRAPH_API.is_on()
         && aligned()
-        && decided(&GRAPH_CHOICE, (key, bias.is_some()), || {
+        && remembered(&GRAPH_CHOICE, (key, bias.is_some()), || {
             replaces(
                 "cuDNN graph API convolution",
                 &[x.dims(), w.dims()],

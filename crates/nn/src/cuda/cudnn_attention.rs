@@ -14,6 +14,7 @@ use candle_core::Result;
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 use half::f16;
 
+use super::choice::remembered;
 use super::cudnn_backend::{
     build_plan, cudnnDataType_t, scalar_by_value, tensor, Attr, Descriptor, Kind, Plan,
 };
@@ -56,18 +57,16 @@ const WORKSPACE_LIMIT: usize = 256 << 20;
 /// The plan for this shape (fp16 operands, fp32 softmax), built the first time on this thread;
 /// an error where this cuDNN has no engine for it.
 pub(super) fn plan(dev: &CudaDevice, shape: SdpaShape) -> Result<Rc<Plan>> {
-    let key = (dev.id(), shape);
-    if let Some(plan) = PLANS.with(|p| p.borrow().get(&key).cloned()) {
-        return Ok(plan);
-    }
-    let start = std::time::Instant::now();
-    let (ops, parts) = operation(shape)?;
-    // Not `exact`: every flash engine rounds the softmax's probabilities to fp16 for the second
-    // product, as ours does; the per-shape check against our kernel ([`super::choice`]) decides.
-    let plan = Rc::new(build_plan(dev, ops, parts, false, WORKSPACE_LIMIT)?);
-    tracing::debug!(?shape, workspace = plan.workspace, built_in = ?start.elapsed(), "cuDNN attention plan");
-    PLANS.with(|p| p.borrow_mut().insert(key, plan.clone()));
-    Ok(plan)
+    remembered(&PLANS, (dev.id(), shape), || {
+        let start = std::time::Instant::now();
+        let (ops, parts) = operation(shape)?;
+        // Not `exact`: every flash engine rounds the softmax's probabilities to fp16 for the
+        // second product, as ours does; the per-shape check against our kernel
+        // ([`super::choice`]) decides.
+        let plan = Rc::new(build_plan(dev, ops, parts, false, WORKSPACE_LIMIT)?);
+        tracing::debug!(?shape, workspace = plan.workspace, built_in = ?start.elapsed(), "cuDNN attention plan");
+        Ok(plan)
+    })
 }
 
 /// Runs `plan`: `out = softmax(q kᵀ · scale) v` per head, on candle's stream.

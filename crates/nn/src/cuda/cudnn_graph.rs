@@ -18,6 +18,7 @@ use candle_core::cuda_backend::{CudaDevice, DeviceId};
 use candle_core::Result;
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 
+use super::choice::remembered;
 use super::cudnn_backend::{
     build_plan, cudnnDataType_t, sys, tensor, Attr, Descriptor, Kind, Plan,
 };
@@ -85,33 +86,30 @@ pub(super) fn plan(
     with_bias: bool,
     workspace_limit: usize,
 ) -> Result<Rc<GraphConvPlan>> {
-    let key = (dev.id(), shape, with_bias);
-    if let Some(plan) = PLANS.with(|p| p.borrow().get(&key).cloned()) {
-        return Ok(plan);
-    }
-    // Engines compiled at run time (fused ones) compile when their plan is built: the time is
-    // logged, as it adds to a model's warm-up.
-    let start = std::time::Instant::now();
-    let fused = with_bias
-        .then(|| build(dev, shape, true, workspace_limit))
-        .and_then(|fused| {
-            fused
-                .map_err(|e| tracing::debug!(?shape, "no fused conv + bias engine: {e}"))
-                .ok()
+    remembered(&PLANS, (dev.id(), shape, with_bias), || {
+        // Engines compiled at run time (fused ones) compile when their plan is built: the time
+        // is logged, as it adds to a model's warm-up.
+        let start = std::time::Instant::now();
+        let fused = with_bias
+            .then(|| build(dev, shape, true, workspace_limit))
+            .and_then(|fused| {
+                fused
+                    .map_err(|e| tracing::debug!(?shape, "no fused conv + bias engine: {e}"))
+                    .ok()
+            });
+        let plan = Rc::new(match fused {
+            Some(plan) => plan,
+            None => build(dev, shape, false, workspace_limit)?,
         });
-    let plan = Rc::new(match fused {
-        Some(plan) => plan,
-        None => build(dev, shape, false, workspace_limit)?,
-    });
-    tracing::debug!(
-        ?shape,
-        fused_bias = plan.fused_bias,
-        workspace = plan.plan.workspace,
-        built_in = ?start.elapsed(),
-        "cuDNN graph convolution plan"
-    );
-    PLANS.with(|p| p.borrow_mut().insert(key, plan.clone()));
-    Ok(plan)
+        tracing::debug!(
+            ?shape,
+            fused_bias = plan.fused_bias,
+            workspace = plan.plan.workspace,
+            built_in = ?start.elapsed(),
+            "cuDNN graph convolution plan"
+        );
+        Ok(plan)
+    })
 }
 
 impl GraphConvPlan {
