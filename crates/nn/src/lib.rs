@@ -56,7 +56,20 @@ pub use layout::{
 pub use linear::{linear, linear_no_bias, Linear};
 pub use norm::{group_norm, GroupNorm, LayerNorm};
 
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Result, Tensor};
+
+/// `tensors` on `device`, in order. From host memory to a GPU they go together through
+/// pinned staging buffers ([`cuda::upload`]): a model's weights arrive several times faster
+/// than tensor by tensor.
+pub fn to_device_all(tensors: &[&Tensor], device: &Device) -> Result<Vec<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        if tensors.iter().all(|t| cuda::uploads(t)) {
+            return cuda::upload(tensors, dev);
+        }
+    }
+    tensors.iter().map(|t| t.to_device(device)).collect()
+}
 
 /// `f` on each sample of a batch alone, on the CPU. candle folds a batch into the rows of one
 /// matrix product (linear layers, the convolution's im2col), whose blocking, and so its

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use sdkube_models::clip::ClipTextModel;
 use sdkube_models::ldm::TensorMap;
@@ -343,9 +343,13 @@ struct DeviceWeights {
 /// `map` on `device` in `dtype`; convolution weights channels-last where the convolutions
 /// run so, as the layers would make them (shared, not copied per network).
 fn upload(map: &TensorMap, device: &Device, dtype: DType) -> candle_core::Result<TensorMap> {
-    map.iter()
+    let (names, tensors): (Vec<&String>, Vec<&Tensor>) = map.iter().unzip();
+    let on_device = sdkube_nn::to_device_all(&tensors, device)?;
+    names
+        .into_iter()
+        .zip(on_device)
         .map(|(k, t)| {
-            let mut t = t.to_device(device)?.to_dtype(dtype)?;
+            let mut t = t.to_dtype(dtype)?;
             if t.rank() == 4 && sdkube_nn::channels_last_on(&t) {
                 t = sdkube_nn::to_channels_last(&t)?;
             }

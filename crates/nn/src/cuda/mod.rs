@@ -4,8 +4,8 @@
 //! linear layers through cuBLASLt with the bias in the epilogue ([`linear`]), flash attention
 //! ([`flash_attention`]), group norm (+ SiLU) in two fused passes ([`group_norm`]) and its
 //! input gradient, a bias add, the GEGLU gate, leaky ReLU and nearest ×2 upsampling
-//! (`kernels.cu`); and the memory pool's high-water marks for benchmarks
-//! ([`memory_high_water`]).
+//! (`kernels.cu`); many host tensors to the GPU through pinned buffers ([`upload`]); and the
+//! memory pool's high-water marks for benchmarks ([`memory_high_water`]).
 //!
 //! The GPU build links libcudnn (9.x), as candle's `cudnn` feature would: the CUDA cuDNN
 //! runtime image has it, and so does PyTorch's `nvidia-cudnn-cu13` wheel.
@@ -30,6 +30,7 @@ pub(crate) mod graph;
 mod linear;
 mod memory;
 mod norm;
+mod upload;
 
 use candle_core::cuda_backend::{cudarc, CudaDevice, DeviceId, WrapErr};
 use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
@@ -43,6 +44,7 @@ pub use elementwise::{add_bias, geglu, leaky_relu, upsample_nearest_2x};
 pub use linear::linear;
 pub use memory::memory_high_water;
 pub use norm::{group_norm, group_norm_input_grad};
+pub use upload::{upload, uploads};
 
 /// `kernels.cu` as built by `build.rs`: machine code for each GPU generation, PTX beyond.
 const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));

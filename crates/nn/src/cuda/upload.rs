@@ -1,0 +1,201 @@
+//! Many host tensors to the GPU at once, through pinned staging buffers.
+//!
+//! candle's `to_device` copies each tensor from pageable memory, one after the other: the
+//! driver stages every byte through its own small pinned buffer and the host waits for each
+//! copy. A model's weights are gigabytes (SDXL about 7 GB), which took about as long as
+//! reading them from the page cache. Here several threads each fill a pinned buffer of their
+//! own and queue its copy to the device, so that filling the next buffers overlaps the copies
+//! already queued, and the copy engine reads pinned memory at full speed.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, PinnedHostSlice,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
+
+/// The size of one staging buffer.
+const CHUNK: usize = 16 << 20;
+
+/// Threads filling staging buffers (each owns one).
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}
+
+/// A contiguous run of bytes to copy: `len` bytes at `src` to the device address `dst`.
+#[derive(Clone, Copy)]
+struct Piece {
+    src: *const u8,
+    dst: sys::CUdeviceptr,
+    len: usize,
+}
+
+// SAFETY: the source bytes belong to tensors the caller borrows for the whole upload, and
+// are only read.
+unsafe impl Send for Piece {}
+unsafe impl Sync for Piece {}
+
+/// `tensors` (CPU, contiguous: see [`uploads`]) on `dev`, same shapes and dtypes, in order.
+pub fn upload(tensors: &[&Tensor], dev: &CudaDevice) -> Result<Vec<Tensor>> {
+    let mut uploaded = Vec::with_capacity(tensors.len());
+    let mut pieces = Vec::new();
+    // Each tensor's host storage, read-locked (so unchanged) until its bytes are copied.
+    let mut sources = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("upload: a tensor is not in host memory");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("upload: a tensor is not contiguous");
+        };
+        let (bytes, buffer, dst) = device_buffer_for(cpu, start, end, dev)?;
+        for (i, part) in bytes.chunks(CHUNK).enumerate() {
+            pieces.push(Piece {
+                src: part.as_ptr(),
+                dst: dst + (i * CHUNK) as u64,
+                len: part.len(),
+            });
+        }
+        let shape = t.shape().clone();
+        uploaded.push(Tensor::from_storage(
+            Storage::Cuda(buffer),
+            shape,
+            BackpropOp::none(),
+            false,
+        ));
+        sources.push(storage);
+    }
+    copy_pieces(&pieces, &dev.cuda_stream())?;
+    drop(sources);
+    Ok(uploaded)
+}
+
+/// The bytes of `cpu`'s elements `start..end`, and a device buffer of the same type and size
+/// with its address.
+fn device_buffer_for<'a>(
+    cpu: &'a CpuStorage,
+    start: usize,
+    end: usize,
+    dev: &CudaDevice,
+) -> Result<(&'a [u8], CudaStorage, sys::CUdeviceptr)> {
+    fn typed<'a, T: CudaDType + DeviceRepr>(
+        values: &'a [T],
+        dev: &CudaDevice,
+    ) -> Result<(&'a [u8], CudaStorage, sys::CUdeviceptr)> {
+        // SAFETY: every byte is written by the copies queued (on the same stream) before
+        // anything reads it.
+        let mut slice: CudaSlice<T> = unsafe { dev.alloc::<T>(values.len())? };
+        let dst = slice.device_ptr_mut(&dev.cuda_stream()).0;
+        // SAFETY: plain numbers, viewed as bytes and only read.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+        };
+        Ok((bytes, CudaStorage::wrap_cuda_slice(slice, dev.clone()), dst))
+    }
+    match cpu {
+        CpuStorage::F16(v) => typed(&v[start..end], dev),
+        CpuStorage::BF16(v) => typed(&v[start..end], dev),
+        CpuStorage::F32(v) => typed(&v[start..end], dev),
+        CpuStorage::F64(v) => typed(&v[start..end], dev),
+        CpuStorage::U8(v) => typed(&v[start..end], dev),
+        CpuStorage::U32(v) => typed(&v[start..end], dev),
+        CpuStorage::I64(v) => typed(&v[start..end], dev),
+        _ => candle_core::bail!("upload: a tensor of an element type it does not move"),
+    }
+}
+
+/// Copies every piece: [`threads`] threads take batches of consecutive pieces that fill at
+/// most one staging buffer, in turn from a shared counter; each fills its own buffer, queues
+/// the batch's copies on `stream` and records an event it waits on before refilling.
+fn copy_pieces(pieces: &[Piece], stream: &Arc<CudaStream>) -> Result<()> {
+    let mut batches = Vec::new(); // (first, end) piece indices
+    let mut first = 0;
+    let mut bytes = 0;
+    for (i, p) in pieces.iter().enumerate() {
+        if bytes + p.len > CHUNK && i > first {
+            batches.push((first, i));
+            first = i;
+            bytes = 0;
+        }
+        bytes += p.len;
+    }
+    if first < pieces.len() {
+        batches.push((first, pieces.len()));
+    }
+    let next = AtomicUsize::new(0);
+    let ctx = stream.context().clone();
+    let workers = threads().min(batches.len());
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                let (ctx, next, batches) = (&ctx, &next, &batches);
+                s.spawn(move || -> Result<()> {
+                    ctx.bind_to_thread().w()?;
+                    // SAFETY: staging space, written before each copy reads it.
+                    let mut buffer: PinnedHostSlice<u8> =
+                        unsafe { ctx.alloc_pinned_with_flags::<u8>(CHUNK, 0).w()? };
+                    let staged: *mut u8 = buffer.as_mut_ptr().w()?;
+                    let done: CudaEvent = ctx.new_event(None).w()?;
+                    let mut queued = false;
+                    loop {
+                        let b = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&(from, to)) = batches.get(b) else {
+                            break;
+                        };
+                        if queued {
+                            done.synchronize().w()?;
+                        }
+                        let mut at = 0;
+                        for p in &pieces[from..to] {
+                            // SAFETY: `p.src` holds `p.len` readable bytes (see `Piece`), the
+                            // batch fits the buffer, and no copy from it is in flight.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(p.src, staged.add(at), p.len);
+                                sys::cuMemcpyHtoDAsync_v2(
+                                    p.dst,
+                                    staged.add(at).cast(),
+                                    p.len,
+                                    stream.cu_stream(),
+                                )
+                                .result()
+                                .w()?;
+                            }
+                            at += p.len;
+                        }
+                        done.record(stream).w()?;
+                        queued = true;
+                    }
+                    // The buffer is freed on return: its last copy must be done.
+                    if queued {
+                        done.synchronize().w()?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    })
+}
+
+/// Whether [`upload`] takes `t`: a contiguous, non-empty host tensor of a type it moves.
+pub fn uploads(t: &Tensor) -> bool {
+    t.device().is_cpu()
+        && t.is_contiguous()
+        && t.elem_count() > 0
+        && matches!(
+            t.dtype(),
+            DType::F16
+                | DType::BF16
+                | DType::F32
+                | DType::F64
+                | DType::U8
+                | DType::U32
+                | DType::I64
+        )
+}
