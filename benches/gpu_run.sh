@@ -171,6 +171,18 @@ has post && {
     pid=$(peak /tmp/mem-$what); .gpu/sdkube bench --device cuda --what $what --repeat 10 2>&1 | grep -v ' INFO '
     kill $pid; echo "{\"bench\": \"$what\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-$what | tail -1)}"
   done
+  # correctness without real weights: the fixture's small RRDB x4 on the GPU against the CPU
+  for d in cpu cuda; do
+    rm -rf /tmp/rrdb-$d
+    .gpu/sdkube upscale fixtures/face/astronaut_256.png --model fixtures/esrgan/rrdb_x4.pth --tile 0 \
+      --device $d --out /tmp/rrdb-$d 2>&1 | grep -iE "error" | tail -1
+  done
+  python3 - <<'PY'
+import numpy as np
+from PIL import Image
+a, b = (np.asarray(Image.open(f"/tmp/rrdb-{d}/astronaut_256.png"), dtype=np.float32) for d in ("cpu", "cuda"))
+print(f"fixture RRDB x4 256->1024 GPU vs CPU: max abs {np.abs(a - b).max():.1f} / mean abs {np.abs(a - b).mean():.3f} (8-bit levels)")
+PY
   # the reference: basicsr/realesrgan/gfpgan wheels in .whl (see benches/gpu_restore_reference.py)
   if ls .whl/basicsr-*.whl >/dev/null 2>&1; then
     wheels; python3 benches/gpu_restore_reference.py 2>&1 | grep '"bench"'

@@ -11,9 +11,8 @@
 //! `stylegan_decoder.style_convs.3.modulated_conv.modulation`, …), so the official file loads
 //! directly. Unused training-only keys (`toRGB.*`, `stylegan_decoder.style_mlp.*`) are ignored.
 //!
-//! Modulated convolutions are computed as "scale the input, convolve with the shared weight,
-//! scale the output by the demodulation factor", which is mathematically the reference's
-//! per-sample weight modulation but needs no grouped convolution.
+//! Modulated convolutions modulate the weights per sample, as the reference does, and run one
+//! convolution per sample instead of its grouped convolution.
 
 use std::collections::HashMap;
 
@@ -251,19 +250,38 @@ impl ModulatedConv2d {
         })
     }
 
-    fn forward(&self, xs: &Tensor, style: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, cin, _, _) = xs.dims4()?;
+    /// `conv(xs, weight modulated by the style (demodulated) · gain) + bias`, each sample with
+    /// its own weights, as the reference modulates: the weights are small, the feature maps
+    /// (64 channels at 512² in fp32: 64 MB) are not, so scaling the maps instead took two extra
+    /// passes over them per layer.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        style: &Tensor,
+        gain: f64,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let s = self.modulation.forward(style)?; // (b, c_in)
         let xs = if self.upsample { up2(xs)? } else { xs.clone() };
-        let xs = xs.broadcast_mul(&s.reshape((b, cin, 1, 1))?)?;
-        let out = convolve(&xs, &self.weight, None, self.padding, 1)?;
-        match &self.weight_sq {
-            None => Ok(out),
+        // The weight's factor per (sample, c_out, c_in): s · demodulation · gain.
+        let factor = match &self.weight_sq {
+            None => (s.unsqueeze(1)? * gain)?,
             Some(wsq) => {
-                let demod = (s.sqr()?.matmul(&wsq.t()?)? + 1e-8)?.sqrt()?.recip()?;
-                let cout = demod.dim(1)?;
-                out.broadcast_mul(&demod.reshape((b, cout, 1, 1))?)
+                let demod = (s.sqr()?.matmul(&wsq.t()?)? + 1e-8)?.sqrt()?.recip()?; // (b, c_out)
+                (demod * gain)?.unsqueeze(2)?.matmul(&s.unsqueeze(1)?)?
             }
+        };
+        let mut outs = (0..xs.dim(0)?)
+            .map(|i| {
+                let w = self
+                    .weight
+                    .broadcast_mul(&factor.get(i)?.unsqueeze(2)?.unsqueeze(3)?)?;
+                convolve(&xs.narrow(0, i, 1)?, &w, bias, self.padding, 1)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        match outs.len() {
+            1 => Ok(outs.remove(0)),
+            _ => Tensor::cat(&outs, 0),
         }
     }
 }
@@ -294,14 +312,17 @@ impl StyleConv {
                 upsample,
             )?,
             noise_strength: vb.get(1, "weight")?,
-            bias: vb.get((1, cout, 1, 1), "bias")?,
+            bias: vb.get((1, cout, 1, 1), "bias")?.flatten_all()?,
         })
     }
 
+    /// The reference's `leaky(conv · √2 + strength · noise + bias)`, the gain in the weights.
     fn forward(&self, xs: &Tensor, style: &Tensor, noise: &Tensor) -> candle_core::Result<Tensor> {
-        let out = (self.modulated_conv.forward(xs, style)? * std::f64::consts::SQRT_2)?;
-        let out = out.broadcast_add(&noise.broadcast_mul(&self.noise_strength)?)?;
-        leaky(&out.broadcast_add(&self.bias)?)
+        let gain = std::f64::consts::SQRT_2;
+        let out = self
+            .modulated_conv
+            .forward(xs, style, gain, Some(&self.bias))?;
+        leaky(&out.broadcast_add(&noise.broadcast_mul(&self.noise_strength)?)?)
     }
 }
 
@@ -329,7 +350,7 @@ impl ToRgb {
                 false,
                 false,
             )?,
-            bias: vb.get((1, 3, 1, 1), "bias")?,
+            bias: vb.get((1, 3, 1, 1), "bias")?.flatten_all()?,
             upsample,
         })
     }
@@ -342,8 +363,7 @@ impl ToRgb {
     ) -> candle_core::Result<Tensor> {
         let out = self
             .modulated_conv
-            .forward(xs, style)?
-            .broadcast_add(&self.bias)?;
+            .forward(xs, style, 1.0, Some(&self.bias))?;
         match skip {
             None => Ok(out),
             Some(skip) if self.upsample => out + up2(skip)?,

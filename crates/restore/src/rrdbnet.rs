@@ -90,9 +90,24 @@ fn conv3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
     conv2d(cin, cout, 3, cfg, vb)
 }
 
+/// [`conv3`] with its output scaled by `scale`, folded into the weights and bias (one pass
+/// over the feature map fewer than scaling the output).
+fn conv3_scaled(cin: usize, cout: usize, scale: f64, vb: VarBuilder) -> Result<Conv2d> {
+    let weight = (vb.get((cout, cin, 3, 3), "weight")? * scale)?;
+    let bias = (vb.get(cout, "bias")? * scale)?;
+    let cfg = Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    Ok(candle_nn::Conv2d::new(weight, Some(bias), cfg).into())
+}
+
 fn lrelu(x: &Tensor) -> Result<Tensor> {
     sdkube_nn::leaky_relu(x, 0.2)
 }
+
+/// The reference's residual scale of a dense block and of an RRDB.
+const RESIDUAL_SCALE: f64 = 0.2;
 
 struct ResidualDenseBlock {
     convs: [Conv2d; 5],
@@ -106,19 +121,24 @@ impl ResidualDenseBlock {
                 conv3(f + g, g, vb.pp("conv2"))?,
                 conv3(f + 2 * g, g, vb.pp("conv3"))?,
                 conv3(f + 3 * g, g, vb.pp("conv4"))?,
-                conv3(f + 4 * g, f, vb.pp("conv5"))?,
+                conv3_scaled(f + 4 * g, f, RESIDUAL_SCALE, vb.pp("conv5"))?,
             ],
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut feats = vec![x.clone()];
+    /// `x` through the block. `dense` is scratch space of shape `[N, f + 4g, H, W]` that holds
+    /// the block's features side by side (`x`, then each convolution's output), each written
+    /// once: concatenating them anew before each convolution copied about three times the
+    /// bytes (at 512², 64 channels of fp32 are 64 MB).
+    fn forward(&self, x: &Tensor, dense: &Tensor) -> Result<Tensor> {
+        dense.slice_set(x, 1, 0)?;
+        let mut filled = x.dim(1)?;
         for conv in &self.convs[..4] {
-            let y = lrelu(&conv.forward(&Tensor::cat(&feats, 1)?)?)?;
-            feats.push(y);
+            let y = lrelu(&conv.forward(&dense.narrow(1, 0, filled)?)?)?;
+            dense.slice_set(&y, 1, filled)?;
+            filled += y.dim(1)?;
         }
-        let x5 = self.convs[4].forward(&Tensor::cat(&feats, 1)?)?;
-        (x5 * 0.2)? + x
+        self.convs[4].forward(dense)? + x
     }
 }
 
@@ -127,12 +147,12 @@ struct Rrdb {
 }
 
 impl Rrdb {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, dense: &Tensor) -> Result<Tensor> {
         let mut out = x.clone();
         for rdb in &self.rdbs {
-            out = rdb.forward(&out)?;
+            out = rdb.forward(&out, dense)?;
         }
-        (out * 0.2)? + x
+        (out * RESIDUAL_SCALE)? + x
     }
 }
 
@@ -189,9 +209,15 @@ impl RrdbNet {
             s => pixel_unshuffle(x, s)?,
         };
         let feat = self.conv_first.forward(&feat)?;
+        let (n, f, h, w) = feat.dims4()?;
+        let dense = Tensor::zeros(
+            (n, f + 4 * self.cfg.num_grow_ch, h, w),
+            feat.dtype(),
+            feat.device(),
+        )?;
         let mut trunk = feat.clone();
         for block in &self.body {
-            trunk = block.forward(&trunk)?;
+            trunk = block.forward(&trunk, &dense)?;
         }
         let feat = (feat + self.conv_body.forward(&trunk)?)?;
         let up = |f: &Tensor, conv: &Conv2d| -> Result<Tensor> {

@@ -46,6 +46,33 @@ fn tiny_gfpgan_matches_reference_with_stored_noise() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Each face of a batch is modulated by its own style: a batch gives what each face gives
+/// alone, whatever its neighbour.
+#[test]
+fn each_face_of_a_batch_comes_out_as_alone() -> anyhow::Result<()> {
+    let (weights, input, _) = tiny_fixture();
+    let net = Gfpgan::from_tensors(weights, TINY, &Device::Cpu)?;
+    let first = input.narrow(0, 0, 1)?;
+    let other = (first.flip(&[3])? * 0.5)?;
+    let both = net.forward(&Tensor::cat(&[&first, &other], 0)?, Noise::Stored)?;
+    let alone = [
+        net.forward(&first, Noise::Stored)?,
+        net.forward(&other, Noise::Stored)?,
+    ];
+    for (i, a) in alone.iter().enumerate() {
+        let diff = max_abs_diff(&both.narrow(0, i, 1)?, a);
+        assert!(
+            diff < 1e-5,
+            "face {i}: max abs diff {diff} against itself alone"
+        );
+    }
+    assert!(
+        max_abs_diff(&alone[0], &alone[1]) > 1e-2,
+        "the two faces must differ"
+    );
+    Ok(())
+}
+
 #[test]
 fn noise_choice_changes_the_output_and_seeds_reproduce() -> anyhow::Result<()> {
     let (weights, input, expected) = tiny_fixture();

@@ -3,6 +3,7 @@
 //! diffusers on the same shapes, `benches/gpu_restore_reference.py` basicsr/realesrgan/gfpgan;
 //! run both in one session and compare ratios.
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -293,14 +294,45 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 let tensors = presets::random_tensors(DType::F32, &dev, |vb| {
                     Gfpgan::new(vb, GfpganConfig::V1_4).map(drop)
                 })?;
+                let on_cpu = dev.is_cuda().then(|| {
+                    let to_cpu =
+                        |(k, t): (&String, &Tensor)| Ok((k.clone(), t.to_device(&Device::Cpu)?));
+                    tensors
+                        .iter()
+                        .map(to_cpu)
+                        .collect::<candle_core::Result<HashMap<_, _>>>()
+                });
                 let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &dev);
                 let net = Gfpgan::new(vb, GfpganConfig::V1_4)?;
                 let face = Tensor::randn(0f32, 1., (1, 3, 512, 512), &dev)?;
-                let s = time(&dev, args.repeat, || {
+                if let Some(tensors) = on_cpu {
+                    // The GPU's face against the CPU's, same weights and input (cuDNN's fp32
+                    // convolutions may use TF32, as PyTorch's do).
+                    let vb =
+                        candle_nn::VarBuilder::from_tensors(tensors?, DType::F32, &Device::Cpu);
+                    let cpu = Gfpgan::new(vb, GfpganConfig::V1_4)?
+                        .forward(&face.to_device(&Device::Cpu)?, Noise::Stored)?;
+                    let gpu = net.forward(&face, Noise::Stored)?.to_device(&Device::Cpu)?;
+                    let diff = (gpu - &cpu)?
+                        .abs()?
+                        .flatten_all()?
+                        .max(0)?
+                        .to_scalar::<f32>()?;
+                    let scale = cpu.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                    println!(
+                        "{}",
+                        serde_json::json!({"check": "gfpgan gpu vs cpu", "max_diff": diff, "max_value": scale})
+                    );
+                }
+                let run = || {
                     net.forward(&face, Noise::Stored)?;
                     Ok(())
-                })?;
+                };
+                let s = time(&dev, args.repeat, run)?;
                 report("gfpgan", "1 face 512x512", s, DType::F32, &dev);
+                if args.profile {
+                    profile("gfpgan", "1 face 512x512", &dev, run)?;
+                }
             }
             "x4plus" => {
                 // RealESRGAN x4plus, fp32, random weights, one 512² image from host memory: the
@@ -318,17 +350,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                         tile,
                         ..TileOptions::default()
                     };
-                    let s = time(&dev, args.repeat.min(3), || {
+                    let run = || {
                         net.upscale_tensor(&image, &opts)?;
                         Ok(())
-                    })?;
-                    report(
-                        "x4plus",
-                        &format!("512x512 tile {tile}"),
-                        s,
-                        DType::F32,
-                        &dev,
-                    );
+                    };
+                    let s = time(&dev, args.repeat.min(3), run)?;
+                    let shape = format!("512x512 tile {tile}");
+                    report("x4plus", &shape, s, DType::F32, &dev);
+                    if args.profile {
+                        profile("x4plus", &shape, &dev, run)?;
+                    }
                 }
             }
             "ops" => ops(&dev, dt, args.repeat)?,
