@@ -247,7 +247,9 @@ def make_text_encoders(sdxl):
 for name, cfg, side, ctx_dim in [("txt2img-sd15", SD15, 64, 768), ("txt2img-sdxl", SDXL, 128, 2048)]:
     if not wanted(name):
         continue
-    unet = unets.pop(name.replace("txt2img", "unet"), None) or compiled(UNet2DConditionModel(**cfg).to(dev, dt).eval())
+    unet = unets.pop(name.replace("txt2img", "unet"), None)
+    if unet is None:  # (not `or`: a compiled module's truth value asks for its len())
+        unet = compiled(UNet2DConditionModel(**cfg).to(dev, dt).eval())
     encoders = text_encoders(name == "txt2img-sdxl")
     ctx = torch.randn(2, 77, ctx_dim, device=dev, dtype=dt)
     kw = {}

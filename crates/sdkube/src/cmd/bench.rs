@@ -291,9 +291,23 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "gfpgan" => {
                 // fp32, as face restoration runs it; random weights, one aligned 512² face.
                 use sdkube_restore::gfpgan::{Gfpgan, GfpganConfig, Noise};
+                // Random values throughout (a `VarMap` leaves the modulated convolutions'
+                // weights at zero, so the face would come out flat): a weight with n inputs
+                // per output has a standard deviation of 1/√n.
                 let tensors = presets::random_tensors(DType::F32, &dev, |vb| {
                     Gfpgan::new(vb, GfpganConfig::V1_4).map(drop)
-                })?;
+                })?
+                .into_iter()
+                .map(|(k, t)| {
+                    let fan_in = t.elem_count() / t.dims().first().copied().unwrap_or(1).max(1);
+                    let std = if t.rank() >= 2 {
+                        (fan_in as f64).sqrt().recip()
+                    } else {
+                        0.1
+                    };
+                    Ok((k, Tensor::randn(0f32, std as f32, t.shape(), &dev)?))
+                })
+                .collect::<candle_core::Result<HashMap<_, _>>>()?;
                 let on_cpu = dev.is_cuda().then(|| {
                     let to_cpu =
                         |(k, t): (&String, &Tensor)| Ok((k.clone(), t.to_device(&Device::Cpu)?));
