@@ -93,6 +93,26 @@ fn rrdbnet_x4_official_zip_params_ema() {
     check("rrdb_x4", "rrdb_x4.pth", arch, 7);
 }
 
+/// RRDBNet's dense blocks share one feature buffer across the batch and the blocks: a batch of
+/// two images gives what each gives alone.
+#[test]
+fn rrdbnet_batch_of_two_equals_each_alone() {
+    let net = Esrgan::load(&fixture("rrdb_x4.pth"), None, &Device::Cpu).unwrap();
+    let first = io()["input"].unsqueeze(0).unwrap();
+    let other = (first.flip(&[3]).unwrap() * 0.7).unwrap();
+    let both = net
+        .forward(&Tensor::cat(&[&first, &other], 0).unwrap())
+        .unwrap();
+    for (i, x) in [&first, &other].into_iter().enumerate() {
+        let alone = net.forward(x).unwrap();
+        let d = max_abs_diff(&both.narrow(0, i, 1).unwrap(), &alone);
+        assert!(
+            d < 1e-6,
+            "image {i} of the batch differs from itself alone by {d}"
+        );
+    }
+}
+
 #[test]
 fn rrdbnet_x2_pixel_unshuffle_legacy_params() {
     let arch = EsrganArch::Rrdb(RrdbConfig {

@@ -112,20 +112,7 @@ fn device_buffer_for<'a>(
 /// most one staging buffer, in turn from a shared counter; each fills its own buffer, queues
 /// the batch's copies on `stream` and records an event it waits on before refilling.
 fn copy_pieces(pieces: &[Piece], stream: &Arc<CudaStream>) -> Result<()> {
-    let mut batches = Vec::new(); // (first, end) piece indices
-    let mut first = 0;
-    let mut bytes = 0;
-    for (i, p) in pieces.iter().enumerate() {
-        if bytes + p.len > CHUNK && i > first {
-            batches.push((first, i));
-            first = i;
-            bytes = 0;
-        }
-        bytes += p.len;
-    }
-    if first < pieces.len() {
-        batches.push((first, pieces.len()));
-    }
+    let batches = batches(pieces.iter().map(|p| p.len), CHUNK);
     let next = AtomicUsize::new(0);
     let ctx = stream.context().clone();
     let workers = threads().min(batches.len());
@@ -183,6 +170,26 @@ fn copy_pieces(pieces: &[Piece], stream: &Arc<CudaStream>) -> Result<()> {
     })
 }
 
+/// Consecutive runs of pieces of lengths `lens` (each at most `limit`) that fill at most `limit`
+/// bytes together, as `(first, end)` indices, in order.
+fn batches(lens: impl Iterator<Item = usize>, limit: usize) -> Vec<(usize, usize)> {
+    let mut batches = Vec::new();
+    let (mut first, mut bytes, mut count) = (0, 0, 0);
+    for (i, len) in lens.enumerate() {
+        if bytes + len > limit && i > first {
+            batches.push((first, i));
+            first = i;
+            bytes = 0;
+        }
+        bytes += len;
+        count = i + 1;
+    }
+    if first < count {
+        batches.push((first, count));
+    }
+    batches
+}
+
 /// Whether [`upload`] takes `t`: a contiguous, non-empty host tensor of a type it moves.
 pub fn uploads(t: &Tensor) -> bool {
     t.device().is_cpu()
@@ -198,4 +205,25 @@ pub fn uploads(t: &Tensor) -> bool {
                 | DType::U32
                 | DType::I64
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batches;
+
+    #[test]
+    fn batches_cover_every_piece_in_order_within_the_buffer() {
+        let lens = [10, 60, 30, 100, 1, 1, 98, 50, 50, 7];
+        let got = batches(lens.iter().copied(), 100);
+        assert_eq!(got, [(0, 3), (3, 4), (4, 7), (7, 9), (9, 10)], "{got:?}");
+        let mut next = 0;
+        for &(first, end) in &got {
+            assert_eq!(first, next, "batches follow each other");
+            assert!(end > first, "no empty batch");
+            assert!(lens[first..end].iter().sum::<usize>() <= 100);
+            next = end;
+        }
+        assert_eq!(next, lens.len());
+        assert!(batches(std::iter::empty(), 100).is_empty());
+    }
 }
