@@ -128,39 +128,43 @@ fn copy_pieces(pieces: &[Piece], stream: &Arc<CudaStream>) -> Result<()> {
                     let staged: *mut u8 = buffer.as_mut_ptr().w()?;
                     let done: CudaEvent = ctx.new_event(None).w()?;
                     let mut queued = false;
-                    loop {
-                        let b = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&(from, to)) = batches.get(b) else {
-                            break;
-                        };
-                        if queued {
-                            done.synchronize().w()?;
-                        }
-                        let mut at = 0;
-                        for p in &pieces[from..to] {
-                            // SAFETY: `p.src` holds `p.len` readable bytes (see `Piece`), the
-                            // batch fits the buffer, and no copy from it is in flight.
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(p.src, staged.add(at), p.len);
-                                sys::cuMemcpyHtoDAsync_v2(
-                                    p.dst,
-                                    staged.add(at).cast(),
-                                    p.len,
-                                    stream.cu_stream(),
-                                )
-                                .result()
-                                .w()?;
+                    let filled = (|| -> Result<()> {
+                        loop {
+                            let b = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(&(from, to)) = batches.get(b) else {
+                                return Ok(());
+                            };
+                            if queued {
+                                done.synchronize().w()?;
                             }
-                            at += p.len;
+                            let mut at = 0;
+                            for p in &pieces[from..to] {
+                                // SAFETY: `p.src` holds `p.len` readable bytes (see `Piece`),
+                                // the batch fits the buffer, no copy from it is in flight.
+                                unsafe {
+                                    std::ptr::copy_nonoverlapping(p.src, staged.add(at), p.len);
+                                    sys::cuMemcpyHtoDAsync_v2(
+                                        p.dst,
+                                        staged.add(at).cast(),
+                                        p.len,
+                                        stream.cu_stream(),
+                                    )
+                                    .result()
+                                    .w()?;
+                                }
+                                queued = true;
+                                at += p.len;
+                            }
+                            done.record(stream).w()?;
                         }
-                        done.record(stream).w()?;
-                        queued = true;
-                    }
-                    // The buffer is freed on return: its last copy must be done.
-                    if queued {
-                        done.synchronize().w()?;
-                    }
-                    Ok(())
+                    })();
+                    // The buffer is freed on return, so no copy from it may still be in
+                    // flight, whether or not this thread's work went through.
+                    let drained = match queued {
+                        true => stream.synchronize().w(),
+                        false => Ok(()),
+                    };
+                    filled.and(drained)
                 })
             })
             .collect();
