@@ -214,7 +214,8 @@ impl ResBlock {
     }
 }
 
-/// StyleGAN2 modulated convolution (`ModulatedConv2d`), no bias.
+/// StyleGAN2 modulated convolution (`ModulatedConv2d`); it has no bias of its own (the layer
+/// around it passes its bias into the convolution).
 struct ModulatedConv2d {
     /// `(c_out, c_in, k, k)` (the checkpoint stores a leading 1).
     weight: Tensor,
