@@ -288,7 +288,9 @@ pub struct Engine {
     dtype: DType,
     vram: VramMode,
     resident: Option<Networks>,
-    tokenizer: ClipTokenizer,
+    /// The process-wide tokenizer ([`ClipTokenizer::shared`]): built while the model loads,
+    /// so a server's first request does not build one.
+    tokenizer: &'static ClipTokenizer,
     schedule: NoiseSchedule,
     model_name: String,
     /// Textual-inversion embeddings prompts may name.
@@ -315,7 +317,7 @@ impl Engine {
         dtype: DType,
         vram: VramMode,
     ) -> Result<Self, Error> {
-        let tokenizer = ClipTokenizer::new().map_err(|e| Error::Invalid(e.to_string()))?;
+        let tokenizer = ClipTokenizer::shared().map_err(|e| Error::Invalid(e.to_string()))?;
         let started = Instant::now();
         // The LoRA state keeps the base weights; the resident networks share their memory.
         let loras = LoraNetworks::new(&weights, &device, dtype, vram == VramMode::High)?;
@@ -523,7 +525,7 @@ impl Engine {
     pub(crate) fn ti_hashes(&self, req: &Request) -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
         for prompt in [&req.prompt, &req.negative_prompt] {
-            let tokens = PromptTokens::new(&self.tokenizer, prompt, self.embeddings.index());
+            let tokens = PromptTokens::new(self.tokenizer, prompt, self.embeddings.index());
             for name in tokens.embeddings_used() {
                 if !names.iter().any(|n| n == name) {
                     names.push(name.to_string());
@@ -638,8 +640,8 @@ impl Engine {
             .iter()
             .map(|req| {
                 (
-                    PromptTokens::new(&self.tokenizer, &req.prompt, index),
-                    PromptTokens::new(&self.tokenizer, &req.negative_prompt, index),
+                    PromptTokens::new(self.tokenizer, &req.prompt, index),
+                    PromptTokens::new(self.tokenizer, &req.negative_prompt, index),
                 )
             })
             .collect();
@@ -723,8 +725,8 @@ impl Engine {
         let chunks = |r: &Request| {
             let prompt =
                 loras::extract_tags(&r.prompt).map_or_else(|_| r.prompt.clone(), |(p, _)| p);
-            let p = PromptTokens::new(&self.tokenizer, &prompt, index).chunk_count();
-            let n = PromptTokens::new(&self.tokenizer, &r.negative_prompt, index).chunk_count();
+            let p = PromptTokens::new(self.tokenizer, &prompt, index).chunk_count();
+            let n = PromptTokens::new(self.tokenizer, &r.negative_prompt, index).chunk_count();
             p.max(n)
         };
         a.batchable_with(b) && chunks(a) == chunks(b)

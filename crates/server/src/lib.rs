@@ -120,6 +120,9 @@ async fn report_while_running(state: AppState) {
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
     let state = Shared::connect(config).await?;
+    // Prompt checks count tokens: an api replica (no engine to build the tokenizer while its
+    // model loads) builds it now rather than in its first request.
+    std::thread::spawn(|| sdkube_pipeline::tokenizer::ClipTokenizer::shared().map(drop));
     let workers = start(&state)?;
     let app = router(state.clone());
     let listener = tokio::net::TcpListener::bind(listen)

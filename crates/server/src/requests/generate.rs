@@ -1,7 +1,5 @@
 //! txt2img and img2img requests (A1111's shapes) and the device work they become.
 
-use std::sync::LazyLock;
-
 use sdkube_pipeline::loras;
 use sdkube_pipeline::prompt::{tokenize_prompt, ChunkOptions, EmbeddingIndex};
 use sdkube_pipeline::sampler::{SamplerError, SamplerSpec};
@@ -218,8 +216,8 @@ fn ignored_fields(c: &CommonParams, other: &Map<String, Value>) -> Vec<String> {
 
 /// A1111's token count of a prompt (75 per chunk before the last, plus the last chunk's).
 fn token_count(text: &str) -> usize {
-    static TOKENIZER: LazyLock<Option<ClipTokenizer>> = LazyLock::new(|| ClipTokenizer::new().ok());
-    let Some(tokenizer) = TOKENIZER.as_ref() else {
+    // The engine's tokenizer, built while the model loads (so not by a first request).
+    let Ok(tokenizer) = ClipTokenizer::shared() else {
         return 0;
     };
     tokenize_prompt(
