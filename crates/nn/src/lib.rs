@@ -64,9 +64,7 @@ use candle_core::{Device, Result, Tensor};
 pub fn to_device_all(tensors: &[&Tensor], device: &Device) -> Result<Vec<Tensor>> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(dev) = device {
-        if tensors.iter().all(|t| cuda::uploads(t)) {
-            return cuda::upload(tensors, dev);
-        }
+        return cuda::upload(tensors, dev);
     }
     tensors.iter().map(|t| t.to_device(device)).collect()
 }

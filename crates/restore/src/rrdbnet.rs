@@ -8,7 +8,7 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
-use sdkube_nn::{conv2d, Conv2d};
+use sdkube_nn::Conv2d;
 
 /// RRDBNet hyper-parameters (the reference constructor's arguments).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,11 +83,7 @@ impl RrdbConfig {
 }
 
 fn conv3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    conv2d(cin, cout, 3, cfg, vb)
+    sdkube_nn::conv3x3(cin, cout, 1, vb)
 }
 
 /// [`conv3`] with its output scaled by `scale`, folded into the weights and bias (one pass

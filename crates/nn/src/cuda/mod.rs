@@ -44,7 +44,7 @@ pub use elementwise::{add_bias, geglu, leaky_relu, upsample_nearest_2x};
 pub use linear::linear;
 pub use memory::memory_high_water;
 pub use norm::{group_norm, group_norm_input_grad};
-pub use upload::{upload, uploads};
+pub use upload::upload;
 
 /// `kernels.cu` as built by `build.rs`: machine code for each GPU generation, PTX beyond.
 const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));

@@ -15,7 +15,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
+use candle_core::{CpuStorage, Device, Result, Storage, Tensor};
 
 /// The size of one staging buffer.
 const CHUNK: usize = 16 << 20;
@@ -38,7 +38,9 @@ struct Piece {
 unsafe impl Send for Piece {}
 unsafe impl Sync for Piece {}
 
-/// `tensors` (CPU, contiguous: see [`uploads`]) on `dev`, same shapes and dtypes, in order.
+/// `tensors` on `dev`, same shapes and dtypes, in order: contiguous, non-empty host tensors of
+/// the element types [`device_buffer_for`] moves through the staging buffers, any other
+/// through candle's `to_device`.
 pub fn upload(tensors: &[&Tensor], dev: &CudaDevice) -> Result<Vec<Tensor>> {
     let mut uploaded = Vec::with_capacity(tensors.len());
     let mut pieces = Vec::new();
@@ -46,13 +48,17 @@ pub fn upload(tensors: &[&Tensor], dev: &CudaDevice) -> Result<Vec<Tensor>> {
     let mut sources = Vec::with_capacity(tensors.len());
     for t in tensors {
         let (storage, layout) = t.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("upload: a tensor is not in host memory");
+        let target = match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(cpu), Some((start, end))) if end > start => {
+                device_buffer_for(cpu, start, end, dev)?
+            }
+            _ => None,
         };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("upload: a tensor is not contiguous");
+        let Some((bytes, buffer, dst)) = target else {
+            drop(storage);
+            uploaded.push(t.to_device(&Device::Cuda(dev.clone()))?);
+            continue;
         };
-        let (bytes, buffer, dst) = device_buffer_for(cpu, start, end, dev)?;
         for (i, part) in bytes.chunks(CHUNK).enumerate() {
             pieces.push(Piece {
                 src: part.as_ptr(),
@@ -75,17 +81,17 @@ pub fn upload(tensors: &[&Tensor], dev: &CudaDevice) -> Result<Vec<Tensor>> {
 }
 
 /// The bytes of `cpu`'s elements `start..end`, and a device buffer of the same type and size
-/// with its address.
+/// with its address; `None` for an element type the staging buffers do not move.
 fn device_buffer_for<'a>(
     cpu: &'a CpuStorage,
     start: usize,
     end: usize,
     dev: &CudaDevice,
-) -> Result<(&'a [u8], CudaStorage, sys::CUdeviceptr)> {
+) -> Result<Option<(&'a [u8], CudaStorage, sys::CUdeviceptr)>> {
     fn typed<'a, T: CudaDType + DeviceRepr>(
         values: &'a [T],
         dev: &CudaDevice,
-    ) -> Result<(&'a [u8], CudaStorage, sys::CUdeviceptr)> {
+    ) -> Result<Option<(&'a [u8], CudaStorage, sys::CUdeviceptr)>> {
         // SAFETY: every byte is written by the copies queued (on the same stream) before
         // anything reads it.
         let mut slice: CudaSlice<T> = unsafe { dev.alloc::<T>(values.len())? };
@@ -94,7 +100,11 @@ fn device_buffer_for<'a>(
         let bytes = unsafe {
             std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
         };
-        Ok((bytes, CudaStorage::wrap_cuda_slice(slice, dev.clone()), dst))
+        Ok(Some((
+            bytes,
+            CudaStorage::wrap_cuda_slice(slice, dev.clone()),
+            dst,
+        )))
     }
     match cpu {
         CpuStorage::F16(v) => typed(&v[start..end], dev),
@@ -104,7 +114,7 @@ fn device_buffer_for<'a>(
         CpuStorage::U8(v) => typed(&v[start..end], dev),
         CpuStorage::U32(v) => typed(&v[start..end], dev),
         CpuStorage::I64(v) => typed(&v[start..end], dev),
-        _ => candle_core::bail!("upload: a tensor of an element type it does not move"),
+        _ => Ok(None),
     }
 }
 
@@ -192,23 +202,6 @@ fn batches(lens: impl Iterator<Item = usize>, limit: usize) -> Vec<(usize, usize
         batches.push((first, count));
     }
     batches
-}
-
-/// Whether [`upload`] takes `t`: a contiguous, non-empty host tensor of a type it moves.
-pub fn uploads(t: &Tensor) -> bool {
-    t.device().is_cpu()
-        && t.is_contiguous()
-        && t.elem_count() > 0
-        && matches!(
-            t.dtype(),
-            DType::F16
-                | DType::BF16
-                | DType::F32
-                | DType::F64
-                | DType::U8
-                | DType::U32
-                | DType::I64
-        )
 }
 
 #[cfg(test)]
