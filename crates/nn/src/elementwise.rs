@@ -1,5 +1,6 @@
-//! Elementwise and data-movement ops: leaky ReLU, nearest ×2 upsampling, a bias along an
-//! axis, the GEGLU gate. One-pass kernels of ours on CUDA, candle's ops elsewhere.
+//! Elementwise and data-movement ops: leaky ReLU, nearest and bilinear ×2 upsampling, a bias
+//! along an axis, the GEGLU gate, StyleGAN2's noise + leaky ReLU. One-pass kernels of ours on
+//! CUDA, candle's ops elsewhere.
 
 use candle_core::{Result, Tensor, D};
 
@@ -36,6 +37,59 @@ pub fn upsample_nearest_2x(xs: &Tensor) -> Result<Tensor> {
     }
     let (_, _, h, w) = xs.dims4()?;
     xs.upsample_nearest2d(2 * h, 2 * w)
+}
+
+/// torch's `F.interpolate(xs, scale_factor=2, mode="bilinear", align_corners=False)` over
+/// NCHW: our one-pass kernel on CUDA (candle's computes its coordinates in fp64), candle's
+/// elsewhere.
+pub fn upsample_bilinear_2x(xs: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(up) = crate::cuda::upsample_bilinear_2x(xs)? {
+        return Ok(up);
+    }
+    xs.upsample_bilinear2d_with_scale(2.0, 2.0, false)
+}
+
+/// StyleGAN2's activation after a modulated convolution: `leaky_relu(x + strength · noise,
+/// slope)`, `x` `[B, C, H, W]`, `noise` `[1 or B, 1, H, W]`, `strength` one element. With
+/// `sft = Some((scale, shift))`, GFPGAN's spatial feature transform of the channels from
+/// `C / 2` on follows: `v · scale + shift`, both `[B, C - C/2, H, W]`. One pass on CUDA,
+/// candle's ops elsewhere.
+pub fn noise_leaky_relu(
+    x: &Tensor,
+    noise: &Tensor,
+    strength: &Tensor,
+    slope: f64,
+    sft: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let noise_fits =
+        matches!(noise.dims(), [nb, 1, nh, nw] if (*nb == 1 || *nb == b) && (*nh, *nw) == (h, w));
+    let sft_fits = sft.is_none_or(|(scale, shift)| {
+        let dims = [b, c - c / 2, h, w];
+        scale.dims() == dims && shift.dims() == dims
+    });
+    if !noise_fits || strength.elem_count() != 1 || !sft_fits {
+        candle_core::bail!(
+            "noise + leaky ReLU: x {:?}, noise {:?}, strength {:?}, transform {:?} do not fit",
+            x.dims(),
+            noise.dims(),
+            strength.dims(),
+            sft.map(|(scale, shift)| (scale.dims().to_vec(), shift.dims().to_vec()))
+        )
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(y) = crate::cuda::noise_leaky_relu(x, noise, strength, slope, sft)? {
+        return Ok(y);
+    }
+    let strength = strength.reshape(())?;
+    let y = leaky_relu(&x.broadcast_add(&noise.broadcast_mul(&strength)?)?, slope)?;
+    let Some((scale, shift)) = sft else {
+        return Ok(y);
+    };
+    let half = c / 2;
+    let transformed = (y.narrow(1, half, c - half)? * scale)?.add(shift)?;
+    Tensor::cat(&[y.narrow(1, 0, half)?, transformed], 1)
 }
 
 /// `y + bias`, `bias` broadcast over the axes after `axis` (its shape: the axes of `y` that

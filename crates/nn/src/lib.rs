@@ -48,7 +48,9 @@ pub use conv::{
     circular_padding, conv1x1, conv2d, conv2d_no_bias, conv3x3, convolve, pad_circular,
     with_circular_padding, Conv2d,
 };
-pub use elementwise::{add_bias, geglu, leaky_relu, upsample_nearest_2x};
+pub use elementwise::{
+    add_bias, geglu, leaky_relu, noise_leaky_relu, upsample_bilinear_2x, upsample_nearest_2x,
+};
 pub use graph::{GraphCache, Pass};
 pub use layout::{
     add, cat_channels, channels_last_on, from_nhwc, is_channels_last, to_channels_last,

@@ -242,14 +242,18 @@ impl Esrgan {
         Ok(out.squeeze(0)?.clamp(0f32, 1f32)?)
     }
 
+    /// The network over `tile`² pieces of `x`, each read with `pad` pixels of context and
+    /// written back without it. The output stays on the network's device, as the reference
+    /// keeps it (one strip of tiles joined, then set into place): no per-tile copy to the host,
+    /// which would wait for each tile before the next could be queued.
     fn tiled(&self, x: &Tensor, tile: usize, pad: usize) -> Result<Tensor, Error> {
         let (_, c, h, w) = x.dims4()?;
         let s = self.scale();
-        let (oh, ow) = (h * s, w * s);
-        let mut out = vec![0f32; c * oh * ow];
+        let out = Tensor::zeros((1, c, h * s, w * s), DType::F32, x.device())?;
         let tiles_y = h.div_ceil(tile);
         let tiles_x = w.div_ceil(tile);
         for ty in 0..tiles_y {
+            let mut strip = Vec::with_capacity(tiles_x);
             for tx in 0..tiles_x {
                 let (x0, y0) = (tx * tile, ty * tile);
                 let (x1, y1) = ((x0 + tile).min(w), (y0 + tile).min(h));
@@ -260,22 +264,17 @@ impl Esrgan {
                     .narrow(3, px0, px1 - px0)?
                     .contiguous()?;
                 let result = self.forward(&input)?;
-                let result = result
-                    .narrow(2, (y0 - py0) * s, (y1 - y0) * s)?
-                    .narrow(3, (x0 - px0) * s, (x1 - x0) * s)?
-                    .squeeze(0)?
-                    .to_device(&Device::Cpu)?
-                    .to_vec3::<f32>()?;
-                for (ch, plane) in result.iter().enumerate() {
-                    for (r, row) in plane.iter().enumerate() {
-                        let start = ch * oh * ow + (y0 * s + r) * ow + x0 * s;
-                        out[start..start + row.len()].copy_from_slice(row);
-                    }
-                }
+                strip.push(result.narrow(2, (y0 - py0) * s, (y1 - y0) * s)?.narrow(
+                    3,
+                    (x0 - px0) * s,
+                    (x1 - x0) * s,
+                )?);
                 tracing::debug!(tile = ty * tiles_x + tx + 1, of = tiles_x * tiles_y, "tile");
             }
+            // (a strip of one tile is that tile, a view: slice_set takes contiguous tensors)
+            out.slice_set(&Tensor::cat(&strip, 3)?.contiguous()?, 2, ty * tile * s)?;
         }
-        Ok(Tensor::from_vec(out, (1, c, oh, ow), &self.device)?)
+        Ok(out)
     }
 
     /// Upscales an image as `RealESRGANer.enhance` does: 8- or 16-bit, grey, RGB or RGBA

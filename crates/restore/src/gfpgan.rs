@@ -155,7 +155,7 @@ fn leaky(xs: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 fn up2(xs: &Tensor) -> candle_core::Result<Tensor> {
-    xs.upsample_bilinear2d_with_scale(2.0, 2.0, false)
+    sdkube_nn::upsample_bilinear_2x(xs)
 }
 
 /// Bilinear ×0.5 with `align_corners=False` samples exactly between pixel pairs: a 2×2 mean.
@@ -317,13 +317,21 @@ impl StyleConv {
         })
     }
 
-    /// The reference's `leaky(conv · √2 + strength · noise + bias)`, the gain in the weights.
-    fn forward(&self, xs: &Tensor, style: &Tensor, noise: &Tensor) -> candle_core::Result<Tensor> {
+    /// The reference's `leaky(conv · √2 + strength · noise + bias)`, the gain in the weights;
+    /// with `sft`, the decoder's spatial feature transform of the second half of the channels
+    /// in the same pass.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        style: &Tensor,
+        noise: &Tensor,
+        sft: Option<(&Tensor, &Tensor)>,
+    ) -> candle_core::Result<Tensor> {
         let gain = std::f64::consts::SQRT_2;
         let out = self
             .modulated_conv
             .forward(xs, style, gain, Some(&self.bias))?;
-        leaky(&out.broadcast_add(&noise.broadcast_mul(&self.noise_strength)?)?)
+        sdkube_nn::noise_leaky_relu(&out, noise, &self.noise_strength, 0.2, sft)
     }
 }
 
@@ -450,20 +458,15 @@ impl StyleDecoder {
             .constant_input
             .broadcast_as((b, c4, h4, w4))?
             .contiguous()?;
-        let mut out = self.style_conv1.forward(&out, &w(0)?, &noises[0])?;
+        let mut out = self.style_conv1.forward(&out, &w(0)?, &noises[0], None)?;
         let mut skip = self.to_rgb1.forward(&out, &w(1)?, None)?;
         let mut i = 1;
         for (level, to_rgb) in self.to_rgbs.iter().enumerate() {
-            out = self.style_convs[2 * level].forward(&out, &w(i)?, &noises[i])?;
-            if let Some((scale, shift)) = conditions.get(level) {
-                let c = out.dim(1)?;
-                let half = c / 2;
-                let same = out.narrow(1, 0, half)?;
-                let sft = out.narrow(1, half, c - half)?;
-                let sft = (sft * scale)?.add(shift)?;
-                out = Tensor::cat(&[same, sft], 1)?;
-            }
-            out = self.style_convs[2 * level + 1].forward(&out, &w(i + 1)?, &noises[i + 1])?;
+            // the level's condition transforms the second half of the channels (`sft_half`)
+            let sft = conditions.get(level).map(|(scale, shift)| (scale, shift));
+            out = self.style_convs[2 * level].forward(&out, &w(i)?, &noises[i], sft)?;
+            out =
+                self.style_convs[2 * level + 1].forward(&out, &w(i + 1)?, &noises[i + 1], None)?;
             skip = to_rgb.forward(&out, &w(i + 2)?, Some(&skip))?;
             i += 2;
         }

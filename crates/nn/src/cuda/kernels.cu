@@ -598,32 +598,34 @@ __device__ void group_norm_stats_nhwc(const T* __restrict__ x, float* __restrict
   }
 }
 
+// Pass 2 of 3: each (sample, group)'s chunks merged into its mean and 1 / std, a warp per
+// group, lanes taking every 32nd chunk. Done once here, not in each block of pass 3, where
+// every block merged every group of its sample before it could start. rows = B * G.
+extern "C" __global__ void group_norm_finalize_nhwc(const float* __restrict__ partial,
+                                                    float* __restrict__ stats, int rows,
+                                                    int splits, float eps) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= rows) return;  // whole warps: blockDim.x is a multiple of 32
+  Moments m{0.f, 0.f, 0.f};
+  const float* p = partial + (long)row * splits * 3;
+  for (int s = lane; s < splits; s += 32) m = merge(m, Moments{p[3 * s], p[3 * s + 1], p[3 * s + 2]});
+  m = warp_merge(m);
+  if (lane == 0) {
+    stats[2 * row] = m.mean;
+    stats[2 * row + 1] = rsqrtf(m.m2 / m.n + eps);
+  }
+}
+
 template <typename T, int VEC>
 __device__ void group_norm_apply_nhwc(const T* __restrict__ x, T* __restrict__ y,
-                                      const float* __restrict__ partial,
+                                      const float* __restrict__ stats,
                                       const T* __restrict__ weight, const T* __restrict__ bias,
-                                      long hw, int channels, int groups, int splits, float eps,
-                                      int silu) {
-  // Each warp merges whole groups, its lanes taking every 32nd chunk: one thread walking all
-  // of a group's chunks made this kernel twice as slow as the NCHW one.
-  __shared__ float stats[2 * 128];
-  const int warp = threadIdx.x / 32, warp_lane = threadIdx.x % 32;
-  for (int g = warp; g < groups; g += blockDim.x / 32) {
-    Moments m{0.f, 0.f, 0.f};
-    const float* p = partial + ((long)blockIdx.x * groups + g) * splits * 3;
-    for (int s = warp_lane; s < splits; s += 32)
-      m = merge(m, Moments{p[3 * s], p[3 * s + 1], p[3 * s + 2]});
-    m = warp_merge(m);
-    if (warp_lane == 0) {
-      stats[2 * g] = m.mean;
-      stats[2 * g + 1] = rsqrtf(m.m2 / m.n + eps);
-    }
-  }
-  __syncthreads();
+                                      long hw, int channels, int groups, int splits, int silu) {
   const int lanes = channels / VEC, rows = blockDim.x / lanes;
   const int lane = threadIdx.x % lanes, row = threadIdx.x / lanes;
   const int first = lane * VEC, g = first / (channels / groups);
-  const float mean = stats[2 * g], rstd = stats[2 * g + 1];
+  const float* st = stats + ((long)blockIdx.x * groups + g) * 2;
+  const float mean = st[0], rstd = st[1];
   // y = x * scale + offset per channel, the affine folded into the normalisation.
   float scale[VEC], offset[VEC];
   load_vec<T, VEC>(weight + first, scale);
@@ -658,9 +660,8 @@ __device__ void group_norm_apply_nhwc(const T* __restrict__ x, T* __restrict__ y
   }
 
 #define GN_STATS_CALL(V) group_norm_stats_nhwc<Elem, V>(x, partial, hw, channels, groups, splits)
-#define GN_APPLY_CALL(V)                                                                    \
-  group_norm_apply_nhwc<Elem, V>(x, y, partial, weight, bias, hw, channels, groups, splits, eps, \
-                              silu)
+#define GN_APPLY_CALL(V) \
+  group_norm_apply_nhwc<Elem, V>(x, y, stats, weight, bias, hw, channels, groups, splits, silu)
 #define GROUP_NORM_NHWC(T, NAME)                                                              \
   extern "C" __global__ void __launch_bounds__(1024) group_norm_stats_nhwc_##NAME(            \
       const T* x, float* partial, long hw, int channels, int groups, int vec, int splits) {    \
@@ -668,8 +669,8 @@ __device__ void group_norm_apply_nhwc(const T* __restrict__ x, T* __restrict__ y
     WITH_VEC(vec, GN_STATS_CALL)                                                              \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(1024) group_norm_apply_nhwc_##NAME(            \
-      const T* x, T* y, const float* partial, const T* weight, const T* bias, long hw,        \
-      int channels, int groups, int vec, int splits, float eps, int silu) {                  \
+      const T* x, T* y, const float* stats, const T* weight, const T* bias, long hw,          \
+      int channels, int groups, int vec, int splits, int silu) {                             \
     using Elem = T;                                                                           \
     WITH_VEC(vec, GN_APPLY_CALL)                                                              \
   }
@@ -884,3 +885,5 @@ extern "C" __global__ void upsample_2x_nhwc_f32(const float* x, float* out, unsi
                                                 unsigned h, unsigned w, unsigned c) {
   upsample_2x_nhwc<float>(x, out, n, h, w, c);
 }
+
+#include "restore_kernels.cuh"

@@ -30,6 +30,7 @@ pub(crate) mod graph;
 mod linear;
 mod memory;
 mod norm;
+mod restore_ops;
 mod upload;
 
 use candle_core::cuda_backend::{cudarc, CudaDevice, DeviceId, WrapErr};
@@ -44,6 +45,7 @@ pub use elementwise::{add_bias, geglu, leaky_relu, upsample_nearest_2x};
 pub use linear::linear;
 pub use memory::memory_high_water;
 pub use norm::{group_norm, group_norm_input_grad};
+pub use restore_ops::{noise_leaky_relu, upsample_bilinear_2x};
 pub use upload::upload;
 
 /// `kernels.cu` as built by `build.rs`: machine code for each GPU generation, PTX beyond.

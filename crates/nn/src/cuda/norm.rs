@@ -1,4 +1,5 @@
-//! Group norm (+ SiLU) in two fused passes, and its input gradient in three.
+//! Group norm (+ SiLU) in fused passes (NCHW: two; channels-last: the statistics of each chunk,
+//! their merge per group, the normalisation), and its input gradient in three.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc;
@@ -165,8 +166,10 @@ impl GroupNormNhwcOp {
         let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
         let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
         let groups = self.0.groups;
-        // SAFETY: pass 1 writes every (sample, group, chunk)'s moments, pass 2 every output.
+        // SAFETY: pass 1 writes every (sample, group, chunk)'s moments, pass 2 every
+        // (sample, group)'s statistics, pass 3 every output.
         let partial = unsafe { dev.alloc::<f32>(n * groups * geo.splits * 3)? };
+        let group_stats = unsafe { dev.alloc::<f32>(n * groups * 2)? };
         let out = unsafe { dev.alloc::<T>(xl.shape().elem_count())? };
         let cfg = LaunchConfig {
             grid_dim: (n as u32, geo.splits as u32, 1),
@@ -183,12 +186,29 @@ impl GroupNormNhwcOp {
         launch.arg(&c32).arg(&groups32).arg(&vec32).arg(&splits32);
         // SAFETY: argument lists match the kernels' signatures; geometry checked above.
         unsafe { launch.launch(cfg) }.w()?;
+        let finalize = kernel(&dev, "group_norm_finalize_nhwc")?;
+        let rows = n * groups;
+        let (rows32, eps) = (rows as i32, self.0.eps);
+        let mut launch = finalize.builder();
+        launch
+            .arg(&partial)
+            .arg(&group_stats)
+            .arg(&rows32)
+            .arg(&splits32)
+            .arg(&eps);
+        // A warp per (sample, group), four a block.
+        let finalize_cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { launch.launch(finalize_cfg) }.w()?;
         let apply = func("group_norm_apply_nhwc")?;
-        let (eps, silu) = (self.0.eps, self.0.silu as i32);
+        let silu = self.0.silu as i32;
         let mut launch = apply.builder();
-        launch.arg(&xs).arg(&out).arg(&partial).arg(&ws).arg(&bs);
+        launch.arg(&xs).arg(&out).arg(&group_stats).arg(&ws).arg(&bs);
         launch.arg(&hw64).arg(&c32).arg(&groups32).arg(&vec32);
-        launch.arg(&splits32).arg(&eps).arg(&silu);
+        launch.arg(&splits32).arg(&silu);
         unsafe { launch.launch(cfg) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
     }
@@ -217,7 +237,7 @@ impl NhwcGeometry {
         if groups > 128 || lanes > 1024 {
             return None;
         }
-        // About 512 threads a block; whole warps (pass 2 merges a group per warp).
+        // About 512 threads a block, in whole warps.
         let rows = (512 / lanes).max(1);
         if (lanes * rows) % 32 != 0 {
             return None;

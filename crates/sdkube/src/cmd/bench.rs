@@ -679,6 +679,42 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
         &|| Ok(candle_nn::ops::leaky_relu(&x, 0.2)?),
         &[("sdkube", &|| Ok(own::leaky_relu(&x, 0.2)?))],
     )?;
+    // GFPGAN's decoder at its last level: bilinear ×2 of the 256² features, then the noise,
+    // leaky ReLU and spatial feature transform after the modulated convolution
+    let x = rand(&[1, 128, 256, 256])?;
+    compare(
+        "upsample bilinear 2x gfpgan",
+        "[1,128,256,256]",
+        &|| Ok(x.upsample_bilinear2d_with_scale(2.0, 2.0, false)?),
+        &[("sdkube", &|| Ok(own::upsample_bilinear_2x(&x)?))],
+    )?;
+    let (x, noise, strength) = (
+        rand(&[1, 64, 512, 512])?,
+        rand(&[1, 1, 512, 512])?,
+        rand(&[1])?,
+    );
+    let (scale, shift) = (rand(&[1, 32, 512, 512])?, rand(&[1, 32, 512, 512])?);
+    compare(
+        "noise leaky relu sft gfpgan",
+        "[1,64,512,512]",
+        &|| {
+            let y = candle_nn::ops::leaky_relu(
+                &x.broadcast_add(&noise.broadcast_mul(&strength)?)?,
+                0.2,
+            )?;
+            let sft = ((y.narrow(1, 32, 32)? * &scale)? + &shift)?;
+            Ok(Tensor::cat(&[y.narrow(1, 0, 32)?, sft], 1)?)
+        },
+        &[("sdkube", &|| {
+            Ok(own::noise_leaky_relu(
+                &x,
+                &noise,
+                &strength,
+                0.2,
+                Some((&scale, &shift)),
+            )?)
+        })],
+    )?;
     attention_input_grad(dev, dt, repeat)?;
     Ok(())
 }
@@ -731,7 +767,7 @@ mod own {
     #[cfg(feature = "cuda")]
     pub use sdkube_nn::cuda::{
         add_bias, conv2d_input_grad, flash_attention, geglu, group_norm, group_norm_input_grad,
-        leaky_relu, linear, upsample_nearest_2x,
+        leaky_relu, linear, noise_leaky_relu, upsample_bilinear_2x, upsample_nearest_2x,
     };
 
     /// The CUDA memory pool's high-water marks (see `sdkube_nn::cuda`), `None` off CUDA.
@@ -827,6 +863,22 @@ mod own {
 
     #[cfg(not(feature = "cuda"))]
     pub fn leaky_relu(_: &Tensor, _: f64) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn upsample_bilinear_2x(_: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn noise_leaky_relu(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: f64,
+        _: Option<(&Tensor, &Tensor)>,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
 
