@@ -284,7 +284,7 @@ impl AttentionBackward {
             let p = candle_nn::ops::softmax_last_dim(&q_r.matmul(&k_t)?)?;
             dv = (dv + p.t()?.matmul(&do_r)?.to_dtype(precise)?)?;
             let dp = do_r.matmul(&v_t)?;
-            let ds = (p * dp.broadcast_sub(&row_dot.narrow(2, first, rows)?)?)?;
+            let ds = softmax_input_grad(&p, &dp, &row_dot.narrow(2, first, rows)?)?;
             dq.push(ds.matmul(&kh)?);
             dk = (dk + ds.t()?.matmul(&q_r)?.to_dtype(precise)?)?;
         }
@@ -303,6 +303,16 @@ impl AttentionBackward {
         let dq = (dq.to_dtype(precise)? * scale)?;
         Ok((merge(dq, n, q)?, merge(dk, m, k)?, merge(dv, m, v)?))
     }
+}
+
+/// `p · (dp − row_dot)`: the softmax's input gradient, `p` its output, `dp` the gradient of
+/// that, `row_dot` `[..., 1]` each row's `Σ p·dp`. One pass on CUDA.
+fn softmax_input_grad(p: &Tensor, dp: &Tensor, row_dot: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(ds) = crate::cuda::softmax_grad(p, dp, row_dot)? {
+        return Ok(ds);
+    }
+    p * dp.broadcast_sub(row_dot)?
 }
 
 #[cfg(test)]

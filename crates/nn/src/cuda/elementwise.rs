@@ -1,6 +1,6 @@
-//! Elementwise kernels: bias along an axis, the GEGLU gate, leaky ReLU, nearest ×2 upsampling,
-//! where candle's broadcast kernels run at a tenth of memory speed (compared by
-//! `sdkube bench --what ops`).
+//! Elementwise kernels: bias along an axis, the GEGLU gate, the softmax's input gradient, leaky
+//! ReLU, nearest ×2 upsampling, where candle's broadcast kernels run at a tenth of memory speed
+//! (compared by `sdkube bench --what ops`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc;
@@ -156,6 +156,61 @@ impl Geglu {
 }
 
 cuda_op!(Geglu, "geglu", run(x) [F16 => f16, F32 => f32]);
+
+/// The softmax's input gradient over the last axis: `p · (dp − row_dot)`, `p` the softmax's
+/// output, `dp` its gradient, `row_dot` `[..., 1]` each row's `Σ p·dp`; one pass where candle
+/// takes a broadcast subtraction (strided, slow) and a product over score-sized tensors.
+pub fn softmax_grad(p: &Tensor, dp: &Tensor, row_dot: &Tensor) -> Result<Option<Tensor>> {
+    let same = [dp, row_dot]
+        .iter()
+        .all(|t| t.dtype() == p.dtype() && applies(t));
+    let rows = p.dims().split_last().map(|(_, rows)| rows);
+    let row_fits = row_dot
+        .dims()
+        .split_last()
+        .map(|(last, rows)| (*last, rows));
+    if !elementwise_ok(p) || !same || dp.dims() != p.dims() || row_fits != rows.map(|r| (1, r)) {
+        return Ok(None);
+    }
+    p.contiguous()?
+        .apply_op3_no_bwd(&dp.contiguous()?, &row_dot.contiguous()?, &SoftmaxGrad)
+        .map(Some)
+}
+
+struct SoftmaxGrad;
+
+impl SoftmaxGrad {
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        &self,
+        (p, pl): (&CudaStorage, &Layout),
+        (dp, dpl): (&CudaStorage, &Layout),
+        (r, rl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let n = pl.shape().elem_count();
+        let m = pl.dims()[pl.dims().len() - 1];
+        let dev = p.device().clone();
+        let ps = p.as_cuda_slice::<T>()?.slice(pl.start_offset()..);
+        let dps = dp.as_cuda_slice::<T>()?.slice(dpl.start_offset()..);
+        let rs = r.as_cuda_slice::<T>()?.slice(rl.start_offset()..);
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let func = kernel(&dev, &format!("softmax_grad_{}", suffix(p.dtype())?))?;
+        let (n32, m32) = (n as u32, m as u32);
+        let mut launch = func.builder();
+        launch
+            .arg(&ps)
+            .arg(&dps)
+            .arg(&rs)
+            .arg(&out)
+            .arg(&n32)
+            .arg(&m32);
+        // SAFETY: argument list matches the kernel's signature.
+        unsafe { launch.launch(launch_1d(n)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), pl.shape().clone()))
+    }
+}
+
+cuda_op!(SoftmaxGrad, "softmax-grad", run(x, y, z) [F16 => f16, F32 => f32]);
 
 /// `x >= 0 ? x : slope * x` in one pass.
 pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Option<Tensor>> {

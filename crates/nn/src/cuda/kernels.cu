@@ -818,6 +818,15 @@ __device__ void leaky_relu(const T* x, T* out, unsigned n, float slope) {
   }
 }
 
+// The softmax's input gradient over rows of m scores (attention's backward):
+// out = p * (dp - row_dot[row]), row_dot each row's sum of p * dp. One pass in fp32.
+template <typename T>
+__device__ void softmax_grad(const T* p, const T* dp, const T* row_dot, T* out, unsigned n,
+                             unsigned m) {
+  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+    out[i] = from_f<T>(to_f(p[i]) * (to_f(dp[i]) - to_f(row_dot[i / m])));
+}
+
 #define ELEMENTWISE(T, NAME)                                                                  \
   extern "C" __global__ void add_bias_##NAME(const T* y, const T* bias, T* out, unsigned n,   \
                                              unsigned inner, unsigned channels,              \
@@ -829,6 +838,10 @@ __device__ void leaky_relu(const T* x, T* out, unsigned n, float slope) {
   }                                                                                           \
   extern "C" __global__ void leaky_relu_##NAME(const T* x, T* out, unsigned n, float slope) { \
     leaky_relu<T>(x, out, n, slope);                                                          \
+  }                                                                                           \
+  extern "C" __global__ void softmax_grad_##NAME(const T* p, const T* dp, const T* row_dot,   \
+                                                 T* out, unsigned n, unsigned m) {            \
+    softmax_grad<T>(p, dp, row_dot, out, n, m);                                               \
   }
 
 ELEMENTWISE(half, f16)

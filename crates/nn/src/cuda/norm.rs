@@ -206,7 +206,12 @@ impl GroupNormNhwcOp {
         let apply = func("group_norm_apply_nhwc")?;
         let silu = self.0.silu as i32;
         let mut launch = apply.builder();
-        launch.arg(&xs).arg(&out).arg(&group_stats).arg(&ws).arg(&bs);
+        launch
+            .arg(&xs)
+            .arg(&out)
+            .arg(&group_stats)
+            .arg(&ws)
+            .arg(&bs);
         launch.arg(&hw64).arg(&c32).arg(&groups32).arg(&vec32);
         launch.arg(&splits32).arg(&silu);
         unsafe { launch.launch(cfg) }.w()?;

@@ -715,6 +715,19 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
             )?)
         })],
     )?;
+    // The softmax's input gradient of SD1.5's 64² self-attention backward, one block of
+    // query rows (2 samples × 8 heads × 256 rows × 4096 keys)
+    let (p, dp, row_dot) = (
+        candle_nn::ops::softmax_last_dim(&rand(&[2, 8, 256, 4096])?)?,
+        rand(&[2, 8, 256, 4096])?,
+        rand(&[2, 8, 256, 1])?,
+    );
+    compare(
+        "softmax grad sd15 self 64²",
+        "[2,8,256,4096]",
+        &|| Ok((&p * dp.broadcast_sub(&row_dot)?)?),
+        &[("sdkube", &|| Ok(own::softmax_grad(&p, &dp, &row_dot)?))],
+    )?;
     attention_input_grad(dev, dt, repeat)?;
     Ok(())
 }
@@ -767,7 +780,8 @@ mod own {
     #[cfg(feature = "cuda")]
     pub use sdkube_nn::cuda::{
         add_bias, conv2d_input_grad, flash_attention, geglu, group_norm, group_norm_input_grad,
-        leaky_relu, linear, noise_leaky_relu, upsample_bilinear_2x, upsample_nearest_2x,
+        leaky_relu, linear, noise_leaky_relu, softmax_grad, upsample_bilinear_2x,
+        upsample_nearest_2x,
     };
 
     /// The CUDA memory pool's high-water marks (see `sdkube_nn::cuda`), `None` off CUDA.
@@ -868,6 +882,11 @@ mod own {
 
     #[cfg(not(feature = "cuda"))]
     pub fn upsample_bilinear_2x(_: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn softmax_grad(_: &Tensor, _: &Tensor, _: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
 
