@@ -113,8 +113,13 @@ pub fn add_bias(y: Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
 }
 
 /// The gradient of `h` given `grad`, that of [`geglu`]`(h)`: `grad · gelu(gate)` for the value
-/// half, `grad · value · gelu'(gate)` for the gate half, with `gelu'(x) = Φ(x) + x·φ(x)`.
+/// half, `grad · value · gelu'(gate)` for the gate half, with `gelu'(x) = Φ(x) + x·φ(x)`. One
+/// kernel on CUDA.
 fn geglu_input_grad(h: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(dh) = crate::cuda::geglu_grad(h, grad)? {
+        return Ok(dh);
+    }
     let precise = crate::tracked::precise(h.dtype());
     let half = h.dim(D::Minus1)? / 2;
     let part = |start: usize| {

@@ -33,6 +33,10 @@ impl LayerNorm {
                 "layer norm backward",
                 |xs| self.run(xs),
                 move |xs, grad| {
+                    #[cfg(feature = "cuda")]
+                    if let Some(dx) = crate::cuda::layer_norm_input_grad(xs, grad, &weight, eps)? {
+                        return Ok(dx);
+                    }
                     let (shape, d) = (xs.shape().clone(), xs.dim(D::Minus1)?);
                     let precise = crate::tracked::precise(xs.dtype());
                     let rows = Normalized::new(&xs.to_dtype(precise)?.reshape(((), d))?, eps)?;

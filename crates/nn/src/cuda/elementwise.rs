@@ -1,5 +1,5 @@
 //! Elementwise kernels: bias along an axis, the GEGLU gate, the softmax's input gradient, leaky
-//! ReLU, nearest ×2 upsampling, where candle's broadcast kernels run at a tenth of memory speed
+//! ReLU, nearest and bilinear ×2 upsampling, where candle's broadcast kernels run at a tenth of memory speed
 //! (compared by `sdkube bench --what ops`).
 
 use candle_core::backend::BackendStorage;
@@ -212,6 +212,49 @@ impl SoftmaxGrad {
 
 cuda_op!(SoftmaxGrad, "softmax-grad", run(x, y, z) [F16 => f16, F32 => f32]);
 
+/// The input gradient of [`geglu`] given `grad`, that of its output: `dh` `[..., 2F]` from `h`
+/// `[..., 2F]` and `grad` `[..., F]`, in one pass.
+pub fn geglu_grad(h: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    let Some((&last, rows)) = h.dims().split_last() else {
+        return Ok(None);
+    };
+    let halved = grad.dims().split_last() == Some((&(last / 2), rows));
+    let same = grad.dtype() == h.dtype() && applies(grad);
+    if !elementwise_ok(h) || !same || !last.is_multiple_of(2) || !halved {
+        return Ok(None);
+    }
+    h.contiguous()?
+        .apply_op2_no_bwd(&grad.contiguous()?, &GegluGrad)
+        .map(Some)
+}
+
+struct GegluGrad;
+
+impl GegluGrad {
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        &self,
+        (h, hl): (&CudaStorage, &Layout),
+        (g, gl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let n = gl.shape().elem_count();
+        let f = gl.dims()[gl.dims().len() - 1];
+        let dev = h.device().clone();
+        let hs = h.as_cuda_slice::<T>()?.slice(hl.start_offset()..);
+        let gs = g.as_cuda_slice::<T>()?.slice(gl.start_offset()..);
+        // SAFETY: the kernel writes every element (both halves of each row).
+        let out = unsafe { dev.alloc::<T>(2 * n)? };
+        let func = kernel(&dev, &format!("geglu_grad_{}", suffix(h.dtype())?))?;
+        let (n32, f32_) = (n as u32, f as u32);
+        let mut launch = func.builder();
+        launch.arg(&hs).arg(&gs).arg(&out).arg(&n32).arg(&f32_);
+        // SAFETY: argument list matches the kernel's signature.
+        unsafe { launch.launch(launch_1d(n)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), hl.shape().clone()))
+    }
+}
+
+cuda_op!(GegluGrad, "geglu-grad", run(x, y) [F16 => f16, F32 => f32]);
+
 /// `x >= 0 ? x : slope * x` in one pass.
 pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Option<Tensor>> {
     if !elementwise_ok(x) {
@@ -260,7 +303,23 @@ pub fn upsample_nearest_2x(x: &Tensor) -> Result<Option<Tensor>> {
         let up = x.permute((0, 2, 3, 1))?.apply_op1_no_bwd(&Upsample2xNhwc)?;
         return up.permute((0, 3, 1, 2)).map(Some);
     }
-    x.contiguous()?.apply_op1_no_bwd(&Upsample2x).map(Some)
+    let op = Upsample2x { bilinear: false };
+    x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
+}
+
+/// torch's `F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)` over NCHW
+/// `x`; `None` where the kernel does not apply (channels-last memory among them).
+pub fn upsample_bilinear_2x(x: &Tensor) -> Result<Option<Tensor>> {
+    // the output (4×) must stay below 2^31 elements
+    if !elementwise_ok(x)
+        || x.rank() != 4
+        || x.elem_count() >= (1 << 29)
+        || crate::is_channels_last(x)
+    {
+        return Ok(None);
+    }
+    let op = Upsample2x { bilinear: true };
+    x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
 }
 
 /// [`Upsample2x`] over channels-last memory `[B, H, W, C]`.
@@ -299,7 +358,11 @@ impl Upsample2xNhwc {
 
 cuda_op!(Upsample2xNhwc, "upsample-nearest-2x-nhwc", run(x) [F16 => f16, F32 => f32]);
 
-struct Upsample2x;
+/// ×2 upsampling over NCHW memory: nearest (each input pixel's 2×2 block, a thread per input
+/// element) or bilinear as torch's `align_corners=False` (a thread per output element).
+struct Upsample2x {
+    bilinear: bool,
+}
 
 impl Upsample2x {
     fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
@@ -312,13 +375,17 @@ impl Upsample2x {
         let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<T>(4 * n)? };
-        let name = format!("upsample_2x_{}", suffix(x.dtype())?);
-        let func = kernel(&dev, &name)?;
-        let (n32, h32, w32) = (n as u32, h as u32, w as u32);
+        let (kind, threads) = if self.bilinear {
+            ("upsample_bilinear_2x", 4 * n)
+        } else {
+            ("upsample_2x", n)
+        };
+        let func = kernel(&dev, &format!("{kind}_{}", suffix(x.dtype())?))?;
+        let (n32, h32, w32) = (threads as u32, h as u32, w as u32);
         let mut launch = func.builder();
         launch.arg(&xs).arg(&out).arg(&n32).arg(&h32).arg(&w32);
         // SAFETY: argument list matches the kernel's signature.
-        unsafe { launch.launch(launch_1d(n)) }.w()?;
+        unsafe { launch.launch(launch_1d(threads)) }.w()?;
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev),
             Shape::from((b, c, 2 * h, 2 * w)),
@@ -326,4 +393,4 @@ impl Upsample2x {
     }
 }
 
-cuda_op!(Upsample2x, "upsample-nearest-2x", run(x) [F16 => f16, F32 => f32]);
+cuda_op!(Upsample2x, "upsample-2x", run(x) [F16 => f16, F32 => f32]);

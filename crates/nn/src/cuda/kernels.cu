@@ -900,3 +900,4 @@ extern "C" __global__ void upsample_2x_nhwc_f32(const float* x, float* out, unsi
 }
 
 #include "restore_kernels.cuh"
+#include "backward_kernels.cuh"

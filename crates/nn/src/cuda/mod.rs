@@ -41,11 +41,14 @@ use crate::switch::Switch;
 
 pub use attention::flash_attention;
 pub use conv::{conv2d, conv2d_cudnn, conv2d_input_grad};
-pub use elementwise::{add_bias, geglu, leaky_relu, softmax_grad, upsample_nearest_2x};
+pub use elementwise::{
+    add_bias, geglu, geglu_grad, leaky_relu, softmax_grad, upsample_bilinear_2x,
+    upsample_nearest_2x,
+};
 pub use linear::linear;
 pub use memory::memory_high_water;
-pub use norm::{group_norm, group_norm_input_grad};
-pub use restore_ops::{noise_leaky_relu, upsample_bilinear_2x};
+pub use norm::{group_norm, group_norm_input_grad, layer_norm_input_grad};
+pub use restore_ops::noise_leaky_relu;
 pub use upload::upload;
 
 /// `kernels.cu` as built by `build.rs`: machine code for each GPU generation, PTX beyond.

@@ -1,5 +1,6 @@
 //! Group norm (+ SiLU) in fused passes (NCHW: two; channels-last: the statistics of each chunk,
-//! their merge per group, the normalisation), and its input gradient in three.
+//! their merge per group, the normalisation), and its input gradient in three; layer norm's
+//! input gradient in one.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc;
@@ -370,6 +371,67 @@ impl GroupNormGradOp {
     }
 }
 
+/// The input gradient of a layer norm over the last axis (`weight` `[D]`, `eps`) given
+/// `grad`, that of its output: a warp per row, in one kernel.
+pub fn layer_norm_input_grad(
+    x: &Tensor,
+    grad: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<Option<Tensor>> {
+    let dtype_ok = matches!(x.dtype(), DType::F16 | DType::F32);
+    let same = [grad, weight]
+        .iter()
+        .all(|t| t.dtype() == x.dtype() && applies(t));
+    let d = x.dims().last().copied().unwrap_or(0);
+    let fits = d > 0 && grad.dims() == x.dims() && weight.dims() == [d];
+    if !applies(x) || !dtype_ok || !same || !fits || x.elem_count() >= (1 << 31) {
+        return Ok(None);
+    }
+    let op = LayerNormGradOp { eps: eps as f32 };
+    x.contiguous()?
+        .apply_op3_no_bwd(&grad.contiguous()?, &weight.contiguous()?, &op)
+        .map(Some)
+}
+
+struct LayerNormGradOp {
+    eps: f32,
+}
+
+impl LayerNormGradOp {
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        &self,
+        (x, xl): (&CudaStorage, &Layout),
+        (g, gl): (&CudaStorage, &Layout),
+        (w, wl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let n = xl.shape().elem_count();
+        let d = xl.dims()[xl.dims().len() - 1];
+        let rows = n / d;
+        let dev = x.device().clone();
+        let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        let gs = g.as_cuda_slice::<T>()?.slice(gl.start_offset()..);
+        let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+        // SAFETY: the kernel writes every row.
+        let dx = unsafe { dev.alloc::<T>(n)? };
+        let func = kernel(&dev, &format!("layer_norm_grad_{}", suffix(x.dtype())?))?;
+        let (rows32, d32) = (rows as u32, d as u32);
+        let mut launch = func.builder();
+        launch.arg(&xs).arg(&gs).arg(&ws).arg(&dx);
+        launch.arg(&rows32).arg(&d32).arg(&self.eps);
+        // Eight warps a block, a warp per row (the kernel strides over any rows beyond).
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(8).min(65_535) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument list matches the kernel's signature.
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(dx, dev), xl.shape().clone()))
+    }
+}
+
+cuda_op!(LayerNormGradOp, "layer-norm-input-grad", run(x, y, z) [F16 => f16, F32 => f32]);
 cuda_op!(GroupNormOp, "group-norm", run(x, y, z) [F16 => f16, F32 => f32]);
 cuda_op!(GroupNormNhwcOp, "group-norm-nhwc", run(x, y, z) [F16 => f16, F32 => f32]);
 cuda_op!(GroupNormGradOp, "group-norm-input-grad", run(x, y) [F16 => f16, F32 => f32]);

@@ -1,6 +1,5 @@
-//! Ops of the restore networks (GFPGAN's StyleGAN2 decoder and U-Net) in one pass each
-//! (`restore_kernels.cuh`): bilinear ×2 upsampling, and StyleGAN2's noise + leaky ReLU with
-//! GFPGAN's spatial feature transform after it.
+//! StyleGAN2's noise + leaky ReLU, with GFPGAN's spatial feature transform after it, in one
+//! pass (`restore_kernels.cuh`, which also holds the bilinear upsampling of `elementwise.rs`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc;
@@ -14,47 +13,6 @@ use super::{applies, cuda_op, kernel, launch_1d, suffix};
 fn fits(t: &Tensor) -> bool {
     applies(t) && matches!(t.dtype(), DType::F16 | DType::F32)
 }
-
-/// torch's `F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)` over NCHW
-/// `x`; `None` where the kernel does not apply (channels-last memory among them).
-pub fn upsample_bilinear_2x(x: &Tensor) -> Result<Option<Tensor>> {
-    // the output (4×) must stay below 2^31 elements
-    if !fits(x) || x.rank() != 4 || x.elem_count() >= (1 << 29) || crate::is_channels_last(x) {
-        return Ok(None);
-    }
-    x.contiguous()?.apply_op1_no_bwd(&BilinearUp2x).map(Some)
-}
-
-struct BilinearUp2x;
-
-impl BilinearUp2x {
-    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
-        &self,
-        (x, xl): (&CudaStorage, &Layout),
-    ) -> Result<(CudaStorage, Shape)> {
-        let (b, c, h, w) = xl.shape().dims4()?;
-        let n = 4 * b * c * h * w;
-        let dev = x.device().clone();
-        let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
-        // SAFETY: the kernel writes every element.
-        let out = unsafe { dev.alloc::<T>(n)? };
-        let func = kernel(
-            &dev,
-            &format!("upsample_bilinear_2x_{}", suffix(x.dtype())?),
-        )?;
-        let (n32, h32, w32) = (n as u32, h as u32, w as u32);
-        let mut launch = func.builder();
-        launch.arg(&xs).arg(&out).arg(&n32).arg(&h32).arg(&w32);
-        // SAFETY: argument list matches the kernel's signature.
-        unsafe { launch.launch(launch_1d(n)) }.w()?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, dev),
-            Shape::from((b, c, 2 * h, 2 * w)),
-        ))
-    }
-}
-
-cuda_op!(BilinearUp2x, "upsample-bilinear-2x", run(x) [F16 => f16, F32 => f32]);
 
 /// `leaky_relu(x + strength · noise, slope)`, then with `sft` GFPGAN's transform of the
 /// channels from `C / 2` on (`v · scale + shift`). Shapes as `sdkube_nn::noise_leaky_relu`

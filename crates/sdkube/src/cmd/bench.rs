@@ -728,6 +728,47 @@ fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> {
         &|| Ok((&p * dp.broadcast_sub(&row_dot)?)?),
         &[("sdkube", &|| Ok(own::softmax_grad(&p, &dp, &row_dot)?))],
     )?;
+    // The input gradients of SD1.5's 64² transformer block: its GEGLU gate and a layer norm
+    let (h, grad) = (rand(&[2, 4096, 2560])?, rand(&[2, 4096, 1280])?);
+    compare(
+        "geglu input grad sd15 64²",
+        "[2,4096,2560]",
+        &|| {
+            let (value, gate) = (h.narrow(2, 0, 1280)?, h.narrow(2, 1280, 1280)?);
+            let (value, gate) = (value.to_dtype(DType::F32)?, gate.to_dtype(DType::F32)?);
+            let g = grad.to_dtype(DType::F32)?;
+            let cdf = (((&gate * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.)? * 0.5)?;
+            let pdf = ((gate.sqr()? * -0.5)?.exp()? * 0.398_942_280_401_432_7)?;
+            let d_value = (&g * (&gate * &cdf)?)?;
+            let d_gate = ((&g * &value)? * (&cdf + (&gate * pdf)?)?)?;
+            Ok(Tensor::cat(&[d_value, d_gate], 2)?.to_dtype(dt)?)
+        },
+        &[("sdkube", &|| Ok(own::geglu_grad(&h, &grad)?))],
+    )?;
+    let (x, grad, weight) = (
+        rand(&[2, 4096, 320])?,
+        rand(&[2, 4096, 320])?,
+        rand(&[320])?,
+    );
+    compare(
+        "layer norm input grad sd15 64²",
+        "[2,4096,320]",
+        &|| {
+            let x = x.to_dtype(DType::F32)?;
+            let centered = x.broadcast_sub(&x.mean_keepdim(2)?)?;
+            let rstd = (centered.sqr()?.mean_keepdim(2)? + 1e-5)?.sqrt()?.recip()?;
+            let xhat = centered.broadcast_mul(&rstd)?;
+            let gw = grad
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&weight.to_dtype(DType::F32)?)?;
+            let along = (&gw * &xhat)?.mean_keepdim(2)?;
+            let dx = (gw.broadcast_sub(&gw.mean_keepdim(2)?)? - xhat.broadcast_mul(&along)?)?;
+            Ok(dx.broadcast_mul(&rstd)?.to_dtype(dt)?)
+        },
+        &[("sdkube", &|| {
+            Ok(own::layer_norm_input_grad(&x, &grad, &weight, 1e-5)?)
+        })],
+    )?;
     attention_input_grad(dev, dt, repeat)?;
     Ok(())
 }
@@ -779,9 +820,9 @@ mod own {
 
     #[cfg(feature = "cuda")]
     pub use sdkube_nn::cuda::{
-        add_bias, conv2d_input_grad, flash_attention, geglu, group_norm, group_norm_input_grad,
-        leaky_relu, linear, noise_leaky_relu, softmax_grad, upsample_bilinear_2x,
-        upsample_nearest_2x,
+        add_bias, conv2d_input_grad, flash_attention, geglu, geglu_grad, group_norm,
+        group_norm_input_grad, layer_norm_input_grad, leaky_relu, linear, noise_leaky_relu,
+        softmax_grad, upsample_bilinear_2x, upsample_nearest_2x,
     };
 
     /// The CUDA memory pool's high-water marks (see `sdkube_nn::cuda`), `None` off CUDA.
@@ -882,6 +923,21 @@ mod own {
 
     #[cfg(not(feature = "cuda"))]
     pub fn upsample_bilinear_2x(_: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn geglu_grad(_: &Tensor, _: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn layer_norm_input_grad(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: f64,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
 
