@@ -11,7 +11,9 @@ use half::f16;
 
 use super::{applies, cuda_op, kernel, launch_1d, suffix};
 
-fn elementwise_ok(t: &Tensor) -> bool {
+/// Whether our one-pass kernels take `t`: on a GPU they run on, fp16 or fp32, indexable in
+/// 32 bits.
+pub(super) fn elementwise_ok(t: &Tensor) -> bool {
     applies(t) && matches!(t.dtype(), DType::F16 | DType::F32) && t.elem_count() < (1 << 31)
 }
 

@@ -4,15 +4,12 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
 use cudarc::driver::{DeviceRepr, PushKernelArg};
 use half::f16;
 
-use super::{applies, cuda_op, kernel, launch_1d, suffix};
-
-fn fits(t: &Tensor) -> bool {
-    applies(t) && matches!(t.dtype(), DType::F16 | DType::F32)
-}
+use super::elementwise::elementwise_ok;
+use super::{cuda_op, kernel, launch_1d, suffix};
 
 /// `leaky_relu(x + strength · noise, slope)`, then with `sft` GFPGAN's transform of the
 /// channels from `C / 2` on (`v · scale + shift`). Shapes as `sdkube_nn::noise_leaky_relu`
@@ -26,8 +23,10 @@ pub fn noise_leaky_relu(
 ) -> Result<Option<Tensor>> {
     let operands = [noise, strength].into_iter().chain(sft.map(|s| s.0));
     let operands: Vec<_> = operands.chain(sft.map(|s| s.1)).collect();
-    let same = operands.iter().all(|t| t.dtype() == x.dtype() && fits(t));
-    if !fits(x) || !same || x.elem_count() >= (1 << 31) || crate::is_channels_last(x) {
+    let same = operands
+        .iter()
+        .all(|t| t.dtype() == x.dtype() && elementwise_ok(t));
+    if !elementwise_ok(x) || !same || crate::is_channels_last(x) {
         return Ok(None);
     }
     let sft = match sft {
