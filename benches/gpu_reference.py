@@ -194,7 +194,7 @@ if not compile_ and wanted("grad-sd15"):
             assert ctx.grad is not None
             ctx.grad = None
 
-        timed("grad-sd15", f"512x512 batch {batch}", step, repeat=5, grad=True)
+        timed("grad-sd15", f"512x512 batch {batch}", step, repeat=20, grad=True)
     del unet
     torch.cuda.empty_cache()
 

@@ -2,7 +2,7 @@
 # One device call: GPU correctness check on the fixture model, then sdkube bench and the
 # diffusers reference on the same GPU, with peak GPU memory from nvidia-smi for our binary.
 # Expects the CUDA build at .gpu/sdkube and the diffusers wheel in .whl (see README).
-# STAGES (default "check bench low reference"; also "refcheck", "graphs", "layout", "eager", "nchw", "cudnn", "cudnngraph", "imagelibs", "serve", "ops", "post", "train", "grad", "compile") and WHAT (the `sdkube bench` items) narrow a run.
+# STAGES (default "check bench low reference"; also "refcheck", "graphs", "layout", "eager", "nchw", "cudnn", "cudnngraph", "imagelibs", "serve", "ops", "post", "train", "grad", "fp8", "compile") and WHAT (the `sdkube bench` items) narrow a run.
 set -uo pipefail
 NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
 CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
@@ -225,11 +225,26 @@ has train && {
     kill $pid; echo "{\"bench\": \"train sd15 512 batch $b\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-train-$b | tail -1)}"
   done
 }
-# the UNet's part of a textual-inversion step, ours (with --profile) then diffusers'
+# the UNet's part of a textual-inversion step, ours (with --profile) then diffusers' (twice: its
+# figures moved between runs). Then ours again with the per-shape choices of cuDNN's fused
+# attention backward logged, and with cuDNN's graph API off (the recomputed backward): the
+# gradients (seeded weights and inputs) must agree.
 has grad && {
-  pid=$(peak /tmp/mem-grad); .gpu/sdkube bench --device cuda --precision fp16 --what grad-sd15 --repeat 5 --profile 2>&1 | grep -v ' INFO '
+  pid=$(peak /tmp/mem-grad); .gpu/sdkube bench --device cuda --precision fp16 --what grad-sd15 --repeat 20 --profile 2>&1 | grep -v ' INFO '
   kill $pid; echo "{\"bench\": \"grad-sd15\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-grad | tail -1)}"
-  wheels; python3 benches/gpu_reference.py --only=grad-sd15
+  wheels; for _ in 1 2; do python3 benches/gpu_reference.py --only=grad-sd15; done
+  SDKUBE_LOG=sdkube_nn=debug .gpu/sdkube bench --device cuda --precision fp16 --what grad-sd15 --repeat 20 > /tmp/grad-choice.log 2>&1
+  sed -i 's/\x1b\[[0-9;]*m//g' /tmp/grad-choice.log
+  grep -E "attention backward(:| refused| differs)" /tmp/grad-choice.log | sed 's/.*shapes=/shapes=/' | cut -c1-300
+  grep '"bench"' /tmp/grad-choice.log
+  SDKUBE_CUDNN_GRAPH=off .gpu/sdkube bench --device cuda --precision fp16 --what grad-sd15 --repeat 20 2>&1 \
+    | grep '"bench"' | sed 's/}$/, "cudnn_graph": "off"}/'
+}
+# Whether an fp8 UNet could pay: the most fp8 linear layers could save per step
+# (benches/gpu_fp8_probe.py), against the steps' times.
+has fp8 && {
+  python3 benches/gpu_fp8_probe.py | grep -E "total|torch"
+  .gpu/sdkube bench --device cuda --precision fp16 --what unet-sd15,unet-sdxl --repeat 20 2>&1 | grep '"bench"'
 }
 # Which compiled-diffusers figure is right for the SD1.5 CFG step: gpu_controlnet_reference.py
 # measured 6.6-6.7 ms (2026-12-05), gpu_reference.py 11.1 ms (2026-12-06, nvidia-smi started

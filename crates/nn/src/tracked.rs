@@ -174,18 +174,43 @@ impl CustomOp1 for InputGrad {
 }
 
 /// `[B, N, H·D]` attention whose gradients flow to whichever of `q`, `k`, `v` are tracked.
-/// `forward` computes the output untracked (the inference path).
+/// `forward` computes the output untracked (the inference path). On CUDA, cuDNN's fused SDPA
+/// takes both passes where, for the shape, it matches this path and is faster.
 pub(crate) fn tracked_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
-    forward: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    forward: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    #[cfg(feature = "cuda")]
+    {
+        let scale = ((qd.dim(2)? / heads) as f64).powf(-0.5);
+        // The path it would replace, for the check: this forward, the recomputed gradients.
+        let current = |d_out: &Tensor| -> Result<Vec<Tensor>> {
+            let out = forward(&qd, &kd, &vd)?;
+            let grads = recomputed_gradients(&qd, &kd, &vd, &out, d_out, heads, BACKWARD_SCORES)?;
+            Ok([vec![out], grads.to_vec()].concat())
+        };
+        if let Some((out, saved)) =
+            crate::cuda::sdpa_forward_for_grad(&qd, &kd, &vd, heads, scale, &current)?
+        {
+            let op = AttentionBackward {
+                out: Output::new(out)?,
+                heads,
+                max_scores: BACKWARD_SCORES,
+                saved: Some(saved),
+            };
+            return q.apply_op3(k, v, op);
+        }
+    }
     let op = AttentionBackward {
-        out: Output::new(forward(&q.detach(), &k.detach(), &v.detach())?)?,
+        out: Output::new(forward(&qd, &kd, &vd)?)?,
         heads,
         max_scores: BACKWARD_SCORES,
+        #[cfg(feature = "cuda")]
+        saved: None,
     };
     q.apply_op3(k, v, op)
 }
@@ -194,6 +219,9 @@ struct AttentionBackward {
     out: Output,
     heads: usize,
     max_scores: usize,
+    /// The fused backward's statistics, where cuDNN took the forward.
+    #[cfg(feature = "cuda")]
+    saved: Option<crate::cuda::SavedSdpa>,
 }
 
 impl CustomOp3 for AttentionBackward {
@@ -235,74 +263,97 @@ impl CustomOp3 for AttentionBackward {
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         crate::profile::timed("attention backward", q.device(), || {
-            self.gradients(q, k, v, out, grad_out)
+            let [qd, kd, vd] = [q, k, v].map(Tensor::detach);
+            let (out, grad_out) = (&out.detach(), &grad_out.detach());
+            #[cfg(feature = "cuda")]
+            if let Some(saved) = &self.saved {
+                let grads = crate::cuda::sdpa_backward(saved, &qd, &kd, &vd, out, grad_out)?;
+                return grads_for(grads, [q, k, v]);
+            }
+            let grads =
+                recomputed_gradients(&qd, &kd, &vd, out, grad_out, self.heads, self.max_scores)?;
+            grads_for(grads, [q, k, v])
         })
     }
 }
 
-impl AttentionBackward {
-    fn gradients(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        grad_out: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, n, inner) = q.dims3()?;
-        let m = k.dim(1)?;
-        let heads = self.heads;
-        let d = inner / heads;
-        let scale = (d as f64).powf(-0.5);
-        // The score-sized products and the softmax stay in the model's precision (fp16 on the
-        // GPU: tensor cores, cuBLAS accumulating in fp32, half the traffic of fp32 blocks);
-        // the row sums and the gradients accumulated over blocks are kept in f32.
-        let (work, precise) = (q.dtype(), precise(q.dtype()));
-        let split = |t: &Tensor, len: usize| -> Result<Tensor> {
-            t.detach()
-                .reshape((b, len, heads, d))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .to_dtype(work)
-        };
-        // s·Q once: then S = (s·Q)Kᵀ and dK = dSᵀ(s·Q).
-        let qh = (split(q, n)? * scale)?;
-        let (kh, vh, doh) = (split(k, m)?, split(v, m)?, split(grad_out, n)?);
-        let row_dot = (doh.to_dtype(precise)? * split(out, n)?.to_dtype(precise)?)?
-            .sum_keepdim(3)?
-            .to_dtype(work)?;
-        let k_t = kh.t()?.contiguous()?;
-        let v_t = vh.t()?.contiguous()?;
-        let rows_at_once = (self.max_scores / (b * heads * m)).max(1);
-        let mut dq = Vec::with_capacity(n.div_ceil(rows_at_once));
-        let mut dk = Tensor::zeros((b, heads, m, d), precise, q.device())?;
-        let mut dv = dk.clone();
-        for first in (0..n).step_by(rows_at_once) {
-            let rows = rows_at_once.min(n - first);
-            let q_r = qh.narrow(2, first, rows)?;
-            let do_r = doh.narrow(2, first, rows)?;
-            let p = candle_nn::ops::softmax_last_dim(&q_r.matmul(&k_t)?)?;
-            dv = (dv + p.t()?.matmul(&do_r)?.to_dtype(precise)?)?;
-            let dp = do_r.matmul(&v_t)?;
-            let ds = softmax_input_grad(&p, &dp, &row_dot.narrow(2, first, rows)?)?;
-            dq.push(ds.matmul(&kh)?);
-            dk = (dk + ds.t()?.matmul(&q_r)?.to_dtype(precise)?)?;
-        }
-        let merge = |t: Tensor, len: usize, like: &Tensor| -> Result<Option<Tensor>> {
-            if !like.track_op() {
-                return Ok(None);
-            }
-            let t = t.transpose(1, 2)?.reshape((b, len, inner))?;
-            Ok(Some(t.to_dtype(like.dtype())?))
-        };
-        let dq = if dq.len() == 1 {
-            dq.pop().unwrap()
-        } else {
-            Tensor::cat(&dq, 2)?
-        };
-        let dq = (dq.to_dtype(precise)? * scale)?;
-        Ok((merge(dq, n, q)?, merge(dk, m, k)?, merge(dv, m, v)?))
+/// Each gradient where its operand is tracked, in the operand's dtype.
+fn grads_for(
+    grads: [Tensor; 3],
+    operands: [&Tensor; 3],
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let [dq, dk, dv] = grads;
+    let [q, k, v] = operands;
+    let keep = |grad: Tensor, like: &Tensor| -> Result<Option<Tensor>> {
+        like.track_op()
+            .then(|| grad.to_dtype(like.dtype()))
+            .transpose()
+    };
+    Ok((keep(dq, q)?, keep(dk, k)?, keep(dv, v)?))
+}
+
+/// The gradients `[dq, dk, dv]` of attention (`[B, N, H·D]`, `heads` heads) with the
+/// probabilities recomputed at most `max_scores` at a time, given its output `out` and that
+/// output's gradient; in `q`'s dtype.
+fn recomputed_gradients(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    grad_out: &Tensor,
+    heads: usize,
+    max_scores: usize,
+) -> Result<[Tensor; 3]> {
+    let (b, n, inner) = q.dims3()?;
+    let m = k.dim(1)?;
+    let d = inner / heads;
+    let scale = (d as f64).powf(-0.5);
+    // The score-sized products and the softmax stay in the model's precision (fp16 on the
+    // GPU: tensor cores, cuBLAS accumulating in fp32, half the traffic of fp32 blocks);
+    // the row sums and the gradients accumulated over blocks are kept in f32.
+    let (work, precise) = (q.dtype(), precise(q.dtype()));
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+        t.detach()
+            .reshape((b, len, heads, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .to_dtype(work)
+    };
+    // s·Q once: then S = (s·Q)Kᵀ and dK = dSᵀ(s·Q).
+    let qh = (split(q, n)? * scale)?;
+    let (kh, vh, doh) = (split(k, m)?, split(v, m)?, split(grad_out, n)?);
+    let row_dot = (doh.to_dtype(precise)? * split(out, n)?.to_dtype(precise)?)?
+        .sum_keepdim(3)?
+        .to_dtype(work)?;
+    let k_t = kh.t()?.contiguous()?;
+    let v_t = vh.t()?.contiguous()?;
+    let rows_at_once = (max_scores / (b * heads * m)).max(1);
+    let mut dq = Vec::with_capacity(n.div_ceil(rows_at_once));
+    let mut dk = Tensor::zeros((b, heads, m, d), precise, q.device())?;
+    let mut dv = dk.clone();
+    for first in (0..n).step_by(rows_at_once) {
+        let rows = rows_at_once.min(n - first);
+        let q_r = qh.narrow(2, first, rows)?;
+        let do_r = doh.narrow(2, first, rows)?;
+        let p = candle_nn::ops::softmax_last_dim(&q_r.matmul(&k_t)?)?;
+        dv = (dv + p.t()?.matmul(&do_r)?.to_dtype(precise)?)?;
+        let dp = do_r.matmul(&v_t)?;
+        let ds = softmax_input_grad(&p, &dp, &row_dot.narrow(2, first, rows)?)?;
+        dq.push(ds.matmul(&kh)?);
+        dk = (dk + ds.t()?.matmul(&q_r)?.to_dtype(precise)?)?;
     }
+    let merge = |t: Tensor, len: usize| -> Result<Tensor> {
+        t.transpose(1, 2)?
+            .reshape((b, len, inner))?
+            .to_dtype(q.dtype())
+    };
+    let dq = if dq.len() == 1 {
+        dq.pop().unwrap()
+    } else {
+        Tensor::cat(&dq, 2)?
+    };
+    let dq = (dq.to_dtype(precise)? * scale)?;
+    Ok([merge(dq, n)?, merge(dk, m)?, merge(dv, m)?])
 }
 
 /// `p · (dp − row_dot)`: the softmax's input gradient, `p` its output, `dp` the gradient of
@@ -389,6 +440,8 @@ pub(crate) mod tests {
                     out: Output::new(out)?,
                     heads,
                     max_scores: 2 * heads * m * 3, // 6 query rows per block
+                    #[cfg(feature = "cuda")]
+                    saved: None,
                 };
                 q.apply_op3(k, v, op)
             })

@@ -13,7 +13,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::f16;
 
 use super::choice::{graph_aligned, remembered, replaces};
-use super::cudnn_attention::{self, SdpaShape};
+use super::cudnn_attention::{self, read, write, Pass, Role, SdpaShape};
 use super::memory::with_workspace;
 use super::{applies, cuda_op, kernel};
 
@@ -142,16 +142,21 @@ impl FlashAttention {
                 keys: m,
                 head_dim: d,
             };
-            let plan = cudnn_attention::plan(&dev, shape)?;
+            let plan = cudnn_attention::plan(&dev, shape, Pass::Inference)?;
+            let stream = dev.cuda_stream();
+            let mut guards = Vec::new();
+            let operands = [
+                read(Role::Q, &qs, &stream, &mut guards),
+                read(Role::K, &ks, &stream, &mut guards),
+                read(Role::V, &vs, &stream, &mut guards),
+                write(Role::Out, &mut out, &stream, &mut guards),
+            ];
             with_workspace(&dev, plan.workspace, |workspace| {
                 // SAFETY: contiguous fp16 operands of this shape (the caller's checks above and
                 // in `flash_attention`, alignment included); `out` fresh from the pool.
-                unsafe {
-                    cudnn_attention::execute(
-                        &dev, &plan, &qs, &ks, &vs, &mut out, self.scale, workspace,
-                    )
-                }
+                unsafe { cudnn_attention::run(&dev, &plan, &operands, self.scale, workspace) }
             })?;
+            drop(guards);
             return Ok((CudaStorage::wrap_cuda_slice(out, dev), ql.shape().clone()));
         }
         let (name, rows, threads, smem) = flash_launch(dp);

@@ -29,17 +29,35 @@ pub(super) fn remembered<K: std::hash::Hash + Eq, V: Clone>(
     Ok(value)
 }
 
+/// What one way of computing an op returns: one tensor, or several that are compared one by
+/// one (attention's output and gradients, each on its own scale).
+pub(super) trait Outputs {
+    fn tensors(&self) -> Vec<&Tensor>;
+}
+
+impl Outputs for Tensor {
+    fn tensors(&self) -> Vec<&Tensor> {
+        vec![self]
+    }
+}
+
+impl Outputs for Vec<Tensor> {
+    fn tensors(&self) -> Vec<&Tensor> {
+        self.iter().collect()
+    }
+}
+
 /// The times of three calls of `a` and of `b`, each the best of up to five rounds, the rounds
 /// alternating (after one untimed call of each): a noisy moment on a shared host then decides
 /// nothing, and neither side runs with the other's data still hot in L2 only. After two rounds
 /// a side ahead by a quarter in both stops the timing: the choice is clear, and every shape's
 /// timing adds to a server's warm-up.
-pub(super) fn best_times(
+pub(super) fn best_times<T>(
     dev: &candle_core::Device,
-    a: &dyn Fn() -> Result<Tensor>,
-    b: &dyn Fn() -> Result<Tensor>,
+    a: &dyn Fn() -> Result<T>,
+    b: &dyn Fn() -> Result<T>,
 ) -> Result<(Duration, Duration)> {
-    let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<Duration> {
+    let time = |f: &dyn Fn() -> Result<T>| -> Result<Duration> {
         dev.synchronize()?;
         let start = std::time::Instant::now();
         for _ in 0..3 {
@@ -69,12 +87,12 @@ pub(super) fn best_times(
 /// Whether `candidate` may replace `current` for one shape (`what` and `shapes` name it in the
 /// log): it runs (an error, such as no cuDNN engine for the shape, says no), gives `current`'s
 /// values ([`matches`]) and is faster ([`best_times`]).
-pub(super) fn replaces(
+pub(super) fn replaces<T: Outputs>(
     what: &str,
     shapes: &[&[usize]],
     dev: &candle_core::Device,
-    candidate: &dyn Fn() -> Result<Tensor>,
-    current: &dyn Fn() -> Result<Tensor>,
+    candidate: &dyn Fn() -> Result<T>,
+    current: &dyn Fn() -> Result<T>,
 ) -> Result<bool> {
     let theirs = match candidate() {
         Ok(out) => out,
@@ -83,7 +101,7 @@ pub(super) fn replaces(
             return Ok(false);
         }
     };
-    let (close, diff) = matches(&theirs, &current()?)?;
+    let (close, diff) = all_match(&theirs, &current()?)?;
     drop(theirs);
     if !close {
         tracing::warn!(
@@ -102,6 +120,22 @@ pub(super) fn replaces(
         "{what}: timed against the current path"
     );
     Ok(candidate_time < current_time)
+}
+
+/// [`matches`] over each output of two paths: whether all are close, and the largest
+/// difference.
+fn all_match(theirs: &impl Outputs, ours: &impl Outputs) -> Result<(bool, f32)> {
+    let (theirs, ours) = (theirs.tensors(), ours.tensors());
+    if theirs.len() != ours.len() {
+        candle_core::bail!("{} outputs against {}", theirs.len(), ours.len())
+    }
+    let (mut close, mut diff) = (true, 0f32);
+    for (a, b) in theirs.into_iter().zip(ours) {
+        let (c, d) = matches(a, b)?;
+        close &= c;
+        diff = diff.max(d);
+    }
+    Ok((close, diff))
 }
 
 /// Elements compared by [`matches`]: a wrong layout, stride or scale shows in any stretch of

@@ -20,6 +20,7 @@
 //! on the element type: [`cuda_op!`] writes that shell once for all of them.
 
 mod attention;
+mod attention_grad;
 mod choice;
 mod conv;
 mod cudnn_attention;
@@ -40,6 +41,7 @@ use cudarc::driver::LaunchConfig;
 use crate::switch::Switch;
 
 pub use attention::flash_attention;
+pub use attention_grad::{sdpa_backward, sdpa_forward_for_grad, SavedSdpa};
 pub use conv::{conv2d, conv2d_cudnn, conv2d_input_grad};
 pub use elementwise::{
     add_bias, geglu, geglu_grad, leaky_relu, softmax_grad, upsample_bilinear_2x,

@@ -210,19 +210,26 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     let noise = Tensor::randn(0f32, 1., (batch, 4, 64, 64), &dev)?;
                     let ctx = candle_core::Var::randn(0f32, 1., (batch, 77, 768), &dev)?;
                     let t = Tensor::new(&[500f32], &dev)?;
-                    let run = || -> anyhow::Result<()> {
+                    let grad = || -> anyhow::Result<Tensor> {
                         let pred = unet.forward(&x, &t, &ctx.to_dtype(dt)?, None)?;
                         let loss = (pred.to_dtype(DType::F32)? - &noise)?.sqr()?.mean_all()?;
                         let grads = loss.backward()?;
-                        anyhow::ensure!(
-                            grads.get(ctx.as_tensor()).is_some(),
-                            "no gradient reached the conditioning"
-                        );
-                        Ok(())
+                        let grad = grads.get(ctx.as_tensor()).cloned();
+                        grad.ok_or_else(|| anyhow::anyhow!("no gradient reached the conditioning"))
                     };
+                    let run = || grad().map(drop);
                     let s = time(&dev, args.repeat, run)?;
                     let shape = format!("512x512 batch {batch}");
                     report(what, &shape, s, dt, &dev);
+                    // The gradient itself, to compare paths (seeded weights and inputs).
+                    let g = grad()?.to_dtype(DType::F32)?;
+                    let norm = g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+                    let first = g.flatten_all()?.narrow(0, 0, 4)?.to_vec1::<f32>()?;
+                    println!(
+                        "{}",
+                        serde_json::json!({"bench": what, "shape": shape,
+                        "grad_norm": norm, "grad_first": first})
+                    );
                     if args.profile {
                         profile(what, &shape, &dev, run)?;
                     }
