@@ -68,6 +68,12 @@ pub fn sdpa_forward_for_grad(
     let scale = scale as f32;
     let (q, k, v) = (operand(q)?, operand(k)?, operand(v)?);
     let taken = remembered(&CHOICE, (dev.id(), shape), || {
+        // First the backward's plan: cuDNN before 9.2x refuses it at once (see
+        // `cudnn_attention`'s tests), before the forward's plan is built for nothing.
+        if let Err(e) = cudnn_attention::plan(dev, shape, Pass::Backward) {
+            tracing::debug!(?shape, "cuDNN attention backward refused: {e}");
+            return Ok(false);
+        }
         // Any gradient shows a wrong layout or scale; this one has the output's shape. Drawn
         // on the CPU: the device's generator, seeded, stays as it would be without the check.
         let d_out = Tensor::randn(0f32, 1., q.shape(), &candle_core::Device::Cpu)?

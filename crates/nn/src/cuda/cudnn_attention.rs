@@ -278,4 +278,40 @@ mod tests {
         let (ops, parts) = backward(shape).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((ops.len(), parts.len()), (1, 10));
     }
+
+    /// An operation graph of the backward operation: cuDNN 9.28 builds it (without a GPU, as
+    /// here); 9.19, the CUDA image's and PyTorch 2.11's, refuses it (its graphs do not take
+    /// the operation: `NOT_IMPLEMENTED` in cuDNN's log), so training keeps the recomputed
+    /// backward there. Versions between are not known either way.
+    #[test]
+    fn the_backward_graph_builds_only_where_cudnn_takes_the_operation() {
+        let shape = SdpaShape {
+            batch: 2,
+            heads: 8,
+            queries: 4096,
+            keys: 77,
+            head_dim: 40,
+        };
+        let graph = |ops: Vec<Descriptor>| -> Result<Descriptor> {
+            let graph = Descriptor::new(Kind::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)?;
+            graph.set_descriptors(
+                Attr::CUDNN_ATTR_OPERATIONGRAPH_OPS,
+                &ops.iter().collect::<Vec<_>>(),
+            )?;
+            graph.finalize()
+        };
+        let (training, _parts) = forward(shape, true).unwrap();
+        graph(training).unwrap_or_else(|e| panic!("the training forward: {e}"));
+        let (ops, _parts) = backward(shape).unwrap();
+        let built = graph(ops);
+        let version = cudarc::cudnn::result::get_version();
+        if version >= 92800 {
+            built.unwrap_or_else(|e| panic!("cuDNN {version}: {e}"));
+        } else if version <= 91900 {
+            let e = built
+                .err()
+                .expect("cuDNN 9.19 refused this graph when this was written");
+            assert!(e.to_string().contains("BAD_PARAM"), "{e}");
+        }
+    }
 }
