@@ -68,7 +68,7 @@ pub fn sdpa_forward_for_grad(
     let scale = scale as f32;
     let (q, k, v) = (operand(q)?, operand(k)?, operand(v)?);
     let taken = remembered(&CHOICE, (dev.id(), shape), || {
-        // First the backward's plan: cuDNN before 9.2x refuses it at once (see
+        // First the backward's plan: cuDNN 9.19 (the image's) refuses it at once (see
         // `cudnn_attention`'s tests), before the forward's plan is built for nothing.
         if let Err(e) = cudnn_attention::plan(dev, shape, Pass::Backward) {
             tracing::debug!(?shape, "cuDNN attention backward refused: {e}");
