@@ -184,7 +184,7 @@ pub(super) fn graph_aligned(t: &Tensor) -> bool {
 mod tests {
     use candle_core::{Device, Tensor};
 
-    use super::matches;
+    use super::{all_match, matches};
 
     #[test]
     fn matching_allows_fp16_rounding_and_refuses_a_wrong_layout_or_nan() -> candle_core::Result<()>
@@ -200,6 +200,23 @@ mod tests {
         assert!(!close && diff > 1.0, "{diff}");
         let nan = Tensor::full(f32::NAN, (8, 8), &dev)?;
         assert!(!matches(&nan, &reference)?.0);
+        Ok(())
+    }
+
+    /// Several outputs (attention's output and gradients) are compared one by one, each on its
+    /// own scale: a wrong layout in a small gradient is not hidden by a large output beside it.
+    #[test]
+    fn each_output_is_compared_on_its_own_scale() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let large = (Tensor::arange(0f32, 64., &dev)?.reshape((8, 8))? * 100.)?;
+        let small = (Tensor::arange(0f32, 64., &dev)?.reshape((8, 8))? * 0.01)?;
+        let right = vec![large.clone(), small.clone()];
+        assert!(all_match(&right, &vec![large.clone(), small.clone()])?.0);
+        // The small one transposed: off by up to 0.5, under 1 % of the large output's 6300.
+        let wrong = vec![large.clone(), small.t()?.contiguous()?];
+        assert!(!all_match(&wrong, &right)?.0);
+        // A missing output is an error, not a match.
+        assert!(all_match(&vec![large.clone()], &right).is_err());
         Ok(())
     }
 }
