@@ -309,7 +309,7 @@ async fn a_catalog_model_is_fetched_in_the_background_and_readyz_waits_for_it() 
     })
     .await;
     // Not ready while fetching, with progress; generation is refused with 503 meanwhile.
-    let mut saw_fetching = false;
+    let (mut saw_fetching, mut status_checked) = (false, false);
     for _ in 0..100 {
         let (status, body) = s.get("/readyz").await;
         if status == 200 {
@@ -329,12 +329,19 @@ async fn a_catalog_model_is_fetched_in_the_background_and_readyz_waits_for_it() 
                 err["detail"].as_str().unwrap().contains("not ready"),
                 "{err}"
             );
+            // The status says the same, read between two readyz answers that both say
+            // fetching (the fetch may end in between: then this round proves nothing).
             let (_, status_now) = s.get("/api/v1/status").await;
-            assert_eq!(status_now["model"]["state"], "fetching");
+            let (_, after) = s.get("/readyz").await;
+            if after["state"] == "fetching" {
+                assert_eq!(status_now["model"]["state"], "fetching");
+                status_checked = true;
+            }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(saw_fetching, "readyz reported the fetch");
+    assert!(status_checked, "the status was read while fetching");
     let s = s.wait_ready().await;
     let (status, body) = s
         .post(
