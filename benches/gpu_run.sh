@@ -233,7 +233,9 @@ has grad && {
   pid=$(peak /tmp/mem-grad); .gpu/sdkube bench --device cuda --precision fp16 --what grad-sd15 --repeat 20 --profile 2>&1 | grep -v ' INFO '
   kill $pid; echo "{\"bench\": \"grad-sd15\", \"sdkube_peak_mib\": $(sort -n /tmp/mem-grad | tail -1)}"
   wheels; for _ in 1 2; do python3 benches/gpu_reference.py --only=grad-sd15; done
-  SDKUBE_LOG=sdkube_nn=debug .gpu/sdkube bench --device cuda --precision fp16 --what grad-sd15 --repeat 20 > /tmp/grad-choice.log 2>&1
+  CUDNN_LOGLEVEL_DBG=1 CUDNN_LOGDEST_DBG=/tmp/cudnn-grad.log SDKUBE_LOG=sdkube_nn=debug \
+    .gpu/sdkube bench --device cuda --precision fp16 --what grad-sd15 --repeat 20 > /tmp/grad-choice.log 2>&1
+  [ -s /tmp/cudnn-grad.log ] && head -c 200000 /tmp/cudnn-grad.log > "$OUT/cudnn-grad-errors.log"
   sed -i 's/\x1b\[[0-9;]*m//g' /tmp/grad-choice.log
   grep -E "attention backward(:| refused| differs)" /tmp/grad-choice.log | sed 's/.*shapes=/shapes=/' | cut -c1-300
   grep '"bench"' /tmp/grad-choice.log

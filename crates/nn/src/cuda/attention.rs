@@ -154,7 +154,16 @@ impl FlashAttention {
             with_workspace(&dev, plan.workspace, |workspace| {
                 // SAFETY: contiguous fp16 operands of this shape (the caller's checks above and
                 // in `flash_attention`, alignment included); `out` fresh from the pool.
-                unsafe { cudnn_attention::run(&dev, &plan, &operands, self.scale, workspace) }
+                unsafe {
+                    cudnn_attention::run(
+                        &dev,
+                        &plan,
+                        Pass::Inference,
+                        &operands,
+                        self.scale,
+                        workspace,
+                    )
+                }
             })?;
             drop(guards);
             return Ok((CudaStorage::wrap_cuda_slice(out, dev), ql.shape().clone()));

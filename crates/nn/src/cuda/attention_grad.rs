@@ -7,9 +7,10 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+use candle_core::cuda_backend::cudarc::driver::CudaView;
 use candle_core::cuda_backend::{CudaDevice, DeviceId};
 use candle_core::op::BackpropOp;
-use candle_core::{CudaStorage, DType, Result, Shape, Storage, Tensor};
+use candle_core::{CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 use half::f16;
 
 use super::choice::{graph_aligned, remembered, replaces};
@@ -137,22 +138,19 @@ pub fn sdpa_backward(
         .into_iter()
         .collect::<Result<Vec<_>>>()?;
     let storages: Vec<_> = operands.iter().map(|t| t.storage_and_layout()).collect();
-    let mut views = Vec::with_capacity(5);
-    for (storage, layout) in &storages[..5] {
-        views.push(
-            cuda(storage)?
-                .as_cuda_slice::<f16>()?
-                .slice(layout.start_offset()..),
-        );
-    }
-    let (stats_storage, stats_layout) = &storages[5];
-    let stats = cuda(stats_storage)?
-        .as_cuda_slice::<f32>()?
-        .slice(stats_layout.start_offset()..);
+    let views = storages[..5]
+        .iter()
+        .map(|(storage, layout)| view::<f16>(storage, layout))
+        .collect::<Result<Vec<_>>>()?;
+    let stats = view::<f32>(&storages[5].0, storages[5].1)?;
     // SAFETY: the plan writes every element of the gradients.
     let mut d_q = unsafe { dev.alloc::<f16>(batch * queries * inner)? };
     let mut d_k = unsafe { dev.alloc::<f16>(batch * keys * inner)? };
     let mut d_v = unsafe { dev.alloc::<f16>(batch * keys * inner)? };
+    // The plan's fp32 scratch, which it fills before it reads.
+    let rows = batch * saved.shape.heads * queries;
+    let mut softmax_sum = unsafe { dev.alloc::<f32>(rows)? };
+    let mut dq_accum = unsafe { dev.alloc::<f32>(rows * saved.shape.head_dim)? };
     {
         let stream = dev.cuda_stream();
         let mut guards = Vec::new();
@@ -166,10 +164,19 @@ pub fn sdpa_backward(
         list.push(write(Role::DQ, &mut d_q, &stream, &mut guards));
         list.push(write(Role::DK, &mut d_k, &stream, &mut guards));
         list.push(write(Role::DV, &mut d_v, &stream, &mut guards));
+        list.push(write(
+            Role::SoftmaxSum,
+            &mut softmax_sum,
+            &stream,
+            &mut guards,
+        ));
+        list.push(write(Role::DqAccum, &mut dq_accum, &stream, &mut guards));
         with_workspace(&dev, plan.workspace, |workspace| {
             // SAFETY: the operands are contiguous, aligned (`operand`) and of the plan's shape
             // (checked above); the gradients fresh from the pool.
-            unsafe { cudnn_attention::run(&dev, &plan, &list, saved.scale, workspace) }
+            unsafe {
+                cudnn_attention::run(&dev, &plan, Pass::Backward, &list, saved.scale, workspace)
+            }
         })?;
     }
     Ok([
@@ -196,14 +203,10 @@ fn run_forward(
         ..
     } = shape;
     let storages = [q, k, v].map(|t| t.storage_and_layout());
-    let mut views = Vec::with_capacity(3);
-    for (storage, layout) in &storages {
-        views.push(
-            cuda(storage)?
-                .as_cuda_slice::<f16>()?
-                .slice(layout.start_offset()..),
-        );
-    }
+    let views = storages
+        .iter()
+        .map(|(storage, layout)| view::<f16>(storage, layout))
+        .collect::<Result<Vec<_>>>()?;
     // SAFETY: the plan writes every element.
     let mut out = unsafe { dev.alloc::<f16>(q.elem_count())? };
     let mut stats = unsafe { dev.alloc::<f32>(batch * heads * queries)? };
@@ -220,7 +223,7 @@ fn run_forward(
         with_workspace(dev, plan.workspace, |workspace| {
             // SAFETY: contiguous, aligned operands of this shape (`sdpa_forward_for_grad`); the
             // outputs fresh from the pool.
-            unsafe { cudnn_attention::run(dev, &plan, &list, scale, workspace) }
+            unsafe { cudnn_attention::run(dev, &plan, Pass::Training, &list, scale, workspace) }
         })?;
     }
     let saved = SavedSdpa {
@@ -240,9 +243,13 @@ fn operand(t: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn cuda(storage: &Storage) -> Result<&CudaStorage> {
+/// A contiguous operand's elements on the GPU, from its first.
+fn view<'a, T: candle_core::cuda_backend::CudaDType>(
+    storage: &'a Storage,
+    layout: &Layout,
+) -> Result<CudaView<'a, T>> {
     match storage {
-        Storage::Cuda(s) => Ok(s),
+        Storage::Cuda(s) => Ok(s.as_cuda_slice::<T>()?.slice(layout.start_offset()..)),
         _ => candle_core::bail!("cuDNN attention: an operand is not on the GPU"),
     }
 }

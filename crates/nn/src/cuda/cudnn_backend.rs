@@ -306,6 +306,10 @@ impl BackendEnum for sys::cudnnPointwiseMode_t {
     const TYPE: Type = Type::CUDNN_TYPE_POINTWISE_MODE;
 }
 
+impl BackendEnum for sys::cudnnReduceTensorOp_t {
+    const TYPE: Type = Type::CUDNN_TYPE_REDUCTION_OPERATOR_TYPE;
+}
+
 impl BackendEnum for sys::cudnnBackendHeurMode_t {
     const TYPE: Type = Type::CUDNN_TYPE_HEUR_MODE;
 }
