@@ -345,85 +345,100 @@ impl Ops {
         b: Option<usize>,
         y: usize,
     ) -> Result<()> {
+        use Attr::*;
         let pw = Descriptor::new(Kind::CUDNN_BACKEND_POINTWISE_DESCRIPTOR)?;
-        pw.set_enum(Attr::CUDNN_ATTR_POINTWISE_MODE, mode)?;
+        pw.set_enum(CUDNN_ATTR_POINTWISE_MODE, mode)?;
         pw.set_enum(
-            Attr::CUDNN_ATTR_POINTWISE_MATH_PREC,
+            CUDNN_ATTR_POINTWISE_MATH_PREC,
             cudnnDataType_t::CUDNN_DATA_FLOAT,
         )?;
-        let pw = pw.finalize()?;
-        let op = Descriptor::new(Kind::CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR)?;
-        op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, &[&pw])?;
-        op.set_descriptors(
-            Attr::CUDNN_ATTR_OPERATION_POINTWISE_XDESC,
-            &[&self.parts[x]],
-        )?;
-        if let Some(b) = b {
-            op.set_descriptors(
-                Attr::CUDNN_ATTR_OPERATION_POINTWISE_BDESC,
-                &[&self.parts[b]],
-            )?;
-        }
-        op.set_descriptors(
-            Attr::CUDNN_ATTR_OPERATION_POINTWISE_YDESC,
-            &[&self.parts[y]],
-        )?;
-        self.ops.push(op.finalize()?);
-        self.keep(pw);
-        Ok(())
+        let mut operands = vec![
+            (CUDNN_ATTR_OPERATION_POINTWISE_XDESC, x),
+            (CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y),
+        ];
+        operands.extend(b.map(|b| (CUDNN_ATTR_OPERATION_POINTWISE_BDESC, b)));
+        let config = (CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, pw.finalize()?);
+        self.operation(
+            Kind::CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR,
+            &operands,
+            Some(config),
+        )
     }
 
     /// `c = a b` per batch and head, accumulated in fp32.
     fn matmul(&mut self, a: usize, b: usize, c: usize) -> Result<()> {
+        use Attr::*;
         let mm = Descriptor::new(Kind::CUDNN_BACKEND_MATMUL_DESCRIPTOR)?;
         mm.set_enum(
-            Attr::CUDNN_ATTR_MATMUL_COMP_TYPE,
+            CUDNN_ATTR_MATMUL_COMP_TYPE,
             cudnnDataType_t::CUDNN_DATA_FLOAT,
         )?;
-        let mm = mm.finalize()?;
-        let op = Descriptor::new(Kind::CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR)?;
-        op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_MATMUL_ADESC, &[&self.parts[a]])?;
-        op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_MATMUL_BDESC, &[&self.parts[b]])?;
-        op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_MATMUL_CDESC, &[&self.parts[c]])?;
-        op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_MATMUL_DESC, &[&mm])?;
-        self.ops.push(op.finalize()?);
-        self.keep(mm);
-        Ok(())
+        let operands = [
+            (CUDNN_ATTR_OPERATION_MATMUL_ADESC, a),
+            (CUDNN_ATTR_OPERATION_MATMUL_BDESC, b),
+            (CUDNN_ATTR_OPERATION_MATMUL_CDESC, c),
+        ];
+        let config = (CUDNN_ATTR_OPERATION_MATMUL_DESC, mm.finalize()?);
+        self.operation(
+            Kind::CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR,
+            &operands,
+            Some(config),
+        )
     }
 
     /// `y` = the sum of `x` over the dimensions where `y` has size 1, in fp32.
     fn reduce_sum(&mut self, x: usize, y: usize) -> Result<()> {
+        use Attr::*;
         let sum = Descriptor::new(Kind::CUDNN_BACKEND_REDUCTION_DESCRIPTOR)?;
+        let add = sys::cudnnReduceTensorOp_t::CUDNN_REDUCE_TENSOR_ADD;
+        sum.set_enum(CUDNN_ATTR_REDUCTION_OPERATOR, add)?;
         sum.set_enum(
-            Attr::CUDNN_ATTR_REDUCTION_OPERATOR,
-            sys::cudnnReduceTensorOp_t::CUDNN_REDUCE_TENSOR_ADD,
-        )?;
-        sum.set_enum(
-            Attr::CUDNN_ATTR_REDUCTION_COMP_TYPE,
+            CUDNN_ATTR_REDUCTION_COMP_TYPE,
             cudnnDataType_t::CUDNN_DATA_FLOAT,
         )?;
-        let sum = sum.finalize()?;
-        let op = Descriptor::new(Kind::CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR)?;
-        op.set_descriptors(
-            Attr::CUDNN_ATTR_OPERATION_REDUCTION_XDESC,
-            &[&self.parts[x]],
-        )?;
-        op.set_descriptors(
-            Attr::CUDNN_ATTR_OPERATION_REDUCTION_YDESC,
-            &[&self.parts[y]],
-        )?;
-        op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_REDUCTION_DESC, &[&sum])?;
-        self.ops.push(op.finalize()?);
-        self.keep(sum);
-        Ok(())
+        let operands = [
+            (CUDNN_ATTR_OPERATION_REDUCTION_XDESC, x),
+            (CUDNN_ATTR_OPERATION_REDUCTION_YDESC, y),
+        ];
+        let config = (CUDNN_ATTR_OPERATION_REDUCTION_DESC, sum.finalize()?);
+        self.operation(
+            Kind::CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR,
+            &operands,
+            Some(config),
+        )
     }
 
     /// `y`: the elements of `x` under other dimensions and strides (a transpose here), and
     /// the element type `y` names.
     fn reshape(&mut self, x: usize, y: usize) -> Result<()> {
-        let op = Descriptor::new(Kind::CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR)?;
-        op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_RESHAPE_XDESC, &[&self.parts[x]])?;
-        op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_RESHAPE_YDESC, &[&self.parts[y]])?;
+        use Attr::*;
+        let operands = [
+            (CUDNN_ATTR_OPERATION_RESHAPE_XDESC, x),
+            (CUDNN_ATTR_OPERATION_RESHAPE_YDESC, y),
+        ];
+        self.operation(
+            Kind::CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR,
+            &operands,
+            None,
+        )
+    }
+
+    /// One operation of `kind` on the tensors `operands` names (attribute, index in `parts`),
+    /// with its configuration descriptor where it has one (kept in `parts`).
+    fn operation(
+        &mut self,
+        kind: Kind,
+        operands: &[(Attr, usize)],
+        config: Option<(Attr, Descriptor)>,
+    ) -> Result<()> {
+        let op = Descriptor::new(kind)?;
+        for &(attr, index) in operands {
+            op.set_descriptors(attr, &[&self.parts[index]])?;
+        }
+        if let Some((attr, config)) = config {
+            op.set_descriptors(attr, &[&config])?;
+            self.keep(config);
+        }
         self.ops.push(op.finalize()?);
         Ok(())
     }
