@@ -240,16 +240,16 @@ fn backward(shape: SdpaShape) -> Result<(Vec<Descriptor>, Vec<Descriptor>)> {
     let vt = io(Role::V, F16, kt_dims, transposed(kv_strides))?;
     let o = io(Role::Out, F16, q_dims, q_strides)?;
     let d_out = io(Role::DOut, F16, q_dims, q_strides)?;
-    let row = |dims: [usize; 4]| [dims[1] * dims[2], dims[2], 1, 1].map(|s| s as i64);
-    let stats = io(Role::Stats, F32, [b, h, n, 1], row([b, h, n, 1]))?;
     let d_q = io(Role::DQ, F16, q_dims, q_strides)?;
     let d_k = io(Role::DK, F16, kv_dims, kv_strides)?;
     let d_v = io(Role::DV, F16, kv_dims, kv_strides)?;
-    let softmax_sum = io(Role::SoftmaxSum, F32, [b, h, n, 1], row([b, h, n, 1]))?;
     let packed = |dims: [usize; 4]| {
         [dims[1] * dims[2] * dims[3], dims[2] * dims[3], dims[3], 1].map(|s| s as i64)
     };
+    let per_row = [b, h, n, 1];
+    let softmax_sum = io(Role::SoftmaxSum, F32, per_row, packed(per_row))?;
     let dq_accum = io(Role::DqAccum, F32, q_dims, packed(q_dims))?;
+    let stats = g.keep(stats(shape)?);
     let scale = g.keep(scalar_by_value(SCALE)?);
     let one = g.keep(scalar_by_value(ONE)?);
 
@@ -257,7 +257,7 @@ fn backward(shape: SdpaShape) -> Result<(Vec<Descriptor>, Vec<Descriptor>)> {
     let per_head = [(h * n * d) as i64, (n * d) as i64, (h * d) as i64, 1];
     let do_o = g.inner(F32, q_dims, per_head)?;
     g.pointwise(CUDNN_POINTWISE_MUL, d_out, Some(o), do_o)?;
-    let row_sum = g.inner(F32, [b, h, n, 1], row([b, h, n, 1]))?;
+    let row_sum = g.inner(F32, per_row, packed(per_row))?;
     g.reduce_sum(do_o, row_sum)?;
     g.pointwise(CUDNN_POINTWISE_MUL, row_sum, Some(one), softmax_sum)?;
 
