@@ -12,6 +12,7 @@ const MACHINE_CODE: [u32; 6] = [80, 86, 89, 90, 100, 120];
 
 fn main() {
     println!("cargo:rerun-if-changed=src/cuda/kernels.cu");
+    println!("cargo:rerun-if-changed=src/cuda/norm_kernels.cuh");
     println!("cargo:rerun-if-changed=src/cuda/restore_kernels.cuh");
     println!("cargo:rerun-if-changed=src/cuda/backward_kernels.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");

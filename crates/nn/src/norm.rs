@@ -57,10 +57,15 @@ impl LayerNorm {
 
     fn run(&self, xs: &Tensor) -> Result<Tensor> {
         profile::timed("layer norm", xs.device(), || match self.inner.bias() {
-            // The fused kernel has no backward pass and no f64 version.
+            // The fused kernels have no backward pass and no f64 version.
             Some(bias) if xs.track_op() || xs.dtype() == DType::F64 => {
                 candle_nn::ops::layer_norm_slow(xs, self.inner.weight(), bias, self.eps as f32)
             }
+            #[cfg(feature = "cuda")]
+            Some(bias) => match crate::cuda::layer_norm(xs, self.inner.weight(), bias, self.eps)? {
+                Some(ys) => Ok(ys),
+                None => self.inner.forward(xs),
+            },
             _ => self.inner.forward(xs),
         })
     }

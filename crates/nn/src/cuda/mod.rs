@@ -49,7 +49,7 @@ pub use elementwise::{
 };
 pub use linear::linear;
 pub use memory::memory_high_water;
-pub use norm::{group_norm, group_norm_input_grad, layer_norm_input_grad};
+pub use norm::{group_norm, group_norm_input_grad, layer_norm, layer_norm_input_grad};
 pub use restore_ops::noise_leaky_relu;
 pub use upload::upload;
 

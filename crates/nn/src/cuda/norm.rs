@@ -1,15 +1,19 @@
 //! Group norm (+ SiLU) in fused passes (NCHW: two; channels-last: the statistics of each chunk,
-//! their merge per group, the normalisation), and its input gradient in three; layer norm's
-//! input gradient in one.
+//! their merge per group, the normalisation, or all three in one kernel where the map fits the
+//! GPU at once), and its input gradient in three; layer norm's input gradient in one.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc;
-use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
 use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
 
-use super::{applies, cuda_op, kernel, suffix};
+use super::choice::{remembered, replaces};
+use super::{applies, cuda_op, kernel, suffix, Kernel};
 
 /// `torch.nn.GroupNorm` (then SiLU when `silu`) over `[B, C, …]`; fp16 or fp32.
 pub fn group_norm(
@@ -37,17 +41,48 @@ pub fn group_norm(
     let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
     let offsets = [x, &weight, &bias].map(|t| t.layout().start_offset());
     if crate::is_channels_last(x) && NhwcGeometry::new(x.dims(), groups, offsets).is_some() {
-        let nhwc = GroupNormNhwcOp(op);
-        let y = x
-            .permute((0, 2, 3, 1))?
-            .apply_op3_no_bwd(&weight, &bias, &nhwc)?;
-        return y.permute((0, 3, 1, 2)).map(Some);
+        let nhwc = |resident: bool| -> Result<Tensor> {
+            let op = GroupNormNhwcOp { norm: op, resident };
+            x.permute((0, 2, 3, 1))?
+                .apply_op3_no_bwd(&weight, &bias, &op)?
+                .permute((0, 3, 1, 2))
+        };
+        let candle_core::Device::Cuda(dev) = x.device() else {
+            return Ok(None);
+        };
+        let key = (dev.id(), x.dtype(), x.dims().to_vec(), groups, silu);
+        let resident = remembered(&RESIDENT_CHOICE, key, || {
+            replaces(
+                "one-pass group norm",
+                &[x.dims()],
+                x.device(),
+                &|| nhwc(true),
+                &|| nhwc(false),
+            )
+        })?;
+        return nhwc(resident).map(Some);
     }
     x.contiguous()?
         .apply_op3_no_bwd(&weight, &bias, &op)
         .map(Some)
 }
 
+/// A choice's key: device, element type, shape, and for group norm its groups and SiLU.
+type ShapeKey = (DeviceId, DType, Vec<usize>, usize, bool);
+
+type SplitKey = (DeviceId, &'static str, usize, usize, usize, usize);
+
+thread_local! {
+    // Per shape (and groups, SiLU): whether the one-pass channels-last kernel is used.
+    static RESIDENT_CHOICE: RefCell<HashMap<ShapeKey, bool>> = RefCell::new(HashMap::new());
+    // Per shape: whether our layer-norm kernel is used (else candle's).
+    static LAYER_NORM_CHOICE: RefCell<HashMap<ShapeKey, bool>> = RefCell::new(HashMap::new());
+    // Per device, element type, N, H·W, bytes per pixel, threads: its cut (`resident_split`).
+    static RESIDENT_SPLITS: RefCell<HashMap<SplitKey, Option<(usize, usize)>>> =
+        RefCell::new(HashMap::new());
+}
+
+#[derive(Clone, Copy)]
 struct GroupNormOp {
     groups: usize,
     eps: f32,
@@ -144,8 +179,12 @@ impl GroupGeometry {
     }
 }
 
-/// [`GroupNormOp`] over channels-last memory `[N, H, W, C]` (`*_nhwc` kernels).
-struct GroupNormNhwcOp(GroupNormOp);
+/// [`GroupNormOp`] over channels-last memory `[N, H, W, C]` (`*_nhwc` kernels): three passes,
+/// or where `resident`, the one-pass kernel (an error where a sample's map does not fit it).
+struct GroupNormNhwcOp {
+    norm: GroupNormOp,
+    resident: bool,
+}
 
 impl GroupNormNhwcOp {
     fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
@@ -158,7 +197,7 @@ impl GroupNormNhwcOp {
             candle_core::bail!("group norm: {:?} is not [N, H, W, C]", xl.dims())
         };
         let offsets = [xl, wl, bl].map(|l| l.start_offset());
-        let Some(geo) = NhwcGeometry::new(&[n, c, h, wd], self.0.groups, offsets) else {
+        let Some(geo) = NhwcGeometry::new(&[n, c, h, wd], self.norm.groups, offsets) else {
             candle_core::bail!("group norm: no channels-last kernel for {:?}", xl.dims())
         };
         let suffix = suffix(x.dtype())?;
@@ -166,7 +205,12 @@ impl GroupNormNhwcOp {
         let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
         let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
         let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
-        let groups = self.0.groups;
+        if self.resident {
+            let geometry = [n, h * wd, c];
+            let out = self.run_resident((&dev, suffix), &geo, geometry, (&xs, &ws, &bs))?;
+            return Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()));
+        }
+        let groups = self.norm.groups;
         // SAFETY: pass 1 writes every (sample, group, chunk)'s moments, pass 2 every
         // (sample, group)'s statistics, pass 3 every output.
         let partial = unsafe { dev.alloc::<f32>(n * groups * geo.splits * 3)? };
@@ -189,7 +233,7 @@ impl GroupNormNhwcOp {
         unsafe { launch.launch(cfg) }.w()?;
         let finalize = kernel(&dev, "group_norm_finalize_nhwc")?;
         let rows = n * groups;
-        let (rows32, eps) = (rows as i32, self.0.eps);
+        let (rows32, eps) = (rows as i32, self.norm.eps);
         let mut launch = finalize.builder();
         launch
             .arg(&partial)
@@ -205,7 +249,7 @@ impl GroupNormNhwcOp {
         };
         unsafe { launch.launch(finalize_cfg) }.w()?;
         let apply = func("group_norm_apply_nhwc")?;
-        let silu = self.0.silu as i32;
+        let silu = self.norm.silu as i32;
         let mut launch = apply.builder();
         launch
             .arg(&xs)
@@ -218,6 +262,95 @@ impl GroupNormNhwcOp {
         unsafe { launch.launch(cfg) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
     }
+
+    /// The one-pass kernel (`group_norm_nhwc_resident`) over `[n, hw, c]`: a cooperative launch
+    /// of `n × splits` blocks, each keeping its chunk of a sample's pixels in shared memory.
+    fn run_resident<T: DeviceRepr>(
+        &self,
+        (dev, suffix): (&CudaDevice, &'static str),
+        geo: &NhwcGeometry,
+        [n, hw, c]: [usize; 3],
+        (xs, ws, bs): (&CudaView<T>, &CudaView<T>, &CudaView<T>),
+    ) -> Result<CudaSlice<T>> {
+        let func = kernel(dev, &format!("group_norm_nhwc_resident_{suffix}"))?;
+        let pixel_bytes = c * std::mem::size_of::<T>();
+        let key = (dev.id(), suffix, n, hw, pixel_bytes, geo.threads);
+        let split = remembered(&RESIDENT_SPLITS, key, || {
+            resident_split(dev, &func, n, hw, pixel_bytes, geo.threads)
+        })?;
+        let Some((splits, kept)) = split else {
+            candle_core::bail!("one-pass group norm: [{n}, {hw}, {c}] is more than the GPU holds")
+        };
+        let groups = self.norm.groups;
+        // SAFETY: every block writes its chunk's moments before the barrier lets any block
+        // read them, and every output element.
+        let partial = unsafe { dev.alloc::<f32>(n * groups * splits * 3)? };
+        let arrived = dev.alloc_zeros::<u32>(n)?;
+        let out = unsafe { dev.alloc::<T>(n * hw * c)? };
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, splits as u32, 1),
+            block_dim: (geo.threads as u32, 1, 1),
+            shared_mem_bytes: kept as u32,
+        };
+        let (hw64, c32, groups32) = (hw as i64, c as i32, groups as i32);
+        let (vec32, splits32) = (geo.vec as i32, splits as i32);
+        let (eps, silu) = (self.norm.eps, self.norm.silu as i32);
+        let mut launch = func.builder();
+        launch
+            .arg(xs)
+            .arg(&out)
+            .arg(&partial)
+            .arg(&arrived)
+            .arg(ws)
+            .arg(bs);
+        launch.arg(&hw64).arg(&c32).arg(&groups32).arg(&vec32);
+        launch.arg(&splits32).arg(&eps).arg(&silu);
+        // SAFETY: the argument list matches the kernel's signature. A cooperative launch
+        // fails rather than start more blocks than can be resident together, so the barrier
+        // never waits on a block that cannot start.
+        unsafe { launch.launch_cooperative(cfg) }.w()?;
+        Ok(out)
+    }
+}
+
+/// The chunks per sample that let all `n × splits` blocks of the one-pass kernel be resident
+/// at once (`threads` each, keeping `pixel_bytes` of shared memory per pixel of their chunk),
+/// and the bytes each block keeps; `None` where the map is larger than the GPU's shared memory
+/// holds. Four blocks per SM down to one are tried: more blocks hide more of the loads' latency.
+fn resident_split(
+    dev: &CudaDevice,
+    func: &Kernel,
+    n: usize,
+    hw: usize,
+    pixel_bytes: usize,
+    threads: usize,
+) -> Result<Option<(usize, usize)>> {
+    use cudarc::driver::sys::{CUdevice_attribute as Device, CUfunction_attribute as Func};
+    let ctx = dev.cuda_stream().context().clone();
+    let sms = ctx
+        .attribute(Device::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()? as usize;
+    let most = ctx
+        .attribute(Device::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .w()?
+        - func.shared_size_bytes().w()?;
+    // Allowed as much as the device lets a block have; each launch asks for what it keeps.
+    func.set_attribute(Func::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, most)
+        .w()?;
+    for per_sm in (1..=4).rev() {
+        let splits = (sms * per_sm / n).min(hw);
+        let bytes = hw.div_ceil(splits.max(1)) * pixel_bytes;
+        if splits == 0 || bytes > most as usize {
+            continue;
+        }
+        let resident = func
+            .occupancy_max_active_blocks_per_multiprocessor(threads as u32, bytes, None)
+            .w()?;
+        if resident as usize >= per_sm {
+            return Ok(Some((splits, bytes)));
+        }
+    }
+    Ok(None)
 }
 
 /// How the channels-last kernels cut `[N, C, H, W]`: each thread `vec` channels of one group
@@ -371,6 +504,97 @@ impl GroupNormGradOp {
     }
 }
 
+/// `torch.nn.LayerNorm` over the last axis (`weight`, `bias` `[D]`, `eps`), fp16 or fp32: a warp
+/// per row holding it in registers; `None` where the rows do not fit that kernel (see
+/// [`layer_norm_chunks`]), an operand does not start at a whole vector, or, per shape, the
+/// kernel did not match candle's or was not faster (checked once, as the other choices are).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    let dtype_ok = matches!(x.dtype(), DType::F16 | DType::F32);
+    let same = [weight, bias]
+        .iter()
+        .all(|t| t.dtype() == x.dtype() && applies(t));
+    let d = x.dims().last().copied().unwrap_or(0);
+    if !applies(x) || !dtype_ok || !same || weight.dims() != [d] || bias.dims() != [d] {
+        return Ok(None);
+    }
+    let vec = 16 / x.dtype().size_in_bytes();
+    let Some(chunks) = layer_norm_chunks(d, vec) else {
+        return Ok(None);
+    };
+    let (x, weight, bias) = (x.contiguous()?, weight.contiguous()?, bias.contiguous()?);
+    let offsets = [&x, &weight, &bias].map(|t| t.layout().start_offset());
+    if offsets.iter().any(|o| o % vec != 0) {
+        return Ok(None);
+    }
+    let op = LayerNormOp {
+        eps: eps as f32,
+        chunks,
+    };
+    let candle_core::Device::Cuda(dev) = x.device() else {
+        return Ok(None);
+    };
+    let ours = || x.apply_op3_no_bwd(&weight, &bias, &op);
+    let key = (dev.id(), x.dtype(), x.dims().to_vec(), 0, false);
+    let faster = remembered(&LAYER_NORM_CHOICE, key, || {
+        replaces("layer norm kernel", &[x.dims()], x.device(), &ours, &|| {
+            candle_nn::ops::layer_norm(&x, &weight, &bias, eps as f32)
+        })
+    })?;
+    faster.then(ours).transpose()
+}
+
+/// The vectors of `vec` elements each lane of a warp holds for a row of `cols` (1, 2, 4 or 8,
+/// the kernel's instances), or `None` where `vec` does not divide `cols` or a row needs more.
+fn layer_norm_chunks(cols: usize, vec: usize) -> Option<usize> {
+    if cols == 0 || !cols.is_multiple_of(vec) {
+        return None;
+    }
+    let chunks = (cols / vec).div_ceil(32);
+    [1, 2, 4, 8].into_iter().find(|&c| c >= chunks)
+}
+
+struct LayerNormOp {
+    eps: f32,
+    chunks: usize,
+}
+
+impl LayerNormOp {
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        &self,
+        (x, xl): (&CudaStorage, &Layout),
+        (w, wl): (&CudaStorage, &Layout),
+        (b, bl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let n = xl.shape().elem_count();
+        let cols = xl.dims()[xl.dims().len() - 1];
+        let rows = n / cols;
+        let dev = x.device().clone();
+        let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+        let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
+        // SAFETY: the kernel writes every row.
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let func = kernel(&dev, &format!("layer_norm_{}", suffix(x.dtype())?))?;
+        let (rows64, cols32, chunks32) = (rows as i64, cols as i32, self.chunks as i32);
+        let mut launch = func.builder();
+        launch.arg(&xs).arg(&y).arg(&ws).arg(&bs);
+        launch
+            .arg(&rows64)
+            .arg(&cols32)
+            .arg(&chunks32)
+            .arg(&self.eps);
+        // Four warps (rows) a block.
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument list matches the kernel's signature; offsets checked by the caller.
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
+    }
+}
+
 /// The input gradient of a layer norm over the last axis (`weight` `[D]`, `eps`) given
 /// `grad`, that of its output: a warp per row, in one kernel.
 pub fn layer_norm_input_grad(
@@ -431,6 +655,7 @@ impl LayerNormGradOp {
     }
 }
 
+cuda_op!(LayerNormOp, "layer-norm", run(x, y, z) [F16 => f16, F32 => f32]);
 cuda_op!(LayerNormGradOp, "layer-norm-input-grad", run(x, y, z) [F16 => f16, F32 => f32]);
 cuda_op!(GroupNormOp, "group-norm", run(x, y, z) [F16 => f16, F32 => f32]);
 cuda_op!(GroupNormNhwcOp, "group-norm-nhwc", run(x, y, z) [F16 => f16, F32 => f32]);
@@ -438,7 +663,22 @@ cuda_op!(GroupNormGradOp, "group-norm-input-grad", run(x, y) [F16 => f16, F32 =>
 
 #[cfg(test)]
 mod tests {
-    use super::NhwcGeometry;
+    use super::{layer_norm_chunks, NhwcGeometry};
+
+    #[test]
+    fn a_layer_norm_row_takes_the_fewest_chunks_that_hold_it() {
+        // fp16 (8 a vector): SD1.5's widths, CLIP's 768, SDXL's 1280 and 2048.
+        for (cols, chunks) in [(320, 2), (640, 4), (768, 4), (1280, 8), (2048, 8), (256, 1)] {
+            assert_eq!(layer_norm_chunks(cols, 8), Some(chunks), "{cols}");
+        }
+        // Wider rows, or widths that are not whole vectors, are left to candle.
+        assert_eq!(layer_norm_chunks(2056, 8), None);
+        assert_eq!(layer_norm_chunks(1284, 8), None);
+        assert_eq!(layer_norm_chunks(0, 8), None);
+        // fp32 (4 a vector) holds up to 1024.
+        assert_eq!(layer_norm_chunks(1024, 4), Some(8));
+        assert_eq!(layer_norm_chunks(1280, 4), None);
+    }
 
     #[test]
     fn each_thread_takes_the_widest_vector_its_group_and_offsets_allow() {
