@@ -67,16 +67,19 @@ pub fn group_norm(
         .map(Some)
 }
 
-/// A choice's key: device, element type, shape, and for group norm its groups and SiLU.
-type ShapeKey = (DeviceId, DType, Vec<usize>, usize, bool);
+/// A group-norm choice's key: device, element type, shape, groups, SiLU.
+type GroupNormKey = (DeviceId, DType, Vec<usize>, usize, bool);
+
+/// A layer-norm choice's key: device, element type, shape.
+type LayerNormKey = (DeviceId, DType, Vec<usize>);
 
 type SplitKey = (DeviceId, &'static str, usize, usize, usize, usize);
 
 thread_local! {
     // Per shape (and groups, SiLU): whether the one-pass channels-last kernel is used.
-    static RESIDENT_CHOICE: RefCell<HashMap<ShapeKey, bool>> = RefCell::new(HashMap::new());
+    static RESIDENT_CHOICE: RefCell<HashMap<GroupNormKey, bool>> = RefCell::new(HashMap::new());
     // Per shape: whether our layer-norm kernel is used (else candle's).
-    static LAYER_NORM_CHOICE: RefCell<HashMap<ShapeKey, bool>> = RefCell::new(HashMap::new());
+    static LAYER_NORM_CHOICE: RefCell<HashMap<LayerNormKey, bool>> = RefCell::new(HashMap::new());
     // Per device, element type, N, H·W, bytes per pixel, threads: its cut (`resident_split`).
     static RESIDENT_SPLITS: RefCell<HashMap<SplitKey, Option<(usize, usize)>>> =
         RefCell::new(HashMap::new());
@@ -534,7 +537,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         return Ok(None);
     };
     let ours = || x.apply_op3_no_bwd(&weight, &bias, &op);
-    let key = (dev.id(), x.dtype(), x.dims().to_vec(), 0, false);
+    let key = (dev.id(), x.dtype(), x.dims().to_vec());
     let faster = remembered(&LAYER_NORM_CHOICE, key, || {
         replaces("layer norm kernel", &[x.dims()], x.device(), &ours, &|| {
             candle_nn::ops::layer_norm(&x, &weight, &bias, eps as f32)
