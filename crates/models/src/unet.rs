@@ -184,7 +184,7 @@ impl Transformer2DModel {
         }
         let to_image = |t: Tensor| -> Result<Tensor> { from_nhwc(&t.reshape((b, h, w, c))?) };
         match &self.proj_out {
-            Projection::Conv(conv) => add(&conv.forward(&to_image(tokens)?)?, xs),
+            Projection::Conv(conv) => conv.forward_add(&to_image(tokens)?, xs),
             // Channels-last, the input's tokens are a free view: the residual add goes into
             // the projection's epilogue.
             Projection::Linear(lin) if is_channels_last(xs) => {

@@ -16,10 +16,11 @@ use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DeviceRepr};
 use half::f16;
 
 use super::choice::{best_times, graph_aligned, remembered, replaces};
-use super::cudnn_graph::{self, GraphConvShape};
+use super::cudnn_graph::{self, Bias, Epilogue, GraphConvShape};
 use super::elementwise::launch_add_bias;
 use super::memory::with_workspace;
 use super::{applies, cuda_op};
+use crate::conv::ConvExtra;
 use crate::switch::Switch;
 
 /// 2-D convolution (groups 1, dilation 1; the bias, if any, added in place by our kernel)
@@ -36,6 +37,28 @@ pub fn conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Option<Tensor>> {
+    Ok(match chosen(x, w, bias, padding, stride)? {
+        Some(Chosen { op, x, w, .. }) => Some(op.apply(&x, &w, bias)?),
+        None => None,
+    })
+}
+
+/// The way [`conv2d`] takes for this shape, with the operands in its layout; `None` where
+/// candle's kernel does (or the operands are not cuDNN's to take).
+struct Chosen {
+    op: CudnnConv,
+    key: ConvKey,
+    x: Tensor,
+    w: Tensor,
+}
+
+fn chosen(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Option<Chosen>> {
     let dtype_ok = matches!(x.dtype(), DType::F16 | DType::F32);
     if !applies(x) || !dtype_ok || w.dtype() != x.dtype() || x.rank() != 4 || w.rank() != 4 {
         return Ok(None);
@@ -86,7 +109,81 @@ pub fn conv2d(
             )
         })?;
     let op = if use_graph { graph } else { op };
-    op.apply(&x, &w, bias).map(Some)
+    Ok(Some(Chosen { op, key, x, w }))
+}
+
+/// `conv(x, w) + bias + extra` in one cuDNN kernel (the adds in the convolution's epilogue,
+/// computed in fp32 before the one rounding to the output type), where this shape's
+/// convolution goes through cuDNN's graph API and, checked once per shape as every choice here
+/// ([`replaces`]), the fused graph gives the values of the convolution followed by the
+/// separate add and is faster. `None` elsewhere: the caller convolves and adds.
+pub fn conv2d_fused(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    extra: ConvExtra,
+    padding: usize,
+    stride: usize,
+) -> Result<Option<Tensor>> {
+    let Some(Chosen { op, key, x, w }) = chosen(x, w, Some(bias), padding, stride)? else {
+        return Ok(None);
+    };
+    let (n, k) = (x.dim(0)?, w.dim(0)?);
+    let (ho, wo) = (
+        op.out_size(x.dim(2)?, w.dim(2)?),
+        op.out_size(x.dim(3)?, w.dim(3)?),
+    );
+    let (term, per_sample, expected) = match extra {
+        ConvExtra::PerSampleBias(t) => (t, true, vec![n, k]),
+        ConvExtra::Residual(t) => (t, false, vec![n, k, ho, wo]),
+    };
+    if !op.graph_api || term.dtype() != x.dtype() || term.track_op() || term.dims() != expected {
+        return Ok(None);
+    }
+    let term = if per_sample {
+        term.contiguous()?
+    } else {
+        op.in_layout(term)?
+    };
+    if ![&x, &w, bias, &term].into_iter().all(graph_aligned) {
+        return Ok(None);
+    }
+    let fused = || -> Result<Tensor> {
+        let fused = CudnnConvFused {
+            conv: op,
+            per_sample,
+        };
+        if per_sample {
+            // One `[N, K]` bias: the layer's own folded into the per-sample term.
+            let bias = term.broadcast_add(&bias.unsqueeze(0)?)?;
+            fused.apply(&x, &w, &bias, None)
+        } else {
+            fused.apply(&x, &w, bias, Some(&term))
+        }
+    };
+    let separate = || -> Result<Tensor> {
+        let y = op.apply(&x, &w, Some(bias))?;
+        if per_sample {
+            crate::elementwise::add_bias(y, &term, 1)
+        } else {
+            crate::layout::add(&y, &term)
+        }
+    };
+    let what = if per_sample {
+        "per-sample bias"
+    } else {
+        "residual"
+    };
+    let faster = remembered(&FUSED_CHOICE, (key, per_sample), || {
+        replaces(
+            &format!("cuDNN convolution + {what} in one kernel"),
+            &[x.dims(), w.dims()],
+            x.device(),
+            &fused,
+            &separate,
+        )
+    })?;
+    faster.then(fused).transpose()
 }
 
 /// [`conv2d`] always through cuDNN (for benchmarks), channels-last where `x` is; through its
@@ -157,6 +254,8 @@ thread_local! {
     static CHOICE: RefCell<HashMap<ConvKey, bool>> = RefCell::new(HashMap::new());
     // Per shape and bias or not: whether the graph API's plan is used (see `replaces`).
     static GRAPH_CHOICE: RefCell<HashMap<(ConvKey, bool), bool>> = RefCell::new(HashMap::new());
+    // Per shape and per-sample bias (else residual): whether `conv2d_fused` fuses.
+    static FUSED_CHOICE: RefCell<HashMap<(ConvKey, bool), bool>> = RefCell::new(HashMap::new());
     static PLANS: RefCell<HashMap<ConvKey, Rc<dyn Any>>> = RefCell::new(HashMap::new());
 }
 
@@ -366,9 +465,34 @@ impl CudnnConv {
 
     fn run<T>(
         &self,
+        x: (&CudaStorage, &Layout),
+        w: (&CudaStorage, &Layout),
+        bias: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: CudnnDataType
+            + DeviceRepr
+            + candle_core::cuda_backend::CudaDType
+            + num_one::One
+            + 'static,
+    {
+        let epilogue = match bias {
+            Some(_) => Epilogue::BIAS,
+            None => Epilogue::NONE,
+        };
+        self.run_with::<T>(x, w, bias, epilogue, None)
+    }
+
+    /// `conv(x, w)` plus what `epilogue` names: a per-channel bias alone may be added by our
+    /// kernel after the convolution (the legacy API, or no fused engine); any other epilogue
+    /// goes through the graph API in one kernel or is an error.
+    fn run_with<T>(
+        &self,
         (x, xl): (&CudaStorage, &Layout),
         (w, wl): (&CudaStorage, &Layout),
         bias: Option<(&CudaStorage, &Layout)>,
+        epilogue: Epilogue,
+        residual: Option<&Tensor>,
     ) -> Result<(CudaStorage, Shape)>
     where
         T: CudnnDataType
@@ -393,23 +517,63 @@ impl CudnnConv {
         // SAFETY: cuDNN writes every element.
         let mut y = unsafe { dev.alloc::<T>(n * k * ho * wo)? };
         let (x_dims, w_dims) = ([n, c, h, wd], [k, c, r, s]);
+        let bias_len = match epilogue.bias {
+            Bias::None => 0,
+            Bias::PerChannel => k,
+            Bias::PerSample => n * k,
+        };
         let bias = match bias {
-            Some((b, bl)) => Some(b.as_cuda_slice::<T>()?.slice(bl.start_offset()..)),
+            Some((b, bl)) if bl.shape().elem_count() == bias_len && bl.is_contiguous() => {
+                Some(b.as_cuda_slice::<T>()?.slice(bl.start_offset()..))
+            }
+            None if bias_len == 0 => None,
+            _ => candle_core::bail!("conv2d: the bias does not fit {epilogue:?} of {k} channels"),
+        };
+        let residual_storage = residual.map(|r| r.storage_and_layout());
+        let residual = match &residual_storage {
+            Some((storage, layout)) => {
+                let candle_core::Storage::Cuda(r) = &**storage else {
+                    candle_core::bail!("conv2d: the residual is not on the GPU")
+                };
+                if !layout.is_contiguous() || layout.shape().elem_count() != y.len() {
+                    candle_core::bail!("conv2d: the residual is not the output's memory")
+                }
+                Some(r.as_cuda_slice::<T>()?.slice(layout.start_offset()..))
+            }
             None => None,
         };
+        if epilogue.residual != residual.is_some() {
+            candle_core::bail!("conv2d: {epilogue:?} without its residual")
+        }
         let stream = dev.cuda_stream();
         let address = |v: &CudaView<T>| v.device_ptr(&stream).0 as usize;
-        let aligned = [Some(&xs), Some(&ws), bias.as_ref()]
+        let aligned = [Some(&xs), Some(&ws), bias.as_ref(), residual.as_ref()]
             .into_iter()
             .flatten()
             .all(|v| address(v).is_multiple_of(super::cudnn_backend::ALIGNMENT));
-        let bias_added = if self.graph_api && aligned {
-            self.forward_graph(&dev, (x_dims, &xs), (w_dims, &ws), bias.as_ref(), &mut y)?
+        let graph = self.graph_api && aligned;
+        if !graph && epilogue != Epilogue::BIAS && epilogue != Epilogue::NONE {
+            candle_core::bail!("conv2d: {epilogue:?} needs the graph API and aligned operands")
+        }
+        let added = if graph {
+            let operands = ((x_dims, &xs), (w_dims, &ws));
+            self.forward_graph(
+                &dev,
+                operands,
+                (bias.as_ref(), residual.as_ref()),
+                epilogue,
+                &mut y,
+            )?
         } else {
             self.forward_legacy(&dev, x.dtype(), (x_dims, &xs), (w_dims, &ws), &mut y)?;
-            false
+            Epilogue::NONE
         };
-        if let Some(bs) = bias.filter(|_| !bias_added) {
+        if added.residual != epilogue.residual
+            || (added.bias == Bias::None && epilogue.bias == Bias::PerSample)
+        {
+            candle_core::bail!("conv2d: no engine fuses {epilogue:?}")
+        }
+        if let Some(bs) = bias.filter(|_| added.bias == Bias::None) {
             // In place: no second output-sized buffer (512 MB at the VAE's 1024² stage).
             let inner = if self.channels_last { 1 } else { ho * wo };
             launch_add_bias(&dev, x.dtype(), &y.slice(..), &bs, &y, inner, k, y.len())?;
@@ -453,16 +617,18 @@ impl CudnnConv {
         })
     }
 
-    /// `y = conv(x, w) (+ bias)` through the graph API's plan for this shape; whether the
-    /// plan added the bias. For operands at [`super::cudnn_backend::ALIGNMENT`]ed addresses only.
+    /// `y = conv(x, w) (+ the terms of epilogue)` through the graph API's plan for this shape;
+    /// what the plan added (a per-channel bias may be left to the caller). For operands at
+    /// [`super::cudnn_backend::ALIGNMENT`]ed addresses only.
+    #[allow(clippy::type_complexity)]
     fn forward_graph<T: CudnnDataType>(
         &self,
         dev: &CudaDevice,
-        (x_dims, xs): ([usize; 4], &CudaView<T>),
-        (w_dims, ws): ([usize; 4], &CudaView<T>),
-        bias: Option<&CudaView<T>>,
+        ((x_dims, xs), (w_dims, ws)): (([usize; 4], &CudaView<T>), ([usize; 4], &CudaView<T>)),
+        (bias, residual): (Option<&CudaView<T>>, Option<&CudaView<T>>),
+        epilogue: Epilogue,
         y: &mut CudaSlice<T>,
-    ) -> Result<bool> {
+    ) -> Result<Epilogue> {
         let shape = GraphConvShape {
             dtype: T::DATA_TYPE,
             x: x_dims,
@@ -472,13 +638,13 @@ impl CudnnConv {
             channels_last: self.channels_last,
         };
         let limit = workspace_limit(xs.len(), y.len(), std::mem::size_of::<T>());
-        let plan = cudnn_graph::plan(dev, shape, bias.is_some(), limit)?;
+        let plan = cudnn_graph::plan(dev, shape, epilogue, limit)?;
         with_workspace(dev, plan.workspace(), |workspace| {
             // SAFETY: operands of T, the shape's dtype, of exactly this shape, contiguous in
             // this op's layout, aligned (the caller's check); y fresh from the pool.
-            unsafe { plan.execute(dev, xs, ws, bias, y, workspace) }
+            unsafe { plan.execute(dev, (xs, ws), (bias, residual), y, workspace) }
         })?;
-        Ok(plan.fused_bias)
+        Ok(plan.epilogue)
     }
 }
 
@@ -592,6 +758,84 @@ mod num_one {
 }
 
 cuda_op!(CudnnConv, "cudnn-conv2d", run(x, w, bias?) [F16 => f16, F32 => f32]);
+
+/// A graph-API convolution with its bias per sample (`[N, K]`) or a residual added in the
+/// same kernel ([`conv2d_fused`]).
+struct CudnnConvFused {
+    conv: CudnnConv,
+    per_sample: bool,
+}
+
+/// [`CudnnConvFused`] with its residual, in the output's memory layout.
+struct CudnnConvFusedOp {
+    fused: CudnnConvFused,
+    residual: Option<Tensor>,
+}
+
+impl CudnnConvFused {
+    /// `x` convolved with `w`, plus `bias` (`[K]`, or `[N, K]` where per-sample) and
+    /// `residual` (the output's shape), all in this convolution's layout.
+    fn apply(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let conv = self.conv;
+        let memory = |t: &Tensor| -> Result<Tensor> {
+            if conv.channels_last {
+                t.permute((0, 2, 3, 1))?.contiguous()
+            } else {
+                t.contiguous()
+            }
+        };
+        let op = CudnnConvFusedOp {
+            fused: CudnnConvFused {
+                conv,
+                per_sample: self.per_sample,
+            },
+            residual: residual.map(memory).transpose()?,
+        };
+        let y = memory(x)?.apply_op3_no_bwd(&memory(w)?, &bias.contiguous()?, &op)?;
+        if conv.channels_last {
+            y.permute((0, 3, 1, 2))
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+impl CudnnConvFusedOp {
+    fn run<T>(
+        &self,
+        x: (&CudaStorage, &Layout),
+        w: (&CudaStorage, &Layout),
+        bias: (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: CudnnDataType
+            + DeviceRepr
+            + candle_core::cuda_backend::CudaDType
+            + num_one::One
+            + 'static,
+    {
+        let epilogue = Epilogue {
+            bias: if self.fused.per_sample {
+                Bias::PerSample
+            } else {
+                Bias::PerChannel
+            },
+            residual: self.residual.is_some(),
+        };
+        let residual = self.residual.as_ref();
+        self.fused
+            .conv
+            .run_with::<T>(x, w, Some(bias), epilogue, residual)
+    }
+}
+
+cuda_op!(CudnnConvFusedOp, "cudnn-conv2d-fused", run(x, y, z) [F16 => f16, F32 => f32]);
 
 /// The gradient of a convolution's input (cuDNN's backward-data), for training through a
 /// frozen network: `grad` `[N, K, Ho, Wo]` of the output, `w` `[K, C, R, S]`, the input's

@@ -1,5 +1,6 @@
 //! The forward convolution through cuDNN's graph (backend) API: the convolution, with its bias
-//! added in the same kernel where an engine can, as one operation graph; cuDNN's heuristics
+//! (per channel, or per sample and channel: a ResNet block's time embedding folded in) and a
+//! residual added in the same kernel where an engine can, as one operation graph; cuDNN's heuristics
 //! rank the engines that can run it and the first that builds is kept, as PyTorch does through
 //! cudnn-frontend without `cudnn.benchmark`. The legacy `cudnnConvolutionForward` reaches a
 //! subset of those engines through its eight algorithms, and always adds the bias separately.
@@ -30,6 +31,10 @@ const Y: i64 = 3;
 const BIAS: i64 = 4;
 /// The convolution's fp32 output before the bias, never in memory (a fused graph's inner edge).
 const CONV_OUT: i64 = 5;
+/// A tensor of `y`'s shape added after the bias (a residual connection).
+const RESIDUAL: i64 = 6;
+/// The fp32 sum of the convolution and its bias before the residual add, never in memory.
+const BIASED: i64 = 7;
 
 /// A convolution's shapes as the graph takes them: NCHW dimensions of `x` and `w` (`[K, C, R,
 /// S]`), padding, stride, whether the memory is channels-last (NHWC, KRSC, NKHW otherwise), and
@@ -66,64 +71,101 @@ impl GraphConvShape {
     }
 }
 
+/// The bias a graph adds to the convolution's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Bias {
+    None,
+    /// `[K]`, one value per output channel.
+    PerChannel,
+    /// `[N, K]`, one value per sample and output channel.
+    PerSample,
+}
+
+/// What a graph adds to the convolution in the same kernel: a bias, then a residual of the
+/// output's shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct Epilogue {
+    pub bias: Bias,
+    pub residual: bool,
+}
+
+impl Epilogue {
+    /// The plain convolution.
+    pub const NONE: Self = Self {
+        bias: Bias::None,
+        residual: false,
+    };
+
+    /// `conv + bias` per channel.
+    pub const BIAS: Self = Self {
+        bias: Bias::PerChannel,
+        residual: false,
+    };
+
+    fn is_none(self) -> bool {
+        self == Self::NONE
+    }
+}
+
 /// A convolution's plan.
 pub(super) struct GraphConvPlan {
     plan: Plan,
-    /// Whether the plan adds the bias (else the caller does).
-    pub fused_bias: bool,
+    /// What the plan adds to the convolution (else the caller does).
+    pub epilogue: Epilogue,
 }
 
 thread_local! {
-    static PLANS: RefCell<HashMap<(DeviceId, GraphConvShape, bool), Rc<GraphConvPlan>>> =
+    static PLANS: RefCell<HashMap<(DeviceId, GraphConvShape, Epilogue), Rc<GraphConvPlan>>> =
         RefCell::new(HashMap::new());
 }
 
-/// The plan for this shape (with the bias fused where `with_bias` and an engine can), built
-/// the first time on this thread; an error where no engine within `workspace_limit` builds.
+/// The plan for this shape and `epilogue`, built the first time on this thread; an error where
+/// no engine within `workspace_limit` builds. A per-channel bias alone falls back to the plain
+/// convolution (the plan's `epilogue` says so, and the caller adds the bias); any other
+/// epilogue is fused or refused.
 pub(super) fn plan(
     dev: &CudaDevice,
     shape: GraphConvShape,
-    with_bias: bool,
+    epilogue: Epilogue,
     workspace_limit: usize,
 ) -> Result<Rc<GraphConvPlan>> {
-    remembered(&PLANS, (dev.id(), shape, with_bias), || {
+    remembered(&PLANS, (dev.id(), shape, epilogue), || {
         // Engines compiled at run time (fused ones) compile when their plan is built: the time
         // is logged, as it adds to a model's warm-up.
         let start = std::time::Instant::now();
-        let fused = with_bias
-            .then(|| build(dev, shape, true, workspace_limit))
-            .and_then(|fused| {
-                fused
-                    .map_err(|e| tracing::debug!(?shape, "no fused conv + bias engine: {e}"))
-                    .ok()
-            });
-        let plan = Rc::new(match fused {
-            Some(plan) => plan,
-            None => build(dev, shape, false, workspace_limit)?,
-        });
+        let plan = match build(dev, shape, epilogue, workspace_limit) {
+            Ok(plan) => plan,
+            Err(e) if epilogue == Epilogue::BIAS => {
+                tracing::debug!(?shape, "no fused conv + bias engine: {e}");
+                build(dev, shape, Epilogue::NONE, workspace_limit)?
+            }
+            Err(e) => return Err(e),
+        };
         tracing::debug!(
             ?shape,
-            fused_bias = plan.fused_bias,
+            epilogue = ?plan.epilogue,
             workspace = plan.plan.workspace,
             built_in = ?start.elapsed(),
             "cuDNN graph convolution plan"
         );
-        Ok(plan)
+        Ok(Rc::new(plan))
     })
 }
 
 impl GraphConvPlan {
-    /// Runs the plan: `y = conv(x, w) (+ bias where fused)`, on candle's stream.
+    /// Runs the plan: `y = conv(x, w) (+ bias, + residual where its epilogue has them)`, on
+    /// candle's stream. A bias the epilogue lacks is ignored (the caller adds it).
     ///
     /// # Safety
     /// The buffers must be of the plan's element type (its shape's `dtype`), its shape's
-    /// operands in its layout, each at an address aligned to [`super::cudnn_backend::ALIGNMENT`].
+    /// operands in its layout (the bias `[K]` or `[N, K]` as the epilogue says, the residual
+    /// `y`'s shape and layout), each at an address aligned to
+    /// [`super::cudnn_backend::ALIGNMENT`].
     pub(super) unsafe fn execute<T>(
         &self,
         dev: &CudaDevice,
-        x: &CudaView<T>,
-        w: &CudaView<T>,
-        bias: Option<&CudaView<T>>,
+        (x, w): (&CudaView<T>, &CudaView<T>),
+        (bias, residual): (Option<&CudaView<T>>, Option<&CudaView<T>>),
         y: &mut CudaSlice<T>,
         workspace: Option<&mut CudaSlice<u8>>,
     ) -> Result<()> {
@@ -132,8 +174,9 @@ impl GraphConvPlan {
         let (w_ptr, _w) = w.device_ptr(&stream);
         let (y_ptr, _y) = y.device_ptr_mut(&stream);
         let bias = bias
-            .filter(|_| self.fused_bias)
+            .filter(|_| self.epilogue.bias != Bias::None)
             .map(|b| b.device_ptr(&stream));
+        let residual = residual.map(|r| r.device_ptr(&stream));
         let scratch = match workspace {
             Some(s) if self.plan.workspace > 0 => {
                 let (ptr, guard) = s.device_ptr_mut(&stream);
@@ -141,14 +184,19 @@ impl GraphConvPlan {
             }
             _ => None,
         };
-        if self.fused_bias != bias.is_some() || (self.plan.workspace > 0) != scratch.is_some() {
+        if (self.epilogue.bias != Bias::None) != bias.is_some()
+            || self.epilogue.residual != residual.is_some()
+            || (self.plan.workspace > 0) != scratch.is_some()
+        {
             candle_core::bail!("cuDNN graph convolution: the plan's operands are missing")
         }
         let mut ids = vec![X, W, Y];
         let mut pointers = vec![x_ptr as *mut c_void, w_ptr as _, y_ptr as _];
-        if let Some((b, _)) = &bias {
-            ids.push(BIAS);
-            pointers.push(*b as _);
+        for (id, operand) in [(BIAS, &bias), (RESIDUAL, &residual)] {
+            if let Some((ptr, _)) = operand {
+                ids.push(id);
+                pointers.push(*ptr as _);
+            }
         }
         let scratch = scratch
             .as_ref()
@@ -163,17 +211,19 @@ impl GraphConvPlan {
     }
 }
 
-/// The operations of the graph for `shape`, in order (the convolution, then the bias add where
-/// `with_bias`), and the descriptors they reference.
+/// The operations of the graph for `shape`, in order (the convolution, then the adds of
+/// `epilogue`: bias, residual), and the descriptors they reference. Each add reads the fp32
+/// result of the step before; only the last writes `y`.
 fn operations(
     shape: GraphConvShape,
-    with_bias: bool,
+    epilogue: Epilogue,
 ) -> Result<(Vec<Descriptor>, Vec<Descriptor>)> {
     use cudnnDataType_t::CUDNN_DATA_FLOAT;
     let (y_dims, dtype) = (shape.y(), shape.dtype);
     let x = tensor(X, dtype, shape.x, shape.strides(shape.x), false)?;
     let w = tensor(W, dtype, shape.w, shape.strides(shape.w), false)?;
     let y = tensor(Y, dtype, y_dims, shape.strides(y_dims), false)?;
+    let inner = |id| tensor(id, CUDNN_DATA_FLOAT, y_dims, shape.strides(y_dims), true);
 
     let conv = Descriptor::new(Kind::CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR)?;
     let (p, s) = (shape.padding as i64, shape.stride as i64);
@@ -189,25 +239,14 @@ fn operations(
     conv.set_i64s(Attr::CUDNN_ATTR_CONVOLUTION_POST_PADDINGS, &[p, p])?;
     let conv = conv.finalize()?;
 
-    // The convolution writes y, or an fp32 virtual tensor the bias add reads.
-    let conv_out = with_bias
-        .then(|| {
-            tensor(
-                CONV_OUT,
-                CUDNN_DATA_FLOAT,
-                y_dims,
-                shape.strides(y_dims),
-                true,
-            )
-        })
-        .transpose()?;
+    // The convolution writes y, or an fp32 virtual tensor the first add reads.
+    let conv_out = (!epilogue.is_none()).then(|| inner(CONV_OUT)).transpose()?;
     let forward = Descriptor::new(Kind::CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR)?;
     forward.set_descriptors(Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X, &[&x])?;
     forward.set_descriptors(Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W, &[&w])?;
-    let forward_y = conv_out.as_ref().unwrap_or(&y);
     forward.set_descriptors(
         Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y,
-        &[forward_y],
+        &[conv_out.as_ref().unwrap_or(&y)],
     )?;
     forward.set_descriptors(
         Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC,
@@ -215,65 +254,72 @@ fn operations(
     )?;
     forward.set_f32(Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA, 1.0)?;
     forward.set_f32(Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA, 0.0)?;
-    let forward = forward.finalize()?;
-    let bias_add = match &conv_out {
-        Some(conv_out) => Some(bias_add(shape, conv_out, &y)?),
-        None => None,
-    };
-    let mut parts = vec![x, w, y, conv];
-    parts.extend(conv_out);
-    Ok(match bias_add {
-        Some((op, inputs)) => {
-            parts.extend(inputs);
-            (vec![forward, op], parts)
+    let mut ops = vec![forward.finalize()?];
+    let mut parts = vec![x, w, conv];
+
+    if let Some(conv_out) = conv_out {
+        // With both adds, the bias add writes an fp32 virtual tensor the residual add reads.
+        let biased = (epilogue.bias != Bias::None && epilogue.residual)
+            .then(|| inner(BIASED))
+            .transpose()?;
+        let bias_dims = match epilogue.bias {
+            Bias::None => None,
+            Bias::PerChannel => Some([1, shape.w[0], 1, 1]),
+            Bias::PerSample => Some([shape.x[0], shape.w[0], 1, 1]),
+        };
+        if let Some(dims) = bias_dims {
+            let bias = tensor(BIAS, dtype, dims, shape.strides(dims), false)?;
+            let (op, add) = add_op(&conv_out, &bias, biased.as_ref().unwrap_or(&y))?;
+            ops.push(op);
+            parts.extend([bias, add]);
         }
-        None => (vec![forward], parts),
-    })
+        if epilogue.residual {
+            let residual = tensor(RESIDUAL, dtype, y_dims, shape.strides(y_dims), false)?;
+            let (op, add) = add_op(biased.as_ref().unwrap_or(&conv_out), &residual, &y)?;
+            ops.push(op);
+            parts.extend([residual, add]);
+        }
+        parts.push(conv_out);
+        parts.extend(biased);
+    }
+    parts.push(y);
+    Ok((ops, parts))
 }
 
-/// The plan of the graph for `shape` (see [`operations`]): its engine keeps fp32 accumulation.
+/// The plan of the graph for `shape` and `epilogue` (see [`operations`]): its engine keeps
+/// fp32 accumulation.
 fn build(
     dev: &CudaDevice,
     shape: GraphConvShape,
-    with_bias: bool,
+    epilogue: Epilogue,
     workspace_limit: usize,
 ) -> Result<GraphConvPlan> {
-    let (ops, parts) = operations(shape, with_bias)?;
+    let (ops, parts) = operations(shape, epilogue)?;
     Ok(GraphConvPlan {
         plan: build_plan(dev, ops, parts, true, workspace_limit)?,
-        fused_bias: with_bias,
+        epilogue,
     })
 }
 
-/// The pointwise operation `y = conv_out + bias` (bias `[1, K, 1, 1]`, broadcast over the
-/// rest), with the descriptors it holds.
-fn bias_add(
-    shape: GraphConvShape,
-    conv_out: &Descriptor,
-    y: &Descriptor,
-) -> Result<(Descriptor, [Descriptor; 2])> {
-    use cudnnDataType_t::CUDNN_DATA_FLOAT;
-    let k = shape.w[0];
-    let bias = tensor(
-        BIAS,
-        shape.dtype,
-        [1, k, 1, 1],
-        shape.strides([1, k, 1, 1]),
-        false,
-    )?;
+/// The pointwise operation `y = x + b` (`b` broadcast where its dimensions are 1), computed in
+/// fp32, and the pointwise descriptor it holds.
+fn add_op(x: &Descriptor, b: &Descriptor, y: &Descriptor) -> Result<(Descriptor, Descriptor)> {
     let add = Descriptor::new(Kind::CUDNN_BACKEND_POINTWISE_DESCRIPTOR)?;
     add.set_enum(
         Attr::CUDNN_ATTR_POINTWISE_MODE,
         sys::cudnnPointwiseMode_t::CUDNN_POINTWISE_ADD,
     )?;
-    add.set_enum(Attr::CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_DATA_FLOAT)?;
+    add.set_enum(
+        Attr::CUDNN_ATTR_POINTWISE_MATH_PREC,
+        cudnnDataType_t::CUDNN_DATA_FLOAT,
+    )?;
     let add = add.finalize()?;
     let op = Descriptor::new(Kind::CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR)?;
     op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, &[&add])?;
-    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_XDESC, &[conv_out])?;
-    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_BDESC, &[&bias])?;
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_XDESC, &[x])?;
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_BDESC, &[b])?;
     op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_YDESC, &[y])?;
-    Ok((op.finalize()?, [bias, add]))
+    Ok((op.finalize()?, add))
 }
 
 #[cfg(test)]
@@ -308,9 +354,19 @@ mod tests {
         assert_eq!(shape.y(), [2, 4, 62, 62]);
     }
 
+    /// Every epilogue a convolution may carry.
+    fn epilogues() -> Vec<Epilogue> {
+        let biases = [Bias::None, Bias::PerChannel, Bias::PerSample];
+        let all = biases
+            .into_iter()
+            .flat_map(|bias| [false, true].map(|residual| Epilogue { bias, residual }));
+        all.collect()
+    }
+
     /// cuDNN checks each descriptor when it is finalized: the operations finalize for both
-    /// layouts and element types, with and without the fused bias. (Needs libcudnn, not a GPU: only the graph and
-    /// its engines need a handle.)
+    /// layouts and element types, with every epilogue: one add per term, and an fp32 inner
+    /// tensor between the convolution and its adds. (Needs libcudnn, not a GPU: only the graph
+    /// and its engines need a handle.)
     #[test]
     fn the_operations_are_valid_cudnn_descriptors() {
         use cudnnDataType_t::{CUDNN_DATA_FLOAT, CUDNN_DATA_HALF};
@@ -320,7 +376,7 @@ mod tests {
             (false, CUDNN_DATA_FLOAT),
         ];
         for (channels_last, dtype) in layouts {
-            for with_bias in [true, false] {
+            for epilogue in epilogues() {
                 let shape = GraphConvShape {
                     dtype,
                     x: [2, 320, 64, 64],
@@ -329,11 +385,15 @@ mod tests {
                     stride: 2,
                     channels_last,
                 };
-                let (ops, parts) = operations(shape, with_bias).unwrap_or_else(|e| {
-                    panic!("channels_last {channels_last}, {dtype:?}, bias {with_bias}: {e}")
+                let (ops, parts) = operations(shape, epilogue).unwrap_or_else(|e| {
+                    panic!("channels_last {channels_last}, {dtype:?}, {epilogue:?}: {e}")
                 });
-                assert_eq!(ops.len(), 1 + with_bias as usize);
-                assert_eq!(parts.len(), 4 + 3 * with_bias as usize);
+                let adds = (epilogue.bias != Bias::None) as usize + epilogue.residual as usize;
+                assert_eq!(ops.len(), 1 + adds, "{epilogue:?}");
+                // x, w, the convolution, y; each add's operand and pointwise descriptor; the
+                // inner tensors: one after the convolution, one between two adds.
+                let inner = (adds > 0) as usize + (adds == 2) as usize;
+                assert_eq!(parts.len(), 4 + 2 * adds + inner, "{epilogue:?}");
             }
         }
         // cuDNN does check: a filter over 321 channels does not fit a 320-channel input.
@@ -345,7 +405,7 @@ mod tests {
             stride: 1,
             channels_last: true,
         };
-        let error = operations(wrong, false).err().expect("refused");
+        let error = operations(wrong, Epilogue::NONE).err().expect("refused");
         assert!(error.to_string().contains("cuDNN graph API"), "{error}");
     }
 }
