@@ -5,8 +5,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use sdkube_nn::{
-    conv1x1, conv2d, conv3x3, group_norm, linear, linear_no_bias, scaled_dot_product_attention,
-    upsample_nearest_2x, Conv2d, GroupNorm, Linear,
+    add_bias, conv1x1, conv2d, conv3x3, group_norm, linear, linear_no_bias,
+    scaled_dot_product_attention, upsample_nearest_2x, Conv2d, GroupNorm, Linear,
 };
 
 /// `diffusers.models.resnet.ResnetBlock2D` (time embedding optional: the VAE has none).
@@ -52,14 +52,11 @@ impl ResnetBlock2D {
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         // One `h`, reassigned: each intermediate is freed as soon as the next exists (shadowed
         // `let`s would keep them all alive to the end, 256 MB each at the VAE's 1024² stage).
-        let mut h = self.norm1.forward_silu(xs)?;
-        h = match (&self.time_emb_proj, temb) {
-            // [B, C] per sample and channel, added in conv1's epilogue where it can be
-            (Some(proj), Some(t)) => self
-                .conv1
-                .forward_add_per_sample(&h, &proj.forward(&t.silu()?)?)?,
-            _ => self.conv1.forward(&h)?,
-        };
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
+            // [B, C] per sample and channel
+            h = add_bias(h, &proj.forward(&t.silu()?)?, 1)?;
+        }
         h = self.norm2.forward_silu(&h)?;
         match &self.conv_shortcut {
             Some(c) => self.conv2.forward_add(&h, &c.forward(xs)?),

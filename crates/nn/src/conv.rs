@@ -83,58 +83,31 @@ impl Module for Conv2d {
 
 impl Conv2d {
     /// `forward(xs) + residual`, `residual` of the output's shape (a residual connection). On
-    /// the GPU the add may run in the convolution's epilogue ([`crate::cuda::conv2d_fused`]).
+    /// the GPU the add may run in the convolution's epilogue ([`crate::cuda::conv2d_add`]).
     pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        if let Some(y) = self.fused(xs, ConvExtra::Residual(residual))? {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = self.fused_add(xs, residual)? {
             return Ok(y);
         }
         crate::layout::add(&self.forward(xs)?, residual)
     }
 
-    /// `forward(xs)` plus `per_sample` `[N, K]` broadcast over each sample's map (a ResNet
-    /// block's time embedding). On the GPU the add may run in the convolution's epilogue.
-    pub fn forward_add_per_sample(&self, xs: &Tensor, per_sample: &Tensor) -> Result<Tensor> {
-        if let Some(y) = self.fused(xs, ConvExtra::PerSampleBias(per_sample))? {
-            return Ok(y);
-        }
-        crate::elementwise::add_bias(self.forward(xs)?, per_sample, 1)
-    }
-
-    /// The convolution with `extra` added in one kernel, where one can: the CUDA build, a
-    /// layer with a bias, zero padding, no gradient to follow.
-    fn fused(&self, xs: &Tensor, extra: ConvExtra) -> Result<Option<Tensor>> {
+    /// [`Self::forward_add`] in one cuDNN kernel, where one can take it: a layer with a bias,
+    /// zero padding, no gradient to follow.
+    #[cfg(feature = "cuda")]
+    fn fused_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Option<Tensor>> {
         let cfg = *self.0.config();
-        let term = match extra {
-            ConvExtra::PerSampleBias(t) | ConvExtra::Residual(t) => t,
-        };
         let plain =
             cfg.groups == 1 && cfg.dilation == 1 && !(cfg.padding > 0 && circular_padding());
-        let Some(bias) = self
-            .0
-            .bias()
-            .filter(|_| plain && !xs.track_op() && !term.track_op())
-        else {
+        let untracked = !xs.track_op() && !residual.track_op();
+        let Some(bias) = self.0.bias().filter(|_| plain && untracked) else {
             return Ok(None);
         };
-        #[cfg(feature = "cuda")]
-        return profile::timed("convolution", xs.device(), || {
-            crate::cuda::conv2d_fused(xs, self.0.weight(), bias, extra, cfg.padding, cfg.stride)
-        });
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = bias;
-            Ok(None)
-        }
+        profile::timed("convolution", xs.device(), || {
+            let (p, s) = (cfg.padding, cfg.stride);
+            crate::cuda::conv2d_add(xs, self.0.weight(), bias, residual, p, s)
+        })
     }
-}
-
-/// What [`Conv2d::forward_add`] and [`Conv2d::forward_add_per_sample`] add after the bias.
-#[derive(Clone, Copy)]
-pub enum ConvExtra<'a> {
-    /// `[N, K]`, one value per sample and output channel (a ResNet block's time embedding).
-    PerSampleBias(&'a Tensor),
-    /// A tensor of the output's shape (a residual connection).
-    Residual(&'a Tensor),
 }
 
 thread_local! {
@@ -306,10 +279,11 @@ mod tests {
         }
     }
 
-    /// The residual and per-sample terms land where the separate adds put them, also with
-    /// circular padding on (where no fused kernel may take the convolution).
+    /// The residual lands where the separate add puts it, also with circular padding on
+    /// (where no fused kernel may take the convolution); a residual of another shape is an
+    /// error, not a broadcast.
     #[test]
-    fn the_epilogue_terms_add_where_separate_adds_put_them() {
+    fn the_residual_adds_where_a_separate_add_puts_it() {
         let dev = Device::Cpu;
         let weights: HashMap<String, Tensor> = [
             (
@@ -325,23 +299,11 @@ mod tests {
         let conv = conv3x3(3, 4, 1, vb.pp("c")).unwrap();
         let x = Tensor::randn(0f64, 1., (2, 3, 5, 6), &dev).unwrap();
         let residual = Tensor::randn(0f64, 1., (2, 4, 5, 6), &dev).unwrap();
-        // Per sample and channel: sample 1's values differ from sample 0's.
-        let per_sample = Tensor::new(&[[1f64, 2., 3., 4.], [-5., 6., -7., 8.]], &dev).unwrap();
         for circular in [false, true] {
             with_circular_padding(circular, || {
                 let y = conv.forward(&x).unwrap();
                 let added = conv.forward_add(&x, &residual).unwrap();
                 assert!(max_diff(&added, &(&y + &residual).unwrap()) < 1e-12);
-                let shifted = conv.forward_add_per_sample(&x, &per_sample).unwrap();
-                let shift = (shifted - &y).unwrap();
-                for (n, row) in per_sample.to_vec2::<f64>().unwrap().iter().enumerate() {
-                    for (k, v) in row.iter().enumerate() {
-                        let map = shift.get(n).unwrap().get(k).unwrap();
-                        let ones = Tensor::ones(map.dims(), DType::F64, &dev).unwrap();
-                        assert!(max_diff(&map, &(ones * *v).unwrap()) < 1e-12, "{n} {k}");
-                    }
-                }
-                // A residual of another shape is an error, not a broadcast.
                 let wrong = Tensor::zeros((2, 4, 5, 1), DType::F64, &dev).unwrap();
                 assert!(conv.forward_add(&x, &wrong).is_err());
             });

@@ -46,7 +46,7 @@ mod tracked;
 pub use attention::{scaled_dot_product_attention, softmax_last_dim};
 pub use conv::{
     circular_padding, conv1x1, conv2d, conv2d_no_bias, conv3x3, convolve, pad_circular,
-    with_circular_padding, Conv2d, ConvExtra,
+    with_circular_padding, Conv2d,
 };
 pub use elementwise::{
     add_bias, geglu, leaky_relu, noise_leaky_relu, upsample_bilinear_2x, upsample_nearest_2x,

@@ -16,11 +16,10 @@ use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DeviceRepr};
 use half::f16;
 
 use super::choice::{best_times, graph_aligned, remembered, replaces};
-use super::cudnn_graph::{self, Bias, Epilogue, GraphConvShape};
+use super::cudnn_graph::{self, Epilogue, GraphConvShape};
 use super::elementwise::launch_add_bias;
 use super::memory::with_workspace;
 use super::{applies, cuda_op};
-use crate::conv::ConvExtra;
 use crate::switch::Switch;
 
 /// 2-D convolution (groups 1, dilation 1; the bias, if any, added in place by our kernel)
@@ -112,71 +111,42 @@ fn chosen(
     Ok(Some(Chosen { op, key, x, w }))
 }
 
-/// `conv(x, w) + bias + extra` in one cuDNN kernel (the adds in the convolution's epilogue,
-/// computed in fp32 before the one rounding to the output type), where this shape's
+/// `conv(x, w) + bias + residual` in one cuDNN kernel (the adds in the convolution's
+/// epilogue, in fp32 before the one rounding to the output type), where this shape's
 /// convolution goes through cuDNN's graph API and, checked once per shape as every choice here
 /// ([`replaces`]), the fused graph gives the values of the convolution followed by the
 /// separate add and is faster. `None` elsewhere: the caller convolves and adds.
-pub fn conv2d_fused(
+pub fn conv2d_add(
     x: &Tensor,
     w: &Tensor,
     bias: &Tensor,
-    extra: ConvExtra,
+    residual: &Tensor,
     padding: usize,
     stride: usize,
 ) -> Result<Option<Tensor>> {
     let Some(Chosen { op, key, x, w }) = chosen(x, w, Some(bias), padding, stride)? else {
         return Ok(None);
     };
-    let (n, k) = (x.dim(0)?, w.dim(0)?);
-    let (ho, wo) = (
-        op.out_size(x.dim(2)?, w.dim(2)?),
-        op.out_size(x.dim(3)?, w.dim(3)?),
-    );
-    let (term, per_sample, expected) = match extra {
-        ConvExtra::PerSampleBias(t) => (t, true, vec![n, k]),
-        ConvExtra::Residual(t) => (t, false, vec![n, k, ho, wo]),
-    };
-    if !op.graph_api || term.dtype() != x.dtype() || term.track_op() || term.dims() != expected {
+    let out = |i: usize, k: usize| op.out_size(i, k);
+    let y_dims = [
+        x.dim(0)?,
+        w.dim(0)?,
+        out(x.dim(2)?, w.dim(2)?),
+        out(x.dim(3)?, w.dim(3)?),
+    ];
+    let fits = residual.dtype() == x.dtype() && residual.dims() == y_dims;
+    if !op.graph_api || !fits || residual.track_op() {
         return Ok(None);
     }
-    let term = if per_sample {
-        term.contiguous()?
-    } else {
-        op.in_layout(term)?
-    };
-    if ![&x, &w, bias, &term].into_iter().all(graph_aligned) {
+    let residual = op.in_layout(residual)?;
+    if ![&x, &w, bias, &residual].into_iter().all(graph_aligned) {
         return Ok(None);
     }
-    let fused = || -> Result<Tensor> {
-        let fused = CudnnConvFused {
-            conv: op,
-            per_sample,
-        };
-        if per_sample {
-            // One `[N, K]` bias: the layer's own folded into the per-sample term.
-            let bias = term.broadcast_add(&bias.unsqueeze(0)?)?;
-            fused.apply(&x, &w, &bias, None)
-        } else {
-            fused.apply(&x, &w, bias, Some(&term))
-        }
-    };
-    let separate = || -> Result<Tensor> {
-        let y = op.apply(&x, &w, Some(bias))?;
-        if per_sample {
-            crate::elementwise::add_bias(y, &term, 1)
-        } else {
-            crate::layout::add(&y, &term)
-        }
-    };
-    let what = if per_sample {
-        "per-sample bias"
-    } else {
-        "residual"
-    };
-    let faster = remembered(&FUSED_CHOICE, (key, per_sample), || {
+    let fused = || CudnnConvAdd { conv: op }.apply(&x, &w, bias, &residual);
+    let separate = || crate::layout::add(&op.apply(&x, &w, Some(bias))?, &residual);
+    let faster = remembered(&ADD_CHOICE, key, || {
         replaces(
-            &format!("cuDNN convolution + {what} in one kernel"),
+            "cuDNN convolution + residual in one kernel",
             &[x.dims(), w.dims()],
             x.device(),
             &fused,
@@ -254,8 +224,8 @@ thread_local! {
     static CHOICE: RefCell<HashMap<ConvKey, bool>> = RefCell::new(HashMap::new());
     // Per shape and bias or not: whether the graph API's plan is used (see `replaces`).
     static GRAPH_CHOICE: RefCell<HashMap<(ConvKey, bool), bool>> = RefCell::new(HashMap::new());
-    // Per shape and per-sample bias (else residual): whether `conv2d_fused` fuses.
-    static FUSED_CHOICE: RefCell<HashMap<(ConvKey, bool), bool>> = RefCell::new(HashMap::new());
+    // Per shape: whether `conv2d_add` adds the residual in the convolution's kernel.
+    static ADD_CHOICE: RefCell<HashMap<ConvKey, bool>> = RefCell::new(HashMap::new());
     static PLANS: RefCell<HashMap<ConvKey, Rc<dyn Any>>> = RefCell::new(HashMap::new());
 }
 
@@ -483,9 +453,9 @@ impl CudnnConv {
         self.run_with::<T>(x, w, bias, epilogue, None)
     }
 
-    /// `conv(x, w)` plus what `epilogue` names: a per-channel bias alone may be added by our
-    /// kernel after the convolution (the legacy API, or no fused engine); any other epilogue
-    /// goes through the graph API in one kernel or is an error.
+    /// `conv(x, w)` plus what `epilogue` names: the bias alone may be added by our kernel after
+    /// the convolution (the legacy API, or no fused engine); with a residual, the graph API
+    /// adds both in one kernel or it is an error.
     fn run_with<T>(
         &self,
         (x, xl): (&CudaStorage, &Layout),
@@ -517,17 +487,12 @@ impl CudnnConv {
         // SAFETY: cuDNN writes every element.
         let mut y = unsafe { dev.alloc::<T>(n * k * ho * wo)? };
         let (x_dims, w_dims) = ([n, c, h, wd], [k, c, r, s]);
-        let bias_len = match epilogue.bias {
-            Bias::None => 0,
-            Bias::PerChannel => k,
-            Bias::PerSample => n * k,
-        };
         let bias = match bias {
-            Some((b, bl)) if bl.shape().elem_count() == bias_len && bl.is_contiguous() => {
+            Some((b, bl)) if epilogue.bias && bl.shape().dims() == [k] && bl.is_contiguous() => {
                 Some(b.as_cuda_slice::<T>()?.slice(bl.start_offset()..))
             }
-            None if bias_len == 0 => None,
-            _ => candle_core::bail!("conv2d: the bias does not fit {epilogue:?} of {k} channels"),
+            None if !epilogue.bias => None,
+            _ => candle_core::bail!("conv2d: the bias does not fit {k} output channels"),
         };
         let residual_storage = residual.map(|r| r.storage_and_layout());
         let residual = match &residual_storage {
@@ -552,8 +517,8 @@ impl CudnnConv {
             .flatten()
             .all(|v| address(v).is_multiple_of(super::cudnn_backend::ALIGNMENT));
         let graph = self.graph_api && aligned;
-        if !graph && epilogue != Epilogue::BIAS && epilogue != Epilogue::NONE {
-            candle_core::bail!("conv2d: {epilogue:?} needs the graph API and aligned operands")
+        if !graph && epilogue.residual {
+            candle_core::bail!("conv2d: the residual add needs the graph API and aligned operands")
         }
         let added = if graph {
             let operands = ((x_dims, &xs), (w_dims, &ws));
@@ -568,12 +533,10 @@ impl CudnnConv {
             self.forward_legacy(&dev, x.dtype(), (x_dims, &xs), (w_dims, &ws), &mut y)?;
             Epilogue::NONE
         };
-        if added.residual != epilogue.residual
-            || (added.bias == Bias::None && epilogue.bias == Bias::PerSample)
-        {
+        if added.residual != epilogue.residual {
             candle_core::bail!("conv2d: no engine fuses {epilogue:?}")
         }
-        if let Some(bs) = bias.filter(|_| added.bias == Bias::None) {
+        if let Some(bs) = bias.filter(|_| !added.bias) {
             // In place: no second output-sized buffer (512 MB at the VAE's 1024² stage).
             let inner = if self.channels_last { 1 } else { ho * wo };
             launch_add_bias(&dev, x.dtype(), &y.slice(..), &bs, &y, inner, k, y.len())?;
@@ -759,29 +722,23 @@ mod num_one {
 
 cuda_op!(CudnnConv, "cudnn-conv2d", run(x, w, bias?) [F16 => f16, F32 => f32]);
 
-/// A graph-API convolution with its bias per sample (`[N, K]`) or a residual added in the
-/// same kernel ([`conv2d_fused`]).
-struct CudnnConvFused {
+/// A graph-API convolution with its bias and a residual added in the same kernel
+/// ([`conv2d_add`]).
+#[derive(Clone, Copy)]
+struct CudnnConvAdd {
     conv: CudnnConv,
-    per_sample: bool,
 }
 
-/// [`CudnnConvFused`] with its residual, in the output's memory layout.
-struct CudnnConvFusedOp {
-    fused: CudnnConvFused,
-    residual: Option<Tensor>,
+/// [`CudnnConvAdd`] with its residual, in the output's memory layout.
+struct CudnnConvAddOp {
+    conv: CudnnConv,
+    residual: Tensor,
 }
 
-impl CudnnConvFused {
-    /// `x` convolved with `w`, plus `bias` (`[K]`, or `[N, K]` where per-sample) and
-    /// `residual` (the output's shape), all in this convolution's layout.
-    fn apply(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        bias: &Tensor,
-        residual: Option<&Tensor>,
-    ) -> Result<Tensor> {
+impl CudnnConvAdd {
+    /// `x` convolved with `w`, plus `bias` and `residual` (the output's shape), all in this
+    /// convolution's layout.
+    fn apply(&self, x: &Tensor, w: &Tensor, bias: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let conv = self.conv;
         let memory = |t: &Tensor| -> Result<Tensor> {
             if conv.channels_last {
@@ -790,12 +747,9 @@ impl CudnnConvFused {
                 t.contiguous()
             }
         };
-        let op = CudnnConvFusedOp {
-            fused: CudnnConvFused {
-                conv,
-                per_sample: self.per_sample,
-            },
-            residual: residual.map(memory).transpose()?,
+        let op = CudnnConvAddOp {
+            conv,
+            residual: memory(residual)?,
         };
         let y = memory(x)?.apply_op3_no_bwd(&memory(w)?, &bias.contiguous()?, &op)?;
         if conv.channels_last {
@@ -806,7 +760,7 @@ impl CudnnConvFused {
     }
 }
 
-impl CudnnConvFusedOp {
+impl CudnnConvAddOp {
     fn run<T>(
         &self,
         x: (&CudaStorage, &Layout),
@@ -820,22 +774,13 @@ impl CudnnConvFusedOp {
             + num_one::One
             + 'static,
     {
-        let epilogue = Epilogue {
-            bias: if self.fused.per_sample {
-                Bias::PerSample
-            } else {
-                Bias::PerChannel
-            },
-            residual: self.residual.is_some(),
-        };
-        let residual = self.residual.as_ref();
-        self.fused
-            .conv
-            .run_with::<T>(x, w, Some(bias), epilogue, residual)
+        let epilogue = Epilogue::BIAS_RESIDUAL;
+        self.conv
+            .run_with::<T>(x, w, Some(bias), epilogue, Some(&self.residual))
     }
 }
 
-cuda_op!(CudnnConvFusedOp, "cudnn-conv2d-fused", run(x, y, z) [F16 => f16, F32 => f32]);
+cuda_op!(CudnnConvAddOp, "cudnn-conv2d-add", run(x, y, z) [F16 => f16, F32 => f32]);
 
 /// The gradient of a convolution's input (cuDNN's backward-data), for training through a
 /// frozen network: `grad` `[N, K, Ho, Wo]` of the output, `w` `[K, C, R, S]`, the input's
