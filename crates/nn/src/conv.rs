@@ -241,19 +241,21 @@ mod tests {
             .unwrap()
     }
 
+    /// A 3×3 convolution's weights of `k` outputs over `c` inputs, under `c.`.
+    fn random_weights(k: usize, c: usize) -> HashMap<String, Tensor> {
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f64, 1., (k, c, 3, 3), &dev).unwrap();
+        let bias = Tensor::randn(0f64, 1., k, &dev).unwrap();
+        HashMap::from([
+            ("c.weight".to_string(), weight),
+            ("c.bias".to_string(), bias),
+        ])
+    }
+
     #[test]
     fn circular_conv_is_the_conv_of_the_wrapped_input() {
         let dev = Device::Cpu;
-        let weights: HashMap<String, Tensor> = [
-            (
-                "c.weight",
-                Tensor::randn(0f64, 1., (5, 3, 3, 3), &dev).unwrap(),
-            ),
-            ("c.bias", Tensor::randn(0f64, 1., 5, &dev).unwrap()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        let weights = random_weights(5, 3);
         let vb = VarBuilder::from_tensors(weights.clone(), DType::F64, &dev);
         let bias = weights["c.bias"].reshape((1, 5, 1, 1)).unwrap();
         for (stride, (h, w)) in [(1, (6, 7)), (2, (8, 8)), (2, (7, 9))] {
@@ -285,17 +287,7 @@ mod tests {
     #[test]
     fn the_residual_adds_where_a_separate_add_puts_it() {
         let dev = Device::Cpu;
-        let weights: HashMap<String, Tensor> = [
-            (
-                "c.weight",
-                Tensor::randn(0f64, 1., (4, 3, 3, 3), &dev).unwrap(),
-            ),
-            ("c.bias", Tensor::randn(0f64, 1., 4, &dev).unwrap()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        let vb = VarBuilder::from_tensors(weights, DType::F64, &dev);
+        let vb = VarBuilder::from_tensors(random_weights(4, 3), DType::F64, &dev);
         let conv = conv3x3(3, 4, 1, vb.pp("c")).unwrap();
         let x = Tensor::randn(0f64, 1., (2, 3, 5, 6), &dev).unwrap();
         let residual = Tensor::randn(0f64, 1., (2, 4, 5, 6), &dev).unwrap();

@@ -440,11 +440,7 @@ impl CudnnConv {
         bias: Option<(&CudaStorage, &Layout)>,
     ) -> Result<(CudaStorage, Shape)>
     where
-        T: CudnnDataType
-            + DeviceRepr
-            + candle_core::cuda_backend::CudaDType
-            + num_one::One
-            + 'static,
+        T: ConvElem,
     {
         let epilogue = match bias {
             Some(_) => Epilogue::BIAS,
@@ -465,11 +461,7 @@ impl CudnnConv {
         residual: Option<&Tensor>,
     ) -> Result<(CudaStorage, Shape)>
     where
-        T: CudnnDataType
-            + DeviceRepr
-            + candle_core::cuda_backend::CudaDType
-            + num_one::One
-            + 'static,
+        T: ConvElem,
     {
         let [n, c, h, wd] = self.logical(xl.dims())?;
         let [k, c2, r, s] = self.logical(wl.dims())?;
@@ -720,6 +712,17 @@ mod num_one {
     }
 }
 
+/// An element type the cuDNN convolutions here run in (fp16, fp32).
+trait ConvElem:
+    CudnnDataType + DeviceRepr + candle_core::cuda_backend::CudaDType + num_one::One + 'static
+{
+}
+
+impl<T> ConvElem for T where
+    T: CudnnDataType + DeviceRepr + candle_core::cuda_backend::CudaDType + num_one::One + 'static
+{
+}
+
 cuda_op!(CudnnConv, "cudnn-conv2d", run(x, w, bias?) [F16 => f16, F32 => f32]);
 
 /// A graph-API convolution with its bias and a residual added in the same kernel
@@ -768,11 +771,7 @@ impl CudnnConvAddOp {
         bias: (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)>
     where
-        T: CudnnDataType
-            + DeviceRepr
-            + candle_core::cuda_backend::CudaDType
-            + num_one::One
-            + 'static,
+        T: ConvElem,
     {
         let epilogue = Epilogue::BIAS_RESIDUAL;
         self.conv
@@ -837,11 +836,7 @@ impl CudnnConvInputGrad {
         (w, wl): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)>
     where
-        T: CudnnDataType
-            + DeviceRepr
-            + candle_core::cuda_backend::CudaDType
-            + num_one::One
-            + 'static,
+        T: ConvElem,
     {
         let (n, k, ho, wo) = gl.shape().dims4()?;
         let (k2, c, r, s) = wl.shape().dims4()?;
