@@ -142,7 +142,7 @@ pub fn conv2d_add(
     if ![&x, &w, bias, &residual].into_iter().all(graph_aligned) {
         return Ok(None);
     }
-    let fused = || CudnnConvAdd { conv: op }.apply(&x, &w, bias, &residual);
+    let fused = || op.apply_add(&x, &w, bias, &residual);
     let separate = || crate::layout::add(&op.apply(&x, &w, Some(bias))?, &residual);
     let faster = remembered(&ADD_CHOICE, key, || {
         replaces(
@@ -269,18 +269,42 @@ impl CudnnConv {
     /// `x` convolved with `w` (+ `bias`), both already [`Self::in_layout`]; the output in that
     /// layout too.
     fn apply(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let memory = |t: &Tensor| {
-            if self.channels_last {
-                t.permute((0, 2, 3, 1))
-            } else {
-                Ok(t.clone())
-            }
-        };
-        let (x, w) = (memory(x)?, memory(w)?);
+        let (x, w) = (self.memory(x)?, self.memory(w)?);
         let y = match bias {
             None => x.apply_op2_no_bwd(&w, self)?,
             Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, self)?,
         };
+        self.logical_output(y)
+    }
+
+    /// [`Self::apply`] with `residual` (the output's shape, in this layout) added in the same
+    /// cuDNN kernel, through the graph API.
+    fn apply_add(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        let op = CudnnConvAdd {
+            conv: *self,
+            residual: self.memory(residual)?,
+        };
+        let (x, w) = (self.memory(x)?, self.memory(w)?);
+        self.logical_output(x.apply_op3_no_bwd(&w, &bias.contiguous()?, &op)?)
+    }
+
+    /// An operand in this layout as its memory: `[N, H, W, C]` channels-last.
+    fn memory(&self, t: &Tensor) -> Result<Tensor> {
+        if self.channels_last {
+            t.permute((0, 2, 3, 1))
+        } else {
+            Ok(t.clone())
+        }
+    }
+
+    /// The output's memory as its logical `[N, K, H, W]`.
+    fn logical_output(&self, y: Tensor) -> Result<Tensor> {
         if self.channels_last {
             y.permute((0, 3, 1, 2))
         } else {
@@ -442,22 +466,17 @@ impl CudnnConv {
     where
         T: ConvElem,
     {
-        let epilogue = match bias {
-            Some(_) => Epilogue::BIAS,
-            None => Epilogue::NONE,
-        };
-        self.run_with::<T>(x, w, bias, epilogue, None)
+        self.run_with::<T>(x, w, bias, None)
     }
 
-    /// `conv(x, w)` plus what `epilogue` names: the bias alone may be added by our kernel after
-    /// the convolution (the legacy API, or no fused engine); with a residual, the graph API
-    /// adds both in one kernel or it is an error.
+    /// `conv(x, w) (+ bias) (+ residual)`: the bias alone may be added by our kernel after the
+    /// convolution (the legacy API, or no fused engine); with a residual, the graph API adds
+    /// both in one kernel or it is an error.
     fn run_with<T>(
         &self,
         (x, xl): (&CudaStorage, &Layout),
         (w, wl): (&CudaStorage, &Layout),
         bias: Option<(&CudaStorage, &Layout)>,
-        epilogue: Epilogue,
         residual: Option<&Tensor>,
     ) -> Result<(CudaStorage, Shape)>
     where
@@ -480,11 +499,11 @@ impl CudnnConv {
         let mut y = unsafe { dev.alloc::<T>(n * k * ho * wo)? };
         let (x_dims, w_dims) = ([n, c, h, wd], [k, c, r, s]);
         let bias = match bias {
-            Some((b, bl)) if epilogue.bias && bl.shape().dims() == [k] && bl.is_contiguous() => {
+            Some((b, bl)) if bl.shape().dims() == [k] && bl.is_contiguous() => {
                 Some(b.as_cuda_slice::<T>()?.slice(bl.start_offset()..))
             }
-            None if !epilogue.bias => None,
-            _ => candle_core::bail!("conv2d: the bias does not fit {k} output channels"),
+            Some(_) => candle_core::bail!("conv2d: the bias does not fit {k} output channels"),
+            None => None,
         };
         let residual_storage = residual.map(|r| r.storage_and_layout());
         let residual = match &residual_storage {
@@ -499,9 +518,10 @@ impl CudnnConv {
             }
             None => None,
         };
-        if epilogue.residual != residual.is_some() {
-            candle_core::bail!("conv2d: {epilogue:?} without its residual")
-        }
+        let epilogue = Epilogue {
+            bias: bias.is_some(),
+            residual: residual.is_some(),
+        };
         let stream = dev.cuda_stream();
         let address = |v: &CudaView<T>| v.device_ptr(&stream).0 as usize;
         let aligned = [Some(&xs), Some(&ws), bias.as_ref(), residual.as_ref()]
@@ -525,9 +545,6 @@ impl CudnnConv {
             self.forward_legacy(&dev, x.dtype(), (x_dims, &xs), (w_dims, &ws), &mut y)?;
             Epilogue::NONE
         };
-        if added.residual != epilogue.residual {
-            candle_core::bail!("conv2d: no engine fuses {epilogue:?}")
-        }
         if let Some(bs) = bias.filter(|_| !added.bias) {
             // In place: no second output-sized buffer (512 MB at the VAE's 1024² stage).
             let inner = if self.channels_last { 1 } else { ho * wo };
@@ -725,45 +742,14 @@ impl<T> ConvElem for T where
 
 cuda_op!(CudnnConv, "cudnn-conv2d", run(x, w, bias?) [F16 => f16, F32 => f32]);
 
-/// A graph-API convolution with its bias and a residual added in the same kernel
-/// ([`conv2d_add`]).
-#[derive(Clone, Copy)]
+/// A graph-API convolution with its bias and `residual` (in the output's memory layout) added
+/// in the same kernel ([`conv2d_add`]).
 struct CudnnConvAdd {
-    conv: CudnnConv,
-}
-
-/// [`CudnnConvAdd`] with its residual, in the output's memory layout.
-struct CudnnConvAddOp {
     conv: CudnnConv,
     residual: Tensor,
 }
 
 impl CudnnConvAdd {
-    /// `x` convolved with `w`, plus `bias` and `residual` (the output's shape), all in this
-    /// convolution's layout.
-    fn apply(&self, x: &Tensor, w: &Tensor, bias: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let conv = self.conv;
-        let memory = |t: &Tensor| -> Result<Tensor> {
-            if conv.channels_last {
-                t.permute((0, 2, 3, 1))?.contiguous()
-            } else {
-                t.contiguous()
-            }
-        };
-        let op = CudnnConvAddOp {
-            conv,
-            residual: memory(residual)?,
-        };
-        let y = memory(x)?.apply_op3_no_bwd(&memory(w)?, &bias.contiguous()?, &op)?;
-        if conv.channels_last {
-            y.permute((0, 3, 1, 2))
-        } else {
-            Ok(y)
-        }
-    }
-}
-
-impl CudnnConvAddOp {
     fn run<T>(
         &self,
         x: (&CudaStorage, &Layout),
@@ -773,13 +759,12 @@ impl CudnnConvAddOp {
     where
         T: ConvElem,
     {
-        let epilogue = Epilogue::BIAS_RESIDUAL;
         self.conv
-            .run_with::<T>(x, w, Some(bias), epilogue, Some(&self.residual))
+            .run_with::<T>(x, w, Some(bias), Some(&self.residual))
     }
 }
 
-cuda_op!(CudnnConvAddOp, "cudnn-conv2d-add", run(x, y, z) [F16 => f16, F32 => f32]);
+cuda_op!(CudnnConvAdd, "cudnn-conv2d-add", run(x, y, z) [F16 => f16, F32 => f32]);
 
 /// The gradient of a convolution's input (cuDNN's backward-data), for training through a
 /// frozen network: `grad` `[N, K, Ho, Wo]` of the output, `w` `[K, C, R, S]`, the input's

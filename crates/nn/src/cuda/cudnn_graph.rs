@@ -1,8 +1,9 @@
 //! The forward convolution through cuDNN's graph (backend) API: the convolution, with its bias
-//! and a residual added in the same kernel where an engine can, as one operation graph; cuDNN's heuristics
-//! rank the engines that can run it and the first that builds is kept, as PyTorch does through
-//! cudnn-frontend without `cudnn.benchmark`. The legacy `cudnnConvolutionForward` reaches a
-//! subset of those engines through its eight algorithms, and always adds the bias separately.
+//! and a residual added in the same kernel where an engine can, as one operation graph; cuDNN's
+//! heuristics rank the engines that can run it and the first that builds is kept, as PyTorch
+//! does through cudnn-frontend without `cudnn.benchmark`. The legacy `cudnnConvolutionForward`
+//! reaches a subset of those engines through its eight algorithms, and always adds the bias
+//! separately.
 //!
 //! fp16 and fp32 operands, fp32 accumulation (fp32 may use TF32 tensor cores, as the legacy
 //! path and PyTorch's convolutions do). Used where `SDKUBE_CUDNN_GRAPH=on` and, per shape,
@@ -94,12 +95,6 @@ impl Epilogue {
         bias: true,
         residual: false,
     };
-
-    /// `conv + bias + residual`.
-    pub const BIAS_RESIDUAL: Self = Self {
-        bias: true,
-        residual: true,
-    };
 }
 
 /// A convolution's plan.
@@ -154,8 +149,7 @@ impl GraphConvPlan {
     /// # Safety
     /// The buffers must be of the plan's element type (its shape's `dtype`), its shape's
     /// operands in its layout (the bias `[K]`, the residual `y`'s shape and layout), each at an
-    /// address aligned to
-    /// [`super::cudnn_backend::ALIGNMENT`].
+    /// address aligned to [`super::cudnn_backend::ALIGNMENT`].
     pub(super) unsafe fn execute<T>(
         &self,
         dev: &CudaDevice,
