@@ -5,8 +5,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use sdkube_nn::{
-    add_bias, conv1x1, conv2d, conv3x3, group_norm, linear, linear_no_bias,
-    scaled_dot_product_attention, upsample_nearest_2x, Conv2d, GroupNorm, Linear,
+    conv1x1, conv2d, conv3x3, group_norm, linear, linear_no_bias, scaled_dot_product_attention,
+    upsample_nearest_2x, Conv2d, GroupNorm, Linear,
 };
 
 /// `diffusers.models.resnet.ResnetBlock2D` (time embedding optional: the VAE has none).
@@ -53,11 +53,13 @@ impl ResnetBlock2D {
         // One `h`, reassigned: each intermediate is freed as soon as the next exists (shadowed
         // `let`s would keep them all alive to the end, 256 MB each at the VAE's 1024² stage).
         let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
-        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
-            // [B, C] per sample and channel
-            h = add_bias(h, &proj.forward(&t.silu()?)?, 1)?;
-        }
-        h = self.norm2.forward_silu(&h)?;
+        h = match (&self.time_emb_proj, temb) {
+            // [B, C] per sample and channel, added as norm2 reads h
+            (Some(proj), Some(t)) => self
+                .norm2
+                .forward_silu_added(&h, &proj.forward(&t.silu()?)?)?,
+            _ => self.norm2.forward_silu(&h)?,
+        };
         match &self.conv_shortcut {
             Some(c) => self.conv2.forward_add(&h, &c.forward(xs)?),
             None => self.conv2.forward_add(&h, xs),

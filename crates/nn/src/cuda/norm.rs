@@ -15,18 +15,26 @@ use half::f16;
 use super::choice::{remembered, replaces};
 use super::{applies, cuda_op, kernel, suffix, Kernel};
 
-/// `torch.nn.GroupNorm` (then SiLU when `silu`) over `[B, C, …]`; fp16 or fp32.
+/// `torch.nn.GroupNorm` (then SiLU when `silu`) over `[B, C, …]`; fp16 or fp32. With `added`
+/// (`[B, C]`, a term added to every pixel of a sample's channel first: a ResNet block's time
+/// embedding), the norm of `x + added` without that sum in memory: the channels-last kernels
+/// only, `None` elsewhere (the caller adds, then normalises).
 pub fn group_norm(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
-    groups: usize,
-    eps: f64,
-    silu: bool,
+    (groups, eps, silu): (usize, f64, bool),
+    added: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     let dtype_ok = matches!(x.dtype(), DType::F16 | DType::F32);
-    let same = weight.dtype() == x.dtype() && bias.dtype() == x.dtype();
-    if !applies(x) || weight.track_op() || bias.track_op() || !dtype_ok || !same || x.rank() < 3 {
+    let same = [weight, bias]
+        .into_iter()
+        .chain(added)
+        .all(|t| t.dtype() == x.dtype() && !t.track_op());
+    if !applies(x) || !dtype_ok || !same || x.rank() < 3 {
+        return Ok(None);
+    }
+    if added.is_some_and(|a| a.dims() != [x.dim(0).unwrap_or(0), x.dim(1).unwrap_or(0)]) {
         return Ok(None);
     }
     let channels = x.dim(1)?;
@@ -39,10 +47,19 @@ pub fn group_norm(
         silu,
     };
     let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
-    let offsets = [x, &weight, &bias].map(|t| t.layout().start_offset());
-    if crate::is_channels_last(x) && NhwcGeometry::new(x.dims(), groups, offsets).is_some() {
+    let added = added.map(|a| a.contiguous()).transpose()?;
+    let offsets: Vec<usize> = [x, &weight, &bias]
+        .into_iter()
+        .chain(added.as_ref())
+        .map(|t| t.layout().start_offset())
+        .collect();
+    if crate::is_channels_last(x) && NhwcGeometry::new(x.dims(), groups, &offsets).is_some() {
         let nhwc = |resident: bool| -> Result<Tensor> {
-            let op = GroupNormNhwcOp { norm: op, resident };
+            let op = GroupNormNhwcOp {
+                norm: op,
+                resident,
+                added: added.clone(),
+            };
             x.permute((0, 2, 3, 1))?
                 .apply_op3_no_bwd(&weight, &bias, &op)?
                 .permute((0, 3, 1, 2))
@@ -50,7 +67,14 @@ pub fn group_norm(
         let candle_core::Device::Cuda(dev) = x.device() else {
             return Ok(None);
         };
-        let key = (dev.id(), x.dtype(), x.dims().to_vec(), groups, silu);
+        let key = (
+            dev.id(),
+            x.dtype(),
+            x.dims().to_vec(),
+            groups,
+            silu,
+            added.is_some(),
+        );
         let resident = remembered(&RESIDENT_CHOICE, key, || {
             replaces(
                 "one-pass group norm",
@@ -62,13 +86,16 @@ pub fn group_norm(
         })?;
         return nhwc(resident).map(Some);
     }
+    if added.is_some() {
+        return Ok(None);
+    }
     x.contiguous()?
         .apply_op3_no_bwd(&weight, &bias, &op)
         .map(Some)
 }
 
-/// A group-norm choice's key: device, element type, shape, groups, SiLU.
-type GroupNormKey = (DeviceId, DType, Vec<usize>, usize, bool);
+/// A group-norm choice's key: device, element type, shape, groups, SiLU, an added term.
+type GroupNormKey = (DeviceId, DType, Vec<usize>, usize, bool, bool);
 
 /// A layer-norm choice's key: device, element type, shape.
 type LayerNormKey = (DeviceId, DType, Vec<usize>);
@@ -183,10 +210,12 @@ impl GroupGeometry {
 }
 
 /// [`GroupNormOp`] over channels-last memory `[N, H, W, C]` (`*_nhwc` kernels): three passes,
-/// or where `resident`, the one-pass kernel (an error where a sample's map does not fit it).
+/// or where `resident`, the one-pass kernel (an error where a sample's map does not fit it);
+/// of `x + added` where there is an `added` (`[N, C]`, contiguous).
 struct GroupNormNhwcOp {
     norm: GroupNormOp,
     resident: bool,
+    added: Option<Tensor>,
 }
 
 impl GroupNormNhwcOp {
@@ -199,8 +228,14 @@ impl GroupNormNhwcOp {
         let [n, h, wd, c] = *xl.dims() else {
             candle_core::bail!("group norm: {:?} is not [N, H, W, C]", xl.dims())
         };
-        let offsets = [xl, wl, bl].map(|l| l.start_offset());
-        let Some(geo) = NhwcGeometry::new(&[n, c, h, wd], self.norm.groups, offsets) else {
+        let added_storage = self.added.as_ref().map(|a| a.storage_and_layout());
+        let added_layout = added_storage.as_ref().map(|(_, l)| *l);
+        let offsets: Vec<usize> = [xl, wl, bl]
+            .into_iter()
+            .chain(added_layout)
+            .map(|l| l.start_offset())
+            .collect();
+        let Some(geo) = NhwcGeometry::new(&[n, c, h, wd], self.norm.groups, &offsets) else {
             candle_core::bail!("group norm: no channels-last kernel for {:?}", xl.dims())
         };
         let suffix = suffix(x.dtype())?;
@@ -208,9 +243,23 @@ impl GroupNormNhwcOp {
         let xs = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
         let ws = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
         let bs = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
+        let added = match &added_storage {
+            Some((storage, layout)) => {
+                let candle_core::Storage::Cuda(a) = &**storage else {
+                    candle_core::bail!("group norm: the added term is not on the GPU")
+                };
+                if layout.dims() != [n, c] || !layout.is_contiguous() {
+                    candle_core::bail!("group norm: the added term is not [{n}, {c}]")
+                }
+                Some(a.as_cuda_slice::<T>()?.slice(layout.start_offset()..))
+            }
+            None => None,
+        };
+        let added = AddedArg(added.as_ref());
         if self.resident {
             let geometry = [n, h * wd, c];
-            let out = self.run_resident((&dev, suffix), &geo, geometry, (&xs, &ws, &bs))?;
+            let operands = (&xs, &added, &ws, &bs);
+            let out = self.run_resident((&dev, suffix), &geo, geometry, operands)?;
             return Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()));
         }
         let groups = self.norm.groups;
@@ -230,7 +279,9 @@ impl GroupNormNhwcOp {
         let func = |name: &str| kernel(&dev, &format!("{name}_{suffix}"));
         let stats = func("group_norm_stats_nhwc")?;
         let mut launch = stats.builder();
-        launch.arg(&xs).arg(&partial).arg(&hw64);
+        launch.arg(&xs);
+        added.push(&mut launch);
+        launch.arg(&partial).arg(&hw64);
         launch.arg(&c32).arg(&groups32).arg(&vec32).arg(&splits32);
         // SAFETY: argument lists match the kernels' signatures; geometry checked above.
         unsafe { launch.launch(cfg) }.w()?;
@@ -254,12 +305,9 @@ impl GroupNormNhwcOp {
         let apply = func("group_norm_apply_nhwc")?;
         let silu = self.norm.silu as i32;
         let mut launch = apply.builder();
-        launch
-            .arg(&xs)
-            .arg(&out)
-            .arg(&group_stats)
-            .arg(&ws)
-            .arg(&bs);
+        launch.arg(&xs);
+        added.push(&mut launch);
+        launch.arg(&out).arg(&group_stats).arg(&ws).arg(&bs);
         launch.arg(&hw64).arg(&c32).arg(&groups32).arg(&vec32);
         launch.arg(&splits32).arg(&silu);
         unsafe { launch.launch(cfg) }.w()?;
@@ -273,7 +321,7 @@ impl GroupNormNhwcOp {
         (dev, suffix): (&CudaDevice, &'static str),
         geo: &NhwcGeometry,
         [n, hw, c]: [usize; 3],
-        (xs, ws, bs): (&CudaView<T>, &CudaView<T>, &CudaView<T>),
+        (xs, added, ws, bs): (&CudaView<T>, &AddedArg<T>, &CudaView<T>, &CudaView<T>),
     ) -> Result<CudaSlice<T>> {
         let func = kernel(dev, &format!("group_norm_nhwc_resident_{suffix}"))?;
         let pixel_bytes = c * std::mem::size_of::<T>();
@@ -299,13 +347,9 @@ impl GroupNormNhwcOp {
         let (vec32, splits32) = (geo.vec as i32, splits as i32);
         let (eps, silu) = (self.norm.eps, self.norm.silu as i32);
         let mut launch = func.builder();
-        launch
-            .arg(xs)
-            .arg(&out)
-            .arg(&partial)
-            .arg(&arrived)
-            .arg(ws)
-            .arg(bs);
+        launch.arg(xs);
+        added.push(&mut launch);
+        launch.arg(&out).arg(&partial).arg(&arrived).arg(ws).arg(bs);
         launch.arg(&hw64).arg(&c32).arg(&groups32).arg(&vec32);
         launch.arg(&splits32).arg(&eps).arg(&silu);
         // SAFETY: the argument list matches the kernel's signature. A cooperative launch
@@ -313,6 +357,19 @@ impl GroupNormNhwcOp {
         // never waits on a block that cannot start.
         unsafe { launch.launch_cooperative(cfg) }.w()?;
         Ok(out)
+    }
+}
+
+/// A kernel's `added` argument: the term's device pointer, or null where there is none.
+struct AddedArg<'a, 'b, T>(Option<&'a CudaView<'b, T>>);
+
+impl<T: DeviceRepr> AddedArg<'_, '_, T> {
+    fn push<'s>(&'s self, launch: &mut cudarc::driver::LaunchArgs<'s>) {
+        const NULL: u64 = 0;
+        match self.0 {
+            Some(view) => launch.arg(view),
+            None => launch.arg(&NULL),
+        };
     }
 }
 
@@ -367,9 +424,10 @@ struct NhwcGeometry {
 
 impl NhwcGeometry {
     /// `None` where the kernels do not apply (over 128 groups, a group too wide, a row of
-    /// lanes that makes no whole warps). `offsets`: where `x`, the weight and the bias start in
-    /// their buffers (elements), which `vec` must divide for the vector loads.
-    fn new(dims: &[usize], groups: usize, offsets: [usize; 3]) -> Option<NhwcGeometry> {
+    /// lanes that makes no whole warps). `offsets`: where `x`, the weight, the bias (and an
+    /// added term) start in their buffers (elements), which `vec` must divide for the vector
+    /// loads.
+    fn new(dims: &[usize], groups: usize, offsets: &[usize]) -> Option<NhwcGeometry> {
         let [_, c, h, w] = *dims else { return None };
         let cpg = c / groups;
         let vec = [8, 4, 2, 1]
@@ -685,27 +743,30 @@ mod tests {
 
     #[test]
     fn each_thread_takes_the_widest_vector_its_group_and_offsets_allow() {
-        let geometry = |c: usize, offsets| NhwcGeometry::new(&[2, c, 64, 64], 32, offsets);
+        let geometry =
+            |c: usize, offsets: &[usize]| NhwcGeometry::new(&[2, c, 64, 64], 32, offsets);
         // SD's widths at 32 groups: 10, 20 and 40 channels a group.
         for (c, vec) in [(320, 2), (640, 4), (1280, 8)] {
-            let g = geometry(c, [0; 3]).expect("a channels-last geometry");
+            let g = geometry(c, &[0; 3]).expect("a channels-last geometry");
             assert_eq!(g.vec, vec, "{c} channels");
             assert_eq!(g.threads % (c / vec), 0, "whole rows of lanes");
             assert_eq!(g.threads % 32, 0, "whole warps");
         }
         // An operand starting at an odd element takes scalar loads: 1280 lanes are too many
         // for one block, so that map has no channels-last geometry at all.
-        assert_eq!(geometry(320, [0, 1, 0]).map(|g| g.vec), Some(1));
-        assert!(geometry(1280, [3, 0, 0]).is_none());
-        assert_eq!(geometry(1280, [4, 0, 0]).map(|g| g.vec), Some(4));
+        assert_eq!(geometry(320, &[0, 1, 0]).map(|g| g.vec), Some(1));
+        // An added term at an offset of 2 halves the widest vector of 640 channels.
+        assert_eq!(geometry(640, &[0, 0, 0, 2]).map(|g| g.vec), Some(2));
+        assert!(geometry(1280, &[3, 0, 0]).is_none());
+        assert_eq!(geometry(1280, &[4, 0, 0]).map(|g| g.vec), Some(4));
     }
 
     #[test]
     fn chunks_cover_a_sample_in_about_8k_elements_each() {
-        let g = NhwcGeometry::new(&[2, 320, 64, 64], 32, [0; 3]).expect("geometry");
+        let g = NhwcGeometry::new(&[2, 320, 64, 64], 32, &[0; 3]).expect("geometry");
         assert_eq!(g.splits, (64 * 64 * 320usize).div_ceil(8_192));
         // The VAE's 512² maps hit the cap of 512 chunks a sample.
-        let g = NhwcGeometry::new(&[1, 128, 512, 512], 32, [0; 3]).expect("geometry");
+        let g = NhwcGeometry::new(&[1, 128, 512, 512], 32, &[0; 3]).expect("geometry");
         assert_eq!(g.splits, 512);
     }
 }

@@ -133,21 +133,38 @@ __device__ __forceinline__ PixelChunk pixel_chunk(long hw, int splits) {
 }
 
 
-// Pass 1 of 3. `per_thread`: shared scratch of blockDim.x moments, declared by the kernel (a
-// shared array declared here would be one per instance of the template). Where `kept` is not
-// null, the chunk is also copied there (the one-pass kernel's shared memory), pixel `begin`
-// first.
+// The thread's VEC values of `added` ([N, C], a term added to every pixel of a sample's
+// channel before the norm: a ResNet block's time embedding) for sample blockIdx.x, channels
+// `first`..; zeros where there is none.
 template <typename T, int VEC>
-__device__ void group_norm_stats_nhwc(const T* __restrict__ x, float* __restrict__ partial,
-                                      long hw, int channels, int groups, int splits,
-                                      Moments* per_thread, T* __restrict__ kept = nullptr) {
+__device__ __forceinline__ void added_terms(const T* __restrict__ added, int channels, int first,
+                                            float (&t)[VEC]) {
+  if (added) {
+    load_vec<T, VEC>(added + (long)blockIdx.x * channels + first, t);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; i++) t[i] = 0.f;
+  }
+}
+
+// Pass 1 of 3, the statistics of x + added (`added` may be null). `per_thread`: shared scratch
+// of blockDim.x moments, declared by the kernel (a shared array declared here would be one per
+// instance of the template). Where `kept` is not null, the chunk of x (without `added`) is
+// also copied there (the one-pass kernel's shared memory), pixel `begin` first.
+template <typename T, int VEC>
+__device__ void group_norm_stats_nhwc(const T* __restrict__ x, const T* __restrict__ added,
+                                      float* __restrict__ partial, long hw, int channels,
+                                      int groups, int splits, Moments* per_thread,
+                                      T* __restrict__ kept = nullptr) {
   const int lanes = channels / VEC, rows = blockDim.x / lanes;
   const int lane = threadIdx.x % lanes, row = threadIdx.x / lanes;
   const auto [begin, end] = pixel_chunk(hw, splits);
   const T* xs = x + (long)blockIdx.x * hw * channels + lane * VEC;
+  float t[VEC];
+  added_terms<T, VEC>(added, channels, lane * VEC, t);
   // Sums of differences from the thread's first value: no division per element, and no
   // cancellation where a group's mean is large against its spread.
-  const float shift = begin + row < end ? to_f(xs[(begin + row) * channels]) : 0.f;
+  const float shift = begin + row < end ? to_f(xs[(begin + row) * channels]) + t[0] : 0.f;
   float s1 = 0.f, s2 = 0.f;
   int count = 0;
   // Unrolled so that several loads are in flight per thread (a thread's loads are small).
@@ -158,7 +175,7 @@ __device__ void group_norm_stats_nhwc(const T* __restrict__ x, float* __restrict
     if (kept) store_vec<T, VEC>(kept + (p - begin) * channels + lane * VEC, v);
 #pragma unroll
     for (int i = 0; i < VEC; i++) {
-      const float d = v[i] - shift;
+      const float d = v[i] + t[i] - shift;
       s1 += d;
       s2 += d * d;
     }
@@ -203,21 +220,23 @@ extern "C" __global__ void group_norm_finalize_nhwc(const float* __restrict__ pa
 }
 
 // y = x * scale + offset per channel (the affine folded into the normalisation by group
-// statistics `mean`, `rstd`), SiLU on request, over the block's chunk: `src` and `dst` at its
-// first pixel and the thread's first channel.
+// statistics `mean`, `rstd` of x + added, and `added` into the offset), SiLU on request, over
+// the block's chunk: `src` and `dst` at its first pixel and the thread's first channel.
 template <typename T, int VEC>
 __device__ __forceinline__ void normalise_chunk(const T* __restrict__ src, T* __restrict__ dst,
                                                 long pixels, int channels, float mean,
                                                 float rstd, const T* __restrict__ weight,
-                                                const T* __restrict__ bias, int first, int silu) {
+                                                const T* __restrict__ bias,
+                                                const T* __restrict__ added, int first, int silu) {
   const int rows = blockDim.x / (channels / VEC), row = threadIdx.x / (channels / VEC);
-  float scale[VEC], offset[VEC];
+  float scale[VEC], offset[VEC], t[VEC];
   load_vec<T, VEC>(weight + first, scale);
   load_vec<T, VEC>(bias + first, offset);
+  added_terms<T, VEC>(added, channels, first, t);
 #pragma unroll
   for (int i = 0; i < VEC; i++) {
     scale[i] *= rstd;
-    offset[i] -= mean * scale[i];
+    offset[i] += (t[i] - mean) * scale[i];
   }
 #pragma unroll 4
   for (long p = row; p < pixels; p += rows) {
@@ -233,16 +252,16 @@ __device__ __forceinline__ void normalise_chunk(const T* __restrict__ src, T* __
 }
 
 template <typename T, int VEC>
-__device__ void group_norm_apply_nhwc(const T* __restrict__ x, T* __restrict__ y,
-                                      const float* __restrict__ stats,
+__device__ void group_norm_apply_nhwc(const T* __restrict__ x, const T* __restrict__ added,
+                                      T* __restrict__ y, const float* __restrict__ stats,
                                       const T* __restrict__ weight, const T* __restrict__ bias,
                                       long hw, int channels, int groups, int splits, int silu) {
   const int first = threadIdx.x % (channels / VEC) * VEC, g = first / (channels / groups);
   const float* st = stats + ((long)blockIdx.x * groups + g) * 2;
   const auto [begin, end] = pixel_chunk(hw, splits);
   const long at = ((long)blockIdx.x * hw + begin) * channels + first;
-  normalise_chunk<T, VEC>(x + at, y + at, end - begin, channels, st[0], st[1], weight, bias, first,
-                          silu);
+  normalise_chunk<T, VEC>(x + at, y + at, end - begin, channels, st[0], st[1], weight, bias, added,
+                          first, silu);
 }
 
 // All three passes in one kernel, for maps whose every chunk can be resident at once (a
@@ -253,7 +272,8 @@ __device__ void group_norm_apply_nhwc(const T* __restrict__ x, T* __restrict__ y
 // microseconds and the launches and the waits between them were most of the time.
 // `arrived`: one zeroed counter per sample.
 template <typename T, int VEC>
-__device__ void group_norm_nhwc_resident(const T* __restrict__ x, T* __restrict__ y,
+__device__ void group_norm_nhwc_resident(const T* __restrict__ x, const T* __restrict__ added,
+                                         T* __restrict__ y,
                                          float* __restrict__ partial,
                                          unsigned* __restrict__ arrived,
                                          const T* __restrict__ weight,
@@ -262,7 +282,8 @@ __device__ void group_norm_nhwc_resident(const T* __restrict__ x, T* __restrict_
                                          Moments* per_thread, float2* group_stats) {
   extern __shared__ __align__(16) unsigned char kept_bytes[];
   T* kept = reinterpret_cast<T*>(kept_bytes);
-  group_norm_stats_nhwc<T, VEC>(x, partial, hw, channels, groups, splits, per_thread, kept);
+  group_norm_stats_nhwc<T, VEC>(x, added, partial, hw, channels, groups, splits, per_thread,
+                                kept);
   // The barrier of a sample's blocks, as cooperative groups' grid sync makes it: the block's
   // moments are written (__syncthreads), made visible to the device, then counted.
   __syncthreads();
@@ -291,7 +312,7 @@ __device__ void group_norm_nhwc_resident(const T* __restrict__ x, T* __restrict_
   const auto [begin, end] = pixel_chunk(hw, splits);
   const long at = ((long)blockIdx.x * hw + begin) * channels + first;
   normalise_chunk<T, VEC>(kept + first, y + at, end - begin, channels, st.x, st.y, weight, bias,
-                          first, silu);
+                          added, first, silu);
 }
 
 // The kernels take `vec` at run time (1, 2, 4 or 8) and run the instance compiled for it.
@@ -304,28 +325,31 @@ __device__ void group_norm_nhwc_resident(const T* __restrict__ x, T* __restrict_
   }
 
 #define GN_STATS_CALL(V) \
-  group_norm_stats_nhwc<Elem, V>(x, partial, hw, channels, groups, splits, per_thread)
-#define GN_APPLY_CALL(V) \
-  group_norm_apply_nhwc<Elem, V>(x, y, stats, weight, bias, hw, channels, groups, splits, silu)
-#define GN_RESIDENT_CALL(V)                                                                  \
-  group_norm_nhwc_resident<Elem, V>(x, y, partial, arrived, weight, bias, hw, channels, groups, \
-                                    splits, eps, silu, per_thread, group_stats)
+  group_norm_stats_nhwc<Elem, V>(x, added, partial, hw, channels, groups, splits, per_thread)
+#define GN_APPLY_CALL(V)                                                                      \
+  group_norm_apply_nhwc<Elem, V>(x, added, y, stats, weight, bias, hw, channels, groups, splits, \
+                                 silu)
+#define GN_RESIDENT_CALL(V)                                                                   \
+  group_norm_nhwc_resident<Elem, V>(x, added, y, partial, arrived, weight, bias, hw, channels, \
+                                    groups, splits, eps, silu, per_thread, group_stats)
 #define GROUP_NORM_NHWC(T, NAME)                                                              \
   extern "C" __global__ void __launch_bounds__(1024) group_norm_stats_nhwc_##NAME(            \
-      const T* x, float* partial, long hw, int channels, int groups, int vec, int splits) {    \
+      const T* x, const T* added, float* partial, long hw, int channels, int groups, int vec,  \
+      int splits) {                                                                           \
     using Elem = T;                                                                           \
     __shared__ Moments per_thread[1024];                                                      \
     WITH_VEC(vec, GN_STATS_CALL)                                                              \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(1024) group_norm_apply_nhwc_##NAME(            \
-      const T* x, T* y, const float* stats, const T* weight, const T* bias, long hw,          \
-      int channels, int groups, int vec, int splits, int silu) {                             \
+      const T* x, const T* added, T* y, const float* stats, const T* weight, const T* bias,   \
+      long hw, int channels, int groups, int vec, int splits, int silu) {                     \
     using Elem = T;                                                                           \
     WITH_VEC(vec, GN_APPLY_CALL)                                                              \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(1024) group_norm_nhwc_resident_##NAME(         \
-      const T* x, T* y, float* partial, unsigned* arrived, const T* weight, const T* bias,    \
-      long hw, int channels, int groups, int vec, int splits, float eps, int silu) {          \
+      const T* x, const T* added, T* y, float* partial, unsigned* arrived, const T* weight,   \
+      const T* bias, long hw, int channels, int groups, int vec, int splits, float eps,       \
+      int silu) {                                                                             \
     using Elem = T;                                                                           \
     __shared__ Moments per_thread[1024];                                                      \
     __shared__ float2 group_stats[128];                                                       \

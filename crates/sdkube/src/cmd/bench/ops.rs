@@ -149,10 +149,39 @@ pub(super) fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> 
             &|| Ok(candle_nn::ops::silu(&gn.forward(&x)?)?),
             &[
                 ("sdkube", &|| {
-                    Ok(own::group_norm(&x, &w, &bias, 32, 1e-5, true)?)
+                    Ok(own::group_norm(&x, &w, &bias, (32, 1e-5, true), None)?)
                 }),
                 ("sdkube channels-last", &|| {
-                    Ok(own::group_norm(&xcl, &w, &bias, 32, 1e-5, true)?)
+                    Ok(own::group_norm(&xcl, &w, &bias, (32, 1e-5, true), None)?)
+                }),
+            ],
+        )?;
+    }
+    // A ResNet block's second norm, its input plus the time embedding ([N, C]): the sum
+    // stored, then normalised, against the kernels adding it as they read.
+    for (label, c, side) in [
+        ("group_norm + silu of x + temb unet 320", 320, 64),
+        ("group_norm + silu of x + temb unet 1280", 1280, 16),
+    ] {
+        let x = rand(&[2, c, side, side])?;
+        let (w, bias, temb) = (rand(&[c])?, rand(&[c])?, rand(&[2, c])?);
+        let gn = GroupNorm::new(w.clone(), bias.clone(), c, 32, 1e-5)?;
+        let xcl = to_channels_last(&x)?;
+        let norm = (32, 1e-5, true);
+        compare(
+            label,
+            &format!("[2,{c},{side},{side}]"),
+            &|| {
+                let sum = x.broadcast_add(&temb.reshape((2, c, 1, 1))?)?;
+                Ok(candle_nn::ops::silu(&gn.forward(&sum)?)?)
+            },
+            &[
+                ("sdkube add, then norm", &|| {
+                    let sum = own::add_bias(&xcl, &temb, 1)?.context("no add kernel")?;
+                    Ok(own::group_norm(&sum, &w, &bias, norm, None)?)
+                }),
+                ("sdkube added as read", &|| {
+                    Ok(own::group_norm(&xcl, &w, &bias, norm, Some(&temb))?)
                 }),
             ],
         )?;
