@@ -544,5 +544,16 @@ extern "C" __global__ void upsample_2x_nhwc_f32(const float* x, float* out, unsi
   upsample_2x_nhwc<float>(x, out, n, h, w, c);
 }
 
+// Keeps the stream busy for `ns` nanoseconds (one thread): the work queued behind it meanwhile
+// then runs back to back, without the host's launch gaps, as a replayed CUDA graph runs it
+// (choice.rs times its per-shape choices so).
+extern "C" __global__ void hold_stream(unsigned long long ns) {
+  unsigned long long start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < ns);
+}
+
 #include "restore_kernels.cuh"
 #include "backward_kernels.cuh"

@@ -36,7 +36,7 @@ mod upload;
 
 use candle_core::cuda_backend::{cudarc, CudaDevice, DeviceId, WrapErr};
 use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
-use cudarc::driver::LaunchConfig;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::switch::Switch;
 
@@ -171,6 +171,25 @@ fn applies(t: &Tensor) -> bool {
         return false;
     };
     enabled() && !t.track_op() && with_kernels(dev, |k| k.ampere_or_newer).unwrap_or(false)
+}
+
+/// Queues [`hold_stream`](kernels.cu) on `dev`'s stream for `ns` nanoseconds; false where our
+/// kernels do not run (switched off, or a GPU older than Ampere).
+fn hold_stream(dev: &CudaDevice, ns: u64) -> Result<bool> {
+    if !enabled() || !with_kernels(dev, |k| k.ampere_or_newer)? {
+        return Ok(false);
+    }
+    let func = kernel(dev, "hold_stream")?;
+    let mut launch = func.builder();
+    launch.arg(&ns);
+    let one = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the kernel takes one u64 and touches no memory.
+    unsafe { launch.launch(one) }.w()?;
+    Ok(true)
 }
 
 fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {
