@@ -640,9 +640,8 @@ pub(super) mod own {
         _: &Tensor,
         _: &Tensor,
         _: &Tensor,
-        _: usize,
-        _: f64,
-        _: bool,
+        _: (usize, f64, bool),
+        _: Option<&Tensor>,
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
