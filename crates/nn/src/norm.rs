@@ -113,17 +113,11 @@ impl GroupNorm {
     /// channel (a ResNet block's time embedding before its second norm). On the GPU, for
     /// channels-last maps, the kernels add it as they read `xs`: the sum is never stored.
     pub fn forward_silu_added(&self, xs: &Tensor, added: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if !xs.track_op() && !added.track_op() {
-            let (w, b) = (&self.weight, &self.bias);
-            let fused = profile::timed("group norm", xs.device(), || {
-                crate::cuda::group_norm(xs, w, b, (self.groups, self.eps, true), Some(added))
-            })?;
-            if let Some(y) = fused {
-                return Ok(y);
-            }
+        if xs.track_op() || added.track_op() {
+            // inside a gradient graph: the sum, then the norm that has a backward pass
+            return self.forward_silu(&crate::elementwise::add_bias(xs.clone(), added, 1)?);
         }
-        self.forward_silu(&crate::elementwise::add_bias(xs.clone(), added, 1)?)
+        self.timed(xs, true, Some(added))
     }
 
     fn run(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
@@ -132,15 +126,15 @@ impl GroupNorm {
             return crate::tracked::with_input_grad(
                 xs,
                 "group norm backward",
-                |xs| self.timed(xs, silu),
+                |xs| self.timed(xs, silu, None),
                 move |xs, grad| norm.input_grad(xs, grad, silu),
             );
         }
-        self.timed(xs, silu)
+        self.timed(xs, silu, None)
     }
 
-    fn timed(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
-        profile::timed("group norm", xs.device(), || self.norm(xs, silu))
+    fn timed(&self, xs: &Tensor, silu: bool, added: Option<&Tensor>) -> Result<Tensor> {
+        profile::timed("group norm", xs.device(), || self.norm(xs, silu, added))
     }
 
     /// The gradient of `xs` `[N, C, ..]` given `grad`, that of the output.
@@ -181,14 +175,19 @@ impl GroupNorm {
             .to_dtype(xs.dtype())
     }
 
-    fn norm(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+    /// The norm (then SiLU where `silu`) of `xs`, or of `xs + added` (`[N, C]`).
+    fn norm(&self, xs: &Tensor, silu: bool, added: Option<&Tensor>) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         {
             let (w, b) = (&self.weight, &self.bias);
-            let fused = crate::cuda::group_norm(xs, w, b, (self.groups, self.eps, silu), None)?;
+            let fused = crate::cuda::group_norm(xs, w, b, (self.groups, self.eps, silu), added)?;
             if let Some(y) = fused {
                 return Ok(y);
             }
+        }
+        if let Some(a) = added {
+            // no kernel adds it as it reads: the sum, then its norm
+            return self.norm(&crate::elementwise::add_bias(xs.clone(), a, 1)?, silu, None);
         }
         let y = self.inner.forward(xs)?;
         if silu {

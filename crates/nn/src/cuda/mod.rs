@@ -173,11 +173,11 @@ fn applies(t: &Tensor) -> bool {
     enabled() && !t.track_op() && with_kernels(dev, |k| k.ampere_or_newer).unwrap_or(false)
 }
 
-/// Queues [`hold_stream`](kernels.cu) on `dev`'s stream for `ns` nanoseconds; false where our
-/// kernels do not run (switched off, or a GPU older than Ampere).
-fn hold_stream(dev: &CudaDevice, ns: u64) -> Result<bool> {
+/// Queues [`hold_stream`](kernels.cu) on `dev`'s stream for `ns` nanoseconds; nothing where
+/// our kernels do not run (switched off, or a GPU older than Ampere).
+fn hold_stream(dev: &CudaDevice, ns: u64) -> Result<()> {
     if !enabled() || !with_kernels(dev, |k| k.ampere_or_newer)? {
-        return Ok(false);
+        return Ok(());
     }
     let func = kernel(dev, "hold_stream")?;
     let mut launch = func.builder();
@@ -189,7 +189,7 @@ fn hold_stream(dev: &CudaDevice, ns: u64) -> Result<bool> {
     };
     // SAFETY: the kernel takes one u64 and touches no memory.
     unsafe { launch.launch(one) }.w()?;
-    Ok(true)
+    Ok(())
 }
 
 fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {

@@ -34,7 +34,7 @@ pub fn group_norm(
     if !applies(x) || !dtype_ok || !same || x.rank() < 3 {
         return Ok(None);
     }
-    if added.is_some_and(|a| a.dims() != [x.dim(0).unwrap_or(0), x.dim(1).unwrap_or(0)]) {
+    if added.is_some_and(|a| a.dims() != &x.dims()[..2]) {
         return Ok(None);
     }
     let channels = x.dim(1)?;
