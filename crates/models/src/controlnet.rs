@@ -15,10 +15,11 @@ use candle_nn::VarBuilder;
 
 use sdkube_nn::{conv1x1, conv3x3, Conv2d};
 
+use crate::blocks::ContextProjections;
 use crate::checkpoint::{component_file, invalid, read_json, read_tensors, Component, LoadError};
 use crate::config::ControlNetConfig;
 use crate::ldm::{self, TensorMap};
-use crate::unet::{AddedConditioning, ControlResiduals, Encoder};
+use crate::unet::{gathers_projections, AddedConditioning, ControlResiduals, Encoder};
 
 /// `ControlNetConditioningEmbedding`: the control image down to latent size, in
 /// `block_out_channels[0]` channels.
@@ -71,13 +72,19 @@ pub struct ControlNetModel {
     down_convs: Vec<Conv2d>,
     mid_conv: Conv2d,
     cfg: ControlNetConfig,
+    /// Its cross-attentions' keys and values, projected at once per pass (on GPUs).
+    projections: ContextProjections,
 }
 
 impl ControlNetModel {
     /// The ControlNet, its weights from `vb` under diffusers' key names.
     pub fn new(vb: VarBuilder, cfg: &ControlNetConfig) -> Result<Self> {
         let unet = &cfg.unet;
-        let encoder = Encoder::new(&vb, unet)?;
+        let mut encoder = Encoder::new(&vb, unet)?;
+        let projections = match gathers_projections(vb.device()) {
+            true => ContextProjections::gather(encoder.cross_attentions_mut())?,
+            false => ContextProjections::default(),
+        };
         let boc = &unet.block_out_channels;
         // One convolution per skip connection: conv_in's output, each layer's, and each
         // downsampler's (every level but the last has one).
@@ -100,6 +107,7 @@ impl ControlNetModel {
             down_convs,
             mid_conv: conv1x1(mid, mid, vb.pp("controlnet_mid_block"))?,
             cfg: cfg.clone(),
+            projections,
         })
     }
 
@@ -130,6 +138,7 @@ impl ControlNetModel {
             &self.encoder.conv_in(xs)?,
             &self.cond_embedding.forward(&cond)?,
         )?;
+        let ctx = &self.projections.project(ctx)?;
         let (h, skips) = self.encoder.down(h, &emb, ctx)?;
         let h = self.encoder.mid(&h, &emb, ctx)?;
         let pool = |t: Tensor| -> Result<Tensor> {

@@ -13,7 +13,9 @@ use sdkube_nn::{
     linear, Conv2d, GroupNorm, LayerNorm, Linear,
 };
 
-use crate::blocks::{Attention, Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::blocks::{
+    Attention, ContextProjections, CrossContext, Downsample2D, ResnetBlock2D, Upsample2D,
+};
 use crate::config::UNetConfig;
 
 /// Sinusoidal embedding of `t` `[B]` into `[B, dim]` (`diffusers.models.embeddings.Timesteps`).
@@ -109,7 +111,7 @@ impl BasicTransformerBlock {
         })
     }
 
-    fn forward(&self, xs: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, ctx: &CrossContext) -> Result<Tensor> {
         // Reassigned, not shadowed: each residual sum is freed once the next exists. Each
         // residual add happens in the epilogue of the product before it (on GPUs).
         let mut h = self.attn1.forward_add(&self.norm1.forward(xs)?, None, xs)?;
@@ -170,7 +172,7 @@ impl Transformer2DModel {
         })
     }
 
-    fn forward(&self, xs: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, ctx: &CrossContext) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let normed = self.norm.forward(xs)?;
         let to_tokens =
@@ -193,6 +195,10 @@ impl Transformer2DModel {
             Projection::Linear(lin) => add(&to_image(lin.forward(&tokens)?)?, xs),
         }
     }
+
+    fn cross_attentions_mut(&mut self) -> impl Iterator<Item = &mut Attention> {
+        self.blocks.iter_mut().map(|block| &mut block.attn2)
+    }
 }
 
 /// One resolution level: resnets, optional cross-attention transformers, optional resampler.
@@ -203,12 +209,24 @@ struct Level {
 }
 
 impl Level {
-    fn run_layer(&self, j: usize, xs: &Tensor, temb: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+    fn run_layer(
+        &self,
+        j: usize,
+        xs: &Tensor,
+        temb: &Tensor,
+        ctx: &CrossContext,
+    ) -> Result<Tensor> {
         let xs = self.resnets[j].forward(xs, Some(temb))?;
         match self.attentions.get(j) {
             Some(attn) => attn.forward(&xs, ctx),
             None => Ok(xs),
         }
+    }
+
+    fn cross_attentions_mut(&mut self) -> impl Iterator<Item = &mut Attention> {
+        self.attentions
+            .iter_mut()
+            .flat_map(Transformer2DModel::cross_attentions_mut)
     }
 }
 
@@ -266,6 +284,20 @@ pub struct UNet2DConditionModel {
     cfg: UNetConfig,
     /// Its steps as CUDA graphs, per input shapes (ControlNet steps run eagerly).
     graphs: sdkube_nn::GraphCache,
+    /// Its cross-attentions' keys and values, projected at once per pass (on GPUs).
+    projections: ContextProjections,
+}
+
+/// `SDKUBE_CONTEXT_PROJECTIONS=on|off` (on by default): see [`gathers_projections`].
+static CONTEXT_PROJECTIONS: sdkube_nn::Switch =
+    sdkube_nn::Switch::new("SDKUBE_CONTEXT_PROJECTIONS", "on", "off", true);
+
+/// Whether a network on `device` stacks its cross-attentions' key and value weights
+/// ([`ContextProjections`]): on GPUs, where the many small products cost launches and tails.
+/// Not on the CPU, whose linear layers run one sample at a time so that an image does not
+/// depend on the batch it was made in.
+pub(crate) fn gathers_projections(device: &candle_core::Device) -> bool {
+    device.is_cuda() && CONTEXT_PROJECTIONS.is_on()
 }
 
 fn has_cross_attention(block_type: &str) -> bool {
@@ -460,7 +492,7 @@ impl Encoder {
         &self,
         mut h: Tensor,
         emb: &Tensor,
-        ctx: &Tensor,
+        ctx: &CrossContext,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
@@ -477,10 +509,18 @@ impl Encoder {
     }
 
     /// The mid block.
-    pub(crate) fn mid(&self, h: &Tensor, emb: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+    pub(crate) fn mid(&self, h: &Tensor, emb: &Tensor, ctx: &CrossContext) -> Result<Tensor> {
         let h = self.mid_resnets[0].forward(h, Some(emb))?;
         let h = self.mid_attention.forward(&h, ctx)?;
         self.mid_resnets[1].forward(&h, Some(emb))
+    }
+
+    /// Its cross-attentions: the down blocks' and the mid block's.
+    pub(crate) fn cross_attentions_mut(&mut self) -> impl Iterator<Item = &mut Attention> {
+        self.down_blocks
+            .iter_mut()
+            .flat_map(|block| block.level.cross_attentions_mut())
+            .chain(self.mid_attention.cross_attentions_mut())
     }
 }
 
@@ -536,14 +576,24 @@ impl UNet2DConditionModel {
             });
         }
 
-        Ok(Self {
+        let mut unet = Self {
             encoder,
             up_blocks,
             conv_norm_out: group_norm(groups, boc[0], eps, vb.pp("conv_norm_out"))?,
             conv_out: conv3x3(boc[0], cfg.out_channels, 1, vb.pp("conv_out"))?,
             cfg: cfg.clone(),
             graphs: Default::default(),
-        })
+            projections: Default::default(),
+        };
+        if gathers_projections(vb.device()) {
+            let up = unet
+                .up_blocks
+                .iter_mut()
+                .flat_map(|block| block.level.cross_attentions_mut());
+            unet.projections =
+                ContextProjections::gather(unet.encoder.cross_attentions_mut().chain(up))?;
+        }
+        Ok(unet)
     }
 
     /// Its configuration.
@@ -602,6 +652,7 @@ impl UNet2DConditionModel {
         control: Option<&ControlResiduals>,
     ) -> Result<Tensor> {
         let emb = self.encoder.embedding(t, added, xs.dim(0)?, xs.dtype())?;
+        let ctx = &self.projections.project(ctx)?;
         let h = self.encoder.conv_in(xs)?;
         let (h, mut skips) = self.encoder.down(h, &emb, ctx)?;
         let mut h = self.encoder.mid(&h, &emb, ctx)?;

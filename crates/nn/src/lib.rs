@@ -57,6 +57,7 @@ pub use layout::{
 };
 pub use linear::{linear, linear_no_bias, Linear};
 pub use norm::{group_norm, GroupNorm, LayerNorm};
+pub use switch::Switch;
 
 use candle_core::{Device, Result, Tensor};
 

@@ -16,6 +16,21 @@ impl Linear {
     fn new(inner: candle_nn::Linear) -> Self {
         Self { inner }
     }
+
+    /// The layer `weight` `[out, in]` (and `bias` `[out]`) make.
+    pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::new(candle_nn::Linear::new(weight, bias))
+    }
+
+    /// Its weight, `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    /// Its bias, `[out]`, if it has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
 }
 
 /// A linear layer with bias, `cin` → `cout` features, weights from `vb`.

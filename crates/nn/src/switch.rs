@@ -1,4 +1,4 @@
-//! The GPU path's on/off switches: environment variables read once per process, for A/B runs
+//! The GPU path's on/off switches (this crate's and the networks'): environment variables read once per process, for A/B runs
 //! of one technique against the path without it (`benches/gpu_run.sh`).
 
 use std::sync::OnceLock;
@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 /// One switch: `var` set to `on` or `off` picks; unset or empty leaves `default`. Any other
 /// value is a typo that would silently measure the wrong path, so it is logged as such (once)
 /// and the default stands.
-pub(crate) struct Switch {
+pub struct Switch {
     var: &'static str,
     on: &'static str,
     off: &'static str,
@@ -15,7 +15,8 @@ pub(crate) struct Switch {
 }
 
 impl Switch {
-    pub(crate) const fn new(
+    /// The switch read from `var`: `on` or `off`, else `default`.
+    pub const fn new(
         var: &'static str,
         on: &'static str,
         off: &'static str,
@@ -30,7 +31,8 @@ impl Switch {
         }
     }
 
-    pub(crate) fn is_on(&self) -> bool {
+    /// Its state, read from the environment the first time.
+    pub fn is_on(&self) -> bool {
         *self.value.get_or_init(|| {
             let set = std::env::var(self.var).ok();
             self.parse(set.as_deref()).unwrap_or_else(|value| {
