@@ -64,8 +64,7 @@ impl GraphCache {
             && inputs.iter().all(|x| !x.track_op())
         {
             let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
-            // Its ops are chosen for how a replay runs them, even in the first, eager pass.
-            return crate::cuda::for_graph_replay(|| graphs.run(inputs, f));
+            return graphs.run(inputs, f);
         }
         f(&owned(inputs))
     }

@@ -12,7 +12,7 @@ use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::f16;
 
-use super::choice::{choice_for_launch, graph_aligned, replaces, Choices};
+use super::choice::{graph_aligned, remembered, replaces};
 use super::cudnn_attention::{self, read, write, Pass, Role, SdpaShape};
 use super::memory::with_workspace;
 use super::{applies, cuda_op, kernel};
@@ -68,7 +68,7 @@ pub fn flash_attention(
     };
     let use_cudnn = super::cudnn_backend::GRAPH_API.is_on()
         && [&q, &k, &v].into_iter().all(graph_aligned)
-        && choice_for_launch(&CUDNN_CHOICE, (dev.id(), shape), || {
+        && remembered(&CUDNN_CHOICE, (dev.id(), shape), || {
             replaces(
                 "cuDNN attention",
                 &[q.dims(), k.dims()],
@@ -83,7 +83,7 @@ pub fn flash_attention(
 
 thread_local! {
     // Per device and shape: whether cuDNN's attention is used (see `replaces`).
-    static CUDNN_CHOICE: Choices<(DeviceId, SdpaShape)> = RefCell::new(HashMap::new());
+    static CUDNN_CHOICE: RefCell<HashMap<(DeviceId, SdpaShape), bool>> = RefCell::new(HashMap::new());
 }
 
 #[derive(Clone, Copy)]

@@ -13,7 +13,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 use half::f16;
 
-use super::choice::{choice_for_launch, graph_aligned, replaces, Choices};
+use super::choice::{graph_aligned, remembered, replaces};
 use super::cudnn_attention::{self, read, write, Pass, Role, SdpaShape};
 use super::cudnn_backend::GRAPH_API;
 use super::enabled;
@@ -21,7 +21,7 @@ use super::memory::with_workspace;
 
 thread_local! {
     // Per device and shape: whether attention in a gradient graph goes through cuDNN.
-    static CHOICE: Choices<(DeviceId, SdpaShape)> = RefCell::new(HashMap::new());
+    static CHOICE: RefCell<HashMap<(DeviceId, SdpaShape), bool>> = RefCell::new(HashMap::new());
 }
 
 /// What the backward pass of [`sdpa_forward_for_grad`]'s attention needs besides its operands and
@@ -68,7 +68,7 @@ pub fn sdpa_forward_for_grad(
     };
     let scale = scale as f32;
     let (q, k, v) = (operand(q)?, operand(k)?, operand(v)?);
-    let taken = choice_for_launch(&CHOICE, (dev.id(), shape), || {
+    let taken = remembered(&CHOICE, (dev.id(), shape), || {
         // First the backward's plan: cuDNN 9.19 (the image's) refuses it at once (see
         // `cudnn_attention`'s tests), before the forward's plan is built for nothing.
         if let Err(e) = cudnn_attention::plan(dev, shape, Pass::Backward) {

@@ -1,9 +1,9 @@
 //! Per-shape choices between two ways of computing one op (cuDNN or candle's kernel, cuDNN's
 //! graph API or its legacy call, cuDNN's attention or ours): checked once on the real input
-//! where the two may differ, then timed, and the winner remembered per thread and per way the
-//! op is launched ([`Launch`]), as `torch.backends.cudnn.benchmark` does.
+//! where the two may differ, then timed, and the winner remembered per thread, as
+//! `torch.backends.cudnn.benchmark` does.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use candle_core::{DType, Result, Tensor};
 use half::f16;
 
 use super::cudnn_backend::ALIGNMENT;
+use crate::switch::Switch;
 
 /// The value remembered in `cache` under `key`, made by `make` the first time on this thread
 /// (a per-shape choice, a built plan).
@@ -27,47 +28,6 @@ pub(super) fn remembered<K: std::hash::Hash + Eq, V: Clone>(
     let value = make()?;
     cache.with(|c| c.borrow_mut().insert(key, value.clone()));
     Ok(value)
-}
-
-/// How an op's kernels reach the GPU, which decides what a choice between two paths should
-/// time: replayed from a CUDA graph, all launched at once (the GPU's time alone counts), or
-/// launched one by one from the host, which then often waits on launches (a path of three
-/// kernels can lose to one of a single slower kernel).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum Launch {
-    Graphed,
-    Eager,
-}
-
-thread_local! {
-    static LAUNCH: Cell<Launch> = const { Cell::new(Launch::Eager) };
-}
-
-/// `f` with the ops it runs chosen for a CUDA graph's replay: a graph's first pass of a shape
-/// runs eagerly, but the kernels it picks are then captured and replayed.
-pub(crate) fn for_graph_replay<T>(f: impl FnOnce() -> T) -> T {
-    struct Restore(Launch);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            LAUNCH.with(|l| l.set(self.0));
-        }
-    }
-    let _restore = Restore(LAUNCH.with(|l| l.replace(Launch::Graphed)));
-    f()
-}
-
-/// The per-shape choices of one op, by how it is launched and its key.
-pub(super) type Choices<K> = RefCell<HashMap<(Launch, K), bool>>;
-
-/// The choice remembered in `cache` for `key` under the current [`Launch`], made by `decide`
-/// the first time (usually [`replaces`]). The same convolution may run in a graphed UNet step
-/// and in an eager ControlNet or training step: each gets the path that is faster there.
-pub(super) fn choice_for_launch<K: std::hash::Hash + Eq>(
-    cache: &'static std::thread::LocalKey<Choices<K>>,
-    key: K,
-    decide: impl FnOnce() -> Result<bool>,
-) -> Result<bool> {
-    remembered(cache, (LAUNCH.with(Cell::get), key), decide)
 }
 
 /// What one way of computing an op returns: one tensor, or several that are compared one by
@@ -120,35 +80,19 @@ pub(super) fn best_times<T>(
 /// three calls of any op chosen here (tens of microseconds).
 const HOLD_NS: u64 = 400_000;
 
-/// `SDKUBE_CHOICE_TIMING`: `gpu` or `host` times every choice that way; unset (or `launch`),
-/// a choice made for a graph's replay is timed on the GPU ([`gpu_time`]) and any other by the
-/// host's wall clock around the calls, launches included. On one H100 the GPU's time took
-/// SD1.5's graphed step from 8.46 to 6.97 ms (batch 2): timed by the host, cuDNN lost 22 of 50
-/// small-map convolutions to candle's kernel on its launch cost alone. The eager textual-
-/// inversion step went the other way (batch 1: 43-56 ms host-timed, 64-67 GPU-timed).
-fn gpu_timed() -> bool {
-    static FORCED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    let forced = FORCED.get_or_init(|| {
-        let set = std::env::var("SDKUBE_CHOICE_TIMING").unwrap_or_default();
-        match set.trim().to_ascii_lowercase().as_str() {
-            "gpu" => Some(true),
-            "host" => Some(false),
-            "" | "launch" => None,
-            other => {
-                tracing::warn!(
-                    "SDKUBE_CHOICE_TIMING={other:?} is none of gpu, host, launch; it stays launch"
-                );
-                None
-            }
-        }
-    });
-    forced.unwrap_or(LAUNCH.with(Cell::get) == Launch::Graphed)
-}
+/// `SDKUBE_CHOICE_TIMING` (`gpu` by default): [`best_times`] times each path on the GPU
+/// ([`gpu_time`]), as a replayed CUDA graph runs it; `host` times the host's wall clock around
+/// the calls, launches included, which suits networks run eagerly. On one H100 the GPU's time
+/// took SD1.5's step from 8.46 to 6.97 ms (batch 2): timed by the host, cuDNN lost 22 of 50
+/// small-map convolutions to candle's kernel on its launch cost alone. The networks run eagerly
+/// (ControlNet, textual-inversion training, GFPGAN, RealESRGAN) were no faster host-timed, nor
+/// with choices kept apart for graphed and eager passes (H100, 2026-12-07): one way serves both.
+static GPU_TIMED: Switch = Switch::new("SDKUBE_CHOICE_TIMING", "gpu", "host", true);
 
-/// The time of three calls of `f`: [`gpu_time`], or the host's wall time around them
-/// ([`gpu_timed`] says which).
+/// The time of three calls of `f`: [`gpu_time`], or under `SDKUBE_CHOICE_TIMING=host` the
+/// host's wall time around them.
 fn time_three<T>(dev: &candle_core::Device, f: &dyn Fn() -> Result<T>) -> Result<Duration> {
-    if gpu_timed() {
+    if GPU_TIMED.is_on() {
         return gpu_time(dev, f);
     }
     dev.synchronize()?;

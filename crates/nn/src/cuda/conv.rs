@@ -15,7 +15,7 @@ use cudarc::cudnn::{ConvForward, Cudnn, CudnnDataType};
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DeviceRepr};
 use half::f16;
 
-use super::choice::{best_times, choice_for_launch, graph_aligned, replaces, Choices};
+use super::choice::{best_times, graph_aligned, remembered, replaces};
 use super::cudnn_graph::{self, Epilogue, GraphConvShape};
 use super::elementwise::launch_add_bias;
 use super::memory::with_workspace;
@@ -82,7 +82,7 @@ fn chosen(
     let (x, w) = (op.in_layout(x)?, op.in_layout(w)?);
     let key = op.key(dev, x.dtype(), x.dims(), w.dims());
     let use_cudnn = x.dim(2)? * x.dim(3)? > TIMED_UP_TO
-        || choice_for_launch(&CHOICE, key, || cudnn_is_faster(&x, &w, &op))?;
+        || remembered(&CHOICE, key, || cudnn_is_faster(&x, &w, &op))?;
     if !use_cudnn {
         return Ok(None);
     }
@@ -98,7 +98,7 @@ fn chosen(
     };
     let use_graph = super::cudnn_backend::GRAPH_API.is_on()
         && aligned()
-        && choice_for_launch(&GRAPH_CHOICE, (key, bias.is_some()), || {
+        && remembered(&GRAPH_CHOICE, (key, bias.is_some()), || {
             replaces(
                 "cuDNN graph API convolution",
                 &[x.dims(), w.dims()],
@@ -144,7 +144,7 @@ pub fn conv2d_add(
     }
     let fused = || op.apply_add(&x, &w, bias, &residual);
     let separate = || crate::layout::add(&op.apply(&x, &w, Some(bias))?, &residual);
-    let faster = choice_for_launch(&ADD_CHOICE, key, || {
+    let faster = remembered(&ADD_CHOICE, key, || {
         replaces(
             "cuDNN convolution + residual in one kernel",
             &[x.dims(), w.dims()],
@@ -221,11 +221,11 @@ thread_local! {
     // cuDNN handles are neither Send nor Sync: one per device per thread, bound to candle's
     // stream, so work stays ordered with candle's own kernels.
     static CUDNN: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
-    static CHOICE: Choices<ConvKey> = RefCell::new(HashMap::new());
+    static CHOICE: RefCell<HashMap<ConvKey, bool>> = RefCell::new(HashMap::new());
     // Per shape and bias or not: whether the graph API's plan is used (see `replaces`).
-    static GRAPH_CHOICE: Choices<(ConvKey, bool)> = RefCell::new(HashMap::new());
+    static GRAPH_CHOICE: RefCell<HashMap<(ConvKey, bool), bool>> = RefCell::new(HashMap::new());
     // Per shape: whether `conv2d_add` adds the residual in the convolution's kernel.
-    static ADD_CHOICE: Choices<ConvKey> = RefCell::new(HashMap::new());
+    static ADD_CHOICE: RefCell<HashMap<ConvKey, bool>> = RefCell::new(HashMap::new());
     static PLANS: RefCell<HashMap<ConvKey, Rc<dyn Any>>> = RefCell::new(HashMap::new());
 }
 

@@ -42,7 +42,6 @@ use crate::switch::Switch;
 
 pub use attention::flash_attention;
 pub use attention_grad::{sdpa_backward, sdpa_forward_for_grad, SavedSdpa};
-pub(crate) use choice::for_graph_replay;
 pub use conv::{conv2d, conv2d_add, conv2d_cudnn, conv2d_input_grad};
 pub use elementwise::{
     add_bias, geglu, geglu_grad, leaky_relu, softmax_grad, upsample_bilinear_2x,

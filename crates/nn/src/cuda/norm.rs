@@ -12,7 +12,7 @@ use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
 use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
 
-use super::choice::{choice_for_launch, remembered, replaces, Choices};
+use super::choice::{remembered, replaces};
 use super::{applies, cuda_op, kernel, suffix, Kernel};
 
 /// `torch.nn.GroupNorm` (then SiLU when `silu`) over `[B, C, …]`; fp16 or fp32. With `added`
@@ -75,7 +75,7 @@ pub fn group_norm(
             silu,
             added.is_some(),
         );
-        let resident = choice_for_launch(&RESIDENT_CHOICE, key, || {
+        let resident = remembered(&RESIDENT_CHOICE, key, || {
             replaces(
                 "one-pass group norm",
                 &[x.dims()],
@@ -104,9 +104,9 @@ type SplitKey = (DeviceId, &'static str, usize, usize, usize, usize);
 
 thread_local! {
     // Per shape (and groups, SiLU): whether the one-pass channels-last kernel is used.
-    static RESIDENT_CHOICE: Choices<GroupNormKey> = RefCell::new(HashMap::new());
+    static RESIDENT_CHOICE: RefCell<HashMap<GroupNormKey, bool>> = RefCell::new(HashMap::new());
     // Per shape: whether our layer-norm kernel is used (else candle's).
-    static LAYER_NORM_CHOICE: Choices<LayerNormKey> = RefCell::new(HashMap::new());
+    static LAYER_NORM_CHOICE: RefCell<HashMap<LayerNormKey, bool>> = RefCell::new(HashMap::new());
     // Per device, element type, N, H·W, bytes per pixel, threads: its cut (`resident_split`).
     static RESIDENT_SPLITS: RefCell<HashMap<SplitKey, Option<(usize, usize)>>> =
         RefCell::new(HashMap::new());
@@ -596,7 +596,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     };
     let ours = || x.apply_op3_no_bwd(&weight, &bias, &op);
     let key = (dev.id(), x.dtype(), x.dims().to_vec());
-    let faster = choice_for_launch(&LAYER_NORM_CHOICE, key, || {
+    let faster = remembered(&LAYER_NORM_CHOICE, key, || {
         replaces("layer norm kernel", &[x.dims()], x.device(), &ours, &|| {
             candle_nn::ops::layer_norm(&x, &weight, &bias, eps as f32)
         })
