@@ -296,6 +296,11 @@ impl ContextProjections {
         Ok(Self { stacks })
     }
 
+    /// How many attentions it gathered.
+    pub fn attentions(&self) -> usize {
+        self.stacks.iter().map(|s| s.dim(0).unwrap_or(0) / 2).sum()
+    }
+
     /// `hidden` `[B, M, Cc]` with every gathered attention's keys and values projected.
     pub fn project(&self, hidden: &Tensor) -> Result<CrossContext> {
         let (b, m, cc) = hidden.dims3()?;

@@ -586,14 +586,20 @@ impl UNet2DConditionModel {
             projections: Default::default(),
         };
         if gathers_projections(vb.device()) {
-            let up = unet
-                .up_blocks
-                .iter_mut()
-                .flat_map(|block| block.level.cross_attentions_mut());
-            unet.projections =
-                ContextProjections::gather(unet.encoder.cross_attentions_mut().chain(up))?;
+            unet.gather_projections()?;
         }
         Ok(unet)
+    }
+
+    /// Stacks every cross-attention's key and value weights ([`ContextProjections`]).
+    fn gather_projections(&mut self) -> Result<()> {
+        let up = self
+            .up_blocks
+            .iter_mut()
+            .flat_map(|block| block.level.cross_attentions_mut());
+        self.projections =
+            ContextProjections::gather(self.encoder.cross_attentions_mut().chain(up))?;
+        Ok(())
     }
 
     /// Its configuration.
@@ -687,5 +693,57 @@ impl UNet2DConditionModel {
             }
         }
         self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// Gathered as on GPUs (here on the CPU), every cross-attention of the down, mid and up
+    /// blocks reads its own keys and values from the batched products: the prediction is the
+    /// one each attention's own projections give.
+    #[test]
+    fn a_unet_with_gathered_projections_predicts_the_same() -> Result<()> {
+        let dir = sdkube_testkit::fixtures().join("sd/sd1");
+        let weights = crate::load(&dir, &Default::default()).unwrap().unet;
+        let dev = Device::Cpu;
+        let plain = weights.build(&dev, DType::F32)?;
+        let mut gathered = weights.build(&dev, DType::F32)?;
+        gathered.gather_projections()?;
+
+        let cfg = plain.config();
+        let levels = cfg.block_out_channels.len();
+        let depth = |level: usize| cfg.transformer_layers_per_block.get(level);
+        let crossed = |kinds: &[String], layers: usize, level_of: &dyn Fn(usize) -> usize| {
+            let with_cross = kinds
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| has_cross_attention(k));
+            with_cross
+                .map(|(i, _)| layers * depth(level_of(i)))
+                .sum::<usize>()
+        };
+        let expected = crossed(&cfg.down_block_types, cfg.layers_per_block, &|i| i)
+            + depth(levels - 1)
+            + crossed(&cfg.up_block_types, cfg.layers_per_block + 1, &|i| {
+                levels - 1 - i
+            });
+        assert!(expected > 0);
+        assert_eq!(gathered.projections.attentions(), expected);
+
+        let x = Tensor::randn(0f32, 1., (2, 4, 8, 8), &dev)?;
+        let ctx = Tensor::randn(0f32, 1., (2, 77, cfg.cross_attention_dim), &dev)?;
+        let t = Tensor::new(&[500f32], &dev)?;
+        let want = plain.forward(&x, &t, &ctx, None)?;
+        let got = gathered.forward(&x, &t, &ctx, None)?;
+        let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(
+            diff <= 1e-5 * scale.max(1.0),
+            "differs by {diff} (scale {scale})"
+        );
+        Ok(())
     }
 }
