@@ -258,7 +258,24 @@ pub struct ContextProjections {
     stacks: Vec<Tensor>,
 }
 
+/// `SDKUBE_CONTEXT_PROJECTIONS=on|off` (on by default): see [`ContextProjections::gather_on`].
+static CONTEXT_PROJECTIONS: sdkube_nn::Switch =
+    sdkube_nn::Switch::new("SDKUBE_CONTEXT_PROJECTIONS", "on", "off", true);
+
 impl ContextProjections {
+    /// [`gather`](Self::gather) for a network on `device` where it pays: on GPUs, where the many
+    /// small products cost launches and tails. Not on the CPU, whose linear layers run one
+    /// sample at a time so that an image does not depend on the batch it was made in.
+    pub fn gather_on<'a>(
+        device: &candle_core::Device,
+        attentions: impl IntoIterator<Item = &'a mut Attention>,
+    ) -> Result<Self> {
+        match device.is_cuda() && CONTEXT_PROJECTIONS.is_on() {
+            true => Self::gather(attentions),
+            false => Ok(Self::default()),
+        }
+    }
+
     /// Stacks the key and value weights of `attentions` (those without biases; an attention
     /// with biases keeps projecting on its own) and points each attention at its slot.
     pub fn gather<'a>(attentions: impl IntoIterator<Item = &'a mut Attention>) -> Result<Self> {

@@ -19,7 +19,7 @@ use crate::blocks::ContextProjections;
 use crate::checkpoint::{component_file, invalid, read_json, read_tensors, Component, LoadError};
 use crate::config::ControlNetConfig;
 use crate::ldm::{self, TensorMap};
-use crate::unet::{gathers_projections, AddedConditioning, ControlResiduals, Encoder};
+use crate::unet::{AddedConditioning, ControlResiduals, Encoder};
 
 /// `ControlNetConditioningEmbedding`: the control image down to latent size, in
 /// `block_out_channels[0]` channels.
@@ -81,10 +81,8 @@ impl ControlNetModel {
     pub fn new(vb: VarBuilder, cfg: &ControlNetConfig) -> Result<Self> {
         let unet = &cfg.unet;
         let mut encoder = Encoder::new(&vb, unet)?;
-        let projections = match gathers_projections(vb.device()) {
-            true => ContextProjections::gather(encoder.cross_attentions_mut())?,
-            false => ContextProjections::default(),
-        };
+        let projections =
+            ContextProjections::gather_on(vb.device(), encoder.cross_attentions_mut())?;
         let boc = &unet.block_out_channels;
         // One convolution per skip connection: conv_in's output, each layer's, and each
         // downsampler's (every level but the last has one).

@@ -288,18 +288,6 @@ pub struct UNet2DConditionModel {
     projections: ContextProjections,
 }
 
-/// `SDKUBE_CONTEXT_PROJECTIONS=on|off` (on by default): see [`gathers_projections`].
-static CONTEXT_PROJECTIONS: sdkube_nn::Switch =
-    sdkube_nn::Switch::new("SDKUBE_CONTEXT_PROJECTIONS", "on", "off", true);
-
-/// Whether a network on `device` stacks its cross-attentions' key and value weights
-/// ([`ContextProjections`]): on GPUs, where the many small products cost launches and tails.
-/// Not on the CPU, whose linear layers run one sample at a time so that an image does not
-/// depend on the batch it was made in.
-pub(crate) fn gathers_projections(device: &candle_core::Device) -> bool {
-    device.is_cuda() && CONTEXT_PROJECTIONS.is_on()
-}
-
 fn has_cross_attention(block_type: &str) -> bool {
     block_type.starts_with("CrossAttn")
 }
@@ -585,21 +573,17 @@ impl UNet2DConditionModel {
             graphs: Default::default(),
             projections: Default::default(),
         };
-        if gathers_projections(vb.device()) {
-            unet.gather_projections()?;
-        }
+        unet.projections = ContextProjections::gather_on(vb.device(), unet.cross_attentions_mut())?;
         Ok(unet)
     }
 
-    /// Stacks every cross-attention's key and value weights ([`ContextProjections`]).
-    fn gather_projections(&mut self) -> Result<()> {
+    /// Its cross-attentions: the encoder's, then the up blocks'.
+    fn cross_attentions_mut(&mut self) -> impl Iterator<Item = &mut Attention> {
         let up = self
             .up_blocks
             .iter_mut()
             .flat_map(|block| block.level.cross_attentions_mut());
-        self.projections =
-            ContextProjections::gather(self.encoder.cross_attentions_mut().chain(up))?;
-        Ok(())
+        self.encoder.cross_attentions_mut().chain(up)
     }
 
     /// Its configuration.
@@ -711,7 +695,7 @@ mod tests {
         let dev = Device::Cpu;
         let plain = weights.build(&dev, DType::F32)?;
         let mut gathered = weights.build(&dev, DType::F32)?;
-        gathered.gather_projections()?;
+        gathered.projections = ContextProjections::gather(gathered.cross_attentions_mut())?;
 
         let cfg = plain.config();
         let levels = cfg.block_out_channels.len();

@@ -1,5 +1,6 @@
-//! The GPU path's on/off switches (this crate's and the networks'): environment variables read once per process, for A/B runs
-//! of one technique against the path without it (`benches/gpu_run.sh`).
+//! The GPU path's on/off switches (this crate's and the networks'): environment variables read
+//! once per process, for A/B runs of one technique against the path without it
+//! (`benches/gpu_run.sh`).
 
 use std::sync::OnceLock;
 
