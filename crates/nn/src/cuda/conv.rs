@@ -81,11 +81,6 @@ fn chosen(
     };
     let (x, w) = (op.in_layout(x)?, op.in_layout(w)?);
     let key = op.key(dev, x.dtype(), x.dims(), w.dims());
-    let use_cudnn = x.dim(2)? * x.dim(3)? > TIMED_UP_TO
-        || remembered(&CHOICE, key, || cudnn_is_faster(&x, &w, &op))?;
-    if !use_cudnn {
-        return Ok(None);
-    }
     let aligned = || {
         [Some(&x), Some(&w), bias]
             .into_iter()
@@ -108,6 +103,15 @@ fn chosen(
             )
         })?;
     let op = if use_graph { graph } else { op };
+    // On small maps candle's kernel may be faster: timed against the call this shape takes
+    // (see `TIMED_UP_TO`).
+    if x.dim(2)? * x.dim(3)? <= TIMED_UP_TO
+        && !remembered(&CHOICE, (key, use_graph, bias.is_some()), || {
+            cudnn_is_faster(&x, &w, bias, &op)
+        })?
+    {
+        return Ok(None);
+    }
     Ok(Some(Chosen { op, key, x, w }))
 }
 
@@ -180,13 +184,22 @@ pub fn conv2d_cudnn(
 }
 
 /// Input pixels (H·W) up to which [`conv2d`] times cuDNN against candle (32²: the largest UNet
-/// feature map where candle came within 2× of cuDNN).
+/// feature map where candle came within 2× of cuDNN). The cuDNN side is the call the shape then
+/// takes (the graph API's where it won, with the bias): timed against the legacy call instead,
+/// without the bias, some 1×1 convolutions went to candle in some processes and not in others,
+/// and 2 of 6 SD1.5 processes ran the CFG step at 7.58 and 8.03 ms instead of 6.54–6.61; timed
+/// against the call taken, all 6 ran it at 6.536–6.546 (H200, 2026-12-07).
 const TIMED_UP_TO: usize = 32 * 32;
 
-fn cudnn_is_faster(x: &Tensor, w: &Tensor, op: &CudnnConv) -> Result<bool> {
-    let (cudnn, candle) = best_times(x.device(), &|| op.apply(x, w, None), &|| {
-        x.conv2d(w, op.padding, op.stride, 1, 1)
-    })?;
+fn cudnn_is_faster(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, op: &CudnnConv) -> Result<bool> {
+    let candle = || {
+        let y = x.conv2d(w, op.padding, op.stride, 1, 1)?;
+        match bias {
+            Some(b) => crate::elementwise::add_bias(y, b, 1),
+            None => Ok(y),
+        }
+    };
+    let (cudnn, candle) = best_times(x.device(), &|| op.apply(x, w, bias), &candle)?;
     tracing::debug!(x = ?x.dims(), w = ?w.dims(), ?cudnn, ?candle, "convolution: cuDNN or candle");
     Ok(cudnn <= candle)
 }
@@ -221,7 +234,9 @@ thread_local! {
     // cuDNN handles are neither Send nor Sync: one per device per thread, bound to candle's
     // stream, so work stays ordered with candle's own kernels.
     static CUDNN: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
-    static CHOICE: RefCell<HashMap<ConvKey, bool>> = RefCell::new(HashMap::new());
+    // Per shape, cuDNN call (graph API or legacy) and bias or not: whether that call beats
+    // candle's kernel (small maps only, see `TIMED_UP_TO`).
+    static CHOICE: RefCell<HashMap<(ConvKey, bool, bool), bool>> = RefCell::new(HashMap::new());
     // Per shape and bias or not: whether the graph API's plan is used (see `replaces`).
     static GRAPH_CHOICE: RefCell<HashMap<(ConvKey, bool), bool>> = RefCell::new(HashMap::new());
     // Per shape: whether `conv2d_add` adds the residual in the convolution's kernel.
