@@ -4,7 +4,9 @@
 //!
 //! The family (SD 1.x, SD 2.x, SDXL) is told from the weights' key tree, never the file name.
 //! Weights stay on the CPU in their stored dtype; networks are built on a device on demand,
-//! which is what lets `--vram low` keep only the network in use on the GPU.
+//! which is what lets `--vram low` keep only the network in use on the GPU. A loader that keeps
+//! every network on a GPU can have a diffusers folder's text encoders and UNet read straight
+//! onto it instead ([`LoadOptions::device`]).
 
 use std::path::{Path, PathBuf};
 
@@ -180,6 +182,12 @@ pub struct LoadOptions {
     pub config_dir: Option<PathBuf>,
     /// A separate VAE file that replaces the model's VAE (A1111 `--vae`).
     pub vae: Option<PathBuf>,
+    /// A GPU that the text encoders and the UNet of a diffusers folder are read straight onto,
+    /// in their stored dtype, for an engine that keeps them there (`--vram high`): the file
+    /// reads overlap the copies to the device, and the host never holds the gigabytes. The
+    /// VAE, single-file checkpoints and any other device are read to the host as usual. The
+    /// device needs room for both models where one is still loaded.
+    pub device: Option<Device>,
 }
 
 /// Reads every tensor of a weight file, CPU, stored dtype.
@@ -210,6 +218,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<SdWeights, LoadError> {
     tracing::info!(
         path = %path.display(),
         seconds = started.elapsed().as_secs_f64(),
+        onto = ?opts.device,
         "weights read"
     );
     Ok(weights)
@@ -250,12 +259,42 @@ pub(crate) fn component_file(dir: &Path) -> Result<PathBuf, LoadError> {
         })
 }
 
-fn load_component<C: DeserializeOwned>(dir: &Path) -> Result<Component<C>, LoadError> {
+/// Reads every tensor of a weight file onto `device` where that is a GPU and the file a
+/// safetensors file of element types kept as stored; [`read_tensors`] otherwise.
+fn read_tensors_onto(path: &Path, device: Option<&Device>) -> Result<TensorMap, LoadError> {
+    let index = match device {
+        Some(d) if !d.is_cpu() => sdkube_weights::safetensors_index(path)?,
+        _ => None,
+    };
+    let (Some(device), Some(index)) = (device, index) else {
+        return read_tensors(path);
+    };
+    let file = std::fs::File::open(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let stored: Vec<sdkube_nn::StoredTensor> = index
+        .iter()
+        .map(|t| sdkube_nn::StoredTensor {
+            offset: t.offset,
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let tensors = sdkube_nn::read_to_device(&file, &stored, device)
+        .map_err(|e| invalid(path, format!("reading onto {device:?}: {e}")))?;
+    Ok(index.into_iter().map(|t| t.name).zip(tensors).collect())
+}
+
+fn load_component<C: DeserializeOwned>(
+    dir: &Path,
+    device: Option<&Device>,
+) -> Result<Component<C>, LoadError> {
     if !dir.is_dir() {
         return Err(invalid(dir, "missing component folder"));
     }
     let config = read_json(&dir.join("config.json"))?;
-    let mut tensors = read_tensors(&component_file(dir)?)?;
+    let mut tensors = read_tensors_onto(&component_file(dir)?, device)?;
     // transformers ≥ 5.6 writes text encoders without the `text_model.` prefix.
     if tensors.contains_key("embeddings.token_embedding.weight") {
         tensors = tensors
@@ -354,18 +393,20 @@ fn load_diffusers(dir: &Path, opts: &LoadOptions) -> Result<SdWeights, LoadError
             "not a diffusers model folder (no model_index.json)",
         ));
     }
-    let unet: Component<UNetConfig> = load_component(&dir.join("unet"))?;
-    let vae = load_component(&dir.join("vae"))?;
+    let onto = opts.device.as_ref();
+    let unet: Component<UNetConfig> = load_component(&dir.join("unet"), onto)?;
+    // The VAE stays on the host: its fp16 overflow fallback builds an fp32 copy from there.
+    let vae = load_component(&dir.join("vae"), None)?;
     let has_second = dir.join("text_encoder_2").is_dir();
     // The SDXL refiner has no first encoder: diffusers writes `text_encoder: [null, null]`.
     let refiner = unet.config.has_text_time() && has_second && !dir.join("text_encoder").is_dir();
     let (text_encoder, text_encoder_2): (Component<ClipTextConfig>, _) = if refiner {
-        (load_component(&dir.join("text_encoder_2"))?, None)
+        (load_component(&dir.join("text_encoder_2"), onto)?, None)
     } else {
         let second = has_second
-            .then(|| load_component(&dir.join("text_encoder_2")))
+            .then(|| load_component(&dir.join("text_encoder_2"), onto))
             .transpose()?;
-        (load_component(&dir.join("text_encoder"))?, second)
+        (load_component(&dir.join("text_encoder"), onto)?, second)
     };
     let family = if refiner {
         Family::SdxlRefiner
@@ -622,4 +663,74 @@ pub fn validate(weights: &SdWeights) -> Result<(), LoadError> {
     check("unet", weights.unet.build(&dev, dt).map(|_| ()))?;
     check("vae", weights.vae.build(&dev, dt).map(|_| ()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor};
+
+    use super::{read_tensors, read_tensors_onto};
+
+    /// Where the index says each tensor is, reading it there gives what the host reader gives
+    /// (the path a GPU takes, read here onto the CPU).
+    #[test]
+    fn tensors_read_at_their_indexed_places_are_the_file_s() {
+        let dev = Device::Cpu;
+        let saved: HashMap<String, Tensor> = [
+            (
+                "conv.weight",
+                Tensor::randn(0f32, 1., (4, 3, 3, 3), &dev).unwrap(),
+            ),
+            (
+                "norm.bias",
+                Tensor::arange(0f32, 7., &dev)
+                    .unwrap()
+                    .to_dtype(DType::F16)
+                    .unwrap(),
+            ),
+            ("ids", Tensor::arange(0i64, 5, &dev).unwrap()),
+        ]
+        .into_iter()
+        .map(|(k, t)| (k.to_string(), t))
+        .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        candle_core::safetensors::save(&saved, &path).unwrap();
+        let index = sdkube_weights::safetensors_index(&path).unwrap().unwrap();
+        let stored: Vec<sdkube_nn::StoredTensor> = index
+            .iter()
+            .map(|t| sdkube_nn::StoredTensor {
+                offset: t.offset,
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+            })
+            .collect();
+        let file = std::fs::File::open(&path).unwrap();
+        let read = sdkube_nn::read_to_device(&file, &stored, &dev).unwrap();
+        let host = read_tensors(&path).unwrap();
+        let onto_cpu = read_tensors_onto(&path, Some(&dev)).unwrap();
+        assert_eq!(read.len(), saved.len());
+        for (t, got) in index.iter().zip(&read) {
+            let want = &saved[&t.name];
+            let flat = |x: &Tensor| -> Vec<f64> {
+                x.flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            assert_eq!(
+                (got.dtype(), got.dims()),
+                (want.dtype(), want.dims()),
+                "{}",
+                t.name
+            );
+            assert_eq!(flat(got), flat(want), "{}", t.name);
+            assert_eq!(flat(&host[&t.name]), flat(want), "{}", t.name);
+            assert_eq!(flat(&onto_cpu[&t.name]), flat(want), "{}", t.name);
+        }
+    }
 }

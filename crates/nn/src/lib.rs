@@ -59,7 +59,7 @@ pub use linear::{linear, linear_no_bias, Linear};
 pub use norm::{group_norm, GroupNorm, LayerNorm};
 pub use switch::Switch;
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// `tensors` on `device`, in order. From host memory to a GPU they go together through
 /// pinned staging buffers ([`cuda::upload`]): a model's weights arrive several times faster
@@ -70,6 +70,40 @@ pub fn to_device_all(tensors: &[&Tensor], device: &Device) -> Result<Vec<Tensor>
         return cuda::upload(tensors, dev);
     }
     tensors.iter().map(|t| t.to_device(device)).collect()
+}
+
+/// One tensor stored in a file: `shape` elements of `dtype`, their bytes from `offset` on.
+#[derive(Debug, Clone)]
+pub struct StoredTensor {
+    /// Where its bytes start.
+    pub offset: u64,
+    /// Its element type.
+    pub dtype: DType,
+    /// Its shape.
+    pub shape: Vec<usize>,
+}
+
+/// `tensors` of `file` on `device`, in order. To a GPU the bytes go from the file straight
+/// into pinned staging buffers and on ([`cuda::upload_from_file`]), the reads overlapping the
+/// copies, with no host copy of the whole; elsewhere each tensor is read into host memory.
+pub fn read_to_device(
+    file: &std::fs::File,
+    tensors: &[StoredTensor],
+    device: &Device,
+) -> Result<Vec<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return cuda::upload_from_file(file, tensors, dev);
+    }
+    use std::os::unix::fs::FileExt;
+    tensors
+        .iter()
+        .map(|t| {
+            let mut bytes = vec![0u8; t.shape.iter().product::<usize>() * t.dtype.size_in_bytes()];
+            file.read_exact_at(&mut bytes, t.offset)?;
+            Tensor::from_raw_buffer(&bytes, t.dtype, &t.shape, &Device::Cpu)?.to_device(device)
+        })
+        .collect()
 }
 
 /// `f` on each sample of a batch alone, on the CPU. candle folds a batch into the rows of one

@@ -309,9 +309,10 @@ pub struct Engine {
 
 impl Engine {
     /// An engine for `weights` (named `model_name` in infotexts) on `device` in `dtype`; with
-    /// `VramMode::High` every network is built now.
+    /// `VramMode::High` every network is built now, and the weights of the text encoders and
+    /// the UNet are then the ones on the device.
     pub fn new(
-        weights: SdWeights,
+        mut weights: SdWeights,
         model_name: &str,
         device: Device,
         dtype: DType,
@@ -335,6 +336,7 @@ impl Engine {
             }),
             VramMode::Low => None,
         };
+        loras.share_base(&mut weights);
         tracing::info!(
             uploaded_seconds = uploaded,
             built_seconds = started.elapsed().as_secs_f64() - uploaded,

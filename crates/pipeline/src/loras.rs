@@ -401,6 +401,20 @@ impl LoraNetworks {
         })
     }
 
+    /// Makes the uploaded base weights `weights`' text encoders and UNet (same keys and
+    /// shapes), where there are any: the copies they replace (on the host, or read onto the
+    /// device in their stored dtype and layout) would hold the memory twice.
+    pub(crate) fn share_base(&self, weights: &mut SdWeights) {
+        let Some(base) = &self.base else {
+            return;
+        };
+        weights.text_encoder.tensors = base.te.clone();
+        if let (Some(c), Some(te2)) = (weights.text_encoder_2.as_mut(), &base.te2) {
+            c.tensors = te2.clone();
+        }
+        weights.unet.tensors = base.unet.clone();
+    }
+
     /// The LoRA files prompts may name.
     pub fn library(&self) -> &LoraLibrary {
         &self.library

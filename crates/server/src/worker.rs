@@ -114,9 +114,17 @@ impl Worker {
         }
         let started = Instant::now();
         // The weights are read first, while the loaded model still serves: a file that cannot
-        // be read leaves it in place.
-        let weights = match sdkube_models::load(&want.path, &sdkube_models::LoadOptions::default())
-        {
+        // be read leaves it in place. With none loaded (a start), the networks kept on the GPU
+        // are read straight onto it.
+        let opts = sdkube_models::LoadOptions {
+            device: self
+                .engine
+                .is_none()
+                .then(|| self.resident_device())
+                .flatten(),
+            ..Default::default()
+        };
+        let weights = match sdkube_models::load(&want.path, &opts) {
             Ok(w) => w,
             Err(e) => return self.load_failed(&want, &without_backtrace(&e.to_string())),
         };
@@ -181,6 +189,11 @@ impl Worker {
             Err(e) => tracing::warn!(model = %want.name, %device, error = %e, "warm-up failed"),
         }
         Some(seconds)
+    }
+
+    /// The device networks are read straight onto: this worker's, where it keeps them there.
+    fn resident_device(&self) -> Option<Device> {
+        (self.vram == VramMode::High).then(|| self.device.clone())
     }
 
     fn load_failed(&self, want: &Wanted, error: &str) {
@@ -408,13 +421,16 @@ impl Worker {
             let started = Instant::now();
             // The old refiner leaves the device before the new one is built.
             engine.set_refiner(None)?;
-            let weights = sdkube_models::load(&path, &sdkube_models::LoadOptions::default())
-                .map_err(|e| {
-                    bad(format!(
-                        "loading the refiner: {}",
-                        without_backtrace(&e.to_string())
-                    ))
-                })?;
+            let opts = sdkube_models::LoadOptions {
+                device: self.resident_device(),
+                ..Default::default()
+            };
+            let weights = sdkube_models::load(&path, &opts).map_err(|e| {
+                bad(format!(
+                    "loading the refiner: {}",
+                    without_backtrace(&e.to_string())
+                ))
+            })?;
             let mut refiner = Engine::new(
                 weights,
                 &info.name,

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 pub use pickle::Value;
+pub use safetensors_reader::StoredTensor;
 pub use torch::save_torch_zip;
 
 /// What can go wrong reading or writing weights.
@@ -137,6 +138,21 @@ pub fn load_tree(path: &Path) -> Result<Value, Error> {
             let data = std::fs::read(path).map_err(|e| in_file(e.into()))?;
             torch::read_legacy(&data).map_err(in_file)
         }
+    }
+}
+
+/// Where each tensor of the safetensors file at `path` is stored (keys sorted), for a reader
+/// that puts the bytes somewhere of its own (a GPU's memory); the header is checked as
+/// [`load_tree`] checks it. `None` for a file of another format, or one holding an element
+/// type that candle does not keep as stored.
+pub fn safetensors_index(path: &Path) -> Result<Option<Vec<StoredTensor>>, Error> {
+    let in_file = |error: Error| Error::File {
+        path: path.to_path_buf(),
+        error: Box::new(error),
+    };
+    match detect(path)? {
+        Format::Safetensors => safetensors_reader::index(path).map_err(in_file),
+        _ => Ok(None),
     }
 }
 

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use candle_core::safetensors::Load;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype, Metadata, TensorInfo, TensorView};
 
 use crate::{check_shape, Error, Value};
@@ -37,6 +37,62 @@ pub(crate) fn from_bytes(data: &[u8]) -> Result<Value, Error> {
 /// as [`from_bytes`].
 pub(crate) fn from_file(path: &Path) -> Result<Value, Error> {
     let file = std::fs::File::open(path)?;
+    let (data_start, metadata) = header(&file)?;
+    let infos: Vec<(String, &TensorInfo)> = metadata.tensors().into_iter().collect();
+    let items = in_parallel(&infos, |(name, info)| {
+        let offset = data_start + info.data_offsets.0 as u64;
+        let bytes = info.data_offsets.1 - info.data_offsets.0;
+        Ok((name.clone(), read_tensor(&file, offset, bytes, info)?))
+    })?;
+    Ok(dict(items))
+}
+
+/// One tensor of a safetensors file: where its bytes are, what they hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTensor {
+    /// Its key.
+    pub name: String,
+    /// Its element type.
+    pub dtype: DType,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Where its bytes start in the file (`elem_count × dtype size` of them).
+    pub offset: u64,
+}
+
+/// Every tensor of the safetensors file at `path`, keys sorted, after the checks [`from_file`]
+/// makes; `None` where one of them has an element type that candle does not keep as stored
+/// (those need [`from_file`]'s conversion).
+pub(crate) fn index(path: &Path) -> Result<Option<Vec<StoredTensor>>, Error> {
+    let file = std::fs::File::open(path)?;
+    let (data_start, metadata) = header(&file)?;
+    let mut tensors = Vec::new();
+    for (name, info) in metadata.tensors() {
+        let dtype = match info.dtype {
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            Dtype::F32 => DType::F32,
+            Dtype::F64 => DType::F64,
+            Dtype::U8 => DType::U8,
+            Dtype::U32 => DType::U32,
+            Dtype::I64 => DType::I64,
+            _ => return Ok(None),
+        };
+        tensors.push(StoredTensor {
+            name,
+            dtype,
+            shape: info.shape.clone(),
+            offset: data_start + info.data_offsets.0 as u64,
+        });
+    }
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Some(tensors))
+}
+
+/// Where a safetensors file's data starts, and its header, checked: offsets that follow each
+/// other from 0, byte counts that match element counts, data that ends with the file, shapes
+/// candle can build.
+fn header(file: &std::fs::File) -> Result<(u64, Metadata), Error> {
     let len = file.metadata()?.len();
     let mut head = [0u8; 8];
     file.read_exact_at(&mut head, 0)?;
@@ -60,16 +116,10 @@ pub(crate) fn from_file(path: &Path) -> Result<Value, Error> {
             len - data_start
         )));
     }
-    let infos: Vec<(String, &TensorInfo)> = metadata.tensors().into_iter().collect();
-    for (name, info) in &infos {
+    for (name, info) in metadata.tensors() {
         check_shape(&info.shape).map_err(|msg| Error::Format(format!("`{name}`: {msg}")))?;
     }
-    let items = in_parallel(&infos, |(name, info)| {
-        let offset = data_start + info.data_offsets.0 as u64;
-        let bytes = info.data_offsets.1 - info.data_offsets.0;
-        Ok((name.clone(), read_tensor(&file, offset, bytes, info)?))
-    })?;
-    Ok(dict(items))
+    Ok((data_start, metadata))
 }
 
 /// One tensor of `bytes` bytes at `offset`, read into a buffer of its element type where candle

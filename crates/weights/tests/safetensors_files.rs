@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use sdkube_weights::{load_tree, load_tree_from_bytes, Value};
+use sdkube_weights::{load_tree, load_tree_from_bytes, safetensors_index, Value};
 
 fn tensors(tree: Value) -> HashMap<String, Tensor> {
     tree.flatten().into_iter().collect()
@@ -114,6 +114,69 @@ fn a_file_reads_as_its_bytes_do_in_every_dtype() {
     assert_eq!(
         (b.dtype(), values(b)),
         (DType::U32, vec![0., 1000., 2000., 3000., 4000., 5000.])
+    );
+}
+
+#[test]
+fn the_index_places_every_tensor_at_its_bytes() {
+    let dev = Device::Cpu;
+    let saved: HashMap<String, Tensor> = [
+        (
+            "a.weight",
+            Tensor::arange(0f32, 12., &dev)
+                .unwrap()
+                .reshape((3, 4))
+                .unwrap(),
+        ),
+        ("b", Tensor::arange(0u32, 5, &dev).unwrap()),
+        ("c", Tensor::ones((2, 2, 3), DType::F16, &dev).unwrap()),
+        ("empty", Tensor::zeros((0, 8), DType::BF16, &dev).unwrap()),
+    ]
+    .into_iter()
+    .map(|(k, t)| (k.to_string(), t))
+    .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    candle_core::safetensors::save(&saved, &path).unwrap();
+    let file = std::fs::read(&path).unwrap();
+    let index = safetensors_index(&path)
+        .unwrap()
+        .expect("every dtype is kept as stored");
+    let names: Vec<&str> = index.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["a.weight", "b", "c", "empty"], "keys sorted");
+    for stored in &index {
+        let want = &saved[&stored.name];
+        assert_eq!(
+            (stored.dtype, stored.shape.as_slice()),
+            (want.dtype(), want.dims())
+        );
+        let len = want.elem_count() * want.dtype().size_in_bytes();
+        let at = stored.offset as usize;
+        let got = Tensor::from_raw_buffer(&file[at..at + len], stored.dtype, &stored.shape, &dev)
+            .unwrap();
+        assert_eq!(values(&got), values(want), "{}", stored.name);
+    }
+
+    // An element type candle converts on reading: no index, the caller reads the file.
+    let converted = dir.path().join("u16.safetensors");
+    std::fs::write(
+        &converted,
+        raw_file(&[("b", "U16", &[2], vec![1, 0, 2, 0])]),
+    )
+    .unwrap();
+    assert_eq!(safetensors_index(&converted).unwrap(), None);
+    // Not safetensors: no index either.
+    let pickle = dir.path().join("m.ckpt");
+    std::fs::write(&pickle, b"PK\x03\x04 not really a zip").unwrap();
+    assert_eq!(safetensors_index(&pickle).unwrap(), None);
+    // A header the reader refuses is refused here too, naming the file.
+    let short = raw_file(&[("t", "F32", &[4], vec![0; 16])]);
+    let cut = dir.path().join("short.safetensors");
+    std::fs::write(&cut, &short[..short.len() - 4]).unwrap();
+    let err = safetensors_index(&cut).unwrap_err().to_string();
+    assert!(
+        err.contains("short.safetensors") && err.contains("the file has 12"),
+        "{err}"
     );
 }
 

@@ -51,7 +51,7 @@ pub use linear::linear;
 pub use memory::memory_high_water;
 pub use norm::{group_norm, group_norm_input_grad, layer_norm, layer_norm_input_grad};
 pub use restore_ops::noise_leaky_relu;
-pub use upload::upload;
+pub use upload::{upload, upload_from_file};
 
 /// `kernels.cu` as built by `build.rs`: machine code for each GPU generation, PTX beyond.
 const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));

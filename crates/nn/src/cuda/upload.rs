@@ -6,7 +6,14 @@
 //! reading them from the page cache. Here several threads each fill a pinned buffer of their
 //! own and queue its copy to the device, so that filling the next buffers overlaps the copies
 //! already queued, and the copy engine reads pinned memory at full speed.
+//!
+//! [`upload_from_file`] reads a weight file's tensors into the same buffers: no host copy of
+//! the model at all, and the file reads overlap the copies (SDXL's text encoders and UNet from
+//! the page cache to an H200 in 0.58 s, against 0.96 s reading them to host memory and 0.43 s
+//! uploading them after).
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -15,7 +22,9 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, Device, Result, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
+
+use crate::StoredTensor;
 
 /// The size of one staging buffer.
 const CHUNK: usize = 16 << 20;
@@ -25,12 +34,21 @@ fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
-/// A contiguous run of bytes to copy: `len` bytes at `src` to the device address `dst`.
+/// A contiguous run of bytes to copy: `len` bytes from `src` to the device address `dst`.
 #[derive(Clone, Copy)]
 struct Piece {
-    src: *const u8,
+    src: Source,
     dst: sys::CUdeviceptr,
     len: usize,
+}
+
+/// Where a piece's bytes are.
+#[derive(Clone, Copy)]
+enum Source {
+    /// In host memory.
+    Memory(*const u8),
+    /// In the file being read, at this offset.
+    File(u64),
 }
 
 // SAFETY: the source bytes belong to tensors the caller borrows for the whole upload, and
@@ -38,9 +56,51 @@ struct Piece {
 unsafe impl Send for Piece {}
 unsafe impl Sync for Piece {}
 
+/// `tensors` of `file` on `dev`, in order, read straight into the staging buffers (several
+/// threads at once, each read overlapping the copies already queued). Element types the
+/// staging buffers do not move are refused; empty tensors are made on the device.
+pub fn upload_from_file(
+    file: &File,
+    tensors: &[StoredTensor],
+    dev: &CudaDevice,
+) -> Result<Vec<Tensor>> {
+    let mut uploaded = Vec::with_capacity(tensors.len());
+    let mut pieces = Vec::new();
+    for t in tensors {
+        let count = t.shape.iter().product::<usize>();
+        if count == 0 {
+            uploaded.push(Tensor::zeros(
+                t.shape.as_slice(),
+                t.dtype,
+                &Device::Cuda(dev.clone()),
+            )?);
+            continue;
+        }
+        let Some((buffer, dst)) = device_buffer(t.dtype, count, dev)? else {
+            candle_core::bail!("no staged upload of {:?} tensors", t.dtype)
+        };
+        let len = count * t.dtype.size_in_bytes();
+        for at in (0..len).step_by(CHUNK) {
+            pieces.push(Piece {
+                src: Source::File(t.offset + at as u64),
+                dst: dst + at as u64,
+                len: CHUNK.min(len - at),
+            });
+        }
+        uploaded.push(Tensor::from_storage(
+            Storage::Cuda(buffer),
+            t.shape.as_slice(),
+            BackpropOp::none(),
+            false,
+        ));
+    }
+    copy_pieces(&pieces, Some(file), &dev.cuda_stream())?;
+    Ok(uploaded)
+}
+
 /// `tensors` on `dev`, same shapes and dtypes, in order: contiguous, non-empty host tensors of
-/// the element types [`device_buffer_for`] moves through the staging buffers, any other
-/// through candle's `to_device`.
+/// the element types [`device_buffer`] makes through the staging buffers, any other through
+/// candle's `to_device`.
 pub fn upload(tensors: &[&Tensor], dev: &CudaDevice) -> Result<Vec<Tensor>> {
     let mut uploaded = Vec::with_capacity(tensors.len());
     let mut pieces = Vec::new();
@@ -50,7 +110,8 @@ pub fn upload(tensors: &[&Tensor], dev: &CudaDevice) -> Result<Vec<Tensor>> {
         let (storage, layout) = t.storage_and_layout();
         let target = match (&*storage, layout.contiguous_offsets()) {
             (Storage::Cpu(cpu), Some((start, end))) if end > start => {
-                device_buffer_for(cpu, start, end, dev)?
+                device_buffer(t.dtype(), end - start, dev)?
+                    .map(|(buffer, dst)| (host_bytes(cpu, start, end), buffer, dst))
             }
             _ => None,
         };
@@ -61,7 +122,7 @@ pub fn upload(tensors: &[&Tensor], dev: &CudaDevice) -> Result<Vec<Tensor>> {
         };
         for (i, part) in bytes.chunks(CHUNK).enumerate() {
             pieces.push(Piece {
-                src: part.as_ptr(),
+                src: Source::Memory(part.as_ptr()),
                 dst: dst + (i * CHUNK) as u64,
                 len: part.len(),
             });
@@ -75,53 +136,69 @@ pub fn upload(tensors: &[&Tensor], dev: &CudaDevice) -> Result<Vec<Tensor>> {
         ));
         sources.push(storage);
     }
-    copy_pieces(&pieces, &dev.cuda_stream())?;
+    copy_pieces(&pieces, None, &dev.cuda_stream())?;
     drop(sources);
     Ok(uploaded)
 }
 
-/// The bytes of `cpu`'s elements `start..end`, and a device buffer of the same type and size
-/// with its address; `None` for an element type the staging buffers do not move.
-fn device_buffer_for<'a>(
-    cpu: &'a CpuStorage,
-    start: usize,
-    end: usize,
-    dev: &CudaDevice,
-) -> Result<Option<(&'a [u8], CudaStorage, sys::CUdeviceptr)>> {
-    fn typed<'a, T: CudaDType + DeviceRepr>(
-        values: &'a [T],
-        dev: &CudaDevice,
-    ) -> Result<Option<(&'a [u8], CudaStorage, sys::CUdeviceptr)>> {
-        // SAFETY: every byte is written by the copies queued (on the same stream) before
-        // anything reads it.
-        let mut slice: CudaSlice<T> = unsafe { dev.alloc::<T>(values.len())? };
-        let dst = slice.device_ptr_mut(&dev.cuda_stream()).0;
+/// The bytes of `cpu`'s elements `start..end`, of a type [`device_buffer`] makes.
+fn host_bytes(cpu: &CpuStorage, start: usize, end: usize) -> &[u8] {
+    fn bytes<T>(values: &[T]) -> &[u8] {
         // SAFETY: plain numbers, viewed as bytes and only read.
-        let bytes = unsafe {
+        unsafe {
             std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
-        };
+        }
+    }
+    match cpu {
+        CpuStorage::F16(v) => bytes(&v[start..end]),
+        CpuStorage::BF16(v) => bytes(&v[start..end]),
+        CpuStorage::F32(v) => bytes(&v[start..end]),
+        CpuStorage::F64(v) => bytes(&v[start..end]),
+        CpuStorage::U8(v) => bytes(&v[start..end]),
+        CpuStorage::U32(v) => bytes(&v[start..end]),
+        CpuStorage::I64(v) => bytes(&v[start..end]),
+        // `device_buffer` makes buffers of the types above only.
+        _ => unreachable!("no staged upload of this element type"),
+    }
+}
+
+/// A device buffer of `count` elements of `dtype`, with its address; `None` for an element
+/// type the staging buffers do not move. Its bytes are unset: the copies queued (on the
+/// device's stream) write every one before anything reads it.
+fn device_buffer(
+    dtype: DType,
+    count: usize,
+    dev: &CudaDevice,
+) -> Result<Option<(CudaStorage, sys::CUdeviceptr)>> {
+    fn typed<T: CudaDType + DeviceRepr>(
+        count: usize,
+        dev: &CudaDevice,
+    ) -> Result<Option<(CudaStorage, sys::CUdeviceptr)>> {
+        // SAFETY: see above.
+        let mut slice: CudaSlice<T> = unsafe { dev.alloc::<T>(count)? };
+        let dst = slice.device_ptr_mut(&dev.cuda_stream()).0;
         Ok(Some((
-            bytes,
             CudaStorage::wrap_cuda_slice(slice, dev.clone()),
             dst,
         )))
     }
-    match cpu {
-        CpuStorage::F16(v) => typed(&v[start..end], dev),
-        CpuStorage::BF16(v) => typed(&v[start..end], dev),
-        CpuStorage::F32(v) => typed(&v[start..end], dev),
-        CpuStorage::F64(v) => typed(&v[start..end], dev),
-        CpuStorage::U8(v) => typed(&v[start..end], dev),
-        CpuStorage::U32(v) => typed(&v[start..end], dev),
-        CpuStorage::I64(v) => typed(&v[start..end], dev),
+    match dtype {
+        DType::F16 => typed::<half::f16>(count, dev),
+        DType::BF16 => typed::<half::bf16>(count, dev),
+        DType::F32 => typed::<f32>(count, dev),
+        DType::F64 => typed::<f64>(count, dev),
+        DType::U8 => typed::<u8>(count, dev),
+        DType::U32 => typed::<u32>(count, dev),
+        DType::I64 => typed::<i64>(count, dev),
         _ => Ok(None),
     }
 }
 
 /// Copies every piece: [`threads`] threads take batches of consecutive pieces that fill at
-/// most one staging buffer, in turn from a shared counter; each fills its own buffer, queues
-/// the batch's copies on `stream` and records an event it waits on before refilling.
-fn copy_pieces(pieces: &[Piece], stream: &Arc<CudaStream>) -> Result<()> {
+/// most one staging buffer, in turn from a shared counter; each fills its own buffer (from
+/// memory, or reading `file`), queues the batch's copies on `stream` and records an event it
+/// waits on before refilling.
+fn copy_pieces(pieces: &[Piece], file: Option<&File>, stream: &Arc<CudaStream>) -> Result<()> {
     let batches = batches(pieces.iter().map(|p| p.len), CHUNK);
     let next = AtomicUsize::new(0);
     let ctx = stream.context().clone();
@@ -149,13 +226,29 @@ fn copy_pieces(pieces: &[Piece], stream: &Arc<CudaStream>) -> Result<()> {
                             }
                             let mut at = 0;
                             for p in &pieces[from..to] {
-                                // SAFETY: `p.src` holds `p.len` readable bytes (see `Piece`),
-                                // the batch fits the buffer, no copy from it is in flight.
+                                // SAFETY: the batch fits the buffer, and no copy from it is in
+                                // flight.
+                                let room = unsafe {
+                                    std::slice::from_raw_parts_mut(staged.add(at), p.len)
+                                };
+                                match (p.src, file) {
+                                    // SAFETY: `src` holds `len` readable bytes (see `Piece`).
+                                    (Source::Memory(src), _) => unsafe {
+                                        std::ptr::copy_nonoverlapping(src, room.as_mut_ptr(), p.len)
+                                    },
+                                    (Source::File(offset), Some(file)) => {
+                                        file.read_exact_at(room, offset)?
+                                    }
+                                    (Source::File(_), None) => {
+                                        candle_core::bail!("a file piece without its file")
+                                    }
+                                }
+                                // SAFETY: the staged bytes stay until the event says the copy
+                                // is done.
                                 unsafe {
-                                    std::ptr::copy_nonoverlapping(p.src, staged.add(at), p.len);
                                     sys::cuMemcpyHtoDAsync_v2(
                                         p.dst,
-                                        staged.add(at).cast(),
+                                        room.as_ptr().cast_mut().cast(),
                                         p.len,
                                         stream.cu_stream(),
                                     )

@@ -15,7 +15,7 @@ use sdkube_pipeline::control::{ControlMode, ControlNetLibrary, ControlUnit, Resi
 use sdkube_pipeline::image_io::{encode_png, read_image};
 use sdkube_pipeline::latent_upscale::LatentMode;
 use sdkube_pipeline::sampler::Flow;
-use sdkube_pipeline::{Engine, HiresError, HiresFix, Progress, Refiner, Request};
+use sdkube_pipeline::{Engine, HiresError, HiresFix, Progress, Refiner, Request, VramMode};
 use sdkube_restore::{Esrgan, TileOptions};
 
 use sdkube_pipeline::scripts::{Cell, Mode};
@@ -207,10 +207,16 @@ fn control_units(args: &Args) -> anyhow::Result<Vec<ControlUnit>> {
 /// embeddings, LoRA and ControlNet folders and refiner.
 fn engine_for(args: &Args, model: &Path, opts: &LoadOptions) -> anyhow::Result<Engine> {
     let (device, dtype) = args.device.resolve()?;
-    let weights = sdkube_models::load(&resolve_model(model, &args.store)?, opts)?;
+    let vram: VramMode = args.device.vram.into();
+    // Networks kept on the GPU are read straight onto it.
+    let opts = LoadOptions {
+        device: (vram == VramMode::High).then(|| device.clone()),
+        ..opts.clone()
+    };
+    let weights = sdkube_models::load(&resolve_model(model, &args.store)?, &opts)?;
     let name = sdkube_models::model_name(model);
     let widths = sdkube_pipeline::embeddings::TextWidths::of(&weights);
-    let mut engine = Engine::new(weights, &name, device, dtype, args.device.vram.into())?;
+    let mut engine = Engine::new(weights, &name, device, dtype, vram)?;
     engine.limits.max_steps = args.max_steps;
     if let Some(dir) = &args.embeddings {
         let set = sdkube_pipeline::embeddings::EmbeddingSet::load_dir(dir, widths)?;
@@ -285,6 +291,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         prediction: args.v_prediction.then_some(Prediction::V),
         config_dir: args.config.clone(),
         vae: args.vae.clone(),
+        ..LoadOptions::default()
     };
     let (_, dtype) = args.device.resolve()?;
     let name = sdkube_models::model_name(&args.model);

@@ -114,6 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         prediction: args.v_prediction.then_some(Prediction::V),
         config_dir: args.config.clone(),
         vae: args.vae.clone(),
+        ..LoadOptions::default()
     };
     let (device, dtype) = args.device.resolve()?;
     let model = super::generate::resolve_model(&args.model, &args.store)?;
