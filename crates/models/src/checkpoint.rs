@@ -273,17 +273,21 @@ fn read_tensors_onto(path: &Path, device: Option<&Device>) -> Result<TensorMap, 
         path: path.to_path_buf(),
         source,
     })?;
-    let stored: Vec<sdkube_nn::StoredTensor> = index
+    let tensors = sdkube_nn::read_to_device(&file, &places(&index), device)
+        .map_err(|e| invalid(path, format!("reading onto {device:?}: {e}")))?;
+    Ok(index.into_iter().map(|t| t.name).zip(tensors).collect())
+}
+
+/// Where the index says each tensor is, as the device reader takes it.
+fn places(index: &[sdkube_weights::StoredTensor]) -> Vec<sdkube_nn::StoredTensor> {
+    index
         .iter()
         .map(|t| sdkube_nn::StoredTensor {
             offset: t.offset,
             dtype: t.dtype,
             shape: t.shape.clone(),
         })
-        .collect();
-    let tensors = sdkube_nn::read_to_device(&file, &stored, device)
-        .map_err(|e| invalid(path, format!("reading onto {device:?}: {e}")))?;
-    Ok(index.into_iter().map(|t| t.name).zip(tensors).collect())
+        .collect()
 }
 
 fn load_component<C: DeserializeOwned>(
@@ -671,7 +675,7 @@ mod tests {
 
     use candle_core::{DType, Device, Tensor};
 
-    use super::{read_tensors, read_tensors_onto};
+    use super::{places, read_tensors, read_tensors_onto};
 
     /// Where the index says each tensor is, reading it there gives what the host reader gives
     /// (the path a GPU takes, read here onto the CPU).
@@ -699,16 +703,8 @@ mod tests {
         let path = dir.path().join("m.safetensors");
         candle_core::safetensors::save(&saved, &path).unwrap();
         let index = sdkube_weights::safetensors_index(&path).unwrap().unwrap();
-        let stored: Vec<sdkube_nn::StoredTensor> = index
-            .iter()
-            .map(|t| sdkube_nn::StoredTensor {
-                offset: t.offset,
-                dtype: t.dtype,
-                shape: t.shape.clone(),
-            })
-            .collect();
         let file = std::fs::File::open(&path).unwrap();
-        let read = sdkube_nn::read_to_device(&file, &stored, &dev).unwrap();
+        let read = sdkube_nn::read_to_device(&file, &places(&index), &dev).unwrap();
         let host = read_tensors(&path).unwrap();
         let onto_cpu = read_tensors_onto(&path, Some(&dev)).unwrap();
         assert_eq!(read.len(), saved.len());

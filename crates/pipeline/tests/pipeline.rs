@@ -557,3 +557,48 @@ fn latent_upscale_matches_torch_in_every_a1111_mode() {
     }
     assert_eq!(LatentMode::parse("Latent (lanczos)"), None);
 }
+
+/// An engine that keeps its networks built (`--vram high`) reports the weights they were built
+/// from, in its dtype, and keeps no second copy in the file's dtype (on a GPU, the host copy of
+/// the whole model); `--vram low` builds from the stored weights each time, so keeps them.
+#[test]
+fn a_resident_engine_keeps_one_copy_of_its_weights() {
+    let stored = load(&fixtures().join("sd1"), &LoadOptions::default()).unwrap();
+    let stored_dtype = stored.unet.tensors.values().next().unwrap().dtype();
+    assert_ne!(
+        stored_dtype,
+        DType::F32,
+        "the fixture is stored in half precision"
+    );
+    let dtypes = |e: &Engine| {
+        let w = e.weights();
+        let mut all = std::collections::HashSet::new();
+        for map in [&w.unet.tensors, &w.text_encoder.tensors] {
+            all.extend(
+                map.values()
+                    .filter(|t| t.dtype().is_float())
+                    .map(|t| t.dtype()),
+            );
+        }
+        all
+    };
+    let mut high = engine("sd1", VramMode::High);
+    assert_eq!(
+        dtypes(&high),
+        [DType::F32].into(),
+        "the built networks' weights"
+    );
+    let mut low = engine("sd1", VramMode::Low);
+    assert_eq!(dtypes(&low), [stored_dtype].into(), "the stored weights");
+    // Both generate the same image from them.
+    let req = Request {
+        prompt: "a lighthouse".into(),
+        steps: 2,
+        width: 64,
+        height: 64,
+        ..Request::default()
+    };
+    let a = high.generate(&req, &mut |_| Flow::Continue).unwrap();
+    let b = low.generate(&req, &mut |_| Flow::Continue).unwrap();
+    assert_eq!(a[0].image.as_raw(), b[0].image.as_raw());
+}
