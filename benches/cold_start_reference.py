@@ -7,6 +7,9 @@
                        .from_pretrained(DIR, torch_dtype=float16).to("cuda") timed to a
                        synchronised GPU, then two txt2img calls at the native size (20 steps,
                        Euler, CFG 7, embeddings given: no tokenizer); one JSON line
+  single DIR FILE      writes DIR's pipeline as one A1111-style checkpoint (LDM keys, fp16), with
+                       the key mapping of scripts/make_sd_fixtures.py
+  load-single FILE DIR the same as `load` through diffusers' from_single_file(FILE, config=DIR)
 
 Its best configuration for loading: safetensors files, fp16 as stored, the whole pipeline moved
 at once (diffusers' defaults, `low_cpu_mem_usage` on). Settings are printed beside the figures.
@@ -64,7 +67,41 @@ def make(folder, family):
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-def load(folder):
+def single(folder, out):
+    """The folder's weights under the keys of an A1111 checkpoint (`model.diffusion_model.`,
+    `first_stage_model.`, `cond_stage_model.` or SDXL's `conditioner.embedders.N.`)."""
+    import os
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+    import make_sd_fixtures as fx
+
+    def part(name):
+        files = [f for f in os.listdir(f"{folder}/{name}") if f.endswith(".safetensors")]
+        cfg = json.load(open(f"{folder}/{name}/config.json"))
+        return load_file(f"{folder}/{name}/{files[0]}"), cfg
+
+    def clip(name):
+        sd, cfg = part(name)
+        return SimpleNamespace(state_dict=lambda: sd, config=SimpleNamespace(**cfg))
+
+    unet, unet_cfg = part("unet")
+    vae, _ = part("vae")
+    ldm = {"model.diffusion_model." + k: v for k, v in fx.unet_to_ldm(unet, unet_cfg).items()}
+    ldm.update({"first_stage_model." + k: v for k, v in fx.vae_to_ldm(vae, 4).items()})
+    if os.path.isdir(f"{folder}/text_encoder_2"):
+        ldm.update(fx.clip_hf_to_ldm(clip("text_encoder"), "conditioner.embedders.0.transformer."))
+        g = clip("text_encoder_2")
+        proj = g.state_dict()["text_projection.weight"].T.contiguous()
+        ldm.update(fx.clip_to_open_clip(g, "conditioner.embedders.1.model.", None, proj))
+    else:
+        ldm.update(fx.clip_hf_to_ldm(clip("text_encoder"), "cond_stage_model.transformer."))
+    save_file(fx.fp16_state(ldm), out, metadata={"format": "pt"})
+
+
+def load(folder, single_file=None):
     import diffusers
 
     t_import = time.perf_counter() - T0
@@ -74,7 +111,11 @@ def load(folder):
     extra = {"tokenizer": None, "image_encoder": None, "feature_extractor": None}
     extra.update({"tokenizer_2": None} if sdxl else {"safety_checker": None})
     t = time.perf_counter()
-    pipe = cls.from_pretrained(folder, torch_dtype=torch.float16, **extra).to("cuda")
+    if single_file:
+        pipe = cls.from_single_file(single_file, config=folder, torch_dtype=torch.float16,
+                                    local_files_only=True, **extra).to("cuda")
+    else:
+        pipe = cls.from_pretrained(folder, torch_dtype=torch.float16, **extra).to("cuda")
     torch.cuda.synchronize()
     t_load = time.perf_counter() - t
     side = 1024 if sdxl else 512
@@ -99,15 +140,20 @@ def load(folder):
     print(json.dumps({
         "bench": "cold start diffusers", "model": "sdxl" if sdxl else "sd15",
         "import_s": round(t_import, 3), "from_pretrained_to_cuda_s": round(t_load, 3),
-        "process_to_loaded_s": round(t_import + t_load, 3),
+        "process_to_loaded_s": round(t_import + t_load, 3), "single_file": bool(single_file),
         "first_image_s": round(runs[0], 3), "second_image_s": round(runs[1], 3),
         "settings": f"diffusers {diffusers.__version__} torch {torch.__version__} fp16 safetensors "
-                    "from_pretrained(...).to('cuda'), eager, 20 steps Euler, CFG 7",
+                    + ("from_single_file(...)" if single_file else "from_pretrained(...)")
+                    + ".to('cuda'), eager, 20 steps Euler, CFG 7",
     }), flush=True)
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "make":
         make(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "single":
+        single(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "load-single":
+        load(sys.argv[3], single_file=sys.argv[2])
     else:
         load(sys.argv[2])

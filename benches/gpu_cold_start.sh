@@ -3,7 +3,9 @@
 # first and second txt2img at the model's native size (20 steps); diffusers loading the same
 # folder (benches/cold_start_reference.py) in the same call. Page cache warm (files read just
 # before), then cold (evicted with posix_fadvise DONTNEED). Expects .gpu/sdkube (or .xz) and the
-# diffusers wheel in .whl; MODELS (default "sd15 sdxl"), BINS (default ".gpu/sdkube"; several
+# diffusers wheel in .whl; MODELS (default "sd15 sdxl"; "sd15-single", "sdxl-single": the same
+# weights as one A1111-style checkpoint file, against diffusers' from_single_file and its
+# from_pretrained of the folder), BINS (default ".gpu/sdkube"; several
 # binaries compare builds), WARM ("off on"), CACHES ("warm cold") and JIT narrow a run. JIT
 # "fresh" starts sdkube with an empty CUDA JIT cache (CUDA_CACHE_PATH), as a newly scheduled pod
 # does: its PTX kernels (ours, candle's) are compiled for the GPU then; "kept" reuses the cache the
@@ -23,10 +25,11 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 
 evict() { python3 - "$1" <<'PY'
 import os, sys
-for root, _, files in os.walk(sys.argv[1]):
-    for f in files:
-        fd = os.open(os.path.join(root, f), os.O_RDONLY)
-        os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)
+top = sys.argv[1]
+paths = [top] if os.path.isfile(top) else [os.path.join(r, f) for r, _, fs in os.walk(top) for f in fs]
+for path in paths:
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)
 PY
 }
 warm() { find "$1" -type f -exec cat {} + > /dev/null; }
@@ -36,7 +39,8 @@ serve() {
   local bin=$1 dir=$2 warmup=$3 cache=$4 jit=${5:-kept} side=512
   [ "$jit" = fresh ] && rm -rf /tmp/cs-jit
   export CUDA_CACHE_PATH=/tmp/cs-jit
-  grep -q StableDiffusionXL "$dir/model_index.json" && side=1024
+  if [ -d "$dir" ]; then grep -q StableDiffusionXL "$dir/model_index.json" && side=1024
+  else case $dir in *sdxl*) side=1024 ;; esac; fi
   rm -rf /tmp/cs-out /tmp/cs-store
   # builds from before --warm-up run without it
   local wflag=(--warm-up "$warmup")
@@ -83,8 +87,13 @@ PY
 }
 
 for model in ${MODELS:-sd15 sdxl}; do
-  dir=/tmp/cs-$model
-  [ -d $dir ] || python3 benches/cold_start_reference.py make $dir $model
+  folder=/tmp/cs-${model%-single}
+  [ -d $folder ] || python3 benches/cold_start_reference.py make $folder ${model%-single}
+  dir=$folder
+  if [ "$model" != "${model%-single}" ]; then
+    dir=$folder.safetensors
+    [ -f $dir ] || python3 benches/cold_start_reference.py single $folder $dir
+  fi
   du -sh $dir
   for cache in ${CACHES:-warm cold}; do
     for bin in ${BINS:-.gpu/sdkube}; do
@@ -95,7 +104,11 @@ for model in ${MODELS:-sd15 sdxl}; do
         done
       done
     done
-    if [ $cache = warm ]; then warm $dir; else evict $dir; fi
-    python3 benches/cold_start_reference.py load $dir 2>&1 | grep '"bench"' | sed "s/}$/, \"page_cache\": \"$cache\"}/"
+    if [ $dir != $folder ]; then
+      if [ $cache = warm ]; then warm $dir; else evict $dir; fi
+      python3 benches/cold_start_reference.py load-single $dir $folder 2>&1 | grep -E '"bench"|Error' | sed "s/}$/, \"page_cache\": \"$cache\"}/"
+    fi
+    if [ $cache = warm ]; then warm $folder; else evict $folder; fi
+    python3 benches/cold_start_reference.py load $folder 2>&1 | grep '"bench"' | sed "s/}$/, \"page_cache\": \"$cache\"}/"
   done
 done

@@ -8,7 +8,11 @@ Usage: python3 benches/gpu_reference.py [--compile[=MODE]] [--only=unet-sdxl,...
   then the graph's warm-up and recording);
 --only: those items alone: unet-sd15, unet-sdxl, grad-sd15, vae, txt2img-sd15, txt2img-sdxl.
 --batch=2: the UNet steps at those batch sizes alone (default 1,2);
---profile: after timing each UNet shape, GPU time per kind of kernel for one more call."""
+--profile: after timing each UNet shape, GPU time per kind of kernel for one more call;
+--fuse-qkv: the UNets' attention projections fused first (`fuse_qkv_projections()`), and with
+  --compile the inductor settings of diffusers' "accelerate inference" guide (conv_1x1_as_mm,
+  coordinate_descent_tuning, coordinate_descent_check_all_directions, epilogue_fusion off): the
+  recipe diffusers documents for its fastest SDXL."""
 import json
 import subprocess
 import sys
@@ -91,8 +95,17 @@ mode = next((a.partition("=")[2] or "reduce-overhead" for a in sys.argv if a.sta
 compile_ = mode is not None
 only = [w for a in sys.argv if a.startswith("--only=") for w in a.split("=", 1)[1].split(",")]
 batches = [int(b) for a in sys.argv if a.startswith("--batch=") for b in a.split("=", 1)[1].split(",")] or [1, 2]
+fuse_qkv = "--fuse-qkv" in sys.argv
 IMPL = f"diffusers {__import__('diffusers').__version__} torch {torch.__version__}" + (
-    f" compile(mode={mode}, fullgraph=True, dynamic=False) channels_last" if compile_ else " eager")
+    f" compile(mode={mode}, fullgraph=True, dynamic=False) channels_last" if compile_ else " eager") + (
+    " fuse_qkv_projections" + (" + guide's inductor settings" if compile_ else "") if fuse_qkv else "")
+if fuse_qkv and compile_:
+    import torch._inductor.config as inductor
+
+    inductor.conv_1x1_as_mm = True
+    inductor.coordinate_descent_tuning = True
+    inductor.epilogue_fusion = False
+    inductor.coordinate_descent_check_all_directions = True
 wanted = lambda name: not only or name in only
 
 
@@ -101,6 +114,8 @@ def compiled(module):
     Static shapes (`dynamic=False`): each shape gets a graph specialised to it. Without it the
     second shape of a module (batch 2 after batch 1, 1024² after 512²) recompiles it for symbolic
     shapes."""
+    if fuse_qkv and hasattr(module, "fuse_qkv_projections"):
+        module.fuse_qkv_projections()
     if not compile_:
         return module
     return torch.compile(module.to(memory_format=torch.channels_last), mode=mode, fullgraph=True,
