@@ -8,29 +8,9 @@ matmul per output width with the context broadcast (batch stride 0). Random fp16
 import json
 import torch
 
+from graph_timing import replay_ms
+
 dev, dt = "cuda", torch.float16
-
-
-def replay_ms(fn, reps=200):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(10):
-        g.replay()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
-
 
 for name, widths, ctx_dim in [
     ("sd15", [320] * 5 + [640] * 5 + [1280] * 6, 768),

@@ -8,29 +8,9 @@ kernels that take a row stride read them in place. Random fp16 operands.
 import json
 import torch
 
+from graph_timing import replay_ms
+
 dev, dt = "cuda", torch.float16
-
-
-def replay_ms(fn, reps=100):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(10):
-        g.replay()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
-
 
 # (width, tokens per image, self-attentions of that shape) in one UNet pass
 UNETS = {
@@ -49,9 +29,9 @@ for name, shapes in UNETS.items():
             return [t.contiguous() for t in y.split(width, dim=1)]
 
         times = {
-            "separate": replay_ms(lambda: [x @ w.t() for w in ws]),
-            "fused": replay_ms(lambda: [x @ w.t() for w in fused]),
-            "fused_and_split": replay_ms(lambda: [split(i) for i in range(count)]),
+            "separate": replay_ms(lambda: [x @ w.t() for w in ws], reps=100),
+            "fused": replay_ms(lambda: [x @ w.t() for w in fused], reps=100),
+            "fused_and_split": replay_ms(lambda: [split(i) for i in range(count)], reps=100),
         }
         for k, v in times.items():
             total[k] += v
