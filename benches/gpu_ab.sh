@@ -11,9 +11,7 @@
 # run; the choice logs go to $OUT/choices-<build>.log.
 set -uo pipefail
 [ $# -eq 2 ] || { echo "usage: $0 BUILD_A BUILD_B (binaries or .xz)" >&2; exit 2; }
-NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
-CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
-export LD_LIBRARY_PATH=$NV:$CUDNN:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+. "$(dirname "$0")/gpu_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 WHAT=${WHAT:-unet-sd15 unet-sdxl vae}
 unpack() {

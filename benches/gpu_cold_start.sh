@@ -11,13 +11,8 @@
 # does: its PTX kernels (ours, candle's) are compiled for the GPU then; "kept" reuses the cache the
 # run before filled (a cache kept on the node). Default "fresh kept".
 set -uo pipefail
-NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
-CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
-export LD_LIBRARY_PATH=$NV:$CUDNN:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-for xz in .gpu/*.xz; do
-  bin=${xz%.xz}
-  [ -x "$bin" ] || { python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$xz" "$bin"; chmod +x "$bin"; }
-done
+. "$(dirname "$0")/gpu_env.sh"
+unpack_builds
 [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 python3 -c "import transformers" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl
 export PYTHONPATH=/tmp/site

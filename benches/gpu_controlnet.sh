@@ -3,9 +3,7 @@
 # a ControlNet-steered generation on the GPU vs the CPU, then sdkube's and diffusers'
 # ControlNet step timed in the same call.
 set -uo pipefail
-NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
-CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
-export LD_LIBRARY_PATH=$NV:$CUDNN:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+. "$(dirname "$0")/gpu_env.sh"
 rm -f .gpu/sdkube
 python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.gpu/sdkube.xz'), open('.gpu/sdkube','wb'))"
 chmod +x .gpu/sdkube

@@ -6,13 +6,8 @@
 # files and folders; a random-weight folder of `benches/cold_start_reference.py make` works too
 # (SIDE sets the size, default 64). For a change in how weights are read or uploaded.
 set -uo pipefail
-NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
-CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
-export LD_LIBRARY_PATH=$NV:$CUDNN:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-for xz in .gpu/*.xz; do
-  bin=${xz%.xz}
-  [ -x "$bin" ] || { python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$xz" "$bin"; chmod +x "$bin"; }
-done
+. "$(dirname "$0")/gpu_env.sh"
+unpack_builds
 read -r -a bins <<< "${BINS:-.gpu/before .gpu/after}"
 fixtures="fixtures/sd/sd1.safetensors fixtures/sd/sd2v.safetensors fixtures/sd/sdxl.safetensors fixtures/sd/sd1 fixtures/sd/sdxl"
 failed=0

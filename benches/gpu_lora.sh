@@ -3,9 +3,7 @@
 # job times and the server's "LoRAs switched" log lines. Expects the CUDA build at
 # .gpu/sdkube.xz (see README "GPU").
 set -u; export PYTHONUNBUFFERED=1; o=${OUT:-/tmp/out}; mkdir -p $o
-NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
-CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
-export LD_LIBRARY_PATH=$NV:$CUDNN:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+. "$(dirname "$0")/gpu_env.sh"
 python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.gpu/sdkube.xz'), open('/tmp/sdkube','wb'))"; chmod +x /tmp/sdkube
 nvidia-smi --query-gpu=name --format=csv,noheader
 /tmp/sdkube bench --save-model /tmp/sd15 --what txt2img-sd15 --device cuda --precision fp16 2>&1 | tail -1

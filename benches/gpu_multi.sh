@@ -10,9 +10,7 @@ out=${OUT:-out}
 mkdir -p "$out"
 STAGES=none OUT=$out bash benches/gpu_scale_out.sh >/dev/null  # unpacks the binary, Redis wrapper
 export REDIS_SERVER=/tmp/redis-server PYTHONUNBUFFERED=1
-nv=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
-cudnn=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
-export LD_LIBRARY_PATH=$nv:$cudnn:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+. benches/gpu_env.sh
 bin=/tmp/sdkube-bench
 nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader | tee "$out/machine.txt"
 for model in sd15:512 sdxl:1024; do

@@ -4,9 +4,7 @@
 # Expects the CUDA build at .gpu/sdkube and the diffusers wheel in .whl (see README).
 # STAGES (default "check bench low reference"; also "refcheck", "graphs", "layout", "eager", "nchw", "cudnn", "cudnngraph", "imagelibs", "serve", "ops", "post", "train", "grad", "fp8", "compile") and WHAT (the `sdkube bench` items) narrow a run.
 set -uo pipefail
-NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
-CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
-export LD_LIBRARY_PATH=$NV:$CUDNN:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+. "$(dirname "$0")/gpu_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # The binary may travel xz-compressed (carried paths are size-limited).
 if [ ! -x .gpu/sdkube ] && [ -f .gpu/sdkube.xz ]; then

@@ -12,9 +12,7 @@ out=${OUT:-out}
 mkdir -p "$out"
 bin=/tmp/sdkube-bench
 [ -x "$bin" ] || { xz -dc .gpu/sdkube.xz >"$bin"; chmod +x "$bin"; }
-nv=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
-cudnn=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))")
-export LD_LIBRARY_PATH=$nv:$cudnn:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+. benches/gpu_env.sh
 redis_libs=$PWD/.gpu/redis
 if LD_LIBRARY_PATH=$redis_libs ldd .gpu/redis/redis-server | grep -q 'not found'; then
   redis_libs=$redis_libs:$PWD/.gpu/redis/more

@@ -8,11 +8,9 @@
 # the CPU's moves (the same seeded images, captions, timesteps and noise: near 1 when both
 # trained the same thing; fp16 against fp32). Expects .gpu/sdkube (or .xz).
 set -uo pipefail
-NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))" 2>/dev/null)
-CUDNN=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cudnn','lib'))" 2>/dev/null)
-export LD_LIBRARY_PATH=$NV:$CUDNN:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+. "$(dirname "$0")/gpu_env.sh"
 BIN=${BIN:-.gpu/sdkube}
-[ -x "$BIN" ] || { python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$BIN.xz" "$BIN"; chmod +x "$BIN"; }
+unpack_builds
 MODEL=${MODEL:-fixtures/sd/sd1}
 rm -rf /tmp/ts && mkdir -p /tmp/ts/images
 "$BIN" generate --model "$MODEL" --device cpu --width 64 --height 64 --steps 2 --batch-size 4 --seed 3 \
