@@ -68,15 +68,8 @@ pub(crate) fn index(path: &Path) -> Result<Option<Vec<StoredTensor>>, Error> {
     let (data_start, metadata) = header(&file)?;
     let mut tensors = Vec::new();
     for (name, info) in metadata.tensors() {
-        let dtype = match info.dtype {
-            Dtype::F16 => DType::F16,
-            Dtype::BF16 => DType::BF16,
-            Dtype::F32 => DType::F32,
-            Dtype::F64 => DType::F64,
-            Dtype::U8 => DType::U8,
-            Dtype::U32 => DType::U32,
-            Dtype::I64 => DType::I64,
-            _ => return Ok(None),
+        let Some(dtype) = kept_as_stored(info.dtype) else {
+            return Ok(None);
         };
         tensors.push(StoredTensor {
             name,
@@ -145,22 +138,37 @@ fn read_tensor(
         Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
     }
     let shape = &info.shape;
-    match info.dtype {
-        Dtype::F16 => typed::<u16, half::f16>(file, offset, bytes, shape, 0),
-        Dtype::BF16 => typed::<u16, half::bf16>(file, offset, bytes, shape, 0),
-        Dtype::F32 => typed::<f32, f32>(file, offset, bytes, shape, 0.0),
-        Dtype::F64 => typed::<f64, f64>(file, offset, bytes, shape, 0.0),
-        Dtype::U8 => typed::<u8, u8>(file, offset, bytes, shape, 0),
-        Dtype::U32 => typed::<u32, u32>(file, offset, bytes, shape, 0),
-        Dtype::I64 => typed::<i64, i64>(file, offset, bytes, shape, 0),
-        dtype => {
+    match kept_as_stored(info.dtype) {
+        Some(DType::F16) => typed::<u16, half::f16>(file, offset, bytes, shape, 0),
+        Some(DType::BF16) => typed::<u16, half::bf16>(file, offset, bytes, shape, 0),
+        Some(DType::F32) => typed::<f32, f32>(file, offset, bytes, shape, 0.0),
+        Some(DType::F64) => typed::<f64, f64>(file, offset, bytes, shape, 0.0),
+        Some(DType::U8) => typed::<u8, u8>(file, offset, bytes, shape, 0),
+        Some(DType::U32) => typed::<u32, u32>(file, offset, bytes, shape, 0),
+        Some(DType::I64) => typed::<i64, i64>(file, offset, bytes, shape, 0),
+        _ => {
             let mut raw = vec![0u8; bytes];
             file.read_exact_at(&mut raw, offset)?;
-            let view = TensorView::new(dtype, shape.clone(), &raw)
+            let view = TensorView::new(info.dtype, shape.clone(), &raw)
                 .map_err(|e| Error::Format(format!("safetensors tensor: {e}")))?;
             Ok(view.load(&Device::Cpu)?)
         }
     }
+}
+
+/// The candle type a safetensors element type is kept as, unconverted; `None` for the types
+/// candle converts on loading.
+fn kept_as_stored(dtype: Dtype) -> Option<DType> {
+    Some(match dtype {
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        Dtype::F32 => DType::F32,
+        Dtype::F64 => DType::F64,
+        Dtype::U8 => DType::U8,
+        Dtype::U32 => DType::U32,
+        Dtype::I64 => DType::I64,
+        _ => return None,
+    })
 }
 
 /// Threads that read a file, and that copy its tensors out: a model's files are gigabytes, and
