@@ -40,6 +40,15 @@ pub enum VramMode {
     Low,
 }
 
+impl VramMode {
+    /// The device a model's text encoders and UNet are read straight onto
+    /// ([`sdkube_models::LoadOptions::device`]) for an engine on `device` in this mode: that
+    /// device where the networks stay on it, none where they are built from host memory.
+    pub fn read_onto(self, device: &Device) -> Option<Device> {
+        (self == VramMode::High).then(|| device.clone())
+    }
+}
+
 /// Bounds a request must respect (the server makes them configurable).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {

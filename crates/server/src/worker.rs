@@ -118,10 +118,9 @@ impl Worker {
         // are read straight onto it.
         let opts = sdkube_models::LoadOptions {
             device: self
-                .engine
-                .is_none()
-                .then(|| self.resident_device())
-                .flatten(),
+                .vram
+                .read_onto(&self.device)
+                .filter(|_| self.engine.is_none()),
             ..Default::default()
         };
         let weights = match sdkube_models::load(&want.path, &opts) {
@@ -189,11 +188,6 @@ impl Worker {
             Err(e) => tracing::warn!(model = %want.name, %device, error = %e, "warm-up failed"),
         }
         Some(seconds)
-    }
-
-    /// The device networks are read straight onto: this worker's, where it keeps them there.
-    fn resident_device(&self) -> Option<Device> {
-        (self.vram == VramMode::High).then(|| self.device.clone())
     }
 
     fn load_failed(&self, want: &Wanted, error: &str) {
@@ -422,7 +416,7 @@ impl Worker {
             // The old refiner leaves the device before the new one is built.
             engine.set_refiner(None)?;
             let opts = sdkube_models::LoadOptions {
-                device: self.resident_device(),
+                device: self.vram.read_onto(&self.device),
                 ..Default::default()
             };
             let weights = sdkube_models::load(&path, &opts).map_err(|e| {

@@ -210,7 +210,7 @@ fn engine_for(args: &Args, model: &Path, opts: &LoadOptions) -> anyhow::Result<E
     let vram: VramMode = args.device.vram.into();
     // Networks kept on the GPU are read straight onto it.
     let opts = LoadOptions {
-        device: (vram == VramMode::High).then(|| device.clone()),
+        device: vram.read_onto(&device),
         ..opts.clone()
     };
     let weights = sdkube_models::load(&resolve_model(model, &args.store)?, &opts)?;
