@@ -2,7 +2,7 @@
 # One device call: GPU correctness check on the fixture model, then sdkube bench and the
 # diffusers reference on the same GPU, with peak GPU memory from nvidia-smi for our binary.
 # Expects the CUDA build at .gpu/sdkube and the diffusers wheel in .whl (see README).
-# STAGES (default "check bench low reference"; also "refcheck", "graphs", "layout", "eager", "nchw", "cudnn", "cudnngraph", "imagelibs", "serve", "ops", "post", "train", "grad", "fp8", "compile") and WHAT (the `sdkube bench` items) narrow a run.
+# STAGES (default "check bench low reference"; also "refcheck", "graphs", "layout", "eager", "nchw", "cudnn", "cudnngraph", "imagelibs", "serve", "ops", "post", "train", "grad", "fp8", "compile", "qkv") and WHAT (the `sdkube bench` items) narrow a run.
 set -uo pipefail
 . "$(dirname "$0")/gpu_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -76,6 +76,7 @@ PY
 has graphs && same_images SDKUBE_CUDA_GRAPHS
 has layout && same_images SDKUBE_CHANNELS_LAST
 has cudnngraph && same_images SDKUBE_CUDNN_GRAPH
+has qkv && same_images SDKUBE_FUSED_QKV
 
 # 2. speed and memory: ours (--profile: where the time went) then diffusers. Timed with nothing
 #    else on the GPU; the peak memory (nvidia-smi sampling) from a second, shorter run, as
@@ -96,6 +97,13 @@ has nchw && for what in $WHAT; do
   SDKUBE_CHANNELS_LAST=off .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
     | grep -v ' INFO ' | sed 's/}$/, "channels_last": "off"}/'
 done
+# the self-attentions' fused q/k/v projections off and on, back to back (A/B), and the products
+# alone (benches/gpu_qkv_probe.py)
+has qkv && for what in $WHAT; do for f in off on; do
+  SDKUBE_FUSED_QKV=$f .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
+    | grep '"bench"' | sed "s/}\$/, \"fused_qkv\": \"$f\"}/"
+done; done
+has qkv && python3 benches/gpu_qkv_probe.py
 # SDKUBE_CUDNN=benchmark: cuDNN's algorithms timed per shape instead of its heuristic first pick
 has cudnn && for what in $WHAT; do
   SDKUBE_CUDNN=benchmark .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \

@@ -15,11 +15,11 @@ use candle_nn::VarBuilder;
 
 use sdkube_nn::{conv1x1, conv3x3, Conv2d};
 
-use crate::blocks::ContextProjections;
+use crate::blocks::{fuse_self_attentions_on, ContextProjections};
 use crate::checkpoint::{component_file, invalid, read_json, read_tensors, Component, LoadError};
 use crate::config::ControlNetConfig;
 use crate::ldm::{self, TensorMap};
-use crate::unet::{AddedConditioning, ControlResiduals, Encoder};
+use crate::unet::{AddedConditioning, AttentionKind, ControlResiduals, Encoder};
 
 /// `ControlNetConditioningEmbedding`: the control image down to latent size, in
 /// `block_out_channels[0]` channels.
@@ -81,8 +81,10 @@ impl ControlNetModel {
     pub fn new(vb: VarBuilder, cfg: &ControlNetConfig) -> Result<Self> {
         let unet = &cfg.unet;
         let mut encoder = Encoder::new(&vb, unet)?;
-        let projections =
-            ContextProjections::gather_on(vb.device(), encoder.cross_attentions_mut())?;
+        let cross = encoder.attentions_mut(AttentionKind::Cross);
+        let projections = ContextProjections::gather_on(vb.device(), cross)?;
+        let self_attentions = encoder.attentions_mut(AttentionKind::SelfAttention);
+        fuse_self_attentions_on(vb.device(), self_attentions, &Default::default())?;
         let boc = &unet.block_out_channels;
         // One convolution per skip connection: conv_in's output, each layer's, and each
         // downsampler's (every level but the last has one).

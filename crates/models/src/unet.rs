@@ -14,7 +14,8 @@ use sdkube_nn::{
 };
 
 use crate::blocks::{
-    Attention, ContextProjections, CrossContext, Downsample2D, ResnetBlock2D, Upsample2D,
+    fuse_self_attentions_on, Attention, ContextProjections, CrossContext, Downsample2D,
+    ProjectionStacks, ResnetBlock2D, Upsample2D,
 };
 use crate::config::UNetConfig;
 
@@ -87,6 +88,15 @@ impl FeedForward {
     }
 }
 
+/// Which attention of each transformer block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AttentionKind {
+    /// Over the block's own tokens.
+    SelfAttention,
+    /// Over the text context.
+    Cross,
+}
+
 /// `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward, pre-norm.
 #[derive(Debug)]
 struct BasicTransformerBlock {
@@ -109,6 +119,13 @@ impl BasicTransformerBlock {
             norm3: LayerNorm::new(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
+    }
+
+    fn attention_mut(&mut self, kind: AttentionKind) -> &mut Attention {
+        match kind {
+            AttentionKind::SelfAttention => &mut self.attn1,
+            AttentionKind::Cross => &mut self.attn2,
+        }
     }
 
     fn forward(&self, xs: &Tensor, ctx: &CrossContext) -> Result<Tensor> {
@@ -196,8 +213,10 @@ impl Transformer2DModel {
         }
     }
 
-    fn cross_attentions_mut(&mut self) -> impl Iterator<Item = &mut Attention> {
-        self.blocks.iter_mut().map(|block| &mut block.attn2)
+    fn attentions_mut(&mut self, kind: AttentionKind) -> impl Iterator<Item = &mut Attention> {
+        self.blocks
+            .iter_mut()
+            .map(move |block| block.attention_mut(kind))
     }
 }
 
@@ -223,10 +242,10 @@ impl Level {
         }
     }
 
-    fn cross_attentions_mut(&mut self) -> impl Iterator<Item = &mut Attention> {
+    fn attentions_mut(&mut self, kind: AttentionKind) -> impl Iterator<Item = &mut Attention> {
         self.attentions
             .iter_mut()
-            .flat_map(Transformer2DModel::cross_attentions_mut)
+            .flat_map(move |t| t.attentions_mut(kind))
     }
 }
 
@@ -503,18 +522,32 @@ impl Encoder {
         self.mid_resnets[1].forward(&h, Some(emb))
     }
 
-    /// Its cross-attentions: the down blocks' and the mid block's.
-    pub(crate) fn cross_attentions_mut(&mut self) -> impl Iterator<Item = &mut Attention> {
+    /// Its attentions of one kind: the down blocks', then the mid block's.
+    pub(crate) fn attentions_mut(
+        &mut self,
+        kind: AttentionKind,
+    ) -> impl Iterator<Item = &mut Attention> {
         self.down_blocks
             .iter_mut()
-            .flat_map(|block| block.level.cross_attentions_mut())
-            .chain(self.mid_attention.cross_attentions_mut())
+            .flat_map(move |block| block.level.attentions_mut(kind))
+            .chain(self.mid_attention.attentions_mut(kind))
     }
 }
 
 impl UNet2DConditionModel {
     /// The UNet, its weights from `vb` under diffusers' key names.
     pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
+        Self::new_sharing(vb, cfg, &ProjectionStacks::default())
+    }
+
+    /// [`new`](Self::new) from weights whose self-attention projections are views into
+    /// `stacks` ([`ProjectionStacks::stack_on`]): on GPUs its fused projections are those
+    /// stacks, not copies.
+    pub fn new_sharing(
+        vb: VarBuilder,
+        cfg: &UNetConfig,
+        stacks: &ProjectionStacks,
+    ) -> Result<Self> {
         let boc = &cfg.block_out_channels;
         let n = boc.len();
         if cfg.down_block_types.len() != n || cfg.up_block_types.len() != n {
@@ -573,17 +606,20 @@ impl UNet2DConditionModel {
             graphs: Default::default(),
             projections: Default::default(),
         };
-        unet.projections = ContextProjections::gather_on(vb.device(), unet.cross_attentions_mut())?;
+        let cross = unet.attentions_mut(AttentionKind::Cross);
+        unet.projections = ContextProjections::gather_on(vb.device(), cross)?;
+        let self_attentions = unet.attentions_mut(AttentionKind::SelfAttention);
+        fuse_self_attentions_on(vb.device(), self_attentions, stacks)?;
         Ok(unet)
     }
 
-    /// Its cross-attentions: the encoder's, then the up blocks'.
-    fn cross_attentions_mut(&mut self) -> impl Iterator<Item = &mut Attention> {
+    /// Its attentions of one kind: the encoder's, then the up blocks'.
+    fn attentions_mut(&mut self, kind: AttentionKind) -> impl Iterator<Item = &mut Attention> {
         let up = self
             .up_blocks
             .iter_mut()
-            .flat_map(|block| block.level.cross_attentions_mut());
-        self.encoder.cross_attentions_mut().chain(up)
+            .flat_map(move |block| block.level.attentions_mut(kind));
+        self.encoder.attentions_mut(kind).chain(up)
     }
 
     /// Its configuration.
@@ -695,7 +731,8 @@ mod tests {
         let dev = Device::Cpu;
         let plain = weights.build(&dev, DType::F32)?;
         let mut gathered = weights.build(&dev, DType::F32)?;
-        gathered.projections = ContextProjections::gather(gathered.cross_attentions_mut())?;
+        gathered.projections =
+            ContextProjections::gather(gathered.attentions_mut(AttentionKind::Cross))?;
 
         let cfg = plain.config();
         let levels = cfg.block_out_channels.len();
@@ -722,6 +759,50 @@ mod tests {
         let t = Tensor::new(&[500f32], &dev)?;
         let want = plain.forward(&x, &t, &ctx, None)?;
         let got = gathered.forward(&x, &t, &ctx, None)?;
+        let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(
+            diff <= 1e-5 * scale.max(1.0),
+            "differs by {diff} (scale {scale})"
+        );
+        Ok(())
+    }
+
+    /// Fused as on GPUs (here on the CPU), every self-attention runs one q/k/v product and
+    /// reads its slices of it in place: the prediction is the one the three products give, for
+    /// the UNet and for a ControlNet's copy of its encoder.
+    #[test]
+    fn a_unet_with_fused_self_attention_projections_predicts_the_same() -> Result<()> {
+        let dir = sdkube_testkit::fixtures().join("sd/sd1");
+        let weights = crate::load(&dir, &Default::default()).unwrap().unet;
+        let dev = Device::Cpu;
+        let plain = weights.build(&dev, DType::F32)?;
+        let mut fused = weights.build(&dev, DType::F32)?;
+        let mut count = 0;
+        for attn in fused.attentions_mut(AttentionKind::SelfAttention) {
+            assert!(!attn.is_fused(), "the CPU keeps three products");
+            attn.fuse_projections(&ProjectionStacks::default())?;
+            assert!(attn.is_fused());
+            count += 1;
+        }
+        let crossed = fused.attentions_mut(AttentionKind::Cross).count();
+        assert!(
+            count > 0 && count == crossed,
+            "{count} self, {crossed} cross"
+        );
+        // Stacked beforehand, as the base weights on a GPU are: every self-attention's three.
+        let mut stacked = weights.tensors.clone();
+        assert_eq!(ProjectionStacks::stack(&mut stacked)?.len(), count);
+        assert!(fused
+            .attentions_mut(AttentionKind::Cross)
+            .all(|a| !a.is_fused()));
+
+        let cfg = plain.config();
+        let x = Tensor::randn(0f32, 1., (2, 4, 8, 8), &dev)?;
+        let ctx = Tensor::randn(0f32, 1., (2, 77, cfg.cross_attention_dim), &dev)?;
+        let t = Tensor::new(&[500f32], &dev)?;
+        let want = plain.forward(&x, &t, &ctx, None)?;
+        let got = fused.forward(&x, &t, &ctx, None)?;
         let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(

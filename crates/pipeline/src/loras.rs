@@ -21,6 +21,7 @@ use std::time::{Instant, SystemTime};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use sdkube_models::blocks::ProjectionStacks;
 use sdkube_models::clip::ClipTextModel;
 use sdkube_models::ldm::TensorMap;
 use sdkube_models::lora::{self, BoundLora, LoraFile, Part};
@@ -338,6 +339,9 @@ struct DeviceWeights {
     te: TensorMap,
     te2: Option<TensorMap>,
     unet: TensorMap,
+    /// The UNet's self-attention projections, stacked where the UNet fuses them; `unet`'s
+    /// entries for them are views into these.
+    unet_stacks: ProjectionStacks,
 }
 
 /// `map` on `device` in `dtype`; convolution weights channels-last where the convolutions
@@ -380,15 +384,20 @@ impl LoraNetworks {
         resident: bool,
     ) -> Result<Self, Error> {
         let base = match resident {
-            true => Some(DeviceWeights {
-                te: upload(&weights.text_encoder.tensors, device, dtype)?,
-                te2: weights
-                    .text_encoder_2
-                    .as_ref()
-                    .map(|c| upload(&c.tensors, device, dtype))
-                    .transpose()?,
-                unet: upload(&weights.unet.tensors, device, dtype)?,
-            }),
+            true => {
+                let mut unet = upload(&weights.unet.tensors, device, dtype)?;
+                let unet_stacks = ProjectionStacks::stack_on(&mut unet, device)?;
+                Some(DeviceWeights {
+                    te: upload(&weights.text_encoder.tensors, device, dtype)?,
+                    te2: weights
+                        .text_encoder_2
+                        .as_ref()
+                        .map(|c| upload(&c.tensors, device, dtype))
+                        .transpose()?,
+                    unet,
+                    unet_stacks,
+                })
+            }
             false => None,
         };
         Ok(Self {
@@ -566,7 +575,11 @@ impl LoraNetworks {
     pub(crate) fn build_unet(&self, weights: &SdWeights) -> Result<UNet2DConditionModel, Error> {
         let vb =
             VarBuilder::from_tensors(self.tensors(weights, Part::UNet)?, self.dtype, &self.device);
-        Ok(UNet2DConditionModel::new(vb, &weights.unet.config)?)
+        let config = &weights.unet.config;
+        Ok(match &self.base {
+            Some(base) => UNet2DConditionModel::new_sharing(vb, config, &base.unet_stacks)?,
+            None => UNet2DConditionModel::new(vb, config)?,
+        })
     }
 }
 

@@ -39,12 +39,14 @@ pub fn flash_attention(
     if inner % heads != 0 || !d.is_multiple_of(8) || !FLASH_HEAD_DIMS.contains(&dp) {
         return Ok(None);
     }
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (q, mut k, mut v) = (in_rows(q)?, in_rows(k)?, in_rows(v)?);
+    if row_stride(k.layout()) != row_stride(v.layout()) {
+        (k, v) = (k.contiguous()?, v.contiguous()?);
+    }
     // 16-byte loads need every row to start 16-byte aligned.
-    if [&q, &k, &v]
-        .iter()
-        .any(|t| t.layout().start_offset() % 8 != 0)
-    {
+    if [&q, &k, &v].iter().any(|t| {
+        !t.layout().start_offset().is_multiple_of(8) || !row_stride(t.layout()).is_multiple_of(8)
+    }) {
         return Ok(None);
     }
     let ours = FlashAttention {
@@ -65,6 +67,8 @@ pub fn flash_attention(
         queries: q.dim(1)?,
         keys: k.dim(1)?,
         head_dim: d,
+        q_row: row_stride(q.layout()),
+        kv_row: row_stride(k.layout()),
     };
     let use_cudnn = super::cudnn_backend::GRAPH_API.is_on()
         && [&q, &k, &v].into_iter().all(graph_aligned)
@@ -79,6 +83,25 @@ pub fn flash_attention(
         })?;
     let op = if use_cudnn { cudnn } else { ours };
     q.apply_op3_no_bwd(&k, &v, &op).map(Some)
+}
+
+/// `t` `[B, N, C]` as the kernels read it: in place where its rows are contiguous and evenly
+/// spaced (q, k and v sliced out of one fused projection's `[B, N, 3C]` rows are), else a
+/// contiguous copy.
+fn in_rows(t: &Tensor) -> Result<Tensor> {
+    let (_, n, c) = t.dims3()?;
+    let s = t.stride();
+    let rows = s[2] == 1 && s[1] >= c && (t.dim(0)? == 1 || s[0] == n * s[1]);
+    if rows {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
+/// Elements between the rows of a `[B, N, C]` operand [`in_rows`] accepted.
+fn row_stride(layout: &Layout) -> usize {
+    layout.stride()[1]
 }
 
 thread_local! {
@@ -118,7 +141,18 @@ impl FlashAttention {
     ) -> Result<(CudaStorage, Shape)> {
         let (b, n, inner) = ql.shape().dims3()?;
         let (bk, m, inner_k) = kl.shape().dims3()?;
-        if (bk, inner_k) != (b, inner) || vl.shape() != kl.shape() || m == 0 {
+        let (ldq, ldkv) = (row_stride(ql), row_stride(kl));
+        let fits = |l: &Layout, rows: usize, ld: usize| {
+            let s = l.stride();
+            s[2] == 1 && s[1] == ld && ld >= inner && (b == 1 || s[0] == rows * ld)
+        };
+        if (bk, inner_k) != (b, inner)
+            || vl.shape() != kl.shape()
+            || m == 0
+            || !fits(ql, n, ldq)
+            || !fits(kl, m, ldkv)
+            || !fits(vl, m, ldkv)
+        {
             candle_core::bail!(
                 "flash-attention: q {:?}, k {:?}, v {:?} do not fit",
                 ql.shape(),
@@ -141,6 +175,8 @@ impl FlashAttention {
                 queries: n,
                 keys: m,
                 head_dim: d,
+                q_row: ldq,
+                kv_row: ldkv,
             };
             let plan = cudnn_attention::plan(&dev, shape, Pass::Inference)?;
             let stream = dev.cuda_stream();
@@ -152,8 +188,8 @@ impl FlashAttention {
                 write(Role::Out, &mut out, &stream, &mut guards),
             ];
             with_workspace(&dev, plan.workspace, |workspace| {
-                // SAFETY: contiguous fp16 operands of this shape (the caller's checks above and
-                // in `flash_attention`, alignment included); `out` fresh from the pool.
+                // SAFETY: fp16 operands of this shape and these row strides (the checks above
+                // and in `flash_attention`, alignment included); `out` fresh from the pool.
                 unsafe {
                     cudnn_attention::run(
                         &dev,
@@ -181,6 +217,7 @@ impl FlashAttention {
             shared_mem_bytes: smem as u32,
         };
         let (n32, m32, h32, d32) = (n as i32, m as i32, self.heads as i32, d as i32);
+        let (ldq32, ldkv32) = (ldq as i32, ldkv as i32);
         let scale_log2 = self.scale * std::f32::consts::LOG2_E;
         let mut launch = func.builder();
         launch.arg(&qs).arg(&ks).arg(&vs).arg(&out);
@@ -189,6 +226,8 @@ impl FlashAttention {
             .arg(&m32)
             .arg(&h32)
             .arg(&d32)
+            .arg(&ldq32)
+            .arg(&ldkv32)
             .arg(&scale_log2);
         // SAFETY: argument list matches the kernel's signature; shapes checked above.
         unsafe { launch.launch(cfg) }.w()?;

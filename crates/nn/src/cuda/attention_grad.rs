@@ -59,13 +59,7 @@ pub fn sdpa_forward_for_grad(
     if inner % heads != 0 || k.dims() != v.dims() || k.dims() != [batch, keys, inner] {
         return Ok(None);
     }
-    let shape = SdpaShape {
-        batch,
-        heads,
-        queries,
-        keys,
-        head_dim: inner / heads,
-    };
+    let shape = SdpaShape::packed(batch, heads, queries, keys, inner / heads);
     let scale = scale as f32;
     let (q, k, v) = (operand(q)?, operand(k)?, operand(v)?);
     let taken = remembered(&CHOICE, (dev.id(), shape), || {

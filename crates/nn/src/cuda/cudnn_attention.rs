@@ -58,7 +58,9 @@ pub(super) enum Pass {
 
 /// One attention's shapes: `batch` samples of `queries` query rows and `keys` key and value
 /// rows, each row `heads` heads of `head_dim` (the memory of `[B, N, H·D]`, as the projections
-/// write it: no transposes).
+/// write it: no transposes). The query rows are `q_row` elements apart and the key and value
+/// rows `kv_row`: `H·D` when packed, more where they are slices of one fused projection's
+/// rows. Outputs and gradients are packed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) struct SdpaShape {
     pub batch: usize,
@@ -66,14 +68,41 @@ pub(super) struct SdpaShape {
     pub queries: usize,
     pub keys: usize,
     pub head_dim: usize,
+    pub q_row: usize,
+    pub kv_row: usize,
 }
 
 impl SdpaShape {
-    /// The `[B, H, rows, D]` dimensions and strides of a `[B, rows, H·D]` operand.
-    fn operand(&self, rows: usize) -> ([usize; 4], [i64; 4]) {
+    /// The shape of packed operands.
+    pub fn packed(
+        batch: usize,
+        heads: usize,
+        queries: usize,
+        keys: usize,
+        head_dim: usize,
+    ) -> Self {
+        Self {
+            batch,
+            heads,
+            queries,
+            keys,
+            head_dim,
+            q_row: heads * head_dim,
+            kv_row: heads * head_dim,
+        }
+    }
+
+    /// The `[B, H, rows, D]` dimensions and strides of a `[B, rows, H·D]` operand whose rows
+    /// are `row` elements apart.
+    fn operand(&self, rows: usize, row: usize) -> ([usize; 4], [i64; 4]) {
         let (h, d) = (self.heads, self.head_dim);
-        let strides = [rows * h * d, d, h * d, 1].map(|s| s as i64);
+        let strides = [rows * row, d, row, 1].map(|s| s as i64);
         ([self.batch, h, rows, d], strides)
+    }
+
+    /// [`operand`](Self::operand) packed.
+    fn packed_operand(&self, rows: usize) -> ([usize; 4], [i64; 4]) {
+        self.operand(rows, self.heads * self.head_dim)
     }
 }
 
@@ -138,7 +167,7 @@ pub(super) fn write<'a, T>(
 ///
 /// # Safety
 /// `operands` must be every tensor of `plan`'s graph but the scalars (`[B, N, H·D]` / `[B, M,
-/// H·D]` fp16, contiguous; the statistics and the backward's scratch fp32, as [`Role`] says),
+/// H·D]` fp16, rows as the plan's shape says; the statistics and the backward's scratch fp32, as [`Role`] says),
 /// each at an address aligned to [`super::cudnn_backend::ALIGNMENT`]; `workspace` at least
 /// the plan's.
 pub(super) unsafe fn run(
@@ -190,12 +219,13 @@ fn stats(shape: SdpaShape) -> Result<Descriptor> {
 /// where `training`) and the descriptors it references.
 fn forward(shape: SdpaShape, training: bool) -> Result<(Vec<Descriptor>, Vec<Descriptor>)> {
     let half = cudnnDataType_t::CUDNN_DATA_HALF;
-    let (q_dims, q_strides) = shape.operand(shape.queries);
-    let (kv_dims, kv_strides) = shape.operand(shape.keys);
+    let (q_dims, q_strides) = shape.operand(shape.queries, shape.q_row);
+    let (kv_dims, kv_strides) = shape.operand(shape.keys, shape.kv_row);
+    let (o_dims, o_strides) = shape.packed_operand(shape.queries);
     let q = tensor(Role::Q as i64, half, q_dims, q_strides, false)?;
     let k = tensor(Role::K as i64, half, kv_dims, kv_strides, false)?;
     let v = tensor(Role::V as i64, half, kv_dims, kv_strides, false)?;
-    let o = tensor(Role::Out as i64, half, q_dims, q_strides, false)?;
+    let o = tensor(Role::Out as i64, half, o_dims, o_strides, false)?;
     let scale = scalar_by_value(SCALE)?;
     let sdpa = Descriptor::new(Kind::CUDNN_BACKEND_OPERATION_SDPA_FWD_DESCRIPTOR)?;
     sdpa.set_descriptors(Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_QDESC, &[&q])?;
@@ -228,9 +258,11 @@ fn backward(shape: SdpaShape) -> Result<(Vec<Descriptor>, Vec<Descriptor>)> {
         queries: n,
         keys: m,
         head_dim: d,
+        ..
     } = shape;
-    let (q_dims, q_strides) = shape.operand(n);
-    let (kv_dims, kv_strides) = shape.operand(m);
+    // The training forward's operands, packed (`attention_grad` makes them so).
+    let (q_dims, q_strides) = shape.packed_operand(n);
+    let (kv_dims, kv_strides) = shape.packed_operand(m);
     let transposed = |[s0, s1, s2, s3]: [i64; 4]| [s0, s1, s3, s2];
     let kt_dims = [b, h, d, m];
     let mut g = Ops::default();
@@ -451,35 +483,39 @@ mod tests {
     #[test]
     fn operands_are_described_in_place_in_their_projection_layout() {
         // SD1.5's first self-attention: 8 heads of 40 over 64² tokens, batch 2.
-        let shape = SdpaShape {
-            batch: 2,
-            heads: 8,
-            queries: 4096,
-            keys: 77,
-            head_dim: 40,
-        };
+        let shape = SdpaShape::packed(2, 8, 4096, 77, 40);
         // Query row n of head h starts at n·320 + h·40.
         assert_eq!(
-            shape.operand(4096),
+            shape.packed_operand(4096),
             ([2, 8, 4096, 40], [4096 * 320, 40, 320, 1])
         );
-        assert_eq!(shape.operand(77), ([2, 8, 77, 40], [77 * 320, 40, 320, 1]));
+        assert_eq!(
+            shape.packed_operand(77),
+            ([2, 8, 77, 40], [77 * 320, 40, 320, 1])
+        );
+        // Sliced out of a fused q/k/v projection, rows are 960 apart.
+        assert_eq!(
+            shape.operand(4096, 960),
+            ([2, 8, 4096, 40], [4096 * 960, 40, 960, 1])
+        );
     }
 
     /// cuDNN checks each operation when it is finalized (needs libcudnn 9.13+, not a GPU).
     #[test]
     fn the_operation_is_a_valid_cudnn_descriptor() {
-        let shape = SdpaShape {
-            batch: 2,
-            heads: 10,
-            queries: 1024,
-            keys: 1024,
-            head_dim: 64,
-        };
+        let shape = SdpaShape::packed(2, 10, 1024, 1024, 64);
         let (ops, parts) = forward(shape, false).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((ops.len(), parts.len()), (1, 5));
         let (ops, parts) = forward(shape, true).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((ops.len(), parts.len()), (1, 6));
+        // q, k and v slices of one fused projection: rows three widths apart
+        let fused = SdpaShape {
+            q_row: 3 * 640,
+            kv_row: 3 * 640,
+            ..shape
+        };
+        let (ops, parts) = forward(fused, false).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((ops.len(), parts.len()), (1, 5));
     }
 
     /// The backward's operations form a graph cuDNN takes, for self- and cross-attention
@@ -499,13 +535,7 @@ mod tests {
         for (heads, queries, keys, head_dim) in
             [(8, 4096, 4096, 40), (8, 4096, 77, 40), (10, 1024, 77, 64)]
         {
-            let shape = SdpaShape {
-                batch: 2,
-                heads,
-                queries,
-                keys,
-                head_dim,
-            };
+            let shape = SdpaShape::packed(2, heads, queries, keys, head_dim);
             let (training, _parts) = forward(shape, true).unwrap();
             graph(training).unwrap_or_else(|e| panic!("the training forward, {shape:?}: {e}"));
             let (ops, _parts) = backward(shape).unwrap_or_else(|e| panic!("{shape:?}: {e}"));

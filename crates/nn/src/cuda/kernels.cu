@@ -153,9 +153,11 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const half* p) {
                : "r"(addr));
 }
 
+// q's rows are `ldq` halves apart and k's and v's `ldkv` (H * D when packed; more where they are
+// slices of one fused projection's rows); o is written packed, rows H * D apart.
 template <int DP>
 __device__ void flash_attention(const half* q, const half* k, const half* v, half* o, int N,
-                                   int M, int H, int D, float scale_log2) {
+                                   int M, int H, int D, int ldq, int ldkv, float scale_log2) {
   constexpr int LDH = tile_ld<DP>();
   constexpr int WM = fa_wm<DP>();
   constexpr int ROWS = fa_rows<DP>();
@@ -173,16 +175,16 @@ __device__ void flash_attention(const half* q, const half* k, const half* v, hal
   const int b = blockIdx.y / H, h = blockIdx.y % H;
   const int row0 = blockIdx.x * ROWS;
   const size_t ld = (size_t)H * D;
-  const half* qb = q + (size_t)b * N * ld + (size_t)h * D;
-  const half* kb = k + (size_t)b * M * ld + (size_t)h * D;
-  const half* vb = v + (size_t)b * M * ld + (size_t)h * D;
+  const half* qb = q + (size_t)b * N * ldq + (size_t)h * D;
+  const half* kb = k + (size_t)b * M * ldkv + (size_t)h * D;
+  const half* vb = v + (size_t)b * M * ldkv + (size_t)h * D;
   half* ob = o + (size_t)b * N * ld + (size_t)h * D;
   const int tiles = (M + BC - 1) / BC;
 
   // Prologue: Q into stage 1, tile 0 into stage 0, one group.
-  load_tile_async<DP, ROWS>(sm + STAGE, qb, ld, row0, N, D);
-  load_tile_async<DP, BC>(sm, kb, ld, 0, M, D);
-  load_tile_async<DP, BC>(sm + BC * LDH, vb, ld, 0, M, D);
+  load_tile_async<DP, ROWS>(sm + STAGE, qb, ldq, row0, N, D);
+  load_tile_async<DP, BC>(sm, kb, ldkv, 0, M, D);
+  load_tile_async<DP, BC>(sm + BC * LDH, vb, ldkv, 0, M, D);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -237,8 +239,8 @@ __device__ void flash_attention(const half* q, const half* k, const half* v, hal
     // loads) are all behind the __syncthreads that ended the previous iteration.
     if (tile + 1 < tiles) {
       half* next = sm + ((tile + 1) & 1) * STAGE;
-      load_tile_async<DP, BC>(next, kb, ld, c0 + BC, M, D);
-      load_tile_async<DP, BC>(next + BC * LDH, vb, ld, c0 + BC, M, D);
+      load_tile_async<DP, BC>(next, kb, ldkv, c0 + BC, M, D);
+      load_tile_async<DP, BC>(next + BC * LDH, vb, ldkv, c0 + BC, M, D);
       cp_async_commit();
     }
     const half* ks = sm + (tile & 1) * STAGE;
@@ -362,8 +364,8 @@ __device__ void flash_attention(const half* q, const half* k, const half* v, hal
 #define FLASH_ATTENTION(DP)                                                               \
   extern "C" __global__ void __launch_bounds__(FA_THREADS, fa_min_blocks<DP>())              \
       flash_attention_f16_##DP(const half* q, const half* k, const half* v, half* o, int N, \
-                                int M, int H, int D, float scale_log2) {                     \
-    flash_attention<DP>(q, k, v, o, N, M, H, D, scale_log2);                              \
+                                int M, int H, int D, int ldq, int ldkv, float scale_log2) {  \
+    flash_attention<DP>(q, k, v, o, N, M, H, D, ldq, ldkv, scale_log2);                   \
   }
 
 FLASH_ATTENTION(16)

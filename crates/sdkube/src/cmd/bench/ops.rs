@@ -203,6 +203,9 @@ pub(super) fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> 
         let split = |t: &Tensor, len: usize| -> candle_core::Result<Tensor> {
             t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()
         };
+        let fused = (n == m)
+            .then(|| Tensor::cat(&[&q, &k, &v], 2))
+            .transpose()?;
         compare(
             label,
             &format!("[{b},{n},{heads}x{d}] x {m}"),
@@ -215,9 +218,20 @@ pub(super) fn ops(dev: &Device, dt: DType, repeat: usize) -> anyhow::Result<()> 
                     .transpose(1, 2)?
                     .reshape((b, n, heads * d))?)
             },
-            &[("sdkube", &|| {
-                Ok(own::flash_attention(&q, &k, &v, heads, scale)?)
-            })],
+            &[
+                ("sdkube", &|| {
+                    Ok(own::flash_attention(&q, &k, &v, heads, scale)?)
+                }),
+                // q, k and v as a fused q/k/v projection leaves them: slices of [B, N, 3C] rows,
+                // read in place (self-attention shapes; cross-attention's are packed)
+                ("sdkube, q/k/v slices of one product", &|| {
+                    let Some(all) = &fused else { return Ok(None) };
+                    let c = heads * d;
+                    let part = |i: usize| all.narrow(2, i * c, c);
+                    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+                    Ok(own::flash_attention(&q, &k, &v, heads, scale)?)
+                }),
+            ],
         )?;
     }
     // The transformer's linear layers on [B·HW, C] (with bias, as candle_nn::Linear runs
