@@ -754,23 +754,11 @@ mod tests {
         assert!(expected > 0);
         assert_eq!(gathered.projections.attentions(), expected);
 
-        let x = Tensor::randn(0f32, 1., (2, 4, 8, 8), &dev)?;
-        let ctx = Tensor::randn(0f32, 1., (2, 77, cfg.cross_attention_dim), &dev)?;
-        let t = Tensor::new(&[500f32], &dev)?;
-        let want = plain.forward(&x, &t, &ctx, None)?;
-        let got = gathered.forward(&x, &t, &ctx, None)?;
-        let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(
-            diff <= 1e-5 * scale.max(1.0),
-            "differs by {diff} (scale {scale})"
-        );
-        Ok(())
+        assert_same_prediction(&plain, &gathered)
     }
 
     /// Fused as on GPUs (here on the CPU), every self-attention runs one q/k/v product and
-    /// reads its slices of it in place: the prediction is the one the three products give, for
-    /// the UNet and for a ControlNet's copy of its encoder.
+    /// reads its slices of it in place: the prediction is the one the three products give.
     #[test]
     fn a_unet_with_fused_self_attention_projections_predicts_the_same() -> Result<()> {
         let dir = sdkube_testkit::fixtures().join("sd/sd1");
@@ -796,13 +784,21 @@ mod tests {
         assert!(fused
             .attentions_mut(AttentionKind::Cross)
             .all(|a| !a.is_fused()));
+        assert_same_prediction(&plain, &fused)
+    }
 
-        let cfg = plain.config();
+    /// `other` predicts what `plain` does (within 1e-5 of the largest value) on the CPU.
+    fn assert_same_prediction(
+        plain: &UNet2DConditionModel,
+        other: &UNet2DConditionModel,
+    ) -> Result<()> {
+        let dev = Device::Cpu;
+        let width = plain.config().cross_attention_dim;
         let x = Tensor::randn(0f32, 1., (2, 4, 8, 8), &dev)?;
-        let ctx = Tensor::randn(0f32, 1., (2, 77, cfg.cross_attention_dim), &dev)?;
+        let ctx = Tensor::randn(0f32, 1., (2, 77, width), &dev)?;
         let t = Tensor::new(&[500f32], &dev)?;
         let want = plain.forward(&x, &t, &ctx, None)?;
-        let got = fused.forward(&x, &t, &ctx, None)?;
+        let got = other.forward(&x, &t, &ctx, None)?;
         let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(
