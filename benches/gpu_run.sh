@@ -77,6 +77,7 @@ has graphs && same_images SDKUBE_CUDA_GRAPHS
 has layout && same_images SDKUBE_CHANNELS_LAST
 has cudnngraph && same_images SDKUBE_CUDNN_GRAPH
 has qkv && same_images SDKUBE_FUSED_QKV
+has qkv && same_images SDKUBE_TIME_PROJECTIONS
 
 # 2. speed and memory: ours (--profile: where the time went) then diffusers. Timed with nothing
 #    else on the GPU; the peak memory (nvidia-smi sampling) from a second, shorter run, as
@@ -97,12 +98,12 @@ has nchw && for what in $WHAT; do
   SDKUBE_CHANNELS_LAST=off .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
     | grep -v ' INFO ' | sed 's/}$/, "channels_last": "off"}/'
 done
-# the self-attentions' fused q/k/v projections off and on, back to back (A/B), and the products
-# alone (benches/gpu_qkv_probe.py)
-has qkv && for what in $WHAT; do for f in off on; do
-  SDKUBE_FUSED_QKV=$f .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
-    | grep '"bench"' | sed "s/}\$/, \"fused_qkv\": \"$f\"}/"
-done; done
+# the self-attentions' fused q/k/v projections and the ResNet blocks' batched time projections,
+# each off and on, back to back (A/B), and the q/k/v products alone (benches/gpu_qkv_probe.py)
+has qkv && for what in $WHAT; do for var in SDKUBE_FUSED_QKV SDKUBE_TIME_PROJECTIONS; do for f in off on; do
+  env $var=$f .gpu/sdkube bench --device cuda --precision fp16 --what $what --repeat 10 2>&1 \
+    | grep '"bench"' | sed "s/}\$/, \"$var\": \"$f\"}/"
+done; done; done
 has qkv && python3 benches/gpu_qkv_probe.py
 # SDKUBE_CUDNN=benchmark: cuDNN's algorithms timed per shape instead of its heuristic first pick
 has cudnn && for what in $WHAT; do

@@ -20,6 +20,8 @@ pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
     time_emb_proj: Option<Linear>,
+    /// Where its time term comes projected in a [`TimeEmbedding`] of its network.
+    time_slot: Option<Slot>,
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
@@ -47,28 +49,139 @@ impl ResnetBlock2D {
             time_emb_proj: temb_channels
                 .map(|t| linear(t, cout, vb.pp("time_emb_proj")))
                 .transpose()?,
+            time_slot: None,
             norm2: group_norm(groups, cout, eps, vb.pp("norm2"))?,
             conv2: conv3x3(cout, cout, 1, vb.pp("conv2"))?,
             conv_shortcut,
         })
     }
 
-    /// `xs` `[B, C, H, W]`, plus the time embedding `temb` `[B, T]` where the block has one.
-    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+    /// `xs` `[B, C, H, W]`, plus the time embedding `temb` where the block has one.
+    pub fn forward(&self, xs: &Tensor, temb: Option<&TimeEmbedding>) -> Result<Tensor> {
         // One `h`, reassigned: each intermediate is freed as soon as the next exists (shadowed
         // `let`s would keep them all alive to the end, 256 MB each at the VAE's 1024² stage).
         let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         h = match (&self.time_emb_proj, temb) {
             // [B, C] per sample and channel, added as norm2 reads h
-            (Some(proj), Some(t)) => self
-                .norm2
-                .forward_silu_added(&h, &proj.forward(&t.silu()?)?)?,
+            (Some(proj), Some(t)) => {
+                let term = match t.term(self.time_slot)? {
+                    Some(term) => term,
+                    None => proj.forward(&t.activated)?,
+                };
+                self.norm2.forward_silu_added(&h, &term)?
+            }
             _ => self.norm2.forward_silu(&h)?,
         };
         match &self.conv_shortcut {
             Some(c) => self.conv2.forward_add(&h, &c.forward(xs)?),
             None => self.conv2.forward_add(&h, xs),
         }
+    }
+}
+
+/// The time embedding the ResNet blocks of one network read: `silu(emb)` `[B, T]`, which
+/// each block projects to its channels, and, where the network gathered those projections
+/// ([`TimeProjections::project`]), every block's projected term.
+#[derive(Debug, Clone)]
+pub struct TimeEmbedding {
+    /// The embedding through SiLU, once for all blocks.
+    activated: Tensor,
+    /// Per stack `[L, B, C]`: each block's term.
+    projected: Vec<Tensor>,
+}
+
+impl TimeEmbedding {
+    /// The embedding `emb` `[B, T]`: each block projects it itself.
+    pub fn new(emb: &Tensor) -> Result<Self> {
+        Ok(Self {
+            activated: emb.silu()?,
+            projected: vec![],
+        })
+    }
+
+    /// The term `[B, C]` projected for the block at `slot`, if any.
+    fn term(&self, slot: Option<Slot>) -> Result<Option<Tensor>> {
+        match slot.and_then(|s| Some((s, self.projected.get(s.stack)?))) {
+            Some((slot, stack)) => stack.get(slot.member).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The time-embedding projections of a network's ResNet blocks, stacked per width, so that a
+/// pass projects the embedding for all of them in one batched product per width instead of
+/// one small product each (SD1.5's UNet has 22 blocks, SDXL's 17): one launch per width where
+/// there were one per block, each a product of two rows. The blocks keep their weights as views
+/// into the stacks: no second copy.
+#[derive(Debug, Default)]
+pub struct TimeProjections {
+    /// Per distinct width: `[L, C, T]` weights and `[L, 1, C]` biases of L blocks.
+    stacks: Vec<(Tensor, Tensor)>,
+}
+
+/// `SDKUBE_TIME_PROJECTIONS=on|off` (on by default): see [`TimeProjections::gather_on`].
+static TIME_PROJECTIONS: sdkube_nn::Switch =
+    sdkube_nn::Switch::new("SDKUBE_TIME_PROJECTIONS", "on", "off", true);
+
+impl TimeProjections {
+    /// [`gather`](Self::gather) for a network on `device` where it pays: on GPUs, where the
+    /// many small products cost launches. Not on the CPU, whose linear layers run one sample at
+    /// a time so that an image does not depend on the batch it was made in.
+    pub fn gather_on<'a>(
+        device: &candle_core::Device,
+        resnets: impl IntoIterator<Item = &'a mut ResnetBlock2D>,
+    ) -> Result<Self> {
+        match device.is_cuda() && TIME_PROJECTIONS.is_on() {
+            true => Self::gather(resnets),
+            false => Ok(Self::default()),
+        }
+    }
+
+    /// Stacks the time projections of `resnets` (those with one, with a bias) per shape and
+    /// dtype, and points each block at its slot.
+    pub fn gather<'a>(resnets: impl IntoIterator<Item = &'a mut ResnetBlock2D>) -> Result<Self> {
+        let groups = grouped(resnets, |block| {
+            let proj = block.time_emb_proj.as_ref()?;
+            proj.bias().map(|_| proj.weight())
+        });
+        let mut stacks = Vec::with_capacity(groups.len());
+        for (stack, members) in groups.into_iter().enumerate() {
+            let projections = || members.iter().filter_map(|b| b.time_emb_proj.as_ref());
+            let weights: Vec<&Tensor> = projections().map(Linear::weight).collect();
+            let biases: Vec<&Tensor> = projections().filter_map(Linear::bias).collect();
+            let weight = Tensor::stack(&weights, 0)?;
+            let bias = Tensor::stack(&biases, 0)?.unsqueeze(1)?;
+            for (member, block) in members.into_iter().enumerate() {
+                let b = bias.get(member)?.squeeze(0)?;
+                block.time_emb_proj = Some(Linear::from_weight(weight.get(member)?, Some(b)));
+                block.time_slot = Some(Slot { stack, member });
+            }
+            stacks.push((weight, bias));
+        }
+        Ok(Self { stacks })
+    }
+
+    /// How many blocks it gathered.
+    pub fn blocks(&self) -> usize {
+        self.stacks.iter().map(|(w, _)| w.dim(0).unwrap_or(0)).sum()
+    }
+
+    /// `emb` `[B, T]` with every gathered block's term projected.
+    pub fn project(&self, emb: &Tensor) -> Result<TimeEmbedding> {
+        let mut time = TimeEmbedding::new(emb)?;
+        let (b, t) = time.activated.dims2()?;
+        time.projected = self
+            .stacks
+            .iter()
+            .map(|(w, bias)| {
+                let all = time
+                    .activated
+                    .unsqueeze(0)?
+                    .broadcast_as((w.dim(0)?, b, t))?;
+                all.matmul(&w.transpose(1, 2)?)?.broadcast_add(bias)
+            })
+            .collect::<Result<_>>()?;
+        Ok(time)
     }
 }
 
@@ -273,12 +386,33 @@ impl Attention {
     }
 }
 
-/// Where a cross-attention's keys and values sit in its network's projections: the stack of
-/// its width, and its pair in that stack.
+/// `items` grouped by the shape and dtype of the weight `stacked` gives each (those it gives
+/// none are left out), the groups in order of their first member: the layers one stack takes.
+fn grouped<'a, T>(
+    items: impl IntoIterator<Item = &'a mut T>,
+    stacked: impl Fn(&T) -> Option<&Tensor>,
+) -> Vec<Vec<&'a mut T>> {
+    type Shape = (Vec<usize>, DType);
+    let mut groups: Vec<(Shape, Vec<&'a mut T>)> = vec![];
+    for item in items {
+        let Some(key) = stacked(item).map(|w| (w.dims().to_vec(), w.dtype())) else {
+            continue;
+        };
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push(item),
+            None => groups.push((key, vec![item])),
+        }
+    }
+    groups.into_iter().map(|(_, members)| members).collect()
+}
+
+/// Where a layer's stacked weights sit in its network's gathered projections: the stack of its
+/// width, and its place in that stack (a cross-attention's pair of keys and values, a ResNet
+/// block's time projection).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Slot {
     stack: usize,
-    pair: usize,
+    member: usize,
 }
 
 /// The text context the cross-attentions of one network read: the text encoder's hidden
@@ -307,8 +441,8 @@ impl CrossContext {
         };
         let (b, m, _) = self.hidden.dims3()?;
         let shape = (b, m, stack.dim(2)?);
-        let k = stack.get(2 * slot.pair)?.reshape(shape)?;
-        let v = stack.get(2 * slot.pair + 1)?.reshape(shape)?;
+        let k = stack.get(2 * slot.member)?.reshape(shape)?;
+        let v = stack.get(2 * slot.member + 1)?.reshape(shape)?;
         Ok(Some((k, v)))
     }
 }
@@ -451,25 +585,14 @@ impl ContextProjections {
     /// Stacks the key and value weights of `attentions` (those without biases; an attention
     /// with biases keeps projecting on its own) and points each attention at its slot.
     pub fn gather<'a>(attentions: impl IntoIterator<Item = &'a mut Attention>) -> Result<Self> {
-        // Per shape and dtype of the weights, its attentions.
-        type Group<'a> = ((Vec<usize>, DType), Vec<&'a mut Attention>);
-        let mut groups: Vec<Group<'a>> = vec![];
-        for attn in attentions {
-            if attn.to_k.bias().is_some() || attn.to_v.bias().is_some() {
-                continue;
-            }
+        let groups = grouped(attentions, |attn| {
             let (w, wv) = (attn.to_k.weight(), attn.to_v.weight());
-            if w.dims() != wv.dims() || w.dtype() != wv.dtype() {
-                continue;
-            }
-            let key = (w.dims().to_vec(), w.dtype());
-            match groups.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, members)) => members.push(attn),
-                None => groups.push((key, vec![attn])),
-            }
-        }
+            let biased = attn.to_k.bias().is_some() || attn.to_v.bias().is_some();
+            let stackable = !biased && w.dims() == wv.dims() && w.dtype() == wv.dtype();
+            stackable.then_some(w)
+        });
         let mut stacks = Vec::with_capacity(groups.len());
-        for (stack, (_, members)) in groups.into_iter().enumerate() {
+        for (stack, members) in groups.into_iter().enumerate() {
             let weights: Vec<&Tensor> = members
                 .iter()
                 .flat_map(|a| [a.to_k.weight(), a.to_v.weight()])
@@ -478,7 +601,10 @@ impl ContextProjections {
             for (pair, attn) in members.into_iter().enumerate() {
                 attn.to_k = Linear::from_weight(stacked.get(2 * pair)?, None);
                 attn.to_v = Linear::from_weight(stacked.get(2 * pair + 1)?, None);
-                attn.slot = Some(Slot { stack, pair });
+                attn.slot = Some(Slot {
+                    stack,
+                    member: pair,
+                });
             }
             stacks.push(stacked);
         }
@@ -557,7 +683,7 @@ mod tests {
             .collect();
         assert_eq!(stacks, [vec![4, 8, 6], vec![2, 16, 6]]);
         let slots: Vec<_> = attentions.iter().map(|a| a.slot).collect();
-        let slot = |stack, pair| Some(Slot { stack, pair });
+        let slot = |stack, member| Some(Slot { stack, member });
         assert_eq!(slots, [slot(0, 0), slot(1, 0), slot(0, 1), None]);
 
         let projected = projections.project(&hidden)?;

@@ -15,7 +15,7 @@ use candle_nn::VarBuilder;
 
 use sdkube_nn::{conv1x1, conv3x3, Conv2d};
 
-use crate::blocks::{fuse_self_attentions_on, ContextProjections};
+use crate::blocks::{fuse_self_attentions_on, ContextProjections, TimeProjections};
 use crate::checkpoint::{component_file, invalid, read_json, read_tensors, Component, LoadError};
 use crate::config::ControlNetConfig;
 use crate::ldm::{self, TensorMap};
@@ -74,6 +74,8 @@ pub struct ControlNetModel {
     cfg: ControlNetConfig,
     /// Its cross-attentions' keys and values, projected at once per pass (on GPUs).
     projections: ContextProjections,
+    /// Its ResNet blocks' time projections, at once per pass (on GPUs).
+    time_projections: TimeProjections,
 }
 
 impl ControlNetModel {
@@ -85,6 +87,7 @@ impl ControlNetModel {
         let projections = ContextProjections::gather_on(vb.device(), cross)?;
         let self_attentions = encoder.attentions_mut(AttentionKind::SelfAttention);
         fuse_self_attentions_on(vb.device(), self_attentions, &Default::default())?;
+        let time_projections = TimeProjections::gather_on(vb.device(), encoder.resnets_mut())?;
         let boc = &unet.block_out_channels;
         // One convolution per skip connection: conv_in's output, each layer's, and each
         // downsampler's (every level but the last has one).
@@ -108,6 +111,7 @@ impl ControlNetModel {
             mid_conv: conv1x1(mid, mid, vb.pp("controlnet_mid_block"))?,
             cfg: cfg.clone(),
             projections,
+            time_projections,
         })
     }
 
@@ -134,13 +138,14 @@ impl ControlNetModel {
             cond.clone()
         };
         let emb = self.encoder.embedding(t, added, xs.dim(0)?, xs.dtype())?;
+        let emb = &self.time_projections.project(&emb)?;
         let h = sdkube_nn::add(
             &self.encoder.conv_in(xs)?,
             &self.cond_embedding.forward(&cond)?,
         )?;
         let ctx = &self.projections.project(ctx)?;
-        let (h, skips) = self.encoder.down(h, &emb, ctx)?;
-        let h = self.encoder.mid(&h, &emb, ctx)?;
+        let (h, skips) = self.encoder.down(h, emb, ctx)?;
+        let h = self.encoder.mid(&h, emb, ctx)?;
         let pool = |t: Tensor| -> Result<Tensor> {
             if self.cfg.global_pool_conditions {
                 t.mean_keepdim(3)?.mean_keepdim(2)

@@ -15,7 +15,7 @@ use sdkube_nn::{
 
 use crate::blocks::{
     fuse_self_attentions_on, Attention, ContextProjections, CrossContext, Downsample2D,
-    ProjectionStacks, ResnetBlock2D, Upsample2D,
+    ProjectionStacks, ResnetBlock2D, TimeEmbedding, TimeProjections, Upsample2D,
 };
 use crate::config::UNetConfig;
 
@@ -232,7 +232,7 @@ impl Level {
         &self,
         j: usize,
         xs: &Tensor,
-        temb: &Tensor,
+        temb: &TimeEmbedding,
         ctx: &CrossContext,
     ) -> Result<Tensor> {
         let xs = self.resnets[j].forward(xs, Some(temb))?;
@@ -305,6 +305,8 @@ pub struct UNet2DConditionModel {
     graphs: sdkube_nn::GraphCache,
     /// Its cross-attentions' keys and values, projected at once per pass (on GPUs).
     projections: ContextProjections,
+    /// Its ResNet blocks' time projections, at once per pass (on GPUs).
+    time_projections: TimeProjections,
 }
 
 fn has_cross_attention(block_type: &str) -> bool {
@@ -498,7 +500,7 @@ impl Encoder {
     pub(crate) fn down(
         &self,
         mut h: Tensor,
-        emb: &Tensor,
+        emb: &TimeEmbedding,
         ctx: &CrossContext,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut skips = vec![h.clone()];
@@ -516,10 +518,23 @@ impl Encoder {
     }
 
     /// The mid block.
-    pub(crate) fn mid(&self, h: &Tensor, emb: &Tensor, ctx: &CrossContext) -> Result<Tensor> {
+    pub(crate) fn mid(
+        &self,
+        h: &Tensor,
+        emb: &TimeEmbedding,
+        ctx: &CrossContext,
+    ) -> Result<Tensor> {
         let h = self.mid_resnets[0].forward(h, Some(emb))?;
         let h = self.mid_attention.forward(&h, ctx)?;
         self.mid_resnets[1].forward(&h, Some(emb))
+    }
+
+    /// Its ResNet blocks: the down blocks', then the mid block's.
+    pub(crate) fn resnets_mut(&mut self) -> impl Iterator<Item = &mut ResnetBlock2D> {
+        self.down_blocks
+            .iter_mut()
+            .flat_map(|block| block.level.resnets.iter_mut())
+            .chain(self.mid_resnets.iter_mut())
     }
 
     /// Its attentions of one kind: the down blocks', then the mid block's.
@@ -605,12 +620,23 @@ impl UNet2DConditionModel {
             cfg: cfg.clone(),
             graphs: Default::default(),
             projections: Default::default(),
+            time_projections: Default::default(),
         };
         let cross = unet.attentions_mut(AttentionKind::Cross);
         unet.projections = ContextProjections::gather_on(vb.device(), cross)?;
+        unet.time_projections = TimeProjections::gather_on(vb.device(), unet.resnets_mut())?;
         let self_attentions = unet.attentions_mut(AttentionKind::SelfAttention);
         fuse_self_attentions_on(vb.device(), self_attentions, stacks)?;
         Ok(unet)
+    }
+
+    /// Its ResNet blocks: the encoder's, then the up blocks'.
+    fn resnets_mut(&mut self) -> impl Iterator<Item = &mut ResnetBlock2D> {
+        let up = self
+            .up_blocks
+            .iter_mut()
+            .flat_map(|block| block.level.resnets.iter_mut());
+        self.encoder.resnets_mut().chain(up)
     }
 
     /// Its attentions of one kind: the encoder's, then the up blocks'.
@@ -678,10 +704,11 @@ impl UNet2DConditionModel {
         control: Option<&ControlResiduals>,
     ) -> Result<Tensor> {
         let emb = self.encoder.embedding(t, added, xs.dim(0)?, xs.dtype())?;
+        let emb = &self.time_projections.project(&emb)?;
         let ctx = &self.projections.project(ctx)?;
         let h = self.encoder.conv_in(xs)?;
-        let (h, mut skips) = self.encoder.down(h, &emb, ctx)?;
-        let mut h = self.encoder.mid(&h, &emb, ctx)?;
+        let (h, mut skips) = self.encoder.down(h, emb, ctx)?;
+        let mut h = self.encoder.mid(&h, emb, ctx)?;
         if let Some(control) = control {
             if control.down.len() != skips.len() {
                 candle_core::bail!(
@@ -702,7 +729,7 @@ impl UNet2DConditionModel {
                     .pop()
                     .ok_or_else(|| candle_core::Error::Msg("unet skip underflow".into()))?;
                 h = cat_channels(&[&h, &skip])?;
-                h = block.level.run_layer(j, &h, &emb, ctx)?;
+                h = block.level.run_layer(j, &h, emb, ctx)?;
             }
             if let Some(up) = &block.upsampler {
                 // Upsample to the size of the next skip connection (odd latent sizes).
@@ -785,6 +812,28 @@ mod tests {
             .attentions_mut(AttentionKind::Cross)
             .all(|a| !a.is_fused()));
         assert_same_prediction(&plain, &fused)
+    }
+
+    /// Gathered as on GPUs (here on the CPU), every ResNet block of the down, mid and up blocks
+    /// adds its own time term from the batched products: the prediction is the one each
+    /// block's own projection gives.
+    #[test]
+    fn a_unet_with_gathered_time_projections_predicts_the_same() -> Result<()> {
+        let dir = sdkube_testkit::fixtures().join("sd/sd1");
+        let weights = crate::load(&dir, &Default::default()).unwrap().unet;
+        let dev = Device::Cpu;
+        let plain = weights.build(&dev, DType::F32)?;
+        let mut gathered = weights.build(&dev, DType::F32)?;
+        assert_eq!(
+            plain.time_projections.blocks(),
+            0,
+            "the CPU projects per block"
+        );
+        gathered.time_projections = TimeProjections::gather(gathered.resnets_mut())?;
+        let blocks = gathered.resnets_mut().count();
+        assert!(blocks > 0);
+        assert_eq!(gathered.time_projections.blocks(), blocks);
+        assert_same_prediction(&plain, &gathered)
     }
 
     /// `other` predicts what `plain` does (within 1e-5 of the largest value) on the CPU.
