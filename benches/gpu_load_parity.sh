@@ -13,12 +13,18 @@ fixtures="fixtures/sd/sd1.safetensors fixtures/sd/sd2v.safetensors fixtures/sd/s
 failed=0
 for model in ${MODELS:-$fixtures}; do
   name=$(basename "$model")
+  # The tiny fixtures' single files need their folder's configs (4 norm groups, which a
+  # checkpoint's shapes do not tell; real SD's 32 are inferred).
+  config=(); [ -f "$model" ] && [ -d "${model%.safetensors}" ] && config=(--config "${model%.safetensors}")
   for i in "${!bins[@]}"; do
     rm -rf "/tmp/parity-$name-$i"
     SDKUBE_GPU_KERNELS=candle SDKUBE_CUDA_GRAPHS=off timeout 120 "${bins[$i]}" --log-json generate \
-      --model "$model" --prompt "a lighthouse" --steps 3 --seed 7 --width "${SIDE:-64}" \
+      --model "$model" "${config[@]}" --prompt "a lighthouse" --steps 3 --seed 7 --width "${SIDE:-64}" \
       --height "${SIDE:-64}" --device cuda --precision fp16 --out "/tmp/parity-$name-$i" \
-      > "/tmp/parity-$name-$i.log" 2>&1 || { echo "$name: ${bins[$i]} failed"; tail -3 "/tmp/parity-$name-$i.log"; }
+      > "/tmp/parity-$name-$i.log" 2>&1 || {
+        # the error line, not the backtrace's last frames
+        echo "$name: ${bins[$i]} failed: $(grep -m1 -E '^error|ERROR|panicked' "/tmp/parity-$name-$i.log" | cut -c1-300)"
+        failed=1; continue 2; }
   done
   for i in "${!bins[@]}"; do
     [ "$i" = 0 ] && continue

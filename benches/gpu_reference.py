@@ -9,10 +9,12 @@ Usage: python3 benches/gpu_reference.py [--compile[=MODE]] [--only=unet-sdxl,...
 --only: those items alone: unet-sd15, unet-sdxl, grad-sd15, vae, txt2img-sd15, txt2img-sdxl.
 --batch=2: the UNet steps at those batch sizes alone (default 1,2);
 --profile: after timing each UNet shape, GPU time per kind of kernel for one more call;
---fuse-qkv: the UNets' attention projections fused first (`fuse_qkv_projections()`), and with
-  --compile the inductor settings of diffusers' "accelerate inference" guide (conv_1x1_as_mm,
-  coordinate_descent_tuning, coordinate_descent_check_all_directions, epilogue_fusion off): the
-  recipe diffusers documents for its fastest SDXL."""
+--fuse-qkv: the UNets' attention projections fused first (`fuse_qkv_projections()`);
+--inductor-guide: with --compile, the inductor settings of diffusers' "accelerate inference"
+  guide (conv_1x1_as_mm, coordinate_descent_tuning, coordinate_descent_check_all_directions,
+  epilogue_fusion off). Both together are the recipe diffusers documents for its fastest SDXL;
+  its coordinate-descent tuning compiles for many minutes (SD1.5 alone did not finish in 480 s
+  on an H200, 2026-12-07), so each can be tried on its own."""
 import json
 import subprocess
 import sys
@@ -96,10 +98,11 @@ compile_ = mode is not None
 only = [w for a in sys.argv if a.startswith("--only=") for w in a.split("=", 1)[1].split(",")]
 batches = [int(b) for a in sys.argv if a.startswith("--batch=") for b in a.split("=", 1)[1].split(",")] or [1, 2]
 fuse_qkv = "--fuse-qkv" in sys.argv
+inductor_guide = compile_ and "--inductor-guide" in sys.argv
 IMPL = f"diffusers {__import__('diffusers').__version__} torch {torch.__version__}" + (
     f" compile(mode={mode}, fullgraph=True, dynamic=False) channels_last" if compile_ else " eager") + (
-    " fuse_qkv_projections" + (" + guide's inductor settings" if compile_ else "") if fuse_qkv else "")
-if fuse_qkv and compile_:
+    " fuse_qkv_projections" if fuse_qkv else "") + (" + the guide's inductor settings" if inductor_guide else "")
+if inductor_guide:
     import torch._inductor.config as inductor
 
     inductor.conv_1x1_as_mm = True
