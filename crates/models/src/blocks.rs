@@ -489,7 +489,7 @@ pub fn fuse_self_attentions_on<'a>(
 /// patch): the weights' own entries are views into the stacks, so networks built from them
 /// fuse their projections without a copy ([`Attention::fuse_projections`]), and a LoRA that
 /// replaces one of the three makes only that attention stack its own.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ProjectionStacks(HashMap<String, Tensor>);
 
 impl ProjectionStacks {

@@ -14,6 +14,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
+use crate::blocks::ProjectionStacks;
 use crate::clip::ClipTextModel;
 use crate::config::{ClipTextConfig, UNetConfig, VaeConfig};
 use crate::ldm::{self, TensorMap};
@@ -166,10 +167,30 @@ pub struct SdWeights {
     pub text_encoder_2: Option<Component<ClipTextConfig>>,
     /// The denoising UNet.
     pub unet: Component<UNetConfig>,
+    /// Where `unet`'s self-attention projections are stacked on a GPU (its q, k and v entries
+    /// views into them): set by an engine that keeps the weights there, so each UNet built from
+    /// them ([`SdWeights::build_unet`]) fuses without a copy. Empty otherwise.
+    pub unet_stacks: ProjectionStacks,
     /// The latent ↔ image autoencoder.
     pub vae: Component<VaeConfig>,
     /// Where the model was loaded from (a diffusers folder or a single file).
     pub source: PathBuf,
+}
+
+impl SdWeights {
+    /// The UNet on `device`, weights cast to `dtype`; where they are stacked
+    /// ([`unet_stacks`](Self::unet_stacks)), its fused projections are the stacks.
+    pub fn build_unet(
+        &self,
+        device: &Device,
+        dtype: DType,
+    ) -> candle_core::Result<UNet2DConditionModel> {
+        UNet2DConditionModel::new_sharing(
+            self.unet.var_builder(device, dtype),
+            &self.unet.config,
+            &self.unet_stacks,
+        )
+    }
 }
 
 /// Choices a caller can make when loading.
@@ -442,6 +463,7 @@ fn load_diffusers(dir: &Path, opts: &LoadOptions) -> Result<SdWeights, LoadError
         unet,
         vae,
         source: dir.to_path_buf(),
+        unet_stacks: ProjectionStacks::default(),
     })
 }
 
@@ -575,6 +597,7 @@ fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<SdWeights, LoadEr
         unet,
         vae,
         source: path.to_path_buf(),
+        unet_stacks: ProjectionStacks::default(),
     })
 }
 

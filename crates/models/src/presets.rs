@@ -161,5 +161,6 @@ pub fn random_model(family: Family, dtype: DType, device: &Device) -> Result<SdW
         unet: random_unet(family, dtype, device)?,
         vae: random_vae(family, dtype, device)?,
         source: PathBuf::from(format!("random {}", family.name())),
+        unet_stacks: Default::default(),
     })
 }

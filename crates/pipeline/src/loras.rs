@@ -411,8 +411,10 @@ impl LoraNetworks {
     }
 
     /// Makes the uploaded base weights `weights`' text encoders and UNet (same keys and
-    /// shapes), where there are any: the copies they replace (on the host, or read onto the
-    /// device in their stored dtype and layout) would hold the memory twice.
+    /// shapes), and their projection stacks the UNet's, where there are any: the copies they
+    /// replace (on the host, or read onto the device in their stored dtype and layout) would
+    /// hold the memory twice, and a UNet built from `weights` (a training job's) fuses into the
+    /// stacks instead of copying them.
     pub(crate) fn share_base(&self, weights: &mut SdWeights) {
         let Some(base) = &self.base else {
             return;
@@ -422,6 +424,7 @@ impl LoraNetworks {
             c.tensors = te2.clone();
         }
         weights.unet.tensors = base.unet.clone();
+        weights.unet_stacks = base.unet_stacks.clone();
     }
 
     /// The LoRA files prompts may name.

@@ -280,7 +280,7 @@ pub fn train_embedding(
         .as_ref()
         .map(|c| c.build(device, dtype))
         .transpose()?;
-    let unet = weights.unet.build(device, dtype)?;
+    let unet = weights.build_unet(device, dtype)?;
 
     let (start, first_step) = match resumed {
         Some((v, step)) => (v, step),
