@@ -293,9 +293,20 @@ fn read_tensors_onto(
         Some(d) if !d.is_cpu() => sdkube_weights::safetensors_index(path)?,
         _ => None,
     };
-    let (Some(device), Some(index)) = (device, index) else {
-        return read_tensors(path);
-    };
+    match (device, index) {
+        (Some(device), Some(index)) => read_indexed(path, index, device, onto_device),
+        _ => read_tensors(path),
+    }
+}
+
+/// The tensors of `index` (of the safetensors file `path`): those whose key `onto_device`
+/// accepts onto `device`, the rest to the host.
+fn read_indexed(
+    path: &Path,
+    index: Vec<sdkube_weights::StoredTensor>,
+    device: &Device,
+    onto_device: impl Fn(&str) -> bool,
+) -> Result<TensorMap, LoadError> {
     let file = std::fs::File::open(path).map_err(|source| LoadError::Io {
         path: path.to_path_buf(),
         source,
@@ -720,7 +731,7 @@ mod tests {
 
     use candle_core::{DType, Device, Tensor};
 
-    use super::{places, read_tensors, read_tensors_onto};
+    use super::{places, read_indexed, read_tensors, read_tensors_onto};
 
     /// Where the index says each tensor is, reading it there gives what the host reader gives
     /// (the path a GPU takes, read here onto the CPU).
@@ -752,6 +763,9 @@ mod tests {
         let read = sdkube_nn::read_to_device(&file, &places(&index), &dev).unwrap();
         let host = read_tensors(&path).unwrap();
         let onto_cpu = read_tensors_onto(&path, Some(&dev), |_| true).unwrap();
+        // Split as a single file's networks and the rest are (here both onto the CPU).
+        let split = read_indexed(&path, index.clone(), &dev, |k| k.starts_with("conv.")).unwrap();
+        assert_eq!(split.len(), saved.len());
         assert_eq!(read.len(), saved.len());
         for (t, got) in index.iter().zip(&read) {
             let want = &saved[&t.name];
@@ -772,6 +786,7 @@ mod tests {
             assert_eq!(flat(got), flat(want), "{}", t.name);
             assert_eq!(flat(&host[&t.name]), flat(want), "{}", t.name);
             assert_eq!(flat(&onto_cpu[&t.name]), flat(want), "{}", t.name);
+            assert_eq!(flat(&split[&t.name]), flat(want), "{}", t.name);
         }
     }
 }
