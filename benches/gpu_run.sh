@@ -277,5 +277,6 @@ python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', 
 wheels
 has reference && python3 benches/gpu_reference.py
 # diffusers + torch.compile (compiling takes minutes: stage "compile"; COMPILE_MODE picks
-# reduce-overhead (default), max-autotune or default; COMPILE_ONLY=unet-sdxl,txt2img-sdxl narrows)
-has compile && timeout ${COMPILE_TIMEOUT:-420} python3 benches/gpu_reference.py --compile${COMPILE_MODE:+=$COMPILE_MODE} ${COMPILE_ONLY:+--only=$COMPILE_ONLY} ${COMPILE_BATCH:+--batch=$COMPILE_BATCH}
+# reduce-overhead (default), max-autotune or default; COMPILE_ONLY=unet-sdxl,txt2img-sdxl narrows;
+# COMPILE_FLAGS="--fuse-qkv --inductor-guide" adds diffusers' documented recipe, or part of it)
+has compile && timeout ${COMPILE_TIMEOUT:-420} python3 benches/gpu_reference.py --compile${COMPILE_MODE:+=$COMPILE_MODE} ${COMPILE_ONLY:+--only=$COMPILE_ONLY} ${COMPILE_BATCH:+--batch=$COMPILE_BATCH} ${COMPILE_FLAGS:-}

@@ -144,6 +144,19 @@ impl Component<UNetConfig> {
     ) -> candle_core::Result<UNet2DConditionModel> {
         UNet2DConditionModel::new(self.var_builder(device, dtype), &self.config)
     }
+
+    /// [`build`](Self::build), these weights consumed: where the GPU fuses self-attention
+    /// projections, each attention's q, k and v are stacked in place and freed as its stack is
+    /// made, so the device never holds both (as a served engine's base weights).
+    pub fn into_unet(
+        mut self,
+        device: &Device,
+        dtype: DType,
+    ) -> candle_core::Result<UNet2DConditionModel> {
+        let stacks = ProjectionStacks::stack_on(&mut self.tensors, device)?;
+        let vb = VarBuilder::from_tensors(std::mem::take(&mut self.tensors), dtype, device);
+        UNet2DConditionModel::new_sharing(vb, &self.config, &stacks)
+    }
 }
 
 impl Component<VaeConfig> {

@@ -330,7 +330,7 @@ impl Engine {
         let tokenizer = ClipTokenizer::shared().map_err(|e| Error::Invalid(e.to_string()))?;
         let started = Instant::now();
         // The LoRA state keeps the base weights; the resident networks share their memory.
-        let loras = LoraNetworks::new(&weights, &device, dtype, vram == VramMode::High)?;
+        let loras = LoraNetworks::new(&mut weights, &device, dtype, vram == VramMode::High)?;
         let uploaded = started.elapsed().as_secs_f64();
         let resident = match vram {
             VramMode::High => Some(Networks {
@@ -345,7 +345,6 @@ impl Engine {
             }),
             VramMode::Low => None,
         };
-        loras.share_base(&mut weights);
         tracing::info!(
             uploaded_seconds = uploaded,
             built_seconds = started.elapsed().as_secs_f64() - uploaded,

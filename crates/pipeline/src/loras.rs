@@ -375,24 +375,32 @@ pub struct LoraNetworks {
 }
 
 impl LoraNetworks {
-    /// No LoRAs yet; with `resident`, the base weights are uploaded to `device` once, so that
-    /// networks built from them share their memory.
+    /// No LoRAs yet; with `resident`, the base weights of the text encoders and the UNet are
+    /// uploaded to `device` once, so that networks built from them share their memory, and
+    /// become `weights`' own: the copies they replace (on the host, or read onto the device in
+    /// their stored dtype and layout) would hold the memory twice, and a UNet built from
+    /// `weights` (a training job's) fuses into the stacks instead of copying them.
     pub(crate) fn new(
-        weights: &SdWeights,
+        weights: &mut SdWeights,
         device: &Device,
         dtype: DType,
         resident: bool,
     ) -> Result<Self, Error> {
+        // The maps are taken, not cloned: where a weight is on `device` in `dtype` already, the
+        // upload keeps it, and stacking the UNet's q/k/v then frees each attention's three as
+        // its stack is made (still held by `weights`, they would all stay until the networks
+        // are built: SDXL's 614 MB beside their stacks).
+        let up = |map: &mut TensorMap| upload(&std::mem::take(map), device, dtype);
         let base = match resident {
             true => {
-                let mut unet = upload(&weights.unet.tensors, device, dtype)?;
+                let mut unet = up(&mut weights.unet.tensors)?;
                 let unet_stacks = ProjectionStacks::stack_on(&mut unet, device)?;
                 Some(DeviceWeights {
-                    te: upload(&weights.text_encoder.tensors, device, dtype)?,
+                    te: up(&mut weights.text_encoder.tensors)?,
                     te2: weights
                         .text_encoder_2
-                        .as_ref()
-                        .map(|c| upload(&c.tensors, device, dtype))
+                        .as_mut()
+                        .map(|c| up(&mut c.tensors))
                         .transpose()?,
                     unet,
                     unet_stacks,
@@ -400,6 +408,14 @@ impl LoraNetworks {
             }
             false => None,
         };
+        if let Some(base) = &base {
+            weights.text_encoder.tensors = base.te.clone();
+            if let (Some(c), Some(te2)) = (weights.text_encoder_2.as_mut(), &base.te2) {
+                c.tensors = te2.clone();
+            }
+            weights.unet.tensors = base.unet.clone();
+            weights.unet_stacks = base.unet_stacks.clone();
+        }
         Ok(Self {
             library: LoraLibrary::default(),
             bound: HashMap::new(),
@@ -408,23 +424,6 @@ impl LoraNetworks {
             device: device.clone(),
             dtype,
         })
-    }
-
-    /// Makes the uploaded base weights `weights`' text encoders and UNet (same keys and
-    /// shapes), and their projection stacks the UNet's, where there are any: the copies they
-    /// replace (on the host, or read onto the device in their stored dtype and layout) would
-    /// hold the memory twice, and a UNet built from `weights` (a training job's) fuses into the
-    /// stacks instead of copying them.
-    pub(crate) fn share_base(&self, weights: &mut SdWeights) {
-        let Some(base) = &self.base else {
-            return;
-        };
-        weights.text_encoder.tensors = base.te.clone();
-        if let (Some(c), Some(te2)) = (weights.text_encoder_2.as_mut(), &base.te2) {
-            c.tensors = te2.clone();
-        }
-        weights.unet.tensors = base.unet.clone();
-        weights.unet_stacks = base.unet_stacks.clone();
     }
 
     /// The LoRA files prompts may name.

@@ -139,8 +139,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "unet-sd15" | "unet-sdxl" => {
                 let sdxl = what == "unet-sdxl";
                 let family = if sdxl { Family::Sdxl } else { Family::Sd1 };
-                // The UNet alone, as diffusers' reference holds it: nothing else in memory.
-                let unet = presets::random_unet(family, dt, &dev)?.build(&dev, dt)?;
+                // The UNet alone, as diffusers' reference holds it: nothing else in memory;
+                // its projections stacked as a served engine's are.
+                let unet = presets::random_unet(family, dt, &dev)?.into_unet(&dev, dt)?;
                 let (side, ctx_dim) = if sdxl { (128, 2048) } else { (64, 768) };
                 for batch in [1usize, 2] {
                     let x = Tensor::randn(0f32, 1., (batch, 4, side, side), &dev)?.to_dtype(dt)?;
