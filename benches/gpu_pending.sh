@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The checks and figures the branch pending-gpu (a single file's UNet and text encoders read
-# straight onto the GPU; q/k/v stacked in place, branch stack-in-place) needs before it merges, against main, on one GPU machine. Carry
+# straight onto the GPU; q/k/v stacked in place, branch stack-in-place; the GEGLU gate in 16-byte
+# vectors, branch geglu-vec) needs before it merges, against main, on one GPU machine. Carry
 # .gpu/main.xz and .gpu/pending.xz (stripped CUDA builds of main and of this branch) and .whl.
-# PARTS (default "load memory cold") narrows a run; "load memory" fit one call, "cold" another.
+# PARTS (default "load memory speed cold") narrows a run; "load memory" fit one call, "speed"
+# and "cold" one each.
 set -uo pipefail
 . "$(dirname "$0")/gpu_env.sh"
 unpack_builds
-part() { [[ " ${PARTS:-load memory cold} " == *" $1 "* ]]; }
+part() { [[ " ${PARTS:-load memory speed cold} " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; date -u
 # 1. Reading onto the GPU must not change a weight: the same PNG bytes as main on every fixture,
 #    single files (with their folder's configs) and folders, with candle's kernels. (`serve` takes
@@ -32,7 +34,19 @@ if part memory; then
     kill $pid; wait $pid 2>/dev/null
   done
 fi
-# 3. Cold start of single files, main against this branch, diffusers in the same call.
+# 3. The GEGLU gate alone (ours against candle's op: time and max difference), then the UNet
+#    steps of both builds alternating, and compiled diffusers (reduce-overhead) in the same call.
+part speed && for b in main pending main pending; do
+  timeout 60 .gpu/$b bench --device cuda --precision fp16 --what ops --repeat 10 2>&1 | grep '"geglu gate' \
+    | sed "s/}\$/, \"build\": \"$b\"}/"
+  for what in unet-sd15 unet-sdxl; do
+    timeout 60 .gpu/$b bench --device cuda --precision fp16 --what $what --repeat 20 2>&1 | grep '"bench"' \
+      | sed "s/}\$/, \"build\": \"$b\"}/"
+  done
+done
+part speed && cp .gpu/pending .gpu/sdkube && STAGES=compile COMPILE_ONLY=unet-sd15,unet-sdxl COMPILE_BATCH=2 \
+  COMPILE_TIMEOUT=300 bash benches/gpu_run.sh 2>&1 | grep '"bench"'
+# 4. Cold start of single files, main against this branch, diffusers in the same call.
 part cold && BINS=".gpu/main .gpu/pending" MODELS="sd15-single sdxl-single" WARM=on JIT=kept \
   CACHES="warm cold" timeout 560 bash benches/gpu_cold_start.sh
 date -u
