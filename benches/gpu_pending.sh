@@ -44,8 +44,12 @@ part speed && for b in main pending main pending; do
       | sed "s/}\$/, \"build\": \"$b\"}/"
   done
 done
+# Where SDXL's CFG step spends its time, each side by kind of kernel (ours eager per op, theirs
+# the replayed graph's kernels).
+part speed && timeout 60 .gpu/pending bench --device cuda --precision fp16 --what unet-sdxl --repeat 3 \
+  --profile 2>&1 | grep "\"profile\"" | grep "batch 2"
 part speed && cp .gpu/pending .gpu/sdkube && STAGES=compile COMPILE_ONLY=unet-sd15,unet-sdxl COMPILE_BATCH=2 \
-  COMPILE_TIMEOUT=300 bash benches/gpu_run.sh 2>&1 | grep '"bench"'
+  COMPILE_TIMEOUT=330 COMPILE_FLAGS=--profile bash benches/gpu_run.sh 2>&1 | grep -E '"bench"|"profile"'
 # 4. Cold start of single files, main against this branch, diffusers in the same call.
 part cold && BINS=".gpu/main .gpu/pending" MODELS="sd15-single sdxl-single" WARM=on JIT=kept \
   CACHES="warm cold" timeout 560 bash benches/gpu_cold_start.sh
