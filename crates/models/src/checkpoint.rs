@@ -216,11 +216,12 @@ pub struct LoadOptions {
     pub config_dir: Option<PathBuf>,
     /// A separate VAE file that replaces the model's VAE (A1111 `--vae`).
     pub vae: Option<PathBuf>,
-    /// A GPU that the text encoders and the UNet of a diffusers folder are read straight onto,
-    /// in their stored dtype, for an engine that keeps them there (`--vram high`): the file
-    /// reads overlap the copies to the device, and the host never holds the gigabytes. The
-    /// VAE, single-file checkpoints and any other device are read to the host as usual. The
-    /// device needs room for both models where one is still loaded.
+    /// A GPU that the text encoders and the UNet are read straight onto, in their stored
+    /// dtype, for an engine that keeps them there (`--vram high`): the file reads overlap the
+    /// copies to the device, and the host never holds the gigabytes. Safetensors files only
+    /// (diffusers folders and single files); the VAE, `.ckpt` files and any other device are
+    /// read to the host as usual. The device needs room for both models where one is still
+    /// loaded.
     pub device: Option<Device>,
 }
 
@@ -293,23 +294,44 @@ pub(crate) fn component_file(dir: &Path) -> Result<PathBuf, LoadError> {
         })
 }
 
-/// Reads every tensor of a weight file onto `device` where that is a GPU and the file a
-/// safetensors file of element types kept as stored; [`read_tensors`] otherwise.
-fn read_tensors_onto(path: &Path, device: Option<&Device>) -> Result<TensorMap, LoadError> {
+/// Reads every tensor of a weight file: those whose key `onto_device` accepts onto `device`,
+/// where that is a GPU and the file a safetensors file of element types kept as stored, the
+/// rest to the host; all to the host otherwise ([`read_tensors`]).
+fn read_tensors_onto(
+    path: &Path,
+    device: Option<&Device>,
+    onto_device: impl Fn(&str) -> bool,
+) -> Result<TensorMap, LoadError> {
     let index = match device {
         Some(d) if !d.is_cpu() => sdkube_weights::safetensors_index(path)?,
         _ => None,
     };
-    let (Some(device), Some(index)) = (device, index) else {
-        return read_tensors(path);
-    };
+    match (device, index) {
+        (Some(device), Some(index)) => read_indexed(path, index, device, onto_device),
+        _ => read_tensors(path),
+    }
+}
+
+/// The tensors of `index` (of the safetensors file `path`): those whose key `onto_device`
+/// accepts onto `device`, the rest to the host.
+fn read_indexed(
+    path: &Path,
+    index: Vec<sdkube_weights::StoredTensor>,
+    device: &Device,
+    onto_device: impl Fn(&str) -> bool,
+) -> Result<TensorMap, LoadError> {
     let file = std::fs::File::open(path).map_err(|source| LoadError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    let tensors = sdkube_nn::read_to_device(&file, &places(&index), device)
-        .map_err(|e| invalid(path, format!("reading onto {device:?}: {e}")))?;
-    Ok(index.into_iter().map(|t| t.name).zip(tensors).collect())
+    let (there, here): (Vec<_>, Vec<_>) = index.into_iter().partition(|t| onto_device(&t.name));
+    let mut map = TensorMap::new();
+    for (part, to) in [(there, device), (here, &Device::Cpu)] {
+        let tensors = sdkube_nn::read_to_device(&file, &places(&part), to)
+            .map_err(|e| invalid(path, format!("reading onto {to:?}: {e}")))?;
+        map.extend(part.into_iter().map(|t| t.name).zip(tensors));
+    }
+    Ok(map)
 }
 
 /// Where the index says each tensor is, as the device reader takes it.
@@ -332,7 +354,7 @@ fn load_component<C: DeserializeOwned>(
         return Err(invalid(dir, "missing component folder"));
     }
     let config = read_json(&dir.join("config.json"))?;
-    let mut tensors = read_tensors_onto(&component_file(dir)?, device)?;
+    let mut tensors = read_tensors_onto(&component_file(dir)?, device, |_| true)?;
     // transformers ≥ 5.6 writes text encoders without the `text_model.` prefix.
     if tensors.contains_key("embeddings.token_embedding.weight") {
         tensors = tensors
@@ -494,7 +516,18 @@ fn sidecar_says_v(path: &Path) -> bool {
 }
 
 fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<SdWeights, LoadError> {
-    let all = read_tensors(path)?;
+    // The UNet and the text encoders onto the device where asked, the rest (the VAE, an EMA
+    // copy) to the host.
+    let networks = |k: &str| {
+        [
+            "model.diffusion_model.",
+            "cond_stage_model.",
+            "conditioner.",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))
+    };
+    let all = read_tensors_onto(path, opts.device.as_ref(), networks)?;
     let unet_ldm = ldm::strip_prefix(&all, "model.diffusion_model.");
     if unet_ldm.is_empty() {
         return Err(invalid(
@@ -711,7 +744,7 @@ mod tests {
 
     use candle_core::{DType, Device, Tensor};
 
-    use super::{places, read_tensors, read_tensors_onto};
+    use super::{places, read_indexed, read_tensors, read_tensors_onto};
 
     /// Where the index says each tensor is, reading it there gives what the host reader gives
     /// (the path a GPU takes, read here onto the CPU).
@@ -742,7 +775,10 @@ mod tests {
         let file = std::fs::File::open(&path).unwrap();
         let read = sdkube_nn::read_to_device(&file, &places(&index), &dev).unwrap();
         let host = read_tensors(&path).unwrap();
-        let onto_cpu = read_tensors_onto(&path, Some(&dev)).unwrap();
+        let onto_cpu = read_tensors_onto(&path, Some(&dev), |_| true).unwrap();
+        // Split as a single file's networks and the rest are (here both onto the CPU).
+        let split = read_indexed(&path, index.clone(), &dev, |k| k.starts_with("conv.")).unwrap();
+        assert_eq!(split.len(), saved.len());
         assert_eq!(read.len(), saved.len());
         for (t, got) in index.iter().zip(&read) {
             let want = &saved[&t.name];
@@ -763,6 +799,7 @@ mod tests {
             assert_eq!(flat(got), flat(want), "{}", t.name);
             assert_eq!(flat(&host[&t.name]), flat(want), "{}", t.name);
             assert_eq!(flat(&onto_cpu[&t.name]), flat(want), "{}", t.name);
+            assert_eq!(flat(&split[&t.name]), flat(want), "{}", t.name);
         }
     }
 }

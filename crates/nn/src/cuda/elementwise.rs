@@ -146,13 +146,19 @@ impl Geglu {
         let hs = h.as_cuda_slice::<T>()?.slice(hl.start_offset()..);
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<T>(n)? };
-        let name = format!("geglu_{}", suffix(h.dtype())?);
-        let func = kernel(&dev, &name)?;
-        let (n32, f_u32) = (n as u32, f as u32);
+        // 16 bytes per thread where rows split into whole vectors that start aligned (the
+        // allocation is; the view's offset must keep it).
+        let vec = 16 / h.dtype().size_in_bytes();
+        let (kind, threads) = match f % vec == 0 && hl.start_offset() % vec == 0 {
+            true => ("geglu_vec", n / vec),
+            false => ("geglu", n),
+        };
+        let func = kernel(&dev, &format!("{kind}_{}", suffix(h.dtype())?))?;
+        let (threads32, f_u32) = (threads as u32, f as u32);
         let mut launch = func.builder();
-        launch.arg(&hs).arg(&out).arg(&n32).arg(&f_u32);
+        launch.arg(&hs).arg(&out).arg(&threads32).arg(&f_u32);
         // SAFETY: argument list matches the kernel's signature.
-        unsafe { launch.launch(launch_1d(n)) }.w()?;
+        unsafe { launch.launch(launch_1d(threads)) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
     }
 }

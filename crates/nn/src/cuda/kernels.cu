@@ -445,14 +445,35 @@ __device__ void add_bias(const T* y, const T* bias, T* out, unsigned n, unsigned
     out[i] = from_f<T>(to_f(y[i]) + to_f(bias[(i / per_sample) * channels + (i / inner) % channels]));
 }
 
-// h: [rows, 2F] -> out: [rows, F], out = h[:, :F] * gelu(h[:, F:]) (erf form, as torch's gelu).
+// value * gelu(gate), gelu's erf form (as torch's gelu).
+__device__ __forceinline__ float gated_gelu(float value, float gate) {
+  return value * 0.5f * gate * (1.f + erff(gate * 0.70710678118654752f));
+}
+
+// h: [rows, 2F] -> out: [rows, F], out = h[:, :F] * gelu(h[:, F:]).
 template <typename T>
 __device__ void geglu(const T* h, T* out, unsigned n, unsigned f) {
   for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
     const unsigned r = i / f, c = i % f;
-    const float value = to_f(h[2 * r * f + c]);
-    const float gate = to_f(h[2 * r * f + f + c]);
-    out[i] = from_f<T>(value * 0.5f * gate * (1.f + erff(gate * 0.70710678118654752f)));
+    out[i] = from_f<T>(gated_gelu(to_f(h[2 * r * f + c]), to_f(h[2 * r * f + f + c])));
+  }
+}
+
+// The same, VEC outputs per thread (16 bytes), for F a multiple of VEC and `h` 16-byte aligned:
+// one division per vector instead of per element, and a few wide accesses instead of many
+// 2-byte ones. The same arithmetic per element as `geglu`. `vectors` = rows * F / VEC.
+template <typename T, int VEC>
+__device__ void geglu_vec(const T* h, T* out, unsigned vectors, unsigned f) {
+  const unsigned per_row = f / VEC;
+  for (unsigned v = blockIdx.x * blockDim.x + threadIdx.x; v < vectors;
+       v += gridDim.x * blockDim.x) {
+    const unsigned r = v / per_row, c = (v % per_row) * VEC;
+    float value[VEC], gate[VEC];
+    load_vec<T, VEC>(h + 2 * r * f + c, value);
+    load_vec<T, VEC>(h + 2 * r * f + f + c, gate);
+#pragma unroll
+    for (int k = 0; k < VEC; k++) value[k] = gated_gelu(value[k], gate[k]);
+    store_vec<T, VEC>(out + v * VEC, value);
   }
 }
 
@@ -482,6 +503,10 @@ __device__ void softmax_grad(const T* p, const T* dp, const T* row_dot, T* out, 
   }                                                                                           \
   extern "C" __global__ void geglu_##NAME(const T* h, T* out, unsigned n, unsigned f) {       \
     geglu<T>(h, out, n, f);                                                                   \
+  }                                                                                           \
+  extern "C" __global__ void geglu_vec_##NAME(const T* h, T* out, unsigned vectors,           \
+                                              unsigned f) {                                   \
+    geglu_vec<T, 16 / sizeof(T)>(h, out, vectors, f);                                         \
   }                                                                                           \
   extern "C" __global__ void leaky_relu_##NAME(const T* x, T* out, unsigned n, float slope) { \
     leaky_relu<T>(x, out, n, slope);                                                          \
