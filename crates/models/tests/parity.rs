@@ -250,3 +250,51 @@ fn a_model_saved_as_a_diffusers_folder_loads_back_unchanged() {
         assert_eq!(a.vae.tensors.len(), b.vae.tensors.len());
     }
 }
+
+#[test]
+fn single_files_get_their_family_s_native_size() {
+    // A single file records no training size; the server warms up at the one it is given, so
+    // it comes from the family (and SD 2.x's prediction, from the A1111 sidecar yaml).
+    let dir = tempfile::tempdir().unwrap();
+    for (name, v, side) in [
+        ("sd1", false, 64),
+        ("sd2v", false, 64),
+        ("sd2v", true, 96),
+        ("sdxl", false, 128),
+    ] {
+        // The folder's configs, less the UNet's sample_size.
+        let configs = dir.path().join(format!("{name}-{v}"));
+        for part in ["text_encoder", "text_encoder_2", "unet", "vae"] {
+            let from = fixtures().join(name).join(part).join("config.json");
+            let Ok(text) = std::fs::read_to_string(&from) else {
+                continue;
+            };
+            let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+            config.as_object_mut().unwrap().remove("sample_size");
+            std::fs::create_dir_all(configs.join(part)).unwrap();
+            std::fs::write(configs.join(part).join("config.json"), config.to_string()).unwrap();
+        }
+        let file = dir.path().join(format!("{name}-{v}.safetensors"));
+        std::os::unix::fs::symlink(fixtures().join(format!("{name}.safetensors")), &file).unwrap();
+        if v {
+            std::fs::write(
+                file.with_extension("yaml"),
+                "model:\n  params:\n    parameterization: \"v\"\n",
+            )
+            .unwrap();
+        }
+        let opts = LoadOptions {
+            config_dir: Some(configs),
+            ..Default::default()
+        };
+        let w = load(&file, &opts).unwrap();
+        assert_eq!(w.unet.config.sample_size, Some(side), "{name} v={v}");
+    }
+    // A config that names its size keeps it.
+    let opts = LoadOptions {
+        config_dir: Some(fixtures().join("sdxl")),
+        ..Default::default()
+    };
+    let w = load(&fixtures().join("sdxl.safetensors"), &opts).unwrap();
+    assert_eq!(w.unet.config.sample_size, Some(8));
+}
