@@ -6,7 +6,8 @@
 # diffusers wheel in .whl; MODELS (default "sd15 sdxl"; "sd15-single", "sdxl-single": the same
 # weights as one A1111-style checkpoint file, against diffusers' from_single_file and its
 # from_pretrained of the folder), BINS (default ".gpu/sdkube"; several
-# binaries compare builds), WARM ("off on"), CACHES ("warm cold") and JIT narrow a run. JIT
+# binaries compare builds), WARM ("off on"), CACHES ("warm cold"), JIT and REFERENCE (off: no
+# diffusers runs) narrow a run. JIT
 # "fresh" starts sdkube with an empty CUDA JIT cache (CUDA_CACHE_PATH), as a newly scheduled pod
 # does: its PTX kernels (ours, candle's) are compiled for the GPU then; "kept" reuses the cache the
 # run before filled (a cache kept on the node). Default "fresh kept".
@@ -99,6 +100,7 @@ for model in ${MODELS:-sd15 sdxl}; do
         done
       done
     done
+    [ "${REFERENCE:-on}" = off ] && continue
     if [ $dir != $folder ]; then
       if [ $cache = warm ]; then warm $dir; else evict $dir; fi
       python3 benches/cold_start_reference.py load-single $dir $folder 2>&1 | grep -E '"bench"|Error' | sed "s/}$/, \"page_cache\": \"$cache\"}/"
