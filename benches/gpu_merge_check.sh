@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The checks and figures the branch pending-gpu (a single file's UNet and text encoders read
-# straight onto the GPU; q/k/v stacked in place, branch stack-in-place; the GEGLU gate in 16-byte
-# vectors, branch geglu-vec) needs before it merges, against main, on one GPU machine. Carry
-# .gpu/main.xz and .gpu/pending.xz (stripped CUDA builds of main and of this branch) and .whl.
-# PARTS (default "load memory speed cold") narrows a run; "load memory" fit one call, "speed"
-# and "cold" one each.
+# A branch's checks and figures against main before it merges, on one GPU machine: weights
+# loaded alike (PNG bytes), memory, speed against compiled diffusers, single files' cold start.
+# Written for the merge of 2026-12-07 (single files read onto the GPU, q/k/v stacked in place,
+# the GEGLU gate in vectors; README "Latest figures"). Carry .gpu/main.xz and .gpu/pending.xz
+# (stripped CUDA builds of main and of the branch) and .whl. PARTS (default "load memory speed
+# cold") narrows a run; "load memory" fit one call, "speed" and "cold" one each.
 set -uo pipefail
 . "$(dirname "$0")/gpu_env.sh"
 unpack_builds
