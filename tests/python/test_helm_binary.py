@@ -61,6 +61,7 @@ def test_defaults_reach_the_binary():
         "gallery_keep": 500,
         "max_deliveries": 3,
         "model": "sd-1.5",
+        "config": None,
         "store": "/data/models",
         "outputs": "/data/outputs",
         "embeddings": "/data/embeddings",

@@ -1,7 +1,7 @@
 //! What `sdkube serve` is configured with (the binary fills it from flags and `SDKUBE_*`).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use candle_core::{DType, Device};
@@ -80,6 +80,9 @@ pub struct Config {
     pub shared: Option<SharedQueue>,
     /// Model to serve first: a path or a catalog name.
     pub model: String,
+    /// Diffusers folder whose configs replace those inferred from `model`, a single file
+    /// (`--config`, as `generate`'s: for files whose architecture the weights do not tell).
+    pub model_config: Option<PathBuf>,
     /// Where checkpoints are found.
     pub sources: crate::model::ModelSources,
     /// Where upscaler and face-restoration weights are found.
@@ -141,6 +144,34 @@ impl Config {
         if self.role.runs_jobs() && self.devices.is_empty() {
             return Err("no device to run jobs on".into());
         }
+        if let Some(dir) = &self.model_config {
+            if !Path::new(&self.model).is_file() {
+                return Err(format!(
+                    "--config {}: it applies to a single checkpoint file given as --model, and \
+                     {:?} is not a file",
+                    dir.display(),
+                    self.model
+                ));
+            }
+            if !dir.join("unet").join("config.json").is_file() {
+                return Err(format!(
+                    "--config {}: no unet/config.json there (expected a diffusers model \
+                     folder's configs)",
+                    dir.display()
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The config folder to load `path` with: `model_config` where `path` is `model`.
+    pub fn config_dir_for(&self, path: &Path) -> Option<PathBuf> {
+        let dir = self.model_config.as_ref()?;
+        let model = Path::new(&self.model);
+        let same = match (path.canonicalize(), model.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => path == model,
+        };
+        same.then(|| dir.clone())
     }
 }

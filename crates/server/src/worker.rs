@@ -121,6 +121,7 @@ impl Worker {
                 .vram
                 .read_onto(&self.device)
                 .filter(|_| self.engine.is_none()),
+            config_dir: self.state.config.config_dir_for(&want.path),
             ..Default::default()
         };
         let weights = match sdkube_models::load(&want.path, &opts) {

@@ -864,3 +864,44 @@ async fn variations_follow_a1111_seeds_and_infotext() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_single_file_serves_with_the_config_folder_given() {
+    // The tiny fixtures break the conventions configs are inferred from, as some real files
+    // do: with `--config` the file serves the same images as its diffusers folder.
+    let body = json!({"prompt": "a red cube", "steps": 2, "width": 64, "height": 64, "seed": 7});
+    let image = |r: &Value| decode(&unb64(r["images"][0].as_str().unwrap()));
+    let folder = start(|_| {}).await;
+    let (status, from_folder) = folder.post("/sdapi/v1/txt2img", body.clone()).await;
+    assert_eq!(status, 200, "{from_folder}");
+    let file = start(|c| {
+        c.model = repo()
+            .join("fixtures/sd/sd1.safetensors")
+            .display()
+            .to_string();
+        c.model_config = Some(repo().join("fixtures/sd/sd1"));
+    })
+    .await;
+    let (status, from_file) = file.post("/sdapi/v1/txt2img", body).await;
+    assert_eq!(status, 200, "{from_file}");
+    assert_eq!(image(&from_folder), image(&from_file));
+
+    // A folder without configs, or a --model that is not a file, is refused at start.
+    let mut cfg = config(file.dir.path());
+    cfg.model_config = Some(file.dir.path().to_path_buf());
+    cfg.model = repo()
+        .join("fixtures/sd/sd1.safetensors")
+        .display()
+        .to_string();
+    let err = cfg.check().unwrap_err();
+    assert!(
+        err.contains("--config") && err.contains("unet/config.json"),
+        "{err}"
+    );
+    cfg.model = "sd-1.5".into();
+    let err = cfg.check().unwrap_err();
+    assert!(
+        err.contains("--config") && err.contains("\"sd-1.5\" is not a file"),
+        "{err}"
+    );
+}

@@ -48,6 +48,10 @@ pub struct Args {
     /// Model to serve: a catalog name (fetched into the store when missing) or a path.
     #[arg(long, env = "SDKUBE_MODEL", default_value = "sd-1.5")]
     pub model: String,
+    /// Diffusers folder whose configs replace those inferred from `--model` when it is a
+    /// single checkpoint file (as `generate --config`; A1111's `--config`).
+    #[arg(long, env = "SDKUBE_MODEL_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Model store root (the chart's volume).
     #[arg(long, env = "SDKUBE_STORE", default_value = "./data/models")]
     pub store: PathBuf,
@@ -314,6 +318,7 @@ fn config(args: &Args) -> anyhow::Result<sdkube_server::Config> {
         role,
         shared,
         model: args.model.clone(),
+        model_config: args.config.clone(),
         sources: sdkube_server::ModelSources {
             store: args.store.clone(),
             catalog: args.catalog.clone(),

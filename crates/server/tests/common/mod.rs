@@ -36,6 +36,7 @@ pub fn config(dir: &Path) -> Config {
         role: sdkube_server::Role::All,
         shared: None,
         model: fixture_model("sd1"),
+        model_config: None,
         sources: ModelSources {
             store: dir.join("store"),
             catalog: None,
