@@ -7,8 +7,8 @@
 //! first). They are removed from the prompt before it is tokenized; a name no folder has is
 //! an error naming it (A1111 only warns, which leaves users wondering why nothing changed).
 //!
-//! A LoRA's weights are never merged into the loaded model: [`LoraNetworks`] keeps the base
-//! weights (on the device with `--vram high`) and builds a network from the base map with
+//! A LoRA's weights are never merged into the loaded model: [`LoraNetworks`] builds a network
+//! from the engine's base weights (put on the device once with `--vram high`) with
 //! the touched tensors replaced by `W + Σ w·ΔW` ([`sdkube_models::lora::patch`]). Switching
 //! LoRAs therefore costs the deltas of the touched tensors and the rebuild of the networks
 //! they belong to (no copy of untouched weights), never a model load.
@@ -333,17 +333,6 @@ impl InUse {
     }
 }
 
-/// The networks' weights on the device, kept unpatched (`--vram high`).
-#[derive(Debug)]
-struct DeviceWeights {
-    te: TensorMap,
-    te2: Option<TensorMap>,
-    unet: TensorMap,
-    /// The UNet's self-attention projections, stacked where the UNet fuses them; `unet`'s
-    /// entries for them are views into these.
-    unet_stacks: ProjectionStacks,
-}
-
 /// `map` on `device` in `dtype`; convolution weights channels-last where the convolutions
 /// run so, as the layers would make them (shared, not copied per network).
 fn upload(map: &TensorMap, device: &Device, dtype: DType) -> candle_core::Result<TensorMap> {
@@ -362,14 +351,16 @@ fn upload(map: &TensorMap, device: &Device, dtype: DType) -> candle_core::Result
         .collect()
 }
 
-/// LoRAs for one engine: the library, the files read and bound to its model, the set in use,
-/// and the base weights patched networks are built from.
+/// LoRAs for one engine: the library, the files read and bound to its model, and the set in
+/// use, patched into the engine's base weights as networks are built.
 #[derive(Debug)]
 pub struct LoraNetworks {
     library: LoraLibrary,
     bound: HashMap<PathBuf, (Option<Stamp>, Arc<BoundLora>)>,
     active: Vec<InUse>,
-    base: Option<DeviceWeights>,
+    /// The base weights (the engine's `SdWeights`) are on `device` in `dtype` and shared by
+    /// every network built from them (`--vram high`).
+    resident: bool,
     device: Device,
     dtype: DType,
 }
@@ -391,36 +382,19 @@ impl LoraNetworks {
         // its stack is made (still held by `weights`, they would all stay until the networks
         // are built: SDXL's 614 MB beside their stacks).
         let up = |map: &mut TensorMap| upload(&std::mem::take(map), device, dtype);
-        let base = match resident {
-            true => {
-                let mut unet = up(&mut weights.unet.tensors)?;
-                let unet_stacks = ProjectionStacks::stack_on(&mut unet, device)?;
-                Some(DeviceWeights {
-                    te: up(&mut weights.text_encoder.tensors)?,
-                    te2: weights
-                        .text_encoder_2
-                        .as_mut()
-                        .map(|c| up(&mut c.tensors))
-                        .transpose()?,
-                    unet,
-                    unet_stacks,
-                })
+        if resident {
+            weights.unet.tensors = up(&mut weights.unet.tensors)?;
+            weights.unet_stacks = ProjectionStacks::stack_on(&mut weights.unet.tensors, device)?;
+            weights.text_encoder.tensors = up(&mut weights.text_encoder.tensors)?;
+            if let Some(c) = weights.text_encoder_2.as_mut() {
+                c.tensors = up(&mut c.tensors)?;
             }
-            false => None,
-        };
-        if let Some(base) = &base {
-            weights.text_encoder.tensors = base.te.clone();
-            if let (Some(c), Some(te2)) = (weights.text_encoder_2.as_mut(), &base.te2) {
-                c.tensors = te2.clone();
-            }
-            weights.unet.tensors = base.unet.clone();
-            weights.unet_stacks = base.unet_stacks.clone();
         }
         Ok(Self {
             library: LoraLibrary::default(),
             bound: HashMap::new(),
             active: Vec::new(),
-            base,
+            resident,
             device: device.clone(),
             dtype,
         })
@@ -520,24 +494,19 @@ impl LoraNetworks {
             .filter(|p| Self::part_set(&set, *p) != Self::part_set(&self.active, *p))
             .collect();
         self.active = set;
-        Ok(match self.base {
-            Some(_) => changed,
-            None => Vec::new(),
+        Ok(match self.resident {
+            true => changed,
+            false => Vec::new(),
         })
     }
 
     /// The weights `part`'s network is built from: the base (device-resident or CPU) with the
     /// active LoRAs' tensors patched in.
     fn tensors(&self, weights: &SdWeights, part: Part) -> Result<TensorMap, Error> {
-        let base = match (&self.base, part) {
-            (Some(b), Part::TextEncoder) => &b.te,
-            (Some(b), Part::TextEncoder2) => b.te2.as_ref().ok_or_else(no_te2)?,
-            (Some(b), Part::UNet) => &b.unet,
-            (None, Part::TextEncoder) => &weights.text_encoder.tensors,
-            (None, Part::TextEncoder2) => {
-                &weights.text_encoder_2.as_ref().ok_or_else(no_te2)?.tensors
-            }
-            (None, Part::UNet) => &weights.unet.tensors,
+        let base = match part {
+            Part::TextEncoder => &weights.text_encoder.tensors,
+            Part::TextEncoder2 => &weights.text_encoder_2.as_ref().ok_or_else(no_te2)?.tensors,
+            Part::UNet => &weights.unet.tensors,
         };
         let list: Vec<(&BoundLora, f64)> = self
             .active
@@ -577,11 +546,12 @@ impl LoraNetworks {
     pub(crate) fn build_unet(&self, weights: &SdWeights) -> Result<UNet2DConditionModel, Error> {
         let vb =
             VarBuilder::from_tensors(self.tensors(weights, Part::UNet)?, self.dtype, &self.device);
-        let config = &weights.unet.config;
-        Ok(match &self.base {
-            Some(base) => UNet2DConditionModel::new_sharing(vb, config, &base.unet_stacks)?,
-            None => UNet2DConditionModel::new(vb, config)?,
-        })
+        // Resident weights' projections are views into these stacks (empty otherwise).
+        Ok(UNet2DConditionModel::new_sharing(
+            vb,
+            &weights.unet.config,
+            &weights.unet_stacks,
+        )?)
     }
 }
 
