@@ -21,6 +21,7 @@
 
 mod attention;
 mod attention_grad;
+mod candle_machine_code;
 mod choice;
 mod conv;
 mod cudnn_attention;
