@@ -128,6 +128,22 @@ mod tests {
     }
 
     #[test]
+    fn every_module_candle_loads_is_covered_but_the_quantized_one() {
+        let covered: Vec<usize> = MODULES
+            .iter()
+            .map(|(_, module, _)| module.index())
+            .collect();
+        for id in candle_kernels::ALL_IDS {
+            let index = candle_kernels::ALL_IDS
+                .iter()
+                .position(|&i| i == id)
+                .unwrap();
+            let expected = id != candle_kernels::Id::Quantized;
+            assert_eq!(covered.contains(&index), expected, "{id:?}");
+        }
+    }
+
+    #[test]
     fn ptx_text_is_told_apart_from_machine_code() {
         let ptx = std::ffi::CString::new(candle_kernels::AFFINE.ptx()).unwrap();
         // SAFETY: both point at module images.
