@@ -36,11 +36,9 @@ fn main() {
         .parse()
         .expect("CUDA_COMPUTE_CAP is a number such as 80");
     let mut cmd = Command::new(&nvcc);
-    cmd.args(["--fatbin", "-O3", "-std=c++17"]);
-    for sm in MACHINE_CODE.into_iter().filter(|&sm| sm >= cap) {
-        cmd.arg(format!("-gencode=arch=compute_{sm},code=sm_{sm}"));
-    }
-    cmd.arg(format!("-gencode=arch=compute_{cap},code=compute_{cap}"));
+    cmd.args(["--fatbin", "-O3", "-std=c++17"])
+        .args(machine_code_targets(cap))
+        .arg(format!("-gencode=arch=compute_{cap},code=compute_{cap}"));
     let status = cmd
         .arg("-o")
         .arg(&out)
@@ -59,6 +57,14 @@ fn main() {
         .unwrap_or_else(|e| panic!("feature cuda needs nvcc ({nvcc}): {e}"));
     assert!(status.success(), "nvcc failed on src/cuda/kernels.cu");
     candle_machine_code(&nvcc, cap, &out.with_file_name("candle"));
+}
+
+/// nvcc's targets for machine code of each of [`MACHINE_CODE`] from `cap` up.
+fn machine_code_targets(cap: u32) -> impl Iterator<Item = String> {
+    MACHINE_CODE
+        .into_iter()
+        .filter(move |&sm| sm >= cap)
+        .map(|sm| format!("-gencode=arch=compute_{sm},code=sm_{sm}"))
 }
 
 /// The candle-kernels modules whose PTX candle-core loads (the quantized one is left out: no
@@ -86,13 +92,10 @@ fn candle_machine_code(nvcc: &str, cap: u32, dir: &std::path::Path) {
     let children: Vec<_> = CANDLE_MODULES
         .into_iter()
         .map(|name| {
-            let mut cmd = Command::new(nvcc);
-            cmd.args(["--fatbin", "-O3", "-std=c++17", "--expt-relaxed-constexpr"])
-                .args(["--default-stream", "per-thread"]);
-            for sm in MACHINE_CODE.into_iter().filter(|&sm| sm >= cap) {
-                cmd.arg(format!("-gencode=arch=compute_{sm},code=sm_{sm}"));
-            }
-            let child = cmd
+            let child = Command::new(nvcc)
+                .args(["--fatbin", "-O3", "-std=c++17", "--expt-relaxed-constexpr"])
+                .args(["--default-stream", "per-thread"])
+                .args(machine_code_targets(cap))
                 .arg("-o")
                 .arg(dir.join(format!("{name}.fatbin")))
                 .arg(src.join(format!("{name}.cu")))

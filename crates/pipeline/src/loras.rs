@@ -494,10 +494,7 @@ impl LoraNetworks {
             .filter(|p| Self::part_set(&set, *p) != Self::part_set(&self.active, *p))
             .collect();
         self.active = set;
-        Ok(match self.resident {
-            true => changed,
-            false => Vec::new(),
-        })
+        Ok(if self.resident { changed } else { Vec::new() })
     }
 
     /// The weights `part`'s network is built from: the base (device-resident or CPU) with the

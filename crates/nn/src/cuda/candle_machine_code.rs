@@ -133,11 +133,7 @@ mod tests {
             .iter()
             .map(|(_, module, _)| module.index())
             .collect();
-        for id in candle_kernels::ALL_IDS {
-            let index = candle_kernels::ALL_IDS
-                .iter()
-                .position(|&i| i == id)
-                .unwrap();
+        for (index, id) in candle_kernels::ALL_IDS.into_iter().enumerate() {
             let expected = id != candle_kernels::Id::Quantized;
             assert_eq!(covered.contains(&index), expected, "{id:?}");
         }
