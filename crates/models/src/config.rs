@@ -131,6 +131,13 @@ impl UNetConfig {
     pub fn has_text_time(&self) -> bool {
         self.addition_embed_type.as_deref() == Some("text_time")
     }
+
+    /// How many skip connections the down path makes: `conv_in`'s output, each down layer's,
+    /// and each downsampler's (every level but the deepest has one).
+    pub fn skip_connections(&self) -> usize {
+        let levels = self.block_out_channels.len();
+        1 + levels * self.layers_per_block + levels.saturating_sub(1)
+    }
 }
 
 /// `diffusers.ControlNetModel` config: the UNet fields of its encoder half, plus the

@@ -19,6 +19,9 @@ use crate::blocks::{
 };
 use crate::config::UNetConfig;
 
+mod step_cache;
+pub use step_cache::{StepCache, StepCaching};
+
 /// Sinusoidal embedding of `t` `[B]` into `[B, dim]` (`diffusers.models.embeddings.Timesteps`).
 pub fn timestep_embedding(
     t: &Tensor,
@@ -499,22 +502,44 @@ impl Encoder {
     /// connection, `h` itself first.
     pub(crate) fn down(
         &self,
+        h: Tensor,
+        emb: &TimeEmbedding,
+        ctx: &CrossContext,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        self.down_to(h, emb, ctx, usize::MAX)
+    }
+
+    /// [`down`](Self::down), stopped once `count` skip connections are made.
+    pub(crate) fn down_to(
+        &self,
         mut h: Tensor,
         emb: &TimeEmbedding,
         ctx: &CrossContext,
+        count: usize,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
             for j in 0..block.level.resnets.len() {
+                if skips.len() >= count {
+                    return Ok((h, skips));
+                }
                 h = block.level.run_layer(j, &h, emb, ctx)?;
                 skips.push(h.clone());
             }
             if let Some(down) = &block.downsampler {
+                if skips.len() >= count {
+                    return Ok((h, skips));
+                }
                 h = down.forward(&h)?;
                 skips.push(h.clone());
             }
         }
         Ok((h, skips))
+    }
+
+    /// How many skip connections [`down`](Self::down) makes (`conv_in`'s output the first).
+    pub(crate) fn skip_connections(&self) -> usize {
+        self.cfg.skip_connections()
     }
 
     /// The mid block.
@@ -703,34 +728,97 @@ impl UNet2DConditionModel {
         added: Option<&AddedConditioning>,
         control: Option<&ControlResiduals>,
     ) -> Result<Tensor> {
-        let emb = self.encoder.embedding(t, added, xs.dim(0)?, xs.dtype())?;
-        let emb = &self.time_projections.project(&emb)?;
-        let ctx = &self.projections.project(ctx)?;
+        Ok(self.pass_keeping(xs, t, ctx, added, control, None)?.0)
+    }
+
+    /// [`pass`](Self::pass), also giving the input of up layer `keep` (see [`up`](Self::up)).
+    fn pass_keeping(
+        &self,
+        xs: &Tensor,
+        t: &Tensor,
+        ctx: &Tensor,
+        added: Option<&AddedConditioning>,
+        control: Option<&ControlResiduals>,
+        keep: Option<usize>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (emb, ctx) = self.conditioning(xs, t, ctx, added)?;
+        let (emb, ctx) = (&emb, &ctx);
         let h = self.encoder.conv_in(xs)?;
         let (h, mut skips) = self.encoder.down(h, emb, ctx)?;
         let mut h = self.encoder.mid(&h, emb, ctx)?;
         if let Some(control) = control {
-            if control.down.len() != skips.len() {
-                candle_core::bail!(
-                    "the ControlNet gives {} residuals, the UNet has {} skip connections",
-                    control.down.len(),
-                    skips.len()
-                );
-            }
-            for (skip, residual) in skips.iter_mut().zip(&control.down) {
-                *skip = add(skip, residual)?;
-            }
+            self.add_control(&mut skips, control)?;
             h = add(&h, &control.mid)?;
         }
+        self.up(h, skips, emb, ctx, 0, keep)
+    }
 
+    /// The time embedding and the text context as every block of a pass reads them.
+    fn conditioning(
+        &self,
+        xs: &Tensor,
+        t: &Tensor,
+        ctx: &Tensor,
+        added: Option<&AddedConditioning>,
+    ) -> Result<(TimeEmbedding, CrossContext)> {
+        let emb = self.encoder.embedding(t, added, xs.dim(0)?, xs.dtype())?;
+        Ok((
+            self.time_projections.project(&emb)?,
+            self.projections.project(ctx)?,
+        ))
+    }
+
+    /// Adds a ControlNet's residuals to the skip connections made so far (all of them, or the
+    /// first few in a shallow step).
+    fn add_control(&self, skips: &mut [Tensor], control: &ControlResiduals) -> Result<()> {
+        let count = self.encoder.skip_connections();
+        if control.down.len() != count {
+            candle_core::bail!(
+                "the ControlNet gives {} residuals, the UNet has {count} skip connections",
+                control.down.len(),
+            );
+        }
+        for (skip, residual) in skips.iter_mut().zip(&control.down) {
+            *skip = add(skip, residual)?;
+        }
+        Ok(())
+    }
+
+    /// The up path on `h` from its layer `first`, then the output convolution. Up layers are
+    /// counted over every up block in order; each joins the last of `skips` to its input
+    /// (layer 0 joins the deepest skip connection). Where `keep` names a layer, its input
+    /// (before the join) is returned too.
+    fn up(
+        &self,
+        mut h: Tensor,
+        mut skips: Vec<Tensor>,
+        emb: &TimeEmbedding,
+        ctx: &CrossContext,
+        first: usize,
+        keep: Option<usize>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let mut kept = None;
+        let mut layer = 0;
         for block in &self.up_blocks {
-            for j in 0..block.level.resnets.len() {
+            let layers = block.level.resnets.len();
+            if layer + layers <= first {
+                layer += layers; // the whole block is before `first`, its upsampler too
+                continue;
+            }
+            for j in 0..layers {
+                if layer + j < first {
+                    continue;
+                }
+                if keep == Some(layer + j) {
+                    kept = Some(h.clone());
+                }
                 let skip = skips
                     .pop()
                     .ok_or_else(|| candle_core::Error::Msg("unet skip underflow".into()))?;
                 h = cat_channels(&[&h, &skip])?;
                 h = block.level.run_layer(j, &h, emb, ctx)?;
             }
+            layer += layers;
             if let Some(up) = &block.upsampler {
                 // Upsample to the size of the next skip connection (odd latent sizes).
                 let size = skips
@@ -739,7 +827,10 @@ impl UNet2DConditionModel {
                 h = up.forward(&h, size)?;
             }
         }
-        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
+        let out = self
+            .conv_out
+            .forward(&self.conv_norm_out.forward_silu(&h)?)?;
+        Ok((out, kept))
     }
 }
 

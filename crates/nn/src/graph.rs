@@ -57,6 +57,12 @@ impl GraphCache {
     /// `f(inputs)`, replayed from a CUDA graph where it applies. `f` must be a pure function
     /// of its inputs and of weights that do not change while this cache lives.
     pub fn run(&self, inputs: &[&Tensor], f: Pass) -> Result<Tensor> {
+        self.run_pass(0, inputs, f)
+    }
+
+    /// [`run`](Self::run) for a network with several passes over the same inputs (a UNet's
+    /// whole and shallow steps under step caching): each `pass` number has graphs of its own.
+    pub fn run_pass(&self, pass: u32, inputs: &[&Tensor], f: Pass) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if graphs_enabled()
             && !crate::profile::is_on()
@@ -64,8 +70,9 @@ impl GraphCache {
             && inputs.iter().all(|x| !x.track_op())
         {
             let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
-            return graphs.run(inputs, f);
+            return graphs.run(pass, inputs, f);
         }
+        let _ = pass;
         f(&owned(inputs))
     }
 }
@@ -87,9 +94,9 @@ pub(crate) trait Recording: Sized {
     fn replay(&self, inputs: &[&Tensor]) -> Result<Tensor>;
 }
 
-/// What a graph is captured for: each input's shape and dtype, and whether convolutions pad
-/// circularly (seamless tiling changes the kernels a pass runs).
-type Key = (Vec<(Vec<usize>, DType)>, bool);
+/// What a graph is captured for: the pass, each input's shape and dtype, and whether
+/// convolutions pad circularly (seamless tiling changes the kernels a pass runs).
+type Key = (u32, Vec<(Vec<usize>, DType)>, bool);
 
 enum Entry<R> {
     /// Ran eagerly on this thread, giving this output: the next call on the thread captures.
@@ -120,8 +127,9 @@ impl<R> Default for Graphs<R> {
 }
 
 impl<R: Recording> Graphs<R> {
-    pub(crate) fn run(&mut self, inputs: &[&Tensor], f: Pass) -> Result<Tensor> {
+    pub(crate) fn run(&mut self, pass: u32, inputs: &[&Tensor], f: Pass) -> Result<Tensor> {
         let key: Key = (
+            pass,
             inputs
                 .iter()
                 .map(|x| (x.dims().to_vec(), x.dtype()))
@@ -153,12 +161,12 @@ impl<R: Recording> Graphs<R> {
                 // Loose enough for kernels that sum in a different order per run; a baked-in
                 // input is off by the order of the output itself.
                 if diff <= 1e-2 * scale.max(1.0) {
-                    tracing::info!(diff, scale, shapes = ?key.0, "CUDA graph captured and checked");
+                    tracing::info!(diff, scale, shapes = ?key.1, "CUDA graph captured and checked");
                     *checked = true;
                     *last_use = now;
                 } else {
                     let why = "a CUDA graph's replay differs from the eager pass";
-                    tracing::warn!(diff, scale, shapes = ?key.0, "{why}: these shapes run eagerly");
+                    tracing::warn!(diff, scale, shapes = ?key.1, "{why}: these shapes run eagerly");
                     self.entries.insert(key, Entry::Eager);
                 }
                 Ok(eager)
@@ -179,7 +187,7 @@ impl<R: Recording> Graphs<R> {
                         out
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, shapes = ?key.0,
+                        tracing::warn!(error = %e, shapes = ?key.1,
                             "no CUDA graph for these shapes: they run eagerly");
                         self.entries.insert(key, Entry::Eager);
                         f(&owned(inputs))
@@ -298,7 +306,7 @@ mod tests {
     /// Runs `graphs` on inputs of `side` at timestep `t` and checks the result is the pass's.
     fn step(graphs: &mut Graphs<Fake>, side: usize, t: f32) {
         let [x, t] = inputs(side, t);
-        let out = graphs.run(&[&x, &t], &eager).unwrap();
+        let out = graphs.run(0, &[&x, &t], &eager).unwrap();
         let want = pass(&[x, t]).unwrap();
         assert_eq!(difference(&out, &want).unwrap().0, 0.0);
     }
@@ -383,6 +391,21 @@ mod tests {
         step(&mut graphs, 1, 9.0);
         let after = counts();
         assert_eq!((after.0 - before.0, after.2 - before.2), (1, 1));
+    }
+
+    #[test]
+    fn each_pass_has_graphs_of_its_own() {
+        let mut graphs = Graphs::<Fake>::default();
+        for t in 0..3 {
+            step(&mut graphs, 4, t as f32);
+        }
+        let before = counts();
+        let [x, t] = inputs(4, 7.0);
+        graphs.run(1, &[&x, &t], &eager).unwrap();
+        let after = counts();
+        // The same shapes as pass 0's graph, but another pass: a warm-up, no replay.
+        assert_eq!((after.0 - before.0, after.2 - before.2), (1, 0));
+        assert_eq!(graphs.captured(), 1);
     }
 
     #[test]

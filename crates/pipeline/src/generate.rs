@@ -8,7 +8,7 @@ use image::{DynamicImage, GrayImage, RgbImage};
 use sdkube_models::clip::ClipTextModel;
 use sdkube_models::controlnet::ControlNetModel;
 use sdkube_models::lora::Part;
-use sdkube_models::unet::UNet2DConditionModel;
+use sdkube_models::unet::{StepCache, StepCaching, UNet2DConditionModel};
 use sdkube_models::vae::AutoencoderKL;
 use sdkube_models::{Family, SdWeights};
 use sdkube_nn::with_circular_padding;
@@ -176,6 +176,8 @@ pub struct Request {
     /// A1111's refiner: the checkpoint that finishes the run (loaded with
     /// [`Engine::set_refiner`]).
     pub refiner: Option<Refiner>,
+    /// DeepCache-style reuse of the UNet's deep features between steps (off by default).
+    pub step_caching: StepCaching,
 }
 
 /// A random seed as A1111 draws one for seed -1 (32 bits, so that it fits its UI and infotext).
@@ -198,6 +200,7 @@ impl Request {
             && self.clip_skip == other.clip_skip
             && self.tiling == other.tiling
             && self.refiner == other.refiner
+            && self.step_caching == other.step_caching
             && self.control.is_empty()
             && other.control.is_empty()
             && loras::tags_of(&self.prompt) == loras::tags_of(&other.prompt)
@@ -228,6 +231,7 @@ impl Default for Request {
             tiling: false,
             control: Vec::new(),
             refiner: None,
+            step_caching: StepCaching::OFF,
         }
     }
 }
@@ -579,6 +583,29 @@ impl Engine {
     }
 
     /// What the UNet predicts, in the sampler's terms.
+    /// A step-caching branch that the model's UNet has, and the refiner's where one finishes
+    /// the run (SDXL's has 9 skip connections, SD 1.x and 2.x 12).
+    fn check_step_caching(&self, req: &Request) -> Result<(), Error> {
+        let caching = req.step_caching;
+        if caching.interval == 0 {
+            return Err(Error::Invalid(
+                "step cache interval: 1 (every step runs the whole UNet) or more, not 0".into(),
+            ));
+        }
+        let refiner = self.refiner.as_deref().filter(|_| req.refiner.is_some());
+        let unets = std::iter::once(self).chain(refiner);
+        for cfg in unets.map(|e| &e.weights.unet.config) {
+            let deepest = cfg.skip_connections() - 1;
+            if caching.is_on() && caching.branch > deepest {
+                return Err(Error::Invalid(format!(
+                    "step cache branch {}: this model's UNet has branches 0 to {deepest}",
+                    caching.branch
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn prediction(&self) -> sampler::Prediction {
         match self.weights.prediction {
             sdkube_models::Prediction::Epsilon => sampler::Prediction::Epsilon,
@@ -622,6 +649,7 @@ impl Engine {
                 "a mask needs an init image (inpainting)".into(),
             ));
         }
+        self.check_step_caching(req)?;
         let (prompt, tags) = loras::extract_tags(&req.prompt)?;
         self.loras.check_names(&tags)?;
         let text_tokens: usize = parse_prompt_attention(&prompt)
@@ -901,6 +929,8 @@ impl Engine {
             unets.with(false, |_| ())?;
             // Once the refiner takes over it keeps the run (A1111 swaps the model for good).
             let refining = std::cell::Cell::new(false);
+            // The features it keeps are the stage's UNet's: the refiner starts afresh.
+            let mut step_cache = (StepCache::new(req.step_caching), false);
             let mut denoiser = |x: &Tensor, sigma: f64| -> Result<Tensor, SamplerError> {
                 if let Some(r) = &refiner_stage {
                     // A1111's rule: the share of the schedule done is read off the timestep
@@ -917,6 +947,9 @@ impl Engine {
                 };
                 let (x_in, t) = scalings.model_input(x, sigma)?;
                 let x_in = Tensor::cat(&[&x_in, &x_in], 0)?;
+                if step_cache.1 != refining.get() {
+                    step_cache = (StepCache::new(req.step_caching), refining.get());
+                }
                 let out = unets
                     .with(refining.get(), |unet| -> Result<Tensor, SamplerError> {
                         let x_in = match &image_cond {
@@ -937,12 +970,13 @@ impl Engine {
                             )?,
                             None => None,
                         };
-                        Ok(unet.forward_with_control(
+                        Ok(unet.forward_cached(
                             &x_in,
                             &t,
                             context,
                             added,
                             residuals.as_ref(),
+                            &mut step_cache.0,
                         )?)
                     })
                     .map_err(|e| SamplerError::Denoiser(Box::new(e)))??;

@@ -251,6 +251,10 @@ pub fn generation(req: &Request, info: &ImageInfo<'_>) -> Infotext {
         t.push("Refiner", &r.checkpoint);
         t.push("Refiner switch at", r.switch_at);
     }
+    if req.step_caching.is_on() {
+        t.push("Step cache interval", req.step_caching.interval);
+        t.push("Step cache branch", req.step_caching.branch);
+    }
     if !info.lora_hashes.is_empty() {
         t.push("Lora hashes", info.lora_hashes.join(", "));
     }

@@ -1,0 +1,279 @@
+//! Step caching, as DeepCache does it in its uniform mode (Ma et al. 2023,
+//! <https://arxiv.org/abs/2312.00858>): from one sampler step to the next the UNet's deep
+//! features change little, so every `interval`-th call runs the whole UNet and keeps what enters
+//! the up layer that joins skip connection `branch`; the calls between run only the shallow
+//! branch above it (`conv_in`, the down layers that make skip connections `0..=branch`, the up
+//! layers that join them) on the kept features. Off by default: it trades image fidelity for
+//! speed.
+//!
+//! Branches are numbered by skip connection, `conv_in`'s output being 0; where a down block
+//! makes three (two layers and a downsampler: SD 1.x, 2.x and SDXL) that is DeepCache's
+//! `cache_branch_id`. Parity with DeepCache's own helper: `tests/step_cache.rs`.
+
+use candle_core::{Result, Tensor};
+
+use super::{AddedConditioning, ControlResiduals, UNet2DConditionModel};
+
+/// How a sampling run caches the UNet's deep features between steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepCaching {
+    /// Every this many UNet calls one runs whole; 1 = every call (off).
+    pub interval: usize,
+    /// The skip connection the shallow branch ends at (0 = `conv_in`'s: the least computed).
+    pub branch: usize,
+}
+
+impl StepCaching {
+    /// No caching: every call runs the whole UNet.
+    pub const OFF: Self = Self {
+        interval: 1,
+        branch: 0,
+    };
+
+    /// Whether some calls reuse kept features.
+    pub fn is_on(&self) -> bool {
+        self.interval > 1
+    }
+}
+
+impl Default for StepCaching {
+    fn default() -> Self {
+        Self::OFF
+    }
+}
+
+/// What one sampling run keeps between its UNet calls (a new one per run: the features belong
+/// to its latents).
+#[derive(Debug)]
+pub struct StepCache {
+    caching: StepCaching,
+    calls: usize,
+    shallow_calls: usize,
+    /// The latents' dims of the whole call that kept them, and the up layer's input.
+    kept: Option<(Vec<usize>, Tensor)>,
+}
+
+impl StepCache {
+    /// An empty cache: its first call runs the whole UNet.
+    pub fn new(caching: StepCaching) -> Self {
+        Self {
+            caching,
+            calls: 0,
+            shallow_calls: 0,
+            kept: None,
+        }
+    }
+
+    /// How many calls ran the shallow branch only.
+    pub fn shallow_calls(&self) -> usize {
+        self.shallow_calls
+    }
+}
+
+/// The graph pass numbers of [`GraphCache::run_pass`](sdkube_nn::GraphCache::run_pass): 0 is
+/// the plain pass; a whole pass that keeps the features of `branch`, and a shallow one.
+fn whole_pass(branch: usize) -> u32 {
+    1 + 2 * branch as u32
+}
+
+fn shallow_pass(branch: usize) -> u32 {
+    2 + 2 * branch as u32
+}
+
+impl UNet2DConditionModel {
+    /// [`forward_with_control`](Self::forward_with_control) under `cache`'s step caching: a
+    /// whole pass on every `interval`-th call (and whenever nothing fits the latents), else
+    /// the shallow branch on the features the last whole pass kept.
+    pub fn forward_cached(
+        &self,
+        xs: &Tensor,
+        t: &Tensor,
+        ctx: &Tensor,
+        added: Option<&AddedConditioning>,
+        control: Option<&ControlResiduals>,
+        cache: &mut StepCache,
+    ) -> Result<Tensor> {
+        let caching = cache.caching;
+        if !caching.is_on() {
+            return self.forward_with_control(xs, t, ctx, added, control);
+        }
+        let deepest = self.encoder.skip_connections() - 1;
+        if caching.branch > deepest {
+            candle_core::bail!(
+                "step caching: branch {} is past this UNet's deepest skip connection ({deepest})",
+                caching.branch
+            );
+        }
+        let call = cache.calls;
+        cache.calls += 1;
+        if call % caching.interval != 0 {
+            if let Some((dims, kept)) = &cache.kept {
+                if dims == xs.dims() {
+                    cache.shallow_calls += 1;
+                    return self.shallow(xs, t, ctx, added, control, caching.branch, kept);
+                }
+            }
+        }
+        let (out, kept) = self.whole_keeping(xs, t, ctx, added, control, caching.branch)?;
+        cache.kept = Some((xs.dims().to_vec(), kept));
+        Ok(out)
+    }
+
+    /// The up layer that joins skip connection `branch` (up layers joining the deepest first).
+    fn joining_layer(&self, branch: usize) -> usize {
+        self.encoder.skip_connections() - 1 - branch
+    }
+
+    /// A whole pass, and the input of the up layer that joins skip connection `branch`. On
+    /// GPUs one graph gives both, packed end to end in one flat tensor.
+    fn whole_keeping(
+        &self,
+        xs: &Tensor,
+        t: &Tensor,
+        ctx: &Tensor,
+        added: Option<&AddedConditioning>,
+        control: Option<&ControlResiduals>,
+        branch: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let keep = Some(self.joining_layer(branch));
+        let missing = || candle_core::Error::Msg("step caching: no features kept".into());
+        if control.is_some() {
+            let (out, kept) = self.pass_keeping(xs, t, ctx, added, control, keep)?;
+            return Ok((out, kept.ok_or_else(missing)?));
+        }
+        let inputs = inputs_of(xs, t, ctx, added, None);
+        let packed = self.graphs.run_pass(whole_pass(branch), &inputs, &|x| {
+            let added = added_of(x);
+            let (out, kept) = self.pass_keeping(&x[0], &x[1], &x[2], added.as_ref(), None, keep)?;
+            Tensor::cat(&[memory(&out)?, memory(&kept.ok_or_else(missing)?)?], 0)
+        })?;
+        let (b, _, h, w) = xs.dims4()?;
+        let out_dims = (b, self.cfg.out_channels, h, w);
+        let kept_dims = self.up_input_dims(xs, self.joining_layer(branch))?;
+        let out_len = b * self.cfg.out_channels * h * w;
+        let kept_len = kept_dims.0 * kept_dims.1 * kept_dims.2 * kept_dims.3;
+        if packed.elem_count() != out_len + kept_len {
+            candle_core::bail!(
+                "step caching: the whole pass gave {} values, {out_len} + {kept_len} expected",
+                packed.elem_count()
+            );
+        }
+        Ok((
+            unpack(&packed.narrow(0, 0, out_len)?, out_dims)?,
+            unpack(&packed.narrow(0, out_len, kept_len)?, kept_dims)?,
+        ))
+    }
+
+    /// The shallow branch ending at skip connection `branch`, on `kept`.
+    #[allow(clippy::too_many_arguments)]
+    fn shallow(
+        &self,
+        xs: &Tensor,
+        t: &Tensor,
+        ctx: &Tensor,
+        added: Option<&AddedConditioning>,
+        control: Option<&ControlResiduals>,
+        branch: usize,
+        kept: &Tensor,
+    ) -> Result<Tensor> {
+        let run = |xs: &Tensor,
+                   t: &Tensor,
+                   ctx: &Tensor,
+                   added: Option<&AddedConditioning>,
+                   kept: &Tensor| {
+            let (emb, ctx) = self.conditioning(xs, t, ctx, added)?;
+            let h = self.encoder.conv_in(xs)?;
+            let (_, mut skips) = self.encoder.down_to(h, &emb, &ctx, branch + 1)?;
+            if let Some(control) = control {
+                self.add_control(&mut skips, control)?;
+            }
+            let first = self.joining_layer(branch);
+            Ok(self.up(kept.clone(), skips, &emb, &ctx, first, None)?.0)
+        };
+        if control.is_some() {
+            return run(xs, t, ctx, added, kept);
+        }
+        let inputs = inputs_of(xs, t, ctx, added, Some(kept));
+        self.graphs.run_pass(shallow_pass(branch), &inputs, &|x| {
+            let (kept, x) = x.split_last().expect("the kept features are an input");
+            run(&x[0], &x[1], &x[2], added_of(x).as_ref(), kept)
+        })
+    }
+
+    /// The dims of up layer `layer`'s input for latents `xs`: the size of the skip connection
+    /// it joins, the channels of the block (or mid block) before it.
+    fn up_input_dims(&self, xs: &Tensor, layer: usize) -> Result<(usize, usize, usize, usize)> {
+        let (b, _, mut h, mut w) = xs.dims4()?;
+        let mut sizes = vec![(h, w)]; // conv_in's output
+        for block in &self.encoder.down_blocks {
+            sizes.extend(std::iter::repeat_n((h, w), block.level.resnets.len()));
+            if block.downsampler.is_some() {
+                (h, w) = (h.div_ceil(2), w.div_ceil(2)); // 3×3, stride 2, padding 1
+                sizes.push((h, w));
+            }
+        }
+        let boc = &self.cfg.block_out_channels;
+        let mut channels = boc[boc.len() - 1]; // the mid block's
+        let mut at = 0;
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            for _ in &block.level.resnets {
+                if at == layer {
+                    let (h, w) = sizes[sizes.len() - 1 - layer];
+                    return Ok((b, channels, h, w));
+                }
+                channels = boc[boc.len() - 1 - i];
+                at += 1;
+            }
+        }
+        candle_core::bail!("step caching: the UNet has no up layer {layer}")
+    }
+}
+
+/// The UNet's graph inputs: the latents, timestep and context, SDXL's added conditioning, and
+/// the kept features of a shallow pass.
+fn inputs_of<'a>(
+    xs: &'a Tensor,
+    t: &'a Tensor,
+    ctx: &'a Tensor,
+    added: Option<&'a AddedConditioning>,
+    kept: Option<&'a Tensor>,
+) -> Vec<&'a Tensor> {
+    let mut inputs = vec![xs, t, ctx];
+    if let Some(a) = added {
+        inputs.extend([&a.text_embeds, &a.time_ids]);
+    }
+    inputs.extend(kept);
+    inputs
+}
+
+/// SDXL's added conditioning among graph inputs (see [`inputs_of`]), kept features left out.
+fn added_of(x: &[Tensor]) -> Option<AddedConditioning> {
+    match x {
+        [_, _, _, text_embeds, time_ids] => Some(AddedConditioning {
+            text_embeds: text_embeds.clone(),
+            time_ids: time_ids.clone(),
+        }),
+        _ => None,
+    }
+}
+
+/// `t`'s values, flat, in the order its layout keeps them (channels-last where convolutions
+/// write it, so packing costs no transposition).
+fn memory(t: &Tensor) -> Result<Tensor> {
+    if sdkube_nn::channels_last_on(t) {
+        sdkube_nn::to_channels_last(t)?
+            .permute((0, 2, 3, 1))?
+            .flatten_all()
+    } else {
+        t.flatten_all()
+    }
+}
+
+/// The `[N, C, H, W]` map of dims `dims` whose [`memory`] is `flat`.
+fn unpack(flat: &Tensor, (n, c, h, w): (usize, usize, usize, usize)) -> Result<Tensor> {
+    if sdkube_nn::channels_last_on(flat) {
+        flat.reshape((n, h, w, c))?.permute((0, 3, 1, 2))
+    } else {
+        flat.reshape((n, c, h, w))
+    }
+}
