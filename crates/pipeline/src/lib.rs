@@ -25,6 +25,7 @@ pub use generate::{
 pub use hires::{HiresError, HiresFix, HiresSize};
 pub use infotext::Infotext;
 pub use refiner::Refiner;
+pub use sdkube_models::unet::StepCaching;
 
 /// Everything the pipeline can fail with; messages name the problem for the user.
 #[derive(Debug, thiserror::Error)]

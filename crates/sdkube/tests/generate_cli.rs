@@ -165,6 +165,11 @@ fn bad_input_fails_clearly_and_writes_nothing() {
             "steps must be between 1 and 150, got 500",
         ),
         (vec!["--prompt", "()[]"], "tokenizes to nothing"),
+        (vec!["--step-cache-interval", "0"], "--step-cache-interval"),
+        (
+            vec!["--step-cache-interval", "2", "--step-cache-branch", "4"],
+            "step cache branch 4: this model's UNet has branches 0 to 3",
+        ),
         (
             vec!["--init-image", not_image.to_str().unwrap()],
             "not a readable image",
@@ -367,7 +372,7 @@ fn hires_fix_doubles_the_size_and_records_it() {
 /// Variations and tiling from the command line: one seed for the batch, variation seeds
 /// counting up, recorded as A1111 records them.
 #[test]
-fn variations_and_tiling_are_recorded_per_image() {
+fn variations_tiling_and_step_caching_are_recorded_per_image() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let run = sdkube()
@@ -381,6 +386,7 @@ fn variations_and_tiling_are_recorded_per_image() {
             "0.25",
         ])
         .args(["--seed-resize-from", "80x48", "--tiling"])
+        .args(["--step-cache-interval", "2", "--step-cache-branch", "1"])
         .output()
         .unwrap();
     assert!(
@@ -394,6 +400,10 @@ fn variations_and_tiling_are_recorded_per_image() {
         "{text}"
     );
     assert!(text.contains("Tiling: True"), "{text}");
+    assert!(
+        text.contains("Step cache interval: 2, Step cache branch: 1"),
+        "{text}"
+    );
     let run = sdkube()
         .args(base_args(&out))
         .args(["--seed-resize-from", "80by48"])

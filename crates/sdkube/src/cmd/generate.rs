@@ -15,7 +15,9 @@ use sdkube_pipeline::control::{ControlMode, ControlNetLibrary, ControlUnit, Resi
 use sdkube_pipeline::image_io::{encode_png, read_image};
 use sdkube_pipeline::latent_upscale::LatentMode;
 use sdkube_pipeline::sampler::Flow;
-use sdkube_pipeline::{Engine, HiresError, HiresFix, Progress, Refiner, Request, VramMode};
+use sdkube_pipeline::{
+    Engine, HiresError, HiresFix, Progress, Refiner, Request, StepCaching, VramMode,
+};
 use sdkube_restore::{Esrgan, TileOptions};
 
 use sdkube_pipeline::scripts::{Cell, Mode};
@@ -119,6 +121,14 @@ pub struct Args {
     /// A1111's clip skip (1 = last layer).
     #[arg(long, default_value_t = 1)]
     pub clip_skip: usize,
+    /// Step caching (DeepCache): every this many steps one runs the whole UNet, the others
+    /// only its shallow branch on the deep features kept (1 = off). Faster, less faithful.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub step_cache_interval: u32,
+    /// The skip connection the shallow branch ends at (0 = least computed; SD 1.x/2.x up to
+    /// 11, SDXL up to 8).
+    #[arg(long, default_value_t = 0)]
+    pub step_cache_branch: usize,
     /// Init image for img2img / inpainting.
     #[arg(long)]
     pub init_image: Option<PathBuf>,
@@ -281,6 +291,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         subseed_strength: args.subseed_strength,
         seed_resize_from: args.seed_resize_from,
         tiling: args.tiling,
+        step_caching: StepCaching {
+            interval: args.step_cache_interval as usize,
+            branch: args.step_cache_branch,
+        },
         control: control_units(&args)?,
         refiner: args.refiner.as_ref().map(|r| Refiner {
             checkpoint: sdkube_models::model_name(r),

@@ -3,8 +3,9 @@
 //! `settings.json` lists them (name → default, and the range or choices A1111's settings page
 //! offers); a write is checked against that before anything is stored, so that one client
 //! cannot store a value that breaks every later request. sdkube acts on
-//! `sd_model_checkpoint`, `sd_vae` and `CLIP_stop_at_last_layers`; the others are kept and
-//! echoed for the clients that read them back.
+//! `sd_model_checkpoint`, `sd_vae` and `CLIP_stop_at_last_layers`, and on two settings of its
+//! own listed last, `step_cache_interval` and `step_cache_branch` (step caching, off by
+//! default); the others are kept and echoed for the clients that read them back.
 //!
 //! Settings A1111 does not have (extensions' ones) are kept too, within bounds: at most
 //! [`MAX_UNKNOWN`] of them, each at most [`MAX_UNKNOWN_BYTES`] as JSON.

@@ -4,13 +4,16 @@ use sdkube_pipeline::loras;
 use sdkube_pipeline::prompt::{tokenize_prompt, ChunkOptions, EmbeddingIndex};
 use sdkube_pipeline::sampler::{SamplerError, SamplerSpec};
 use sdkube_pipeline::tokenizer::ClipTokenizer;
-use sdkube_pipeline::{Refiner, Request};
+use sdkube_pipeline::{Refiner, Request, StepCaching};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use super::controlnet::ControlJob;
-use super::{decode_image, BuildContext, CLIP_SKIP_OPTION};
+use super::{
+    decode_image, BuildContext, CLIP_SKIP_OPTION, GENERATION_OPTIONS, STEP_CACHE_BRANCH_OPTION,
+    STEP_CACHE_INTERVAL_OPTION,
+};
 use crate::error::ApiError;
 use crate::work::{GenerateWork, HiresFix, Work};
 use sdkube_pipeline::HiresSize;
@@ -207,7 +210,9 @@ fn ignored_fields(c: &CommonParams, other: &Map<String, Value>) -> Vec<String> {
         c.override_settings
             .iter()
             .flat_map(|m| m.keys())
-            .filter(|k| *k != CLIP_SKIP_OPTION && *k != crate::state::MODEL_OPTION)
+            .filter(|k| {
+                !GENERATION_OPTIONS.contains(&k.as_str()) && *k != crate::state::MODEL_OPTION
+            })
             .map(|k| format!("override_settings.{k}")),
     );
     out.extend(other.keys().cloned());
@@ -301,6 +306,37 @@ fn clip_skip(c: &CommonParams) -> Result<usize, ApiError> {
     }
 }
 
+/// Step caching for a request: its `override_settings` (where submission put the server's
+/// options when the request had none), else off. The worker checks the branch against its
+/// model's UNet.
+fn step_caching(c: &CommonParams) -> Result<StepCaching, ApiError> {
+    let setting = |key: &str, range: std::ops::RangeInclusive<u64>| {
+        let value = c.override_settings.as_ref().and_then(|m| m.get(key));
+        match value {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64().filter(|n| range.contains(n)) {
+                Some(n) => Ok(Some(n as usize)),
+                None => Err(ApiError::bad_request(format!(
+                    "{key} must be a whole number from {} to {}, got {v}",
+                    range.start(),
+                    range.end()
+                ))),
+            },
+        }
+    };
+    let off = StepCaching::OFF;
+    Ok(StepCaching {
+        interval: setting(STEP_CACHE_INTERVAL_OPTION, 1..=MAX_STEP_CACHE_INTERVAL)?
+            .unwrap_or(off.interval),
+        branch: setting(STEP_CACHE_BRANCH_OPTION, 0..=MAX_STEP_CACHE_BRANCH)?.unwrap_or(off.branch),
+    })
+}
+
+/// The largest step-cache interval taken (more steps than any request may have).
+const MAX_STEP_CACHE_INTERVAL: u64 = 1000;
+/// The deepest branch of any UNet sdkube serves (SD 1.x and 2.x have 12 skip connections).
+const MAX_STEP_CACHE_BRANCH: u64 = 11;
+
 fn base_request(c: &CommonParams) -> Result<Request, ApiError> {
     let sampler = c
         .sampler_name
@@ -329,6 +365,7 @@ fn base_request(c: &CommonParams) -> Result<Request, ApiError> {
         seed_resize_from: (c.seed_resize_from_w > 0 && c.seed_resize_from_h > 0)
             .then_some((c.seed_resize_from_w as usize, c.seed_resize_from_h as usize)),
         tiling: c.tiling.unwrap_or(false),
+        step_caching: step_caching(c)?,
         control: Vec::new(),
         refiner: refiner(c)?,
     })

@@ -30,6 +30,20 @@ pub use generate::{CommonParams, Img2ImgRequest, Txt2ImgRequest};
 /// A1111's clip-skip setting, in `options` or a request's `override_settings`.
 pub const CLIP_SKIP_OPTION: &str = "CLIP_stop_at_last_layers";
 
+/// sdkube's step-caching settings (DeepCache), in `options` or `override_settings`: every
+/// this many steps one runs the whole UNet (1 = off)…
+pub const STEP_CACHE_INTERVAL_OPTION: &str = "step_cache_interval";
+/// …and the skip connection the other steps' shallow branch ends at.
+pub const STEP_CACHE_BRANCH_OPTION: &str = "step_cache_branch";
+
+/// The settings a generation acts on, copied from `options` into a request's
+/// `override_settings` at submission when the request does not set them.
+pub const GENERATION_OPTIONS: [&str; 3] = [
+    CLIP_SKIP_OPTION,
+    STEP_CACHE_INTERVAL_OPTION,
+    STEP_CACHE_BRANCH_OPTION,
+];
+
 /// A job as the queue carries it: the request, made self-contained at submission (a random
 /// seed drawn, the server's clip skip copied in), so that any worker, or the same one again
 /// after a crash, makes the same images.
@@ -154,12 +168,14 @@ impl JobSpec {
         if common.subseed < 0 && common.subseed_strength != 0.0 {
             common.subseed = sdkube_pipeline::random_seed() as i64;
         }
-        if let Some(v) = options.get(CLIP_SKIP_OPTION) {
-            common
-                .override_settings
-                .get_or_insert_with(Map::new)
-                .entry(CLIP_SKIP_OPTION)
-                .or_insert_with(|| v.clone());
+        for key in GENERATION_OPTIONS {
+            if let Some(v) = options.get(key) {
+                common
+                    .override_settings
+                    .get_or_insert_with(Map::new)
+                    .entry(key)
+                    .or_insert_with(|| v.clone());
+            }
         }
         for prompt in [&mut common.prompt, &mut common.negative_prompt] {
             if prompt.chars().any(is_stray_control) {
@@ -175,7 +191,7 @@ impl JobSpec {
             .for_each(|(_, v)| *v = Value::Null);
         if let Some(settings) = &mut common.override_settings {
             for (k, v) in settings.iter_mut() {
-                if k != CLIP_SKIP_OPTION && k != MODEL_OPTION {
+                if !GENERATION_OPTIONS.contains(&k.as_str()) && k != MODEL_OPTION {
                     *v = Value::Null;
                 }
             }
