@@ -85,7 +85,7 @@ fn step_caching_matches_deepcache() {
             let d = max_abs_diff(&got, want);
             assert!(d <= 2e-5, "{n} call {i}: differs from DeepCache by {d}");
             let whole = unet.forward(x, &t, ctx, added.as_ref()).unwrap();
-            let shallow = i % case.caching.interval != 0;
+            let shallow = !i.is_multiple_of(case.caching.interval);
             if shallow {
                 reused += 1;
                 let apart = max_abs_diff(&whole, want);

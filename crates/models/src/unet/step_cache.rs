@@ -70,6 +70,16 @@ impl StepCache {
     }
 }
 
+/// One call's inputs.
+#[derive(Clone, Copy)]
+struct Inputs<'a> {
+    xs: &'a Tensor,
+    t: &'a Tensor,
+    ctx: &'a Tensor,
+    added: Option<&'a AddedConditioning>,
+    control: Option<&'a ControlResiduals>,
+}
+
 /// The graph pass numbers of [`GraphCache::run_pass`](sdkube_nn::GraphCache::run_pass): 0 is
 /// the plain pass; a whole pass that keeps the features of `branch`, and a shallow one.
 fn whole_pass(branch: usize) -> u32 {
@@ -106,15 +116,22 @@ impl UNet2DConditionModel {
         }
         let call = cache.calls;
         cache.calls += 1;
-        if call % caching.interval != 0 {
+        let inputs = Inputs {
+            xs,
+            t,
+            ctx,
+            added,
+            control,
+        };
+        if !call.is_multiple_of(caching.interval) {
             if let Some((dims, kept)) = &cache.kept {
                 if dims == xs.dims() {
                     cache.shallow_calls += 1;
-                    return self.shallow(xs, t, ctx, added, control, caching.branch, kept);
+                    return self.shallow(&inputs, caching.branch, kept);
                 }
             }
         }
-        let (out, kept) = self.whole_keeping(xs, t, ctx, added, control, caching.branch)?;
+        let (out, kept) = self.whole_keeping(&inputs, caching.branch)?;
         cache.kept = Some((xs.dims().to_vec(), kept));
         Ok(out)
     }
@@ -126,15 +143,14 @@ impl UNet2DConditionModel {
 
     /// A whole pass, and the input of the up layer that joins skip connection `branch`. On
     /// GPUs one graph gives both, packed end to end in one flat tensor.
-    fn whole_keeping(
-        &self,
-        xs: &Tensor,
-        t: &Tensor,
-        ctx: &Tensor,
-        added: Option<&AddedConditioning>,
-        control: Option<&ControlResiduals>,
-        branch: usize,
-    ) -> Result<(Tensor, Tensor)> {
+    fn whole_keeping(&self, inputs: &Inputs<'_>, branch: usize) -> Result<(Tensor, Tensor)> {
+        let Inputs {
+            xs,
+            t,
+            ctx,
+            added,
+            control,
+        } = *inputs;
         let keep = Some(self.joining_layer(branch));
         let missing = || candle_core::Error::Msg("step caching: no features kept".into());
         if control.is_some() {
@@ -165,17 +181,14 @@ impl UNet2DConditionModel {
     }
 
     /// The shallow branch ending at skip connection `branch`, on `kept`.
-    #[allow(clippy::too_many_arguments)]
-    fn shallow(
-        &self,
-        xs: &Tensor,
-        t: &Tensor,
-        ctx: &Tensor,
-        added: Option<&AddedConditioning>,
-        control: Option<&ControlResiduals>,
-        branch: usize,
-        kept: &Tensor,
-    ) -> Result<Tensor> {
+    fn shallow(&self, inputs: &Inputs<'_>, branch: usize, kept: &Tensor) -> Result<Tensor> {
+        let Inputs {
+            xs,
+            t,
+            ctx,
+            added,
+            control,
+        } = *inputs;
         let run = |xs: &Tensor,
                    t: &Tensor,
                    ctx: &Tensor,

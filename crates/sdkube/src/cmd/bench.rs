@@ -16,6 +16,7 @@ use sdkube_pipeline::{Engine, Request};
 use super::device::{DeviceArgs, Precision};
 
 mod ops;
+mod step_cache;
 
 use ops::own;
 
@@ -25,8 +26,9 @@ pub struct Args {
     /// (a CFG step of the SD 1.5 UNet with one ControlNet, and without), grad-sd15 (the
     /// UNet's part of a textual-inversion step: forward and the gradient to the conditioning),
     /// gfpgan (v1.4, one face, fp32), x4plus (RealESRGAN, 512², whole and in tiles of 256,
-    /// fp32), ops (the primitives the networks spend their time in, at their real shapes; comma
-    /// separated).
+    /// fp32), ops (the primitives the networks spend their time in, at their real shapes),
+    /// step-cache-sd15 / step-cache-sdxl (a run of --steps CFG steps of the UNet under step
+    /// caching, intervals 1 (off), 2, 3 and 5; per step); comma separated.
     #[arg(
         long,
         value_delimiter = ',',
@@ -36,9 +38,15 @@ pub struct Args {
     /// Timed repetitions after one warm-up.
     #[arg(long, default_value_t = 10)]
     pub repeat: usize,
-    /// Steps of the whole txt2img runs.
+    /// Steps of the whole txt2img runs and of the step-cache runs.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
+    /// The step-cache runs' branch (the skip connection the shallow steps end at).
+    #[arg(long, default_value_t = 0)]
+    pub step_cache_branch: usize,
+    /// The step-cache runs' image side in pixels (default 512 for SD 1.5, 1024 for SDXL).
+    #[arg(long)]
+    pub size: Option<usize>,
     /// Instead of timing: write the full-size random-weight model of the first `txt2img-*`
     /// item as a diffusers folder here (for end-to-end server measurements), and exit.
     #[arg(long)]
@@ -111,6 +119,33 @@ fn report(what: &str, shape: &str, seconds: f64, dtype: DType, device: &Device) 
     println!("{line}");
 }
 
+/// A UNet's random inputs for `batch` latents of `side`²: latents, text context, SDXL's added
+/// conditioning.
+fn unet_inputs(
+    sdxl: bool,
+    batch: usize,
+    side: usize,
+    dt: DType,
+    dev: &Device,
+) -> anyhow::Result<(Tensor, Tensor, Option<AddedConditioning>)> {
+    let ctx_dim = if sdxl { 2048 } else { 768 };
+    let x = Tensor::randn(0f32, 1., (batch, 4, side, side), dev)?.to_dtype(dt)?;
+    let ctx = Tensor::randn(0f32, 1., (batch, 77, ctx_dim), dev)?.to_dtype(dt)?;
+    let added = sdxl
+        .then(|| -> anyhow::Result<_> {
+            let ids = [1024f32, 1024., 0., 0., 1024., 1024.];
+            Ok(AddedConditioning {
+                text_embeds: Tensor::randn(0f32, 1., (batch, 1280), dev)?.to_dtype(dt)?,
+                time_ids: Tensor::new(&ids, dev)?
+                    .reshape((1, 6))?
+                    .repeat((batch, 1))?
+                    .to_dtype(dt)?,
+            })
+        })
+        .transpose()?;
+    Ok((x, ctx, added))
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &args.save_model {
         let family = match args
@@ -142,26 +177,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 // The UNet alone, as diffusers' reference holds it: nothing else in memory;
                 // its projections stacked as a served engine's are.
                 let unet = presets::random_unet(family, dt, &dev)?.into_unet(&dev, dt)?;
-                let (side, ctx_dim) = if sdxl { (128, 2048) } else { (64, 768) };
+                let side = if sdxl { 128 } else { 64 };
                 for batch in [1usize, 2] {
-                    let x = Tensor::randn(0f32, 1., (batch, 4, side, side), &dev)?.to_dtype(dt)?;
-                    let ctx = Tensor::randn(0f32, 1., (batch, 77, ctx_dim), &dev)?.to_dtype(dt)?;
+                    let (x, ctx, added) = unet_inputs(sdxl, batch, side, dt, &dev)?;
                     let t = Tensor::new(&[500f32], &dev)?;
-                    let added = sdxl
-                        .then(|| -> anyhow::Result<_> {
-                            Ok(AddedConditioning {
-                                text_embeds: Tensor::randn(0f32, 1., (batch, 1280), &dev)?
-                                    .to_dtype(dt)?,
-                                time_ids: Tensor::new(
-                                    &[1024f32, 1024., 0., 0., 1024., 1024.],
-                                    &dev,
-                                )?
-                                .reshape((1, 6))?
-                                .repeat((batch, 1))?
-                                .to_dtype(dt)?,
-                            })
-                        })
-                        .transpose()?;
                     let run = || -> anyhow::Result<()> {
                         unet.forward(&x, &t, &ctx, added.as_ref())?;
                         Ok(())
@@ -389,6 +408,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
             }
             "ops" => ops::ops(&dev, dt, args.repeat)?,
+            "step-cache-sd15" | "step-cache-sdxl" => step_cache::runs(what, &args, &dev, dt)?,
             other => anyhow::bail!("unknown benchmark {other:?}"),
         }
     }
