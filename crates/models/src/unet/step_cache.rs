@@ -71,13 +71,37 @@ impl StepCache {
 }
 
 /// One call's inputs.
-#[derive(Clone, Copy)]
 struct Inputs<'a> {
     xs: &'a Tensor,
     t: &'a Tensor,
     ctx: &'a Tensor,
     added: Option<&'a AddedConditioning>,
     control: Option<&'a ControlResiduals>,
+}
+
+impl<'a> Inputs<'a> {
+    /// As a graph's inputs: the latents, timestep and context, SDXL's added conditioning, then
+    /// `kept` (a shallow pass's).
+    fn tensors(&self, kept: Option<&'a Tensor>) -> Vec<&'a Tensor> {
+        let mut tensors = vec![self.xs, self.t, self.ctx];
+        if let Some(a) = self.added {
+            tensors.extend([&a.text_embeds, &a.time_ids]);
+        }
+        tensors.extend(kept);
+        tensors
+    }
+
+    /// Back from a graph's inputs (those of [`tensors`](Self::tensors) before `kept`), with
+    /// `added` made of them ([`added_of`]).
+    fn of_graph(x: &'a [Tensor], added: Option<&'a AddedConditioning>) -> Self {
+        Self {
+            xs: &x[0],
+            t: &x[1],
+            ctx: &x[2],
+            added,
+            control: None,
+        }
+    }
 }
 
 /// The graph pass numbers of [`GraphCache::run_pass`](sdkube_nn::GraphCache::run_pass): 0 is
@@ -144,28 +168,20 @@ impl UNet2DConditionModel {
     /// A whole pass, and the input of the up layer that joins skip connection `branch`. On
     /// GPUs one graph gives both, packed end to end in one flat tensor.
     fn whole_keeping(&self, inputs: &Inputs<'_>, branch: usize) -> Result<(Tensor, Tensor)> {
-        let Inputs {
-            xs,
-            t,
-            ctx,
-            added,
-            control,
-        } = *inputs;
-        let keep = Some(self.joining_layer(branch));
-        let missing = || candle_core::Error::Msg("step caching: no features kept".into());
-        if control.is_some() {
-            let (out, kept) = self.pass_keeping(xs, t, ctx, added, control, keep)?;
-            return Ok((out, kept.ok_or_else(missing)?));
+        let keep = self.joining_layer(branch);
+        if inputs.control.is_some() {
+            return self.whole_eager(inputs, keep);
         }
-        let inputs = inputs_of(xs, t, ctx, added, None);
-        let packed = self.graphs.run_pass(whole_pass(branch), &inputs, &|x| {
-            let added = added_of(x);
-            let (out, kept) = self.pass_keeping(&x[0], &x[1], &x[2], added.as_ref(), None, keep)?;
-            Tensor::cat(&[memory(&out)?, memory(&kept.ok_or_else(missing)?)?], 0)
-        })?;
-        let (b, _, h, w) = xs.dims4()?;
+        let packed = self
+            .graphs
+            .run_pass(whole_pass(branch), &inputs.tensors(None), &|x| {
+                let added = added_of(x);
+                let (out, kept) = self.whole_eager(&Inputs::of_graph(x, added.as_ref()), keep)?;
+                Tensor::cat(&[memory(&out)?, memory(&kept)?], 0)
+            })?;
+        let (b, _, h, w) = inputs.xs.dims4()?;
         let out_dims = (b, self.cfg.out_channels, h, w);
-        let kept_dims = self.up_input_dims(xs, self.joining_layer(branch))?;
+        let kept_dims = self.up_input_dims(inputs.xs, keep)?;
         let out_len = b * self.cfg.out_channels * h * w;
         let kept_len = kept_dims.0 * kept_dims.1 * kept_dims.2 * kept_dims.3;
         if packed.elem_count() != out_len + kept_len {
@@ -180,37 +196,37 @@ impl UNet2DConditionModel {
         ))
     }
 
+    /// [`whole_keeping`](Self::whole_keeping), run eagerly: the prediction and up layer
+    /// `keep`'s input.
+    fn whole_eager(&self, i: &Inputs<'_>, keep: usize) -> Result<(Tensor, Tensor)> {
+        let (out, kept) = self.pass_keeping(i.xs, i.t, i.ctx, i.added, i.control, Some(keep))?;
+        let missing = || candle_core::Error::Msg(format!("step caching: no up layer {keep}"));
+        Ok((out, kept.ok_or_else(missing)?))
+    }
+
     /// The shallow branch ending at skip connection `branch`, on `kept`.
     fn shallow(&self, inputs: &Inputs<'_>, branch: usize, kept: &Tensor) -> Result<Tensor> {
-        let Inputs {
-            xs,
-            t,
-            ctx,
-            added,
-            control,
-        } = *inputs;
-        let run = |xs: &Tensor,
-                   t: &Tensor,
-                   ctx: &Tensor,
-                   added: Option<&AddedConditioning>,
-                   kept: &Tensor| {
-            let (emb, ctx) = self.conditioning(xs, t, ctx, added)?;
-            let h = self.encoder.conv_in(xs)?;
-            let (_, mut skips) = self.encoder.down_to(h, &emb, &ctx, branch + 1)?;
-            if let Some(control) = control {
-                self.add_control(&mut skips, control)?;
-            }
-            let first = self.joining_layer(branch);
-            Ok(self.up(kept.clone(), skips, &emb, &ctx, first, None)?.0)
-        };
-        if control.is_some() {
-            return run(xs, t, ctx, added, kept);
+        if inputs.control.is_some() {
+            return self.shallow_eager(inputs, branch, kept);
         }
-        let inputs = inputs_of(xs, t, ctx, added, Some(kept));
-        self.graphs.run_pass(shallow_pass(branch), &inputs, &|x| {
+        let tensors = inputs.tensors(Some(kept));
+        self.graphs.run_pass(shallow_pass(branch), &tensors, &|x| {
             let (kept, x) = x.split_last().expect("the kept features are an input");
-            run(&x[0], &x[1], &x[2], added_of(x).as_ref(), kept)
+            let added = added_of(x);
+            self.shallow_eager(&Inputs::of_graph(x, added.as_ref()), branch, kept)
         })
+    }
+
+    /// [`shallow`](Self::shallow), run eagerly.
+    fn shallow_eager(&self, i: &Inputs<'_>, branch: usize, kept: &Tensor) -> Result<Tensor> {
+        let (emb, ctx) = self.conditioning(i.xs, i.t, i.ctx, i.added)?;
+        let h = self.encoder.conv_in(i.xs)?;
+        let (_, mut skips) = self.encoder.down_to(h, &emb, &ctx, branch + 1)?;
+        if let Some(control) = i.control {
+            self.add_control(&mut skips, control)?;
+        }
+        let first = self.joining_layer(branch);
+        Ok(self.up(kept.clone(), skips, &emb, &ctx, first, None)?.0)
     }
 
     /// The dims of up layer `layer`'s input for latents `xs`: the size of the skip connection
@@ -242,24 +258,7 @@ impl UNet2DConditionModel {
     }
 }
 
-/// The UNet's graph inputs: the latents, timestep and context, SDXL's added conditioning, and
-/// the kept features of a shallow pass.
-fn inputs_of<'a>(
-    xs: &'a Tensor,
-    t: &'a Tensor,
-    ctx: &'a Tensor,
-    added: Option<&'a AddedConditioning>,
-    kept: Option<&'a Tensor>,
-) -> Vec<&'a Tensor> {
-    let mut inputs = vec![xs, t, ctx];
-    if let Some(a) = added {
-        inputs.extend([&a.text_embeds, &a.time_ids]);
-    }
-    inputs.extend(kept);
-    inputs
-}
-
-/// SDXL's added conditioning among graph inputs (see [`inputs_of`]), kept features left out.
+/// SDXL's added conditioning among a graph's inputs ([`Inputs::tensors`], `kept` left out).
 fn added_of(x: &[Tensor]) -> Option<AddedConditioning> {
     match x {
         [_, _, _, text_embeds, time_ids] => Some(AddedConditioning {
