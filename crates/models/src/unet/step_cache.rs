@@ -177,7 +177,11 @@ impl UNet2DConditionModel {
             .run_pass(whole_pass(branch), &inputs.tensors(None), &|x| {
                 let added = added_of(x);
                 let (out, kept) = self.whole_eager(&Inputs::of_graph(x, added.as_ref()), keep)?;
-                Tensor::cat(&[memory(&out)?, memory(&kept)?], 0)
+                let channels_last = sdkube_nn::channels_last_on(&out);
+                Tensor::cat(
+                    &[memory(&out, channels_last)?, memory(&kept, channels_last)?],
+                    0,
+                )
             })?;
         let (b, _, h, w) = inputs.xs.dims4()?;
         let out_dims = (b, self.cfg.out_channels, h, w);
@@ -190,9 +194,14 @@ impl UNet2DConditionModel {
                 packed.elem_count()
             );
         }
+        let channels_last = sdkube_nn::channels_last_on(&packed);
         Ok((
-            unpack(&packed.narrow(0, 0, out_len)?, out_dims)?,
-            unpack(&packed.narrow(0, out_len, kept_len)?, kept_dims)?,
+            unpack(&packed.narrow(0, 0, out_len)?, out_dims, channels_last)?,
+            unpack(
+                &packed.narrow(0, out_len, kept_len)?,
+                kept_dims,
+                channels_last,
+            )?,
         ))
     }
 
@@ -269,10 +278,10 @@ fn added_of(x: &[Tensor]) -> Option<AddedConditioning> {
     }
 }
 
-/// `t`'s values, flat, in the order its layout keeps them (channels-last where convolutions
-/// write it, so packing costs no transposition).
-fn memory(t: &Tensor) -> Result<Tensor> {
-    if sdkube_nn::channels_last_on(t) {
+/// `t`'s values, flat, in memory order: channels-last where convolutions write it (as they do
+/// where [`sdkube_nn::channels_last_on`] says so), so that packing costs no transposition.
+fn memory(t: &Tensor, channels_last: bool) -> Result<Tensor> {
+    if channels_last {
         sdkube_nn::to_channels_last(t)?
             .permute((0, 2, 3, 1))?
             .flatten_all()
@@ -282,10 +291,40 @@ fn memory(t: &Tensor) -> Result<Tensor> {
 }
 
 /// The `[N, C, H, W]` map of dims `dims` whose [`memory`] is `flat`.
-fn unpack(flat: &Tensor, (n, c, h, w): (usize, usize, usize, usize)) -> Result<Tensor> {
-    if sdkube_nn::channels_last_on(flat) {
+fn unpack(
+    flat: &Tensor,
+    (n, c, h, w): (usize, usize, usize, usize),
+    channels_last: bool,
+) -> Result<Tensor> {
+    if channels_last {
         flat.reshape((n, h, w, c))?.permute((0, 3, 1, 2))
     } else {
         flat.reshape((n, c, h, w))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// A map packed in either layout comes back with its values and its layout (the GPU packs
+    /// channels-last).
+    #[test]
+    fn packed_maps_come_back_in_either_layout() -> Result<()> {
+        let map = Tensor::randn(0f32, 1., (2, 3, 4, 5), &Device::Cpu)?;
+        for channels_last in [false, true] {
+            let stored = match channels_last {
+                true => sdkube_nn::to_channels_last(&map)?,
+                false => map.clone(),
+            };
+            let flat = memory(&stored, channels_last)?;
+            assert_eq!(flat.dims(), [120]);
+            let back = unpack(&flat, (2, 3, 4, 5), channels_last)?;
+            assert_eq!(sdkube_nn::is_channels_last(&back), channels_last);
+            let diff = (back - &map)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "channels-last {channels_last}");
+        }
+        Ok(())
     }
 }
