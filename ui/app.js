@@ -802,6 +802,8 @@ function applyInfotext(infotext, { txt2img = false } = {}) {
   setNumber('seed-resize-w', resizeW);
   setNumber('seed-resize-h', resizeH);
   $('tiling').checked = params.Tiling === 'True';
+  setNumber('step-cache-interval', params['Step cache interval'] ?? 1);
+  setNumber('step-cache-branch', params['Step cache branch'] ?? 0);
   if (txt2img) {
     const hires = params['Hires upscale'] !== undefined || params['Hires upscaler'] !== undefined;
     $('hr-enabled').checked = hires;
@@ -1209,6 +1211,14 @@ function variationParams() {
     out.seed_resize_from_w = width;
     out.seed_resize_from_h = height;
   }
+  // sdkube's step-cache settings, per request (1 = off: the server's options apply then).
+  const interval = numberField('step-cache-interval', 'Step cache every N steps');
+  if (interval !== 1) {
+    out.override_settings = {
+      step_cache_interval: interval,
+      step_cache_branch: numberField('step-cache-branch', 'Step cache branch'),
+    };
+  }
   return out;
 }
 
@@ -1218,6 +1228,7 @@ function updatePanelStates() {
   const extra = [];
   if (number('subseed-strength')) extra.push(`strength ${number('subseed-strength')}`);
   if (number('seed-resize-w') > 0 && number('seed-resize-h') > 0) extra.push(`from ${number('seed-resize-w')}×${number('seed-resize-h')}`);
+  if (number('step-cache-interval') > 1) extra.push(`step cache every ${number('step-cache-interval')}, branch ${number('step-cache-branch')}`);
   $('extra-state').textContent = extra.length ? `· ${extra.join(', ')}` : '';
   const enabled = $('hr-enabled').checked;
   $('hires-state').textContent = enabled ? `· on, ×${$('hr-scale').value} ${$('hr-upscaler').value}` : '';
@@ -1448,7 +1459,7 @@ function startUi() {
     if (ui.lastSubseed === null || ui.lastSubseed === undefined) showError('Variation seed', 'the last image has no variation seed: nothing to reuse');
     else $('subseed').value = ui.lastSubseed;
   });
-  for (const id of ['subseed-strength', 'seed-resize-w', 'seed-resize-h', 'hr-enabled', 'hr-scale', 'hr-upscaler', 'width', 'height']) {
+  for (const id of ['subseed-strength', 'seed-resize-w', 'seed-resize-h', 'step-cache-interval', 'step-cache-branch', 'hr-enabled', 'hr-scale', 'hr-upscaler', 'width', 'height']) {
     $(id).addEventListener('input', updatePanelStates);
     $(id).addEventListener('change', updatePanelStates);
   }

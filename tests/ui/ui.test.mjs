@@ -721,6 +721,48 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     assert.equal(await page.textContent('#extra-state'), '');
   });
 
+  it('The Extra section\'s step cache reaches the request and the infotext; 1 sends nothing', async () => {
+    await page.click('.tabs [data-tab="txt2img"]');
+    await page.fill('#steps', '3');
+    await page.fill('#seed', '24');
+    if (!(await page.isVisible('#step-cache-interval'))) await page.click('#extra-panel summary');
+    await page.fill('#step-cache-interval', '2');
+    await page.fill('#step-cache-branch', '1');
+    assert.equal(await page.textContent('#extra-state'), '· step cache every 2, branch 1');
+    const submit = async () => {
+      const created = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
+      await page.click('#generate');
+      return created;
+    };
+    const run = async () => {
+      const response = await submit();
+      assert.equal(response.status(), 202, await response.text());
+      const { params } = JSON.parse(response.request().postData());
+      const final = await finishedJob(server.base, (await response.json()).id);
+      assert.equal(final.state, 'succeeded', JSON.stringify(final));
+      await page.locator('#progress-text', { hasText: /^Done/ }).waitFor();
+      return { params, infotext: final.images[0].infotext };
+    };
+    const cached = await run();
+    assert.deepEqual(cached.params.override_settings, { step_cache_interval: 2, step_cache_branch: 1 });
+    assert.match(cached.infotext, /Step cache interval: 2, Step cache branch: 1/);
+
+    // 0 is not an interval: the server's 400, shown with its message.
+    await page.fill('#step-cache-interval', '0');
+    const refused = await submit();
+    assert.equal(refused.status(), 400);
+    const { error } = await refused.json();
+    assert.match(error, /step_cache_interval/);
+    await page.locator('#errors .error-text', { hasText: error }).waitFor();
+
+    await page.fill('#step-cache-interval', '1');
+    assert.equal(await page.textContent('#extra-state'), '');
+    const plain = await run();
+    assert.equal(plain.params.override_settings, undefined);
+    assert.doesNotMatch(plain.infotext, /Step cache/);
+    await page.fill('#step-cache-branch', '0');
+  });
+
   it('X/Y/Z plot of Steps "1,2": A1111\'s positional script_args, the grid first, then each image', async () => {
     await page.click('.tabs [data-tab="txt2img"]');
     await page.fill('#prompt', 'a lighthouse');
