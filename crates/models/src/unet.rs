@@ -304,6 +304,9 @@ pub struct UNet2DConditionModel {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     cfg: UNetConfig,
+    /// Tells it from every other UNet of the process (step caching reuses only its own
+    /// features).
+    id: u64,
     /// Its steps as CUDA graphs, per input shapes (ControlNet steps run eagerly).
     graphs: sdkube_nn::GraphCache,
     /// Its cross-attentions' keys and values, projected at once per pass (on GPUs).
@@ -643,6 +646,7 @@ impl UNet2DConditionModel {
             conv_norm_out: group_norm(groups, boc[0], eps, vb.pp("conv_norm_out"))?,
             conv_out: conv3x3(boc[0], cfg.out_channels, 1, vb.pp("conv_out"))?,
             cfg: cfg.clone(),
+            id: step_cache::new_unet_id(),
             graphs: Default::default(),
             projections: Default::default(),
             time_projections: Default::default(),

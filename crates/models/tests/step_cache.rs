@@ -168,3 +168,52 @@ fn odd_sizes_new_sizes_and_bad_branches() {
     }
     assert_eq!(off.shallow_calls(), 0);
 }
+
+/// Features the base UNet kept are not the refiner's, even where their shapes agree (branch 3
+/// of both SDXL fixtures enters a [2, 16, 4, 4] map): its call that would reuse them runs whole
+/// and keeps its own, which its next one reuses.
+#[test]
+fn features_kept_by_another_unet_are_not_reused() {
+    let dev = Device::Cpu;
+    let (base, refiner) = (unet("sdxl"), unet("sdxl-refiner"));
+    let randn = |shape: (usize, usize, usize)| Tensor::randn(0f32, 1., shape, &dev).unwrap();
+    let x = randn((2, 4, 64)).reshape((2, 4, 8, 8)).unwrap();
+    let t = Tensor::new(&[500f32], &dev).unwrap();
+    let base_added = AddedConditioning {
+        text_embeds: randn((1, 2, 8)).squeeze(0).unwrap(),
+        time_ids: Tensor::new(&[[64f32, 64., 0., 0., 64., 64.]; 2], &dev).unwrap(),
+    };
+    let refiner_added = AddedConditioning {
+        text_embeds: randn((1, 2, 8)).squeeze(0).unwrap(),
+        time_ids: Tensor::new(&[[64f32, 64., 0., 0., 6.]; 2], &dev).unwrap(),
+    };
+    let (base_ctx, refiner_ctx) = (randn((2, 77, 16)), randn((2, 77, 8)));
+    let mut cache = StepCache::new(StepCaching {
+        interval: 2,
+        branch: 3,
+    });
+    let refine = |x: &Tensor, cache: &mut StepCache| {
+        refiner
+            .forward_cached(x, &t, &refiner_ctx, Some(&refiner_added), None, cache)
+            .unwrap()
+    };
+    base.forward_cached(&x, &t, &base_ctx, Some(&base_added), None, &mut cache)
+        .unwrap();
+    let got = refine(&x, &mut cache); // call 1: would reuse, but the base kept those features
+    let whole = refiner
+        .forward(&x, &t, &refiner_ctx, Some(&refiner_added))
+        .unwrap();
+    assert!(max_abs_diff(&got, &whole) <= 2e-5);
+    assert_eq!(cache.shallow_calls(), 0);
+    refine(&x, &mut cache); // call 2: due anyway
+    let next = randn((2, 4, 64)).reshape((2, 4, 8, 8)).unwrap();
+    let reused = refine(&next, &mut cache); // call 3: the refiner's own features
+    assert_eq!(cache.shallow_calls(), 1);
+    let whole = refiner
+        .forward(&next, &t, &refiner_ctx, Some(&refiner_added))
+        .unwrap();
+    assert!(
+        max_abs_diff(&reused, &whole) > 1e-4,
+        "the shallow call is the whole one"
+    );
+}

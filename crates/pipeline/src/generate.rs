@@ -929,8 +929,8 @@ impl Engine {
             unets.with(false, |_| ())?;
             // Once the refiner takes over it keeps the run (A1111 swaps the model for good).
             let refining = std::cell::Cell::new(false);
-            // The features it keeps are the stage's UNet's: the refiner starts afresh.
-            let mut step_cache = (StepCache::new(req.step_caching), false);
+            // One for the run: the refiner's first call runs whole (the features are per UNet).
+            let mut step_cache = StepCache::new(req.step_caching);
             let mut denoiser = |x: &Tensor, sigma: f64| -> Result<Tensor, SamplerError> {
                 if let Some(r) = &refiner_stage {
                     // A1111's rule: the share of the schedule done is read off the timestep
@@ -947,9 +947,6 @@ impl Engine {
                 };
                 let (x_in, t) = scalings.model_input(x, sigma)?;
                 let x_in = Tensor::cat(&[&x_in, &x_in], 0)?;
-                if step_cache.1 != refining.get() {
-                    step_cache = (StepCache::new(req.step_caching), refining.get());
-                }
                 let out = unets
                     .with(refining.get(), |unet| -> Result<Tensor, SamplerError> {
                         let x_in = match &image_cond {
@@ -976,7 +973,7 @@ impl Engine {
                             context,
                             added,
                             residuals.as_ref(),
-                            &mut step_cache.0,
+                            &mut step_cache,
                         )?)
                     })
                     .map_err(|e| SamplerError::Denoiser(Box::new(e)))??;

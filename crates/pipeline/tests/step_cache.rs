@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use sdkube_models::unet::StepCaching;
 use sdkube_models::{load, LoadOptions};
 use sdkube_pipeline::sampler::Flow;
-use sdkube_pipeline::{Engine, Generated, Overrides, Request, VramMode};
+use sdkube_pipeline::{Engine, Generated, Overrides, Refiner, Request, VramMode};
 use sdkube_testkit::max_abs_diff;
 
 fn fixtures() -> std::path::PathBuf {
@@ -113,4 +113,42 @@ fn a_bad_step_cache_setting_is_refused_naming_it() {
     }
     // The engine still serves after refusing.
     run(&mut e, "sdxl", StepCaching::OFF);
+}
+
+/// A refiner taking over a step-cached run gets no features of the base UNet: its first call
+/// runs whole. The run differs from the uncached one and records both.
+#[test]
+fn a_refiner_takes_over_a_cached_run() {
+    let mut e = engine("sdxl");
+    e.set_refiner(Some(engine("sdxl-refiner"))).unwrap();
+    let caching = StepCaching {
+        interval: 2,
+        branch: 3,
+    };
+    let refined = |e: &mut Engine, step_caching: StepCaching| {
+        let req = Request {
+            refiner: Some(Refiner {
+                checkpoint: "sdxl-refiner".into(),
+                switch_at: 0.5,
+            }),
+            steps: 6,
+            ..request(step_caching)
+        };
+        let overrides = Overrides {
+            initial_noise: Some(refs("sdxl")["run.init_noise"].clone()),
+            init_latent: None,
+        };
+        e.generate_with(&req, overrides, &mut |_| Flow::Continue)
+            .unwrap()
+            .remove(0)
+    };
+    let cached = refined(&mut e, caching);
+    let plain = refined(&mut e, StepCaching::OFF);
+    assert!(max_abs_diff(&cached.latent, &plain.latent) > 1e-3);
+    for want in [
+        "Refiner: sdxl-refiner",
+        "Step cache interval: 2, Step cache branch: 3",
+    ] {
+        assert!(cached.infotext.contains(want), "{}", cached.infotext);
+    }
 }

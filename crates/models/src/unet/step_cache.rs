@@ -43,14 +43,27 @@ impl Default for StepCaching {
 }
 
 /// What one sampling run keeps between its UNet calls (a new one per run: the features belong
-/// to its latents).
+/// to its latents). A call of another UNet (a refiner taking over) runs whole and keeps its own.
 #[derive(Debug)]
 pub struct StepCache {
     caching: StepCaching,
     calls: usize,
     shallow_calls: usize,
-    /// The latents' dims of the whole call that kept them, and the up layer's input.
-    kept: Option<(Vec<usize>, Tensor)>,
+    kept: Option<Kept>,
+}
+
+/// Features a whole call kept: the UNet's id, the latents' dims, the up layer's input.
+#[derive(Debug)]
+struct Kept {
+    unet: u64,
+    dims: Vec<usize>,
+    features: Tensor,
+}
+
+/// A new UNet's [`id`](UNet2DConditionModel::id).
+pub(super) fn new_unet_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl StepCache {
@@ -116,8 +129,9 @@ fn shallow_pass(branch: usize) -> u32 {
 
 impl UNet2DConditionModel {
     /// [`forward_with_control`](Self::forward_with_control) under `cache`'s step caching: a
-    /// whole pass on every `interval`-th call (and whenever nothing fits the latents), else
-    /// the shallow branch on the features the last whole pass kept.
+    /// whole pass on every `interval`-th call (and whenever the cache holds nothing this UNet
+    /// kept for latents of these dims), else the shallow branch on the features the last whole
+    /// pass kept.
     pub fn forward_cached(
         &self,
         xs: &Tensor,
@@ -148,15 +162,19 @@ impl UNet2DConditionModel {
             control,
         };
         if !call.is_multiple_of(caching.interval) {
-            if let Some((dims, kept)) = &cache.kept {
-                if dims == xs.dims() {
+            if let Some(kept) = &cache.kept {
+                if kept.unet == self.id && kept.dims == xs.dims() {
                     cache.shallow_calls += 1;
-                    return self.shallow(&inputs, caching.branch, kept);
+                    return self.shallow(&inputs, caching.branch, &kept.features);
                 }
             }
         }
-        let (out, kept) = self.whole_keeping(&inputs, caching.branch)?;
-        cache.kept = Some((xs.dims().to_vec(), kept));
+        let (out, features) = self.whole_keeping(&inputs, caching.branch)?;
+        cache.kept = Some(Kept {
+            unet: self.id,
+            dims: xs.dims().to_vec(),
+            features,
+        });
         Ok(out)
     }
 
