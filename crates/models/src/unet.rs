@@ -296,6 +296,51 @@ pub(crate) struct Encoder {
     cfg: UNetConfig,
 }
 
+/// One UNet call's inputs.
+struct Inputs<'a> {
+    xs: &'a Tensor,
+    t: &'a Tensor,
+    ctx: &'a Tensor,
+    added: Option<&'a AddedConditioning>,
+    control: Option<&'a ControlResiduals>,
+}
+
+impl<'a> Inputs<'a> {
+    /// As a CUDA graph's inputs: the latents, timestep and context, SDXL's added conditioning,
+    /// then `kept` (a shallow step's features, see `step_cache.rs`).
+    fn tensors(&self, kept: Option<&'a Tensor>) -> Vec<&'a Tensor> {
+        let mut tensors = vec![self.xs, self.t, self.ctx];
+        if let Some(a) = self.added {
+            tensors.extend([&a.text_embeds, &a.time_ids]);
+        }
+        tensors.extend(kept);
+        tensors
+    }
+
+    /// Back from a graph's inputs (those of [`tensors`](Self::tensors) before `kept`), with
+    /// `added` made of them ([`added_of`]).
+    fn of_graph(x: &'a [Tensor], added: Option<&'a AddedConditioning>) -> Self {
+        Self {
+            xs: &x[0],
+            t: &x[1],
+            ctx: &x[2],
+            added,
+            control: None,
+        }
+    }
+}
+
+/// SDXL's added conditioning among a graph's inputs ([`Inputs::tensors`], `kept` left out).
+fn added_of(x: &[Tensor]) -> Option<AddedConditioning> {
+    match x {
+        [_, _, _, text_embeds, time_ids] => Some(AddedConditioning {
+            text_embeds: text_embeds.clone(),
+            time_ids: time_ids.clone(),
+        }),
+        _ => None,
+    }
+}
+
 /// The denoising UNet.
 #[derive(Debug)]
 pub struct UNet2DConditionModel {
@@ -540,11 +585,6 @@ impl Encoder {
         Ok((h, skips))
     }
 
-    /// How many skip connections [`down`](Self::down) makes (`conv_in`'s output the first).
-    pub(crate) fn skip_connections(&self) -> usize {
-        self.cfg.skip_connections()
-    }
-
     /// The mid block.
     pub(crate) fn mid(
         &self,
@@ -691,19 +731,16 @@ impl UNet2DConditionModel {
         ctx: &Tensor,
         added: Option<&AddedConditioning>,
     ) -> Result<Tensor> {
-        let mut inputs = vec![xs, t, ctx];
-        if let Some(a) = added {
-            inputs.extend([&a.text_embeds, &a.time_ids]);
-        }
-        self.graphs.run(&inputs, &|x| {
-            let added = match x {
-                [_, _, _, text_embeds, time_ids] => Some(AddedConditioning {
-                    text_embeds: text_embeds.clone(),
-                    time_ids: time_ids.clone(),
-                }),
-                _ => None,
-            };
-            self.pass(&x[0], &x[1], &x[2], added.as_ref(), None)
+        let inputs = Inputs {
+            xs,
+            t,
+            ctx,
+            added,
+            control: None,
+        };
+        self.graphs.run(&inputs.tensors(None), &|x| {
+            let added = added_of(x);
+            Ok(self.pass(&Inputs::of_graph(x, added.as_ref()), None)?.0)
         })
     }
 
@@ -717,40 +754,28 @@ impl UNet2DConditionModel {
         added: Option<&AddedConditioning>,
         control: Option<&ControlResiduals>,
     ) -> Result<Tensor> {
-        match control {
-            None => self.forward(xs, t, ctx, added),
-            Some(_) => self.pass(xs, t, ctx, added, control),
-        }
+        let Some(control) = control else {
+            return self.forward(xs, t, ctx, added);
+        };
+        let inputs = Inputs {
+            xs,
+            t,
+            ctx,
+            added,
+            control: Some(control),
+        };
+        Ok(self.pass(&inputs, None)?.0)
     }
 
-    /// One pass, run eagerly.
-    fn pass(
-        &self,
-        xs: &Tensor,
-        t: &Tensor,
-        ctx: &Tensor,
-        added: Option<&AddedConditioning>,
-        control: Option<&ControlResiduals>,
-    ) -> Result<Tensor> {
-        Ok(self.pass_keeping(xs, t, ctx, added, control, None)?.0)
-    }
-
-    /// [`pass`](Self::pass), also giving the input of up layer `keep` (see [`up`](Self::up)).
-    fn pass_keeping(
-        &self,
-        xs: &Tensor,
-        t: &Tensor,
-        ctx: &Tensor,
-        added: Option<&AddedConditioning>,
-        control: Option<&ControlResiduals>,
-        keep: Option<usize>,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        let (emb, ctx) = self.conditioning(xs, t, ctx, added)?;
+    /// One pass, run eagerly; where `keep` names an up layer (see [`up`](Self::up)), its input
+    /// too.
+    fn pass(&self, i: &Inputs<'_>, keep: Option<usize>) -> Result<(Tensor, Option<Tensor>)> {
+        let (emb, ctx) = self.conditioning(i)?;
         let (emb, ctx) = (&emb, &ctx);
-        let h = self.encoder.conv_in(xs)?;
+        let h = self.encoder.conv_in(i.xs)?;
         let (h, mut skips) = self.encoder.down(h, emb, ctx)?;
         let mut h = self.encoder.mid(&h, emb, ctx)?;
-        if let Some(control) = control {
+        if let Some(control) = i.control {
             self.add_control(&mut skips, control)?;
             h = add(&h, &control.mid)?;
         }
@@ -758,24 +783,20 @@ impl UNet2DConditionModel {
     }
 
     /// The time embedding and the text context as every block of a pass reads them.
-    fn conditioning(
-        &self,
-        xs: &Tensor,
-        t: &Tensor,
-        ctx: &Tensor,
-        added: Option<&AddedConditioning>,
-    ) -> Result<(TimeEmbedding, CrossContext)> {
-        let emb = self.encoder.embedding(t, added, xs.dim(0)?, xs.dtype())?;
+    fn conditioning(&self, i: &Inputs<'_>) -> Result<(TimeEmbedding, CrossContext)> {
+        let emb = self
+            .encoder
+            .embedding(i.t, i.added, i.xs.dim(0)?, i.xs.dtype())?;
         Ok((
             self.time_projections.project(&emb)?,
-            self.projections.project(ctx)?,
+            self.projections.project(i.ctx)?,
         ))
     }
 
     /// Adds a ControlNet's residuals to the skip connections made so far (all of them, or the
     /// first few in a shallow step).
     fn add_control(&self, skips: &mut [Tensor], control: &ControlResiduals) -> Result<()> {
-        let count = self.encoder.skip_connections();
+        let count = self.cfg.skip_connections();
         if control.down.len() != count {
             candle_core::bail!(
                 "the ControlNet gives {} residuals, the UNet has {count} skip connections",

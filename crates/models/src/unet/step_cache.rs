@@ -12,7 +12,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{AddedConditioning, ControlResiduals, UNet2DConditionModel};
+use super::{added_of, AddedConditioning, ControlResiduals, Inputs, UNet2DConditionModel};
 
 /// How a sampling run caches the UNet's deep features between steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,40 +83,6 @@ impl StepCache {
     }
 }
 
-/// One call's inputs.
-struct Inputs<'a> {
-    xs: &'a Tensor,
-    t: &'a Tensor,
-    ctx: &'a Tensor,
-    added: Option<&'a AddedConditioning>,
-    control: Option<&'a ControlResiduals>,
-}
-
-impl<'a> Inputs<'a> {
-    /// As a graph's inputs: the latents, timestep and context, SDXL's added conditioning, then
-    /// `kept` (a shallow pass's).
-    fn tensors(&self, kept: Option<&'a Tensor>) -> Vec<&'a Tensor> {
-        let mut tensors = vec![self.xs, self.t, self.ctx];
-        if let Some(a) = self.added {
-            tensors.extend([&a.text_embeds, &a.time_ids]);
-        }
-        tensors.extend(kept);
-        tensors
-    }
-
-    /// Back from a graph's inputs (those of [`tensors`](Self::tensors) before `kept`), with
-    /// `added` made of them ([`added_of`]).
-    fn of_graph(x: &'a [Tensor], added: Option<&'a AddedConditioning>) -> Self {
-        Self {
-            xs: &x[0],
-            t: &x[1],
-            ctx: &x[2],
-            added,
-            control: None,
-        }
-    }
-}
-
 /// The graph pass numbers of [`GraphCache::run_pass`](sdkube_nn::GraphCache::run_pass): 0 is
 /// the plain pass; a whole pass that keeps the features of `branch`, and a shallow one.
 fn whole_pass(branch: usize) -> u32 {
@@ -145,7 +111,7 @@ impl UNet2DConditionModel {
         if !caching.is_on() {
             return self.forward_with_control(xs, t, ctx, added, control);
         }
-        let deepest = self.encoder.skip_connections() - 1;
+        let deepest = self.cfg.skip_connections() - 1;
         if caching.branch > deepest {
             candle_core::bail!(
                 "step caching: branch {} is past this UNet's deepest skip connection ({deepest})",
@@ -180,7 +146,7 @@ impl UNet2DConditionModel {
 
     /// The up layer that joins skip connection `branch` (up layers joining the deepest first).
     fn joining_layer(&self, branch: usize) -> usize {
-        self.encoder.skip_connections() - 1 - branch
+        self.cfg.skip_connections() - 1 - branch
     }
 
     /// A whole pass, and the input of the up layer that joins skip connection `branch`. On
@@ -226,7 +192,7 @@ impl UNet2DConditionModel {
     /// [`whole_keeping`](Self::whole_keeping), run eagerly: the prediction and up layer
     /// `keep`'s input.
     fn whole_eager(&self, i: &Inputs<'_>, keep: usize) -> Result<(Tensor, Tensor)> {
-        let (out, kept) = self.pass_keeping(i.xs, i.t, i.ctx, i.added, i.control, Some(keep))?;
+        let (out, kept) = self.pass(i, Some(keep))?;
         let missing = || candle_core::Error::Msg(format!("step caching: no up layer {keep}"));
         Ok((out, kept.ok_or_else(missing)?))
     }
@@ -246,7 +212,7 @@ impl UNet2DConditionModel {
 
     /// [`shallow`](Self::shallow), run eagerly.
     fn shallow_eager(&self, i: &Inputs<'_>, branch: usize, kept: &Tensor) -> Result<Tensor> {
-        let (emb, ctx) = self.conditioning(i.xs, i.t, i.ctx, i.added)?;
+        let (emb, ctx) = self.conditioning(i)?;
         let h = self.encoder.conv_in(i.xs)?;
         let (_, mut skips) = self.encoder.down_to(h, &emb, &ctx, branch + 1)?;
         if let Some(control) = i.control {
@@ -282,17 +248,6 @@ impl UNet2DConditionModel {
             }
         }
         candle_core::bail!("step caching: the UNet has no up layer {layer}")
-    }
-}
-
-/// SDXL's added conditioning among a graph's inputs ([`Inputs::tensors`], `kept` left out).
-fn added_of(x: &[Tensor]) -> Option<AddedConditioning> {
-    match x {
-        [_, _, _, text_embeds, time_ids] => Some(AddedConditioning {
-            text_embeds: text_embeds.clone(),
-            time_ids: time_ids.clone(),
-        }),
-        _ => None,
     }
 }
 
