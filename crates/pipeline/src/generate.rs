@@ -582,7 +582,6 @@ impl Engine {
         self.vram
     }
 
-    /// What the UNet predicts, in the sampler's terms.
     /// A step-caching branch that the model's UNet has, and the refiner's where one finishes
     /// the run (SDXL's has 9 skip connections, SD 1.x and 2.x 12).
     fn check_step_caching(&self, req: &Request) -> Result<(), Error> {
@@ -606,6 +605,7 @@ impl Engine {
         Ok(())
     }
 
+    /// What the UNet predicts, in the sampler's terms.
     fn prediction(&self) -> sampler::Prediction {
         match self.weights.prediction {
             sdkube_models::Prediction::Epsilon => sampler::Prediction::Epsilon,

@@ -291,18 +291,30 @@ fn check(ctx: &BuildContext<'_>, req: &Request, n_iter: usize) -> Result<(), Api
 /// Clip skip for a request: its `override_settings` (where submission put the server's
 /// option when the request had none), else 1.
 fn clip_skip(c: &CommonParams) -> Result<usize, ApiError> {
-    let value = c
-        .override_settings
-        .as_ref()
-        .and_then(|m| m.get(CLIP_SKIP_OPTION).cloned());
-    match value {
+    match override_setting(c, CLIP_SKIP_OPTION) {
         None => Ok(1),
-        Some(v) => match v.as_u64() {
-            Some(n @ 1..=12) => Ok(n as usize),
-            _ => Err(ApiError::bad_request(format!(
-                "{CLIP_SKIP_OPTION} must be a whole number from 1 to 12, got {v}"
-            ))),
-        },
+        Some(v) => whole_number(CLIP_SKIP_OPTION, v, 1..=12),
+    }
+}
+
+/// A setting of the request's `override_settings`.
+fn override_setting<'c>(c: &'c CommonParams, key: &str) -> Option<&'c Value> {
+    c.override_settings.as_ref().and_then(|m| m.get(key))
+}
+
+/// Setting `key`'s value `v`, a whole number in `range`.
+fn whole_number(
+    key: &str,
+    v: &Value,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<usize, ApiError> {
+    match v.as_u64().filter(|n| range.contains(n)) {
+        Some(n) => Ok(n as usize),
+        None => Err(ApiError::bad_request(format!(
+            "{key} must be a whole number from {} to {}, got {v}",
+            range.start(),
+            range.end()
+        ))),
     }
 }
 
@@ -310,19 +322,9 @@ fn clip_skip(c: &CommonParams) -> Result<usize, ApiError> {
 /// options when the request had none), else off. The worker checks the branch against its
 /// model's UNet.
 fn step_caching(c: &CommonParams) -> Result<StepCaching, ApiError> {
-    let setting = |key: &str, range: std::ops::RangeInclusive<u64>| {
-        let value = c.override_settings.as_ref().and_then(|m| m.get(key));
-        match value {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => match v.as_u64().filter(|n| range.contains(n)) {
-                Some(n) => Ok(Some(n as usize)),
-                None => Err(ApiError::bad_request(format!(
-                    "{key} must be a whole number from {} to {}, got {v}",
-                    range.start(),
-                    range.end()
-                ))),
-            },
-        }
+    let setting = |key: &str, range| match override_setting(c, key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => whole_number(key, v, range).map(Some),
     };
     let off = StepCaching::OFF;
     Ok(StepCaching {
