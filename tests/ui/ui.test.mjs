@@ -165,6 +165,24 @@ function pngPixelClasses(page, base64) {
   }, base64);
 }
 
+/** Clicks Generate; the response to the job it posts. */
+async function submitJob(page) {
+  const created = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
+  await page.click('#generate');
+  return created;
+}
+
+/** Generates one image through the UI and waits for it: the params the UI sent, the infotext. */
+async function generatedImage(page, base) {
+  const response = await submitJob(page);
+  assert.equal(response.status(), 202, await response.text());
+  const { params } = JSON.parse(response.request().postData());
+  const final = await finishedJob(base, (await response.json()).id);
+  assert.equal(final.state, 'succeeded', JSON.stringify(final));
+  await page.locator('#progress-text', { hasText: /^Done/ }).waitFor();
+  return { params, infotext: final.images[0].infotext };
+}
+
 /** Polls a job of the native API until it has finished; returns its last state. */
 async function finishedJob(base, id) {
   let job;
@@ -674,17 +692,7 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     // One side alone does not resize the seed (A1111 needs both).
     await page.fill('#seed-resize-w', '128');
     assert.equal(await page.textContent('#extra-state'), '· strength 0.25');
-    const run = async () => {
-      const created = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
-      await page.click('#generate');
-      const response = await created;
-      assert.equal(response.status(), 202, await response.text());
-      const { params } = JSON.parse(response.request().postData());
-      const final = await finishedJob(server.base, (await response.json()).id);
-      assert.equal(final.state, 'succeeded', JSON.stringify(final));
-      await page.locator('#progress-text', { hasText: /^Done/ }).waitFor();
-      return { params, infotext: final.images[0].infotext };
-    };
+    const run = () => generatedImage(page, server.base);
     const first = await run();
     assert.equal(first.params.tiling, true);
     assert.equal(first.params.subseed, 99);
@@ -710,9 +718,7 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
 
     // A strength out of range is the server's 400, shown with its message.
     await page.fill('#subseed-strength', '1.5');
-    const refused = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
-    await page.click('#generate');
-    const response = await refused;
+    const response = await submitJob(page);
     assert.equal(response.status(), 400);
     const { error } = await response.json();
     assert.match(error, /subseed_strength/);
@@ -729,27 +735,14 @@ describe('sdkube web UI in Chromium', { timeout: 120_000 }, () => {
     await page.fill('#step-cache-interval', '2');
     await page.fill('#step-cache-branch', '1');
     assert.equal(await page.textContent('#extra-state'), '· step cache every 2, branch 1');
-    const submit = async () => {
-      const created = page.waitForResponse((r) => r.url().endsWith('/api/v1/jobs') && r.request().method() === 'POST');
-      await page.click('#generate');
-      return created;
-    };
-    const run = async () => {
-      const response = await submit();
-      assert.equal(response.status(), 202, await response.text());
-      const { params } = JSON.parse(response.request().postData());
-      const final = await finishedJob(server.base, (await response.json()).id);
-      assert.equal(final.state, 'succeeded', JSON.stringify(final));
-      await page.locator('#progress-text', { hasText: /^Done/ }).waitFor();
-      return { params, infotext: final.images[0].infotext };
-    };
+    const run = () => generatedImage(page, server.base);
     const cached = await run();
     assert.deepEqual(cached.params.override_settings, { step_cache_interval: 2, step_cache_branch: 1 });
     assert.match(cached.infotext, /Step cache interval: 2, Step cache branch: 1/);
 
     // 0 is not an interval: the server's 400, shown with its message.
     await page.fill('#step-cache-interval', '0');
-    const refused = await submit();
+    const refused = await submitJob(page);
     assert.equal(refused.status(), 400);
     const { error } = await refused.json();
     assert.match(error, /step_cache_interval/);
